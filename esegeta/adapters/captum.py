@@ -1,0 +1,225 @@
+"""Captum (https://captum.ai): every attribution method that applies to image models.
+
+One generic adapter serves the whole table: the constructor gets the forward function
+(and the layer for layer/neuron methods), ``attribute`` gets the inputs, the target and
+the config's params under Captum's own names. JSON lists become the tuples Captum wants,
+baseline/feature-mask shorthands become tensors (see :mod:`esegeta.baselines`), and
+``noise_tunnel`` wraps the method in :class:`captum.attr.NoiseTunnel`.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..baselines import make_baselines, make_feature_mask
+from ..registry import Call, MethodSpec, register
+
+log = logging.getLogger("esegeta")
+
+#: Upstream arguments a JSON config cannot or must not set (esegeta supplies them).
+NOT_CONFIGURABLE = frozenset({
+    "self", "forward_func", "model", "layer", "device_ids", "inputs", "target",
+    "additional_forward_args", "return_convergence_delta", "custom_attribution_func",
+    "interpretable_model", "similarity_func", "perturb_func", "attribution_method",
+})
+#: Parameters whose JSON lists must become tuples.
+TUPLE_PARAMS = frozenset({"sliding_window_shapes", "strides", "neuron_selector", "stdevs"})
+BASELINE_PARAMS = frozenset({"baselines", "layer_baselines"})
+MASK_PARAMS = frozenset({"feature_mask", "layer_mask"})
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _configurable(fn) -> dict[str, inspect.Parameter]:
+    return {
+        name: p for name, p in inspect.signature(fn).parameters.items()
+        if name not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+
+
+def _layer_output_shape(call: Call) -> torch.Size:
+    """Shape of ``call.layer``'s output on the call's inputs (one no-grad forward)."""
+    seen: list[torch.Size] = []
+    handle = call.layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        with torch.no_grad():
+            call.forward(call.inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+# Layer types Captum's LRP has no rule for although they are linear (ε-rule is LRP's rule
+# for linear maps) or elementwise activations (relevance passes through unchanged).
+_LRP_LINEAR = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+               nn.BatchNorm1d, nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+               nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample)
+_LRP_PASS = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
+             nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _attach_lrp_rules(model: nn.Module) -> list[str]:
+    """Give the prepared copy's leaf modules that Captum's LRP cannot handle a rule.
+
+    Captum removes its rules after each call, so this runs before every LRP call.
+    """
+    from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
+    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
+
+    changed = []
+    for name, module in model.named_modules():
+        if list(module.children()) or hasattr(module, "rule"):
+            continue
+        if type(module) in SUPPORTED_LAYERS_WITH_RULES or type(module) in SUPPORTED_NON_LINEAR_LAYERS:
+            continue
+        if isinstance(module, _LRP_LINEAR):
+            module.rule = EpsilonRule()
+        elif isinstance(module, _LRP_PASS):
+            module.rule = IdentityRule()
+        else:
+            continue
+        changed.append(f"{name or type(module).__name__}: {type(module.rule).__name__}")
+    return changed
+
+
+class CaptumAdapter:
+    """The one adapter behind every Captum method."""
+
+    @staticmethod
+    def _cls(name: str):
+        import captum.attr
+
+        return getattr(captum.attr, name)
+
+    @cache
+    def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
+        cls = self._cls(spec.name)
+        return {**_configurable(cls.__init__), **_configurable(cls.attribute)}
+
+    @cache
+    def noise_tunnel_parameters(self) -> Mapping[str, inspect.Parameter]:
+        return _configurable(self._cls("NoiseTunnel").attribute)
+
+    def convert(self, name: str, value: Any, call: Call, path: str) -> Any:
+        """A JSON parameter value as Captum wants it."""
+        if name in BASELINE_PARAMS:
+            return make_baselines(value, call.inputs, path)
+        if name == "layer_mask" and isinstance(value, dict) and "grid" in value:
+            shape = _layer_output_shape(call)
+            layer_like = torch.empty(shape[0], 1, *shape[2:], device=call.inputs.device)
+            return make_feature_mask(value, layer_like, path)
+        if name in MASK_PARAMS:
+            return make_feature_mask(value, call.inputs, path)
+        if name in TUPLE_PARAMS:
+            return _tuples(value)
+        return value
+
+    def run(self, spec: MethodSpec, call: Call) -> torch.Tensor:
+        cls = self._cls(spec.name)
+        init_names = set(inspect.signature(cls.__init__).parameters)
+        params = dict(call.params)
+        for name, default in spec.defaults.items():
+            if name not in params:
+                params[name] = default(call.inputs) if callable(default) else default
+        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in params.items()}
+        init_kw = {k: v for k, v in values.items() if k in init_names}
+        attr_kw = {k: v for k, v in values.items() if k not in init_names}
+        if spec.needs_target:
+            attr_kw["target"] = call.target
+
+        args = (call.forward, call.layer) if spec.needs_layer else (call.forward,)
+        method = cls(*args, **init_kw)
+        if call.noise_tunnel is not None:
+            method = self._cls("NoiseTunnel")(method)
+            attr_kw.update(_tuples(dict(call.noise_tunnel)))
+        if spec.name in ("LRP", "LayerLRP"):
+            changed = _attach_lrp_rules(call.forward)
+            if changed:
+                log.debug("LRP rules set on the prepared copy: %s", "; ".join(changed))
+        result = method.attribute(call.inputs, **attr_kw)
+        if isinstance(result, (tuple, list)):
+            if len(result) != 1:
+                raise ValueError(f"{spec.id} returned {len(result)} tensors; esegeta explains one input tensor")
+            result = result[0]
+        return result
+
+
+ADAPTER = CaptumAdapter()
+_REF_GRAD = "Simonyan et al. 2014, arXiv:1312.6034"
+
+
+def _window(x: torch.Tensor) -> list[int]:
+    return [x.shape[1]] + [max(1, s // 8) for s in x.shape[2:]]
+
+
+def _stride(x: torch.Tensor) -> list[int]:
+    return [x.shape[1]] + [max(1, s // 16) for s in x.shape[2:]]
+
+
+def _quick_grid(x: torch.Tensor) -> dict:
+    return {"grid": [max(1, -(-s // 4)) for s in x.shape[2:]]}
+
+
+def _quick_layer_grid(x: torch.Tensor) -> dict:
+    return {"grid": [4] * (x.ndim - 2)}
+
+
+_SHAP_BASELINES = {"baselines": ["zeros", "blur"]}
+_IG_QUICK = {"n_steps": 8}
+_PERTURB_QUICK = {"feature_mask": _quick_grid, "perturbations_per_eval": 16}
+
+
+def _captum(name, kind="attribution", layer=False, defaults=None, quick=None, target=True, ref=""):
+    register(MethodSpec(
+        library="captum", name=name, kind=kind, adapter=ADAPTER, requires=("captum",), extra="captum",
+        needs_layer=layer, needs_target=target, defaults=defaults or {}, quick_params=quick or {},
+        reference=ref,
+    ))
+
+
+# Input attributions.
+_captum("Saliency", ref=_REF_GRAD)
+_captum("InputXGradient", ref="Shrikumar et al. 2016, arXiv:1605.01713")
+_captum("IntegratedGradients", quick=_IG_QUICK, ref="Sundararajan et al. 2017, arXiv:1703.01365")
+_captum("DeepLift", ref="Shrikumar et al. 2017, arXiv:1704.02685")
+_captum("DeepLiftShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874")
+_captum("GradientShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874")
+_captum("GuidedBackprop", ref="Springenberg et al. 2015, arXiv:1412.6806")
+_captum("Deconvolution", ref="Zeiler & Fergus 2014, arXiv:1311.2901")
+_captum("GuidedGradCam", layer=True, ref="Selvaraju et al. 2017, arXiv:1610.02391")
+_captum("FeatureAblation", quick=_PERTURB_QUICK, ref="feature ablation")
+_captum("Occlusion", defaults={"sliding_window_shapes": _window, "strides": _stride},
+        quick={"perturbations_per_eval": 16}, ref="Zeiler & Fergus 2014, arXiv:1311.2901")
+_captum("ShapleyValueSampling", quick={**_PERTURB_QUICK, "n_samples": 2},
+        ref="Castro et al. 2009, doi:10.1016/j.cor.2008.04.004")
+_captum("KernelShap", quick={"feature_mask": _quick_grid, "n_samples": 32},
+        ref="Lundberg & Lee 2017, arXiv:1705.07874")
+_captum("Lime", quick={"feature_mask": _quick_grid, "n_samples": 32}, ref="Ribeiro et al. 2016, arXiv:1602.04938")
+_captum("LRP", ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
+
+# Layer attributions (results at the layer's resolution).
+_captum("LayerActivation", kind="layer", layer=True, target=False)
+_captum("LayerConductance", kind="layer", layer=True, quick=_IG_QUICK, ref="Dhamdhere et al. 2018, arXiv:1805.12233")
+_captum("LayerGradCam", kind="layer", layer=True, ref="Selvaraju et al. 2017, arXiv:1610.02391")
+_captum("LayerGradientShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
+_captum("LayerGradientXActivation", kind="layer", layer=True)
+_captum("LayerDeepLift", kind="layer", layer=True, ref="Shrikumar et al. 2017, arXiv:1704.02685")
+_captum("LayerDeepLiftShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
+_captum("LayerIntegratedGradients", kind="layer", layer=True, quick=_IG_QUICK)
+_captum("LayerFeatureAblation", kind="layer", layer=True,
+        quick={"layer_mask": _quick_layer_grid, "perturbations_per_eval": 16})
+_captum("LayerLRP", kind="layer", layer=True, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
+_captum("InternalInfluence", kind="layer", layer=True, quick=_IG_QUICK, ref="Leino et al. 2018, arXiv:1802.03788")
+
+# Neuron attributions: params.neuron_selector names the neuron (index into the layer output, no batch axis).
+_captum("NeuronGuidedBackprop", kind="neuron", layer=True, target=False)
+_captum("NeuronGradient", kind="neuron", layer=True, target=False)
+_captum("NeuronIntegratedGradients", kind="neuron", layer=True, target=False, quick=_IG_QUICK)

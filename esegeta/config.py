@@ -1,0 +1,287 @@
+"""The JSON config (SPEC §3), validated with pydantic before any model runs.
+
+Two stages: :func:`parse` checks structure and types (no imports beyond pydantic);
+:func:`check_methods` checks method ids, layer use and parameter names against the
+upstream signatures (imports the explainer libraries). Every fault is reported with
+its JSON path, e.g. ``methods[2].params.n_step: unknown parameter ...; did you mean n_steps?``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, did_you_mean
+
+FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
+FIGURE_SIGNS = ("all", "positive", "negative", "absolute_value")
+
+#: Keys of the SPEC that later releases bring, with what to say until then.
+NOT_YET = {
+    "patch": "patch-wise explanation is not available in this version of esegeta; remove 'patch'",
+    "runtime.amp": "mixed precision is not available in this version; remove 'amp'",
+    "runtime.threads_per_device": "parallel workers are not available in this version; remove 'threads_per_device'",
+    "runtime.timeout_s": "time limits are not available in this version; remove 'timeout_s'",
+    "timeout_s": "time limits are not available in this version; remove 'timeout_s'",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    """How to build the model: a factory (``file.py:callable`` or ``module:callable``) and a
+    state dict loaded with ``weights_only=True``; or ``weights`` alone as a TorchScript file."""
+
+    factory: str | None = Field(None, description="'file.py:callable' (relative to the config) or 'module:callable'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    weights: str | None = Field(None, description="state dict file (or TorchScript file without factory)")
+
+
+class Normalize(Strict):
+    mean: float | list[float]
+    std: float | list[float]
+
+
+class InputsConfig(Strict):
+    """Files to explain (paths, globs or folders; .png/.jpg/.npy/.pt/.nii/.nii.gz) and their preprocessing.
+
+    Images load as (C, H, W) in [0, 1]; arrays and NIfTI volumes keep their values and
+    axis order (channels first for arrays, last for images and 4D NIfTI)."""
+
+    paths: list[str] = Field(min_length=1)
+    spatial_dims: Literal[2, 3]
+    color: Literal["keep", "grayscale", "rgb"] = "keep"
+    normalize: Literal["none", "zscore", "minmax"] | Normalize = "none"
+    resize: list[Annotated[int, Field(gt=0)]] | None = None
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _resize_rank(self) -> "InputsConfig":
+        if self.resize is not None and len(self.resize) != self.spatial_dims:
+            raise ValueError(f"resize needs {self.spatial_dims} sizes (one per spatial axis)")
+        return self
+
+
+class WrapperConfig(Strict):
+    """Turns a segmentation output into (B, K') scores (SPEC §4)."""
+
+    name: str = Field(description="'threshold', 'multiclass', 'region' or 'file.py:callable'")
+    channel: int = Field(0, ge=0, description="threshold: the output channel")
+    threshold: float | Literal["otsu"] = Field(0.5, description="threshold: a number or 'otsu'")
+    activation: Literal["none", "sigmoid", "softmax"] = "none"
+    reduction: Literal["sum", "mean"] = "sum"
+    mask: str | None = Field(None, description="region: the mask file")
+    output: str | int | None = Field(None, description="key or index of the segmentation tensor in a dict/tuple output")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a custom wrapper")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value in ("threshold", "multiclass", "region") or re.fullmatch(r".+:[A-Za-z_]\w*", value):
+            return value
+        raise ValueError("unknown wrapper; use 'threshold', 'multiclass', 'region' or 'file.py:callable'"
+                         + did_you_mean(value, ("threshold", "multiclass", "region")))
+
+    @model_validator(mode="after")
+    def _mask(self) -> "WrapperConfig":
+        if self.name == "region" and not self.mask:
+            raise ValueError("the region wrapper needs 'mask': a mask file with the input's spatial shape")
+        if self.mask and self.name != "region":
+            raise ValueError("'mask' is only used by the region wrapper")
+        return self
+
+
+Target = Union[Annotated[int, Field(ge=0)], Literal["predicted"], None]
+
+
+class MethodEntry(Strict):
+    """One method to run. ``params`` are the upstream keyword names."""
+
+    id: str = Field(description="'<library>.<UpstreamName>', see `esegeta methods`")
+    params: dict[str, Any] = Field(default_factory=dict)
+    layer: str | None = Field(None, description="submodule name, for layer and neuron methods")
+    noise_tunnel: dict[str, Any] | None = Field(None, description="wrap in captum NoiseTunnel: nt_type, nt_samples, stdevs, ...")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="names the outputs (default: the id)")
+    enabled: bool = True
+    wrapper: WrapperConfig | None = None
+    target: Target = None
+    device: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.label or self.id
+
+
+class RuntimeConfig(Strict):
+    devices: str | list[str] = Field("auto", description="'auto', 'cpu', 'cuda:N' (the first is used)")
+    seed: int = 0
+
+
+class FigureConfig(Strict):
+    method: Literal["heat_map", "blended_heat_map", "masked_image", "alpha_scaling"] = "blended_heat_map"
+    sign: Literal["all", "positive", "negative", "absolute_value"] = "absolute_value"
+    projection: Literal["mid", "mip"] = Field("mid", description="3D figures: mid-slices or max-intensity projections")
+
+
+class OutputConfig(Strict):
+    dir: str = "results"
+    formats: list[Literal["npy", "png", "nii"]] = ["npy", "png", "nii"]
+    figure: FigureConfig = Field(default_factory=FigureConfig)
+
+
+class Config(Strict):
+    """An esegeta run: a model, inputs, an optional wrapper and target, and methods."""
+
+    schema_: str | None = Field(None, alias="$schema")
+    model: ModelConfig
+    inputs: InputsConfig
+    wrapper: WrapperConfig | None = None
+    target: Target = Field("predicted", description="class index or 'predicted'; with a wrapper, the wrapped column")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    methods: list[MethodEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> "Config":
+        seen: dict[str, int] = {}
+        for i, method in enumerate(self.methods):
+            if method.name in seen:
+                raise ValueError(f"methods[{i}]: label {method.name!r} is already used by methods[{seen[method.name]}]; "
+                                 "give each entry a unique 'label'")
+            seen[method.name] = i
+        return self
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Config.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "esegeta config"
+    return schema
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at ``loc`` (for 'did you mean' hints)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = None
+        for candidate in _flatten(annotation):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, list):
+        return [c for arg in typing.get_args(annotation) for c in _flatten(arg)]
+    return [annotation]
+
+
+def _message(error: dict) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after",))))
+    path = _loc(loc)
+    if error["type"] == "extra_forbidden":
+        if path in NOT_YET or (loc and loc[-1] in NOT_YET and len(loc) == 1):
+            return f"{path}: {NOT_YET[path]}"
+        owner = _model_at(loc)
+        keys = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
+        return f"{path}: unknown key" + did_you_mean(str(loc[-1]), keys)
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        message = "required key is missing"
+    return f"{path}: {message}" if path else message
+
+
+def parse(data: Any) -> Config:
+    """Validate the structure of a config dict (no imports, no files)."""
+    if not isinstance(data, dict):
+        raise ConfigError("", "a config is a JSON object")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            line = _message(error)
+            if line not in lines:
+                lines.append(line)
+        raise ConfigError("", "\n".join(lines)) from None
+
+
+def read(path: str | Path) -> tuple[Config, Path]:
+    """Load and validate a config file; returns it with the folder its paths are relative to."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid JSON: {exc}") from None
+    return parse(data), path.resolve().parent
+
+
+def check_methods(config: Config) -> None:
+    """Method ids, layer use, params and noise_tunnel names, checked against upstream signatures."""
+    errors: list[str] = []
+    for i, entry in enumerate(config.methods):
+        where = f"methods[{i}]"
+        try:
+            check_method(entry.id, entry.params, entry.layer, entry.noise_tunnel, where)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("", "\n".join(errors))
+
+
+def check_method(method_id: str, params: dict, layer: str | None, noise_tunnel: dict | None, where: str) -> None:
+    """Check one method entry (id, layer, params, noise_tunnel) against the registry and upstream."""
+    from . import registry
+
+    spec = registry.get(method_id, f"{where}.id")
+    reason = spec.unavailable_reason()
+    if reason:
+        raise ConfigError(f"{where}.id", f"{method_id} is unavailable: {reason}")
+    if spec.needs_layer and not layer:
+        raise ConfigError(f"{where}.layer", f"{method_id} needs a 'layer' (a submodule name of the model)")
+    if layer and not spec.needs_layer:
+        raise ConfigError(f"{where}.layer", f"{method_id} takes no layer; remove 'layer'")
+    allowed = spec.adapter.parameters(spec)
+    for name in params:
+        if name not in allowed:
+            hint = " (set it with the entry's or the config's 'target')" if name == "target" else did_you_mean(name, allowed)
+            raise ConfigError(f"{where}.params.{name}", f"unknown parameter for {method_id}{hint}")
+    for name, p in allowed.items():
+        if p.default is p.empty and name not in params and name not in spec.defaults:
+            raise ConfigError(f"{where}.params", f"{method_id} needs params.{name}")
+    if noise_tunnel is not None:
+        nt_allowed = spec.adapter.noise_tunnel_parameters()
+        if nt_allowed is None:
+            raise ConfigError(f"{where}.noise_tunnel", f"{method_id} cannot be wrapped in a noise tunnel")
+        for name in noise_tunnel:
+            if name not in nt_allowed:
+                raise ConfigError(f"{where}.noise_tunnel.{name}", "unknown noise_tunnel parameter" + did_you_mean(name, nt_allowed))
+        nt_type = noise_tunnel.get("nt_type", "smoothgrad")
+        if nt_type not in ("smoothgrad", "smoothgrad_sq", "vargrad"):
+            raise ConfigError(f"{where}.noise_tunnel.nt_type", f"{nt_type!r} is not smoothgrad, smoothgrad_sq or vargrad")

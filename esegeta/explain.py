@@ -1,0 +1,115 @@
+"""``explain``: one method on one model and a batch of inputs, as the upstream returns it.
+
+The method runs on a prepared copy of the model (:mod:`esegeta.prepare`). With a wrapper,
+each input gets its own frozen masks, so the batch is explained one input at a time and
+the results are concatenated; without one, the batch goes to the upstream in one call.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import registry, wrappers
+from .config import WrapperConfig, check_method
+from .errors import ConfigError, did_you_mean
+from .prepare import PreparedModel, prepared
+from .registry import Call, MethodSpec
+
+
+def find_layer(model: PreparedModel, name: str, where: str = "layer") -> nn.Module:
+    """The submodule ``name`` of the prepared copy, or a ConfigError with the closest name."""
+    try:
+        return model.layer(name)
+    except AttributeError:
+        names = [n for n, _ in model.model.named_modules() if n and ".sites." not in n]
+        raise ConfigError(where, f"the model has no layer {name!r}" + did_you_mean(name, names)) from None
+
+
+def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str = "target") -> Any:
+    """``"predicted"`` → the argmax column per input; an index is checked against the output width."""
+    if target is None:
+        return None
+    if target != "predicted" and not isinstance(forward, wrappers.WrappedModel):
+        return int(target)  # a plain classifier: no extra forward pass
+    with torch.no_grad():
+        scores = forward(x)
+    if not torch.is_tensor(scores) or scores.ndim != 2:
+        shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+        raise ConfigError("wrapper", f"the model output has shape {shape}, not (batch, classes): for a "
+                                     "segmentation model set a wrapper (threshold, multiclass, region or custom)")
+    if target == "predicted":
+        return scores.argmax(dim=1)
+    if not 0 <= int(target) < scores.shape[1]:
+        raise ConfigError(where, f"target {target} does not exist: the (wrapped) output has {scores.shape[1]} columns")
+    return int(target)
+
+
+def score_of(forward: nn.Module, x: torch.Tensor, target: Any) -> float | None:
+    """The value being explained on the unperturbed input (first input of the batch)."""
+    if target is None:
+        return None
+    with torch.no_grad():
+        scores = forward(x)
+    index = int(target[0]) if torch.is_tensor(target) else int(target)
+    return float(scores[0, index])
+
+
+def run_method(spec: MethodSpec, model: PreparedModel, x: torch.Tensor, *, target: Any = None,
+               wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
+               params: Mapping[str, Any] | None = None, noise_tunnel: Mapping[str, Any] | None = None,
+               base_dir: Path | None = None) -> tuple[torch.Tensor, float | None]:
+    """Run ``spec`` on the prepared model; returns (upstream result, score of the first input)."""
+    layer_module = find_layer(model, layer) if layer else None
+    call_params = dict(params or {})
+    nt = dict(noise_tunnel) if noise_tunnel is not None else None
+    if wrapper is None:
+        resolved = resolve_target(model, x, target) if spec.needs_target else None
+        call = Call(model, model, x, resolved, layer_module, call_params, nt)
+        return _as_result(spec.adapter.run(spec, call)), score_of(model, x, resolved)
+    results, score = [], None
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1]
+        forward = wrappers.build(model, xi, wrapper, base_dir)
+        resolved = resolve_target(forward, xi, target) if spec.needs_target else None
+        results.append(_as_result(spec.adapter.run(spec, Call(forward, model, xi, resolved, layer_module, call_params, nt))))
+        if i == 0:
+            score = score_of(forward, xi, resolved)
+    return torch.cat(results), score
+
+
+def _as_result(result: Any) -> torch.Tensor:
+    if not torch.is_tensor(result):
+        raise TypeError(f"the method returned {type(result).__name__}, not a tensor")
+    return result.detach().float()
+
+
+def explain(model: nn.Module, inputs: torch.Tensor, method: str, target: Any = None, *,
+            wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
+            noise_tunnel: Mapping[str, Any] | None = None, **params: Any) -> torch.Tensor:
+    """Attribute ``model``'s output for ``target`` to ``inputs`` with ``method``.
+
+    ``method`` is a registry id such as ``"captum.IntegratedGradients"``; ``params`` are the
+    upstream keyword arguments (``n_steps=32``); ``target`` is a class index, ``"predicted"``,
+    or with a ``wrapper`` (e.g. ``{"name": "threshold", "threshold": 0.5}``) a wrapped column.
+    Returns the upstream result as float32 with the batch dimension kept. The model is not
+    modified: the method runs on a prepared copy (cached while the weights are unchanged).
+    """
+    spec = registry.get(method, "method")
+    check_method(method, params, layer, dict(noise_tunnel) if noise_tunnel is not None else None, "explain")
+    if not torch.is_tensor(inputs) or inputs.ndim < 3:
+        raise ConfigError("inputs", "inputs must be a tensor (batch, channels, *spatial)")
+    wrapper_cfg = None
+    if wrapper is not None:
+        try:
+            wrapper_cfg = WrapperConfig.model_validate(dict(wrapper)).model_dump()
+        except Exception as exc:
+            raise ConfigError("wrapper", str(exc)) from None
+    device = next((p.device for p in model.parameters()), inputs.device)
+    x = inputs.to(device=device, dtype=torch.float32)
+    result, _ = run_method(spec, prepared(model, x), x, target=target, wrapper=wrapper_cfg, layer=layer,
+                           params=params, noise_tunnel=noise_tunnel)
+    return result

@@ -1,0 +1,253 @@
+"""Loading what a config names: the model (factory + weights, or TorchScript), inputs,
+masks, and ``file.py:callable`` / ``module:callable`` references.
+
+Weights are always read with ``torch.load(..., weights_only=True)``: a pickle that would
+run code is refused, never executed.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib
+import importlib.util
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+ARRAY_SUFFIXES = (".npy", ".pt", ".pth")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+INPUT_SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES + NIFTI_SUFFIXES
+
+
+def resolve(path: str | Path, base_dir: Path | None) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
+def load_callable(ref: str, base_dir: Path | None, field: str):
+    """``file.py:name`` (relative to ``base_dir``) or ``package.module:name`` → the object."""
+    module_ref, sep, attr = ref.rpartition(":")
+    if not sep or not module_ref or not attr:
+        raise ConfigError(field, f"{ref!r} is not 'file.py:callable' or 'module:callable'")
+    if module_ref.endswith(".py"):
+        file = resolve(module_ref, base_dir)
+        if not file.is_file():
+            raise ConfigError(field, f"file {file} does not exist (paths are relative to the config's folder)")
+        name = "esegeta_user_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[name]
+                raise ConfigError(field, f"importing {file} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(module_ref)
+        except ImportError as exc:
+            raise ConfigError(field, f"cannot import module {module_ref!r}: {exc}") from exc
+    if not hasattr(module, attr):
+        from .errors import did_you_mean
+
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(field, f"{module_ref} has no {attr!r}" + did_you_mean(attr, names))
+    return getattr(module, attr)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def load_state_dict(path: Path, field: str = "model.weights") -> dict[str, torch.Tensor]:
+    """A state dict from ``path``, loaded with ``weights_only=True`` (never runs pickled code)."""
+    if not path.is_file():
+        raise ConfigError(field, f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for pickles that would run code, RuntimeError for junk
+        raise ConfigError(field, f"refused to load {path.name}: it is not a plain state dict "
+                                 f"(loaded with weights_only=True): {str(exc).splitlines()[0]}") from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(field, f"{path.name} does not hold a state dict (a mapping of names to tensors)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_model(model_cfg: dict, base_dir: Path | None) -> nn.Module:
+    """The user's model from ``{"factory", "kwargs", "weights"}``, in eval mode."""
+    factory, weights = model_cfg.get("factory"), model_cfg.get("weights")
+    weights_path = resolve(weights, base_dir) if weights else None
+    if factory is None:
+        if weights_path is None or not weights_path.is_file() or not _is_torchscript(weights_path):
+            raise ConfigError("model", "give model.factory ('file.py:callable'), or model.weights as a TorchScript file")
+        return torch.jit.load(str(weights_path), map_location="cpu").eval()
+    make = load_callable(factory, base_dir, "model.factory")
+    try:
+        model = make(**model_cfg.get("kwargs", {}))
+    except TypeError as exc:
+        raise ConfigError("model.kwargs", f"calling {factory} failed: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model.factory", f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights_path is not None:
+        state = load_state_dict(weights_path)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError("model.weights", f"weights do not fit {factory}: {str(exc).splitlines()[0]} "
+                                               f"{' '.join(str(exc).split()[-40:])}") from exc
+    return model.eval()
+
+
+@dataclass
+class InputItem:
+    """One input: ``tensor`` is (1, C, *spatial) float32 as fed to the model."""
+
+    name: str
+    path: Path
+    tensor: torch.Tensor
+    affine: np.ndarray | None = None
+
+
+def expand_paths(patterns: list[str], base_dir: Path | None) -> list[Path]:
+    """Files named by paths, globs or folders, in order, without duplicates."""
+    found: list[Path] = []
+    for i, pattern in enumerate(patterns):
+        path = resolve(pattern, base_dir)
+        if any(ch in pattern for ch in "*?["):
+            hits = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        elif path.is_dir():
+            hits = sorted(p for p in path.iterdir() if p.name.lower().endswith(INPUT_SUFFIXES))
+        else:
+            hits = [path]
+        hits = [p for p in hits if p.is_file()]
+        if not hits:
+            raise ConfigError(f"inputs.paths[{i}]", f"{pattern!r} matches no file (paths are relative to the "
+                                                    f"config's folder: {base_dir})")
+        for p in hits:
+            if not p.name.lower().endswith(INPUT_SUFFIXES):
+                raise ConfigError(f"inputs.paths[{i}]", f"{p.name}: unsupported file type; use one of "
+                                                        f"{', '.join(INPUT_SUFFIXES)}")
+            if p not in found:
+                found.append(p)
+    return found
+
+
+def read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """(array, affine or None, channels_last) for any supported file."""
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        image = nib.load(str(path))
+        return np.asarray(image.dataobj), image.affine, True
+    if name.endswith(".npy"):
+        return np.load(path, allow_pickle=False), None, False
+    if name.endswith((".pt", ".pth")):
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        if not torch.is_tensor(tensor):
+            raise ConfigError("inputs.paths", f"{path.name} does not hold a tensor")
+        return tensor.numpy(), None, False
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode not in ("L", "RGB", "I;16", "I", "F"):
+            image = image.convert("RGB")
+        array = np.asarray(image)
+    if array.dtype == np.uint8:
+        array = array / 255.0
+    elif array.dtype == np.uint16:
+        array = array / 65535.0
+    return array, None, True
+
+
+def to_tensor(array: np.ndarray, spatial_dims: int, channels_last: bool, path: Path) -> torch.Tensor:
+    """(1, C, *spatial) float32 from an array with or without a channel (and batch) axis."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == spatial_dims:
+        array = array[None]
+    elif array.ndim == spatial_dims + 1:
+        if channels_last:
+            array = np.moveaxis(array, -1, 0)
+    elif array.ndim == spatial_dims + 2 and array.shape[0] == 1:
+        array = array[0]
+    else:
+        raise ConfigError("inputs.spatial_dims", f"{path.name} has shape {array.shape}, which is not a "
+                                                 f"{spatial_dims}D input (with or without a channel axis)")
+    return torch.from_numpy(np.ascontiguousarray(array))[None]
+
+
+def load_mask(path: str | Path, base_dir: Path | None) -> torch.Tensor:
+    """A mask file (image, npy, pt or NIfTI) as a float tensor of 0/1 (nonzero → 1), spatial axes only."""
+    file = resolve(path, base_dir)
+    if not file.is_file():
+        raise ConfigError("wrapper.mask", f"mask file {file} does not exist")
+    array, _, _ = read_array(file)
+    array = np.asarray(array)
+    if file.name.lower().endswith(IMAGE_SUFFIXES) and array.ndim == 3:
+        array = array.max(axis=-1)
+    return torch.from_numpy((array != 0).astype(np.float32))
+
+
+def preprocess(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Channel conversion, resizing and normalisation, as the inputs config declares."""
+    color = cfg.get("color", "keep")
+    if color == "grayscale" and x.shape[1] != 1:
+        x = x.mean(dim=1, keepdim=True)
+    elif color == "rgb" and x.shape[1] == 1:
+        x = x.expand(-1, 3, *x.shape[2:]).contiguous()
+    if cfg.get("resize"):
+        size = tuple(cfg["resize"])
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+        x = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False)
+    norm = cfg.get("normalize", "none")
+    if norm == "zscore":
+        x = (x - x.mean()) / x.std().clamp_min(1e-12)
+    elif norm == "minmax":
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+    elif isinstance(norm, dict):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean = torch.as_tensor(norm["mean"], dtype=x.dtype).view(shape)
+        std = torch.as_tensor(norm["std"], dtype=x.dtype).view(shape)
+        if mean.numel() not in (1, x.shape[1]) or std.numel() not in (1, x.shape[1]):
+            raise ConfigError("inputs.normalize", f"mean/std need 1 or {x.shape[1]} values (one per channel)")
+        x = (x - mean) / std
+    return x
+
+
+def load_inputs(cfg: dict, base_dir: Path | None) -> list[InputItem]:
+    """Every input the config names, preprocessed, with unique names for output files."""
+    items: list[InputItem] = []
+    names: set[str] = set()
+    for path in expand_paths(cfg["paths"], base_dir):
+        array, affine, channels_last = read_array(path)
+        tensor = preprocess(to_tensor(array, cfg["spatial_dims"], channels_last, path), cfg)
+        stem = path.name
+        for suffix in (".nii.gz",) + INPUT_SUFFIXES:
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        name, n = stem, 2
+        while name in names:
+            name, n = f"{stem}_{n}", n + 1
+        names.add(name)
+        items.append(InputItem(name, path, tensor, affine))
+    return items

@@ -1,0 +1,141 @@
+"""The method registry: one :class:`MethodSpec` per method id ``<library>.<UpstreamName>``.
+
+Adapter modules (``esegeta.adapters.*``) register their methods from tables when first
+needed; they never import their explainer library at module level, so listing the
+registry is fast and a missing extra only makes its own methods unavailable.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, MethodUnavailable, did_you_mean
+
+#: Adapter modules, imported on first registry access. A new library is one line here.
+ADAPTER_MODULES = ("esegeta.adapters.captum",)
+
+#: Where each kind of method puts its result.
+KINDS = {
+    "attribution": "input-resolution attribution",
+    "layer": "attribution (or activation) at a layer's resolution",
+    "neuron": "input attribution of one neuron of a layer",
+}
+
+
+@dataclass
+class Call:
+    """Everything an adapter needs for one attribution call.
+
+    ``forward`` maps inputs to ``(B, K)`` scores (the wrapped model when a wrapper is set);
+    ``network`` is the prepared copy of the user's model (where ``layer`` lives).
+    """
+
+    forward: nn.Module
+    network: nn.Module
+    inputs: torch.Tensor
+    target: Any
+    layer: nn.Module | None
+    params: dict[str, Any]
+    noise_tunnel: dict[str, Any] | None = None
+
+
+class Adapter(Protocol):
+    """Translates a method entry into one upstream call."""
+
+    def parameters(self, spec: "MethodSpec") -> Mapping[str, inspect.Parameter]:
+        """The parameter names a config may set, under their upstream names."""
+
+    def noise_tunnel_parameters(self) -> Mapping[str, inspect.Parameter] | None:
+        """The names a ``noise_tunnel`` block may set, or None if unsupported."""
+
+    def run(self, spec: "MethodSpec", call: Call) -> torch.Tensor:
+        """Run the method and return the upstream result (batch dimension kept)."""
+
+
+@dataclass(frozen=True, eq=False)
+class MethodSpec:
+    """One registered method. ``defaults`` fill upstream parameters that have no upstream
+    default (e.g. Occlusion's window) from the input; ``quick_params`` bound the runtime
+    of the conformance tests and the demo."""
+
+    library: str
+    name: str
+    kind: str
+    adapter: Adapter
+    requires: tuple[str, ...]
+    extra: str
+    needs_layer: bool = False
+    dims: tuple[int, ...] = (2, 3)
+    needs_target: bool = True
+    defaults: Mapping[str, Callable[[torch.Tensor], Any]] = field(default_factory=dict)
+    quick_params: Mapping[str, Any] = field(default_factory=dict)
+    reference: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.library}.{self.name}"
+
+    def unavailable_reason(self) -> str | None:
+        """None if the method's libraries are importable, else what to install."""
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"{', '.join(missing)} is not installed: pip install 'esegeta[{self.extra}]'"
+        return None
+
+    def check_available(self) -> None:
+        reason = self.unavailable_reason()
+        if reason:
+            raise MethodUnavailable(f"{self.id} is unavailable: {reason}")
+
+    def row(self) -> dict[str, Any]:
+        """The registry entry as `esegeta methods --json` shows it."""
+        reason = self.unavailable_reason()
+        return {
+            "id": self.id,
+            "library": self.library,
+            "kind": self.kind,
+            "needs_layer": self.needs_layer,
+            "dims": list(self.dims),
+            "available": reason is None,
+            "reason": reason,
+            "reference": self.reference,
+        }
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_loaded = False
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.id in _REGISTRY:
+        raise ValueError(f"method {spec.id} registered twice")
+    if spec.kind not in KINDS:
+        raise ValueError(f"{spec.id}: unknown kind {spec.kind!r}")
+    _REGISTRY[spec.id] = spec
+    return spec
+
+
+def all_methods() -> Mapping[str, MethodSpec]:
+    """Every registered method, by id (adapter modules are imported on first call)."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in ADAPTER_MODULES:
+            importlib.import_module(module)
+    return MappingProxyType(_REGISTRY)
+
+
+def get(method_id: str, path: str = "id") -> MethodSpec:
+    """The spec for ``method_id``, or a :class:`ConfigError` with the closest valid id."""
+    registry = all_methods()
+    if method_id in registry:
+        return registry[method_id]
+    raise ConfigError(path, f"unknown method {method_id!r}" + did_you_mean(method_id, registry))

@@ -1,0 +1,172 @@
+"""Wrappers: segmentation outputs ``(B, K, *spatial)`` as ``(B, K')`` scores.
+
+Every classifier-oriented method then accepts a segmentation model. Masks come from the
+prediction on the unperturbed input and are frozen (never recomputed in ``forward``);
+scores are sums (or means) of the activated output over those masks, so they keep the
+model output's gradient. One code path serves 2D and 3D: reductions run over
+``range(2, ndim)``.
+
+Built-in wrappers (SPEC §4):
+
+- ``threshold``: ``A = act(out)[:, channel]``, ``M = A > t`` (a number or ``"otsu"``),
+  columns ``[sum(A·(1−M)), sum(A·M)]``;
+- ``multiclass``: ``M_k = argmax_k A == k``, column ``k = sum(A_k·M_k)``;
+- ``region``: a given mask ``R``, column ``k = sum(A_k·R)``;
+- ``"file.py:callable"``: a custom wrapper, called as ``callable(output, **options)`` on the
+  unperturbed output and returning a function (or module) from outputs to ``(B, K')``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+ACTIVATIONS: Mapping[str, Callable[[], nn.Module]] = {
+    "none": nn.Identity,
+    "sigmoid": nn.Sigmoid,
+    "softmax": lambda: nn.Softmax(dim=1),
+}
+BUILTIN = ("threshold", "multiclass", "region")
+
+
+def select_output(output: Any, key: str | int | None = None) -> torch.Tensor:
+    """The segmentation tensor inside a model output (tensor, dict, tuple or list).
+
+    Without ``key``: a dict's ``"out"`` entry (torchvision's convention) or its only/first
+    tensor; a sequence's first element.
+    """
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, Mapping):
+        if key is None:
+            key = "out" if "out" in output else next(iter(output))
+        if key not in output:
+            raise ConfigError("wrapper.output", f"model output has no key {key!r}; keys: {list(output)}")
+        return select_output(output[key])
+    if isinstance(output, Sequence) and not isinstance(output, str):
+        index = 0 if key is None else key
+        if not isinstance(index, int) or not -len(output) <= index < len(output):
+            raise ConfigError("wrapper.output", f"model output is a sequence of {len(output)}; give an index")
+        return select_output(output[index])
+    raise ConfigError("wrapper.output", f"cannot find a tensor in a model output of type {type(output).__name__}")
+
+
+class MaskedScore(nn.Module):
+    """``(B, K, *spatial)`` output → ``(B, K')``: column j = reduce(act(out)[:, channels[j]] · masks[j]).
+
+    ``masks`` has shape ``(K', *spatial)`` and is a frozen buffer; ``reduction`` is ``sum``
+    or ``mean`` (divided by the mask's size).
+    """
+
+    def __init__(self, activation: str, channels: Sequence[int], masks: torch.Tensor,
+                 reduction: str = "sum", output_key: str | int | None = None):
+        super().__init__()
+        self.activation = ACTIVATIONS[activation]()
+        self.register_buffer("channels", torch.as_tensor(list(channels), dtype=torch.long))
+        self.register_buffer("masks", masks.detach().float().unsqueeze(0))
+        self.reduction = reduction
+        self.output_key = output_key
+
+    def forward(self, output: Any) -> torch.Tensor:
+        activated = self.activation(select_output(output, self.output_key))
+        weighted = activated.index_select(1, self.channels) * self.masks
+        score = weighted.sum(dim=tuple(range(2, weighted.ndim)))
+        if self.reduction == "mean":
+            score = score / self.masks.sum(dim=tuple(range(2, self.masks.ndim))).clamp_min(1.0)
+        return score
+
+
+class WrappedModel(nn.Module):
+    """``model`` followed by a score function: the classifier view of a segmenter."""
+
+    def __init__(self, model: nn.Module, score: Callable[[Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.score = score
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(self.model(x))
+
+
+def otsu(values: torch.Tensor) -> float:
+    """Otsu's threshold of ``values`` (scikit-image)."""
+    from skimage.filters import threshold_otsu
+
+    array = values.detach().float().cpu().numpy()
+    if array.min() == array.max():
+        return float(array.min())
+    return float(threshold_otsu(array))
+
+
+def _activated(output: Any, activation: str, key) -> torch.Tensor:
+    with torch.no_grad():
+        return ACTIVATIONS[activation]()(select_output(output, key).float())
+
+
+def threshold_score(output: Any, channel: int = 0, threshold: float | str = 0.5, activation: str = "none",
+                    reduction: str = "sum", output_key=None) -> MaskedScore:
+    """The ``threshold`` wrapper's score, its mask frozen from ``output`` (batch of one)."""
+    a = _activated(output, activation, output_key)
+    if not 0 <= channel < a.shape[1]:
+        raise ConfigError("wrapper.channel", f"channel {channel} does not exist; the output has {a.shape[1]} channels")
+    a = a[0, channel]
+    t = otsu(a) if threshold == "otsu" else float(threshold)
+    mask = (a > t).float()
+    return MaskedScore(activation, [channel, channel], torch.stack([1 - mask, mask]), reduction, output_key)
+
+
+def multiclass_score(output: Any, activation: str = "none", reduction: str = "sum", output_key=None) -> MaskedScore:
+    """The ``multiclass`` wrapper's score: one column per class over its argmax region."""
+    a = _activated(output, activation, output_key)[0]
+    labels = a.argmax(dim=0)
+    masks = torch.stack([(labels == k).float() for k in range(a.shape[0])])
+    return MaskedScore(activation, range(a.shape[0]), masks, reduction, output_key)
+
+
+def region_score(output: Any, mask: torch.Tensor, activation: str = "none", reduction: str = "sum",
+                 output_key=None) -> MaskedScore:
+    """The ``region`` wrapper's score: every channel summed over the given mask."""
+    a = _activated(output, activation, output_key)[0]
+    mask = mask.to(a.device).float()
+    while mask.ndim > a.ndim - 1:
+        mask = mask[0]
+    if tuple(mask.shape) != tuple(a.shape[1:]):
+        raise ConfigError("wrapper.mask", f"mask shape {tuple(mask.shape)} does not match the output's spatial "
+                                          f"shape {tuple(a.shape[1:])}")
+    return MaskedScore(activation, range(a.shape[0]), mask.expand(a.shape[0], *mask.shape).clone(),
+                       reduction, output_key)
+
+
+def build(model: nn.Module, x: torch.Tensor, wrapper: Mapping[str, Any], base_dir: Path | None = None) -> WrappedModel:
+    """Wrap ``model`` for the single input ``x`` (batch of one): masks frozen from ``model(x)``.
+
+    ``wrapper`` is a validated wrapper config as a dict (see :class:`esegeta.config.WrapperConfig`).
+    """
+    from .loading import load_callable, load_mask
+
+    if x.shape[0] != 1:
+        raise ValueError("wrapper masks are frozen per input: build one wrapper per input (batch of one)")
+    name = wrapper["name"]
+    common = {"activation": wrapper.get("activation", "none"), "reduction": wrapper.get("reduction", "sum"),
+              "output_key": wrapper.get("output")}
+    with torch.no_grad():
+        output = model(x)
+    if name == "threshold":
+        score = threshold_score(output, wrapper.get("channel", 0), wrapper.get("threshold", 0.5), **common)
+    elif name == "multiclass":
+        score = multiclass_score(output, **common)
+    elif name == "region":
+        mask = wrapper.get("mask")
+        if mask is None:
+            raise ConfigError("wrapper.mask", "the region wrapper needs a mask file")
+        mask = load_mask(mask, base_dir) if isinstance(mask, (str, Path)) else torch.as_tensor(mask)
+        score = region_score(output, mask, **common)
+    else:
+        make = load_callable(name, base_dir, "wrapper.name")
+        score = make(output, **wrapper.get("options", {}))
+    return WrappedModel(model, score)
