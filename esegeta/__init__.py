@@ -1,2 +1,40 @@
-"""esegeta: explainability meta-package for PyTorch models."""
+"""esegeta: explainability meta-package for PyTorch.
+
+Many attribution methods (Captum first) behind one JSON method spec, for classification
+and segmentation models, 2D and 3D::
+
+    import esegeta
+    attr = esegeta.explain(model, x, "captum.IntegratedGradients", target=3, n_steps=32)
+    result = esegeta.Pipeline("configs/retina.json").run()
+    esegeta.methods()
+
+Importing esegeta imports no explainer library (nor torch): names load on first use.
+"""
+from __future__ import annotations
+
 __version__ = "0.1.0"
+__all__ = ["explain", "Pipeline", "RunResult", "methods", "ConfigError", "EsegetaError", "__version__"]
+
+_LAZY = {
+    "explain": ("esegeta.explainer", "explain"),
+    "Pipeline": ("esegeta.runner", "Pipeline"),
+    "RunResult": ("esegeta.runner", "RunResult"),
+    "ConfigError": ("esegeta.errors", "ConfigError"),
+    "EsegetaError": ("esegeta.errors", "EsegetaError"),
+}
+
+
+def methods() -> list[dict]:
+    """The registry as ``esegeta methods --json`` shows it: one dict per method."""
+    from .registry import all_methods
+
+    return [spec.row() for spec in all_methods().values()]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'esegeta' has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """The method registry: one :class:`MethodSpec` per method id ``<library>.<UpstreamName>``.
 
 Adapter modules (``esegeta.adapters.*``) register their methods from tables when first
-needed; they never import their explainer library at module level, so listing the
-registry is fast and a missing extra only makes its own methods unavailable.
+needed; they import neither torch nor their explainer library at module level, so
+listing the registry is fast and a missing extra only makes its own methods unavailable.
 """
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError, MethodUnavailable, did_you_mean
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 #: Adapter modules, imported on first registry access. A new library is one line here.
 ADAPTER_MODULES = ("esegeta.adapters.captum",)
@@ -31,7 +32,7 @@ KINDS = {
 
 
 @dataclass
-class Call:
+class Call:  # noqa: D101 (annotations are strings: torch is not imported here)
     """Everything an adapter needs for one attribution call.
 
     ``forward`` maps inputs to ``(B, K)`` scores (the wrapped model when a wrapper is set);

@@ -14,10 +14,6 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-import torch
-from torch import nn
-
-from ..baselines import make_baselines, make_feature_mask
 from ..registry import Call, MethodSpec, register
 
 log = logging.getLogger("esegeta")
@@ -45,8 +41,10 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
     }
 
 
-def _layer_output_shape(call: Call) -> torch.Size:
+def _layer_output_shape(call: Call):
     """Shape of ``call.layer``'s output on the call's inputs (one no-grad forward)."""
+    import torch
+
     seen: list[torch.Size] = []
     handle = call.layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     try:
@@ -57,22 +55,23 @@ def _layer_output_shape(call: Call) -> torch.Size:
     return seen[0]
 
 
-# Layer types Captum's LRP has no rule for although they are linear (ε-rule is LRP's rule
-# for linear maps) or elementwise activations (relevance passes through unchanged).
-_LRP_LINEAR = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-               nn.BatchNorm1d, nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-               nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample)
-_LRP_PASS = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-             nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+def _attach_lrp_rules(model) -> list[str]:
+    """Give the prepared copy's leaf modules that Captum's LRP has no rule for a rule.
 
-
-def _attach_lrp_rules(model: nn.Module) -> list[str]:
-    """Give the prepared copy's leaf modules that Captum's LRP cannot handle a rule.
-
-    Captum removes its rules after each call, so this runs before every LRP call.
+    Linear layers (convolutions of any rank, transposed convolutions, batch norms, pooling
+    by averaging, reshapes) get the ε-rule, LRP's rule for linear maps; elementwise
+    activations get the identity rule (relevance passes through unchanged). Captum removes
+    its rules after each call, so this runs before every LRP call.
     """
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
     from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
+    from torch import nn
+
+    linear = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+              nn.BatchNorm1d, nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+              nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample)
+    passing = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
+               nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
     changed = []
     for name, module in model.named_modules():
@@ -80,9 +79,9 @@ def _attach_lrp_rules(model: nn.Module) -> list[str]:
             continue
         if type(module) in SUPPORTED_LAYERS_WITH_RULES or type(module) in SUPPORTED_NON_LINEAR_LAYERS:
             continue
-        if isinstance(module, _LRP_LINEAR):
+        if isinstance(module, linear):
             module.rule = EpsilonRule()
-        elif isinstance(module, _LRP_PASS):
+        elif isinstance(module, passing):
             module.rule = IdentityRule()
         else:
             continue
@@ -110,6 +109,10 @@ class CaptumAdapter:
 
     def convert(self, name: str, value: Any, call: Call, path: str) -> Any:
         """A JSON parameter value as Captum wants it."""
+        import torch
+
+        from ..baselines import make_baselines, make_feature_mask
+
         if name in BASELINE_PARAMS:
             return make_baselines(value, call.inputs, path)
         if name == "layer_mask" and isinstance(value, dict) and "grid" in value:
@@ -122,7 +125,7 @@ class CaptumAdapter:
             return _tuples(value)
         return value
 
-    def run(self, spec: MethodSpec, call: Call) -> torch.Tensor:
+    def run(self, spec: MethodSpec, call: Call):
         cls = self._cls(spec.name)
         init_names = set(inspect.signature(cls.__init__).parameters)
         params = dict(call.params)
@@ -156,19 +159,19 @@ ADAPTER = CaptumAdapter()
 _REF_GRAD = "Simonyan et al. 2014, arXiv:1312.6034"
 
 
-def _window(x: torch.Tensor) -> list[int]:
+def _window(x) -> list[int]:
     return [x.shape[1]] + [max(1, s // 8) for s in x.shape[2:]]
 
 
-def _stride(x: torch.Tensor) -> list[int]:
+def _stride(x) -> list[int]:
     return [x.shape[1]] + [max(1, s // 16) for s in x.shape[2:]]
 
 
-def _quick_grid(x: torch.Tensor) -> dict:
+def _quick_grid(x) -> dict:
     return {"grid": [max(1, -(-s // 4)) for s in x.shape[2:]]}
 
 
-def _quick_layer_grid(x: torch.Tensor) -> dict:
+def _quick_layer_grid(x) -> dict:
     return {"grid": [4] * (x.ndim - 2)}
 
 

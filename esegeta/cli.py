@@ -1,0 +1,147 @@
+"""The ``esegeta`` command line (SPEC §2). Heavy imports happen inside the commands, so
+``esegeta --help`` starts fast.
+
+Exit codes: 0 all requested methods succeeded; 1 the run finished with failures; 2 the
+config or something it names is invalid (message on stderr, no traceback without --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "retina.json"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esegeta", description="Explain PyTorch classification and segmentation "
+                                     "models with many attribution methods, from one JSON config.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a config: every method on every input")
+    run.add_argument("config", type=Path)
+    run.add_argument("--output", type=Path, help="output folder (default: the config's output.dir)")
+    run.add_argument("--device", help="'cpu', 'cuda:N' or 'auto' (overrides runtime.devices)")
+    run.add_argument("--only", nargs="+", metavar="ID_OR_LABEL", help="run only these methods")
+    run.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+
+    validate = sub.add_parser("validate", help="check a config, its files, model, layers and parameters; run nothing")
+    validate.add_argument("config", type=Path)
+    validate.add_argument("--debug", action="store_true")
+
+    methods = sub.add_parser("methods", help="list every method: library, kind, layer, 2D/3D, availability")
+    methods.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("schema", help="print the config's JSON Schema")
+
+    demo = sub.add_parser("demo", help="explain the bundled 2D vessel-segmentation sample with several methods")
+    demo.add_argument("--output", type=Path, default=Path("results/demo"), help="output folder (default: results/demo)")
+    demo.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    log = logging.getLogger("esegeta")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.DEBUG if debug else logging.INFO)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if debug else "%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def _cmd_methods(args) -> int:
+    from .registry import all_methods
+
+    rows = [spec.row() for spec in all_methods().values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'id':38} {'kind':12} {'layer':6} {'dims':6} available")
+    for r in rows:
+        dims = "/".join(f"{d}D" for d in r["dims"])
+        print(f"{r['id']:38} {r['kind']:12} {'yes' if r['needs_layer'] else '-':6} {dims:6} "
+              f"{'yes' if r['available'] else 'no: ' + r['reason']}")
+    print(f"{len(rows)} methods, {sum(r['available'] for r in rows)} available")
+    return 0
+
+
+def _cmd_schema(args) -> int:
+    from .config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .runner import Pipeline
+
+    v = Pipeline(args.config).validate()
+    print(f"{args.config}: valid: {len(v.inputs)} input(s), {len(v.methods)} method(s), model "
+          f"{type(v.model).__name__} on {v.device}")
+    for change in v.prepared.changes:
+        print(f"  prepared copy: {change}")
+    return 0
+
+
+def _run(pipeline) -> int:
+    result = pipeline.run()
+    failed = [r for r in result.runs if r["status"] != "ok"]
+    print(f"{len(result.runs) - len(failed)}/{len(result.runs)} ok; results in {result.output_dir}", file=sys.stderr)
+    return result.exit_code
+
+
+def _cmd_run(args) -> int:
+    from .runner import Pipeline
+
+    return _run(Pipeline(args.config, output_dir=args.output, device=args.device, only=args.only))
+
+
+def _cmd_demo(args) -> int:
+    from .errors import ConfigError
+    from .runner import Pipeline
+
+    if not DEMO_CONFIG.is_file():
+        raise ConfigError("demo", f"{DEMO_CONFIG} is missing: the demo needs the repository checkout "
+                                  "(pip install -e . from a clone)")
+    return _run(Pipeline(DEMO_CONFIG, output_dir=args.output))
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "methods": _cmd_methods, "schema": _cmd_schema,
+            "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    debug = getattr(args, "debug", False)
+    if args.command in ("run", "validate", "demo"):
+        _setup_logging(debug)
+    from .errors import EsegetaError
+
+    try:
+        return COMMANDS[args.command](args)
+    except EsegetaError as exc:
+        if debug:
+            raise
+        print(f"esegeta: invalid: {exc}" if "\n" not in str(exc) else f"esegeta: invalid config:\n{exc}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esegeta: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
