@@ -44,9 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Logs to stderr through tqdm, so messages and the progress bar do not garble each other."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging(debug: bool) -> None:
     log = logging.getLogger("esegeta")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler(sys.stderr)
     handler.setLevel(logging.DEBUG if debug else logging.INFO)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if debug else "%(message)s"))
     log.addHandler(handler)

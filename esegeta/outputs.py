@@ -34,6 +34,7 @@ __all__ = [
     "save_nifti",
     "layer_affine",
     "save_figure",
+    "save_result",
 ]
 
 _TMP_PREFIX = ".tmp-"
@@ -239,3 +240,33 @@ def save_figure(fig: Any, path: PathLike, dpi: int = 100) -> Path:
             with contextlib.suppress(Exception):
                 plt.close(fig)
     return final
+
+
+def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_cfg: Any,
+                kind: str = "attribution") -> dict:
+    """Write one (input, method) result in the configured formats; returns format → relative path.
+
+    ``item`` is the :class:`esegeta.loading.InputItem` explained, ``attr`` the upstream
+    result without the batch axis, ``output_cfg`` the config's ``output`` section. The
+    ``.nii.gz`` (3D inputs only) carries the input's affine, scaled for layer-resolution maps.
+    """
+    from . import figures
+
+    rel = Path(item.name)
+    files: dict[str, str] = {}
+    image = item.tensor[0].detach().cpu().numpy()
+    if "npy" in output_cfg.formats:
+        save_npy(out_dir / rel / f"{label}.npy", attr)
+        files["npy"] = str(rel / f"{label}.npy")
+    if "nii" in output_cfg.formats and image.ndim == 4 and attr.ndim == 4:
+        in_shape, at_shape = image.shape[1:], attr.shape[1:]
+        affine = item.affine if in_shape == at_shape else layer_affine(item.affine, in_shape, at_shape)
+        save_nifti(out_dir / rel / f"{label}.nii.gz", attr, affine)
+        files["nii"] = str(rel / f"{label}.nii.gz")
+    if "png" in output_cfg.formats:
+        fig_cfg = output_cfg.figure
+        fig = figures.attribution_figure(attr, image, method=fig_cfg.method, sign=fig_cfg.sign,
+                                         title=f"{label} - {item.name}", projection=fig_cfg.projection)
+        save_figure(fig, out_dir / rel / f"{label}.png")
+        files["png"] = str(rel / f"{label}.png")
+    return files

@@ -128,5 +128,5 @@ def prepared(model: nn.Module, example: torch.Tensor) -> PreparedModel:
         entry = _CacheEntry(fingerprint, prepare(model, example))
         per_model[key] = entry
         for change in entry.prepared.changes:
-            log.info("prepared copy: %s", change)
+            log.debug("prepared copy: %s", change)
     return entry.prepared

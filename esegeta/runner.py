@@ -157,7 +157,7 @@ class Pipeline:
     def output_dir(self) -> Path:
         if self.output_override is not None:
             return self.output_override
-        return (self.base_dir or Path.cwd()) / self.config.output.dir
+        return ((self.base_dir or Path.cwd()) / self.config.output.dir).resolve()
 
     def run(self) -> RunResult:
         """Validate, then explain every (input, method) pair; see :class:`RunResult`."""
@@ -185,12 +185,10 @@ class Pipeline:
             }
             jobs = [(item, i, entry) for item in v.inputs for i, entry in v.methods]
             from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            with logging_redirect_tqdm(loggers=[log]):
-                for item, i, entry in tqdm(jobs, desc="esegeta", unit="job", disable=None):
-                    manifest["runs"].append(self._job(v, item, entry, out))
-                    outputs.save_json(out / "manifest.json", manifest)
+            for item, i, entry in tqdm(jobs, desc="esegeta", unit="job", disable=None):
+                manifest["runs"].append(self._job(v, item, entry, out))
+                outputs.save_json(out / "manifest.json", manifest)
             self._overview(v, manifest, out)
             outputs.save_json(out / "manifest.json", manifest)
             failed = [r for r in manifest["runs"] if r["status"] != "ok"]
