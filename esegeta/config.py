@@ -99,6 +99,13 @@ class WrapperConfig(Strict):
             raise ValueError("the region wrapper needs 'mask': a mask file with the input's spatial shape")
         if self.mask and self.name != "region":
             raise ValueError("'mask' is only used by the region wrapper")
+        builtin_only = {"channel", "threshold", "activation", "reduction", "mask", "output"} & self.model_fields_set
+        if ":" in self.name and builtin_only:
+            raise ValueError(f"a custom wrapper takes its settings in 'options': move {', '.join(sorted(builtin_only))} "
+                             "into 'options'")
+        if ":" not in self.name and self.options:
+            raise ValueError("'options' are for custom wrappers ('file.py:callable'); built-in wrappers take "
+                             "channel, threshold, activation, reduction, mask and output")
         return self
 
 

@@ -1,0 +1,68 @@
+"""Explain a deep-supervision model: one that returns a list of outputs at several scales.
+
+Config::
+
+    "wrapper": {"name": "../wrappers/deep_supervision.py:fused",
+                "options": {"channel": 0, "threshold": 0.5, "activation": "sigmoid",
+                            "weights": [1.0, 0.5]}}
+
+Every head is activated, resized to the largest head's resolution and averaged with
+``weights`` (default: equal); the mask ``fused > threshold`` is frozen from the
+unperturbed prediction. Columns: ``[sum(F·(1−M)), sum(F·M)]`` of the fused map ``F``,
+exactly like the built-in ``threshold`` wrapper on a single-output model.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esegeta.wrappers import ACTIVATIONS
+
+
+class FusedHeads(nn.Module):
+    """Weighted mean of the activated heads at full resolution."""
+
+    def __init__(self, activation: str, channel: int, weights: Sequence[float] | None):
+        super().__init__()
+        self.activation = ACTIVATIONS[activation]()
+        self.channel = channel
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    def forward(self, outputs) -> torch.Tensor:
+        if torch.is_tensor(outputs):
+            outputs = [outputs]
+        size = max((o.shape[2:] for o in outputs), key=lambda s: torch.Size(s).numel())
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+        maps = [self.activation(o)[:, self.channel:self.channel + 1] for o in outputs]
+        maps = [m if m.shape[2:] == size else F.interpolate(m, size=size, mode=mode, align_corners=False)
+                for m in maps]
+        weights = self.weights or [1.0] * len(maps)
+        if len(weights) != len(maps):
+            raise ValueError(f"{len(weights)} weights for {len(maps)} deep-supervision outputs")
+        return sum(w * m for w, m in zip(weights, maps)) / sum(weights)
+
+
+class FusedScore(nn.Module):
+    def __init__(self, fuse: FusedHeads, mask: torch.Tensor, reduction: str):
+        super().__init__()
+        self.fuse = fuse
+        self.register_buffer("masks", torch.stack([1 - mask, mask]).unsqueeze(0))
+        self.reduction = reduction
+
+    def forward(self, outputs) -> torch.Tensor:
+        fused = self.fuse(outputs) * self.masks
+        score = fused.sum(dim=tuple(range(2, fused.ndim)))
+        if self.reduction == "mean":
+            score = score / self.masks.sum(dim=tuple(range(2, self.masks.ndim))).clamp_min(1.0)
+        return score
+
+
+def fused(output, channel: int = 0, threshold: float = 0.5, activation: str = "sigmoid",
+          weights: Sequence[float] | None = None, reduction: str = "sum") -> FusedScore:
+    fuse = FusedHeads(activation, channel, weights)
+    with torch.no_grad():
+        mask = (fuse(output)[0, 0] > threshold).float()
+    return FusedScore(fuse, mask, reduction)
