@@ -16,17 +16,22 @@ from torch import nn
 from . import registry, wrappers
 from .config import WrapperConfig, check_method
 from .errors import ConfigError, did_you_mean
-from .prepare import PreparedModel, prepared
+from .prepare import CallSites, PreparedModel, prepared
 from .registry import Call, MethodSpec
 
 
-def find_layer(model: PreparedModel, name: str, where: str = "layer") -> nn.Module:
+def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:
     """The submodule ``name`` of the prepared copy, or a ConfigError with the closest name."""
+    names = [n for n, _ in model.model.named_modules() if n and ".sites." not in n]
     try:
-        return model.layer(name)
+        layer = model.layer(name)
     except AttributeError:
-        names = [n for n, _ in model.model.named_modules() if n and ".sites." not in n]
         raise ConfigError(where, f"the model has no layer {name!r}" + did_you_mean(name, names)) from None
+    if spec is not None and spec.leaf_layer and list(layer.children()) and not isinstance(layer, CallSites):
+        leaves = [n for n in names if n.startswith(name + ".") and not list(model.layer(n).children())]
+        raise ConfigError(where, f"{spec.id} needs a layer without submodules; {name!r} has some: use one of "
+                                 f"{', '.join(leaves[:6])}")
+    return layer
 
 
 def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str = "target") -> Any:
@@ -63,7 +68,7 @@ def run_method(spec: MethodSpec, model: PreparedModel, x: torch.Tensor, *, targe
                params: Mapping[str, Any] | None = None, noise_tunnel: Mapping[str, Any] | None = None,
                base_dir: Path | None = None) -> tuple[torch.Tensor, float | None]:
     """Run ``spec`` on the prepared model; returns (upstream result, score of the first input)."""
-    layer_module = find_layer(model, layer) if layer else None
+    layer_module = find_layer(model, layer, spec=spec) if layer else None
     call_params = dict(params or {})
     nt = dict(noise_tunnel) if noise_tunnel is not None else None
     if wrapper is None:

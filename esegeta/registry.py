@@ -65,7 +65,8 @@ class Adapter(Protocol):
 class MethodSpec:
     """One registered method. ``defaults`` fill upstream parameters that have no upstream
     default (e.g. Occlusion's window) from the input; ``quick_params`` bound the runtime
-    of the conformance tests and the demo."""
+    of the conformance tests and the demo; ``leaf_layer`` methods need a layer without
+    submodules."""
 
     library: str
     name: str
@@ -74,6 +75,7 @@ class MethodSpec:
     requires: tuple[str, ...]
     extra: str
     needs_layer: bool = False
+    leaf_layer: bool = False
     dims: tuple[int, ...] = (2, 3)
     needs_target: bool = True
     defaults: Mapping[str, Callable[[torch.Tensor], Any]] = field(default_factory=dict)

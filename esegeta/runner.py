@@ -136,13 +136,13 @@ class Pipeline:
                                         f"{tuple(inputs[0].tensor.shape)}): {type(exc).__name__}: {exc}") from exc
         for i, entry in methods:
             where = f"methods[{i}]"
+            spec = registry.get(entry.id)
             if entry.layer:
-                find_layer(ready, entry.layer, f"{where}.layer")
-            for m_device in filter(None, [entry.device]):
-                resolve_device(m_device)
+                find_layer(ready, entry.layer, f"{where}.layer", spec)
+            if entry.device:
+                resolve_device(entry.device)
             wrapper = entry.wrapper or cfg.wrapper
             target = entry.target if entry.target is not None else cfg.target
-            spec = registry.get(entry.id)
             forward = ready
             if wrapper is not None:
                 from . import wrappers

@@ -167,6 +167,10 @@ def _stride(x) -> list[int]:
     return [x.shape[1]] + [max(1, s // 16) for s in x.shape[2:]]
 
 
+def _quarter(x) -> list[int]:
+    return [x.shape[1]] + [max(1, s // 4) for s in x.shape[2:]]
+
+
 def _quick_grid(x) -> dict:
     return {"grid": [max(1, -(-s // 4)) for s in x.shape[2:]]}
 
@@ -180,10 +184,10 @@ _IG_QUICK = {"n_steps": 8}
 _PERTURB_QUICK = {"feature_mask": _quick_grid, "perturbations_per_eval": 16}
 
 
-def _captum(name, kind="attribution", layer=False, defaults=None, quick=None, target=True, ref=""):
+def _captum(name, kind="attribution", layer=False, defaults=None, quick=None, target=True, ref="", leaf=False):
     register(MethodSpec(
         library="captum", name=name, kind=kind, adapter=ADAPTER, requires=("captum",), extra="captum",
-        needs_layer=layer, needs_target=target, defaults=defaults or {}, quick_params=quick or {},
+        needs_layer=layer, leaf_layer=leaf, needs_target=target, defaults=defaults or {}, quick_params=quick or {},
         reference=ref,
     ))
 
@@ -200,7 +204,7 @@ _captum("Deconvolution", ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("GuidedGradCam", layer=True, ref="Selvaraju et al. 2017, arXiv:1610.02391")
 _captum("FeatureAblation", quick=_PERTURB_QUICK, ref="feature ablation")
 _captum("Occlusion", defaults={"sliding_window_shapes": _window, "strides": _stride},
-        quick={"perturbations_per_eval": 16}, ref="Zeiler & Fergus 2014, arXiv:1311.2901")
+        quick={"sliding_window_shapes": _quarter, "strides": _quarter, "perturbations_per_eval": 16}, ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("ShapleyValueSampling", quick={**_PERTURB_QUICK, "n_samples": 2},
         ref="Castro et al. 2009, doi:10.1016/j.cor.2008.04.004")
 _captum("KernelShap", quick={"feature_mask": _quick_grid, "n_samples": 32},
@@ -219,7 +223,7 @@ _captum("LayerDeepLiftShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
 _captum("LayerIntegratedGradients", kind="layer", layer=True, quick=_IG_QUICK)
 _captum("LayerFeatureAblation", kind="layer", layer=True,
         quick={"layer_mask": _quick_layer_grid, "perturbations_per_eval": 16})
-_captum("LayerLRP", kind="layer", layer=True, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
+_captum("LayerLRP", kind="layer", layer=True, leaf=True, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
 _captum("InternalInfluence", kind="layer", layer=True, quick=_IG_QUICK, ref="Leino et al. 2018, arXiv:1802.03788")
 
 # Neuron attributions: params.neuron_selector names the neuron (index into the layer output, no batch axis).

@@ -1,0 +1,118 @@
+"""Shared fixtures: the three sample models on their real sample inputs."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from samples.models import DigitResNet, TissueUNet3D, VesselUNet2D  # noqa: E402
+
+
+@dataclass
+class Case:
+    """A sample model, one input, and how to explain it."""
+
+    name: str
+    model: torch.nn.Module
+    x: torch.Tensor
+    target: Any
+    layer: str
+    leaf_layer: str
+    wrapper: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dims(self) -> int:
+        return self.x.ndim - 2
+
+
+def _load(model: torch.nn.Module, checkpoint: str) -> torch.nn.Module:
+    model.load_state_dict(torch.load(SAMPLES / "checkpoints" / checkpoint, weights_only=True))
+    return model.eval()
+
+
+def digits_case() -> Case:
+    x = torch.from_numpy(np.load(SAMPLES / "data" / "digits" / "digit_30_label3.npy")).float()[None]
+    return Case("digits", _load(DigitResNet(), "digit_resnet.pt"), x, 3, "layer2", "layer2.conv2")
+
+
+def retina_case(size: int = 48) -> Case:
+    from PIL import Image
+
+    image = np.asarray(Image.open(SAMPLES / "data" / "retina_crop.png"), dtype=np.float32) / 255.0
+    x = torch.from_numpy(image).permute(2, 0, 1)[None, :, :size, :size].contiguous()
+    wrapper = {"name": "threshold", "channel": 0, "threshold": 0.5, "activation": "sigmoid"}
+    return Case("retina2d", _load(VesselUNet2D(), "vessel_unet2d.pt"), x, 1, "enc2", "enc2.3", wrapper)
+
+
+def tissue_case(crop: tuple[int, int, int] = (20, 24, 16)) -> Case:
+    import nibabel as nib
+
+    volume = np.asarray(nib.load(str(SAMPLES / "data" / "anatomical.nii.gz")).dataobj, dtype=np.float32)
+    volume = (volume - volume.mean()) / volume.std()
+    cx, cy, cz = (s // 2 for s in volume.shape)
+    hx, hy, hz = (c // 2 for c in crop)
+    x = torch.from_numpy(volume[cx - hx:cx + hx, cy - hy:cy + hy, cz - hz:cz + hz].copy())[None, None]
+    wrapper = {"name": "multiclass", "activation": "softmax"}
+    return Case("tissue3d", _load(TissueUNet3D(), "tissue_unet3d.pt"), x, 2, "enc2", "enc2.3", wrapper)
+
+
+CASES = {"digits": digits_case, "retina2d": retina_case, "tissue3d": tissue_case}
+
+
+@pytest.fixture(scope="session", params=list(CASES))
+def case(request) -> Case:
+    return CASES[request.param]()
+
+
+@pytest.fixture(scope="session")
+def digits() -> Case:
+    return digits_case()
+
+
+@pytest.fixture(scope="session")
+def retina() -> Case:
+    return retina_case()
+
+
+@pytest.fixture(scope="session")
+def tissue() -> Case:
+    return tissue_case()
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything about a model that explaining it must leave unchanged."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [(n, m.training) for n, m in model.named_modules()],
+        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
+        "inplace": [(n, getattr(m, "inplace", None)) for n, m in model.named_modules()],
+        "hooks": hook_count(model),
+        "grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+    }
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["training"] == before["training"]
+    assert after["inplace"] == before["inplace"]
+    assert after["hooks"] == before["hooks"]
+    assert after["grad"] == before["grad"]
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
