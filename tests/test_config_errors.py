@@ -1,0 +1,542 @@
+"""Bad configs of every kind: exit code 2 and a message on stderr naming the field (SPEC §2, §3, §8).
+
+Every case starts from a valid, cheap digits config (absolute paths, one input, Saliency),
+breaks one thing, writes it to ``tmp_path`` and runs ``esegeta validate`` and ``esegeta
+run`` in-process through :func:`esegeta.cli.main`. Each must return 2, print the JSON path
+of the fault and a hint on stderr, show no traceback, and (for ``run``) write nothing.
+Cases that esegeta gets wrong today are strict xfails whose reason starts with ``BUG:``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_cli import FACTORY, ONE_DIGIT, SAMPLES, output_files, run_cli, valid_config, write_config
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+TINY_SEG = """
+import torch
+from torch import nn
+
+
+class TinySeg(nn.Module):
+    '''A 2-channel segmentation model for (1, 8, 8) digits: output (B, 2, 8, 8).'''
+
+    def __init__(self, out_channels=2):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, out_channels, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+"""
+
+
+# --------------------------------------------------------------------------- #
+# building bad configs
+# --------------------------------------------------------------------------- #
+def base(tmp: Path, **overrides: Any) -> dict:
+    return valid_config(tmp, **overrides)
+
+
+def with_methods(*methods: dict) -> Callable[[Path], dict]:
+    return lambda tmp: base(tmp, methods=list(methods))
+
+
+def edit(section: str, **values: Any) -> Callable[[Path], dict]:
+    """The valid config with ``values`` set inside ``section`` (``None`` deletes a key)."""
+
+    def build(tmp: Path) -> dict:
+        cfg = base(tmp)
+        cfg.setdefault(section, {})
+        for key, value in values.items():
+            if value is None:
+                cfg[section].pop(key, None)
+            else:
+                cfg[section][key] = value(tmp) if callable(value) else value
+        return cfg
+
+    return build
+
+
+def without(key: str) -> Callable[[Path], dict]:
+    def build(tmp: Path) -> dict:
+        cfg = base(tmp)
+        del cfg[key]
+        return cfg
+
+    return build
+
+
+def seg_model(tmp: Path, **overrides: Any) -> dict:
+    """A config for a tiny 2-channel segmentation model (no weights), for wrapper cases."""
+    (tmp / "seg.py").write_text(TINY_SEG)
+    cfg = base(tmp, model={"factory": f"{tmp / 'seg.py'}:TinySeg"}, target=0,
+               wrapper={"name": "threshold", "activation": "sigmoid"})
+    cfg.update(overrides)
+    return cfg
+
+
+def file_with(name: str, write: Callable[[Path], None]) -> Callable[[Path], str]:
+    """A path-valued builder: writes ``tmp/name`` with ``write`` and returns its path."""
+
+    def make(tmp: Path) -> str:
+        path = tmp / name
+        write(path)
+        return str(path)
+
+    return make
+
+
+def np_file(array: np.ndarray, **kw: Any) -> Callable[[Path], None]:
+    return lambda path: np.save(path, array, **kw)
+
+
+def torch_file(obj: Any) -> Callable[[Path], None]:
+    return lambda path: torch.save(obj, path)
+
+
+def raw_bytes(data: bytes) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(data)
+
+
+def region_mask(shape: tuple[int, ...]) -> Callable[[Path], dict]:
+    def build(tmp: Path) -> dict:
+        np.save(tmp / "mask.npy", np.ones(shape, np.float32))
+        return seg_model(tmp, wrapper={"name": "region", "mask": str(tmp / "mask.npy")})
+
+    return build
+
+
+class Evil:
+    """Unpickling this creates the marker file (a stand-in for running any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def evil_raw_pickle(path: Path) -> None:
+    path.write_bytes(pickle.dumps(Evil(path.parent / "pwned")))
+
+
+def evil_torch_save(path: Path) -> None:
+    torch.save({"weight": Evil(path.parent / "pwned")}, path)
+
+
+def other_model_weights(path: Path) -> None:
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Linear(3, 2)).state_dict(), path)
+
+
+def file_text(name: str, text: str) -> Callable[[Path], str]:
+    return file_with(name, lambda path: path.write_text(text))
+
+
+# --------------------------------------------------------------------------- #
+# the cases
+# --------------------------------------------------------------------------- #
+@dataclass
+class Bad:
+    """One bad config: how to build it, the JSON path the message must name, hint words."""
+
+    id: str
+    build: Callable[[Path], Any]  # a dict, or a str written verbatim
+    where: str  # the JSON path; the message must contain "<where>:" ("" = no path)
+    hints: tuple[str, ...] = ()
+    argv: tuple[str, ...] = ()  # extra arguments for `esegeta run`
+    commands: tuple[str, ...] = ("validate", "run")
+    marks: tuple = ()
+
+
+BUG_INPUT_CRASH = ("BUG: esegeta/loading.py read_array (called from load_inputs, runner.py validate) does not "
+                   "turn a file that cannot be read into a ConfigError: the numpy/PIL/torch exception escapes, "
+                   "main() shows a traceback and exits 1 instead of 2 naming inputs.paths[0]")
+BUG_FACTORY_CRASH = ("BUG: esegeta/loading.py load_model catches only TypeError around make(**kwargs): any other "
+                     "exception raised by the factory escapes as a traceback instead of exit 2 naming the factory")
+BUG_CLASSIFIER_TARGET = ("BUG: esegeta/explainer.py resolve_target returns int(target) for a plain classifier without "
+                         "checking the output width, so validate accepts target 12 on a 10-class model (exit 0) and "
+                         "run fails every method (IndexError) and then crashes in runner._overview; expected exit 2 "
+                         "'target 12 does not exist: the output has 10 columns'")
+
+CASES: list[Bad] = [
+    # -- the file itself ----------------------------------------------------------------------------
+    Bad("not-json", lambda tmp: "{model: nope", "", ("is not valid JSON",)),
+    Bad("empty-file", lambda tmp: "", "", ("is not valid JSON",)),
+    Bad("json-list", lambda tmp: json.dumps([base(tmp)]), "", ("a config is a JSON object",)),
+    Bad("json-null", lambda tmp: "null", "", ("a config is a JSON object",)),
+    # -- structure ----------------------------------------------------------------------------------
+    Bad("missing-model", without("model"), "model", ("required key is missing",)),
+    Bad("missing-inputs", without("inputs"), "inputs", ("required key is missing",)),
+    Bad("missing-methods", without("methods"), "methods", ("required key is missing",)),
+    Bad("empty-methods", lambda tmp: base(tmp, methods=[]), "methods", ("at least 1",)),
+    Bad("methods-not-a-list", lambda tmp: base(tmp, methods={"id": "captum.Saliency"}), "methods", ("list",)),
+    Bad("method-as-string", lambda tmp: base(tmp, methods=["captum.Saliency"]), "methods[0]", ("dictionary",)),
+    Bad("model-null", lambda tmp: base(tmp, model=None), "model", ("dictionary",)),
+    Bad("unknown-key-typo", lambda tmp: base(tmp, wrapr={"name": "threshold"}), "wrapr",
+        ("unknown key", "did you mean wrapper?")),
+    Bad("unknown-nested-key", edit("runtime", sed=1), "runtime.sed", ("unknown key", "did you mean seed?")),
+    Bad("unknown-method-key", with_methods({"id": "captum.Saliency", "param": {}}), "methods[0].param",
+        ("did you mean params?",)),
+    Bad("unknown-wrapper-key", lambda tmp: base(tmp, wrapper={"name": "threshold", "treshold": 0.5}),
+        "wrapper.treshold", ("did you mean threshold?",)),
+    Bad("unknown-output-key", edit("output", dirr="x"), "output.dirr", ("did you mean dir?",)),
+    Bad("not-yet-patch", lambda tmp: base(tmp, patch={"size": [4, 4], "overlap": [0, 0], "mode": "local"}),
+        "patch", ("not available",)),
+    Bad("not-yet-runtime-amp", edit("runtime", amp=True), "runtime.amp", ("not available",)),
+    Bad("not-yet-runtime-timeout", edit("runtime", timeout_s=10), "runtime.timeout_s", ("not available",)),
+    Bad("not-yet-method-patch", with_methods({"id": "captum.Saliency", "patch": {"size": [4, 4]}}),
+        "methods[0].patch", ("not available",),
+        marks=(pytest.mark.xfail(strict=True, reason=(
+            "BUG: esegeta/config.py _message looks NOT_YET up by the full path only for top-level keys, so a "
+            "method entry's 'patch' (an override SPEC §3 allows) says 'unknown key; valid: device, ...' "
+            "instead of 'not available in this version'")),)),
+    # -- wrong types and values -----------------------------------------------------------------------
+    Bad("spatial-dims-4", edit("inputs", spatial_dims=4), "inputs.spatial_dims", ("2 or 3",)),
+    Bad("target-negative", lambda tmp: base(tmp, target=-1), "target", ("predicted", "greater than or equal to 0")),
+    Bad("target-word", lambda tmp: base(tmp, target="best"), "target", ("predicted",)),
+    Bad("method-target-negative", with_methods({"id": "captum.Saliency", "target": -2}), "methods[0].target",
+        ("predicted",)),
+    Bad("format-gif", edit("output", formats=["gif"]), "output.formats[0]", ("'npy', 'png' or 'nii'",)),
+    Bad("figure-method", edit("output", figure={"method": "heatmap"}), "output.figure.method", ("heat_map",)),
+    Bad("params-not-a-dict", with_methods({"id": "captum.Saliency", "params": [1]}), "methods[0].params",
+        ("dictionary",)),
+    Bad("resize-zero", edit("inputs", resize=[8, 0]), "inputs.resize[1]", ("greater than 0",)),
+    # -- methods ------------------------------------------------------------------------------------
+    Bad("method-id-typo", with_methods({"id": "captum.IntegratedGradient"}), "methods[0].id",
+        ("unknown method", "did you mean captum.IntegratedGradients?")),
+    Bad("method-unknown-library", with_methods({"id": "foo.Bar"}), "methods[0].id",
+        ("unknown method 'foo.Bar'", "valid: captum.")),
+    Bad("method-without-library", with_methods({"id": "Saliency"}), "methods[0].id",
+        ("did you mean captum.Saliency?",)),
+    Bad("method-error-in-second-entry", with_methods({"id": "captum.Saliency"}, {"id": "captum.Salency"}),
+        "methods[1].id", ("did you mean captum.Saliency?",)),
+    Bad("param-typo", with_methods({"id": "captum.IntegratedGradients", "params": {"n_step": 8}}),
+        "methods[0].params.n_step", ("unknown parameter for captum.IntegratedGradients; did you mean n_steps?",)),
+    Bad("target-in-params", with_methods({"id": "captum.Saliency", "params": {"target": 1}}),
+        "methods[0].params.target", ("unknown parameter", "'target'")),
+    Bad("layer-missing", with_methods({"id": "captum.LayerGradCam"}), "methods[0].layer", ("needs a 'layer'",)),
+    Bad("layer-not-taken", with_methods({"id": "captum.Saliency", "layer": "layer2"}), "methods[0].layer",
+        ("takes no layer",)),
+    Bad("layer-typo", with_methods({"id": "captum.LayerGradCam", "layer": "layer22"}), "methods[0].layer",
+        ("no layer 'layer22'", "did you mean layer2?")),
+    Bad("neuron-selector-missing", with_methods({"id": "captum.NeuronGradient", "layer": "layer2"}),
+        "methods[0].params", ("neuron_selector",)),
+    Bad("noise-tunnel-key-typo", with_methods({"id": "captum.Saliency", "noise_tunnel": {"nt_sample": 4}}),
+        "methods[0].noise_tunnel.nt_sample", ("did you mean nt_samples?",)),
+    Bad("noise-tunnel-type", with_methods({"id": "captum.Saliency", "noise_tunnel": {"nt_type": "smoothgrd"}}),
+        "methods[0].noise_tunnel.nt_type", ("smoothgrad", "vargrad")),
+    Bad("duplicate-labels", with_methods({"id": "captum.Saliency", "label": "a"},
+                                         {"id": "captum.InputXGradient", "label": "a"}),
+        "methods[1]", ("already used by methods[0]", "label")),
+    Bad("duplicate-ids-without-label", with_methods({"id": "captum.Saliency"}, {"id": "captum.Saliency"}),
+        "methods[1]", ("already used by methods[0]",)),
+    Bad("label-with-slash", with_methods({"id": "captum.Saliency", "label": "../escape"}), "methods[0].label",
+        ("pattern",)),
+    Bad("label-empty", with_methods({"id": "captum.Saliency", "label": ""}), "methods[0].label", ("pattern",)),
+    Bad("baseline-name", with_methods({"id": "captum.Saliency"},
+                                      {"id": "captum.IntegratedGradients", "params": {"baselines": "foo"}}),
+        "methods[1].params.baselines", ("unknown baseline",),
+        marks=(pytest.mark.xfail(strict=True, reason=(
+            "BUG: params.baselines is only converted (esegeta/baselines.py make_baselines) when the method runs, "
+            "so validate passes (exit 0) and run records 'failed' (exit 1) with the path 'params.baselines' "
+            "(no methods[1] prefix); a bad baseline name should be exit 2 before anything runs")),)),
+    # -- model --------------------------------------------------------------------------------------
+    Bad("factory-file-missing", edit("model", factory=lambda tmp: f"{tmp / 'nope.py'}:DigitResNet"),
+        "model.factory", ("does not exist",)),
+    Bad("factory-callable-typo", edit("model", factory=FACTORY.replace("DigitResNet", "DigitResNt")),
+        "model.factory", ("has no 'DigitResNt'", "did you mean DigitResNet?")),
+    Bad("factory-not-file-colon-callable", edit("model", factory=str(SAMPLES / "models.py")),
+        "model.factory", ("'file.py:callable'",)),
+    Bad("factory-dotted-no-colon", edit("model", factory="samples.models.DigitResNet"), "model.factory",
+        ("'file.py:callable' or 'module:callable'",)),
+    Bad("factory-module-missing", edit("model", factory="no_such_module_xyz:Net"), "model.factory",
+        ("cannot import module 'no_such_module_xyz'",)),
+    Bad("factory-syntax-error", edit("model", factory=lambda tmp: file_text("broken.py", "def make(:\n")(tmp) + ":make"),
+        "model.factory", ("importing", "SyntaxError")),
+    Bad("factory-not-a-module", edit("model", factory="builtins:dict", weights=None), "model.factory",
+        ("not a torch.nn.Module",)),
+    Bad("factory-kwargs-typo", edit("model", kwargs={"num_class": 3}), "model.kwargs", ("num_class",)),
+    Bad("factory-raises", edit("model", weights=None, factory=lambda tmp: file_text(
+        "raising.py", "def make():\n    raise ValueError('unsupported depth')\n")(tmp) + ":make"),
+        "model.factory", ("unsupported depth",),
+        marks=(pytest.mark.xfail(strict=True, reason=BUG_FACTORY_CRASH),)),
+    Bad("factory-kwargs-negative", edit("model", kwargs={"num_classes": -1}), "model", ("num_classes",),
+        marks=(pytest.mark.xfail(strict=True, reason=BUG_FACTORY_CRASH + " (here nn.Linear's RuntimeError)"),)),
+    Bad("weights-missing", edit("model", weights=lambda tmp: str(tmp / "nope.pt")), "model.weights",
+        ("does not exist",)),
+    Bad("weights-other-model", edit("model", weights=file_with("other.pt", other_model_weights)), "model.weights",
+        ("do not fit",)),
+    Bad("weights-shape-mismatch", edit("model", kwargs={"num_classes": 3}), "model.weights",
+        ("do not fit", "size mismatch")),
+    Bad("weights-not-a-state-dict", edit("model", weights=file_with("list.pt", torch_file([1, 2]))),
+        "model.weights", ("state dict",)),
+    Bad("weights-dict-of-ints", edit("model", weights=file_with("ints.pt", torch_file({"a": 1}))),
+        "model.weights", ("state dict",)),
+    Bad("weights-junk-bytes", edit("model", weights=file_with("junk.pt", raw_bytes(b"not a checkpoint"))),
+        "model.weights", ("refused",)),
+    Bad("weights-malicious-raw-pickle", edit("model", weights=file_with("evil.pkl", evil_raw_pickle)),
+        "model.weights", ("refused", "weights_only=True")),
+    Bad("weights-malicious-torch-save", edit("model", weights=file_with("evil.pt", evil_torch_save)),
+        "model.weights", ("refused", "weights_only=True")),
+    Bad("no-factory-no-torchscript", edit("model", factory=None), "model", ("TorchScript",)),
+    # -- inputs -------------------------------------------------------------------------------------
+    Bad("inputs-glob-matches-nothing", edit("inputs", paths=lambda tmp: [str(tmp / "nothing*.npy")]),
+        "inputs.paths[0]", ("matches no file",)),
+    Bad("inputs-file-missing", edit("inputs", paths=lambda tmp: [str(tmp / "nothing.npy")]),
+        "inputs.paths[0]", ("matches no file",)),
+    Bad("inputs-second-path-missing", edit("inputs", paths=lambda tmp: [str(ONE_DIGIT), str(tmp / "no.npy")]),
+        "inputs.paths[1]", ("matches no file",)),
+    Bad("inputs-empty-folder", edit("inputs", paths=lambda tmp: [str((tmp / "empty").mkdir() or tmp / "empty")]),
+        "inputs.paths[0]", ("matches no file",)),
+    Bad("inputs-empty-list", edit("inputs", paths=[]), "inputs.paths", ("at least 1",)),
+    Bad("inputs-txt-suffix", edit("inputs", paths=lambda tmp: [file_text("a.txt", "1 2 3")(tmp)]),
+        "inputs.paths[0]", ("unsupported file type", ".npy")),
+    Bad("inputs-wrong-rank", edit("inputs", paths=lambda tmp: [
+        file_with("rank4.npy", np_file(np.zeros((8, 8, 8, 8), np.float32)))(tmp)]),
+        "inputs.spatial_dims", ("(8, 8, 8, 8)", "2D")),
+    Bad("inputs-resize-count", edit("inputs", resize=[8]), "inputs", ("resize needs 2 sizes",)),
+    Bad("inputs-normalize-count", edit("inputs", normalize={"mean": [0.1, 0.2], "std": [1, 1]}),
+        "inputs.normalize", ("one per channel",)),
+    Bad("inputs-channels-do-not-fit-model", edit("inputs", paths=lambda tmp: [
+        file_with("rgb.npy", np_file(np.zeros((3, 8, 8), np.float32)))(tmp)]),
+        "inputs", ("the model fails on rgb.npy", "channels")),
+    Bad("inputs-pt-not-a-tensor", edit("inputs", paths=lambda tmp: [file_with("d.pt", torch_file({"x": 1}))(tmp)]),
+        "inputs.paths", ("does not hold a tensor",)),
+    Bad("inputs-object-npy", edit("inputs", paths=lambda tmp: [
+        file_with("obj.npy", np_file(np.array([{"a": 1}], dtype=object), allow_pickle=True))(tmp)]),
+        "inputs.paths[0]", ("obj.npy",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+    Bad("inputs-junk-npy", edit("inputs", paths=lambda tmp: [file_with("junk.npy", raw_bytes(b"junk"))(tmp)]),
+        "inputs.paths[0]", ("junk.npy",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+    Bad("inputs-junk-png", edit("inputs", paths=lambda tmp: [file_with("junk.png", raw_bytes(b"junk"))(tmp)]),
+        "inputs.paths[0]", ("junk.png",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+    Bad("inputs-junk-pt", edit("inputs", paths=lambda tmp: [file_with("junk.pt", raw_bytes(b"junk"))(tmp)]),
+        "inputs.paths[0]", ("junk.pt",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+    Bad("inputs-malicious-pt", edit("inputs", paths=lambda tmp: [file_with("evil_in.pt", evil_torch_save)(tmp)]),
+        "inputs.paths[0]", ("evil_in.pt",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+    # -- wrappers and targets -------------------------------------------------------------------------
+    Bad("wrapper-name-typo", lambda tmp: base(tmp, wrapper={"name": "treshold"}), "wrapper.name",
+        ("unknown wrapper", "did you mean threshold?")),
+    Bad("wrapper-region-without-mask", lambda tmp: base(tmp, wrapper={"name": "region"}), "wrapper",
+        ("needs 'mask'",)),
+    Bad("wrapper-mask-for-threshold", lambda tmp: base(tmp, wrapper={"name": "threshold", "mask": "m.npy"}),
+        "wrapper", ("only used by the region wrapper",)),
+    Bad("wrapper-mask-file-missing", lambda tmp: seg_model(tmp, wrapper={"name": "region", "mask": "nomask.npy"}),
+        "wrapper.mask", ("does not exist",)),
+    Bad("wrapper-mask-shape", region_mask((4, 4)), "wrapper.mask", ("(4, 4)", "(8, 8)")),
+    Bad("wrapper-channel-classifier", lambda tmp: base(tmp, wrapper={"name": "threshold", "channel": 12}),
+        "wrapper.channel", ("channel 12 does not exist", "10 channels")),
+    Bad("wrapper-channel-segmenter", lambda tmp: seg_model(tmp, wrapper={"name": "threshold", "channel": 3}),
+        "wrapper.channel", ("channel 3 does not exist", "2 channels")),
+    Bad("wrapper-target-too-big", lambda tmp: seg_model(tmp, target=5), "target",
+        ("target 5 does not exist", "2 columns")),
+    Bad("wrapper-method-target-too-big", lambda tmp: seg_model(tmp, methods=[{"id": "captum.Saliency", "target": 5}]),
+        "methods[0].target", ("target 5 does not exist",)),
+    Bad("segmenter-without-wrapper", lambda tmp: {k: v for k, v in seg_model(tmp, target="predicted").items()
+                                                  if k != "wrapper"},
+        "wrapper", ("(1, 2, 8, 8)", "set a wrapper")),
+    Bad("segmenter-without-wrapper-int-target", lambda tmp: {k: v for k, v in seg_model(tmp, target=1).items()
+                                                             if k != "wrapper"},
+        "wrapper", ("(1, 2, 8, 8)", "set a wrapper"), marks=(pytest.mark.xfail(strict=True, reason=(
+            "BUG: esegeta/explainer.py resolve_target skips the forward pass for an integer target without a "
+            "wrapper, so a segmentation model with no wrapper and target 1 validates (exit 0) and only fails "
+            "when the methods run (exit 1); expected exit 2 'wrapper: the model output has shape (1, 2, 8, 8), "
+            "not (batch, classes)'")),)),
+    Bad("wrapper-custom-file-missing", lambda tmp: seg_model(tmp, wrapper={"name": "nowrap.py:make"}),
+        "wrapper.name", ("does not exist",)),
+    Bad("classifier-target-too-big", lambda tmp: base(tmp, target=12), "target", ("12", "10"),
+        marks=(pytest.mark.xfail(strict=True, reason=BUG_CLASSIFIER_TARGET),)),
+    Bad("classifier-method-target-too-big", with_methods({"id": "captum.Saliency", "target": 12}),
+        "methods[0].target", ("12", "10"), marks=(pytest.mark.xfail(strict=True, reason=BUG_CLASSIFIER_TARGET),)),
+    # -- devices and --only -----------------------------------------------------------------------------
+    Bad("device-cuda-in-config", edit("runtime", devices="cuda:0"), "runtime.devices",
+        ("cuda:0", "CUDA is not available"), marks=(NO_CUDA,)),
+    Bad("device-list-cuda-first", edit("runtime", devices=["cuda:0", "cpu"]), "runtime.devices",
+        ("CUDA is not available",), marks=(NO_CUDA,)),
+    Bad("device-not-a-device", edit("runtime", devices="gpu"), "runtime.devices", ("'gpu' is not a device",)),
+    Bad("device-cuda-flag", base, "--device", ("cuda:0", "CUDA is not available"), argv=("--device", "cuda:0"),
+        commands=("run",), marks=(NO_CUDA, pytest.mark.xfail(strict=True, reason=(
+            "BUG: esegeta/runner.py resolve_device always names 'runtime.devices' (\"runtime.devices: cuda:0 "
+            "requested but CUDA is not available here\") even when the device came from --device; "
+            "--only's errors name '--only', --device's should name '--device'")))),
+    Bad("device-cuda-in-method", with_methods({"id": "captum.Saliency", "device": "cuda:0"}), "methods[0].device",
+        ("CUDA is not available",), marks=(NO_CUDA, pytest.mark.xfail(strict=True, reason=(
+            "BUG: esegeta/runner.py validate calls resolve_device(entry.device), which names 'runtime.devices'; "
+            "the fault is at methods[0].device")))),
+    Bad("only-unknown-method", base, "--only", ("no method with id or label 'captum.IntegratedGradients'",),
+        argv=("--only", "captum.IntegratedGradients"), commands=("run",)),
+    Bad("only-typo", base, "--only", ("did you mean captum.Saliency?",), argv=("--only", "captum.Salency"),
+        commands=("run",)),
+]
+
+
+def _params():
+    for bad in CASES:
+        for command in bad.commands:
+            yield pytest.param(bad, command, id=f"{bad.id}-{command}", marks=bad.marks)
+
+
+def _write(bad: Bad, tmp_path: Path) -> Path:
+    return write_config(tmp_path, bad.build(tmp_path), "bad.json")
+
+
+@pytest.mark.parametrize("bad, command", list(_params()))
+def test_bad_config_exits_2_naming_the_field(bad: Bad, command: str, tmp_path, capsys):
+    cfg = _write(bad, tmp_path)
+    argv = [command, cfg, *(bad.argv if command == "run" else ())]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, f"exit {code}; stderr:\n{err}"
+    assert err.startswith("esegeta: invalid"), err
+    if bad.where:
+        assert f"{bad.where}:" in err, f"the message does not name {bad.where!r}:\n{err}"
+    for hint in bad.hints:
+        assert hint in err, f"{hint!r} missing from:\n{err}"
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "pwned").exists()
+    if command == "run":
+        assert not any(p.name == "manifest.json" for p in output_files(tmp_path / "out")), output_files(tmp_path)
+        assert not (tmp_path / "out").exists()
+
+
+def test_case_ids_are_unique():
+    ids = [bad.id for bad in CASES]
+    assert len(ids) == len(set(ids))
+
+
+# --------------------------------------------------------------------------- #
+# the valid config, --debug, and other exits
+# --------------------------------------------------------------------------- #
+def test_valid_config_validates_and_writes_nothing(tmp_path, capsys):
+    cfg = write_config(tmp_path, base(tmp_path, methods=[
+        {"id": "captum.Saliency"}, {"id": "captum.LayerGradCam", "layer": "layer2", "label": "gradcam"}]))
+    code, out, err = run_cli(["validate", cfg], capsys)
+    assert code == 0, err
+    assert "valid: 1 input(s), 2 method(s), model DigitResNet on cpu" in out
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # validate runs no method and writes no result
+
+
+def test_the_committed_digits_config_validates(capsys):
+    from helpers_cli import REPO
+
+    code, out, err = run_cli(["validate", REPO / "configs" / "digits.json"], capsys)
+    assert code == 0, err
+    assert "4 input(s), 10 method(s)" in out
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_debug_shows_the_traceback_instead_of_exit_2(command, tmp_path, capsys):
+    from esegeta.errors import ConfigError
+
+    cfg = write_config(tmp_path, base(tmp_path, methods=[{"id": "captum.IntegratedGradients",
+                                                          "params": {"n_step": 8}}]))
+    with pytest.raises(ConfigError) as info:
+        run_cli([command, cfg, "--debug"], capsys)
+    assert "methods[0].params.n_step: unknown parameter" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_file_missing(tmp_path, capsys):
+    for command in ("validate", "run"):
+        code, _, err = run_cli([command, tmp_path / "nope.json"], capsys)
+        assert code == 2
+        assert "nope.json does not exist" in err and "Traceback" not in err
+
+
+def test_several_faults_are_reported_together(tmp_path, capsys):
+    cfg = base(tmp_path, wrapr={}, target=-1)
+    cfg["runtime"]["sed"] = 1
+    code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
+    assert code == 2
+    for where in ("wrapr:", "runtime.sed:", "target"):
+        assert where in err
+
+
+@pytest.mark.parametrize("weights", ["evil.pkl", "evil.pt"])
+def test_malicious_weights_never_run(weights, tmp_path, capsys):
+    """The pickle's payload (touch a file) must never run: weights load with weights_only=True."""
+    path = tmp_path / weights
+    (evil_raw_pickle if weights.endswith(".pkl") else evil_torch_save)(path)
+    cfg = base(tmp_path)
+    cfg["model"]["weights"] = str(path)
+    for command in ("validate", "run"):
+        code, _, err = run_cli([command, write_config(tmp_path, cfg)], capsys)
+        assert code == 2
+        assert f"model.weights: refused to load {weights}" in err
+    assert not (tmp_path / "pwned").exists()
+    # the payload is real: unpickling it without weights_only does create the marker
+    pickle.loads(pickle.dumps(Evil(tmp_path / "control")))
+    assert (tmp_path / "control").exists()
+
+
+def test_malicious_input_file_never_runs(tmp_path, capsys):
+    """A pickled .pt *input* is not executed either (whatever the exit code; see the xfail case)."""
+    evil_torch_save(tmp_path / "evil_in.pt")
+    cfg = base(tmp_path)
+    cfg["inputs"]["paths"] = [str(tmp_path / "evil_in.pt")]
+    try:
+        run_cli(["validate", write_config(tmp_path, cfg)], capsys)
+    except Exception:
+        pass
+    assert not (tmp_path / "pwned").exists()
+
+
+# --------------------------------------------------------------------------- #
+# messages that name the wrong or an imprecise path
+# --------------------------------------------------------------------------- #
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: esegeta/config.py _message strips only '[...]' and 'function-after' parts of the pydantic loc, so "
+    "the union member tag leaks into the path: 'target.constrained-int: Input should be greater than or equal "
+    "to 0' (a JSON path that does not exist); expected 'target: ...' (a class index >= 0 or \"predicted\")"))
+@pytest.mark.parametrize("where, value", [("target", -1), ("target", "best"), ("methods[0].target", -1)])
+def test_target_message_has_no_pydantic_tags(where, value, tmp_path, capsys):
+    cfg = base(tmp_path, target=value) if where == "target" else base(
+        tmp_path, methods=[{"id": "captum.Saliency", "target": value}])
+    code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
+    assert code == 2
+    assert f"{where}:" in err
+    assert "constrained-int" not in err
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: errors from pydantic model validators (esegeta/config.py InputsConfig._resize_rank, "
+    "WrapperConfig._mask, Config._unique_labels) carry the owner's path ('inputs: resize needs 2 sizes', "
+    "'wrapper: the region wrapper needs 'mask'', 'methods[1]: label ...'), not the key at fault "
+    "('inputs.resize', 'wrapper.mask', 'methods[1].label')"))
+@pytest.mark.parametrize("where", ["inputs.resize", "wrapper.mask", "methods[1].label"])
+def test_model_level_checks_name_the_key(where, tmp_path, capsys):
+    cfg = {
+        "inputs.resize": lambda: edit("inputs", resize=[8])(tmp_path),
+        "wrapper.mask": lambda: base(tmp_path, wrapper={"name": "region"}),
+        "methods[1].label": lambda: base(tmp_path, methods=[{"id": "captum.Saliency", "label": "a"},
+                                                            {"id": "captum.InputXGradient", "label": "a"}]),
+    }[where]()
+    code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
+    assert code == 2
+    assert f"{where}:" in err
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a threshold wrapper on a classifier's (B, K) output: esegeta/wrappers.py MaskedScore.forward sums "
+    "over dim=tuple(range(2, 2)) = (), which torch reads as 'all dims', so the score is a 0-d tensor and "
+    "explainer.resolve_target says 'the model output has shape (), not (batch, classes): for a segmentation "
+    "model set a wrapper' although a wrapper is set; expected a message that the wrapper needs a (B, K, "
+    "*spatial) output and the model outputs (1, 10)"))
+def test_wrapper_on_a_classifier_says_so(tmp_path, capsys):
+    cfg = base(tmp_path, wrapper={"name": "threshold", "channel": 3})
+    code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
+    assert code == 2
+    assert "wrapper" in err
+    assert "(1, 10)" in err
+    assert "set a wrapper" not in err
