@@ -92,7 +92,7 @@ def _as_result(result: Any) -> torch.Tensor:
     return result.detach().float()
 
 
-def explain(model: nn.Module, inputs: torch.Tensor, method: str, target: Any = None, *,
+def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any = None, *,
             wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
             noise_tunnel: Mapping[str, Any] | None = None, **params: Any) -> torch.Tensor:
     """Attribute ``model``'s output for ``target`` to ``inputs`` with ``method``.
@@ -100,6 +100,8 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, target: Any = N
     ``method`` is a registry id such as ``"captum.IntegratedGradients"``; ``params`` are the
     upstream keyword arguments (``n_steps=32``); ``target`` is a class index, ``"predicted"``,
     or with a ``wrapper`` (e.g. ``{"name": "threshold", "threshold": 0.5}``) a wrapped column.
+    ``model``, ``inputs`` and ``method`` are positional-only, so upstream parameters of the
+    same name (Captum's ``method="riemann_trapezoid"``) pass through ``params``.
     Returns the upstream result as float32 with the batch dimension kept. The model is not
     modified: the method runs on a prepared copy (cached while the weights are unchanged).
     """
