@@ -48,11 +48,15 @@ def load_callable(ref: str, base_dir: Path | None, field: str):
             spec = importlib.util.spec_from_file_location(name, file)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
+            folder = str(file.resolve().parent)
+            sys.path.insert(0, folder)  # as when running the file: its neighbours are importable
             try:
                 spec.loader.exec_module(module)
             except Exception as exc:
                 del sys.modules[name]
                 raise ConfigError(field, f"importing {file} failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                sys.path.remove(folder)
     else:
         try:
             module = importlib.import_module(module_ref)

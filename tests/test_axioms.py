@@ -73,16 +73,9 @@ def test_integrated_gradients_completeness_3d(tissue, name):
 
 
 def test_integrated_gradients_completeness_deep_supervision(retina):
-    from samples.models import VesselUNet2D
+    from esegeta.loading import load_callable
 
-    class DeepSupervised(VesselUNet2D):
-        """The retina U-Net with a second, half-resolution output, as deep supervision adds."""
-
-        def forward(self, x):
-            out = super().forward(x)
-            return [out, torch.nn.functional.avg_pool2d(out, 2)]
-
-    model = DeepSupervised()
+    model = load_callable("samples/deep_supervised.py:DeepSupervisedVesselUNet", ROOT, "model.factory")()
     model.load_state_dict(retina.model.state_dict())
     model.eval()
     wrapper = {"name": str(WRAPPER_DIR / "deep_supervision.py") + ":fused",

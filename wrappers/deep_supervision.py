@@ -23,11 +23,15 @@ from esegeta.wrappers import ACTIVATIONS
 
 
 class FusedHeads(nn.Module):
-    """Weighted mean of the activated heads at full resolution."""
+    """Weighted mean of the activated heads at full resolution.
 
-    def __init__(self, activation: str, channel: int, weights: Sequence[float] | None):
+    Each head has its own activation module: DeepLift keeps per-module state, so one
+    module applied to several heads would break it.
+    """
+
+    def __init__(self, activation: str, channel: int, weights: Sequence[float] | None, n_heads: int):
         super().__init__()
-        self.activation = ACTIVATIONS[activation]()
+        self.activations = nn.ModuleList(ACTIVATIONS[activation]() for _ in range(n_heads))
         self.channel = channel
         self.weights = None if weights is None else [float(w) for w in weights]
 
@@ -36,7 +40,9 @@ class FusedHeads(nn.Module):
             outputs = [outputs]
         size = max((o.shape[2:] for o in outputs), key=lambda s: torch.Size(s).numel())
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-        maps = [self.activation(o)[:, self.channel:self.channel + 1] for o in outputs]
+        if len(outputs) != len(self.activations):
+            raise ValueError(f"the model returned {len(outputs)} outputs, {len(self.activations)} when the mask was frozen")
+        maps = [act(o)[:, self.channel:self.channel + 1] for act, o in zip(self.activations, outputs)]
         maps = [m if m.shape[2:] == size else F.interpolate(m, size=size, mode=mode, align_corners=False)
                 for m in maps]
         weights = self.weights or [1.0] * len(maps)
@@ -62,7 +68,8 @@ class FusedScore(nn.Module):
 
 def fused(output, channel: int = 0, threshold: float = 0.5, activation: str = "sigmoid",
           weights: Sequence[float] | None = None, reduction: str = "sum") -> FusedScore:
-    fuse = FusedHeads(activation, channel, weights)
+    n_heads = 1 if torch.is_tensor(output) else len(output)
+    fuse = FusedHeads(activation, channel, weights, n_heads)
     with torch.no_grad():
         mask = (fuse(output)[0, 0] > threshold).float()
     return FusedScore(fuse, mask, reduction)
