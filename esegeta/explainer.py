@@ -40,8 +40,7 @@ def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str 
         return None
     if target != "predicted" and not isinstance(forward, wrappers.WrappedModel):
         return int(target)  # a plain classifier: no extra forward pass
-    with torch.no_grad():
-        scores = forward(x)
+    scores = _scores(forward, x)
     if not torch.is_tensor(scores) or scores.ndim != 2:
         shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
         raise ConfigError("wrapper", f"the model output has shape {shape}, not (batch, classes): for a "
@@ -53,12 +52,20 @@ def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str 
     return int(target)
 
 
+def _scores(forward: nn.Module, x: torch.Tensor) -> Any:
+    """The (wrapped) model's scores on ``x``; a wrapper already holds them for its input."""
+    unperturbed = getattr(forward, "unperturbed", None)
+    if unperturbed is not None:
+        return unperturbed
+    with torch.no_grad():
+        return forward(x)
+
+
 def score_of(forward: nn.Module, x: torch.Tensor, target: Any) -> float | None:
     """The value being explained on the unperturbed input (first input of the batch)."""
     if target is None:
         return None
-    with torch.no_grad():
-        scores = forward(x)
+    scores = _scores(forward, x)
     index = int(target[0]) if torch.is_tensor(target) else int(target)
     return float(scores[0, index])
 
@@ -66,22 +73,23 @@ def score_of(forward: nn.Module, x: torch.Tensor, target: Any) -> float | None:
 def run_method(spec: MethodSpec, model: PreparedModel, x: torch.Tensor, *, target: Any = None,
                wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
                params: Mapping[str, Any] | None = None, noise_tunnel: Mapping[str, Any] | None = None,
-               base_dir: Path | None = None) -> tuple[torch.Tensor, float | None]:
-    """Run ``spec`` on the prepared model; returns (upstream result, score of the first input)."""
+               base_dir: Path | None = None, with_score: bool = False) -> tuple[torch.Tensor, float | None]:
+    """Run ``spec`` on the prepared model; returns (upstream result, score of the first input
+    if ``with_score``, else None: the score costs one more forward pass)."""
     layer_module = find_layer(model, layer, spec=spec) if layer else None
     call_params = dict(params or {})
     nt = dict(noise_tunnel) if noise_tunnel is not None else None
     if wrapper is None:
         resolved = resolve_target(model, x, target) if spec.needs_target else None
         call = Call(model, model, x, resolved, layer_module, call_params, nt)
-        return _as_result(spec.adapter.run(spec, call)), score_of(model, x, resolved)
+        return _as_result(spec.adapter.run(spec, call)), score_of(model, x, resolved) if with_score else None
     results, score = [], None
     for i in range(x.shape[0]):
         xi = x[i:i + 1]
         forward = wrappers.build(model, xi, wrapper, base_dir)
         resolved = resolve_target(forward, xi, target) if spec.needs_target else None
         results.append(_as_result(spec.adapter.run(spec, Call(forward, model, xi, resolved, layer_module, call_params, nt))))
-        if i == 0:
+        if i == 0 and with_score:
             score = score_of(forward, xi, resolved)
     return torch.cat(results), score
 

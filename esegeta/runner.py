@@ -217,7 +217,8 @@ class Pipeline:
                 model = v.prepared if device == v.device else prepared(v.model, x)
                 attr, score = run_method(registry.get(entry.id), model, x, target=target,
                                          wrapper=wrapper.model_dump() if wrapper else None, layer=entry.layer,
-                                         params=entry.params, noise_tunnel=entry.noise_tunnel, base_dir=v.base_dir)
+                                         params=entry.params, noise_tunnel=entry.noise_tunnel, base_dir=v.base_dir,
+                                         with_score=True)
                 record["seconds"] = round(time.perf_counter() - start, 4)
                 if not torch.isfinite(attr).all():
                     log.warning("%s on %s: the result has non-finite values", entry.name, item.name)

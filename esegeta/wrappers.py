@@ -82,12 +82,18 @@ class MaskedScore(nn.Module):
 
 
 class WrappedModel(nn.Module):
-    """``model`` followed by a score function: the classifier view of a segmenter."""
+    """``model`` followed by a score function: the classifier view of a segmenter.
 
-    def __init__(self, model: nn.Module, score: Callable[[Any], torch.Tensor]):
+    ``unperturbed`` holds the scores on the input the masks were frozen from, so the
+    target can be checked without another forward pass.
+    """
+
+    def __init__(self, model: nn.Module, score: Callable[[Any], torch.Tensor],
+                 unperturbed: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.score = score
+        self.unperturbed = unperturbed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(self.model(x))
@@ -169,4 +175,6 @@ def build(model: nn.Module, x: torch.Tensor, wrapper: Mapping[str, Any], base_di
     else:
         make = load_callable(name, base_dir, "wrapper.name")
         score = make(output, **wrapper.get("options", {}))
-    return WrappedModel(model, score)
+    with torch.no_grad():
+        unperturbed = score(output)
+    return WrappedModel(model, score, unperturbed)
