@@ -86,6 +86,31 @@ def grid_mask(block: list[int], x: torch.Tensor, path: str) -> torch.Tensor:
     return ids.view(1, 1, *spatial).to(x.device)
 
 
+def check_baseline(value: Any, path: str) -> None:
+    """Raise ConfigError unless ``value`` is a valid JSON baseline (without building it)."""
+    if isinstance(value, list) and value:
+        for i, v in enumerate(value):
+            check_baseline(v, f"{path}[{i}]")
+    elif isinstance(value, str):
+        if value.startswith("blur:"):
+            try:
+                float(value.split(":", 1)[1])
+            except ValueError:
+                raise ConfigError(path, f"bad blur sigma in {value!r}; write e.g. 'blur:3'") from None
+        elif value not in BASELINE_NAMES:
+            raise ConfigError(path, f"unknown baseline {value!r}; use a number or one of {', '.join(BASELINE_NAMES)}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"cannot use {value!r} as a baseline; use a number or one of {', '.join(BASELINE_NAMES)}")
+
+
+def check_feature_mask(value: Any, path: str) -> None:
+    """Raise ConfigError unless ``value`` is ``{"grid": [positive ints]}``."""
+    grid = value.get("grid") if isinstance(value, dict) and set(value) == {"grid"} else None
+    if not (isinstance(grid, list) and grid and all(isinstance(b, int) and not isinstance(b, bool) and b > 0
+                                                    for b in grid)):
+        raise ConfigError(path, 'a feature mask is written {"grid": [block sizes per spatial axis]}')
+
+
 def make_feature_mask(value: Any, x: torch.Tensor, path: str) -> Any:
     """Translate a JSON feature mask (``{"grid": [...]}``) into an integer tensor."""
     if isinstance(value, dict) and set(value) == {"grid"}:

@@ -58,6 +58,8 @@ class _ConsoleHandler(logging.StreamHandler):
 
 def _setup_logging(debug: bool) -> None:
     log = logging.getLogger("esegeta")
+    for old in [h for h in log.handlers if isinstance(h, _ConsoleHandler)]:
+        log.removeHandler(old)
     handler = _ConsoleHandler(sys.stderr)
     handler.setLevel(logging.DEBUG if debug else logging.INFO)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if debug else "%(message)s"))

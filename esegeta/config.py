@@ -14,19 +14,18 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, did_you_mean
 
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
 FIGURE_SIGNS = ("all", "positive", "negative", "absolute_value")
 
-#: Keys of the SPEC that later releases bring, with what to say until then.
+#: Keys of the SPEC that later releases bring (wherever they appear), with what to say until then.
 NOT_YET = {
     "patch": "patch-wise explanation is not available in this version of esegeta; remove 'patch'",
-    "runtime.amp": "mixed precision is not available in this version; remove 'amp'",
-    "runtime.threads_per_device": "parallel workers are not available in this version; remove 'threads_per_device'",
-    "runtime.timeout_s": "time limits are not available in this version; remove 'timeout_s'",
+    "amp": "mixed precision is not available in this version; remove 'amp'",
+    "threads_per_device": "parallel workers are not available in this version; remove 'threads_per_device'",
     "timeout_s": "time limits are not available in this version; remove 'timeout_s'",
 }
 
@@ -69,7 +68,7 @@ class InputsConfig(Strict):
     @model_validator(mode="after")
     def _resize_rank(self) -> "InputsConfig":
         if self.resize is not None and len(self.resize) != self.spatial_dims:
-            raise ValueError(f"resize needs {self.spatial_dims} sizes (one per spatial axis)")
+            raise ValueError(f"resize: needs {self.spatial_dims} sizes (one per spatial axis)")
         return self
 
 
@@ -96,9 +95,9 @@ class WrapperConfig(Strict):
     @model_validator(mode="after")
     def _mask(self) -> "WrapperConfig":
         if self.name == "region" and not self.mask:
-            raise ValueError("the region wrapper needs 'mask': a mask file with the input's spatial shape")
+            raise ValueError("mask: the region wrapper needs a mask file with the input's spatial shape")
         if self.mask and self.name != "region":
-            raise ValueError("'mask' is only used by the region wrapper")
+            raise ValueError("mask: only the region wrapper uses a mask")
         builtin_only = {"channel", "threshold", "activation", "reduction", "mask", "output"} & self.model_fields_set
         if ":" in self.name and builtin_only:
             raise ValueError(f"a custom wrapper takes its settings in 'options': move {', '.join(sorted(builtin_only))} "
@@ -120,7 +119,7 @@ class MethodEntry(Strict):
     layer: str | None = Field(None, description="submodule name, for layer and neuron methods")
     noise_tunnel: dict[str, Any] | None = Field(None, description="wrap in captum NoiseTunnel: nt_type, nt_samples, stdevs, ...")
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="names the outputs (default: the id)")
-    enabled: bool = True
+    enabled: StrictBool = True
     wrapper: WrapperConfig | None = None
     target: Target = None
     device: str | None = None
@@ -164,7 +163,7 @@ class Config(Strict):
         seen: dict[str, int] = {}
         for i, method in enumerate(self.methods):
             if method.name in seen:
-                raise ValueError(f"methods[{i}]: label {method.name!r} is already used by methods[{seen[method.name]}]; "
+                raise ValueError(f"methods[{i}].label: {method.name!r} is already used by methods[{seen[method.name]}]; "
                                  "give each entry a unique 'label'")
             seen[method.name] = i
         return self
@@ -208,15 +207,21 @@ def _flatten(annotation: Any) -> list[Any]:
 
 
 def _message(error: dict) -> str:
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after",))))
+    # Drop pydantic's union-member tags ('constrained-int', "literal['predicted']") from the path.
+    loc = tuple(p for p in error["loc"] if not isinstance(p, str) or p.isidentifier() or p == "$schema")
+    if error["type"] == "extra_forbidden" and loc and loc[-1] in NOT_YET:
+        return f"{_loc(loc)}: {NOT_YET[loc[-1]]}"
+    message = error["msg"].removeprefix("Value error, ")
+    # Validators of a whole section name the key at fault as 'key: message'.
+    owner = _model_at(loc + ("",))
+    key, sep, rest = message.partition(": ")
+    if sep and owner is not None and key in owner.model_fields:
+        loc, message = loc + (key,), rest
     path = _loc(loc)
     if error["type"] == "extra_forbidden":
-        if path in NOT_YET or (loc and loc[-1] in NOT_YET and len(loc) == 1):
-            return f"{path}: {NOT_YET[path]}"
         owner = _model_at(loc)
         keys = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
         return f"{path}: unknown key" + did_you_mean(str(loc[-1]), keys)
-    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         message = "required key is missing"
     return f"{path}: {message}" if path else message
@@ -229,12 +234,23 @@ def parse(data: Any) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = []
+        by_path: dict[str, list[str]] = {}
         for error in exc.errors():
-            line = _message(error)
-            if line not in lines:
-                lines.append(line)
+            path, message = _split(_message(error))
+            if message not in by_path.setdefault(path, []):
+                by_path[path].append(message)
+        # A union (e.g. target: index or 'predicted') reports each member: one line per field.
+        lines = [f"{path}: {' | or: '.join(messages)}" if path else "; ".join(messages)
+                 for path, messages in by_path.items()]
         raise ConfigError("", "\n".join(lines)) from None
+
+
+def _split(line: str) -> tuple[str, str]:
+    """'path: message' → (path, message); a line without a path → ('', line)."""
+    head, sep, tail = line.partition(": ")
+    if sep and " " not in head:
+        return head, tail
+    return "", line
 
 
 def read(path: str | Path) -> tuple[Config, Path]:
@@ -243,7 +259,7 @@ def read(path: str | Path) -> tuple[Config, Path]:
     if not path.is_file():
         raise ConfigError("", f"config file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ConfigError("", f"{path} is not valid JSON: {exc}") from None
     return parse(data), path.resolve().parent
@@ -275,10 +291,11 @@ def check_method(method_id: str, params: dict, layer: str | None, noise_tunnel: 
     if layer and not spec.needs_layer:
         raise ConfigError(f"{where}.layer", f"{method_id} takes no layer; remove 'layer'")
     allowed = spec.adapter.parameters(spec)
-    for name in params:
+    for name, value in params.items():
         if name not in allowed:
             hint = " (set it with the entry's or the config's 'target')" if name == "target" else did_you_mean(name, allowed)
             raise ConfigError(f"{where}.params.{name}", f"unknown parameter for {method_id}{hint}")
+        spec.adapter.check_value(name, value, f"{where}.params.{name}")
     for name, p in allowed.items():
         if p.default is p.empty and name not in params and name not in spec.defaults:
             raise ConfigError(f"{where}.params", f"{method_id} needs params.{name}")

@@ -34,12 +34,14 @@ def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: Meth
     return layer
 
 
-def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str = "target") -> Any:
-    """``"predicted"`` → the argmax column per input; an index is checked against the output width."""
+def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str = "target",
+                   check: bool = False) -> Any:
+    """``"predicted"`` → the argmax column per input; an index is checked against the output
+    width (for a plain model only when ``check``: that costs a forward pass)."""
     if target is None:
         return None
-    if target != "predicted" and not isinstance(forward, wrappers.WrappedModel):
-        return int(target)  # a plain classifier: no extra forward pass
+    if target != "predicted" and not check and not isinstance(forward, wrappers.WrappedModel):
+        return int(target)
     scores = _scores(forward, x)
     if not torch.is_tensor(scores) or scores.ndim != 2:
         shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
@@ -124,7 +126,7 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
         except Exception as exc:
             raise ConfigError("wrapper", str(exc)) from None
     device = next((p.device for p in model.parameters()), inputs.device)
-    x = inputs.to(device=device, dtype=torch.float32)
+    x = inputs.detach().to(device=device, dtype=torch.float32)  # the caller's tensor keeps requires_grad as it was
     result, _ = run_method(spec, prepared(model, x), x, target=target, wrapper=wrapper_cfg, layer=layer,
                            params=params, noise_tunnel=noise_tunnel)
     return result

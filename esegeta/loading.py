@@ -7,6 +7,7 @@ run code is refused, never executed.
 from __future__ import annotations
 
 import glob
+import re
 import hashlib
 import importlib
 import importlib.util
@@ -70,6 +71,12 @@ def load_callable(ref: str, base_dir: Path | None, field: str):
     return getattr(module, attr)
 
 
+def _first_line(exc: Exception) -> str:
+    """The first line of an exception's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -85,7 +92,7 @@ def load_state_dict(path: Path, field: str = "model.weights") -> dict[str, torch
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for pickles that would run code, RuntimeError for junk
         raise ConfigError(field, f"refused to load {path.name}: it is not a plain state dict "
-                                 f"(loaded with weights_only=True): {str(exc).splitlines()[0]}") from exc
+                                 f"(loaded with weights_only=True): {_first_line(exc)}") from exc
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -107,8 +114,8 @@ def load_model(model_cfg: dict, base_dir: Path | None) -> nn.Module:
     make = load_callable(factory, base_dir, "model.factory")
     try:
         model = make(**model_cfg.get("kwargs", {}))
-    except TypeError as exc:
-        raise ConfigError("model.kwargs", f"calling {factory} failed: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError("model.kwargs", f"calling {factory} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError("model.factory", f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
     if weights_path is not None:
@@ -242,7 +249,13 @@ def load_inputs(cfg: dict, base_dir: Path | None) -> list[InputItem]:
     items: list[InputItem] = []
     names: set[str] = set()
     for path in expand_paths(cfg["paths"], base_dir):
-        array, affine, channels_last = read_array(path)
+        try:
+            array, affine, channels_last = read_array(path)
+        except ConfigError:
+            raise
+        except Exception as exc:  # unreadable, corrupt, or a pickle that would run code
+            message = _first_line(exc)
+            raise ConfigError("inputs.paths", f"cannot read {path.name}: {type(exc).__name__}: {message}") from exc
         tensor = preprocess(to_tensor(array, cfg["spatial_dims"], channels_last, path), cfg)
         stem = path.name
         for suffix in (".nii.gz",) + INPUT_SUFFIXES:

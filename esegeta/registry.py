@@ -54,6 +54,9 @@ class Adapter(Protocol):
     def parameters(self, spec: "MethodSpec") -> Mapping[str, inspect.Parameter]:
         """The parameter names a config may set, under their upstream names."""
 
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        """Raise ConfigError for a JSON value that cannot work (checked before anything runs)."""
+
     def noise_tunnel_parameters(self) -> Mapping[str, inspect.Parameter] | None:
         """The names a ``noise_tunnel`` block may set, or None if unsupported."""
 

@@ -33,8 +33,8 @@ log = logging.getLogger("esegeta")
 LIBRARIES = ("torch", "numpy", "captum", "pydantic", "nibabel", "matplotlib")
 
 
-def resolve_device(name: str | list[str] | None) -> torch.device:
-    """``auto`` → the first CUDA device if there is one, else the CPU."""
+def resolve_device(name: str | list[str] | None, where: str = "runtime.devices") -> torch.device:
+    """``auto`` → the first CUDA device if there is one, else the CPU; errors name ``where``."""
     if isinstance(name, list):
         name = name[0] if name else "auto"
     if name in (None, "auto"):
@@ -42,9 +42,9 @@ def resolve_device(name: str | list[str] | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError("runtime.devices", f"{name!r} is not a device; use 'auto', 'cpu' or 'cuda:N'") from None
+        raise ConfigError(where, f"{name!r} is not a device; use 'auto', 'cpu' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.devices", f"{name} requested but CUDA is not available here; use 'cpu' or 'auto'")
+        raise ConfigError(where, f"{name} requested but CUDA is not available here; use 'cpu' or 'auto'")
     return device
 
 
@@ -125,7 +125,8 @@ class Pipeline:
         cfg = self.config
         config_mod.check_methods(cfg)
         methods = self._selected()
-        device = resolve_device(self.device_override or cfg.runtime.devices)
+        device = (resolve_device(self.device_override, "--device") if self.device_override
+                  else resolve_device(cfg.runtime.devices))
         model = load_model(cfg.model.model_dump(), self.base_dir)
         inputs = load_inputs(cfg.inputs.model_dump(), self.base_dir)
         first = inputs[0].tensor.to(device)
@@ -140,7 +141,7 @@ class Pipeline:
             if entry.layer:
                 find_layer(ready, entry.layer, f"{where}.layer", spec)
             if entry.device:
-                resolve_device(entry.device)
+                resolve_device(entry.device, f"{where}.device")
             wrapper = entry.wrapper or cfg.wrapper
             target = entry.target if entry.target is not None else cfg.target
             forward = ready
@@ -149,7 +150,8 @@ class Pipeline:
 
                 forward = wrappers.build(ready, first, wrapper.model_dump(), self.base_dir)
             if spec.needs_target:
-                resolve_target(forward, first, target, f"{where}.target" if entry.target is not None else "target")
+                resolve_target(forward, first, target, f"{where}.target" if entry.target is not None else "target",
+                               check=True)
         return _Validated(cfg, self.base_dir, model, inputs, device, ready, methods)
 
     # -- running ------------------------------------------------------------------
@@ -203,7 +205,7 @@ class Pipeline:
         record: dict[str, Any] = {"method": entry.id, "label": entry.name, "input": item.name, "status": "ok",
                                   "seconds": None, "device": str(device), "error": None, "score": None,
                                   "shape": None, "files": {}}
-        x = item.tensor.to(device)
+        x = item.tensor.detach().to(device)  # a fresh tensor: upstream code may set requires_grad on it
         seed = cfg.runtime.seed
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
@@ -246,7 +248,7 @@ class Pipeline:
             for r in (r for r in manifest["runs"] if r["input"] == item.name):
                 attr = np.load(out / r["files"]["npy"]) if r["status"] == "ok" and "npy" in r["files"] else None
                 cells.append((r["label"], attr, "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"))
-            rows.append((item.name, item.tensor[0].numpy(), cells))
+            rows.append((item.name, item.tensor[0].detach().cpu().numpy(), cells))
         fig_cfg = v.config.output.figure
         try:
             fig = figures.overview_figure(rows, method=fig_cfg.method, sign=fig_cfg.sign, projection=fig_cfg.projection)

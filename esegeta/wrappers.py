@@ -110,8 +110,12 @@ def otsu(values: torch.Tensor) -> float:
 
 
 def _activated(output: Any, activation: str, key) -> torch.Tensor:
+    tensor = select_output(output, key)
+    if tensor.ndim < 3:
+        raise ConfigError("wrapper", f"wrappers turn segmentation outputs (batch, channels, *spatial) into scores; "
+                                     f"the model outputs shape {tuple(tensor.shape)}: remove the wrapper for a classifier")
     with torch.no_grad():
-        return ACTIVATIONS[activation]()(select_output(output, key).float())
+        return ACTIVATIONS[activation]()(tensor.float())
 
 
 def threshold_score(output: Any, channel: int = 0, threshold: float | str = 0.5, activation: str = "none",

@@ -107,6 +107,15 @@ class CaptumAdapter:
     def noise_tunnel_parameters(self) -> Mapping[str, inspect.Parameter]:
         return _configurable(self._cls("NoiseTunnel").attribute)
 
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        """Check a JSON value before anything runs (what can be checked without the input)."""
+        from ..baselines import check_baseline, check_feature_mask
+
+        if name in BASELINE_PARAMS:
+            check_baseline(value, path)
+        elif name in MASK_PARAMS:
+            check_feature_mask(value, path)
+
     def convert(self, name: str, value: Any, call: Call, path: str) -> Any:
         """A JSON parameter value as Captum wants it."""
         import torch
