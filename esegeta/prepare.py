@@ -85,6 +85,9 @@ def prepare(model: nn.Module, example: torch.Tensor) -> PreparedModel:
     """A prepared copy of ``model`` on ``example``'s device (see the module docstring)."""
     work = copy.deepcopy(model).to(example.device).eval()
     changes: list[str] = []
+    if isinstance(work, torch.jit.ScriptModule):
+        # Compiled graphs take no module hooks or swaps: used as they are.
+        return PreparedModel(work, ["TorchScript model used as is (hook-based methods may not apply)"])
     for name, module in work.named_modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
