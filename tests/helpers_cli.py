@@ -2,8 +2,9 @@
 
 A valid, cheap digits config (absolute paths into the repository's samples, one input,
 Saliency only, output inside the test's tmp folder), writing it as a JSON file, and
-running ``esegeta.cli.main`` in-process with its console logging handlers removed again
-afterwards (``main`` adds one per call, see the bug note in the report).
+running ``esegeta.cli.main`` in-process with the console logging handler it installs
+removed again afterwards (``main`` replaces its own handler on each call; removing it keeps a
+handler left by one test from printing the log of a later test that runs esegeta from Python).
 """
 from __future__ import annotations
 

@@ -340,13 +340,10 @@ class GradShy(_models.DigitResNet):
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: esegeta/runner.py _job passes item.tensor.to(device) (the same tensor on the same device) to the "
-    "method; captum sets requires_grad on it and does not undo that when the method raises, so the flag leaks: "
-    "the next method (LayerActivation, which needs no gradient) fails too, and runner._overview line "
-    "'item.tensor[0].numpy()' raises 'Can't call numpy() on Tensor that requires grad', so the run dies with a "
-    "traceback (no overview, manifest not finalised) instead of exit 1 with the others ok"))
 def test_method_failing_inside_a_gradient_pass_does_not_stop_the_others(tmp_path, capsys):
+    """Captum sets requires_grad on the input and does not undo it when the method raises: the runner
+    hands each method a fresh tensor, so the next method and the overview are unaffected (once a bug:
+    the flag leaked, LayerActivation failed too and the overview crashed with a traceback)."""
     (tmp_path / "grad_shy.py").write_text(GRAD_SHY.format(models=str(SAMPLES / "models.py")))
     cfg = valid_config(tmp_path, methods=[
         {"id": "captum.FeatureAblation", "params": {"feature_mask": {"grid": [2, 2]}}},
@@ -434,11 +431,9 @@ def test_pipeline_from_a_file_path(tmp_path):
     assert result.result("captum.Saliency").shape == (1, 8, 8)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: esegeta/cli.py _setup_logging adds a new console handler to the 'esegeta' logger on every main() "
-    "call and never removes it, so calling main() twice in one process (tests, notebooks, a Python driver) "
-    "prints every log line twice, three times, ..."))
 def test_main_twice_in_one_process_logs_each_line_once(tmp_path, capsys):
+    """main() replaces its console handler instead of adding one per call (once a bug: each line
+    was printed once per earlier call, in tests, notebooks and Python drivers)."""
     from esegeta.cli import main
 
     cfg = write_config(tmp_path, valid_config(tmp_path))

@@ -5,6 +5,12 @@ breaks one thing, writes it to ``tmp_path`` and runs ``esegeta validate`` and ``
 run`` in-process through :func:`esegeta.cli.main`. Each must return 2, print the JSON path
 of the fault and a hint on stderr, show no traceback, and (for ``run``) write nothing.
 Cases that esegeta gets wrong today are strict xfails whose reason starts with ``BUG:``.
+
+The bugs these cases first found (unreadable inputs and failing factories crashing
+with a traceback, integer targets and baselines only checked while the methods ran, union
+tags and section owners instead of the key in JSON paths, ``runtime.devices`` named for
+``--device`` and ``methods[i].device``, a wrapper on a classifier misreported, ``patch`` in
+a method entry called an unknown key) are fixed; their cases now check the precise messages.
 """
 from __future__ import annotations
 
@@ -160,16 +166,6 @@ class Bad:
     marks: tuple = ()
 
 
-BUG_INPUT_CRASH = ("BUG: esegeta/loading.py read_array (called from load_inputs, runner.py validate) does not "
-                   "turn a file that cannot be read into a ConfigError: the numpy/PIL/torch exception escapes, "
-                   "main() shows a traceback and exits 1 instead of 2 naming inputs.paths[0]")
-BUG_FACTORY_CRASH = ("BUG: esegeta/loading.py load_model catches only TypeError around make(**kwargs): any other "
-                     "exception raised by the factory escapes as a traceback instead of exit 2 naming the factory")
-BUG_CLASSIFIER_TARGET = ("BUG: esegeta/explainer.py resolve_target returns int(target) for a plain classifier without "
-                         "checking the output width, so validate accepts target 12 on a 10-class model (exit 0) and "
-                         "run fails every method (IndexError) and then crashes in runner._overview; expected exit 2 "
-                         "'target 12 does not exist: the output has 10 columns'")
-
 CASES: list[Bad] = [
     # -- the file itself ----------------------------------------------------------------------------
     Bad("not-json", lambda tmp: "{model: nope", "", ("is not valid JSON",)),
@@ -196,18 +192,22 @@ CASES: list[Bad] = [
         "patch", ("not available",)),
     Bad("not-yet-runtime-amp", edit("runtime", amp=True), "runtime.amp", ("not available",)),
     Bad("not-yet-runtime-timeout", edit("runtime", timeout_s=10), "runtime.timeout_s", ("not available",)),
+    Bad("not-yet-runtime-threads", edit("runtime", threads_per_device=2), "runtime.threads_per_device",
+        ("not available", "remove 'threads_per_device'")),
+    # a method entry may override patch and timeout_s (SPEC §3): not yet either, not an unknown key
     Bad("not-yet-method-patch", with_methods({"id": "captum.Saliency", "patch": {"size": [4, 4]}}),
-        "methods[0].patch", ("not available",),
-        marks=(pytest.mark.xfail(strict=True, reason=(
-            "BUG: esegeta/config.py _message looks NOT_YET up by the full path only for top-level keys, so a "
-            "method entry's 'patch' (an override SPEC §3 allows) says 'unknown key; valid: device, ...' "
-            "instead of 'not available in this version'")),)),
+        "methods[0].patch", ("not available", "remove 'patch'")),
+    Bad("not-yet-method-timeout", with_methods({"id": "captum.Saliency", "timeout_s": 5}),
+        "methods[0].timeout_s", ("not available", "remove 'timeout_s'")),
     # -- wrong types and values -----------------------------------------------------------------------
     Bad("spatial-dims-4", edit("inputs", spatial_dims=4), "inputs.spatial_dims", ("2 or 3",)),
-    Bad("target-negative", lambda tmp: base(tmp, target=-1), "target", ("predicted", "greater than or equal to 0")),
-    Bad("target-word", lambda tmp: base(tmp, target="best"), "target", ("predicted",)),
+    # a union (class index or "predicted"): every member's complaint on the field's one line
+    Bad("target-negative", lambda tmp: base(tmp, target=-1), "target",
+        ("target: Input should be greater than or equal to 0 | or: Input should be 'predicted'",)),
+    Bad("target-word", lambda tmp: base(tmp, target="best"), "target",
+        ("target: Input should be a valid integer", "| or: Input should be 'predicted'")),
     Bad("method-target-negative", with_methods({"id": "captum.Saliency", "target": -2}), "methods[0].target",
-        ("predicted",)),
+        ("methods[0].target: Input should be greater than or equal to 0 | or: Input should be 'predicted'",)),
     Bad("format-gif", edit("output", formats=["gif"]), "output.formats[0]", ("'npy', 'png' or 'nii'",)),
     Bad("figure-method", edit("output", figure={"method": "heatmap"}), "output.figure.method", ("heat_map",)),
     Bad("params-not-a-dict", with_methods({"id": "captum.Saliency", "params": [1]}), "methods[0].params",
@@ -239,19 +239,16 @@ CASES: list[Bad] = [
         "methods[0].noise_tunnel.nt_type", ("smoothgrad", "vargrad")),
     Bad("duplicate-labels", with_methods({"id": "captum.Saliency", "label": "a"},
                                          {"id": "captum.InputXGradient", "label": "a"}),
-        "methods[1]", ("already used by methods[0]", "label")),
+        "methods[1].label", ("'a' is already used by methods[0]", "give each entry a unique 'label'")),
     Bad("duplicate-ids-without-label", with_methods({"id": "captum.Saliency"}, {"id": "captum.Saliency"}),
-        "methods[1]", ("already used by methods[0]",)),
+        "methods[1].label", ("'captum.Saliency' is already used by methods[0]", "give each entry a unique 'label'")),
     Bad("label-with-slash", with_methods({"id": "captum.Saliency", "label": "../escape"}), "methods[0].label",
         ("pattern",)),
     Bad("label-empty", with_methods({"id": "captum.Saliency", "label": ""}), "methods[0].label", ("pattern",)),
     Bad("baseline-name", with_methods({"id": "captum.Saliency"},
                                       {"id": "captum.IntegratedGradients", "params": {"baselines": "foo"}}),
-        "methods[1].params.baselines", ("unknown baseline",),
-        marks=(pytest.mark.xfail(strict=True, reason=(
-            "BUG: params.baselines is only converted (esegeta/baselines.py make_baselines) when the method runs, "
-            "so validate passes (exit 0) and run records 'failed' (exit 1) with the path 'params.baselines' "
-            "(no methods[1] prefix); a bad baseline name should be exit 2 before anything runs")),)),
+        "methods[1].params.baselines",
+        ("unknown baseline 'foo'; use a number or one of zeros, mean, min, blur, blur:SIGMA",)),
     # -- model --------------------------------------------------------------------------------------
     Bad("factory-file-missing", edit("model", factory=lambda tmp: f"{tmp / 'nope.py'}:DigitResNet"),
         "model.factory", ("does not exist",)),
@@ -270,10 +267,9 @@ CASES: list[Bad] = [
     Bad("factory-kwargs-typo", edit("model", kwargs={"num_class": 3}), "model.kwargs", ("num_class",)),
     Bad("factory-raises", edit("model", weights=None, factory=lambda tmp: file_text(
         "raising.py", "def make():\n    raise ValueError('unsupported depth')\n")(tmp) + ":make"),
-        "model.factory", ("unsupported depth",),
-        marks=(pytest.mark.xfail(strict=True, reason=BUG_FACTORY_CRASH),)),
-    Bad("factory-kwargs-negative", edit("model", kwargs={"num_classes": -1}), "model", ("num_classes",),
-        marks=(pytest.mark.xfail(strict=True, reason=BUG_FACTORY_CRASH + " (here nn.Linear's RuntimeError)"),)),
+        "model.kwargs", ("raising.py:make failed: ValueError: unsupported depth",)),
+    Bad("factory-kwargs-negative", edit("model", kwargs={"num_classes": -1}), "model.kwargs",
+        ("models.py:DigitResNet failed: RuntimeError:", "negative dimension -1")),
     Bad("weights-missing", edit("model", weights=lambda tmp: str(tmp / "nope.pt")), "model.weights",
         ("does not exist",)),
     Bad("weights-other-model", edit("model", weights=file_with("other.pt", other_model_weights)), "model.weights",
@@ -306,7 +302,7 @@ CASES: list[Bad] = [
     Bad("inputs-wrong-rank", edit("inputs", paths=lambda tmp: [
         file_with("rank4.npy", np_file(np.zeros((8, 8, 8, 8), np.float32)))(tmp)]),
         "inputs.spatial_dims", ("(8, 8, 8, 8)", "2D")),
-    Bad("inputs-resize-count", edit("inputs", resize=[8]), "inputs", ("resize needs 2 sizes",)),
+    Bad("inputs-resize-count", edit("inputs", resize=[8]), "inputs.resize", ("needs 2 sizes (one per spatial axis)",)),
     Bad("inputs-normalize-count", edit("inputs", normalize={"mean": [0.1, 0.2], "std": [1, 1]}),
         "inputs.normalize", ("one per channel",)),
     Bad("inputs-channels-do-not-fit-model", edit("inputs", paths=lambda tmp: [
@@ -316,27 +312,28 @@ CASES: list[Bad] = [
         "inputs.paths", ("does not hold a tensor",)),
     Bad("inputs-object-npy", edit("inputs", paths=lambda tmp: [
         file_with("obj.npy", np_file(np.array([{"a": 1}], dtype=object), allow_pickle=True))(tmp)]),
-        "inputs.paths[0]", ("obj.npy",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+        "inputs.paths", ("cannot read obj.npy: ValueError:",)),
     Bad("inputs-junk-npy", edit("inputs", paths=lambda tmp: [file_with("junk.npy", raw_bytes(b"junk"))(tmp)]),
-        "inputs.paths[0]", ("junk.npy",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+        "inputs.paths", ("cannot read junk.npy: ValueError:",)),
     Bad("inputs-junk-png", edit("inputs", paths=lambda tmp: [file_with("junk.png", raw_bytes(b"junk"))(tmp)]),
-        "inputs.paths[0]", ("junk.png",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+        "inputs.paths", ("cannot read junk.png: UnidentifiedImageError:",)),
     Bad("inputs-junk-pt", edit("inputs", paths=lambda tmp: [file_with("junk.pt", raw_bytes(b"junk"))(tmp)]),
-        "inputs.paths[0]", ("junk.pt",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+        "inputs.paths", ("cannot read junk.pt:",)),
     Bad("inputs-malicious-pt", edit("inputs", paths=lambda tmp: [file_with("evil_in.pt", evil_torch_save)(tmp)]),
-        "inputs.paths[0]", ("evil_in.pt",), marks=(pytest.mark.xfail(strict=True, reason=BUG_INPUT_CRASH),)),
+        "inputs.paths", ("cannot read evil_in.pt: UnpicklingError:",)),
     # -- wrappers and targets -------------------------------------------------------------------------
     Bad("wrapper-name-typo", lambda tmp: base(tmp, wrapper={"name": "treshold"}), "wrapper.name",
         ("unknown wrapper", "did you mean threshold?")),
-    Bad("wrapper-region-without-mask", lambda tmp: base(tmp, wrapper={"name": "region"}), "wrapper",
-        ("needs 'mask'",)),
+    Bad("wrapper-region-without-mask", lambda tmp: base(tmp, wrapper={"name": "region"}), "wrapper.mask",
+        ("the region wrapper needs a mask file",)),
     Bad("wrapper-mask-for-threshold", lambda tmp: base(tmp, wrapper={"name": "threshold", "mask": "m.npy"}),
-        "wrapper", ("only used by the region wrapper",)),
+        "wrapper.mask", ("only the region wrapper uses a mask",)),
     Bad("wrapper-mask-file-missing", lambda tmp: seg_model(tmp, wrapper={"name": "region", "mask": "nomask.npy"}),
         "wrapper.mask", ("does not exist",)),
     Bad("wrapper-mask-shape", region_mask((4, 4)), "wrapper.mask", ("(4, 4)", "(8, 8)")),
+    # any wrapper on a classifier's (B, K) output is the fault, whatever its channel
     Bad("wrapper-channel-classifier", lambda tmp: base(tmp, wrapper={"name": "threshold", "channel": 12}),
-        "wrapper.channel", ("channel 12 does not exist", "10 channels")),
+        "wrapper", ("the model outputs shape (1, 10): remove the wrapper for a classifier",)),
     Bad("wrapper-channel-segmenter", lambda tmp: seg_model(tmp, wrapper={"name": "threshold", "channel": 3}),
         "wrapper.channel", ("channel 3 does not exist", "2 channels")),
     Bad("wrapper-target-too-big", lambda tmp: seg_model(tmp, target=5), "target",
@@ -348,17 +345,14 @@ CASES: list[Bad] = [
         "wrapper", ("(1, 2, 8, 8)", "set a wrapper")),
     Bad("segmenter-without-wrapper-int-target", lambda tmp: {k: v for k, v in seg_model(tmp, target=1).items()
                                                              if k != "wrapper"},
-        "wrapper", ("(1, 2, 8, 8)", "set a wrapper"), marks=(pytest.mark.xfail(strict=True, reason=(
-            "BUG: esegeta/explainer.py resolve_target skips the forward pass for an integer target without a "
-            "wrapper, so a segmentation model with no wrapper and target 1 validates (exit 0) and only fails "
-            "when the methods run (exit 1); expected exit 2 'wrapper: the model output has shape (1, 2, 8, 8), "
-            "not (batch, classes)'")),)),
+        "wrapper", ("the model output has shape (1, 2, 8, 8), not (batch, classes)",
+                    "for a segmentation model set a wrapper")),
     Bad("wrapper-custom-file-missing", lambda tmp: seg_model(tmp, wrapper={"name": "nowrap.py:make"}),
         "wrapper.name", ("does not exist",)),
-    Bad("classifier-target-too-big", lambda tmp: base(tmp, target=12), "target", ("12", "10"),
-        marks=(pytest.mark.xfail(strict=True, reason=BUG_CLASSIFIER_TARGET),)),
+    Bad("classifier-target-too-big", lambda tmp: base(tmp, target=12), "target",
+        ("target 12 does not exist", "10 columns")),
     Bad("classifier-method-target-too-big", with_methods({"id": "captum.Saliency", "target": 12}),
-        "methods[0].target", ("12", "10"), marks=(pytest.mark.xfail(strict=True, reason=BUG_CLASSIFIER_TARGET),)),
+        "methods[0].target", ("target 12 does not exist", "10 columns")),
     # -- devices and --only -----------------------------------------------------------------------------
     Bad("device-cuda-in-config", edit("runtime", devices="cuda:0"), "runtime.devices",
         ("cuda:0", "CUDA is not available"), marks=(NO_CUDA,)),
@@ -366,14 +360,9 @@ CASES: list[Bad] = [
         ("CUDA is not available",), marks=(NO_CUDA,)),
     Bad("device-not-a-device", edit("runtime", devices="gpu"), "runtime.devices", ("'gpu' is not a device",)),
     Bad("device-cuda-flag", base, "--device", ("cuda:0", "CUDA is not available"), argv=("--device", "cuda:0"),
-        commands=("run",), marks=(NO_CUDA, pytest.mark.xfail(strict=True, reason=(
-            "BUG: esegeta/runner.py resolve_device always names 'runtime.devices' (\"runtime.devices: cuda:0 "
-            "requested but CUDA is not available here\") even when the device came from --device; "
-            "--only's errors name '--only', --device's should name '--device'")))),
+        commands=("run",), marks=(NO_CUDA,)),
     Bad("device-cuda-in-method", with_methods({"id": "captum.Saliency", "device": "cuda:0"}), "methods[0].device",
-        ("CUDA is not available",), marks=(NO_CUDA, pytest.mark.xfail(strict=True, reason=(
-            "BUG: esegeta/runner.py validate calls resolve_device(entry.device), which names 'runtime.devices'; "
-            "the fault is at methods[0].device")))),
+        ("cuda:0 requested but CUDA is not available", "use 'cpu' or 'auto'"), marks=(NO_CUDA,)),
     Bad("only-unknown-method", base, "--only", ("no method with id or label 'captum.IntegratedGradients'",),
         argv=("--only", "captum.IntegratedGradients"), commands=("run",)),
     Bad("only-typo", base, "--only", ("did you mean captum.Saliency?",), argv=("--only", "captum.Salency"),
@@ -459,7 +448,7 @@ def test_several_faults_are_reported_together(tmp_path, capsys):
     cfg["runtime"]["sed"] = 1
     code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
     assert code == 2
-    for where in ("wrapr:", "runtime.sed:", "target"):
+    for where in ("wrapr: unknown key", "runtime.sed: unknown key", "target: Input should be"):
         assert where in err
 
 
@@ -481,41 +470,37 @@ def test_malicious_weights_never_run(weights, tmp_path, capsys):
 
 
 def test_malicious_input_file_never_runs(tmp_path, capsys):
-    """A pickled .pt *input* is not executed either (whatever the exit code; see the xfail case)."""
+    """A pickled .pt *input* is not executed either: exit 2 naming inputs.paths."""
     evil_torch_save(tmp_path / "evil_in.pt")
     cfg = base(tmp_path)
     cfg["inputs"]["paths"] = [str(tmp_path / "evil_in.pt")]
-    try:
-        run_cli(["validate", write_config(tmp_path, cfg)], capsys)
-    except Exception:
-        pass
+    code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
+    assert code == 2, err
+    assert "inputs.paths: cannot read evil_in.pt" in err
     assert not (tmp_path / "pwned").exists()
 
 
 # --------------------------------------------------------------------------- #
-# messages that name the wrong or an imprecise path
+# precise paths and messages (each was once a bug), and one that is still unclear
 # --------------------------------------------------------------------------- #
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: esegeta/config.py _message strips only '[...]' and 'function-after' parts of the pydantic loc, so "
-    "the union member tag leaks into the path: 'target.constrained-int: Input should be greater than or equal "
-    "to 0' (a JSON path that does not exist); expected 'target: ...' (a class index >= 0 or \"predicted\")"))
 @pytest.mark.parametrize("where, value", [("target", -1), ("target", "best"), ("methods[0].target", -1)])
 def test_target_message_has_no_pydantic_tags(where, value, tmp_path, capsys):
     cfg = base(tmp_path, target=value) if where == "target" else base(
         tmp_path, methods=[{"id": "captum.Saliency", "target": value}])
     code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
     assert code == 2
-    assert f"{where}:" in err
-    assert "constrained-int" not in err
+    assert f"{where}: Input should be" in err
+    assert "| or: Input should be 'predicted'" in err  # both members of the union, on the field's line
+    assert len([line for line in err.splitlines() if "target" in line]) == 1, err
+    assert "constrained-int" not in err and "literal[" not in err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: errors from pydantic model validators (esegeta/config.py InputsConfig._resize_rank, "
-    "WrapperConfig._mask, Config._unique_labels) carry the owner's path ('inputs: resize needs 2 sizes', "
-    "'wrapper: the region wrapper needs 'mask'', 'methods[1]: label ...'), not the key at fault "
-    "('inputs.resize', 'wrapper.mask', 'methods[1].label')"))
-@pytest.mark.parametrize("where", ["inputs.resize", "wrapper.mask", "methods[1].label"])
-def test_model_level_checks_name_the_key(where, tmp_path, capsys):
+@pytest.mark.parametrize("where, message", [
+    ("inputs.resize", "needs 2 sizes (one per spatial axis)"),
+    ("wrapper.mask", "the region wrapper needs a mask file with the input's spatial shape"),
+    ("methods[1].label", "'a' is already used by methods[0]; give each entry a unique 'label'"),
+])
+def test_model_level_checks_name_the_key(where, message, tmp_path, capsys):
     cfg = {
         "inputs.resize": lambda: edit("inputs", resize=[8])(tmp_path),
         "wrapper.mask": lambda: base(tmp_path, wrapper={"name": "region"}),
@@ -524,19 +509,47 @@ def test_model_level_checks_name_the_key(where, tmp_path, capsys):
     }[where]()
     code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
     assert code == 2
-    assert f"{where}:" in err
+    assert f"{where}: {message}" in err
+
+
+@pytest.mark.parametrize("wrapper", [{"name": "threshold", "channel": 3}, {"name": "multiclass"}],
+                         ids=["threshold", "multiclass"])
+def test_wrapper_on_a_classifier_says_so(wrapper, tmp_path, capsys):
+    cfg = base(tmp_path, wrapper=wrapper)
+    code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
+    assert code == 2
+    assert ("wrapper: wrappers turn segmentation outputs (batch, channels, *spatial) into scores; "
+            "the model outputs shape (1, 10): remove the wrapper for a classifier") in err
+    assert "set a wrapper" not in err
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG: a threshold wrapper on a classifier's (B, K) output: esegeta/wrappers.py MaskedScore.forward sums "
-    "over dim=tuple(range(2, 2)) = (), which torch reads as 'all dims', so the score is a 0-d tensor and "
-    "explainer.resolve_target says 'the model output has shape (), not (batch, classes): for a segmentation "
-    "model set a wrapper' although a wrapper is set; expected a message that the wrapper needs a (B, K, "
-    "*spatial) output and the model outputs (1, 10)"))
-def test_wrapper_on_a_classifier_says_so(tmp_path, capsys):
-    cfg = base(tmp_path, wrapper={"name": "threshold", "channel": 3})
+    "BUG: esegeta/loading.py (load_inputs for inputs.paths, load_state_dict for model.weights) appends the "
+    "first line of the numpy/torch exception, and for these files that line advises loading unsafely, which "
+    "esegeta never does: 4 bytes of junk in junk.npy give 'inputs.paths: cannot read junk.npy: ValueError: "
+    "This file contains pickled (object) data. If you trust the file you can load it unsafely using the "
+    "`allow_pickle=` keyword argument or `pickle.load()`.'; a pickled .pt (input or weights) gives '... "
+    "Weights only load failed. This file can still be loaded, to do so you have two options, do those steps "
+    "only if you trust the source of the checkpoint.' (the options cut off); junk weights give '... "
+    "Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it can result in "
+    "arbitrary code execution'. Expected: why the file was refused (not an array / not a plain state dict, "
+    "read with weights_only=True), without upstream's advice"))
+@pytest.mark.parametrize("where, name, write", [
+    ("inputs.paths", "junk.npy", raw_bytes(b"junk")),
+    ("inputs.paths", "evil_in.pt", evil_torch_save),
+    ("model.weights", "evil.pt", evil_torch_save),
+    ("model.weights", "junk.pt", raw_bytes(b"not a checkpoint")),
+], ids=["input-junk.npy", "input-evil_in.pt", "weights-evil.pt", "weights-junk.pt"])
+def test_unreadable_file_message_gives_no_unsafe_advice(where, name, write, tmp_path, capsys):
+    write(tmp_path / name)
+    cfg = base(tmp_path)
+    if where == "inputs.paths":
+        cfg["inputs"]["paths"] = [str(tmp_path / name)]
+    else:
+        cfg["model"]["weights"] = str(tmp_path / name)
     code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
     assert code == 2
-    assert "wrapper" in err
-    assert "(1, 10)" in err
-    assert "set a wrapper" not in err
+    assert f"{where}: " in err and name in err
+    for advice in ("allow_pickle", "pickle.load()", "two options", "trust", "weights_only` set to `False"):
+        assert advice not in err, err
+    assert not (tmp_path / "pwned").exists()
