@@ -50,7 +50,8 @@ def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str 
     if target == "predicted":
         return scores.argmax(dim=1)
     if not 0 <= int(target) < scores.shape[1]:
-        raise ConfigError(where, f"target {target} does not exist: the (wrapped) output has {scores.shape[1]} columns")
+        what = "the wrapped output" if isinstance(forward, wrappers.WrappedModel) else "the model output"
+        raise ConfigError(where, f"target {target} does not exist: {what} has {scores.shape[1]} columns")
     return int(target)
 
 

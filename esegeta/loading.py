@@ -71,10 +71,16 @@ def load_callable(ref: str, base_dir: Path | None, field: str):
     return getattr(module, attr)
 
 
+_UNSAFE_ADVICE = re.compile(r"allow_pickle|weights_only|unsafe|trust|pickle\.load|two options", re.IGNORECASE)
+
+
 def _first_line(exc: Exception) -> str:
-    """The first line of an exception's message, without terminal colour codes."""
+    """The first line of an exception's message, without terminal colour codes, and without
+    upstream advice to load the file unsafely (esegeta never does)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    sentences = [s for s in re.split(r"(?<=\.)\s+", line) if not _UNSAFE_ADVICE.search(s)]
+    return " ".join(sentences) or "the file is not plain data (pickled objects are refused)"
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -115,7 +121,8 @@ def load_model(model_cfg: dict, base_dir: Path | None) -> nn.Module:
     try:
         model = make(**model_cfg.get("kwargs", {}))
     except Exception as exc:
-        raise ConfigError("model.kwargs", f"calling {factory} failed: {type(exc).__name__}: {exc}") from exc
+        field = "model.kwargs" if model_cfg.get("kwargs") else "model.factory"
+        raise ConfigError(field, f"calling {factory} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError("model.factory", f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
     if weights_path is not None:

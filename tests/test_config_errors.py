@@ -267,7 +267,7 @@ CASES: list[Bad] = [
     Bad("factory-kwargs-typo", edit("model", kwargs={"num_class": 3}), "model.kwargs", ("num_class",)),
     Bad("factory-raises", edit("model", weights=None, factory=lambda tmp: file_text(
         "raising.py", "def make():\n    raise ValueError('unsupported depth')\n")(tmp) + ":make"),
-        "model.kwargs", ("raising.py:make failed: ValueError: unsupported depth",)),
+        "model.factory", ("raising.py:make failed: ValueError: unsupported depth",)),
     Bad("factory-kwargs-negative", edit("model", kwargs={"num_classes": -1}), "model.kwargs",
         ("models.py:DigitResNet failed: RuntimeError:", "negative dimension -1")),
     Bad("weights-missing", edit("model", weights=lambda tmp: str(tmp / "nope.pt")), "model.weights",
@@ -523,17 +523,6 @@ def test_wrapper_on_a_classifier_says_so(wrapper, tmp_path, capsys):
     assert "set a wrapper" not in err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: esegeta/loading.py (load_inputs for inputs.paths, load_state_dict for model.weights) appends the "
-    "first line of the numpy/torch exception, and for these files that line advises loading unsafely, which "
-    "esegeta never does: 4 bytes of junk in junk.npy give 'inputs.paths: cannot read junk.npy: ValueError: "
-    "This file contains pickled (object) data. If you trust the file you can load it unsafely using the "
-    "`allow_pickle=` keyword argument or `pickle.load()`.'; a pickled .pt (input or weights) gives '... "
-    "Weights only load failed. This file can still be loaded, to do so you have two options, do those steps "
-    "only if you trust the source of the checkpoint.' (the options cut off); junk weights give '... "
-    "Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it can result in "
-    "arbitrary code execution'. Expected: why the file was refused (not an array / not a plain state dict, "
-    "read with weights_only=True), without upstream's advice"))
 @pytest.mark.parametrize("where, name, write", [
     ("inputs.paths", "junk.npy", raw_bytes(b"junk")),
     ("inputs.paths", "evil_in.pt", evil_torch_save),
