@@ -29,8 +29,11 @@ def _wrapped_scores(model, x, wrapper, target):
         return float(forward(x)[0, target]), float(forward(torch.zeros_like(x))[0, target])
 
 
-def _completeness(model, x, wrapper, target, n_steps=64):
-    attr = esegeta.explain(model, x, "captum.IntegratedGradients", target=target, wrapper=wrapper, n_steps=n_steps)
+def _completeness(model, x, wrapper, target, n_steps=256):
+    """(sum of IG attributions, F(x) - F(0)); IG's discretisation error shrinks with n_steps
+    (on the retina U-Net: 2.3% at 64 steps, 0.6% at 128, 0.07% at 256)."""
+    attr = esegeta.explain(model, x, "captum.IntegratedGradients", target=target, wrapper=wrapper, n_steps=n_steps,
+                           internal_batch_size=64)
     fx, f0 = _wrapped_scores(model, x, wrapper, target)
     return float(attr.sum()), fx - f0
 
@@ -52,16 +55,17 @@ WRAPPERS_3D = {
 
 
 @pytest.mark.parametrize("name", list(WRAPPERS_2D))
-def test_integrated_gradients_completeness_2d(retina, name):
+def test_integrated_gradients_completeness_2d(retina, name, tmp_path):
     wrapper, target = WRAPPERS_2D[name]
-    x = retina.x
-    if name == "region":  # the mask file is 128x128: use the full crop
-        from conftest import retina_case
+    if name == "region":  # the sample mask is 128x128: crop it like the input
+        from PIL import Image
 
-        x = retina_case(size=128).x
-    total, delta = _completeness(retina.model, x, wrapper, target)
+        mask = Image.open(wrapper["mask"]).crop((0, 0, retina.x.shape[-1], retina.x.shape[-2]))
+        mask.save(tmp_path / "mask.png")
+        wrapper = {**wrapper, "mask": str(tmp_path / "mask.png")}
+    total, delta = _completeness(retina.model, retina.x, wrapper, target)
     assert abs(delta) > 1e-3, "the wrapped score does not depend on the input (zero-gradient wrapper)"
-    assert total == pytest.approx(delta, rel=0.02, abs=1e-3)
+    assert total == pytest.approx(delta, rel=0.01, abs=1e-3)
 
 
 @pytest.mark.parametrize("name", list(WRAPPERS_3D))
@@ -69,7 +73,7 @@ def test_integrated_gradients_completeness_3d(tissue, name):
     wrapper, target = WRAPPERS_3D[name]
     total, delta = _completeness(tissue.model, tissue.x, wrapper, target)
     assert abs(delta) > 1e-3
-    assert total == pytest.approx(delta, rel=0.02, abs=1e-3)
+    assert total == pytest.approx(delta, rel=0.01, abs=1e-3)
 
 
 def test_integrated_gradients_completeness_deep_supervision(retina):
@@ -82,7 +86,7 @@ def test_integrated_gradients_completeness_deep_supervision(retina):
                "options": {"threshold": 0.5, "activation": "sigmoid", "weights": [1.0, 0.5]}}
     total, delta = _completeness(model, retina.x, wrapper, 1)
     assert abs(delta) > 1e-3
-    assert total == pytest.approx(delta, rel=0.02, abs=1e-3)
+    assert total == pytest.approx(delta, rel=0.01, abs=1e-3)
 
 
 def test_wrapper_gradient_is_not_zero(retina):
