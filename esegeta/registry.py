@@ -112,6 +112,7 @@ class MethodSpec:
             "dims": list(self.dims),
             "available": reason is None,
             "reason": reason,
+            "defaults": sorted(self.defaults),
             "reference": self.reference,
         }
 
