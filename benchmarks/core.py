@@ -24,18 +24,25 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _alternate(ours, theirs, repeats: int) -> dict:
-    ours(), theirs()  # warm up (the prepared copy is made and cached here)
+    """Median times of the two, alternated ABBA so that drift (caches, clocks) cancels."""
+    for _ in range(3):
+        ours(), theirs()  # warm up (the prepared copy is made and cached here)
     t_ours, t_theirs = [], []
-    for _ in range(repeats):
+
+    def timed(fn, into):
         start = time.perf_counter()
-        ours()
-        t_ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        theirs()
-        t_theirs.append(time.perf_counter() - start)
+        fn()
+        into.append(time.perf_counter() - start)
+
+    for i in range(repeats):
+        pair = [(ours, t_ours), (theirs, t_theirs)]
+        for fn, into in (pair if i % 2 == 0 else pair[::-1]):
+            timed(fn, into)
     return {"esegeta_s": statistics.median(t_ours), "captum_s": statistics.median(t_theirs),
             "ratio": statistics.median(t_ours) / statistics.median(t_theirs),
-            "ratio_of_totals": sum(t_ours) / sum(t_theirs)}
+            "median_paired_ratio": statistics.median(a / b for a, b in zip(t_ours, t_theirs)),
+            "overhead_ms": (statistics.median(t_ours) - statistics.median(t_theirs)) * 1e3,
+            "repeats": repeats}
 
 
 def bench_explain(repeats: int) -> dict:
@@ -99,7 +106,7 @@ def bench_demo() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--skip-demo", action="store_true")
     args = parser.parse_args()
     report = {"explain_vs_captum": bench_explain(args.repeats), "cli": bench_cli()}

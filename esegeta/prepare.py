@@ -115,8 +115,17 @@ _cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 
 
 def _fingerprint(model: nn.Module, device: torch.device) -> tuple:
-    tensors = list(model.parameters()) + list(model.buffers())
-    return (str(device), model.training, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+    """Changes when the model's weights, buffers, structure or mode change (cheap: it runs per call)."""
+    parts: list = [str(device), model.training]
+    stack = [model]
+    while stack:  # a plain walk over the module tree: parameters()/buffers() cost 10x more
+        module = stack.pop()
+        parts.append(id(module))
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None:
+                parts.append((id(t), t.data_ptr(), t._version))
+        stack.extend(module._modules.values())
+    return tuple(parts)
 
 
 def prepared(model: nn.Module, example: torch.Tensor) -> PreparedModel:

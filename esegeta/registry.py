@@ -91,7 +91,7 @@ class MethodSpec:
 
     def unavailable_reason(self) -> str | None:
         """None if the method's libraries are importable, else what to install."""
-        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        missing = [m for m in self.requires if not _importable(m)]
         if missing:
             return f"{', '.join(missing)} is not installed: pip install 'esegeta[{self.extra}]'"
         return None
@@ -115,6 +115,16 @@ class MethodSpec:
             "defaults": sorted(self.defaults),
             "reference": self.reference,
         }
+
+
+_found: set[str] = set()
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported (found once, remembered: this runs on every call)."""
+    if module not in _found and importlib.util.find_spec(module) is not None:
+        _found.add(module)
+    return module in _found
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -134,9 +134,14 @@ class CaptumAdapter:
             return _tuples(value)
         return value
 
+    @staticmethod
+    @cache
+    def _init_names(name: str) -> frozenset[str]:
+        return frozenset(inspect.signature(CaptumAdapter._cls(name).__init__).parameters)
+
     def run(self, spec: MethodSpec, call: Call):
         cls = self._cls(spec.name)
-        init_names = set(inspect.signature(cls.__init__).parameters)
+        init_names = self._init_names(spec.name)
         params = dict(call.params)
         for name, default in spec.defaults.items():
             if name not in params:
