@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, config as config_mod, registry
-from .errors import ConfigError
+from . import __version__, config as config_mod, registry, wrappers
+from .errors import ConfigError, did_you_mean
 from .explainer import find_layer, resolve_target, run_method
 from .loading import InputItem, load_inputs, load_model
 from .prepare import PreparedModel, prepared
@@ -111,11 +111,9 @@ class Pipeline:
     def _selected(self) -> list[tuple[int, config_mod.MethodEntry]]:
         selected = [(i, m) for i, m in enumerate(self.config.methods) if m.enabled]
         if self.only:
-            names = {n for _, m in enumerate(self.config.methods) for n in (m.id, m.name)}
+            names = {n for m in self.config.methods for n in (m.id, m.name)}
             for wanted in self.only:
                 if wanted not in names:
-                    from .errors import did_you_mean
-
                     raise ConfigError("--only", f"no method with id or label {wanted!r}" + did_you_mean(wanted, names))
             selected = [(i, m) for i, m in enumerate(self.config.methods) if {m.id, m.name} & set(self.only)]
         return selected
@@ -146,8 +144,6 @@ class Pipeline:
             target = entry.target if entry.target is not None else cfg.target
             forward = ready
             if wrapper is not None:
-                from . import wrappers
-
                 forward = wrappers.build(ready, first, wrapper.model_dump(), self.base_dir)
             if spec.needs_target:
                 resolve_target(forward, first, target, f"{where}.target" if entry.target is not None else "target",

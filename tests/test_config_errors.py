@@ -15,7 +15,6 @@ a method entry called an unknown key) are fixed; their cases now check the preci
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass

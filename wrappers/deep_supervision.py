@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esegeta.wrappers import ACTIVATIONS
+from esegeta.wrappers import ACTIVATIONS, MaskedScore
 
 
 class FusedHeads(nn.Module):
@@ -51,25 +51,11 @@ class FusedHeads(nn.Module):
         return sum(w * m for w, m in zip(weights, maps)) / sum(weights)
 
 
-class FusedScore(nn.Module):
-    def __init__(self, fuse: FusedHeads, mask: torch.Tensor, reduction: str):
-        super().__init__()
-        self.fuse = fuse
-        self.register_buffer("masks", torch.stack([1 - mask, mask]).unsqueeze(0))
-        self.reduction = reduction
-
-    def forward(self, outputs) -> torch.Tensor:
-        fused = self.fuse(outputs) * self.masks
-        score = fused.sum(dim=tuple(range(2, fused.ndim)))
-        if self.reduction == "mean":
-            score = score / self.masks.sum(dim=tuple(range(2, self.masks.ndim))).clamp_min(1.0)
-        return score
-
-
 def fused(output, channel: int = 0, threshold: float = 0.5, activation: str = "sigmoid",
-          weights: Sequence[float] | None = None, reduction: str = "sum") -> FusedScore:
+          weights: Sequence[float] | None = None, reduction: str = "sum") -> nn.Sequential:
+    """Fuse the heads, then score the fused map with esegeta's masked score (as ``threshold``)."""
     n_heads = 1 if torch.is_tensor(output) else len(output)
     fuse = FusedHeads(activation, channel, weights, n_heads)
     with torch.no_grad():
         mask = (fuse(output)[0, 0] > threshold).float()
-    return FusedScore(fuse, mask, reduction)
+    return nn.Sequential(fuse, MaskedScore("none", [0, 0], torch.stack([1 - mask, mask]), reduction))
