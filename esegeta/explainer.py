@@ -76,25 +76,41 @@ def score_of(forward: nn.Module, x: torch.Tensor, target: Any) -> float | None:
 def run_method(spec: MethodSpec, model: PreparedModel, x: torch.Tensor, *, target: Any = None,
                wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
                params: Mapping[str, Any] | None = None, noise_tunnel: Mapping[str, Any] | None = None,
-               base_dir: Path | None = None, with_score: bool = False) -> tuple[torch.Tensor, float | None]:
+               base_dir: Path | None = None, with_score: bool = False, samples: torch.Tensor | None = None,
+               extras: dict[str, Any] | None = None) -> tuple[torch.Tensor, float | None]:
     """Run ``spec`` on the prepared model; returns (upstream result, score of the first input
-    if ``with_score``, else None: the score costs one more forward pass)."""
+    if ``with_score``, else None: the score costs one more forward pass). ``samples`` are the
+    run's inputs (for methods that fit on data); extra outputs of the method land in
+    ``extras`` (those of the first input when a wrapper splits the batch)."""
+    check_task(spec, wrapper)
     layer_module = find_layer(model, layer, spec=spec) if layer else None
     call_params = dict(params or {})
     nt = dict(noise_tunnel) if noise_tunnel is not None else None
+    extras = {} if extras is None else extras
     if wrapper is None:
         resolved = resolve_target(model, x, target) if spec.needs_target else None
-        call = Call(model, model, x, resolved, layer_module, call_params, nt)
+        call = Call(model, model, x, resolved, layer_module, call_params, nt, base_dir, samples, extras)
         return _as_result(spec.adapter.run(spec, call)), score_of(model, x, resolved) if with_score else None
     results, score = [], None
     for i in range(x.shape[0]):
         xi = x[i:i + 1]
         forward = wrappers.build(model, xi, wrapper, base_dir)
         resolved = resolve_target(forward, xi, target) if spec.needs_target else None
-        results.append(_as_result(spec.adapter.run(spec, Call(forward, model, xi, resolved, layer_module, call_params, nt))))
+        call = Call(forward, model, xi, resolved, layer_module, call_params, nt, base_dir, samples,
+                    extras if i == 0 else {})
+        results.append(_as_result(spec.adapter.run(spec, call)))
         if i == 0 and with_score:
             score = score_of(forward, xi, resolved)
     return torch.cat(results), score
+
+
+def check_task(spec: MethodSpec, wrapper: Any, where: str = "wrapper") -> None:
+    """A ConfigError if ``spec`` does not apply to a classifier (no wrapper) or a wrapped segmenter."""
+    task = "segmentation" if wrapper is not None else "classification"
+    if task not in spec.tasks:
+        fix = ("remove the wrapper: it explains classifiers only" if wrapper is not None
+               else "set a wrapper: it explains wrapped segmentation models only")
+        raise ConfigError(where, f"{spec.id} does not apply to {task} models; {fix}")
 
 
 def _as_result(result: Any) -> torch.Tensor:
@@ -129,5 +145,5 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
     device = next((p.device for p in model.parameters()), inputs.device)
     x = inputs.detach().to(device=device, dtype=torch.float32)  # the caller's tensor keeps requires_grad as it was
     result, _ = run_method(spec, prepared(model, x), x, target=target, wrapper=wrapper_cfg, layer=layer,
-                           params=params, noise_tunnel=noise_tunnel)
+                           params=params, noise_tunnel=noise_tunnel, samples=x)
     return result

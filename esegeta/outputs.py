@@ -35,6 +35,7 @@ __all__ = [
     "layer_affine",
     "save_figure",
     "save_result",
+    "save_extras",
 ]
 
 _TMP_PREFIX = ".tmp-"
@@ -258,15 +259,39 @@ def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_c
     if "npy" in output_cfg.formats:
         save_npy(out_dir / rel / f"{label}.npy", attr)
         files["npy"] = str(rel / f"{label}.npy")
-    if "nii" in output_cfg.formats and image.ndim == 4 and attr.ndim == 4:
+    own_image = kind == "image"  # a feature visualisation: not aligned with the input
+    if "nii" in output_cfg.formats and image.ndim == 4 and attr.ndim == 4 and not own_image:
         in_shape, at_shape = image.shape[1:], attr.shape[1:]
         affine = item.affine if in_shape == at_shape else layer_affine(item.affine, in_shape, at_shape)
         save_nifti(out_dir / rel / f"{label}.nii.gz", attr, affine)
         files["nii"] = str(rel / f"{label}.nii.gz")
     if "png" in output_cfg.formats:
         fig_cfg = output_cfg.figure
-        fig = figures.attribution_figure(attr, image, method=fig_cfg.method, sign=fig_cfg.sign,
-                                         title=f"{label} - {item.name}", projection=fig_cfg.projection)
+        fig = figures.attribution_figure(attr, None if own_image else image, method=fig_cfg.method,
+                                         sign=fig_cfg.sign, title=f"{label} - {item.name}",
+                                         projection=fig_cfg.projection, kind="image" if own_image else None)
         save_figure(fig, out_dir / rel / f"{label}.png")
         files["png"] = str(rel / f"{label}.png")
+    return files
+
+
+def save_extras(out_dir: Path, item: Any, label: str, extras: dict) -> dict:
+    """Write a method's extra outputs (``Call.extras``) next to its result; returns name → path.
+
+    A tensor or array becomes ``<label>.<name>.npy`` (batch axis dropped, as for results);
+    a mapping of them (e.g. layer name → relevance) becomes ``<label>.<name>.npz``.
+    """
+    files: dict[str, str] = {}
+    rel = Path(item.name)
+    for name, value in extras.items():
+        if isinstance(value, dict):
+            arrays = {str(k): _to_numpy(v)[0] for k, v in value.items()}
+            path = rel / f"{label}.{name}.npz"
+            with atomic_path(out_dir / path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **arrays)
+        else:
+            path = rel / f"{label}.{name}.npy"
+            save_npy(out_dir / path, _to_numpy(value)[0])
+        files[name] = str(path)
     return files

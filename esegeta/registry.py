@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,7 +29,11 @@ KINDS = {
     "attribution": "input-resolution attribution",
     "layer": "attribution (or activation) at a layer's resolution",
     "neuron": "input attribution of one neuron of a layer",
+    "image": "an image of its own (feature visualisation), not aligned with the input",
 }
+
+#: The kinds of model a method applies to: a classifier, or a segmenter behind a wrapper.
+TASKS = ("classification", "segmentation")
 
 
 @dataclass
@@ -37,6 +42,10 @@ class Call:  # noqa: D101 (annotations are strings: torch is not imported here)
 
     ``forward`` maps inputs to ``(B, K)`` scores (the wrapped model when a wrapper is set);
     ``network`` is the prepared copy of the user's model (where ``layer`` lives).
+    ``base_dir`` is the config's folder (relative paths in params resolve there);
+    ``samples`` are the run's inputs as one batch (for methods that fit on data or draw
+    a background from it), or None; an adapter may put extra named outputs in
+    ``extras`` (e.g. the relevance of every layer), which the runner saves next to the result.
     """
 
     forward: nn.Module
@@ -46,6 +55,9 @@ class Call:  # noqa: D101 (annotations are strings: torch is not imported here)
     layer: nn.Module | None
     params: dict[str, Any]
     noise_tunnel: dict[str, Any] | None = None
+    base_dir: Path | None = None
+    samples: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Adapter(Protocol):
@@ -69,7 +81,7 @@ class MethodSpec:
     """One registered method. ``defaults`` fill upstream parameters that have no upstream
     default (e.g. Occlusion's window) from the input; ``quick_params`` bound the runtime
     of the conformance tests and the demo; ``leaf_layer`` methods need a layer without
-    submodules."""
+    submodules; ``tasks`` are the kinds of model it applies to (see :data:`TASKS`)."""
 
     library: str
     name: str
@@ -80,6 +92,7 @@ class MethodSpec:
     needs_layer: bool = False
     leaf_layer: bool = False
     dims: tuple[int, ...] = (2, 3)
+    tasks: tuple[str, ...] = TASKS
     needs_target: bool = True
     defaults: Mapping[str, Callable[[torch.Tensor], Any]] = field(default_factory=dict)
     quick_params: Mapping[str, Any] = field(default_factory=dict)
@@ -110,6 +123,7 @@ class MethodSpec:
             "kind": self.kind,
             "needs_layer": self.needs_layer,
             "dims": list(self.dims),
+            "tasks": list(self.tasks),
             "available": reason is None,
             "reason": reason,
             "defaults": sorted(self.defaults),

@@ -25,12 +25,13 @@ import torch
 
 from . import __version__, config as config_mod, registry, wrappers
 from .errors import ConfigError, did_you_mean
-from .explainer import find_layer, resolve_target, run_method
+from .explainer import check_task, find_layer, resolve_target, run_method
 from .loading import InputItem, load_inputs, load_model
 from .prepare import PreparedModel, prepared
 
 log = logging.getLogger("esegeta")
-LIBRARIES = ("torch", "numpy", "captum", "pydantic", "nibabel", "matplotlib")
+LIBRARIES = ("torch", "torchvision", "numpy", "captum", "torchray", "grad-cam", "zennit", "shap", "lime",
+             "torch-lucent", "torchio", "pydantic", "nibabel", "matplotlib")
 
 
 def resolve_device(name: str | list[str] | None, where: str = "runtime.devices") -> torch.device:
@@ -136,6 +137,7 @@ class Pipeline:
         for i, entry in methods:
             where = f"methods[{i}]"
             spec = registry.get(entry.id)
+            check_task(spec, entry.wrapper or cfg.wrapper, f"{where}.wrapper" if entry.wrapper else "wrapper")
             if entry.layer:
                 find_layer(ready, entry.layer, f"{where}.layer", spec)
             if entry.device:
@@ -213,16 +215,18 @@ class Pipeline:
             warnings.simplefilter("always")
             try:
                 model = v.prepared if device == v.device else prepared(v.model, x)
+                extras: dict[str, Any] = {}
                 attr, score = run_method(registry.get(entry.id), model, x, target=target,
                                          wrapper=wrapper.model_dump() if wrapper else None, layer=entry.layer,
                                          params=entry.params, noise_tunnel=entry.noise_tunnel, base_dir=v.base_dir,
-                                         with_score=True)
+                                         with_score=True, samples=_samples(v.inputs, device), extras=extras)
                 record["seconds"] = round(time.perf_counter() - start, 4)
                 if not torch.isfinite(attr).all():
                     log.warning("%s on %s: the result has non-finite values", entry.name, item.name)
                 record["score"], record["shape"] = score, list(attr.shape[1:])
                 record["files"] = outputs.save_result(out, item, entry.name, attr[0].cpu().numpy(),
                                                       cfg.output, registry.get(entry.id).kind)
+                record["files"].update(outputs.save_extras(out, item, entry.name, extras))
                 log.info("%s on %s: ok in %.2fs", entry.name, item.name, record["seconds"])
             except Exception as exc:  # isolation: one failing method never stops the others
                 record["seconds"] = round(time.perf_counter() - start, 4)
@@ -243,7 +247,9 @@ class Pipeline:
             cells = []
             for r in (r for r in manifest["runs"] if r["input"] == item.name):
                 attr = np.load(out / r["files"]["npy"]) if r["status"] == "ok" and "npy" in r["files"] else None
-                cells.append((r["label"], attr, "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"))
+                note = "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"
+                kind = registry.get(r["method"]).kind
+                cells.append((r["label"], attr, note, "image" if kind == "image" else "attribution"))
             rows.append((item.name, item.tensor[0].detach().cpu().numpy(), cells))
         fig_cfg = v.config.output.figure
         try:
@@ -253,6 +259,12 @@ class Pipeline:
         except Exception as exc:
             log.error("overview figure failed: %s: %s", type(exc).__name__, exc)
             log.debug("%s", traceback.format_exc())
+
+
+def _samples(inputs: list[InputItem], device: torch.device) -> torch.Tensor:
+    """The run's inputs as one batch (those shaped like the first), for methods that fit on data."""
+    shape = inputs[0].tensor.shape
+    return torch.cat([i.tensor for i in inputs if i.tensor.shape == shape]).to(device)
 
 
 @contextmanager

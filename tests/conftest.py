@@ -35,6 +35,10 @@ class Case:
     def dims(self) -> int:
         return self.x.ndim - 2
 
+    @property
+    def task(self) -> str:
+        return "classification" if self.wrapper is None else "segmentation"
+
 
 def _load(model: torch.nn.Module, checkpoint: str) -> torch.nn.Module:
     model.load_state_dict(torch.load(SAMPLES / "checkpoints" / checkpoint, weights_only=True))

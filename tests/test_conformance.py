@@ -6,6 +6,7 @@ leave the user's model untouched.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,9 +51,12 @@ def test_method_conforms(method_id, case):
     spec = registry.get(method_id)
     if case.dims not in spec.dims:
         pytest.skip(f"{method_id} does not support {case.dims}D")
+    if case.task not in spec.tasks:
+        pytest.skip(f"{method_id} does not apply to {case.task} models")
     layer = (case.leaf_layer if spec.leaf_layer else case.layer) if spec.needs_layer else None
     before = snapshot(case.model)
     torch.manual_seed(0)
+    np.random.seed(0)
     attr = esegeta.explain(case.model, case.x, method_id, target=case.target if spec.needs_target else None,
                            wrapper=case.wrapper, layer=layer,
                            **_params(spec, case.x, case, layer))
@@ -61,6 +65,8 @@ def test_method_conforms(method_id, case):
     assert attr.abs().sum() > 0, "an all-zero result explains nothing"
     if spec.kind in ("attribution", "neuron"):
         assert attr.shape == case.x.shape
+    elif spec.kind == "image":  # an image of its own: batch kept, same rank as the input
+        assert attr.shape[0] == case.x.shape[0] and attr.ndim == case.x.ndim
     else:
         layer_shape = _layer_output_shape(case.model, case.x, layer)
         assert attr.shape[0] == case.x.shape[0]
