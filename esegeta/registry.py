@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: Adapter modules, imported on first registry access. A new library is one line here.
-ADAPTER_MODULES = ("esegeta.adapters.captum",)
+ADAPTER_MODULES = tuple(f"esegeta.adapters.{name}" for name in (
+    "captum", "torchray", "gradcam", "zennit", "shap", "lime", "lucent", "own"))
 
 #: Where each kind of method puts its result.
 KINDS = {

@@ -1,0 +1,1 @@
+"""gradcam adapter: being written (registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""lime adapter: being written (registers nothing yet)."""

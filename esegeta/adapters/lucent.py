@@ -1,0 +1,1 @@
+"""lucent adapter: being written (registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""own adapter: being written (registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""shap adapter: being written (registers nothing yet)."""

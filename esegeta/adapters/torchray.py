@@ -1,0 +1,1 @@
+"""torchray adapter: being written (registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""zennit adapter: being written (registers nothing yet)."""
