@@ -23,7 +23,6 @@ FIGURE_SIGNS = ("all", "positive", "negative", "absolute_value")
 
 #: Keys of the SPEC that later releases bring (wherever they appear), with what to say until then.
 NOT_YET = {
-    "patch": "patch-wise explanation is not available in this version of esegeta; remove 'patch'",
     "amp": "mixed precision is not available in this version; remove 'amp'",
     "threads_per_device": "parallel workers are not available in this version; remove 'threads_per_device'",
     "timeout_s": "time limits are not available in this version; remove 'timeout_s'",
@@ -111,6 +110,31 @@ class WrapperConfig(Strict):
 Target = Union[Annotated[int, Field(ge=0)], Literal["predicted"], None]
 
 
+class PatchConfig(Strict):
+    """Explain the input patch by patch on torchio's grid (SPEC §5, :mod:`esegeta.patcher`)."""
+
+    size: list[Annotated[int, Field(gt=0)]] = Field(min_length=2, max_length=3,
+                                                    description="patch size per spatial axis (clipped to the input)")
+    overlap: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="overlap per spatial axis, even numbers smaller than size (torchio); default none")
+    mode: Literal["local", "global"] = Field(
+        "local", description="'local': each patch explained on its own, results blended; 'global': the score of "
+                             "the stitched whole-input prediction, computed patch by patch")
+    blend: Literal["average", "hann"] = Field("average", description="overlap blending (torchio's overlap_mode)")
+    batch_size: int = Field(4, gt=0, description="patches per model call")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> PatchConfig:
+        if self.overlap is not None:
+            if len(self.overlap) != len(self.size):
+                raise ValueError(f"overlap: needs {len(self.size)} values, one per axis of size")
+            if any(o % 2 for o in self.overlap):
+                raise ValueError(f"overlap: {self.overlap} must be even numbers (torchio's grid)")
+            if any(o >= s for o, s in zip(self.overlap, self.size)):
+                raise ValueError(f"overlap: {self.overlap} must be smaller than size {self.size} on every axis")
+        return self
+
+
 class MethodEntry(Strict):
     """One method to run. ``params`` are the upstream keyword names."""
 
@@ -122,6 +146,7 @@ class MethodEntry(Strict):
     enabled: StrictBool = True
     wrapper: WrapperConfig | None = None
     target: Target = None
+    patch: PatchConfig | None = Field(None, description="overrides the config's 'patch' for this method")
     device: str | None = None
 
     @property
@@ -154,6 +179,7 @@ class Config(Strict):
     inputs: InputsConfig
     wrapper: WrapperConfig | None = None
     target: Target = Field("predicted", description="class index or 'predicted'; with a wrapper, the wrapped column")
+    patch: PatchConfig | None = Field(None, description="explain patch by patch (large 2D/3D inputs)")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     methods: list[MethodEntry] = Field(min_length=1)
@@ -166,6 +192,11 @@ class Config(Strict):
                 raise ValueError(f"methods[{i}].label: {method.name!r} is already used by methods[{seen[method.name]}]; "
                                  "give each entry a unique 'label'")
             seen[method.name] = i
+        for where, patch in [("patch", self.patch)] + [(f"methods[{i}].patch", m.patch)
+                                                       for i, m in enumerate(self.methods)]:
+            if patch is not None and len(patch.size) != self.inputs.spatial_dims:
+                raise ValueError(f"{where}.size: needs {self.inputs.spatial_dims} sizes for "
+                                 f"{self.inputs.spatial_dims}D inputs, got {patch.size}")
         return self
 
 
@@ -267,11 +298,19 @@ def read(path: str | Path) -> tuple[Config, Path]:
 
 def check_methods(config: Config) -> None:
     """Method ids, layer use, params and noise_tunnel names, checked against upstream signatures."""
+    from . import registry
+
     errors: list[str] = []
     for i, entry in enumerate(config.methods):
         where = f"methods[{i}]"
         try:
             check_method(entry.id, entry.params, entry.layer, entry.noise_tunnel, where)
+            patch = entry.patch or config.patch
+            if patch is not None and patch.mode == "global":
+                from .patcher import check_global
+
+                check_global(registry.get(entry.id), entry.wrapper or config.wrapper,
+                             f"{where}.patch.mode" if entry.patch else "patch.mode")
         except ConfigError as exc:
             errors.append(str(exc))
     if errors:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import registry, wrappers
-from .config import WrapperConfig, check_method
+from .config import PatchConfig, WrapperConfig, check_method
 from .errors import ConfigError, did_you_mean
 from .prepare import CallSites, PreparedModel, prepared
 from .registry import Call, MethodSpec
@@ -77,12 +77,21 @@ def run_method(spec: MethodSpec, model: PreparedModel, x: torch.Tensor, *, targe
                wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
                params: Mapping[str, Any] | None = None, noise_tunnel: Mapping[str, Any] | None = None,
                base_dir: Path | None = None, with_score: bool = False, samples: torch.Tensor | None = None,
-               extras: dict[str, Any] | None = None) -> tuple[torch.Tensor, float | None]:
+               extras: dict[str, Any] | None = None,
+               patch: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, float | None]:
     """Run ``spec`` on the prepared model; returns (upstream result, score of the first input
     if ``with_score``, else None: the score costs one more forward pass). ``samples`` are the
     run's inputs (for methods that fit on data); extra outputs of the method land in
-    ``extras`` (those of the first input when a wrapper splits the batch)."""
+    ``extras`` (those of the first input when a wrapper splits the batch). With ``patch``
+    (a :class:`esegeta.config.PatchConfig` as a dict) the input is explained patch by patch
+    (:mod:`esegeta.patcher`)."""
     check_task(spec, wrapper)
+    if patch is not None:
+        from .patcher import run_patched
+
+        return run_patched(spec, model, x, patch, target=target, wrapper=wrapper, layer=layer, params=params,
+                           noise_tunnel=noise_tunnel, base_dir=base_dir, with_score=with_score, samples=samples,
+                           extras=extras)
     layer_module = find_layer(model, layer, spec=spec) if layer else None
     call_params = dict(params or {})
     nt = dict(noise_tunnel) if noise_tunnel is not None else None
@@ -121,12 +130,15 @@ def _as_result(result: Any) -> torch.Tensor:
 
 def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any = None, *,
             wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
-            noise_tunnel: Mapping[str, Any] | None = None, **params: Any) -> torch.Tensor:
+            noise_tunnel: Mapping[str, Any] | None = None, patch: Mapping[str, Any] | None = None,
+            **params: Any) -> torch.Tensor:
     """Attribute ``model``'s output for ``target`` to ``inputs`` with ``method``.
 
     ``method`` is a registry id such as ``"captum.IntegratedGradients"``; ``params`` are the
     upstream keyword arguments (``n_steps=32``); ``target`` is a class index, ``"predicted"``,
     or with a ``wrapper`` (e.g. ``{"name": "threshold", "threshold": 0.5}``) a wrapped column.
+    ``patch`` (e.g. ``{"size": [32, 32, 32], "overlap": [8, 8, 8], "mode": "global"}``) explains
+    the input patch by patch (SPEC §5, :mod:`esegeta.patcher`).
     ``model``, ``inputs`` and ``method`` are positional-only, so upstream parameters of the
     same name (Captum's ``method="riemann_trapezoid"``) pass through ``params``.
     Returns the upstream result as float32 with the batch dimension kept. The model is not
@@ -142,8 +154,14 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
             wrapper_cfg = WrapperConfig.model_validate(dict(wrapper)).model_dump()
         except Exception as exc:
             raise ConfigError("wrapper", str(exc)) from None
+    patch_cfg = None
+    if patch is not None:
+        try:
+            patch_cfg = PatchConfig.model_validate(dict(patch)).model_dump()
+        except ValueError as exc:  # pydantic's ValidationError
+            raise ConfigError("patch", str(exc)) from None
     device = next((p.device for p in model.parameters()), inputs.device)
     x = inputs.detach().to(device=device, dtype=torch.float32)  # the caller's tensor keeps requires_grad as it was
     result, _ = run_method(spec, prepared(model, x), x, target=target, wrapper=wrapper_cfg, layer=layer,
-                           params=params, noise_tunnel=noise_tunnel, samples=x)
+                           params=params, noise_tunnel=noise_tunnel, samples=x, patch=patch_cfg)
     return result

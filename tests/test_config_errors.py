@@ -187,15 +187,15 @@ CASES: list[Bad] = [
     Bad("unknown-wrapper-key", lambda tmp: base(tmp, wrapper={"name": "threshold", "treshold": 0.5}),
         "wrapper.treshold", ("did you mean threshold?",)),
     Bad("unknown-output-key", edit("output", dirr="x"), "output.dirr", ("did you mean dir?",)),
-    Bad("not-yet-patch", lambda tmp: base(tmp, patch={"size": [4, 4], "overlap": [0, 0], "mode": "local"}),
-        "patch", ("not available",)),
+    Bad("patch-odd-overlap", lambda tmp: base(tmp, patch={"size": [4, 4], "overlap": [1, 0], "mode": "local"}),
+        "patch.overlap", ("even",)),
     Bad("not-yet-runtime-amp", edit("runtime", amp=True), "runtime.amp", ("not available",)),
     Bad("not-yet-runtime-timeout", edit("runtime", timeout_s=10), "runtime.timeout_s", ("not available",)),
     Bad("not-yet-runtime-threads", edit("runtime", threads_per_device=2), "runtime.threads_per_device",
         ("not available", "remove 'threads_per_device'")),
-    # a method entry may override patch and timeout_s (SPEC §3): not yet either, not an unknown key
-    Bad("not-yet-method-patch", with_methods({"id": "captum.Saliency", "patch": {"size": [4, 4]}}),
-        "methods[0].patch", ("not available", "remove 'patch'")),
+    # a method entry may override patch (checked against the inputs' rank) and timeout_s (not yet)
+    Bad("method-patch-rank", with_methods({"id": "captum.Saliency", "patch": {"size": [4, 4, 4]}}),
+        "methods[0].patch.size", ("needs 2 sizes",)),
     Bad("not-yet-method-timeout", with_methods({"id": "captum.Saliency", "timeout_s": 5}),
         "methods[0].timeout_s", ("not available", "remove 'timeout_s'")),
     # -- wrong types and values -----------------------------------------------------------------------

@@ -1,0 +1,297 @@
+"""Patch-wise explanation of large 2D/3D inputs (SPEC §5), on torchio's grid sampling.
+
+A :class:`Grid` is torchio's ``GridSampler`` grid over one input (2D inputs are volumes of
+depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's overlap mode
+(``average``: equal weights; ``hann``: a Hann window per patch, then normalised).
+
+- ``mode: "local"``: every patch is explained as an input of its own (a wrapper freezes
+  its masks per patch; a region mask is cropped to the patch) and the patch results are
+  blended by torchio's ``GridAggregator``. Results at a layer's resolution are blended on
+  the layer's grid: the patch locations are divided by the layer's stride (patch size /
+  result size per axis), so patch size, overlap and input size must be multiples of it.
+- ``mode: "global"``: the explained score is the wrapper's score of the whole-input
+  prediction assembled by sliding-window inference (:class:`Stitched`: patch outputs
+  blended with the same weights as torchio's aggregator), masks frozen on that prediction.
+  Its forward runs the model patch by patch under ``no_grad``; its backward
+  (:class:`_StitchFunction`) recomputes each patch with gradients and sends it its weighted
+  share of the output gradient, so the activations held at any time are those of
+  ``batch_size`` patches (times the method's own batch, e.g. Integrated Gradients' steps per
+  ``internal_batch_size``), never the whole input's. The input, the stitched output and the
+  gradient are whole-input tensors. Every method that explains ``call.forward`` through its
+  outputs and input gradients runs exactly on the global score this way: gradients
+  (Saliency, InputXGradient, SmoothGrad), path methods (Integrated Gradients) and
+  perturbation methods (Occlusion, FeatureAblation, Shapley sampling, LIME, KernelSHAP), the
+  latter with one stitched forward per perturbation. Methods that hook the network's
+  modules (DeepLift, LRP, guided backprop, Zennit, grad-cam) see one call per patch batch;
+  only input-resolution attributions are accepted in global mode (layer, neuron and
+  feature-visualisation methods: use ``local``).
+
+The blending in the stitched forward is differentiable code of its own (torchio's
+aggregator works in place on CPU without gradients); tests check it equals torchio's.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .registry import MethodSpec
+
+BLENDS = ("average", "hann")
+MODES = ("local", "global")
+
+
+def to_volume(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, C, H, W, 1)``; 3D inputs unchanged (torchio's 3 spatial axes)."""
+    return x.unsqueeze(-1) if x.ndim == 4 else x
+
+
+def from_volume(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """The inverse of :func:`to_volume` for a ``dims``-D input."""
+    return x.squeeze(-1) if dims == 2 else x
+
+
+@dataclass
+class Grid:
+    """Patch locations over a spatial shape, as torchio's ``GridSampler`` places them.
+
+    ``size``/``overlap`` are per spatial axis of the input; a size larger than the input
+    is clipped to it (with no overlap on that axis). ``locations`` rows are
+    ``(i0, j0, k0, i1, j1, k1)`` on the volume view (depth 1 for 2D).
+    """
+
+    shape: tuple[int, int, int]
+    size: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+    blend: str
+    locations: np.ndarray
+
+    @classmethod
+    def over(cls, spatial: tuple[int, ...], size: list[int], overlap: list[int] | None, blend: str) -> Grid:
+        import torchio as tio
+
+        if len(size) != len(spatial):
+            raise ConfigError("patch.size", f"needs {len(spatial)} sizes for a {len(spatial)}D input, got {size}")
+        overlap = list(overlap) if overlap else [0] * len(spatial)
+        clipped = [min(s, n) for s, n in zip(size, spatial)]
+        overlap = [o if o < s else 0 for o, s in zip(overlap, clipped)]
+        pad = (1,) * (3 - len(spatial))
+        shape, size3, overlap3 = tuple(spatial) + pad, tuple(clipped) + pad, tuple(overlap) + (0,) * len(pad)
+        try:
+            image = tio.ScalarImage(tensor=torch.empty(1, *shape, dtype=torch.uint8))
+            sampler = tio.GridSampler(tio.Subject(image=image), size3, overlap3)
+        except ValueError as exc:
+            raise ConfigError("patch", f"{exc}") from None
+        return cls(shape, size3, overlap3, blend, np.asarray(sampler.locations, dtype=np.int64))
+
+    def slices(self, location: np.ndarray, scale: tuple[int, int, int] = (1, 1, 1)) -> tuple[slice, ...]:
+        """Index of a patch in a ``(B, C, X, Y, Z)`` tensor (on a grid ``scale`` times coarser)."""
+        return (slice(None), slice(None)) + tuple(slice(int(a) // s, int(b) // s)
+                                                  for a, b, s in zip(location[:3], location[3:], scale))
+
+    def window(self) -> torch.Tensor:
+        """A patch's blending weights: ones (average) or the Hann window torchio's aggregator uses."""
+        import torchio as tio
+
+        if self.blend == "hann":
+            return tio.GridAggregator._get_hann_window(np.asarray(self.size)).float()
+        return torch.ones(self.size)
+
+    def aggregator(self, scale: tuple[int, int, int]):
+        """torchio's ``GridAggregator`` for results ``scale`` times coarser than the input per axis."""
+        import torchio as tio
+
+        for location in self.locations:
+            if any(int(v) % s for v, s in zip(location, scale + scale)):
+                raise ConfigError("patch", f"the result is {scale} times coarser than the input, and patch "
+                                           f"{location[:3].tolist()}–{location[3:].tolist()} does not fall on that "
+                                           f"grid: choose input size, patch size and overlap multiples of {scale}")
+        grid = SimpleNamespace(  # the three fields GridAggregator reads from a sampler, on the coarse grid
+            subject=SimpleNamespace(spatial_shape=tuple(n // s for n, s in zip(self.shape, scale))),
+            padding_mode=None,
+            patch_overlap=np.asarray([o // s for o, s in zip(self.overlap, scale)]),
+            patch_size=np.asarray([p // s for p, s in zip(self.size, scale)]))
+        return tio.GridAggregator(grid, overlap_mode=self.blend)
+
+    def chunks(self, batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.locations), batch_size):
+            yield self.locations[start:start + batch_size]
+
+
+def _patches(x5: torch.Tensor, grid: Grid, locations: np.ndarray) -> torch.Tensor:
+    """The patches of every item of ``x5``, patch-major: ``(len(locations) * B, C, *size)``."""
+    return torch.cat([x5[grid.slices(loc)] for loc in locations])
+
+
+def _scale(grid: Grid, result: torch.Tensor) -> tuple[int, int, int]:
+    """How many input voxels one result voxel covers per axis (1 at input resolution)."""
+    spatial = tuple(result.shape[2:])
+    if len(spatial) != 3 or any(p % r for p, r in zip(grid.size, spatial)):
+        raise ConfigError("patch", f"a patch of size {list(grid.size)} gave a result of shape {list(result.shape)}, "
+                                   "not on a grid aligned with the patch: this method cannot be patched")
+    return tuple(p // r for p, r in zip(grid.size, spatial))
+
+
+class Stitched(nn.Module):
+    """Sliding-window inference: ``model`` run patch by patch, outputs blended into one prediction.
+
+    The blend is ``Σ_j w_j · out_j / Σ_j w_j`` over the patches ``j`` covering a voxel, with
+    ``w`` the grid's window (torchio's ``average`` or ``hann``). Gradients flow through
+    :class:`_StitchFunction`, which recomputes the patches one batch at a time.
+    """
+
+    def __init__(self, model: nn.Module, grid: Grid, dims: int, batch_size: int, output_key: Any = None):
+        super().__init__()
+        self.model = model
+        self.grid = grid
+        self.dims = dims
+        self.batch_size = batch_size
+        self.output_key = output_key
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StitchFunction.apply(x, self)
+
+    def weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch window, sum of windows over the volume), on ``device``."""
+        if self._weights is None or self._weights[0].device != device:
+            window = self.grid.window().to(device)
+            total = torch.zeros(self.grid.shape, device=device)
+            for loc in self.grid.locations:
+                total[self.grid.slices(loc)[2:]] += window
+            self._weights = (window, total)
+        return self._weights
+
+    def outputs(self, patches: torch.Tensor) -> torch.Tensor:
+        """The model's segmentation output on a batch of volume-view patches, as a volume view."""
+        from .wrappers import select_output
+
+        out = select_output(self.model(from_volume(patches, self.dims)), self.output_key)
+        out = to_volume(out)
+        if tuple(out.shape[2:]) != tuple(patches.shape[2:]):
+            raise ConfigError("patch.mode", f"global mode stitches outputs at the input's resolution; the model "
+                                            f"maps a patch {list(patches.shape[2:])} to {list(out.shape[2:])}: "
+                                            "use mode 'local'")
+        return out
+
+    def assemble(self, x: torch.Tensor) -> torch.Tensor:
+        """The stitched prediction on ``x`` (no gradients kept)."""
+        x5, n = to_volume(x), x.shape[0]
+        window, total = self.weights(x.device)
+        out = None
+        with torch.no_grad():
+            for chunk in self.grid.chunks(self.batch_size):
+                y = self.outputs(_patches(x5, self.grid, chunk))
+                if out is None:
+                    out = torch.zeros(n, y.shape[1], *self.grid.shape, dtype=y.dtype, device=y.device)
+                for j, loc in enumerate(chunk):
+                    out[self.grid.slices(loc)] += y[j * n:(j + 1) * n] * window
+            out /= total
+        return from_volume(out, self.dims)
+
+    def backprop(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """d(Σ grad_out · stitched(x))/dx, one patch batch at a time."""
+        x5, g5, n = to_volume(x.detach()), to_volume(grad_out), x.shape[0]
+        window, total = self.weights(x.device)
+        grad = torch.zeros_like(x5)
+        for chunk in self.grid.chunks(self.batch_size):
+            patches = _patches(x5, self.grid, chunk).requires_grad_(True)
+            share = torch.cat([g5[self.grid.slices(loc)] * (window / total[self.grid.slices(loc)[2:]])
+                               for loc in chunk])
+            with torch.enable_grad():
+                y = self.outputs(patches)
+                (g,) = torch.autograd.grad(y, patches, share.to(y.dtype))
+            for j, loc in enumerate(chunk):
+                grad[self.grid.slices(loc)] += g[j * n:(j + 1) * n]
+        return from_volume(grad, self.dims)
+
+
+class _StitchFunction(torch.autograd.Function):
+    """Stitched forward without a graph; backward recomputes each patch batch (checkpointing)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stitched: Stitched) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.stitched = stitched
+        return stitched.assemble(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.stitched.backprop(x, grad_out), None
+
+
+def _patch_wrapper(wrapper: Mapping[str, Any] | None, mask: torch.Tensor | None, grid: Grid,
+                   location: np.ndarray) -> Mapping[str, Any] | None:
+    """The wrapper of one patch: a region mask cropped to it."""
+    if mask is None:
+        return wrapper
+    cropped = mask.reshape(grid.shape)[grid.slices(location)[2:]]
+    return {**wrapper, "mask": cropped.reshape(cropped.shape[:mask.ndim])}
+
+
+def run_patched(spec: MethodSpec, model: nn.Module, x: torch.Tensor, patch: Mapping[str, Any], *,
+                target: Any = None, wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
+                params: Mapping[str, Any] | None = None, noise_tunnel: Mapping[str, Any] | None = None,
+                base_dir: Path | None = None, with_score: bool = False, samples: torch.Tensor | None = None,
+                extras: dict[str, Any] | None = None) -> tuple[torch.Tensor, float | None]:
+    """:func:`esegeta.explainer.run_method` patch by patch (``patch`` as in :class:`esegeta.config.PatchConfig`).
+
+    Returns (result, score): local mode has one score per patch, so none is returned (nor
+    extra outputs); global mode returns the score of the stitched prediction of the first input.
+    """
+    from .explainer import run_method
+
+    dims = x.ndim - 2
+    mode, blend = patch.get("mode", "local"), patch.get("blend", "average")
+    batch_size = int(patch.get("batch_size") or 4)
+    grid = Grid.over(tuple(x.shape[2:]), list(patch["size"]), patch.get("overlap"), blend)
+    common = {"target": target, "params": params, "noise_tunnel": noise_tunnel, "base_dir": base_dir}
+    if mode == "global":
+        check_global(spec, wrapper)
+        stitched = Stitched(model, grid, dims, batch_size, wrapper.get("output"))
+        return run_method(spec, stitched, x, wrapper=wrapper, with_score=with_score, samples=samples,
+                          extras=extras, **common)
+    if spec.kind == "image":
+        raise ConfigError("patch", f"{spec.id} draws an image of its own, not aligned with the input: remove 'patch'")
+    mask = None
+    if wrapper is not None and wrapper.get("mask") is not None:
+        from .loading import load_mask
+
+        raw = wrapper["mask"]
+        mask = load_mask(raw, base_dir) if isinstance(raw, (str, Path)) else torch.as_tensor(raw)
+        batch_size = 1  # one cropped mask per patch
+    results = []
+    for i in range(x.shape[0]):
+        x5 = to_volume(x[i:i + 1])
+        aggregator, scale = None, None
+        for chunk in grid.chunks(batch_size):
+            patches = from_volume(_patches(x5, grid, chunk), dims)
+            attr, _ = run_method(spec, model, patches, wrapper=_patch_wrapper(wrapper, mask, grid, chunk[0]),
+                                 layer=layer, samples=patches, **common)
+            attr5 = to_volume(attr) if attr.ndim == dims + 2 else attr
+            if aggregator is None:
+                scale = _scale(grid, attr5)
+                aggregator = grid.aggregator(scale)
+            coarse = torch.as_tensor(np.stack([np.concatenate([loc[:3] // scale, loc[3:] // scale]) for loc in chunk]))
+            aggregator.add_batch(attr5.cpu(), coarse)
+        results.append(from_volume(aggregator.get_output_tensor()[None], dims).to(x.device))
+    return torch.cat(results), None
+
+
+def check_global(spec: MethodSpec, wrapper: Any, where: str = "patch.mode") -> None:
+    """A ConfigError unless ``spec`` can explain a stitched, wrapped prediction."""
+    if wrapper is None:
+        raise ConfigError(where, "global mode explains a wrapper's score of the stitched segmentation: set a "
+                                 "wrapper, or use mode 'local'")
+    if spec.kind != "attribution":
+        raise ConfigError(where, f"global mode runs input-resolution attributions; {spec.id} is a {spec.kind} "
+                                 "method: use mode 'local'")
