@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="output folder (default: the config's output.dir)")
     run.add_argument("--device", help="'cpu', 'cuda:N' or 'auto' (overrides runtime.devices)")
     run.add_argument("--only", nargs="+", metavar="ID_OR_LABEL", help="run only these methods")
+    run.add_argument("--resume", action="store_true", help="keep the results of an earlier run in the output "
+                     "folder that are complete and made with the same settings; compute the rest")
     run.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
 
     validate = sub.add_parser("validate", help="check a config, its files, model, layers and parameters; run nothing")
@@ -52,7 +54,7 @@ class _ConsoleHandler(logging.StreamHandler):
             from tqdm import tqdm
 
             tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
+        except Exception:  # noqa: BLE001 (logging must never raise)
             self.handleError(record)
 
 
@@ -112,7 +114,8 @@ def _run(pipeline) -> int:
 def _cmd_run(args) -> int:
     from .runner import Pipeline
 
-    return _run(Pipeline(args.config, output_dir=args.output, device=args.device, only=args.only))
+    return _run(Pipeline(args.config, output_dir=args.output, device=args.device, only=args.only,
+                         resume=args.resume))
 
 
 def _cmd_demo(args) -> int:

@@ -23,9 +23,6 @@ FIGURE_SIGNS = ("all", "positive", "negative", "absolute_value")
 
 #: Keys of the SPEC that later releases bring (wherever they appear), with what to say until then.
 NOT_YET = {
-    "amp": "mixed precision is not available in this version; remove 'amp'",
-    "threads_per_device": "parallel workers are not available in this version; remove 'threads_per_device'",
-    "timeout_s": "time limits are not available in this version; remove 'timeout_s'",
 }
 
 
@@ -147,7 +144,10 @@ class MethodEntry(Strict):
     wrapper: WrapperConfig | None = None
     target: Target = None
     patch: PatchConfig | None = Field(None, description="overrides the config's 'patch' for this method")
-    device: str | None = None
+    device: str | None = Field(None, description="run this method on this device ('cpu', 'cuda:N'), "
+                               "overriding runtime.devices")
+    timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="time limit of this method per "
+                                                            "input, in seconds (overrides runtime.timeout_s)")
 
     @property
     def name(self) -> str:
@@ -155,7 +155,18 @@ class MethodEntry(Strict):
 
 
 class RuntimeConfig(Strict):
-    devices: str | list[str] = Field("auto", description="'auto', 'cpu', 'cuda:N' (the first is used)")
+    """Where and how jobs run (see :mod:`esegeta.scheduling`)."""
+
+    devices: str | list[str] = Field("auto", description="'auto' (every CUDA device, else the CPU), 'cpu', "
+                                     "'cuda:N', or a list of devices")
+    threads_per_device: Annotated[int, Field(ge=1)] = Field(1, description="worker threads per device, "
+                                                            "each with its own copy of the model")
+    amp: StrictBool = Field(False, description="mixed precision: autocast to bf16 on the CPU, fp16 on CUDA; "
+                            "a failed or non-finite result is recomputed in fp32")
+    timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="time limit per (method, input) "
+                                                            "in seconds; a method over it is stopped, status 'timeout'")
+    batch_size: Annotated[int, Field(ge=1)] = Field(1, description="inputs of one shape explained in one upstream "
+                                                    "call, for methods without a wrapper")
     seed: int = 0
 
 

@@ -1,0 +1,244 @@
+"""How a run's (method, input) jobs execute: devices, worker threads, seeds, precision, memory.
+
+- **Devices and workers.** ``runtime.devices`` names one or more devices; each gets
+  ``threads_per_device`` worker threads (threads in one process: torch releases the GIL).
+  Every worker holds its own prepared replica of the model: methods set hooks on the model
+  and the prepared copy counts call sites per forward, so two jobs must never share a copy.
+- **Seeds.** Each job draws from its own seed, :func:`job_seed` of (run seed, method index,
+  input index), whatever worker runs it and whatever runs beside it. torch's global RNG is
+  shared by all threads, so a job's torch random calls (``torch.randn``, ``normal_``, ...)
+  get a per-job generator through a thread-local :class:`torch.overrides.TorchFunctionMode`
+  (:class:`JobRandomness`); methods known to draw from numpy's or Python's global RNG
+  (:func:`uses_global_rng`) hold one lock for their whole run, with both seeded from the job seed.
+- **Mixed precision** (``runtime.amp``): jobs run under :func:`torch.autocast` (bf16 on the
+  CPU, fp16 on CUDA); a result that fails or is not finite is recomputed once in fp32.
+- **Out of memory**: the method's internal batch parameter is halved and the job retried,
+  down to one (:func:`halve_batch`).
+"""
+from __future__ import annotations
+
+import os
+import random
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .errors import ConfigError
+
+#: torch functions and tensor methods that draw random numbers and take ``generator=``.
+RANDOM_OPS = frozenset({
+    "rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson", "binomial",
+    "rand_like", "randn_like", "randint_like", "_standard_gamma", "_sample_dirichlet",
+    "normal_", "uniform_", "bernoulli_", "random_", "exponential_", "cauchy_", "geometric_", "log_normal_",
+})
+#: Libraries whose methods draw only from torch's RNG (others are assumed to use numpy's or Python's)...
+TORCH_RNG_LIBRARIES = frozenset({"captum", "gradcam", "zennit", "torchray"})
+#: ... except these methods, which call numpy's global RNG.
+GLOBAL_RNG_METHODS = frozenset({"captum.GradientShap", "captum.LayerGradientShap", "gradcam.RandomCAM"})
+#: Internal batch parameters halved on out-of-memory, in order of preference, with the
+#: parameter that gives their effective size when they are unset (None).
+BATCH_PARAMS = {"internal_batch_size": "n_steps", "perturbations_per_eval": None,
+                "nt_samples_batch_size": "nt_samples", "batch_size": None}
+
+
+# -- devices ------------------------------------------------------------------------
+def resolve_device(name: str | None, where: str = "runtime.devices") -> torch.device:
+    """``auto`` → the first CUDA device if there is one, else the CPU; errors name ``where``."""
+    if name in (None, "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(where, f"{name!r} is not a device; use 'auto', 'cpu' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(where, f"{name} requested but CUDA is not available here; use 'cpu' or 'auto'")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(where, f"{name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        device = torch.device("cuda", index)
+    return device
+
+
+def resolve_devices(names: str | list[str] | None, where: str = "runtime.devices") -> list[torch.device]:
+    """The devices jobs run on: ``auto`` is every CUDA device, or the CPU where there is none."""
+    if names in (None, "auto"):
+        if torch.cuda.is_available():
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        return [torch.device("cpu")]
+    if isinstance(names, str):
+        return [resolve_device(names, where)]
+    if not names:
+        raise ConfigError(where, "an empty list names no device; use 'auto', 'cpu', 'cuda:N' or a list of them")
+    devices: list[torch.device] = []
+    for i, name in enumerate(names):
+        if name == "auto":
+            raise ConfigError(f"{where}[{i}]", "'auto' stands alone, not in a list")
+        device = resolve_device(name, f"{where}[{i}]")
+        if device not in devices:
+            devices.append(device)
+    return devices
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def intra_op_threads(cpu_workers: int):
+    """torch's intra-op threads shared out among the CPU workers (at least one each), restored after."""
+    before = torch.get_num_threads()
+    if cpu_workers > 1:
+        torch.set_num_threads(max(1, cpu_count() // cpu_workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- seeds --------------------------------------------------------------------------
+def job_seed(seed: int, method_index: int, input_index: int) -> int:
+    """A job's own 63-bit seed, a function of (run seed, method index, input index) only."""
+    state = np.random.SeedSequence([seed % 2**63, method_index, input_index]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def uses_global_rng(method_id: str) -> bool:
+    """Whether a method may draw from numpy's or Python's global RNG (then it runs under a lock)."""
+    return method_id in GLOBAL_RNG_METHODS or method_id.split(".", 1)[0] not in TORCH_RNG_LIBRARIES
+
+
+_global_rng_lock = threading.Lock()
+
+
+class JobRandomness(TorchFunctionMode):
+    """Within one thread, torch's random calls draw from this job's generators (one per device).
+
+    A ``TorchFunctionMode`` is thread-local, so jobs in other threads are not affected; a call
+    that passes its own ``generator`` keeps it. With ``global_rng`` the job also holds the
+    process-wide lock for numpy's and Python's global RNGs and seeds them.
+    """
+
+    def __init__(self, seed: int, global_rng: bool = False):
+        super().__init__()
+        self.seed = seed
+        self.global_rng = global_rng
+        self.generators: dict[torch.device, torch.Generator] = {}
+        self._held = False
+        self._release_lock = threading.Lock()
+
+    def __enter__(self):
+        if self.global_rng:
+            _global_rng_lock.acquire()
+            self._held = True
+            np.random.seed(self.seed % 2**32)
+            random.seed(self.seed)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give up the global-RNG lock (also called for a job abandoned after its time limit)."""
+        with self._release_lock:
+            if self._held:
+                self._held = False
+                _global_rng_lock.release()
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if device.type not in ("cpu", "cuda"):
+            return None
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in RANDOM_OPS and kwargs.get("generator") is None:
+            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            device = tensor.device if tensor is not None else torch.device(kwargs.get("device") or
+                                                                           torch.get_default_device())
+            generator = self._generator(device)
+            if generator is not None:
+                kwargs = {**kwargs, "generator": generator}
+        return func(*args, **kwargs)
+
+
+# -- precision ----------------------------------------------------------------------
+def amp_precision(device: torch.device) -> str:
+    """The autocast precision on ``device``: fp16 on CUDA, bf16 elsewhere."""
+    return "fp16" if device.type == "cuda" else "bf16"
+
+
+@contextmanager
+def precision(name: str, device: torch.device):
+    """Run under autocast for ``bf16``/``fp16``; ``fp32`` runs as is."""
+    if name == "fp32":
+        yield
+        return
+    dtype = torch.float16 if name == "fp16" else torch.bfloat16
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+# -- out of memory ------------------------------------------------------------------
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def batch_parameter(spec, params: dict[str, Any], noise_tunnel: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(section, name) of the internal batch parameter the method accepts, or None.
+
+    ``section`` is ``params`` or ``noise_tunnel`` (Captum's ``nt_samples_batch_size``)."""
+    accepted = spec.adapter.parameters(spec)
+    nt_accepted = (spec.adapter.noise_tunnel_parameters() or {}) if noise_tunnel is not None else {}
+    for name in BATCH_PARAMS:
+        if name in accepted:
+            return "params", name
+        if name in nt_accepted:
+            return "noise_tunnel", name
+    return None
+
+
+def halve_batch(spec, params: dict[str, Any], noise_tunnel: dict[str, Any] | None) -> bool:
+    """Halve the method's internal batch parameter in place; False when it cannot shrink
+    (no such parameter, already one, or its size unknown)."""
+    found = batch_parameter(spec, params, noise_tunnel)
+    if found is None:
+        return False
+    section, name = found
+    values = params if section == "params" else noise_tunnel
+    accepted = spec.adapter.parameters(spec) if section == "params" else spec.adapter.noise_tunnel_parameters()
+    current = values.get(name, _default(accepted, name))
+    if current is None:  # unset: the whole count (n_steps, nt_samples) in one batch
+        count = BATCH_PARAMS[name]
+        current = values.get(count, _default(accepted, count)) if count else None
+        if count == "n_steps" and current is not None:
+            current = int(current)
+    if not isinstance(current, int) or current <= 1:
+        return False
+    values[name] = current // 2
+    return True
+
+
+def _default(accepted, name: str | None) -> Any:
+    p = accepted.get(name) if name else None
+    return None if p is None or p.default is p.empty else p.default
+
+
+def free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
