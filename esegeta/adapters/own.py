@@ -1,1 +1,132 @@
-"""own adapter: being written (registers nothing yet)."""
+"""esegeta's own methods: the few that no installed library ships (``esegeta.<Name>``).
+
+One generic adapter serves the whole table: each method is a function
+``esegeta.methods.<module>.<function>(call, *, <params>)`` whose keyword parameters *are*
+the config's ``params`` (their names, defaults and documentation). The implementations
+are imported on first use, so listing the registry imports neither torch nor them.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import Any
+
+from ..errors import ConfigError
+from ..registry import Call, MethodSpec, register
+
+#: method name → "module:function" (in :mod:`esegeta.methods`).
+IMPLEMENTATIONS: dict[str, str] = {}
+
+
+def _check_channel(value: Any, path: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(path, f"{value!r} is not a channel index: give an integer >= 0, or null for the most "
+                                "active channel")
+
+
+def _check_pattern_type(value: Any, path: str) -> None:
+    if value not in ("relu", "linear"):
+        raise ConfigError(path, f"{value!r} is not a pattern estimator: use 'relu' (two-component, a+) or 'linear'")
+
+
+def _check_fit_inputs(value: Any, path: str) -> None:
+    if value == "samples" or (hasattr(value, "ndim") and hasattr(value, "shape")):  # a tensor, Python API only
+        return
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return
+    if isinstance(value, dict) and isinstance(value.get("paths"), list) and value["paths"]:
+        unknown = set(value) - {"paths", "color", "normalize", "resize"}
+        if unknown:
+            raise ConfigError(path, f"unknown key(s) {sorted(unknown)}: fit_inputs takes paths, color, normalize "
+                                    "and resize, as the 'inputs' block does")
+        return
+    raise ConfigError(path, f"{value!r} is not 'samples' (the run's inputs), a list of files/globs, or an object "
+                            "{'paths': [...], 'normalize': ...} like 'inputs'")
+
+
+def _check_patterns(value: Any, path: str) -> None:
+    if value is not None and not (isinstance(value, str) and value.endswith((".pt", ".pth"))):
+        raise ConfigError(path, f"{value!r} is not a .pt file name: give e.g. 'patterns/model.pt' (relative to "
+                                "the config's folder), or null to fit without saving")
+
+
+def _check_batch_size(value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(path, f"{value!r} is not a batch size: give an integer >= 1")
+
+
+#: parameter name → check of its JSON value (run before anything else).
+CHECKS: Mapping[str, Callable[[Any, str], None]] = {
+    "channel": _check_channel,
+    "pattern_type": _check_pattern_type,
+    "fit_inputs": _check_fit_inputs,
+    "patterns": _check_patterns,
+    "batch_size": _check_batch_size,
+}
+
+
+@cache
+def _keyword_parameters(fn: Callable) -> Mapping[str, inspect.Parameter]:
+    return {name: p for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+class OwnAdapter:
+    """Calls esegeta's implementation of a method with the config's params."""
+
+    @staticmethod
+    def _function(spec: MethodSpec) -> Callable:
+        module, _, name = IMPLEMENTATIONS[spec.name].partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
+        return _keyword_parameters(self._function(spec))
+
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        check = CHECKS.get(name)
+        if check is not None:
+            check(value, path)
+
+    def noise_tunnel_parameters(self) -> None:
+        return None
+
+    def run(self, spec: MethodSpec, call: Call):
+        params = dict(call.params)
+        for name, default in spec.defaults.items():
+            params.setdefault(name, default(call.inputs) if callable(default) else default)
+        return self._function(spec)(call, **params)
+
+
+ADAPTER = OwnAdapter()
+
+
+def _fit_quick(x):
+    """Conformance-test fitting data: the input and 15 noisy copies of it (one input alone gives a
+    dense layer no variance to estimate a pattern from). Seeded, so runs repeat."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn((15, *x.shape[1:]), generator=generator).to(x)
+    return torch.cat([x[:1], x[:1] + 0.1 * x.std() * noise])
+
+
+def _own(name, implementation, kind="attribution", layer=False, target=True, tasks=None, requires=(),
+         extra="", quick=None, ref=""):
+    IMPLEMENTATIONS[name] = f"esegeta.methods.{implementation}"
+    register(MethodSpec(
+        library="esegeta", name=name, kind=kind, adapter=ADAPTER, requires=requires, extra=extra,
+        needs_layer=layer, needs_target=target, quick_params=quick or {}, reference=ref,
+        **({"tasks": tasks} if tasks else {}),
+    ))
+
+
+_PATTERN_REF = "Kindermans et al. 2018, ICLR, arXiv:1705.05598"
+_own("CAM", "cam:cam", kind="layer", layer=True, tasks=("classification",),
+     ref="Zhou et al. 2016, CVPR, arXiv:1512.04150")
+_own("PatternNet", "patterns:pattern_net", quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF)
+_own("PatternAttribution", "patterns:pattern_attribution", quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF)
+_own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop", layer=True, target=False,
+     requires=("captum",), extra="captum", ref="Springenberg et al. 2015, arXiv:1412.6806")

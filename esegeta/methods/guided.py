@@ -1,0 +1,50 @@
+"""Guided backpropagation of one channel's mean activation at a layer (Springenberg et al. 2015,
+arXiv:1412.6806), the "layer activation with guided backprop" of TorchEsegeta's CNN
+visualisations. Captum's ``NeuronGuidedBackprop`` computes it when given a callable neuron
+selector, which a JSON config cannot express: this method passes
+``lambda out: out[:, channel].mean(spatial)`` and otherwise returns Captum's result.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..registry import Call
+
+
+def _layer_output(call: Call) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = call.layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            call.forward(call.inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def layer_activation_guided_backprop(call: Call, *, channel: int | None = None) -> torch.Tensor:
+    """Guided backprop of the mean of ``channel`` of ``call.layer``'s output, (B, C, *spatial).
+
+    ``channel``: the channel index; null (default) takes, per input, the channel with the
+    largest mean activation.
+    """
+    from captum.attr import NeuronGuidedBackprop
+
+    out = _layer_output(call)
+    if not torch.is_tensor(out) or out.ndim < 2:
+        raise ConfigError("layer", "the layer's output is not a tensor (batch, channels, ...)")
+    dims = tuple(range(2, out.ndim))
+    if channel is None:
+        index = (out.mean(dim=dims) if dims else out).argmax(dim=1)
+    elif channel >= out.shape[1]:
+        raise ConfigError("params.channel", f"channel {channel} does not exist: the layer has {out.shape[1]} channels")
+    else:
+        index = torch.full((out.shape[0],), channel, device=out.device)
+    rows = torch.arange(out.shape[0], device=out.device)
+
+    def selector(activation: torch.Tensor) -> torch.Tensor:
+        chosen = activation[rows, index]
+        return chosen.mean(dim=tuple(range(1, chosen.ndim))) if chosen.ndim > 1 else chosen
+
+    return NeuronGuidedBackprop(call.forward, call.layer).attribute(call.inputs, neuron_selector=selector)
