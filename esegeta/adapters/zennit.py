@@ -1,1 +1,557 @@
-"""zennit adapter: being written (registers nothing yet)."""
+"""Zennit (https://github.com/chr5tphr/zennit): LRP composites, rule maps, canonizers and attributors.
+
+Two tables, two small adapters:
+
+- ``zennit.<Composite>`` (EpsilonPlus, EpsilonGammaBox, GuidedBackprop, ...): the composite,
+  built from the config's params under its own constructor names, runs with zennit's
+  ``Gradient`` attributor; the result is the relevance at the input ``(B, C, *spatial)``.
+  ``zennit.LayerMapComposite`` / ``zennit.SpecialFirstLayerMapComposite`` build the rules
+  from JSON (see *Rule maps*).
+- ``zennit.<Attributor>`` (Gradient, SmoothGrad, IntegratedGradients, Occlusion): the
+  attributor with its own params, optionally over a composite named in ``params.composite``
+  (``"EpsilonPlus"`` or ``{"name": "EpsilonGammaBox", "gamma": 0.5}``).
+
+The output seed (zennit's ``attr_output``) is the one-hot of the target over
+``call.forward``'s ``(B, K)`` output (with a wrapper: the wrapped scores), so the plain
+``Gradient`` is the gradient of the target score, and LRP starts with relevance 1 on it.
+``Occlusion`` sums ``attr_output(output)`` as its score, so there it is the one-hot times the
+output (the target score itself). The composite is registered on ``call.forward``, so with a
+wrapper its elementwise activation follows the composite's activation rule too (``Pass`` for
+the LRP composites: the mask, not the sigmoid's slope, seeds the logits; ``nn.Softmax`` is in
+no zennit type group and is differentiated).
+
+Rule maps (``layer_map``, ``first_map``, also accepted by the built-in composites, where they
+are put before the composite's own rules): a JSON object from layer type to rule, the first
+matching entry wins, in the order written::
+
+    {"Conv2d": "epsilon", "Linear": {"rule": "gamma", "gamma": 0.25}, "BatchNorm": "pass"}
+
+Layer types are ``torch.nn`` class names or zennit's type groups: Convolution (every conv and
+transposed conv, 1D to 3D), ConvolutionStandard, ConvolutionTranspose, BatchNorm, AvgPool,
+MaxPool, Activation, Sum, and ``types.Linear`` (convolutions and dense layers; a plain
+``Linear`` is ``torch.nn.Linear``). Rules (:data:`RULES`): epsilon (ε), gamma (γ),
+alpha1beta0, alpha2beta1, alphabeta (α, β given), zplus (z⁺), flat, wsquare (w²), zbox
+(z^B; ``low``/``high`` default to each input's min and max, or give a number or one number
+per channel), pass, norm, gradient (no rule: the plain gradient), guidedbackprop, deconvnet,
+betasmooth (ReLU rules). A rule's own params go next to ``rule`` under zennit's names.
+
+Canonizers (``params.canonizers``, names): SequentialMergeBatchNorm (folds every BatchNorm
+that directly follows a conv/linear layer in module order into it: the Conv→BN blocks of
+esegeta's sample ResNet and U-Nets), and, from ``zennit.torchvision``, VGGCanonizer (the same)
+and ResNetCanonizer (that plus a ``Sum`` module for the residual addition of torchvision's
+own ``BasicBlock``/``Bottleneck`` classes only). Default: SequentialMergeBatchNorm for every
+LRP composite, none for GuidedBackprop and DeconvNet (folding BN changes their gradient only
+by rounding); ``[]`` turns folding off. Canonizers change the prepared copy's weights while the
+call runs; zennit undoes them, and :func:`_untouched` checks afterwards, even on error, that
+every parameter, buffer, submodule and hook of the copy is as before (and restores it if not).
+
+Trace (``params.trace: true``, with the ``Gradient`` attributor: every composite and
+``zennit.Gradient``): ``call.extras["trace"]`` maps each leaf layer of the model (named as in
+the user's model; a module called at several places is ``name[k]``, its k-th call) to the
+relevance it passes to its input: the composite-modified gradient of the model's output
+seed with respect to that layer's input, through that layer only (so a tensor feeding two
+layers, e.g. a residual branch, has one entry per layer), shape ``(B, *layer input shape)``.
+Without a composite it is the plain gradient.
+
+References: Bach et al. 2015, doi:10.1371/journal.pone.0130140 (LRP); Montavon et al. 2019,
+doi:10.1007/978-3-030-28954-6_10 (composites); Anders et al. 2021, arXiv:2106.13200 (Zennit).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+from ..errors import ConfigError, did_you_mean
+from ..registry import Call, MethodSpec, register
+
+log = logging.getLogger("esegeta")
+
+_LRP = "Bach et al. 2015, doi:10.1371/journal.pone.0130140"
+#: Composite name → (reference, canonizers by default).
+COMPOSITES: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "EpsilonPlus": ("Kohlbrenner et al. 2020, arXiv:1910.09840", ("SequentialMergeBatchNorm",)),
+    "EpsilonPlusFlat": ("Kohlbrenner et al. 2020, arXiv:1910.09840", ("SequentialMergeBatchNorm",)),
+    "EpsilonAlpha2Beta1": ("Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10", ("SequentialMergeBatchNorm",)),
+    "EpsilonAlpha2Beta1Flat": ("Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10",
+                               ("SequentialMergeBatchNorm",)),
+    "EpsilonGammaBox": ("Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10", ("SequentialMergeBatchNorm",)),
+    "ExcitationBackprop": ("Zhang et al. 2016, arXiv:1608.00507", ("SequentialMergeBatchNorm",)),
+    "GuidedBackprop": ("Springenberg et al. 2015, arXiv:1412.6806", ()),
+    "DeconvNet": ("Zeiler & Fergus 2014, arXiv:1311.2901", ()),
+    "LayerMapComposite": (_LRP, ("SequentialMergeBatchNorm",)),
+    "SpecialFirstLayerMapComposite": (_LRP, ("SequentialMergeBatchNorm",)),
+}
+#: Attributor name → (reference, seed: "one_hot" for gradients, "score" for Occlusion).
+ATTRIBUTORS: Mapping[str, tuple[str, str]] = {
+    "Gradient": ("Simonyan et al. 2014, arXiv:1312.6034", "one_hot"),
+    "SmoothGrad": ("Smilkov et al. 2017, arXiv:1706.03825", "one_hot"),
+    "IntegratedGradients": ("Sundararajan et al. 2017, arXiv:1703.01365", "one_hot"),
+    "Occlusion": ("Zeiler & Fergus 2014, arXiv:1311.2901", "score"),
+}
+#: JSON rule name → (zennit.rules class, fixed keyword arguments); None is the plain gradient.
+RULES: Mapping[str, tuple[str | None, Mapping[str, Any]]] = {
+    "epsilon": ("Epsilon", {}),
+    "gamma": ("Gamma", {}),
+    "alpha1beta0": ("AlphaBeta", {"alpha": 1.0, "beta": 0.0}),
+    "alpha2beta1": ("AlphaBeta", {"alpha": 2.0, "beta": 1.0}),
+    "alphabeta": ("AlphaBeta", {}),
+    "zplus": ("ZPlus", {}),
+    "flat": ("Flat", {}),
+    "wsquare": ("WSquare", {}),
+    "zbox": ("ZBox", {}),
+    "pass": ("Pass", {}),
+    "norm": ("Norm", {}),
+    "gradient": (None, {}),
+    "guidedbackprop": ("ReLUGuidedBackprop", {}),
+    "deconvnet": ("ReLUDeconvNet", {}),
+    "betasmooth": ("ReLUBetaSmooth", {}),
+}
+#: zennit's type groups (zennit.types, zennit.layer.Sum) usable as layer types.
+GROUPS = ("Convolution", "ConvolutionStandard", "ConvolutionTranspose", "Linear", "BatchNorm", "AvgPool",
+          "MaxPool", "Activation", "Sum")
+#: Canonizer name → module holding it.
+CANONIZERS = {"SequentialMergeBatchNorm": "zennit.canonizers", "VGGCanonizer": "zennit.torchvision",
+              "ResNetCanonizer": "zennit.torchvision"}
+RULE_MAPS = ("layer_map", "first_map")
+NUMBERS = frozenset({"epsilon", "stabilizer", "gamma", "noise_level", "alpha", "beta", "beta_smooth"})
+POSITIVE_INTS = frozenset({"n_iter"})
+#: Constructor arguments esegeta supplies (or that take code, not JSON).
+NOT_CONFIGURABLE = frozenset({"self", "model", "composite", "attr_output", "create_graph", "retain_graph",
+                              "occlusion_fn"})
+TRACE = "trace"
+
+
+def _zennit():
+    """Import zennit (its torchvision module needs torchvision importable on CPU-only torch)."""
+    from ..compat import import_torchvision
+
+    import_torchvision()
+    import zennit.attribution
+    import zennit.canonizers
+    import zennit.composites
+    import zennit.rules
+    import zennit.types
+
+    return zennit
+
+
+def _configurable(cls) -> dict[str, inspect.Parameter]:
+    return {name: p for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _flag(name: str, default: Any = False) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+
+
+@cache
+def composite_parameters(name: str) -> Mapping[str, inspect.Parameter]:
+    return _configurable(getattr(_zennit().composites, name))
+
+
+@cache
+def attributor_parameters(name: str) -> Mapping[str, inspect.Parameter]:
+    params = _configurable(getattr(_zennit().attribution, name))
+    params["composite"] = _flag("composite", None)
+    if name == "Gradient":  # one backward pass: its per-layer relevance is the trace
+        params[TRACE] = _flag(TRACE)
+    return params
+
+
+@cache
+def _rule_parameters(rule: str) -> frozenset[str]:
+    cls_name, fixed = RULES[rule]
+    if cls_name is None:
+        return frozenset()
+    return frozenset(_configurable(getattr(_zennit().rules, cls_name))) - set(fixed)
+
+
+# ---------------------------------------------------------------------------- checks (JSON only)
+
+def _check_number(name: str, value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"{name} must be a number, not {value!r}")
+    if name in POSITIVE_INTS and (not isinstance(value, int) or value < 1):
+        raise ConfigError(path, f"{name} must be a positive integer, not {value!r}")
+
+
+def _check_bound(name: str, value: Any, path: str) -> None:
+    """``low``/``high``: a number, or one number per input channel."""
+    values = value if isinstance(value, list) and value else [value]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise ConfigError(path, f"{name} must be a number or a list of numbers (one per input channel), "
+                                f"not {value!r}")
+
+
+def _check_window(name: str, value: Any, path: str) -> None:
+    values = value if isinstance(value, list) and value else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ConfigError(path, f"{name} must be a positive integer or a list of them (one per spatial axis, "
+                                f"or per axis after the batch), not {value!r}")
+
+
+def _check_zero_params(name: str, value: Any, path: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in values):
+        raise ConfigError(path, f"{name} must be a parameter name or a list of them, e.g. [\"bias\"]")
+
+
+def _check_bool(name: str, value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"{name} must be true or false, not {value!r}")
+
+
+def _check_canonizers(name: str, value: Any, path: str) -> None:
+    if not isinstance(value, list):
+        raise ConfigError(path, f"canonizers must be a list of names, e.g. [\"SequentialMergeBatchNorm\"]; "
+                                f"known: {', '.join(CANONIZERS)}")
+    for i, item in enumerate(value):
+        if item not in CANONIZERS:
+            raise ConfigError(f"{path}[{i}]", f"unknown canonizer {item!r}" + did_you_mean(str(item), CANONIZERS))
+
+
+def _layer_types() -> list[str]:
+    from torch import nn
+
+    names = [n for n, c in vars(nn).items() if isinstance(c, type) and issubclass(c, nn.Module)]
+    return names + [g for g in GROUPS if g not in names] + [f"types.{g}" for g in GROUPS]
+
+
+def _check_rule_map(name: str, value: Any, path: str) -> None:
+    """A rule map: {layer type: rule name or {"rule": name, **rule params}}."""
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(path, f'{name} maps layer types to rules, e.g. {{"Conv2d": "epsilon", '
+                                f'"Linear": {{"rule": "gamma", "gamma": 0.25}}, "BatchNorm": "pass"}}')
+    types = _layer_types()
+    for type_name, rule in value.items():
+        where = f"{path}.{type_name}"
+        if type_name not in types:
+            raise ConfigError(where, f"unknown layer type {type_name!r} (a torch.nn class name or one of zennit's "
+                                     f"groups {', '.join(GROUPS)})" + did_you_mean(type_name, types))
+        options = dict(rule) if isinstance(rule, dict) else {"rule": rule}
+        rule_name = options.pop("rule", None)
+        if not isinstance(rule_name, str):
+            raise ConfigError(where, 'a rule is a name ("epsilon") or {"rule": "gamma", "gamma": 0.25}')
+        if rule_name not in RULES:
+            raise ConfigError(where, f"unknown rule {rule_name!r}" + did_you_mean(rule_name, RULES))
+        allowed = _rule_parameters(rule_name)
+        for key, option in options.items():
+            if key not in allowed:
+                raise ConfigError(f"{where}.{key}", f"unknown parameter of the {rule_name} rule"
+                                  + (did_you_mean(key, allowed) if allowed else "; it takes none"))
+            _check_value(key, option, f"{where}.{key}")
+
+
+def _check_composite(name: str, value: Any, path: str) -> None:
+    """``composite`` of an attributor: a composite's name or {"name": ..., **its params}."""
+    options = dict(value) if isinstance(value, dict) else {"name": value}
+    composite = options.pop("name", None)
+    if composite not in COMPOSITES:
+        raise ConfigError(path, f"unknown composite {composite!r}" + did_you_mean(str(composite), COMPOSITES)
+                          + ' (write a name, or {"name": "EpsilonGammaBox", "gamma": 0.5})')
+    allowed = composite_parameters(composite)
+    for key, option in options.items():
+        if key not in allowed:
+            raise ConfigError(f"{path}.{key}", f"unknown parameter of {composite}" + did_you_mean(key, allowed))
+        _check_value(key, option, f"{path}.{key}")
+    for key, p in allowed.items():
+        if p.default is p.empty and key not in options and key not in INPUT_DEFAULTS:
+            raise ConfigError(path, f"{composite} needs {key}: write {{\"name\": \"{composite}\", \"{key}\": ...}}")
+
+
+CHECKS = {
+    **{n: _check_number for n in NUMBERS | POSITIVE_INTS},
+    "low": _check_bound, "high": _check_bound, "window": _check_window, "stride": _check_window,
+    "zero_params": _check_zero_params, TRACE: _check_bool, "canonizers": _check_canonizers,
+    "layer_map": _check_rule_map, "first_map": _check_rule_map, "composite": _check_composite,
+}
+
+
+def _check_value(name: str, value: Any, path: str) -> None:
+    from ..baselines import check_baseline
+
+    if name == "baseline_fn":
+        if isinstance(value, list):
+            raise ConfigError(path, "baseline_fn is one baseline: a number or a name (zeros, mean, min, blur, blur:SIGMA)")
+        check_baseline(value, path)
+    elif name in CHECKS:
+        CHECKS[name](name, value, path)
+
+
+# ---------------------------------------------------------------------------- JSON → zennit objects
+
+def _per_sample(x, reduce):
+    return reduce(x.flatten(1), dim=1).view(-1, *([1] * (x.ndim - 1)))
+
+
+def _low(x):
+    """ZBox's lowest input value by default: each input's minimum."""
+    import torch
+
+    return _per_sample(x, torch.amin)
+
+
+def _high(x):
+    """ZBox's highest input value by default: each input's maximum."""
+    import torch
+
+    return _per_sample(x, torch.amax)
+
+
+#: Upstream params without a default that esegeta derives from the input.
+INPUT_DEFAULTS = {"low": _low, "high": _high}
+
+
+def _bound(value: Any, x):
+    """A JSON ``low``/``high`` as a tensor broadcastable to the input."""
+    import torch
+
+    if torch.is_tensor(value):
+        return value
+    tensor = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    return tensor.view(1, -1, *([1] * (x.ndim - 2))) if tensor.ndim == 1 else tensor
+
+
+def _layer_type(name: str):
+    import zennit.layer
+    import zennit.types
+    from torch import nn
+
+    group = name.removeprefix("types.")
+    if name == group and isinstance(getattr(nn, name, None), type):
+        return getattr(nn, name)
+    return zennit.layer.Sum if group == "Sum" else getattr(zennit.types, group)
+
+
+def _rule(spec: Any, x):
+    zennit = _zennit()
+    options = dict(spec) if isinstance(spec, dict) else {"rule": spec}
+    cls_name, fixed = RULES[options.pop("rule")]
+    if cls_name is None:
+        return None
+    if cls_name == "ZBox":
+        options = {key: _bound(options[key], x) if key in options else INPUT_DEFAULTS[key](x)
+                   for key in ("low", "high")} | {k: v for k, v in options.items() if k not in ("low", "high")}
+    return getattr(zennit.rules, cls_name)(**fixed, **options)
+
+
+def _rule_map(value: Mapping[str, Any], x) -> list:
+    return [(_layer_type(type_name), _rule(rule, x)) for type_name, rule in value.items()]
+
+
+def _canonizers(names) -> list:
+    import importlib
+
+    _zennit()
+    return [getattr(importlib.import_module(CANONIZERS[n]), n)() for n in names]
+
+
+def build_composite(name: str, params: Mapping[str, Any], x):
+    """The composite ``name`` from JSON params (rule maps, canonizers, bounds converted; defaults filled)."""
+    kwargs = dict(params)
+    for key in RULE_MAPS:
+        if key in kwargs:
+            kwargs[key] = _rule_map(kwargs[key], x)
+    kwargs["canonizers"] = _canonizers(kwargs.get("canonizers", COMPOSITES[name][1]))
+    for key, default in INPUT_DEFAULTS.items():
+        if key in composite_parameters(name):
+            kwargs[key] = _bound(kwargs[key], x) if key in kwargs else default(x)
+    if "zero_params" in kwargs and isinstance(kwargs["zero_params"], str):
+        kwargs["zero_params"] = [kwargs["zero_params"]]
+    return getattr(_zennit().composites, name)(**kwargs)
+
+
+def _seed(call: Call, kind: str):
+    """zennit's ``attr_output``: the target's one-hot over the (B, K) output (times it for "score")."""
+    import torch
+
+    def seed(output):
+        target = call.target
+        index = target if torch.is_tensor(target) else torch.full((output.shape[0],), int(target))
+        one_hot = torch.nn.functional.one_hot(index.to(output.device).long().view(-1), output.shape[1]).to(output)
+        return one_hot * output if kind == "score" else one_hot
+
+    return seed
+
+
+# ---------------------------------------------------------------------------- running, restoring, tracing
+
+_STATE = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+          "_backward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+          "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _untouched(model):
+    """Check, on exit and on error, that ``model``'s modules are as on entry (restore them if not).
+
+    Zennit undoes its hooks, parameter modifications and canonizers itself; this guards the
+    prepared copy (reused across calls) against a call that fails halfway, e.g. a canonizer
+    that cannot apply after others did.
+    """
+    saved = []
+    for module in model.modules():
+        dicts = {attr: dict(getattr(module, attr)) for attr in _STATE if hasattr(module, attr)}
+        data = [(t, t.data) for attr in ("_parameters", "_buffers") for t in dicts[attr].values() if t is not None]
+        saved.append((module, dicts, data, "forward" in vars(module)))
+    try:
+        yield
+    finally:
+        fixed = []
+        for module, dicts, data, own_forward in saved:
+            for attr, entries in dicts.items():
+                current = getattr(module, attr)
+                if current.keys() != entries.keys() or any(current[k] is not v for k, v in entries.items()):
+                    current.clear()
+                    current.update(entries)
+                    fixed.append(f"{type(module).__name__}.{attr}")
+            for tensor, value in data:
+                if tensor.data.data_ptr() != value.data_ptr() or tensor.shape != value.shape:
+                    tensor.data = value
+                    fixed.append(f"{type(module).__name__} tensor")
+            if "forward" in vars(module) and not own_forward:
+                del module.forward
+                fixed.append(f"{type(module).__name__}.forward")
+        if fixed:
+            log.warning("zennit left the prepared model changed (%s); restored", ", ".join(sorted(set(fixed))))
+
+
+def _network(call: Call):
+    """The user's model inside the prepared copy (names as the user knows them)."""
+    from ..prepare import PreparedModel
+
+    return call.network.model if isinstance(call.network, PreparedModel) else call.network
+
+
+def _leaves(root) -> list[tuple[str, Any]]:
+    """Leaf modules with the user's names; the k-th call site of a reused module is ``name[k]``."""
+    import re
+
+    return [(re.sub(r"\.sites\.(\d+)", r"[\1]", name), module) for name, module in root.named_modules()
+            if name and not list(module.children())]
+
+
+@contextlib.contextmanager
+def _tracing(root, enabled: bool):
+    """Record the relevance each leaf layer passes to its input (see the module docstring).
+
+    A forward pre-hook, first in line (before zennit's own), puts a view of the layer's input
+    in front of the layer and hooks its gradient: that is what this layer alone returns for
+    its input. The module hooks are removed on exit; the tensor hooks die with the graph.
+    """
+    trace: dict[str, Any] = {}
+    if not enabled:
+        yield trace
+        return
+    import torch
+
+    def pre_hook(name):
+        def hook(module, args):
+            if not args or not torch.is_tensor(args[0]) or not args[0].requires_grad:
+                return None
+            view = args[0].view_as(args[0])
+            view.register_hook(lambda grad: trace.__setitem__(name, trace.get(name, 0) + grad.detach()))
+            return (view, *args[1:])
+        return hook
+
+    leaves = _leaves(root)
+    handles = [module.register_forward_pre_hook(pre_hook(name), prepend=True) for name, module in leaves]
+    try:
+        yield trace
+    finally:
+        for handle in handles:
+            handle.remove()
+    ordered = {name: trace[name] for name, _ in leaves if name in trace}
+    trace.clear()
+    trace.update(ordered)
+
+
+def _attribute(attributor_cls, call: Call, composite, seed_kind: str, trace: bool, **kwargs):
+    """Run one zennit attributor on ``call.forward``; the prepared copy is checked afterwards."""
+    attributor = attributor_cls(call.forward, composite=composite, attr_output=_seed(call, seed_kind), **kwargs)
+    with _untouched(call.forward), _tracing(_network(call), trace) as recorded, attributor:
+        _, attribution = attributor(call.inputs)
+    if trace:
+        call.extras["trace"] = recorded
+    return attribution
+
+
+class CompositeAdapter:
+    """A zennit composite run with the ``Gradient`` attributor (LRP and modified gradients)."""
+
+    def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
+        return {**composite_parameters(spec.name), TRACE: _flag(TRACE)}
+
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        _check_value(name, value, path)
+
+    def noise_tunnel_parameters(self) -> None:
+        return None  # zennit.SmoothGrad with params.composite smooths a composite
+
+    def run(self, spec: MethodSpec, call: Call):
+        params = dict(call.params)
+        trace = params.pop(TRACE, False)
+        composite = build_composite(spec.name, params, call.inputs)
+        return _attribute(_zennit().attribution.Gradient, call, composite, "one_hot", trace)
+
+
+class AttributorAdapter:
+    """A zennit attributor, optionally over a composite named in ``params.composite``."""
+
+    def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
+        return attributor_parameters(spec.name)
+
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        _check_value(name, value, path)
+
+    def noise_tunnel_parameters(self) -> None:
+        return None
+
+    def run(self, spec: MethodSpec, call: Call):
+        import torch
+
+        from ..baselines import make_baselines
+
+        params = dict(call.params)
+        trace = params.pop(TRACE, False)
+        composite = params.pop("composite", None)
+        if composite is not None:
+            options = dict(composite) if isinstance(composite, dict) else {"name": composite}
+            composite = build_composite(options.pop("name"), options, call.inputs)
+        if "baseline_fn" in params:
+            value = params.pop("baseline_fn")
+            params["baseline_fn"] = lambda x: torch.zeros_like(x) + make_baselines(value, x, "params.baseline_fn")
+        for key in ("window", "stride"):
+            if isinstance(params.get(key), list):
+                params[key] = tuple(params[key])
+        cls = getattr(_zennit().attribution, spec.name)
+        return _attribute(cls, call, composite, ATTRIBUTORS[spec.name][1], trace, **params)
+
+
+COMPOSITE_ADAPTER = CompositeAdapter()
+ATTRIBUTOR_ADAPTER = AttributorAdapter()
+_ATTRIBUTOR_QUICK = {"SmoothGrad": {"n_iter": 4}, "IntegratedGradients": {"n_iter": 8},
+                     "Occlusion": {"window": 8, "stride": 8}}
+
+
+def _zennit_method(name: str, adapter, reference: str, defaults=None, quick=None) -> None:
+    register(MethodSpec(
+        library="zennit", name=name, kind="attribution", adapter=adapter, requires=("zennit",), extra="zennit",
+        defaults=defaults or {}, quick_params=quick or {}, reference=reference,
+    ))
+
+
+_RULE_MAP_QUICK = {"layer_map": {"Convolution": "epsilon", "Linear": "epsilon", "BatchNorm": "pass",
+                                 "Activation": "pass", "AvgPool": "norm"}}
+_QUICK = {"LayerMapComposite": _RULE_MAP_QUICK,
+          "SpecialFirstLayerMapComposite": {**_RULE_MAP_QUICK, "first_map": {"Convolution": "zbox"}}}
+for _name, (_reference, _) in COMPOSITES.items():
+    _zennit_method(_name, COMPOSITE_ADAPTER, _reference,
+                   defaults=INPUT_DEFAULTS if _name == "EpsilonGammaBox" else None,
+                   quick=_QUICK.get(_name))
+for _name, (_reference, _) in ATTRIBUTORS.items():
+    _zennit_method(_name, ATTRIBUTOR_ADAPTER, _reference, quick=_ATTRIBUTOR_QUICK.get(_name))
