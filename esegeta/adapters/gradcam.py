@@ -1,1 +1,264 @@
-"""gradcam adapter: being written (registers nothing yet)."""
+"""pytorch-grad-cam (PyPI ``grad-cam``, https://github.com/jacobgil/pytorch-grad-cam): every CAM class.
+
+One generic adapter serves the whole table, with upstream's calling convention:
+``cam = Cls(model=call.forward, target_layers=[call.layer], **init_params)`` and
+``cam(input_tensor=x, targets=[ClassifierOutputTarget(target)] * B, **call_params)``.
+With a wrapper, ``call.forward`` is the wrapped model whose column ``k`` is
+``sum(A_k · M_k)`` over the mask frozen on the unperturbed input: on the raw segmentation
+output that is exactly upstream's ``SemanticSegmentationTarget(k, M)`` (``activation:
+none``), so ``ClassifierOutputTarget(k)`` on the wrapped model is the segmentation target.
+
+The result is upstream's CAM as upstream computes it: ReLU'd, scaled to [0, 1] per input
+and resized to the input size, a numpy ``(B, *spatial)`` array, returned as a float32
+tensor ``(B, 1, *spatial)`` (a channel axis of 1 added). Hooks are released and modules
+AblationCAM swaps are put back even on error; everything runs on the prepared copy.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+from ..errors import ConfigError
+from ..registry import Call, MethodSpec, register
+
+#: Upstream arguments a JSON config cannot set: esegeta supplies them, or they take Python objects.
+NOT_CONFIGURABLE = frozenset({
+    "self", "model", "target_layers", "reshape_transform", "ablation_layer", "tta_transforms",
+    "input_tensor", "targets", "target_idx", "compute_input_gradient", "uses_gradients", "detach",
+})
+#: Methods that take the explained class as ``target_idx`` (they build their own targets from it).
+TARGET_INDEX = frozenset({"FinerCAM"})
+#: Settings upstream reads from an attribute set after construction, not from a keyword.
+ATTRIBUTES: Mapping[str, Mapping[str, Any]] = {"ScoreCAM": {"batch_size": 16}}
+#: Parameters whose value is the name of another CAM class (meta-methods).
+CLASS_PARAMS = frozenset({"base_method"})
+#: Objects upstream takes as a default instance shared by every call: each call gets its own.
+FRESH: Mapping[str, Mapping[str, str]] = {"AblationCAM": {"ablation_layer": "AblationLayer"}}
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: name → (check, what a valid value is): checked before anything runs.
+CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+    "aug_smooth": (lambda v: isinstance(v, bool), "true or false"),
+    "eigen_smooth": (lambda v: isinstance(v, bool), "true or false"),
+    "smooth": (lambda v: isinstance(v, bool), "true or false"),
+    "use_softmax_scores": (lambda v: isinstance(v, bool), "true or false"),
+    "batch_size": (_positive_int, "a positive integer"),
+    "num_scales": (_positive_int, "a positive integer"),
+    "window_size": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
+    "step_size": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
+    "scales": (lambda v: v is None or (isinstance(v, list) and all(map(_positive_int, v))),
+               "a list of positive integers or null"),
+    "ratio_channels_to_ablate": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "pre_filter_ratio": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "pool": (lambda v: v in ("mean", "max"), "'mean' or 'max'"),
+    "kernel": (lambda v: v in ("linear", "poly", "rbf", "sigmoid", "cosine"),
+               "one of 'linear', 'poly', 'rbf', 'sigmoid', 'cosine' (sklearn KernelPCA)"),
+    "gamma": (lambda v: v is None or _number(v), "a number or null"),
+    "k": (_number, "a number"),
+    "alpha": (_number, "a number"),
+    "theta": (_number, "a number"),
+    "scale_step_ratio": (lambda v: _number(v) and v > 0, "a positive number"),
+    "comparison_categories": (lambda v: v is None or (isinstance(v, list) and all(isinstance(i, int) for i in v)),
+                              "a list of class indices or null"),
+}
+
+
+def _configurable(fn) -> dict[str, inspect.Parameter]:
+    """The JSON-settable parameters of ``fn``; a class default (``base_method``) shows as its name."""
+    return {
+        name: p.replace(default=p.default.__name__) if name in CLASS_PARAMS and isinstance(p.default, type) else p
+        for name, p in inspect.signature(fn).parameters.items()
+        if name not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+
+
+def _call_signature(cls):
+    """``__call__``, or ``forward`` where ``__call__`` only forwards ``*args, **kwargs`` to it."""
+    params = inspect.signature(cls.__call__).parameters.values()
+    return cls.forward if any(p.kind is p.VAR_POSITIONAL for p in params) else cls.__call__
+
+
+@contextmanager
+def _restored(model):
+    """Undo what a CAM leaves on ``model``: swapped submodules (AblationCAM), module hooks
+    (also those of a constructor that failed half-way) and parameter gradients."""
+    children = [(m, dict(m._modules)) for m in model.modules()]
+    hooks = [(d, set(d)) for m in model.modules()
+             for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
+    no_grad = [p for p in model.parameters() if p.grad is None]
+    try:
+        yield
+    finally:
+        for module, kept in children:
+            if module._modules != kept:
+                module._modules.clear()
+                module._modules.update(kept)
+        for hook_dict, kept in hooks:
+            for key in set(hook_dict) - kept:
+                del hook_dict[key]
+        for p in no_grad:
+            p.grad = None
+
+
+def _release(cam) -> None:
+    """Release the hooks of a CAM and of the CAMs a meta-method (FinerCAM, SESS, RefineCAM) holds."""
+    for inner in (cam, getattr(cam, "base_cam", None), *getattr(cam, "base_cam_per_layer", ())):
+        holder = getattr(inner, "activations_and_grads", None)
+        if holder is not None:
+            holder.release()
+
+
+class GradCamAdapter:
+    """The one adapter behind every pytorch-grad-cam class."""
+
+    @staticmethod
+    def _module():
+        from ..compat import import_torchvision
+
+        import_torchvision()
+        import pytorch_grad_cam
+
+        return pytorch_grad_cam
+
+    def _cls(self, name: str):
+        return getattr(self._module(), name)
+
+    @cache
+    def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
+        cls = self._cls(spec.name)
+        attributes = {name: inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                      for name, default in ATTRIBUTES.get(spec.name, {}).items()}
+        return {**_configurable(cls.__init__), **_configurable(_call_signature(cls)), **attributes}
+
+    def noise_tunnel_parameters(self) -> None:
+        return None
+
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        """Check a JSON value before anything runs."""
+        if name in CLASS_PARAMS:
+            if value not in CAM_CLASSES:
+                from ..errors import did_you_mean
+
+                raise ConfigError(path, f"{value!r} is not a pytorch-grad-cam CAM class" + did_you_mean(value, CAM_CLASSES))
+            return
+        check = CHECKS.get(name)
+        if check is not None and not check[0](value):
+            raise ConfigError(path, f"{name} must be {check[1]}, not {value!r}")
+
+    @staticmethod
+    @cache
+    def _init_names(cls) -> frozenset[str]:
+        return frozenset(inspect.signature(cls.__init__).parameters)
+
+    def run(self, spec: MethodSpec, call: Call):
+        import torch
+
+        if call.inputs.ndim - 2 not in spec.dims:
+            raise ConfigError("inputs.spatial_dims", f"{spec.id} works on {' and '.join(map(str, spec.dims))}D inputs "
+                                                     f"only: {DIMS_WHY.get(spec.name, 'upstream is 2D only')}")
+        if call.params.get("aug_smooth") and call.forward is not call.network:
+            raise ConfigError("params.aug_smooth", "aug_smooth flips the input, but the wrapper's masks are frozen "
+                                                   "on the unflipped input: remove aug_smooth with a wrapper")
+        target = call.target
+        if spec.name in TARGET_INDEX and torch.is_tensor(target) and target.unique().numel() > 1:
+            # One class index per call: inputs with different targets go one at a time.
+            return torch.cat([self._run(spec, call, call.inputs[i:i + 1], int(target[i]))
+                              for i in range(call.inputs.shape[0])])
+        return self._run(spec, call, call.inputs, target)
+
+    def _run(self, spec: MethodSpec, call: Call, x, target):
+        import torch
+
+        module = self._module()
+        cls = getattr(module, spec.name)
+        init_names = self._init_names(cls)
+        params = {k: getattr(module, v) if k in CLASS_PARAMS else v for k, v in call.params.items()}
+        attributes = ATTRIBUTES.get(spec.name, {})
+        init_kw = {**{k: getattr(module, v)() for k, v in FRESH.get(spec.name, {}).items()},
+                   **{k: v for k, v in params.items() if k in init_names}}
+        attr_kw = {k: v for k, v in params.items() if k not in init_names and k not in attributes}
+        if spec.name in TARGET_INDEX:
+            attr_kw["targets"] = None
+            if target is not None:
+                attr_kw["target_idx"] = int(target[0]) if torch.is_tensor(target) else int(target)
+        elif target is None:
+            attr_kw["targets"] = None
+        else:
+            indices = target.tolist() if torch.is_tensor(target) else [int(target)] * x.shape[0]
+            attr_kw["targets"] = [module.utils.model_targets.ClassifierOutputTarget(int(i)) for i in indices]
+        layers = [call.layer] if spec.needs_layer else []
+        cam = None
+        with _restored(call.forward):
+            try:
+                cam = cls(model=call.forward, target_layers=layers, **init_kw)
+                for name, default in attributes.items():
+                    setattr(cam, name, params.get(name, default))
+                result = cam(input_tensor=x.detach(), **attr_kw)
+            finally:
+                if cam is not None:
+                    _release(cam)
+        return torch.from_numpy(result).float().unsqueeze(1)
+
+
+ADAPTER = GradCamAdapter()
+
+#: Why a class is registered for 2D only (what breaks upstream on a volume).
+DIMS_WHY = {
+    "ScoreCAM": "it upsamples the layer's activations with torch.nn.UpsamplingBilinear2d",
+    "AblationCAM": "it repeats the input as a 4D batch (tensor.repeat(batch_size, 1, 1, 1))",
+    "FullGrad": "it collects the biases of Conv2d/BatchNorm2d layers only and resizes maps as 2D images",
+    "SESS": "it resizes and slides square 2D windows over the image",
+}
+
+_REF_GRADCAM = "Selvaraju et al. 2017, arXiv:1610.02391"
+_ONE_SCALE = {"num_scales": 2}
+
+#: name → (dims, needs_layer, needs_target, tasks, quick_params, reference).
+#: ScoreCAM's and AblationCAM's cost is one forward per channel of the layer (batch_size only
+#: groups them): quick params cannot shorten them. FinerCAM contrasts the target with the
+#: classes of most similar score; the columns of a wrapped segmenter are sums over regions
+#: of different sizes, whose closeness means nothing (and its map comes out all zero on the
+#: samples): classifiers only. SESS explains resized crops, where frozen masks do not apply.
+#: RefineCAM multiplies the CAMs of several layers; with esegeta's one layer it is its
+#: base_method's CAM. EigenCAM, KPCA_CAM and FEM do not depend on the target.
+TABLE: Mapping[str, tuple] = {
+    "GradCAM": ((2, 3), True, True, None, {}, _REF_GRADCAM),
+    "HiResCAM": ((2, 3), True, True, None, {}, "Draelos & Carin 2020, arXiv:2011.08891"),
+    "GradCAMElementWise": ((2, 3), True, True, None, {}, "pytorch-grad-cam: ReLU(gradients × activations) summed"),
+    "GradCAMPlusPlus": ((2, 3), True, True, None, {}, "Chattopadhyay et al. 2018, arXiv:1710.11063"),
+    "XGradCAM": ((2, 3), True, True, None, {}, "Fu et al. 2020, arXiv:2008.02312"),
+    "AblationCAM": ((2,), True, True, None, {}, "Desai & Ramaswamy 2020, WACV"),
+    "ScoreCAM": ((2,), True, True, None, {}, "Wang et al. 2020, arXiv:1910.01279"),
+    "EigenCAM": ((2, 3), True, False, None, {}, "Muhammad & Yeasin 2020, arXiv:2008.00299"),
+    "EigenGradCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam: EigenCAM of gradients × activations"),
+    "LayerCAM": ((2, 3), True, True, None, {}, "Jiang et al. 2021, doi:10.1109/TIP.2021.3089943"),
+    "FullGrad": ((2,), False, True, None, {}, "Srinivas & Fleuret 2019, arXiv:1905.00780"),
+    "KPCA_CAM": ((2, 3), True, False, None, {}, "Karmani et al. 2024, arXiv:2410.00267"),
+    "RandomCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam: random channel weights (a sanity baseline)"),
+    "ShapleyCAM": ((2, 3), True, True, None, {}, "Cai 2025, arXiv:2501.06261"),
+    "FinerCAM": ((2, 3), True, True, ("classification",), {}, "Zhang et al. 2025, arXiv:2501.11309"),
+    "FEM": ((2, 3), True, False, None, {}, "Fuad et al. 2020, IPTA, hal-02963298"),
+    "SegEigenCAM": ((2, 3), True, True, None, {}, "Chung & Ying 2025, doi:10.3390/app15137562"),
+    "RefineCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam RefineCAM, arXiv:2605.14641"),
+    "SESS": ((2,), True, True, ("classification",), _ONE_SCALE, "Tursun et al. 2022, arXiv:2207.01769"),
+}
+#: The classes a meta-method's ``base_method`` may name.
+CAM_CLASSES = tuple(name for name in TABLE if name not in ("FinerCAM", "RefineCAM", "SESS"))
+
+for _name, (_dims, _layer, _target, _tasks, _quick, _ref) in TABLE.items():
+    register(MethodSpec(
+        library="gradcam", name=_name, kind="attribution", adapter=ADAPTER, requires=("pytorch_grad_cam",),
+        extra="gradcam", needs_layer=_layer, dims=_dims, needs_target=_target,
+        **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
+    ))
