@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("config", type=Path)
     validate.add_argument("--debug", action="store_true")
 
+    check = sub.add_parser("check", help="pre-flight: one forward pass; which methods will work and why not")
+    check.add_argument("config", type=Path)
+    check.add_argument("--device", help="'cpu', 'cuda:N' or 'auto' (overrides runtime.devices)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--debug", action="store_true")
+
     methods = sub.add_parser("methods", help="list every method: library, kind, layer, 2D/3D, availability")
     methods.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -104,6 +110,14 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .check import check
+
+    report = check(args.config, device=args.device)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    return report.exit_code
+
+
 def _run(pipeline) -> int:
     result = pipeline.run()
     failed = [r for r in result.runs if r["status"] != "ok"]
@@ -129,7 +143,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "methods": _cmd_methods, "schema": _cmd_schema,
-            "demo": _cmd_demo}
+            "demo": _cmd_demo, "check": _cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     debug = getattr(args, "debug", False)
-    if args.command in ("run", "validate", "demo"):
+    if args.command in ("run", "validate", "demo", "check"):
         _setup_logging(debug)
     from .errors import EsegetaError
 

@@ -223,7 +223,7 @@ def test_manifest_header(e2e):
 def test_one_ok_run_per_method_and_input(e2e):
     m, out = e2e["manifest"], e2e["out"]
     labels = [e.get("label", e["id"]) for e in CHEAP_METHODS]
-    assert sorted((r["label"], r["input"]) for r in m["runs"]) == sorted((l, i) for l in labels for i in INPUTS)
+    assert sorted((r["label"], r["input"]) for r in m["runs"]) == sorted((lb, i) for lb in labels for i in INPUTS)
     for r in m["runs"]:
         assert r["status"] == "ok", r
         assert r["error"] is None

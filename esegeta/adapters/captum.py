@@ -55,16 +55,12 @@ def _layer_output_shape(call: Call):
     return seen[0]
 
 
-def _attach_lrp_rules(model) -> list[str]:
-    """Give the prepared copy's leaf modules that Captum's LRP has no rule for a rule.
-
-    Linear layers (convolutions of any rank, transposed convolutions, batch norms, pooling
-    by averaging, reshapes) get the ε-rule, LRP's rule for linear maps; elementwise
-    activations get the identity rule (relevance passes through unchanged). Captum removes
-    its rules after each call, so this runs before every LRP call.
-    """
+def lrp_rule_for(module) -> str | None:
+    """The name of the LRP rule Captum's LRP applies to leaf ``module`` in esegeta (Captum's own
+    rule for the layers it supports; ε for the other linear layers — convolutions of any
+    rank, transposed convolutions, batch norms, pooling by averaging, reshapes; identity for
+    elementwise activations), or None if there is none and LRP will refuse the model."""
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
-    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
     from torch import nn
 
     linear = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -72,20 +68,38 @@ def _attach_lrp_rules(model) -> list[str]:
               nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample)
     passing = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
                nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+    if hasattr(module, "rule"):
+        return type(module.rule).__name__
+    if type(module) in SUPPORTED_LAYERS_WITH_RULES:
+        return SUPPORTED_LAYERS_WITH_RULES[type(module)].__name__
+    if type(module) in SUPPORTED_NON_LINEAR_LAYERS:
+        return "non-linear (relevance passes)"
+    if isinstance(module, linear):
+        return "EpsilonRule"
+    if isinstance(module, passing):
+        return "IdentityRule"
+    return None
 
+
+def _attach_lrp_rules(model) -> list[str]:
+    """Give the prepared copy's leaf modules that Captum's LRP has no rule for a rule
+    (see :func:`lrp_rule_for`). Captum removes its rules after each call, so this runs
+    before every LRP call."""
+    from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
+    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
+
+    rules = {"EpsilonRule": EpsilonRule, "IdentityRule": IdentityRule}
     changed = []
     for name, module in model.named_modules():
         if list(module.children()) or hasattr(module, "rule"):
             continue
         if type(module) in SUPPORTED_LAYERS_WITH_RULES or type(module) in SUPPORTED_NON_LINEAR_LAYERS:
             continue
-        if isinstance(module, linear):
-            module.rule = EpsilonRule()
-        elif isinstance(module, passing):
-            module.rule = IdentityRule()
-        else:
+        rule = rules.get(lrp_rule_for(module) or "")
+        if rule is None:
             continue
-        changed.append(f"{name or type(module).__name__}: {type(module.rule).__name__}")
+        module.rule = rule()
+        changed.append(f"{name or type(module).__name__}: {rule.__name__}")
     return changed
 
 
@@ -218,7 +232,8 @@ _captum("Deconvolution", ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("GuidedGradCam", layer=True, ref="Selvaraju et al. 2017, arXiv:1610.02391")
 _captum("FeatureAblation", quick=_PERTURB_QUICK, ref="feature ablation")
 _captum("Occlusion", defaults={"sliding_window_shapes": _window, "strides": _stride},
-        quick={"sliding_window_shapes": _quarter, "strides": _quarter, "perturbations_per_eval": 16}, ref="Zeiler & Fergus 2014, arXiv:1311.2901")
+        quick={"sliding_window_shapes": _quarter, "strides": _quarter, "perturbations_per_eval": 16},
+        ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("ShapleyValueSampling", quick={**_PERTURB_QUICK, "n_samples": 2},
         ref="Castro et al. 2009, doi:10.1016/j.cor.2008.04.004")
 _captum("KernelShap", quick={"feature_mask": _quick_grid, "n_samples": 32},

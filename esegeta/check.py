@@ -1,0 +1,254 @@
+"""``esegeta check CONFIG``: will each method of a config work, before a long run?
+
+Loads the model and the first input, runs one forward pass on the prepared copy (with a
+hook on every module to see layer output shapes and activation sizes) and then, for each
+method entry, collects every problem instead of stopping at the first: unknown id or
+parameter, unavailable library, 2D/3D support, classifier/segmenter fit, the layer and its
+output shape, the wrapper and target, LRP rules for every leaf layer. It reports what the
+prepared copy fixed (reused and in-place ReLUs) and an estimate of each method's peak
+memory. It runs no attribution. The config itself (JSON, model, inputs) must be valid:
+otherwise :class:`~esegeta.errors.ConfigError` as for ``validate``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import config as config_mod, registry, wrappers
+from .errors import ConfigError
+from .explainer import check_task, find_layer, resolve_target
+
+#: Parameters that set how many perturbed/interpolated inputs one method evaluates…
+_STEPS = ("n_steps", "nt_samples", "n_samples", "num_samples", "nsamples", "num_masks", "max_evals")
+#: …and those that cap how many of them go through the model at once.
+_CHUNKS = ("internal_batch_size", "nt_samples_batch_size", "perturbations_per_eval", "batch_size")
+
+
+@dataclass
+class MethodCheck:
+    """One method entry's verdict: ``ok`` if no problem was found."""
+
+    index: int
+    label: str
+    id: str
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    layer_shape: list[int] | None = None
+    batch: int = 1
+    memory_bytes: int | None = None
+
+    def problem(self, message: str) -> None:
+        self.ok = False
+        self.problems.append(message)
+
+
+@dataclass
+class CheckReport:
+    """Everything ``esegeta check`` found; ``exit_code`` 0 if every method will run, else 1."""
+
+    config: str
+    model: str
+    device: str
+    input: str
+    input_shape: list[int]
+    output_shape: Any
+    forward_seconds: float
+    prepared_changes: list[str]
+    activation_bytes: int
+    weight_bytes: int
+    methods: list[MethodCheck]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if all(m.ok for m in self.methods) else 1
+
+    @property
+    def heaviest(self) -> MethodCheck | None:
+        """The method that will run with the largest estimated peak memory."""
+        sized = [m for m in self.methods if m.ok and m.memory_bytes is not None]
+        return max(sized, key=lambda m: m.memory_bytes) if sized else None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        heaviest = self.heaviest
+        data["heaviest"] = heaviest.label if heaviest else None
+        data["exit_code"] = self.exit_code
+        return data
+
+    def text(self) -> str:
+        lines = [f"{self.config}: model {self.model} on {self.device}; input {self.input} {self.input_shape} -> "
+                 f"output {self.output_shape}; one forward pass {self.forward_seconds:.3f}s",
+                 f"activations of one forward: {_size(self.activation_bytes)}; weights {_size(self.weight_bytes)}"]
+        lines += [f"prepared copy: {c}" for c in self.prepared_changes] or ["prepared copy: nothing to fix"]
+        lines.append("")
+        for m in self.methods:
+            memory = f"~{_size(m.memory_bytes)}" if m.memory_bytes is not None else "?"
+            shape = f" layer output {m.layer_shape}" if m.layer_shape else ""
+            lines.append(f"[{'ok' if m.ok else 'NO'}] methods[{m.index}] {m.label} ({m.id}): est. peak {memory} "
+                         f"(batch {m.batch}){shape}")
+            lines += [f"      problem: {p}" for p in m.problems]
+            lines += [f"      note: {n}" for n in m.notes]
+        heaviest = self.heaviest
+        if heaviest is not None:
+            lines.append(f"\nheaviest method: {heaviest.label}, estimated peak {_size(heaviest.memory_bytes)}")
+        good = sum(m.ok for m in self.methods)
+        lines.append(f"{good}/{len(self.methods)} method(s) will run")
+        return "\n".join(lines)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _tensor_bytes(value: Any) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def _shape(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return list(value.shape)
+    if isinstance(value, (tuple, list)):
+        return [_shape(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def _effective_batch(spec: registry.MethodSpec, params: dict, noise_tunnel: dict | None) -> int:
+    """How many copies of the input one step of the method sends through the model at once."""
+    try:
+        defaults = {n: p.default for n, p in spec.adapter.parameters(spec).items() if p.default is not p.empty}
+    except Exception:  # an adapter that cannot list its parameters: count one copy
+        defaults = {}
+    values = {**{k: v for k, v in defaults.items() if isinstance(v, int)}, **params}
+    if noise_tunnel is not None:
+        values = {**values, **noise_tunnel}
+        values.setdefault("nt_samples", 5)
+    steps = next((int(values[k]) for k in _STEPS if isinstance(values.get(k), int)), 1)
+    if noise_tunnel is not None and "n_steps" in values:
+        steps = int(values["n_steps"]) * int(values.get("nt_samples", 5))
+    chunk = next((int(values[k]) for k in _CHUNKS if isinstance(values.get(k), int) and values[k] > 0), None)
+    return max(1, min(steps, chunk) if chunk else steps)
+
+
+def _lrp_gaps(network: nn.Module) -> list[str]:
+    from .adapters.captum import lrp_rule_for
+
+    return [f"{name} ({type(m).__name__})" for name, m in network.named_modules()
+            if name and not list(m.children()) and lrp_rule_for(m) is None]
+
+
+def check(config: str | Path | dict, *, base_dir: str | Path | None = None, device: str | None = None) -> CheckReport:
+    """Pre-flight report for ``config`` (a path or a dict); see the module docstring."""
+    from .loading import load_inputs, load_model
+    from .prepare import prepared
+    from .runner import Pipeline, resolve_device
+
+    pipeline = Pipeline(config, base_dir=base_dir, device=device)
+    cfg = pipeline.config
+    dev = resolve_device(device, "--device") if device else resolve_device(cfg.runtime.devices)
+    model = load_model(cfg.model.model_dump(), pipeline.base_dir)
+    item = load_inputs(cfg.inputs.model_dump(), pipeline.base_dir)[0]
+    x = item.tensor.to(dev)
+    try:
+        ready = prepared(model, x)
+    except Exception as exc:
+        raise ConfigError("inputs", f"the model fails on {item.path.name} (shape {tuple(item.tensor.shape)}): "
+                                    f"{type(exc).__name__}: {exc}") from exc
+
+    outputs: dict[str, Any] = {}
+    leaf_bytes = 0
+
+    def record(name: str, module: nn.Module, output: Any) -> None:
+        nonlocal leaf_bytes
+        outputs[name] = _shape(output)
+        if not list(module.children()):
+            leaf_bytes += _tensor_bytes(output)
+
+    handles = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, o))
+               for name, m in ready.model.named_modules() if name]
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = ready(x)
+        seconds = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    activation_bytes = leaf_bytes + _tensor_bytes(x) + _tensor_bytes(out)
+    weight_bytes = sum(_tensor_bytes(p) for p in ready.parameters()) + sum(_tensor_bytes(b) for b in ready.buffers())
+
+    checks = []
+    dims = x.ndim - 2
+    for i, entry in enumerate(cfg.methods):
+        where = f"methods[{i}]"
+        c = MethodCheck(i, entry.name, entry.id)
+        checks.append(c)
+        if not entry.enabled:
+            c.notes.append("disabled (enabled: false): will not run")
+        try:
+            config_mod.check_method(entry.id, entry.params, entry.layer, entry.noise_tunnel, where)
+        except ConfigError as exc:
+            c.problem(str(exc))
+        if entry.id not in registry.all_methods():
+            continue
+        spec = registry.get(entry.id)
+        if dims not in spec.dims:
+            c.problem(f"{entry.id} supports {'/'.join(f'{d}D' for d in spec.dims)} inputs; this input is {dims}D")
+        wrapper = entry.wrapper or cfg.wrapper
+        try:
+            check_task(spec, wrapper, f"{where}.wrapper" if entry.wrapper else "wrapper")
+        except ConfigError as exc:
+            c.problem(str(exc))
+        if entry.layer:
+            try:
+                find_layer(ready, entry.layer, f"{where}.layer", spec)
+                c.layer_shape = outputs.get(entry.layer)
+                if c.layer_shape is None:
+                    c.problem(f"{where}.layer: {entry.layer!r} is not called in the forward pass")
+            except ConfigError as exc:
+                c.problem(str(exc))
+        if spec.needs_target:
+            try:
+                forward = wrappers.build(ready, x, wrapper.model_dump(), pipeline.base_dir) if wrapper else ready
+                target = entry.target if entry.target is not None else cfg.target
+                resolve_target(forward, x, target, f"{where}.target" if entry.target is not None else "target",
+                               check=True)
+            except ConfigError as exc:
+                c.problem(str(exc))
+        if entry.id in ("captum.LRP", "captum.LayerLRP"):
+            gaps = _lrp_gaps(ready.model)
+            if gaps:
+                c.problem(f"no LRP rule for {', '.join(gaps[:8])}{' ...' if len(gaps) > 8 else ''}: Captum's LRP "
+                          "will refuse the model; try zennit's composites")
+            else:
+                c.notes.append("LRP rules found for every leaf layer")
+        c.batch = _effective_batch(spec, dict(entry.params), entry.noise_tunnel)
+        # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
+        c.memory_bytes = 2 * activation_bytes * c.batch + weight_bytes
+    return CheckReport(
+        config=str(config) if not isinstance(config, dict) else "<dict>", model=type(model).__name__,
+        device=str(dev), input=item.name, input_shape=list(item.tensor.shape[1:]), output_shape=_shape(out),
+        forward_seconds=round(seconds, 4), prepared_changes=list(ready.changes), activation_bytes=activation_bytes,
+        weight_bytes=weight_bytes, methods=checks)
+
+
+__all__ = ["CheckReport", "MethodCheck", "check"]

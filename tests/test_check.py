@@ -1,0 +1,109 @@
+"""`esegeta check`: a per-method pre-flight report from one forward pass, no attribution."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import torch
+
+from esegeta.check import check
+
+from helpers_cli import REPO, run_cli, valid_config, write_config
+
+SOFTPLUS_MODEL = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class SoftplusNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.act = nn.Softplus()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.flat = nn.Flatten()
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(self.flat(self.pool(self.act(self.conv(x)))))
+""")
+
+
+def test_every_shipped_config_passes_the_check():
+    for path in sorted((REPO / "configs").glob("*.json")):
+        if path.name == "schema.json":
+            continue
+        report = check(path)
+        assert report.exit_code == 0, (path.name, [(m.label, m.problems) for m in report.methods if not m.ok])
+        assert report.heaviest is not None and report.heaviest.memory_bytes > report.weight_bytes
+
+
+def test_problems_are_collected_per_method_and_nothing_is_attributed(tmp_path, capsys):
+    methods = [
+        {"id": "captum.Saliency"},
+        {"id": "captum.LayerGradCam", "layer": "layer9"},                     # no such layer
+        {"id": "captum.IntegratedGradients", "params": {"n_step": 8}},       # typo
+        {"id": "captum.Saliency", "label": "bad-target", "target": 42},      # 10 classes
+        {"id": "captum.LayerGradCam", "layer": "layer2", "label": "gc"},
+        {"id": "captum.IntegratedGradients", "label": "ig", "params": {"n_steps": 64, "internal_batch_size": 16}},
+    ]
+    cfg = valid_config(tmp_path, methods)
+    report = check(cfg, base_dir=tmp_path)
+    verdict = {m.label: m for m in report.methods}
+    assert verdict["captum.Saliency"].ok
+    assert "layer9" in verdict["captum.LayerGradCam"].problems[0] and "did you mean" in verdict["captum.LayerGradCam"].problems[0]
+    assert "n_steps" in verdict["captum.IntegratedGradients"].problems[0]
+    assert "target 42 does not exist" in verdict["bad-target"].problems[0]
+    assert verdict["gc"].ok and verdict["gc"].layer_shape == [1, 32, 4, 4]
+    assert verdict["ig"].batch == 16
+    assert report.heaviest.label == "ig"
+    assert any("reused at 2 call sites" in c for c in report.prepared_changes)
+    assert any("non-inplace" in c for c in report.prepared_changes)
+    assert report.exit_code == 1
+    assert not (tmp_path / "out").exists(), "check writes no results"
+
+    code, out, _ = run_cli(["check", write_config(tmp_path, cfg), "--json"], capsys)
+    assert code == 1
+    data = json.loads(out)
+    assert [m["ok"] for m in data["methods"]] == [True, False, False, False, True, True]
+    assert data["heaviest"] == "ig"
+
+
+def test_check_runs_no_backward_pass(tmp_path):
+    from esegeta.loading import load_model
+    from esegeta.prepare import prepared
+
+    cfg = valid_config(tmp_path, [{"id": "captum.IntegratedGradients"}, {"id": "captum.LRP"}])
+    check(cfg, base_dir=tmp_path)
+    model = load_model(cfg["model"], tmp_path)
+    x = torch.zeros(1, 1, 8, 8)
+    assert all(p.grad is None for p in prepared(model, x).parameters())
+
+
+def test_lrp_layers_without_a_rule_are_named(tmp_path, capsys):
+    (tmp_path / "softplus_model.py").write_text(SOFTPLUS_MODEL)
+    cfg = valid_config(tmp_path, [{"id": "captum.LRP"}, {"id": "captum.Saliency"}])
+    cfg["model"] = {"factory": str(tmp_path / "softplus_model.py") + ":SoftplusNet"}
+    report = check(cfg, base_dir=tmp_path)
+    lrp, saliency = report.methods
+    assert not lrp.ok and "act (Softplus)" in lrp.problems[0]
+    assert saliency.ok
+    # and the verdict is true: the run refuses LRP, Saliency runs
+    from esegeta.runner import Pipeline
+
+    result = Pipeline(cfg, base_dir=tmp_path).run()
+    assert [r["status"] for r in result.runs] == ["failed", "ok"]
+    code, out, _ = run_cli(["check", write_config(tmp_path, cfg)], capsys)
+    assert code == 1 and "[NO] methods[0]" in out and "1/2 method(s) will run" in out
+
+
+def test_a_segmentation_wrapper_on_a_classifier_is_reported(tmp_path):
+    cfg = valid_config(tmp_path, [{"id": "captum.Saliency", "wrapper": {"name": "threshold"}}])
+    report = check(cfg, base_dir=tmp_path)
+    assert not report.methods[0].ok and "remove the wrapper for a classifier" in report.methods[0].problems[0]
+
+
+def test_invalid_config_exits_2(tmp_path, capsys):
+    cfg = valid_config(tmp_path, [{"id": "captum.Saliency"}], modle={})
+    code, _, err = run_cli(["check", write_config(tmp_path, cfg)], capsys)
+    assert code == 2 and "modle" in err
