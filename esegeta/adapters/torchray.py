@@ -1,1 +1,250 @@
-"""torchray adapter: being written (registers nothing yet)."""
+"""TorchRay (https://github.com/facebookresearch/TorchRay): its nine attribution functions.
+
+TorchRay explains classifiers with one calling convention, ``f(model, input, target, **kwargs)``
+(layer methods take ``saliency_layer``). One generic adapter serves the table below: it calls
+the function on ``call.forward`` (the wrapped ``(B, K)`` scores with a wrapper) with the
+config's params under TorchRay's names and returns what TorchRay returns, as float32.
+
+What the adapter has to take care of, because TorchRay does not:
+
+- TorchRay sets the model's parameters to ``requires_grad=False`` (``contrastive_excitation_backprop``
+  and ``extremal_perturbation`` never restore them) and leaves its probes' hooks on the model
+  when a call fails: both are undone after every call, on error too (:func:`_restored`);
+- deconvnet, guided backprop and excitation backprop patch functions of ``torch`` for the
+  duration of the call (``torch.relu``, ``torch.nn.functional.conv2d``...); TorchRay undoes
+  the patches in ``with`` blocks, and the adapter serialises TorchRay calls so that two threads
+  never stack patches;
+- the input is passed as a copy (TorchRay sets ``requires_grad`` and ``.grad`` on it).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from ..errors import ConfigError
+from ..registry import Call, MethodSpec, register
+
+log = logging.getLogger("esegeta")
+
+#: Upstream arguments a JSON config cannot or must not set: esegeta supplies the model, input,
+#: target and layer; callables are code, not config; ``debug`` returns probes left attached.
+NOT_CONFIGURABLE = frozenset({
+    "model", "input", "target", "saliency_layer", "context_builder", "gradient_to_saliency",
+    "get_backward_gradient", "debug", "filter_masks",
+})
+#: Parameters naming a layer of the user's model (resolved on the prepared copy).
+LAYER_PARAMS = frozenset({"contrast_layer", "classifier_layer"})
+#: Parameters naming one of TorchRay's own functions.
+FUNCTION_PARAMS = {"reward_func": ("simple_reward", "contrastive_reward")}
+CHOICES = {
+    "variant": ("preserve", "delete", "dual"),
+    "perturbation": ("blur", "fade"),
+    "resize_mode": ("nearest", "linear", "bilinear", "bicubic", "trilinear", "area", "nearest-exact"),
+}
+POSITIVE_INTS = frozenset({"num_masks", "num_cells", "batch_size", "max_iter", "num_levels", "step", "print_iter"})
+NUMBERS = frozenset({"p", "sigma", "smooth", "seed"})
+BOOLS = frozenset({"jitter"})
+
+#: One lock for every TorchRay call: some patch torch's functions for their duration.
+_LOCK = threading.Lock()
+
+
+def _check_number(name: str, value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"{name} must be a number, not {value!r}")
+    if name in POSITIVE_INTS and (not isinstance(value, int) or value < 1):
+        raise ConfigError(path, f"{name} must be a positive integer, not {value!r}")
+
+
+def _check_resize(value: Any, path: str) -> None:
+    ok = isinstance(value, bool) or (
+        isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                  for v in value))
+    if not ok:
+        raise ConfigError(path, f"resize must be true, false or a size [width, height], not {value!r}")
+
+
+def _check_areas(value: Any, path: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, float) and 0 < v < 1 for v in values):
+        raise ConfigError(path, f"areas must be a fraction or a list of fractions strictly between 0 and 1 "
+                                f"(e.g. [0.1]), not {value!r}")
+
+
+@contextlib.contextmanager
+def _restored(model):
+    """Undo what TorchRay leaves on ``model``: parameters' ``requires_grad``, train/eval mode and
+    any hook its probes added (they stay when a call fails before ``probe.remove()``)."""
+    modules = list(model.modules())
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in modules]
+    dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    hooks = [(d, set(d)) for m in modules for d in (getattr(m, name, None) for name in dicts) if d is not None]
+    try:
+        yield
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+        for d, before in hooks:
+            for key in set(d) - before:
+                del d[key]
+
+
+@dataclass(frozen=True)
+class TorchRayAdapter:
+    """One TorchRay function: ``module.function``; ``delegate`` is the function its ``**kwargs``
+    go to (their names are configurable too); ``targets`` says how TorchRay wants the target:
+    ``"seed"`` an int or one int per input (the gradient seed), ``"list"`` one int per input,
+    ``"each"`` an int with one input per call; ``returns_hist`` for ``(masks, energies)`` results;
+    ``sigmoid_scores`` for methods that pass the scores through a sigmoid (RISE)."""
+
+    module: str
+    function: str
+    delegate: str | None = None
+    targets: str = "seed"
+    returns_hist: bool = False
+    sigmoid_scores: bool = False
+
+    def _fn(self, name: str | None = None):
+        import importlib
+
+        from ..compat import import_torchvision
+
+        import_torchvision()  # excitation_backprop imports torchvision; it fails on CPU-only torch without this
+        module_name, _, fn_name = (name or f"{self.module}.{self.function}").rpartition(".")
+        return getattr(importlib.import_module(module_name), fn_name)
+
+    @cache
+    def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
+        functions = [self._fn()] + ([self._fn(self.delegate)] if self.delegate else [])
+        params: dict[str, inspect.Parameter] = {}
+        for fn in reversed(functions):  # the function's own defaults win over its delegate's
+            params.update({
+                name: p for name, p in inspect.signature(fn).parameters.items()
+                if name not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+            })
+        return params
+
+    def noise_tunnel_parameters(self) -> None:
+        return None
+
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        """Check a JSON value before anything runs."""
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(path, f"{value!r} is not one of {', '.join(CHOICES[name])}")
+        if name in FUNCTION_PARAMS and value not in FUNCTION_PARAMS[name]:
+            raise ConfigError(path, f"{name} names one of TorchRay's functions: {', '.join(FUNCTION_PARAMS[name])}")
+        if name in LAYER_PARAMS and value is not None and not isinstance(value, str):
+            raise ConfigError(path, f"{name} must be a layer name of the model (e.g. \"layer4\"), not {value!r}")
+        if name in POSITIVE_INTS or name in NUMBERS:
+            _check_number(name, value, path)
+        if name in BOOLS and not isinstance(value, bool):
+            raise ConfigError(path, f"{name} must be true or false, not {value!r}")
+        if name == "resize":
+            _check_resize(value, path)
+        if name == "areas":
+            _check_areas(value, path)
+
+    def convert(self, name: str, value: Any, call: Call, path: str) -> Any:
+        """A JSON parameter value as TorchRay wants it."""
+        from ..explainer import find_layer
+
+        if name in LAYER_PARAMS:
+            return call.layer if value is None else find_layer(call.network, value, path)
+        if name in FUNCTION_PARAMS:
+            return self._fn(f"{self.module}.{value}")
+        return value
+
+    def run(self, spec: MethodSpec, call: Call):
+        import torch
+
+        fn = self._fn()
+        defaults = {k: (v(call.inputs) if callable(v) else v) for k, v in spec.defaults.items()}
+        params = {**defaults, **call.params}
+        kwargs = {k: self.convert(k, v, call, f"params.{k}") for k, v in params.items()}
+        if spec.needs_layer:
+            kwargs["saliency_layer"] = call.layer
+        if self.sigmoid_scores:
+            _warn_if_saturated(spec, call)
+        x = call.inputs.detach().clone()
+        n = x.shape[0]
+        target = call.target
+        per_input = [int(t) for t in target] if torch.is_tensor(target) else [int(target)] * n
+        with _LOCK, _restored(call.forward):
+            if self.targets == "each":
+                outputs = [fn(call.forward, x[i:i + 1], target=per_input[i], **kwargs) for i in range(n)]
+            else:
+                outputs = [fn(call.forward, x, target=per_input if self.targets == "list" else target, **kwargs)]
+        if self.returns_hist:
+            # extremal_perturbation returns (masks, energies), one mask per area along the batch axis
+            # for its single input: the areas become channels, the energies an extra output.
+            call.extras["hist"] = torch.stack([hist for _, hist in outputs])
+            outputs = [masks.transpose(0, 1) for masks, _ in outputs]
+        return torch.cat(outputs).float()
+
+
+def _warn_if_saturated(spec: MethodSpec, call: Call) -> None:
+    """RISE scores ``sigmoid(model(x))``: made for logits, it saturates on a wrapper's sums."""
+    scores = getattr(call.forward, "unperturbed", None)
+    if scores is not None and float(scores.abs().max()) > 10:
+        log.warning("%s passes the scores through a sigmoid, and the wrapped scores reach %.3g, where it saturates "
+                    "and the map flattens: set the wrapper's \"reduction\": \"mean\"", spec.id,
+                    float(scores.abs().max()))
+
+
+_REF_GRAD = "Simonyan et al. 2014, arXiv:1312.6034"
+_REF_EBP = "Zhang et al. 2016, Top-down neural attention by excitation backprop, arXiv:1608.00507"
+_SALIENCY = "torchray.attribution.common.saliency"
+
+
+def _quick_step(x) -> int:
+    """A mask step for extremal perturbation scaled to the input (upstream's 7 is for 224-pixel images)."""
+    return max(1, min(x.shape[2:]) // 8)
+
+
+def _quick_sigma(x) -> float:
+    return 3.0 * _quick_step(x)  # upstream's ratio: step 7, sigma 21
+
+
+def _torchray(name, adapter, kind="attribution", layer=False, dims=(2, 3), defaults=None, quick=None, ref=""):
+    register(MethodSpec(
+        library="torchray", name=name, kind=kind, adapter=adapter, requires=("torchray",), extra="torchray",
+        needs_layer=layer, dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref,
+    ))
+
+
+_A = "torchray.attribution"
+_torchray("gradient", TorchRayAdapter(f"{_A}.gradient", "gradient", _SALIENCY), ref=_REF_GRAD)
+_torchray("deconvnet", TorchRayAdapter(f"{_A}.deconvnet", "deconvnet", _SALIENCY),
+          ref="Zeiler & Fergus 2014, doi:10.1007/978-3-319-10590-1_53")
+_torchray("guided_backprop", TorchRayAdapter(f"{_A}.guided_backprop", "guided_backprop", _SALIENCY),
+          ref="Springenberg et al. 2015, arXiv:1412.6806")
+# grad_cam averages the gradient over axes (2, 3) only: 2D by construction.
+_torchray("grad_cam", TorchRayAdapter(f"{_A}.grad_cam", "grad_cam", _SALIENCY), kind="layer", layer=True,
+          dims=(2,), ref="Selvaraju et al. 2017, arXiv:1610.02391")
+_torchray("linear_approx", TorchRayAdapter(f"{_A}.linear_approx", "linear_approx", _SALIENCY), kind="layer",
+          layer=True, ref="TorchRay's linear approximation (gradient x activation at a layer)")
+_torchray("excitation_backprop", TorchRayAdapter(f"{_A}.excitation_backprop", "excitation_backprop", _SALIENCY),
+          kind="layer", layer=True, ref=_REF_EBP)
+# contrast_layer (required upstream) defaults to the saliency layer: the contrastive map of the
+# paper, target minus dual excitation at that layer.
+_torchray("contrastive_excitation_backprop",
+          TorchRayAdapter(f"{_A}.excitation_backprop", "contrastive_excitation_backprop"),
+          kind="layer", layer=True, defaults={"contrast_layer": None}, ref=_REF_EBP)
+# torchray.rise ignores the target and maps every class; rise_class, its class-specific front-end
+# with the same parameters, gives the target's map. Both assert 2D inputs.
+_torchray("rise", TorchRayAdapter(f"{_A}.rise", "rise_class", f"{_A}.rise.rise", targets="list", sigmoid_scores=True),
+          dims=(2,), quick={"num_masks": 128}, ref="Petsiuk et al. 2018, arXiv:1806.07421")
+# One 2D input per call (the mask generator and the jitter flip are 2D).
+_torchray("extremal_perturbation",
+          TorchRayAdapter(f"{_A}.extremal_perturbation", "extremal_perturbation", targets="each", returns_hist=True),
+          dims=(2,), quick={"max_iter": 20, "step": _quick_step, "sigma": _quick_sigma},
+          ref="Fong et al. 2019, arXiv:1910.08485")
