@@ -32,7 +32,9 @@ def _record(network: nn.Module, x: torch.Tensor, modules: dict[str, nn.Module]) 
 
 
 def _is_spatial_mean(features: torch.Tensor, pooled: torch.Tensor) -> bool:
-    if not torch.is_tensor(features) or features.ndim < 3 or features.shape[0] != pooled.shape[0]:
+    """Whether ``pooled`` is the spatial mean of ``features`` (maps of more than one position)."""
+    if not torch.is_tensor(features) or features.ndim < 3 or features.shape[2:].numel() < 2 \
+            or features.shape[0] != pooled.shape[0]:
         return False
     mean = features.mean(dim=tuple(range(2, features.ndim))).flatten(1)
     flat = pooled.flatten(1)
