@@ -1,1 +1,363 @@
-"""lucent adapter: being written (registers nothing yet)."""
+"""Lucent (https://github.com/greentfrapp/lucent): feature visualisation with ``render_vis``.
+
+Feature visualisation optimises an image, not an attribution: starting from noise (or
+from the input, for deep dream), the image is changed step by step to maximise an
+objective of the model (Olah et al. 2017, doi:10.23915/distill.00007; deep dream:
+Mordvintsev et al. 2015). The result is an image of its own (kind ``image``).
+
+``params`` pick lucent's objective and pass render_vis's keywords through:
+
+- ``objective``: ``channel`` (``n_channel`` of the entry's ``layer``), ``neuron``
+  (``n_channel`` at ``x``, ``y``; lucent's centre by default), ``deepdream`` (the whole
+  layer: Lucid's ``mean(activation**2)``, which lucent 0.1.8 does not ship) or ``class``
+  (column ``target`` of the scores; with a wrapper, the wrapped segmentation score; the
+  ``layer`` is not used). Layers are found on the prepared copy and named as lucent's
+  ``hook_model`` names them (dots become underscores).
+- ``param_f``: lucent's ``param.image`` keywords (``w``, ``h``, ``sd``, ``fft``,
+  ``decorrelate``, ``channels``; the size defaults to the input's, the channels to the
+  input's, 3 channels keep lucent's colour decorrelation), or ``"input"``: esegeta's
+  pixel parameterisation that starts from the input itself (deep dream on the input; its
+  values are not squashed into [0, 1]).
+- ``optimizer``: ``{"name": "Adam", "lr": 0.05, ...}`` → ``torch.optim.<name>(params, **rest)``
+  (absent: lucent's Adam with lr 0.05); ``transforms``: ``"standard"`` (lucent's default)
+  or a list such as ``[{"pad": {"w": 4}}, {"jitter": {"d": 2}}]`` of lucent's transforms.
+- ``thresholds``, ``verbose``, ``preprocess``, ``progress``, ``fixed_image_size`` as in
+  lucent. esegeta's defaults: ``preprocess`` false (the inputs already are what the model
+  takes; lucent's ImageNet normalisation fits only RGB torchvision models),
+  ``fixed_image_size`` the input's size (lucent upsamples to 224 otherwise, which breaks
+  models of fixed input size and the masks a wrapper froze on the input), ``progress`` false.
+
+The result is lucent's last image (the largest threshold), ``(B, C, H, W)``, one image per
+input; earlier thresholds go to the extra output ``thresholds``. render_vis hooks every
+module and never removes its hooks: they are closed here, even on error; the parameters
+of the prepared copy do not collect gradients meanwhile. Runs are seeded by the caller
+(lucent draws from torch's and numpy's generators). Lucent puts its images on
+``cuda:0`` whenever CUDA exists: run the model there too.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import Any
+
+from ..errors import ConfigError, did_you_mean
+from ..registry import Call, MethodSpec, register
+
+#: render_vis arguments a JSON config cannot set: esegeta supplies them, or they show or save files.
+NOT_CONFIGURABLE = frozenset({"model", "objective_f", "show_image", "save_image", "image_name", "show_inline"})
+#: The objectives: name → (the params it needs, the params it may take).
+OBJECTIVES: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
+    "channel": (frozenset({"n_channel"}), frozenset({"n_channel"})),
+    "neuron": (frozenset({"n_channel"}), frozenset({"n_channel", "x", "y"})),
+    "deepdream": (frozenset(), frozenset()),
+    "class": (frozenset(), frozenset()),
+}
+OBJECTIVE_ARGS = frozenset({"n_channel", "x", "y"})
+#: lucent.optvis.param.image keywords a config may set (the batch is one image per input).
+IMAGE_PARAMS = ("w", "h", "sd", "decorrelate", "fft", "channels")
+#: lucent.optvis.transform factories a ``transforms`` list may use.
+TRANSFORMS = ("pad", "jitter", "random_scale", "random_rotate", "normalize", "preprocess_inceptionv1")
+#: The name under which the explained scores are hooked (the child of the model given to lucent).
+SCORES = "scores"
+
+
+def _index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_int(v: Any) -> bool:
+    return _index(v) and v > 0
+
+
+def _size(v: Any) -> bool:
+    return _positive_int(v) or (isinstance(v, list) and len(v) == 2 and all(map(_positive_int, v)))
+
+
+#: name → (check, what a valid value is): checked before anything runs.
+CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+    "objective": (lambda v: v in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+    "n_channel": (_index, "a channel index (an integer >= 0)"),
+    "x": (lambda v: v is None or _index(v), "a position in the layer (an integer >= 0) or null"),
+    "y": (lambda v: v is None or _index(v), "a position in the layer (an integer >= 0) or null"),
+    "thresholds": (lambda v: isinstance(v, list) and bool(v) and all(map(_positive_int, v)),
+                   "a non-empty list of step counts (integers >= 1)"),
+    "verbose": (lambda v: isinstance(v, bool), "true or false"),
+    "preprocess": (lambda v: isinstance(v, bool), "true or false"),
+    "progress": (lambda v: isinstance(v, bool), "true or false"),
+    "fixed_image_size": (lambda v: v is None or _size(v), "a size in pixels, [height, width] or null"),
+}
+
+
+def _lucent():
+    from ..compat import import_torchvision
+
+    import_torchvision()  # lucent imports torchvision
+    from lucent.optvis import objectives, param, render, transform
+
+    return objectives, param, render, transform
+
+
+def _keywords(fn) -> dict[str, inspect.Parameter]:
+    return {n: p for n, p in inspect.signature(fn).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _check_keywords(given: Mapping[str, Any], allowed: Mapping[str, Any], path: str, what: str) -> None:
+    if not isinstance(given, dict):
+        raise ConfigError(path, f"{what} takes an object of keyword arguments")
+    for name in given:
+        if name not in allowed:
+            raise ConfigError(f"{path}.{name}", f"unknown keyword of {what}" + did_you_mean(name, allowed))
+
+
+def _check_param_f(value: Any, path: str) -> None:
+    if value == "input":
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(path, '"input" (start from the input) or an object of lucent param.image keywords '
+                                f"({', '.join(IMAGE_PARAMS)})")
+    _check_keywords(value, IMAGE_PARAMS, path, "lucent's param.image")
+    for name in ("w", "h", "channels"):
+        if name in value and not _positive_int(value[name]):
+            raise ConfigError(f"{path}.{name}", "must be a positive integer")
+    for name in ("fft", "decorrelate"):
+        if name in value and not isinstance(value[name], bool):
+            raise ConfigError(f"{path}.{name}", "must be true or false")
+    if "sd" in value and not (value["sd"] is None or (isinstance(value["sd"], (int, float)) and value["sd"] > 0)):
+        raise ConfigError(f"{path}.sd", "must be a positive number or null")
+    if value.get("decorrelate") and "channels" in value:
+        raise ConfigError(f"{path}.decorrelate", "lucent decorrelates colours only when 'channels' is not set "
+                                                 "(its default 3-channel image): remove 'channels' or 'decorrelate'")
+
+
+def _optimizer_class(name: Any, path: str):
+    import torch
+
+    names = [n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+             and c is not torch.optim.Optimizer]
+    if name not in names:
+        raise ConfigError(path, f"{name!r} is not an optimizer of torch.optim" + did_you_mean(str(name), names))
+    return getattr(torch.optim, name)
+
+
+def _check_optimizer(value: Any, path: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(path, 'an object such as {"name": "Adam", "lr": 0.05} (torch.optim.<name> and its keywords)')
+    cls = _optimizer_class(value.get("name", "Adam"), f"{path}.name")
+    allowed = {n for n in _keywords(cls) if n != "params"} | {"name"}
+    _check_keywords(value, allowed, path, f"torch.optim.{cls.__name__}")
+
+
+def _check_transforms(value: Any, path: str) -> None:
+    if value is None or value == "standard":
+        return
+    if not isinstance(value, list):
+        raise ConfigError(path, '"standard" (lucent\'s) or a list of lucent transforms, e.g. '
+                                '[{"pad": {"w": 4}}, {"jitter": {"d": 2}}]; [] for none')
+    transform = _lucent()[3]
+    for i, item in enumerate(value):
+        if not (isinstance(item, dict) and len(item) == 1):
+            raise ConfigError(f"{path}[{i}]", 'one transform per item: {"<name>": {keywords}}, e.g. {"jitter": {"d": 2}}')
+        (name, kwargs), = item.items()
+        if name not in TRANSFORMS:
+            raise ConfigError(f"{path}[{i}]", f"unknown lucent transform {name!r}" + did_you_mean(name, TRANSFORMS))
+        _check_keywords(kwargs, _keywords(getattr(transform, name)), f"{path}[{i}].{name}", f"lucent's {name}")
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _scores_module(model):
+    """``model`` as the only child, named :data:`SCORES`, of a Sequential: lucent hooks
+    children only, so its output (the scores, for the class objective) becomes a hooked layer."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    return nn.Sequential(OrderedDict([(SCORES, model)]))
+
+
+def _lucent_name(root, layer, path: str) -> str:
+    """The name lucent's hook_model gives ``layer`` inside ``root`` (module path, dots → underscores)."""
+    found = [n for n, m in root.named_modules() if m is layer]
+    if not found:
+        raise ConfigError(path, "the layer is not part of the model given to lucent")
+    name = found[0].replace(".", "_")
+    if any(n.replace(".", "_") == name and m is not layer for n, m in root.named_modules(remove_duplicate=False)):
+        raise ConfigError(path, f"lucent names two modules {name!r} (it joins module names with '_'): pick another layer")
+    return name
+
+
+def _layer_shape(model, layer, x) -> tuple[int, ...]:
+    """The shape of ``layer``'s output on ``x`` (one forward without gradients)."""
+    import torch
+
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError:
+        if not seen:
+            raise
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _close_lucent_hooks(model) -> None:
+    """Close the ModuleHooks lucent's hook_model set on ``model`` (render_vis never does)."""
+    from lucent.optvis.render import ModuleHook
+
+    for module in model.modules():
+        for fn in list(module._forward_hooks.values()):
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, ModuleHook):
+                owner.close()
+
+
+@cache
+def _parameters() -> Mapping[str, inspect.Parameter]:
+    """``objective`` (required) and its arguments, then render_vis's configurable keywords."""
+    render = _lucent()[2]
+    own = inspect.Parameter("objective", inspect.Parameter.KEYWORD_ONLY)
+    args = {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in sorted(OBJECTIVE_ARGS)}
+    upstream = {n: p for n, p in _keywords(render.render_vis).items() if n not in NOT_CONFIGURABLE}
+    return {"objective": own, **args, **upstream}
+
+
+def _input_param(x):
+    """esegeta's param_f "input": the pixels of the input as the learnable image."""
+    image = x.detach().clone().requires_grad_(True)
+    return [image], lambda: image
+
+
+class LucentAdapter:
+    """The adapter behind ``lucent.render_vis``."""
+
+    def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
+        return _parameters()
+
+    def noise_tunnel_parameters(self) -> None:
+        return None
+
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        if name in CHECKS:
+            check, valid = CHECKS[name]
+            if not check(value):
+                raise ConfigError(path, f"{value!r} is not valid: {name} is {valid}")
+        elif name == "param_f":
+            _check_param_f(value, path)
+        elif name == "optimizer":
+            _check_optimizer(value, path)
+        elif name == "transforms":
+            _check_transforms(value, path)
+
+    def _objective(self, objectives, params: dict, call: Call, model, size) -> Any:
+        """The lucent objective ``params`` names, on the model given to render_vis."""
+        import torch
+
+        kind = params.pop("objective")
+        needed, allowed = OBJECTIVES[kind]
+        given = {k: params.pop(k) for k in OBJECTIVE_ARGS if params.get(k) is not None}
+        for name in needed - set(given):
+            raise ConfigError(f"params.{name}", f"objective {kind!r} needs params.{name}")
+        for name in set(given) - allowed:
+            raise ConfigError(f"params.{name}", f"objective {kind!r} takes no {name}; remove it")
+        if kind == "class":
+            if call.target is None:
+                raise ConfigError("target", "the class objective needs a target (a class, or a wrapped column)")
+            if not torch.is_tensor(call.target):
+                return objectives.channel(SCORES, int(call.target))
+            return objectives.Objective.sum([objectives.channel(SCORES, int(t), batch=i)
+                                             for i, t in enumerate(call.target.reshape(-1).tolist())])
+        name = _lucent_name(model, call.layer, "layer")
+        probe = torch.zeros(1, call.inputs.shape[1], *size, device=call.inputs.device)
+        shape = _layer_shape(model, call.layer, probe)
+        if kind == "deepdream":
+            return objectives.Objective(lambda hook: -(hook(name) ** 2).mean(), "deepdream", f"Deepdream [{name}]")
+        if given["n_channel"] >= shape[1]:
+            raise ConfigError("params.n_channel", f"the layer has {shape[1]} channels (its output is {shape})")
+        if kind == "channel":
+            return objectives.channel(name, given["n_channel"])
+        for axis, key in ((2, "x"), (3, "y")):  # lucent reads x along axis 2 and y along axis 3
+            if given.get(key, 0) >= shape[axis]:
+                raise ConfigError(f"params.{key}", f"{key} is beyond the layer's output {shape}")
+        return objectives.neuron(name, given["n_channel"], given.get("x"), given.get("y"))
+
+    def _param_f(self, value: Any, x) -> Callable[[], Any]:
+        """param_f for render_vis: lucent's image of the input's size and channels, or the input itself."""
+        param = _lucent()[1]
+        if value == "input":
+            return lambda: _input_param(x)
+        kwargs = {"w": x.shape[3], "h": x.shape[2], "batch": x.shape[0], **(value or {})}
+        if "channels" not in kwargs and x.shape[1] != 3:
+            kwargs["channels"] = x.shape[1]
+        if kwargs.get("channels", 3) != x.shape[1]:
+            raise ConfigError("params.param_f.channels", f"the model takes {x.shape[1]} channels")
+        if kwargs.get("decorrelate") and x.shape[1] != 3:
+            raise ConfigError("params.param_f.decorrelate", "colour decorrelation needs 3 channels: remove it")
+        return lambda: param.image(**kwargs)
+
+    @staticmethod
+    def _optimizer(value: Any):
+        if value is None:
+            return None
+        kwargs = _tuples({k: v for k, v in value.items() if k != "name"})
+        cls = _optimizer_class(value.get("name", "Adam"), "params.optimizer.name")
+        return lambda params: cls(params, **kwargs)
+
+    @staticmethod
+    def _transforms(value: Any, transform) -> list | None:
+        if value is None or value == "standard":
+            return None
+        return [getattr(transform, name)(**_tuples(kwargs)) for item in value for name, kwargs in item.items()]
+
+    def run(self, spec: MethodSpec, call: Call):
+        import torch
+
+        objectives, _, render, transform = _lucent()
+        params = dict(call.params)
+        for name, default in spec.defaults.items():
+            if name not in params:
+                params[name] = default(call.inputs) if callable(default) else default
+        size = params["fixed_image_size"]
+        size = tuple(size) if isinstance(size, list) else (size, size) if size is not None else None
+        explained = call.forward if params.get("objective") == "class" else call.network
+        model = _scores_module(explained)
+        objective = self._objective(objectives, params, call, model, size or tuple(call.inputs.shape[2:]))
+        kwargs = {
+            "param_f": self._param_f(params.pop("param_f", None), call.inputs),
+            "optimizer": self._optimizer(params.pop("optimizer", None)),
+            "transforms": self._transforms(params.pop("transforms", None), transform),
+            "thresholds": tuple(params.pop("thresholds", (512,))),
+            **params, "fixed_image_size": size, "show_image": False, "save_image": False, "show_inline": False,
+        }
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        try:
+            for p in trainable:  # the image is optimised, not the model: no gradients for its weights
+                p.requires_grad_(False)
+            images = render.render_vis(model, objective, **kwargs)
+        finally:
+            _close_lucent_hooks(model)
+            for p in trainable:
+                p.requires_grad_(True)
+        images = [torch.from_numpy(image).permute(0, 3, 1, 2).float() for image in images]
+        steps = sorted(set(kwargs["thresholds"]))
+        if len(images) > 1:
+            call.extras["thresholds"] = {f"step_{s}": image for s, image in zip(steps, images[:-1])}
+        return images[-1]
+
+
+ADAPTER = LucentAdapter()
+
+register(MethodSpec(
+    library="lucent", name="render_vis", kind="image", adapter=ADAPTER, requires=("lucent",), extra="lucent",
+    needs_layer=True, dims=(2,),
+    defaults={"fixed_image_size": lambda x: list(x.shape[2:]), "preprocess": False, "progress": False},
+    quick_params={"objective": "channel", "n_channel": 0, "thresholds": [8]},
+    reference="Olah et al. 2017, Feature Visualization, doi:10.23915/distill.00007",
+))
