@@ -38,8 +38,9 @@ NOT_CONFIGURABLE = frozenset({
     "model", "input", "target", "saliency_layer", "context_builder", "gradient_to_saliency",
     "get_backward_gradient", "debug", "filter_masks",
 })
-#: Parameters naming a layer of the user's model (resolved on the prepared copy).
-LAYER_PARAMS = frozenset({"contrast_layer", "classifier_layer"})
+#: Parameters naming a layer of the user's model (resolved on the prepared copy); null means
+#: the method's own layer for those marked True, upstream's automatic choice for the others.
+LAYER_PARAMS = {"contrast_layer": True, "classifier_layer": False}
 #: Parameters naming one of TorchRay's own functions.
 FUNCTION_PARAMS = {"reward_func": ("simple_reward", "contrastive_reward")}
 CHOICES = {
@@ -144,7 +145,7 @@ class TorchRayAdapter:
             raise ConfigError(path, f"{name} names one of TorchRay's functions: {', '.join(FUNCTION_PARAMS[name])}")
         if name in LAYER_PARAMS and value is not None and not isinstance(value, str):
             raise ConfigError(path, f"{name} must be a layer name of the model (e.g. \"layer4\"), not {value!r}")
-        if name in POSITIVE_INTS or name in NUMBERS:
+        if (name in POSITIVE_INTS or name in NUMBERS) and not (name == "print_iter" and value is None):
             _check_number(name, value, path)
         if name in BOOLS and not isinstance(value, bool):
             raise ConfigError(path, f"{name} must be true or false, not {value!r}")
@@ -158,7 +159,9 @@ class TorchRayAdapter:
         from ..explainer import find_layer
 
         if name in LAYER_PARAMS:
-            return call.layer if value is None else find_layer(call.network, value, path)
+            if value is None:
+                return call.layer if LAYER_PARAMS[name] else None
+            return find_layer(call.network, value, path)
         if name in FUNCTION_PARAMS:
             return self._fn(f"{self.module}.{value}")
         return value
