@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -129,8 +131,6 @@ def test_patterns_recover_the_signal_direction_where_the_filter_does_not(tmp_pat
 def test_fitted_patterns_match_the_estimator_on_the_digits_network(digits):
     """The fitted pattern of the dense head and of the stem conv (batch norm folded) equal the formula
     a = (E+[x y] − E+[x] E[y]) / wᵀ(…), computed here directly from unfolded inputs."""
-    import numpy as np
-
     xs = torch.cat([torch.from_numpy(np.load(p)).float()[None] for p in sorted((SAMPLES / "data/digits").glob("*.npy"))])
     xs = torch.cat([xs, xs.flip(-1), xs.flip(-2), xs.transpose(-1, -2)])  # 16 inputs
     net = prepared(digits.model, xs)
@@ -267,3 +267,48 @@ def test_layer_activation_guided_backprop_is_captums_with_a_channel_mean_selecto
                                              layer="layer2", channel=best))
     with pytest.raises(ConfigError, match="32 channels"):
         esegeta.explain(digits.model, digits.x, "esegeta.LayerActivationGuidedBackprop", layer="layer2", channel=32)
+
+
+# ---------------------------------------------------------------------------- from a JSON config
+
+def test_own_methods_run_from_a_config_with_paths_relative_to_it(tmp_path, digits):
+    from esegeta import Pipeline
+
+    (tmp_path / "samples").symlink_to(SAMPLES, target_is_directory=True)
+    cfg = {
+        "model": {"factory": "samples/models.py:DigitResNet", "weights": "samples/checkpoints/digit_resnet.pt"},
+        "inputs": {"paths": ["samples/data/digits"], "spatial_dims": 2},
+        "target": "predicted",
+        "runtime": {"devices": "cpu", "seed": 0},
+        "output": {"dir": "out", "formats": ["npy"]},
+        "methods": [
+            {"id": "esegeta.CAM", "layer": "layer2"},
+            {"id": "esegeta.PatternNet", "params": {"patterns": "patterns/from_samples.pt"}},
+            {"id": "esegeta.PatternAttribution",
+             "params": {"fit_inputs": ["samples/data/digits/*.npy"], "patterns": "patterns/from_files.pt"}},
+            {"id": "esegeta.LayerActivationGuidedBackprop", "layer": "layer2", "params": {"channel": 1}},
+        ],
+    }
+    result = Pipeline(cfg, base_dir=tmp_path).run()
+    assert result.exit_code == 0, [r["error"] for r in result.runs]
+    assert (tmp_path / "patterns" / "from_samples.pt").is_file() and (tmp_path / "patterns" / "from_files.pt").is_file()
+    all_inputs = torch.cat([torch.from_numpy(np.load(p)).float()[None]
+                            for p in sorted((SAMPLES / "data" / "digits").glob("*.npy"))])
+    for method, shape in [("esegeta.CAM", (1, 4, 4)), ("esegeta.PatternNet", (1, 8, 8)),
+                          ("esegeta.PatternAttribution", (1, 8, 8))]:
+        saved = torch.from_numpy(result.result(method, "digit_30_label3"))
+        assert saved.shape == shape
+        kwargs = {"layer": "layer2"} if method == "esegeta.CAM" else {"fit_inputs": all_inputs}
+        direct = esegeta.explain(digits.model, digits.x, method, target="predicted", **kwargs)[0]
+        assert torch.allclose(saved, direct, rtol=1e-4, atol=1e-6), method
+
+
+def test_unknown_params_get_a_hint():
+    from esegeta.config import check_method
+
+    with pytest.raises(ConfigError, match="did you mean pattern_type"):
+        check_method("esegeta.PatternNet", {"pattern_typ": "relu"}, None, None, "methods[0]")
+    with pytest.raises(ConfigError, match="needs a 'layer'"):
+        check_method("esegeta.CAM", {}, None, None, "methods[0]")
+    with pytest.raises(ConfigError, match="noise tunnel"):
+        check_method("esegeta.PatternNet", {}, None, {"nt_samples": 2}, "methods[0]")
