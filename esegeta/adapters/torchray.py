@@ -3,17 +3,27 @@
 TorchRay explains classifiers with one calling convention, ``f(model, input, target, **kwargs)``
 (layer methods take ``saliency_layer``). One generic adapter serves the table below: it calls
 the function on ``call.forward`` (the wrapped ``(B, K)`` scores with a wrapper) with the
-config's params under TorchRay's names and returns what TorchRay returns, as float32.
+config's params under TorchRay's names and returns what TorchRay returns, as float32:
+
+- gradient, deconvnet, guided_backprop: ``(B, 1, *spatial)``, TorchRay's default reduction
+  ``max`` over channels of ``|pseudo-gradient|`` (Captum keeps signs and channels);
+- grad_cam, linear_approx, (contrastive_)excitation_backprop: ``(B, 1, *layer spatial)``,
+  summed over the layer's channels (``resize`` brings them to the input's size);
+- rise: ``(B, 1, H, W)`` for the target (see its table entry);
+- extremal_perturbation: the optimised masks in [0, 1], ``(B, len(areas), H, W)`` (TorchRay
+  returns the areas along the batch axis of its single input); its energies go to the extra
+  output ``hist``.
 
 What the adapter has to take care of, because TorchRay does not:
 
 - TorchRay sets the model's parameters to ``requires_grad=False`` (``contrastive_excitation_backprop``
-  and ``extremal_perturbation`` never restore them) and leaves its probes' hooks on the model
-  when a call fails: both are undone after every call, on error too (:func:`_restored`);
+  and ``extremal_perturbation`` never restore them, the others not after an error) and may leave
+  its probes' hooks when a call fails: both are undone after every call (:func:`_restored`);
 - deconvnet, guided backprop and excitation backprop patch functions of ``torch`` for the
   duration of the call (``torch.relu``, ``torch.nn.functional.conv2d``...); TorchRay undoes
   the patches in ``with`` blocks, and the adapter serialises TorchRay calls so that two threads
-  never stack patches;
+  never stack patches (code of other libraries running in another thread meanwhile would still
+  see them);
 - the input is passed as a copy (TorchRay sets ``requires_grad`` and ``.grad`` on it).
 """
 from __future__ import annotations
@@ -237,8 +247,10 @@ _torchray("linear_approx", TorchRayAdapter(f"{_A}.linear_approx", "linear_approx
           layer=True, ref="TorchRay's linear approximation (gradient x activation at a layer)")
 _torchray("excitation_backprop", TorchRayAdapter(f"{_A}.excitation_backprop", "excitation_backprop", _SALIENCY),
           kind="layer", layer=True, ref=_REF_EBP)
-# contrast_layer (required upstream) defaults to the saliency layer: the contrastive map of the
-# paper, target minus dual excitation at that layer.
+# contrast_layer (required upstream) defaults to the saliency layer: clamp(P - N) there, the
+# target's excitation minus its dual's (classifier weights negated), the paper's contrastive map.
+# TorchRay's excitation backprop is linear in the signal it propagates, so any contrast layer between the
+# saliency layer and the classifier gives the same map.
 _torchray("contrastive_excitation_backprop",
           TorchRayAdapter(f"{_A}.excitation_backprop", "contrastive_excitation_backprop"),
           kind="layer", layer=True, defaults={"contrast_layer": None}, ref=_REF_EBP)
