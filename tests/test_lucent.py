@@ -113,6 +113,16 @@ def test_class_objective_raises_the_target_score(request, name):
         assert last.argmax() == case.target
 
 
+def test_class_equals_channel_of_the_logits(digits):
+    """On a classifier the class objective is lucent's channel objective on the last layer."""
+    by_class = _explain(digits, objective="class")
+    torch.manual_seed(0)
+    np.random.seed(0)
+    by_channel = esegeta.explain(digits.model, digits.x, METHOD, 3, layer="fc", objective="channel", n_channel=3,
+                                 thresholds=[8])
+    assert torch.equal(by_class, by_channel)
+
+
 def test_deepdream_starts_at_the_input(digits):
     one_step = _explain(digits, objective="deepdream", param_f="input", thresholds=[1])
     change = (one_step - digits.x).abs()
@@ -171,6 +181,17 @@ def test_config_errors(digits, params, path):
     assert err.value.path.endswith(path), err.value
     assert_unchanged(digits.model, before)
     assert hook_count(prepared(digits.model, digits.x)) == 0
+
+
+def test_neuron_needs_a_spatial_layer(digits):
+    with pytest.raises(ConfigError, match="needs a layer with a"):
+        esegeta.explain(digits.model, digits.x, METHOD, 3, layer="fc", objective="neuron", n_channel=0)
+
+
+def test_wrapped_class_keeps_the_input_size(retina):
+    with pytest.raises(ConfigError, match="masks are frozen") as err:
+        _explain(retina, objective="class", fixed_image_size=64)
+    assert err.value.path == "params.fixed_image_size"
 
 
 def test_layer_typo(digits):

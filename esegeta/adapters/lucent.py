@@ -39,19 +39,48 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ConfigError, did_you_mean
 from ..registry import Call, MethodSpec, register
 
 #: render_vis arguments a JSON config cannot set: esegeta supplies them, or they show or save files.
 NOT_CONFIGURABLE = frozenset({"model", "objective_f", "show_image", "save_image", "image_name", "show_inline"})
-#: The objectives: name → (the params it needs, the params it may take).
-OBJECTIVES: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
-    "channel": (frozenset({"n_channel"}), frozenset({"n_channel"})),
-    "neuron": (frozenset({"n_channel"}), frozenset({"n_channel", "x", "y"})),
-    "deepdream": (frozenset(), frozenset()),
-    "class": (frozenset(), frozenset()),
+
+
+class Objective(NamedTuple):
+    """One objective: the params it needs and may take, and its lucent objective from
+    (lucent's objectives module, the lucent layer name, the args). ``on_scores`` objectives
+    explain the scores (``call.forward``'s output, with the target in the args), the others
+    the entry's layer of the prepared copy."""
+
+    needs: frozenset[str]
+    takes: frozenset[str]
+    build: Callable[[Any, str, dict], Any]
+    on_scores: bool = False
+
+
+def _class(objectives, layer: str, args: dict):
+    """Column ``target`` of the scores; a target per input scores input ``i`` on image ``i``."""
+    target = args["target"]
+    if isinstance(target, int):
+        return objectives.channel(layer, target)
+    return objectives.Objective.sum([objectives.channel(layer, int(t), batch=i)
+                                     for i, t in enumerate(target.reshape(-1).tolist())])
+
+
+def _deepdream(objectives, layer: str, args: dict):
+    """Lucid's deepdream objective, mean(activation**2) (Mordvintsev et al. 2015), negated as lucent minimises."""
+    return objectives.Objective(lambda hook: -(hook(layer) ** 2).mean(), "deepdream", f"Deepdream [{layer}]")
+
+
+OBJECTIVES: Mapping[str, Objective] = {
+    "channel": Objective(frozenset({"n_channel"}), frozenset({"n_channel"}),
+                         lambda o, layer, a: o.channel(layer, a["n_channel"])),
+    "neuron": Objective(frozenset({"n_channel"}), frozenset({"n_channel", "x", "y"}),
+                        lambda o, layer, a: o.neuron(layer, a["n_channel"], a.get("x"), a.get("y"))),
+    "deepdream": Objective(frozenset(), frozenset(), _deepdream),
+    "class": Objective(frozenset(), frozenset(), _class, on_scores=True),
 }
 OBJECTIVE_ARGS = frozenset({"n_channel", "x", "y"})
 #: lucent.optvis.param.image keywords a config may set (the batch is one image per input).
@@ -76,7 +105,7 @@ def _size(v: Any) -> bool:
 
 #: name → (check, what a valid value is): checked before anything runs.
 CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
-    "objective": (lambda v: v in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+    "objective": (lambda v: isinstance(v, str) and v in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
     "n_channel": (_index, "a channel index (an integer >= 0)"),
     "x": (lambda v: v is None or _index(v), "a position in the layer (an integer >= 0) or null"),
     "y": (lambda v: v is None or _index(v), "a position in the layer (an integer >= 0) or null"),
@@ -260,33 +289,33 @@ class LucentAdapter:
         """The lucent objective ``params`` names, on the model given to render_vis."""
         import torch
 
+        from ..wrappers import WrappedModel
+
         kind = params.pop("objective")
-        needed, allowed = OBJECTIVES[kind]
+        objective = OBJECTIVES[kind]
         given = {k: params.pop(k) for k in OBJECTIVE_ARGS if params.get(k) is not None}
-        for name in needed - set(given):
+        for name in objective.needs - set(given):
             raise ConfigError(f"params.{name}", f"objective {kind!r} needs params.{name}")
-        for name in set(given) - allowed:
+        for name in set(given) - objective.takes:
             raise ConfigError(f"params.{name}", f"objective {kind!r} takes no {name}; remove it")
-        if kind == "class":
+        if objective.on_scores:
+            if size != tuple(call.inputs.shape[2:]) and isinstance(call.forward, WrappedModel):
+                raise ConfigError("params.fixed_image_size", "with a wrapper the model must see images of the "
+                                  "input's size (its masks are frozen on the input): remove fixed_image_size")
             if call.target is None:
-                raise ConfigError("target", "the class objective needs a target (a class, or a wrapped column)")
-            if not torch.is_tensor(call.target):
-                return objectives.channel(SCORES, int(call.target))
-            return objectives.Objective.sum([objectives.channel(SCORES, int(t), batch=i)
-                                             for i, t in enumerate(call.target.reshape(-1).tolist())])
+                raise ConfigError("target", f"the {kind} objective needs a target (a class, or a wrapped column)")
+            return objective.build(objectives, SCORES, {"target": call.target})
         name = _lucent_name(model, call.layer, "layer")
         probe = torch.zeros(1, call.inputs.shape[1], *size, device=call.inputs.device)
         shape = _layer_shape(model, call.layer, probe)
-        if kind == "deepdream":
-            return objectives.Objective(lambda hook: -(hook(name) ** 2).mean(), "deepdream", f"Deepdream [{name}]")
-        if given["n_channel"] >= shape[1]:
+        if given.get("n_channel", 0) >= shape[1]:
             raise ConfigError("params.n_channel", f"the layer has {shape[1]} channels (its output is {shape})")
-        if kind == "channel":
-            return objectives.channel(name, given["n_channel"])
+        if {"x", "y"} & objective.takes and len(shape) != 4:
+            raise ConfigError("layer", f"the {kind} objective needs a layer with a (B, C, H, W) output, not {shape}")
         for axis, key in ((2, "x"), (3, "y")):  # lucent reads x along axis 2 and y along axis 3
-            if given.get(key, 0) >= shape[axis]:
+            if key in given and given[key] >= shape[axis]:
                 raise ConfigError(f"params.{key}", f"{key} is beyond the layer's output {shape}")
-        return objectives.neuron(name, given["n_channel"], given.get("x"), given.get("y"))
+        return objective.build(objectives, name, given)
 
     def _param_f(self, value: Any, x) -> Callable[[], Any]:
         """param_f for render_vis: lucent's image of the input's size and channels, or the input itself."""
@@ -319,7 +348,12 @@ class LucentAdapter:
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
+        from lucent.optvis.param.spatial import device
+
         objectives, _, render, transform = _lucent()
+        if torch.device(device) != call.inputs.device:
+            raise ConfigError("device", f"lucent puts its images on {device} (cuda:0 whenever CUDA exists): "
+                                        f"run {spec.id} on {device}")
         params = dict(call.params)
         for name, default in spec.defaults.items():
             if name not in params:
