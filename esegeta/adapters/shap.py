@@ -1,1 +1,301 @@
-"""shap adapter: being written (registers nothing yet)."""
+"""SHAP (https://github.com/shap/shap; Lundberg & Lee 2017, arXiv:1705.07874): four explainers for image models.
+
+- ``GradientExplainer`` (expected gradients) and ``DeepExplainer`` (DeepLIFT with a
+  background distribution) run on ``call.forward``, the prepared copy of the model: its
+  reused and in-place ReLUs are already split (DeepExplainer fails on them, see ENVIRONMENT.md).
+- ``PartitionExplainer`` with ``shap.maskers.Image`` (2D): hierarchical Owen values over
+  axis-aligned image partitions; the model function gets numpy ``(N, H, W, C)`` images.
+- ``KernelExplainer`` over SLIC superpixels/supervoxels (2D and 3D): features are segments
+  on/off; an "off" segment takes the background's values there (the model output averaged
+  over the background images when there are several).
+
+Background data is ``params.data`` (upstream's name, see :mod:`esegeta.backgrounds`):
+default ``["zeros", "blur"]`` for Gradient/Deep (as esegeta's Captum Shap methods),
+``"mean"`` (per-channel mean, as SHAP's superpixel example) for Kernel.
+
+One output is explained, ``call.target``: the model given to SHAP returns that column only
+(SHAP computes each output independently, so this equals the target slice of SHAP's all-output
+result, at 1/K of the cost). Results are SHAP's values as float32 ``(B, C, *spatial)``;
+Kernel's per-segment values painted onto the input grid ``(B, 1, *spatial)``.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from ..errors import ConfigError
+from ..registry import Call, MethodSpec, register
+
+#: Upstream arguments a config cannot set: esegeta supplies them, or they take Python objects or pick outputs.
+NOT_CONFIGURABLE = frozenset({
+    "self", "model", "X", "args", "session", "learning_phase_flags", "ranked_outputs", "output_rank_order",
+    "return_variances", "outputs", "output_names", "link", "linearize_link", "feature_names",
+})
+MASKER = re.compile(r"blur\(\s*[1-9]\d*\s*,\s*[1-9]\d*\s*\)|inpaint_telea|inpaint_ns")
+
+
+def _param(name: str, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+
+
+def _signature(fn: Callable) -> dict[str, inspect.Parameter]:
+    return {n: p for n, p in inspect.signature(fn).parameters.items()
+            if n not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _pick(params: Mapping[str, Any], fn: Callable) -> dict[str, Any]:
+    """The entries of ``params`` that ``fn`` takes."""
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in params.items() if k in names}
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+#: name → (check, what a valid value is), checked before anything runs.
+CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+    "nsamples": (lambda v: _positive_int(v) or v == "auto", "a positive integer (or 'auto' for KernelExplainer)"),
+    "max_evals": (lambda v: _positive_int(v) or v == "auto", "a positive integer or 'auto'"),
+    "batch_size": (lambda v: _positive_int(v) or v == "auto", "a positive integer"),
+    "n_segments": (_positive_int, "a positive integer"),
+    "rseed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+              "a non-negative integer or null"),
+    "check_additivity": (lambda v: isinstance(v, bool), "true or false"),
+    "silent": (lambda v: isinstance(v, bool), "true or false"),
+    "masker": (lambda v: isinstance(v, str) and MASKER.fullmatch(v) is not None,
+               "'blur(kx,ky)' (box blur, kernel size in pixels), 'inpaint_telea' or 'inpaint_ns'"),
+}
+
+
+def _one_output(values: Any, x) -> Any:
+    """SHAP values of a one-output model as a float32 tensor shaped like ``x``.
+
+    shap ≥ 0.45 returns an array with the output axis last, ``(B, *x.shape[1:], 1)``, or
+    none for one output; shap < 0.45 returned a list with one array per output.
+    """
+    import numpy as np
+    import torch
+
+    if isinstance(values, list):
+        (values,) = values
+    values = np.asarray(values)
+    if values.ndim == x.ndim + 1:
+        values = values[..., 0]
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(x.device)
+
+
+@cache
+def _column_class():
+    from torch import nn
+
+    class Column(nn.Module):
+        """``forward``'s output column ``index`` as a one-output model ``(N, 1)`` (not a leaf: no hooks on it)."""
+
+        def __init__(self, forward: nn.Module, index: int):
+            super().__init__()
+            self.model = forward
+            self.index = index
+
+        def forward(self, x):
+            return self.model(x)[:, self.index:self.index + 1]
+
+    return Column
+
+
+@contextmanager
+def _no_traces(model):
+    """Undo what SHAP's DeepExplainer leaves on ``model``: module hooks, and the ``x``/``y``
+    tensors it stores on leaf modules (it removes them only from direct children of containers,
+    and neither on error)."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    modules = list(model.modules())
+    before = [{k: set(getattr(m, k, {})) for k in kinds} | {"attrs": {a for a in ("x", "y") if hasattr(m, a)}}
+              for m in modules]
+    try:
+        yield
+    finally:
+        for m, seen in zip(modules, before):
+            for kind in kinds:
+                hooks = getattr(m, kind, None)
+                for key in [k for k in (hooks or {}) if k not in seen[kind]]:
+                    del hooks[key]
+            for attr in ("x", "y"):
+                if attr not in seen["attrs"] and hasattr(m, attr):
+                    delattr(m, attr)
+
+
+def _gradient(call: Call, x, target: int, params: dict[str, Any]):
+    import shap
+
+    from ..backgrounds import make_data
+
+    data = make_data(params.pop("data"), x, call, "params.data")
+    cls = shap.GradientExplainer
+    explainer = cls(_column_class()(call.forward, target), data, **_pick(params, cls.__init__))
+    return _one_output(explainer.shap_values(x, **_pick(params, cls.shap_values)), x)
+
+
+def _deep(call: Call, x, target: int, params: dict[str, Any]):
+    import shap
+
+    from ..backgrounds import make_data
+
+    data = make_data(params.pop("data"), x, call, "params.data")
+    cls = shap.DeepExplainer
+    with _no_traces(call.forward):
+        explainer = cls(_column_class()(call.forward, target), data)
+        values = explainer.shap_values(x, **_pick(params, cls.shap_values))
+    return _one_output(values, x)
+
+
+def _partition(call: Call, x, target: int, params: dict[str, Any]):
+    import numpy as np
+    import shap
+    import torch
+
+    from ..backgrounds import numpy_model, to_channels_last
+
+    mask_value = params.pop("masker")
+    image = to_channels_last(x)
+    if mask_value.startswith("inpaint") and (image.min() < 0 or image.max() <= 1 or image.max() > 255
+                                             or image.shape[-1] not in (1, 3)):
+        raise ConfigError("params.masker", f"{mask_value} inpaints with OpenCV, which casts the image to uint8: it "
+                                           f"needs 1 or 3 channels with values in 0–255 (this input: {image.shape[-1]} "
+                                           f"channels in [{image.min():.3g}, {image.max():.3g}]); use 'blur(k,k)'")
+    masker = shap.maskers.Image(mask_value, image.shape[1:])
+    explainer = shap.PartitionExplainer(numpy_model(call.forward, x.shape[1], x.device), masker)
+    explanation = explainer(image, outputs=[target], **params)
+    values = np.moveaxis(np.asarray(explanation.values)[..., 0], -1, 1)  # (1, H, W, C, 1) → (1, C, H, W)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(x.device)
+
+
+def _kernel(call: Call, x, target: int, params: dict[str, Any]):
+    import numpy as np
+    import shap
+    import torch
+
+    from ..backgrounds import make_data, paint, slic_parameters, supervoxels
+
+    data = make_data(params.pop("data"), x, call, "params.data")
+    segments = supervoxels(x, **{k: params.pop(k) for k in list(params) if k in slic_parameters()})
+    n_segments = int(segments.max()) + 1
+    ids = torch.from_numpy(segments).to(x.device)
+
+    def f(z: np.ndarray) -> np.ndarray:
+        """Segments on (1) or off (0) → the target score, averaged over the background images."""
+        scores = []
+        for chunk in np.array_split(z, max(1, -(-len(z) // 16))):
+            keep = torch.as_tensor(chunk, dtype=x.dtype, device=x.device)[:, ids].unsqueeze(1)  # (n, 1, *spatial)
+            images = keep.unsqueeze(1) * x + (1 - keep.unsqueeze(1)) * data  # (n, N_background, C, *spatial)
+            with torch.no_grad():
+                out = call.forward(images.flatten(0, 1))[:, target]
+            scores.append(out.view(len(chunk), -1).mean(1).double().cpu().numpy())
+        return np.concatenate(scores)
+
+    explainer = shap.KernelExplainer(f, np.zeros((1, n_segments)))
+    values = explainer.shap_values(np.ones((1, n_segments)), **params)
+    return paint(segments, np.asarray(values).reshape(n_segments), x)
+
+
+@dataclass(frozen=True)
+class ShapMethod:
+    """How one SHAP explainer runs, and where its configurable names come from."""
+
+    run: Callable[[Call, Any, int, dict[str, Any]], Any]
+    signatures: Callable[[], tuple[Callable, ...]]
+    extra: Callable[[], Mapping[str, inspect.Parameter]] = field(default=lambda: {})
+
+
+def _kernel_parameters() -> dict[str, inspect.Parameter]:
+    from ..backgrounds import slic_parameters
+
+    shap_values = {"nsamples": "auto", "l1_reg": "num_features(10)", "silent": False, "gc_collect": False}
+    return {"data": _param("data"), **{n: _param(n, d) for n, d in shap_values.items()}, **slic_parameters()}
+
+
+def _shap(name: str) -> Any:
+    import shap
+
+    return getattr(shap, name)
+
+
+METHODS: Mapping[str, ShapMethod] = {
+    "GradientExplainer": ShapMethod(_gradient, lambda: (_shap("GradientExplainer").__init__,
+                                                        _shap("GradientExplainer").shap_values)),
+    "DeepExplainer": ShapMethod(_deep, lambda: (_shap("DeepExplainer").__init__, _shap("DeepExplainer").shap_values)),
+    "PartitionExplainer": ShapMethod(_partition, lambda: (_shap("PartitionExplainer").__call__,),
+                                     lambda: {"masker": _param("masker")}),
+    "KernelExplainer": ShapMethod(_kernel, lambda: (), _kernel_parameters),
+}
+
+
+def _target(target: Any, i: int) -> int:
+    import torch
+
+    if target is None:
+        raise ValueError("SHAP explains one output: set a target")
+    return int(target[i]) if torch.is_tensor(target) and target.ndim > 0 else int(target)
+
+
+class ShapAdapter:
+    """The adapter behind every SHAP explainer: one upstream call per input, for its target."""
+
+    @cache  # noqa: B019 (one adapter object for the process)
+    def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
+        method = METHODS[spec.name]
+        names: dict[str, inspect.Parameter] = {}
+        for fn in method.signatures():
+            names.update(_signature(fn))
+        return {**names, **method.extra()}
+
+    def noise_tunnel_parameters(self) -> None:
+        return None
+
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        from ..backgrounds import check_data
+
+        if name == "data":
+            check_data(value, path)
+        elif name in CHECKS and not CHECKS[name][0](value):
+            raise ConfigError(path, f"{name} must be {CHECKS[name][1]}, not {value!r}")
+
+    def run(self, spec: MethodSpec, call: Call):
+        import torch
+
+        method = METHODS[spec.name]
+        results = []
+        for i in range(call.inputs.shape[0]):
+            x = call.inputs[i:i + 1]
+            params = {k: (v(x) if callable(v) else v) for k, v in spec.defaults.items() if k not in call.params}
+            params.update(call.params)
+            results.append(method.run(call, x, _target(call.target, i), params))
+        return torch.cat(results)
+
+
+ADAPTER = ShapAdapter()
+_REF = "Lundberg & Lee 2017, arXiv:1705.07874"
+
+
+def _blur_masker(x) -> str:
+    k = max(1, min(x.shape[2:]) // 4)
+    return f"blur({k},{k})"
+
+
+def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF):
+    register(MethodSpec(library="shap", name=name, kind="attribution", adapter=ADAPTER, requires=("shap",),
+                        extra="shap", dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref))
+
+
+_shap_method("GradientExplainer", defaults={"data": ["zeros", "blur"]}, quick={"nsamples": 32, "rseed": 0},
+             ref="Lundberg & Lee 2017, arXiv:1705.07874; expected gradients: Erion et al. 2021, arXiv:1906.10670")
+_shap_method("DeepExplainer", defaults={"data": ["zeros", "blur"]},
+             ref="Lundberg & Lee 2017, arXiv:1705.07874; DeepLIFT: Shrikumar et al. 2017, arXiv:1704.02685")
+_shap_method("PartitionExplainer", dims=(2,), defaults={"masker": _blur_masker}, quick={"max_evals": 64},
+             ref="Lundberg & Lee 2017, arXiv:1705.07874; Owen values: Owen 1977")
+_shap_method("KernelExplainer", defaults={"data": "mean"}, quick={"nsamples": 48, "n_segments": 16})
