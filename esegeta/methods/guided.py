@@ -31,6 +31,8 @@ def layer_activation_guided_backprop(call: Call, *, channel: int | None = None) 
     """
     from captum.attr import NeuronGuidedBackprop
 
+    if call.layer is None:
+        raise ConfigError("layer", "esegeta.LayerActivationGuidedBackprop needs a layer (with patches: mode 'local')")
     out = _layer_output(call)
     if not torch.is_tensor(out) or out.ndim < 2:
         raise ConfigError("layer", "the layer's output is not a tensor (batch, channels, ...)")

@@ -15,6 +15,10 @@ iNNvestigate does).
   the output.
 Both start from the target score's value (iNNvestigate's convention) and pass every other
 operation as its gradient: ReLUs gate, pooling, concatenation and upsampling route.
+Values are returned as computed, without iNNvestigate's default rescaling of the signal to
+[-1, 1] at bottleneck layers: since ``wᵀa = 1``, a pattern is about ``1/|w|`` long, and the
+factor compounds over layers (on the sample U-Nets the ``relu`` signal reaches ~1e14,
+the ``linear`` one ~1e7). The direction is the explanation; figures normalise for display.
 
 Supported layers: ``Linear``, ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` (groups 1); a
 ``BatchNorm`` that takes a layer's output directly is folded into it (the folded layer is
