@@ -157,6 +157,16 @@ def test_size_and_optimizer_and_transforms(digits):
     assert image.shape == (1, 1, 10, 12)
 
 
+def test_lucent_sizes(digits):
+    """param_f's h defaults to its w, as in lucent; fixed_image_size null is lucent's own
+    behaviour (small images are upsampled to 224 for the model: a layer 8x8 → 112x112)."""
+    assert _explain(digits, objective="channel", n_channel=0, param_f={"w": 12}).shape == (1, 1, 12, 12)
+    image = _explain(digits, objective="neuron", n_channel=0, x=100, y=100, fixed_image_size=None, thresholds=[2])
+    assert image.shape == digits.x.shape
+    with pytest.raises(ConfigError, match="beyond"):
+        _explain(digits, objective="neuron", n_channel=0, x=100, y=100)
+
+
 @pytest.mark.parametrize("params,path", [
     ({"objective": "chanel", "n_channel": 0}, "params.objective"),
     ({"objective": "channel", "n_chanel": 0}, "params.n_chanel"),

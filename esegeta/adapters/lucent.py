@@ -258,6 +258,19 @@ def _parameters() -> Mapping[str, inspect.Parameter]:
     return {"objective": own, **args, **upstream}
 
 
+def _sized(param_f: Callable[[], Any], size: tuple[int, int]) -> Callable[[], Any]:
+    param_f.size = size
+    return param_f
+
+
+def _model_size(fixed_image_size: Any, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) the model sees: render_vis resizes to ``fixed_image_size``, else
+    to 224 when the image is smaller, else not at all."""
+    if fixed_image_size is None:
+        return (224, 224) if min(image_size) < 224 else image_size
+    return tuple(fixed_image_size) if isinstance(fixed_image_size, tuple) else (fixed_image_size,) * 2
+
+
 def _input_param(x):
     """esegeta's param_f "input": the pixels of the input as the learnable image."""
     image = x.detach().clone().requires_grad_(True)
@@ -318,18 +331,21 @@ class LucentAdapter:
         return objective.build(objectives, name, given)
 
     def _param_f(self, value: Any, x) -> Callable[[], Any]:
-        """param_f for render_vis: lucent's image of the input's size and channels, or the input itself."""
+        """param_f for render_vis: lucent's image (by default of the input's size and channels)
+        or the input itself; its ``size`` attribute is the image's (height, width)."""
         param = _lucent()[1]
         if value == "input":
-            return lambda: _input_param(x)
-        kwargs = {"w": x.shape[3], "h": x.shape[2], "batch": x.shape[0], **(value or {})}
+            return _sized(lambda: _input_param(x), tuple(x.shape[2:]))
+        value = value or {}
+        kwargs = {"w": x.shape[3], "h": x.shape[2]} if "w" not in value else {}  # lucent: h defaults to w
+        kwargs.update(batch=x.shape[0], **value)
         if "channels" not in kwargs and x.shape[1] != 3:
             kwargs["channels"] = x.shape[1]
         if kwargs.get("channels", 3) != x.shape[1]:
             raise ConfigError("params.param_f.channels", f"the model takes {x.shape[1]} channels")
         if kwargs.get("decorrelate") and x.shape[1] != 3:
             raise ConfigError("params.param_f.decorrelate", "colour decorrelation needs 3 channels: remove it")
-        return lambda: param.image(**kwargs)
+        return _sized(lambda: param.image(**kwargs), (kwargs.get("h") or kwargs["w"], kwargs["w"]))
 
     @staticmethod
     def _optimizer(value: Any):
@@ -358,13 +374,13 @@ class LucentAdapter:
         for name, default in spec.defaults.items():
             if name not in params:
                 params[name] = default(call.inputs) if callable(default) else default
-        size = params["fixed_image_size"]
-        size = tuple(size) if isinstance(size, list) else (size, size) if size is not None else None
-        explained = call.forward if params.get("objective") == "class" else call.network
-        model = _scores_module(explained)
-        objective = self._objective(objectives, params, call, model, size or tuple(call.inputs.shape[2:]))
+        size = params.pop("fixed_image_size")
+        size = tuple(size) if isinstance(size, list) else size
+        image_f = self._param_f(params.pop("param_f", None), call.inputs)
+        model = _scores_module(call.forward if OBJECTIVES[params["objective"]].on_scores else call.network)
+        objective = self._objective(objectives, params, call, model, _model_size(size, image_f.size))
         kwargs = {
-            "param_f": self._param_f(params.pop("param_f", None), call.inputs),
+            "param_f": image_f,
             "optimizer": self._optimizer(params.pop("optimizer", None)),
             "transforms": self._transforms(params.pop("transforms", None), transform),
             "thresholds": tuple(params.pop("thresholds", (512,))),
