@@ -20,7 +20,9 @@ Mordvintsev et al. 2015). The result is an image of its own (kind ``image``).
   values are not squashed into [0, 1]).
 - ``optimizer``: ``{"name": "Adam", "lr": 0.05, ...}`` → ``torch.optim.<name>(params, **rest)``
   (absent: lucent's Adam with lr 0.05); ``transforms``: ``"standard"`` (lucent's default)
-  or a list such as ``[{"pad": {"w": 4}}, {"jitter": {"d": 2}}]`` of lucent's transforms.
+  or a list such as ``[{"pad": {"w": 4}}, {"jitter": {"d": 2}}]`` of lucent's transforms
+  (the standard ones, pad 12 and jitter 8, are made for ~224-pixel images: on small inputs
+  they dominate the image; use smaller ones or ``[]``).
 - ``thresholds``, ``verbose``, ``preprocess``, ``progress``, ``fixed_image_size`` as in
   lucent. esegeta's defaults: ``preprocess`` false (the inputs already are what the model
   takes; lucent's ImageNet normalisation fits only RGB torchvision models),
