@@ -47,11 +47,21 @@ class Normalize(Strict):
 class InputsConfig(Strict):
     """Files to explain (paths, globs or folders; .png/.jpg/.npy/.pt/.nii/.nii.gz) and their preprocessing.
 
-    Images load as (C, H, W) in [0, 1]; arrays and NIfTI volumes keep their values and
-    axis order (channels first for arrays, last for images and 4D NIfTI)."""
+    Images load as (C, H, W) in [0, 1]; arrays and NIfTI volumes keep their values. The model
+    gets (C, *spatial) with 3D volumes depth last, as torchio and NIfTI order them: NIfTI
+    stays in its voxel order (x, y, z) (affine kept in and out); a ``.npy``/``.pt`` volume
+    stored depth first, (D, H, W), declares ``depth_axis: "first"`` and is fed as (H, W, D).
+    Results are written back in the file's own axis order (depth first again; channels last
+    with ``channel_axis: "last"``)."""
 
     paths: list[str] = Field(min_length=1)
     spatial_dims: Literal[2, 3]
+    depth_axis: Literal["first", "last"] = Field(
+        "last", description="3D .npy/.pt arrays: depth axis first (D, H, W) or last (H, W, D); the model gets depth "
+                            "last; NIfTI keeps its (x, y, z) order")
+    channel_axis: Literal["auto", "first", "last", "none"] = Field(
+        "auto", description="where files keep channels; 'auto': first for arrays, last for images and 4D NIfTI; "
+                            "'none': no channel axis (one channel)")
     color: Literal["keep", "grayscale", "rgb"] = "keep"
     normalize: Literal["none", "zscore", "minmax"] | Normalize = "none"
     resize: list[Annotated[int, Field(gt=0)]] | None = None

@@ -136,12 +136,36 @@ def load_model(model_cfg: dict, base_dir: Path | None) -> nn.Module:
 
 @dataclass
 class InputItem:
-    """One input: ``tensor`` is (1, C, *spatial) float32 as fed to the model."""
+    """One input: ``tensor`` is (1, C, *spatial) float32 as fed to the model.
+
+    ``depth_first`` (a 3D array stored depth first, fed with depth last) and ``channels_last``
+    (``inputs.channel_axis: "last"``) record how the file holds its axes, so results are
+    written back in the file's own axis order (:meth:`own_order`).
+    """
 
     name: str
     path: Path
     tensor: torch.Tensor
     affine: np.ndarray | None = None
+    depth_first: bool = False
+    channels_last: bool = False
+
+    def own_order(self, result: np.ndarray, channels: bool = True) -> np.ndarray:
+        """A result ``(C, *spatial)`` in the model's axis order → the file's own axis order
+        (with ``channels=False`` the channel axis stays first, as NIfTI writing expects)."""
+        if self.depth_first and result.ndim == 4:
+            result = np.moveaxis(result, -1, 1)
+        if channels and self.channels_last:
+            result = np.moveaxis(result, 0, -1)
+        return result
+
+    def model_order(self, saved: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`own_order` (a saved ``.npy`` back to ``(C, *spatial)``)."""
+        if self.channels_last:
+            saved = np.moveaxis(saved, -1, 0)
+        if self.depth_first and saved.ndim == 4:
+            saved = np.moveaxis(saved, 1, -1)
+        return saved
 
 
 def expand_paths(patterns: list[str], base_dir: Path | None) -> list[Path]:
@@ -196,9 +220,20 @@ def read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None, bool]:
     return array, None, True
 
 
-def to_tensor(array: np.ndarray, spatial_dims: int, channels_last: bool, path: Path) -> torch.Tensor:
-    """(1, C, *spatial) float32 from an array with or without a channel (and batch) axis."""
+def to_tensor(array: np.ndarray, spatial_dims: int, channels_last: bool, path: Path,
+              channel_axis: str = "auto") -> torch.Tensor:
+    """(1, C, *spatial) float32 from an array with or without a channel (and batch) axis.
+
+    ``channel_axis`` ``"first"``/``"last"``/``"none"`` states where the file keeps its channels;
+    ``"auto"`` takes ``channels_last`` (the file type's convention) for an array with one
+    more axis than ``spatial_dims``."""
     array = np.asarray(array, dtype=np.float32)
+    if channel_axis != "auto":
+        wanted = spatial_dims + (channel_axis != "none")
+        if array.ndim != wanted:
+            raise ConfigError("inputs.channel_axis", f"{path.name} has shape {array.shape}: with channel_axis "
+                                                     f"{channel_axis!r} a {spatial_dims}D input has {wanted} axes")
+        channels_last = channel_axis == "last"
     if array.ndim == spatial_dims:
         array = array[None]
     elif array.ndim == spatial_dims + 1:
@@ -262,7 +297,14 @@ def load_inputs(cfg: dict, base_dir: Path | None) -> list[InputItem]:
         except Exception as exc:  # unreadable, corrupt, or a pickle that would run code
             message = _first_line(exc)
             raise ConfigError("inputs.paths", f"cannot read {path.name}: {type(exc).__name__}: {message}") from exc
-        tensor = preprocess(to_tensor(array, cfg["spatial_dims"], channels_last, path), cfg)
+        channel_axis = cfg.get("channel_axis", "auto")
+        tensor = to_tensor(array, cfg["spatial_dims"], channels_last, path, channel_axis)
+        # NIfTI keeps its voxel order (x, y, z); arrays stored depth first are fed with depth last.
+        depth_first = (cfg.get("depth_axis", "last") == "first" and cfg["spatial_dims"] == 3
+                       and not path.name.lower().endswith(NIFTI_SUFFIXES))
+        if depth_first:
+            tensor = tensor.movedim(2, -1).contiguous()
+        tensor = preprocess(tensor, cfg)
         stem = path.name
         for suffix in (".nii.gz",) + INPUT_SUFFIXES:
             if stem.lower().endswith(suffix):
@@ -272,5 +314,5 @@ def load_inputs(cfg: dict, base_dir: Path | None) -> list[InputItem]:
         while name in names:
             name, n = f"{stem}_{n}", n + 1
         names.add(name)
-        items.append(InputItem(name, path, tensor, affine))
+        items.append(InputItem(name, path, tensor, affine, depth_first, channel_axis == "last"))
     return items

@@ -243,6 +243,13 @@ def save_figure(fig: Any, path: PathLike, dpi: int = 100) -> Path:
     return final
 
 
+def _own_order(item: Any, array: np.ndarray, kind: str, channels: bool = True) -> np.ndarray:
+    """``array`` (C, *spatial) in the input file's own axis order (see ``InputItem.own_order``);
+    a feature visualisation (kind ``image``) is not aligned with the input and stays as it is."""
+    own_order = getattr(item, "own_order", None)
+    return array if kind == "image" or own_order is None else own_order(array, channels)
+
+
 def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_cfg: Any,
                 kind: str = "attribution") -> dict:
     """Write one (input, method) result in the configured formats; returns format → relative path.
@@ -250,20 +257,23 @@ def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_c
     ``item`` is the :class:`esegeta.loading.InputItem` explained, ``attr`` the upstream
     result without the batch axis, ``output_cfg`` the config's ``output`` section. The
     ``.nii.gz`` (3D inputs only) carries the input's affine, scaled for layer-resolution maps.
+    ``.npy`` and ``.nii.gz`` are in the input file's own axis order (``item.own_order``); the
+    figure shows ``attr`` as the model saw it.
     """
     from . import figures
 
     rel = Path(item.name)
     files: dict[str, str] = {}
     image = item.tensor[0].detach().cpu().numpy()
-    if "npy" in output_cfg.formats:
-        save_npy(out_dir / rel / f"{label}.npy", attr)
-        files["npy"] = str(rel / f"{label}.npy")
     own_image = kind == "image"  # a feature visualisation: not aligned with the input
+    if "npy" in output_cfg.formats:
+        save_npy(out_dir / rel / f"{label}.npy", _own_order(item, attr, kind))
+        files["npy"] = str(rel / f"{label}.npy")
     if "nii" in output_cfg.formats and image.ndim == 4 and attr.ndim == 4 and not own_image:
-        in_shape, at_shape = image.shape[1:], attr.shape[1:]
+        volume = _own_order(item, attr, kind, channels=False)
+        in_shape, at_shape = _own_order(item, image, kind, channels=False).shape[1:], volume.shape[1:]
         affine = item.affine if in_shape == at_shape else layer_affine(item.affine, in_shape, at_shape)
-        save_nifti(out_dir / rel / f"{label}.nii.gz", attr, affine)
+        save_nifti(out_dir / rel / f"{label}.nii.gz", volume, affine)
         files["nii"] = str(rel / f"{label}.nii.gz")
     if "png" in output_cfg.formats:
         fig_cfg = output_cfg.figure

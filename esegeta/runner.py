@@ -407,9 +407,11 @@ class Pipeline:
         for item in v.inputs:
             cells = []
             for r in (r for r in manifest["runs"] if r["input"] == item.name):
-                attr = np.load(out / r["files"]["npy"]) if r["status"] == "ok" and "npy" in r["files"] else None
-                note = "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"
                 kind = registry.get(r["method"]).kind
+                attr = np.load(out / r["files"]["npy"]) if r["status"] == "ok" and "npy" in r["files"] else None
+                if attr is not None and kind != "image":  # saved in the input's own axis order
+                    attr = item.model_order(attr)
+                note = "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"
                 cells.append((r["label"], attr, note, "image" if kind == "image" else "attribution"))
             rows.append((item.name, item.tensor[0].detach().cpu().numpy(), cells))
         fig_cfg = v.config.output.figure

@@ -207,3 +207,72 @@ def test_pipeline_patched_run_writes_nifti_with_the_inputs_affine(tmp_path):
     np.testing.assert_allclose(saved.affine, source.affine)
     assert np.abs(np.asarray(saved.dataobj)).max() > 0
     assert run["score"] is not None
+
+
+# -- 3D conventions: depth and channel axes, results in the input's own order ----------------------
+
+def _crop() -> np.ndarray:
+    return tissue_case((16, 16, 8)).x[0, 0].numpy()  # (x, y, z): depth last, as the model takes it
+
+
+def _run(tmp_path, name: str, inputs: dict) -> esegeta.runner.RunResult:
+    config = {"model": {"factory": str(SAMPLES / "models.py") + ":TissueUNet3D",
+                        "weights": str(SAMPLES / "checkpoints" / "tissue_unet3d.pt")},
+              "inputs": {"spatial_dims": 3, **inputs},
+              "wrapper": {"name": "multiclass", "activation": "softmax"}, "target": 2,
+              "output": {"dir": str(tmp_path / name), "formats": ["npy", "nii"]},
+              "methods": [{"id": "captum.Saliency"}, {"id": "captum.LayerActivation", "layer": "enc2"}]}
+    result = esegeta.Pipeline(config).run()
+    assert result.exit_code == 0, result.runs
+    return result
+
+
+def test_depth_first_arrays_are_fed_depth_last_and_saved_depth_first(tmp_path):
+    from esegeta.loading import load_inputs
+
+    crop = _crop()
+    np.save(tmp_path / "last.npy", crop)
+    np.save(tmp_path / "first.npy", np.moveaxis(crop, -1, 0))
+    torch.save(torch.from_numpy(np.moveaxis(crop, -1, 0).copy()), tmp_path / "first.pt")
+    for name in ("first.npy", "first.pt"):
+        (item,) = load_inputs({"paths": [str(tmp_path / name)], "spatial_dims": 3, "depth_axis": "first"}, None)
+        assert torch.equal(item.tensor, torch.from_numpy(crop)[None, None])
+    last = _run(tmp_path, "last", {"paths": [str(tmp_path / "last.npy")]})
+    first = _run(tmp_path, "first", {"paths": [str(tmp_path / "first.npy")], "depth_axis": "first"})
+    for method in ("captum.Saliency", "captum.LayerActivation"):
+        expected = np.moveaxis(last.result(method), -1, 1)  # (C, x, y, z) → (C, z, x, y)
+        assert first.result(method).shape == expected.shape
+        np.testing.assert_allclose(first.result(method), expected, rtol=1e-5, atol=1e-7)
+    run_last, run_first = last.runs[0], first.runs[0]
+    nii_last = np.asarray(nib.load(str(last.output_dir / run_last["files"]["nii"])).dataobj)
+    nii_first = np.asarray(nib.load(str(first.output_dir / run_first["files"]["nii"])).dataobj)
+    np.testing.assert_allclose(nii_first, np.moveaxis(nii_last, -1, 0), rtol=1e-5, atol=1e-7)
+
+
+def test_channel_axis(tmp_path):
+    from esegeta.loading import load_inputs
+
+    crop = _crop()
+    np.save(tmp_path / "last.npy", crop[..., None])
+    np.save(tmp_path / "none.npy", crop)
+    expected = torch.from_numpy(crop)[None, None]
+    for name, axis in (("last.npy", "last"), ("none.npy", "none"), ("none.npy", "auto")):
+        (item,) = load_inputs({"paths": [str(tmp_path / name)], "spatial_dims": 3, "channel_axis": axis}, None)
+        assert torch.equal(item.tensor, expected), (name, axis)
+    with pytest.raises(ConfigError, match="inputs.channel_axis"):
+        load_inputs({"paths": [str(tmp_path / "none.npy")], "spatial_dims": 3, "channel_axis": "first"}, None)
+    channels_last = _run(tmp_path, "channels_last", {"paths": [str(tmp_path / "last.npy")], "channel_axis": "last"})
+    plain = _run(tmp_path, "plain", {"paths": [str(tmp_path / "none.npy")], "channel_axis": "none"})
+    saved = channels_last.result("captum.Saliency")
+    assert saved.shape == (*crop.shape, 1)  # channels last, as in the file
+    np.testing.assert_allclose(saved, np.moveaxis(plain.result("captum.Saliency"), 0, -1), rtol=1e-6, atol=0)
+
+
+def test_nifti_keeps_its_voxel_order_whatever_depth_axis():
+    from esegeta.loading import load_inputs
+
+    source = nib.load(str(SAMPLES / "data" / "anatomical.nii.gz"))
+    (item,) = load_inputs({"paths": [str(SAMPLES / "data" / "anatomical.nii.gz")], "spatial_dims": 3,
+                           "depth_axis": "first"}, None)
+    assert tuple(item.tensor.shape) == (1, 1, *source.shape) and not item.depth_first
+    np.testing.assert_array_equal(item.affine, source.affine)
