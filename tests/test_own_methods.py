@@ -182,6 +182,34 @@ def test_pattern_backward_is_the_gradient_when_patterns_are_the_weights(digits, 
     assert hook_count(net) == 0
 
 
+def test_bottlenecks_are_where_all_paths_pass(digits, retina):
+    """Projection points: on the ResNet the stem and the head (residual blocks have two paths), on the U-Net
+    the first and last convolutions (the skip connections bypass the middle)."""
+    expected = {"digits": ["stem.0", "fc"], "retina2d": ["enc1.0", "enc1.3", "dec1.0", "dec1.3", "head"]}
+    for case in (digits, retina):
+        net = prepared(case.model, case.x)
+        found = pm.kernels(net, case.x, "test")
+        outputs: list = []
+        x = case.x.clone().requires_grad_(True)
+        with pm.backward_weights(found, {k.name: k.weight() for k in found}, outputs):
+            score = net(x).sum()
+        names = [k.name for k, t in zip(found, outputs) if any(t is b for b in pm._bottlenecks(score, x, outputs))]
+        assert names == expected[case.name]
+        assert hook_count(net) == 0
+
+
+@pytest.mark.parametrize("method", ["esegeta.PatternNet", "esegeta.PatternAttribution"])
+def test_projection_changes_only_the_scale(retina, method):
+    """project_bottlenecks rescales each sample's signal by a positive factor: raw = c · projected."""
+    fit = torch.cat([retina.x, retina.x.flip(-1), retina.x.flip(-2)])
+    raw = esegeta.explain(retina.model, retina.x, method, target=1, wrapper=retina.wrapper, fit_inputs=fit)
+    projected = esegeta.explain(retina.model, retina.x, method, target=1, wrapper=retina.wrapper, fit_inputs=fit,
+                                project_bottlenecks=True)
+    factor = (raw * projected).sum() / (projected * projected).sum()
+    assert factor > 1 and torch.allclose(raw, factor * projected, rtol=1e-3, atol=1e-4 * float(raw.abs().max()))
+    assert _cos(raw, projected) > 0.99999
+
+
 def test_patterns_from_files_are_saved_and_reused(digits, tmp_path):
     file = tmp_path / "sub" / "digits_patterns.pt"
     glob = str(SAMPLES / "data" / "digits" / "*.npy")
@@ -210,7 +238,7 @@ def test_a_patterns_file_of_another_model_is_refused(digits, retina, tmp_path):
 
 @pytest.mark.parametrize("name,value,message", [
     ("fit_inputs", 5, "'samples'"), ("pattern_type", "two_component", "'relu'"), ("patterns", "p.npy", ".pt"),
-    ("batch_size", 0, ">= 1"),
+    ("batch_size", 0, ">= 1"), ("project_bottlenecks", "yes", "true or false"),
 ])
 def test_bad_pattern_params_name_the_fix(digits, name, value, message):
     with pytest.raises(ConfigError, match=message) as info:

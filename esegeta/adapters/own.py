@@ -59,6 +59,11 @@ def _check_batch_size(value: Any, path: str) -> None:
         raise ConfigError(path, f"{value!r} is not a batch size: give an integer >= 1")
 
 
+def _check_bool(value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"{value!r} is not true or false")
+
+
 #: parameter name → check of its JSON value (run before anything else).
 CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "channel": _check_channel,
@@ -66,6 +71,7 @@ CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "fit_inputs": _check_fit_inputs,
     "patterns": _check_patterns,
     "batch_size": _check_batch_size,
+    "project_bottlenecks": _check_bool,
 }
 
 

@@ -15,10 +15,10 @@ iNNvestigate does).
   the output.
 Both start from the target score's value (iNNvestigate's convention) and pass every other
 operation as its gradient: ReLUs gate, pooling, concatenation and upsampling route.
-Values are returned as computed, without iNNvestigate's default rescaling of the signal to
-[-1, 1] at bottleneck layers: since ``wᵀa = 1``, a pattern is about ``1/|w|`` long, and the
-factor compounds over layers (on the sample U-Nets the ``relu`` signal reaches ~1e14,
-the ``linear`` one ~1e7). The direction is the explanation; figures normalise for display.
+Values are returned as computed by default: since ``wᵀa = 1``, a pattern is about ``1/|w|``
+long, and the factor compounds over layers (on the sample U-Nets the ``relu`` signal reaches
+~1e14, the ``linear`` one ~1e7). ``project_bottlenecks`` rescales the signal per sample to
+[-1, 1] wherever all paths pass (iNNvestigate's default), which changes the scale only.
 
 Supported layers: ``Linear``, ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` (groups 1); a
 ``BatchNorm`` that takes a layer's output directly is folded into it (the folded layer is
@@ -218,12 +218,13 @@ def fit(network: nn.Module, found: list[Kernel], batches: Iterator[torch.Tensor]
 
 
 @contextlib.contextmanager
-def backward_weights(found: list[Kernel], weights: dict[str, torch.Tensor]):
-    """Within the block, each layer of ``found`` backpropagates with ``weights[name]`` (forward unchanged)."""
+def backward_weights(found: list[Kernel], weights: dict[str, torch.Tensor], outputs: list | None = None):
+    """Within the block, each layer of ``found`` backpropagates with ``weights[name]`` (forward unchanged);
+    the layers' outputs are appended to ``outputs`` if given."""
     handles = []
     try:
         for k in found:
-            handles.append(k.module.register_forward_hook(functools.partial(_swap, k, weights[k.name])))
+            handles.append(k.module.register_forward_hook(functools.partial(_swap, k, weights[k.name], outputs)))
             if k.norm is not None:  # folded into the layer's backward weight
                 handles.append(k.norm.register_forward_hook(_pass_gradient))
         yield
@@ -232,13 +233,39 @@ def backward_weights(found: list[Kernel], weights: dict[str, torch.Tensor]):
             h.remove()
 
 
-def _swap(kernel: Kernel, weight: torch.Tensor, module, inputs, output):
+def _swap(kernel: Kernel, weight: torch.Tensor, outputs: list | None, module, inputs, output):
     z = kernel.apply(inputs[0], weight)
-    return output.detach() + (z - z.detach())
+    swapped = output.detach() + (z - z.detach())
+    if outputs is not None:
+        outputs.append(swapped)
+    return swapped
 
 
 def _pass_gradient(module, inputs, output):
     return output.detach() + (inputs[0] - inputs[0].detach())
+
+
+def _bottlenecks(score: torch.Tensor, x: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The ``tensors`` every path from ``x`` to ``score`` passes through (in the autograd graph)."""
+    def reaches_input(skip) -> bool:
+        stack, seen = [score.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node is skip or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if getattr(node, "variable", None) is x:
+                return True
+            stack.extend(fn for fn, _ in node.next_functions)
+        return False
+
+    return [t for t in tensors if t.grad_fn is not None and not reaches_input(t.grad_fn)]
+
+
+def _project(grad: torch.Tensor) -> torch.Tensor:
+    """iNNvestigate's bottleneck projection: each sample's backward signal scaled to max |·| = 1."""
+    absmax = grad.abs().amax(dim=tuple(range(1, grad.ndim)), keepdim=True)
+    return grad / (absmax + (absmax == 0))
 
 
 # ---------------------------------------------------------------------------- fitting data and files
@@ -330,37 +357,49 @@ def patterns_for(call: Call, found: list[Kernel], method: str, fit_inputs: Any, 
 # ---------------------------------------------------------------------------- the methods
 
 def _explain(call: Call, method: str, backward: Callable[[Kernel, torch.Tensor], torch.Tensor], fit_inputs: Any,
-             patterns: str | None, pattern_type: str, batch_size: int) -> torch.Tensor:
+             patterns: str | None, pattern_type: str, batch_size: int, project_bottlenecks: bool) -> torch.Tensor:
     if call.target is None:
         raise ConfigError("target", f"{method} needs a target (a class index, a wrapped column or 'predicted')")
     found = kernels(call.network, call.inputs[:1], method)
     fitted = patterns_for(call, found, method, fit_inputs, patterns, pattern_type, batch_size)
     weights = {k.name: backward(k, fitted[k.name].to(k.module.weight)) for k in found}
     x = call.inputs.detach().clone().requires_grad_(True)
-    with backward_weights(found, weights), torch.enable_grad():
+    outputs: list[torch.Tensor] = []
+    with backward_weights(found, weights, outputs), torch.enable_grad():
         scores = call.forward(x)
         if not torch.is_tensor(scores) or scores.ndim != 2:
             raise ConfigError("wrapper", f"{method} explains (batch, classes) scores; for a segmentation model "
                                          "set a wrapper")
         target = torch.as_tensor(call.target, device=scores.device).reshape(-1, 1).expand(scores.shape[0], 1)
         start = torch.zeros_like(scores).scatter_(1, target, scores.detach().gather(1, target))
+        if project_bottlenecks:
+            for t in _bottlenecks(scores, x, outputs):
+                t.register_hook(_project)
         signal, = torch.autograd.grad(scores, x, grad_outputs=start)
+    if not torch.isfinite(signal).all():
+        raise FloatingPointError(f"{method}: the backprojected signal overflowed float32 (patterns are ~1/|w| long "
+                                 "and compound over layers): set params.project_bottlenecks to true")
     return signal
 
 
 def pattern_net(call: Call, *, fit_inputs: Any = "samples", patterns: str | None = None,
-                pattern_type: str = "relu", batch_size: int = 64) -> torch.Tensor:
+                pattern_type: str = "relu", batch_size: int = 64, project_bottlenecks: bool = False) -> torch.Tensor:
     """PatternNet: the target's signal backprojected with the patterns, (B, C, *spatial).
 
     ``fit_inputs``: ``"samples"`` (the run's inputs), files/globs, or ``{"paths": [...], "normalize": ...}``
     as in ``inputs``; ``patterns``: a ``.pt`` file, loaded if it exists, else written after fitting;
-    ``pattern_type``: ``"relu"`` (two-component a+) or ``"linear"``.
+    ``pattern_type``: ``"relu"`` (two-component a+) or ``"linear"``; ``batch_size``: inputs per
+    fitting forward pass; ``project_bottlenecks``: as iNNvestigate's ``reverse_project_bottleneck_layers``,
+    rescale each sample's signal to max |·| = 1 at every layer output all paths pass through (a
+    positive factor per sample: same direction, bounded magnitude, for deep networks).
     """
-    return _explain(call, "esegeta.PatternNet", lambda k, a: a, fit_inputs, patterns, pattern_type, batch_size)
+    return _explain(call, "esegeta.PatternNet", lambda k, a: a, fit_inputs, patterns, pattern_type, batch_size,
+                    project_bottlenecks)
 
 
 def pattern_attribution(call: Call, *, fit_inputs: Any = "samples", patterns: str | None = None,
-                        pattern_type: str = "relu", batch_size: int = 64) -> torch.Tensor:
+                        pattern_type: str = "relu", batch_size: int = 64,
+                        project_bottlenecks: bool = False) -> torch.Tensor:
     """PatternAttribution: the target backpropagated with ``w ⊙ a``, (B, C, *spatial); params as PatternNet."""
     return _explain(call, "esegeta.PatternAttribution", lambda k, a: k.weight() * a, fit_inputs, patterns,
-                    pattern_type, batch_size)
+                    pattern_type, batch_size, project_bottlenecks)
