@@ -4,6 +4,11 @@ One generic adapter serves the whole table: each method is a function
 ``esegeta.methods.<module>.<function>(call, *, <params>)`` whose keyword parameters *are*
 the config's ``params`` (their names, defaults and documentation). The implementations
 are imported on first use, so listing the registry imports neither torch nor them.
+
+Of TorchEsegeta's CNN visualisations, the others have a home upstream: vanilla backprop is
+``captum.Saliency``, gradient × image ``captum.InputXGradient``, guided Grad-CAM
+``captum.GuidedGradCam``, Score-CAM ``gradcam.ScoreCAM``, deep dream and layer visualisation
+``lucent.render_vis``; only "layer activation with guided backprop" needed a method here.
 """
 from __future__ import annotations
 

@@ -388,7 +388,8 @@ def pattern_net(call: Call, *, fit_inputs: Any = "samples", patterns: str | None
 
     ``fit_inputs``: ``"samples"`` (the run's inputs), files/globs, or ``{"paths": [...], "normalize": ...}``
     as in ``inputs``; ``patterns``: a ``.pt`` file, loaded if it exists, else written after fitting;
-    ``pattern_type``: ``"relu"`` (two-component a+) or ``"linear"``; ``batch_size``: inputs per
+    ``pattern_type``: ``"relu"`` (two-component a+) or ``"linear"`` (an existing file wins over
+    ``fit_inputs``, and must hold patterns of that type for this model); ``batch_size``: inputs per
     fitting forward pass; ``project_bottlenecks``: as iNNvestigate's ``reverse_project_bottleneck_layers``,
     rescale each sample's signal to max |·| = 1 at every layer output all paths pass through (a
     positive factor per sample: same direction, bounded magnitude, for deep networks).
