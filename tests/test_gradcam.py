@@ -219,3 +219,11 @@ def test_ablation_swap_and_hooks_undone_on_error(retina):
     ours = esegeta.explain(retina.model, retina.x, "gradcam.AblationCAM", target=1, layer="enc2",
                            wrapper=retina.wrapper)
     assert torch.isfinite(ours).all() and ours.abs().sum() > 0
+
+
+def test_refinecam_with_one_layer_is_its_base_method(digits):
+    """RefineCAM multiplies the CAMs of several layers; esegeta gives it one layer, so it is its base_method."""
+    refined = esegeta.explain(digits.model, digits.x, "gradcam.RefineCAM", target=3, layer="layer2",
+                              base_method="GradCAM")
+    plain = esegeta.explain(digits.model, digits.x, "gradcam.GradCAM", target=3, layer="layer2")
+    assert torch.allclose(refined, plain, atol=ATOL)

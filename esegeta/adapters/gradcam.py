@@ -2,16 +2,18 @@
 
 One generic adapter serves the whole table, with upstream's calling convention:
 ``cam = Cls(model=call.forward, target_layers=[call.layer], **init_params)`` and
-``cam(input_tensor=x, targets=[ClassifierOutputTarget(target)] * B, **call_params)``.
-With a wrapper, ``call.forward`` is the wrapped model whose column ``k`` is
-``sum(A_k · M_k)`` over the mask frozen on the unperturbed input: on the raw segmentation
-output that is exactly upstream's ``SemanticSegmentationTarget(k, M)`` (``activation:
-none``), so ``ClassifierOutputTarget(k)`` on the wrapped model is the segmentation target.
+``cam(input_tensor=x, targets=[ClassifierOutputTarget(t) per input], **call_params)``
+(FullGrad takes no layer: it uses every biased Conv2d/BatchNorm2d).
+
+Segmentation: with a wrapper, ``call.forward`` is the wrapped model whose column ``k`` is
+``sum(act(out)_k · M_k)`` over the mask frozen on the unperturbed input, so
+``ClassifierOutputTarget(k)`` on it is upstream's ``SemanticSegmentationTarget(k, M)`` on the
+raw output (``activation: none``) or on ``sigmoid``/``softmax`` of it (tests prove both).
 
 The result is upstream's CAM as upstream computes it: ReLU'd, scaled to [0, 1] per input
-and resized to the input size, a numpy ``(B, *spatial)`` array, returned as a float32
-tensor ``(B, 1, *spatial)`` (a channel axis of 1 added). Hooks are released and modules
-AblationCAM swaps are put back even on error; everything runs on the prepared copy.
+and resized to the input size (numpy ``(B, *spatial)``), returned as a float32 tensor
+``(B, 1, *spatial)``: a channel axis of 1 added. Hooks are released and the layer
+AblationCAM swaps out is put back even on error; everything runs on the prepared copy.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..registry import Call, MethodSpec, register
 
 #: Upstream arguments a JSON config cannot set: esegeta supplies them, or they take Python objects.
@@ -69,8 +71,8 @@ CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
     "alpha": (_number, "a number"),
     "theta": (_number, "a number"),
     "scale_step_ratio": (lambda v: _number(v) and v > 0, "a positive number"),
-    "comparison_categories": (lambda v: v is None or (isinstance(v, list) and all(isinstance(i, int) for i in v)),
-                              "a list of class indices or null"),
+    "comparison_categories": (lambda v: v is None or (isinstance(v, list) and all(map(_positive_int, v))),
+                              "null or a list of similarity ranks (1 = the class of closest score)"),
 }
 
 
@@ -96,7 +98,7 @@ def _restored(model):
     children = [(m, dict(m._modules)) for m in model.modules()]
     hooks = [(d, set(d)) for m in model.modules()
              for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
-    no_grad = [p for p in model.parameters() if p.grad is None]
+    grads = [(p, p.grad) for p in model.parameters()]
     try:
         yield
     finally:
@@ -107,8 +109,8 @@ def _restored(model):
         for hook_dict, kept in hooks:
             for key in set(hook_dict) - kept:
                 del hook_dict[key]
-        for p in no_grad:
-            p.grad = None
+        for p, grad in grads:
+            p.grad = grad
 
 
 def _release(cam) -> None:
@@ -148,8 +150,6 @@ class GradCamAdapter:
         """Check a JSON value before anything runs."""
         if name in CLASS_PARAMS:
             if value not in CAM_CLASSES:
-                from ..errors import did_you_mean
-
                 raise ConfigError(path, f"{value!r} is not a pytorch-grad-cam CAM class" + did_you_mean(value, CAM_CLASSES))
             return
         check = CHECKS.get(name)
