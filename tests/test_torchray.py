@@ -230,3 +230,16 @@ def test_layer_params_are_checked_against_the_model(digits):
                  "layer2", None, "m")
     with pytest.raises(ConfigError, match="noise tunnel"):
         check_method("torchray.gradient", {}, None, {"nt_samples": 4}, "m")
+
+
+def test_same_result_under_the_runners_random_mode(digits):
+    """The runner draws torch's random numbers through a torch-function mode; TorchRay's excitation
+    backprop patches break under one (F.batch_norm re-dispatch), so the adapter runs TorchRay without it."""
+    from esegeta.scheduling import JobRandomness
+
+    for name, layer, params in (("excitation_backprop", "layer2", {}), ("contrastive_excitation_backprop", "layer2", {}),
+                                ("rise", None, {"num_masks": 32})):
+        plain = esegeta.explain(digits.model, digits.x, f"torchray.{name}", 3, layer=layer, **params)
+        with JobRandomness(seed=123):
+            moded = esegeta.explain(digits.model, digits.x, f"torchray.{name}", 3, layer=layer, **params)
+        assert torch.equal(plain, moded), name

@@ -24,6 +24,8 @@ What the adapter has to take care of, because TorchRay does not:
   the patches in ``with`` blocks, and the adapter serialises TorchRay calls so that two threads
   never stack patches (code of other libraries running in another thread meanwhile would still
   see them);
+- TorchRay runs with torch-function modes (``__torch_function__``) disabled: excitation backprop's
+  patches fail or compute something else under one, and RISE draws its masks from its own ``seed``;
 - the input is passed as a copy (TorchRay sets ``requires_grad`` and ``.grad`` on it).
 """
 from __future__ import annotations
@@ -191,7 +193,10 @@ class TorchRayAdapter:
         n = x.shape[0]
         target = call.target
         per_input = [int(t) for t in target] if torch.is_tensor(target) else [int(target)] * n
-        with _LOCK, _restored(call.forward):
+        # TorchRay's patches break under a torch-function mode (the runner's per-job RNG is one):
+        # F.batch_norm re-dispatches to the patched global with keywords an autograd Function cannot
+        # take, and patched pools would apply the excitation rule twice. RISE seeds its own masks (seed).
+        with _LOCK, torch._C.DisableTorchFunction(), _restored(call.forward):
             if self.targets == "each":
                 outputs = [fn(call.forward, x[i:i + 1], target=per_input[i], **kwargs) for i in range(n)]
             else:
@@ -261,5 +266,5 @@ _torchray("rise", TorchRayAdapter(f"{_A}.rise", "rise_class", f"{_A}.rise.rise",
 # One 2D input per call (the mask generator and the jitter flip are 2D).
 _torchray("extremal_perturbation",
           TorchRayAdapter(f"{_A}.extremal_perturbation", "extremal_perturbation", targets="each", returns_hist=True),
-          dims=(2,), quick={"max_iter": 20, "step": _quick_step, "sigma": _quick_sigma},
+          dims=(2,), quick={"max_iter": 12, "step": _quick_step, "sigma": _quick_sigma},
           ref="Fong et al. 2019, arXiv:1910.08485")
