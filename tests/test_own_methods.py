@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import esegeta
+from esegeta import wrappers
 from esegeta.errors import ConfigError
 from esegeta.methods import patterns as pm
 from esegeta.prepare import prepared
@@ -162,24 +163,56 @@ def test_fitted_patterns_match_the_estimator_on_the_digits_network(digits):
     assert torch.allclose(w, net.model.stem[0].weight * scale[:, None, None, None])
 
 
-def test_pattern_backward_is_the_gradient_when_patterns_are_the_weights(digits, tmp_path):
-    """With a = 1 everywhere, PatternAttribution backpropagates with w: it is y_c times the gradient
-    (captum.Saliency without abs), which checks the hooks, the folding and the ReLU gating."""
-    from captum.attr import Saliency
-
-    net = prepared(digits.model, digits.x)
-    found = pm.kernels(net, digits.x, "test")
-    file = tmp_path / "ones.pt"
-    torch.save({"pattern_type": "relu", "patterns": {k.name: torch.ones_like(k.module.weight) for k in found}}, file)
-    before = snapshot(digits.model)
-    attribution = esegeta.explain(digits.model, digits.x, "esegeta.PatternAttribution", target=3, patterns=str(file))
-    model = copy.deepcopy(digits.model)
-    model.relu.inplace = model.layer1.relu.inplace = model.layer2.relu.inplace = False
-    gradient = Saliency(model).attribute(digits.x, target=3, abs=False)
-    score = model(digits.x)[0, 3].detach()
-    assert torch.allclose(attribution, score * gradient, rtol=1e-4, atol=1e-6)
-    assert_unchanged(digits.model, before)
+@pytest.mark.parametrize("name", ["digits", "retina", "tissue"])
+def test_pattern_backward_with_the_weights_as_patterns_is_the_gradient(name, request, tmp_path):
+    """PatternNet with a = the (batch-norm folded) weights backpropagates the gradient; doubling the first
+    layer's (a bottleneck) doubles it, so the hooks must be in place. Checks the folding, the ReLU gating
+    and, on the U-Nets, transposed convolutions, skip connections and the wrapper. PatternAttribution with
+    a = 1 (backward weight w ⊙ 1) is the gradient too."""
+    case = request.getfixturevalue(name)
+    net = prepared(case.model, case.x)
+    found = pm.kernels(net, case.x, "test")
+    doubled, ones = tmp_path / "doubled.pt", tmp_path / "ones.pt"
+    torch.save({"pattern_type": "relu", "patterns": {k.name: k.weight() * (2 if i == 0 else 1)
+                                                     for i, k in enumerate(found)}}, doubled)
+    torch.save({"pattern_type": "relu", "patterns": {k.name: torch.ones_like(k.module.weight) for k in found}}, ones)
+    before = snapshot(case.model)
+    signal = esegeta.explain(case.model, case.x, "esegeta.PatternNet", target=case.target, wrapper=case.wrapper,
+                             patterns=str(doubled))
+    attribution = esegeta.explain(case.model, case.x, "esegeta.PatternAttribution", target=case.target,
+                                  wrapper=case.wrapper, patterns=str(ones))
+    gradient = esegeta.explain(case.model, case.x, "captum.Saliency", target=case.target, wrapper=case.wrapper,
+                               abs=False)
+    forward = net if case.wrapper is None else wrappers.build(net, case.x, case.wrapper, None)
+    expected = forward(case.x)[0, case.target].detach() * gradient
+    tolerance = 1e-5 * float(expected.abs().max())
+    assert torch.allclose(signal, 2 * expected, rtol=1e-4, atol=2 * tolerance)
+    assert torch.allclose(attribution, expected, rtol=1e-4, atol=tolerance)
+    assert expected.abs().sum() > 0
+    assert_unchanged(case.model, before)
     assert hook_count(net) == 0
+
+
+def test_transposed_convolution_patterns_match_the_estimator():
+    """ConvTranspose2d(k=2, s=2): output (2i+p, 2j+q) of channel o sees x[:, i, j] through W[:, o, p, q];
+    the pattern is cov = E+[x y] − E+[x] E[y] over all output positions of o, divided by wᵀcov."""
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(3, 4, 2, stride=2).eval()
+    model = nn.Sequential(up, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x = torch.randn(6, 3, 5, 5)
+    found = pm.kernels(model, x[:1], "test")
+    pattern = pm.fit(model, found, iter([x]), "relu")["0"].double()
+
+    w = up.weight.detach().double()  # (in, out, p, q)
+    y = torch.einsum("bcij,copq->boipjq", x.double(), w)  # without bias; output (2i+p, 2j+q)
+    mask = (y + up.bias.detach().double()[None, :, None, None, None, None] > 0).double()
+    count = mask.sum((0, 2, 3, 4, 5))
+    mean_y = y.mean((0, 2, 3, 4, 5))
+    e_xy = torch.einsum("bcij,boipjq->copq", x.double(), y * mask) / count[None, :, None, None]
+    e_x = torch.einsum("bcij,boipjq->copq", x.double(), mask) / count[None, :, None, None]
+    cov = e_xy - e_x * mean_y[None, :, None, None]
+    expected = cov / (w * cov).sum((0, 2, 3))[None, :, None, None]
+    assert torch.allclose(pattern, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_bottlenecks_are_where_all_paths_pass(digits, retina):
