@@ -144,6 +144,8 @@ def test_layer_map_rules_and_groups(digits):
     ({"layer_map": {"Linear": {"rule": "gamma", "gamma": "big"}}}, "params.layer_map.Linear.gamma", "a number"),
     ({"layer_map": {"ReLU": {"gamma": 0.25}}}, "params.layer_map.ReLU", '{"rule": "gamma"'),
     ({"layer_map": ["Conv2d", "epsilon"]}, "params.layer_map", "maps layer types to rules"),
+    ({"layer_map": {"Linear": {"rule": "alphabeta", "alpha": 3}}}, "params.layer_map.Linear", "alpha - beta = 1"),
+    ({"layer_map": {"ReLU": {"rule": "pass", "epsilon": 0.1}}}, "params.layer_map.ReLU.epsilon", "it takes none"),
     ({"layer_map": {"Linear": "pass"}, "canonizers": ["SequentialMergeBatchnorm"]}, "params.canonizers[0]",
      "did you mean SequentialMergeBatchNorm?"),
 ])
@@ -185,6 +187,19 @@ def test_attributor_with_a_named_composite(digits, retina):
     ours = _explain(digits, "zennit.SmoothGrad", n_iter=3, noise_level=0.2,
                     composite={"name": "EpsilonAlpha2Beta1", "epsilon": 0.1, "canonizers": []})
     assert torch.equal(ours, expected)
+
+
+def test_batch_with_predicted_targets(digits):
+    """A batch is one upstream call; each input is seeded with its own predicted class."""
+    other = torch.from_numpy(np.load(SAMPLES / "data" / "digits" / "digit_9_label7.npy")).float()[None]
+    x = torch.cat([digits.x, other])
+    with torch.no_grad():
+        predicted = digits.model(x).argmax(1)
+    batch = esegeta.explain(digits.model, x, "zennit.EpsilonPlus", "predicted")
+    assert predicted.tolist() == [3, 7]
+    for n in range(2):
+        alone = esegeta.explain(digits.model, x[n:n + 1], "zennit.EpsilonPlus", int(predicted[n]))
+        assert torch.allclose(batch[n:n + 1], alone, rtol=1e-5, atol=1e-7)
 
 
 def test_smoothgrad_of_one_iteration_is_the_gradient(retina):

@@ -244,6 +244,11 @@ def _check_rule_map(name: str, value: Any, path: str) -> None:
                 raise ConfigError(f"{where}.{key}", f"unknown parameter of the {rule_name} rule"
                                   + (did_you_mean(key, allowed) if allowed else "; it takes none"))
             _check_value(key, option, f"{where}.{key}")
+        if rule_name == "alphabeta":  # zennit's own condition, checked before anything runs
+            alpha, beta = options.get("alpha", 2.0), options.get("beta", 1.0)
+            if alpha < 0 or beta < 0 or alpha - beta != 1:
+                raise ConfigError(where, f"the alphabeta rule needs alpha - beta = 1 with both >= 0 (got alpha={alpha}, "
+                                         f"beta={beta}), e.g. {{\"rule\": \"alphabeta\", \"alpha\": 3, \"beta\": 2}}")
 
 
 def _check_composite(name: str, value: Any, path: str) -> None:
