@@ -33,6 +33,7 @@ import contextlib
 import functools
 import logging
 import pickle
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -275,7 +276,7 @@ def _fit_data(fit_inputs: Any, call: Call, method: str) -> list[torch.Tensor]:
     path = "params.fit_inputs"
     if torch.is_tensor(fit_inputs):
         tensors = [fit_inputs]
-    elif fit_inputs == "samples":
+    elif isinstance(fit_inputs, str) and fit_inputs == "samples":
         tensors = [call.samples if call.samples is not None else call.inputs]
     else:
         from ..loading import load_inputs
@@ -331,6 +332,7 @@ def _save(file, patterns: dict[str, torch.Tensor], pattern_type: str) -> None:
 #: prepared copy → [(samples or fitting tensor (weakly), pattern_type, patterns)]: with a wrapper the
 #: batch is explained one input at a time, and each of those calls would otherwise refit.
 _fitted: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+_fitted_lock = threading.Lock()
 
 
 def patterns_for(call: Call, found: list[Kernel], method: str, fit_inputs: Any, patterns: str | None,
@@ -341,14 +343,19 @@ def patterns_for(call: Call, found: list[Kernel], method: str, fit_inputs: Any, 
     file = resolve(patterns, call.base_dir) if patterns else None
     if file is not None and file.is_file():
         return _load(file, found, pattern_type, call.inputs.device)
-    source = call.samples if call.samples is not None and fit_inputs == "samples" else fit_inputs
-    cached = _fitted.setdefault(call.network, []) if torch.is_tensor(source) else []
+    from_samples = isinstance(fit_inputs, str) and fit_inputs == "samples"
+    source = call.samples if call.samples is not None and from_samples else fit_inputs
+    cacheable = torch.is_tensor(source)
+    with _fitted_lock:
+        cached = list(_fitted.get(call.network, [])) if cacheable else []
     result = next((p for ref, kind, p in cached if ref() is source and kind == pattern_type), None)
     if result is None:
         data = _fit_data(fit_inputs, call, method)
         result = fit(call.network, found, _batches(data, batch_size), pattern_type)
-        if torch.is_tensor(source):
-            cached[:] = [c for c in cached if c[0]() is not None][-3:] + [(weakref.ref(source), pattern_type, result)]
+        if cacheable:
+            with _fitted_lock:
+                kept = [c for c in _fitted.get(call.network, []) if c[0]() is not None][-3:]
+                _fitted[call.network] = kept + [(weakref.ref(source), pattern_type, result)]
     if file is not None:
         _save(file, result, pattern_type)
     return result
