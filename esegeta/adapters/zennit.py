@@ -539,8 +539,15 @@ class AttributorAdapter:
 
 COMPOSITE_ADAPTER = CompositeAdapter()
 ATTRIBUTOR_ADAPTER = AttributorAdapter()
-_ATTRIBUTOR_QUICK = {"SmoothGrad": {"n_iter": 4}, "IntegratedGradients": {"n_iter": 8},
-                     "Occlusion": {"window": 8, "stride": 8}}
+
+
+def _halves(x) -> list[int]:
+    """An occlusion window (and stride) of half of each spatial axis: 2**dims windows."""
+    return [-(-s // 2) for s in x.shape[2:]]
+
+
+_ATTRIBUTOR_QUICK = {"SmoothGrad": {"n_iter": 3}, "IntegratedGradients": {"n_iter": 5},
+                     "Occlusion": {"window": _halves, "stride": _halves}}
 
 
 def _zennit_method(name: str, adapter, reference: str, defaults=None, quick=None) -> None:
