@@ -37,7 +37,7 @@ def _check_pattern_type(value: Any, path: str) -> None:
 
 
 def _check_fit_inputs(value: Any, path: str) -> None:
-    if value == "samples" or (hasattr(value, "ndim") and hasattr(value, "shape")):  # a tensor, Python API only
+    if (hasattr(value, "ndim") and hasattr(value, "shape")) or value == "samples":  # a tensor: Python API only
         return
     if isinstance(value, str):
         value = [value]
