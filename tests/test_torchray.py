@@ -213,6 +213,8 @@ def test_rise_warns_when_wrapped_scores_saturate_its_sigmoid(retina, caplog):
     ("torchray.rise", {"num_masks": 0}, "m.params.num_masks", "positive integer"),
     ("torchray.gradient", {"resize": "yes"}, "m.params.resize", "[width, height]"),
     ("torchray.gradient", {"debug": True}, "m.params.debug", "unknown parameter"),
+    ("torchray.grad_cam", {"resize_mode": "nearest"}, "m.params.resize_mode", "bilinear, bicubic, trilinear"),
+    ("torchray.rise", {"seed": 0.5}, "m.params.seed", "non-negative integer"),
     ("torchray.contrastive_excitation_backprop", {"contrast_layer": 3}, "m.params.contrast_layer", "layer name"),
 ])
 def test_bad_params_are_config_errors(method, params, path, message):

@@ -58,10 +58,12 @@ FUNCTION_PARAMS = {"reward_func": ("simple_reward", "contrastive_reward")}
 CHOICES = {
     "variant": ("preserve", "delete", "dual"),
     "perturbation": ("blur", "fade"),
-    "resize_mode": ("nearest", "linear", "bilinear", "bicubic", "trilinear", "area", "nearest-exact"),
+    # TorchRay resizes with align_corners=False, which interpolate() accepts only for these modes
+    # (bilinear/bicubic for 2D, trilinear for 3D).
+    "resize_mode": ("bilinear", "bicubic", "trilinear"),
 }
 POSITIVE_INTS = frozenset({"num_masks", "num_cells", "batch_size", "max_iter", "num_levels", "step", "print_iter"})
-NUMBERS = frozenset({"p", "sigma", "smooth", "seed"})
+NUMBERS = frozenset({"p", "sigma", "smooth"})
 BOOLS = frozenset({"jitter"})
 
 #: One lock for every TorchRay call: some patch torch's functions for their duration.
@@ -159,6 +161,8 @@ class TorchRayAdapter:
             raise ConfigError(path, f"{name} must be a layer name of the model (e.g. \"layer4\"), not {value!r}")
         if (name in POSITIVE_INTS or name in NUMBERS) and not (name == "print_iter" and value is None):
             _check_number(name, value, path)
+        if name == "seed" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(path, f"seed must be a non-negative integer, not {value!r}")
         if name in BOOLS and not isinstance(value, bool):
             raise ConfigError(path, f"{name} must be true or false, not {value!r}")
         if name == "resize":
