@@ -137,6 +137,31 @@ def test_layer_map_rules_and_groups(digits):
     assert torch.equal(ours, _direct(digits, composite))
 
 
+def test_name_map_rules_by_layer_name(digits, retina):
+    zennit = _zennit()
+    rules = zennit.rules
+    name_map = {"stem.0": {"rule": "zbox", "low": 0.0, "high": 1.0}, "layer1.relu": "pass", "layer2.relu[1]": "pass",
+                "fc": "epsilon"}
+    composite = zennit.composites.NameLayerMapComposite(
+        name_map=[(("model.stem.0",), rules.ZBox(low=0.0, high=1.0)),
+                  (("model.layer1.relu.sites.0", "model.layer1.relu.sites.1"), rules.Pass()),
+                  (("model.layer2.relu.sites.1",), rules.Pass()), (("model.fc",), rules.Epsilon())],
+        layer_map=[(zennit.types.Convolution, rules.ZPlus())], canonizers=[])
+    ours = _explain(digits, "zennit.NameLayerMapComposite", name_map=name_map, layer_map={"Convolution": "zplus"},
+                    canonizers=[])
+    assert torch.equal(ours, _direct(digits, composite))
+    # with a wrapper the model sits deeper in call.forward: names are still the user's
+    composite = zennit.composites.NameLayerMapComposite(
+        name_map=[(("model.model.enc1.0",), rules.Flat())], layer_map=[(zennit.types.Convolution, rules.Epsilon())],
+        canonizers=[])
+    ours = _explain(retina, "zennit.NameLayerMapComposite", name_map={"enc1.0": "flat"},
+                    layer_map={"Convolution": "epsilon"}, canonizers=[])
+    assert torch.equal(ours, _direct(retina, composite))
+    with pytest.raises(ConfigError) as err:
+        _explain(digits, "zennit.NameLayerMapComposite", name_map={"stemm.0": "flat"})
+    assert err.value.path == "params.name_map.stemm.0" and "did you mean stem.0?" in err.value.message
+
+
 @pytest.mark.parametrize("params,path,message", [
     ({"layer_map": {"Conv2d": "epsilo"}}, "params.layer_map.Conv2d", "did you mean epsilon?"),
     ({"layer_map": {"Conv2D": "epsilon"}}, "params.layer_map.Conv2D", "did you mean Conv2d?"),

@@ -5,8 +5,8 @@ Two tables, two small adapters:
 - ``zennit.<Composite>`` (EpsilonPlus, EpsilonGammaBox, GuidedBackprop, ...): the composite,
   built from the config's params under its own constructor names, runs with zennit's
   ``Gradient`` attributor; the result is the relevance at the input ``(B, C, *spatial)``.
-  ``zennit.LayerMapComposite`` / ``zennit.SpecialFirstLayerMapComposite`` build the rules
-  from JSON (see *Rule maps*).
+  ``zennit.LayerMapComposite``, ``zennit.SpecialFirstLayerMapComposite`` and
+  ``zennit.NameLayerMapComposite`` build the rules from JSON (see *Rule maps*).
 - ``zennit.<Attributor>`` (Gradient, SmoothGrad, IntegratedGradients, Occlusion): the
   attributor with its own params, optionally over a composite named in ``params.composite``
   (``"EpsilonPlus"`` or ``{"name": "EpsilonGammaBox", "gamma": 0.5}``).
@@ -26,7 +26,10 @@ matching entry wins, in the order written::
 
     {"Conv2d": "epsilon", "Linear": {"rule": "gamma", "gamma": 0.25}, "BatchNorm": "pass"}
 
-Layer types are ``torch.nn`` class names or zennit's type groups: Convolution (every conv and
+``name_map`` (NameLayerMapComposite, matched before its ``layer_map``) has the same form with
+layer names as in the user's model (``"stem.0"``; ``"relu"`` for every call of a module used
+at several places, ``"relu[1]"`` for its second call); a name the model lacks is a
+ConfigError when the method runs. Layer types are ``torch.nn`` class names or zennit's type groups: Convolution (every conv and
 transposed conv, 1D to 3D), ConvolutionStandard, ConvolutionTranspose, BatchNorm, AvgPool,
 MaxPool, Activation, Sum, and ``types.Linear`` (convolutions and dense layers; a plain
 ``Linear`` is ``torch.nn.Linear``). Rules (:data:`RULES`): epsilon (ε), gamma (γ),
@@ -84,6 +87,7 @@ COMPOSITES: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "DeconvNet": ("Zeiler & Fergus 2014, arXiv:1311.2901", ()),
     "LayerMapComposite": (_LRP, ("SequentialMergeBatchNorm",)),
     "SpecialFirstLayerMapComposite": (_LRP, ("SequentialMergeBatchNorm",)),
+    "NameLayerMapComposite": (_LRP, ("SequentialMergeBatchNorm",)),
 }
 #: Attributor name → (reference, seed: "one_hot" for gradients, "score" for Occlusion).
 ATTRIBUTORS: Mapping[str, tuple[str, str]] = {
@@ -116,7 +120,7 @@ GROUPS = ("Convolution", "ConvolutionStandard", "ConvolutionTranspose", "Linear"
 #: Canonizer name → module holding it.
 CANONIZERS = {"SequentialMergeBatchNorm": "zennit.canonizers", "VGGCanonizer": "zennit.torchvision",
               "ResNetCanonizer": "zennit.torchvision"}
-RULE_MAPS = ("layer_map", "first_map")
+RULE_MAPS = ("layer_map", "first_map", "name_map")
 NUMBERS = frozenset({"epsilon", "stabilizer", "gamma", "noise_level", "alpha", "beta", "beta_smooth"})
 POSITIVE_INTS = frozenset({"n_iter"})
 #: Constructor arguments esegeta supplies (or that take code, not JSON).
@@ -222,14 +226,16 @@ def _layer_types() -> list[str]:
 
 
 def _check_rule_map(name: str, value: Any, path: str) -> None:
-    """A rule map: {layer type: rule name or {"rule": name, **rule params}}."""
+    """A rule map: {layer type (or, in name_map, layer name): rule name or {"rule": name, **rule params}}."""
     if not isinstance(value, dict) or not value:
-        raise ConfigError(path, f'{name} maps layer types to rules, e.g. {{"Conv2d": "epsilon", '
-                                f'"Linear": {{"rule": "gamma", "gamma": 0.25}}, "BatchNorm": "pass"}}')
+        example = ('{"stem.0": "zbox", "fc": "epsilon"}' if name == "name_map" else
+                   '{"Conv2d": "epsilon", "Linear": {"rule": "gamma", "gamma": 0.25}, "BatchNorm": "pass"}')
+        raise ConfigError(path, f"{name} maps layer {'names' if name == 'name_map' else 'types'} to rules, "
+                                f"e.g. {example}")
     types = _layer_types()
     for type_name, rule in value.items():
         where = f"{path}.{type_name}"
-        if type_name not in types:
+        if name != "name_map" and type_name not in types:  # layer names are checked on the model
             raise ConfigError(where, f"unknown layer type {type_name!r} (a torch.nn class name or one of zennit's "
                                      f"groups {', '.join(GROUPS)})" + did_you_mean(type_name, types))
         options = dict(rule) if isinstance(rule, dict) else {"rule": rule}
@@ -272,7 +278,7 @@ CHECKS = {
     **{n: _check_number for n in NUMBERS | POSITIVE_INTS},
     "low": _check_bound, "high": _check_bound, "window": _check_window, "stride": _check_window,
     "zero_params": _check_zero_params, TRACE: _check_bool, "canonizers": _check_canonizers,
-    "layer_map": _check_rule_map, "first_map": _check_rule_map, "composite": _check_composite,
+    **{n: _check_rule_map for n in RULE_MAPS}, "composite": _check_composite,
 }
 
 
@@ -344,8 +350,32 @@ def _rule(spec: Any, x):
     return getattr(zennit.rules, cls_name)(**fixed, **options)
 
 
-def _rule_map(value: Mapping[str, Any], x) -> list:
-    return [(_layer_type(type_name), _rule(rule, x)) for type_name, rule in value.items()]
+def _rule_map(value: Mapping[str, Any], x, keys=None) -> list:
+    """zennit's rule map: a list of (layer types, or layer names in the model, rule)."""
+    return [((keys or _layer_type)(key), _rule(rule, x)) for key, rule in value.items()]
+
+
+def _name_resolver(call: Call, path: str):
+    """User layer name (``relu[1]`` for a call site) → the names zennit sees under ``call.forward``.
+
+    A module split into call sites by esegeta's preparation stands for all of its sites.
+    """
+    from ..prepare import CallSites
+
+    network = _network(call)
+    prefix = next(name for name, module in call.forward.named_modules() if module is network)
+    table: dict[str, tuple[str, ...]] = {}
+    for name, (where, module) in _named(network):
+        full = f"{prefix}.{where}" if prefix else where
+        table[name] = (tuple(f"{full}.sites.{k}" for k in range(len(module.sites)))
+                       if isinstance(module, CallSites) else (full,))
+
+    def resolve(name: str) -> tuple[str, ...]:
+        if name not in table:
+            raise ConfigError(f"{path}.{name}", f"the model has no layer {name!r}" + did_you_mean(name, table))
+        return table[name]
+
+    return resolve
 
 
 def _canonizers(names) -> list:
@@ -355,12 +385,16 @@ def _canonizers(names) -> list:
     return [getattr(importlib.import_module(CANONIZERS[n]), n)() for n in names]
 
 
-def build_composite(name: str, params: Mapping[str, Any], x):
+def build_composite(name: str, params: Mapping[str, Any], call: Call, path: str = "params"):
     """The composite ``name`` from JSON params (rule maps, canonizers, bounds converted; defaults filled)."""
+    x = call.inputs
     kwargs = dict(params)
     for key in RULE_MAPS:
         if key in kwargs:
-            kwargs[key] = _rule_map(kwargs[key], x)
+            names = _name_resolver(call, f"{path}.{key}") if key == "name_map" else None
+            kwargs[key] = _rule_map(kwargs[key], x, names)
+        elif key in composite_parameters(name):
+            kwargs[key] = []  # NameLayerMapComposite's None maps would fail upstream: no rules
     kwargs["canonizers"] = _canonizers(kwargs.get("canonizers", COMPOSITES[name][1]))
     for key, default in INPUT_DEFAULTS.items():
         if key in composite_parameters(name):
@@ -432,12 +466,18 @@ def _network(call: Call):
     return call.network.model if isinstance(call.network, PreparedModel) else call.network
 
 
-def _leaves(root) -> list[tuple[str, Any]]:
-    """Leaf modules with the user's names; the k-th call site of a reused module is ``name[k]``."""
+def _named(root) -> list[tuple[str, tuple[str, Any]]]:
+    """(user name, (module path, module)) of every submodule; the k-th call site of a module that
+    esegeta's preparation split (a ReLU used twice) is ``name[k]``."""
     import re
 
-    return [(re.sub(r"\.sites\.(\d+)", r"[\1]", name), module) for name, module in root.named_modules()
-            if name and not list(module.children())]
+    return [(re.sub(r"\.sites\.(\d+)", r"[\1]", name), (name, module)) for name, module in root.named_modules()
+            if name and not name.endswith(".sites")]
+
+
+def _leaves(root) -> list[tuple[str, Any]]:
+    """Leaf modules with the user's names."""
+    return [(name, module) for name, (_, module) in _named(root) if not list(module.children())]
 
 
 @contextlib.contextmanager
@@ -500,7 +540,7 @@ class CompositeAdapter:
     def run(self, spec: MethodSpec, call: Call):
         params = dict(call.params)
         trace = params.pop(TRACE, False)
-        composite = build_composite(spec.name, params, call.inputs)
+        composite = build_composite(spec.name, params, call)
         return _attribute(_zennit().attribution.Gradient, call, composite, "one_hot", trace)
 
 
@@ -526,7 +566,7 @@ class AttributorAdapter:
         composite = params.pop("composite", None)
         if composite is not None:
             options = dict(composite) if isinstance(composite, dict) else {"name": composite}
-            composite = build_composite(options.pop("name"), options, call.inputs)
+            composite = build_composite(options.pop("name"), options, call, "params.composite")
         if "baseline_fn" in params:
             value = params.pop("baseline_fn")
             params["baseline_fn"] = lambda x: torch.zeros_like(x) + make_baselines(value, x, "params.baseline_fn")
@@ -560,7 +600,8 @@ def _zennit_method(name: str, adapter, reference: str, defaults=None, quick=None
 _RULE_MAP_QUICK = {"layer_map": {"Convolution": "epsilon", "Linear": "epsilon", "BatchNorm": "pass",
                                  "Activation": "pass", "AvgPool": "norm"}}
 _QUICK = {"LayerMapComposite": _RULE_MAP_QUICK,
-          "SpecialFirstLayerMapComposite": {**_RULE_MAP_QUICK, "first_map": {"Convolution": "zbox"}}}
+          "SpecialFirstLayerMapComposite": {**_RULE_MAP_QUICK, "first_map": {"Convolution": "zbox"}},
+          "NameLayerMapComposite": _RULE_MAP_QUICK}
 for _name, (_reference, _) in COMPOSITES.items():
     _zennit_method(_name, COMPOSITE_ADAPTER, _reference,
                    defaults=INPUT_DEFAULTS if _name == "EpsilonGammaBox" else None,
