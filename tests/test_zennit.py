@@ -106,8 +106,8 @@ def test_lrp_epsilon_equals_captum_lrp_without_branches(digits):
 
 
 def test_lrp_epsilon_correlates_with_captum_lrp_on_digits(digits, retina):
-    """On the sample ResNet and U-Net they differ where a tensor feeds two layers (a residual or skip
-    connection): Captum multiplies the summed gradient by the tensor once, zennit each layer's share."""
+    """On the sample ResNet and U-Net they differ where a layer's input also feeds a residual addition or a
+    torch.cat: Captum multiplies the relevance arriving that way by the input again, zennit does not."""
     corr = {}
     for case in (digits, retina):
         ours = _explain(case, "zennit.LayerMapComposite", layer_map=CAPTUM_LIKE, canonizers=[])

@@ -26,17 +26,28 @@ matching entry wins, in the order written::
 
     {"Conv2d": "epsilon", "Linear": {"rule": "gamma", "gamma": 0.25}, "BatchNorm": "pass"}
 
-``name_map`` (NameLayerMapComposite, matched before its ``layer_map``) has the same form with
-layer names as in the user's model (``"stem.0"``; ``"relu"`` for every call of a module used
-at several places, ``"relu[1]"`` for its second call); a name the model lacks is a
-ConfigError when the method runs. Layer types are ``torch.nn`` class names or zennit's type groups: Convolution (every conv and
-transposed conv, 1D to 3D), ConvolutionStandard, ConvolutionTranspose, BatchNorm, AvgPool,
-MaxPool, Activation, Sum, and ``types.Linear`` (convolutions and dense layers; a plain
-``Linear`` is ``torch.nn.Linear``). Rules (:data:`RULES`): epsilon (ε), gamma (γ),
-alpha1beta0, alpha2beta1, alphabeta (α, β given), zplus (z⁺), flat, wsquare (w²), zbox
-(z^B; ``low``/``high`` default to each input's min and max, or give a number or one number
-per channel), pass, norm, gradient (no rule: the plain gradient), guidedbackprop, deconvnet,
-betasmooth (ReLU rules). A rule's own params go next to ``rule`` under zennit's names.
+Layer types are ``torch.nn`` class names or zennit's type groups: Convolution (every conv
+and transposed conv, 1D to 3D), ConvolutionStandard, ConvolutionTranspose, BatchNorm,
+AvgPool, MaxPool, Activation, Sum, and ``types.Linear`` (convolutions and dense layers; a
+plain ``Linear`` is ``torch.nn.Linear``). ``name_map`` (NameLayerMapComposite, matched before
+its ``layer_map``) has the same form with layer names as in the user's model (``"stem.0"``;
+``"relu"`` for every call of a module used at several places, ``"relu[1]"`` for its second
+call); a name the model lacks is a ConfigError when the method runs. Rules (:data:`RULES`):
+epsilon (ε), gamma (γ), alpha1beta0, alpha2beta1, alphabeta (α, β given, α − β = 1), zplus
+(z⁺), flat, wsquare (w²), zbox (z^B; ``low``/``high`` default to each input's min and max,
+or give a number or one number per channel), pass, norm, gradient (no rule: the plain
+gradient), guidedbackprop, deconvnet, betasmooth (ReLU rules). A rule's own params go next
+to ``rule`` under zennit's names.
+
+Models, 2D and 3D: zennit's groups cover Conv3d, ConvTranspose3d and BatchNorm3d, so the 3D
+U-Net runs like the 2D one. What is not a module is differentiated as usual, which zennit
+relies on: ``torch.cat`` splits the relevance of the skip connections by channel (conserved),
+max pooling (no rule in the built-in composites) passes it to the maximum, nearest
+``F.interpolate`` sums it back, and a functional residual addition copies it to both branches
+(not conserved: zennit's ResNetCanonizer fixes that for torchvision's own blocks only).
+Captum's LRP differs from zennit there: where a layer's input also feeds such an operation
+(a residual or skip connection), Captum multiplies the relevance arriving through it by the
+input again; on branch-free networks the two agree exactly (tests/test_zennit.py).
 
 Canonizers (``params.canonizers``, names): SequentialMergeBatchNorm (folds every BatchNorm
 that directly follows a conv/linear layer in module order into it: the Conv→BN blocks of
