@@ -119,7 +119,8 @@ class TorchRayAdapter:
     go to (their names are configurable too); ``targets`` says how TorchRay wants the target:
     ``"seed"`` an int or one int per input (the gradient seed), ``"list"`` one int per input,
     ``"each"`` an int with one input per call; ``returns_hist`` for ``(masks, energies)`` results;
-    ``sigmoid_scores`` for methods that pass the scores through a sigmoid (RISE)."""
+    ``sigmoid_scores`` for methods that pass the scores through a sigmoid (RISE); ``torchvision``
+    for modules that import torchvision (on CPU-only torch it needs :func:`esegeta.compat.import_torchvision`)."""
 
     module: str
     function: str
@@ -127,13 +128,15 @@ class TorchRayAdapter:
     targets: str = "seed"
     returns_hist: bool = False
     sigmoid_scores: bool = False
+    torchvision: bool = False
 
     def _fn(self, name: str | None = None):
         import importlib
 
         from ..compat import import_torchvision
 
-        import_torchvision()  # excitation_backprop imports torchvision; it fails on CPU-only torch without this
+        if self.torchvision:
+            import_torchvision()
         module_name, _, fn_name = (name or f"{self.module}.{self.function}").rpartition(".")
         return getattr(importlib.import_module(module_name), fn_name)
 
@@ -254,14 +257,15 @@ _torchray("grad_cam", TorchRayAdapter(f"{_A}.grad_cam", "grad_cam", _SALIENCY), 
           dims=(2,), ref="Selvaraju et al. 2017, arXiv:1610.02391")
 _torchray("linear_approx", TorchRayAdapter(f"{_A}.linear_approx", "linear_approx", _SALIENCY), kind="layer",
           layer=True, ref="TorchRay's linear approximation (gradient x activation at a layer)")
-_torchray("excitation_backprop", TorchRayAdapter(f"{_A}.excitation_backprop", "excitation_backprop", _SALIENCY),
+_torchray("excitation_backprop",
+          TorchRayAdapter(f"{_A}.excitation_backprop", "excitation_backprop", _SALIENCY, torchvision=True),
           kind="layer", layer=True, ref=_REF_EBP)
 # contrast_layer (required upstream) defaults to the saliency layer: clamp(P - N) there, the
 # target's excitation minus its dual's (classifier weights negated), the paper's contrastive map.
 # TorchRay's excitation backprop is linear in the signal it propagates, so any contrast layer between the
 # saliency layer and the classifier gives the same map.
 _torchray("contrastive_excitation_backprop",
-          TorchRayAdapter(f"{_A}.excitation_backprop", "contrastive_excitation_backprop"),
+          TorchRayAdapter(f"{_A}.excitation_backprop", "contrastive_excitation_backprop", torchvision=True),
           kind="layer", layer=True, defaults={"contrast_layer": None}, ref=_REF_EBP)
 # torchray.rise ignores the target and maps every class; rise_class, its class-specific front-end
 # with the same parameters, gives the target's map. Both assert 2D inputs.
