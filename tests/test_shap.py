@@ -156,3 +156,19 @@ def test_kernel_explainer_superpixels_on_retina(retina):
         expected = scores(retina.x)[0, 1] - scores(retina.x.mean((2, 3), keepdim=True).expand_as(retina.x))[0, 1]
     assert len(set(values)) > 1
     assert abs(sum(values) - float(expected)) < 1e-3 * abs(float(expected))
+
+
+def test_samples_background_and_per_input_targets(digits):
+    """data="samples": the run's inputs are the background; "predicted" targets differ per input."""
+    from conftest import SAMPLES
+
+    x = torch.cat([torch.from_numpy(np.load(SAMPLES / "data" / "digits" / name)).float()[None]
+                   for name in ("digit_30_label3.npy", "digit_12_label8.npy")])
+    attr = esegeta.explain(digits.model, x, "shap.DeepExplainer", "predicted", data="samples")
+    net = copy.deepcopy(prepared(digits.model, x))
+    with torch.no_grad():
+        predicted = net(x).argmax(1).tolist()
+    assert len(set(predicted)) == 2
+    direct = shap.DeepExplainer(net, x).shap_values(x)
+    expected = np.stack([direct[i, ..., k] for i, k in enumerate(predicted)])
+    assert torch.allclose(attr, torch.from_numpy(expected).float(), rtol=1e-5, atol=1e-6)

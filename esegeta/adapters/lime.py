@@ -188,6 +188,6 @@ ADAPTER = LimeAdapter()
 
 register(MethodSpec(
     library="lime", name="LimeImageExplainer", kind="attribution", adapter=ADAPTER, requires=("lime", "skimage"),
-    extra="lime", quick_params={"num_samples": 64, "batch_size": 32},
+    extra="lime", quick_params={"num_samples": 50, "batch_size": 50},
     reference="Ribeiro et al. 2016, arXiv:1602.04938",
 ))

@@ -292,10 +292,10 @@ def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF):
                         extra="shap", dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref))
 
 
-_shap_method("GradientExplainer", defaults={"data": ["zeros", "blur"]}, quick={"nsamples": 32, "rseed": 0},
+_shap_method("GradientExplainer", defaults={"data": ["zeros", "blur"]}, quick={"nsamples": 16, "rseed": 0},
              ref="Lundberg & Lee 2017, arXiv:1705.07874; expected gradients: Erion et al. 2021, arXiv:1906.10670")
-_shap_method("DeepExplainer", defaults={"data": ["zeros", "blur"]},
+_shap_method("DeepExplainer", defaults={"data": ["zeros", "blur"]}, quick={"data": "blur"},
              ref="Lundberg & Lee 2017, arXiv:1705.07874; DeepLIFT: Shrikumar et al. 2017, arXiv:1704.02685")
-_shap_method("PartitionExplainer", dims=(2,), defaults={"masker": _blur_masker}, quick={"max_evals": 64},
+_shap_method("PartitionExplainer", dims=(2,), defaults={"masker": _blur_masker}, quick={"max_evals": 24},
              ref="Lundberg & Lee 2017, arXiv:1705.07874; Owen values: Owen 1977")
-_shap_method("KernelExplainer", defaults={"data": "mean"}, quick={"nsamples": 48, "n_segments": 16})
+_shap_method("KernelExplainer", defaults={"data": "mean"}, quick={"nsamples": 24, "n_segments": 8, "silent": True})
