@@ -110,7 +110,7 @@ def test_methods_json(capsys):
         assert {"id", "library", "kind", "needs_layer", "dims", "available", "reason"} <= set(r), r
         assert re.fullmatch(r"[a-z_]+\.[A-Za-z_]\w*", r["id"]), r["id"]
         assert r["id"].split(".", 1)[0] == r["library"]
-        assert r["kind"] in ("attribution", "layer", "neuron")
+        assert r["kind"] in ("attribution", "layer", "neuron", "image")
         assert isinstance(r["needs_layer"], bool)
         assert r["dims"] and set(r["dims"]) <= {2, 3}
         assert isinstance(r["available"], bool)
