@@ -227,3 +227,20 @@ def test_refinecam_with_one_layer_is_its_base_method(digits):
                               base_method="GradCAM")
     plain = esegeta.explain(digits.model, digits.x, "gradcam.GradCAM", target=3, layer="layer2")
     assert torch.allclose(refined, plain, atol=ATOL)
+
+
+def test_hooks_removed_when_upstream_fails_half_way(retina, monkeypatch):
+    """A CAM whose constructor fails after registering its hooks leaves none behind (the
+    exception info keeps the half-built CAM alive, so its __del__ cannot be what removes them)."""
+    registry.get("gradcam.GradCAM").adapter.parameters(registry.get("gradcam.GradCAM"))  # signature read first
+    original = pgc.GradCAM.__init__
+
+    def failing_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise RuntimeError("failed after registering hooks")
+
+    monkeypatch.setattr(pgc.GradCAM, "__init__", failing_init)
+    with pytest.raises(RuntimeError, match="after registering hooks") as info:
+        esegeta.explain(retina.model, retina.x, "gradcam.GradCAM", target=1, layer="enc2", wrapper=retina.wrapper)
+    assert hook_count(prepared(retina.model, retina.x)) == 0
+    assert info.value is not None

@@ -91,13 +91,22 @@ def _call_signature(cls):
     return cls.forward if any(p.kind is p.VAR_POSITIONAL for p in params) else cls.__call__
 
 
+#: Module hook dicts, with the dicts torch keeps beside them under the same hook ids.
+HOOK_DICTS = {
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_backward_hooks": (),
+    "_backward_pre_hooks": (),
+}
+
+
 @contextmanager
 def _restored(model):
     """Undo what a CAM leaves on ``model``: swapped submodules (AblationCAM), module hooks
     (also those of a constructor that failed half-way) and parameter gradients."""
-    children = [(m, dict(m._modules)) for m in model.modules()]
-    hooks = [(d, set(d)) for m in model.modules()
-             for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
+    modules = list(model.modules())
+    children = [(m, dict(m._modules)) for m in modules]
+    hooks = [(m, name, set(getattr(m, name))) for m in modules for name in HOOK_DICTS]
     grads = [(p, p.grad) for p in model.parameters()]
     try:
         yield
@@ -106,9 +115,10 @@ def _restored(model):
             if module._modules != kept:
                 module._modules.clear()
                 module._modules.update(kept)
-        for hook_dict, kept in hooks:
-            for key in set(hook_dict) - kept:
-                del hook_dict[key]
+        for module, name, kept in hooks:
+            for key in set(getattr(module, name)) - kept:
+                for dict_name in (name, *HOOK_DICTS[name]):
+                    getattr(module, dict_name, {}).pop(key, None)
         for p, grad in grads:
             p.grad = grad
 
