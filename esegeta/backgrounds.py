@@ -133,11 +133,21 @@ def slic_parameters() -> dict:
     return {n: p for n, p in inspect.signature(slic).parameters.items() if n not in SLIC_FIXED}
 
 
+def for_segmentation(image: np.ndarray) -> np.ndarray:
+    """``image`` min-max scaled to [0, 1] if it lies outside (for segmenting only: SLIC's and
+    quickshift's RGB→Lab conversion and their default compactness/ratio assume [0, 1])."""
+    low, high = float(image.min()), float(image.max())
+    if low >= 0 and high <= 1:
+        return image
+    return (image - low) / ((high - low) or 1.0)
+
+
 def supervoxels(x: torch.Tensor, **slic_kwargs: Any) -> np.ndarray:
     """SLIC segments of one input ``(1, C, *spatial)`` → integer labels ``(*spatial)`` from 0.
 
     2D and 3D alike: a one-channel input is segmented as a grey image/volume
-    (``channel_axis=None``), a multi-channel one with its channels last.
+    (``channel_axis=None``), a multi-channel one with its channels last; values outside
+    [0, 1] are scaled for the segmentation (:func:`for_segmentation`).
     """
     from skimage.segmentation import slic
 
@@ -146,7 +156,7 @@ def supervoxels(x: torch.Tensor, **slic_kwargs: Any) -> np.ndarray:
         image, axis = image[..., 0], None
     else:
         axis = -1
-    return slic(image, channel_axis=axis, start_label=0, **slic_kwargs)
+    return slic(for_segmentation(image), channel_axis=axis, start_label=0, **slic_kwargs)
 
 
 def paint(segments: np.ndarray, weights: dict[int, float] | np.ndarray, like: torch.Tensor) -> torch.Tensor:

@@ -172,3 +172,18 @@ def test_samples_background_and_per_input_targets(digits):
     direct = shap.DeepExplainer(net, x).shap_values(x)
     expected = np.stack([direct[i, ..., k] for i, k in enumerate(predicted)])
     assert torch.allclose(attr, torch.from_numpy(expected).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_deep_explainer_traces_are_removed_even_on_error(digits):
+    """shap fails halfway on the raw model (hooks set, x/y stored); esegeta's guard undoes it all."""
+    from esegeta.adapters.shap import _no_traces
+
+    unguarded, guarded = copy.deepcopy(digits.model), copy.deepcopy(digits.model)
+    with pytest.raises(RuntimeError):
+        shap.DeepExplainer(unguarded, _background(digits.x)).shap_values(digits.x)
+    assert hook_count(unguarded) > 0  # what upstream leaves behind on error
+    with pytest.raises(RuntimeError), _no_traces(guarded):
+        shap.DeepExplainer(guarded, _background(digits.x)).shap_values(digits.x)
+    assert hook_count(guarded) == 0
+    assert not [n for n, m in guarded.named_modules() if hasattr(m, "x") or hasattr(m, "y")]
+    assert set(guarded.state_dict()) == set(digits.model.state_dict())

@@ -110,6 +110,8 @@ def _segmentation_fn(value: Any, dims: int, channels: int, path: str):
     import numpy as np
     from lime.wrappers.scikit_image import SegmentationAlgorithm
 
+    from ..backgrounds import for_segmentation
+
     if value is None and dims == 2:
         return None
     algo, kwargs = ("slic", {}) if value is None else _split_segmentation(value, path)
@@ -123,11 +125,7 @@ def _segmentation_fn(value: Any, dims: int, channels: int, path: str):
     grey_volume = dims == 3 and channels == 1
 
     def segment(image: np.ndarray) -> np.ndarray:
-        view = image[..., 0] if grey_volume else image
-        low, high = float(view.min()), float(view.max())
-        if low < 0 or high > 1:  # for the segmentation only: Lab conversion assumes [0, 1]
-            view = (view - low) / ((high - low) or 1.0)
-        return algorithm(view)
+        return algorithm(for_segmentation(image[..., 0] if grey_volume else image))
 
     return segment
 

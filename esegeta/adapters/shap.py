@@ -3,11 +3,15 @@
 - ``GradientExplainer`` (expected gradients) and ``DeepExplainer`` (DeepLIFT with a
   background distribution) run on ``call.forward``, the prepared copy of the model: its
   reused and in-place ReLUs are already split (DeepExplainer fails on them, see ENVIRONMENT.md).
-- ``PartitionExplainer`` with ``shap.maskers.Image`` (2D): hierarchical Owen values over
-  axis-aligned image partitions; the model function gets numpy ``(N, H, W, C)`` images.
-- ``KernelExplainer`` over SLIC superpixels/supervoxels (2D and 3D): features are segments
-  on/off; an "off" segment takes the background's values there (the model output averaged
-  over the background images when there are several).
+- ``PartitionExplainer`` with ``shap.maskers.Image`` (2D only: its partition tree splits three
+  axes, H, W and C, and its blur/inpaint masks are OpenCV 2D filters): hierarchical Owen values
+  over axis-aligned image partitions; the model function gets numpy ``(N, H, W, C)`` images.
+  ``params.masker`` is the mask value: ``"blur(kx,ky)"`` (default: a quarter of the smaller
+  side), ``"inpaint_telea"`` or ``"inpaint_ns"`` (OpenCV casts to uint8: 0–255 images only).
+- ``KernelExplainer`` over SLIC superpixels/supervoxels (2D and 3D, scikit-image ``slic``
+  parameters such as ``n_segments`` under their own names): features are segments on/off;
+  an "off" segment takes the background's values there (the model output averaged over the
+  background images when there are several). SHAP's ``l1_reg`` default keeps 10 segments.
 
 Background data is ``params.data`` (upstream's name, see :mod:`esegeta.backgrounds`):
 default ``["zeros", "blur"]`` for Gradient/Deep (as esegeta's Captum Shap methods),
