@@ -291,8 +291,8 @@ def _blur_masker(x) -> str:
     return f"blur({k},{k})"
 
 
-def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF):
-    register(MethodSpec(library="shap", name=name, kind="attribution", adapter=ADAPTER, requires=("shap",),
+def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF, requires=("shap",)):
+    register(MethodSpec(library="shap", name=name, kind="attribution", adapter=ADAPTER, requires=requires,
                         extra="shap", dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref))
 
 
@@ -300,6 +300,8 @@ _shap_method("GradientExplainer", defaults={"data": ["zeros", "blur"]}, quick={"
              ref="Lundberg & Lee 2017, arXiv:1705.07874; expected gradients: Erion et al. 2021, arXiv:1906.10670")
 _shap_method("DeepExplainer", defaults={"data": ["zeros", "blur"]}, quick={"data": "blur"},
              ref="Lundberg & Lee 2017, arXiv:1705.07874; DeepLIFT: Shrikumar et al. 2017, arXiv:1704.02685")
+# shap's Image masker needs OpenCV for its blur and inpaint masks.
 _shap_method("PartitionExplainer", dims=(2,), defaults={"masker": _blur_masker}, quick={"max_evals": 24},
+             requires=("shap", "cv2"),
              ref="Lundberg & Lee 2017, arXiv:1705.07874; Owen values: Owen 1977")
 _shap_method("KernelExplainer", defaults={"data": "mean"}, quick={"nsamples": 24, "n_segments": 8, "silent": True})
