@@ -17,13 +17,19 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   share of the output gradient, so the activations held at any time are those of
   ``batch_size`` patches (times the method's own batch, e.g. Integrated Gradients' steps per
   ``internal_batch_size``), never the whole input's. The input, the stitched output and the
-  gradient are whole-input tensors. Every method that explains ``call.forward`` through its
-  outputs and input gradients runs exactly on the global score this way: gradients
-  (Saliency, InputXGradient, SmoothGrad), path methods (Integrated Gradients) and
-  perturbation methods (Occlusion, FeatureAblation, Shapley sampling, LIME, KernelSHAP), the
-  latter with one stitched forward per perturbation. Methods that hook the network's
-  modules (DeepLift, LRP, guided backprop, Zennit, grad-cam) see one call per patch batch;
-  only input-resolution attributions are accepted in global mode (layer, neuron and
+  gradient are whole-input tensors (their size, times the method's batch, is what grows with
+  the input: see ``benchmarks/patcher.py``).
+
+  Which methods run how in global mode: gradient and path methods (Saliency,
+  InputXGradient, Integrated Gradients, GradientShap, SmoothGrad) backpropagate patch by
+  patch through the checkpointed backward; perturbation methods (Occlusion,
+  FeatureAblation, Shapley sampling, LIME, KernelSHAP) call the stitched forward once per
+  perturbation (patch by patch, no gradients); methods that hook the network's
+  activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one module call
+  per patch batch in the forward and again in the recomputation, with the batch kept
+  item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to the
+  unpatched result on a pointwise model. Captum's LRP refuses modules called more than
+  once and fails. Only input-resolution attributions are accepted (layer, neuron and
   feature-visualisation methods: use ``local``).
 
 The blending in the stitched forward is differentiable code of its own (torchio's
@@ -126,8 +132,14 @@ class Grid:
 
 
 def _patches(x5: torch.Tensor, grid: Grid, locations: np.ndarray) -> torch.Tensor:
-    """The patches of every item of ``x5``, patch-major: ``(len(locations) * B, C, *size)``."""
-    return torch.cat([x5[grid.slices(loc)] for loc in locations])
+    """The patches of every item of ``x5``, item-major: ``(B * len(locations), C, *size)``, so a
+    method that splits its batch in halves (DeepLift: inputs, then baselines) still can."""
+    return torch.stack([x5[grid.slices(loc)] for loc in locations], 1).flatten(0, 1)
+
+
+def _per_patch(y: torch.Tensor, n_patches: int) -> torch.Tensor:
+    """``(B * P, K, *size)`` item-major → ``(P, B, K, *size)``."""
+    return y.unflatten(0, (-1, n_patches)).transpose(0, 1)
 
 
 def _scale(grid: Grid, result: torch.Tensor) -> tuple[int, int, int]:
@@ -188,28 +200,29 @@ class Stitched(nn.Module):
         out = None
         with torch.no_grad():
             for chunk in self.grid.chunks(self.batch_size):
-                y = self.outputs(_patches(x5, self.grid, chunk))
+                with torch.enable_grad():  # hooks of module-based methods set tensor hooks; the graph is dropped
+                    y = self.outputs(_patches(x5, self.grid, chunk).requires_grad_(x.requires_grad)).detach()
                 if out is None:
                     out = torch.zeros(n, y.shape[1], *self.grid.shape, dtype=y.dtype, device=y.device)
-                for j, loc in enumerate(chunk):
-                    out[self.grid.slices(loc)] += y[j * n:(j + 1) * n] * window
+                for loc, y_patch in zip(chunk, _per_patch(y, len(chunk))):
+                    out[self.grid.slices(loc)] += y_patch * window
             out /= total
         return from_volume(out, self.dims)
 
     def backprop(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """d(Σ grad_out · stitched(x))/dx, one patch batch at a time."""
-        x5, g5, n = to_volume(x.detach()), to_volume(grad_out), x.shape[0]
+        x5, g5 = to_volume(x.detach()), to_volume(grad_out)
         window, total = self.weights(x.device)
         grad = torch.zeros_like(x5)
         for chunk in self.grid.chunks(self.batch_size):
             patches = _patches(x5, self.grid, chunk).requires_grad_(True)
-            share = torch.cat([g5[self.grid.slices(loc)] * (window / total[self.grid.slices(loc)[2:]])
-                               for loc in chunk])
+            share = torch.stack([g5[self.grid.slices(loc)] * (window / total[self.grid.slices(loc)[2:]])
+                                 for loc in chunk], 1).flatten(0, 1)
             with torch.enable_grad():
                 y = self.outputs(patches)
                 (g,) = torch.autograd.grad(y, patches, share.to(y.dtype))
-            for j, loc in enumerate(chunk):
-                grad[self.grid.slices(loc)] += g[j * n:(j + 1) * n]
+            for loc, g_patch in zip(chunk, _per_patch(g, len(chunk))):
+                grad[self.grid.slices(loc)] += g_patch
         return from_volume(grad, self.dims)
 
 

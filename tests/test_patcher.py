@@ -125,6 +125,19 @@ def test_pointwise_model_patched_equals_unpatched(dims, mode, blend, method, par
     torch.testing.assert_close(patched, whole, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["captum.GuidedBackprop", "captum.DeepLift"])
+def test_hooking_methods_in_global_mode_equal_unpatched(method):
+    """Methods that hook the network's modules see one call per patch batch; DeepLift's
+    (inputs, baselines) halves stay paired because patch batches are item-major."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 1), nn.ReLU(), nn.Conv3d(4, 2, 1), nn.Sigmoid()).eval()
+    x = volume(3)
+    whole = esegeta.explain(model, x, method, 1, wrapper=BINARY)
+    patched = esegeta.explain(model, x, method, 1, wrapper=BINARY, patch=patch_of(3, mode="global", blend="hann"))
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(patched, whole, rtol=1e-5, atol=1e-7)
+
+
 def test_layer_results_blend_on_the_layers_grid():
     """A layer twice coarser than the input: patch locations are halved (local mode)."""
     torch.manual_seed(0)
