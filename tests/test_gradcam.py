@@ -128,7 +128,8 @@ def _pearson(a, b):
 @pytest.mark.parametrize("case_name", ["digits", "retina"])
 def test_gradcam_agrees_with_captum_layergradcam(case_name, request):
     """Same algorithm, two libraries: captum at layer resolution (relu_attributions) upsampled
-    bilinearly vs pytorch-grad-cam (min-max scaled, cv2-resized). Measured r = 1.0000 on both."""
+    bilinearly vs pytorch-grad-cam (min-max scaled, cv2-resized). Measured r = 1.000000000 on both:
+    min-max scaling is affine and cv2's bilinear resize is torch's (align_corners=False)."""
     from captum.attr import LayerAttribution
 
     case = request.getfixturevalue(case_name)
@@ -138,8 +139,8 @@ def test_gradcam_agrees_with_captum_layergradcam(case_name, request):
                              wrapper=case.wrapper, relu_attributions=True)
     upsampled = LayerAttribution.interpolate(captum, tuple(case.x.shape[2:]), "bilinear")
     r = _pearson(ours, upsampled)
-    print(f"pearson gradcam.GradCAM vs captum.LayerGradCam ({case.name}, {case.layer}): {r:.6f}")
-    assert r > 0.99
+    print(f"pearson gradcam.GradCAM vs captum.LayerGradCam ({case.name}, {case.layer}): {r:.9f}")
+    assert r > 0.9999
 
 
 @pytest.mark.parametrize("params,fix", [
