@@ -113,6 +113,14 @@ def run_method(spec: MethodSpec, model: PreparedModel, x: torch.Tensor, *, targe
     return torch.cat(results), score
 
 
+def check_dims(spec: MethodSpec, x: torch.Tensor, where: str = "inputs") -> None:
+    """A ConfigError if ``spec`` does not support inputs of ``x``'s spatial rank."""
+    dims = x.ndim - 2
+    if dims not in spec.dims:
+        supported = " and ".join(f"{d}D" for d in spec.dims)
+        raise ConfigError(where, f"{spec.id} supports {supported} inputs only; these inputs are {dims}D")
+
+
 def check_task(spec: MethodSpec, wrapper: Any, where: str = "wrapper") -> None:
     """A ConfigError if ``spec`` does not apply to a classifier (no wrapper) or a wrapped segmenter."""
     task = "segmentation" if wrapper is not None else "classification"
