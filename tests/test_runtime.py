@@ -154,6 +154,21 @@ def test_several_workers_give_the_results_of_one(tmp_path):
     assert not np.array_equal(other.result("smoothgrad"), a[("smoothgrad", ALL_DIGITS[0].stem)])
 
 
+def test_hook_based_methods_in_parallel_with_time_limits(tmp_path):
+    """Methods that hook or swap modules (DeepLift, GuidedBackprop, LRP, LayerGradCam) on two
+    threads with the time-limit hooks on: the results of a plain sequential run. Each worker
+    has its own model copy, so one method's hooks never reach another's forward."""
+    methods = [{"id": "captum.DeepLift"}, {"id": "captum.GuidedBackprop"}, {"id": "captum.LRP"},
+               {"id": "captum.LayerGradCam", "layer": "layer2"}]
+    plain = Pipeline(digits_config(tmp_path / "plain", methods, inputs=ALL_DIGITS[:2])).run()
+    parallel = Pipeline(digits_config(tmp_path / "parallel", methods, inputs=ALL_DIGITS[:2], timeout_s=120,
+                                      threads_per_device=2)).run()
+    assert parallel.exit_code == 0
+    a, b = results(plain), results(parallel)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
 # -- mixed precision -------------------------------------------------------------------
 def test_amp_runs_in_bf16_on_cpu(tmp_path):
     methods = [{"id": "captum.IntegratedGradients", "params": {"n_steps": 16}}]
