@@ -3,10 +3,11 @@
 Integrated Gradients (``n_steps`` 32) on the sample 3D U-Net (TissueUNet3D, multiclass
 softmax wrapper, target 2), on a volume ``scale`` times the patch size per axis explained in
 global mode (patches of ``patch``³, no overlap), against the same call on a single patch-sized
-input (no patching). Each measurement runs in a fresh subprocess and reads the process's peak
-resident memory (``resource.getrusage(...).ru_maxrss``: tracemalloc does not see torch's CPU
-allocations); ``baseline`` is the peak after imports, model load and a warm-up forward on a
-patch, so ``peak - baseline`` is what the run itself added.
+input (no patching), and with ``--whole`` on the whole volume without patching. Each
+measurement runs in a fresh subprocess and reads the process's peak resident memory
+(``resource.getrusage(...).ru_maxrss``: tracemalloc does not see torch's CPU allocations);
+``baseline`` is the peak after imports, model load and a warm-up forward on a patch, so
+``peak - baseline`` is what the run itself added.
 
     python benchmarks/patcher.py [--patch 16] [--scale 4] [--steps 32] [--internal-batch-size 32 4 1]
 """
@@ -43,7 +44,7 @@ def measure(case: str, patch: int, scale: int, steps: int, internal_batch_size: 
     model.eval()
     volume = np.asarray(nib.load(str(ROOT / "samples/data/anatomical.nii.gz")).dataobj, dtype=np.float32)
     volume = torch.from_numpy((volume - volume.mean()) / volume.std())[None, None]
-    side = patch * (scale if case == "global" else 1)
+    side = patch * (1 if case == "patch" else scale)
     x = torch.nn.functional.interpolate(volume, size=(side,) * 3, mode="trilinear", align_corners=False)
     wrapper = {"name": "multiclass", "activation": "softmax"}
     with torch.no_grad():
@@ -68,7 +69,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--internal-batch-size", type=int, nargs="+", default=[32, 4, 1])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--measure", choices=("patch", "global"), help=argparse.SUPPRESS)
+    parser.add_argument("--whole", action="store_true", help="also the whole volume without patching")
+    parser.add_argument("--measure", choices=("patch", "global", "whole"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         ibs = args.internal_batch_size[0]
@@ -77,7 +79,7 @@ def main() -> None:
     rows = []
     for ibs in args.internal_batch_size:
         pair = {}
-        for case in ("patch", "global"):
+        for case in ("patch", "global") + (("whole",) if args.whole else ()):
             command = [sys.executable, __file__, "--measure", case, "--patch", str(args.patch), "--scale",
                        str(args.scale), "--steps", str(args.steps), "--internal-batch-size", str(ibs),
                        "--threads", str(args.threads)]
@@ -91,7 +93,9 @@ def main() -> None:
     for ibs, pair in rows:
         p, g = pair["patch"], pair["global"]
         print(f"{ibs:>19} | {p['peak_mib']:>8.0f} ({p['run_mib']:>6.0f}), {p['seconds']:>6.2f} | "
-              f"{g['peak_mib']:>8.0f} ({g['run_mib']:>6.0f}), {g['seconds']:>7.2f} | {g['peak_mib'] / p['peak_mib']:.2f}")
+              f"{g['peak_mib']:>8.0f} ({g['run_mib']:>6.0f}), {g['seconds']:>7.2f} | {g['peak_mib'] / p['peak_mib']:.2f}"
+              + (f" | unpatched whole volume: {pair['whole']['peak_mib']:.0f} MiB, {pair['whole']['seconds']:.2f} s"
+                 if "whole" in pair else ""))
 
 
 if __name__ == "__main__":

@@ -289,3 +289,16 @@ def test_nifti_keeps_its_voxel_order_whatever_depth_axis():
                            "depth_axis": "first"}, None)
     assert tuple(item.tensor.shape) == (1, 1, *source.shape) and not item.depth_first
     np.testing.assert_array_equal(item.affine, source.affine)
+
+
+def test_validate_refuses_global_mode_for_a_layer_method():
+    config = {"model": {"factory": str(SAMPLES / "models.py") + ":TissueUNet3D"},
+              "inputs": {"paths": [str(SAMPLES / "data" / "anatomical.nii.gz")], "spatial_dims": 3},
+              "wrapper": {"name": "multiclass"}, "target": 2,
+              "methods": [{"id": "captum.LayerActivation", "layer": "enc2",
+                           "patch": {"size": [16, 16, 16], "mode": "global"}}]}
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.patch\.mode: .*use mode 'local'"):
+        esegeta.Pipeline(config).validate()
+    config["methods"][0]["patch"]["size"] = [16, 16]
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.patch\.size: needs 3 sizes"):
+        esegeta.Pipeline(config)
