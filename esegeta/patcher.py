@@ -50,10 +50,6 @@ from torch import nn
 from .errors import ConfigError
 from .registry import MethodSpec
 
-BLENDS = ("average", "hann")
-MODES = ("local", "global")
-
-
 def to_volume(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` → ``(B, C, H, W, 1)``; 3D inputs unchanged (torchio's 3 spatial axes)."""
     return x.unsqueeze(-1) if x.ndim == 4 else x
