@@ -84,8 +84,8 @@ def test_agreement_with_captum(digits):
     dls = esegeta.explain(digits.model, digits.x, "captum.DeepLiftShap", 3, baselines=BACKGROUND)
     assert torch.allclose(deep, dls, atol=1e-5)
     torch.manual_seed(0)
-    grad = esegeta.explain(digits.model, digits.x, "shap.GradientExplainer", 3, data=BACKGROUND, nsamples=500, rseed=0)
-    gs = esegeta.explain(digits.model, digits.x, "captum.GradientShap", 3, baselines=BACKGROUND, n_samples=500,
+    grad = esegeta.explain(digits.model, digits.x, "shap.GradientExplainer", 3, data=BACKGROUND, nsamples=200, rseed=0)
+    gs = esegeta.explain(digits.model, digits.x, "captum.GradientShap", 3, baselines=BACKGROUND, n_samples=200,
                          stdevs=0.0)
     assert np.corrcoef(grad.flatten(), gs.flatten())[0, 1] > 0.98
 
