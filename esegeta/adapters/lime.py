@@ -14,7 +14,8 @@ Glue:
   LIME's own ``gray2rgb`` makes), averaged back to one channel before the model sees it.
 - ``segmentation_fn`` is ``"quickshift"``, ``"slic"``, ``"felzenszwalb"`` or
   ``{"algo_type": ..., **scikit-image kwargs}`` (LIME's ``SegmentationAlgorithm``); default:
-  LIME's own quickshift in 2D. SLIC is run with ``start_label=0`` (LIME numbers segments from 0;
+  LIME's own quickshift (kernel_size 4, max_dist 200, ratio 0.2: one segment on very small
+  images) in 2D, SLIC in 3D. SLIC is run with ``start_label=0`` (LIME numbers segments from 0;
   scikit-image's SLIC would start at 1). Images outside [0, 1] are min-max scaled for the
   segmentation only (quickshift and SLIC convert RGB to Lab, which assumes [0, 1]).
 - 3D: supervoxels, SLIC on the whole volume (``channel_axis=None`` for one channel), not slice
@@ -37,6 +38,8 @@ NOT_CONFIGURABLE = frozenset({"self", "kernel", "image", "classifier_fn", "label
 ALGORITHMS = ("quickshift", "slic", "felzenszwalb")
 #: scikit-image arguments LIME or esegeta supplies.
 SEGMENTATION_FIXED = frozenset({"image", "mask", "start_label"})
+#: Without params.segmentation_fn: LIME's own default in 2D (what explain_instance builds), SLIC in 3D.
+DEFAULT_SEGMENTATION = {2: ("quickshift", {"kernel_size": 4, "max_dist": 200, "ratio": 0.2}), 3: ("slic", {})}
 FEATURE_SELECTION = ("auto", "none", "forward_selection", "lasso_path", "highest_weights")
 
 
@@ -106,15 +109,16 @@ def _split_segmentation(value: Any, path: str) -> tuple[str, dict[str, Any]]:
 
 
 def _segmentation_fn(value: Any, dims: int, channels: int, path: str):
-    """The ``segmentation_fn`` for ``explain_instance`` (None: LIME's default quickshift, 2D)."""
+    """The ``segmentation_fn`` for ``explain_instance`` (a scikit-image algorithm through LIME's wrapper)."""
     import numpy as np
     from lime.wrappers.scikit_image import SegmentationAlgorithm
 
     from ..backgrounds import for_segmentation
 
-    if value is None and dims == 2:
-        return None
-    algo, kwargs = ("slic", {}) if value is None else _split_segmentation(value, path)
+    if value is None:
+        algo, kwargs = DEFAULT_SEGMENTATION[dims]
+    else:
+        algo, kwargs = _split_segmentation(value, path)
     if dims == 3 and algo != "slic":
         raise ConfigError(path, f"{algo} segments 2D images only; use 'slic' (supervoxels) for a 3D input")
     if algo == "slic":
