@@ -8,7 +8,10 @@ A (method, input) result of the existing ``manifest.json`` is kept, and not reco
   (:func:`job_key`): the method entry as it applies (id, label, params, layer, noise tunnel,
   wrapper, target, patch), the model section and a hash of the model's weights and buffers,
   the loaded input tensor (so its file content and preprocessing), ``runtime.seed``,
-  ``runtime.amp`` and ``runtime.batch_size``, and the output formats and figure settings.
+  ``runtime.amp`` and ``runtime.batch_size``, and the output formats and figure settings;
+  for methods that may fit on the run's inputs (``Call.samples``: SHAP backgrounds, esegeta's
+  own pattern methods; every library but those in :data:`SAMPLE_FREE_LIBRARIES`), also all
+  the run's inputs.
 
 What does not change the numbers (devices, threads, time limits) may differ. Stale temporary
 files (``.tmp-*``) of a killed run are deleted first.
@@ -25,6 +28,13 @@ import torch
 
 log = logging.getLogger("esegeta")
 TMP_PREFIX = ".tmp-"
+#: Libraries whose adapters never read the run's other inputs (``Call.samples``): adding an
+#: input to the config leaves their results on the earlier inputs valid.
+SAMPLE_FREE_LIBRARIES = frozenset({"captum", "gradcam", "zennit", "torchray", "lucent"})
+
+
+def ignores_samples(method_id: str) -> bool:
+    return method_id.split(".", 1)[0] in SAMPLE_FREE_LIBRARIES
 
 
 def tensor_digest(tensors) -> str:

@@ -27,7 +27,7 @@ import torch
 from . import __version__, registry, scheduling, wrappers
 from . import config as config_mod
 from .errors import ConfigError, did_you_mean
-from .explainer import check_task, find_layer, resolve_target, run_method
+from .explainer import check_dims, check_task, find_layer, resolve_target, run_method
 from .loading import InputItem, load_inputs, load_model
 from .prepare import PreparedModel, prepare, prepared
 from .timeouts import TimeLimitExceeded, call_with_limit
@@ -138,6 +138,7 @@ class Pipeline:
             where = f"methods[{i}]"
             spec = registry.get(entry.id)
             check_task(spec, entry.wrapper or cfg.wrapper, f"{where}.wrapper" if entry.wrapper else "wrapper")
+            check_dims(spec, first, f"{where}.id")
             if entry.layer:
                 find_layer(ready, entry.layer, f"{where}.layer", spec)
             if entry.device:
@@ -228,12 +229,15 @@ class Pipeline:
         cfg = v.config
         model_hash = resume.model_digest(v.model)
         input_hashes = [resume.tensor_digest([item.tensor]) for item in v.inputs]
+        first = v.inputs[0].tensor.shape
+        samples_hash = resume.tensor_digest([i.tensor for i in v.inputs if i.tensor.shape == first])
         devices = v.devices
         records: dict[tuple[int, int], dict] = {}
         jobs: list[_Job] = []
         for position, (i, entry) in enumerate(v.methods):
             spec = registry.get(entry.id)
             settings = self._settings(entry)
+            settings["samples"] = None if resume.ignores_samples(entry.id) else samples_hash
             job_devices = [resolve_device(entry.device, f"methods[{i}].device")] if entry.device else devices
             todo: list[tuple[int, InputItem, str]] = []
             for k, item in enumerate(v.inputs):
@@ -248,7 +252,8 @@ class Pipeline:
             while todo:
                 shape = todo[0][1].tensor.shape
                 group = [t for t in todo if t[1].tensor.shape == shape][:batch]
-                todo = [t for t in todo if t not in group]
+                taken = {k for k, _, _ in group}
+                todo = [t for t in todo if t[0] not in taken]
                 jobs.append(_Job(position, i, entry, [(k, item) for k, item, _ in group],
                                  [key for _, _, key in group], job_devices))
         jobs.sort(key=lambda j: (j.items[0][0], j.position))
@@ -264,7 +269,7 @@ class Pipeline:
             "noise_tunnel": entry.noise_tunnel, "wrapper": wrapper.model_dump(mode="json") if wrapper else None,
             "target": entry.target if entry.target is not None else cfg.target,
             "patch": patch.model_dump(mode="json") if patch else None,
-            "model": cfg.model.model_dump(mode="json"), "inputs": cfg.inputs.model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json"), "inputs": cfg.inputs.model_dump(mode="json", exclude={"paths"}),
             "seed": cfg.runtime.seed, "amp": cfg.runtime.amp, "batch_size": cfg.runtime.batch_size,
             "output": cfg.output.model_dump(mode="json", exclude={"dir"}),
         }

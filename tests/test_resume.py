@@ -100,6 +100,10 @@ def test_what_counts_as_the_same_result(tmp_path):
     # devices, threads and time limits do not change the numbers: kept
     cfg["runtime"].update(threads_per_device=2, timeout_s=600)
     assert all(r.get("resumed") for r in Pipeline(cfg, resume=True).run().runs)
+    # one more input: only its results are computed (Captum methods do not fit on the run's inputs)
+    cfg["inputs"]["paths"].append(str(ALL_DIGITS[2]))
+    added = {r["input"]: bool(r.get("resumed")) for r in Pipeline(cfg, resume=True).run().runs}
+    assert added == {ALL_DIGITS[0].stem: True, ALL_DIGITS[1].stem: True, ALL_DIGITS[2].stem: False}
     # the seed does: recomputed; and without --resume everything is recomputed
     cfg["runtime"]["seed"] = 1
     assert not any(r.get("resumed") for r in Pipeline(cfg, resume=True).run().runs)
