@@ -332,9 +332,8 @@ class Pipeline:
 
         def attempt(precision: str, x: torch.Tensor, model: PreparedModel, samples: torch.Tensor):
             extras: dict[str, Any] = {}
-            with scheduling.JobRandomness(seed, scheduling.uses_global_rng(entry.id)) as rng, \
-                    scheduling.precision(precision, device):
-                state["rng"] = rng
+            state["rng"] = rng = scheduling.JobRandomness(seed, scheduling.uses_global_rng(entry.id))
+            with rng, scheduling.precision(precision, device):
                 attr, score = run_method(spec, model, x, target=target,
                                          wrapper=wrapper.model_dump() if wrapper else None, layer=entry.layer,
                                          params=params, noise_tunnel=noise_tunnel, base_dir=v.base_dir,
@@ -370,13 +369,9 @@ class Pipeline:
                                 precision)
                     break
 
-        def abandon() -> None:
-            if state["rng"] is not None:
-                state["rng"].release()
-
         try:
             modules = list(worker.replica(v, job.items[0][1].tensor.to(device)).modules()) if limit else []
-            attr, scores, extras, precision = call_with_limit(compute, limit, modules, on_abandon=abandon,
+            attr, scores, extras, precision = call_with_limit(compute, limit, modules,
                                                               name=f"esegeta-job-{entry.name}")
             if attr.shape[0] != len(job.items):
                 raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
@@ -397,6 +392,8 @@ class Pipeline:
                 log.info("%s on %s: ok in %.2fs (%s)", entry.name, item.name, seconds, precision)
         except TimeLimitExceeded as exc:
             worker.discard()  # upstream state may be left on the copy it ran on
+            if state["rng"] is not None:
+                state["rng"].release()  # the job may have been stopped before its own release
             for record in records:
                 record.update(status="timeout", seconds=round(time.perf_counter() - start, 4),
                               error=f"timeout: {exc}", files={}, oom_retries=state["oom_retries"])

@@ -115,7 +115,28 @@ def uses_global_rng(method_id: str) -> bool:
     return method_id in GLOBAL_RNG_METHODS or method_id.split(".", 1)[0] not in TORCH_RNG_LIBRARIES
 
 
-_global_rng_lock = threading.Lock()
+class _OwnedLock:
+    """A lock that remembers its holder, so that the holder's release can come from another
+    thread (the worker of a job stopped at its time limit) and never frees someone else's hold."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._owner: object | None = None
+
+    def acquire(self, owner: object) -> None:
+        with self._cond:
+            while self._owner is not None:
+                self._cond.wait()
+            self._owner = owner
+
+    def release(self, owner: object) -> None:
+        with self._cond:
+            if self._owner is owner:
+                self._owner = None
+                self._cond.notify()
+
+
+_global_rng = _OwnedLock()
 
 
 class JobRandomness(TorchFunctionMode):
@@ -131,13 +152,10 @@ class JobRandomness(TorchFunctionMode):
         self.seed = seed
         self.global_rng = global_rng
         self.generators: dict[torch.device, torch.Generator] = {}
-        self._held = False
-        self._release_lock = threading.Lock()
 
     def __enter__(self):
         if self.global_rng:
-            _global_rng_lock.acquire()
-            self._held = True
+            _global_rng.acquire(self)
             np.random.seed(self.seed % 2**32)
             random.seed(self.seed)
         return super().__enter__()
@@ -149,11 +167,9 @@ class JobRandomness(TorchFunctionMode):
             self.release()
 
     def release(self) -> None:
-        """Give up the global-RNG lock (also called for a job abandoned after its time limit)."""
-        with self._release_lock:
-            if self._held:
-                self._held = False
-                _global_rng_lock.release()
+        """Give up the global-RNG lock if this job holds it (also called, from the worker, for a
+        job stopped at its time limit: it may have been stopped before its own release)."""
+        _global_rng.release(self)
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if device.type not in ("cpu", "cuda"):

@@ -66,13 +66,12 @@ class _LimitedCall:
 
 
 def call_with_limit(fn: Callable[[], Any], limit_s: float | None, modules: Iterable[Any] = (),
-                    grace_s: float = 5.0, on_abandon: Callable[[], None] | None = None,
-                    name: str = "esegeta-job") -> Any:
+                    grace_s: float = 5.0, name: str = "esegeta-job") -> Any:
     """``fn()`` in a thread of its own, stopped after ``limit_s`` seconds (None: no limit).
 
     Returns its result or re-raises its exception; raises :class:`TimeLimitExceeded` when the
-    limit passed before it finished. ``modules`` get the deadline hook while it runs;
-    ``on_abandon`` is called if the thread does not stop within ``grace_s`` after the limit."""
+    limit passed before it finished. ``modules`` get the deadline hook while it runs; a thread
+    still running ``grace_s`` after the limit is left behind (a daemon)."""
     call = _LimitedCall(fn)
     handles = []
     if limit_s is not None:
@@ -89,8 +88,6 @@ def call_with_limit(fn: Callable[[], Any], limit_s: float | None, modules: Itera
         if thread.is_alive():
             call.expire()
             thread.join(grace_s)
-            if thread.is_alive() and on_abandon is not None:
-                on_abandon()
             raise TimeLimitExceeded(f"stopped after its time limit of {limit_s:g} s "
                                     f"({time.monotonic() - start:.1f} s)")
     finally:

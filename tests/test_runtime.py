@@ -286,6 +286,15 @@ def test_timeout_recorded_others_go_on(tmp_path):
     assert not list(out.rglob("captum.FeatureAblation*")) and not list(out.rglob(".tmp-*"))
 
 
+def test_timed_out_job_frees_the_global_rng(tmp_path):
+    """GradientShap (numpy's global RNG: runs under the RNG lock) stopped at its limit; the next
+    GradientShap entry gets the lock and runs."""
+    methods = [{"id": "captum.GradientShap", "params": {"baselines": "zeros"}, "timeout_s": 0.1},
+               {"id": "captum.GradientShap", "label": "gs", "params": {"baselines": "zeros"}}]
+    first, second = Pipeline(own_config(tmp_path, "SlowNet", methods, threads_per_device=2)).run().runs
+    assert first["status"] == "timeout" and second["status"] == "ok"
+
+
 def test_run_wide_timeout(tmp_path):
     cfg = own_config(tmp_path, "SlowNet", [{"id": "captum.FeatureAblation"}], timeout_s=0.5)
     assert Pipeline(cfg).run().runs[0]["status"] == "timeout"
