@@ -21,10 +21,10 @@ ALL_DIGITS = sorted(DIGITS.glob("*.npy"))
 
 
 def slow_config(tmp_path: Path) -> dict:
-    """4 inputs x 2 methods on a model sleeping 30 ms per forward: about 0.6 s per job."""
+    """4 inputs x 2 methods on a model sleeping 30 ms per forward: 0.3-0.5 s per job."""
     (tmp_path / "own_models.py").write_text(OWN_MODELS.replace("time.sleep(0.2)", "time.sleep(0.03)"))
-    methods = [{"id": "captum.FeatureAblation", "params": {"feature_mask": {"grid": [4, 4]}}},
-               {"id": "captum.FeatureAblation", "label": "fa2", "params": {"feature_mask": {"grid": [4, 2]}}}]
+    methods = [{"id": "captum.FeatureAblation", "params": {"feature_mask": {"grid": [2, 2]}}},
+               {"id": "captum.FeatureAblation", "label": "fa2", "params": {"feature_mask": {"grid": [2, 4]}}}]
     cfg = digits_config(tmp_path, methods)
     cfg["model"] = {"factory": f"{tmp_path / 'own_models.py'}:SlowNet"}
     cfg["target"] = 3
@@ -114,7 +114,7 @@ def test_failed_and_timed_out_results_are_retried(tmp_path):
     cfg = slow_config(tmp_path)
     cfg["inputs"]["paths"] = cfg["inputs"]["paths"][:1]
     cfg["methods"] = cfg["methods"][:1]
-    cfg["runtime"]["timeout_s"] = 0.3
+    cfg["runtime"]["timeout_s"] = 0.1
     first = Pipeline(cfg).run()
     assert first.runs[0]["status"] == "timeout"
     cfg["runtime"].pop("timeout_s")
