@@ -10,6 +10,10 @@
   get a per-job generator through a thread-local :class:`torch.overrides.TorchFunctionMode`
   (:class:`JobRandomness`); methods known to draw from numpy's or Python's global RNG
   (:func:`uses_global_rng`) hold one lock for their whole run, with both seeded from the job seed.
+- **Threads.** CPU workers share the cores: each gets ``cpu_count // workers`` intra-op
+  threads (:func:`intra_op_threads`). Results are bitwise identical whatever the number of
+  workers at the same intra-op thread count; another thread count only changes the float
+  summation order (measured: 4e-7 absolute on GradientShap of the sample digits).
 - **Mixed precision** (``runtime.amp``): jobs run under :func:`torch.autocast` (bf16 on the
   CPU, fp16 on CUDA); a result that fails or is not finite is recomputed once in fp32.
 - **Out of memory**: the method's internal batch parameter is halved and the job retried,
