@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -157,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     debug = getattr(args, "debug", False)
+    # Upstream progress bars (LIME, SHAP, grad-cam's ScoreCAM) would garble the console: tqdm
+    # reads TQDM_* defaults when first imported, so this silences every bar that does not set
+    # `disable` itself; esegeta's own bar passes disable=None and stays. The user's setting wins.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     if args.command in ("run", "validate", "demo", "check"):
         _setup_logging(debug)
     from .errors import EsegetaError
