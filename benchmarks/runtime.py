@@ -1,11 +1,13 @@
 """Runtime benchmarks (run on demand, not in the test suite).
 
-    python benchmarks/runtime.py [--n 200] [--repeats 3]
+    python benchmarks/runtime.py [--n 200] [--repeats 3] [--threads N]
 
 1. Batching: Saliency on 200 digit images (sklearn's ``load_digits``, scaled as
    samples/train_digits.py does) on the sample DigitResNet; throughput of batched versus
    one-at-a-time, (a) in ``esegeta.explain`` (one call on the 200 vs 200 calls on one) and
-   (b) end to end in the runner (``runtime.batch_size`` 200 vs 1; npy outputs, manifest).
+   (b) in the runner (``runtime.batch_size`` 200 vs 1, npy outputs): wall time of the whole
+   run (loading, validation and 200 atomic file writes included), and the jobs' computing
+   time (the manifest's seconds, summed).
 2. Time-limit precision: seconds between the limit and the moment a method running in a
    worker thread is stopped: a forward loop on the digit classifier (Integrated Gradients,
    one step per forward) and on the 3D tissue U-Net (Occlusion), and a pure-Python loop
@@ -65,7 +67,8 @@ def bench_batching(n: int, repeats: int) -> dict:
         single = _median_time(lambda: [esegeta.explain(model, x[i:i + 1], "captum.Saliency", target=3)
                                        for i in range(n)], repeats)
 
-        def run(batch_size: int) -> float:
+        def run(batch_size: int) -> tuple[float, float]:
+            """(wall seconds of the run, seconds its jobs computed: the manifest's per-input seconds)."""
             cfg = {"model": {"factory": f"{ROOT / 'samples/models.py'}:DigitResNet",
                              "weights": str(ROOT / "samples/checkpoints/digit_resnet.pt")},
                    "inputs": {"paths": [str(tmp)], "spatial_dims": 2}, "target": "predicted",
@@ -76,15 +79,19 @@ def bench_batching(n: int, repeats: int) -> dict:
             start = time.perf_counter()
             result = pipeline.run()
             assert result.exit_code == 0 and len(result.runs) == n
-            return time.perf_counter() - start
+            return time.perf_counter() - start, sum(r["seconds"] for r in result.runs)
 
-        run_batched = statistics.median(run(n) for _ in range(repeats))
-        run_single = statistics.median(run(1) for _ in range(repeats))
+        batched_runs = [run(n) for _ in range(repeats)]
+        single_runs = [run(1) for _ in range(repeats)]
+        run_batched, run_single = (statistics.median(w for w, _ in r) for r in (batched_runs, single_runs))
+        jobs_batched, jobs_single = (statistics.median(c for _, c in r) for r in (batched_runs, single_runs))
     return {"inputs": n,
             "explain_one_call_s": batched, "explain_one_at_a_time_s": single,
             "explain_speedup": single / batched,
             "runner_batch_size_n_s": run_batched, "runner_batch_size_1_s": run_single,
-            "runner_speedup": run_single / run_batched}
+            "runner_speedup": run_single / run_batched,
+            "runner_jobs_batch_size_n_s": jobs_batched, "runner_jobs_batch_size_1_s": jobs_single,
+            "runner_jobs_speedup": jobs_single / jobs_batched}
 
 
 def bench_time_limits(limits=(0.5, 1.0, 2.0)) -> dict:
@@ -127,8 +134,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     report = {"torch_threads": torch.get_num_threads(), "batching": bench_batching(args.n, args.repeats),
               "time_limits": bench_time_limits()}
