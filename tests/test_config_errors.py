@@ -189,15 +189,15 @@ CASES: list[Bad] = [
     Bad("unknown-output-key", edit("output", dirr="x"), "output.dirr", ("did you mean dir?",)),
     Bad("patch-odd-overlap", lambda tmp: base(tmp, patch={"size": [4, 4], "overlap": [1, 0], "mode": "local"}),
         "patch.overlap", ("even",)),
-    Bad("not-yet-runtime-amp", edit("runtime", amp=True), "runtime.amp", ("not available",)),
-    Bad("not-yet-runtime-timeout", edit("runtime", timeout_s=10), "runtime.timeout_s", ("not available",)),
-    Bad("not-yet-runtime-threads", edit("runtime", threads_per_device=2), "runtime.threads_per_device",
-        ("not available", "remove 'threads_per_device'")),
-    # a method entry may override patch (checked against the inputs' rank) and timeout_s (not yet)
+    Bad("runtime-amp-not-bool", edit("runtime", amp="yes"), "runtime.amp", ("valid boolean",)),
+    Bad("runtime-timeout-zero", edit("runtime", timeout_s=0), "runtime.timeout_s", ("greater than 0",)),
+    Bad("runtime-threads-zero", edit("runtime", threads_per_device=0), "runtime.threads_per_device",
+        ("greater than or equal to 1",)),
+    # a method entry may override patch (checked against the inputs' rank) and timeout_s (must be positive)
     Bad("method-patch-rank", with_methods({"id": "captum.Saliency", "patch": {"size": [4, 4, 4]}}),
         "methods[0].patch.size", ("needs 2 sizes",)),
-    Bad("not-yet-method-timeout", with_methods({"id": "captum.Saliency", "timeout_s": 5}),
-        "methods[0].timeout_s", ("not available", "remove 'timeout_s'")),
+    Bad("method-timeout-negative", with_methods({"id": "captum.Saliency", "timeout_s": -5}),
+        "methods[0].timeout_s", ("greater than 0",)),
     # -- wrong types and values -----------------------------------------------------------------------
     Bad("spatial-dims-4", edit("inputs", spatial_dims=4), "inputs.spatial_dims", ("2 or 3",)),
     # a union (class index or "predicted"): every member's complaint on the field's one line
@@ -355,7 +355,7 @@ CASES: list[Bad] = [
     # -- devices and --only -----------------------------------------------------------------------------
     Bad("device-cuda-in-config", edit("runtime", devices="cuda:0"), "runtime.devices",
         ("cuda:0", "CUDA is not available"), marks=(NO_CUDA,)),
-    Bad("device-list-cuda-first", edit("runtime", devices=["cuda:0", "cpu"]), "runtime.devices",
+    Bad("device-list-cuda-first", edit("runtime", devices=["cuda:0", "cpu"]), "runtime.devices[0]",
         ("CUDA is not available",), marks=(NO_CUDA,)),
     Bad("device-not-a-device", edit("runtime", devices="gpu"), "runtime.devices", ("'gpu' is not a device",)),
     Bad("device-cuda-flag", base, "--device", ("cuda:0", "CUDA is not available"), argv=("--device", "cuda:0"),
