@@ -42,7 +42,8 @@ RANDOM_OPS = frozenset({
 #: Libraries whose methods draw only from torch's RNG (others are assumed to use numpy's or Python's)...
 TORCH_RNG_LIBRARIES = frozenset({"captum", "gradcam", "zennit", "torchray"})
 #: ... except these methods, which call numpy's global RNG.
-GLOBAL_RNG_METHODS = frozenset({"captum.GradientShap", "captum.LayerGradientShap", "gradcam.RandomCAM"})
+GLOBAL_RNG_METHODS = frozenset({"captum.GradientShap", "captum.LayerGradientShap", "captum.NeuronGradientShap",
+                                "gradcam.RandomCAM", "gradcam.KPCA_CAM"})
 #: Internal batch parameters halved on out-of-memory, in order of preference, with the
 #: parameter that gives their effective size when they are unset (None).
 BATCH_PARAMS = {"internal_batch_size": "n_steps", "perturbations_per_eval": None,
