@@ -194,10 +194,14 @@ class Stitched(nn.Module):
         x5, n = to_volume(x), x.shape[0]
         window, total = self.weights(x.device)
         out = None
+        # Module hooks (DeepLift, guided backprop...) set tensor hooks, which need a graph: then
+        # each patch batch builds one, dropped at once.
+        graph = x.requires_grad and any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                        for m in self.model.modules())
         with torch.no_grad():
             for chunk in self.grid.chunks(self.batch_size):
-                with torch.enable_grad():  # hooks of module-based methods set tensor hooks; the graph is dropped
-                    y = self.outputs(_patches(x5, self.grid, chunk).requires_grad_(x.requires_grad)).detach()
+                with torch.set_grad_enabled(graph):
+                    y = self.outputs(_patches(x5, self.grid, chunk).requires_grad_(graph)).detach()
                 if out is None:
                     out = torch.zeros(n, y.shape[1], *self.grid.shape, dtype=y.dtype, device=y.device)
                 for loc, y_patch in zip(chunk, _per_patch(y, len(chunk))):
