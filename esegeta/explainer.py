@@ -103,7 +103,8 @@ def run_method(spec: MethodSpec, model: PreparedModel, x: torch.Tensor, *, targe
     results, score = [], None
     for i in range(x.shape[0]):
         xi = x[i:i + 1]
-        forward = wrappers.build(model, xi, wrapper, base_dir)
+        # a model may build its own wrapped view (the patcher's stitched model does, to save memory)
+        forward = getattr(model, "build_wrapper", wrappers.build)(model, xi, wrapper, base_dir)
         resolved = resolve_target(forward, xi, target) if spec.needs_target else None
         call = Call(forward, model, xi, resolved, layer_module, call_params, nt, base_dir, samples,
                     extras if i == 0 else {})

@@ -167,6 +167,18 @@ class Stitched(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _StitchFunction.apply(x, self)
 
+    @staticmethod
+    def build_wrapper(model: Stitched, x: torch.Tensor, wrapper: Mapping[str, Any],
+                      base_dir: Path | None = None) -> nn.Module:
+        """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
+        score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
+        from .wrappers import MaskedScore, build
+
+        wrapped = build(model, x, wrapper, base_dir)
+        if isinstance(wrapped.score, MaskedScore):
+            return _StitchedScore(model, wrapped.score, wrapped.unperturbed)
+        return wrapped
+
     def weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch window, sum of windows over the volume), on ``device``."""
         if self._weights is None or self._weights[0].device != device:
@@ -196,8 +208,7 @@ class Stitched(nn.Module):
         out = None
         # Module hooks (DeepLift, guided backprop...) set tensor hooks, which need a graph: then
         # each patch batch builds one, dropped at once.
-        graph = x.requires_grad and any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                        for m in self.model.modules())
+        graph = x.requires_grad and _hooked(self.model)
         with torch.no_grad():
             for chunk in self.grid.chunks(self.batch_size):
                 with torch.set_grad_enabled(graph):
@@ -224,6 +235,74 @@ class Stitched(nn.Module):
             for loc, g_patch in zip(chunk, _per_patch(g, len(chunk))):
                 grad[self.grid.slices(loc)] += g_patch
         return from_volume(grad, self.dims)
+
+
+    def score_backprop(self, x: torch.Tensor, out: torch.Tensor, score: nn.Module,
+                       grad_score: torch.Tensor) -> torch.Tensor:
+        """d(Σ grad_score · score(stitched(x)))/dx for a voxel-wise masked score, one patch batch
+        at a time: the score's gradient w.r.t. the stitched output is taken on each patch's region."""
+        x5, o5 = to_volume(x.detach()), to_volume(out)
+        masks = to_volume(score.masks)
+        norm = masks.sum(dim=tuple(range(2, masks.ndim))).clamp_min(1.0) if score.reduction == "mean" else None
+        window, total = self.weights(x.device)
+        grad = torch.zeros_like(x5)
+        for chunk in self.grid.chunks(self.batch_size):
+            shares = []
+            for loc in chunk:
+                region = self.grid.slices(loc)
+                with torch.enable_grad():
+                    o = o5[region].detach().requires_grad_(True)
+                    weighted = score.activation(o).index_select(1, score.channels) * masks[region]
+                    s = weighted.sum(dim=tuple(range(2, weighted.ndim)))
+                    s = s / norm if norm is not None else s
+                    (g,) = torch.autograd.grad(s, o, grad_score.to(s.dtype))
+                shares.append(g * (window / total[region[2:]]))
+            patches = _patches(x5, self.grid, chunk).requires_grad_(True)
+            with torch.enable_grad():
+                y = self.outputs(patches)
+                (g,) = torch.autograd.grad(y, patches, torch.stack(shares, 1).flatten(0, 1).to(y.dtype))
+            for loc, g_patch in zip(chunk, _per_patch(g, len(chunk))):
+                grad[self.grid.slices(loc)] += g_patch
+        return from_volume(grad, self.dims)
+
+
+class _StitchedScore(nn.Module):
+    """A built-in wrapper's score (:class:`esegeta.wrappers.MaskedScore`) of the stitched
+    prediction. The score is a sum over voxels, so its backward needs the stitched output
+    (kept, without a graph) and, per patch, the score's gradient on that patch's region: the
+    activation, masked product and their gradients never exist at the whole input's size."""
+
+    def __init__(self, model: Stitched, score: nn.Module, unperturbed: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.score = score
+        self.unperturbed = unperturbed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _hooked(self.score):  # a method hooks the wrapper's activation (DeepLift): the plain graph
+            return self.score(self.model(x))
+        return _StitchedScoreFunction.apply(x, self)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a method has set hooks on ``module`` or its submodules."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
+
+
+class _StitchedScoreFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, wrapped: _StitchedScore) -> torch.Tensor:
+        out = wrapped.model.assemble(x)
+        ctx.save_for_backward(x)
+        ctx.out, ctx.wrapped = out, wrapped
+        return wrapped.score(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_score: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        wrapped = ctx.wrapped
+        return wrapped.model.score_backprop(x, ctx.out, wrapped.score, grad_score), None
 
 
 class _StitchFunction(torch.autograd.Function):

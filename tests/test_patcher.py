@@ -138,6 +138,28 @@ def test_hooking_methods_in_global_mode_equal_unpatched(method):
     torch.testing.assert_close(patched, whole, rtol=1e-5, atol=1e-7)
 
 
+SOFTMAX = {"name": "multiclass", "activation": "softmax"}
+SIGMOID_MEAN = {"name": "threshold", "channel": 1, "activation": "sigmoid", "reduction": "mean"}
+
+
+@pytest.mark.parametrize("wrapper, method", [
+    (SOFTMAX, "captum.Saliency"), (SOFTMAX, "captum.IntegratedGradients"),
+    (SIGMOID_MEAN, "captum.Saliency"), (SIGMOID_MEAN, "captum.IntegratedGradients"), (SIGMOID_MEAN, "captum.DeepLift"),
+])
+def test_global_score_with_activations_equals_unpatched(wrapper, method):
+    """Built-in wrappers' scores are computed region by region in global mode (softmax,
+    sigmoid, mean reduction); DeepLift, which hooks the activation, takes the plain graph.
+    (DeepLift through a softmax wrapper differs by ~2e-3 of the maximum once patches overlap,
+    exact without overlap or without the softmax: a known gap, cause not pinned down.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 1), nn.ReLU(), nn.Conv3d(4, 3, 1)).eval()
+    x = volume(3)
+    whole = esegeta.explain(model, x, method, 1, wrapper=wrapper)
+    patched = esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=patch_of(3, mode="global", blend="hann"))
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(patched, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
+
+
 def test_layer_results_blend_on_the_layers_grid():
     """A layer twice coarser than the input: patch locations are halved (local mode)."""
     torch.manual_seed(0)
