@@ -242,8 +242,6 @@ class Stitched(nn.Module):
         """d(Σ grad_score · score(stitched(x)))/dx for a voxel-wise masked score, one patch batch
         at a time: the score's gradient w.r.t. the stitched output is taken on each patch's region."""
         x5, o5 = to_volume(x.detach()), to_volume(out)
-        masks = to_volume(score.masks)
-        norm = masks.sum(dim=tuple(range(2, masks.ndim))).clamp_min(1.0) if score.reduction == "mean" else None
         window, total = self.weights(x.device)
         grad = torch.zeros_like(x5)
         for chunk in self.grid.chunks(self.batch_size):
@@ -252,9 +250,7 @@ class Stitched(nn.Module):
                 region = self.grid.slices(loc)
                 with torch.enable_grad():
                     o = o5[region].detach().requires_grad_(True)
-                    weighted = score.activation(o).index_select(1, score.channels) * masks[region]
-                    s = weighted.sum(dim=tuple(range(2, weighted.ndim)))
-                    s = s / norm if norm is not None else s
+                    s = _region_score(score, o, region)
                     (g,) = torch.autograd.grad(s, o, grad_score.to(s.dtype))
                 shares.append(g * (window / total[region[2:]]))
             patches = _patches(x5, self.grid, chunk).requires_grad_(True)
@@ -264,6 +260,25 @@ class Stitched(nn.Module):
             for loc, g_patch in zip(chunk, _per_patch(g, len(chunk))):
                 grad[self.grid.slices(loc)] += g_patch
         return from_volume(grad, self.dims)
+
+
+def _region_score(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+    """A :class:`esegeta.wrappers.MaskedScore`'s value restricted to ``region`` of the volume
+    view (``out`` is the output there): its voxel sum is the score's share of that region."""
+    masks = to_volume(score.masks)
+    weighted = score.activation(out).index_select(1, score.channels) * masks[region]
+    value = weighted.sum(dim=tuple(range(2, weighted.ndim)))
+    if score.reduction == "mean":
+        value = value / masks.sum(dim=tuple(range(2, masks.ndim))).clamp_min(1.0)
+    return value
+
+
+def _slab_score(score: nn.Module, out: torch.Tensor, thickness: int) -> torch.Tensor:
+    """The score of the whole stitched output, summed over slabs (no whole-input temporaries)."""
+    o5 = to_volume(out)
+    return sum(_region_score(score, o5[:, :, start:start + thickness], (slice(None), slice(None),
+                                                                         slice(start, start + thickness)))
+               for start in range(0, o5.shape[2], thickness))
 
 
 class _StitchedScore(nn.Module):
@@ -295,7 +310,7 @@ class _StitchedScoreFunction(torch.autograd.Function):
         out = wrapped.model.assemble(x)
         ctx.save_for_backward(x)
         ctx.out, ctx.wrapped = out, wrapped
-        return wrapped.score(out)
+        return _slab_score(wrapped.score, out, int(wrapped.model.grid.size[0]))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
