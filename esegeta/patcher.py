@@ -16,9 +16,12 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   (:class:`_StitchFunction`) recomputes each patch with gradients and sends it its weighted
   share of the output gradient, so the activations held at any time are those of
   ``batch_size`` patches (times the method's own batch, e.g. Integrated Gradients' steps per
-  ``internal_batch_size``), never the whole input's. The input, the stitched output and the
-  gradient are whole-input tensors (their size, times the method's batch, is what grows with
-  the input: see ``benchmarks/patcher.py``).
+  ``internal_batch_size``), never the whole input's. With a built-in wrapper
+  (:class:`_StitchedScore`, via the ``build_wrapper`` hook the explainer honours) the score
+  is also summed region by region: only the input, the stitched output (kept without a
+  graph) and the input gradient exist at the whole input's size, times the method's batch;
+  that is what grows with the input (``benchmarks/patcher.py``: Integrated Gradients on a
+  volume 4x a 16³ patch per axis peaks at 1.6-1.8x the resident memory of one patch).
 
   Which methods run how in global mode: gradient and path methods (Saliency,
   InputXGradient, Integrated Gradients, GradientShap, SmoothGrad) backpropagate patch by
@@ -28,7 +31,8 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one module call
   per patch batch in the forward and again in the recomputation, with the batch kept
   item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to the
-  unpatched result on a pointwise model. Captum's LRP refuses modules called more than
+  unpatched result on a pointwise model (a method that hooks the wrapper's activation gets
+  the plain whole-input graph of the score). Captum's LRP refuses modules called more than
   once and fails. Only input-resolution attributions are accepted (layer, neuron and
   feature-visualisation methods: use ``local``).
 
