@@ -13,7 +13,7 @@ from torch import nn
 import esegeta
 from esegeta import wrappers
 from esegeta.errors import ConfigError
-from esegeta.methods import patterns as pm
+from esegeta.algorithms import patterns as pm
 from esegeta.prepare import prepared
 
 from conftest import SAMPLES, assert_unchanged, hook_count, snapshot

@@ -1,7 +1,7 @@
 """esegeta's own methods: the few that no installed library ships (``esegeta.<Name>``).
 
 One generic adapter serves the whole table: each method is a function
-``esegeta.methods.<module>.<function>(call, *, <params>)`` whose keyword parameters *are*
+``esegeta.algorithms.<module>.<function>(call, *, <params>)`` whose keyword parameters *are*
 the config's ``params`` (their names, defaults and documentation). The implementations
 are imported on first use, so listing the registry imports neither torch nor them.
 
@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..registry import Call, MethodSpec, register
 
-#: method name → "module:function" (in :mod:`esegeta.methods`).
+#: method name → "module:function" (in :mod:`esegeta.algorithms`).
 IMPLEMENTATIONS: dict[str, str] = {}
 
 
@@ -126,7 +126,7 @@ def _fit_quick(x):
 
 def _own(name, implementation, kind="attribution", layer=False, target=True, tasks=None, requires=(),
          extra="", quick=None, ref=""):
-    IMPLEMENTATIONS[name] = f"esegeta.methods.{implementation}"
+    IMPLEMENTATIONS[name] = f"esegeta.algorithms.{implementation}"
     register(MethodSpec(
         library="esegeta", name=name, kind=kind, adapter=ADAPTER, requires=requires, extra=extra,
         needs_layer=layer, needs_target=target, quick_params=quick or {}, reference=ref,
