@@ -171,6 +171,8 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
             raise ConfigError("patch", str(exc)) from None
     device = next((p.device for p in model.parameters()), inputs.device)
     x = inputs.detach().to(device=device, dtype=torch.float32)  # the caller's tensor keeps requires_grad as it was
-    result, _ = run_method(spec, prepared(model, x), x, target=target, wrapper=wrapper_cfg, layer=layer,
+    # the prepared copy counts module calls on one forward: with patches, on a patch-sized crop
+    example = x if patch_cfg is None else x[(slice(None), slice(None)) + tuple(slice(0, s) for s in patch_cfg["size"])]
+    result, _ = run_method(spec, prepared(model, example), x, target=target, wrapper=wrapper_cfg, layer=layer,
                            params=params, noise_tunnel=noise_tunnel, samples=x, patch=patch_cfg)
     return result
