@@ -58,7 +58,7 @@ def run_one(method: str, limit: float) -> dict:
     code = CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), method=method, required=REQUIRED)
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit + 60)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=limit + 30)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "wall": time.perf_counter() - start}
     if proc.returncode != 0:
@@ -70,7 +70,7 @@ def run_one(method: str, limit: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--limit", type=float, default=60.0, help="seconds per method (plus 60 s for imports)")
+    parser.add_argument("--limit", type=float, default=60.0, help="seconds per method (plus 30 s for imports)")
     parser.add_argument("--only", nargs="*")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
