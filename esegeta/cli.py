@@ -84,10 +84,12 @@ def _cmd_methods(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'id':38} {'kind':12} {'layer':6} {'dims':6} available")
+    width = max(len(r["id"]) for r in rows) + 1
+    print(f"{'id':{width}} {'kind':12} {'layer':6} {'dims':6} {'models':15} available")
     for r in rows:
         dims = "/".join(f"{d}D" for d in r["dims"])
-        print(f"{r['id']:38} {r['kind']:12} {'yes' if r['needs_layer'] else '-':6} {dims:6} "
+        models = "/".join({"classification": "classifier", "segmentation": "seg"}[t] for t in r["tasks"])
+        print(f"{r['id']:{width}} {r['kind']:12} {'yes' if r['needs_layer'] else '-':6} {dims:6} {models:15} "
               f"{'yes' if r['available'] else 'no: ' + r['reason']}")
     print(f"{len(rows)} methods, {sum(r['available'] for r in rows)} available")
     return 0
