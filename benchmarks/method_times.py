@@ -59,7 +59,7 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "shape": list(attr.sh
 #: Parameters upstream requires and esegeta cannot choose for the user.
 _EPSILON = {"layer_map": {"types.Linear": "epsilon", "Activation": "pass"}}
 REQUIRED = {"lucent.render_vis": {"objective": "class"}, "zennit.LayerMapComposite": _EPSILON,
-            "zennit.SpecialFirstLayerMapComposite": _EPSILON}
+            "zennit.SpecialFirstLayerMapComposite": {**_EPSILON, "first_map": {"types.Linear": "zbox"}}}
 
 
 def run_one(method: str, limit: float) -> dict:
