@@ -60,6 +60,19 @@ class Call:  # noqa: D101 (annotations are strings: torch is not imported here)
     samples: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def layer_output(self) -> torch.Tensor:
+        """``layer``'s output on ``inputs`` (one forward of ``forward`` without gradients)."""
+        import torch
+
+        seen: list[torch.Tensor] = []
+        handle = self.layer.register_forward_hook(lambda m, i, o: seen.append(o))
+        try:
+            with torch.no_grad():
+                self.forward(self.inputs)
+        finally:
+            handle.remove()
+        return seen[0]
+
 
 class Adapter(Protocol):
     """Translates a method entry into one upstream call."""

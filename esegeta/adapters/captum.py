@@ -41,20 +41,6 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
     }
 
 
-def _layer_output_shape(call: Call):
-    """Shape of ``call.layer``'s output on the call's inputs (one no-grad forward)."""
-    import torch
-
-    seen: list[torch.Size] = []
-    handle = call.layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    try:
-        with torch.no_grad():
-            call.forward(call.inputs)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 def lrp_rule_for(module) -> str | None:
     """The name of the LRP rule Captum's LRP applies to leaf ``module`` in esegeta (Captum's own
     rule for the layers it supports; ε for the other linear layers — convolutions of any
@@ -139,7 +125,7 @@ class CaptumAdapter:
         if name in BASELINE_PARAMS:
             return make_baselines(value, call.inputs, path)
         if name == "layer_mask" and isinstance(value, dict) and "grid" in value:
-            shape = _layer_output_shape(call)
+            shape = call.layer_output().shape
             layer_like = torch.empty(shape[0], 1, *shape[2:], device=call.inputs.device)
             return make_feature_mask(value, layer_like, path)
         if name in MASK_PARAMS:

@@ -12,17 +12,6 @@ from ..errors import ConfigError
 from ..registry import Call
 
 
-def _layer_output(call: Call) -> torch.Tensor:
-    seen: list[torch.Tensor] = []
-    handle = call.layer.register_forward_hook(lambda m, i, o: seen.append(o))
-    try:
-        with torch.no_grad():
-            call.forward(call.inputs)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 def layer_activation_guided_backprop(call: Call, *, channel: int | None = None) -> torch.Tensor:
     """Guided backprop of the mean of ``channel`` of ``call.layer``'s output, (B, C, *spatial).
 
@@ -33,7 +22,7 @@ def layer_activation_guided_backprop(call: Call, *, channel: int | None = None) 
 
     if call.layer is None:
         raise ConfigError("layer", "esegeta.LayerActivationGuidedBackprop needs a layer (with patches: mode 'local')")
-    out = _layer_output(call)
+    out = call.layer_output()
     if not torch.is_tensor(out) or out.ndim < 2:
         raise ConfigError("layer", "the layer's output is not a tensor (batch, channels, ...)")
     dims = tuple(range(2, out.ndim))
