@@ -365,7 +365,8 @@ def check_method(method_id: str, params: dict, layer: str | None, noise_tunnel: 
             raise ConfigError(f"{where}.noise_tunnel", f"{method_id} cannot be wrapped in a noise tunnel")
         for name in noise_tunnel:
             if name not in nt_allowed:
-                raise ConfigError(f"{where}.noise_tunnel.{name}", "unknown noise_tunnel parameter" + did_you_mean(name, nt_allowed))
+                raise ConfigError(f"{where}.noise_tunnel.{name}",
+                                  "unknown noise_tunnel parameter" + did_you_mean(name, nt_allowed))
         nt_type = noise_tunnel.get("nt_type", "smoothgrad")
         if nt_type not in ("smoothgrad", "smoothgrad_sq", "vargrad"):
             raise ConfigError(f"{where}.noise_tunnel.nt_type", f"{nt_type!r} is not smoothgrad, smoothgrad_sq or vargrad")

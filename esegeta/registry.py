@@ -145,6 +145,13 @@ class MethodSpec:
         }
 
 
+def keyword_parameters(fn: Callable, exclude: frozenset[str] | set[str] = frozenset()) -> dict[str, inspect.Parameter]:
+    """``fn``'s named parameters but those in ``exclude`` (no ``*args``/``**kwargs``): what a
+    JSON config may set for an upstream callable, under the upstream names."""
+    return {name: p for name, p in inspect.signature(fn).parameters.items()
+            if name not in exclude and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 _found: set[str] = set()
 
 

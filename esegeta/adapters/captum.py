@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from ..registry import Call, MethodSpec, register
+from ..registry import Call, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -35,10 +35,7 @@ def _tuples(value: Any) -> Any:
 
 
 def _configurable(fn) -> dict[str, inspect.Parameter]:
-    return {
-        name: p for name, p in inspect.signature(fn).parameters.items()
-        if name not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-    }
+    return keyword_parameters(fn, NOT_CONFIGURABLE)
 
 
 def lrp_rule_for(module) -> str | None:

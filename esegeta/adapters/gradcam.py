@@ -24,7 +24,7 @@ from functools import cache
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import Call, MethodSpec, register
+from ..registry import Call, MethodSpec, keyword_parameters, register
 
 #: Upstream arguments a JSON config cannot set: esegeta supplies them, or they take Python objects.
 NOT_CONFIGURABLE = frozenset({
@@ -80,8 +80,7 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
     """The JSON-settable parameters of ``fn``; a class default (``base_method``) shows as its name."""
     return {
         name: p.replace(default=p.default.__name__) if name in CLASS_PARAMS and isinstance(p.default, type) else p
-        for name, p in inspect.signature(fn).parameters.items()
-        if name not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        for name, p in keyword_parameters(fn, NOT_CONFIGURABLE).items()
     }
 
 

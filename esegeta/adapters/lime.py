@@ -31,7 +31,7 @@ from functools import cache
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import Call, MethodSpec, register
+from ..registry import Call, MethodSpec, keyword_parameters, register
 
 #: Upstream arguments a config cannot set: esegeta supplies them, or they take Python objects.
 NOT_CONFIGURABLE = frozenset({"self", "kernel", "image", "classifier_fn", "labels", "top_labels", "model_regressor"})
@@ -78,8 +78,7 @@ def _lime_image():
 
 
 def _configurable(fn) -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(fn).parameters.items()
-            if n not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keyword_parameters(fn, NOT_CONFIGURABLE)
 
 
 def _algorithm_parameters(algo: str) -> set[str]:

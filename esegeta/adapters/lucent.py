@@ -44,7 +44,7 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import Call, MethodSpec, register
+from ..registry import Call, MethodSpec, keyword_parameters, register
 
 #: render_vis arguments a JSON config cannot set: esegeta supplies them, or they show or save files.
 NOT_CONFIGURABLE = frozenset({"model", "objective_f", "show_image", "save_image", "image_name", "show_inline"})
@@ -130,7 +130,7 @@ def _lucent():
 
 
 def _keywords(fn) -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(fn).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keyword_parameters(fn)
 
 
 def _check_keywords(given: Mapping[str, Any], allowed: Mapping[str, Any], path: str, what: str) -> None:

@@ -33,7 +33,7 @@ from functools import cache
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import Call, MethodSpec, register
+from ..registry import Call, MethodSpec, keyword_parameters, register
 
 #: Upstream arguments a config cannot set: esegeta supplies them, or they take Python objects or pick outputs.
 NOT_CONFIGURABLE = frozenset({
@@ -48,8 +48,7 @@ def _param(name: str, default: Any = inspect.Parameter.empty) -> inspect.Paramet
 
 
 def _signature(fn: Callable) -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(fn).parameters.items()
-            if n not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keyword_parameters(fn, NOT_CONFIGURABLE)
 
 
 def _pick(params: Mapping[str, Any], fn: Callable) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from functools import cache
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import Call, MethodSpec, register
+from ..registry import Call, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -145,10 +145,7 @@ class TorchRayAdapter:
         functions = [self._fn()] + ([self._fn(self.delegate)] if self.delegate else [])
         params: dict[str, inspect.Parameter] = {}
         for fn in reversed(functions):  # the function's own defaults win over its delegate's
-            params.update({
-                name: p for name, p in inspect.signature(fn).parameters.items()
-                if name not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-            })
+            params.update(keyword_parameters(fn, NOT_CONFIGURABLE))
         return params
 
     def noise_tunnel_parameters(self) -> None:

@@ -80,7 +80,7 @@ from functools import cache
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import Call, MethodSpec, register
+from ..registry import Call, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -155,8 +155,7 @@ def _zennit():
 
 
 def _configurable(cls) -> dict[str, inspect.Parameter]:
-    return {name: p for name, p in inspect.signature(cls.__init__).parameters.items()
-            if name not in NOT_CONFIGURABLE and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keyword_parameters(cls.__init__, NOT_CONFIGURABLE)
 
 
 def _flag(name: str, default: Any = False) -> inspect.Parameter:
