@@ -64,7 +64,7 @@ def make_data(value: Any, x: torch.Tensor, call: Call, path: str) -> torch.Tenso
     if value == "samples":
         data = call.samples if call.samples is not None else x
     elif isinstance(value, str) and value.lower().endswith(DATA_FILE_SUFFIXES):
-        data = _load_data(value, x, call, path)
+        data = _load_data(value, x, call, path)  # on x's device
     else:
         data = make_baselines(value, x[:1], path)
         data = data if torch.is_tensor(data) else torch.full_like(x[:1], data)
@@ -88,7 +88,7 @@ def _load_data(value: str, x: torch.Tensor, call: Call, path: str) -> torch.Tens
         raise
     except Exception as exc:  # unreadable, or a pickle that would run code
         raise ConfigError(path, f"cannot read {file.name} (plain arrays only): {type(exc).__name__}") from exc
-    data = torch.as_tensor(array, dtype=torch.float32)
+    data = torch.as_tensor(array, dtype=torch.float32, device=x.device)
     return data[None] if data.ndim == x.ndim - 1 else data
 
 
@@ -112,7 +112,7 @@ def numpy_model(forward: nn.Module, channels: int, device: Any, column: int | No
         arr = np.asarray(batch, dtype=np.float32)
         if channels == 1 and arr.shape[-1] != 1:
             arr = arr.mean(axis=-1, keepdims=True)
-        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 1))).to(device)
+        x = torch.as_tensor(np.ascontiguousarray(np.moveaxis(arr, -1, 1)), device=device)
         with torch.no_grad():
             scores = forward(x)
         scores = scores if column is None else scores[:, column]
@@ -174,4 +174,4 @@ def paint(segments: np.ndarray, weights: dict[int, float] | np.ndarray, like: to
     else:
         table = np.asarray(weights, dtype=np.float64)
     painted = table[segments].astype(np.float32)
-    return torch.from_numpy(painted)[None, None].to(like.device)
+    return torch.as_tensor(painted, device=like.device)[None, None]

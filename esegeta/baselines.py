@@ -22,6 +22,8 @@ BASELINE_NAMES = ("zeros", "mean", "min", "blur", "blur:SIGMA")
 
 
 def _blur(x: torch.Tensor, sigma: float | None) -> torch.Tensor:
+    """scipy's Gaussian filter of ``x``'s values (so it needs values: not on ``meta``), put
+    back on ``x``'s device and dtype."""
     from scipy.ndimage import gaussian_filter
 
     spatial = x.shape[2:]
@@ -29,7 +31,7 @@ def _blur(x: torch.Tensor, sigma: float | None) -> torch.Tensor:
         sigma = max(1.0, min(spatial) / 16)
     sigmas = (0, 0) + (sigma,) * len(spatial)
     arr = gaussian_filter(x.detach().cpu().numpy(), sigma=sigmas, mode="nearest")
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(x.device, x.dtype)
+    return torch.as_tensor(np.ascontiguousarray(arr), dtype=x.dtype, device=x.device)
 
 
 def named_baseline(name: str, x: torch.Tensor, path: str) -> torch.Tensor:
@@ -74,16 +76,16 @@ def grid_mask(block: list[int], x: torch.Tensor, path: str) -> torch.Tensor:
     spatial = x.shape[2:]
     if len(block) != len(spatial) or not all(isinstance(b, int) and b > 0 for b in block):
         raise ConfigError(path, f"grid needs {len(spatial)} positive integers (one per spatial axis), got {block!r}")
-    ids = torch.zeros(spatial, dtype=torch.long)
+    ids = torch.zeros(spatial, dtype=torch.long, device=x.device)
     stride = 1
     for axis in reversed(range(len(spatial))):
         n_blocks = -(-spatial[axis] // block[axis])
-        coord = torch.arange(spatial[axis]) // block[axis]
+        coord = torch.arange(spatial[axis], device=x.device) // block[axis]
         shape = [1] * len(spatial)
         shape[axis] = spatial[axis]
         ids = ids + coord.view(shape) * stride
         stride *= n_blocks
-    return ids.view(1, 1, *spatial).to(x.device)
+    return ids.view(1, 1, *spatial)
 
 
 def check_baseline(value: Any, path: str) -> None:

@@ -247,8 +247,9 @@ def to_tensor(array: np.ndarray, spatial_dims: int, channels_last: bool, path: P
     return torch.from_numpy(np.ascontiguousarray(array))[None]
 
 
-def load_mask(path: str | Path, base_dir: Path | None) -> torch.Tensor:
-    """A mask file (image, npy, pt or NIfTI) as a float tensor of 0/1 (nonzero → 1), spatial axes only."""
+def load_mask(path: str | Path, base_dir: Path | None, device: torch.device | str | None = None) -> torch.Tensor:
+    """A mask file (image, npy, pt or NIfTI) as a float tensor of 0/1 (nonzero → 1), spatial axes
+    only, on ``device`` (that of the data it will mask; default the CPU)."""
     file = resolve(path, base_dir)
     if not file.is_file():
         raise ConfigError("wrapper.mask", f"mask file {file} does not exist")
@@ -256,7 +257,7 @@ def load_mask(path: str | Path, base_dir: Path | None) -> torch.Tensor:
     array = np.asarray(array)
     if file.name.lower().endswith(IMAGE_SUFFIXES) and array.ndim == 3:
         array = array.max(axis=-1)
-    return torch.from_numpy((array != 0).astype(np.float32))
+    return torch.as_tensor((array != 0).astype(np.float32), device=device)
 
 
 def preprocess(x: torch.Tensor, cfg: dict) -> torch.Tensor:
@@ -277,8 +278,8 @@ def preprocess(x: torch.Tensor, cfg: dict) -> torch.Tensor:
         x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
     elif isinstance(norm, dict):
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean = torch.as_tensor(norm["mean"], dtype=x.dtype).view(shape)
-        std = torch.as_tensor(norm["std"], dtype=x.dtype).view(shape)
+        mean = torch.as_tensor(norm["mean"], dtype=x.dtype, device=x.device).view(shape)
+        std = torch.as_tensor(norm["std"], dtype=x.dtype, device=x.device).view(shape)
         if mean.numel() not in (1, x.shape[1]) or std.numel() not in (1, x.shape[1]):
             raise ConfigError("inputs.normalize", f"mean/std need 1 or {x.shape[1]} values (one per channel)")
         x = (x - mean) / std

@@ -6,9 +6,11 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
 
 - ``mode: "local"``: every patch is explained as an input of its own (a wrapper freezes
   its masks per patch; a region mask is cropped to the patch) and the patch results are
-  blended by torchio's ``GridAggregator``. Results at a layer's resolution are blended on
-  the layer's grid: the patch locations are divided by the layer's stride (patch size /
-  result size per axis), so patch size, overlap and input size must be multiples of it.
+  blended by :class:`Blend`: the arithmetic of torchio's ``GridAggregator`` (tested equal
+  to it), on the data's device (torchio's aggregator copies every batch to the CPU).
+  Results at a layer's resolution are blended on the layer's grid: the patch locations are
+  divided by the layer's stride (patch size / result size per axis), so patch size, overlap
+  and input size must be multiples of it.
 - ``mode: "global"``: the explained score is the wrapper's score of the whole-input
   prediction assembled by sliding-window inference (:class:`Stitched`: patch outputs
   blended with the same weights as torchio's aggregator), masks frozen on that prediction.
@@ -38,13 +40,16 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
 
 The blending in the stitched forward is differentiable code of its own (torchio's
 aggregator works in place on CPU without gradients); tests check it equals torchio's.
+
+Devices: torchio only places the patches (``GridSampler`` on a CPU placeholder of the
+input's shape gives integer locations); patches are sliced from the input where it lives,
+and windows, weights, stitched outputs and blends are made on its device.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -53,6 +58,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .registry import MethodSpec
+
 
 def to_volume(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` → ``(B, C, H, W, 1)``; 3D inputs unchanged (torchio's 3 spatial axes)."""
@@ -90,7 +96,7 @@ class Grid:
         overlap = [o if o < s else 0 for o, s in zip(overlap, clipped)]
         pad = (1,) * (3 - len(spatial))
         shape, size3, overlap3 = tuple(spatial) + pad, tuple(clipped) + pad, tuple(overlap) + (0,) * len(pad)
-        try:
+        try:  # torchio places patches on a CPU placeholder of the input's shape: locations only, no data
             image = tio.ScalarImage(tensor=torch.empty(1, *shape, dtype=torch.uint8))
             sampler = tio.GridSampler(tio.Subject(image=image), size3, overlap3)
         except ValueError as exc:
@@ -102,33 +108,62 @@ class Grid:
         return (slice(None), slice(None)) + tuple(slice(int(a) // s, int(b) // s)
                                                   for a, b, s in zip(location[:3], location[3:], scale))
 
-    def window(self) -> torch.Tensor:
-        """A patch's blending weights: ones (average) or the Hann window torchio's aggregator uses."""
-        import torchio as tio
-
+    def window(self, scale: tuple[int, int, int] = (1, 1, 1), device: torch.device | str | None = None
+               ) -> torch.Tensor:
+        """A patch's blending weights on a grid ``scale`` times coarser, on ``device``: ones
+        (average) or the Hann window torchio's aggregator uses."""
+        size = tuple(p // s for p, s in zip(self.size, scale))
         if self.blend == "hann":
-            return tio.GridAggregator._get_hann_window(np.asarray(self.size)).float()
-        return torch.ones(self.size)
+            return hann_window(size, device)
+        return torch.ones(size, device=device)
 
-    def aggregator(self, scale: tuple[int, int, int]):
-        """torchio's ``GridAggregator`` for results ``scale`` times coarser than the input per axis."""
-        import torchio as tio
-
+    def check_scale(self, scale: tuple[int, int, int]) -> None:
+        """A ConfigError unless every patch falls on the grid ``scale`` times coarser than the input."""
         for location in self.locations:
             if any(int(v) % s for v, s in zip(location, scale + scale)):
                 raise ConfigError("patch", f"the result is {scale} times coarser than the input, and patch "
                                            f"{location[:3].tolist()}–{location[3:].tolist()} does not fall on that "
                                            f"grid: choose input size, patch size and overlap multiples of {scale}")
-        grid = SimpleNamespace(  # the three fields GridAggregator reads from a sampler, on the coarse grid
-            subject=SimpleNamespace(spatial_shape=tuple(n // s for n, s in zip(self.shape, scale))),
-            padding_mode=None,
-            patch_overlap=np.asarray([o // s for o, s in zip(self.overlap, scale)]),
-            patch_size=np.asarray([p // s for p, s in zip(self.size, scale)]))
-        return tio.GridAggregator(grid, overlap_mode=self.blend)
 
     def chunks(self, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(self.locations), batch_size):
             yield self.locations[start:start + batch_size]
+
+
+def hann_window(size: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """torchio's n-d Hann window (``GridAggregator._get_hann_window``: the product of 1-d
+    windows of ``n + 2`` points without their zero ends), made on ``device``."""
+    window = torch.ones((1,) * len(size), device=device)
+    for axis, n in enumerate(size):
+        shape = [1] * len(size)
+        shape[axis] = n
+        window = window * torch.hann_window(n + 2, periodic=False, device=device)[1:-1].view(shape)
+    return window
+
+
+class Blend:
+    """Local mode's blending of patch results ``(P, K, *patch)`` into one ``(K, *shape)`` map,
+    ``Σ w·patch / Σ w`` per voxel with ``w`` the grid's window: the arithmetic of torchio's
+    ``GridAggregator`` (``average``: ``w = 1``; ``hann``), on the device of the first results
+    (``scale``: results that many times coarser than the input per axis)."""
+
+    def __init__(self, grid: Grid, scale: tuple[int, int, int], like: torch.Tensor):
+        grid.check_scale(scale)
+        self.grid, self.scale = grid, scale
+        self.window = grid.window(scale, like.device)
+        shape = tuple(n // s for n, s in zip(grid.shape, scale))
+        self.total = torch.zeros(like.shape[1], *shape, dtype=like.dtype, device=like.device)
+        self.weight = torch.zeros(shape, dtype=self.window.dtype, device=like.device)
+
+    def add(self, results: torch.Tensor, locations: np.ndarray) -> None:
+        """Add the results ``(P, K, *patch)`` of the patches at ``locations`` (input grid)."""
+        for result, location in zip(results, locations):
+            region = self.grid.slices(location, self.scale)[2:]
+            self.total[(slice(None),) + region] += result * self.window
+            self.weight[region] += self.window
+
+    def output(self) -> torch.Tensor:
+        return self.total / self.weight
 
 
 def _patches(x5: torch.Tensor, grid: Grid, locations: np.ndarray) -> torch.Tensor:
@@ -186,7 +221,7 @@ class Stitched(nn.Module):
     def weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch window, sum of windows over the volume), on ``device``."""
         if self._weights is None or self._weights[0].device != device:
-            window = self.grid.window().to(device)
+            window = self.grid.window(device=device)
             total = torch.zeros(self.grid.shape, device=device)
             for loc in self.grid.locations:
                 total[self.grid.slices(loc)[2:]] += window
@@ -378,23 +413,22 @@ def run_patched(spec: MethodSpec, model: nn.Module, x: torch.Tensor, patch: Mapp
         from .loading import load_mask
 
         raw = wrapper["mask"]
-        mask = load_mask(raw, base_dir) if isinstance(raw, (str, Path)) else torch.as_tensor(raw)
+        mask = (load_mask(raw, base_dir, device=x.device) if isinstance(raw, (str, Path))
+                else torch.as_tensor(raw, device=x.device))
         batch_size = 1  # one cropped mask per patch
     results = []
     for i in range(x.shape[0]):
         x5 = to_volume(x[i:i + 1])
-        aggregator, scale = None, None
+        blend = None
         for chunk in grid.chunks(batch_size):
             patches = from_volume(_patches(x5, grid, chunk), dims)
             attr, _ = run_method(spec, model, patches, wrapper=_patch_wrapper(wrapper, mask, grid, chunk[0]),
                                  layer=layer, samples=patches, **common)
             attr5 = to_volume(attr) if attr.ndim == dims + 2 else attr
-            if aggregator is None:
-                scale = _scale(grid, attr5)
-                aggregator = grid.aggregator(scale)
-            coarse = torch.as_tensor(np.stack([np.concatenate([loc[:3] // scale, loc[3:] // scale]) for loc in chunk]))
-            aggregator.add_batch(attr5.cpu(), coarse)
-        results.append(from_volume(aggregator.get_output_tensor()[None], dims).to(x.device))
+            if blend is None:
+                blend = Blend(grid, _scale(grid, attr5), attr5)
+            blend.add(attr5, chunk)
+        results.append(from_volume(blend.output()[None], dims))
     return torch.cat(results), None
 
 

@@ -67,7 +67,8 @@ class MaskedScore(nn.Module):
                  reduction: str = "sum", output_key: str | int | None = None):
         super().__init__()
         self.activation = ACTIVATIONS[activation]()
-        self.register_buffer("channels", torch.as_tensor(list(channels), dtype=torch.long))
+        # both buffers on the masks' device: the device of the output they were frozen from
+        self.register_buffer("channels", torch.as_tensor(list(channels), dtype=torch.long, device=masks.device))
         self.register_buffer("masks", masks.detach().float().unsqueeze(0))
         self.reduction = reduction
         self.output_key = output_key
@@ -142,7 +143,7 @@ def region_score(output: Any, mask: torch.Tensor, activation: str = "none", redu
                  output_key=None) -> MaskedScore:
     """The ``region`` wrapper's score: every channel summed over the given mask."""
     a = _activated(output, activation, output_key)[0]
-    mask = mask.to(a.device).float()
+    mask = mask.to(device=a.device, dtype=torch.float32)  # a mask given as a tensor may live anywhere
     while mask.ndim > a.ndim - 1:
         mask = mask[0]
     if tuple(mask.shape) != tuple(a.shape[1:]):
@@ -174,7 +175,8 @@ def build(model: nn.Module, x: torch.Tensor, wrapper: Mapping[str, Any], base_di
         mask = wrapper.get("mask")
         if mask is None:
             raise ConfigError("wrapper.mask", "the region wrapper needs a mask file")
-        mask = load_mask(mask, base_dir) if isinstance(mask, (str, Path)) else torch.as_tensor(mask)
+        mask = (load_mask(mask, base_dir, device=x.device) if isinstance(mask, (str, Path))
+                else torch.as_tensor(mask, device=x.device))
         score = region_score(output, mask, **common)
     else:
         make = load_callable(name, base_dir, "wrapper.name")

@@ -12,7 +12,7 @@ from torch import nn
 import esegeta
 from esegeta import wrappers
 from esegeta.errors import ConfigError
-from esegeta.patcher import Grid, Stitched, to_volume
+from esegeta.patcher import Blend, Grid, Stitched, hann_window, to_volume
 
 from conftest import ROOT, SAMPLES, retina_case, tissue_case
 
@@ -63,13 +63,38 @@ def test_constant_model_stitches_to_the_constant(dims, blend):
 def test_constant_patches_aggregate_to_the_constant(blend, scale):
     """The local mode's aggregation, at input resolution and on a layer's grid twice coarser."""
     grid = Grid.over((16, 20, 12), [8, 8, 4], [4, 2, 2], blend)
-    aggregator = grid.aggregator(scale)
     patch = torch.full((len(grid.locations), 3, *(p // s for p, s in zip(grid.size, scale))), -5.0)
-    coarse = torch.as_tensor(np.concatenate([grid.locations[:, :3] // scale, grid.locations[:, 3:] // scale], 1))
-    aggregator.add_batch(patch, coarse)
-    out = aggregator.get_output_tensor()
+    blend_ = Blend(grid, scale, patch)
+    blend_.add(patch, grid.locations)
+    out = blend_.output()
     assert out.shape == (3, 16 // scale[0], 20 // scale[1], 12 // scale[2])
     torch.testing.assert_close(out, torch.full_like(out, -5.0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("blend", ["average", "hann"])
+@pytest.mark.parametrize("scale", [(1, 1, 1), (2, 2, 2)])
+def test_blend_is_torchios_aggregator(blend, scale):
+    """Local mode's on-device blending does torchio's GridAggregator arithmetic, to the bit."""
+    from types import SimpleNamespace
+
+    import torchio as tio
+
+    grid = Grid.over((16, 20, 12), [8, 8, 4], [4, 2, 2], blend)
+    torch.manual_seed(0)
+    patches = torch.randn(len(grid.locations), 3, *(p // s for p, s in zip(grid.size, scale)))
+    ours = Blend(grid, scale, patches)
+    for start in range(0, len(patches), 3):  # in batches, as local mode adds them
+        ours.add(patches[start:start + 3], grid.locations[start:start + 3])
+    sampler = SimpleNamespace(  # the fields GridAggregator reads from a sampler, on the coarse grid
+        subject=SimpleNamespace(spatial_shape=tuple(n // s for n, s in zip(grid.shape, scale))), padding_mode=None,
+        patch_overlap=np.asarray([o // s for o, s in zip(grid.overlap, scale)]),
+        patch_size=np.asarray([p // s for p, s in zip(grid.size, scale)]))
+    theirs = tio.GridAggregator(sampler, overlap_mode=blend)
+    coarse = torch.as_tensor(np.concatenate([grid.locations[:, :3] // scale, grid.locations[:, 3:] // scale], 1))
+    theirs.add_batch(patches, coarse)
+    assert torch.equal(ours.output(), theirs.get_output_tensor())
+    size = tuple(p // s for p, s in zip(grid.size, scale))
+    assert torch.equal(hann_window(size), tio.GridAggregator._get_hann_window(np.asarray(size)).float())
 
 
 @pytest.mark.parametrize("blend", ["average", "hann"])

@@ -217,7 +217,8 @@ class GradCamAdapter:
             finally:
                 if cam is not None:
                     _release(cam)
-        return torch.from_numpy(result).float().unsqueeze(1)
+        # grad-cam hands back numpy maps: back to torch on the input's device
+        return torch.as_tensor(result, dtype=torch.float32, device=x.device).unsqueeze(1)
 
 
 ADAPTER = GradCamAdapter()

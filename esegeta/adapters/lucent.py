@@ -397,7 +397,8 @@ class LucentAdapter:
             _close_lucent_hooks(model)
             for p in trainable:
                 p.requires_grad_(True)
-        images = [torch.from_numpy(image).permute(0, 3, 1, 2).float() for image in images]
+        images = [torch.as_tensor(image, dtype=torch.float32, device=call.inputs.device).permute(0, 3, 1, 2)
+                  for image in images]
         steps = sorted(set(kwargs["thresholds"]))
         if len(images) > 1:
             call.extras["thresholds"] = {f"step_{s}": image for s, image in zip(steps, images[:-1])}

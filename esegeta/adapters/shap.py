@@ -90,7 +90,7 @@ def _one_output(values: Any, x) -> Any:
     values = np.asarray(values)
     if values.ndim == x.ndim + 1:
         values = values[..., 0]
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(x.device)
+    return torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32), device=x.device)
 
 
 @cache
@@ -175,7 +175,7 @@ def _partition(call: Call, x, target: int, params: dict[str, Any]):
     explainer = shap.PartitionExplainer(numpy_model(call.forward, x.shape[1], x.device), masker)
     explanation = explainer(image, outputs=[target], **params)
     values = np.moveaxis(np.asarray(explanation.values)[..., 0], -1, 1)  # (1, H, W, C, 1) → (1, C, H, W)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(x.device)
+    return torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32), device=x.device)
 
 
 def _kernel(call: Call, x, target: int, params: dict[str, Any]):
@@ -188,7 +188,7 @@ def _kernel(call: Call, x, target: int, params: dict[str, Any]):
     data = make_data(params.pop("data"), x, call, "params.data")
     segments = supervoxels(x, **{k: params.pop(k) for k in list(params) if k in slic_parameters()})
     n_segments = int(segments.max()) + 1
-    ids = torch.from_numpy(segments).to(x.device)
+    ids = torch.as_tensor(segments, device=x.device)
 
     def f(z: np.ndarray) -> np.ndarray:
         """Segments on (1) or off (0) → the target score, averaged over the background images."""

@@ -420,8 +420,9 @@ def _seed(call: Call, kind: str):
 
     def seed(output):
         target = call.target
-        index = target if torch.is_tensor(target) else torch.full((output.shape[0],), int(target))
-        one_hot = torch.nn.functional.one_hot(index.to(output.device).long().view(-1), output.shape[1]).to(output)
+        index = (target.to(output.device) if torch.is_tensor(target)
+                 else torch.full((output.shape[0],), int(target), device=output.device))
+        one_hot = torch.nn.functional.one_hot(index.long().view(-1), output.shape[1]).to(output)
         return one_hot * output if kind == "score" else one_hot
 
     return seed
