@@ -171,8 +171,11 @@ class RuntimeConfig(Strict):
                                      "'cuda:N', or a list of devices")
     threads_per_device: Annotated[int, Field(ge=1)] = Field(1, description="worker threads per device, "
                                                             "each with its own copy of the model")
-    amp: StrictBool = Field(False, description="mixed precision: autocast to bf16 on the CPU, fp16 on CUDA; "
-                            "a failed or non-finite result is recomputed in fp32")
+    amp: StrictBool = Field(False, description="mixed precision: autocast to bf16 on the CPU, fp16 on CUDA, for "
+                            "methods measured safe there (esegeta methods --json: amp); the others, and a failed "
+                            "or non-finite result, compute in fp32")
+    tf32: StrictBool = Field(False, description="let CUDA compute float32 convolutions and matmuls in TF32 (10-bit "
+                             "mantissa; faster on Ampere and newer GPUs, but every number changes); off: fp32 means fp32")
     timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="time limit per (method, input) "
                                                             "in seconds; a method over it is stopped, status 'timeout'")
     batch_size: Annotated[int, Field(ge=1)] = Field(1, description="inputs of one shape explained in one upstream "

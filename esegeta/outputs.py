@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import uuid
@@ -145,11 +146,16 @@ def _json_key(key: Any) -> Any:
 
 
 def _jsonable(obj: Any) -> Any:
-    """Recursively convert containers (dict keys included) for ``json.dumps``."""
+    """Recursively convert containers (dict keys included) for ``json.dumps``; a non-finite
+    number becomes null (strict JSON has no ``NaN`` or ``Infinity``)."""
     if isinstance(obj, dict):
         return {_json_key(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic, np.ndarray)) or (hasattr(obj, "detach") and hasattr(obj, "tolist")):
+        return _jsonable(_json_default(obj))
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     return obj
 
 
@@ -157,9 +163,10 @@ def save_json(path: PathLike, obj: Any) -> Path:
     """Save ``obj`` as indented JSON, atomically.
 
     numpy scalars and arrays, paths, tuples, sets and torch tensors are
-    converted; dict keys that are not JSON keys are converted too.
+    converted; dict keys that are not JSON keys are converted too. The file is strict JSON:
+    NaN and infinities are written as null (``JSON.parse`` rejects the ``NaN`` literal).
     """
-    text = json.dumps(_jsonable(obj), indent=2, default=_json_default)
+    text = json.dumps(_jsonable(obj), indent=2, default=_json_default, allow_nan=False)
     return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 

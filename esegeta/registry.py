@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -128,6 +130,18 @@ class MethodSpec:
         if reason:
             raise MethodUnavailable(f"{self.id} is unavailable: {reason}")
 
+    def amp_safety(self, precision: str) -> tuple[bool, str]:
+        """(safe, why) in the reduced ``precision`` (``bf16``/``fp16``), from the measured table
+        (:func:`amp_safety_table`); a method the table does not list is not shown safe."""
+        row = self.amp_measurement(precision)
+        if row is None:
+            return False, f"not measured in {precision} (benchmarks/precision.py)"
+        return bool(row["safe"]), row["reason"]
+
+    def amp_measurement(self, precision: str) -> dict[str, Any] | None:
+        """The measured row for ``precision``: safe, reason, min_r, axiom errors, per sample."""
+        return amp_safety_table()["methods"].get(self.id, {}).get(precision)
+
     def row(self) -> dict[str, Any]:
         """The registry entry as `esegeta methods --json` shows it."""
         reason = self.unavailable_reason()
@@ -142,7 +156,23 @@ class MethodSpec:
             "reason": reason,
             "defaults": sorted(self.defaults),
             "reference": self.reference,
+            "amp": {precision: {k: v for k, v in (self.amp_measurement(precision) or {"safe": False}).items()
+                                if k != "samples"} | {"reason": self.amp_safety(precision)[1]}
+                    for precision in ("bf16", "fp16")},
         }
+
+
+#: Which methods keep their results in reduced precision, measured by ``benchmarks/precision.py``.
+AMP_SAFETY = Path(__file__).with_name("amp_safety.json")
+
+
+@cache
+def amp_safety_table() -> dict[str, Any]:
+    """The measured table: ``{"min_r", "note", "methods": {id: {precision: {"safe", "reason", ...}}}}``."""
+    try:
+        return json.loads(AMP_SAFETY.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"methods": {}}
 
 
 def keyword_parameters(fn: Callable, exclude: frozenset[str] | set[str] = frozenset()) -> dict[str, inspect.Parameter]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, registry, scheduling, wrappers
+from . import __version__, numerics, registry, scheduling, verdicts, wrappers
 from . import config as config_mod
 from .errors import ConfigError, did_you_mean
 from .explainer import check_dims, check_task, find_layer, resolve_target, run_method
@@ -120,6 +120,10 @@ class Pipeline:
 
     def validate(self) -> _Validated:
         """Everything but running methods: raises ConfigError naming the field at fault."""
+        with numerics.fp32_numerics(self.config.runtime.tf32):  # the wrappers' masks come from a forward pass
+            return self._validate()
+
+    def _validate(self) -> _Validated:
         cfg = self.config
         config_mod.check_methods(cfg)
         methods = self._selected()
@@ -270,7 +274,7 @@ class Pipeline:
             "target": entry.target if entry.target is not None else cfg.target,
             "patch": patch.model_dump(mode="json") if patch else None,
             "model": cfg.model.model_dump(mode="json"), "inputs": cfg.inputs.model_dump(mode="json", exclude={"paths"}),
-            "seed": cfg.runtime.seed, "amp": cfg.runtime.amp, "batch_size": cfg.runtime.batch_size,
+            "seed": cfg.runtime.seed, "amp": cfg.runtime.amp, "tf32": cfg.runtime.tf32, "batch_size": cfg.runtime.batch_size,
             "output": cfg.output.model_dump(mode="json", exclude={"dir"}),
         }
 
@@ -295,7 +299,7 @@ class Pipeline:
                 done(job, self._job(v, job, worker, out))
 
         cpu_workers = sum(w.device.type == "cpu" for w in workers)
-        with scheduling.intra_op_threads(cpu_workers), _job_warnings():
+        with scheduling.intra_op_threads(cpu_workers), numerics.fp32_numerics(v.config.runtime.tf32), _job_warnings():
             threads = [threading.Thread(target=loop, args=(w,), name=f"esegeta-worker-{n}", daemon=True)
                        for n, w in enumerate(workers)]
             for t in threads:
@@ -315,9 +319,11 @@ class Pipeline:
         spec = registry.get(entry.id)
         rt = cfg.runtime
         names = ", ".join(item.name for _, item in job.items)
+        plan = numerics.precision_plan(spec, device, rt.amp)
         records = [{"method": entry.id, "label": entry.name, "input": item.name, "status": "ok", "seconds": None,
                     "device": str(device), "error": None, "score": None, "shape": None, "files": {},
-                    "precision": None, "oom_retries": 0, "key": key}
+                    "precision": None, "precision_reason": plan.reason,
+                    "tf32": numerics.tf32_in_effect(rt.tf32, device), "warnings": [], "oom_retries": 0, "key": key}
                    for (_, item), key in zip(job.items, job.keys)]
         wrapper = entry.wrapper or cfg.wrapper
         patch = entry.patch or cfg.patch
@@ -326,14 +332,14 @@ class Pipeline:
         seed = scheduling.job_seed(rt.seed, job.method_index, job.items[0][0])
         params = dict(entry.params)
         noise_tunnel = dict(entry.noise_tunnel) if entry.noise_tunnel is not None else None
-        precisions = [scheduling.amp_precision(device), "fp32"] if rt.amp else ["fp32"]
-        state: dict[str, Any] = {"oom_retries": 0, "rng": None}
+        precisions = plan.attempts
+        state: dict[str, Any] = {"oom_retries": 0, "rng": None, "fallback": None}
         start = time.perf_counter()
 
         def attempt(precision: str, x: torch.Tensor, model: PreparedModel, samples: torch.Tensor):
             extras: dict[str, Any] = {}
             state["rng"] = rng = scheduling.JobRandomness(seed, scheduling.uses_global_rng(entry.id))
-            with rng, scheduling.precision(precision, device):
+            with rng, numerics.autocast(precision, device):
                 attr, score = run_method(spec, model, x, target=target,
                                          wrapper=wrapper.model_dump() if wrapper else None, layer=entry.layer,
                                          params=params, noise_tunnel=noise_tunnel, base_dir=v.base_dir,
@@ -362,11 +368,13 @@ class Pipeline:
                             raise
                         log.warning("%s on %s failed under %s (%s: %s): recomputing in fp32", entry.name, names,
                                     precision, type(exc).__name__, exc)
+                        state["fallback"] = f"failed in {precision} ({type(exc).__name__}: {exc}): recomputed in fp32"
                         break
                     if last or torch.isfinite(attr).all():
                         return attr, scores, extras, precision
                     log.warning("%s on %s: non-finite result under %s: recomputing in fp32", entry.name, names,
                                 precision)
+                    state["fallback"] = f"non-finite result in {precision}: recomputed in fp32"
                     break
 
         try:
@@ -378,10 +386,20 @@ class Pipeline:
             seconds = round((time.perf_counter() - start) / len(job.items), 4)
             for n, ((_, item), record) in enumerate(zip(job.items, records)):
                 one = attr[n:n + 1]
-                if not torch.isfinite(one).all():
-                    log.warning("%s on %s: the result has non-finite values", entry.name, item.name)
                 record.update(seconds=seconds, score=scores[n], shape=list(one.shape[1:]), precision=precision,
                               oom_retries=state["oom_retries"])
+                if state["fallback"]:
+                    record["precision_reason"] = f"{plan.reason}; {state['fallback']}"
+                x_one = item.tensor.to(device)
+                problem = verdicts.nonfinite_problem(one, x_one, worker.replica(v, x_one), scores[n])
+                if problem:
+                    record.update(status="failed", error=problem)
+                    log.error("%s on %s failed: %s", entry.name, item.name, problem)
+                    continue
+                flat = verdicts.flat_result_warning(one, params, spec.adapter.parameters(spec), scores[n])
+                if flat:
+                    record["warnings"].append(flat)
+                    log.warning("%s on %s: %s", entry.name, item.name, flat)
                 if state["oom_retries"]:
                     record["params"] = {**params, **({"noise_tunnel": noise_tunnel} if noise_tunnel else {})}
                 if len(job.items) > 1:

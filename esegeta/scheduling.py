@@ -14,8 +14,7 @@
   threads (:func:`intra_op_threads`). Results are bitwise identical whatever the number of
   workers at the same intra-op thread count; another thread count only changes the float
   summation order (measured: 4e-7 absolute on GradientShap of the sample digits).
-- **Mixed precision** (``runtime.amp``): jobs run under :func:`torch.autocast` (bf16 on the
-  CPU, fp16 on CUDA); a result that fails or is not finite is recomputed once in fp32.
+- **Precision** (TF32, ``runtime.amp``): see :mod:`esegeta.numerics`.
 - **Out of memory**: the method's internal batch parameter is halved and the job retried,
   down to one (:func:`halve_batch`).
 """
@@ -32,6 +31,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConfigError
+from .numerics import amp_precision, autocast as precision  # noqa: F401 (TODO: benchmarks/precision.py moves to numerics)
 
 #: torch functions and tensor methods that draw random numbers and take ``generator=``.
 RANDOM_OPS = frozenset({
@@ -195,23 +195,6 @@ class JobRandomness(TorchFunctionMode):
             if generator is not None:
                 kwargs = {**kwargs, "generator": generator}
         return func(*args, **kwargs)
-
-
-# -- precision ----------------------------------------------------------------------
-def amp_precision(device: torch.device) -> str:
-    """The autocast precision on ``device``: fp16 on CUDA, bf16 elsewhere."""
-    return "fp16" if device.type == "cuda" else "bf16"
-
-
-@contextmanager
-def precision(name: str, device: torch.device):
-    """Run under autocast for ``bf16``/``fp16``; ``fp32`` runs as is."""
-    if name == "fp32":
-        yield
-        return
-    dtype = torch.float16 if name == "fp16" else torch.bfloat16
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
 
 
 # -- out of memory ------------------------------------------------------------------
