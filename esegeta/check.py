@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config as config_mod, registry, wrappers
+from . import config as config_mod, numerics, registry, wrappers
 from .errors import ConfigError
 from .explainer import check_task, find_layer, resolve_target
 
@@ -158,11 +158,18 @@ def _lrp_gaps(network: nn.Module) -> list[str]:
 
 def check(config: str | Path | dict, *, base_dir: str | Path | None = None, device: str | None = None) -> CheckReport:
     """Pre-flight report for ``config`` (a path or a dict); see the module docstring."""
-    from .loading import load_inputs, load_model
-    from .prepare import prepared
-    from .runner import Pipeline, resolve_device
+    from .runner import Pipeline
 
     pipeline = Pipeline(config, base_dir=base_dir, device=device)
+    with numerics.fp32_numerics(pipeline.config.runtime.tf32):  # the forward pass as the run computes it
+        return _check(pipeline, config, device)
+
+
+def _check(pipeline, config: str | Path | dict, device: str | None) -> CheckReport:
+    from .loading import load_inputs, load_model
+    from .prepare import prepared
+    from .runner import resolve_device
+
     cfg = pipeline.config
     dev = resolve_device(device, "--device") if device else resolve_device(cfg.runtime.devices)
     model = load_model(cfg.model.model_dump(), pipeline.base_dir)
@@ -241,6 +248,8 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
                           "will refuse the model; try zennit's composites")
             else:
                 c.notes.append("LRP rules found for every leaf layer")
+        if cfg.runtime.amp:
+            c.notes.append(numerics.precision_plan(spec, dev, amp=True).reason)
         c.batch = _effective_batch(spec, dict(entry.params), entry.noise_tunnel)
         # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
         c.memory_bytes = 2 * activation_bytes * c.batch + weight_bytes

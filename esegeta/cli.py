@@ -85,13 +85,15 @@ def _cmd_methods(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r["id"]) for r in rows) + 1
-    print(f"{'id':{width}} {'kind':12} {'layer':6} {'dims':6} {'models':15} available")
+    print(f"{'id':{width}} {'kind':12} {'layer':6} {'dims':6} {'models':15} {'amp':10} available")
     for r in rows:
         dims = "/".join(f"{d}D" for d in r["dims"])
         models = "/".join({"classification": "classifier", "segmentation": "seg"}[t] for t in r["tasks"])
-        print(f"{r['id']:{width}} {r['kind']:12} {'yes' if r['needs_layer'] else '-':6} {dims:6} {models:15} "
+        amp = "/".join(p for p in ("bf16", "fp16") if r["amp"][p]["safe"]) or "fp32 only"
+        print(f"{r['id']:{width}} {r['kind']:12} {'yes' if r['needs_layer'] else '-':6} {dims:6} {models:15} {amp:10} "
               f"{'yes' if r['available'] else 'no: ' + r['reason']}")
-    print(f"{len(rows)} methods, {sum(r['available'] for r in rows)} available")
+    print(f"{len(rows)} methods, {sum(r['available'] for r in rows)} available; amp: the reduced precisions a method "
+          "was measured safe in (esegeta methods --json: amp, with the figures and reasons)")
     return 0
 
 
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("esegeta: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `esegeta methods | head`: the reader left; Python's documented remedy
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

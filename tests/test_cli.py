@@ -130,7 +130,11 @@ def test_methods_table(capsys):
     lines = out.splitlines()
     for r in rows:
         assert any(line.split()[:1] == [r["id"]] for line in lines), r["id"]
-    assert re.fullmatch(rf"{len(rows)} methods, \d+ available", lines[-1])
+    assert re.fullmatch(rf"{len(rows)} methods, \d+ available; amp: .*", lines[-1])
+    for r in rows:  # the amp column: the precisions measured safe, as --json says
+        line = next(line for line in lines if line.split()[:1] == [r["id"]])
+        safe = "/".join(p for p in ("bf16", "fp16") if r["amp"][p]["safe"]) or "fp32 only"
+        assert f" {safe} " in line, (r["id"], safe, line)
 
 
 def test_schema_is_the_committed_one(capsys):
