@@ -181,6 +181,9 @@ class Pipeline:
                      len(v.methods), len(v.inputs), ", ".join(map(str, v.devices)), rt.threads_per_device, out)
             for change in v.prepared.changes:
                 log.info("prepared copy: %s", change)
+            for item in v.inputs:
+                if not torch.isfinite(item.tensor).all():
+                    log.warning("input %s holds non-finite values (NaN or Inf): its results will fail", item.name)
             previous = {}
             if self.resume:
                 resume.clean_stale_tmp(out)
@@ -502,7 +505,8 @@ def _batch_scores(model: torch.nn.Module, x: torch.Tensor, target: Any, needs_ta
         return [None] * x.shape[0]
     with torch.no_grad():
         scores = model(x)
-    index = scores.argmax(dim=1) if target == "predicted" else torch.full((x.shape[0],), int(target))
+    index = scores.argmax(dim=1) if target == "predicted" else torch.full((x.shape[0],), int(target),
+                                                                         device=scores.device)
     return [float(scores[n, int(index[n])]) for n in range(x.shape[0])]
 
 
