@@ -97,7 +97,9 @@ class MethodSpec:
     """One registered method. ``defaults`` fill upstream parameters that have no upstream
     default (e.g. Occlusion's window) from the input; ``quick_params`` bound the runtime
     of the conformance tests and the demo; ``leaf_layer`` methods need a layer without
-    submodules; ``tasks`` are the kinds of model it applies to (see :data:`TASKS`)."""
+    submodules; ``tasks`` are the kinds of model it applies to (see :data:`TASKS`);
+    ``exclusive`` methods change torch for the whole process while they run (TorchRay patches
+    ``torch.relu`` and friends), so no other job may run beside them."""
 
     library: str
     name: str
@@ -113,6 +115,7 @@ class MethodSpec:
     defaults: Mapping[str, Callable[[torch.Tensor], Any]] = field(default_factory=dict)
     quick_params: Mapping[str, Any] = field(default_factory=dict)
     reference: str = ""
+    exclusive: bool = False
 
     @property
     def id(self) -> str:
