@@ -89,7 +89,10 @@ def grid_mask(block: list[int], x: torch.Tensor, path: str) -> torch.Tensor:
 
 
 def check_baseline(value: Any, path: str) -> None:
-    """Raise ConfigError unless ``value`` is a valid JSON baseline (without building it)."""
+    """Raise ConfigError unless ``value`` is a valid JSON baseline (without building it), or a
+    tensor (from Python: used as given, on the device it is on)."""
+    if torch.is_tensor(value):
+        return
     if isinstance(value, list) and value:
         for i, v in enumerate(value):
             check_baseline(v, f"{path}[{i}]")
@@ -106,7 +109,9 @@ def check_baseline(value: Any, path: str) -> None:
 
 
 def check_feature_mask(value: Any, path: str) -> None:
-    """Raise ConfigError unless ``value`` is ``{"grid": [positive ints]}``."""
+    """Raise ConfigError unless ``value`` is ``{"grid": [positive ints]}`` (or, from Python, a tensor)."""
+    if torch.is_tensor(value):
+        return
     grid = value.get("grid") if isinstance(value, dict) and set(value) == {"grid"} else None
     if not (isinstance(grid, list) and grid and all(isinstance(b, int) and not isinstance(b, bool) and b > 0
                                                     for b in grid)):

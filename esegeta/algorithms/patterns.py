@@ -200,14 +200,18 @@ class _Statistics:
 
 def fit(network: nn.Module, found: list[Kernel], batches: Iterator[torch.Tensor], pattern_type: str
         ) -> dict[str, torch.Tensor]:
-    """Patterns of every layer in ``found``, from the network's forward passes on ``batches``."""
+    """Patterns of every layer in ``found``, from the network's forward passes on ``batches``.
+
+    Always in the network's own precision, autocast off: patterns are statistics of the
+    data, not the explained computation, so a run under ``amp`` fits the same patterns."""
     stats = {k.name: _Statistics(k, pattern_type) for k in found}
     handles = [k.module.register_forward_hook(lambda m, i, o, s=stats[k.name]: s.add(i[0])) for k in found]
     n = 0
     try:
         with torch.no_grad():
             for batch in batches:
-                network(batch)
+                with _without_autocast(batch.device):
+                    network(batch)
                 n += batch.shape[0]
     finally:
         for h in handles:
@@ -216,6 +220,25 @@ def fit(network: nn.Module, found: list[Kernel], batches: Iterator[torch.Tensor]
         log.warning("patterns fitted on %d input: a dense layer's pattern needs several inputs to vary over "
                     "(set params.fit_inputs)", n)
     return {name: s.pattern() for name, s in stats.items()}
+
+
+@contextlib.contextmanager
+def _without_autocast(device: torch.device):
+    """Autocast off on ``device`` within the block (devices without autocast, e.g. ``meta``, as they are)."""
+    if torch.amp.is_autocast_available(device.type):
+        with torch.autocast(device.type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def precision(network: nn.Module, device: torch.device) -> str:
+    """The precision a computation on ``device`` runs in here: the autocast dtype when autocast
+    is on, else the network's parameter dtype."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return f"autocast:{str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')}"
+    dtype = next((p.dtype for p in network.parameters()), torch.float32)
+    return str(dtype).removeprefix("torch.")
 
 
 @contextlib.contextmanager
@@ -329,8 +352,10 @@ def _save(file, patterns: dict[str, torch.Tensor], pattern_type: str) -> None:
         torch.save({"pattern_type": pattern_type, "patterns": {n: t.cpu() for n, t in patterns.items()}}, tmp)
 
 
-#: prepared copy → [(samples or fitting tensor (weakly), pattern_type, patterns)]: with a wrapper the
-#: batch is explained one input at a time, and each of those calls would otherwise refit.
+#: prepared copy → [(samples or fitting tensor (weakly), key, patterns)] with key = (pattern_type, device,
+#: precision): with a wrapper the batch is explained one input at a time, and each of those calls would
+#: otherwise refit. Fitting runs autocast off (:func:`fit`), but the key still names the device and the
+#: precision of the call, so an fp16 attempt and its fp32 retry never share an entry by accident.
 _fitted: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 _fitted_lock = threading.Lock()
 
@@ -346,16 +371,18 @@ def patterns_for(call: Call, found: list[Kernel], method: str, fit_inputs: Any, 
     from_samples = isinstance(fit_inputs, str) and fit_inputs == "samples"
     source = call.samples if call.samples is not None and from_samples else fit_inputs
     cacheable = torch.is_tensor(source)
+    device = call.inputs.device
+    key = (pattern_type, str(device), precision(call.network, device))
     with _fitted_lock:
         cached = list(_fitted.get(call.network, [])) if cacheable else []
-    result = next((p for ref, kind, p in cached if ref() is source and kind == pattern_type), None)
+    result = next((p for ref, k, p in cached if ref() is source and k == key), None)
     if result is None:
         data = _fit_data(fit_inputs, call, method)
         result = fit(call.network, found, _batches(data, batch_size), pattern_type)
         if cacheable:
             with _fitted_lock:
                 kept = [c for c in _fitted.get(call.network, []) if c[0]() is not None][-3:]
-                _fitted[call.network] = kept + [(weakref.ref(source), pattern_type, result)]
+                _fitted[call.network] = kept + [(weakref.ref(source), key, result)]
     if file is not None:
         _save(file, result, pattern_type)
     return result
