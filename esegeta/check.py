@@ -19,9 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config as config_mod, numerics, registry, wrappers
-from .errors import ConfigError
-from .explainer import check_task, find_layer, resolve_target
+from . import config as config_mod, numerics, planning, registry
 
 #: Parameters that set how many perturbed/interpolated inputs one method evaluates…
 _STEPS = ("n_steps", "nt_samples", "n_samples", "num_samples", "nsamples", "num_masks", "max_evals")
@@ -158,35 +156,42 @@ def _lrp_gaps(network: nn.Module) -> list[str]:
 
 def check(config: str | Path | dict, *, base_dir: str | Path | None = None, device: str | None = None) -> CheckReport:
     """Pre-flight report for ``config`` (a path or a dict); see the module docstring."""
-    from .runner import Pipeline
+    if isinstance(config, dict):
+        cfg, base = config_mod.parse(config), Path(base_dir).resolve() if base_dir else Path.cwd()
+    else:
+        cfg, base = config_mod.read(config)
+    with numerics.fp32_numerics(cfg.runtime.tf32):  # the forward pass as the run computes it
+        plan = planning.plan(cfg, base, device=device, every_entry=True)
+        x = plan.inputs[0].tensor.to(plan.device)
+        forward = _forward_pass(plan.ready, x)
+    checks = [_method_check(plan, i, x, forward) for i in range(len(cfg.methods))]
+    item = plan.inputs[0]
+    return CheckReport(
+        config=str(config) if not isinstance(config, dict) else "<dict>", model=type(plan.model).__name__,
+        device=str(plan.device), input=item.name, input_shape=list(item.tensor.shape[1:]),
+        output_shape=forward.output_shape, forward_seconds=round(forward.seconds, 4),
+        prepared_changes=list(plan.ready.changes), activation_bytes=forward.activation_bytes,
+        weight_bytes=forward.weight_bytes, methods=checks)
 
-    pipeline = Pipeline(config, base_dir=base_dir, device=device)
-    with numerics.fp32_numerics(pipeline.config.runtime.tf32):  # the forward pass as the run computes it
-        return _check(pipeline, config, device)
+
+@dataclass
+class _Forward:
+    """What one forward pass of the prepared copy showed: each module's output shape, sizes, time."""
+
+    layer_shapes: dict[str, Any]
+    output_shape: Any
+    activation_bytes: int
+    weight_bytes: int
+    seconds: float
 
 
-def _check(pipeline, config: str | Path | dict, device: str | None) -> CheckReport:
-    from .loading import load_inputs, load_model
-    from .prepare import prepared
-    from .runner import resolve_device
-
-    cfg = pipeline.config
-    dev = resolve_device(device, "--device") if device else resolve_device(cfg.runtime.devices)
-    model = load_model(cfg.model.model_dump(), pipeline.base_dir)
-    item = load_inputs(cfg.inputs.model_dump(), pipeline.base_dir)[0]
-    x = item.tensor.to(dev)
-    try:
-        ready = prepared(model, x)
-    except Exception as exc:
-        raise ConfigError("inputs", f"the model fails on {item.path.name} (shape {tuple(item.tensor.shape)}): "
-                                    f"{type(exc).__name__}: {exc}") from exc
-
-    outputs: dict[str, Any] = {}
+def _forward_pass(ready: nn.Module, x: torch.Tensor) -> _Forward:
+    shapes: dict[str, Any] = {}
     leaf_bytes = 0
 
     def record(name: str, module: nn.Module, output: Any) -> None:
         nonlocal leaf_bytes
-        outputs[name] = _shape(output)
+        shapes[name] = _shape(output)
         if not list(module.children()):
             leaf_bytes += _tensor_bytes(output)
 
@@ -200,64 +205,39 @@ def _check(pipeline, config: str | Path | dict, device: str | None) -> CheckRepo
     finally:
         for h in handles:
             h.remove()
-    activation_bytes = leaf_bytes + _tensor_bytes(x) + _tensor_bytes(out)
     weight_bytes = sum(_tensor_bytes(p) for p in ready.parameters()) + sum(_tensor_bytes(b) for b in ready.buffers())
+    return _Forward(shapes, _shape(out), leaf_bytes + _tensor_bytes(x) + _tensor_bytes(out), weight_bytes, seconds)
 
-    checks = []
-    dims = x.ndim - 2
-    for i, entry in enumerate(cfg.methods):
-        where = f"methods[{i}]"
-        c = MethodCheck(i, entry.name, entry.id)
-        checks.append(c)
-        if not entry.enabled:
-            c.notes.append("disabled (enabled: false): will not run")
-        try:
-            config_mod.check_method(entry.id, entry.params, entry.layer, entry.noise_tunnel, where)
-        except ConfigError as exc:
-            c.problem(str(exc))
-        if entry.id not in registry.all_methods():
-            continue
-        spec = registry.get(entry.id)
-        if dims not in spec.dims:
-            c.problem(f"{entry.id} supports {'/'.join(f'{d}D' for d in spec.dims)} inputs; this input is {dims}D")
-        wrapper = entry.wrapper or cfg.wrapper
-        try:
-            check_task(spec, wrapper, f"{where}.wrapper" if entry.wrapper else "wrapper")
-        except ConfigError as exc:
-            c.problem(str(exc))
-        if entry.layer:
-            try:
-                find_layer(ready, entry.layer, f"{where}.layer", spec)
-                c.layer_shape = outputs.get(entry.layer)
-                if c.layer_shape is None:
-                    c.problem(f"{where}.layer: {entry.layer!r} is not called in the forward pass")
-            except ConfigError as exc:
-                c.problem(str(exc))
-        if spec.needs_target:
-            try:
-                forward = wrappers.build(ready, x, wrapper.model_dump(), pipeline.base_dir) if wrapper else ready
-                target = entry.target if entry.target is not None else cfg.target
-                resolve_target(forward, x, target, f"{where}.target" if entry.target is not None else "target",
-                               check=True)
-            except ConfigError as exc:
-                c.problem(str(exc))
-        if entry.id in ("captum.LRP", "captum.LayerLRP"):
-            gaps = _lrp_gaps(ready.model)
-            if gaps:
-                c.problem(f"no LRP rule for {', '.join(gaps[:8])}{' ...' if len(gaps) > 8 else ''}: Captum's LRP "
-                          "will refuse the model; try zennit's composites")
-            else:
-                c.notes.append("LRP rules found for every leaf layer")
-        if cfg.runtime.amp:
-            c.notes.append(numerics.precision_plan(spec, dev, amp=True).reason)
-        c.batch = _effective_batch(spec, dict(entry.params), entry.noise_tunnel)
-        # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
-        c.memory_bytes = 2 * activation_bytes * c.batch + weight_bytes
-    return CheckReport(
-        config=str(config) if not isinstance(config, dict) else "<dict>", model=type(model).__name__,
-        device=str(dev), input=item.name, input_shape=list(item.tensor.shape[1:]), output_shape=_shape(out),
-        forward_seconds=round(seconds, 4), prepared_changes=list(ready.changes), activation_bytes=activation_bytes,
-        weight_bytes=weight_bytes, methods=checks)
+
+def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Forward) -> MethodCheck:
+    """One entry's verdict: the plan's problems of it, the layer's output, LRP rules, memory."""
+    entry = plan.config.methods[index]
+    c = MethodCheck(index, entry.name, entry.id)
+    if not entry.enabled:
+        c.notes.append("disabled (enabled: false): will not run")
+    for problem in (p for p in plan.problems if p.entry == index):
+        c.problem(str(problem))
+    resolved = next((e for e in plan.entries if e.index == index), None)
+    if resolved is None:  # its JSON is at fault: nothing more to learn
+        return c
+    spec = resolved.spec
+    if entry.layer and c.ok:
+        c.layer_shape = forward.layer_shapes.get(entry.layer)
+        if c.layer_shape is None:
+            c.problem(f"methods[{index}].layer: {entry.layer!r} is not called in the forward pass")
+    if entry.id in ("captum.LRP", "captum.LayerLRP"):
+        gaps = _lrp_gaps(plan.ready.model)
+        if gaps:
+            c.problem(f"no LRP rule for {', '.join(gaps[:8])}{' ...' if len(gaps) > 8 else ''}: Captum's LRP "
+                      "will refuse the model; try zennit's composites")
+        else:
+            c.notes.append("LRP rules found for every leaf layer")
+    if plan.config.runtime.amp:
+        c.notes.append(numerics.precision_plan(spec, plan.device, amp=True).reason)
+    c.batch = _effective_batch(spec, dict(entry.params), entry.noise_tunnel)
+    # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
+    c.memory_bytes = 2 * forward.activation_bytes * c.batch + forward.weight_bytes
+    return c
 
 
 __all__ = ["CheckReport", "MethodCheck", "check"]

@@ -108,9 +108,9 @@ def _cmd_validate(args) -> int:
     from .runner import Pipeline
 
     v = Pipeline(args.config).validate()
-    print(f"{args.config}: valid: {len(v.inputs)} input(s), {len(v.methods)} method(s), model "
+    print(f"{args.config}: valid: {len(v.inputs)} input(s), {len(v.entries)} method(s), model "
           f"{type(v.model).__name__} on {v.device}")
-    for change in v.prepared.changes:
+    for change in v.ready.changes:
         print(f"  prepared copy: {change}")
     return 0
 
@@ -127,6 +127,8 @@ def _run(pipeline) -> int:
     result = pipeline.run()
     failed = [r for r in result.runs if r["status"] != "ok"]
     print(f"{len(result.runs) - len(failed)}/{len(result.runs)} ok; results in {result.output_dir}", file=sys.stderr)
+    if result.error:
+        print(f"esegeta: {result.error}", file=sys.stderr)
     return result.exit_code
 
 

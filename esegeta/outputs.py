@@ -5,8 +5,10 @@ then renames it onto the final name with :func:`os.replace`, so a crash (or an
 exception in the middle of writing) never leaves a half-written file under the
 final name.  Parent folders are created as needed.
 
-The temporary file is named ``.tmp-<pid>-<random>-<final name>``: it is hidden,
-unique per process and thread, and it keeps the final name's extension, so
+The temporary file is named ``.tmp-<pid>-<token>-<random>-<final name>``: it is
+hidden, unique per process and thread, it names the run that writes it (``token``:
+:class:`esegeta.writer.Writer` passes its run's, so ``--resume`` removes only the
+temporary files of runs no longer alive), and it keeps the final name's extension, so
 libraries that choose a format from the extension (nibabel's ``.nii.gz``,
 matplotlib's ``.png``) write the right format.
 
@@ -32,6 +34,7 @@ __all__ = [
     "atomic_write_bytes",
     "save_npy",
     "save_json",
+    "json_line",
     "save_nifti",
     "layer_affine",
     "save_figure",
@@ -40,11 +43,12 @@ __all__ = [
 ]
 
 _TMP_PREFIX = ".tmp-"
+#: The token of temporary files written outside a run (``explain`` users, tests).
+PROCESS_TOKEN = uuid.uuid4().hex[:8]
 
 
-def _tmp_path_for(path: Path) -> Path:
-    token = uuid.uuid4().hex[:8]
-    return path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{token}-{path.name}")
+def _tmp_path_for(path: Path, token: str | None = None) -> Path:
+    return path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{token or PROCESS_TOKEN}-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
 def _fsync_file(path: Path) -> None:
@@ -56,7 +60,7 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, token: str | None = None) -> Iterator[Path]:
     """Yield a temporary path to write to; rename it onto ``path`` on success.
 
     The temporary path is in the same folder as ``path`` (so the rename is
@@ -70,7 +74,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     if not final.name:
         raise ValueError(f"not a file path: {path!r}")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path_for(final)
+    tmp = _tmp_path_for(final, token)
     try:
         yield tmp
         if not tmp.exists():
@@ -85,10 +89,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: PathLike, data: bytes, token: str | None = None) -> Path:
     """Write ``data`` to ``path`` atomically; return the final path."""
     final = Path(path)
-    with atomic_path(final) as tmp:
+    with atomic_path(final, token) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -103,11 +107,11 @@ def _to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-def save_npy(path: PathLike, array: Any) -> Path:
+def save_npy(path: PathLike, array: Any, token: str | None = None) -> Path:
     """Save ``array`` as float32 ``.npy`` (shape as given), atomically."""
     arr = _to_numpy(array).astype(np.float32, copy=False)
     final = Path(path)
-    with atomic_path(final) as tmp:
+    with atomic_path(final, token) as tmp:
         # Write through a file handle so numpy does not append ".npy".
         with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
@@ -159,7 +163,12 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_json(path: PathLike, obj: Any) -> Path:
+def json_line(obj: Any) -> str:
+    """``obj`` as one line of strict JSON (as :func:`save_json` converts it)."""
+    return json.dumps(_jsonable(obj), default=_json_default, allow_nan=False)
+
+
+def save_json(path: PathLike, obj: Any, token: str | None = None) -> Path:
     """Save ``obj`` as indented JSON, atomically.
 
     numpy scalars and arrays, paths, tuples, sets and torch tensors are
@@ -167,10 +176,10 @@ def save_json(path: PathLike, obj: Any) -> Path:
     NaN and infinities are written as null (``JSON.parse`` rejects the ``NaN`` literal).
     """
     text = json.dumps(_jsonable(obj), indent=2, default=_json_default, allow_nan=False)
-    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"), token)
 
 
-def save_nifti(path: PathLike, array: Any, affine: Optional[Any] = None) -> Path:
+def save_nifti(path: PathLike, array: Any, affine: Optional[Any] = None, token: str | None = None) -> Path:
     """Save a channel-first attribution as NIfTI (``.nii`` or ``.nii.gz``), atomically.
 
     ``array`` has shape (C, X, Y, Z): written as (X, Y, Z) when C == 1, else as
@@ -199,7 +208,7 @@ def save_nifti(path: PathLike, array: Any, affine: Optional[Any] = None) -> Path
     img = nib.Nifti1Image(data, aff)
     img.header.set_data_dtype(np.float32)
     final = Path(path)
-    with atomic_path(final) as tmp:  # tmp name ends with final.name: format kept
+    with atomic_path(final, token) as tmp:  # tmp name ends with final.name: format kept
         nib.save(img, str(tmp))
     return final
 
@@ -235,11 +244,11 @@ def layer_affine(
     return out
 
 
-def save_figure(fig: Any, path: PathLike, dpi: int = 100) -> Path:
+def save_figure(fig: Any, path: PathLike, dpi: int = 100, token: str | None = None) -> Path:
     """Save a matplotlib figure as PNG atomically, then close it."""
     final = Path(path)
     try:
-        with atomic_path(final) as tmp:
+        with atomic_path(final, token) as tmp:
             with open(tmp, "wb") as f:
                 fig.savefig(f, format="png", dpi=dpi)
     finally:
@@ -258,7 +267,7 @@ def _own_order(item: Any, array: np.ndarray, kind: str, channels: bool = True) -
 
 
 def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_cfg: Any,
-                kind: str = "attribution") -> dict:
+                kind: str = "attribution", token: str | None = None) -> dict:
     """Write one (input, method) result in the configured formats; returns format → relative path.
 
     ``item`` is the :class:`esegeta.loading.InputItem` explained, ``attr`` the upstream
@@ -274,25 +283,25 @@ def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_c
     image = item.tensor[0].detach().cpu().numpy()
     own_image = kind == "image"  # a feature visualisation: not aligned with the input
     if "npy" in output_cfg.formats:
-        save_npy(out_dir / rel / f"{label}.npy", _own_order(item, attr, kind))
+        save_npy(out_dir / rel / f"{label}.npy", _own_order(item, attr, kind), token)
         files["npy"] = str(rel / f"{label}.npy")
     if "nii" in output_cfg.formats and image.ndim == 4 and attr.ndim == 4 and not own_image:
         volume = _own_order(item, attr, kind, channels=False)
         in_shape, at_shape = _own_order(item, image, kind, channels=False).shape[1:], volume.shape[1:]
         affine = item.affine if in_shape == at_shape else layer_affine(item.affine, in_shape, at_shape)
-        save_nifti(out_dir / rel / f"{label}.nii.gz", volume, affine)
+        save_nifti(out_dir / rel / f"{label}.nii.gz", volume, affine, token)
         files["nii"] = str(rel / f"{label}.nii.gz")
     if "png" in output_cfg.formats:
         fig_cfg = output_cfg.figure
         fig = figures.attribution_figure(attr, None if own_image else image, method=fig_cfg.method,
                                          sign=fig_cfg.sign, title=f"{label} - {item.name}",
                                          projection=fig_cfg.projection, kind="image" if own_image else None)
-        save_figure(fig, out_dir / rel / f"{label}.png")
+        save_figure(fig, out_dir / rel / f"{label}.png", token=token)
         files["png"] = str(rel / f"{label}.png")
     return files
 
 
-def save_extras(out_dir: Path, item: Any, label: str, extras: dict) -> dict:
+def save_extras(out_dir: Path, item: Any, label: str, extras: dict, token: str | None = None) -> dict:
     """Write a method's extra outputs (``Call.extras``) next to its result; returns name → path.
 
     A tensor or array becomes ``<label>.<name>.npy`` (batch axis dropped, as for results);
@@ -304,11 +313,11 @@ def save_extras(out_dir: Path, item: Any, label: str, extras: dict) -> dict:
         if isinstance(value, dict):
             arrays = {str(k): _to_numpy(v)[0] for k, v in value.items()}
             path = rel / f"{label}.{name}.npz"
-            with atomic_path(out_dir / path) as tmp:
+            with atomic_path(out_dir / path, token) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **arrays)
         else:
             path = rel / f"{label}.{name}.npy"
-            save_npy(out_dir / path, _to_numpy(value)[0])
+            save_npy(out_dir / path, _to_numpy(value)[0], token)
         files[name] = str(path)
     return files

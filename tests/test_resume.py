@@ -38,6 +38,18 @@ def _manifest_runs(out: Path) -> list[dict]:
         return []
 
 
+def _journal_runs(out: Path) -> list[dict]:
+    """The results a running (or killed) run has finished: its journal's records (esegeta.writer)."""
+    path = out / ".esegeta-journal.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return [r for r in records if "label" in r]
+
+
 def test_resume_after_kill_9(tmp_path, capsys):
     cfg = slow_config(tmp_path)
     out = Path(cfg["output"]["dir"])
@@ -49,7 +61,7 @@ def test_resume_after_kill_9(tmp_path, capsys):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
-            if len(_manifest_runs(out)) >= 2:
+            if len(_journal_runs(out)) >= 2:
                 break
             time.sleep(0.05)
         assert process.poll() is None, "the run ended before it could be killed"
@@ -58,7 +70,8 @@ def test_resume_after_kill_9(tmp_path, capsys):
         process.kill()
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    done = _manifest_runs(out)
+    assert not (out / "manifest.json").exists()  # the journal is the record until the run ends
+    done = _journal_runs(out)
     assert 2 <= len(done) < 8 and all(r["status"] == "ok" for r in done)
     stamps = {f: (out / f).stat().st_mtime_ns for r in done for f in r["files"].values()}
     stale = out / ALL_DIGITS[0].stem / ".tmp-999999-deadbeef-fa2.npy"  # as a kill while writing leaves it

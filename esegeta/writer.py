@@ -1,0 +1,297 @@
+"""The output folder's one owner: names, lock, temporary files, journal, manifest and overview.
+
+- **Names.** Output paths are built from input names made safe by :func:`safe_name` (no
+  separators, no leading dot, never a name the folder itself uses), so no input can write
+  outside ``output.dir`` or over the manifest.
+- **One run per folder.** :class:`Writer` holds an exclusive lock on ``.esegeta.lock`` for the
+  whole run (``flock``: released by the kernel when the process dies, even by ``kill -9``);
+  a second run on the folder is refused with the holder's pid (exit 2).
+- **Done means durable.** A result's files are written atomically (:mod:`esegeta.outputs`),
+  then its record is appended to ``.esegeta-journal.jsonl`` and fsync'd; only then is it
+  logged ``ok``. ``--resume`` trusts a record of the manifest or the journal whose files exist,
+  so after ``kill -9`` at any moment nothing finished is recomputed. :meth:`Writer.finish` writes
+  ``manifest.json`` from the records in memory, then removes the journal.
+- **Temporary files** are named ``.tmp-<pid>-<token>-...`` with the run's token;
+  :meth:`Writer.clean_stale` removes those of processes no longer alive, and of runs of this
+  process that ended, never those of a run still writing (e.g. one on a subfolder).
+- **A failing write** makes that result ``failed`` with the cause; it never stops the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import outputs
+from .errors import ConfigError
+
+log = logging.getLogger("esegeta")
+LOCK = ".esegeta.lock"
+JOURNAL = ".esegeta-journal.jsonl"
+RESERVED = frozenset({"manifest.json", "overview.png", "esegeta.log", LOCK, JOURNAL})
+#: Results kept in memory for the overview figure, in bytes; past it the figure reads the .npy back.
+OVERVIEW_MEMORY = 256 * 2**20
+_TMP = re.compile(r"\.tmp-(\d+)-([0-9a-f]+)-")
+_live_tokens: set[str] = set()  # the tokens of this process's runs that are writing now
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a file or folder name of the output: ``[A-Za-z0-9._+-]`` only, no leading
+    dot (``..``, hidden files), never empty nor one of :data:`RESERVED`."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".") or "input"
+    return safe + "_" if safe in RESERVED else safe
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """:func:`safe_name` of each name, numbered ``_2``, ``_3``... where two would be equal."""
+    taken: set[str] = set()
+    result = []
+    for name in names:
+        stem = candidate = safe_name(name)
+        n = 2
+        while candidate in taken:
+            candidate, n = f"{stem}_{n}", n + 1
+        taken.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def check_dir(path: Path, where: str = "output.dir") -> Path:
+    """``path`` created if needed; a ConfigError naming ``where`` if it cannot hold a run's output."""
+    text = os.fspath(path)
+    if "\x00" in text:
+        raise ConfigError(where, f"{text!r} holds a NUL character; choose a plain folder name")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(where, f"{path} is an existing file, not a folder; choose another output folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(where, f"cannot create {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(where, f"{path} is not writable; choose another output folder")
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, run by someone else
+        return True
+    return True
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive, non-blocking lock on ``fd``; False if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+class Writer:
+    """Owns ``out`` for one run: ``with Writer(out, config.output, resume=...) as w``."""
+
+    def __init__(self, out: Path, output: Any, *, resume: bool = False, token: str | None = None):
+        self.out = Path(out)
+        self.output = output
+        self.resume = resume
+        self.token = token or uuid.uuid4().hex[:8]
+        self._fd: int | None = None
+        self._journal = None
+        self._torn = False
+        self._write_lock = threading.Lock()
+        self._previous: dict[tuple[str, str], dict] = {}
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self._held = 0
+
+    # -- the folder ---------------------------------------------------------------
+    def __enter__(self) -> Writer:
+        check_dir(self.out)
+        fd = os.open(self.out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _lock(fd):
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError("output.dir", f"{self.out} is in use by another esegeta run (pid {holder}); "
+                                            "wait for it to end or choose another output folder")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        _live_tokens.add(self.token)
+        try:
+            self._previous = self._read_previous() if self.resume else {}
+            self.clean_stale()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _live_tokens.discard(self.token)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+    def clean_stale(self) -> list[Path]:
+        """Remove temporary files of processes no longer alive, and of this process's ended runs."""
+        removed = []
+        for path in self.out.rglob(".tmp-*"):
+            match = _TMP.match(path.name)
+            if match is None or not path.is_file():
+                continue
+            pid, token = int(match[1]), match[2]
+            if (token not in _live_tokens) if pid == os.getpid() else not _alive(pid):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        if removed:
+            log.info("removed %d temporary file(s) of ended runs", len(removed))
+        return removed
+
+    # -- what an earlier run finished -----------------------------------------------
+    def previous(self) -> dict[tuple[str, str], dict]:
+        """Records of earlier runs (``--resume``) by (label, input): ok, keyed, every file present."""
+        return dict(self._previous)
+
+    def _read_previous(self) -> dict[tuple[str, str], dict]:
+        records: dict[tuple[str, str], dict] = {}
+        manifest = self.out / "manifest.json"
+        if manifest.is_file():
+            try:
+                runs = json.loads(manifest.read_text(encoding="utf-8")).get("runs", [])
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("resume: %s cannot be read (%s): its results are recomputed", manifest, exc)
+                runs = []
+            records = {(r.get("label"), r.get("input")): r for r in runs if isinstance(r, dict)}
+        journal = self.out / JOURNAL
+        for line in journal.read_text(encoding="utf-8").splitlines() if journal.is_file() else []:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill: its result was not done
+                continue
+            if record.get("reset"):
+                records = {}
+            elif "label" in record:
+                records[(record["label"], record.get("input"))] = record
+        return {k: r for k, r in records.items() if r.get("status") == "ok" and r.get("key")
+                and all((self.out / f).is_file() for f in r.get("files", {}).values())}
+
+    # -- writing --------------------------------------------------------------------
+    def begin(self, kept: list[dict]) -> None:
+        """Start the journal: earlier records are void but ``kept``, those ``--resume`` reuses."""
+        self._journal = open(self.out / JOURNAL, "a" if self.resume else "w", encoding="utf-8")
+        lines = [outputs.json_line({"reset": True, "token": self.token})] + [outputs.json_line(r) for r in kept]
+        try:
+            self._append("\n" + "\n".join(lines))
+        except OSError as exc:  # the results will fail to commit, each with the cause
+            log.error("journal %s: %s", self.out / JOURNAL, exc)
+
+    def save(self, record: dict, item: Any, result: np.ndarray | None, extras: dict, kind: str) -> dict:
+        """Write an ok record's result files, then commit the record; the record, ``failed``
+        with the cause if a write failed (never raises)."""
+        try:
+            if record["status"] == "ok":
+                label = record["label"]
+                files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token)
+                files.update(outputs.save_extras(self.out, item, label, extras, self.token))
+                record["files"] = files
+                self._keep_for_overview(record, item, result, kind)
+            self.commit(record)
+        except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
+            record.update(status="failed", files={}, error=f"writing results: {type(exc).__name__}: {exc}")
+            log.error("%s on %s failed: %s", record["label"], record["input"], record["error"])
+            try:
+                self.commit(record)
+            except Exception as again:  # noqa: BLE001 (the manifest still gets it)
+                log.debug("journal: %s", again)
+        return record
+
+    def commit(self, record: dict) -> None:
+        """Append ``record`` to the journal and fsync: from then on it counts as done."""
+        self._append(outputs.json_line(record))
+
+    def _append(self, line: str) -> None:
+        with self._write_lock:
+            start = self._journal.tell()
+            try:
+                self._journal.write(("\n" if self._torn else "") + line + "\n")
+                self._journal.flush()
+                os.fsync(self._journal.fileno())
+                self._torn = False
+            except BaseException:
+                try:  # undo the line: the result is not done
+                    self._journal.truncate(start)
+                    self._journal.seek(start)
+                except OSError:
+                    self._torn = True
+                raise
+
+    def _keep_for_overview(self, record: dict, item: Any, result: np.ndarray, kind: str) -> None:
+        if "png" in self.output.formats and self._held + result.nbytes <= OVERVIEW_MEMORY:
+            self._arrays[(record["label"], record["input"])] = result
+            self._held += result.nbytes
+
+    # -- the end ----------------------------------------------------------------------
+    def finish(self, manifest: dict, inputs: list, kinds: dict[str, str]) -> None:
+        """The overview figure (a failure is logged, no result is lost), then ``manifest.json``;
+        the journal is removed once the manifest is written (an error propagates)."""
+        if "png" in self.output.formats:
+            self._overview(manifest, inputs, kinds)
+        outputs.save_json(self.out / "manifest.json", manifest, self.token)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        (self.out / JOURNAL).unlink(missing_ok=True)
+
+    def _overview(self, manifest: dict, inputs: list, kinds: dict[str, str]) -> None:
+        from . import figures
+
+        rows = []
+        for item in inputs:
+            cells = []
+            for r in (r for r in manifest["runs"] if r["input"] == item.name):
+                kind = kinds[r["method"]]
+                attr = self._result(r, item, kind) if r["status"] == "ok" else None
+                note = "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"
+                cells.append((r["label"], attr, note, "image" if kind == "image" else "attribution"))
+            rows.append((item.name, item.tensor[0].detach().cpu().numpy(), cells))
+        fig_cfg = self.output.figure
+        try:
+            fig = figures.overview_figure(rows, method=fig_cfg.method, sign=fig_cfg.sign,
+                                          projection=fig_cfg.projection)
+            outputs.save_figure(fig, self.out / "overview.png", token=self.token)
+            manifest["overview"] = "overview.png"
+        except Exception as exc:  # noqa: BLE001 (a failed overview figure loses no result)
+            log.error("overview figure failed: %s: %s", type(exc).__name__, exc)
+
+    def _result(self, record: dict, item: Any, kind: str) -> np.ndarray | None:
+        """A result as the model saw it: from memory, else (resumed, or past the budget) its .npy."""
+        held = self._arrays.get((record["label"], record["input"]))
+        if held is not None or "npy" not in record["files"]:
+            return held
+        saved = np.load(self.out / record["files"]["npy"])
+        return saved if kind == "image" else item.model_order(saved)
+
+
+__all__ = ["JOURNAL", "LOCK", "RESERVED", "Writer", "check_dir", "safe_name", "unique_names"]
