@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-cuda clean
 
 $(BIN)/esegeta: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The CUDA lane: the conformance suite on CUDA, compared with the CPU (skipped without CUDA).
+test-cuda: install
+	$(BIN)/python -m pytest -q -m cuda tests/
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -3,8 +3,24 @@
 New registry entries are picked up here with no test edits: the result must be finite,
 have the documented shape for the method's kind, leave no hook on the prepared copy and
 leave the user's model untouched.
+
+Every case runs on the CPU, and on CUDA where there is one (marker ``cuda``: ``make
+test-cuda``, ``scripts/gpu_lane.sh``). There the result must also agree with the CPU's:
+Pearson r >= 0.99 (in full fp32, TF32 off), except for methods that draw random numbers
+(torch's streams differ per device): for those only finiteness and shape are checked. A
+method draws random numbers when its CPU result changes with the seed (torch's, numpy's
+and Python's, all seeded): noise tunnels, sampling, random masks or initial images
+(KernelShap, GradientShap, lucent...), or when upstream seeds a generator of its own (a
+``seed``-like parameter: RISE draws its masks on the input's device from its ``seed``,
+LIME, SHAP's GradientExplainer). That is measured rather than listed, so it holds for new
+entries too, and a method that only *may* draw (what
+:func:`esegeta.scheduling.uses_global_rng` conservatively says, e.g. of every own method)
+is still compared.
 """
 from __future__ import annotations
+
+import copy
+import random
 
 import numpy as np
 import pytest
@@ -17,6 +33,15 @@ from esegeta.prepare import prepared
 from conftest import CASES, assert_unchanged, hook_count, snapshot
 
 METHODS = sorted(registry.all_methods())
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU lane (make test-cuda, "
+                                                             "scripts/gpu_lane.sh) runs it"),
+])]
+#: Pearson r a CUDA result must reach against the CPU's, for a method that draws no random numbers.
+MIN_R = 0.99
+#: Upstream parameters that seed a generator of the method's own.
+SEED_PARAMS = frozenset({"seed", "rseed", "random_state", "random_seed", "generator"})
 
 
 def _params(spec, x, case, layer):
@@ -46,20 +71,68 @@ def _layer_output_shape(model, x, layer):
     return seen[0]
 
 
+def _explain(spec, case, layer, model, x, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return esegeta.explain(model, x, spec.id, target=case.target if spec.needs_target else None,
+                           wrapper=case.wrapper, layer=layer, **_params(spec, case.x, case, layer))
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson's r of two maps (1.0 for two equal constant maps, 0.0 for a constant and another)."""
+    a, b = a.detach().double().cpu().flatten(), b.detach().double().cpu().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    norm = float(a.norm() * b.norm())
+    if norm == 0:
+        return 1.0 if torch.allclose(a, b) else 0.0
+    return float((a * b).sum()) / norm
+
+
+def layer_of(spec, case) -> str | None:
+    return (case.leaf_layer if spec.leaf_layer else case.layer) if spec.needs_layer else None
+
+
+def on_device(spec, case, device: str) -> tuple[torch.Tensor, torch.nn.Module, torch.Tensor]:
+    """(result, model, input): the method on a copy of the case's model and input on ``device``
+    (the case's own on the CPU), in full fp32 (TF32 off)."""
+    from esegeta.numerics import fp32_numerics
+
+    model, x = (case.model, case.x) if device == "cpu" else (copy.deepcopy(case.model).to(device), case.x.to(device))
+    with fp32_numerics(tf32=False):
+        attr = _explain(spec, case, layer_of(spec, case), model, x)
+    assert attr.device == x.device, "explain returns its result on the input's device"
+    return attr, model, x
+
+
+def agreement_with_cpu(spec, case, attr: torch.Tensor) -> tuple[float, bool]:
+    """(Pearson r of ``attr``, computed on another device, with the CPU result; whether the
+    method draws random numbers: its CPU result changes with the seed, so the devices' streams
+    make the results differ and r says little)."""
+    if spec.kind == "image":  # feature visualisation optimises a random image (lucent: on cuda:0 where CUDA is)
+        return float("nan"), True
+    reference = _explain(spec, case, layer_of(spec, case), case.model, case.x)
+    assert attr.shape == reference.shape
+    draws = (bool(SEED_PARAMS & set(spec.adapter.parameters(spec)))
+             or not torch.equal(reference, _explain(spec, case, layer_of(spec, case), case.model, case.x, seed=1)))
+    return pearson(attr, reference), draws
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method_id", METHODS)
-def test_method_conforms(method_id, case):
+def test_method_conforms(method_id, case, device):
     spec = registry.get(method_id)
     if case.dims not in spec.dims:
         pytest.skip(f"{method_id} does not support {case.dims}D")
     if case.task not in spec.tasks:
         pytest.skip(f"{method_id} does not apply to {case.task} models")
-    layer = (case.leaf_layer if spec.leaf_layer else case.layer) if spec.needs_layer else None
+    layer = layer_of(spec, case)
     before = snapshot(case.model)
-    torch.manual_seed(0)
-    np.random.seed(0)
-    attr = esegeta.explain(case.model, case.x, method_id, target=case.target if spec.needs_target else None,
-                           wrapper=case.wrapper, layer=layer,
-                           **_params(spec, case.x, case, layer))
+    attr, model, x = on_device(spec, case, device)
+    if device != "cpu":
+        r, draws = agreement_with_cpu(spec, case, attr)  # random numbers: finiteness and shape only
+        assert draws or r >= MIN_R, f"{device} and CPU disagree: Pearson r = {r:.4f} < {MIN_R}"
+        attr = attr.cpu()
     assert attr.dtype == torch.float32
     assert torch.isfinite(attr).all()
     assert attr.abs().sum() > 0, "an all-zero result explains nothing"
@@ -74,7 +147,7 @@ def test_method_conforms(method_id, case):
         assert attr.shape[2:] == layer_shape[2:]
         assert attr.shape[1] in (layer_shape[1], 1)
     assert_unchanged(case.model, before)
-    assert hook_count(prepared(case.model, case.x)) == 0, "hooks left on the prepared copy"
+    assert hook_count(prepared(model, x)) == 0, "hooks left on the prepared copy"
 
 
 @pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
