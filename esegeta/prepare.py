@@ -129,7 +129,11 @@ def _fingerprint(model: nn.Module, device: torch.device) -> tuple:
 
 
 def prepared(model: nn.Module, example: torch.Tensor) -> PreparedModel:
-    """:func:`prepare`, cached per model and device until the model's weights change."""
+    """:func:`prepare`, cached per model and device until the model's weights change.
+
+    Not per precision: the copy holds structure only (module call counts from one forward
+    pass), no value computed from data, so an autocast attempt and its fp32 retry share it;
+    casting the model (``.half()``) replaces its tensors and so changes the fingerprint."""
     if isinstance(model, PreparedModel):
         return model
     per_model = _cache.setdefault(model, {})

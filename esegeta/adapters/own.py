@@ -119,6 +119,8 @@ def _fit_quick(x):
     dense layer no variance to estimate a pattern from). Seeded, so runs repeat."""
     import torch
 
+    # drawn on the CPU on purpose, then put on x's device: the same fitting data on every
+    # device, so the CUDA lane can compare patterns fitted there with the CPU's
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn((7, *x.shape[1:]), generator=generator).to(x)
     return torch.cat([x[:1], x[:1] + 0.1 * x.std() * noise])
