@@ -142,6 +142,15 @@ class Plan:
     def device(self) -> torch.device:
         return self.devices[0]
 
+    @property
+    def methods(self) -> list[tuple[int, config_mod.MethodEntry]]:
+        """(index in ``methods``, entry) of the selected entries (``validate()``'s result before)."""
+        return [(e.index, e.config) for e in self.entries]
+
+    @property
+    def prepared(self) -> PreparedModel:
+        return self.ready
+
     def raise_problems(self) -> None:
         raise_problems(self.problems)
 

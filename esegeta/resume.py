@@ -2,8 +2,8 @@
 
 A (method, input) result of the existing ``manifest.json`` is kept, and not recomputed, when
 
-- its status is ``ok`` and every file it lists is present (files are written atomically,
-  so a present file is complete);
+- its status is ``ok``, its record is in ``manifest.json`` or the run's journal, and every file
+  it lists is present (files are written atomically, so a present file is complete);
 - its ``key`` equals the key of the job now: a hash of everything that decides the numbers
   (:func:`job_key`): the method entry as it applies (id, label, params, layer, noise tunnel,
   wrapper, target, patch), the model section and a hash of the model's weights and buffers,
@@ -13,21 +13,20 @@ A (method, input) result of the existing ``manifest.json`` is kept, and not reco
   own pattern methods; every library but those in :data:`SAMPLE_FREE_LIBRARIES`), also all
   the run's inputs.
 
-What does not change the numbers (devices, threads, time limits) may differ. Stale temporary
-files (``.tmp-*``) of a killed run are deleted first.
+What does not change the numbers (devices, threads, time limits) may differ. Which earlier
+records exist, and when a record counts as done (its files and its journal line durable), is
+the output folder's business: :mod:`esegeta.writer`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
 log = logging.getLogger("esegeta")
-TMP_PREFIX = ".tmp-"
 #: Libraries whose adapters never read the run's other inputs (``Call.samples``): adding an
 #: input to the config leaves their results on the earlier inputs valid.
 SAMPLE_FREE_LIBRARIES = frozenset({"captum", "gradcam", "zennit", "torchray", "lucent"})
@@ -58,39 +57,8 @@ def job_key(settings: dict[str, Any], model_hash: str, input_hash: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def load_previous(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """Reusable records of ``out/manifest.json`` by (label, input): ok, with all files present."""
-    path = out / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        log.warning("resume: %s cannot be read (%s): everything is recomputed", path, exc)
-        return {}
-    done = {}
-    for record in manifest.get("runs", []):
-        if record.get("status") != "ok" or not record.get("key"):
-            continue
-        if all((out / f).is_file() for f in record.get("files", {}).values()):
-            done[(record["label"], record["input"])] = record
-    return done
-
-
 def reusable(previous: dict[tuple[str, str], dict[str, Any]], label: str, input_name: str,
              key: str) -> dict[str, Any] | None:
     """The earlier record for this job if it can stand for it now, else None."""
     record = previous.get((label, input_name))
     return record if record is not None and record["key"] == key else None
-
-
-def clean_stale_tmp(out: Path) -> list[Path]:
-    """Delete temporary files (``.tmp-*``) left by a run that was killed while writing."""
-    removed = []
-    for path in out.rglob(f"{TMP_PREFIX}*"):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    if removed:
-        log.info("resume: removed %d stale temporary file(s)", len(removed))
-    return removed
