@@ -97,14 +97,13 @@ def _map(member: Member, case) -> torch.Tensor:
     layer = case.layer if member.layer else None
     target = case.target
     if member.trace is not None:
-        from esegeta.explainer import run_method
+        from esegeta.explainer import run
         from esegeta.prepare import prepared
-        from esegeta import registry
+        from esegeta.request import from_arguments
 
-        extras: dict = {}
         x = case.x.float()
-        run_method(registry.get(member.method), prepared(case.model, x), x, target=target, wrapper=case.wrapper,
-                   params=member.params, extras=extras, samples=x)
+        request = from_arguments(member.method, target=target, wrapper=case.wrapper, params=member.params)
+        extras = run(request, prepared(case.model, x), x, samples=x).extras
         return extras["trace"][member.trace].detach().float()
     return esegeta.explain(case.model, case.x, member.method, target=target, wrapper=case.wrapper, layer=layer,
                            **member.params)

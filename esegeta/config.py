@@ -1,14 +1,14 @@
 """The JSON config (SPEC §3), validated with pydantic before any model runs.
 
 Two stages: :func:`parse` checks structure and types (no imports beyond pydantic);
-:func:`check_methods` checks method ids, layer use and parameter names against the
-upstream signatures (imports the explainer libraries). Every fault is reported with
+:func:`check_method` checks one method's id, layer use and parameter names against the
+upstream signatures (imports the explainer libraries). The wrapper, patch and target
+settings are :mod:`esegeta.request`'s (shared with ``explain``). Every fault is reported with
 its JSON path, e.g. ``methods[2].params.n_step: unknown parameter ...; did you mean n_steps?``.
 """
 from __future__ import annotations
 
 import json
-import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, did_you_mean
+from .request import PatchConfig, Target, WrapperConfig
 
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
 FIGURE_SIGNS = ("all", "positive", "negative", "absolute_value")
@@ -75,70 +76,6 @@ class InputsConfig(Strict):
     def _resize_rank(self) -> "InputsConfig":
         if self.resize is not None and len(self.resize) != self.spatial_dims:
             raise ValueError(f"resize: needs {self.spatial_dims} sizes (one per spatial axis)")
-        return self
-
-
-class WrapperConfig(Strict):
-    """Turns a segmentation output into (B, K') scores (SPEC §4)."""
-
-    name: str = Field(description="'threshold', 'multiclass', 'region' or 'file.py:callable'")
-    channel: int = Field(0, ge=0, description="threshold: the output channel")
-    threshold: float | Literal["otsu"] = Field(0.5, description="threshold: a number or 'otsu'")
-    activation: Literal["none", "sigmoid", "softmax"] = "none"
-    reduction: Literal["sum", "mean"] = "sum"
-    mask: str | None = Field(None, description="region: the mask file")
-    output: str | int | None = Field(None, description="key or index of the segmentation tensor in a dict/tuple output")
-    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of a custom wrapper")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value in ("threshold", "multiclass", "region") or re.fullmatch(r".+:[A-Za-z_]\w*", value):
-            return value
-        raise ValueError("unknown wrapper; use 'threshold', 'multiclass', 'region' or 'file.py:callable'"
-                         + did_you_mean(value, ("threshold", "multiclass", "region")))
-
-    @model_validator(mode="after")
-    def _mask(self) -> "WrapperConfig":
-        if self.name == "region" and not self.mask:
-            raise ValueError("mask: the region wrapper needs a mask file with the input's spatial shape")
-        if self.mask and self.name != "region":
-            raise ValueError("mask: only the region wrapper uses a mask")
-        builtin_only = {"channel", "threshold", "activation", "reduction", "mask", "output"} & self.model_fields_set
-        if ":" in self.name and builtin_only:
-            raise ValueError(f"a custom wrapper takes its settings in 'options': move {', '.join(sorted(builtin_only))} "
-                             "into 'options'")
-        if ":" not in self.name and self.options:
-            raise ValueError("'options' are for custom wrappers ('file.py:callable'); built-in wrappers take "
-                             "channel, threshold, activation, reduction, mask and output")
-        return self
-
-
-Target = Union[Annotated[int, Field(ge=0)], Literal["predicted"], None]
-
-
-class PatchConfig(Strict):
-    """Explain the input patch by patch on torchio's grid (SPEC §5, :mod:`esegeta.patcher`)."""
-
-    size: list[Annotated[int, Field(gt=0)]] = Field(min_length=2, max_length=3,
-                                                    description="patch size per spatial axis (clipped to the input)")
-    overlap: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="overlap per spatial axis, even numbers smaller than size (torchio); default none")
-    mode: Literal["local", "global"] = Field(
-        "local", description="'local': each patch explained on its own, results blended; 'global': the score of "
-                             "the stitched whole-input prediction, computed patch by patch")
-    blend: Literal["average", "hann"] = Field("average", description="overlap blending (torchio's overlap_mode)")
-    batch_size: int = Field(4, gt=0, description="patches per model call")
-
-    @model_validator(mode="after")
-    def _overlap(self) -> PatchConfig:
-        if self.overlap is not None:
-            if len(self.overlap) != len(self.size):
-                raise ValueError(f"overlap: needs {len(self.size)} values, one per axis of size")
-            if any(o % 2 for o in self.overlap):
-                raise ValueError(f"overlap: {self.overlap} must be even numbers (torchio's grid)")
-            if any(o >= s for o, s in zip(self.overlap, self.size)):
-                raise ValueError(f"overlap: {self.overlap} must be smaller than size {self.size} on every axis")
         return self
 
 
@@ -318,27 +255,6 @@ def read(path: str | Path) -> tuple[Config, Path]:
     except json.JSONDecodeError as exc:
         raise ConfigError("", f"{path} is not valid JSON: {exc}") from None
     return parse(data), path.resolve().parent
-
-
-def check_methods(config: Config) -> None:
-    """Method ids, layer use, params and noise_tunnel names, checked against upstream signatures."""
-    from . import registry
-
-    errors: list[str] = []
-    for i, entry in enumerate(config.methods):
-        where = f"methods[{i}]"
-        try:
-            check_method(entry.id, entry.params, entry.layer, entry.noise_tunnel, where)
-            patch = entry.patch or config.patch
-            if patch is not None and patch.mode == "global":
-                from .patcher import check_global
-
-                check_global(registry.get(entry.id), entry.wrapper or config.wrapper,
-                             f"{where}.patch.mode" if entry.patch else "patch.mode")
-        except ConfigError as exc:
-            errors.append(str(exc))
-    if errors:
-        raise ConfigError("", "\n".join(errors))
 
 
 def check_method(method_id: str, params: dict, layer: str | None, noise_tunnel: dict | None, where: str) -> None:

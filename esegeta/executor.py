@@ -44,8 +44,9 @@ class Attempted:
 class RetryPolicy:
     """Try ``precisions`` in order (``("bf16", "fp32")`` under amp, else ``("fp32",)``).
 
-    ``run`` calls ``attempt(precision, settings)``. Out of memory: ``shrink(settings)`` (the
-    settings with the internal batch halved, or None when it cannot shrink) and again. Any other
+    ``run`` calls ``attempt(precision, settings)`` (the runner's settings are a
+    :class:`~esegeta.request.Request`). Out of memory: ``shrink(settings)`` (new settings with
+    the internal batch halved, never changed in place; None when it cannot shrink) and again. Any other
     error, or a result ``finite`` rejects, under a precision that is not the last: the next one.
     The last precision's error propagates; its result is returned whether finite or not (the
     caller's verdict then fails it, naming the cause)."""

@@ -19,7 +19,7 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   share of the output gradient, so the activations held at any time are those of
   ``batch_size`` patches (times the method's own batch, e.g. Integrated Gradients' steps per
   ``internal_batch_size``), never the whole input's. With a built-in wrapper
-  (:class:`_StitchedScore`, via the ``build_wrapper`` hook the explainer honours) the score
+  (:class:`_StitchedScore`, passed as the inner call's ``build_wrapper``) the score
   is also summed region by region: only the input, the stitched output (kept without a
   graph) and the input gradient exist at the whole input's size, times the method's batch;
   that is what grows with the input (``benchmarks/patcher.py``: Integrated Gradients on a
@@ -41,14 +41,19 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
 The blending in the stitched forward is differentiable code of its own (torchio's
 aggregator works in place on CPU without gradients); tests check it equals torchio's.
 
+The two modes are strategies (:class:`Local`, :class:`Global`; :class:`Whole` without a
+patch) that wrap the inner call (:func:`esegeta.call.call_once`) the way Captum's
+``NoiseTunnel`` wraps a method: :func:`strategy` picks one for a request's patch.
+
 Devices: torchio only places the patches (``GridSampler`` on a CPU placeholder of the
 input's shape gives integer locations); patches are sliced from the input where it lives,
 and windows, weights, stitched outputs and blends are made on its device.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +61,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .call import Outcome
 from .errors import ConfigError
 from .registry import MethodSpec
+from .request import PatchConfig, Request, WrapperConfig
+from .wrappers import MaskedScore, build, region_mask, select_output
+
+#: The inner call a strategy wraps: :func:`esegeta.call.call_once`'s signature.
+CallFn = Callable[..., Outcome]
 
 
 def to_volume(x: torch.Tensor) -> torch.Tensor:
@@ -207,12 +218,10 @@ class Stitched(nn.Module):
         return _StitchFunction.apply(x, self)
 
     @staticmethod
-    def build_wrapper(model: Stitched, x: torch.Tensor, wrapper: Mapping[str, Any],
+    def build_wrapper(model: Stitched, x: torch.Tensor, wrapper: WrapperConfig,
                       base_dir: Path | None = None) -> nn.Module:
         """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
         score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
-        from .wrappers import MaskedScore, build
-
         wrapped = build(model, x, wrapper, base_dir)
         if isinstance(wrapped.score, MaskedScore):
             return _StitchedScore(model, wrapped.score, wrapped.unperturbed)
@@ -230,8 +239,6 @@ class Stitched(nn.Module):
 
     def outputs(self, patches: torch.Tensor) -> torch.Tensor:
         """The model's segmentation output on a batch of volume-view patches, as a volume view."""
-        from .wrappers import select_output
-
         out = select_output(self.model(from_volume(patches, self.dims)), self.output_key)
         out = to_volume(out)
         if tuple(out.shape[2:]) != tuple(patches.shape[2:]):
@@ -375,61 +382,77 @@ class _StitchFunction(torch.autograd.Function):
         return ctx.stitched.backprop(x, grad_out), None
 
 
-def _patch_wrapper(wrapper: Mapping[str, Any] | None, mask: torch.Tensor | None, grid: Grid,
-                   location: np.ndarray) -> Mapping[str, Any] | None:
-    """The wrapper of one patch: a region mask cropped to it."""
-    if mask is None:
-        return wrapper
+class Whole:
+    """No patching: the inner call on the whole input."""
+
+    def __call__(self, inner: CallFn, request: Request, model: nn.Module, x: torch.Tensor, **kw: Any) -> Outcome:
+        return inner(request, model, x, **kw)
+
+
+@dataclass(frozen=True)
+class Local:
+    """Each patch explained as an input of its own, the results blended (:class:`Blend`).
+
+    A region mask is cropped to each patch (one patch per call then). There is one score per
+    patch, so none is returned, nor extra outputs."""
+
+    patch: PatchConfig
+
+    def __call__(self, inner: CallFn, request: Request, model: nn.Module, x: torch.Tensor, *,
+                 base_dir: Path | None = None, **kw: Any) -> Outcome:
+        if request.spec.kind == "image":
+            raise ConfigError("patch", f"{request.spec.id} draws an image of its own, not aligned with the input: "
+                                       "remove 'patch'")
+        grid = Grid.over(tuple(x.shape[2:]), list(self.patch.size), self.patch.overlap, self.patch.blend)
+        wrapper = request.wrapper
+        mask = region_mask(wrapper.mask, base_dir, x.device) if wrapper is not None and wrapper.mask is not None else None
+        batch_size = 1 if mask is not None else self.patch.batch_size
+        one = request.replace(patch=None)
+        dims = x.ndim - 2
+        results = []
+        for i in range(x.shape[0]):
+            x5 = to_volume(x[i:i + 1])
+            blend = None
+            for chunk in grid.chunks(batch_size):
+                patches = from_volume(_patches(x5, grid, chunk), dims)
+                crop = None if mask is None else _crop(mask, grid, chunk[0])
+                attr = inner(one, model, patches, base_dir=base_dir, samples=patches,
+                             build_wrapper=partial(build, mask=crop)).result
+                attr5 = to_volume(attr) if attr.ndim == dims + 2 else attr
+                if blend is None:
+                    blend = Blend(grid, _scale(grid, attr5), attr5)
+                blend.add(attr5, chunk)
+            results.append(from_volume(blend.output()[None], dims))
+        return Outcome(torch.cat(results))
+
+
+def _crop(mask: torch.Tensor, grid: Grid, location: np.ndarray) -> torch.Tensor:
+    """A region mask cropped to the patch at ``location``."""
     cropped = mask.reshape(grid.shape)[grid.slices(location)[2:]]
-    return {**wrapper, "mask": cropped.reshape(cropped.shape[:mask.ndim])}
+    return cropped.reshape(cropped.shape[:mask.ndim])
 
 
-def run_patched(spec: MethodSpec, model: nn.Module, x: torch.Tensor, patch: Mapping[str, Any], *,
-                target: Any = None, wrapper: Mapping[str, Any] | None = None, layer: str | None = None,
-                params: Mapping[str, Any] | None = None, noise_tunnel: Mapping[str, Any] | None = None,
-                base_dir: Path | None = None, with_score: bool = False, samples: torch.Tensor | None = None,
-                extras: dict[str, Any] | None = None) -> tuple[torch.Tensor, float | None]:
-    """:func:`esegeta.explainer.run_method` patch by patch (``patch`` as in :class:`esegeta.config.PatchConfig`).
+@dataclass(frozen=True)
+class Global:
+    """The wrapper's score of the stitched whole-input prediction (:class:`Stitched`), computed
+    patch by patch; the score and extra outputs are those of the first input."""
 
-    Returns (result, score): local mode has one score per patch, so none is returned (nor
-    extra outputs); global mode returns the score of the stitched prediction of the first input.
-    """
-    from .explainer import run_method
+    patch: PatchConfig
 
-    dims = x.ndim - 2
-    mode, blend = patch.get("mode", "local"), patch.get("blend", "average")
-    batch_size = int(patch.get("batch_size") or 4)
-    grid = Grid.over(tuple(x.shape[2:]), list(patch["size"]), patch.get("overlap"), blend)
-    common = {"target": target, "params": params, "noise_tunnel": noise_tunnel, "base_dir": base_dir}
-    if mode == "global":
-        check_global(spec, wrapper)
-        stitched = Stitched(model, grid, dims, batch_size, wrapper.get("output"))
-        return run_method(spec, stitched, x, wrapper=wrapper, with_score=with_score, samples=samples,
-                          extras=extras, **common)
-    if spec.kind == "image":
-        raise ConfigError("patch", f"{spec.id} draws an image of its own, not aligned with the input: remove 'patch'")
-    mask = None
-    if wrapper is not None and wrapper.get("mask") is not None:
-        from .loading import load_mask
+    def __call__(self, inner: CallFn, request: Request, model: nn.Module, x: torch.Tensor, **kw: Any) -> Outcome:
+        grid = Grid.over(tuple(x.shape[2:]), list(self.patch.size), self.patch.overlap, self.patch.blend)
+        check_global(request.spec, request.wrapper)
+        stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size, request.wrapper.output)
+        # input-resolution attributions only (check_global): no layer to find on the stitched model
+        return inner(request.replace(patch=None, layer=None), stitched, x,
+                     **{**kw, "build_wrapper": Stitched.build_wrapper})
 
-        raw = wrapper["mask"]
-        mask = (load_mask(raw, base_dir, device=x.device) if isinstance(raw, (str, Path))
-                else torch.as_tensor(raw, device=x.device))
-        batch_size = 1  # one cropped mask per patch
-    results = []
-    for i in range(x.shape[0]):
-        x5 = to_volume(x[i:i + 1])
-        blend = None
-        for chunk in grid.chunks(batch_size):
-            patches = from_volume(_patches(x5, grid, chunk), dims)
-            attr, _ = run_method(spec, model, patches, wrapper=_patch_wrapper(wrapper, mask, grid, chunk[0]),
-                                 layer=layer, samples=patches, **common)
-            attr5 = to_volume(attr) if attr.ndim == dims + 2 else attr
-            if blend is None:
-                blend = Blend(grid, _scale(grid, attr5), attr5)
-            blend.add(attr5, chunk)
-        results.append(from_volume(blend.output()[None], dims))
-    return torch.cat(results), None
+
+def strategy(patch: PatchConfig | None) -> Whole | Local | Global:
+    """How a request with ``patch`` is computed around its upstream call."""
+    if patch is None:
+        return Whole()
+    return Global(patch) if patch.mode == "global" else Local(patch)
 
 
 def check_global(spec: MethodSpec, wrapper: Any, where: str = "patch.mode") -> None:

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
-from . import config as config_mod, registry, resume, scheduling, wrappers
+from . import config as config_mod, resume, scheduling, wrappers
+from .call import check_dims, check_task, find_layer, resolve_target
 from .errors import ConfigError, did_you_mean
-from .explainer import check_dims, check_task, find_layer, resolve_target
 from .loading import InputItem, load_inputs, load_model
+from .patcher import check_global
 from .prepare import PreparedModel, prepared
+from .request import Resolved, resolve
 from .writer import unique_names
 
 #: Kinds whose result has one row per input, so inputs of one shape can share an upstream call.
@@ -50,60 +52,25 @@ def raise_problems(problems: list[Problem]) -> None:
         raise ConfigError("", "\n".join(map(str, problems)))
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A selected method entry with what it takes from the config resolved once: the entry's
-    wrapper, target, patch, time limit and device if it sets them, else the config's."""
-
-    index: int
-    config: config_mod.MethodEntry
-    spec: registry.MethodSpec
-    wrapper: config_mod.WrapperConfig | None
-    target: Any
-    patch: config_mod.PatchConfig | None
-    timeout_s: float | None
-    devices: list[torch.device]
-
-    @property
-    def label(self) -> str:
-        return self.config.name
-
-    def where(self, name: str) -> str:
-        """The JSON path of ``name``: the entry's field if it sets it, else the config's."""
-        own = getattr(self.config, name, None) is not None
-        return f"methods[{self.index}].{name}" if own else name
-
-
-def resolve(config: config_mod.Config, index: int, devices: list[torch.device]) -> Entry:
-    m = config.methods[index]
-    rt = config.runtime
-    return Entry(index, m, registry.get(m.id), m.wrapper or config.wrapper,
-                 m.target if m.target is not None else config.target, m.patch or config.patch,
-                 m.timeout_s or rt.timeout_s,
-                 scheduling.resolve_devices(m.device, f"methods[{index}].device") if m.device else devices)
-
-
 def entry_problems(config: config_mod.Config, index: int) -> list[Problem]:
     """Problems of ``methods[index]`` found from the JSON alone (no model needed)."""
     m, where = config.methods[index], f"methods[{index}]"
     try:
         config_mod.check_method(m.id, m.params, m.layer, m.noise_tunnel, where)
-        patch = m.patch or config.patch
-        if patch is not None and patch.mode == "global":
-            from .patcher import check_global
-
-            check_global(registry.get(m.id), m.wrapper or config.wrapper,
-                         f"{where}.patch.mode" if m.patch else "patch.mode")
-        if m.device:
-            scheduling.resolve_devices(m.device, f"{where}.device")
+        e = resolve(m, config, index)
+        if e.request.patch is not None and e.request.patch.mode == "global":
+            check_global(e.spec, e.request.wrapper, e.where("patch") + ".mode")
+        if e.device:
+            scheduling.resolve_devices(e.device, e.where("device"))
     except ConfigError as exc:
         return [Problem.of(exc, index)]
     return []
 
 
-def model_problems(e: Entry, ready: PreparedModel, x: torch.Tensor, base_dir: Path | None) -> list[Problem]:
+def model_problems(e: Resolved, ready: PreparedModel, x: torch.Tensor, base_dir: Path | None) -> list[Problem]:
     """Problems of an entry seen on the prepared model and the first input ``x``."""
     found: list[Problem] = []
+    r = e.request
 
     def collect(check, *args) -> Any:
         try:
@@ -112,15 +79,15 @@ def model_problems(e: Entry, ready: PreparedModel, x: torch.Tensor, base_dir: Pa
             found.append(Problem.of(exc, e.index))
             return None
 
-    collect(check_task, e.spec, e.wrapper, e.where("wrapper"))
+    collect(check_task, e.spec, r.wrapper, e.where("wrapper"))
     collect(check_dims, e.spec, x, f"methods[{e.index}].id")
-    if e.config.layer:
-        collect(find_layer, ready, e.config.layer, f"methods[{e.index}].layer", e.spec)
+    if r.layer:
+        collect(find_layer, ready, r.layer, f"methods[{e.index}].layer", e.spec)
     if found:
         return found
-    forward = collect(wrappers.build, ready, x, e.wrapper.model_dump(), base_dir) if e.wrapper else ready
+    forward = collect(wrappers.build, ready, x, r.wrapper, base_dir) if r.wrapper else ready
     if e.spec.needs_target and forward is not None:
-        collect(resolve_target, forward, x, e.target, e.where("target"), True)
+        collect(resolve_target, forward, x, r.target, e.where("target"), True)
     return found
 
 
@@ -135,7 +102,7 @@ class Plan:
     inputs: list[InputItem]
     devices: list[torch.device]
     ready: PreparedModel
-    entries: list[Entry]
+    entries: list[Resolved]
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -145,11 +112,15 @@ class Plan:
     @property
     def methods(self) -> list[tuple[int, config_mod.MethodEntry]]:
         """(index in ``methods``, entry) of the selected entries (``validate()``'s result before)."""
-        return [(e.index, e.config) for e in self.entries]
+        return [(e.index, self.config.methods[e.index]) for e in self.entries]
 
     @property
     def prepared(self) -> PreparedModel:
         return self.ready
+
+    def devices_of(self, e: Resolved) -> list[torch.device]:
+        """Where an entry's jobs may run: its own device(s), else the run's."""
+        return scheduling.resolve_devices(e.device, e.where("device")) if e.device else self.devices
 
     def raise_problems(self) -> None:
         raise_problems(self.problems)
@@ -186,7 +157,7 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
         raise ConfigError("inputs", f"the model fails on {inputs[0].path.name} (shape "
                                     f"{tuple(inputs[0].tensor.shape)}): {type(exc).__name__}: {exc}") from exc
     bad = {p.entry for p in problems}
-    entries = [resolve(config, i, devices) for i in indices if i not in bad]
+    entries = [resolve(config.methods[i], config, i) for i in indices if i not in bad]
     for e in entries:
         problems += model_problems(e, ready, first, base_dir)
     return Plan(config, base_dir, model, inputs, devices, ready, entries, problems)
@@ -198,7 +169,7 @@ class Job:
     """One method on one input, or on a batch of same-shaped inputs (``runtime.batch_size``)."""
 
     position: int  # the entry's place among the selected entries (manifest order)
-    entry: Entry
+    entry: Resolved
     items: list[tuple[int, InputItem]]  # (input index, input)
     keys: list[str]  # resume key per input
     devices: list[torch.device]  # where it may run
@@ -212,14 +183,11 @@ class Job:
         return self.entry.spec.exclusive
 
 
-def key_settings(e: Entry, config: config_mod.Config) -> dict[str, Any]:
+def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
     """What decides a method's numbers on an input (the resume key, besides model and input)."""
-    m, rt = e.config, config.runtime
+    rt = config.runtime
     return {
-        "id": m.id, "label": m.name, "params": m.params, "layer": m.layer, "noise_tunnel": m.noise_tunnel,
-        "wrapper": e.wrapper.model_dump(mode="json") if e.wrapper else None, "target": e.target,
-        "patch": e.patch.model_dump(mode="json") if e.patch else None,
-        "model": config.model.model_dump(mode="json"),
+        **e.request.key_settings(), "label": e.label, "model": config.model.model_dump(mode="json"),
         "inputs": config.inputs.model_dump(mode="json", exclude={"paths"}), "seed": rt.seed, "amp": rt.amp, "tf32": rt.tf32,
         "batch_size": rt.batch_size, "output": config.output.model_dump(mode="json", exclude={"dir"}),
     }
@@ -236,6 +204,7 @@ def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int
     todo_jobs: list[Job] = []
     for position, e in enumerate(p.entries):
         settings = key_settings(e, p.config)
+        devices = p.devices_of(e)
         settings["samples"] = None if resume.ignores_samples(e.spec.id) else samples_hash
         todo: list[tuple[int, InputItem, str]] = []
         for k, item in enumerate(p.inputs):
@@ -245,13 +214,13 @@ def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int
                 kept[(k, position)] = {**record, "resumed": True}
             else:
                 todo.append((k, item, key))
-        batch = p.config.runtime.batch_size if (e.wrapper is None and e.patch is None
+        batch = p.config.runtime.batch_size if (e.request.wrapper is None and e.request.patch is None
                                                 and e.spec.kind in BATCHABLE_KINDS) else 1
         while todo:
             group = [t for t in todo if t[1].tensor.shape == todo[0][1].tensor.shape][:batch]
             taken = {k for k, _, _ in group}
             todo = [t for t in todo if t[0] not in taken]
             todo_jobs.append(Job(position, e, [(k, item) for k, item, _ in group], [key for _, _, key in group],
-                                 e.devices))
+                                 devices))
     todo_jobs.sort(key=lambda j: (j.items[0][0], j.position))
     return kept, todo_jobs

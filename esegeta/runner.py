@@ -25,8 +25,9 @@ import torch
 from . import __version__, numerics, planning, scheduling, verdicts
 from . import config as config_mod
 from .executor import Executor, RetryPolicy, Worker, attribute_warnings
-from .explainer import run_method
+from .explainer import run
 from .planning import Job, Plan
+from .request import Request
 from .timeouts import TimeLimitExceeded, call_with_limit
 from .writer import Writer, check_dir
 
@@ -208,10 +209,10 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
     rng: list[scheduling.JobRandomness] = []
     oom = [0]
 
-    def attempt(name: str, settings: tuple[dict, dict | None]):
+    def attempt(name: str, request: Request):
         rng[:] = [scheduling.JobRandomness(seed, scheduling.uses_global_rng(e.spec.id))]
         with rng[0], numerics.autocast(name, device):
-            return _call(job, worker.replica(x), x, settings, plan.base_dir, worker.samples())
+            return _call(job, worker.replica(x), x, request, plan.base_dir, worker.samples())
 
     def notify(kind: str, message: str) -> None:
         oom[0] += kind == "oom"
@@ -219,8 +220,7 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
 
     def compute():
         attribute_warnings(job.name)
-        settings = (dict(e.config.params), dict(e.config.noise_tunnel) if e.config.noise_tunnel is not None else None)
-        return RetryPolicy(precision.attempts).run(attempt, settings, lambda s: _halved(e.spec, s),
+        return RetryPolicy(precision.attempts).run(attempt, e.request, _halved,
                                                    lambda r: bool(torch.isfinite(r[0]).all()), notify)
 
     start = time.perf_counter()
@@ -243,29 +243,27 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
             for r in records]
 
 
-def _call(job: Job, model, x: torch.Tensor, settings: tuple[dict, dict | None], base_dir: Path | None,
-          samples: torch.Tensor):
-    """The one call of the method (explainer.run_method): (result, scores per input, extras)."""
-    e, (params, noise_tunnel) = job.entry, settings
-    extras: dict[str, Any] = {}
+def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None, samples: torch.Tensor):
+    """The one call of the method (:func:`esegeta.explainer.run`): (result, scores per input, extras)."""
     single = len(job.items) == 1
-    attr, score = run_method(e.spec, model, x, target=e.target, wrapper=e.wrapper.model_dump() if e.wrapper else None,
-                             layer=e.config.layer, params=params, noise_tunnel=noise_tunnel, base_dir=base_dir,
-                             with_score=single, samples=samples, extras=extras,
-                             patch=e.patch.model_dump() if e.patch else None)
-    scores = [score] if single else _batch_scores(model, x, e.target, e.spec.needs_target)
-    return attr, scores, extras
+    outcome = run(request, model, x, base_dir=base_dir, with_score=single, samples=samples)
+    scores = [outcome.score] if single else _batch_scores(model, x, request.target, request.spec.needs_target)
+    return outcome.result, scores, outcome.extras
 
 
-def _halved(spec, settings: tuple[dict, dict | None]) -> tuple[dict, dict | None] | None:
-    """The call settings with the method's internal batch parameter halved, or None (cannot shrink)."""
-    params, noise_tunnel = dict(settings[0]), dict(settings[1]) if settings[1] is not None else None
-    return (params, noise_tunnel) if scheduling.halve_batch(spec, params, noise_tunnel) else None
+def _halved(request: Request) -> Request | None:
+    """The request with the method's internal batch parameter halved, or None (cannot shrink)."""
+    params = dict(request.params)
+    noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
+    if not scheduling.halve_batch(request.spec, params, noise_tunnel):
+        return None
+    return request.replace(params=params, noise_tunnel=noise_tunnel)
 
 
 def _results(job: Job, worker: Worker, records: list[dict], done, reason: str, elapsed: float):
     """Per input: the record completed with the verdict on its result, the result and its extras."""
-    (attr, scores, extras), (params, noise_tunnel) = done.value, done.settings
+    (attr, scores, extras), request = done.value, done.settings
+    params, noise_tunnel = dict(request.params), request.noise_tunnel
     if attr.shape[0] != len(job.items):
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
     seconds = round(elapsed / len(job.items), 4)
@@ -288,7 +286,7 @@ def _results(job: Job, worker: Worker, records: list[dict], done, reason: str, e
             record["warnings"].append(flat)
             log.warning("%s on %s: %s", job.entry.label, item.name, flat)
         if done.oom_retries:
-            record["params"] = {**params, **({"noise_tunnel": noise_tunnel} if noise_tunnel else {})}
+            record["params"] = {**params, **({"noise_tunnel": dict(noise_tunnel)} if noise_tunnel else {})}
         if len(job.items) > 1:
             record["batch"] = len(job.items)
         computed.append((record, one[0].cpu().numpy(), _extras_of(extras, n)))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .request import WrapperConfig, wrapper_config
 
 ACTIVATIONS: Mapping[str, Callable[[], nn.Module]] = {
     "none": nn.Identity,
@@ -119,68 +120,71 @@ def _activated(output: Any, activation: str, key) -> torch.Tensor:
         return ACTIVATIONS[activation]()(tensor.float())
 
 
-def threshold_score(output: Any, channel: int = 0, threshold: float | str = 0.5, activation: str = "none",
-                    reduction: str = "sum", output_key=None) -> MaskedScore:
+def threshold_score(output: Any, wrapper: WrapperConfig) -> MaskedScore:
     """The ``threshold`` wrapper's score, its mask frozen from ``output`` (batch of one)."""
-    a = _activated(output, activation, output_key)
+    a = _activated(output, wrapper.activation, wrapper.output)
+    channel = wrapper.channel
     if not 0 <= channel < a.shape[1]:
         raise ConfigError("wrapper.channel", f"channel {channel} does not exist; the output has {a.shape[1]} channels")
     a = a[0, channel]
-    t = otsu(a) if threshold == "otsu" else float(threshold)
+    t = otsu(a) if wrapper.threshold == "otsu" else float(wrapper.threshold)
     mask = (a > t).float()
-    return MaskedScore(activation, [channel, channel], torch.stack([1 - mask, mask]), reduction, output_key)
+    return MaskedScore(wrapper.activation, [channel, channel], torch.stack([1 - mask, mask]), wrapper.reduction,
+                       wrapper.output)
 
 
-def multiclass_score(output: Any, activation: str = "none", reduction: str = "sum", output_key=None) -> MaskedScore:
+def multiclass_score(output: Any, wrapper: WrapperConfig) -> MaskedScore:
     """The ``multiclass`` wrapper's score: one column per class over its argmax region."""
-    a = _activated(output, activation, output_key)[0]
+    a = _activated(output, wrapper.activation, wrapper.output)[0]
     labels = a.argmax(dim=0)
     masks = torch.stack([(labels == k).float() for k in range(a.shape[0])])
-    return MaskedScore(activation, range(a.shape[0]), masks, reduction, output_key)
+    return MaskedScore(wrapper.activation, range(a.shape[0]), masks, wrapper.reduction, wrapper.output)
 
 
-def region_score(output: Any, mask: torch.Tensor, activation: str = "none", reduction: str = "sum",
-                 output_key=None) -> MaskedScore:
+def region_score(output: Any, mask: torch.Tensor, wrapper: WrapperConfig) -> MaskedScore:
     """The ``region`` wrapper's score: every channel summed over the given mask."""
-    a = _activated(output, activation, output_key)[0]
+    a = _activated(output, wrapper.activation, wrapper.output)[0]
     mask = mask.to(device=a.device, dtype=torch.float32)  # a mask given as a tensor may live anywhere
     while mask.ndim > a.ndim - 1:
         mask = mask[0]
     if tuple(mask.shape) != tuple(a.shape[1:]):
         raise ConfigError("wrapper.mask", f"mask shape {tuple(mask.shape)} does not match the output's spatial "
                                           f"shape {tuple(a.shape[1:])}")
-    return MaskedScore(activation, range(a.shape[0]), mask.expand(a.shape[0], *mask.shape).clone(),
-                       reduction, output_key)
+    return MaskedScore(wrapper.activation, range(a.shape[0]), mask.expand(a.shape[0], *mask.shape).clone(),
+                       wrapper.reduction, wrapper.output)
 
 
-def build(model: nn.Module, x: torch.Tensor, wrapper: Mapping[str, Any], base_dir: Path | None = None) -> WrappedModel:
+def region_mask(mask: Any, base_dir: Path | None, device: torch.device) -> torch.Tensor:
+    """A region mask given as a file name (relative to ``base_dir``) or a tensor, on ``device``."""
+    from .loading import load_mask
+
+    if isinstance(mask, (str, Path)):
+        return load_mask(mask, base_dir, device=device)
+    return torch.as_tensor(mask, device=device)
+
+
+def build(model: nn.Module, x: torch.Tensor, wrapper: WrapperConfig | Mapping[str, Any],
+          base_dir: Path | None = None, *, mask: torch.Tensor | None = None) -> WrappedModel:
     """Wrap ``model`` for the single input ``x`` (batch of one): masks frozen from ``model(x)``.
 
-    ``wrapper`` is a validated wrapper config as a dict (see :class:`esegeta.config.WrapperConfig`).
-    """
-    from .loading import load_callable, load_mask
+    ``wrapper`` is a :class:`esegeta.request.WrapperConfig` (a mapping is validated into one);
+    ``mask`` replaces a region wrapper's mask (the patcher's crop of it)."""
+    from .loading import load_callable
 
     if x.shape[0] != 1:
         raise ValueError("wrapper masks are frozen per input: build one wrapper per input (batch of one)")
-    name = wrapper["name"]
-    common = {"activation": wrapper.get("activation", "none"), "reduction": wrapper.get("reduction", "sum"),
-              "output_key": wrapper.get("output")}
+    wrapper = wrapper_config(wrapper)
     with torch.no_grad():
         output = model(x)
-    if name == "threshold":
-        score = threshold_score(output, wrapper.get("channel", 0), wrapper.get("threshold", 0.5), **common)
-    elif name == "multiclass":
-        score = multiclass_score(output, **common)
-    elif name == "region":
-        mask = wrapper.get("mask")
-        if mask is None:
-            raise ConfigError("wrapper.mask", "the region wrapper needs a mask file")
-        mask = (load_mask(mask, base_dir, device=x.device) if isinstance(mask, (str, Path))
-                else torch.as_tensor(mask, device=x.device))
-        score = region_score(output, mask, **common)
+    if wrapper.name == "threshold":
+        score = threshold_score(output, wrapper)
+    elif wrapper.name == "multiclass":
+        score = multiclass_score(output, wrapper)
+    elif wrapper.name == "region":
+        given = region_mask(wrapper.mask if mask is None else mask, base_dir, x.device)
+        score = region_score(output, given, wrapper)
     else:
-        make = load_callable(name, base_dir, "wrapper.name")
-        score = make(output, **wrapper.get("options", {}))
+        score = load_callable(wrapper.name, base_dir, "wrapper.name")(output, **wrapper.options)
     with torch.no_grad():
         unperturbed = score(output)
     return WrappedModel(model, score, unperturbed)

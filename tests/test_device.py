@@ -217,15 +217,16 @@ def test_wrapper_on_meta(kind, segmenter):
 def test_region_wrapper_with_a_mask_tensor_on_meta(mask_device, reduction, segmenter):
     """A region mask given as a tensor (Python only: configs name files), wherever it lives, is
     used on the data's device."""
-    from esegeta.explainer import run_method
+    from esegeta.explainer import run
     from esegeta.prepare import prepared
+    from esegeta.request import from_arguments
 
     mask = torch.zeros(segmenter.x.shape[2:], device=mask_device)
     wrapper = {"name": "region", "mask": mask, "activation": "sigmoid", "reduction": reduction}
     _assert_on_meta(wrappers.build(segmenter.model, segmenter.x, wrapper))
     model = prepared(segmenter.model, segmenter.x)
-    attr, _ = run_method(registry.get("captum.IntegratedGradients"), model, segmenter.x, target=0,
-                         wrapper=wrapper, params={"n_steps": 4})
+    request = from_arguments("captum.IntegratedGradients", target=0, wrapper=wrapper, params={"n_steps": 4})
+    attr = run(request, model, segmenter.x).result
     assert attr.device == META
 
 
@@ -263,15 +264,16 @@ def test_patcher_on_meta(method_id, mode, blend, segmenter):
 
 def test_patcher_local_layer_results_and_region_mask_on_meta(segmenter):
     """Results at a layer's resolution are blended on its grid; a CPU region mask is cropped per patch."""
-    from esegeta.patcher import run_patched
+    from esegeta.explainer import run
     from esegeta.prepare import prepared
+    from esegeta.request import from_arguments
 
     layer_attr = _explain(segmenter, "captum.LayerGradCam", layer=segmenter.layer,
                           patch=_patch(segmenter, "local", "hann"))
     assert layer_attr.device == META
     region = {"name": "region", "mask": torch.ones(segmenter.x.shape[2:]), "activation": "sigmoid"}
-    attr, _ = run_patched(registry.get("captum.Saliency"), prepared(segmenter.model, segmenter.x), segmenter.x,
-                          _patch(segmenter, "local", "average"), target=0, wrapper=region)
+    request = from_arguments("captum.Saliency", target=0, wrapper=region, patch=_patch(segmenter, "local", "average"))
+    attr = run(request, prepared(segmenter.model, segmenter.x), segmenter.x).result
     assert attr.device == META
 
 

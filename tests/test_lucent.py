@@ -12,8 +12,9 @@ import esegeta
 from esegeta import registry, wrappers
 from esegeta.compat import import_torchvision
 from esegeta.errors import ConfigError
-from esegeta.explainer import run_method
+from esegeta.explainer import run
 from esegeta.prepare import prepared
+from esegeta.request import from_arguments
 from esegeta.runner import Pipeline
 
 from conftest import ROOT, assert_unchanged, hook_count, snapshot
@@ -103,9 +104,9 @@ def test_class_objective_raises_the_target_score(request, name):
     extras = {}
     torch.manual_seed(0)
     np.random.seed(0)
-    image, _ = run_method(registry.get(METHOD), net, case.x, target=case.target, wrapper=case.wrapper,
-                          layer=case.layer, params={"objective": "class", "thresholds": [1, 32], "transforms": []},
-                          extras=extras)
+    outcome = run(from_arguments(METHOD, target=case.target, wrapper=case.wrapper, layer=case.layer,
+                                 params={"objective": "class", "thresholds": [1, 32], "transforms": []}), net, case.x)
+    image, extras = outcome.result, outcome.extras
     with torch.no_grad():
         first, last = scores(extras["thresholds"]["step_1"])[0], scores(image)[0]
     assert last[case.target] > first[case.target] + 0.5 * first[case.target].abs() + 1.0

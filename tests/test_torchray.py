@@ -12,8 +12,9 @@ from esegeta import registry, wrappers
 from esegeta.compat import import_torchvision
 from esegeta.config import WrapperConfig, check_method
 from esegeta.errors import ConfigError
-from esegeta.explainer import run_method
+from esegeta.explainer import run
 from esegeta.prepare import prepared
+from esegeta.request import Request
 
 from conftest import assert_unchanged, hook_count, snapshot
 
@@ -40,7 +41,7 @@ def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _wrapped(case, model, **overrides):
-    cfg = WrapperConfig.model_validate({**case.wrapper, **overrides}).model_dump()
+    cfg = WrapperConfig.model_validate({**case.wrapper, **overrides})
     return wrappers.build(model, case.x, cfg)
 
 
@@ -88,10 +89,10 @@ def test_rise_and_extremal_equal_direct_call_digits(digits):
 
     masks, hist = _torchray("extremal_perturbation", "extremal_perturbation")(
         model, digits.x.clone(), 3, areas=[0.1, 0.3], max_iter=10, step=1, sigma=3.0)
-    extras: dict = {}
     spec = registry.get("torchray.extremal_perturbation")
-    got, _ = run_method(spec, prepared(digits.model, digits.x), digits.x, target=3,
-                        params={"areas": [0.1, 0.3], "max_iter": 10, "step": 1, "sigma": 3.0}, extras=extras)
+    request = Request(spec, {"areas": [0.1, 0.3], "max_iter": 10, "step": 1, "sigma": 3.0}, target=3)
+    outcome = run(request, prepared(digits.model, digits.x), digits.x)
+    got, extras = outcome.result, outcome.extras
     assert got.shape == (1, 2, 8, 8)  # one mask per area, as channels
     assert torch.allclose(got, masks.transpose(0, 1), rtol=1e-5, atol=1e-6)
     assert torch.allclose(extras["hist"][0], hist, rtol=1e-5, atol=1e-6)

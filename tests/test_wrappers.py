@@ -9,6 +9,7 @@ from torch import nn
 import esegeta
 from esegeta import wrappers
 from esegeta.errors import ConfigError
+from esegeta.request import wrapper_config
 
 from conftest import ROOT
 
@@ -55,7 +56,7 @@ def test_otsu_threshold_matches_scikit_image(retina):
 
     with torch.no_grad():
         prob = torch.sigmoid(retina.model(retina.x))[0, 0]
-    score = wrappers.threshold_score(retina.model(retina.x), 0, "otsu", "sigmoid")
+    score = wrappers.threshold_score(retina.model(retina.x), wrapper_config({**THRESHOLD, "threshold": "otsu"}))
     expected = (prob > threshold_otsu(prob.numpy())).float()
     assert torch.equal(score.masks[0, 1], expected)
 
@@ -63,8 +64,8 @@ def test_otsu_threshold_matches_scikit_image(retina):
 def test_mean_reduction_divides_by_mask_size(retina):
     with torch.no_grad():
         out = retina.model(retina.x)
-        total = wrappers.threshold_score(out, activation="sigmoid")(out)
-        mean = wrappers.threshold_score(out, activation="sigmoid", reduction="mean")(out)
+        total = wrappers.threshold_score(out, wrapper_config(THRESHOLD))(out)
+        mean = wrappers.threshold_score(out, wrapper_config({**THRESHOLD, "reduction": "mean"}))(out)
         mask = (torch.sigmoid(out)[0, 0] > 0.5).float()
     torch.testing.assert_close(mean[0, 1], total[0, 1] / mask.sum())
     torch.testing.assert_close(mean[0, 0], total[0, 0] / (1 - mask).sum())
@@ -73,7 +74,7 @@ def test_mean_reduction_divides_by_mask_size(retina):
 def test_multiclass_columns_are_class_sums_over_argmax_regions(tissue):
     with torch.no_grad():
         out = tissue.model(tissue.x)
-        scores = wrappers.multiclass_score(out, "softmax")(out)
+        scores = wrappers.multiclass_score(out, wrapper_config({"name": "multiclass", "activation": "softmax"}))(out)
         prob = torch.softmax(out, 1)[0]
         labels = prob.argmax(0)
     for k in range(3):

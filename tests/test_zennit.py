@@ -13,8 +13,9 @@ from torch import nn
 import esegeta
 from esegeta import registry, wrappers
 from esegeta.errors import ConfigError
-from esegeta.explainer import run_method
+from esegeta.explainer import run
 from esegeta.prepare import prepared
+from esegeta.request import from_arguments
 
 from conftest import SAMPLES, assert_unchanged, hook_count, snapshot
 
@@ -259,10 +260,9 @@ def test_occlusion_scores_the_target(digits):
 
 
 def _trace(case, method="zennit.EpsilonPlus", **params):
-    extras: dict = {}
-    result, _ = run_method(registry.get(method), prepared(case.model, case.x), case.x, target=case.target,
-                           wrapper=case.wrapper, params={"trace": True, **params}, extras=extras)
-    return result, extras["trace"]
+    request = from_arguments(method, target=case.target, wrapper=case.wrapper, params={"trace": True, **params})
+    outcome = run(request, prepared(case.model, case.x), case.x)
+    return outcome.result, outcome.extras["trace"]
 
 
 def test_trace_records_every_layer(digits, tissue):

@@ -1,0 +1,139 @@
+"""One upstream call: a :class:`~esegeta.request.Request` on a prepared model and a batch.
+
+:func:`call_once` finds the layer, wraps a segmenter (each input gets its own frozen masks,
+so with a wrapper the batch is explained one input at a time and the results concatenated;
+without one, the batch goes to the upstream in one call), resolves the target and hands one
+:class:`~esegeta.registry.Call` to the method's adapter. Patching is not done here: the
+strategies of :mod:`esegeta.patcher` wrap this call. This module imports neither the config
+nor the explainer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import wrappers
+from .errors import ConfigError, did_you_mean
+from .prepare import CallSites, PreparedModel
+from .registry import Call, MethodSpec
+from .request import Request, WrapperConfig
+
+#: Builds the wrapped (classifier) view of a model for one input: ``(model, x, wrapper, base_dir)``.
+WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one call gives: the upstream result (float32, batch kept), the explained score of
+    the first input (when asked for) and the method's extra outputs (of the first input)."""
+
+    result: torch.Tensor
+    score: float | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
+              samples: torch.Tensor | None = None, with_score: bool = False,
+              build_wrapper: WrapperBuilder = wrappers.build) -> Outcome:
+    """Run ``request`` (without its patch) on the prepared ``model`` and inputs ``x``.
+
+    ``samples`` are the run's inputs (for methods that fit on data); ``with_score`` costs one
+    more forward pass; ``build_wrapper`` makes a wrapped view (the patcher's stitched model
+    passes its own, to save memory)."""
+    spec = request.spec
+    check_task(spec, request.wrapper)
+    layer = find_layer(model, request.layer, spec=spec) if request.layer else None
+    pieces = [x] if request.wrapper is None else [x[i:i + 1] for i in range(x.shape[0])]
+    results, score, extras = [], None, {}
+    for n, piece in enumerate(pieces):
+        forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
+        target = resolve_target(forward, piece, request.target) if spec.needs_target else None
+        noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
+        call = Call(forward, model, piece, target, layer, dict(request.params), noise_tunnel, base_dir, samples,
+                    extras if n == 0 else {})
+        results.append(_as_result(spec.adapter.run(spec, call)))
+        if n == 0 and with_score:
+            score = score_of(forward, piece, target)
+    return Outcome(results[0] if len(results) == 1 else torch.cat(results), score, MappingProxyType(extras))
+
+
+def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:
+    """The submodule ``name`` of the prepared copy, or a ConfigError with the closest name."""
+    names = [n for n, _ in model.model.named_modules() if n and ".sites." not in n]
+    try:
+        layer = model.layer(name)
+    except AttributeError:
+        raise ConfigError(where, f"the model has no layer {name!r}" + did_you_mean(name, names)) from None
+    if spec is not None and spec.leaf_layer and list(layer.children()) and not isinstance(layer, CallSites):
+        leaves = [n for n in names if n.startswith(name + ".") and not list(model.layer(n).children())]
+        raise ConfigError(where, f"{spec.id} needs a layer without submodules; {name!r} has some: use one of "
+                                 f"{', '.join(leaves[:6])}")
+    return layer
+
+
+def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str = "target",
+                   check: bool = False) -> Any:
+    """``"predicted"`` → the argmax column per input; an index is checked against the output
+    width (for a plain model only when ``check``: that costs a forward pass)."""
+    if target is None:
+        return None
+    if target != "predicted" and not check and not isinstance(forward, wrappers.WrappedModel):
+        return int(target)
+    scores = _scores(forward, x)
+    if not torch.is_tensor(scores) or scores.ndim != 2:
+        shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+        raise ConfigError("wrapper", f"the model output has shape {shape}, not (batch, classes): for a "
+                                     "segmentation model set a wrapper (threshold, multiclass, region or custom)")
+    if target == "predicted":
+        return scores.argmax(dim=1)
+    if not 0 <= int(target) < scores.shape[1]:
+        what = "the wrapped output" if isinstance(forward, wrappers.WrappedModel) else "the model output"
+        raise ConfigError(where, f"target {target} does not exist: {what} has {scores.shape[1]} columns")
+    return int(target)
+
+
+def _scores(forward: nn.Module, x: torch.Tensor) -> Any:
+    """The (wrapped) model's scores on ``x``; a wrapper already holds them for its input."""
+    unperturbed = getattr(forward, "unperturbed", None)
+    if unperturbed is not None:
+        return unperturbed
+    with torch.no_grad():
+        return forward(x)
+
+
+def score_of(forward: nn.Module, x: torch.Tensor, target: Any) -> float | None:
+    """The value being explained on the unperturbed input (first input of the batch)."""
+    if target is None:
+        return None
+    scores = _scores(forward, x)
+    index = int(target[0]) if torch.is_tensor(target) else int(target)
+    return float(scores[0, index])
+
+
+def check_dims(spec: MethodSpec, x: torch.Tensor, where: str = "inputs") -> None:
+    """A ConfigError if ``spec`` does not support inputs of ``x``'s spatial rank."""
+    dims = x.ndim - 2
+    if dims not in spec.dims:
+        supported = " and ".join(f"{d}D" for d in spec.dims)
+        raise ConfigError(where, f"{spec.id} supports {supported} inputs only; these inputs are {dims}D")
+
+
+def check_task(spec: MethodSpec, wrapper: Any, where: str = "wrapper") -> None:
+    """A ConfigError if ``spec`` does not apply to a classifier (no wrapper) or a wrapped segmenter."""
+    task = "segmentation" if wrapper is not None else "classification"
+    if task not in spec.tasks:
+        fix = ("remove the wrapper: it explains classifiers only" if wrapper is not None
+               else "set a wrapper: it explains wrapped segmentation models only")
+        raise ConfigError(where, f"{spec.id} does not apply to {task} models; {fix}")
+
+
+def _as_result(result: Any) -> torch.Tensor:
+    if not torch.is_tensor(result):
+        raise TypeError(f"the method returned {type(result).__name__}, not a tensor")
+    return result.detach().float()
