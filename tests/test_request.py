@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch import nn
 
+import esegeta
 from esegeta import config as config_mod
 from esegeta.errors import ConfigError
 from esegeta.request import PatchConfig, Request, WrapperConfig, from_arguments, resolve
@@ -78,3 +81,40 @@ def test_resolve_takes_the_entry_value_else_the_config_value():
 def test_resolve_keeps_a_target_of_zero_set_on_the_entry():
     config = _config(label="zero", target=0)
     assert resolve(config.methods[1], config, 1).request.target == 0
+
+
+SEEN: list[bool] = []  # module-level: explain runs a deep copy of the model
+
+
+class _Flags(nn.Module):
+    """A classifier that records whether TF32 is allowed while it computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        SEEN.append(bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32))
+        return self.fc(x.flatten(1))
+
+
+def test_explain_computes_without_tf32_and_restores_the_callers_setting():
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    SEEN.clear()
+    try:
+        attr = esegeta.explain(_Flags(), torch.rand(1, 1, 2, 2), "captum.Saliency", 1)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert attr.shape == (1, 1, 2, 2)
+    assert SEEN and not any(SEEN), SEEN  # the prepared copy's forward passes and the method's
+
+
+def test_out_of_memory_retry_builds_a_new_request():
+    from esegeta.runner import _halved
+
+    request = from_arguments("captum.IntegratedGradients", params={"n_steps": 10})
+    smaller = _halved(request)
+    assert smaller.params == {"n_steps": 10, "internal_batch_size": 5} and request.params == {"n_steps": 10}
+    assert _halved(from_arguments("captum.IntegratedGradients", params={"internal_batch_size": 1})) is None
