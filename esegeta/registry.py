@@ -1,15 +1,21 @@
 """The method registry: one :class:`MethodSpec` per method id ``<library>.<UpstreamName>``.
 
-Adapter modules (``esegeta.adapters.*``) register their methods from tables when first
-needed; they import neither torch nor their explainer library at module level, so
-listing the registry is fast and a missing extra only makes its own methods unavailable.
+Every module of :mod:`esegeta.adapters` is found here (:func:`libraries`: no list to edit) and
+imported when first needed; it states its :class:`Library` (``LIBRARY``: distribution, pip
+extra, RNG use, use of the run's samples, batch and step parameters) and registers its
+methods from tables. Adapter modules import neither torch nor their explainer library at
+module level, so listing the registry is fast and a missing extra only makes its own methods
+unavailable. A new library is one adapter module plus its extra in ``pyproject.toml``.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import importlib.util
 import inspect
 import json
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -23,10 +29,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-#: Adapter modules, imported on first registry access. A new library is one line here.
-ADAPTER_MODULES = tuple(f"esegeta.adapters.{name}" for name in (
-    "captum", "torchray", "gradcam", "zennit", "shap", "lime", "lucent", "own"))
-
 #: Where each kind of method puts its result.
 KINDS = {
     "attribution": "input-resolution attribution",
@@ -37,6 +39,31 @@ KINDS = {
 
 #: The kinds of model a method applies to: a classifier, or a segmenter behind a wrapper.
 TASKS = ("classification", "segmentation")
+
+
+@dataclass(frozen=True)
+class Library:
+    """What esegeta knows about one library: an adapter module's ``LIBRARY``.
+
+    ``name`` is the method ids' prefix; ``distribution`` the installed package whose version the
+    manifest records (None for esegeta's own methods); ``extra`` the pip extra that installs
+    ``requires`` (import names). ``uses_global_rng``: its methods may draw from numpy's or
+    Python's global RNG (then a job holds the global-RNG lock; False: torch's RNG only, which
+    every job gets its own generator for); a method may say otherwise on its spec.
+    ``reads_samples``: it may read the run's other inputs (``Call.samples``), so a result's
+    resume key includes them. ``batch_params``: its internal batch parameters, halved on
+    out-of-memory in this order, each with the count it batches when unset (None: unknown);
+    ``step_params``: the parameters that set how many inputs one call evaluates."""
+
+    name: str
+    distribution: str | None
+    extra: str
+    requires: tuple[str, ...]
+    uses_global_rng: bool = True
+    reads_samples: bool = True
+    batch_params: Mapping[str, str | None] = field(default_factory=dict)
+    step_params: tuple[str, ...] = ()
+    reference: str = ""
 
 
 @dataclass
@@ -62,6 +89,13 @@ class Call:  # noqa: D101 (annotations are strings: torch is not imported here)
     samples: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def targets(self):
+        """The target as a :class:`esegeta.targets.Target` (one class per input), or None."""
+        from .targets import Target
+
+        return Target.of(self.target, self.inputs.shape[0])
+
     def layer_output(self) -> torch.Tensor:
         """``layer``'s output on ``inputs`` (one forward of ``forward`` without gradients)."""
         import torch
@@ -76,6 +110,24 @@ class Call:  # noqa: D101 (annotations are strings: torch is not imported here)
         return seen[0]
 
 
+def guarded(run: Callable[[Any, MethodSpec, Call], torch.Tensor]) -> Callable[[Any, MethodSpec, Call], torch.Tensor]:
+    """Decorates every adapter's ``run``: the spec's defaults are filled in
+    (:func:`esegeta.params.with_defaults`, the one place) and every change the library makes to
+    the call's models is undone afterwards, also on error (:func:`esegeta.guard.restored`, the
+    one guard). So adapters neither fill defaults nor restore anything themselves."""
+
+    @functools.wraps(run)
+    def guarded_run(adapter: Any, spec: MethodSpec, call: Call) -> torch.Tensor:
+        from .guard import restored
+        from .params import with_defaults
+
+        call = dataclasses.replace(call, params=with_defaults(spec, call.params, call.inputs))
+        with restored(call.forward, call.network):
+            return run(adapter, spec, call)
+
+    return guarded_run
+
+
 class Adapter(Protocol):
     """Translates a method entry into one upstream call."""
 
@@ -85,28 +137,32 @@ class Adapter(Protocol):
     def check_value(self, name: str, value: Any, path: str) -> None:
         """Raise ConfigError for a JSON value that cannot work (checked before anything runs)."""
 
-    def noise_tunnel_parameters(self) -> Mapping[str, inspect.Parameter] | None:
-        """The names a ``noise_tunnel`` block may set, or None if unsupported."""
-
     def run(self, spec: "MethodSpec", call: Call) -> torch.Tensor:
-        """Run the method and return the upstream result (batch dimension kept)."""
+        """Run the method and return the upstream result (batch dimension kept); decorated with
+        :func:`guarded`."""
 
 
 @dataclass(frozen=True, eq=False)
 class MethodSpec:
-    """One registered method. ``defaults`` fill upstream parameters that have no upstream
-    default (e.g. Occlusion's window) from the input; ``quick_params`` bound the runtime
-    of the conformance tests and the demo; ``leaf_layer`` methods need a layer without
-    submodules; ``tasks`` are the kinds of model it applies to (see :data:`TASKS`);
-    ``exclusive`` methods change torch for the whole process while they run (TorchRay patches
-    ``torch.relu`` and friends), so no other job may run beside them."""
+    """One registered method of a :class:`Library` (a library's name is looked up).
 
-    library: str
+    ``requires``/``extra`` default to the library's (a method may need more, e.g. OpenCV);
+    ``defaults`` fill upstream parameters that have no upstream default (e.g. Occlusion's
+    window) from the input (:func:`esegeta.params.with_defaults`); ``quick_params`` bound the
+    runtime of the conformance tests and the demo; ``leaf_layer`` methods need a layer without
+    submodules; ``tasks`` are the kinds of model it applies to (see :data:`TASKS`).
+    ``uses_global_rng`` overrides the library's (None: the library's); ``exclusive`` methods
+    change torch for the whole process while they run (TorchRay patches ``torch.relu`` and
+    friends), so no other job may run beside them; ``preflight`` lists what in a prepared
+    model the method cannot handle (Captum's LRP: leaf layers without a rule), before a run;
+    ``noise_tunnel`` gives the parameters of a ``noise_tunnel`` block, None if it takes none."""
+
+    library: Library
     name: str
     kind: str
     adapter: Adapter
-    requires: tuple[str, ...]
-    extra: str
+    requires: tuple[str, ...] = ()
+    extra: str = ""
     needs_layer: bool = False
     leaf_layer: bool = False
     dims: tuple[int, ...] = (2, 3)
@@ -116,10 +172,25 @@ class MethodSpec:
     quick_params: Mapping[str, Any] = field(default_factory=dict)
     reference: str = ""
     exclusive: bool = False
+    uses_global_rng: bool | None = None
+    preflight: Callable[[nn.Module], list[str]] | None = None
+    noise_tunnel: Callable[[], Mapping[str, inspect.Parameter]] | None = None
+
+    def __post_init__(self):
+        library = self.library if isinstance(self.library, Library) else libraries()[self.library]
+        object.__setattr__(self, "library", library)
+        object.__setattr__(self, "requires", tuple(self.requires) or library.requires)
+        object.__setattr__(self, "extra", self.extra or library.extra)
+        if self.uses_global_rng is None:
+            object.__setattr__(self, "uses_global_rng", library.uses_global_rng)
 
     @property
     def id(self) -> str:
-        return f"{self.library}.{self.name}"
+        return f"{self.library.name}.{self.name}"
+
+    def noise_tunnel_parameters(self) -> Mapping[str, inspect.Parameter] | None:
+        """The names a ``noise_tunnel`` block may set, or None if the method takes none."""
+        return self.noise_tunnel() if self.noise_tunnel is not None else None
 
     def unavailable_reason(self) -> str | None:
         """None if the method's libraries are importable, else what to install."""
@@ -150,7 +221,7 @@ class MethodSpec:
         reason = self.unavailable_reason()
         return {
             "id": self.id,
-            "library": self.library,
+            "library": self.library.name,
             "kind": self.kind,
             "needs_layer": self.needs_layer,
             "dims": list(self.dims),
@@ -196,7 +267,7 @@ def _importable(module: str) -> bool:
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
-_loaded = False
+_LIBRARIES: dict[str, Library] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
@@ -204,8 +275,36 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method {spec.id} registered twice")
     if spec.kind not in KINDS:
         raise ValueError(f"{spec.id}: unknown kind {spec.kind!r}")
+    _LIBRARIES.setdefault(spec.library.name, spec.library)
+    if not hasattr(spec.adapter, "noise_tunnel_parameters"):  # SHIM until config.check_method is params.check_method
+        object.__setattr__(spec.adapter, "noise_tunnel_parameters", lambda: None)
     _REGISTRY[spec.id] = spec
     return spec
+
+
+def _load() -> None:
+    """Import every adapter module (found, not listed) once; each brings its ``LIBRARY``."""
+    import esegeta.adapters
+
+    for found in pkgutil.iter_modules(esegeta.adapters.__path__):
+        module = importlib.import_module(f"esegeta.adapters.{found.name}")
+        library = getattr(module, "LIBRARY", None)
+        if isinstance(library, Library):
+            _LIBRARIES.setdefault(library.name, library)
+
+
+def libraries() -> Mapping[str, Library]:
+    """Every library with an adapter module, by name."""
+    all_methods()
+    return MappingProxyType(_LIBRARIES)
+
+
+def distributions() -> tuple[str, ...]:
+    """The installed distributions behind the libraries (what the manifest records versions of)."""
+    return tuple(lib.distribution for lib in libraries().values() if lib.distribution)
+
+
+_loaded = False
 
 
 def all_methods() -> Mapping[str, MethodSpec]:
@@ -213,8 +312,7 @@ def all_methods() -> Mapping[str, MethodSpec]:
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in ADAPTER_MODULES:
-            importlib.import_module(module)
+        _load()
     return MappingProxyType(_REGISTRY)
 
 

@@ -10,8 +10,8 @@ A (method, input) result of the existing ``manifest.json`` is kept, and not reco
   the loaded input tensor (so its file content and preprocessing), ``runtime.seed``,
   ``runtime.amp`` and ``runtime.batch_size``, and the output formats and figure settings;
   for methods that may fit on the run's inputs (``Call.samples``: SHAP backgrounds, esegeta's
-  own pattern methods; every library but those in :data:`SAMPLE_FREE_LIBRARIES`), also all
-  the run's inputs.
+  own pattern methods; every library whose record says ``reads_samples``), also all the run's
+  inputs.
 
 What does not change the numbers (devices, threads, time limits) may differ. Which earlier
 records exist, and when a record counts as done (its files and its journal line durable), is
@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 log = logging.getLogger("esegeta")
-#: Libraries whose adapters never read the run's other inputs (``Call.samples``): adding an
-#: input to the config leaves their results on the earlier inputs valid.
-SAMPLE_FREE_LIBRARIES = frozenset({"captum", "gradcam", "zennit", "torchray", "lucent"})
 
 
 def ignores_samples(method_id: str) -> bool:
-    return method_id.split(".", 1)[0] in SAMPLE_FREE_LIBRARIES
+    """Shim: ``not registry.get(method_id).library.reads_samples`` (adding an input to the config
+    leaves the method's results on the earlier inputs valid)."""
+    from . import registry
+
+    return not registry.get(method_id).library.reads_samples
 
 
 def tensor_digest(tensors) -> str:

@@ -8,15 +8,16 @@
   input index), whatever worker runs it and whatever runs beside it. torch's global RNG is
   shared by all threads, so a job's torch random calls (``torch.randn``, ``normal_``, ...)
   get a per-job generator through a thread-local :class:`torch.overrides.TorchFunctionMode`
-  (:class:`JobRandomness`); methods known to draw from numpy's or Python's global RNG
-  (:func:`uses_global_rng`) hold one lock for their whole run, with both seeded from the job seed.
+  (:class:`JobRandomness`); methods that may draw from numpy's or Python's global RNG (their
+  spec's ``uses_global_rng``, by default their library's) hold one lock for their whole run,
+  with both seeded from the job seed.
 - **Threads.** CPU workers share the cores: each gets ``cpu_count // workers`` intra-op
   threads (:func:`intra_op_threads`). Results are bitwise identical whatever the number of
   workers at the same intra-op thread count; another thread count only changes the float
   summation order (measured: 4e-7 absolute on GradientShap of the sample digits).
 - **Precision** (TF32, ``runtime.amp``): see :mod:`esegeta.numerics`.
-- **Out of memory**: the method's internal batch parameter is halved and the job retried,
-  down to one (:func:`halve_batch`).
+- **Out of memory**: the method's internal batch parameter (its library's ``batch_params``) is
+  halved and the job retried, down to one (:func:`esegeta.params.halve_batch`).
 """
 from __future__ import annotations
 
@@ -39,16 +40,6 @@ RANDOM_OPS = frozenset({
     "rand_like", "randn_like", "randint_like", "_standard_gamma", "_sample_dirichlet",
     "normal_", "uniform_", "bernoulli_", "random_", "exponential_", "cauchy_", "geometric_", "log_normal_",
 })
-#: Libraries whose methods draw only from torch's RNG (others are assumed to use numpy's or Python's)...
-TORCH_RNG_LIBRARIES = frozenset({"captum", "gradcam", "zennit", "torchray"})
-#: ... except these methods, which call numpy's global RNG.
-GLOBAL_RNG_METHODS = frozenset({"captum.GradientShap", "captum.LayerGradientShap", "captum.NeuronGradientShap",
-                                "gradcam.RandomCAM", "gradcam.KPCA_CAM"})
-#: Internal batch parameters halved on out-of-memory, in order of preference, with the
-#: parameter that gives their effective size when they are unset (None).
-BATCH_PARAMS = {"internal_batch_size": "n_steps", "perturbations_per_eval": None,
-                "nt_samples_batch_size": "nt_samples", "batch_size": None}
-
 
 # -- devices ------------------------------------------------------------------------
 def resolve_device(name: str | None, where: str = "runtime.devices") -> torch.device:
@@ -116,8 +107,10 @@ def job_seed(seed: int, method_index: int, input_index: int) -> int:
 
 
 def uses_global_rng(method_id: str) -> bool:
-    """Whether a method may draw from numpy's or Python's global RNG (then it runs under a lock)."""
-    return method_id in GLOBAL_RNG_METHODS or method_id.split(".", 1)[0] not in TORCH_RNG_LIBRARIES
+    """Shim: ``registry.get(method_id).uses_global_rng`` (the spec's fact; kept for callers by id)."""
+    from . import registry
+
+    return registry.get(method_id).uses_global_rng
 
 
 class _OwnedLock:
@@ -203,44 +196,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
-def batch_parameter(spec, params: dict[str, Any], noise_tunnel: dict[str, Any] | None) -> tuple[str, str] | None:
-    """(section, name) of the internal batch parameter the method accepts, or None.
-
-    ``section`` is ``params`` or ``noise_tunnel`` (Captum's ``nt_samples_batch_size``)."""
-    accepted = spec.adapter.parameters(spec)
-    nt_accepted = (spec.adapter.noise_tunnel_parameters() or {}) if noise_tunnel is not None else {}
-    for name in BATCH_PARAMS:
-        if name in accepted:
-            return "params", name
-        if name in nt_accepted:
-            return "noise_tunnel", name
-    return None
-
-
 def halve_batch(spec, params: dict[str, Any], noise_tunnel: dict[str, Any] | None) -> bool:
-    """Halve the method's internal batch parameter in place; False when it cannot shrink
-    (no such parameter, already one, or its size unknown)."""
-    found = batch_parameter(spec, params, noise_tunnel)
-    if found is None:
+    """Shim over :func:`esegeta.params.halve_batch` that changes ``params``/``noise_tunnel`` in
+    place (for callers not yet using the new values); False when the batch cannot shrink."""
+    from .params import halve_batch as halved
+
+    smaller = halved(spec, params, noise_tunnel)
+    if smaller is None:
         return False
-    section, name = found
-    values = params if section == "params" else noise_tunnel
-    accepted = spec.adapter.parameters(spec) if section == "params" else spec.adapter.noise_tunnel_parameters()
-    current = values.get(name, _default(accepted, name))
-    if current is None:  # unset: the whole count (n_steps, nt_samples) in one batch
-        count = BATCH_PARAMS[name]
-        current = values.get(count, _default(accepted, count)) if count else None
-        if count == "n_steps" and current is not None:
-            current = int(current)
-    if not isinstance(current, int) or current <= 1:
-        return False
-    values[name] = current // 2
+    params.update(smaller[0])
+    if noise_tunnel is not None:
+        noise_tunnel.update(smaller[1])
     return True
-
-
-def _default(accepted, name: str | None) -> Any:
-    p = accepted.get(name) if name else None
-    return None if p is None or p.default is p.empty else p.default
 
 
 def free_memory(device: torch.device) -> None:

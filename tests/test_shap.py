@@ -176,13 +176,13 @@ def test_samples_background_and_per_input_targets(digits):
 
 def test_deep_explainer_traces_are_removed_even_on_error(digits):
     """shap fails halfway on the raw model (hooks set, x/y stored); esegeta's guard undoes it all."""
-    from esegeta.adapters.shap import _no_traces
+    from esegeta.guard import restored
 
     unguarded, guarded = copy.deepcopy(digits.model), copy.deepcopy(digits.model)
     with pytest.raises(RuntimeError):
         shap.DeepExplainer(unguarded, _background(digits.x)).shap_values(digits.x)
     assert hook_count(unguarded) > 0  # what upstream leaves behind on error
-    with pytest.raises(RuntimeError), _no_traces(guarded):
+    with pytest.raises(RuntimeError), restored(guarded):
         shap.DeepExplainer(guarded, _background(digits.x)).shap_values(digits.x)
     assert hook_count(guarded) == 0
     assert not [n for n, m in guarded.named_modules() if hasattr(m, "x") or hasattr(m, "y")]

@@ -14,9 +14,16 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from ..registry import Call, MethodSpec, keyword_parameters, register
+from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
+
+#: Captum draws from torch's RNG only (GradientShap's methods also from numpy's: their specs say so).
+LIBRARY = Library(
+    "captum", "captum", "captum", ("captum",), uses_global_rng=False, reads_samples=False,
+    batch_params={"internal_batch_size": "n_steps", "perturbations_per_eval": None,
+                  "nt_samples_batch_size": "nt_samples"},
+    step_params=("n_steps", "nt_samples", "n_samples"), reference="Kokhlikyan et al. 2020, arXiv:2009.07896")
 
 #: Upstream arguments a JSON config cannot or must not set (esegeta supplies them).
 NOT_CONFIGURABLE = frozenset({
@@ -64,10 +71,16 @@ def lrp_rule_for(module) -> str | None:
     return None
 
 
+def lrp_gaps(model) -> list[str]:
+    """The leaf layers of ``model`` Captum's LRP has no rule for (it refuses the model then), as
+    ``name (Type)``: the LRP methods' pre-flight check."""
+    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+            if name and not list(m.children()) and lrp_rule_for(m) is None]
+
+
 def _attach_lrp_rules(model) -> list[str]:
     """Give the prepared copy's leaf modules that Captum's LRP has no rule for a rule
-    (see :func:`lrp_rule_for`). Captum removes its rules after each call, so this runs
-    before every LRP call."""
+    (see :func:`lrp_rule_for`), before every LRP call (the guard removes them afterwards)."""
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
     from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
 
@@ -100,9 +113,11 @@ class CaptumAdapter:
         cls = self._cls(spec.name)
         return {**_configurable(cls.__init__), **_configurable(cls.attribute)}
 
+    @staticmethod
     @cache
-    def noise_tunnel_parameters(self) -> Mapping[str, inspect.Parameter]:
-        return _configurable(self._cls("NoiseTunnel").attribute)
+    def noise_tunnel_parameters() -> Mapping[str, inspect.Parameter]:
+        """What a ``noise_tunnel`` block may set: :class:`captum.attr.NoiseTunnel`'s keywords."""
+        return _configurable(CaptumAdapter._cls("NoiseTunnel").attribute)
 
     def check_value(self, name: str, value: Any, path: str) -> None:
         """Check a JSON value before anything runs (what can be checked without the input)."""
@@ -136,14 +151,11 @@ class CaptumAdapter:
     def _init_names(name: str) -> frozenset[str]:
         return frozenset(inspect.signature(CaptumAdapter._cls(name).__init__).parameters)
 
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
         cls = self._cls(spec.name)
         init_names = self._init_names(spec.name)
-        params = dict(call.params)
-        for name, default in spec.defaults.items():
-            if name not in params:
-                params[name] = default(call.inputs) if callable(default) else default
-        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in params.items()}
+        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items()}
         init_kw = {k: v for k, v in values.items() if k in init_names}
         attr_kw = {k: v for k, v in values.items() if k not in init_names}
         if spec.needs_target:
@@ -154,7 +166,7 @@ class CaptumAdapter:
         if call.noise_tunnel is not None:
             method = self._cls("NoiseTunnel")(method)
             attr_kw.update(_tuples(dict(call.noise_tunnel)))
-        if spec.name in ("LRP", "LayerLRP"):
+        if spec.preflight is lrp_gaps:
             changed = _attach_lrp_rules(call.forward)
             if changed:
                 log.debug("LRP rules set on the prepared copy: %s", "; ".join(changed))
@@ -195,11 +207,12 @@ _IG_QUICK = {"n_steps": 8}
 _PERTURB_QUICK = {"feature_mask": _quick_grid, "perturbations_per_eval": 16}
 
 
-def _captum(name, kind="attribution", layer=False, defaults=None, quick=None, target=True, ref="", leaf=False):
+def _captum(name, kind="attribution", layer=False, defaults=None, quick=None, target=True, ref="", leaf=False,
+            global_rng=None, preflight=None):
     register(MethodSpec(
-        library="captum", name=name, kind=kind, adapter=ADAPTER, requires=("captum",), extra="captum",
-        needs_layer=layer, leaf_layer=leaf, needs_target=target, defaults=defaults or {}, quick_params=quick or {},
-        reference=ref,
+        library=LIBRARY, name=name, kind=kind, adapter=ADAPTER, needs_layer=layer, leaf_layer=leaf,
+        needs_target=target, defaults=defaults or {}, quick_params=quick or {}, reference=ref,
+        uses_global_rng=global_rng, preflight=preflight, noise_tunnel=CaptumAdapter.noise_tunnel_parameters,
     ))
 
 
@@ -209,7 +222,8 @@ _captum("InputXGradient", ref="Shrikumar et al. 2016, arXiv:1605.01713")
 _captum("IntegratedGradients", quick=_IG_QUICK, ref="Sundararajan et al. 2017, arXiv:1703.01365")
 _captum("DeepLift", ref="Shrikumar et al. 2017, arXiv:1704.02685")
 _captum("DeepLiftShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874")
-_captum("GradientShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874")
+# The GradientShap methods draw their baselines with numpy's global RNG.
+_captum("GradientShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874", global_rng=True)
 _captum("GuidedBackprop", ref="Springenberg et al. 2015, arXiv:1412.6806")
 _captum("Deconvolution", ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("GuidedGradCam", layer=True, ref="Selvaraju et al. 2017, arXiv:1610.02391")
@@ -222,20 +236,20 @@ _captum("ShapleyValueSampling", quick={**_PERTURB_QUICK, "n_samples": 2},
 _captum("KernelShap", quick={"feature_mask": _quick_grid, "n_samples": 32},
         ref="Lundberg & Lee 2017, arXiv:1705.07874")
 _captum("Lime", quick={"feature_mask": _quick_grid, "n_samples": 32}, ref="Ribeiro et al. 2016, arXiv:1602.04938")
-_captum("LRP", ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
+_captum("LRP", preflight=lrp_gaps, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
 
 # Layer attributions (results at the layer's resolution).
 _captum("LayerActivation", kind="layer", layer=True, target=False)
 _captum("LayerConductance", kind="layer", layer=True, quick=_IG_QUICK, ref="Dhamdhere et al. 2018, arXiv:1805.12233")
 _captum("LayerGradCam", kind="layer", layer=True, ref="Selvaraju et al. 2017, arXiv:1610.02391")
-_captum("LayerGradientShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
+_captum("LayerGradientShap", kind="layer", layer=True, defaults=_SHAP_BASELINES, global_rng=True)
 _captum("LayerGradientXActivation", kind="layer", layer=True)
 _captum("LayerDeepLift", kind="layer", layer=True, ref="Shrikumar et al. 2017, arXiv:1704.02685")
 _captum("LayerDeepLiftShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
 _captum("LayerIntegratedGradients", kind="layer", layer=True, quick=_IG_QUICK)
 _captum("LayerFeatureAblation", kind="layer", layer=True,
         quick={"layer_mask": _quick_layer_grid, "perturbations_per_eval": 16})
-_captum("LayerLRP", kind="layer", layer=True, leaf=True, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
+_captum("LayerLRP", kind="layer", layer=True, leaf=True, preflight=lrp_gaps, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
 _captum("InternalInfluence", kind="layer", layer=True, quick=_IG_QUICK, ref="Leino et al. 2018, arXiv:1802.03788")
 
 # Neuron attributions: params.neuron_selector names the neuron (index into the layer output, no batch axis).
@@ -246,5 +260,5 @@ _captum("NeuronConductance", kind="neuron", layer=True, quick=_IG_QUICK, ref="Dh
 _captum("NeuronDeconvolution", kind="neuron", layer=True, target=False, ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("NeuronDeepLift", kind="neuron", layer=True, target=False, ref="Shrikumar et al. 2017, arXiv:1704.02685")
 _captum("NeuronDeepLiftShap", kind="neuron", layer=True, target=False, defaults=_SHAP_BASELINES)
-_captum("NeuronGradientShap", kind="neuron", layer=True, target=False, defaults=_SHAP_BASELINES)
+_captum("NeuronGradientShap", kind="neuron", layer=True, target=False, defaults=_SHAP_BASELINES, global_rng=True)
 _captum("NeuronFeatureAblation", kind="neuron", layer=True, target=False, quick=_PERTURB_QUICK)

@@ -12,19 +12,27 @@ raw output (``activation: none``) or on ``sigmoid``/``softmax`` of it (tests pro
 
 The result is upstream's CAM as upstream computes it: ReLU'd, scaled to [0, 1] per input
 and resized to the input size (numpy ``(B, *spatial)``), returned as a float32 tensor
-``(B, 1, *spatial)``: a channel axis of 1 added. Hooks are released and the layer
-AblationCAM swaps out is put back even on error; everything runs on the prepared copy.
+``(B, 1, *spatial)``: a channel axis of 1 added. Hooks are released; what a CAM
+leaves (the layer AblationCAM swaps in, hooks of a constructor that failed half-way) is undone
+by the one guard (:func:`esegeta.registry.guarded`); everything runs on the prepared copy.
 """
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import Call, MethodSpec, keyword_parameters, register
+from ..params import BOOL, POSITIVE_INT, Check, check_table, number, positive_int
+from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+
+#: pytorch-grad-cam draws from torch's RNG only (RandomCAM and KPCA_CAM also from numpy's: see the table).
+LIBRARY = Library("gradcam", "grad-cam", "gradcam", ("pytorch_grad_cam",), uses_global_rng=False,
+                  reads_samples=False, batch_params={"batch_size": None},
+                  reference="Gildenblat et al., https://github.com/jacobgil/pytorch-grad-cam")
+#: Methods that draw from numpy's global RNG (random channel weights; sklearn's KernelPCA).
+GLOBAL_RNG = frozenset({"RandomCAM", "KPCA_CAM"})
 
 #: Upstream arguments a JSON config cannot set: esegeta supplies them, or they take Python objects.
 NOT_CONFIGURABLE = frozenset({
@@ -41,37 +49,29 @@ CLASS_PARAMS = frozenset({"base_method"})
 FRESH: Mapping[str, Mapping[str, str]] = {"AblationCAM": {"ablation_layer": "AblationLayer"}}
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 #: name → (check, what a valid value is): checked before anything runs.
-CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
-    "aug_smooth": (lambda v: isinstance(v, bool), "true or false"),
-    "eigen_smooth": (lambda v: isinstance(v, bool), "true or false"),
-    "smooth": (lambda v: isinstance(v, bool), "true or false"),
-    "use_softmax_scores": (lambda v: isinstance(v, bool), "true or false"),
-    "batch_size": (_positive_int, "a positive integer"),
-    "num_scales": (_positive_int, "a positive integer"),
-    "window_size": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
-    "step_size": (lambda v: v is None or _positive_int(v), "a positive integer or null"),
-    "scales": (lambda v: v is None or (isinstance(v, list) and all(map(_positive_int, v))),
+CHECKS: Mapping[str, Check] = {
+    "aug_smooth": BOOL,
+    "eigen_smooth": BOOL,
+    "smooth": BOOL,
+    "use_softmax_scores": BOOL,
+    "batch_size": POSITIVE_INT,
+    "num_scales": POSITIVE_INT,
+    "window_size": (lambda v: v is None or positive_int(v), "a positive integer or null"),
+    "step_size": (lambda v: v is None or positive_int(v), "a positive integer or null"),
+    "scales": (lambda v: v is None or (isinstance(v, list) and all(map(positive_int, v))),
                "a list of positive integers or null"),
-    "ratio_channels_to_ablate": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "pre_filter_ratio": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "ratio_channels_to_ablate": (lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "pre_filter_ratio": (lambda v: number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "pool": (lambda v: v in ("mean", "max"), "'mean' or 'max'"),
     "kernel": (lambda v: v in ("linear", "poly", "rbf", "sigmoid", "cosine"),
                "one of 'linear', 'poly', 'rbf', 'sigmoid', 'cosine' (sklearn KernelPCA)"),
-    "gamma": (lambda v: v is None or _number(v), "a number or null"),
-    "k": (_number, "a number"),
-    "alpha": (_number, "a number"),
-    "theta": (_number, "a number"),
-    "scale_step_ratio": (lambda v: _number(v) and v > 0, "a positive number"),
-    "comparison_categories": (lambda v: v is None or (isinstance(v, list) and all(map(_positive_int, v))),
+    "gamma": (lambda v: v is None or number(v), "a number or null"),
+    "k": (number, "a number"),
+    "alpha": (number, "a number"),
+    "theta": (number, "a number"),
+    "scale_step_ratio": (lambda v: number(v) and v > 0, "a positive number"),
+    "comparison_categories": (lambda v: v is None or (isinstance(v, list) and all(map(positive_int, v))),
                               "null or a list of similarity ranks (1 = the class of closest score)"),
 }
 
@@ -88,38 +88,6 @@ def _call_signature(cls):
     """``__call__``, or ``forward`` where ``__call__`` only forwards ``*args, **kwargs`` to it."""
     params = inspect.signature(cls.__call__).parameters.values()
     return cls.forward if any(p.kind is p.VAR_POSITIONAL for p in params) else cls.__call__
-
-
-#: Module hook dicts, with the dicts torch keeps beside them under the same hook ids.
-HOOK_DICTS = {
-    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
-    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
-    "_backward_hooks": (),
-    "_backward_pre_hooks": (),
-}
-
-
-@contextmanager
-def _restored(model):
-    """Undo what a CAM leaves on ``model``: swapped submodules (AblationCAM), module hooks
-    (also those of a constructor that failed half-way) and parameter gradients."""
-    modules = list(model.modules())
-    children = [(m, dict(m._modules)) for m in modules]
-    hooks = [(m, name, set(getattr(m, name))) for m in modules for name in HOOK_DICTS]
-    grads = [(p, p.grad) for p in model.parameters()]
-    try:
-        yield
-    finally:
-        for module, kept in children:
-            if module._modules != kept:
-                module._modules.clear()
-                module._modules.update(kept)
-        for module, name, kept in hooks:
-            for key in set(getattr(module, name)) - kept:
-                for dict_name in (name, *HOOK_DICTS[name]):
-                    getattr(module, dict_name, {}).pop(key, None)
-        for p, grad in grads:
-            p.grad = grad
 
 
 def _release(cam) -> None:
@@ -152,24 +120,20 @@ class GradCamAdapter:
                       for name, default in ATTRIBUTES.get(spec.name, {}).items()}
         return {**_configurable(cls.__init__), **_configurable(_call_signature(cls)), **attributes}
 
-    def noise_tunnel_parameters(self) -> None:
-        return None
-
     def check_value(self, name: str, value: Any, path: str) -> None:
         """Check a JSON value before anything runs."""
         if name in CLASS_PARAMS:
             if value not in CAM_CLASSES:
                 raise ConfigError(path, f"{value!r} is not a pytorch-grad-cam CAM class" + did_you_mean(value, CAM_CLASSES))
             return
-        check = CHECKS.get(name)
-        if check is not None and not check[0](value):
-            raise ConfigError(path, f"{name} must be {check[1]}, not {value!r}")
+        check_table(CHECKS, name, value, path)
 
     @staticmethod
     @cache
     def _init_names(cls) -> frozenset[str]:
         return frozenset(inspect.signature(cls.__init__).parameters)
 
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
@@ -179,14 +143,15 @@ class GradCamAdapter:
         if call.params.get("aug_smooth") and call.forward is not call.network:
             raise ConfigError("params.aug_smooth", "aug_smooth flips the input, but the wrapper's masks are frozen "
                                                    "on the unflipped input: remove aug_smooth with a wrapper")
-        target = call.target
-        if spec.name in TARGET_INDEX and torch.is_tensor(target) and target.unique().numel() > 1:
+        target = call.targets
+        if spec.name in TARGET_INDEX and target is not None and target.uniform() is None:
             # One class index per call: inputs with different targets go one at a time.
-            return torch.cat([self._run(spec, call, call.inputs[i:i + 1], int(target[i]))
+            return torch.cat([self._run(spec, call, call.inputs[i:i + 1], target[i])
                               for i in range(call.inputs.shape[0])])
         return self._run(spec, call, call.inputs, target)
 
     def _run(self, spec: MethodSpec, call: Call, x, target):
+        """One upstream call on ``x``; ``target``: a Target, or one class index, or None."""
         import torch
 
         module = self._module()
@@ -197,26 +162,21 @@ class GradCamAdapter:
         init_kw = {**{k: getattr(module, v)() for k, v in FRESH.get(spec.name, {}).items()},
                    **{k: v for k, v in params.items() if k in init_names}}
         attr_kw = {k: v for k, v in params.items() if k not in init_names and k not in attributes}
-        if spec.name in TARGET_INDEX:
-            attr_kw["targets"] = None
-            if target is not None:
-                attr_kw["target_idx"] = int(target[0]) if torch.is_tensor(target) else int(target)
-        elif target is None:
-            attr_kw["targets"] = None
-        else:
-            indices = target.tolist() if torch.is_tensor(target) else [int(target)] * x.shape[0]
-            attr_kw["targets"] = [module.utils.model_targets.ClassifierOutputTarget(int(i)) for i in indices]
+        attr_kw["targets"] = None
+        if spec.name in TARGET_INDEX and target is not None:
+            attr_kw["target_idx"] = target if isinstance(target, int) else target[0]
+        elif target is not None:
+            attr_kw["targets"] = [module.utils.model_targets.ClassifierOutputTarget(i) for i in target.ints()]
         layers = [call.layer] if spec.needs_layer else []
         cam = None
-        with _restored(call.forward):
-            try:
-                cam = cls(model=call.forward, target_layers=layers, **init_kw)
-                for name, default in attributes.items():
-                    setattr(cam, name, params.get(name, default))
-                result = cam(input_tensor=x.detach(), **attr_kw)
-            finally:
-                if cam is not None:
-                    _release(cam)
+        try:
+            cam = cls(model=call.forward, target_layers=layers, **init_kw)
+            for name, default in attributes.items():
+                setattr(cam, name, params.get(name, default))
+            result = cam(input_tensor=x.detach(), **attr_kw)
+        finally:
+            if cam is not None:
+                _release(cam)
         # grad-cam hands back numpy maps: back to torch on the input's device
         return torch.as_tensor(result, dtype=torch.float32, device=x.device).unsqueeze(1)
 
@@ -268,7 +228,7 @@ CAM_CLASSES = tuple(name for name in TABLE if name not in ("FinerCAM", "RefineCA
 
 for _name, (_dims, _layer, _target, _tasks, _quick, _ref) in TABLE.items():
     register(MethodSpec(
-        library="gradcam", name=_name, kind="attribution", adapter=ADAPTER, requires=("pytorch_grad_cam",),
-        extra="gradcam", needs_layer=_layer, dims=_dims, needs_target=_target,
-        **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
+        library=LIBRARY, name=_name, kind="attribution", adapter=ADAPTER, needs_layer=_layer, dims=_dims,
+        needs_target=_target, **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
+        uses_global_rng=True if _name in GLOBAL_RNG else None,
     ))

@@ -26,12 +26,17 @@ Glue:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import Call, MethodSpec, keyword_parameters, register
+from ..params import BOOL, POSITIVE_INT, Check, check_table, number, seed
+from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+
+#: LIME samples with numpy's global RNG (its own ``random_state`` when set).
+LIBRARY = Library("lime", "lime", "lime", ("lime", "skimage"), batch_params={"batch_size": None},
+                  step_params=("num_samples",), reference="Ribeiro et al. 2016, arXiv:1602.04938")
 
 #: Upstream arguments a config cannot set: esegeta supplies them, or they take Python objects.
 NOT_CONFIGURABLE = frozenset({"self", "kernel", "image", "classifier_fn", "labels", "top_labels", "model_regressor"})
@@ -43,30 +48,18 @@ DEFAULT_SEGMENTATION = {2: ("quickshift", {"kernel_size": 4, "max_dist": 200, "r
 FEATURE_SELECTION = ("auto", "none", "forward_selection", "lasso_path", "highest_weights")
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _seed(v: Any) -> bool:
-    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 #: name → (check, what a valid value is), checked before anything runs.
-CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
-    "num_samples": (_positive_int, "a positive integer"),
-    "num_features": (_positive_int, "a positive integer"),
-    "batch_size": (_positive_int, "a positive integer"),
-    "random_state": (_seed, "a non-negative integer or null"),
-    "random_seed": (_seed, "a non-negative integer or null"),
-    "kernel_width": (lambda v: _number(v) and v > 0, "a positive number"),
-    "verbose": (lambda v: isinstance(v, bool), "true or false"),
+CHECKS: Mapping[str, Check] = {
+    "num_samples": POSITIVE_INT,
+    "num_features": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "random_state": (seed, "a non-negative integer or null"),
+    "random_seed": (seed, "a non-negative integer or null"),
+    "kernel_width": (lambda v: number(v) and v > 0, "a positive number"),
+    "verbose": BOOL,
     "feature_selection": (lambda v: v in FEATURE_SELECTION, f"one of {', '.join(FEATURE_SELECTION)}"),
     "distance_metric": (lambda v: isinstance(v, str), "a scikit-learn metric name, e.g. 'cosine'"),
-    "hide_color": (lambda v: v is None or _number(v) or (isinstance(v, list) and len(v) == 3 and all(map(_number, v))),
+    "hide_color": (lambda v: v is None or number(v) or (isinstance(v, list) and len(v) == 3 and all(map(number, v))),
                    "null (each segment's mean colour), a number, or 3 numbers"),
 }
 
@@ -141,25 +134,19 @@ class LimeAdapter:
         cls = _lime_image().LimeImageExplainer
         return {**_configurable(cls.__init__), **_configurable(cls.explain_instance)}
 
-    def noise_tunnel_parameters(self) -> None:
-        return None
-
     def check_value(self, name: str, value: Any, path: str) -> None:
         if name == "segmentation_fn":
             if value is not None:
                 _split_segmentation(value, path)
-        elif name in CHECKS and not CHECKS[name][0](value):
-            raise ConfigError(path, f"{name} must be {CHECKS[name][1]}, not {value!r}")
+        else:
+            check_table(CHECKS, name, value, path)
 
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
-        results = []
-        for i in range(call.inputs.shape[0]):
-            target = call.target
-            target = int(target[i]) if torch.is_tensor(target) and target.ndim > 0 else int(target)
-            results.append(self._explain(call, call.inputs[i:i + 1], target))
-        return torch.cat(results)
+        return torch.cat([self._explain(call, call.inputs[i:i + 1], call.targets[i])
+                          for i in range(call.inputs.shape[0])])
 
     def _explain(self, call: Call, x, target: int):
         import numpy as np
@@ -188,7 +175,7 @@ class LimeAdapter:
 ADAPTER = LimeAdapter()
 
 register(MethodSpec(
-    library="lime", name="LimeImageExplainer", kind="attribution", adapter=ADAPTER, requires=("lime", "skimage"),
-    extra="lime", quick_params={"num_samples": 50, "batch_size": 50},
+    library=LIBRARY, name="LimeImageExplainer", kind="attribution", adapter=ADAPTER,
+    quick_params={"num_samples": 50, "batch_size": 50},
     reference="Ribeiro et al. 2016, arXiv:1602.04938",
 ))

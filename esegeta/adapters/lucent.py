@@ -31,8 +31,8 @@ Mordvintsev et al. 2015). The result is an image of its own (kind ``image``).
 
 The result is lucent's last image (the largest threshold), ``(B, C, H, W)``, one image per
 input; earlier thresholds go to the extra output ``thresholds``. render_vis hooks every
-module and never removes its hooks: they are closed here, even on error; the parameters
-of the prepared copy do not collect gradients meanwhile. Runs are seeded by the caller
+module and never removes its hooks: the one guard (:func:`esegeta.registry.guarded`) removes
+them, even on error; the parameters of the prepared copy do not collect gradients meanwhile. Runs are seeded by the caller
 (lucent draws from torch's and numpy's generators). Lucent puts its images on
 ``cuda:0`` whenever CUDA exists: run the model there too.
 """
@@ -44,7 +44,12 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import Call, MethodSpec, keyword_parameters, register
+from ..params import BOOL, Check, check_table, index, positive_int
+from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+
+#: Lucent draws its initial images from torch's and numpy's generators; it never reads the run's samples.
+LIBRARY = Library("lucent", "torch-lucent", "lucent", ("lucent",), reads_samples=False,
+                  reference="Olah et al. 2017, doi:10.23915/distill.00007")
 
 #: render_vis arguments a JSON config cannot set: esegeta supplies them, or they show or save files.
 NOT_CONFIGURABLE = frozenset({"model", "objective_f", "show_image", "save_image", "image_name", "show_inline"})
@@ -65,10 +70,9 @@ class Objective(NamedTuple):
 def _class(objectives, layer: str, args: dict):
     """Column ``target`` of the scores; a target per input scores input ``i`` on image ``i``."""
     target = args["target"]
-    if isinstance(target, int):
-        return objectives.channel(layer, target)
-    return objectives.Objective.sum([objectives.channel(layer, int(t), batch=i)
-                                     for i, t in enumerate(target.reshape(-1).tolist())])
+    if isinstance(target.value, int):
+        return objectives.channel(layer, target.value)
+    return objectives.Objective.sum([objectives.channel(layer, t, batch=i) for i, t in enumerate(target.ints())])
 
 
 def _deepdream(objectives, layer: str, args: dict):
@@ -87,35 +91,25 @@ OBJECTIVES: Mapping[str, Objective] = {
 OBJECTIVE_ARGS = frozenset({"n_channel", "x", "y"})
 #: lucent.optvis.param.image keywords a config may set (the batch is one image per input).
 IMAGE_PARAMS = ("w", "h", "sd", "decorrelate", "fft", "channels")
-#: lucent.optvis.transform factories a ``transforms`` list may use.
-TRANSFORMS = ("pad", "jitter", "random_scale", "random_rotate", "normalize", "preprocess_inceptionv1")
 #: The name under which the explained scores are hooked (the child of the model given to lucent).
 SCORES = "scores"
 
 
-def _index(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _positive_int(v: Any) -> bool:
-    return _index(v) and v > 0
-
-
 def _size(v: Any) -> bool:
-    return _positive_int(v) or (isinstance(v, list) and len(v) == 2 and all(map(_positive_int, v)))
+    return positive_int(v) or (isinstance(v, list) and len(v) == 2 and all(map(positive_int, v)))
 
 
 #: name → (check, what a valid value is): checked before anything runs.
-CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+CHECKS: Mapping[str, Check] = {
     "objective": (lambda v: isinstance(v, str) and v in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
-    "n_channel": (_index, "a channel index (an integer >= 0)"),
-    "x": (lambda v: v is None or _index(v), "a position in the layer (an integer >= 0) or null"),
-    "y": (lambda v: v is None or _index(v), "a position in the layer (an integer >= 0) or null"),
-    "thresholds": (lambda v: isinstance(v, list) and bool(v) and all(map(_positive_int, v)),
+    "n_channel": (index, "a channel index (an integer >= 0)"),
+    "x": (lambda v: v is None or index(v), "a position in the layer (an integer >= 0) or null"),
+    "y": (lambda v: v is None or index(v), "a position in the layer (an integer >= 0) or null"),
+    "thresholds": (lambda v: isinstance(v, list) and bool(v) and all(map(positive_int, v)),
                    "a non-empty list of step counts (integers >= 1)"),
-    "verbose": (lambda v: isinstance(v, bool), "true or false"),
-    "preprocess": (lambda v: isinstance(v, bool), "true or false"),
-    "progress": (lambda v: isinstance(v, bool), "true or false"),
+    "verbose": BOOL,
+    "preprocess": BOOL,
+    "progress": BOOL,
     "fixed_image_size": (lambda v: v is None or _size(v), "a size in pixels, [height, width] or null"),
 }
 
@@ -127,6 +121,15 @@ def _lucent():
     from lucent.optvis import objectives, param, render, transform
 
     return objectives, param, render, transform
+
+
+@cache
+def transforms() -> tuple[str, ...]:
+    """The transform factories lucent defines (``lucent.optvis.transform``), but ``compose``:
+    what a ``transforms`` list may name, read from upstream."""
+    transform = _lucent()[3]
+    return tuple(name for name, fn in vars(transform).items() if inspect.isfunction(fn) and not name.startswith("_")
+                 and fn.__module__ == transform.__name__ and name != "compose")
 
 
 def _keywords(fn) -> dict[str, inspect.Parameter]:
@@ -149,7 +152,7 @@ def _check_param_f(value: Any, path: str) -> None:
                                 f"({', '.join(IMAGE_PARAMS)})")
     _check_keywords(value, IMAGE_PARAMS, path, "lucent's param.image")
     for name in ("w", "h", "channels"):
-        if name in value and not _positive_int(value[name]):
+        if name in value and not positive_int(value[name]):
             raise ConfigError(f"{path}.{name}", "must be a positive integer")
     for name in ("fft", "decorrelate"):
         if name in value and not isinstance(value[name], bool):
@@ -192,8 +195,8 @@ def _check_transforms(value: Any, path: str) -> None:
         if not (isinstance(item, dict) and len(item) == 1):
             raise ConfigError(f"{path}[{i}]", 'one transform per item: {"<name>": {keywords}}, e.g. {"jitter": {"d": 2}}')
         (name, kwargs), = item.items()
-        if name not in TRANSFORMS:
-            raise ConfigError(f"{path}[{i}]", f"unknown lucent transform {name!r}" + did_you_mean(name, TRANSFORMS))
+        if name not in transforms():
+            raise ConfigError(f"{path}[{i}]", f"unknown lucent transform {name!r}" + did_you_mean(name, transforms()))
         _check_keywords(kwargs, _keywords(getattr(transform, name)), f"{path}[{i}].{name}", f"lucent's {name}")
 
 
@@ -239,17 +242,6 @@ def _layer_shape(model, layer, x) -> tuple[int, ...]:
     return seen[0]
 
 
-def _close_lucent_hooks(model) -> None:
-    """Close the ModuleHooks lucent's hook_model set on ``model`` (render_vis never does)."""
-    from lucent.optvis.render import ModuleHook
-
-    for module in model.modules():
-        for fn in list(module._forward_hooks.values()):
-            owner = getattr(fn, "__self__", None)
-            if isinstance(owner, ModuleHook):
-                owner.close()
-
-
 @cache
 def _parameters() -> Mapping[str, inspect.Parameter]:
     """``objective`` (required) and its arguments, then render_vis's configurable keywords."""
@@ -285,14 +277,9 @@ class LucentAdapter:
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         return _parameters()
 
-    def noise_tunnel_parameters(self) -> None:
-        return None
-
     def check_value(self, name: str, value: Any, path: str) -> None:
         if name in CHECKS:
-            check, valid = CHECKS[name]
-            if not check(value):
-                raise ConfigError(path, f"{value!r} is not valid: {name} is {valid}")
+            check_table(CHECKS, name, value, path)
         elif name == "param_f":
             _check_param_f(value, path)
         elif name == "optimizer":
@@ -317,9 +304,9 @@ class LucentAdapter:
             if size != tuple(call.inputs.shape[2:]) and isinstance(call.forward, WrappedModel):
                 raise ConfigError("params.fixed_image_size", "with a wrapper the model must see images of the "
                                   "input's size (its masks are frozen on the input): remove fixed_image_size")
-            if call.target is None:
+            if call.targets is None:
                 raise ConfigError("target", f"the {kind} objective needs a target (a class, or a wrapped column)")
-            return objective.build(objectives, SCORES, {"target": call.target})
+            return objective.build(objectives, SCORES, {"target": call.targets})
         name = _lucent_name(model, call.layer, "layer")
         probe = torch.zeros(1, call.inputs.shape[1], *size, device=call.inputs.device)
         shape = _layer_shape(model, call.layer, probe)
@@ -363,6 +350,7 @@ class LucentAdapter:
             return None
         return [getattr(transform, name)(**_tuples(kwargs)) for item in value for name, kwargs in item.items()]
 
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
@@ -373,9 +361,6 @@ class LucentAdapter:
             raise ConfigError("device", f"lucent puts its images on {device} (cuda:0 whenever CUDA exists): "
                                         f"run {spec.id} on {device}")
         params = dict(call.params)
-        for name, default in spec.defaults.items():
-            if name not in params:
-                params[name] = default(call.inputs) if callable(default) else default
         size = params.pop("fixed_image_size")
         size = tuple(size) if isinstance(size, list) else size
         image_f = self._param_f(params.pop("param_f", None), call.inputs)
@@ -388,15 +373,9 @@ class LucentAdapter:
             "thresholds": tuple(params.pop("thresholds", (512,))),
             **params, "fixed_image_size": size, "show_image": False, "save_image": False, "show_inline": False,
         }
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        try:
-            for p in trainable:  # the image is optimised, not the model: no gradients for its weights
-                p.requires_grad_(False)
-            images = render.render_vis(model, objective, **kwargs)
-        finally:
-            _close_lucent_hooks(model)
-            for p in trainable:
-                p.requires_grad_(True)
+        for p in model.parameters():  # the image is optimised, not the model (the guard restores the flags)
+            p.requires_grad_(False)
+        images = render.render_vis(model, objective, **kwargs)
         images = [torch.as_tensor(image, dtype=torch.float32, device=call.inputs.device).permute(0, 3, 1, 2)
                   for image in images]
         steps = sorted(set(kwargs["thresholds"]))
@@ -408,8 +387,7 @@ class LucentAdapter:
 ADAPTER = LucentAdapter()
 
 register(MethodSpec(
-    library="lucent", name="render_vis", kind="image", adapter=ADAPTER, requires=("lucent",), extra="lucent",
-    needs_layer=True, dims=(2,),
+    library=LIBRARY, name="render_vis", kind="image", adapter=ADAPTER, needs_layer=True, dims=(2,),
     defaults={"fixed_image_size": lambda x: list(x.shape[2:]), "preprocess": False, "progress": False},
     quick_params={"objective": "channel", "n_channel": 0, "thresholds": [8]},
     reference="Olah et al. 2017, Feature Visualization, doi:10.23915/distill.00007",

@@ -19,14 +19,18 @@ from functools import cache
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import Call, MethodSpec, register
+from ..params import boolean, index, positive_int
+from ..registry import Call, Library, MethodSpec, guarded, register
+
+#: esegeta's own methods: they may draw from any RNG and fit on the run's samples (PatternNet).
+LIBRARY = Library("esegeta", None, "", (), batch_params={"batch_size": None})
 
 #: method name → "module:function" (in :mod:`esegeta.algorithms`).
 IMPLEMENTATIONS: dict[str, str] = {}
 
 
 def _check_channel(value: Any, path: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+    if value is not None and not index(value):
         raise ConfigError(path, f"{value!r} is not a channel index: give an integer >= 0, or null for the most "
                                 "active channel")
 
@@ -60,12 +64,12 @@ def _check_patterns(value: Any, path: str) -> None:
 
 
 def _check_batch_size(value: Any, path: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not positive_int(value):
         raise ConfigError(path, f"{value!r} is not a batch size: give an integer >= 1")
 
 
 def _check_bool(value: Any, path: str) -> None:
-    if not isinstance(value, bool):
+    if not boolean(value):
         raise ConfigError(path, f"{value!r} is not true or false")
 
 
@@ -101,14 +105,9 @@ class OwnAdapter:
         if check is not None:
             check(value, path)
 
-    def noise_tunnel_parameters(self) -> None:
-        return None
-
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
-        params = dict(call.params)
-        for name, default in spec.defaults.items():
-            params.setdefault(name, default(call.inputs) if callable(default) else default)
-        return self._function(spec)(call, **params)
+        return self._function(spec)(call, **call.params)
 
 
 ADAPTER = OwnAdapter()
@@ -130,7 +129,7 @@ def _own(name, implementation, kind="attribution", layer=False, target=True, tas
          extra="", quick=None, ref=""):
     IMPLEMENTATIONS[name] = f"esegeta.algorithms.{implementation}"
     register(MethodSpec(
-        library="esegeta", name=name, kind=kind, adapter=ADAPTER, requires=requires, extra=extra,
+        library=LIBRARY, name=name, kind=kind, adapter=ADAPTER, requires=requires, extra=extra,
         needs_layer=layer, needs_target=target, quick_params=quick or {}, reference=ref,
         **({"tasks": tasks} if tasks else {}),
     ))

@@ -27,13 +27,17 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import Call, MethodSpec, keyword_parameters, register
+from ..params import BOOL, Check, check_table, positive_int, seed
+from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+
+#: SHAP samples with numpy's global RNG and draws backgrounds from the run's samples.
+LIBRARY = Library("shap", "shap", "shap", ("shap",), batch_params={"batch_size": None},
+                  step_params=("nsamples", "max_evals"), reference="Lundberg & Lee 2017, arXiv:1705.07874")
 
 #: Upstream arguments a config cannot set: esegeta supplies them, or they take Python objects or pick outputs.
 NOT_CONFIGURABLE = frozenset({
@@ -57,20 +61,15 @@ def _pick(params: Mapping[str, Any], fn: Callable) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in names}
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
 #: name → (check, what a valid value is), checked before anything runs.
-CHECKS: Mapping[str, tuple[Callable[[Any], bool], str]] = {
-    "nsamples": (lambda v: _positive_int(v) or v == "auto", "a positive integer (or 'auto' for KernelExplainer)"),
-    "max_evals": (lambda v: _positive_int(v) or v == "auto", "a positive integer or 'auto'"),
-    "batch_size": (lambda v: _positive_int(v) or v == "auto", "a positive integer"),
-    "n_segments": (_positive_int, "a positive integer"),
-    "rseed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-              "a non-negative integer or null"),
-    "check_additivity": (lambda v: isinstance(v, bool), "true or false"),
-    "silent": (lambda v: isinstance(v, bool), "true or false"),
+CHECKS: Mapping[str, Check] = {
+    "nsamples": (lambda v: positive_int(v) or v == "auto", "a positive integer (or 'auto' for KernelExplainer)"),
+    "max_evals": (lambda v: positive_int(v) or v == "auto", "a positive integer or 'auto'"),
+    "batch_size": (lambda v: positive_int(v) or v == "auto", "a positive integer"),
+    "n_segments": (positive_int, "a positive integer"),
+    "rseed": (seed, "a non-negative integer or null"),
+    "check_additivity": BOOL,
+    "silent": BOOL,
     "masker": (lambda v: isinstance(v, str) and MASKER.fullmatch(v) is not None,
                "'blur(kx,ky)' (box blur, kernel size in pixels), 'inpaint_telea' or 'inpaint_ns'"),
 }
@@ -111,28 +110,6 @@ def _column_class():
     return Column
 
 
-@contextmanager
-def _no_traces(model):
-    """Undo what SHAP's DeepExplainer leaves on ``model``: module hooks, and the ``x``/``y``
-    tensors it stores on leaf modules (it removes them only from direct children of containers,
-    and neither on error)."""
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    modules = list(model.modules())
-    before = [{k: set(getattr(m, k, {})) for k in kinds} | {"attrs": {a for a in ("x", "y") if hasattr(m, a)}}
-              for m in modules]
-    try:
-        yield
-    finally:
-        for m, seen in zip(modules, before):
-            for kind in kinds:
-                hooks = getattr(m, kind, None)
-                for key in [k for k in (hooks or {}) if k not in seen[kind]]:
-                    del hooks[key]
-            for attr in ("x", "y"):
-                if attr not in seen["attrs"] and hasattr(m, attr):
-                    delattr(m, attr)
-
-
 def _gradient(call: Call, x, target: int, params: dict[str, Any]):
     import shap
 
@@ -151,10 +128,8 @@ def _deep(call: Call, x, target: int, params: dict[str, Any]):
 
     data = make_data(params.pop("data"), x, call, "params.data")
     cls = shap.DeepExplainer
-    with _no_traces(call.forward):
-        explainer = cls(_column_class()(call.forward, target), data)
-        values = explainer.shap_values(x, **_pick(params, cls.shap_values))
-    return _one_output(values, x)
+    explainer = cls(_column_class()(call.forward, target), data)
+    return _one_output(explainer.shap_values(x, **_pick(params, cls.shap_values)), x)
 
 
 def _partition(call: Call, x, target: int, params: dict[str, Any]):
@@ -238,14 +213,6 @@ METHODS: Mapping[str, ShapMethod] = {
 }
 
 
-def _target(target: Any, i: int) -> int:
-    import torch
-
-    if target is None:
-        raise ValueError("SHAP explains one output: set a target")
-    return int(target[i]) if torch.is_tensor(target) and target.ndim > 0 else int(target)
-
-
 class ShapAdapter:
     """The adapter behind every SHAP explainer: one upstream call per input, for its target."""
 
@@ -257,28 +224,25 @@ class ShapAdapter:
             names.update(_signature(fn))
         return {**names, **method.extra()}
 
-    def noise_tunnel_parameters(self) -> None:
-        return None
-
     def check_value(self, name: str, value: Any, path: str) -> None:
         from ..backgrounds import check_data
 
         if name == "data":
             check_data(value, path)
-        elif name in CHECKS and not CHECKS[name][0](value):
-            raise ConfigError(path, f"{name} must be {CHECKS[name][1]}, not {value!r}")
+        else:
+            check_table(CHECKS, name, value, path)
 
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
+        """One upstream call per input, for its target (DeepExplainer's module hooks and the
+        ``x``/``y`` tensors it leaves on modules are undone by the guard)."""
         import torch
 
+        if call.targets is None:
+            raise ValueError("SHAP explains one output: set a target")
         method = METHODS[spec.name]
-        results = []
-        for i in range(call.inputs.shape[0]):
-            x = call.inputs[i:i + 1]
-            params = {k: (v(x) if callable(v) else v) for k, v in spec.defaults.items() if k not in call.params}
-            params.update(call.params)
-            results.append(method.run(call, x, _target(call.target, i), params))
-        return torch.cat(results)
+        return torch.cat([method.run(call, call.inputs[i:i + 1], call.targets[i], dict(call.params))
+                          for i in range(call.inputs.shape[0])])
 
 
 ADAPTER = ShapAdapter()
@@ -290,9 +254,9 @@ def _blur_masker(x) -> str:
     return f"blur({k},{k})"
 
 
-def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF, requires=("shap",)):
-    register(MethodSpec(library="shap", name=name, kind="attribution", adapter=ADAPTER, requires=requires,
-                        extra="shap", dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref))
+def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF, requires=()):
+    register(MethodSpec(library=LIBRARY, name=name, kind="attribution", adapter=ADAPTER, requires=requires,
+                        dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref))
 
 
 _shap_method("GradientExplainer", defaults={"data": ["zeros", "blur"]}, quick={"nsamples": 16, "rseed": 0},

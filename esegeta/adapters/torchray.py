@@ -18,19 +18,19 @@ What the adapter has to take care of, because TorchRay does not:
 
 - TorchRay sets the model's parameters to ``requires_grad=False`` (``contrastive_excitation_backprop``
   and ``extremal_perturbation`` never restore them, the others not after an error) and may leave
-  its probes' hooks when a call fails: both are undone after every call (:func:`_restored`);
+  its probes' hooks when a call fails: both are undone after every call by the one guard
+  (:func:`esegeta.registry.guarded`);
 - deconvnet, guided backprop and excitation backprop patch functions of ``torch`` for the
   duration of the call (``torch.relu``, ``torch.nn.functional.conv2d``...); TorchRay undoes
-  the patches in ``with`` blocks, and the adapter serialises TorchRay calls so that two threads
-  never stack patches (code of other libraries running in another thread meanwhile would still
-  see them);
+  the patches in ``with`` blocks, the adapter serialises TorchRay calls so that two threads
+  never stack patches, and these methods are ``exclusive``: the runner runs no other job beside
+  them (code of other libraries in another thread would see the patches);
 - TorchRay runs with torch-function modes (``__torch_function__``) disabled: excitation backprop's
   patches fail or compute something else under one, and RISE draws its masks from its own ``seed``;
 - the input is passed as a copy (TorchRay sets ``requires_grad`` and ``.grad`` on it).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import threading
@@ -40,9 +40,15 @@ from functools import cache
 from typing import Any
 
 from ..errors import ConfigError
-from ..registry import Call, MethodSpec, keyword_parameters, register
+from ..params import check_number, index
+from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
+
+#: TorchRay draws from torch's RNG only (RISE from its own ``seed``).
+LIBRARY = Library("torchray", "torchray", "torchray", ("torchray",), uses_global_rng=False, reads_samples=False,
+                  batch_params={"batch_size": None}, step_params=("num_masks",),
+                  reference="Fong et al. 2019, arXiv:1910.08485 (TorchRay)")
 
 #: Upstream arguments a JSON config cannot or must not set: esegeta supplies the model, input,
 #: target and layer; callables are code, not config; ``debug`` returns probes left attached.
@@ -70,13 +76,6 @@ BOOLS = frozenset({"jitter"})
 _LOCK = threading.Lock()
 
 
-def _check_number(name: str, value: Any, path: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(path, f"{name} must be a number, not {value!r}")
-    if name in POSITIVE_INTS and (not isinstance(value, int) or value < 1):
-        raise ConfigError(path, f"{name} must be a positive integer, not {value!r}")
-
-
 def _check_resize(value: Any, path: str) -> None:
     ok = isinstance(value, bool) or (
         isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -90,27 +89,6 @@ def _check_areas(value: Any, path: str) -> None:
     if not values or not all(isinstance(v, float) and 0 < v < 1 for v in values):
         raise ConfigError(path, f"areas must be a fraction or a list of fractions strictly between 0 and 1 "
                                 f"(e.g. [0.1]), not {value!r}")
-
-
-@contextlib.contextmanager
-def _restored(model):
-    """Undo what TorchRay leaves on ``model``: parameters' ``requires_grad``, train/eval mode and
-    any hook its probes added (they stay when a call fails before ``probe.remove()``)."""
-    modules = list(model.modules())
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in modules]
-    dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    hooks = [(d, set(d)) for m in modules for d in (getattr(m, name, None) for name in dicts) if d is not None]
-    try:
-        yield
-    finally:
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.training = training
-        for d, before in hooks:
-            for key in set(d) - before:
-                del d[key]
 
 
 @dataclass(frozen=True)
@@ -148,9 +126,6 @@ class TorchRayAdapter:
             params.update(keyword_parameters(fn, NOT_CONFIGURABLE))
         return params
 
-    def noise_tunnel_parameters(self) -> None:
-        return None
-
     def check_value(self, name: str, value: Any, path: str) -> None:
         """Check a JSON value before anything runs."""
         if name in CHOICES and value not in CHOICES[name]:
@@ -160,8 +135,8 @@ class TorchRayAdapter:
         if name in LAYER_PARAMS and value is not None and not isinstance(value, str):
             raise ConfigError(path, f"{name} must be a layer name of the model (e.g. \"layer4\"), not {value!r}")
         if (name in POSITIVE_INTS or name in NUMBERS) and not (name == "print_iter" and value is None):
-            _check_number(name, value, path)
-        if name == "seed" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            check_number(name, value, path, POSITIVE_INTS)
+        if name == "seed" and not index(value):
             raise ConfigError(path, f"seed must be a non-negative integer, not {value!r}")
         if name in BOOLS and not isinstance(value, bool):
             raise ConfigError(path, f"{name} must be true or false, not {value!r}")
@@ -172,7 +147,7 @@ class TorchRayAdapter:
 
     def convert(self, name: str, value: Any, call: Call, path: str) -> Any:
         """A JSON parameter value as TorchRay wants it."""
-        from ..explainer import find_layer
+        from ..call import find_layer
 
         if name in LAYER_PARAMS:
             if value is None:
@@ -182,13 +157,12 @@ class TorchRayAdapter:
             return self._fn(f"{self.module}.{value}")
         return value
 
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
         fn = self._fn()
-        defaults = {k: (v(call.inputs) if callable(v) else v) for k, v in spec.defaults.items()}
-        params = {**defaults, **call.params}
-        kwargs = {k: self.convert(k, v, call, f"params.{k}") for k, v in params.items()}
+        kwargs = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items()}
         if spec.needs_layer:
             kwargs["saliency_layer"] = call.layer
         if self.sigmoid_scores:
@@ -196,11 +170,11 @@ class TorchRayAdapter:
         x = call.inputs.detach().clone()
         n = x.shape[0]
         target = call.target
-        per_input = [int(t) for t in target] if torch.is_tensor(target) else [int(target)] * n
+        per_input = call.targets.ints()
         # TorchRay's patches break under a torch-function mode (the runner's per-job RNG is one):
         # F.batch_norm re-dispatches to the patched global with keywords an autograd Function cannot
         # take, and patched pools would apply the excitation rule twice. RISE seeds its own masks (seed).
-        with _LOCK, torch._C.DisableTorchFunction(), _restored(call.forward):
+        with _LOCK, torch._C.DisableTorchFunction():
             if self.targets == "each":
                 outputs = [fn(call.forward, x[i:i + 1], target=per_input[i], **kwargs) for i in range(n)]
             else:
@@ -236,19 +210,22 @@ def _quick_sigma(x) -> float:
     return 3.0 * _quick_step(x)  # upstream's ratio: step 7, sigma 21
 
 
-def _torchray(name, adapter, kind="attribution", layer=False, dims=(2, 3), defaults=None, quick=None, ref=""):
+def _torchray(name, adapter, kind="attribution", layer=False, dims=(2, 3), defaults=None, quick=None, ref="",
+              exclusive=False):
     register(MethodSpec(
-        library="torchray", name=name, kind=kind, adapter=adapter, requires=("torchray",), extra="torchray",
-        needs_layer=layer, dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref,
+        library=LIBRARY, name=name, kind=kind, adapter=adapter, needs_layer=layer, dims=dims,
+        defaults=defaults or {}, quick_params=quick or {}, reference=ref, exclusive=exclusive,
     ))
 
 
 _A = "torchray.attribution"
 _torchray("gradient", TorchRayAdapter(f"{_A}.gradient", "gradient", _SALIENCY), ref=_REF_GRAD)
-_torchray("deconvnet", TorchRayAdapter(f"{_A}.deconvnet", "deconvnet", _SALIENCY),
+# deconvnet, guided backprop and (contrastive) excitation backprop patch torch's functions
+# (torch.relu, F.conv2d...) process-wide while they run: exclusive, no other job beside them.
+_torchray("deconvnet", TorchRayAdapter(f"{_A}.deconvnet", "deconvnet", _SALIENCY), exclusive=True,
           ref="Zeiler & Fergus 2014, doi:10.1007/978-3-319-10590-1_53")
 _torchray("guided_backprop", TorchRayAdapter(f"{_A}.guided_backprop", "guided_backprop", _SALIENCY),
-          ref="Springenberg et al. 2015, arXiv:1412.6806")
+          exclusive=True, ref="Springenberg et al. 2015, arXiv:1412.6806")
 # grad_cam averages the gradient over axes (2, 3) only: 2D by construction.
 _torchray("grad_cam", TorchRayAdapter(f"{_A}.grad_cam", "grad_cam", _SALIENCY), kind="layer", layer=True,
           dims=(2,), ref="Selvaraju et al. 2017, arXiv:1610.02391")
@@ -256,14 +233,14 @@ _torchray("linear_approx", TorchRayAdapter(f"{_A}.linear_approx", "linear_approx
           layer=True, ref="TorchRay's linear approximation (gradient x activation at a layer)")
 _torchray("excitation_backprop",
           TorchRayAdapter(f"{_A}.excitation_backprop", "excitation_backprop", _SALIENCY, torchvision=True),
-          kind="layer", layer=True, ref=_REF_EBP)
+          kind="layer", layer=True, exclusive=True, ref=_REF_EBP)
 # contrast_layer (required upstream) defaults to the saliency layer: clamp(P - N) there, the
 # target's excitation minus its dual's (classifier weights negated), the paper's contrastive map.
 # TorchRay's excitation backprop is linear in the signal it propagates, so any contrast layer between the
 # saliency layer and the classifier gives the same map.
 _torchray("contrastive_excitation_backprop",
           TorchRayAdapter(f"{_A}.excitation_backprop", "contrastive_excitation_backprop", torchvision=True),
-          kind="layer", layer=True, defaults={"contrast_layer": None}, ref=_REF_EBP)
+          kind="layer", layer=True, defaults={"contrast_layer": None}, exclusive=True, ref=_REF_EBP)
 # torchray.rise ignores the target and maps every class; rise_class, its class-specific front-end
 # with the same parameters, gives the target's map. Both assert 2D inputs.
 _torchray("rise", TorchRayAdapter(f"{_A}.rise", "rise_class", f"{_A}.rise.rise", targets="list", sigmoid_scores=True),

@@ -56,8 +56,8 @@ and ResNetCanonizer (that plus a ``Sum`` module for the residual addition of tor
 own ``BasicBlock``/``Bottleneck`` classes only). Default: SequentialMergeBatchNorm for every
 LRP composite, none for GuidedBackprop and DeconvNet (folding BN changes their gradient only
 by rounding); ``[]`` turns folding off. Canonizers change the prepared copy's weights while the
-call runs; zennit undoes them, and :func:`_untouched` checks afterwards, even on error, that
-every parameter, buffer, submodule and hook of the copy is as before (and restores it if not).
+call runs; zennit undoes them, and the one guard (:func:`esegeta.registry.guarded`) restores,
+even on error, every parameter, buffer, submodule and hook of the copy.
 
 Trace (``params.trace: true``, with the ``Gradient`` attributor: every composite and
 ``zennit.Gradient``): ``call.extras["trace"]`` maps each leaf layer of the model (named as in
@@ -74,15 +74,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from ..registry import Call, MethodSpec, keyword_parameters, register
+from ..params import check_number
+from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
 
-log = logging.getLogger("esegeta")
+
+#: Zennit draws from torch's RNG only (SmoothGrad's noise).
+LIBRARY = Library("zennit", "zennit", "zennit", ("zennit",), uses_global_rng=False, reads_samples=False,
+                  reference="Anders et al. 2021, arXiv:2106.13200")
 
 _LRP = "Bach et al. 2015, doi:10.1371/journal.pone.0130140"
 #: Composite name → (reference, canonizers by default).
@@ -186,13 +189,6 @@ def _rule_parameters(rule: str) -> frozenset[str]:
 
 # ---------------------------------------------------------------------------- checks (JSON only)
 
-def _check_number(name: str, value: Any, path: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(path, f"{name} must be a number, not {value!r}")
-    if name in POSITIVE_INTS and (not isinstance(value, int) or value < 1):
-        raise ConfigError(path, f"{name} must be a positive integer, not {value!r}")
-
-
 def _check_bound(name: str, value: Any, path: str) -> None:
     """``low``/``high``: a number, or one number per input channel."""
     values = value if isinstance(value, list) and value else [value]
@@ -285,7 +281,7 @@ def _check_composite(name: str, value: Any, path: str) -> None:
 
 
 CHECKS = {
-    **{n: _check_number for n in NUMBERS | POSITIVE_INTS},
+    **{n: lambda name, value, path: check_number(name, value, path, POSITIVE_INTS) for n in NUMBERS | POSITIVE_INTS},
     "low": _check_bound, "high": _check_bound, "window": _check_window, "stride": _check_window,
     "zero_params": _check_zero_params, TRACE: _check_bool, "canonizers": _check_canonizers,
     **{n: _check_rule_map for n in RULE_MAPS}, "composite": _check_composite,
@@ -416,59 +412,16 @@ def build_composite(name: str, params: Mapping[str, Any], call: Call, path: str 
 
 def _seed(call: Call, kind: str):
     """zennit's ``attr_output``: the target's one-hot over the (B, K) output (times it for "score")."""
-    import torch
+    target = call.targets
 
     def seed(output):
-        target = call.target
-        index = (target.to(output.device) if torch.is_tensor(target)
-                 else torch.full((output.shape[0],), int(target), device=output.device))
-        one_hot = torch.nn.functional.one_hot(index.long().view(-1), output.shape[1]).to(output)
+        one_hot = target.one_hot(output)
         return one_hot * output if kind == "score" else one_hot
 
     return seed
 
 
 # ---------------------------------------------------------------------------- running, restoring, tracing
-
-_STATE = ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-          "_backward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-          "_forward_hooks_always_called")
-
-
-@contextlib.contextmanager
-def _untouched(model):
-    """Check, on exit and on error, that ``model``'s modules are as on entry (restore them if not).
-
-    Zennit undoes its hooks, parameter modifications and canonizers itself; this guards the
-    prepared copy (reused across calls) against a call that fails halfway, e.g. a canonizer
-    that cannot apply after others did.
-    """
-    saved = []
-    for module in model.modules():
-        dicts = {attr: dict(getattr(module, attr)) for attr in _STATE if hasattr(module, attr)}
-        data = [(t, t.data) for attr in ("_parameters", "_buffers") for t in dicts[attr].values() if t is not None]
-        saved.append((module, dicts, data, "forward" in vars(module)))
-    try:
-        yield
-    finally:
-        fixed = []
-        for module, dicts, data, own_forward in saved:
-            for attr, entries in dicts.items():
-                current = getattr(module, attr)
-                if current.keys() != entries.keys() or any(current[k] is not v for k, v in entries.items()):
-                    current.clear()
-                    current.update(entries)
-                    fixed.append(f"{type(module).__name__}.{attr}")
-            for tensor, value in data:
-                if tensor.data.data_ptr() != value.data_ptr() or tensor.shape != value.shape:
-                    tensor.data = value
-                    fixed.append(f"{type(module).__name__} tensor")
-            if "forward" in vars(module) and not own_forward:
-                del module.forward
-                fixed.append(f"{type(module).__name__}.forward")
-        if fixed:
-            log.warning("zennit left the prepared model changed (%s); restored", ", ".join(sorted(set(fixed))))
-
 
 def _network(call: Call):
     """The user's model inside the prepared copy (names as the user knows them)."""
@@ -527,9 +480,9 @@ def _tracing(root, enabled: bool):
 
 
 def _attribute(attributor_cls, call: Call, composite, seed_kind: str, trace: bool, **kwargs):
-    """Run one zennit attributor on ``call.forward``; the prepared copy is checked afterwards."""
+    """Run one zennit attributor on ``call.forward``."""
     attributor = attributor_cls(call.forward, composite=composite, attr_output=_seed(call, seed_kind), **kwargs)
-    with _untouched(call.forward), _tracing(_network(call), trace) as recorded, attributor:
+    with _tracing(_network(call), trace) as recorded, attributor:
         _, attribution = attributor(call.inputs)
     if trace:
         call.extras["trace"] = recorded
@@ -545,9 +498,7 @@ class CompositeAdapter:
     def check_value(self, name: str, value: Any, path: str) -> None:
         _check_value(name, value, path)
 
-    def noise_tunnel_parameters(self) -> None:
-        return None  # zennit.SmoothGrad with params.composite smooths a composite
-
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
         params = dict(call.params)
         trace = params.pop(TRACE, False)
@@ -564,9 +515,7 @@ class AttributorAdapter:
     def check_value(self, name: str, value: Any, path: str) -> None:
         _check_value(name, value, path)
 
-    def noise_tunnel_parameters(self) -> None:
-        return None
-
+    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
@@ -603,8 +552,7 @@ _ATTRIBUTOR_QUICK = {"SmoothGrad": {"n_iter": 3}, "IntegratedGradients": {"n_ite
 
 def _zennit_method(name: str, adapter, reference: str, defaults=None, quick=None) -> None:
     register(MethodSpec(
-        library="zennit", name=name, kind="attribution", adapter=adapter, requires=("zennit",), extra="zennit",
-        defaults=defaults or {}, quick_params=quick or {}, reference=reference,
+        library=LIBRARY, name=name, kind="attribution", adapter=adapter, defaults=defaults or {}, quick_params=quick or {}, reference=reference,
     ))
 
 

@@ -1,0 +1,138 @@
+"""One guard for every change a library makes to the prepared copy: :func:`restored`.
+
+Methods run on a prepared copy that is reused from call to call, and libraries leave things
+on it: hooks they forget (SHAP, Lucent) or do not remove when a call fails half-way
+(pytorch-grad-cam, TorchRay), modules swapped in (AblationCAM), parameters set to
+``requires_grad=False`` (TorchRay), gradients, canonized weights (Zennit), attributes stored
+on modules (SHAP's ``x``/``y``, Captum's LRP ``rule``). ``restored`` takes a snapshot on entry
+and puts back, on exit and on error, whatever differs, generically rather than per library:
+
+- every module's instance attributes: added ones are deleted, replaced ones put back; every
+  dict or set torch keeps there (``_parameters``, ``_buffers``, ``_modules`` and all hook dicts,
+  ``_forward_hooks_with_kwargs``, ``_forward_hooks_always_called``, ``_backward_pre_hooks``,
+  state-dict hooks...) gets its entries back in place (handles keep referring to it);
+- every parameter and buffer: its data (when replaced, as canonizers do), ``requires_grad``,
+  ``grad`` and its tensor hooks;
+- torch's global module hooks (``torch.nn.modules.module._global_*``): hooks added meanwhile
+  are removed. They are process-wide: no adapted library sets one; a method that did would
+  have to be ``exclusive`` (run alone), or a job beside it would lose its own.
+
+In-place changes of a tensor's values cannot be undone without copying every weight on every
+call; no adapted library makes them (canonizers assign ``.data``, which is undone).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+from torch.nn.modules import module as _torch_module
+
+log = logging.getLogger("esegeta")
+
+#: Hook dicts a tensor keeps (leaf tensors: parameters and buffers).
+TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+_MISSING = object()
+
+
+def _walk(models: tuple[nn.Module, ...]) -> list[nn.Module]:
+    """Every module under ``models``, each once (a plain walk: ``modules()`` costs several times more)."""
+    seen: dict[int, nn.Module] = {}
+    stack = list(models)
+    while stack:
+        module = stack.pop()
+        if id(module) not in seen:
+            seen[id(module)] = module
+            stack.extend(module._modules.values())
+    return list(seen.values())
+
+
+def _same(now: Any, before: Any) -> bool:
+    """Whether a dict or set has the entries it had (dict values compared by identity, in order)."""
+    if isinstance(before, set):
+        return now == before
+    return len(now) == len(before) and all(k1 == k2 and v1 is v2 for (k1, v1), (k2, v2)
+                                           in zip(now.items(), before.items()))
+
+
+def _module_state(module: nn.Module) -> tuple:
+    attrs = vars(module)
+    return module, dict(attrs), {k: v.copy() for k, v in attrs.items() if isinstance(v, (dict, set))}
+
+
+def _tensor_state(tensor) -> tuple:
+    hooks = tuple(None if (h := getattr(tensor, name, None)) is None else dict(h) for name in TENSOR_HOOKS)
+    return tensor, tensor.data, tensor.requires_grad, tensor.grad, hooks
+
+
+def _restore_module(state: tuple, fixed: list[str]) -> None:
+    module, attrs, contents = state
+    now = vars(module)
+    for key in [k for k in now if k not in attrs]:
+        del now[key]
+        fixed.append(f"{type(module).__name__}.{key} added")
+    for key, value in attrs.items():
+        if now.get(key, _MISSING) is not value:
+            now[key] = value
+            fixed.append(f"{type(module).__name__}.{key} replaced")
+    for key, before in contents.items():
+        current = attrs[key]
+        if not _same(current, before):
+            current.clear()
+            current.update(before)
+            fixed.append(f"{type(module).__name__}.{key}")
+
+
+def _restore_tensor(state: tuple, fixed: list[str]) -> None:
+    tensor, data, requires_grad, grad, hooks = state
+    if tensor.data.data_ptr() != data.data_ptr() or tensor.shape != data.shape or tensor.dtype != data.dtype:
+        tensor.data = data
+        fixed.append("tensor data")
+    if tensor.requires_grad != requires_grad:
+        tensor.requires_grad_(requires_grad)
+        fixed.append("requires_grad")
+    if tensor.grad is not grad:
+        tensor.grad = grad
+    for name, before in zip(TENSOR_HOOKS, hooks):
+        current = getattr(tensor, name, None)
+        for key in [k for k in (current or {}) if before is None or k not in before]:
+            del current[key]
+            fixed.append(f"tensor {name}")
+
+
+def _global_hooks() -> dict[str, Any]:
+    return {name: value.copy() for name, value in vars(_torch_module).items()
+            if name.startswith("_global_") and isinstance(value, dict)}
+
+
+def _restore_globals(before: dict[str, Any], fixed: list[str]) -> None:
+    for name, kept in before.items():
+        current = getattr(_torch_module, name)
+        for key in [k for k in current if k not in kept]:
+            del current[key]
+            fixed.append(f"torch {name}")
+
+
+@contextmanager
+def restored(*models: nn.Module) -> Iterator[None]:
+    """Undo, on exit and on error, every change made to ``models`` meanwhile (see the module docstring)."""
+    modules = _walk(models)
+    states = [_module_state(m) for m in modules]
+    tensors = [_tensor_state(t) for m in modules for d in (m._parameters, m._buffers)
+               for t in d.values() if t is not None]
+    full_backward = _torch_module._global_is_full_backward_hook
+    globals_before = _global_hooks()
+    try:
+        yield
+    finally:
+        fixed: list[str] = []
+        for state in states:
+            _restore_module(state, fixed)
+        for state in tensors:
+            _restore_tensor(state, fixed)
+        _restore_globals(globals_before, fixed)
+        _torch_module._global_is_full_backward_hook = full_backward
+        if fixed:
+            log.debug("restored on the prepared copy: %s", ", ".join(sorted(set(fixed))))
