@@ -339,3 +339,24 @@ def test_inputs_are_left_alone(retina):
     x = retina.x.clone()
     esegeta.explain(retina.model, x, "zennit.EpsilonGammaBox", target=1, wrapper=retina.wrapper, trace=True)
     assert not x.requires_grad and x.grad is None and torch.equal(x, retina.x)
+
+
+def test_composites_are_read_from_upstreams_registry():
+    """The composites esegeta registers are those zennit registers (read from its source without
+    importing it), plus the three rule-map composites; BetaSmooth came with that, unlisted here."""
+    from esegeta.adapters.zennit import MAP_COMPOSITES, upstream_composites
+
+    zennit = _zennit()
+    assert set(upstream_composites()) == {cls.__name__ for cls in zennit.composites.COMPOSITES.values()}
+    ids = {i.removeprefix("zennit.") for i in registry.all_methods() if i.startswith("zennit.")}
+    assert set(upstream_composites()) | set(MAP_COMPOSITES) <= ids and "BetaSmooth" in ids
+
+
+def test_beta_smooth_equals_direct_zennit(digits):
+    zennit = _zennit()
+    ours = esegeta.explain(digits.model, digits.x, "zennit.BetaSmooth", 3, beta_smooth=5.0)
+    net = prepared(digits.model, digits.x)
+    composite = zennit.composites.BetaSmooth(beta_smooth=5.0)
+    with zennit.attribution.Gradient(net, composite=composite) as attributor:
+        _, direct = attributor(digits.x, torch.eye(10)[[3]])
+    assert torch.allclose(ours, direct, atol=1e-6)

@@ -73,6 +73,7 @@ doi:10.1007/978-3-030-28954-6_10 (composites); Anders et al. 2021, arXiv:2106.13
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 from collections.abc import Mapping
 from functools import cache
@@ -88,21 +89,43 @@ LIBRARY = Library("zennit", "zennit", "zennit", ("zennit",), uses_global_rng=Fal
                   reference="Anders et al. 2021, arXiv:2106.13200")
 
 _LRP = "Bach et al. 2015, doi:10.1371/journal.pone.0130140"
-#: Composite name → (reference, canonizers by default).
-COMPOSITES: Mapping[str, tuple[str, tuple[str, ...]]] = {
-    "EpsilonPlus": ("Kohlbrenner et al. 2020, arXiv:1910.09840", ("SequentialMergeBatchNorm",)),
-    "EpsilonPlusFlat": ("Kohlbrenner et al. 2020, arXiv:1910.09840", ("SequentialMergeBatchNorm",)),
-    "EpsilonAlpha2Beta1": ("Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10", ("SequentialMergeBatchNorm",)),
-    "EpsilonAlpha2Beta1Flat": ("Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10",
-                               ("SequentialMergeBatchNorm",)),
-    "EpsilonGammaBox": ("Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10", ("SequentialMergeBatchNorm",)),
-    "ExcitationBackprop": ("Zhang et al. 2016, arXiv:1608.00507", ("SequentialMergeBatchNorm",)),
-    "GuidedBackprop": ("Springenberg et al. 2015, arXiv:1412.6806", ()),
-    "DeconvNet": ("Zeiler & Fergus 2014, arXiv:1311.2901", ()),
-    "LayerMapComposite": (_LRP, ("SequentialMergeBatchNorm",)),
-    "SpecialFirstLayerMapComposite": (_LRP, ("SequentialMergeBatchNorm",)),
-    "NameLayerMapComposite": (_LRP, ("SequentialMergeBatchNorm",)),
+_MONTAVON = "Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10"
+#: References of the composites zennit registers (optional: a new upstream composite needs none).
+REFERENCES: Mapping[str, str] = {
+    "EpsilonPlus": "Kohlbrenner et al. 2020, arXiv:1910.09840", "EpsilonPlusFlat": "Kohlbrenner et al. 2020, "
+    "arXiv:1910.09840", "EpsilonAlpha2Beta1": _MONTAVON, "EpsilonAlpha2Beta1Flat": _MONTAVON,
+    "EpsilonGammaBox": _MONTAVON, "ExcitationBackprop": "Zhang et al. 2016, arXiv:1608.00507",
+    "GuidedBackprop": "Springenberg et al. 2015, arXiv:1412.6806", "DeconvNet": "Zeiler & Fergus 2014, arXiv:1311.2901",
+    "BetaSmooth": "Dombrowski et al. 2019, arXiv:1906.07983",
 }
+#: Composites that modify gradients rather than propagate relevance: no BatchNorm folding by default
+#: (it changes their result by rounding only); every other composite folds (SequentialMergeBatchNorm).
+NO_CANONIZERS = frozenset({"GuidedBackprop", "DeconvNet", "BetaSmooth"})
+#: zennit's composite classes that take esegeta's JSON rule maps (upstream registers none of them).
+MAP_COMPOSITES = ("LayerMapComposite", "SpecialFirstLayerMapComposite", "NameLayerMapComposite")
+
+
+@cache
+def upstream_composites() -> tuple[str, ...]:
+    """The composite classes zennit registers (``@register_composite``, ``zennit.composites.COMPOSITES``),
+    read from its source without importing it (listing methods imports neither zennit nor torch)."""
+    import ast
+    from pathlib import Path
+
+    found = importlib.util.find_spec("zennit")  # a top-level spec: nothing is imported
+    if found is None or not found.submodule_search_locations:
+        return ()
+    source = Path(list(found.submodule_search_locations)[0], "composites.py").read_text(encoding="utf-8")
+    return tuple(node.name for node in ast.parse(source).body if isinstance(node, ast.ClassDef) and any(
+        isinstance(d, ast.Call) and getattr(d.func, "id", None) == "register_composite" for d in node.decorator_list))
+
+
+def composite_names() -> tuple[str, ...]:
+    return (*upstream_composites(), *MAP_COMPOSITES)
+
+
+def _default_canonizers(name: str) -> tuple[str, ...]:
+    return () if name in NO_CANONIZERS else ("SequentialMergeBatchNorm",)
 #: Attributor name → (reference, seed: "one_hot" for gradients, "score" for Occlusion).
 ATTRIBUTORS: Mapping[str, tuple[str, str]] = {
     "Gradient": ("Simonyan et al. 2014, arXiv:1312.6034", "one_hot"),
@@ -267,8 +290,8 @@ def _check_composite(name: str, value: Any, path: str) -> None:
     """``composite`` of an attributor: a composite's name or {"name": ..., **its params}."""
     options = dict(value) if isinstance(value, dict) else {"name": value}
     composite = options.pop("name", None)
-    if composite not in COMPOSITES:
-        raise ConfigError(path, f"unknown composite {composite!r}" + did_you_mean(str(composite), COMPOSITES)
+    if composite not in composite_names():
+        raise ConfigError(path, f"unknown composite {composite!r}" + did_you_mean(str(composite), composite_names())
                           + ' (write a name, or {"name": "EpsilonGammaBox", "gamma": 0.5})')
     allowed = composite_parameters(composite)
     for key, option in options.items():
@@ -281,7 +304,7 @@ def _check_composite(name: str, value: Any, path: str) -> None:
 
 
 CHECKS = {
-    **{n: lambda name, value, path: check_number(name, value, path, POSITIVE_INTS) for n in NUMBERS | POSITIVE_INTS},
+    **dict.fromkeys(NUMBERS | POSITIVE_INTS, lambda name, value, path: check_number(name, value, path, POSITIVE_INTS)),
     "low": _check_bound, "high": _check_bound, "window": _check_window, "stride": _check_window,
     "zero_params": _check_zero_params, TRACE: _check_bool, "canonizers": _check_canonizers,
     **{n: _check_rule_map for n in RULE_MAPS}, "composite": _check_composite,
@@ -401,7 +424,7 @@ def build_composite(name: str, params: Mapping[str, Any], call: Call, path: str 
             kwargs[key] = _rule_map(kwargs[key], x, names)
         elif key in composite_parameters(name):
             kwargs[key] = []  # NameLayerMapComposite's None maps would fail upstream: no rules
-    kwargs["canonizers"] = _canonizers(kwargs.get("canonizers", COMPOSITES[name][1]))
+    kwargs["canonizers"] = _canonizers(kwargs.get("canonizers", _default_canonizers(name)))
     for key, default in INPUT_DEFAULTS.items():
         if key in composite_parameters(name):
             kwargs[key] = _bound(kwargs[key], x) if key in kwargs else default(x)
@@ -552,7 +575,8 @@ _ATTRIBUTOR_QUICK = {"SmoothGrad": {"n_iter": 3}, "IntegratedGradients": {"n_ite
 
 def _zennit_method(name: str, adapter, reference: str, defaults=None, quick=None) -> None:
     register(MethodSpec(
-        library=LIBRARY, name=name, kind="attribution", adapter=adapter, defaults=defaults or {}, quick_params=quick or {}, reference=reference,
+        library=LIBRARY, name=name, kind="attribution", adapter=adapter, defaults=defaults or {},
+        quick_params=quick or {}, reference=reference,
     ))
 
 
@@ -561,8 +585,8 @@ _RULE_MAP_QUICK = {"layer_map": {"Convolution": "epsilon", "Linear": "epsilon", 
 _QUICK = {"LayerMapComposite": _RULE_MAP_QUICK,
           "SpecialFirstLayerMapComposite": {**_RULE_MAP_QUICK, "first_map": {"Convolution": "zbox"}},
           "NameLayerMapComposite": _RULE_MAP_QUICK}
-for _name, (_reference, _) in COMPOSITES.items():
-    _zennit_method(_name, COMPOSITE_ADAPTER, _reference,
+for _name in composite_names():
+    _zennit_method(_name, COMPOSITE_ADAPTER, REFERENCES.get(_name, _LRP),
                    defaults=INPUT_DEFAULTS if _name == "EpsilonGammaBox" else None,
                    quick=_QUICK.get(_name))
 for _name, (_reference, _) in ATTRIBUTORS.items():
