@@ -15,7 +15,7 @@ from torch import nn
 
 from . import numerics, patcher
 from .call import Outcome, call_once
-from .call import find_layer, resolve_target  # noqa: F401 (their old home: adapters and tests import them here)
+from .call import find_layer  # noqa: F401 (the torchray adapter at HEAD imports it from here)
 from .config import check_method
 from .errors import ConfigError
 from .prepare import PreparedModel, prepared

@@ -157,7 +157,7 @@ def test_targets_on_meta(target, method_id, meta_case):
     """A class index, or "predicted": the argmax per input, a tensor on the data's device. (Captum
     reads a one-element target tensor with ``.item()``, TorchRay takes Python ints: on meta,
     "predicted" for one input goes to Zennit, whose seed esegeta builds on the output's device.)"""
-    from esegeta.explainer import resolve_target
+    from esegeta.call import resolve_target
     from esegeta.prepare import prepared
 
     if target == "predicted":
