@@ -16,8 +16,8 @@ from torch import nn
 from . import numerics, patcher
 from .call import Outcome, call_once
 from .call import find_layer  # noqa: F401 (the torchray adapter at HEAD imports it from here)
-from .config import check_method
 from .errors import ConfigError
+from .params import check_method
 from .prepare import PreparedModel, prepared
 from .request import Request, from_arguments
 

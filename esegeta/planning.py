@@ -19,6 +19,7 @@ from . import config as config_mod, resume, scheduling, wrappers
 from .call import check_dims, check_task, find_layer, resolve_target
 from .errors import ConfigError, did_you_mean
 from .loading import InputItem, load_inputs, load_model
+from .params import check_method
 from .patcher import check_global
 from .prepare import PreparedModel, prepared
 from .request import Resolved, resolve
@@ -56,7 +57,7 @@ def entry_problems(config: config_mod.Config, index: int) -> list[Problem]:
     """Problems of ``methods[index]`` found from the JSON alone (no model needed)."""
     m, where = config.methods[index], f"methods[{index}]"
     try:
-        config_mod.check_method(m.id, m.params, m.layer, m.noise_tunnel, where)
+        check_method(m.id, m.params, m.layer, m.noise_tunnel, where)
         e = resolve(m, config, index)
         if e.request.patch is not None and e.request.patch.mode == "global":
             check_global(e.spec, e.request.wrapper, e.where("patch") + ".mode")
@@ -205,7 +206,7 @@ def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int
     for position, e in enumerate(p.entries):
         settings = key_settings(e, p.config)
         devices = p.devices_of(e)
-        settings["samples"] = None if resume.ignores_samples(e.spec.id) else samples_hash
+        settings["samples"] = samples_hash if e.spec.library.reads_samples else None
         todo: list[tuple[int, InputItem, str]] = []
         for k, item in enumerate(p.inputs):
             key = resume.job_key(settings, model_hash, input_hashes[k])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__, numerics, planning, scheduling, verdicts
+from . import params as params_mod
 from . import config as config_mod
 from .executor import Executor, RetryPolicy, Worker, attribute_warnings
 from .explainer import run
@@ -210,7 +211,7 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
     oom = [0]
 
     def attempt(name: str, request: Request):
-        rng[:] = [scheduling.JobRandomness(seed, scheduling.uses_global_rng(e.spec.id))]
+        rng[:] = [scheduling.JobRandomness(seed, e.spec.uses_global_rng)]
         with rng[0], numerics.autocast(name, device):
             return _call(job, worker.replica(x), x, request, plan.base_dir, worker.samples())
 
@@ -253,11 +254,8 @@ def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | N
 
 def _halved(request: Request) -> Request | None:
     """The request with the method's internal batch parameter halved, or None (cannot shrink)."""
-    params = dict(request.params)
-    noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
-    if not scheduling.halve_batch(request.spec, params, noise_tunnel):
-        return None
-    return request.replace(params=params, noise_tunnel=noise_tunnel)
+    smaller = params_mod.halve_batch(request.spec, request.params, request.noise_tunnel)
+    return None if smaller is None else request.replace(params=smaller[0], noise_tunnel=smaller[1])
 
 
 def _results(job: Job, worker: Worker, records: list[dict], done, reason: str, elapsed: float):
