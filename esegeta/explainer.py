@@ -15,7 +15,6 @@ from torch import nn
 
 from . import numerics, patcher
 from .call import Outcome, call_once
-from .call import find_layer  # noqa: F401 (the torchray adapter at HEAD imports it from here)
 from .errors import ConfigError
 from .params import check_method
 from .prepare import PreparedModel, prepared
