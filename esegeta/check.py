@@ -19,12 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config as config_mod, numerics, planning, registry
-
-#: Parameters that set how many perturbed/interpolated inputs one method evaluates…
-_STEPS = ("n_steps", "nt_samples", "n_samples", "num_samples", "nsamples", "num_masks", "max_evals")
-#: …and those that cap how many of them go through the model at once.
-_CHUNKS = ("internal_batch_size", "nt_samples_batch_size", "perturbations_per_eval", "batch_size")
+from . import config as config_mod, numerics, planning
+from . import params as params_mod
 
 
 @dataclass
@@ -130,30 +126,6 @@ def _shape(value: Any) -> Any:
     return type(value).__name__
 
 
-def _effective_batch(spec: registry.MethodSpec, params: dict, noise_tunnel: dict | None) -> int:
-    """How many copies of the input one step of the method sends through the model at once."""
-    try:
-        defaults = {n: p.default for n, p in spec.adapter.parameters(spec).items() if p.default is not p.empty}
-    except Exception:  # an adapter that cannot list its parameters: count one copy
-        defaults = {}
-    values = {**{k: v for k, v in defaults.items() if isinstance(v, int)}, **params}
-    if noise_tunnel is not None:
-        values = {**values, **noise_tunnel}
-        values.setdefault("nt_samples", 5)
-    steps = next((int(values[k]) for k in _STEPS if isinstance(values.get(k), int)), 1)
-    if noise_tunnel is not None and "n_steps" in values:
-        steps = int(values["n_steps"]) * int(values.get("nt_samples", 5))
-    chunk = next((int(values[k]) for k in _CHUNKS if isinstance(values.get(k), int) and values[k] > 0), None)
-    return max(1, min(steps, chunk) if chunk else steps)
-
-
-def _lrp_gaps(network: nn.Module) -> list[str]:
-    from .adapters.captum import lrp_rule_for
-
-    return [f"{name} ({type(m).__name__})" for name, m in network.named_modules()
-            if name and not list(m.children()) and lrp_rule_for(m) is None]
-
-
 def check(config: str | Path | dict, *, base_dir: str | Path | None = None, device: str | None = None) -> CheckReport:
     """Pre-flight report for ``config`` (a path or a dict); see the module docstring."""
     if isinstance(config, dict):
@@ -225,16 +197,15 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
         c.layer_shape = forward.layer_shapes.get(entry.layer)
         if c.layer_shape is None:
             c.problem(f"methods[{index}].layer: {entry.layer!r} is not called in the forward pass")
-    if entry.id in ("captum.LRP", "captum.LayerLRP"):
-        gaps = _lrp_gaps(plan.ready.model)
-        if gaps:
-            c.problem(f"no LRP rule for {', '.join(gaps[:8])}{' ...' if len(gaps) > 8 else ''}: Captum's LRP "
-                      "will refuse the model; try zennit's composites")
-        else:
-            c.notes.append("LRP rules found for every leaf layer")
+    if spec.preflight is not None:
+        found = spec.preflight(plan.ready.model)
+        for problem in found:
+            c.problem(problem)
+        if not found:
+            c.notes.append(f"{spec.id}'s pre-flight check of the model passed")
     if plan.config.runtime.amp:
         c.notes.append(numerics.precision_plan(spec, plan.device, amp=True).reason)
-    c.batch = _effective_batch(spec, dict(entry.params), entry.noise_tunnel)
+    c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)
     # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
     c.memory_bytes = 2 * forward.activation_bytes * c.batch + forward.weight_bytes
     return c

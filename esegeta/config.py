@@ -1,8 +1,8 @@
 """The JSON config (SPEC §3), validated with pydantic before any model runs.
 
 Two stages: :func:`parse` checks structure and types (no imports beyond pydantic);
-:func:`check_method` checks one method's id, layer use and parameter names against the
-upstream signatures (imports the explainer libraries). The wrapper, patch and target
+:func:`esegeta.params.check_method` then checks one method's id, layer use and parameter
+names against the upstream signatures (imports the explainer libraries). The wrapper, patch and target
 settings are :mod:`esegeta.request`'s (shared with ``explain``). Every fault is reported with
 its JSON path, e.g. ``methods[2].params.n_step: unknown parameter ...; did you mean n_steps?``.
 """
@@ -257,35 +257,3 @@ def read(path: str | Path) -> tuple[Config, Path]:
     return parse(data), path.resolve().parent
 
 
-def check_method(method_id: str, params: dict, layer: str | None, noise_tunnel: dict | None, where: str) -> None:
-    """Check one method entry (id, layer, params, noise_tunnel) against the registry and upstream."""
-    from . import registry
-
-    spec = registry.get(method_id, f"{where}.id")
-    reason = spec.unavailable_reason()
-    if reason:
-        raise ConfigError(f"{where}.id", f"{method_id} is unavailable: {reason}")
-    if spec.needs_layer and not layer:
-        raise ConfigError(f"{where}.layer", f"{method_id} needs a 'layer' (a submodule name of the model)")
-    if layer and not spec.needs_layer:
-        raise ConfigError(f"{where}.layer", f"{method_id} takes no layer; remove 'layer'")
-    allowed = spec.adapter.parameters(spec)
-    for name, value in params.items():
-        if name not in allowed:
-            hint = " (set it with the entry's or the config's 'target')" if name == "target" else did_you_mean(name, allowed)
-            raise ConfigError(f"{where}.params.{name}", f"unknown parameter for {method_id}{hint}")
-        spec.adapter.check_value(name, value, f"{where}.params.{name}")
-    for name, p in allowed.items():
-        if p.default is p.empty and name not in params and name not in spec.defaults:
-            raise ConfigError(f"{where}.params", f"{method_id} needs params.{name}")
-    if noise_tunnel is not None:
-        nt_allowed = spec.adapter.noise_tunnel_parameters()
-        if nt_allowed is None:
-            raise ConfigError(f"{where}.noise_tunnel", f"{method_id} cannot be wrapped in a noise tunnel")
-        for name in noise_tunnel:
-            if name not in nt_allowed:
-                raise ConfigError(f"{where}.noise_tunnel.{name}",
-                                  "unknown noise_tunnel parameter" + did_you_mean(name, nt_allowed))
-        nt_type = noise_tunnel.get("nt_type", "smoothgrad")
-        if nt_type not in ("smoothgrad", "smoothgrad_sq", "vargrad"):
-            raise ConfigError(f"{where}.noise_tunnel.nt_type", f"{nt_type!r} is not smoothgrad, smoothgrad_sq or vargrad")

@@ -276,8 +276,6 @@ def register(spec: MethodSpec) -> MethodSpec:
     if spec.kind not in KINDS:
         raise ValueError(f"{spec.id}: unknown kind {spec.kind!r}")
     _LIBRARIES.setdefault(spec.library.name, spec.library)
-    if not hasattr(spec.adapter, "noise_tunnel_parameters"):  # SHIM until config.check_method is params.check_method
-        object.__setattr__(spec.adapter, "noise_tunnel_parameters", lambda: None)
     _REGISTRY[spec.id] = spec
     return spec
 

@@ -29,14 +29,6 @@ import torch
 log = logging.getLogger("esegeta")
 
 
-def ignores_samples(method_id: str) -> bool:
-    """Shim: ``not registry.get(method_id).library.reads_samples`` (adding an input to the config
-    leaves the method's results on the earlier inputs valid)."""
-    from . import registry
-
-    return not registry.get(method_id).library.reads_samples
-
-
 def tensor_digest(tensors) -> str:
     """sha256 over tensors' dtypes, shapes and bytes."""
     h = hashlib.sha256()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, numerics, planning, scheduling, verdicts
+from . import __version__, numerics, planning, registry, scheduling, verdicts
 from . import params as params_mod
 from . import config as config_mod
 from .executor import Executor, RetryPolicy, Worker, attribute_warnings
@@ -33,8 +33,8 @@ from .timeouts import TimeLimitExceeded, call_with_limit
 from .writer import Writer, check_dir
 
 log = logging.getLogger("esegeta")
-LIBRARIES = ("torch", "torchvision", "numpy", "captum", "torchray", "grad-cam", "zennit", "shap", "lime",
-             "torch-lucent", "torchio", "pydantic", "nibabel", "matplotlib")
+#: Distributions every run depends on; the explainer libraries' come from their adapters' records.
+CORE_DISTRIBUTIONS = ("torch", "torchvision", "numpy", "torchio", "pydantic", "nibabel", "matplotlib")
 
 
 def resolve_device(name: str | list[str] | None, where: str = "runtime.devices") -> torch.device:
@@ -44,7 +44,7 @@ def resolve_device(name: str | list[str] | None, where: str = "runtime.devices")
 
 def library_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"esegeta": __version__}
-    for name in LIBRARIES:
+    for name in (*CORE_DISTRIBUTIONS, *registry.distributions()):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

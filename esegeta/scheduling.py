@@ -25,14 +25,12 @@ import os
 import random
 import threading
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConfigError
-from .numerics import amp_precision, autocast as precision  # noqa: F401 (TODO: benchmarks/precision.py moves to numerics)
 
 #: torch functions and tensor methods that draw random numbers and take ``generator=``.
 RANDOM_OPS = frozenset({
@@ -104,13 +102,6 @@ def job_seed(seed: int, method_index: int, input_index: int) -> int:
     """A job's own 63-bit seed, a function of (run seed, method index, input index) only."""
     state = np.random.SeedSequence([seed % 2**63, method_index, input_index]).generate_state(2, np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
-
-
-def uses_global_rng(method_id: str) -> bool:
-    """Shim: ``registry.get(method_id).uses_global_rng`` (the spec's fact; kept for callers by id)."""
-    from . import registry
-
-    return registry.get(method_id).uses_global_rng
 
 
 class _OwnedLock:
@@ -194,20 +185,6 @@ class JobRandomness(TorchFunctionMode):
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-def halve_batch(spec, params: dict[str, Any], noise_tunnel: dict[str, Any] | None) -> bool:
-    """Shim over :func:`esegeta.params.halve_batch` that changes ``params``/``noise_tunnel`` in
-    place (for callers not yet using the new values); False when the batch cannot shrink."""
-    from .params import halve_batch as halved
-
-    smaller = halved(spec, params, noise_tunnel)
-    if smaller is None:
-        return False
-    params.update(smaller[0])
-    if noise_tunnel is not None:
-        noise_tunnel.update(smaller[1])
-    return True
 
 
 def free_memory(device: torch.device) -> None:

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+from esegeta import registry
 from helpers_cli import REPO, SAMPLES, output_files, run_cli, valid_config, write_config
 
-LIBRARIES = ("captum", "shap", "lime", "zennit", "pytorch_grad_cam", "torchray", "lucent", "torch")
+#: Every explainer library's import names (from the adapters' library records), and torch.
+LIBRARIES = tuple(sorted({m for lib in registry.libraries().values() for m in lib.requires} | {"torch"}))
 CHEAP_METHODS = [
     {"id": "captum.Saliency"},
     {"id": "captum.IntegratedGradients", "params": {"n_steps": 8}},

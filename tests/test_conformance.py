@@ -14,7 +14,7 @@ and Python's, all seeded): noise tunnels, sampling, random masks or initial imag
 ``seed``-like parameter: RISE draws its masks on the input's device from its ``seed``,
 LIME, SHAP's GradientExplainer). That is measured rather than listed, so it holds for new
 entries too, and a method that only *may* draw (what
-:func:`esegeta.scheduling.uses_global_rng` conservatively says, e.g. of every own method)
+the spec's ``uses_global_rng`` conservatively says, e.g. of every own method)
 is still compared.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ from torch import nn
 import esegeta
 from esegeta import registry, wrappers
 from esegeta.compat import import_torchvision
-from esegeta.config import check_method
+from esegeta.params import check_method
 from esegeta.errors import ConfigError
 from esegeta.prepare import prepared
 from esegeta.registry import Call

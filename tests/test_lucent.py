@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import esegeta
-from esegeta import registry, wrappers
+from esegeta import wrappers
 from esegeta.compat import import_torchvision
 from esegeta.errors import ConfigError
 from esegeta.explainer import run

@@ -29,7 +29,7 @@ from esegeta.errors import ConfigError
 from esegeta.runner import Pipeline
 from helpers_cli import DIGITS, REPO, run_cli, write_config
 from test_resume import slow_config
-from test_runtime import OWN_MODELS, digits_config
+from test_runtime import digits_config
 
 ALL_DIGITS = sorted(DIGITS.glob("*.npy"))
 JOURNAL = ".esegeta-journal.jsonl"

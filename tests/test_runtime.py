@@ -126,8 +126,10 @@ def test_job_randomness_is_per_thread():
     for a, b in zip(alone[0], together[7][0]):
         assert torch.equal(a, b)
     assert not torch.equal(together[7][0][0], together[8][0][0])
-    assert scheduling.uses_global_rng("captum.GradientShap") and scheduling.uses_global_rng("lime.LimeImageExplainer")
-    assert not scheduling.uses_global_rng("captum.Saliency")
+    from esegeta import registry
+
+    assert registry.get("captum.GradientShap").uses_global_rng and registry.get("lime.LimeImageExplainer").uses_global_rng
+    assert not registry.get("captum.Saliency").uses_global_rng
 
 
 def test_several_workers_give_the_results_of_one(tmp_path):
@@ -222,20 +224,6 @@ def test_out_of_memory_without_batch_parameter_fails_cleanly(tmp_path):
     assert result.exit_code == 1
     assert {r["status"] for r in result.runs} == {"failed"}
     assert all("out of memory" in r["error"] for r in result.runs)
-
-
-def test_halve_batch_starts_from_the_step_count():
-    from esegeta import registry
-
-    spec = registry.get("captum.IntegratedGradients")
-    params, nt = {"n_steps": 10}, {"nt_samples": 6}
-    assert scheduling.halve_batch(spec, params, nt) and params["internal_batch_size"] == 5
-    params = {"internal_batch_size": 1}
-    assert not scheduling.halve_batch(spec, params, None)
-    spec = registry.get("captum.Saliency")
-    nt = {"nt_samples": 6}
-    assert scheduling.halve_batch(spec, {}, nt) and nt["nt_samples_batch_size"] == 3
-    assert not scheduling.halve_batch(spec, {}, None)
 
 
 # -- time limits -----------------------------------------------------------------------

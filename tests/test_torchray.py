@@ -10,7 +10,8 @@ import torch
 import esegeta
 from esegeta import registry, wrappers
 from esegeta.compat import import_torchvision
-from esegeta.config import WrapperConfig, check_method
+from esegeta.config import WrapperConfig
+from esegeta.params import check_method
 from esegeta.errors import ConfigError
 from esegeta.explainer import run
 from esegeta.prepare import prepared

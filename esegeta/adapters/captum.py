@@ -72,10 +72,14 @@ def lrp_rule_for(module) -> str | None:
 
 
 def lrp_gaps(model) -> list[str]:
-    """The leaf layers of ``model`` Captum's LRP has no rule for (it refuses the model then), as
-    ``name (Type)``: the LRP methods' pre-flight check."""
-    return [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+    """The LRP methods' pre-flight check: the leaf layers of ``model`` that neither Captum nor
+    esegeta has a rule for (Captum's LRP refuses the model then), as one problem, or none."""
+    gaps = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
             if name and not list(m.children()) and lrp_rule_for(m) is None]
+    if not gaps:
+        return []
+    return [f"no LRP rule for {', '.join(gaps[:8])}{' ...' if len(gaps) > 8 else ''}: Captum's LRP will refuse "
+            "the model; try zennit's composites"]
 
 
 def _attach_lrp_rules(model) -> list[str]:
@@ -166,7 +170,7 @@ class CaptumAdapter:
         if call.noise_tunnel is not None:
             method = self._cls("NoiseTunnel")(method)
             attr_kw.update(_tuples(dict(call.noise_tunnel)))
-        if spec.preflight is lrp_gaps:
+        if issubclass(cls, self._cls("LRP")):  # LRP and LayerLRP: rules for the layers Captum lacks
             changed = _attach_lrp_rules(call.forward)
             if changed:
                 log.debug("LRP rules set on the prepared copy: %s", "; ".join(changed))
@@ -249,7 +253,8 @@ _captum("LayerDeepLiftShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
 _captum("LayerIntegratedGradients", kind="layer", layer=True, quick=_IG_QUICK)
 _captum("LayerFeatureAblation", kind="layer", layer=True,
         quick={"layer_mask": _quick_layer_grid, "perturbations_per_eval": 16})
-_captum("LayerLRP", kind="layer", layer=True, leaf=True, preflight=lrp_gaps, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
+_captum("LayerLRP", kind="layer", layer=True, leaf=True, preflight=lrp_gaps,
+        ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
 _captum("InternalInfluence", kind="layer", layer=True, quick=_IG_QUICK, ref="Leino et al. 2018, arXiv:1802.03788")
 
 # Neuron attributions: params.neuron_selector names the neuron (index into the layer output, no batch axis).
