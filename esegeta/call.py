@@ -23,6 +23,7 @@ from .errors import ConfigError, did_you_mean
 from .prepare import CallSites, PreparedModel
 from .registry import Call, MethodSpec
 from .request import Request, WrapperConfig
+from .targets import Target
 
 #: Builds the wrapped (classifier) view of a model for one input: ``(model, x, wrapper, base_dir)``.
 WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"], nn.Module]
@@ -31,26 +32,27 @@ WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"
 @dataclass(frozen=True)
 class Outcome:
     """What one call gives: the upstream result (float32, batch kept), the explained score of
-    the first input (when asked for) and the method's extra outputs (of the first input)."""
+    each input (when asked for; None where nothing is targeted) and the method's extra outputs
+    (of the first input)."""
 
     result: torch.Tensor
-    score: float | None = None
+    scores: tuple[float | None, ...] = ()
     extras: Mapping[str, Any] = field(default_factory=dict)
 
 
 def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
-              samples: torch.Tensor | None = None, with_score: bool = False,
+              samples: torch.Tensor | None = None, with_scores: bool = False,
               build_wrapper: WrapperBuilder = wrappers.build) -> Outcome:
     """Run ``request`` (without its patch) on the prepared ``model`` and inputs ``x``.
 
-    ``samples`` are the run's inputs (for methods that fit on data); ``with_score`` costs one
-    more forward pass; ``build_wrapper`` makes a wrapped view (the patcher's stitched model
-    passes its own, to save memory)."""
+    ``samples`` are the run's inputs (for methods that fit on data); ``with_scores`` costs one
+    more forward pass without a wrapper (a wrapper holds its input's scores); ``build_wrapper``
+    makes a wrapped view (the patcher's stitched model passes its own, to save memory)."""
     spec = request.spec
     check_task(spec, request.wrapper)
     layer = find_layer(model, request.layer, spec=spec) if request.layer else None
     pieces = [x] if request.wrapper is None else [x[i:i + 1] for i in range(x.shape[0])]
-    results, score, extras = [], None, {}
+    results, scores, extras = [], [], {}
     for n, piece in enumerate(pieces):
         forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
         target = resolve_target(forward, piece, request.target) if spec.needs_target else None
@@ -58,9 +60,9 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
         call = Call(forward, model, piece, target, layer, dict(request.params), noise_tunnel, base_dir, samples,
                     extras if n == 0 else {})
         results.append(_as_result(spec.adapter.run(spec, call)))
-        if n == 0 and with_score:
-            score = score_of(forward, piece, target)
-    return Outcome(results[0] if len(results) == 1 else torch.cat(results), score, MappingProxyType(extras))
+        if with_scores:
+            scores += _explained(forward, piece, target)
+    return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras))
 
 
 def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:
@@ -107,13 +109,11 @@ def _scores(forward: nn.Module, x: torch.Tensor) -> Any:
         return forward(x)
 
 
-def score_of(forward: nn.Module, x: torch.Tensor, target: Any) -> float | None:
-    """The value being explained on the unperturbed input (first input of the batch)."""
+def _explained(forward: nn.Module, x: torch.Tensor, target: Any) -> list[float | None]:
+    """The value being explained on each unperturbed input (None where nothing is targeted)."""
     if target is None:
-        return None
-    scores = _scores(forward, x)
-    index = int(target[0]) if torch.is_tensor(target) else int(target)
-    return float(scores[0, index])
+        return [None] * x.shape[0]
+    return Target.of(target, x.shape[0]).column(_scores(forward, x)).tolist()
 
 
 def check_dims(spec: MethodSpec, x: torch.Tensor, where: str = "inputs") -> None:

@@ -24,7 +24,7 @@ from .request import Request, from_arguments
 def run(request: Request, model: PreparedModel, x: torch.Tensor, **kw: Any) -> Outcome:
     """``request`` on the prepared ``model`` and inputs ``x``, patch by patch if it has a patch.
 
-    ``kw`` are :func:`esegeta.call.call_once`'s: ``base_dir``, ``samples``, ``with_score``."""
+    ``kw`` are :func:`esegeta.call.call_once`'s: ``base_dir``, ``samples``, ``with_scores``."""
     return patcher.strategy(request.patch)(call_once, request, model, x, **kw)
 
 

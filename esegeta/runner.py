@@ -246,10 +246,8 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
 
 def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None, samples: torch.Tensor):
     """The one call of the method (:func:`esegeta.explainer.run`): (result, scores per input, extras)."""
-    single = len(job.items) == 1
-    outcome = run(request, model, x, base_dir=base_dir, with_score=single, samples=samples)
-    scores = [outcome.score] if single else _batch_scores(model, x, request.target, request.spec.needs_target)
-    return outcome.result, scores, outcome.extras
+    outcome = run(request, model, x, base_dir=base_dir, with_scores=True, samples=samples)
+    return outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras
 
 
 def _halved(request: Request) -> Request | None:
@@ -289,17 +287,6 @@ def _results(job: Job, worker: Worker, records: list[dict], done, reason: str, e
             record["batch"] = len(job.items)
         computed.append((record, one[0].cpu().numpy(), _extras_of(extras, n)))
     return computed
-
-
-def _batch_scores(model: torch.nn.Module, x: torch.Tensor, target: Any, needs_target: bool) -> list[float | None]:
-    """The explained value of every input of a batch (plain model, no wrapper)."""
-    if not needs_target or target is None:
-        return [None] * x.shape[0]
-    with torch.no_grad():
-        scores = model(x)
-    index = scores.argmax(dim=1) if target == "predicted" else torch.full((x.shape[0],), int(target),
-                                                                         device=scores.device)
-    return [float(scores[n, int(index[n])]) for n in range(x.shape[0])]
 
 
 def _extras_of(extras: dict[str, Any], n: int) -> dict[str, Any]:
