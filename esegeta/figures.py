@@ -422,25 +422,30 @@ def attribution_figure(
     if kind not in ("attribution", "image"):
         raise ValueError(f"kind must be 'attribution' or 'image', got {kind!r}")
     a = _as_channel_first(attr, None if image is None else _to_numpy(image))
-
     if kind == "image":
-        disp = to_display_image(a)
-        nd = _spatial_rank(disp, "image")
-        if nd == 2:
-            fig = _new_figure((4.2, 4.5))
-            ax = fig.subplots(1, 1)
-            _draw_image_panel(ax, disp, title)
-        else:
-            fig = _new_figure((3 * 3.4, 3.9))
-            axes = fig.subplots(1, 3)
-            for ax, v, t in zip(axes, views_3d(disp, projection, "image"), _view_titles(projection)):
-                _draw_image_panel(ax, v, t)
-            if title:
-                fig.suptitle(title, fontsize=11)
-        fig.tight_layout()
-        return fig
+        return _image_figure(to_display_image(a), title, projection)
+    return _attribution_panels(_prepare_attr(a, img), img, method, sign, title, projection, show_colorbar)
 
-    a = _prepare_attr(a, img)
+
+def _image_figure(disp: np.ndarray, title: str, projection: str):
+    """An array shown as an image of its own: one panel in 2D, three orthogonal views in 3D."""
+    if _spatial_rank(disp, "image") == 2:
+        fig = _new_figure((4.2, 4.5))
+        _draw_image_panel(fig.subplots(1, 1), disp, title)
+    else:
+        fig = _new_figure((3 * 3.4, 3.9))
+        axes = fig.subplots(1, 3)
+        for ax, v, t in zip(axes, views_3d(disp, projection, "image"), _view_titles(projection)):
+            _draw_image_panel(ax, v, t)
+        if title:
+            fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _attribution_panels(a: np.ndarray, img: Optional[np.ndarray], method: str, sign: str, title: str,
+                        projection: str, show_colorbar: bool):
+    """An attribution over its input: one panel in 2D, three orthogonal views in 3D."""
     nd = a.ndim - 1
     if nd == 2:
         fig = _new_figure((4.2, 4.8 if show_colorbar else 4.5))
@@ -482,6 +487,32 @@ def _unpack_cell(cell: Sequence[Any]) -> Tuple[str, Any, str, str]:
     return str(label), arr, "" if note is None else str(note), kind
 
 
+def _draw_cell(fig, ax, cell: Sequence[Any], image: Any, img: Optional[np.ndarray], img2d: Optional[np.ndarray],
+               method: str, sign: str, projection: str, width: int) -> None:
+    """One overview cell: a note for a failed method, an image, or an attribution over the input;
+    a cell that cannot be drawn shows the error instead of sinking the whole figure."""
+    try:
+        label, arr, note, kind = _unpack_cell(cell)
+    except ValueError as exc:
+        _draw_note_panel(ax, "?", f"bad cell: {exc}", width)
+        return
+    try:
+        if arr is None:
+            _draw_note_panel(ax, label, note or "no result", width)
+        elif kind == "image":
+            disp = to_display_image(_as_channel_first(arr, None))
+            _spatial_rank(disp, "image")
+            _draw_image_panel(ax, _axial(disp, projection, "image"), label, width)
+        else:
+            a = _prepare_attr(_as_channel_first(arr, None if image is None else _to_numpy(image)), img)
+            title = f"{label}: {note}" if note else label
+            _draw_attr_panel(fig, ax, _axial(a, projection, "attribution")[0], _to_hwc_rgb(img2d), method, sign,
+                             title, False, width)
+    except Exception as exc:  # noqa: BLE001 (one bad cell must not sink the overview)
+        ax.clear()
+        _draw_note_panel(ax, str(cell[0]) if len(cell) else "?", f"could not draw: {type(exc).__name__}: {exc}", width)
+
+
 def overview_figure(
     rows: Sequence[Tuple[str, Any, Sequence[Sequence[Any]]]],
     method: str = "blended_heat_map",
@@ -516,31 +547,8 @@ def overview_figure(
             any_3d = True
         img2d = None if img is None else _axial(img, projection, "image")
         _draw_image_panel(axes[r][0], img2d, str(name), width)
-        img_hwc = _to_hwc_rgb(img2d)
         for c, cell in enumerate(cells, start=1):
-            ax = axes[r][c]
-            try:
-                label, arr, note, kind = _unpack_cell(cell)
-            except ValueError as exc:
-                _draw_note_panel(ax, "?", f"bad cell: {exc}", width)
-                continue
-            try:
-                if arr is None:
-                    _draw_note_panel(ax, label, note or "no result", width)
-                elif kind == "image":
-                    disp = to_display_image(_as_channel_first(arr, None))
-                    _spatial_rank(disp, "image")
-                    _draw_image_panel(ax, _axial(disp, projection, "image"), label, width)
-                else:
-                    a = _as_channel_first(arr, None if image is None else _to_numpy(image))
-                    a = _prepare_attr(a, img)
-                    a2d = _axial(a, projection, "attribution")
-                    title = f"{label}: {note}" if note else label
-                    _draw_attr_panel(fig, ax, a2d[0], img_hwc, method, sign, title, False, width)
-            except Exception as exc:  # one bad cell must not sink the overview
-                ax.clear()
-                _draw_note_panel(ax, str(cell[0]) if len(cell) else "?",
-                                 f"could not draw: {type(exc).__name__}: {exc}", width)
+            _draw_cell(fig, axes[r][c], cell, image, img, img2d, method, sign, projection, width)
         for c in range(1 + len(cells), ncols):
             axes[r][c].axis("off")
     if any_3d:
