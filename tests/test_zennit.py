@@ -360,3 +360,22 @@ def test_beta_smooth_equals_direct_zennit(digits):
     with zennit.attribution.Gradient(net, composite=composite) as attributor:
         _, direct = attributor(digits.x, torch.eye(10)[[3]])
     assert torch.allclose(ours, direct, atol=1e-6)
+
+
+def test_rules_groups_and_canonizers_are_read_from_upstream():
+    """Every rule class of zennit.rules is a JSON rule name (lower-cased), every type group of
+    zennit.types a layer type, every argument-free canonizer a canonizer name: a new upstream
+    one needs no edit here; esegeta's aliases stay."""
+    import inspect
+
+    from esegeta.adapters.zennit import RULE_ALIASES, canonizers, groups, rules
+
+    zennit = _zennit()
+    upstream_rules = {n for n, c in vars(zennit.rules).items()
+                      if inspect.isclass(c) and issubclass(c, zennit.core.Hook) and c.__module__ == "zennit.rules"}
+    assert {n.lower() for n in upstream_rules} | set(RULE_ALIASES) == set(rules())
+    assert {"Epsilon", "Gamma", "AlphaBeta", "ZBox", "ZPlus", "Flat", "WSquare", "Pass", "Norm"} <= upstream_rules
+    assert {"Convolution", "Linear", "BatchNorm", "AvgPool", "Activation", "Sum"} <= set(groups())
+    assert {"SequentialMergeBatchNorm", "VGGCanonizer", "ResNetCanonizer"} <= set(canonizers())
+    assert "Canonizer" not in canonizers() and "MergeBatchNorm" not in canonizers()  # bases, no apply of their own
+    assert "NamedMergeBatchNorm" not in canonizers()  # needs a name map: not expressible as a name alone

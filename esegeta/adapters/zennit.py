@@ -32,7 +32,7 @@ AvgPool, MaxPool, Activation, Sum, and ``types.Linear`` (convolutions and dense 
 plain ``Linear`` is ``torch.nn.Linear``). ``name_map`` (NameLayerMapComposite, matched before
 its ``layer_map``) has the same form with layer names as in the user's model (``"stem.0"``;
 ``"relu"`` for every call of a module used at several places, ``"relu[1]"`` for its second
-call); a name the model lacks is a ConfigError when the method runs. Rules (:data:`RULES`):
+call); a name the model lacks is a ConfigError when the method runs. Rules (:func:`rules`, read from zennit):
 epsilon (ε), gamma (γ), alpha1beta0, alpha2beta1, alphabeta (α, β given, α − β = 1), zplus
 (z⁺), flat, wsquare (w²), zbox (z^B; ``low``/``high`` default to each input's min and max,
 or give a number or one number per channel), pass, norm, gradient (no rule: the plain
@@ -77,6 +77,7 @@ import importlib.util
 import inspect
 from collections.abc import Mapping
 from functools import cache
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
@@ -133,30 +134,56 @@ ATTRIBUTORS: Mapping[str, tuple[str, str]] = {
     "IntegratedGradients": ("Sundararajan et al. 2017, arXiv:1703.01365", "one_hot"),
     "Occlusion": ("Zeiler & Fergus 2014, arXiv:1311.2901", "score"),
 }
-#: JSON rule name → (zennit.rules class, fixed keyword arguments); None is the plain gradient.
-RULES: Mapping[str, tuple[str | None, Mapping[str, Any]]] = {
-    "epsilon": ("Epsilon", {}),
-    "gamma": ("Gamma", {}),
+#: esegeta's JSON rule names that are not zennit's own (zennit.rules class, fixed keyword arguments);
+#: None is the plain gradient. Every rule class zennit defines is also its lower-cased name
+#: (epsilon, gamma, zplus, alphabeta, zbox, pass, norm, wsquare, flat, reluguidedbackprop, ...).
+RULE_ALIASES: Mapping[str, tuple[str | None, Mapping[str, Any]]] = {
     "alpha1beta0": ("AlphaBeta", {"alpha": 1.0, "beta": 0.0}),
     "alpha2beta1": ("AlphaBeta", {"alpha": 2.0, "beta": 1.0}),
-    "alphabeta": ("AlphaBeta", {}),
-    "zplus": ("ZPlus", {}),
-    "flat": ("Flat", {}),
-    "wsquare": ("WSquare", {}),
-    "zbox": ("ZBox", {}),
-    "pass": ("Pass", {}),
-    "norm": ("Norm", {}),
     "gradient": (None, {}),
     "guidedbackprop": ("ReLUGuidedBackprop", {}),
     "deconvnet": ("ReLUDeconvNet", {}),
     "betasmooth": ("ReLUBetaSmooth", {}),
 }
-#: zennit's type groups (zennit.types, zennit.layer.Sum) usable as layer types.
-GROUPS = ("Convolution", "ConvolutionStandard", "ConvolutionTranspose", "Linear", "BatchNorm", "AvgPool",
-          "MaxPool", "Activation", "Sum")
-#: Canonizer name → module holding it.
-CANONIZERS = {"SequentialMergeBatchNorm": "zennit.canonizers", "VGGCanonizer": "zennit.torchvision",
-              "ResNetCanonizer": "zennit.torchvision"}
+
+
+@cache
+def rules() -> Mapping[str, tuple[str | None, Mapping[str, Any]]]:
+    """JSON rule name → (zennit.rules class, fixed arguments): zennit's rule classes, read from
+    ``zennit.rules``, and esegeta's aliases."""
+    zennit = _zennit()
+    upstream = {name.lower(): (name, {}) for name, cls in vars(zennit.rules).items() if inspect.isclass(cls)
+                and issubclass(cls, zennit.core.Hook) and cls.__module__ == "zennit.rules"}
+    return MappingProxyType({**upstream, **RULE_ALIASES})
+
+
+@cache
+def groups() -> tuple[str, ...]:
+    """zennit's type groups usable as layer types: the classes of ``zennit.types`` (read from it),
+    and ``Sum`` (zennit.layer's module for additions)."""
+    zennit = _zennit()
+    found = [name for name, cls in vars(zennit.types).items()
+             if isinstance(cls, zennit.types.SubclassMeta) and cls.__module__ == "zennit.types"]
+    return (*found, "Sum")
+
+
+@cache
+def canonizers() -> Mapping[str, type]:
+    """Canonizer name → class: every canonizer zennit ships (``zennit.canonizers``,
+    ``zennit.torchvision``) that is built without arguments and implements ``apply`` (not a base)."""
+    zennit = _zennit()
+    base = zennit.canonizers.Canonizer
+    return MappingProxyType({name: cls for module in (zennit.canonizers, zennit.torchvision)
+                             for name, cls in vars(module).items()
+                             if inspect.isclass(cls) and issubclass(cls, base) and cls.__module__ == module.__name__
+                             and cls.apply is not base.apply and _no_arguments(cls)})
+
+
+def _no_arguments(cls) -> bool:
+    return all(p.default is not p.empty for name, p in inspect.signature(cls.__init__).parameters.items()
+               if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
 RULE_MAPS = ("layer_map", "first_map", "name_map")
 NUMBERS = frozenset({"epsilon", "stabilizer", "gamma", "noise_level", "alpha", "beta", "beta_smooth"})
 POSITIVE_INTS = frozenset({"n_iter"})
@@ -174,7 +201,10 @@ def _zennit():
     import zennit.attribution
     import zennit.canonizers
     import zennit.composites
+    import zennit.core
+    import zennit.layer
     import zennit.rules
+    import zennit.torchvision
     import zennit.types
 
     return zennit
@@ -204,7 +234,7 @@ def attributor_parameters(name: str) -> Mapping[str, inspect.Parameter]:
 
 @cache
 def _rule_parameters(rule: str) -> frozenset[str]:
-    cls_name, fixed = RULES[rule]
+    cls_name, fixed = rules()[rule]
     if cls_name is None:
         return frozenset()
     return frozenset(_configurable(getattr(_zennit().rules, cls_name))) - set(fixed)
@@ -241,17 +271,17 @@ def _check_bool(name: str, value: Any, path: str) -> None:
 def _check_canonizers(name: str, value: Any, path: str) -> None:
     if not isinstance(value, list):
         raise ConfigError(path, f"canonizers must be a list of names, e.g. [\"SequentialMergeBatchNorm\"]; "
-                                f"known: {', '.join(CANONIZERS)}")
+                                f"known: {', '.join(canonizers())}")
     for i, item in enumerate(value):
-        if item not in CANONIZERS:
-            raise ConfigError(f"{path}[{i}]", f"unknown canonizer {item!r}" + did_you_mean(str(item), CANONIZERS))
+        if item not in canonizers():
+            raise ConfigError(f"{path}[{i}]", f"unknown canonizer {item!r}" + did_you_mean(str(item), canonizers()))
 
 
 def _layer_types() -> list[str]:
     from torch import nn
 
     names = [n for n, c in vars(nn).items() if isinstance(c, type) and issubclass(c, nn.Module)]
-    return names + [g for g in GROUPS if g not in names] + [f"types.{g}" for g in GROUPS]
+    return names + [g for g in groups() if g not in names] + [f"types.{g}" for g in groups()]
 
 
 def _check_rule_map(name: str, value: Any, path: str) -> None:
@@ -266,13 +296,13 @@ def _check_rule_map(name: str, value: Any, path: str) -> None:
         where = f"{path}.{type_name}"
         if name != "name_map" and type_name not in types:  # layer names are checked on the model
             raise ConfigError(where, f"unknown layer type {type_name!r} (a torch.nn class name or one of zennit's "
-                                     f"groups {', '.join(GROUPS)})" + did_you_mean(type_name, types))
+                                     f"groups {', '.join(groups())})" + did_you_mean(type_name, types))
         options = dict(rule) if isinstance(rule, dict) else {"rule": rule}
         rule_name = options.pop("rule", None)
         if not isinstance(rule_name, str):
             raise ConfigError(where, 'a rule is a name ("epsilon") or {"rule": "gamma", "gamma": 0.25}')
-        if rule_name not in RULES:
-            raise ConfigError(where, f"unknown rule {rule_name!r}" + did_you_mean(rule_name, RULES))
+        if rule_name not in rules():
+            raise ConfigError(where, f"unknown rule {rule_name!r}" + did_you_mean(rule_name, rules()))
         allowed = _rule_parameters(rule_name)
         for key, option in options.items():
             if key not in allowed:
@@ -370,7 +400,7 @@ def _layer_type(name: str):
 def _rule(spec: Any, x):
     zennit = _zennit()
     options = dict(spec) if isinstance(spec, dict) else {"rule": spec}
-    cls_name, fixed = RULES[options.pop("rule")]
+    cls_name, fixed = rules()[options.pop("rule")]
     if cls_name is None:
         return None
     if cls_name == "ZBox":
@@ -408,10 +438,7 @@ def _name_resolver(call: Call, path: str):
 
 
 def _canonizers(names) -> list:
-    import importlib
-
-    _zennit()
-    return [getattr(importlib.import_module(CANONIZERS[n]), n)() for n in names]
+    return [canonizers()[n]() for n in names]
 
 
 def build_composite(name: str, params: Mapping[str, Any], call: Call, path: str = "params"):
