@@ -539,14 +539,18 @@ def _attribute(attributor_cls, call: Call, composite, seed_kind: str, trace: boo
     return attribution
 
 
-class CompositeAdapter:
+class _ZennitAdapter:
+    """What zennit's two adapters share: the JSON checks of their values."""
+
+    def check_value(self, name: str, value: Any, path: str) -> None:
+        _check_value(name, value, path)
+
+
+class CompositeAdapter(_ZennitAdapter):
     """A zennit composite run with the ``Gradient`` attributor (LRP and modified gradients)."""
 
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         return {**composite_parameters(spec.name), TRACE: _flag(TRACE)}
-
-    def check_value(self, name: str, value: Any, path: str) -> None:
-        _check_value(name, value, path)
 
     @guarded
     def run(self, spec: MethodSpec, call: Call):
@@ -556,14 +560,11 @@ class CompositeAdapter:
         return _attribute(_zennit().attribution.Gradient, call, composite, "one_hot", trace)
 
 
-class AttributorAdapter:
+class AttributorAdapter(_ZennitAdapter):
     """A zennit attributor, optionally over a composite named in ``params.composite``."""
 
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         return attributor_parameters(spec.name)
-
-    def check_value(self, name: str, value: Any, path: str) -> None:
-        _check_value(name, value, path)
 
     @guarded
     def run(self, spec: MethodSpec, call: Call):
