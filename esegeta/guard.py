@@ -23,6 +23,8 @@ call; no adapted library makes them (canonizers assign ``.data``, which is undon
 from __future__ import annotations
 
 import logging
+import operator
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +37,8 @@ log = logging.getLogger("esegeta")
 #: Hook dicts a tensor keeps (leaf tensors: parameters and buffers).
 TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
 _MISSING = object()
+#: The containers torch keeps on a module (hook dicts are OrderedDicts; some state is a set).
+_CONTAINERS = (dict, OrderedDict, set)
 
 
 def _walk(models: tuple[nn.Module, ...]) -> list[nn.Module]:
@@ -51,43 +55,52 @@ def _walk(models: tuple[nn.Module, ...]) -> list[nn.Module]:
 
 def _same(now: Any, before: Any) -> bool:
     """Whether a dict or set has the entries it had (dict values compared by identity, in order)."""
-    if isinstance(before, set):
+    if len(now) != len(before):
+        return False
+    if not before or isinstance(before, set):
         return now == before
-    return len(now) == len(before) and all(k1 == k2 and v1 is v2 for (k1, v1), (k2, v2)
-                                           in zip(now.items(), before.items()))
+    return list(now) == list(before) and all(map(operator.is_, now.values(), before.values()))
 
 
 def _module_state(module: nn.Module) -> tuple:
+    """The module's attributes, and a copy of each container among them (most are empty hook
+    dicts: recorded as empty without a copy, which keeps the guard cheap on every call)."""
     attrs = vars(module)
-    return module, dict(attrs), {k: v.copy() for k, v in attrs.items() if isinstance(v, (dict, set))}
+    contents = [(key, value, value.copy() if value else None) for key, value in attrs.items()
+                if type(value) in _CONTAINERS]
+    return module, attrs.copy(), contents
 
 
 def _tensor_state(tensor) -> tuple:
     hooks = tuple(None if (h := getattr(tensor, name, None)) is None else dict(h) for name in TENSOR_HOOKS)
-    return tensor, tensor.data, tensor.requires_grad, tensor.grad, hooks
+    return tensor, tensor.data, tensor.data_ptr(), tensor.requires_grad, tensor.grad, hooks
 
 
 def _restore_module(state: tuple, fixed: list[str]) -> None:
     module, attrs, contents = state
     now = vars(module)
-    for key in [k for k in now if k not in attrs]:
-        del now[key]
-        fixed.append(f"{type(module).__name__}.{key} added")
-    for key, value in attrs.items():
-        if now.get(key, _MISSING) is not value:
-            now[key] = value
-            fixed.append(f"{type(module).__name__}.{key} replaced")
-    for key, before in contents.items():
-        current = attrs[key]
-        if not _same(current, before):
+    if len(now) != len(attrs) or not all(map(operator.is_, now.values(), attrs.values())) or now.keys() != attrs.keys():
+        for key in [k for k in now if k not in attrs]:
+            del now[key]
+            fixed.append(f"{type(module).__name__}.{key} added")
+        for key, value in attrs.items():
+            if now.get(key, _MISSING) is not value:
+                now[key] = value
+                fixed.append(f"{type(module).__name__}.{key} replaced")
+    for key, current, before in contents:
+        if before is None:
+            if current:
+                current.clear()
+                fixed.append(f"{type(module).__name__}.{key}")
+        elif not _same(current, before):
             current.clear()
             current.update(before)
             fixed.append(f"{type(module).__name__}.{key}")
 
 
 def _restore_tensor(state: tuple, fixed: list[str]) -> None:
-    tensor, data, requires_grad, grad, hooks = state
-    if tensor.data.data_ptr() != data.data_ptr() or tensor.shape != data.shape or tensor.dtype != data.dtype:
+    tensor, data, pointer, requires_grad, grad, hooks = state
+    if tensor.data_ptr() != pointer or tensor.shape != data.shape or tensor.dtype != data.dtype:
         tensor.data = data
         fixed.append("tensor data")
     if tensor.requires_grad != requires_grad:
@@ -97,9 +110,10 @@ def _restore_tensor(state: tuple, fixed: list[str]) -> None:
         tensor.grad = grad
     for name, before in zip(TENSOR_HOOKS, hooks):
         current = getattr(tensor, name, None)
-        for key in [k for k in (current or {}) if before is None or k not in before]:
-            del current[key]
-            fixed.append(f"tensor {name}")
+        if current:
+            for key in [k for k in current if before is None or k not in before]:
+                del current[key]
+                fixed.append(f"tensor {name}")
 
 
 def _global_hooks() -> dict[str, Any]:
