@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -290,24 +289,14 @@ def _exclusive_runs_equal_the_serial_run(tmp_path) -> None:
                                atol=1e-6), (attempt, b["label"], b["input"])
 
 
-def test_exclusive_methods_run_alone(tmp_path, monkeypatch):
-    """The gate itself: TorchRay's excitation_backprop marked exclusive here (its adapter sets it)."""
-    spec = registry.get("torchray.excitation_backprop")
-    monkeypatch.setitem(registry._REGISTRY, spec.id, replace(spec, exclusive=True))
-    _exclusive_runs_equal_the_serial_run(tmp_path)
-
-
-def _torchray_flag_set() -> bool:
-    try:
-        return registry.get("torchray.excitation_backprop").exclusive
-    except Exception:  # noqa: BLE001 (collection must not fail on a registry problem)
-        return False
-
-
-@pytest.mark.xfail(not _torchray_flag_set(), strict=False,
-                   reason="the TorchRay adapter does not set MethodSpec.exclusive yet (track B)")
 def test_torchray_methods_are_marked_exclusive_and_run_alone(tmp_path):
-    assert _torchray_flag_set()
+    """TorchRay swaps torch.relu and friends process-wide: its adapter marks those methods
+    exclusive, and four worker threads then give the serial results (before: Captum jobs beside
+    excitation_backprop failed with "forward() got an unexpected keyword argument 'weight'")."""
+    patching = {"deconvnet", "guided_backprop", "excitation_backprop", "contrastive_excitation_backprop"}
+    for name in patching:
+        assert registry.get(f"torchray.{name}").exclusive, name
+    assert not registry.get("torchray.gradient").exclusive and not registry.get("captum.Saliency").exclusive
     _exclusive_runs_equal_the_serial_run(tmp_path)
 
 
