@@ -2,6 +2,8 @@
 directly, deep dream from the input, config errors, hooks and the user's model untouched."""
 from __future__ import annotations
 
+import inspect
+
 import json
 
 import numpy as np
@@ -83,6 +85,39 @@ def test_channel_equals_lucent_directly(digits):
     direct = _direct(net, objectives.channel("model_layer2", 1), lambda: param.image(8, 8, batch=1, channels=1),
                      digits.x, thresholds=(8,))
     assert torch.equal(image, direct)
+
+
+def test_objectives_are_read_from_lucent():
+    """Every layer objective lucent ships is an esegeta objective, with its own argument names;
+    esegeta adds only deepdream and class."""
+    from esegeta.adapters.lucent import OWN_OBJECTIVES
+    from esegeta.adapters.lucent import objectives as ours
+
+    upstream = {n for n, f in vars(objectives).items() if callable(getattr(f, "__wrapped__", None))
+                and next(iter(inspect.signature(f.__wrapped__).parameters), None) == "layer"}
+    assert {"channel", "neuron", "direction", "alignment", "diversity"} <= upstream
+    assert set(ours()) == upstream | set(OWN_OBJECTIVES)
+    assert ours()["direction"].needs == {"direction"} and ours()["neuron"].takes == {"n_channel", "x", "y"}
+
+
+def test_direction_equals_lucent_directly(digits):
+    direction = [((7 * i) % 5 - 2) / 2 for i in range(_channels(digits))]  # one number per channel of layer2
+    image = _explain(digits, objective="direction", direction=direction)
+    net = prepared(digits.model, digits.x)
+    direct = _direct(net, objectives.direction("model_layer2", torch.tensor(direction)),
+                     lambda: param.image(8, 8, batch=1, channels=1), digits.x, thresholds=(8,))
+    assert torch.equal(image, direct)
+    with pytest.raises(ConfigError, match="params.direction: direction needs one number per channel"):
+        _explain(digits, objective="direction", direction=[1.0])
+
+
+def _channels(case) -> int:
+    seen = []
+    handle = case.model.get_submodule(case.layer).register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    with torch.no_grad():
+        case.model(case.x)
+    handle.remove()
+    return seen[0]
 
 
 def test_class_with_wrapper_equals_lucent_directly(retina):

@@ -7,11 +7,14 @@ Mordvintsev et al. 2015). The result is an image of its own (kind ``image``).
 
 ``params`` pick lucent's objective and pass render_vis's keywords through:
 
-- ``objective``: ``channel`` (``n_channel`` of the entry's ``layer``), ``neuron``
-  (``n_channel`` at ``x``, ``y``; lucent's centre by default), ``deepdream`` (the whole
-  layer: Lucid's ``mean(activation**2)``, which lucent 0.1.8 does not ship) or ``class``
-  (column ``target`` of the scores; with a wrapper, the wrapped segmentation score; the
-  ``layer`` is not used). Layers are found on the prepared copy and named as lucent's
+- ``objective``: any objective of one layer that lucent ships, read from
+  ``lucent.optvis.objectives`` with its own argument names (:func:`objectives`): ``channel``
+  (``n_channel`` of the entry's ``layer``), ``neuron`` (``n_channel`` at ``x``, ``y``; lucent's
+  centre by default), ``direction`` (``direction``: one number per channel), ``channel_weight``,
+  ``neuron_weight``, ``localgroup_weight``, ``direction_neuron``, ``alignment``, ``diversity``;
+  and esegeta's ``deepdream`` (the whole layer: Lucid's ``mean(activation**2)``, which lucent
+  0.1.8 does not ship) and ``class`` (column ``target`` of the scores; with a wrapper, the
+  wrapped segmentation score; the ``layer`` is not used). Layers are found on the prepared copy and named as lucent's
   ``hook_model`` names them (dots become underscores).
 - ``param_f``: lucent's ``param.image`` keywords (``w``, ``h``, ``sd``, ``fft``,
   ``decorrelate``, ``channels``; the size defaults to the input's, the channels to the
@@ -41,10 +44,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from functools import cache
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ..errors import ConfigError, did_you_mean
-from ..params import BOOL, Check, check_table, index, positive_int
+from ..params import BOOL, Check, check_table, index, number, positive_int
 from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
 
 #: Lucent draws its initial images from torch's and numpy's generators; it never reads the run's samples.
@@ -80,15 +84,43 @@ def _deepdream(objectives, layer: str, args: dict):
     return objectives.Objective(lambda hook: -(hook(layer) ** 2).mean(), "deepdream", f"Deepdream [{layer}]")
 
 
-OBJECTIVES: Mapping[str, Objective] = {
-    "channel": Objective(frozenset({"n_channel"}), frozenset({"n_channel"}),
-                         lambda o, layer, a: o.channel(layer, a["n_channel"])),
-    "neuron": Objective(frozenset({"n_channel"}), frozenset({"n_channel", "x", "y"}),
-                        lambda o, layer, a: o.neuron(layer, a["n_channel"], a.get("x"), a.get("y"))),
+#: esegeta's objectives, which lucent does not ship; lucent's own are read from it (:func:`objectives`).
+OWN_OBJECTIVES: Mapping[str, Objective] = {
     "deepdream": Objective(frozenset(), frozenset(), _deepdream),
     "class": Objective(frozenset(), frozenset(), _class, on_scores=True),
 }
-OBJECTIVE_ARGS = frozenset({"n_channel", "x", "y"})
+#: Objective arguments lucent takes as tensors (given in JSON as lists of numbers, one per channel).
+TENSOR_ARGS = frozenset({"weight", "direction"})
+
+
+def _upstream(name: str, objectives, layer: str, args: dict):
+    import torch
+
+    device = args.pop("device")
+    return getattr(objectives, name)(layer, **{k: torch.tensor(v, dtype=torch.float32, device=device)
+                                               if k in TENSOR_ARGS else v for k, v in args.items()})
+
+
+@cache
+def objectives() -> Mapping[str, Objective]:
+    """Every objective of one layer that lucent ships (the functions of
+    ``lucent.optvis.objectives`` its ``wrap_objective`` made, whose first parameter is ``layer``:
+    channel, neuron, direction, alignment, diversity, ...), with their arguments read from their
+    signatures (``batch`` is esegeta's), and esegeta's own."""
+    found = {}
+    for name, fn in vars(_lucent()[0]).items():
+        inner = getattr(fn, "__wrapped__", None)
+        parameters = list(inspect.signature(inner).parameters.values()) if callable(inner) else []
+        if not parameters or parameters[0].name != "layer":
+            continue
+        args = [p for p in parameters[1:] if p.name != "batch"]
+        found[name] = Objective(frozenset(p.name for p in args if p.default is p.empty),
+                                frozenset(p.name for p in args), lambda o, layer, a, name=name: _upstream(name, o, layer, a))
+    return MappingProxyType({**found, **OWN_OBJECTIVES})
+
+
+def _objective_args() -> frozenset[str]:
+    return frozenset().union(*(o.takes for o in objectives().values()))
 #: lucent.optvis.param.image keywords a config may set (the batch is one image per input).
 IMAGE_PARAMS = ("w", "h", "sd", "decorrelate", "fft", "channels")
 #: The name under which the explained scores are hooked (the child of the model given to lucent).
@@ -101,10 +133,17 @@ def _size(v: Any) -> bool:
 
 #: name → (check, what a valid value is): checked before anything runs.
 CHECKS: Mapping[str, Check] = {
-    "objective": (lambda v: isinstance(v, str) and v in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+    "objective": (lambda v: isinstance(v, str) and v in objectives(), "one of lucent's objectives of a layer "
+                  "(channel, neuron, direction, ...), deepdream or class"),
     "n_channel": (index, "a channel index (an integer >= 0)"),
     "x": (lambda v: v is None or index(v), "a position in the layer (an integer >= 0) or null"),
     "y": (lambda v: v is None or index(v), "a position in the layer (an integer >= 0) or null"),
+    "weight": (lambda v: v is None or (isinstance(v, list) and bool(v) and all(map(number, v))),
+               "a list of numbers (one per channel of the layer)"),
+    "direction": (lambda v: isinstance(v, list) and bool(v) and all(map(number, v)),
+                  "a list of numbers (one per channel of the layer)"),
+    "decay_ratio": (number, "a number"), "wx": (positive_int, "a positive integer"),
+    "wy": (positive_int, "a positive integer"),
     "thresholds": (lambda v: isinstance(v, list) and bool(v) and all(map(positive_int, v)),
                    "a non-empty list of step counts (integers >= 1)"),
     "verbose": BOOL,
@@ -247,7 +286,7 @@ def _parameters() -> Mapping[str, inspect.Parameter]:
     """``objective`` (required) and its arguments, then render_vis's configurable keywords."""
     render = _lucent()[2]
     own = inspect.Parameter("objective", inspect.Parameter.KEYWORD_ONLY)
-    args = {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in sorted(OBJECTIVE_ARGS)}
+    args = {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in sorted(_objective_args())}
     upstream = {n: p for n, p in _keywords(render.render_vis).items() if n not in NOT_CONFIGURABLE}
     return {"objective": own, **args, **upstream}
 
@@ -287,15 +326,17 @@ class LucentAdapter:
         elif name == "transforms":
             _check_transforms(value, path)
 
-    def _objective(self, objectives, params: dict, call: Call, model, size) -> Any:
+    def _objective(self, lucent_objectives, params: dict, call: Call, model, size) -> Any:
         """The lucent objective ``params`` names, on the model given to render_vis."""
         import torch
 
         from ..wrappers import WrappedModel
 
         kind = params.pop("objective")
-        objective = OBJECTIVES[kind]
-        given = {k: params.pop(k) for k in OBJECTIVE_ARGS if params.get(k) is not None}
+        objective = objectives()[kind]
+        given = {k: params.pop(k) for k in _objective_args() if params.get(k) is not None}
+        for k in _objective_args():
+            params.pop(k, None)
         for name in objective.needs - set(given):
             raise ConfigError(f"params.{name}", f"objective {kind!r} needs params.{name}")
         for name in set(given) - objective.takes:
@@ -306,7 +347,7 @@ class LucentAdapter:
                                   "input's size (its masks are frozen on the input): remove fixed_image_size")
             if call.targets is None:
                 raise ConfigError("target", f"the {kind} objective needs a target (a class, or a wrapped column)")
-            return objective.build(objectives, SCORES, {"target": call.targets})
+            return objective.build(lucent_objectives, SCORES, {"target": call.targets})
         name = _lucent_name(model, call.layer, "layer")
         probe = torch.zeros(1, call.inputs.shape[1], *size, device=call.inputs.device)
         shape = _layer_shape(model, call.layer, probe)
@@ -317,7 +358,11 @@ class LucentAdapter:
         for axis, key in ((2, "x"), (3, "y")):  # lucent reads x along axis 2 and y along axis 3
             if key in given and given[key] >= shape[axis]:
                 raise ConfigError(f"params.{key}", f"{key} is beyond the layer's output {shape}")
-        return objective.build(objectives, name, given)
+        for key in TENSOR_ARGS & set(given):
+            if len(given[key]) != shape[1]:
+                raise ConfigError(f"params.{key}", f"{key} needs one number per channel of the layer: {shape[1]}, "
+                                                   f"not {len(given[key])}")
+        return objective.build(lucent_objectives, name, {**given, "device": call.inputs.device})
 
     def _param_f(self, value: Any, x) -> Callable[[], Any]:
         """param_f for render_vis: lucent's image (by default of the input's size and channels)
@@ -356,7 +401,7 @@ class LucentAdapter:
 
         from lucent.optvis.param.spatial import device
 
-        objectives, _, render, transform = _lucent()
+        lucent_objectives, _, render, transform = _lucent()
         if torch.device(device) != call.inputs.device:
             raise ConfigError("device", f"lucent puts its images on {device} (cuda:0 whenever CUDA exists): "
                                         f"run {spec.id} on {device}")
@@ -364,8 +409,8 @@ class LucentAdapter:
         size = params.pop("fixed_image_size")
         size = tuple(size) if isinstance(size, list) else size
         image_f = self._param_f(params.pop("param_f", None), call.inputs)
-        model = _scores_module(call.forward if OBJECTIVES[params["objective"]].on_scores else call.network)
-        objective = self._objective(objectives, params, call, model, _model_size(size, image_f.size))
+        model = _scores_module(call.forward if objectives()[params["objective"]].on_scores else call.network)
+        objective = self._objective(lucent_objectives, params, call, model, _model_size(size, image_f.size))
         kwargs = {
             "param_f": image_f,
             "optimizer": self._optimizer(params.pop("optimizer", None)),
