@@ -45,8 +45,9 @@ def nonfinite_problem(result: torch.Tensor, x: torch.Tensor, model: torch.nn.Mod
     explaining nothing). The message names where the values came from: the input, the model's
     output, or the method."""
     if not torch.isfinite(x).all():
-        return (f"the input holds {_count_nonfinite(x)}: nothing computed from it can be trusted; "
-                "fix or mask those values before explaining")
+        return (f"the input holds {_count_nonfinite(x)} (as explained: after loading and inputs.normalize, which "
+                "spreads one NaN to every value); nothing computed from it can be trusted: fix or mask those values "
+                "in the file before explaining")
     finite_score = score is None or math.isfinite(score)
     if torch.isfinite(result).all() and finite_score:
         return None
