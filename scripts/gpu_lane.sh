@@ -10,7 +10,8 @@
 #    (pytest -m cuda; junit XML in $OUT/cuda-lane.xml), and the meta-device lane;
 # 3. the CPU/CUDA table, method x sample: benchmarks/devices.py -> $OUT/devices.csv (markdown in devices.log);
 # 4. the demo on the GPU (python3 -m esegeta demo --output $OUT/demo; its manifest records
-#    each method's device and status).
+#    each method's device and status);
+# 5. the mixed-precision table on CUDA (benchmarks/precision.py --device cuda; PRECISION=0 skips it).
 # Every step runs even if an earlier one failed; the exit status is the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,5 +40,11 @@ step cuda-lane python3 -m pytest -q -p no:cacheprovider -m cuda tests/ --junitxm
 step meta-lane python3 -m pytest -q -p no:cacheprovider tests/test_device.py --junitxml="$OUT/meta-lane.xml"
 step devices python3 benchmarks/devices.py --csv "$OUT/devices.csv"
 step demo python3 -m esegeta demo --output "$OUT/demo"
-echo "results in $OUT: cuda-lane.xml, meta-lane.xml, devices.csv, demo/manifest.json"
+# 5. the mixed-precision table measured on CUDA (fp16 and bf16 against fp32, TF32 off); last, as the
+#    longest step (PRECISION=0 skips it): compare with esegeta/amp_safety.json (CPU autocast).
+if [ "${PRECISION:-1}" != 0 ]; then
+  step precision python3 benchmarks/precision.py --device cuda --limit 30 --output "$OUT/amp_safety_cuda.json" \
+    --markdown "$OUT/precision_cuda.md"
+fi
+echo "results in $OUT: cuda-lane.xml, meta-lane.xml, devices.csv, demo/manifest.json, amp_safety_cuda.json"
 exit "$status"
