@@ -38,7 +38,7 @@ log = logging.getLogger("esegeta")
 TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
 _MISSING = object()
 #: The containers torch keeps on a module (hook dicts are OrderedDicts; some state is a set).
-_CONTAINERS = (dict, OrderedDict, set)
+_CONTAINERS = frozenset({dict, OrderedDict, set})
 
 
 def _walk(models: tuple[nn.Module, ...]) -> list[nn.Module]:
@@ -67,12 +67,13 @@ def _module_state(module: nn.Module) -> tuple:
     dicts: recorded as empty without a copy, which keeps the guard cheap on every call)."""
     attrs = vars(module)
     contents = [(key, value, value.copy() if value else None) for key, value in attrs.items()
-                if type(value) in _CONTAINERS]
+                if value.__class__ in _CONTAINERS]
     return module, attrs.copy(), contents
 
 
 def _tensor_state(tensor) -> tuple:
-    hooks = tuple(None if (h := getattr(tensor, name, None)) is None else dict(h) for name in TENSOR_HOOKS)
+    backward, accumulate = (getattr(tensor, name, None) for name in TENSOR_HOOKS)
+    hooks = (None if backward is None else dict(backward), None if accumulate is None else dict(accumulate))
     return tensor, tensor.data, tensor.data_ptr(), tensor.requires_grad, tensor.grad, hooks
 
 
