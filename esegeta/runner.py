@@ -228,7 +228,7 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
     try:
         modules = list(worker.replica(x).modules()) if e.timeout_s else []
         done = call_with_limit(compute, e.timeout_s, modules, name=f"esegeta-job-{e.label}")
-        return _results(job, worker, records, done, precision.reason, time.perf_counter() - start)
+        return _results(job, worker, x, records, done, precision.reason, time.perf_counter() - start)
     except TimeLimitExceeded as exc:
         worker.discard()  # upstream state may be left on the copy it ran on
         if rng:
@@ -256,8 +256,9 @@ def _halved(request: Request) -> Request | None:
     return None if smaller is None else request.replace(params=smaller[0], noise_tunnel=smaller[1])
 
 
-def _results(job: Job, worker: Worker, records: list[dict], done, reason: str, elapsed: float):
-    """Per input: the record completed with the verdict on its result, the result and its extras."""
+def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], done, reason: str, elapsed: float):
+    """Per input: the record completed with the verdict on its result, the result and its extras
+    (``x`` is the job's batch on the worker's device)."""
     (attr, scores, extras), request = done.value, done.settings
     params, noise_tunnel = dict(request.params), request.noise_tunnel
     if attr.shape[0] != len(job.items):
@@ -270,8 +271,7 @@ def _results(job: Job, worker: Worker, records: list[dict], done, reason: str, e
                       oom_retries=done.oom_retries)
         if done.fallback:
             record["precision_reason"] = f"{reason}; {done.fallback}"
-        x_one = item.tensor.to(worker.device)
-        problem = verdicts.nonfinite_problem(one, x_one, worker.replica(x_one), scores[n])
+        problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n])
         if problem:
             record.update(status="failed", error=problem)
             log.error("%s on %s failed: %s", job.entry.label, item.name, problem)
