@@ -120,9 +120,10 @@ def guarded(run: Callable[[Any, MethodSpec, Call], torch.Tensor]) -> Callable[[A
     def guarded_run(adapter: Any, spec: MethodSpec, call: Call) -> torch.Tensor:
         from .guard import restored
         from .params import with_defaults
+        from .prepare import out_of_place
 
         call = dataclasses.replace(call, params=with_defaults(spec, call.params, call.inputs))
-        with restored(call.forward, call.network):
+        with restored(call.forward, call.network), out_of_place(spec):
             return run(adapter, spec, call)
 
     return guarded_run

@@ -36,7 +36,7 @@ GLOBAL_RNG = frozenset({"RandomCAM", "KPCA_CAM"})
 
 #: Upstream arguments a JSON config cannot set: esegeta supplies them, or they take Python objects.
 NOT_CONFIGURABLE = frozenset({
-    "self", "model", "target_layers", "reshape_transform", "ablation_layer", "tta_transforms",
+    "self", "model", "target_layers", "ablation_layer", "tta_transforms",
     "input_tensor", "targets", "target_idx", "compute_input_gradient", "uses_gradients", "detach",
 })
 #: Methods that take the explained class as ``target_idx`` (they build their own targets from it).
@@ -71,9 +71,50 @@ CHECKS: Mapping[str, Check] = {
     "alpha": (number, "a number"),
     "theta": (number, "a number"),
     "scale_step_ratio": (lambda v: number(v) and v > 0, "a positive number"),
+    "reshape_transform": (lambda v: v is None or v in RESHAPES, "null, \"vit\" (tokens with a class token first, "
+                          "as torchvision's and timm's ViTs) or \"tokens\" (patch tokens only, as Swin's)"),
     "comparison_categories": (lambda v: v is None or (isinstance(v, list) and all(map(positive_int, v))),
                               "null or a list of similarity ranks (1 = the class of closest score)"),
 }
+
+
+#: ``params.reshape_transform``: the token layouts esegeta turns back into (B, C, *grid) maps.
+RESHAPES = ("vit", "tokens")
+
+
+def token_reshape(name: str, dims: int):
+    """grad-cam's ``reshape_transform`` for a token layer: (B, [1 +] N, C) tokens → (B, C, *grid),
+    the grid a square (cube for 3D) of N patches; ``"vit"`` drops the class token first."""
+
+    def reshape(tokens):
+        if tokens.ndim != 3:
+            return tokens
+        patches = tokens[:, 1:] if name == "vit" else tokens
+        side = round(patches.shape[1] ** (1 / dims))
+        if side ** dims != patches.shape[1]:
+            raise ConfigError("params.reshape_transform", f"{patches.shape[1]} patch tokens do not form a square "
+                                                          f"{dims}D grid" + (" (is there a class token? use \"vit\")"
+                                                                             if name == "tokens" else ""))
+        return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *([side] * dims))
+
+    return reshape
+
+
+def token_layer(model, context) -> list[str]:
+    """The pre-flight check of the CAMs with a layer: a token layer (output (batch, tokens,
+    features)) needs ``params.reshape_transform``."""
+    if context is None or context.params.get("reshape_transform") or context.layer is None:
+        return []
+    shape = context.layer_shape()
+    if shape is None or len(shape) == context.x.ndim:
+        return []
+    if context.spec is not None and "reshape_transform" not in context.spec.adapter.parameters(context.spec):
+        return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps, "
+                f"and {context.spec.id} takes no reshape_transform: use gradcam.GradCAM with params.reshape_transform "
+                "\"vit\" or \"tokens\", or choose a convolutional layer"]
+    return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps: "
+            "set params.reshape_transform to \"vit\" (a class token first, then a square grid of patches) or "
+            "\"tokens\" (patches only), or choose a convolutional layer"]
 
 
 def _configurable(fn) -> dict[str, inspect.Parameter]:
@@ -158,6 +199,8 @@ class GradCamAdapter:
         cls = getattr(module, spec.name)
         init_names = self._init_names(cls)
         params = {k: getattr(module, v) if k in CLASS_PARAMS else v for k, v in call.params.items()}
+        if params.get("reshape_transform") is not None:
+            params["reshape_transform"] = token_reshape(params["reshape_transform"], x.ndim - 2)
         attributes = ATTRIBUTES.get(spec.name, {})
         init_kw = {**{k: getattr(module, v)() for k, v in FRESH.get(spec.name, {}).items()},
                    **{k: v for k, v in params.items() if k in init_names}}
@@ -230,5 +273,5 @@ for _name, (_dims, _layer, _target, _tasks, _quick, _ref) in TABLE.items():
     register(MethodSpec(
         library=LIBRARY, name=_name, kind="attribution", adapter=ADAPTER, needs_layer=_layer, dims=_dims,
         needs_target=_target, **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
-        uses_global_rng=True if _name in GLOBAL_RNG else None,
+        uses_global_rng=True if _name in GLOBAL_RNG else None, preflight=token_layer if _layer else None,
     ))

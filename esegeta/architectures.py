@@ -1,0 +1,145 @@
+"""What a method cannot do on a given architecture, found before it runs: :func:`refusals`.
+
+Each method may state a pre-flight check (:attr:`esegeta.registry.MethodSpec.preflight`): a
+function of the prepared model and a :class:`Context` (the example input, the layer, the
+params) returning problems, each naming the offending layer and the fix (another method, a
+parameter, a canonizer, ``reshape_transform`` for token layers). :func:`refusals` runs it
+together with the checks every method shares; ``validate``/``run`` (through the plan),
+``check`` and ``explain`` refuse the entry with them before anything runs upstream.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass
+class Context:
+    """What a pre-flight check may look at besides the model."""
+
+    x: torch.Tensor
+    layer: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    wrapper: Any = None
+    _layer_shape: tuple[int, ...] | None = None
+    model: nn.Module | None = None
+    spec: Any = None
+
+    def layer_shape(self) -> tuple[int, ...] | None:
+        """The layer's output shape on ``x`` (one forward pass without gradients, remembered)."""
+        if self._layer_shape is None and self.layer is not None and self.model is not None:
+            seen: list[Any] = []
+            try:
+                module = self.model.get_submodule(self.layer)
+            except AttributeError:
+                return None
+            handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
+            try:
+                with torch.no_grad():
+                    self.model(self.x[:1])
+            finally:
+                handle.remove()
+            if seen and torch.is_tensor(seen[0]):
+                self._layer_shape = tuple(seen[0].shape)
+        return self._layer_shape
+
+
+Preflight = Callable[[nn.Module, Context], list[str]]
+
+
+def network(ready: nn.Module) -> nn.Module:
+    """The user's model inside a prepared copy (names as the user knows them)."""
+    return getattr(ready, "model", ready)
+
+
+def refusals(spec, ready: nn.Module, x: torch.Tensor, *, layer: str | None = None,
+             params: Mapping[str, Any] | None = None, wrapper: Any = None) -> list[str]:
+    """Why ``spec`` cannot run on the prepared model ``ready`` with this layer and params (empty: it can)."""
+    model = network(ready)
+    context = Context(x, layer, dict(params or {}), wrapper, model=model, spec=spec)
+    found: list[str] = []
+    if spec.preflight is not None:
+        found += spec.preflight(model, context)
+    return found
+
+
+def refuse(spec, ready: nn.Module, x: torch.Tensor, where: str, **kw: Any) -> None:
+    """A ConfigError at ``where`` with every reason of :func:`refusals`, if there is one."""
+    found = refusals(spec, ready, x, **kw)
+    if found:
+        raise ConfigError(where, f"{spec.id} cannot run on this model: " + "; ".join(found))
+
+
+def leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules with their names (the first name of a module registered under several)."""
+    return [(name, m) for name, m in model.named_modules() if name and not list(m.children())]
+
+
+#: Layers whose output a following BatchNorm may be folded into (weight and bias: conv, transposed conv, linear).
+_FOLDABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class _Consumers(torch.overrides.TorchFunctionMode):
+    """Counts the torch operations that take each watched tensor and return a tensor (metadata
+    reads such as ``.shape`` return none and are not counted)."""
+
+    def __init__(self, watched: dict[int, Any]):
+        super().__init__()
+        self.watched = watched
+        self.count: dict[int, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if torch.is_tensor(result) or isinstance(result, (tuple, list)):
+            for arg in (*args, *(kwargs or {}).values()):
+                for t in (arg if isinstance(arg, (tuple, list)) else (arg,)):
+                    if torch.is_tensor(t) and id(t) in self.watched and self.watched[id(t)] is t:
+                        self.count[id(t)] = self.count.get(id(t), 0) + 1
+        return result
+
+
+def linear_norm_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, nn.Module]]:
+    """(layer, BatchNorm) pairs where the BatchNorm's input is that layer's output and nothing else
+    takes that output, seen on one forward pass of ``x``: the pairs a BatchNorm can be folded
+    into (what zennit's SequentialMergeBatchNorm guesses from module order, which is wrong
+    across a ``torch.cat``, as in DenseNet, or where the layer's output also feeds a skip)."""
+    outputs: dict[int, Any] = {}
+    producer: dict[int, nn.Module] = {}
+    inputs: list[tuple[nn.Module, Any]] = []
+
+    def after_linear(module, args, output):
+        if torch.is_tensor(output):
+            outputs[id(output)] = output
+            producer[id(output)] = module
+
+    def before_norm(module, args):
+        if args and torch.is_tensor(args[0]):
+            inputs.append((module, args[0]))
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, _FOLDABLE) and getattr(m, "weight", None) is not None:
+            handles.append(m.register_forward_hook(after_linear))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine:
+            handles.append(m.register_forward_pre_hook(before_norm))
+    counter = _Consumers(outputs)
+    try:
+        with torch.no_grad(), counter:
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    pairs, used = [], set()
+    for norm, tensor in inputs:
+        linear = producer.get(id(tensor))
+        if (linear is not None and outputs.get(id(tensor)) is tensor and counter.count.get(id(tensor)) == 1
+                and id(norm) not in used and id(linear) not in used):
+            pairs.append((linear, norm))
+            used |= {id(norm), id(linear)}
+    return pairs
