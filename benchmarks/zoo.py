@@ -83,7 +83,7 @@ def cell(spec, z: ZooModel) -> dict:
     ready = prepared(z.model, z.x)
     reasons = architectures.refusals(spec, ready, z.x, layer=layer, params=params, wrapper=z.wrapper)
     if reasons:
-        return row | {"status": "refused", "reason": "; ".join(reasons)}
+        return row | {"status": "refused", "reason": "; ".join(map(str, reasons))}
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)

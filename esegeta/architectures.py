@@ -9,6 +9,8 @@ together with the checks every method shares; ``validate``/``run`` (through the 
 """
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+
+log = logging.getLogger("esegeta")
 
 
 @dataclass
@@ -72,8 +76,15 @@ def refusals(spec, ready: nn.Module, x: torch.Tensor, *, layer: str | None = Non
 def refuse(spec, ready: nn.Module, x: torch.Tensor, where: str, **kw: Any) -> None:
     """A ConfigError at ``where`` with every reason of :func:`refusals`, if there is one."""
     found = refusals(spec, ready, x, **kw)
-    if found:
-        raise ConfigError(where, f"{spec.id} cannot run on this model: " + "; ".join(found))
+    if not found:
+        return
+    # a check that names its own field (esegeta.CAM's "layer") keeps it in the runner's "methods[i]." form
+    fields = {p.path for p in found if isinstance(p, ConfigError)}
+    if len(fields) == 1 and len(found) == 1:
+        field_name = fields.pop()
+        where = f"{where.rsplit('.', 1)[0]}.{field_name}" if where.startswith("methods[") else field_name
+    raise ConfigError(where, f"{spec.id} cannot run on this model: "
+                             + "; ".join(p.message if isinstance(p, ConfigError) else str(p) for p in found))
 
 
 def leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -143,3 +154,46 @@ def linear_norm_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module
             pairs.append((linear, norm))
             used |= {id(norm), id(linear)}
     return pairs
+
+
+#: Elementwise activations DeepLift's rescale rule covers (multiplier Δout/Δin, exact for any
+#: elementwise function, so summation to delta holds through them) that Captum's
+#: ``SUPPORTED_NON_LINEAR`` and SHAP's ``op_handler`` lack: without an entry, both take the
+#: gradient at the input, and the attributions no longer sum to the output difference.
+DEEPLIFT_RESCALE = ("SiLU", "GELU", "Hardswish", "Hardsigmoid", "Mish", "ReLU6", "Hardtanh", "PReLU", "SELU", "CELU",
+                    "ELU", "LeakyReLU", "Softplus")
+_rules_lock = threading.Lock()
+_rules_added = False
+
+
+def extend_deeplift_rules() -> None:
+    """Give Captum's DeepLift and SHAP's DeepExplainer the rescale rule for the activations of
+    :data:`DEEPLIFT_RESCALE` (once per process; entries only added, so every call, also one
+    running beside, computes the same as before for the layers upstream already covered)."""
+    global _rules_added
+    with _rules_lock:
+        if _rules_added:
+            return
+        _rules_added = True
+        added = []
+        try:
+            from captum.attr._core import deep_lift
+
+            for name in DEEPLIFT_RESCALE:
+                cls = getattr(nn, name, None)
+                if cls is not None and cls not in deep_lift.SUPPORTED_NON_LINEAR:
+                    deep_lift.SUPPORTED_NON_LINEAR[cls] = deep_lift.nonlinear
+                    added.append(f"captum {name}")
+        except ImportError:
+            pass
+        try:
+            from shap.explainers._deep import deep_pytorch
+
+            for name in DEEPLIFT_RESCALE:
+                if name not in deep_pytorch.op_handler:
+                    deep_pytorch.op_handler[name] = deep_pytorch.nonlinear_1d
+                    added.append(f"shap {name}")
+        except ImportError:
+            pass
+        if added:
+            log.debug("DeepLift rescale rule added for %s", ", ".join(added))

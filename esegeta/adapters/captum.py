@@ -55,17 +55,20 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
 #: the statistics' share of the gradient (tests/test_zoo.py measures it).
 _EPSILON_LAYERS = ("Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
                    "BatchNorm1d", "BatchNorm3d", "AvgPool1d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool3d",
-                   "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm")
+                   "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
+                   "Flatten", "Unflatten", "Identity", "Upsample")
 #: Layers relevance passes through unchanged (the identity rule). Elementwise activations, as
 #: Captum does for ReLU: the relevance of an output is that of its input (Hardswish, SiLU, GELU,
 #: PReLU... are gated identities, x·g(x), whose gate LRP does not credit, as for the gates of
 #: LSTMs, Arras et al. 2017, arXiv:1706.07206); reshapes and permutations (relevance moves with
-#: its value); dropout and stochastic depth, the identity in eval mode.
+#: its value: Flatten, Permute... take the ε rule, which for a reshape is exact); dropout and stochastic depth, the identity in eval mode.
 _IDENTITY_LAYERS = ("Sigmoid", "Softmax", "LogSoftmax", "LeakyReLU", "ELU", "GELU", "SiLU", "Hardswish", "Hardsigmoid",
                     "Hardtanh", "ReLU6", "PReLU", "Mish", "Softplus", "Tanh", "Dropout1d", "Dropout2d", "Dropout3d",
-                    "AlphaDropout", "Flatten", "Unflatten", "Identity", "Upsample")
-#: Non-torch.nn modules that are the identity in eval mode or a permutation, by class name.
-_IDENTITY_NAMES = frozenset({"StochasticDepth", "DropPath", "Permute"})
+                    "AlphaDropout")
+#: Non-torch.nn modules that are the identity in eval mode, by class name.
+_IDENTITY_NAMES = frozenset({"StochasticDepth", "DropPath"})
+#: Non-torch.nn modules that move values without changing them (Captum's rules for reshapes: ε), by class name.
+_RESHAPE_NAMES = frozenset({"Permute"})
 
 
 def lrp_rule_for(module) -> str | None:
@@ -82,7 +85,8 @@ def lrp_rule_for(module) -> str | None:
         return SUPPORTED_LAYERS_WITH_RULES[type(module)].__name__
     if type(module) in SUPPORTED_NON_LINEAR_LAYERS:
         return "non-linear (relevance passes)"
-    if isinstance(module, tuple(getattr(nn, n) for n in _EPSILON_LAYERS if hasattr(nn, n))):
+    if (isinstance(module, tuple(getattr(nn, n) for n in _EPSILON_LAYERS if hasattr(nn, n)))
+            or type(module).__name__ in _RESHAPE_NAMES):
         return "EpsilonRule"
     if (isinstance(module, tuple(getattr(nn, n) for n in _IDENTITY_LAYERS if hasattr(nn, n)))
             or type(module).__name__ in _IDENTITY_NAMES):
@@ -211,6 +215,10 @@ class CaptumAdapter:
         if call.noise_tunnel is not None:
             method = self._cls("NoiseTunnel")(method)
             attr_kw.update(_tuples(dict(call.noise_tunnel)))
+        if "DeepLift" in spec.name:  # the rescale rule for SiLU, GELU, Hardswish...
+            from ..architectures import extend_deeplift_rules
+
+            extend_deeplift_rules()
         if issubclass(cls, self._cls("LRP")):  # LRP and LayerLRP: rules for the layers Captum lacks
             changed = _attach_lrp_rules(call.forward)
             if changed:

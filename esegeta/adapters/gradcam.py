@@ -136,6 +136,12 @@ def _release(cam) -> None:
     for inner in (cam, getattr(cam, "base_cam", None), *getattr(cam, "base_cam_per_layer", ())):
         holder = getattr(inner, "activations_and_grads", None)
         if holder is not None:
+            # upstream's clear() detaches each kept tensor in place, which raises for a view (ShapleyCAM keeps
+            # its gradients' graph: they can be views) and would lose the computed map: dropping the
+            # references frees the graph as well
+            for kept in (getattr(holder, "activations", None), getattr(holder, "gradients", None)):
+                if isinstance(kept, list):
+                    kept.clear()
             holder.release()
 
 

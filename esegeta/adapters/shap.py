@@ -126,6 +126,9 @@ def _deep(call: Call, x, target: int, params: dict[str, Any]):
 
     from ..backgrounds import make_data
 
+    from ..architectures import extend_deeplift_rules
+
+    extend_deeplift_rules()  # the rescale rule for SiLU, GELU, Hardswish...
     data = make_data(params.pop("data"), x, call, "params.data")
     cls = shap.DeepExplainer
     explainer = cls(_column_class()(call.forward, target), data)
