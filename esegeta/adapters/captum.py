@@ -60,8 +60,9 @@ _EPSILON_LAYERS = ("Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Co
 #: Layers relevance passes through unchanged (the identity rule). Elementwise activations, as
 #: Captum does for ReLU: the relevance of an output is that of its input (Hardswish, SiLU, GELU,
 #: PReLU... are gated identities, x·g(x), whose gate LRP does not credit, as for the gates of
-#: LSTMs, Arras et al. 2017, arXiv:1706.07206); reshapes and permutations (relevance moves with
-#: its value: Flatten, Permute... take the ε rule, which for a reshape is exact); dropout and stochastic depth, the identity in eval mode.
+#: LSTMs, Arras et al. 2017, arXiv:1706.07206); dropout and stochastic depth, the identity in
+#: eval mode. (Reshapes and permutations, where relevance moves with its value, take the ε rule
+#: above, exact for them: Flatten, Permute.)
 _IDENTITY_LAYERS = ("Sigmoid", "Softmax", "LogSoftmax", "LeakyReLU", "ELU", "GELU", "SiLU", "Hardswish", "Hardsigmoid",
                     "Hardtanh", "ReLU6", "PReLU", "Mish", "Softplus", "Tanh", "Dropout1d", "Dropout2d", "Dropout3d",
                     "AlphaDropout")
