@@ -197,3 +197,46 @@ def extend_deeplift_rules() -> None:
             pass
         if added:
             log.debug("DeepLift rescale rule added for %s", ", ".join(added))
+
+
+class _InPlaceWatch(torch.overrides.TorchFunctionMode):
+    """Records the in-place operations applied to one watched tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched: Any = None
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inplace = kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_"))
+        if inplace and self.watched is not None and args and args[0] is self.watched:
+            self.found.append(f"{getattr(func, '__module__', None) or 'Tensor'}.{name}".replace("torch._C.", ""))
+        return func(*args, **kwargs)
+
+
+def inplace_on_layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> list[str]:
+    """The in-place operations the model's code applies to ``layer``'s output (DenseNet's
+    ``F.relu(features, inplace=True)`` after ``features``), seen on one forward pass of ``x``."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        return []
+    watch = _InPlaceWatch()
+
+    def keep(m, i, o):
+        watch.watched = o if torch.is_tensor(o) else None
+
+    handle = module.register_forward_hook(keep)
+    try:
+        with torch.no_grad(), watch:
+            model(x[:1])
+    finally:
+        handle.remove()
+    return watch.found
+
+
+def attention(model: nn.Module) -> list[str]:
+    """The names of the model's ``nn.MultiheadAttention`` modules."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]

@@ -10,8 +10,8 @@ The copy is in eval mode (parameters as the user set them) and fixed for what ex
 - a module registered under two names (MONAI's DynUNet keeps every block again under
   ``skip_layers``; SegResNet puts ``act_mod`` into several ``Sequential``s) is walked twice by
   ``Module.apply``, so Captum's DeepLift hooks it twice, and AblationCAM swaps only one of
-  the names: the second name is made an alias (:func:`_resolve_aliases`), so it stays
-  callable but is no child any more, and every walk sees the module once;
+  the names: the second name becomes an :class:`Alias` that calls whatever the first name
+  holds at call time, so every walk sees the module once and a swap reaches both;
 - tensors a past forward left in attributes (DynUNet's deep-supervision heads after a
   training step) are part of an autograd graph, which ``deepcopy`` refuses: the copy holds
   them detached (:func:`_copy`).
@@ -118,31 +118,29 @@ def _copy(model: nn.Module, changes: list[str]) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-#: Containers whose children are reached by position (an alias there is replaced, not removed).
-_ORDERED = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
 class Alias(nn.Module):
-    """A second name of a module, inside a ``Sequential``/``ModuleList``: calls it, without
-    registering it (so every walk of the model sees the module once, under its first name)."""
+    """A second name of a module: calls whatever the model holds under the first name now (so a
+    library that swaps the module, as AblationCAM does, swaps it for both), without registering
+    it (so every walk of the model, and every hook, sees the module once, under its first name)."""
 
-    def __init__(self, target: nn.Module, name: str):
+    def __init__(self, root: nn.Module, name: str):
         super().__init__()
-        self.__dict__["target"] = target
+        self.__dict__["root"] = root  # not a child: deep copies follow it to the copied root
         self.alias_of = name
 
     def forward(self, *args, **kwargs):
-        return self.target(*args, **kwargs)
+        return self.root.get_submodule(self.alias_of)(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"alias of {self.alias_of}"
 
 
-def _resolve_aliases(work: nn.Module, changes: list[str]) -> list[tuple[nn.Module, str]]:
+def _resolve_aliases(work: nn.Module, changes: list[str]) -> None:
     """Every module registered under two names keeps its first (``named_modules`` order); a later
-    name stops being a child: an attribute (or, in an ordered container, an :class:`Alias`;
-    a parameter-free module there becomes a copy of its own). Returns the (parent, key) of every
-    alias, to keep them pointing at the module if it is replaced later."""
+    name becomes an :class:`Alias` of it (a parameter-free module becomes a copy of its own instead:
+    the same function, with its own hooks)."""
     first = {id(m): n for n, m in work.named_modules(remove_duplicate=True)}
     seen: set[int] = set()
-    aliases: list[tuple[nn.Module, str]] = []
     stack: list[tuple[str, nn.Module]] = [("", work)]
     while stack:
         prefix, parent = stack.pop(0)
@@ -156,20 +154,13 @@ def _resolve_aliases(work: nn.Module, changes: list[str]) -> list[tuple[nn.Modul
             if first.get(id(child)) == name or id(child) not in first:
                 stack.append((name, child))
                 continue
-            if isinstance(parent, _ORDERED):
-                if not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
-                    parent._modules[key] = copy.deepcopy(child)
-                    changes.append(f"{name}: the parameter-free {type(child).__name__} also registered as "
-                                   f"{first[id(child)]}, made a module of its own")
-                    continue
-                parent._modules[key] = Alias(child, first[id(child)])
-            else:
-                del parent._modules[key]
-                parent.__dict__[key] = child
-                aliases.append((parent, key))
-            changes.append(f"{name}: alias of {first[id(child)]} ({type(child).__name__}), no longer a child: "
-                           "hooks attach to it once")
-    return aliases
+            if not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
+                parent._modules[key] = copy.deepcopy(child)
+                changes.append(f"{name}: the parameter-free {type(child).__name__} also registered as "
+                               f"{first[id(child)]}, made a module of its own")
+                continue
+            parent._modules[key] = Alias(work, first[id(child)])
+            changes.append(f"{name}: alias of {first[id(child)]} ({type(child).__name__}): hooks attach to it once")
 
 
 def prepare(model: nn.Module, example: torch.Tensor) -> PreparedModel:
@@ -183,22 +174,18 @@ def prepare(model: nn.Module, example: torch.Tensor) -> PreparedModel:
         if getattr(module, "inplace", False) is True:
             module.inplace = False
             changes.append(f"{name}: in-place {type(module).__name__} made non-inplace")
-    aliases = _resolve_aliases(work, changes)
+    _resolve_aliases(work, changes)
     for name, n in _count_calls(work, example[:1]).items():
         if n < 2:
             continue
         module = work.get_submodule(name)
+        if isinstance(module, Alias):  # its calls are counted on the module it names
+            continue
         if any(True for _ in module.parameters()) or list(module.children()):
             log.warning("module %s is called %d times per forward and has parameters or children: "
                         "left shared; DeepLift/LRP may misbehave on it", name, n)
             continue
-        sites = CallSites(module, n)
-        _set_submodule(work, name, sites)
-        for parent, key in aliases:
-            if parent.__dict__.get(key) is module:
-                parent.__dict__[key] = sites
-        for alias in (m for m in work.modules() if isinstance(m, Alias) and m.target is module):
-            alias.__dict__["target"] = sites
+        _set_submodule(work, name, CallSites(module, n))
         changes.append(f"{name}: {type(module).__name__} reused at {n} call sites, split into {n} modules")
     return PreparedModel(work, changes)
 
@@ -239,15 +226,13 @@ class _OutOfPlace(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-#: Methods that hook module backward passes, and so fail on a view modified in place.
-_HOOKING = ("DeepLift", "LRP", "GuidedBackprop", "Deconvolution", "GuidedGradCam")
-
-
 def needs_out_of_place(spec: Any) -> bool:
-    """Whether ``spec``'s method hooks module backward passes (see :func:`out_of_place`)."""
-    library = spec.library.name
-    return (library in ("shap", "zennit", "torchray") or (library == "captum" and any(k in spec.name for k in _HOOKING))
-            or spec.id in ("esegeta.GuidedBackprop", "esegeta.LayerActivationGuidedBackprop"))
+    """Whether ``spec``'s method needs in-place operations computed out of place (see :func:`out_of_place`):
+    those that hook module backward passes, and those that replace a layer's output by a leaf
+    tensor requiring gradients (Captum's layer methods, TorchRay's), on which the model's next
+    in-place operation (DenseNet's ``F.relu(features, inplace=True)``) fails. Every method, then:
+    the mode only changes how the same values are stored."""
+    return spec is not None
 
 
 @contextlib.contextmanager
