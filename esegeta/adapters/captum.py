@@ -45,6 +45,12 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
     return keyword_parameters(fn, NOT_CONFIGURABLE)
 
 
+#: Modules that move values without changing them: reshapes and permutations, and those that are
+#: the identity in eval mode (dropouts, stochastic depth). They take the ε rule, exact for them; not
+#: Captum's identity rule, which fails on a module that returns its input tensor itself (its input
+#: hook then runs before its output hook, and finds no relevance: ``KeyError: device``).
+_PASSING = ("Flatten", "Unflatten", "Identity", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout")
+_PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath"})
 #: Layers the ε rule treats as linear. Normalisation layers (instance, group, layer norm, and
 #: torchvision's LayerNorm2d, a LayerNorm subclass) are affine maps of their input once their
 #: statistics are fixed at the values they take on the explained input: the ε rule then
@@ -56,26 +62,19 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
 _EPSILON_LAYERS = ("Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
                    "BatchNorm1d", "BatchNorm3d", "AvgPool1d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool3d",
                    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
-                   "Flatten", "Unflatten", "Identity", "Upsample")
-#: Layers relevance passes through unchanged (the identity rule). Elementwise activations, as
+                   "Upsample", *_PASSING)
+#: Layers relevance passes through unchanged (the identity rule): elementwise activations, as
 #: Captum does for ReLU: the relevance of an output is that of its input (Hardswish, SiLU, GELU,
 #: PReLU... are gated identities, x·g(x), whose gate LRP does not credit, as for the gates of
-#: LSTMs, Arras et al. 2017, arXiv:1706.07206); dropout and stochastic depth, the identity in
-#: eval mode. (Reshapes and permutations, where relevance moves with its value, take the ε rule
-#: above, exact for them: Flatten, Permute.)
+#: LSTMs, Arras et al. 2017, arXiv:1706.07206).
 _IDENTITY_LAYERS = ("Sigmoid", "Softmax", "LogSoftmax", "LeakyReLU", "ELU", "GELU", "SiLU", "Hardswish", "Hardsigmoid",
-                    "Hardtanh", "ReLU6", "PReLU", "Mish", "Softplus", "Tanh", "Dropout1d", "Dropout2d", "Dropout3d",
-                    "AlphaDropout")
-#: Non-torch.nn modules that are the identity in eval mode, by class name.
-_IDENTITY_NAMES = frozenset({"StochasticDepth", "DropPath"})
-#: Non-torch.nn modules that move values without changing them (Captum's rules for reshapes: ε), by class name.
-_RESHAPE_NAMES = frozenset({"Permute"})
+                    "Hardtanh", "ReLU6", "PReLU", "Mish", "Softplus", "Tanh")
 
 
 def lrp_rule_for(module) -> str | None:
     """The name of the LRP rule Captum's LRP applies to leaf ``module`` in esegeta (Captum's own
-    rule for the layers it supports; ε for the other linear and normalisation layers, identity
-    for elementwise activations, reshapes and eval-mode dropouts: see the comments above), or
+    rule for the layers it supports; ε for the other linear and normalisation layers, reshapes
+    and eval-mode dropouts, identity for elementwise activations: see the comments above), or
     None if there is none and LRP will refuse the model."""
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
     from torch import nn
@@ -87,10 +86,9 @@ def lrp_rule_for(module) -> str | None:
     if type(module) in SUPPORTED_NON_LINEAR_LAYERS:
         return "non-linear (relevance passes)"
     if (isinstance(module, tuple(getattr(nn, n) for n in _EPSILON_LAYERS if hasattr(nn, n)))
-            or type(module).__name__ in _RESHAPE_NAMES):
+            or type(module).__name__ in _PASSING_NAMES):
         return "EpsilonRule"
-    if (isinstance(module, tuple(getattr(nn, n) for n in _IDENTITY_LAYERS if hasattr(nn, n)))
-            or type(module).__name__ in _IDENTITY_NAMES):
+    if isinstance(module, tuple(getattr(nn, n) for n in _IDENTITY_LAYERS if hasattr(nn, n))):
         return "IdentityRule"
     return None
 
@@ -107,6 +105,13 @@ def lrp_gaps(model, context=None) -> list[str]:
         return [f"no LRP rule for attention ({attention[0]}: MultiheadAttention{' and more' if len(attention) > 1 else ''}): "
                 "Captum's LRP cannot propagate relevance through it; use captum.IntegratedGradients, or "
                 "gradcam.GradCAM with params.reshape_transform \"vit\""]
+    from ..prepare import Alias
+
+    aliases = [(name, m.alias_of) for name, m in model.named_modules() if isinstance(m, Alias)]
+    if aliases:
+        return [f"the model registers modules under two names ({aliases[0][0]} is {aliases[0][1]}), and Captum's LRP "
+                "walks the module tree, not the calls: use zennit's composites (e.g. zennit.EpsilonPlus), which "
+                "hook each module once"]
     gaps = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
             if name and not list(m.children()) and lrp_rule_for(m) is None]
     if not gaps:
