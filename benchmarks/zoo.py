@@ -11,7 +11,9 @@ Each (method, model) cell is one of:
 - ``ran``: ``esegeta.explain`` returned a finite, not all-zero result;
 - ``refused``: refused before the run (:func:`esegeta.architectures.refusals`, what
   ``validate``/``check`` report), with the reason;
-- ``failed``: anything else (an exception, a non-finite or all-zero result): the goal is none.
+- ``flat``: it ran and returned an all-zero or constant map, which the runner records with a
+  warning naming the likely cause (a vanishing gradient, too few samples...);
+- ``failed``: anything else (an exception, a non-finite result): the goal is none.
 
     python benchmarks/zoo.py                       # every model, every method: markdown table
     python benchmarks/zoo.py --models resnet18 vit --libraries captum gradcam --json cells.json
@@ -97,8 +99,9 @@ def cell(spec, z: ZooModel) -> dict:
     seconds = round(time.perf_counter() - start, 3)
     if not torch.isfinite(attr).all():
         return row | {"status": "failed", "reason": "non-finite result", "seconds": seconds}
-    if attr.abs().sum() == 0:
-        return row | {"status": "failed", "reason": "all-zero result", "seconds": seconds}
+    if attr.abs().sum() == 0 or float(attr.max()) == float(attr.min()):
+        # the runner records these ok with a warning naming the likely cause (esegeta.verdicts): not silent
+        return row | {"status": "flat", "reason": "all-zero or constant result (warned)", "seconds": seconds}
     return row | {"status": "ran", "seconds": seconds}
 
 
@@ -149,16 +152,17 @@ def main(argv=None) -> int:
             axiom_rows.append(axioms(z))
     wall = time.perf_counter() - start
     libs = sorted({c["library"] for c in cells})
+    print("ran/refused/flat/failed per model and library\n")
     print(f"| model | {' | '.join(libs)} | total |\n|---|{'---|' * (len(libs) + 1)}")
     for name in args.models:
         row = [c for c in cells if c["model"] == name]
 
         def fmt(cs):
             n = Counter(c["status"] for c in cs)
-            return f"{n['ran']}/{n['refused']}/{n['failed']}"
+            return f"{n['ran']}/{n['refused']}/{n['flat']}/{n['failed']}"
         print(f"| {name} | {' | '.join(fmt([c for c in row if c['library'] == lib]) for lib in libs)} | {fmt(row)} |")
     n = Counter(c["status"] for c in cells)
-    print(f"\ncells (ran/refused/failed): {n['ran']}/{n['refused']}/{n['failed']} of {len(cells)}; "
+    print(f"\ncells (ran/refused/flat/failed): {n['ran']}/{n['refused']}/{n['flat']}/{n['failed']} of {len(cells)}; "
           f"ran {100 * n['ran'] / max(1, len(cells)):.1f}%; wall {wall:.0f}s")
     reasons = Counter(c["reason"].split(";")[0][:120] for c in cells if c["status"] == "refused")
     if reasons:

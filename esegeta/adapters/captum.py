@@ -90,6 +90,8 @@ def lrp_rule_for(module) -> str | None:
         return "EpsilonRule"
     if isinstance(module, tuple(getattr(nn, n) for n in _IDENTITY_LAYERS if hasattr(nn, n))):
         return "IdentityRule"
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # an empty container: never called, its rule never runs
+        return "EpsilonRule"
     return None
 
 
@@ -131,6 +133,20 @@ def token_layer(model, context) -> list[str]:
             "Grad-CAM would take the tokens for channels; use gradcam.GradCAM with params.reshape_transform "
             "\"vit\" (a class token first, then a square grid of patches) or \"tokens\" (patches only), or a "
             "convolutional layer"]
+
+
+def grid_on_tokens(model, context) -> list[str]:
+    """LayerFeatureAblation's check: a ``layer_mask`` grid is laid over the layer's spatial axes,
+    which a token layer (batch, tokens, features) does not have."""
+    mask = context.params.get("layer_mask") if context is not None else None
+    if not (isinstance(mask, dict) and "grid" in mask):
+        return []
+    shape = context.layer_shape()
+    if shape is None or len(shape) == context.x.ndim:
+        return []
+    return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens without spatial axes for params.layer_mask's "
+            "grid: leave layer_mask out (each feature ablated alone), pass a tensor of token groups from Python, "
+            "or choose a convolutional layer"]
 
 
 def _attach_lrp_rules(model) -> list[str]:
@@ -306,7 +322,7 @@ _captum("LayerGradientXActivation", kind="layer", layer=True)
 _captum("LayerDeepLift", kind="layer", layer=True, ref="Shrikumar et al. 2017, arXiv:1704.02685")
 _captum("LayerDeepLiftShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
 _captum("LayerIntegratedGradients", kind="layer", layer=True, quick=_IG_QUICK)
-_captum("LayerFeatureAblation", kind="layer", layer=True,
+_captum("LayerFeatureAblation", kind="layer", layer=True, preflight=grid_on_tokens,
         quick={"layer_mask": _quick_layer_grid, "perturbations_per_eval": 16})
 _captum("LayerLRP", kind="layer", layer=True, leaf=True, preflight=lrp_gaps,
         ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")

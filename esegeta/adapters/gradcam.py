@@ -102,19 +102,68 @@ def token_reshape(name: str, dims: int):
 
 def token_layer(model, context) -> list[str]:
     """The pre-flight check of the CAMs with a layer: a token layer (output (batch, tokens,
-    features)) needs ``params.reshape_transform``."""
-    if context is None or context.params.get("reshape_transform") or context.layer is None:
+    features)) needs ``params.reshape_transform`` (which ShapleyCAM does not apply to the tensors
+    it differentiates twice)."""
+    if context is None or context.layer is None:
+        return []
+    second_order = context.spec is not None and context.spec.name in SECOND_ORDER
+    if context.params.get("reshape_transform") and not second_order:
         return []
     shape = context.layer_shape()
     if shape is None or len(shape) == context.x.ndim:
         return []
-    if context.spec is not None and "reshape_transform" not in context.spec.adapter.parameters(context.spec):
+    if second_order or (context.spec is not None
+                        and "reshape_transform" not in context.spec.adapter.parameters(context.spec)):
         return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps, "
-                f"and {context.spec.id} takes no reshape_transform: use gradcam.GradCAM with params.reshape_transform "
+                f"and {context.spec.id} does not apply a reshape_transform: use gradcam.GradCAM with params.reshape_transform "
                 "\"vit\" or \"tokens\", or choose a convolutional layer"]
     return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps: "
             "set params.reshape_transform to \"vit\" (a class token first, then a square grid of patches) or "
             "\"tokens\" (patches only), or choose a convolutional layer"]
+
+
+def fullgrad_order(model, context) -> list[str]:
+    """FullGrad's pre-flight check. Upstream pairs the biases of every Conv2d/BatchNorm2d, in module
+    order, with the gradients its hooks collect, in reverse order of the backward pass: that holds
+    only if each layer runs once and the backward pass meets them in reverse module order (a
+    chain). Skip connections (U-Nets) reorder the backward pass and the biases meet the wrong
+    gradients (a broadcast error, or a bare AssertionError when a layer runs twice or never)."""
+    import torch
+    from torch import nn
+
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d) and m.bias is not None]
+    if not layers or context is None:
+        return []
+    met: list[str] = []
+    handles = []
+
+    def hook(name):
+        def forward_hook(module, args, output):
+            if torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(lambda grad: met.insert(0, name))
+        return forward_hook
+
+    for name, m in layers:
+        handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.enable_grad():
+            x = context.x[:1].detach().clone().requires_grad_(True)
+            out = model(x)
+            out = out if torch.is_tensor(out) else next(t for t in out if torch.is_tensor(t))
+            out.float().sum().backward()
+    except Exception:  # noqa: BLE001 (the check only compares orders; the run reports its own failure)
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    expected = [n for n, _ in layers]
+    if met == expected:
+        return []
+    wrong = next((e for e, m in zip(expected, met) if e != m), expected[len(met)] if len(met) < len(expected) else met[-1])
+    return [f"FullGrad pairs each bias with the gradient its hooks meet in reverse module order, and this model "
+            f"breaks that order at {wrong} (a skip connection, or a layer run more or less than once): use "
+            "gradcam.GradCAM or captum.IntegratedGradients"]
 
 
 def _configurable(fn) -> dict[str, inspect.Parameter]:
@@ -129,6 +178,23 @@ def _call_signature(cls):
     """``__call__``, or ``forward`` where ``__call__`` only forwards ``*args, **kwargs`` to it."""
     params = inspect.signature(cls.__call__).parameters.values()
     return cls.forward if any(p.kind is p.VAR_POSITIONAL for p in params) else cls.__call__
+
+
+#: Methods that differentiate twice (ShapleyCAM's Hessian-vector products).
+SECOND_ORDER = frozenset({"ShapleyCAM"})
+
+
+def _math_attention(enabled: bool):
+    """Scaled dot-product attention on its math kernel: the fused CPU/CUDA kernels have no second
+    derivative (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented``); the math kernel computes the same values with plain, twice-differentiable ops."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _release(cam) -> None:
@@ -208,7 +274,10 @@ class GradCamAdapter:
         if params.get("reshape_transform") is not None:
             params["reshape_transform"] = token_reshape(params["reshape_transform"], x.ndim - 2)
         attributes = ATTRIBUTES.get(spec.name, {})
-        init_kw = {**{k: getattr(module, v)() for k, v in FRESH.get(spec.name, {}).items()},
+        fresh = dict(FRESH.get(spec.name, {}))
+        if params.get("reshape_transform") is not None and "ablation_layer" in fresh:
+            fresh["ablation_layer"] = "AblationLayerVit"  # ablates the feature axis of (B, tokens, C)
+        init_kw = {**{k: getattr(module, v)() for k, v in fresh.items()},
                    **{k: v for k, v in params.items() if k in init_names}}
         attr_kw = {k: v for k, v in params.items() if k not in init_names and k not in attributes}
         attr_kw["targets"] = None
@@ -222,7 +291,8 @@ class GradCamAdapter:
             cam = cls(model=call.forward, target_layers=layers, **init_kw)
             for name, default in attributes.items():
                 setattr(cam, name, params.get(name, default))
-            result = cam(input_tensor=x.detach(), **attr_kw)
+            with _math_attention(spec.name in SECOND_ORDER):
+                result = cam(input_tensor=x.detach(), **attr_kw)
         finally:
             if cam is not None:
                 _release(cam)
@@ -279,5 +349,6 @@ for _name, (_dims, _layer, _target, _tasks, _quick, _ref) in TABLE.items():
     register(MethodSpec(
         library=LIBRARY, name=_name, kind="attribution", adapter=ADAPTER, needs_layer=_layer, dims=_dims,
         needs_target=_target, **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
-        uses_global_rng=True if _name in GLOBAL_RNG else None, preflight=token_layer if _layer else None,
+        uses_global_rng=True if _name in GLOBAL_RNG else None,
+        preflight=token_layer if _layer else fullgrad_order if _name == "FullGrad" else None,
     ))
