@@ -205,10 +205,38 @@ def _augmented_assignment(frame) -> bool:
     return 0 <= i < len(code) - 1 and code[i] == dis.opmap.get("BINARY_OP", -1) and code[i + 1] in _INPLACE_BINARY_OPS
 
 
+#: Packages whose own code is never rewritten: the explainers (their accumulators may be views
+#: written through on purpose) and torch itself.
+_LIBRARY_CODE = ("captum", "shap", "zennit", "pytorch_grad_cam", "torchray", "lime", "lucent", "esegeta", "torch")
+
+
+def _packages(frame) -> list[str]:
+    return frame.f_code.co_filename.replace("\\", "/").split("/")
+
+
+def _caller(frame):
+    """The first frame from ``frame`` up that is not torch's own (``F.relu`` reaches the mode
+    through ``torch/nn/functional.py`` and ``torch/overrides.py``)."""
+    while frame is not None and "torch" in _packages(frame):
+        frame = frame.f_back
+    return frame
+
+
+def _model_code(frame) -> bool:
+    """Whether ``frame`` runs model code (the user's, torchvision's, MONAI's...), not an explainer's or torch's."""
+    return frame is not None and not any(package in _packages(frame) for package in _LIBRARY_CODE)
+
+
+def _in_graph(args: tuple) -> bool:
+    """Whether an in-place operation on ``args`` would be recorded by autograd (what hooks trip on)."""
+    return torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
+
+
 class _OutOfPlace(torch.overrides.TorchFunctionMode):
-    """Augmented assignments on tensors (``out += identity``) and functional activations called with
-    ``inplace=True`` are computed out of place: the caller binds the result, so nothing else changes.
-    (A bare ``x.add_(y)`` whose result is dropped relies on the side effect: left alone.)"""
+    """In model code, while autograd records: augmented assignments on tensors (``out += identity``)
+    and functional activations called with ``inplace=True`` are computed out of place; the caller
+    binds the result, so nothing else changes. Left alone: a bare ``x.add_(y)`` (it relies on its
+    side effect), the explainers' and torch's own code, and anything outside autograd."""
 
     def __init__(self):
         super().__init__()
@@ -217,10 +245,12 @@ class _OutOfPlace(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _AUGMENTED and len(args) == 2 and not kwargs and _augmented_assignment(sys._getframe(1)):
-            self.rewritten += 1
-            return _AUGMENTED[name](*args)
-        if kwargs.get("inplace") is True:
+        if name in _AUGMENTED and len(args) == 2 and not kwargs and _in_graph(args):
+            frame = _caller(sys._getframe(1))
+            if _model_code(frame) and _augmented_assignment(frame):
+                self.rewritten += 1
+                return _AUGMENTED[name](*args)
+        if kwargs.get("inplace") is True and _in_graph(args) and _model_code(_caller(sys._getframe(1))):
             self.rewritten += 1
             kwargs = {**kwargs, "inplace": False}
         return func(*args, **kwargs)

@@ -93,12 +93,16 @@ def test_in_place_residual_addition_runs_under_deep_explainer():
     assert torch.isfinite(attr).all()
     from esegeta.prepare import _OutOfPlace
 
-    a, b = torch.ones(2), torch.ones(2)
+    leaf = torch.ones(2, requires_grad=True)
+    a, b = leaf * 1, torch.ones(2)  # recorded by autograd: what hooks trip on
     kept = a
     with _OutOfPlace() as mode:
         a += b  # rebinding: computed out of place
         kept.mul_(3)  # a statement relying on its side effect: left in place
-    assert mode.rewritten == 1 and torch.equal(a, torch.full((2,), 2.0)) and torch.equal(kept, torch.full((2,), 3.0))
+        c, d = torch.ones(2), torch.ones(2)
+        c += d  # outside autograd: left in place
+    assert mode.rewritten == 1 and torch.equal(a.detach(), torch.full((2,), 2.0))
+    assert torch.equal(kept.detach(), torch.full((2,), 3.0)) and torch.equal(c, torch.full((2,), 2.0))
 
 
 def test_zennit_folds_batch_norm_along_the_graph_on_densenet():
@@ -173,3 +177,48 @@ def test_deeplift_sums_to_delta(model, bound):
 @pytest.mark.parametrize("model,steps,bound", [("efficientnet_b0", 64, 1e-3), ("unet2d", 256, 1e-2)])
 def test_integrated_gradients_completeness(model, steps, bound):
     assert _relative_gap(zoo(model), "captum.IntegratedGradients", n_steps=steps) < bound
+
+
+# ---------------------------------------------------------------------------- check predicts the run
+
+FACTORY = '''
+import sys
+sys.path.insert(0, {tests!r})
+from zoo_models import ZOO
+
+
+def build():
+    return ZOO[{name!r}]().model
+'''
+
+
+def test_check_and_validate_refuse_what_cannot_run_naming_layer_and_fix(tmp_path):
+    """`esegeta check` reports the refusals before anything runs; the run refuses the same entries."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from esegeta.check import check
+    from esegeta.runner import Pipeline
+
+    z = zoo("vit")
+    (tmp_path / "zoo_factory.py").write_text(FACTORY.format(tests=str(Path(__file__).parent), name="vit"))
+    np.save(tmp_path / "x.npy", z.x[0].numpy())
+    methods = [{"id": "captum.IntegratedGradients", "params": {"n_steps": 8}},
+               {"id": "captum.LayerGradCam", "layer": z.layer},
+               {"id": "gradcam.GradCAM", "layer": z.layer},
+               {"id": "gradcam.GradCAM", "layer": z.layer, "label": "vit", "params": {"reshape_transform": "vit"}},
+               {"id": "zennit.EpsilonPlus"}]
+    cfg = {"model": {"factory": str(tmp_path / "zoo_factory.py") + ":build"},
+           "inputs": {"paths": [str(tmp_path / "x.npy")], "spatial_dims": 2, "channel_axis": "first"},
+           "target": 0, "output": {"dir": str(tmp_path / "out"), "formats": ["npy"]}, "methods": methods}
+    report = check(cfg, base_dir=tmp_path)
+    verdicts = [m.ok for m in report.methods]
+    assert verdicts == [True, False, False, True, False]
+    assert "tokens" in report.methods[1].problems[0] and "reshape_transform" in report.methods[2].problems[0]
+    assert "MultiheadAttention" in report.methods[4].problems[0]
+    with pytest.raises(ConfigError, match="methods\\[1\\]"):
+        Pipeline(cfg, base_dir=tmp_path).validate()
+    cfg["methods"] = [m for m, ok in zip(methods, verdicts) if ok]
+    result = Pipeline(cfg, base_dir=tmp_path).run()
+    assert [r["status"] for r in result.runs] == ["ok", "ok"]
