@@ -69,7 +69,10 @@ def refusals(spec, ready: nn.Module, x: torch.Tensor, *, layer: str | None = Non
     context = Context(x, layer, dict(params or {}), wrapper, model=model, spec=spec)
     found: list[str] = []
     if spec.preflight is not None:
-        found += spec.preflight(model, context)
+        try:
+            found += spec.preflight(model, context)
+        except Exception as exc:  # noqa: BLE001 (a check that cannot decide refuses nothing: the run reports)
+            log.debug("%s: pre-flight check could not decide: %s: %s", spec.id, type(exc).__name__, exc)
     return found
 
 
@@ -240,3 +243,24 @@ def inplace_on_layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> li
 def attention(model: nn.Module) -> list[str]:
     """The names of the model's ``nn.MultiheadAttention`` modules."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+#: Layers DeepLift's rules treat as linear although they are not: a normalisation by statistics of
+#: its own input (instance, group, layer norm) and attention. Summation to delta is then approximate.
+_NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
+               "MultiheadAttention")
+
+
+def axiom_notes(spec, model: nn.Module) -> list[str]:
+    """What keeps a method's axiom from holding exactly on this model (shown by ``check``; the
+    method runs): DeepLift's summation to delta, LRP's conservation, through the layers of
+    :data:`_NOT_LINEAR` (which they pass as linear maps)."""
+    if not any(k in spec.name for k in ("DeepLift", "LRP")) and spec.id not in ("shap.DeepExplainer",):
+        return []
+    found = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+             if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR)]
+    if not found:
+        return []
+    axiom = "relevance conservation" if "LRP" in spec.name else "summation to delta"
+    return [f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
+            "normalises by statistics of its own input (or attends), which the rules pass as a linear map"]

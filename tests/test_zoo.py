@@ -222,3 +222,11 @@ def test_check_and_validate_refuse_what_cannot_run_naming_layer_and_fix(tmp_path
     cfg["methods"] = [m for m, ok in zip(methods, verdicts) if ok]
     result = Pipeline(cfg, base_dir=tmp_path).run()
     assert [r["status"] for r in result.runs] == ["ok", "ok"]
+
+
+def test_check_notes_where_an_axiom_holds_only_approximately():
+    deeplift = registry.get("captum.DeepLift")
+    notes = architectures.axiom_notes(deeplift, zoo("unet2d").model)
+    assert notes and "InstanceNorm2d" in notes[0] and "summation to delta" in notes[0]
+    assert architectures.axiom_notes(deeplift, zoo("resnet18").model) == []
+    assert architectures.axiom_notes(registry.get("captum.Saliency"), zoo("unet2d").model) == []
