@@ -1,11 +1,20 @@
-"""What a method cannot do on a given architecture, found before it runs: :func:`refusals`.
+"""What real architectures need from esegeta, found before a method runs.
 
-Each method may state a pre-flight check (:attr:`esegeta.registry.MethodSpec.preflight`): a
-function of the prepared model and a :class:`Context` (the example input, the layer, the
-params) returning problems, each naming the offending layer and the fix (another method, a
-parameter, a canonizer, ``reshape_transform`` for token layers). :func:`refusals` runs it
-together with the checks every method shares; ``validate``/``run`` (through the plan),
-``check`` and ``explain`` refuse the entry with them before anything runs upstream.
+- :func:`refusals` / :func:`refuse`: each method may state a pre-flight check
+  (:attr:`esegeta.registry.MethodSpec.preflight`): a function of the prepared model and a
+  :class:`Context` (the example input, the layer, the params) returning problems, each naming
+  the offending layer and the fix (another method, a parameter, a canonizer,
+  ``reshape_transform`` for token layers). ``validate``/``run`` (through the plan), ``check``
+  and ``explain`` refuse the entry with them before anything runs upstream.
+- :func:`linear_norm_pairs`: the (layer, BatchNorm) pairs a canonizer may fold, read from the
+  data flow of one forward pass rather than from module order (zennit's default pairs a
+  convolution with the next BatchNorm in module order, which is wrong across DenseNet's
+  ``torch.cat``).
+- :func:`inplace_on_layer_output`: the model's in-place operations on a layer's output, which
+  break methods that replace that output by a leaf tensor.
+- :func:`extend_deeplift_rules`: DeepLift's rescale rule for the activations modern
+  architectures use (SiLU, GELU, Hardswish...), so summation to delta holds through them;
+  :func:`axiom_notes`: where it still holds only approximately (``check`` shows them).
 """
 from __future__ import annotations
 
