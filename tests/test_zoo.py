@@ -230,3 +230,16 @@ def test_check_notes_where_an_axiom_holds_only_approximately():
     assert notes and "InstanceNorm2d" in notes[0] and "summation to delta" in notes[0]
     assert architectures.axiom_notes(deeplift, zoo("resnet18").model) == []
     assert architectures.axiom_notes(registry.get("captum.Saliency"), zoo("unet2d").model) == []
+
+
+def test_dynunet_in_train_mode_is_explained_in_eval_mode_and_left_training():
+    z = zoo("dynunet")
+    z.model.train()
+    try:
+        before = snapshot(z.model)
+        attr = esegeta.explain(z.model, z.x, "captum.DeepLift", target=0, wrapper=z.wrapper)
+        assert torch.isfinite(attr).all() and attr.shape == z.x.shape
+        assert_unchanged(z.model, before)
+        assert z.model.training
+    finally:
+        z.model.eval()
