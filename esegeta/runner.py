@@ -143,7 +143,7 @@ def _log_start(plan: Plan, out: Path) -> None:
     for change in plan.ready.changes:
         log.info("prepared copy: %s", change)
     for item in plan.inputs:
-        if not torch.isfinite(item.tensor).all():
+        if not item.finite:
             log.warning("input %s holds non-finite values (NaN or Inf): its results will fail", item.name)
 
 
@@ -157,8 +157,8 @@ def _head(plan: Plan) -> dict[str, Any]:
         "device": str(plan.device),
         "devices": [str(d) for d in plan.devices],
         "prepared_model": plan.ready.changes,
-        "inputs": [{"name": item.name, "path": str(item.path), "shape": list(item.tensor.shape[1:])}
-                   for item in plan.inputs],
+        "inputs": [{"name": item.name, "path": str(item.path), "shape": list(item.shape[1:]),
+                    **({"label": item.label} if item.label is not None else {})} for item in plan.inputs],
     }
 
 
@@ -194,7 +194,8 @@ def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device:
     return {"method": job.entry.spec.id, "label": job.entry.label, "input": item.name, "status": "ok",
             "seconds": None, "device": str(device), "error": None, "score": None, "shape": None, "files": {},
             "precision": None, "precision_reason": reason, "tf32": numerics.tf32_in_effect(rt.tf32, device),
-            "warnings": [], "oom_retries": 0, "key": key}
+            "warnings": [], "oom_retries": 0, "key": key,
+            **({"input_label": item.label} if getattr(item, "label", None) is not None else {})}
 
 
 def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray | None, dict]]:

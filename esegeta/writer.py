@@ -38,6 +38,8 @@ JOURNAL = ".esegeta-journal.jsonl"
 RESERVED = frozenset({"manifest.json", "overview.png", "esegeta.log", LOCK, JOURNAL})
 #: Results kept in memory for the overview figure, in bytes; past it the figure reads the .npy back.
 OVERVIEW_MEMORY = 256 * 2**20
+#: Inputs shown in the overview figure (the first ones): a dataset run has thousands.
+OVERVIEW_INPUTS = 24
 _TMP = re.compile(r"\.tmp-(\d+)-([0-9a-f]+)-")
 _live_tokens: set[str] = set()  # the tokens of this process's runs that are writing now
 
@@ -248,6 +250,9 @@ class Writer:
                 raise
 
     def _keep_for_overview(self, record: dict, item: Any, result: np.ndarray, kind: str) -> None:
+        shown = {name for _, name in self._arrays}
+        if len(shown) >= OVERVIEW_INPUTS and record["input"] not in shown:
+            return
         if "png" in self.output.formats and self._held + result.nbytes <= OVERVIEW_MEMORY:
             self._arrays[(record["label"], record["input"])] = result
             self._held += result.nbytes
@@ -268,7 +273,9 @@ class Writer:
         from . import figures
 
         rows = []
-        for item in inputs:
+        if len(inputs) > OVERVIEW_INPUTS:
+            log.info("overview: the first %d of %d inputs", OVERVIEW_INPUTS, len(inputs))
+        for item in inputs[:OVERVIEW_INPUTS]:
             cells = []
             for r in (r for r in manifest["runs"] if r["input"] == item.name):
                 kind = kinds[r["method"]]
