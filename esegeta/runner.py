@@ -120,7 +120,7 @@ class Pipeline:
             if self.resume:
                 log.info("resume: %d result(s) kept from the earlier run, %d to compute",
                          len(kept), sum(len(j.items) for j in jobs))
-            writer.begin(list(kept.values()))
+            writer.begin(list(kept.values()), plan.inputs)
             records = dict(kept)
             _execute(plan, jobs, writer, records)
             manifest = {**_head(plan), "runs": [records[key] for key in sorted(records)]}
@@ -192,7 +192,8 @@ def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device:
     """A manifest record of ``job`` on ``item``, before it ran."""
     device = device or job.devices[0]
     return {"method": job.entry.spec.id, "label": job.entry.label, "input": item.name, "status": "ok",
-            "seconds": None, "device": str(device), "error": None, "score": None, "shape": None, "files": {},
+            "seconds": None, "device": str(device), "error": None, "score": None, "target": None, "shape": None,
+            "files": {},
             "precision": None, "precision_reason": reason, "tf32": numerics.tf32_in_effect(rt.tf32, device),
             "warnings": [], "oom_retries": 0, "key": key,
             **({"input_label": item.label} if getattr(item, "label", None) is not None else {})}
@@ -248,7 +249,8 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
 def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None, samples: torch.Tensor):
     """The one call of the method (:func:`esegeta.explainer.run`): (result, scores per input, extras)."""
     outcome = run(request, model, x, base_dir=base_dir, with_scores=True, samples=samples)
-    return outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras
+    return (outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras,
+            list(outcome.targets) or [None] * len(job.items))
 
 
 def _halved(request: Request) -> Request | None:
@@ -260,7 +262,7 @@ def _halved(request: Request) -> Request | None:
 def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], done, reason: str, elapsed: float):
     """Per input: the record completed with the verdict on its result, the result and its extras
     (``x`` is the job's batch on the worker's device)."""
-    (attr, scores, extras), request = done.value, done.settings
+    (attr, scores, extras, targets), request = done.value, done.settings
     params, noise_tunnel = dict(request.params), request.noise_tunnel
     if attr.shape[0] != len(job.items):
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
@@ -268,8 +270,8 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
     computed = []
     for n, ((_, item), record) in enumerate(zip(job.items, records)):
         one = attr[n:n + 1]
-        record.update(seconds=seconds, score=scores[n], shape=list(one.shape[1:]), precision=done.precision,
-                      oom_retries=done.oom_retries)
+        record.update(seconds=seconds, score=scores[n], target=targets[n], shape=list(one.shape[1:]),
+                      precision=done.precision, oom_retries=done.oom_retries)
         if done.fallback:
             record["precision_reason"] = f"{reason}; {done.fallback}"
         problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n])

@@ -35,7 +35,7 @@ from .errors import ConfigError
 log = logging.getLogger("esegeta")
 LOCK = ".esegeta.lock"
 JOURNAL = ".esegeta-journal.jsonl"
-RESERVED = frozenset({"manifest.json", "overview.png", "esegeta.log", LOCK, JOURNAL})
+RESERVED = frozenset({"manifest.json", "overview.png", "esegeta.log", "attributions", LOCK, JOURNAL})
 #: Results kept in memory for the overview figure, in bytes; past it the figure reads the .npy back.
 OVERVIEW_MEMORY = 256 * 2**20
 #: Inputs shown in the overview figure (the first ones): a dataset run has thousands.
@@ -125,6 +125,7 @@ class Writer:
         self._previous: dict[tuple[str, str], dict] = {}
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self._held = 0
+        self._stores = None  # the attribution stores (esegeta.store), from begin()
 
     # -- the folder ---------------------------------------------------------------
     def __enter__(self) -> Writer:
@@ -200,8 +201,13 @@ class Writer:
                 and all((self.out / f).is_file() for f in r.get("files", {}).values())}
 
     # -- writing --------------------------------------------------------------------
-    def begin(self, kept: list[dict]) -> None:
-        """Start the journal: earlier records are void but ``kept``, those ``--resume`` reuses."""
+    def begin(self, kept: list[dict], inputs: list | None = None) -> None:
+        """Start the journal: earlier records are void but ``kept``, those ``--resume`` reuses.
+        With the run's ``inputs``, every ok result also goes to its method's attribution store."""
+        if inputs is not None:
+            from .store import StoreWriter
+
+            self._stores = StoreWriter(self.out, inputs, self.resume)
         self._journal = open(self.out / JOURNAL, "a" if self.resume else "w", encoding="utf-8")
         lines = [outputs.json_line({"reset": True, "token": self.token})] + [outputs.json_line(r) for r in kept]
         try:
@@ -219,6 +225,7 @@ class Writer:
                 files.update(outputs.save_extras(self.out, item, label, extras, self.token))
                 record["files"] = files
                 self._keep_for_overview(record, item, result, kind)
+                self._store(record, result, kind)
             self.commit(record)
         except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
             record.update(status="failed", files={}, error=f"writing results: {type(exc).__name__}: {exc}")
@@ -228,6 +235,14 @@ class Writer:
             except Exception as again:  # noqa: BLE001 (the manifest still gets it)
                 log.debug("journal: %s", again)
         return record
+
+    def _store(self, record: dict, result: np.ndarray, kind: str) -> None:
+        if self._stores is not None:
+            try:
+                self._stores.add(record, result, kind)
+            except Exception as exc:  # noqa: BLE001 (the result's own files are written: it stays ok)
+                record["warnings"] = [*record.get("warnings", []), f"attribution store: {type(exc).__name__}: {exc}"]
+                log.error("%s on %s: the attribution store failed: %s", record["label"], record["input"], exc)
 
     def commit(self, record: dict) -> None:
         """Append ``record`` to the journal and fsync: from then on it counts as done."""
@@ -263,6 +278,11 @@ class Writer:
         the journal is removed once the manifest is written (an error propagates)."""
         if "png" in self.output.formats:
             self._overview(manifest, inputs, kinds)
+        if self._stores is not None:
+            try:
+                manifest["stores"] = self._stores.close(manifest["runs"], kinds)
+            except Exception as exc:  # noqa: BLE001 (every result has its own files)
+                log.error("attribution stores failed: %s: %s", type(exc).__name__, exc)
         outputs.save_json(self.out / "manifest.json", manifest, self.token)
         if self._journal is not None:
             self._journal.close()
