@@ -184,7 +184,12 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
                 records[(k, job.position)] = writer.save(record, item, None, {}, job.entry.spec.kind)
             bar.update()
 
-        executor.run(jobs, lambda job, worker: _compute(plan, job, worker), on_done, on_error)
+        if rt.backend == "ray":
+            from .backends import ray as ray_backend
+
+            ray_backend.run(plan, jobs, on_done, on_error)
+        else:
+            executor.run(jobs, lambda job, worker: _compute(plan, job, worker), on_done, on_error)
 
 
 def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device: torch.device | None = None,
