@@ -144,7 +144,9 @@ class FigureConfig(Strict):
 
 class OutputConfig(Strict):
     dir: str = "results"
-    formats: list[Literal["npy", "png", "nii"]] = ["npy", "png", "nii"]
+    formats: list[Literal["npy", "png", "nii", "zarr"]] = Field(
+        ["npy", "png", "nii"], description="per result: .npy, .png figure, .nii.gz (3D); 'zarr': per method one "
+                                           "attribution dataset of every result (attributions/<label>.zarr)")
     figure: FigureConfig = Field(default_factory=FigureConfig)
 
 

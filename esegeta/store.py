@@ -139,14 +139,19 @@ class StoreWriter:
         self.stores: dict[str, _MethodStore] = {}
         self._lock = threading.Lock()
 
-    def add(self, record: dict, result: np.ndarray, kind: str) -> None:
+    def add(self, record: dict, result: np.ndarray, kind: str) -> bool:
+        """Buffer an ok result for its method's store; False if it cannot go there (another shape)."""
         with self._lock:
-            self._add(record, result, kind)
+            return self._add(record, result, kind)
 
-    def _add(self, record: dict, result: np.ndarray, kind: str) -> None:
+    @staticmethod
+    def relative(label: str) -> str:
+        return str(store_path(Path("."), label))
+
+    def _add(self, record: dict, result: np.ndarray, kind: str) -> bool:
         label, k = record["label"], self.row.get(record["input"])
         if k is None:
-            return
+            return False
         store = self.stores.get(label)
         if store is None:
             meta = {"method": record["method"], "label": label, "kind": kind}
@@ -155,8 +160,9 @@ class StoreWriter:
         if tuple(result.shape) != store.shape:
             log.warning("store %s: %s has result shape %s, not %s: not in the store (its files hold it)", label,
                         record["input"], tuple(result.shape), store.shape)
-            return
+            return False
         store.add(k, result)
+        return True
 
     def close(self, runs: list[dict], kinds: dict[str, str]) -> dict[str, str]:
         """Complete every store from the run's records; method label → store folder (relative)."""
@@ -168,7 +174,7 @@ class StoreWriter:
             self._fill_kept(label, rows, kinds)
         for label, store in self.stores.items():
             store.close(by_label.get(label, {}))
-        return {label: str(store_path(Path("."), label)) for label in self.stores}
+        return {label: self.relative(label) for label in self.stores}
 
     def _fill_kept(self, label: str, rows: dict[int, dict], kinds: dict[str, str]) -> None:
         """Rows of resumed results that the store lacks, read back from their ``.npy`` files."""
@@ -200,6 +206,18 @@ class StoreWriter:
             saved = np.load(self.out / npy)
             kind = kinds.get(record["method"], "attribution")
             store.add(k, saved if kind == "image" else self.inputs[k].model_order(saved))
+
+
+def written_inputs(path: Path) -> set[str]:
+    """The inputs whose rows a store holds (none if it is missing or unreadable)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        names = group.attrs["inputs"]
+        return {names[k] for k in np.flatnonzero(group["written"][:])}
+    except Exception:  # noqa: BLE001 (a store that cannot be read holds nothing)
+        return set()
 
 
 @dataclass

@@ -197,14 +197,26 @@ class Writer:
                 records = {}
             elif "label" in record:
                 records[(record["label"], record.get("input"))] = record
+        from .store import written_inputs
+
+        stores: dict[str, set[str]] = {}
+
+        def present(record: dict, fmt: str, rel: str) -> bool:
+            if fmt != "zarr":
+                return (self.out / rel).is_file()
+            if rel not in stores:  # a row counts once its chunk is written
+                stores[rel] = written_inputs(self.out / rel)
+            return record.get("input") in stores[rel]
+
         return {k: r for k, r in records.items() if r.get("status") == "ok" and r.get("key")
-                and all((self.out / f).is_file() for f in r.get("files", {}).values())}
+                and all(present(r, fmt, rel) for fmt, rel in r.get("files", {}).items())}
 
     # -- writing --------------------------------------------------------------------
     def begin(self, kept: list[dict], inputs: list | None = None) -> None:
         """Start the journal: earlier records are void but ``kept``, those ``--resume`` reuses.
-        With the run's ``inputs``, every ok result also goes to its method's attribution store."""
-        if inputs is not None:
+        With the run's ``inputs`` and the ``zarr`` format, every ok result also goes to its method's
+        attribution store (:mod:`esegeta.store`)."""
+        if inputs is not None and "zarr" in self.output.formats:
             from .store import StoreWriter
 
             self._stores = StoreWriter(self.out, inputs, self.resume)
@@ -239,7 +251,8 @@ class Writer:
     def _store(self, record: dict, result: np.ndarray, kind: str) -> None:
         if self._stores is not None:
             try:
-                self._stores.add(record, result, kind)
+                if self._stores.add(record, result, kind):
+                    record["files"]["zarr"] = self._stores.relative(record["label"])
             except Exception as exc:  # noqa: BLE001 (the result's own files are written: it stays ok)
                 record["warnings"] = [*record.get("warnings", []), f"attribution store: {type(exc).__name__}: {exc}"]
                 log.error("%s on %s: the attribution store failed: %s", record["label"], record["input"], exc)

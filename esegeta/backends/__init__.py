@@ -9,13 +9,15 @@ Either way the writer of this process writes every result, so outputs, manifest 
 """
 from __future__ import annotations
 
-import importlib.util
-
 from ..errors import ConfigError
 
 
 def check(backend: str) -> None:
     """A ConfigError naming ``runtime.backend`` if ``backend`` cannot run here."""
-    if backend == "ray" and importlib.util.find_spec("ray") is None:
+    if backend != "ray":
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
         raise ConfigError("runtime.backend", "'ray' needs Ray, which is not installed: pip install 'esegeta[ray]' "
-                                             "(or use the default backend, 'local')")
+                                             "(or use the default backend, 'local')") from None
