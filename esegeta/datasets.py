@@ -40,8 +40,8 @@ CACHE_BYTES = 256 * 2**20
 class _Cache:
     """Loaded inputs by index, least recently used dropped first past ``budget`` bytes."""
 
-    def __init__(self, budget: int = CACHE_BYTES):
-        self.budget = budget
+    def __init__(self, budget: int | None = None):
+        self.budget = CACHE_BYTES if budget is None else budget
         self._items: OrderedDict[int, InputItem] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
