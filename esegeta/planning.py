@@ -192,8 +192,16 @@ def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
     return {
         **e.request.key_settings(), "label": e.label, "model": config.model.model_dump(mode="json"),
         "inputs": config.inputs.model_dump(mode="json", exclude={"paths", "dataset", "dataset_kwargs"}), "seed": rt.seed, "amp": rt.amp, "tf32": rt.tf32,
-        "batch_size": rt.batch_size, "output": config.output.model_dump(mode="json", exclude={"dir"}),
+        "batch_size": rt.batch_size, "output": _output_settings(config.output),
     }
+
+
+def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
+    """The output settings a result's files depend on; the attribution store ("zarr") is not one of them:
+    a resumed result missing from it is read back from its .npy (:mod:`esegeta.store`)."""
+    settings = output.model_dump(mode="json", exclude={"dir"})
+    settings["formats"] = [f for f in settings["formats"] if f != "zarr"]
+    return settings
 
 
 def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int, int], dict], list[Job]]:
