@@ -130,7 +130,6 @@ def _run(plan: Any, jobs: list, on_done, on_error) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
-    ctx.log_internal_stack_trace_to_stdout = False
     ctx.execution_options.verbose_progress = False
     # enough blocks that every actor has work (Ray's advice: repartition for the actor pool)
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), actors * 8))
