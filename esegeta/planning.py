@@ -191,7 +191,8 @@ def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
     rt = config.runtime
     return {
         **e.request.key_settings(), "label": e.label, "model": config.model.model_dump(mode="json"),
-        "inputs": config.inputs.model_dump(mode="json", exclude={"paths", "dataset", "dataset_kwargs"}), "seed": rt.seed, "amp": rt.amp, "tf32": rt.tf32,
+        "inputs": config.inputs.model_dump(mode="json", exclude={"paths", "dataset", "dataset_kwargs"}),
+        "seed": rt.seed, "amp": rt.amp, "tf32": rt.tf32,
         "batch_size": rt.batch_size, "output": _output_settings(config.output),
     }
 

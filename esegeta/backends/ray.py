@@ -135,7 +135,8 @@ def _run(plan: Any, jobs: list, on_done, on_error) -> None:
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), actors * 8))
     config = plan.config.model_dump(mode="json", by_alias=True, exclude_none=True)
     results = dataset.map_batches(
-        Explainer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, num_cpus=1 if device == "cpu" else 0,
+        Explainer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
+        num_cpus=1 if device == "cpu" else 0,
         fn_constructor_kwargs={"config": config, "base_dir": str(plan.base_dir) if plan.base_dir else None,
                                "indices": [e.index for e in plan.entries], "device": device, "threads": threads})
     log.info("ray: %d job(s) on %d actor(s) (%s, %d thread(s) each)", len(jobs), actors, device, threads)
