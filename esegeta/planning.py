@@ -152,7 +152,8 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
                else scheduling.resolve_devices(config.runtime.devices))
     model = load_model(config.model.model_dump(), base_dir)
     inputs = datasets.refs(datasets.source(config.inputs.model_dump(), base_dir))
-    first = inputs[0].tensor.to(devices[0])
+    # with Ray the actors hold the replicas: the driver checks on the CPU, holding no GPU memory
+    first = inputs[0].tensor.to(devices[0] if config.runtime.backend == "local" else torch.device("cpu"))
     try:
         ready = prepared(model, first)
     except Exception as exc:

@@ -170,8 +170,10 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
     executor = Executor(plan.devices, rt.threads_per_device, plan.model, plan.inputs, plan.ready, rt.tf32)
     with tqdm(total=len(jobs), desc="esegeta", unit="job", disable=None) as bar:
         def on_done(job: Job, computed: list[tuple[dict, np.ndarray | None, dict]]) -> None:
-            for (k, item), (record, result, extras) in zip(job.items, computed):
-                records[(k, job.position)] = writer.save(record, item, result, extras, job.entry.spec.kind)
+            saved = writer.save_all([(record, item, result, extras, job.entry.spec.kind)
+                                     for (_, item), (record, result, extras) in zip(job.items, computed)])
+            for (k, item), record in zip(job.items, saved):
+                records[(k, job.position)] = record
                 if record["status"] == "ok":
                     log.info("%s on %s: ok in %.2fs (%s)", job.entry.label, item.name, record["seconds"],
                              record["precision"])
@@ -179,9 +181,10 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
 
         def on_error(job: Job, exc: BaseException) -> None:
             log.error("%s failed: %s: %s", job.name, type(exc).__name__, exc)
-            for (k, item), key in zip(job.items, job.keys):
-                record = {**_record(job, item, key, rt), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-                records[(k, job.position)] = writer.save(record, item, None, {}, job.entry.spec.kind)
+            failed = [({**_record(job, item, key, rt), "status": "failed", "error": f"{type(exc).__name__}: {exc}"},
+                       item, None, {}, job.entry.spec.kind) for (_, item), key in zip(job.items, job.keys)]
+            for (k, _), record in zip(job.items, writer.save_all(failed)):
+                records[(k, job.position)] = record
             bar.update()
 
         if rt.backend == "ray":

@@ -230,23 +230,39 @@ class Writer:
     def save(self, record: dict, item: Any, result: np.ndarray | None, extras: dict, kind: str) -> dict:
         """Write an ok record's result files, then commit the record; the record, ``failed``
         with the cause if a write failed (never raises)."""
-        try:
-            if record["status"] == "ok":
-                label = record["label"]
-                files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token)
-                files.update(outputs.save_extras(self.out, item, label, extras, self.token))
-                record["files"] = files
-                self._keep_for_overview(record, item, result, kind)
-                self._store(record, result, kind)
-            self.commit(record)
-        except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
-            record.update(status="failed", files={}, error=f"writing results: {type(exc).__name__}: {exc}")
-            log.error("%s on %s failed: %s", record["label"], record["input"], record["error"])
+        return self.save_all([(record, item, result, extras, kind)])[0]
+
+    def save_all(self, results: list[tuple[dict, Any, np.ndarray | None, dict, str]]) -> list[dict]:
+        """:meth:`save` for the results of one job (``(record, item, result, extras, kind)`` each):
+        every file first, then the records in one journal write (one fsync, not one per input)."""
+        records = []
+        for record, item, result, extras, kind in results:
             try:
-                self.commit(record)
-            except Exception as again:  # noqa: BLE001 (the manifest still gets it)
+                if record["status"] == "ok":
+                    label = record["label"]
+                    files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token)
+                    files.update(outputs.save_extras(self.out, item, label, extras, self.token))
+                    record["files"] = files
+                    self._keep_for_overview(record, item, result, kind)
+                    self._store(record, result, kind)
+            except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
+                self._failed(record, exc)
+            records.append(record)
+        try:
+            self._append("\n".join(outputs.json_line(r) for r in records))
+        except Exception as exc:  # noqa: BLE001 (not durable: not done)
+            for record in records:
+                self._failed(record, exc)
+            try:
+                self._append("\n".join(outputs.json_line(r) for r in records))
+            except Exception as again:  # noqa: BLE001 (the manifest still gets them)
                 log.debug("journal: %s", again)
-        return record
+        return records
+
+    @staticmethod
+    def _failed(record: dict, exc: BaseException) -> None:
+        record.update(status="failed", files={}, error=f"writing results: {type(exc).__name__}: {exc}")
+        log.error("%s on %s failed: %s", record["label"], record["input"], record["error"])
 
     def _store(self, record: dict, result: np.ndarray, kind: str) -> None:
         if self._stores is not None:

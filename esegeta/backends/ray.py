@@ -3,8 +3,9 @@
 The jobs (one method on one input, or on a batch of same-shaped inputs) become the rows of a
 Ray dataset, repartitioned so that every actor gets work; ``map_batches`` sends them to a pool
 of actors (:class:`Explainer`), each of which builds its own model and prepared replica from
-the config (never in the driver, which would hold a second copy; on CUDA one GPU per actor,
-with ``batch_size`` given explicitly as Ray requires), computes exactly what a local worker
+the config (never in the driver, which would hold a second copy: the driver checks the config
+on the CPU and holds no GPU memory; on CUDA one GPU per actor, with ``batch_size`` given
+explicitly as Ray requires), computes exactly what a local worker
 computes (:func:`esegeta.runner._compute`: same seeds, same retry policy, same verdicts) and
 returns the results. The driver streams them back and hands each to the run's writer, the
 output folder's one owner: outputs, manifest and ``--resume`` are those of a local run.
@@ -123,7 +124,10 @@ def _run(plan: Any, jobs: list, on_done, on_error) -> None:
         return
     rt = plan.config.runtime
     actors, gpus, device = _actors(plan.devices, rt.threads_per_device)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # a CPU actor's share of the threads: on a cluster of its own, that of a local worker
+    import torch
+
+    cpus = torch.get_num_threads() if not rt.ray_address else int(ray.cluster_resources().get("CPU", 1))
     threads = max(1, cpus // actors) if device == "cpu" else 1
     rows = [{"id": n, "job": json.dumps({"position": j.position, "inputs": [k for k, _ in j.items], "keys": j.keys})}
             for n, j in enumerate(jobs)]
