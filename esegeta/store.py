@@ -7,8 +7,9 @@
 - ``written``: ``(N,)`` bool, True where row ``k`` holds an ``ok`` result of this run;
 - ``score`` ``(N,)`` float64 (NaN where none) and ``target`` ``(N,)`` int64 (-1 where none): the
   explained value and class (wrapped column) of each input;
-- attributes ``inputs`` (names, as in the manifest), ``labels`` (the dataset's labels or None),
-  ``method``, ``label`` and ``kind``.
+- attributes ``inputs`` (names, as in the manifest), ``paths`` (their files, or
+  ``dataset.py:factory[k]``), ``labels`` (the dataset's labels or None), ``method``, ``label``
+  and ``kind``.
 
 Why Zarr: a chunk is a file of its own, so the writer (the output folder's one owner) writes
 whole chunks as results come in and a run killed mid-way loses at most the chunk it was
@@ -135,6 +136,7 @@ class StoreWriter:
         self.out, self.inputs, self.resume = Path(out), inputs, resume
         self.names = [item.name for item in inputs]
         self.labels = [getattr(item, "label", None) for item in inputs]
+        self.paths = [str(item.path) if item.path is not None else None for item in inputs]
         self.row = {name: k for k, name in enumerate(self.names)}
         self.stores: dict[str, _MethodStore] = {}
         self._lock = threading.Lock()
@@ -155,8 +157,8 @@ class StoreWriter:
         store = self.stores.get(label)
         if store is None:
             meta = {"method": record["method"], "label": label, "kind": kind}
-            store = self.stores[label] = _MethodStore(store_path(self.out, label), self.names, self.labels, meta,
-                                                      tuple(result.shape), self.resume)
+            store = self.stores[label] = _MethodStore(store_path(self.out, label), self.names, self.labels,
+                                                      {**meta, "paths": self.paths}, tuple(result.shape), self.resume)
         if tuple(result.shape) != store.shape:
             log.warning("store %s: %s has result shape %s, not %s: not in the store (its files hold it)", label,
                         record["input"], tuple(result.shape), store.shape)
@@ -192,7 +194,8 @@ class StoreWriter:
                 shape = tuple(group["attributions"].shape[1:])
             except Exception:  # noqa: BLE001 (no store yet: its shape comes from the record)
                 shape = tuple(first.get("shape") or ())
-            meta = {"method": first["method"], "label": label, "kind": kinds.get(first["method"], "attribution")}
+            meta = {"method": first["method"], "label": label, "kind": kinds.get(first["method"], "attribution"),
+                    "paths": self.paths}
             store = self.stores[label] = _MethodStore(path, self.names, self.labels, meta, shape, True)
         present = store.written[:]
         for k, record in resumed.items():
@@ -250,6 +253,10 @@ class AttributionStore:
     @property
     def inputs(self) -> list[str]:
         return list(self.group.attrs["inputs"])
+
+    @property
+    def paths(self) -> list[str | None]:
+        return list(self.group.attrs["paths"])
 
     @property
     def labels(self) -> list[Any]:

@@ -39,6 +39,7 @@ def test_one_store_per_method_with_its_index(run):
         s = open_store(run.output_dir, label)
         assert isinstance(s.attributions, zarr.Array) and s.attributions.shape == (len(names), 1, 8, 8)
         assert s.inputs == names and s.labels == [None] * len(names) and s.written.all()
+        assert s.paths == [i["path"] for i in run.manifest["inputs"]]
         by_input = {r["input"]: r for r in run.runs if r["label"] == label}
         for k, name in enumerate(names):
             np.testing.assert_array_equal(s.attributions[k], run.result(label, name))
