@@ -96,3 +96,22 @@ def test_unknown_backend_names_the_field(tmp_path, capsys):
     path = write_config(tmp_path, valid_config(tmp_path, runtime={"devices": "cpu", "backend": "dask"}))
     code, _, err = run_cli(["validate", path], capsys)
     assert code == 2 and "runtime.backend" in err and "'local' or 'ray'" in err, err
+
+
+def test_a_dataset_factory_on_ray(cluster, tmp_path):
+    """Each actor builds the dataset itself; labels and numbers are those of the local backend."""
+    from test_datasets import DATASET_PY
+
+    (tmp_path / "digits_dataset.py").write_text(DATASET_PY)
+    runs = {}
+    for backend in ("local", "ray"):
+        cfg = valid_config(tmp_path, METHODS[:2], inputs={"dataset": "digits_dataset.py:digits", "spatial_dims": 2},
+                           runtime={"devices": "cpu", "batch_size": 4, "backend": backend},
+                           output={"dir": str(tmp_path / backend), "formats": ["zarr"]})
+        runs[backend] = Pipeline(cfg, base_dir=tmp_path).run()
+    assert [stable(r) for r in runs["ray"].runs] == [stable(r) for r in runs["local"].runs]
+    assert [r["input_label"] for r in runs["ray"].runs[::2]] == [0, 1, 2, 3, 4, 5]
+    for m in METHODS[:2]:
+        s = open_store(runs["ray"].output_dir, m["id"])
+        assert s.labels == [0, 1, 2, 3, 4, 5]
+        np.testing.assert_array_equal(s.attributions[:], open_store(runs["local"].output_dir, m["id"]).attributions[:])

@@ -67,6 +67,8 @@ class Explainer:
         payloads = []
         for text in batch["job"]:
             spec = json.loads(str(text))
+            for k, label in zip(spec["inputs"], spec["labels"]):  # the driver's scan read them
+                self.plan.inputs[k].label = label
             job = Job(spec["position"], self.plan.entries[spec["position"]],
                       [(k, self.plan.inputs[k]) for k in spec["inputs"]], spec["keys"], [self.device])
             try:
@@ -129,8 +131,8 @@ def _run(plan: Any, jobs: list, on_done, on_error) -> None:
 
     cpus = torch.get_num_threads() if not rt.ray_address else int(ray.cluster_resources().get("CPU", 1))
     threads = max(1, cpus // actors) if device == "cpu" else 1
-    rows = [{"id": n, "job": json.dumps({"position": j.position, "inputs": [k for k, _ in j.items], "keys": j.keys})}
-            for n, j in enumerate(jobs)]
+    rows = [{"id": n, "job": json.dumps({"position": j.position, "inputs": [k for k, _ in j.items], "keys": j.keys,
+                                         "labels": [item.label for _, item in j.items]})} for n, j in enumerate(jobs)]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
