@@ -103,7 +103,8 @@ METHODS: Mapping[str, MethodMap] = MappingProxyType({
         "lucent.render_vis", layer=True, keywords={"filter_pos": "n_channel"}, fixed={"objective": "channel", "thresholds": [30]},
         why="an image optimised from noise to excite one channel (filter_pos) of a layer, 30 steps as the ancestor ran"),
     "cnn_vis_DeepDream": _m(
-        "lucent.render_vis", layer=True, keywords={"filter_pos": "n_channel"}, fixed={"objective": "channel", "thresholds": [250]},
+        "lucent.render_vis", layer=True, keywords={"filter_pos": "n_channel"},
+        fixed={"objective": "channel", "thresholds": [250]},
         why="the ancestor's deep dream starts from a random image and maximises one channel (filter_pos) for 250 steps: "
             "lucent's channel objective from noise"),
     "lucent_render_vis": _m("lucent.render_vis", layer="lucent", fixed={"objective": "channel"},
@@ -283,7 +284,8 @@ class _Converter:
 
     # -- the whole config ----------------------------------------------------------
     def run(self) -> Conversion:
-        src, args = self.src, self.args
+        src = self.src
+        model = self.model()
         top: dict[str, Any] = {"converted_from": "TorchEsegeta"}
         if "_comment" in src:
             top["ancestor_comments"] = src["_comment"]
@@ -313,9 +315,11 @@ class _Converter:
                 methods.extend(converted)
         _unique_labels(methods)
         if not methods:
-            raise ConfigError("methods", "no entry of the TorchEsegeta config maps to an esegeta method (see the notes)")
+            raise ConfigError("methods", "no entry of the TorchEsegeta config maps to an esegeta method: " + "; ".join(
+                f"{u['entry']} ({u['value'].get('method_name') if isinstance(u['value'], dict) else u['value']}): "
+                f"{u['why']}" for u in top.get("unmapped_entries", [])))
 
-        config: dict[str, Any] = {"_comment": top, "model": self.model(), "inputs": self.inputs(transform)}
+        config: dict[str, Any] = {"_comment": top, "model": model, "inputs": self.inputs(transform)}
         wrapper = self.wrapper(top)
         if wrapper is not None:
             config["wrapper"] = wrapper
