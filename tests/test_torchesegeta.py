@@ -260,3 +260,10 @@ def test_missing_model_or_no_mappable_entry_is_a_clear_error(tmp_path, capsys):
     code, _, err = run_cli(["convert-torchesegeta", source, "-o", tmp_path / "n.json", "--inputs", DIGITS,
                             "--model-factory", f"{SAMPLES / 'models.py'}:DigitResNet"], capsys)
     assert code == 2 and "no entry" in err and "nothing_known" in err
+
+
+def test_the_documented_table_names_every_row():
+    page = (REPO / "docs" / "torchesegeta.md").read_text()
+    for key in [*te.METHODS, *te.KEYWORDS_DROPPED, *te.ENTRY_DROPPED, *te.TOP_LEVEL_DROPPED, *te.TOP_LEVEL_READ,
+                *te.WRAPPERS]:
+        assert f"`{key}`" in page, key
