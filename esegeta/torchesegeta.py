@@ -362,12 +362,15 @@ class _Converter:
         wanted = [e for e in used if e.get("inpt_transform_req") is True]
         if not present:
             return {}
-        if not wanted:
+        if not wanted or self.dims == 3:
+            why = ("torchvision's 2D Resize/CenterCrop/Normalize of images: not applied to 3D volumes (--normalize "
+                   "sets inputs.normalize)" if wanted else "no enabled entry sets inpt_transform_req: the inputs are "
+                   "fed as they are")
             for key, value in present.items():
-                self.note(key, value, "no enabled entry sets inpt_transform_req: the inputs are fed as they are", top, key)
+                self.note(key, value, why, top, key)
             return {}
         out: dict[str, Any] = {}
-        if self.dims == 2 and "centre_crop" in present:
+        if "centre_crop" in present:
             out["resize"] = [int(present["centre_crop"])] * 2
             if present.get("resize") != present["centre_crop"]:
                 self.note("resize", present.get("resize"), "esegeta resizes to the crop size directly "
@@ -375,10 +378,6 @@ class _Converter:
             else:
                 self.note("resize", present.get("resize"), "Resize(n) then CenterCrop(n) is inputs.resize [n, n] for "
                           "square inputs; a non-square input is stretched, not cropped", top, "resize")
-        elif self.dims == 3:
-            for key in ("resize", "centre_crop"):
-                if key in present:
-                    self.note(key, present[key], "torchvision's 2D Resize/CenterCrop: not applied to 3D volumes", top, key)
         if "mean_vec" in present and "std_vec" in present:
             out["normalize"] = {"mean": present["mean_vec"], "std": present["std_vec"]}
         if len(wanted) != len(used):

@@ -249,6 +249,10 @@ def test_transform_keep_devices_and_timeout(tmp_path):
     assert config["methods"][0]["device"] == "cuda:6"
     assert "timeout_s" not in config["runtime"] and "timeout_time" in config["_comment"]["not_mapped"]
     assert config["output"]["dir"] == "results/net_samples_t"
+    # 3D: the ancestor's transform is torchvision's 2D image transform; not applied, reported.
+    config = te.convert({**cfg, "is_3d": True}, args, check_layers=False).config
+    assert "resize" not in config["inputs"] and "normalize" not in config["inputs"]
+    assert "3D" in config["_comment"]["not_mapped"]["mean_vec"]["why"]
 
 
 def test_missing_model_or_no_mappable_entry_is_a_clear_error(tmp_path, capsys):
