@@ -188,7 +188,11 @@ def _cmd_convert_torchesegeta(args) -> int:
     for line in summary(result.notes):
         print(f"  {line}", file=sys.stderr)
     write(result, args.output)
-    v = Pipeline(args.output).validate()
+    try:
+        v = Pipeline(args.output).validate()
+    except ConfigError as exc:
+        raise ConfigError(exc.path, f"{exc.message}\n(wrote {args.output}, which does not validate: fix it there, or "
+                                    "the arguments, and convert again)") from None
     print(f"wrote {args.output}: valid: {len(v.inputs)} input(s), {len(v.entries)} enabled method(s) of "
           f"{len(result.config['methods'])}")
     return 0

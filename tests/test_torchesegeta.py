@@ -271,3 +271,13 @@ def test_the_documented_table_names_every_row():
     for key in [*te.METHODS, *te.KEYWORDS_DROPPED, *te.ENTRY_DROPPED, *te.TOP_LEVEL_DROPPED, *te.TOP_LEVEL_READ,
                 *te.WRAPPERS]:
         assert f"`{key}`" in page, key
+
+
+def test_a_written_config_that_does_not_validate_exits_2_and_says_so(tmp_path, capsys):
+    source, new = tmp_path / "t.json", tmp_path / "n.json"
+    source.write_text(json.dumps(ancestor("Classification", False, [entry("captum_Saliency")])))
+    # --keep-devices keeps the ancestor's cuda:6, which this machine (or any without 7 GPUs) lacks.
+    code, _, err = run_cli(["convert-torchesegeta", source, "-o", new, "--inputs", DIGITS, "--keep-devices",
+                            "--model-factory", f"{SAMPLES / 'models.py'}:DigitResNet"], capsys)
+    assert code == 2 and "methods[0].device" in err and "does not validate" in err
+    assert json.loads(new.read_text())["methods"][0]["device"] == "cuda:6"
