@@ -72,9 +72,11 @@ METHODS: Mapping[str, MethodMap] = MappingProxyType({
     "captum_internal_influence": _m("captum.InternalInfluence", layer=True),
     "captum_layer_grad_shap": _m("captum.LayerGradientShap", layer=True, keywords={
         "attribute_to_layer_input": "attribute_to_layer_input", "n_samples": "n_samples", "stdiv": "stdevs"}),
-    "captum_gradient_shap": _m("captum.GradientShap", keywords={"n_samples": "n_samples", "stdiv": "stdevs"}),
+    "captum_gradient_shap": _m("captum.GradientShap", keywords={"n_samples": "n_samples", "stdiv": "stdevs"},
+                               why="the same; the ancestor's baselines [zeros, input] have no shorthand: esegeta's default"),
     "captum_input_x_gradient": _m("captum.InputXGradient"),
-    "captum_deep_lift_shap": _m("captum.DeepLiftShap"),
+    "captum_deep_lift_shap": _m("captum.DeepLiftShap",
+                                why="the same; the ancestor's baselines [zeros, 1e-5 x input]: esegeta's default applies"),
     "captum_LayerGradientXActivation": _m("captum.LayerGradientXActivation", layer=True,
                                           keywords={"attribute_to_layer_input": "attribute_to_layer_input"}),
     "captum_LayerDeepLift": _m("captum.LayerDeepLift", layer=True,
