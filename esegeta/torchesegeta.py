@@ -471,6 +471,8 @@ class _Converter:
         if self.dims not in spec.dims:
             return f"{mapping.id} (the equivalent of {name}) runs on {'/'.join(f'{d}D' for d in spec.dims)} inputs only"
         comment: dict[str, Any] = {"torchesegeta": name}
+        if mapping.why != MethodMap.why:
+            comment["mapped_as"] = mapping.why
         if "_comment" in entry:
             comment["ancestor_comments"] = entry["_comment"]
         out: dict[str, Any] = {"id": mapping.id, "label": _label(name), "enabled": entry.get("use") is True}

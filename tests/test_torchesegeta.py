@@ -97,6 +97,7 @@ def test_2d_classification_runs_on_the_digits(tmp_path, capsys):
     by_label = {m["label"]: m for m in converted["methods"]}
     assert by_label["cnn_vis_vanilla_backprop"]["id"] == "captum.Saliency"
     assert by_label["cnn_vis_vanilla_backprop"]["params"] == {"abs": False}
+    assert "signed" in by_label["cnn_vis_vanilla_backprop"]["_comment"]["mapped_as"]  # why this equivalent
     assert by_label["cnn_vis_score_cam"]["id"] == "gradcam.ScoreCAM"
     assert by_label["cnn_vis_layer_activation_guided_backprop"]["params"] == {"channel": 3}
     assert by_label["captum_Saliency-noise_tunnel"]["noise_tunnel"] == {"nt_type": "smoothgrad", "nt_samples": 2}
