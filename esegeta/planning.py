@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import backends, config as config_mod, datasets, resume, scheduling, wrappers
+from . import backends, config as config_mod, datasets, resume, scheduling, store, wrappers
 from .call import check_dims, check_task, find_layer, resolve_target
 from .errors import ConfigError, did_you_mean
 from .datasets import InputRef
@@ -148,6 +148,7 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
         raise_problems(problems)
     indices = list(range(len(config.methods))) if every_entry else selected(config, list(only or []))
     backends.check(config.runtime.backend)
+    store.check(config.output.formats)
     devices = (scheduling.resolve_devices(device, "--device") if device
                else scheduling.resolve_devices(config.runtime.devices))
     model = load_model(config.model.model_dump(), base_dir)

@@ -34,12 +34,27 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
+
 log = logging.getLogger("esegeta")
 FOLDER = "attributions"
 #: Bytes of results in one chunk (rows of one store), at least one row.
 CHUNK_BYTES = 4 * 2**20
 #: Bytes of rows buffered before the fullest partial chunk is written with the rows it has.
 BUFFER_BYTES = 64 * 2**20
+
+
+def check(formats: list[str]) -> None:
+    """A ConfigError naming ``output.formats`` if ``"zarr"`` is asked for and zarr (3 or newer) is missing."""
+    if "zarr" not in formats:
+        return
+    try:
+        import zarr
+    except ImportError:
+        zarr = None
+    if zarr is None or int(zarr.__version__.split(".")[0]) < 3:
+        raise ConfigError("output.formats", "'zarr' needs zarr 3 or newer (Python 3.11+): pip install 'esegeta[store]' "
+                                            "(or leave 'zarr' out of output.formats)")
 
 
 def store_path(out: Path, label: str) -> Path:
