@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,6 +250,78 @@ def inplace_on_layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> li
     return watch.found
 
 
+#: Torch functions that multiply (or divide) their tensor arguments.
+_PRODUCT_OPS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
+                          "__rtruediv__", "__itruediv__", "matmul", "__matmul__", "__rmatmul__", "bmm", "einsum",
+                          "addcmul", "addcdiv", "baddbmm", "scaled_dot_product_attention",
+                          "multi_head_attention_forward"})
+
+
+class _DataFlow(torch.overrides.TorchFunctionMode):
+    """Follows which tensors depend on the input through one forward pass, and records the
+    modules where a product takes two of them (a gate: squeeze-excitation, attention)."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.dependent: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.dependent[id(x)] = x
+        self.stack: list[str] = []
+        self.found: dict[str, None] = {}
+
+    def enter(self, label: str) -> None:
+        self.stack.append(label)
+
+    def leave(self) -> None:
+        if self.stack:
+            self.stack.pop()
+
+    def _tracked(self, value) -> int:
+        if torch.is_tensor(value):
+            return int(self.dependent.get(id(value)) is value)
+        if isinstance(value, (tuple, list)):
+            return sum(self._tracked(v) for v in value)
+        return 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        n = self._tracked(args) + self._tracked(tuple(kwargs.values()))
+        if n:
+            if n >= 2 and getattr(func, "__name__", "") in _PRODUCT_OPS:
+                self.found.setdefault(self.stack[-1] if self.stack else "(the model's forward)")
+            for out in (result if isinstance(result, (tuple, list)) else (result,)):
+                if torch.is_tensor(out):
+                    try:
+                        self.dependent[id(out)] = out
+                    except TypeError:
+                        pass
+        return result
+
+
+def products(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The modules (innermost, as ``name (Type)``) in which a product or quotient takes two
+    tensors that both depend on the input: a squeeze-excitation or attention gate, seen on one
+    forward pass of ``x``. DeepLift's rules (Captum's, SHAP's) pass such a product as its
+    gradient, so summation to delta does not hold through it."""
+    names = {id(m): n for n, m in model.named_modules()}
+    x = x[:1]
+    flow = _DataFlow(x)
+    handles = []
+    for m in model.modules():
+        if m is model:
+            continue
+        label = f"{names[id(m)]} ({type(m).__name__})"
+        handles.append(m.register_forward_pre_hook(lambda mod, a, label=label: flow.enter(label)))
+        handles.append(m.register_forward_hook(lambda mod, a, o: flow.leave()))
+    try:
+        with torch.no_grad(), flow:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(flow.found)
+
+
 def attention(model: nn.Module) -> list[str]:
     """The names of the model's ``nn.MultiheadAttention`` modules."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
@@ -260,16 +333,28 @@ _NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"
                "MultiheadAttention")
 
 
-def axiom_notes(spec, model: nn.Module) -> list[str]:
-    """What keeps a method's axiom from holding exactly on this model (shown by ``check``; the
-    method runs): DeepLift's summation to delta, LRP's conservation, through the layers of
-    :data:`_NOT_LINEAR` (which they pass as linear maps)."""
+def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
+    """What keeps a method's axiom from holding exactly on this model (shown by ``check``, written
+    to the manifest's records; the method runs): DeepLift's summation to delta, LRP's
+    conservation, through the layers of :data:`_NOT_LINEAR` (which they pass as linear maps) and,
+    given an input ``x``, through products of two data-dependent paths (:func:`products`)."""
     if not any(k in spec.name for k in ("DeepLift", "LRP")) and spec.id not in ("shap.DeepExplainer",):
         return []
+    axiom = "relevance conservation" if "LRP" in spec.name else "summation to delta"
+    notes = []
     found = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
              if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR)]
-    if not found:
-        return []
-    axiom = "relevance conservation" if "LRP" in spec.name else "summation to delta"
-    return [f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
-            "normalises by statistics of its own input (or attends), which the rules pass as a linear map"]
+    if found:
+        notes.append(f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
+                     "normalises by statistics of its own input (or attends), which the rules pass as a linear map")
+    gates = []
+    if x is not None:
+        try:
+            gates = products(model, x)
+        except Exception as exc:  # noqa: BLE001 (a note that cannot be decided is left out)
+            log.debug("products of %s: %s: %s", spec.id, type(exc).__name__, exc)
+    if gates:
+        notes.append(f"{axiom} holds only approximately: {', '.join(gates[:3])}{' ...' if len(gates) > 3 else ''} "
+                     "multiplies two paths that both depend on the input (a gate), which the rules pass as its "
+                     "gradient")
+    return notes
