@@ -44,7 +44,7 @@ import esegeta  # noqa: E402
 from esegeta import architectures, registry  # noqa: E402
 from esegeta.prepare import prepared  # noqa: E402
 
-from zoo_models import ZOO, ZooModel  # noqa: E402
+from zoo_models import ZOO, ZooModel, method_params, method_wrapper  # noqa: E402
 
 #: Methods whose cost is one forward per channel/mask/step beyond what quick params bound (minutes on a CPU).
 SLOW = frozenset({"lucent.render_vis"})
@@ -74,7 +74,7 @@ def params_of(spec, z: ZooModel, layer: str | None) -> dict:
         params["neuron_selector"] = most_active_neuron(z.model, z.x, layer)
     if z.reshape_transform and "reshape_transform" in spec.adapter.parameters(spec):
         params["reshape_transform"] = z.reshape_transform
-    return params
+    return params | method_params(spec.id, z)
 
 
 def cell(spec, z: ZooModel) -> dict:
@@ -82,8 +82,9 @@ def cell(spec, z: ZooModel) -> dict:
     layer = layer_of(spec, z)
     params = params_of(spec, z, layer)
     row = {"model": z.name, "method": spec.id, "library": spec.library.name}
+    wrapper = method_wrapper(spec.id, z)
     ready = prepared(z.model, z.x)
-    reasons = architectures.refusals(spec, ready, z.x, layer=layer, params=params, wrapper=z.wrapper)
+    reasons = architectures.refusals(spec, ready, z.x, layer=layer, params=params, wrapper=wrapper)
     if reasons:
         return row | {"status": "refused", "reason": "; ".join(map(str, reasons))}
     torch.manual_seed(0)
@@ -92,7 +93,7 @@ def cell(spec, z: ZooModel) -> dict:
     start = time.perf_counter()
     try:
         attr = esegeta.explain(z.model, z.x, spec.id, target=z.target if spec.needs_target else None,
-                               wrapper=z.wrapper, layer=layer, **params)
+                               wrapper=wrapper, layer=layer, **params)
     except Exception as exc:  # noqa: BLE001 (the table records every failure)
         return row | {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
                       "where": traceback.format_exc(limit=-2)[-600:], "seconds": time.perf_counter() - start}

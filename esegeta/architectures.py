@@ -10,8 +10,9 @@
   data flow of one forward pass rather than from module order (zennit's default pairs a
   convolution with the next BatchNorm in module order, which is wrong across DenseNet's
   ``torch.cat``).
-- :func:`inplace_on_layer_output`: the model's in-place operations on a layer's output, which
-  break methods that replace that output by a leaf tensor.
+- :func:`products`: where the model multiplies two paths that both depend on the input (a
+  squeeze-excitation or attention gate), traced: DeepLift's rules pass such a product as its
+  gradient.
 - :func:`extend_deeplift_rules`: DeepLift's rescale rule for the activations modern
   architectures use (SiLU, GELU, Hardswish...), so summation to delta holds through them;
   :func:`axiom_notes`: where it still holds only approximately (``check`` shows them).
@@ -210,44 +211,6 @@ def extend_deeplift_rules() -> None:
             pass
         if added:
             log.debug("DeepLift rescale rule added for %s", ", ".join(added))
-
-
-class _InPlaceWatch(torch.overrides.TorchFunctionMode):
-    """Records the in-place operations applied to one watched tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.watched: Any = None
-        self.found: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        inplace = kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_"))
-        if inplace and self.watched is not None and args and args[0] is self.watched:
-            self.found.append(f"{getattr(func, '__module__', None) or 'Tensor'}.{name}".replace("torch._C.", ""))
-        return func(*args, **kwargs)
-
-
-def inplace_on_layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> list[str]:
-    """The in-place operations the model's code applies to ``layer``'s output (DenseNet's
-    ``F.relu(features, inplace=True)`` after ``features``), seen on one forward pass of ``x``."""
-    try:
-        module = model.get_submodule(layer)
-    except AttributeError:
-        return []
-    watch = _InPlaceWatch()
-
-    def keep(m, i, o):
-        watch.watched = o if torch.is_tensor(o) else None
-
-    handle = module.register_forward_hook(keep)
-    try:
-        with torch.no_grad(), watch:
-            model(x[:1])
-    finally:
-        handle.remove()
-    return watch.found
 
 
 #: Torch functions that multiply (or divide) their tensor arguments.

@@ -20,7 +20,7 @@ from esegeta.prepare import prepare, prepared
 from conftest import assert_unchanged, hook_count, snapshot
 
 pytest.importorskip("monai")
-from zoo_models import ZOO  # noqa: E402
+from zoo_models import ZOO, method_params  # noqa: E402
 
 _models: dict = {}
 
@@ -45,7 +45,7 @@ def _params(spec, z):
     params = {k: (v(z.x) if callable(v) else v) for k, v in spec.quick_params.items()}
     if z.reshape_transform and "reshape_transform" in spec.adapter.parameters(spec):
         params["reshape_transform"] = z.reshape_transform
-    return params
+    return params | method_params(spec.id, z)
 
 
 @pytest.mark.parametrize("method_id", CI_FAMILIES)
