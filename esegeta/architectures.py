@@ -19,6 +19,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
 import weakref
@@ -283,6 +285,63 @@ def products(model: nn.Module, x: torch.Tensor) -> list[str]:
         for h in handles:
             h.remove()
     return list(flow.found)
+
+
+def token_layout(shape: tuple[int, ...], dims: int) -> str | None:
+    """How a layer's ``(batch, tokens, features)`` output lays out a grid of ``dims`` axes:
+    ``"tokens"`` (the tokens form a square/cube grid, as Swin's), ``"vit"`` (a class token first,
+    then the grid, as torchvision's and timm's ViTs), or None (not tokens, or no grid)."""
+    if len(shape) != 3:
+        return None
+    for layout, patches in (("tokens", shape[1]), ("vit", shape[1] - 1)):
+        side = round(patches ** (1 / dims)) if patches > 0 else 0
+        if patches > 0 and side ** dims == patches:
+            return layout
+    return None
+
+
+class TokenGrid(nn.Module):
+    """The identity on ``(batch, features, *grid)`` maps: the layer a CAM method looks at in place
+    of a token layer, whose tokens pass through it as a grid (:func:`token_grid`)."""
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps
+
+
+@contextlib.contextmanager
+def token_grid(call):
+    """Within the block: ``call`` itself, or, where its layer outputs tokens laid out on a grid
+    (:func:`token_layout`), ``call`` with a :class:`TokenGrid` as its layer, through which the
+    layer's patch tokens pass as ``(batch, features, *grid)`` maps and come back as the same
+    tokens (values and gradients unchanged; a class token goes around it). A CAM method then
+    weighs features over the grid, what ``reshape_transform: "vit"`` does in grad-cam, instead
+    of taking tokens for channels. Logged."""
+    if call.layer is None:
+        yield call
+        return
+    output = call.layer_output()
+    dims = call.inputs.ndim - 2
+    layout = token_layout(tuple(output.shape), dims) if torch.is_tensor(output) else None
+    if layout is None:
+        yield call
+        return
+    probe = TokenGrid()
+
+    def through_grid(module, inputs, tokens):
+        first, patches = (tokens[:, :1], tokens[:, 1:]) if layout == "vit" else (None, tokens)
+        b, n, d = patches.shape
+        side = round(n ** (1 / dims))
+        maps = probe(patches.transpose(1, 2).reshape(b, d, *([side] * dims)))
+        back = maps.reshape(b, d, n).transpose(1, 2)
+        return back if first is None else torch.cat([first, back], dim=1)
+
+    handle = call.layer.register_forward_hook(through_grid)
+    log.info("the layer outputs tokens %s: explained on their %s grid (reshape_transform %r)", tuple(output.shape),
+             "x".join([str(round((output.shape[1] - (layout == "vit")) ** (1 / dims)))] * dims), layout)
+    try:
+        yield dataclasses.replace(call, layer=probe)
+    finally:
+        handle.remove()
 
 
 def attention(model: nn.Module) -> list[str]:

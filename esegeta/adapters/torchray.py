@@ -161,6 +161,14 @@ class TorchRayAdapter:
 
     @guarded
     def run(self, spec: MethodSpec, call: Call):
+        from ..architectures import token_grid
+
+        if not spec.needs_layer:
+            return self._call(spec, call)
+        with token_grid(call) as on_grid:  # a token layer: its tokens as maps on their grid
+            return self._call(spec, on_grid)
+
+    def _call(self, spec: MethodSpec, call: Call):
         import torch
 
         fn = self._fn()
@@ -244,19 +252,21 @@ def _quick_sigma(x) -> float:
 
 
 def _layer_preflight(excitation: bool):
-    """The check of TorchRay's layer methods: a token layer gives no spatial map; excitation
+    """The check of TorchRay's layer methods: a token layer gives no spatial map unless its tokens
+    lie on a square grid (explained on it: :func:`esegeta.architectures.token_grid`); excitation
     backprop has no rule for attention. (An in-place operation on the layer's output, which
     would fail on the probe's leaf tensor, is taken care of: :func:`_probe_output_copied`.)"""
 
     def preflight(model, context) -> list[str]:
-        from ..architectures import attention
+        from ..architectures import attention, token_layout
 
         found = []
         if context.layer is not None:
             shape = context.layer_shape()
-            if shape is not None and len(shape) != context.x.ndim:
+            if shape is not None and len(shape) != context.x.ndim and not token_layout(shape, context.x.ndim - 2):
                 found.append(f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, "
-                             "*spatial) maps: use gradcam.GradCAM with params.reshape_transform \"vit\"")
+                             "*spatial) maps, and not on a square grid: use gradcam.GradCAM with params.reshape_transform "
+                             "\"vit\" or \"tokens\"")
         if excitation and attention(model):
             found.append(f"TorchRay's excitation backprop has no rule for attention ({attention(model)[0]}: "
                          "MultiheadAttention): use captum.IntegratedGradients or gradcam.GradCAM with "
