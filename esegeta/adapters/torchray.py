@@ -214,11 +214,13 @@ def _probe_output_copied(layer):
 
     handles = []
 
-    def copy(module, inputs, output):
-        return output.clone() if torch.is_tensor(output) else output
-
     def after_probe(module, args):
-        handles.append(module.register_forward_hook(copy))
+        def copy(m, inputs, output):
+            handle.remove()  # once per call: the next call appends its own after the hooks present then
+            return output.clone() if torch.is_tensor(output) else output
+
+        handle = module.register_forward_hook(copy)
+        handles.append(handle)
 
     handles.append(layer.register_forward_pre_hook(after_probe))
     try:
