@@ -199,9 +199,12 @@ def method_params(method: str, z: ZooModel) -> dict:
     the small models' tiny late layers need (each flattened the map to one constant before)."""
     if method == "captum.LayerFeatureAblation":  # late layers are 2x2 to 4x4: the quick 4-cell grid is one group
         return {"layer_mask": {"grid": [1] * z.dims}}
+    if method == "gradcam.FEM":  # on a 2x2 layer no position lies 2 std above the mean of 4 (at most 1.5)
+        return {"k": 1}
     if method == "shap.KernelExplainer" and z.x.shape[1] == 3:  # SLIC on RGB noise: one segment at compactness 10
         return {"compactness": 100}
-    if method == "lime.LimeImageExplainer" and z.dims == 2:  # LIME's quickshift: one segment on a 32-pixel image
+    if method == "lime.LimeImageExplainer" and z.dims == 2 and z.x.shape[1] == 1 and max(z.x.shape[2:]) <= 32:
+        # LIME's quickshift: one segment on a 32-pixel grey image
         return {"segmentation_fn": {"algo_type": "slic", "n_segments": 8}}
     return {}
 
