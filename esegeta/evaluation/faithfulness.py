@@ -1,0 +1,1 @@
+"""faithfulness metrics (being written)."""

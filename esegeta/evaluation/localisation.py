@@ -1,0 +1,1 @@
+"""localisation metrics (being written)."""

@@ -1,0 +1,1 @@
+"""randomisation metrics (being written)."""

@@ -1,0 +1,1 @@
+"""road metrics (being written)."""
