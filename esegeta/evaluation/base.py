@@ -27,7 +27,7 @@ from ..errors import ConfigError, did_you_mean
 
 __all__ = [
     "Context", "MetricResult", "MetricSpec", "METRIC_MODULES", "NEEDS", "GROUPS",
-    "register", "all_metrics", "metric",
+    "register", "all_metrics", "metric", "keyword_defaults",
 ]
 
 #: What a metric may need from the context beyond the forward.
@@ -152,7 +152,10 @@ class MetricSpec:
 
     ``id`` is what a config names (``"deletion"``); ``group`` one of :data:`GROUPS`; ``paper`` the
     reference it implements; ``fn`` the batched function; ``params`` its parameters with their
-    defaults (the only names accepted); ``passes(params, input_shape)`` the forward passes it
+    defaults (the only names accepted; :func:`keyword_defaults` reads them from ``fn``);
+    ``higher_is_better`` a bool or, where the direction depends on the parameters (most or least
+    relevant first), a function of the full parameters (:meth:`better_higher`);
+    ``passes(params, input_shape)`` the forward passes it
     costs per input of shape (C, *S) (re-explanations count as the passes their method costs
     and are not included); ``needs`` what it needs from the :class:`Context` beyond the forward
     (subset of :data:`NEEDS`); ``summary`` one line for ``esegeta metrics``.
@@ -163,7 +166,7 @@ class MetricSpec:
     paper: str
     fn: Callable[..., MetricResult]
     params: Mapping[str, Any] = field(default_factory=dict)
-    higher_is_better: bool = True
+    higher_is_better: bool | Callable[[Mapping[str, Any]], bool] = True
     passes: Callable[[Mapping[str, Any], tuple[int, ...]], int] = _no_passes
     needs: frozenset[str] = frozenset()
     summary: str = ""
@@ -188,6 +191,12 @@ class MetricSpec:
                                   + did_you_mean(name, self.params))
         return {**self.params, **params}
 
+    def better_higher(self, params: Mapping[str, Any] | None = None) -> bool:
+        """Whether a higher value is better with ``params`` (defaults filled in)."""
+        if callable(self.higher_is_better):
+            return bool(self.higher_is_better(self.with_defaults(params)))
+        return bool(self.higher_is_better)
+
     def forward_passes(self, input_shape, params: Mapping[str, Any] | None = None) -> int:
         """Forward passes per input of shape (C, *S) with ``params`` (defaults filled in)."""
         return int(self.passes(self.with_defaults(params), tuple(input_shape)))
@@ -208,8 +217,14 @@ class MetricSpec:
         target = torch.as_tensor(target, device=x.device).reshape(-1).to(torch.long)
         if target.numel() == 1 and x.shape[0] > 1:
             target = target.expand(x.shape[0])
-        result = self.fn(ctx, x, attribution, target, **self.with_defaults(params))
-        return MetricResult(result.values, result.curves, self.higher_is_better)
+        params = self.with_defaults(params)
+        result = self.fn(ctx, x, attribution, target, **params)
+        return MetricResult(result.values, result.curves, self.better_higher(params))
+
+
+def keyword_defaults(fn: Callable) -> dict[str, Any]:
+    """The keyword-only parameters of a metric function with their defaults (a spec's ``params``)."""
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
