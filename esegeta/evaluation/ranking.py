@@ -4,9 +4,10 @@ Files an evaluation writes in the run's output folder (all plain text but the cu
 ``NaN`` cells are empty in the CSV files):
 
 - ``evaluation.csv``: one row per (method, input, metric), columns
-  ``label, method, input, metric, group, value, higher_is_better, forward_passes``
+  ``label, method, input, metric, group, value, higher_is_better, forward_passes, error``
   (``label``: the method entry's label, ``method``: its registry id; ``forward_passes``: the
-  metric's model calls for that input, re-explanations not counted).
+  metric's model calls for that input, re-explanations not counted; ``error``: why ``value``
+  is empty, if it failed).
 - ``evaluation_ranking.csv``: one row per method, best first, columns
   ``label, method, mean_rank``, then per metric ``<metric>`` (the method's mean value over
   the inputs) and ``rank:<metric>`` (1 = best in the metric's own direction; ties share the
@@ -32,7 +33,7 @@ import numpy as np
 
 FILES = {"values": "evaluation.csv", "ranking": "evaluation_ranking.csv", "agreement": "evaluation_agreement.csv",
          "table": "evaluation_ranking.md", "curves": "evaluation_curves.npz"}
-VALUE_COLUMNS = ("label", "method", "input", "metric", "group", "value", "higher_is_better", "forward_passes")
+VALUE_COLUMNS = ("label", "method", "input", "metric", "group", "value", "higher_is_better", "forward_passes", "error")
 
 
 def method_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
