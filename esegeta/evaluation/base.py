@@ -158,7 +158,9 @@ class MetricSpec:
     ``passes(params, input_shape)`` the forward passes it
     costs per input of shape (C, *S) (re-explanations count as the passes their method costs
     and are not included); ``needs`` what it needs from the :class:`Context` beyond the forward
-    (subset of :data:`NEEDS`); ``summary`` one line for ``esegeta metrics``.
+    (subset of :data:`NEEDS`); ``summary`` one line for ``esegeta metrics``;
+    ``explanations(params, n_layers)`` the re-explanations it costs per input, ``n_layers`` being
+    the model's number of randomisable layers (:meth:`explanations_per_input`).
     """
 
     id: str
@@ -170,6 +172,7 @@ class MetricSpec:
     passes: Callable[[Mapping[str, Any], tuple[int, ...]], int] = _no_passes
     needs: frozenset[str] = frozenset()
     summary: str = ""
+    explanations: Callable[[Mapping[str, Any], int], int] = _no_passes
 
     def __post_init__(self):
         if self.group not in GROUPS:
@@ -200,6 +203,13 @@ class MetricSpec:
     def forward_passes(self, input_shape, params: Mapping[str, Any] | None = None) -> int:
         """Forward passes per input of shape (C, *S) with ``params`` (defaults filled in)."""
         return int(self.passes(self.with_defaults(params), tuple(input_shape)))
+
+    def explanations_per_input(self, model: nn.Module | None, params: Mapping[str, Any] | None = None) -> int:
+        """Re-explanations (calls of the explain callable per input) with ``params`` on ``model``."""
+        layers = 0
+        if model is not None:
+            layers = sum(1 for m in model.modules() if hasattr(m, "reset_parameters"))
+        return int(self.explanations(self.with_defaults(params), layers))
 
     def __call__(self, ctx: Context, x: Tensor, attribution: Tensor, target: Tensor,
                  **params) -> MetricResult:

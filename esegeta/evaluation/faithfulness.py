@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from .similarity import pearson
 
 BASELINES = ("value", "min", "max", "mean", "blur", "uniform")
 ORDERS = ("morf", "lerf", "random")
@@ -246,13 +247,6 @@ def random_subsets(ctx: Context, b: int, runs: int, n: int, size: int, device) -
     keys = ctx.rand((b, runs, n), device)
     chosen = keys.topk(size, dim=2).indices
     return torch.zeros(b, runs, n, dtype=torch.bool, device=device).scatter_(2, chosen, True)
-
-
-def pearson(a: Tensor, b: Tensor) -> Tensor:
-    """Pearson correlation along the last axis (NaN where either side is constant)."""
-    a = a - a.mean(-1, keepdim=True)
-    b = b - b.mean(-1, keepdim=True)
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
 def subset_correlation(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor, subsets: Tensor,

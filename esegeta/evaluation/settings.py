@@ -36,7 +36,7 @@ class RoarConfig(_Strict):
     method's attribution is replaced by the image mean, a fresh model is trained, then tested."""
 
     train: str = Field(description="'file.py:callable' (relative to the config): train(x_train, y_train, x_test, "
-                       "y_test) -> test score (e.g. accuracy) of a freshly trained model")
+                       "y_test, **options) -> test score (e.g. accuracy, higher is better) of a freshly trained model")
     data: str = Field(description="'file.py:callable': () -> (x_train, x_test, y_train, y_test) arrays, "
                       "x as (N, C, *spatial) in the model's input form")
     fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1,
@@ -44,6 +44,8 @@ class RoarConfig(_Strict):
     methods: list[str] | None = Field(None, description="method labels to retrain for (default: every method)")
     max_images: Annotated[int, Field(gt=0)] | None = Field(None, description="use at most this many training "
                                                            "and test images (a quick run)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the training callable "
+                                    "(e.g. epochs)")
 
 
 class EvaluationConfig(_Strict):
