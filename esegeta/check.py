@@ -146,7 +146,8 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         device=str(plan.device), input=item.name, input_shape=list(item.tensor.shape[1:]),
         output_shape=forward.output_shape, forward_seconds=round(forward.seconds, 4),
         prepared_changes=list(plan.ready.changes), activation_bytes=forward.activation_bytes,
-        weight_bytes=forward.weight_bytes, methods=checks, evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds))
+        weight_bytes=forward.weight_bytes, methods=checks,
+        evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds, plan.model))
 
 
 @dataclass

@@ -11,6 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 
+#: Randomisable layers assumed where ``esegeta metrics`` counts re-explanations without a model.
+LAYERS = 10
+
+
 def metric_rows(shape: Sequence[int]) -> list[dict[str, Any]]:
     """One dict per registered metric: id, group, paper, direction, needs, parameters, passes for ``shape``."""
     from .base import all_metrics
@@ -23,7 +27,8 @@ def metric_rows(shape: Sequence[int]) -> list[dict[str, Any]]:
             passes = f"n/a ({type(exc).__name__})"
         rows.append({"id": spec.id, "group": spec.group, "paper": spec.paper, "summary": spec.summary,
                      "higher_is_better": spec.better_higher(), "needs": sorted(spec.needs),
-                     "params": dict(spec.params), "forward_passes": passes})
+                     "params": dict(spec.params), "forward_passes": passes,
+                     "explanations": int(spec.explanations(spec.with_defaults(), LAYERS))})
     return rows
 
 
@@ -38,20 +43,23 @@ def metrics_command(args) -> int:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     width = max(len(r["id"]) for r in rows) + 1
-    print(f"{'id':{width}} {'group':14} {'better':7} {'needs':14} {'passes':>9}  paper")
+    print(f"{'id':{width}} {'group':14} {'better':7} {'needs':14} {'passes':>9} {'explains':>8}  paper")
     for r in rows:
         needs = ",".join(r["needs"]) or "-"
         better = "higher" if r["higher_is_better"] else "lower"
-        print(f"{r['id']:{width}} {r['group']:14} {better:7} {needs:14} {str(r['forward_passes']):>9}  {r['paper']}")
+        print(f"{r['id']:{width}} {r['group']:14} {better:7} {needs:14} {str(r['forward_passes']):>9} "
+              f"{r['explanations']:>8}  {r['paper']}")
     print(f"{len(rows)} metrics; passes: model forward passes per input of shape {tuple(args.shape)} at the default "
-          "parameters (--shape to change; re-explanations not counted); esegeta metrics --json: parameters")
+          "parameters (--shape to change); explains: re-explanations per input, each costing its method's passes "
+          f"(randomisation: for a model of {LAYERS} randomisable layers); esegeta metrics --json: parameters")
     return 0
 
 
-def estimate(config, input_shape: Sequence[int], forward_seconds: float | None = None) -> list[str]:
+def estimate(config, input_shape: Sequence[int], forward_seconds: float | None = None, model=None) -> list[str]:
     """``esegeta check``'s lines on an evaluation block: each metric's forward passes per input
     and in total over the config's methods (inputs of ``input_shape``); with ``forward_seconds``
-    (one unbatched forward) an upper bound of the time per input, batching makes it less."""
+    (one unbatched forward) an upper bound of the time per input, batching makes it less; with
+    ``model`` the re-explanations of randomisation and robustness metrics are counted on it."""
     from ..errors import ConfigError
     from .run import configured
 
@@ -68,8 +76,9 @@ def estimate(config, input_shape: Sequence[int], forward_seconds: float | None =
         per_input = m.spec.forward_passes(tuple(input_shape), m.params)
         count = sum(1 for method in methods if ev.overrides.get(method.name, {}).get(m.id) is not False)
         total += per_input * count
+        again = m.spec.explanations_per_input(model, m.params) if "explain" in m.spec.needs else 0
         lines.append(f"evaluation: {m.id} ({m.spec.group}): {per_input} forward pass(es) per input and method"
-                     + (" plus its re-explanations" if "explain" in m.spec.needs else ""))
+                     + (f", plus {again} re-explanation(s) by the method" if again else ""))
     time = f", at most ~{total * forward_seconds:.0f} s per input unbatched" if forward_seconds else ""
     lines.append(f"evaluation: about {total} forward pass(es) per input in all ({len(methods)} method(s), "
                  f"max_batch {ev.max_batch}{time})")
