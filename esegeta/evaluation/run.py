@@ -240,7 +240,7 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
             mask = _mask(masks, name, forward, target, x)
             attrs = {label: as_input_attribution(attributions[(label, name)], x) for label in group}
             for m in metrics:
-                for batch, params in _batches(m, group, overrides, attrs):
+                for batch, params in _batches(m, group, overrides, attrs, request.wrapper is not None):
                     rows += _run_metric(m, params, batch, attrs, requests, forward, model_here, x, target, mask,
                                         name, base_dir, max_batch, _seed(seed, m.id, name), curves, method_ids or {})
                 skipped += [f"{m.id} on {label} ({name}): skipped by evaluation.overrides" for label in group
@@ -260,13 +260,19 @@ def _mask(masks, name, forward: Scorer, target: torch.Tensor, x: torch.Tensor) -
     return forward.target_mask(int(target[0])) if target.numel() else None
 
 
-def _batches(m: Metric, group: list[str], overrides, attrs) -> list[tuple[list[str], dict[str, Any]]]:
-    """Methods scored together by metric ``m`` (same parameters and attribution shape; one by one if it re-explains)."""
+def _batches(m: Metric, group: list[str], overrides, attrs, wrapped: bool) -> list[tuple[list[str], dict[str, Any]]]:
+    """Methods scored together by metric ``m`` (same parameters and attribution shape; one by one if it re-explains).
+
+    A wrapper's columns are sums over frozen regions, not logits: ``softmax`` is off for them
+    unless the config sets it."""
     batches: list[tuple[list[str], dict[str, Any]]] = []
     for label in group:
         params = m.for_method(label, overrides)
         if params is None:
             continue
+        if wrapped and "softmax" in params and "softmax" not in m.params \
+                and "softmax" not in (overrides.get(label, {}).get(m.id) or {}):
+            params["softmax"] = False
         for labels, p in batches:
             if ("explain" not in m.spec.needs and p == params and attrs[labels[0]].shape == attrs[label].shape):
                 labels.append(label)

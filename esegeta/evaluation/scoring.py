@@ -60,7 +60,7 @@ class Scorer:
         """The frozen mask of column ``target`` as (1, 1, *S) bool, or None (no built-in wrapper)."""
         if self.masks is None:
             return None
-        return (self.masks[0, target] > 0)[None, None]
+        return (self.masks[target] > 0)[None, None]
 
 
 def scorer(request: Request, model: nn.Module, x: torch.Tensor, base_dir: Path | None = None) -> Scorer:
