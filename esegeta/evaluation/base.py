@@ -123,6 +123,19 @@ class Context:
         """Standard normal draws of ``shape`` on ``device``, from the context's generator."""
         return self._draw(torch.randn, tuple(shape), device, dtype)
 
+    def stream(self) -> int:
+        """A seed for :meth:`randn_rows`, drawn from the context's generator."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+    def randn_rows(self, stream: int, rows, shape, device, dtype=torch.float32) -> Tensor:
+        """(len(rows), *shape) standard normal draws where row i depends only on ``stream`` and
+        ``rows[i]``: the same numbers whichever chunk a row is drawn in."""
+        device = torch.device(device)
+        on = device if device.type not in ("meta",) else torch.device("cpu")
+        out = [torch.randn(tuple(shape), generator=torch.Generator(device=on).manual_seed(stream + int(r)),
+                           device=on, dtype=dtype) for r in rows]
+        return torch.stack(out).to(device)
+
     def randint(self, high: int, shape, device) -> Tensor:
         """Integers in [0, high) of ``shape`` on ``device`` (long), from the context's generator."""
         device = torch.device(device)

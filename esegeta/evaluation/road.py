@@ -91,11 +91,17 @@ def linear_imputation(x: Tensor, removed: Tensor, neighbours: int | None = None,
 
 
 def noisy_linear_imputation(ctx: Context, x: Tensor, removed: Tensor, neighbours: int | None = None,
-                            noise: float = 0.01, tol: float = 1e-6, max_iter: int = 2000) -> Tensor:
-    """:func:`linear_imputation` plus N(0, noise²) on the removed pixels (drawn from the context)."""
+                            noise: float = 0.01, tol: float = 1e-6, max_iter: int = 2000,
+                            stream: int | None = None, rows: Tensor | None = None) -> Tensor:
+    """:func:`linear_imputation` plus N(0, noise²) on the removed pixels, drawn from the context
+    (per row from ``stream`` when ``rows`` numbers them, so chunking does not change the draws)."""
     imputed = linear_imputation(x, removed, neighbours, tol, max_iter)
     if noise:
-        imputed = imputed + noise * removed * ctx.randn(x.shape, x.device, x.dtype)
+        if rows is None:
+            draws = ctx.randn(x.shape, x.device, x.dtype)
+        else:
+            draws = ctx.randn_rows(ctx.stream() if stream is None else stream, rows.tolist(), x.shape[1:], x.device, x.dtype)
+        imputed = imputed + noise * removed * draws
     return imputed
 
 
@@ -119,11 +125,13 @@ def road(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor, *,
     view = (-1,) + (1,) * (x.dim() - 1)
     scores = torch.empty(b * steps, device=x.device, dtype=x.dtype)
     correct = torch.empty(b * steps, device=x.device, dtype=torch.bool)
+    stream = ctx.stream()
     for start in range(0, b * steps, ctx.max_batch):
         idx = torch.arange(start, min(start + ctx.max_batch, b * steps), device=x.device)
         bi, ti = idx // steps, idx % steps
         removed = ranks[bi] < counts[ti].reshape(view)
-        xs = noisy_linear_imputation(ctx, x[bi], removed, neighbours, noise, tol, max_iter)
+        xs = noisy_linear_imputation(ctx, x[bi], removed, neighbours, noise, tol, max_iter, stream,
+                                     torch.arange(start, start + idx.numel()))
         out = ctx.scores(xs)
         correct[start:start + idx.numel()] = out.argmax(1) == target[bi]
         if softmax:
