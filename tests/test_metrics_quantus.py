@@ -99,12 +99,14 @@ def test_pixel_flipping(case, request):
     np.testing.assert_allclose(_np(got.values), np.trapezoid(curves, axis=1), atol=1e-4)
 
 
-def test_region_perturbation(digits):
-    model, x, y, a = digits
-    q = quantus.RegionPerturbation(patch_size=2, regions_evaluation=10, perturb_baseline=0.0, normalise=False,
+@pytest.mark.parametrize("case,patch", [("digits", 2), ("tiny", 5)])
+def test_region_perturbation(case, patch, request):
+    """The tiny CNN's 12x12 inputs take 5x5 patches on a centred, padded grid (partial border patches)."""
+    model, x, y, a = request.getfixturevalue(case)
+    q = quantus.RegionPerturbation(patch_size=patch, regions_evaluation=10, perturb_baseline=0.0, normalise=False,
                                    abs=False, disable_warnings=True)
     curves = _quantus(q, model, x, y, a, softmax=True)
-    got = metric("region_perturbation")(Context(model=model), x, a, y, patch_size=2, regions_evaluation=10,
+    got = metric("region_perturbation")(Context(model=model), x, a, y, patch_size=patch, regions_evaluation=10,
                                         baseline="value", value=0.0)
     np.testing.assert_allclose(_np(got.curves["drop"]), curves, atol=1e-5)
     np.testing.assert_allclose(_np(got.values), curves.mean(1), atol=1e-5)

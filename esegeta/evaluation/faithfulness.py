@@ -1,7 +1,8 @@
 """Faithfulness metrics: does removing what the attribution calls relevant change the score?
 
 Features are spatial positions (all channels of a pixel or voxel together) or, with
-``patch_size > 1``, non-overlapping patches (the last patch along an axis may be partial); a
+``patch_size > 1``, non-overlapping patches on a grid centred on the input (the border patches
+may be partial, as in Quantus); a
 feature's relevance is the attribution summed over its channels and voxels. Every perturbed
 input of every step and every input of the batch is built on the device from one rank map and
 sent through :meth:`Context.scores` in chunks of at most ``max_batch`` inputs.
@@ -73,15 +74,22 @@ def make_baseline(ctx: Context, x: Tensor, baseline: str, value: float = 0.0, bl
     raise ConfigError("params.baseline", f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
 
 
+def patch_padding(spatial, patch_size: int) -> list[tuple[int, int]]:
+    """(before, after) padding per axis that makes each axis a multiple of ``patch_size``, split
+    evenly (the patch grid is centred, as Quantus's ``get_padding_size``)."""
+    return [((-s) % patch_size // 2, (-s) % patch_size - (-s) % patch_size // 2) for s in spatial]
+
+
 def feature_relevance(attribution: Tensor, patch_size: int = 1) -> tuple[Tensor, tuple[int, ...]]:
-    """(B, F) relevance per feature (channel-summed, patch-summed) and the feature grid's shape."""
+    """(B, F) relevance per feature (channel-summed, patch-summed) and the feature grid's shape.
+    Patches tile the input on a centred grid; border patches may be partial."""
     a = attribution.sum(1, keepdim=True)
     spatial = a.shape[2:]
     if patch_size <= 1:
         return a.reshape(a.shape[0], -1), tuple(spatial)
     pad = []
-    for size in reversed(spatial):
-        pad += [0, (-size) % patch_size]
+    for before, after in reversed(patch_padding(spatial, patch_size)):
+        pad += [before, after]
     a = F.pad(a, pad)
     grid = tuple(s // patch_size for s in a.shape[2:])
     shape = [a.shape[0]]
@@ -90,6 +98,14 @@ def feature_relevance(attribution: Tensor, patch_size: int = 1) -> tuple[Tensor,
     a = a.reshape(shape)
     a = a.sum(dim=tuple(range(2, 2 * len(grid) + 1, 2)))
     return a.reshape(a.shape[0], -1), grid
+
+
+def expand_patches(grid_values: Tensor, patch_size: int, spatial) -> Tensor:
+    """(B, 1, *grid) values per patch spread over the voxels of (B, 1, *spatial) (centred grid)."""
+    for axis in range(grid_values.dim() - 2):
+        grid_values = grid_values.repeat_interleave(patch_size, dim=2 + axis)
+    crop = tuple(slice(before, before + s) for (before, _), s in zip(patch_padding(spatial, patch_size), spatial))
+    return grid_values[(slice(None), slice(None)) + crop]
 
 
 def rank_map(ctx: Context, attribution: Tensor, order: str = "morf", patch_size: int = 1) -> tuple[Tensor, int]:
@@ -108,9 +124,7 @@ def rank_map(ctx: Context, attribution: Tensor, order: str = "morf", patch_size:
     ranks.scatter_(1, perm, torch.arange(n, device=perm.device).expand(b, n))
     ranks = ranks.reshape(b, 1, *grid)
     if patch_size > 1:
-        for axis in range(len(grid)):
-            ranks = ranks.repeat_interleave(patch_size, dim=2 + axis)
-        ranks = ranks[(slice(None), slice(None)) + tuple(slice(0, s) for s in attribution.shape[2:])]
+        ranks = expand_patches(ranks, patch_size, attribution.shape[2:])
     return ranks, n
 
 
@@ -316,10 +330,8 @@ def patch_infidelity(ctx: Context, x: Tensor, attribution: Tensor, target: Tenso
     (f(x) - f(x̃) - sum(a * (x - x̃)))²."""
     grid = [math.ceil(s / patch_size) for s in x.shape[2:]]
     n = math.prod(grid)
-    ranks = torch.arange(n, device=x.device).reshape(1, 1, *grid)
-    for axis in range(len(grid)):
-        ranks = ranks.repeat_interleave(patch_size, dim=2 + axis)
-    ranks = ranks[(slice(None), slice(None)) + tuple(slice(0, s) for s in x.shape[2:])].expand(x.shape[0], -1, *x.shape[2:])
+    ranks = expand_patches(torch.arange(n, device=x.device).reshape(1, 1, *grid), patch_size, x.shape[2:])
+    ranks = ranks.expand(x.shape[0], -1, *x.shape[2:])
     thresholds = torch.arange(1, n + 1, device=x.device)
     y0 = scores_of(ctx, x, target, softmax)
     drops = y0[:, None] - perturbation_curve(ctx, x, ranks, thresholds, baseline, target, softmax)
