@@ -288,14 +288,15 @@ def subset_correlation(ctx: Context, x: Tensor, attribution: Tensor, target: Ten
 
 
 def faithfulness_correlation(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor, *, nr_runs: int = 100,
-                             subset_size: int = 224, baseline: str = "min", value: float = 0.0,
+                             subset_size: int | None = None, baseline: str = "min", value: float = 0.0,
                              blur_sigma: float = 5.0, softmax: bool = False) -> MetricResult:
     """Faithfulness correlation (Bhatt et al. 2020): over ``nr_runs`` random subsets of
     ``subset_size`` pixels (voxels), the Pearson correlation between the attribution summed over the
-    subset and the drop of the target score when the subset is replaced by the baseline (higher is better)."""
+    subset and the drop of the target score when the subset is replaced by the baseline; ``subset_size``
+    defaults to Quantus's 224, or a quarter of the pixels (voxels) on inputs with fewer than 896 (higher is better)."""
     runs = _check_int("nr_runs", nr_runs, 2)
     n = spatial_numel(x)
-    size = _check_int("subset_size", subset_size)
+    size = _check_int("subset_size", min(224, max(1, n // 4)) if subset_size is None else subset_size)
     if size > n:
         raise ConfigError("params.subset_size", f"{size} exceeds the input's {n} pixels (voxels); choose at most {n}")
     subsets = random_subsets(ctx, x.shape[0], runs, n, size, x.device)
