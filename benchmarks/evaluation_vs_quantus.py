@@ -10,7 +10,9 @@ on both sides. Quantus batches over inputs (its ``batch_size`` = n) and loops ov
 numpy; esegeta stacks the steps of all inputs into chunks of ``--max-batch`` forward passes.
 Prints, per metric, the best-of-``repeats`` wall time of each, the ratio, and the largest
 difference of the values where both are deterministic (pixel flipping, region perturbation,
-MPRT, sparseness; faithfulness correlation draws random subsets on each side).
+MPRT, sparseness; faithfulness correlation and SmoothMPRT draw random numbers on each side).
+Quantus's SmoothMPRT explains with its own ``quantus.explain`` (plain gradient) whatever the
+``explain_func``; esegeta's side uses Saliency, which equals |gradient| as the metric compares.
 """
 from __future__ import annotations
 
@@ -137,6 +139,14 @@ def main() -> None:
                              disable_warnings=True), asn, explain_func=q_saliency).items() if k != "original"], 1),
             ours("mprt", a_sal),
             lambda r: r.curves["similarity"]),
+        "smooth_mprt": (
+            f"{layers} layers, bottom-up, gradient, 10 noisy samples",
+            lambda: np.asarray(quantus_call(
+                quantus.SmoothMPRT(layer_order="bottom_up", nr_samples=10, similarity_func=correlation_spearman,
+                                   normalise=False, abs=True, return_last_correlation=True, disable_warnings=True),
+                asn, explain_func=q_saliency)),
+            ours("smooth_mprt", a_sal, nr_samples=10),
+            None),
         "sparseness": (
             "Gini of |a|",
             lambda: np.asarray(quantus_call(quantus.Sparseness(normalise=False, abs=True, disable_warnings=True), an)),

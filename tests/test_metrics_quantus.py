@@ -223,7 +223,9 @@ def test_mprt_per_layer(digits, order):
 
 
 def test_smooth_mprt_deterministic_setting(digits):
-    """One noise-free sample per explanation: SmoothMPRT's randomness switched off on both sides."""
+    """One noise-free sample per explanation: SmoothMPRT's randomness switched off on both sides.
+    (Quantus's SmoothMPRT explains with its own ``quantus.explain``, a plain gradient, whatever the
+    ``explain_func``; with ``abs=True`` that equals the Saliency esegeta re-explains with.)"""
     model, x, y, _ = digits
     a = saliency(model, x, y)
     q = quantus.SmoothMPRT(layer_order="bottom_up", seed=42, nr_samples=1, similarity_func=correlation_spearman,
