@@ -99,15 +99,27 @@ def test_pixel_flipping(case, request):
     np.testing.assert_allclose(_np(got.values), np.trapezoid(curves, axis=1), atol=1e-4)
 
 
-@pytest.mark.parametrize("case,patch", [("digits", 2), ("tiny", 5)])
-def test_region_perturbation(case, patch, request):
+def test_deletion_curve_is_pixel_flipping_from_the_unperturbed_input(digits):
+    """Quantus has no deletion metric; its pixel flipping curve is the deletion curve without the start."""
+    model, x, y, a = digits
+    q = quantus.PixelFlipping(features_in_step=8, perturb_baseline="black", normalise=False, abs=False,
+                              disable_warnings=True)
+    curves = _quantus(q, model, x, y, a, softmax=True)
+    got = metric("deletion")(Context(model=model), x, a, y, steps=8, baseline="min", softmax=True)
+    np.testing.assert_allclose(_np(got.curves["score"][:, 1:]), curves, atol=1e-5)
+    start = model(x).softmax(1).gather(1, y[:, None]).squeeze(1)
+    np.testing.assert_allclose(_np(got.curves["score"][:, 0]), _np(start), atol=1e-6)
+
+
+@pytest.mark.parametrize("case,patch,order", [("digits", 2, "morf"), ("digits", 2, "lerf"), ("tiny", 5, "morf")])
+def test_region_perturbation(case, patch, order, request):
     """The tiny CNN's 12x12 inputs take 5x5 patches on a centred, padded grid (partial border patches)."""
     model, x, y, a = request.getfixturevalue(case)
     q = quantus.RegionPerturbation(patch_size=patch, regions_evaluation=10, perturb_baseline=0.0, normalise=False,
-                                   abs=False, disable_warnings=True)
+                                   abs=False, order=order, disable_warnings=True)
     curves = _quantus(q, model, x, y, a, softmax=True)
     got = metric("region_perturbation")(Context(model=model), x, a, y, patch_size=patch, regions_evaluation=10,
-                                        baseline="value", value=0.0)
+                                        baseline="value", value=0.0, order=order)
     np.testing.assert_allclose(_np(got.curves["drop"]), curves, atol=1e-5)
     np.testing.assert_allclose(_np(got.values), curves.mean(1), atol=1e-5)
 
