@@ -198,3 +198,27 @@ def test_road_noise_comes_from_the_seeded_generator():
     again = metric("road")(Context(model=model, seed=5), x, a, t, noise=0.5).values
     other = metric("road")(Context(model=model, seed=6), x, a, t, noise=0.5).values
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+#: Metrics that draw no random numbers with these parameters: CUDA must reproduce the CPU's values.
+DETERMINISTIC = {"deletion", "insertion", "pixel_flipping", "region_perturbation", "road", "pointing_game",
+                 "energy_pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "top_k_intersection",
+                 "sparseness", "complexity"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU lane (make test-cuda) runs it")
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_metric_runs_on_cuda_and_matches_the_cpu(dims):
+    model = tiny_cnn(dims)
+    x, a, t, mask = _batch(dims)
+    params = {**QUICK, "road": {"percentages": (20, 60), "noise": 0.0}, "region_perturbation": {
+        "patch_size": 2, "regions_evaluation": 4, "baseline": "value"}}
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        for spec in all_metrics():
+            p = params.get(spec.id, {})
+            gpu = spec(Context(model=model.cuda(), explain=gradient, mask=mask.cuda()), x.cuda(), a.cuda(), t.cuda(), **p)
+            assert gpu.values.device.type == "cuda", spec.id
+            if spec.id in DETERMINISTIC:
+                cpu = spec(Context(model=model.cpu(), explain=gradient, mask=mask), x, a, t, **p)
+                torch.testing.assert_close(gpu.values.cpu(), cpu.values, rtol=1e-4, atol=1e-5, equal_nan=True, msg=spec.id)
