@@ -222,3 +222,18 @@ def test_every_metric_runs_on_cuda_and_matches_the_cpu(dims):
             if spec.id in DETERMINISTIC:
                 cpu = spec(Context(model=model.cpu(), explain=gradient, mask=mask), x, a, t, **p)
                 torch.testing.assert_close(gpu.values.cpu(), cpu.values, rtol=1e-4, atol=1e-5, equal_nan=True, msg=spec.id)
+
+
+def test_pointing_game_tolerance_and_energy_share():
+    a = torch.zeros(1, 1, 9, 9)
+    a[0, 0, 4, 6] = 1.0  # the maximum, two pixels right of the mask
+    a[0, 0, 4, 2] = 0.5
+    a[0, 0, 0, 0] = -3.0  # negative relevance is not energy
+    mask = torch.zeros(1, 1, 9, 9, dtype=torch.bool)
+    mask[0, 0, 3:6, 2:5] = True
+    ctx = Context(model=tiny_cnn(2), mask=mask)
+    x, t = torch.zeros(1, 2, 9, 9), torch.tensor([0])
+    hits = [metric("pointing_game")(ctx, x, a, t, tolerance=r).values.item() for r in (0, 1, 2)]
+    assert hits == [0.0, 0.0, 1.0]
+    assert metric("energy_pointing_game")(ctx, x, a, t).values.item() == pytest.approx(0.5 / 1.5, abs=1e-6)
+    assert metric("relevance_rank_accuracy")(ctx, x, a, t).values.item() == pytest.approx(1 / 9)
