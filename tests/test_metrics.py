@@ -237,3 +237,19 @@ def test_pointing_game_tolerance_and_energy_share():
     assert hits == [0.0, 0.0, 1.0]
     assert metric("energy_pointing_game")(ctx, x, a, t).values.item() == pytest.approx(0.5 / 1.5, abs=1e-6)
     assert metric("relevance_rank_accuracy")(ctx, x, a, t).values.item() == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 12, 12), (2, 1, 8, 8), (2, 1, 9, 10, 11)])
+def test_ssim_equals_scikit_image(shape):
+    from skimage.metrics import structural_similarity
+
+    from esegeta.evaluation.similarity import ssim
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(shape, generator=generator, dtype=torch.float64)
+    b = a + 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    expected = []
+    for p, q in zip(a, b):
+        both = torch.cat([p, q])
+        expected.append(structural_similarity(p[0].numpy(), q[0].numpy(), data_range=float(both.max() - both.min())))
+    torch.testing.assert_close(ssim(a, b), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)

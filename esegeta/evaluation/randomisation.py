@@ -5,7 +5,9 @@ the context's model (the model itself is never touched). A layer is any module w
 ``reset_parameters`` (convolutions, linear and normalisation layers); it is randomised by its own
 ``reset_parameters`` right after seeding torch with ``seed + 1``, as Quantus does, inside
 ``torch.random.fork_rng`` so the caller's random state is left as it was. Explanations are
-computed for the whole batch at once, in chunks of at most ``max_batch`` inputs.
+computed for the whole batch at once, in chunks of at most ``max_batch`` inputs. ``similarity``
+is ``spearman`` (rank correlation of the flattened maps, ties averaged), ``pearson``, ``cosine``
+or ``ssim`` (structural similarity of the channel-summed maps, as scikit-image computes it).
 """
 from __future__ import annotations
 
