@@ -184,7 +184,7 @@ def _n_features(shape: tuple[int, ...], patch_size: int) -> int:
 def _deletion_curve(ctx, x, attribution, target, steps, baseline, value, blur_sigma, softmax, order, insert):
     steps = _check_int("steps", steps)
     ranks, n = rank_map(ctx, attribution, order)
-    thresholds = torch.round(torch.linspace(0, n, steps + 1, device=x.device)).to(torch.long)
+    thresholds = (2 * n * torch.arange(steps + 1, device=x.device) + steps) // (2 * steps)  # round(k n / steps), in integers
     base = make_baseline(ctx, x, baseline, value, blur_sigma)
     curve = perturbation_curve(ctx, x, ranks, thresholds, base, target, softmax, insert=insert)
     return MetricResult(normalised_auc(curve), {"score": curve, "fraction": (thresholds.to(x.dtype) / n).expand(x.shape[0], -1)})
