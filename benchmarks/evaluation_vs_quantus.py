@@ -10,7 +10,9 @@ on both sides. Quantus batches over inputs (its ``batch_size`` = n) and loops ov
 numpy; esegeta stacks the steps of all inputs into chunks of ``--max-batch`` forward passes.
 Prints, per metric, the best-of-``repeats`` wall time of each, the ratio, and the largest
 difference of the values where both are deterministic (pixel flipping, region perturbation,
-MPRT, sparseness; faithfulness correlation and SmoothMPRT draw random numbers on each side).
+MPRT, sparseness; faithfulness correlation and SmoothMPRT draw random numbers on each side;
+Quantus's ROAD returns only the batch's accuracy per percentage). ROAD imputes with scipy's
+sparse solver per image and percentage in Quantus, with batched conjugate gradients in esegeta.
 Quantus's SmoothMPRT explains with its own ``quantus.explain`` (plain gradient) whatever the
 ``explain_func``; esegeta's side uses Saliency, which equals |gradient| as the metric compares.
 """
@@ -131,6 +133,12 @@ def main() -> None:
                                                                             return_aggregate=False, **common),
                                             an, softmax=False)),
             ours("faithfulness_correlation", a, nr_runs=100, subset_size=features // 4, baseline="min"),
+            None),
+        "road": (
+            "9 percentages, 8 neighbours, noise 0",
+            lambda: quantus_call(quantus.ROAD(percentages=list(range(10, 100, 10)), noise=0.0, **common), an,
+                                 softmax=True),
+            ours("road", a, noise=0.0),
             None),
         "mprt": (
             f"{layers} layers, top-down, Saliency",
