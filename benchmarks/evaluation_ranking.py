@@ -37,7 +37,7 @@ def evaluation_block(config: dict) -> dict:
     metrics = [
         {"id": "deletion", "params": {"steps": 20}},
         {"id": "insertion", "params": {"steps": 20}},
-        {"id": "road", "params": {"percentages": [10, 30, 50, 70, 90]}},
+        {"id": "road", "params": {"percentages": [10, 30, 50, 70, 90], "tol": 1e-4, "max_iter": 300}},
         {"id": "faithfulness_correlation", "params": {"nr_runs": 50, "subset_size": 512 if three_d else 256}},
         {"id": "pixel_flipping", "params": {"features_in_step": 1024 if three_d else 256}},
         {"id": "infidelity", "params": {"n_perturbations": 16}},
