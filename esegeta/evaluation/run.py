@@ -226,8 +226,9 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     start = time.perf_counter()
     overrides = overrides or {}
     rows, curves, skipped = [], {}, []
+    on_device: dict[torch.device, nn.Module] = {}
     for name, x in inputs:
-        model_here = _on_device(model, x.device)
+        model_here = on_device.setdefault(x.device, _on_device(model, x.device))
         labels = [label for label, n in attributions if n == name]
         groups: dict[str, list[str]] = {}
         for label in labels:
