@@ -228,7 +228,9 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     rows, curves, skipped = [], {}, []
     on_device: dict[torch.device, nn.Module] = {}
     for name, x in inputs:
-        model_here = on_device.setdefault(x.device, _on_device(model, x.device))
+        if x.device not in on_device:
+            on_device[x.device] = _on_device(model, x.device)
+        model_here = on_device[x.device]
         labels = [label for label, n in attributions if n == name]
         groups: dict[str, list[str]] = {}
         for label in labels:
