@@ -285,3 +285,23 @@ def test_configured_metrics_keep_their_parameters():
     assert insertion.for_method("y", block.overrides)["steps"] == 5
     assert insertion.for_method("x", block.overrides)["steps"] == 2
     assert deletion.for_method("x", block.overrides) is None
+
+
+def test_wrapped_scoring_stays_on_the_data_device(retina):
+    """On torch's meta device a tensor made on the CPU would raise, as one on CUDA would."""
+    from esegeta.evaluation.base import Context, metric
+
+    model, x = retina_case_on_meta(retina)
+    request = from_arguments("captum.Saliency", target=1, wrapper=retina.wrapper)
+    forward = scoring.scorer(request, model, x)
+    target = scoring.target_of(request, forward, x)
+    ctx = Context(forward=forward, mask=forward.target_mask(1), max_batch=4)
+    attribution = torch.rand(1, 1, *x.shape[2:], device="meta")
+    for metric_id in ("deletion", "pointing_game"):
+        assert metric(metric_id)(ctx, x, attribution, target).values.device.type == "meta"
+
+
+def retina_case_on_meta(retina):
+    import copy
+
+    return copy.deepcopy(retina.model).to("meta"), retina.x[:, :, :32, :32].to("meta")
