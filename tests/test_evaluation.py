@@ -43,6 +43,8 @@ def _digits_config(tmp_path, evaluation, **kw):
     ({"metrics": ["pointing_game"]}, "evaluation.metrics[0].id"),  # no mask and no wrapper
     ({"metrics": []}, "evaluation.metrics"),
     ({"metrics": ["deletion"], "max_batch": 0}, "evaluation.max_batch"),
+    ({"metrics": ["pointing_game"], "masks": ["nowhere/*.npy"]}, "evaluation.masks[0]"),
+    ({"metrics": ["pointing_game"], "masks": [str(DIGITS / "digit_1_label0.npy")]}, "evaluation.masks"),
     ({"metrics": ["deletion"], "roar": {"train": "nowhere.py:train", "data": "nowhere.py:data"}},
      "evaluation.roar.train"),
 ])
@@ -119,12 +121,20 @@ def test_evaluate_needs_a_block_and_a_finished_run(tmp_path, capsys):
     assert code == 2 and "manifest.json" in err and "esegeta run" in err
 
 
-def test_run_evaluates_when_the_block_is_enabled(tmp_path):
-    cfg = _digits_config(tmp_path, {"metrics": ["sparseness", "complexity"]})
+def test_run_evaluates_when_the_block_is_enabled_with_mask_files(tmp_path):
+    mask = np.zeros((8, 8), dtype=np.float32)
+    mask[2:6, 3:5] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    cfg = _digits_config(tmp_path, {"metrics": ["sparseness", "complexity", "relevance_mass_accuracy"],
+                                    "masks": [str(tmp_path / "mask.npy")]})
     cfg["inputs"]["paths"] = [str(DIGITS / "digit_1_label0.npy")]
     result = esegeta.Pipeline(cfg).run()
     assert result.exit_code == 0
-    assert len(result.manifest["evaluation"]["values"]) == 3 * 2
+    values = result.manifest["evaluation"]["values"]
+    assert len(values) == 3 * 3
+    saliency = np.abs(result.result("captum.Saliency")).sum(0)
+    mass = next(r["value"] for r in values if r["label"] == "captum.Saliency" and r["metric"] == "relevance_mass_accuracy")
+    assert mass == pytest.approx(saliency[mask > 0].sum() / saliency.sum(), rel=1e-5)  # the file's mask was used
     assert (result.output_dir / "evaluation_ranking.md").is_file()
 
 

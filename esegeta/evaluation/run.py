@@ -172,6 +172,10 @@ def problems(config, base_dir: Path | None) -> list[ConfigError]:
             found.append(ConfigError(f"{m.where}.id", f"{m.id} compares the attribution with a mask: set "
                                                       "evaluation.masks (one mask file per input), or score a "
                                                       "wrapped segmenter (its frozen mask of the target)"))
+    try:
+        mask_files(config, base_dir)
+    except ConfigError as exc:
+        found.append(exc)
     if ev.roar is not None:
         for name in ("train", "data"):
             try:
@@ -344,16 +348,30 @@ def _saved(plan, out: Path, manifest: Mapping[str, Any]) -> tuple[dict, dict, li
     return attributions, requests, skipped
 
 
-def _masks_of(plan) -> dict[str, torch.Tensor] | None:
-    from ..loading import expand_paths, load_mask
+def mask_files(config, base_dir: Path | None) -> list[Path] | None:
+    """The files of ``evaluation.masks``, one per input (a ConfigError naming ``evaluation.masks[i]`` if not)."""
+    from ..loading import expand_paths
 
-    ev = plan.config.evaluation
-    if ev.masks is None:
+    ev = config.evaluation
+    if ev is None or ev.masks is None:
         return None
-    files = expand_paths(ev.masks, plan.base_dir)
-    if len(files) != len(plan.inputs):
-        raise ConfigError("evaluation.masks", f"names {len(files)} mask file(s) for {len(plan.inputs)} input(s); "
+    try:
+        files = expand_paths(ev.masks, base_dir)
+    except ConfigError as exc:
+        raise ConfigError(exc.path.replace("inputs.paths", "evaluation.masks"), exc.message) from None
+    inputs = expand_paths(config.inputs.paths, base_dir)
+    if len(files) != len(inputs):
+        raise ConfigError("evaluation.masks", f"names {len(files)} mask file(s) for {len(inputs)} input(s); "
                                               "give one mask per input, in the inputs' order")
+    return files
+
+
+def _masks_of(plan) -> dict[str, torch.Tensor] | None:
+    from ..loading import load_mask
+
+    files = mask_files(plan.config, plan.base_dir)
+    if files is None:
+        return None
     return {item.name: load_mask(f, plan.base_dir) for item, f in zip(plan.inputs, files)}
 
 
