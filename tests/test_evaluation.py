@@ -315,3 +315,16 @@ def retina_case_on_meta(retina):
     import copy
 
     return copy.deepcopy(retina.model).to("meta"), retina.x[:, :, :32, :32].to("meta")
+
+
+def test_roar_block_of_a_run_writes_its_table(tmp_path):
+    script = ROOT / "samples" / "train_digits.py"
+    evaluation = {"metrics": ["sparseness"], "roar": {"train": f"{script}:roar_train", "data": f"{script}:roar_data",
+                                                      "fractions": [0.5], "max_images": 200, "options": {"epochs": 1},
+                                                      "methods": ["captum.Saliency"]}}
+    cfg = _digits_config(tmp_path, evaluation)
+    cfg["inputs"]["paths"] = [str(DIGITS / "digit_1_label0.npy")]
+    result = esegeta.Pipeline(cfg).run()
+    roar = result.manifest["evaluation"]["roar"]
+    assert [(r["label"], r["fraction"]) for r in roar["rows"]] == [("captum.Saliency", 0.5), ("random", 0.5)]
+    assert (result.output_dir / "evaluation_roar.csv").read_text().startswith("label,method,fraction,score")

@@ -19,6 +19,13 @@ Files an evaluation writes in the run's output folder (all plain text but the cu
 - ``evaluation_ranking.md``: both tables, readable (a Markdown table each).
 - ``evaluation_curves.npz``: curve data for plots: one array ``<label>/<input>/<metric>/<curve>``
   per curve (the metric's x-axis is its step index; e.g. deletion's score after each step).
+- ``evaluation_roar.csv`` (only with a ``roar`` block, see :mod:`.roar`): ``label, method,
+  fraction, score``, one row per retraining; the row ``unmodified`` is the score without removal.
+
+The manifest's ``evaluation`` holds the same: ``metrics`` (id, group, paper, params,
+higher_is_better, forward_passes_per_input), ``values`` (the rows of ``evaluation.csv``),
+``ranking`` (the rows of ``evaluation_ranking.csv``), ``kendall_tau`` ({metric: {metric: τ}}),
+``skipped`` (what was not scored, and why), ``files``, ``seconds`` and, with ROAR, ``roar``.
 """
 from __future__ import annotations
 
