@@ -197,6 +197,10 @@ def test_reexplaining_a_wrapped_method_keeps_the_region_of_the_original_model(re
     y.requires_grad_(True)
     frozen(retina.model(y))[0, 1].backward()
     torch.testing.assert_close(shifted, y.grad.abs(), rtol=1e-4, atol=1e-6)
+    from esegeta import wrappers
+
+    regrown = wrappers.build(retina.model, x + 0.2, retina.wrapper).score.masks
+    assert not torch.equal(regrown, frozen.masks)  # masks of x + 0.2 differ: the test tells them apart
 
 
 def test_layer_maps_are_interpolated_to_the_input():
