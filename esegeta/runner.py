@@ -30,7 +30,7 @@ from .explainer import run
 from .planning import Job, Plan
 from .request import Request
 from .timeouts import TimeLimitExceeded, call_with_limit
-from .writer import Writer, check_dir
+from .writer import FROZEN_MASK, Writer, check_dir
 
 log = logging.getLogger("esegeta")
 #: Distributions every run depends on; the explainer libraries' come from their adapters' records.
@@ -193,7 +193,8 @@ def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device:
     device = device or job.devices[0]
     return {"method": job.entry.spec.id, "label": job.entry.label, "input": item.name, "status": "ok",
             "seconds": None, "device": str(device), "error": None, "score": None, "shape": None, "files": {},
-            "precision": None, "precision_reason": reason, "tf32": numerics.tf32_in_effect(rt.tf32, device),
+            "target": None, "predicted": None, "precision": None, "precision_reason": reason,
+            "tf32": numerics.tf32_in_effect(rt.tf32, device),
             "warnings": [], "oom_retries": 0, "key": key}
 
 
@@ -245,9 +246,20 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
 
 
 def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None, samples: torch.Tensor):
-    """The one call of the method (:func:`esegeta.explainer.run`): (result, scores per input, extras)."""
+    """The one call of the method (:func:`esegeta.explainer.run`): (result, scores per input, extras,
+    the outcome's facts per input: :func:`_facts`)."""
     outcome = run(request, model, x, base_dir=base_dir, with_scores=True, samples=samples)
-    return outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras
+    return outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras, _facts(outcome, request, x)
+
+
+def _facts(outcome, request: Request, x: torch.Tensor) -> list[tuple[dict, torch.Tensor | None]]:
+    """Per input: the record's resolved ``target`` and ``predicted`` column, and the frozen mask."""
+    n = x.shape[0]
+    given = None if request.target in (None, "predicted") or not request.spec.needs_target else int(request.target)
+    targets = list(outcome.targets) or [given] * n
+    predicted = list(outcome.predicted) or [None] * n
+    masks = list(outcome.masks) or [None] * n
+    return [({"target": t, "predicted": p}, m) for t, p, m in zip(targets, predicted, masks)]
 
 
 def _halved(request: Request) -> Request | None:
@@ -259,7 +271,7 @@ def _halved(request: Request) -> Request | None:
 def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], done, reason: str, elapsed: float):
     """Per input: the record completed with the verdict on its result, the result and its extras
     (``x`` is the job's batch on the worker's device)."""
-    (attr, scores, extras), request = done.value, done.settings
+    (attr, scores, extras, facts), request = done.value, done.settings
     params, noise_tunnel = dict(request.params), request.noise_tunnel
     if attr.shape[0] != len(job.items):
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
@@ -268,7 +280,7 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
     for n, ((_, item), record) in enumerate(zip(job.items, records)):
         one = attr[n:n + 1]
         record.update(seconds=seconds, score=scores[n], shape=list(one.shape[1:]), precision=done.precision,
-                      oom_retries=done.oom_retries)
+                      oom_retries=done.oom_retries, **facts[n][0])
         if done.fallback:
             record["precision_reason"] = f"{reason}; {done.fallback}"
         problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n])
@@ -285,7 +297,7 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
             record["params"] = {**params, **({"noise_tunnel": dict(noise_tunnel)} if noise_tunnel else {})}
         if len(job.items) > 1:
             record["batch"] = len(job.items)
-        computed.append((record, one[0].cpu().numpy(), _extras_of(extras, n)))
+        computed.append((record, one[0].cpu().numpy(), {**_extras_of(extras, n), FROZEN_MASK: facts[n][1]}))
     return computed
 
 

@@ -35,7 +35,9 @@ from .errors import ConfigError
 log = logging.getLogger("esegeta")
 LOCK = ".esegeta.lock"
 JOURNAL = ".esegeta-journal.jsonl"
-RESERVED = frozenset({"manifest.json", "overview.png", "esegeta.log", LOCK, JOURNAL})
+RESERVED = frozenset({"manifest.json", "overview.png", "report.html", "esegeta.log", LOCK, JOURNAL})
+#: The key of ``extras`` under which the runner hands a result's frozen mask (drawn, never saved).
+FROZEN_MASK = "_frozen_mask"
 #: Results kept in memory for the overview figure, in bytes; past it the figure reads the .npy back.
 OVERVIEW_MEMORY = 256 * 2**20
 _TMP = re.compile(r"\.tmp-(\d+)-([0-9a-f]+)-")
@@ -122,6 +124,7 @@ class Writer:
         self._write_lock = threading.Lock()
         self._previous: dict[tuple[str, str], dict] = {}
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self._masks: dict[tuple[str, str], np.ndarray] = {}
         self._held = 0
 
     # -- the folder ---------------------------------------------------------------
@@ -210,13 +213,19 @@ class Writer:
     def save(self, record: dict, item: Any, result: np.ndarray | None, extras: dict, kind: str) -> dict:
         """Write an ok record's result files, then commit the record; the record, ``failed``
         with the cause if a write failed (never raises)."""
+        extras = dict(extras)
+        mask = extras.pop(FROZEN_MASK, None)
+        mask = None if mask is None else np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask) > 0.5
         try:
             if record["status"] == "ok":
+                from .figures import result_caption
+
                 label = record["label"]
-                files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token)
+                files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token, mask=mask,
+                                            caption=result_caption(record.get("score"), record.get("target")))
                 files.update(outputs.save_extras(self.out, item, label, extras, self.token))
                 record["files"] = files
-                self._keep_for_overview(record, item, result, kind)
+                self._keep_for_overview(record, item, result, kind, mask)
             self.commit(record)
         except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
             record.update(status="failed", files={}, error=f"writing results: {type(exc).__name__}: {exc}")
@@ -247,17 +256,23 @@ class Writer:
                     self._torn = True
                 raise
 
-    def _keep_for_overview(self, record: dict, item: Any, result: np.ndarray, kind: str) -> None:
-        if "png" in self.output.formats and self._held + result.nbytes <= OVERVIEW_MEMORY:
-            self._arrays[(record["label"], record["input"])] = result
+    def _keep_for_overview(self, record: dict, item: Any, result: np.ndarray, kind: str,
+                           mask: np.ndarray | None = None) -> None:
+        key = (record["label"], record["input"])
+        if mask is not None and self._held + mask.nbytes <= OVERVIEW_MEMORY:
+            self._masks[key] = mask
+            self._held += mask.nbytes
+        if self._held + result.nbytes <= OVERVIEW_MEMORY:
+            self._arrays[key] = result
             self._held += result.nbytes
 
     # -- the end ----------------------------------------------------------------------
     def finish(self, manifest: dict, inputs: list, kinds: dict[str, str]) -> None:
-        """The overview figure (a failure is logged, no result is lost), then ``manifest.json``;
-        the journal is removed once the manifest is written (an error propagates)."""
+        """The overview figure and ``report.html`` (a failure is logged, no result is lost), then
+        ``manifest.json``; the journal is removed once the manifest is written (an error propagates)."""
         if "png" in self.output.formats:
             self._overview(manifest, inputs, kinds)
+        self._report(manifest, inputs, kinds)
         outputs.save_json(self.out / "manifest.json", manifest, self.token)
         if self._journal is not None:
             self._journal.close()
@@ -269,21 +284,40 @@ class Writer:
 
         rows = []
         for item in inputs:
-            cells = []
+            cells, mask, predicted = [], None, None
             for r in (r for r in manifest["runs"] if r["input"] == item.name):
                 kind = kinds[r["method"]]
                 attr = self._result(r, item, kind) if r["status"] == "ok" else None
                 note = "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"
-                cells.append((r["label"], attr, note, "image" if kind == "image" else "attribution"))
-            rows.append((item.name, item.tensor[0].detach().cpu().numpy(), cells))
+                cell_mask = self._masks.get((r["label"], r["input"]))
+                mask = mask if mask is not None else cell_mask
+                predicted = predicted if predicted is not None else r.get("predicted")
+                cells.append({"label": r["label"], "array": attr, "note": note, "score": r.get("score"),
+                              "target": r.get("target"), "mask": cell_mask,
+                              "kind": "image" if kind == "image" else "attribution"})
+            info = {"mask": mask, "caption": "" if predicted is None else f"predicted {predicted}"}
+            rows.append((item.name, item.tensor[0].detach().cpu().numpy(), cells, info))
         fig_cfg = self.output.figure
         try:
             fig = figures.overview_figure(rows, method=fig_cfg.method, sign=fig_cfg.sign,
-                                          projection=fig_cfg.projection)
+                                          projection=fig_cfg.projection, clip=fig_cfg.clip)
             outputs.save_figure(fig, self.out / "overview.png", token=self.token)
             manifest["overview"] = "overview.png"
         except Exception as exc:  # noqa: BLE001 (a failed overview figure loses no result)
             log.error("overview figure failed: %s: %s", type(exc).__name__, exc)
+
+    def _report(self, manifest: dict, inputs: list, kinds: dict[str, str]) -> None:
+        from . import report
+
+        try:
+            results = report.Results(lambda r, item: self._result(r, item, kinds.get(r["method"], "attribution"))
+                                     if r["status"] == "ok" else None,
+                                     lambda r: self._masks.get((r["label"], r["input"])), kinds)
+            html = report.build_report(manifest, inputs, results, self.output.figure, self.out)
+            outputs.atomic_write_bytes(self.out / "report.html", html.encode("utf-8"), self.token)
+            manifest["report"] = "report.html"
+        except Exception as exc:  # noqa: BLE001 (a failed report loses no result)
+            log.error("report.html failed: %s: %s", type(exc).__name__, exc)
 
     def _result(self, record: dict, item: Any, kind: str) -> np.ndarray | None:
         """A result as the model saw it: from memory, else (resumed, or past the budget) its .npy."""
