@@ -487,7 +487,7 @@ def _outline(ax, mask2d: Optional[np.ndarray]) -> None:
     if m.min() == m.max():  # empty or everything: no edge to draw
         return
     xlim, ylim = ax.get_xlim(), ax.get_ylim()
-    ax.contour(m, levels=[0.5], colors=MASK_COLOR, linewidths=1.0)
+    ax.contour(m, levels=[0.5], colors=MASK_COLOR, linewidths=0.7, alpha=0.8)
     ax.set_xlim(xlim)
     ax.set_ylim(ylim)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, numerics, planning, registry, scheduling, verdicts
+from . import __version__, numerics, planning, progress, registry, scheduling, verdicts
 from . import params as params_mod
 from . import config as config_mod
 from .executor import Executor, RetryPolicy, Worker, attribute_warnings
@@ -213,8 +213,10 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
 
     def attempt(name: str, request: Request):
         rng[:] = [scheduling.JobRandomness(seed, e.spec.uses_global_rng)]
-        with rng[0], numerics.autocast(name, device):
-            return _call(job, worker.replica(x), x, request, plan.base_dir, worker.samples())
+        model = worker.replica(x)
+        with rng[0], numerics.autocast(name, device), \
+                progress.tracked(model, job.name, progress.expected_passes(request, x)):
+            return _call(job, model, x, request, plan.base_dir, worker.samples())
 
     def notify(kind: str, message: str) -> None:
         oom[0] += kind == "oom"
