@@ -366,7 +366,7 @@ def write_report(run_dir: str | Path, max_inputs: int = MAX_INPUTS) -> Path:
     inputs = load_run_inputs(manifest)
     by_name = {item.name: item for item in inputs}
 
-    kinds = _kinds(manifest)
+    kinds = method_kinds(manifest)
 
     def array(record: dict, item: Any) -> np.ndarray | None:
         rel = (record.get("files") or {}).get("npy")
@@ -381,7 +381,7 @@ def write_report(run_dir: str | Path, max_inputs: int = MAX_INPUTS) -> Path:
     return atomic_write_bytes(run_dir / REPORT, html_text.encode("utf-8"))
 
 
-def _kinds(manifest: Mapping[str, Any]) -> dict[str, str]:
+def method_kinds(manifest: Mapping[str, Any]) -> dict[str, str]:
     """Method id → ``attribution`` or ``image`` for the methods of a run (the registry's kinds)."""
     from .registry import all_methods
 

@@ -68,8 +68,10 @@ def render(path: Path, *, panels: str = "[data-panel]", wait_for: str | None = N
             if wait_for:
                 page.wait_for_function(wait_for)
             load_s = time.perf_counter() - start
-            paint = page.evaluate("() => (performance.getEntriesByType('paint')"
-                                  ".find(e => e.name === 'first-contentful-paint') || {}).startTime || null")
+            paint = page.evaluate("""async () => {
+                await new Promise(done => requestAnimationFrame(() => setTimeout(done, 0)));
+                const p = performance.getEntriesByType('paint').find(e => e.name === 'first-contentful-paint');
+                return p ? p.startTime : null; }""")
             found = []
             for element in page.query_selector_all(panels):
                 element.scroll_into_view_if_needed()
