@@ -91,7 +91,7 @@ def embed(features: np.ndarray, seed: int = 0, n_neighbors: int = 15, min_dist: 
 
     reducer = umap.UMAP(n_neighbors=min(n_neighbors, n - 1), min_dist=min_dist, random_state=seed, n_jobs=1,
                         n_epochs=n_epochs, n_components=2, init="spectral" if n > 10 else "random")
-        return np.asarray(reducer.fit_transform(features), dtype=np.float32)
+    return np.asarray(reducer.fit_transform(features), dtype=np.float32)
 
 
 # -- thumbnails ---------------------------------------------------------------------------
