@@ -47,6 +47,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the config's JSON Schema")
 
+    report = sub.add_parser("report", help="write report.html of a finished run again from its folder (or put a "
+                            "later evaluation into it)")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument("--rebuild", action="store_true", help="rebuild the whole page from the saved files even if "
+                        "a report exists (frozen-mask outlines are not saved, so they are left out)")
+    report.add_argument("--debug", action="store_true")
+
+    explore = sub.add_parser("explore", help="write explorer.html of a finished run: UMAP of its inputs and maps")
+    explore.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    explore.add_argument("--output", type=Path, help="the page's path (default: RUN_DIR/explorer.html)")
+    explore.add_argument("--seed", type=int, default=0, help="UMAP's seed (default 0)")
+    explore.add_argument("--debug", action="store_true")
+
     demo = sub.add_parser("demo", help="explain the bundled 2D vessel-segmentation sample with several methods")
     demo.add_argument("--output", type=Path, default=Path("results/demo"), help="output folder (default: results/demo)")
     demo.add_argument("--debug", action="store_true")
@@ -149,8 +162,25 @@ def _cmd_demo(args) -> int:
     return _run(Pipeline(DEMO_CONFIG, output_dir=args.output))
 
 
+def _cmd_report(args) -> int:
+    from . import report
+
+    path = None if args.rebuild else report.update_evaluation(args.run_dir)
+    path = path or report.write_report(args.run_dir)
+    print(f"report: {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_explore(args) -> int:
+    from . import explorer
+
+    path = explorer.write(args.run_dir, args.output, seed=args.seed)
+    print(f"explorer: {path}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "methods": _cmd_methods, "schema": _cmd_schema,
-            "demo": _cmd_demo, "check": _cmd_check}
+            "demo": _cmd_demo, "check": _cmd_check, "report": _cmd_report, "explore": _cmd_explore}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     # reads TQDM_* defaults when first imported, so this silences every bar that does not set
     # `disable` itself; esegeta's own bar passes disable=None and stays. The user's setting wins.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    if args.command in ("run", "validate", "demo", "check"):
+    if args.command in ("run", "validate", "demo", "check", "report", "explore"):
         _setup_logging(debug)
     from .errors import EsegetaError
 

@@ -856,6 +856,7 @@ def overview_figure(
     per_line = max_columns - 1
     lines = [max(1, -(-len(cells) // per_line)) for _, _, cells, _ in rows]
     ncols = 1 + min(per_line, max(1, max(len(cells) for _, _, cells, _ in rows)))
+    per_line = ncols - 1  # fewer methods than a line holds: the grid is as wide as the most methods
     height = CELL_HEIGHT if method == "map" else CELL_WIDTH
     fig = _new_figure((CELL_WIDTH * ncols, height * sum(lines) + 0.4), "constrained" if method == "map" else None)
     axes = fig.subplots(sum(lines), ncols, squeeze=False)
