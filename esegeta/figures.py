@@ -795,7 +795,7 @@ def _draw_cell(fig, ax, cell: Any, image: Any, img: Optional[np.ndarray], img2d:
         elif c["kind"] == "image":
             disp = to_display_image(_as_channel_first(arr, None))
             _spatial_rank(disp, "image")
-            _draw_image_panel(ax, _axial(disp, projection, "image"), title + "\n(feature image)", width)
+            _draw_image_panel(ax, _axial(disp, projection, "image"), title, width)
         else:
             a = _prepare_attr(_as_channel_first(arr, None if image is None else _to_numpy(image)), img)
             if note:
