@@ -124,21 +124,19 @@ class Progress:
 
 
 def expected_passes(request: Any, x: torch.Tensor) -> int | None:
-    """The forward passes a call of ``request`` on the batch ``x`` is expected to make, from
-    :mod:`esegeta.cost` (None when it is not available or does not know the method)."""
+    """The forward rows a call of ``request`` on the batch ``x`` is expected to make (the per-input
+    count of :func:`esegeta.cost.expected_passes` times the batch size), or None when it is not
+    known (no formula, a count only the run knows, a patched call)."""
+    if getattr(request, "patch", None) is not None:
+        return None
     try:
         from . import cost
-    except ImportError:
-        return None
-    estimate = getattr(cost, "forward_passes", None)
-    if estimate is None:
-        return None
-    try:
-        value = estimate(request, x)
-    except Exception as exc:  # noqa: BLE001 (an estimate is optional)
+
+        passes = cost.expected_passes(request.spec, request.params, x, noise_tunnel=request.noise_tunnel)
+    except Exception as exc:  # noqa: BLE001 (an estimate is optional: the bar counts without a total)
         log.debug("cost of %s: %s", getattr(getattr(request, "spec", None), "id", request), exc)
         return None
-    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+    return passes.forward * int(x.shape[0]) if passes.forward else None
 
 
 @contextmanager
