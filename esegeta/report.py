@@ -37,7 +37,7 @@ log = logging.getLogger("esegeta")
 
 REPORT = "report.html"
 #: Inputs shown with every method's map; the rest are listed (the explorer shows datasets).
-MAX_INPUTS = 50
+MAX_INPUTS = 20
 #: Resolution of the embedded figures (dots per inch).
 DPI = 100
 _EVAL_START, _EVAL_END = "<!--esegeta:evaluation-->", "<!--/esegeta:evaluation-->"
@@ -53,7 +53,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px so
 text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .summary{color:#555}.cards{display:flex;flex-wrap:wrap;gap:12px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px;width:300px;background:#fff}
-.card img{width:100%;height:auto;display:block}.card table{font-size:.75em;width:100%}
+.card.wide{width:640px}.card img{width:100%;height:auto;display:block}.card table{font-size:.75em;width:100%}
 .input{display:flex;gap:16px;align-items:flex-start;margin-bottom:10px}.input img{max-width:420px;height:auto}
 .failed{background:#fff4f4;border-color:#e0a0a0}.timeout{background:#fff8e8;border-color:#e0c080}
 .status-ok{color:#1a7f37}.status-failed,.status-timeout{color:#b42318;font-weight:600}
@@ -182,7 +182,7 @@ def _card(r: Mapping[str, Any], item: Any, image: np.ndarray | None, results: Re
                 picture = "<p class='note'>result not kept in memory and no .npy saved</p>"
         except Exception as exc:  # noqa: BLE001 (one figure must not sink the report)
             picture = f"<div class='error'>could not draw: {_e(type(exc).__name__)}: {_e(exc)}</div>"
-    css = "card" if status == "ok" else f"card {_e(status)}"
+    css = "card" + ("" if status == "ok" else f" {_e(status)}") + (" wide" if image is not None and image.ndim == 4 else "")
     return f"<div class='{css}' data-label='{_e(label)}'><h3>{_e(label)}</h3>{picture}{_record_table(r)}</div>"
 
 
@@ -316,6 +316,9 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
                  run_dir: Path | None = None, max_inputs: int = MAX_INPUTS) -> str:
     """The report's HTML text. ``inputs``: :class:`esegeta.loading.InputItem` (``name``, ``tensor``);
     ``fig_cfg``: the config's ``output.figure`` (sign and clipping of the maps)."""
+    import time
+
+    start = time.perf_counter()
     runs = manifest.get("runs", [])
     shown = list(inputs)[:max_inputs]
     nav = "".join(f"<a href='#input-{n}'>{_e(item.name)}</a>" for n, item in enumerate(shown))
@@ -328,6 +331,7 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
             f"<a href='#versions'>versions</a> inputs: {nav}</nav>" + _methods_table(manifest)
             + _EVAL_START + evaluation_section(run_dir, manifest) + _EVAL_END + "".join(sections) + _versions(manifest))
     title = f"esegeta report: {len(inputs)} input(s)"
+    log.debug("report: %d input(s) drawn in %.1f s", len(shown), time.perf_counter() - start)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head>"
             f"<body>{body}</body></html>")
