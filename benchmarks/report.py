@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # upstream bars, as the command line silences them
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -32,24 +34,24 @@ READY = ("() => window.Bokeh && Bokeh.documents.length > 0 && "
          "document.querySelector('[data-panel=explorer]').getBoundingClientRect().height > 100")
 
 
-def _browser(path: Path, screenshot: Path, wait_for: str | None = None) -> dict:
+def _browser(path: Path, screenshot: Path, wait_for: str | None = None, interact=None) -> dict:
     import helpers_browser
 
     reason = helpers_browser.missing()
     if reason:
         return {"skipped": reason}
-    r = helpers_browser.render(path, screenshot=screenshot, wait_for=wait_for)
+    interact = helpers_browser.hover_explorer if interact == "hover" else interact
+    r = helpers_browser.render(path, screenshot=screenshot, wait_for=wait_for, interact=interact)
     blank = [name for name, spread in r["panels"] if spread < 1.0]
     return {"first_render_s": r["first_render_s"], "load_s": round(r["load_s"], 3),
             "console_errors": r["console_errors"], "requests": r["requests"], "panels": len(r["panels"]),
-            "blank_panels": blank, "screenshot": str(screenshot)}
+            "blank_panels": blank, "screenshot": str(screenshot), "interaction": r["interaction"]}
 
 
 def bench_report(config: str, out: Path) -> dict:
     from esegeta import report
     from esegeta.runner import Pipeline
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
     start = time.perf_counter()
     result = Pipeline(ROOT / "configs" / config, output_dir=out).run()
     run_s = time.perf_counter() - start
@@ -100,7 +102,7 @@ def bench_explorer(n: int, out: Path) -> dict:
     agreement = float((predicted.numpy() == np.asarray(labels)).mean())
     return {"inputs": n, **timings, "explorer_bytes": path.stat().st_size, "accuracy": round(agreement, 4),
             "browser": _browser(path, out / "explorer.png",
-                                READY)}
+                                READY, "hover")}
 
 
 def main() -> None:
@@ -118,7 +120,7 @@ def main() -> None:
             figures[f"report_{config}"] = bench_report(config, args.out / config.removesuffix(".json"))
             print(json.dumps(figures[f"report_{config}"], indent=2), flush=True)
     if not args.skip_explorer:
-        figures["explorer"] = bench_explorer(args.n, args.out)
+        figures["explorer"] = bench_explorer(args.n, args.out)  # screenshot: 'all methods' with a tooltip open
         print(json.dumps(figures["explorer"], indent=2), flush=True)
     (args.out / "figures.json").write_text(json.dumps(figures, indent=2))
 

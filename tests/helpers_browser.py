@@ -34,12 +34,29 @@ def pixel_spread(png: bytes) -> float:
     return float(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32).std())
 
 
+def hover_explorer(page, view: str = "all methods", colour: str = "method") -> int:
+    """On an explorer page: open the tab ``view``, colour by ``colour``, move the mouse over the plot
+    until a point's tooltip shows; the number of thumbnails it shows (0: no tooltip found)."""
+    page.get_by_text(view, exact=True).click()
+    page.select_option("select", colour)
+    canvases = [c.bounding_box() for c in page.query_selector_all("canvas") if c.is_visible()]
+    box = max(canvases, key=lambda b: b["width"] * b["height"])
+    for fy in [i / 24 for i in range(1, 24)]:
+        for fx in [i / 24 for i in range(1, 24)]:
+            page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+            shown = [i for i in page.query_selector_all("img[src^='data:image/png']") if i.is_visible()]
+            if shown:
+                return len(shown)
+    return 0
+
+
 def render(path: Path, *, panels: str = "[data-panel]", wait_for: str | None = None, screenshot: Path | None = None,
-           width: int = 1400, height: int = 1000, timeout_s: float = 60) -> dict:
+           width: int = 1400, height: int = 1000, timeout_s: float = 60, interact=None) -> dict:
     """Open ``path``; returns ``console_errors``, ``requests`` (blocked, not the file itself),
     ``first_render_s`` (navigation start to first contentful paint, from the page's own timing),
     ``load_s`` (wall time of the load), ``panels`` ([(data-panel, pixel spread)]) and writes a
-    full-page ``screenshot`` if given. ``wait_for``: a JS expression awaited before measuring."""
+    full-page ``screenshot`` if given (after ``interact(page)``, whose value is ``interaction``).
+    ``wait_for``: a JS expression awaited before measuring."""
     from playwright.sync_api import sync_playwright
 
     url = Path(path).resolve().as_uri()
@@ -68,17 +85,21 @@ def render(path: Path, *, panels: str = "[data-panel]", wait_for: str | None = N
             if wait_for:
                 page.wait_for_function(wait_for)
             load_s = time.perf_counter() - start
-            paint = page.evaluate("""async () => {
-                await new Promise(done => requestAnimationFrame(() => setTimeout(done, 0)));
-                const p = performance.getEntriesByType('paint').find(e => e.name === 'first-contentful-paint');
-                return p ? p.startTime : null; }""")
+            paint = page.evaluate("""() => new Promise(done => {
+                new PerformanceObserver(list => {
+                    const p = list.getEntries().find(e => e.name === 'first-contentful-paint');
+                    if (p) done(p.startTime);
+                }).observe({type: 'paint', buffered: true});
+                setTimeout(() => done(null), 5000);
+            })""")
             found = []
             for element in page.query_selector_all(panels):
                 element.scroll_into_view_if_needed()
                 found.append((element.get_attribute("data-panel"), pixel_spread(element.screenshot())))
+            interaction = interact(page) if interact is not None else None
             if screenshot is not None:
                 page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
-    return {"console_errors": errors, "requests": requests, "load_s": load_s,
+    return {"console_errors": errors, "requests": requests, "load_s": load_s, "interaction": interaction,
             "first_render_s": None if paint is None else paint / 1000, "panels": found}

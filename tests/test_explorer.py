@@ -98,11 +98,12 @@ def test_page_has_every_view_thumbnails_and_colourings(page):
 
 @pytest.mark.skipif(helpers_browser.missing() is not None, reason=str(helpers_browser.missing()))
 def test_page_in_chromium(page, tmp_path):
-    seen = helpers_browser.render(page, screenshot=tmp_path / "explorer.png",
+    seen = helpers_browser.render(page, screenshot=tmp_path / "explorer.png", interact=helpers_browser.hover_explorer,
                                   wait_for="() => window.Bokeh && Bokeh.documents.length > 0 && document"
                                            ".querySelector('[data-panel=explorer]').getBoundingClientRect().height > 300")
     assert seen["console_errors"] == [] and seen["requests"] == []
     assert [name for name, _ in seen["panels"]] == ["explorer"] and seen["panels"][0][1] > 5
+    assert seen["interaction"] == 2  # hovering a point of 'all methods' shows the input's and the map's thumbnails
 
 
 def test_labels_from_names_or_manifest():
