@@ -31,6 +31,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _comment() -> Any:
+    """``_comment``: any JSON value, read by people only (the TorchEsegeta converter keeps what it could not map there)."""
+    return Field(None, alias="_comment", description="notes for people; esegeta ignores it")
+
+
 class ModelConfig(Strict):
     """How to build the model: a factory (``file.py:callable`` or ``module:callable``) and a
     state dict loaded with ``weights_only=True``; or ``weights`` alone as a TorchScript file."""
@@ -95,6 +100,7 @@ class MethodEntry(Strict):
                                "overriding runtime.devices")
     timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="time limit of this method per "
                                                             "input, in seconds (overrides runtime.timeout_s)")
+    comment: Any = _comment()
 
     @property
     def name(self) -> str:
@@ -153,6 +159,7 @@ class Config(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     methods: list[MethodEntry] = Field(min_length=1)
+    comment: Any = _comment()
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "Config":
