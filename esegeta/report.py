@@ -175,7 +175,7 @@ def _card(r: Mapping[str, Any], item: Any, image: np.ndarray | None, results: Re
                 else:
                     fig = figures.map_figure(arr, image, sign=getattr(fig_cfg, "sign", "all"),
                                              clip=getattr(fig_cfg, "clip", figures.DEFAULT_CLIP),
-                                             mask=results.mask(dict(r)), title=str(label),
+                                             mask=results.mask(dict(r)), title="",
                                              caption=figures.result_caption(r.get("score"), r.get("target")))
                 picture = _img(png_data_uri(fig), f"{label} on {r.get('input')}", "map")
             else:
