@@ -60,7 +60,11 @@ class InputsConfig(Strict):
     Results are written back in the file's own axis order (depth first again; channels last
     with ``channel_axis: "last"``)."""
 
-    paths: list[str] = Field(min_length=1)
+    paths: list[str] | None = Field(None, min_length=1, description="files, globs or folders (streamed, never "
+                                    "all in memory); or give 'dataset'")
+    dataset: str | None = Field(None, description="'file.py:callable' or 'module:callable' returning a torch "
+                                "Dataset of inputs, or of (input, label) pairs or {'input', 'label'} dicts")
+    dataset_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for 'dataset'")
     spatial_dims: Literal[2, 3]
     depth_axis: Literal["first", "last"] = Field(
         "last", description="3D .npy/.pt arrays: depth axis first (D, H, W) or last (H, W, D); the model gets depth "
@@ -76,6 +80,14 @@ class InputsConfig(Strict):
     @classmethod
     def _one_path(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InputsConfig":
+        if (self.paths is None) == (self.dataset is None):
+            raise ValueError("paths: give either 'paths' (files, globs or folders) or 'dataset' "
+                             "('file.py:callable' returning a torch Dataset), not both" if self.paths
+                             else "paths: required key is missing (or give 'dataset')")
+        return self
 
     @model_validator(mode="after")
     def _resize_rank(self) -> "InputsConfig":
@@ -124,6 +136,10 @@ class RuntimeConfig(Strict):
     batch_size: Annotated[int, Field(ge=1)] = Field(1, description="inputs of one shape explained in one upstream "
                                                     "call, for methods without a wrapper")
     seed: int = 0
+    backend: Literal["local", "ray"] = Field("local", description="'local': worker threads in this process; 'ray': "
+                                             "Ray Data actors, one model replica each (pip install esegeta[ray])")
+    ray_address: str | None = Field(None, description="the Ray cluster to join ('auto', 'ray://host:10001'); "
+                                    "none: a local cluster on this machine")
 
 
 class FigureConfig(Strict):
@@ -143,7 +159,9 @@ class FigureConfig(Strict):
 
 class OutputConfig(Strict):
     dir: str = "results"
-    formats: list[Literal["npy", "png", "nii"]] = ["npy", "png", "nii"]
+    formats: list[Literal["npy", "png", "nii", "zarr"]] = Field(
+        ["npy", "png", "nii"], description="per result: .npy, .png figure, .nii.gz (3D); 'zarr': per method one "
+                                           "attribution dataset of every result (attributions/<label>.zarr)")
     figure: FigureConfig = Field(default_factory=FigureConfig)
 
 

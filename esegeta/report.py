@@ -394,17 +394,14 @@ def method_kinds(manifest: Mapping[str, Any]) -> dict[str, str]:
 
 
 def load_run_inputs(manifest: Mapping[str, Any]) -> list:
-    """The inputs of a finished run, loaded again from its resolved config, with the run's names."""
-    from dataclasses import replace
+    """The inputs of a finished run (not loaded until used: :class:`esegeta.datasets.InputRef`),
+    from its resolved config, named as the run named them."""
+    from . import datasets
+    from .config import parse
 
-    from .loading import load_inputs
-    from .writer import unique_names
-
-    config = manifest.get("config") or {}
+    config = parse(dict(manifest.get("config") or {}))
     base = Path(manifest.get("config_dir") or ".")
-    items = load_inputs(config.get("inputs") or {}, base)
-    names = unique_names([i.name for i in items])
-    return [replace(item, name=name) for item, name in zip(items, names)]
+    return datasets.refs(datasets.source(config.inputs.model_dump(), base))
 
 
 def label_of(name: str, entry: Mapping[str, Any] | None = None) -> int | None:

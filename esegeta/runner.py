@@ -120,7 +120,7 @@ class Pipeline:
             if self.resume:
                 log.info("resume: %d result(s) kept from the earlier run, %d to compute",
                          len(kept), sum(len(j.items) for j in jobs))
-            writer.begin(list(kept.values()))
+            writer.begin(list(kept.values()), plan.inputs)
             records = dict(kept)
             _execute(plan, jobs, writer, records)
             manifest = {**_head(plan), "runs": [records[key] for key in sorted(records)]}
@@ -143,7 +143,7 @@ def _log_start(plan: Plan, out: Path) -> None:
     for change in plan.ready.changes:
         log.info("prepared copy: %s", change)
     for item in plan.inputs:
-        if not torch.isfinite(item.tensor).all():
+        if not item.finite:
             log.warning("input %s holds non-finite values (NaN or Inf): its results will fail", item.name)
 
 
@@ -157,8 +157,8 @@ def _head(plan: Plan) -> dict[str, Any]:
         "device": str(plan.device),
         "devices": [str(d) for d in plan.devices],
         "prepared_model": plan.ready.changes,
-        "inputs": [{"name": item.name, "path": str(item.path), "shape": list(item.tensor.shape[1:])}
-                   for item in plan.inputs],
+        "inputs": [{"name": item.name, "path": str(item.path), "shape": list(item.shape[1:]),
+                    **({"label": item.label} if item.label is not None else {})} for item in plan.inputs],
     }
 
 
@@ -170,8 +170,10 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
     executor = Executor(plan.devices, rt.threads_per_device, plan.model, plan.inputs, plan.ready, rt.tf32)
     with tqdm(total=len(jobs), desc="esegeta", unit="job", disable=None) as bar:
         def on_done(job: Job, computed: list[tuple[dict, np.ndarray | None, dict]]) -> None:
-            for (k, item), (record, result, extras) in zip(job.items, computed):
-                records[(k, job.position)] = writer.save(record, item, result, extras, job.entry.spec.kind)
+            saved = writer.save_all([(record, item, result, extras, job.entry.spec.kind)
+                                     for (_, item), (record, result, extras) in zip(job.items, computed)])
+            for (k, item), record in zip(job.items, saved):
+                records[(k, job.position)] = record
                 if record["status"] == "ok":
                     log.info("%s on %s: ok in %.2fs (%s)", job.entry.label, item.name, record["seconds"],
                              record["precision"])
@@ -179,12 +181,18 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
 
         def on_error(job: Job, exc: BaseException) -> None:
             log.error("%s failed: %s: %s", job.name, type(exc).__name__, exc)
-            for (k, item), key in zip(job.items, job.keys):
-                record = {**_record(job, item, key, rt), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-                records[(k, job.position)] = writer.save(record, item, None, {}, job.entry.spec.kind)
+            failed = [({**_record(job, item, key, rt), "status": "failed", "error": f"{type(exc).__name__}: {exc}"},
+                       item, None, {}, job.entry.spec.kind) for (_, item), key in zip(job.items, job.keys)]
+            for (k, _), record in zip(job.items, writer.save_all(failed)):
+                records[(k, job.position)] = record
             bar.update()
 
-        executor.run(jobs, lambda job, worker: _compute(plan, job, worker), on_done, on_error)
+        if rt.backend == "ray":
+            from .backends import ray as ray_backend
+
+            ray_backend.run(plan, jobs, on_done, on_error)
+        else:
+            executor.run(jobs, lambda job, worker: _compute(plan, job, worker), on_done, on_error)
 
 
 def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device: torch.device | None = None,
@@ -195,7 +203,8 @@ def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device:
             "seconds": None, "device": str(device), "error": None, "score": None, "shape": None, "files": {},
             "target": None, "predicted": None, "precision": None, "precision_reason": reason,
             "tf32": numerics.tf32_in_effect(rt.tf32, device),
-            "warnings": [], "oom_retries": 0, "key": key}
+            "warnings": [], "oom_retries": 0, "key": key,
+            **({"input_label": item.label} if getattr(item, "label", None) is not None else {})}
 
 
 def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray | None, dict]]:
