@@ -33,9 +33,9 @@ WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"
 class Outcome:
     """What one call gives: the upstream result (float32, batch kept), the explained score of
     each input (when asked for; None where nothing is targeted), the method's extra outputs
-    (of the first input) and, per input, the facts figures and the manifest show: the resolved
-    target (``"predicted"`` → the class index), the predicted column (when scores were asked for)
-    and a wrapper's frozen mask of the explained column."""
+    (of the first input) and, with the scores, per input the facts figures and the manifest show:
+    the resolved target (``"predicted"`` → the class index), the predicted column and a wrapper's
+    frozen mask of the explained column."""
 
     result: torch.Tensor
     scores: tuple[float | None, ...] = ()
@@ -65,13 +65,13 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
         call = Call(forward, model, piece, target, layer, dict(request.params), noise_tunnel, base_dir, samples,
                     extras if n == 0 else {})
         results.append(_as_result(spec.adapter.run(spec, call)))
-        chosen = Target.of(target, piece.shape[0])
-        targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
-        masks += [frozen_mask(forward, t) for t in targets[-piece.shape[0]:]]
         if with_scores:
             explained, top = _explained(forward, piece, target)
             scores += explained
             predicted += top
+            chosen = Target.of(target, piece.shape[0])
+            targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
+            masks += [frozen_mask(forward, t) for t in targets[-piece.shape[0]:]]
     return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
                    tuple(targets), tuple(predicted), tuple(masks))
 
