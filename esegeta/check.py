@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config as config_mod, numerics, planning
+from . import architectures, config as config_mod, numerics, planning
 from . import params as params_mod
 
 
@@ -197,12 +197,10 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
         c.layer_shape = forward.layer_shapes.get(entry.layer)
         if c.layer_shape is None:
             c.problem(f"methods[{index}].layer: {entry.layer!r} is not called in the forward pass")
-    if spec.preflight is not None:
-        found = spec.preflight(plan.ready.model)
-        for problem in found:
-            c.problem(problem)
-        if not found:
-            c.notes.append(f"{spec.id}'s pre-flight check of the model passed")
+    if spec.preflight is not None and c.ok:  # its problems are the plan's (esegeta.architectures.refuse)
+        c.notes.append(f"{spec.id}'s pre-flight check of the model passed")
+    if c.ok:
+        c.notes += architectures.axiom_notes(spec, plan.ready.model)
     if plan.config.runtime.amp:
         c.notes.append(numerics.precision_plan(spec, plan.device, amp=True).reason)
     c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)

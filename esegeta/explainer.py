@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import numerics, patcher
+from .architectures import refuse
 from .call import Outcome, call_once
 from .errors import ConfigError
 from .params import check_method
@@ -55,4 +56,6 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
     # the prepared copy counts module calls on one forward: with patches, on a patch-sized crop
     example = x if request.patch is None else x[(slice(None), slice(None)) + tuple(slice(0, s) for s in request.patch.size)]
     with numerics.fp32_numerics():
-        return run(request, prepared(model, example), x, samples=x).result
+        ready = prepared(model, example)
+        refuse(request.spec, ready, example, "explain.method", layer=layer, params=request.params, wrapper=wrapper)
+        return run(request, ready, x, samples=x).result

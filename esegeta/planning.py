@@ -22,6 +22,7 @@ from .datasets import InputRef
 from .loading import load_model
 from .params import check_method
 from .patcher import check_global
+from .architectures import refuse
 from .prepare import PreparedModel, prepared
 from .request import Resolved, resolve
 
@@ -86,6 +87,8 @@ def model_problems(e: Resolved, ready: PreparedModel, x: torch.Tensor, base_dir:
         collect(find_layer, ready, r.layer, f"methods[{e.index}].layer", e.spec)
     if found:
         return found
+    collect(lambda: refuse(e.spec, ready, x, f"methods[{e.index}].id", layer=r.layer, params=dict(r.params),
+                           wrapper=r.wrapper))
     forward = collect(wrappers.build, ready, x, r.wrapper, base_dir) if r.wrapper else ready
     if e.spec.needs_target and forward is not None:
         collect(resolve_target, forward, x, r.target, e.where("target"), True)
