@@ -57,6 +57,7 @@ class CheckReport:
     activation_bytes: int
     weight_bytes: int
     methods: list[MethodCheck]
+    evaluation: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -91,6 +92,7 @@ class CheckReport:
         heaviest = self.heaviest
         if heaviest is not None:
             lines.append(f"\nheaviest method: {heaviest.label}, estimated peak {_size(heaviest.memory_bytes)}")
+        lines += self.evaluation
         good = sum(m.ok for m in self.methods)
         lines.append(f"{good}/{len(self.methods)} method(s) will run")
         return "\n".join(lines)
@@ -138,12 +140,14 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         forward = _forward_pass(plan.ready, x)
     checks = [_method_check(plan, i, x, forward) for i in range(len(cfg.methods))]
     item = plan.inputs[0]
+    from .evaluation.cli import estimate  # the evaluation block's forward passes, if it has one
     return CheckReport(
         config=str(config) if not isinstance(config, dict) else "<dict>", model=type(plan.model).__name__,
         device=str(plan.device), input=item.name, input_shape=list(item.tensor.shape[1:]),
         output_shape=forward.output_shape, forward_seconds=round(forward.seconds, 4),
         prepared_changes=list(plan.ready.changes), activation_bytes=forward.activation_bytes,
-        weight_bytes=forward.weight_bytes, methods=checks)
+        weight_bytes=forward.weight_bytes, methods=checks,
+        evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds, plan.model))
 
 
 @dataclass
