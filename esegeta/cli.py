@@ -170,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.command in ("run", "validate", "demo", "check"):
         _setup_logging(debug)
+    from .compat import ensure_torchvision_importable
     from .errors import EsegetaError
 
+    ensure_torchvision_importable()  # before any user code: its torchvision imports on CPU-only torch
     try:
         return COMMANDS[args.command](args)
     except EsegetaError as exc:

@@ -9,6 +9,7 @@ its JSON path, e.g. ``methods[2].params.n_step: unknown parameter ...; did you m
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, did_you_mean, json_path, shown
 from .request import PatchConfig, Target, WrapperConfig
 
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
@@ -169,10 +170,7 @@ def json_schema() -> dict[str, Any]:
 
 
 def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+    return json_path(loc)
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
@@ -198,62 +196,162 @@ def _flatten(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def _message(error: dict) -> str:
-    # Drop pydantic's union-member tags ('constrained-int', "literal['predicted']") from the path.
-    loc = tuple(p for p in error["loc"] if not isinstance(p, str) or p.isidentifier() or p == "$schema")
+def _real_loc(data: Any, loc: tuple) -> tuple:
+    """``loc`` without pydantic's union-member tags (``constrained-int``, ``literal['predicted']``):
+    only the keys and indices that exist in the validated ``data`` (and a last key that is missing)."""
+    out: list = []
+    here = data
+    for i, part in enumerate(loc):
+        if isinstance(here, dict) and part in here:
+            out.append(part)
+            here = here[part]
+        elif isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
+            out.append(part)
+            here = here[part]
+        elif isinstance(part, str) and i == len(loc) - 1 and (part.isidentifier() or part == "$schema"):
+            out.append(part)  # a required key that is missing
+    return tuple(out)
+
+
+def _message(error: dict, data: Any) -> tuple[str, str]:
+    """(JSON path, message) of one pydantic error."""
+    loc = _real_loc(data, tuple(error["loc"]))
     if error["type"] == "extra_forbidden" and loc and loc[-1] in NOT_YET:
-        return f"{_loc(loc)}: {NOT_YET[loc[-1]]}"
+        return _loc(loc), NOT_YET[loc[-1]]
     message = error["msg"].removeprefix("Value error, ")
     # Validators of a whole section name the key at fault as 'key: message'.
     owner = _model_at(loc + ("",))
     key, sep, rest = message.partition(": ")
     if sep and owner is not None and key in owner.model_fields:
         loc, message = loc + (key,), rest
-    path = _loc(loc)
     if error["type"] == "extra_forbidden":
         owner = _model_at(loc)
         keys = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
-        return f"{path}: unknown key" + did_you_mean(str(loc[-1]), keys)
+        return _loc(loc), "unknown key" + did_you_mean(str(loc[-1]), keys)
     if error["type"] == "missing":
         message = "required key is missing"
-    return f"{path}: {message}" if path else message
+    if "input" in error and error["type"].endswith(("_type", "_parsing")) and error["type"] != "model_type":
+        message += f", not {shown(error['input'])}"
+    return _loc(loc), message
 
 
 def parse(data: Any) -> Config:
     """Validate the structure of a config dict (no imports, no files)."""
     if not isinstance(data, dict):
-        raise ConfigError("", "a config is a JSON object")
+        raise ConfigError("", f"a config is a JSON object ({{...}}), not {type(data).__name__}")
+    check_values(data)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         by_path: dict[str, list[str]] = {}
         for error in exc.errors():
-            path, message = _split(_message(error))
+            path, message = _message(error, data)
             if message not in by_path.setdefault(path, []):
                 by_path[path].append(message)
         # A union (e.g. target: index or 'predicted') reports each member: one line per field.
         lines = [f"{path}: {' | or: '.join(messages)}" if path else "; ".join(messages)
                  for path, messages in by_path.items()]
+        if len(lines) == 1 and by_path:
+            path = next(iter(by_path))
+            raise ConfigError(path, " | or: ".join(by_path[path])) from None
         raise ConfigError("", "\n".join(lines)) from None
 
 
-def _split(line: str) -> tuple[str, str]:
-    """'path: message' → (path, message); a line without a path → ('', line)."""
-    head, sep, tail = line.partition(": ")
-    if sep and " " not in head:
-        return head, tail
-    return "", line
+#: Deepest nesting of lists and objects a config may have (a config needs about 6).
+MAX_DEPTH = 32
+#: Most digits of a JSON integer (no setting needs more; Python refuses over 4,300).
+MAX_DIGITS = 30
+
+
+class _Duplicates(dict):
+    """A JSON object that had a key more than once (``duplicates`` lists them)."""
+
+    duplicates: list[str]
+
+
+class _HugeInteger(str):
+    """A JSON integer with more than :data:`MAX_DIGITS` digits, kept as its text."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) == len(keys):
+        return dict(pairs)
+    out = _Duplicates(pairs)
+    out.duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    return out
+
+
+def _integer(text: str) -> int | _HugeInteger:
+    return _HugeInteger(text) if len(text.lstrip("-")) > MAX_DIGITS else int(text)
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (JSON numbers are finite)")
+
+
+def loads(text: str) -> Any:
+    """JSON text → data, keeping what :func:`check_values` refuses visible (duplicate keys,
+    huge integers); ``NaN``/``Infinity`` (not JSON) are refused here."""
+    return json.loads(text, object_pairs_hook=_pairs, parse_int=_integer, parse_constant=_not_json)
+
+
+def check_values(data: Any) -> None:
+    """ConfigError at the first value no setting can take, wherever it is: an object with a key
+    twice (JSON readers disagree which wins), an integer of more than :data:`MAX_DIGITS` digits,
+    a number that is not finite (``1e999``), nesting deeper than :data:`MAX_DEPTH`."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, where = stack.pop()
+        if len(where) > MAX_DEPTH:
+            raise ConfigError(_loc(where[:MAX_DEPTH]), f"nested more than {MAX_DEPTH} levels deep; no setting takes "
+                                                       "that")
+        if isinstance(value, _Duplicates):
+            raise ConfigError(_loc(where), f"key {', '.join(map(repr, value.duplicates))} appears "
+                              "more than once in this object; keep one (JSON readers disagree which one wins)")
+        if isinstance(value, _HugeInteger):
+            raise ConfigError(_loc(where), f"an integer of {len(value.lstrip('-'))} digits; no setting takes more "
+                                           f"than {MAX_DIGITS}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(_loc(where), f"{value} is not a finite number; use a finite value")
+        if isinstance(value, dict):
+            stack += [(v, where + (k,)) for k, v in reversed(value.items())]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, where + (i,)) for i, v in reversed(list(enumerate(value)))]
 
 
 def read(path: str | Path) -> tuple[Config, Path]:
-    """Load and validate a config file; returns it with the folder its paths are relative to."""
+    """Load and validate a config file; returns it with the folder its paths are relative to.
+
+    A file that is not a JSON object (unreadable, not UTF-8, not JSON) is a ConfigError whose
+    path is the file's name; every other fault names its JSON path."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"config file {path} does not exist")
+    where = str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"not UTF-8 text (byte {exc.start}: {exc.reason}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(where, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError("", f"{path} is not valid JSON: {exc}") from None
+        raise ConfigError(where, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise ConfigError(where, f"nested too deeply to read (a config needs about 6 levels, at most {MAX_DEPTH})") from None
+    except ValueError as exc:
+        raise ConfigError(where, f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"a config is a JSON object ({{...}}), not a JSON {_json_type(data)}")
+    try:
+        check_values(data)
+    except ConfigError as exc:  # a fault of the whole object: name the file
+        raise ConfigError(exc.path or where, exc.message) from None
     return parse(data), path.resolve().parent
 
 
+def _json_type(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null", int: "number",
+            float: "number", _HugeInteger: "number"}.get(type(value), "value")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import registry
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, did_you_mean, shown
 
 if TYPE_CHECKING:
     from .config import Config, MethodEntry
@@ -51,7 +51,7 @@ class WrapperConfig(Frozen):
     def _known(cls, value: str) -> str:
         if value in ("threshold", "multiclass", "region") or re.fullmatch(r".+:[A-Za-z_]\w*", value):
             return value
-        raise ValueError("unknown wrapper; use 'threshold', 'multiclass', 'region' or 'file.py:callable'"
+        raise ValueError(f"unknown wrapper {shown(value)}; use 'threshold', 'multiclass', 'region' or 'file.py:callable'"
                          + did_you_mean(value, ("threshold", "multiclass", "region")))
 
     @model_validator(mode="after")
