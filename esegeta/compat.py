@@ -23,7 +23,7 @@ from .errors import MethodUnavailable
 
 #: Keeps the declared schemas alive: they vanish when the Library object is collected.
 _LIBRARY: Any = None
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
 _SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -45,6 +45,7 @@ def import_torchvision():
     breaks the import (CPU-only torch next to a CUDA torchvision); see the module docstring."""
     global _LIBRARY
     with _LOCK:
+        _remove_finder()  # this import is the one the finder would route here
         if "torchvision" in sys.modules and _LIBRARY is not None:
             return sys.modules["torchvision"]
         try:
@@ -60,10 +61,11 @@ def import_torchvision():
             _forget_torchvision()
         import torch
 
-        library = torch.library.Library("torchvision", "DEF")
-        for schema in _SCHEMAS:
-            library.define(schema)
-        _LIBRARY = library
+        if _LIBRARY is None:
+            library = torch.library.Library("torchvision", "DEF")
+            for schema in _SCHEMAS:
+                library.define(schema)
+            _LIBRARY = library
         try:
             import torchvision
         except Exception as exc:  # still broken: say what, and what was tried

@@ -23,6 +23,13 @@ from .request import PatchConfig, Target, WrapperConfig
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
 FIGURE_SIGNS = ("all", "positive", "negative", "absolute_value")
 
+#: Longest method label: output files are named ``<label>.<input>.<ext>`` within the 255-byte name limit.
+MAX_LABEL = 100
+#: Most pixels (voxels) per channel ``inputs.resize`` may ask for (512³, 512 MiB per channel as float32).
+MAX_VOXELS = 512**3
+#: Longest time limit (one week); a larger one is a typo, and timers cannot wait forever.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
 #: Keys of the SPEC that later releases bring (wherever they appear), with what to say until then.
 NOT_YET = {
 }
@@ -66,7 +73,8 @@ class InputsConfig(Strict):
                             "'none': no channel axis (one channel)")
     color: Literal["keep", "grayscale", "rgb"] = "keep"
     normalize: Literal["none", "zscore", "minmax"] | Normalize = "none"
-    resize: list[Annotated[int, Field(gt=0)]] | None = None
+    resize: list[Annotated[int, Field(gt=0)]] | None = Field(None, description="resize to these sizes (one per "
+                                                             "spatial axis; at most 512³ pixels in all)")
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -77,6 +85,10 @@ class InputsConfig(Strict):
     def _resize_rank(self) -> "InputsConfig":
         if self.resize is not None and len(self.resize) != self.spatial_dims:
             raise ValueError(f"resize: needs {self.spatial_dims} sizes (one per spatial axis)")
+        if self.resize is not None and math.prod(self.resize) > MAX_VOXELS:
+            raise ValueError(f"resize: {self.resize} is {math.prod(self.resize):,} pixels per channel "
+                             f"({math.prod(self.resize) * 4 / 2**30:.1f} GiB each as float32); at most {MAX_VOXELS:,} "
+                             "(512³); explain large inputs with 'patch'")
         return self
 
 
@@ -87,14 +99,16 @@ class MethodEntry(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     layer: str | None = Field(None, description="submodule name, for layer and neuron methods")
     noise_tunnel: dict[str, Any] | None = Field(None, description="wrap in captum NoiseTunnel: nt_type, nt_samples, stdevs, ...")
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="names the outputs (default: the id)")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", max_length=MAX_LABEL,
+                              description="names the outputs (default: the id); letters, digits, '._+-', at most "
+                                          f"{MAX_LABEL} characters, so output file names stay short enough")
     enabled: StrictBool = True
     wrapper: WrapperConfig | None = None
     target: Target = None
     patch: PatchConfig | None = Field(None, description="overrides the config's 'patch' for this method")
     device: str | None = Field(None, description="run this method on this device ('cpu', 'cuda:N'), "
                                "overriding runtime.devices")
-    timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="time limit of this method per "
+    timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = Field(None, description="time limit of this method per "
                                                             "input, in seconds (overrides runtime.timeout_s)")
 
     @property
@@ -107,18 +121,18 @@ class RuntimeConfig(Strict):
 
     devices: str | list[str] = Field("auto", description="'auto' (every CUDA device, else the CPU), 'cpu', "
                                      "'cuda:N', or a list of devices")
-    threads_per_device: Annotated[int, Field(ge=1)] = Field(1, description="worker threads per device, "
+    threads_per_device: Annotated[int, Field(ge=1, le=256)] = Field(1, description="worker threads per device, "
                                                             "each with its own copy of the model")
     amp: StrictBool = Field(False, description="mixed precision: autocast to bf16 on the CPU, fp16 on CUDA, for "
                             "methods measured safe there (esegeta methods --json: amp); the others, and a failed "
                             "or non-finite result, compute in fp32")
     tf32: StrictBool = Field(False, description="let CUDA compute float32 convolutions and matmuls in TF32 (10-bit "
                              "mantissa; faster on Ampere and newer GPUs, but every number changes); off: fp32 means fp32")
-    timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="time limit per (method, input) "
+    timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = Field(None, description="time limit per (method, input) "
                                                             "in seconds; a method over it is stopped, status 'timeout'")
-    batch_size: Annotated[int, Field(ge=1)] = Field(1, description="inputs of one shape explained in one upstream "
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(1, description="inputs of one shape explained in one upstream "
                                                     "call, for methods without a wrapper")
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
 
 
 class FigureConfig(Strict):
