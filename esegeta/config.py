@@ -52,6 +52,13 @@ class Normalize(Strict):
     mean: float | list[float]
     std: float | list[float]
 
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: float | list[float]) -> float | list[float]:
+        if any(v <= 0 for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"std {value} must be positive (the input is divided by it)")
+        return value
+
 
 class InputsConfig(Strict):
     """Files to explain (paths, globs or folders; .png/.jpg/.npy/.pt/.nii/.nii.gz) and their preprocessing.
@@ -142,7 +149,14 @@ class FigureConfig(Strict):
 
 
 class OutputConfig(Strict):
-    dir: str = "results"
+    dir: str = Field("results", min_length=1, max_length=1024)
+
+    @field_validator("dir")
+    @classmethod
+    def _a_folder_name(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("a folder name cannot hold a NUL character")
+        return value
     formats: list[Literal["npy", "png", "nii"]] = ["npy", "png", "nii"]
     figure: FigureConfig = Field(default_factory=FigureConfig)
 
