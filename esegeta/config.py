@@ -366,11 +366,11 @@ def read(path: str | Path) -> tuple[Config, Path]:
     try:
         data = loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(where, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        raise ConfigError(where, f"is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
     except RecursionError:
         raise ConfigError(where, f"nested too deeply to read (a config needs about 6 levels, at most {MAX_DEPTH})") from None
     except ValueError as exc:
-        raise ConfigError(where, f"not valid JSON: {exc}") from None
+        raise ConfigError(where, f"is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(where, f"a config is a JSON object ({{...}}), not a JSON {_json_type(data)}")
     try:
