@@ -1,0 +1,89 @@
+"""esegeta.cost: the model rows a method call needs, counted against the real call.
+
+Every registered method has a formula; for methods whose count the formula claims exact, the
+forward rows a real call on the digits sample sends through the model (counted by a global
+forward hook on the model's class, which also sees the prepared copy) equal the formula's.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import esegeta
+from esegeta import cost
+from esegeta.prepare import prepared
+from esegeta.registry import all_methods, get
+
+
+def test_every_method_has_a_formula():
+    missing = sorted(set(all_methods()) - set(cost.FORMULAS))
+    assert not missing, f"add a cost formula to esegeta/cost.py for {missing}"
+    assert not sorted(set(cost.FORMULAS) - set(all_methods())), "formulas for methods that are not registered"
+
+
+@contextlib.contextmanager
+def counted_rows(model_class: type):
+    """Rows through every forward of a model of ``model_class`` while the block runs."""
+    rows = {"forward": 0}
+
+    def hook(module, args, output):
+        if type(module) is model_class and args and torch.is_tensor(args[0]):
+            rows["forward"] += int(args[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+CALLS = [
+    ("captum.Saliency", {}, None),
+    ("captum.IntegratedGradients", {"n_steps": 7, "internal_batch_size": 3}, None),
+    ("captum.GradientShap", {"n_samples": 4}, None),
+    ("captum.DeepLift", {}, None),
+    ("captum.Occlusion", {"sliding_window_shapes": [1, 4, 4], "strides": [1, 2, 2]}, None),
+    ("captum.FeatureAblation", {"feature_mask": {"grid": [4, 4]}}, None),
+    ("captum.ShapleyValueSampling", {"feature_mask": {"grid": [4, 4]}, "n_samples": 2}, None),
+    ("captum.IntegratedGradients", {"n_steps": 4}, {"nt_type": "smoothgrad", "nt_samples": 3}),
+    ("zennit.SmoothGrad", {"n_iter": 5}, None),
+    ("zennit.Occlusion", {"window": 4, "stride": 2}, None),
+    ("torchray.rise", {"num_masks": 20, "batch_size": 8}, None),
+    ("shap.GradientExplainer", {"nsamples": 6, "batch_size": 4, "rseed": 0}, None),
+    ("lime.LimeImageExplainer", {"num_samples": 30, "random_seed": 0}, None),
+]
+
+
+@pytest.mark.parametrize("method,params,tunnel", CALLS, ids=[c[0] + ("+nt" if c[2] else "") for c in CALLS])
+def test_forward_rows_match_the_real_call(digits, method, params, tunnel):
+    spec = get(method)
+    if spec.unavailable_reason():
+        pytest.skip(spec.unavailable_reason())
+    layer = digits.layer if spec.needs_layer else None
+    predicted = cost.expected_passes(spec, params, digits.x, noise_tunnel=tunnel)
+    prepared(digits.model, digits.x)  # the copy is made (one counting forward) before, not inside, the call
+    assert predicted.known, predicted.note
+    with counted_rows(type(digits.model)) as rows:
+        esegeta.explain(digits.model, digits.x, method, digits.target, layer=layer, noise_tunnel=tunnel, **params)
+    if predicted.exact:
+        assert rows["forward"] == predicted.forward, predicted.text()
+    else:  # an estimate: within the count of its unperturbed rows
+        assert abs(rows["forward"] - predicted.forward) <= 2, predicted.text()
+
+
+def test_per_channel_methods_count_by_the_layer(digits):
+    spec = get("gradcam.ScoreCAM")
+    assert not cost.expected_passes(spec, {}, digits.x).known
+    passes = cost.expected_passes(spec, {}, digits.x, layer_shape=[1, 16, 4, 4])
+    assert (passes.forward, passes.backward) == (17, 0)
+
+
+def test_shapes_only_meta_inputs_work():
+    x = torch.empty(2, 3, 64, 64, device="meta")
+    passes = cost.expected_passes(get("captum.Occlusion"), {}, x)
+    assert passes.known and passes.forward > 1
+    assert cost.estimated_seconds(cost.Passes(10, 10), 0.5) == pytest.approx(15.0)
+    assert cost.duration_text(720) == "~12 min"
+    assert "unknown" in cost.Passes(None, None, False, "why").text()
