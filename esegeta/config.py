@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, did_you_mean, json_path, shown
+from .errors import ConfigError, child, did_you_mean, json_path, shown
 from .request import PatchConfig, Target, WrapperConfig
 
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
@@ -36,7 +36,9 @@ NOT_YET = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A config section: unknown keys refused, no type coercion (``"32"`` is not a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelConfig(Strict):
@@ -201,9 +203,9 @@ def _loc(loc: tuple) -> str:
     return json_path(loc)
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The pydantic model class that owns the key at ``loc`` (for 'did you mean' hints)."""
-    model: Any = Config
+    model: Any = root or Config
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -241,19 +243,19 @@ def _real_loc(data: Any, loc: tuple) -> tuple:
     return tuple(out)
 
 
-def _message(error: dict, data: Any) -> tuple[str, str]:
-    """(JSON path, message) of one pydantic error."""
+def _message(error: dict, data: Any, root: type[BaseModel] | None = None) -> tuple[str, str]:
+    """(JSON path, message) of one pydantic error of validating ``data`` as ``root`` (the Config)."""
     loc = _real_loc(data, tuple(error["loc"]))
     if error["type"] == "extra_forbidden" and loc and loc[-1] in NOT_YET:
         return _loc(loc), NOT_YET[loc[-1]]
     message = error["msg"].removeprefix("Value error, ")
     # Validators of a whole section name the key at fault as 'key: message'.
-    owner = _model_at(loc + ("",))
+    owner = _model_at(loc + ("",), root)
     key, sep, rest = message.partition(": ")
     if sep and owner is not None and key in owner.model_fields:
         loc, message = loc + (key,), rest
     if error["type"] == "extra_forbidden":
-        owner = _model_at(loc)
+        owner = _model_at(loc, root)
         keys = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
         return _loc(loc), "unknown key" + did_you_mean(str(loc[-1]), keys)
     if error["type"] == "missing":
@@ -271,18 +273,27 @@ def parse(data: Any) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        by_path: dict[str, list[str]] = {}
-        for error in exc.errors():
-            path, message = _message(error, data)
-            if message not in by_path.setdefault(path, []):
-                by_path[path].append(message)
-        # A union (e.g. target: index or 'predicted') reports each member: one line per field.
-        lines = [f"{path}: {' | or: '.join(messages)}" if path else "; ".join(messages)
-                 for path, messages in by_path.items()]
-        if len(lines) == 1 and by_path:
-            path = next(iter(by_path))
-            raise ConfigError(path, " | or: ".join(by_path[path])) from None
-        raise ConfigError("", "\n".join(lines)) from None
+        raise validation_error(exc, data) from None
+
+
+def validation_error(exc: ValidationError, data: Any, root: type[BaseModel] | None = None,
+                     prefix: str = "") -> ConfigError:
+    """A pydantic error of validating ``data`` as ``root`` (the Config), as a ConfigError naming
+    each field by its JSON path (under ``prefix``), with 'did you mean' for unknown keys."""
+    by_path: dict[str, list[str]] = {}
+    for error in exc.errors():
+        path, message = _message(error, data, root)
+        if prefix:
+            path = prefix + ("" if not path or path.startswith("[") else ".") + path
+        if message not in by_path.setdefault(path, []):
+            by_path[path].append(message)
+    # A union (e.g. target: index or 'predicted') reports each member: one line per field.
+    if len(by_path) == 1:
+        path = next(iter(by_path))
+        return ConfigError(path, " | or: ".join(by_path[path]))
+    lines = [f"{path}: {' | or: '.join(messages)}" if path else "; ".join(messages)
+             for path, messages in by_path.items()]
+    return ConfigError("", "\n".join(lines))
 
 
 #: Deepest nesting of lists and objects a config may have (a config needs about 6).

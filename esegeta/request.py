@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class WrapperConfig(Frozen):
@@ -111,7 +111,9 @@ def wrapper_config(value: WrapperConfig | Mapping[str, Any], where: str = "wrapp
     try:
         config = WrapperConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(where, str(exc)) from None
+        from .config import validation_error
+
+        raise validation_error(exc, data, WrapperConfig, where) from None
     return config.model_copy(update={"mask": mask}) if tensor_mask else config
 
 
@@ -122,7 +124,9 @@ def patch_config(value: PatchConfig | Mapping[str, Any], where: str = "patch") -
     try:
         return PatchConfig.model_validate(dict(value))
     except ValidationError as exc:
-        raise ConfigError(where, str(exc)) from None
+        from .config import validation_error
+
+        raise validation_error(exc, dict(value), PatchConfig, where) from None
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:

@@ -79,7 +79,7 @@ _keys = st.sampled_from(["id", "params", "layer", "label", "target", "wrapper", 
                          "top-level", "a-b", "inputs-", "métodos", "x y", "", "$schema", "0", "__class__"])
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-                     st.text(max_size=40), st.sampled_from(AWKWARD))
+                     st.text(max_size=40), st.sampled_from(AWKWARD).map(copy.deepcopy))
 json_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                            st.dictionaries(_keys | st.text(max_size=8), inner,
                                                                            max_size=4)), max_leaves=12)
@@ -174,8 +174,9 @@ def mutated(draw, base: dict) -> Any:
                           "noise_tunnel": st.dictionaries(st.sampled_from(["nt_type", "nt_samples", "stdevs",
                                                                            "nt_samples_batch_size", "x"]),
                                                           json_values, max_size=3),
-                          "device": st.sampled_from(AWKWARD), "timeout_s": st.sampled_from(AWKWARD),
-                          "target": st.sampled_from(AWKWARD)}))
+                          "device": st.sampled_from(AWKWARD).map(copy.deepcopy),
+                          "timeout_s": st.sampled_from(AWKWARD).map(copy.deepcopy),
+                          "target": st.sampled_from(AWKWARD).map(copy.deepcopy)}))
             data["methods"].append(entry)
     return data
 
