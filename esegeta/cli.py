@@ -1,4 +1,4 @@
-"""The ``esegeta`` command line (SPEC §2). Heavy imports happen inside the commands, so
+"""The ``esegeta`` command line. Heavy imports happen inside the commands, so
 ``esegeta --help`` starts fast.
 
 Exit codes: 0 all requested methods succeeded; 1 the run finished with failures; 2 the

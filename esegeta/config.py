@@ -1,4 +1,4 @@
-"""The JSON config (SPEC §3), validated with pydantic before any model runs.
+"""The JSON config, validated with pydantic before any model runs.
 
 Two stages: :func:`parse` checks structure and types (no imports beyond pydantic);
 :func:`esegeta.params.check_method` then checks one method's id, layer use and parameter
@@ -30,7 +30,7 @@ MAX_VOXELS = 512**3
 #: Longest time limit (one week); a larger one is a typo, and timers cannot wait forever.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
-#: Keys of the SPEC that later releases bring (wherever they appear), with what to say until then.
+#: Config keys that later releases bring (wherever they appear), with what to say until then.
 NOT_YET = {
 }
 

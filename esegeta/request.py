@@ -35,7 +35,7 @@ class Frozen(BaseModel):
 
 
 class WrapperConfig(Frozen):
-    """Turns a segmentation output into (B, K') scores (SPEC §4)."""
+    """Turns a segmentation output into (B, K') scores (see :mod:`esegeta.wrappers`)."""
 
     name: str = Field(description="'threshold', 'multiclass', 'region' or 'file.py:callable'")
     channel: int = Field(0, ge=0, description="threshold: the output channel")
@@ -74,7 +74,7 @@ Target = Union[Annotated[int, Field(ge=0)], Literal["predicted"], None]
 
 
 class PatchConfig(Frozen):
-    """Explain the input patch by patch on torchio's grid (SPEC §5, :mod:`esegeta.patcher`)."""
+    """Explain the input patch by patch on torchio's grid (see :mod:`esegeta.patcher`)."""
 
     size: list[Annotated[int, Field(gt=0)]] = Field(min_length=2, max_length=3,
                                                     description="patch size per spatial axis (clipped to the input)")

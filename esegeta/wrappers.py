@@ -6,7 +6,7 @@ scores are sums (or means) of the activated output over those masks, so they kee
 model output's gradient. One code path serves 2D and 3D: reductions run over
 ``range(2, ndim)``.
 
-Built-in wrappers (SPEC §4):
+Built-in wrappers:
 
 - ``threshold``: ``A = act(out)[:, channel]``, ``M = A > t`` (a number or ``"otsu"``),
   columns ``[sum(A·(1−M)), sum(A·M)]``;
