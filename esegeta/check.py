@@ -273,7 +273,8 @@ def _try_canonizers(c: MethodCheck, spec, entry, plan: planning.Plan, x: torch.T
         with torch.no_grad():
             expected, out = plan.ready.model(x), model(x)
         if torch.is_tensor(out) and torch.is_tensor(expected) and (
-                out.shape != expected.shape or not torch.allclose(out, expected, rtol=1e-3, atol=1e-4)):
+                out.shape != expected.shape
+                or (out - expected).abs().max() > 1e-3 * expected.abs().max() + 1e-5):  # merged weights round
             c.problem(f"methods[{c.index}].params.canonizers: the canonizers {list(names)} change the model's output "
                       f"on this input; set params.canonizers to [] (no canonizer) or others that fit the model")
         else:
