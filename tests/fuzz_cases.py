@@ -138,7 +138,14 @@ def mutated(draw, base: dict) -> Any:
     data = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, 3))):
         paths = _paths(data)
-        kind = draw(st.sampled_from(["replace", "replace", "replace", "delete", "add", "rename", "nest", "method"]))
+        kind = draw(st.sampled_from(["replace", "replace", "tweak", "tweak", "tweak", "delete", "add", "rename", "nest",
+                                     "method", "method"]))
+        if kind == "tweak" and paths:  # a value of the same JSON type: the config likely stays valid around it
+            path = draw(st.sampled_from(paths))
+            parent = _at(data, path[:-1])
+            old = parent[path[-1]]
+            parent[path[-1]] = draw(_like(old))
+            continue
         if kind in ("replace", "delete", "rename") and paths:
             path = draw(st.sampled_from(paths))
             parent = _at(data, path[:-1])
@@ -191,6 +198,21 @@ PARAM_NAMES = ["n_steps", "method", "internal_batch_size", "baselines", "composi
                "abs", "multiply_by_inputs", "stdevs", "num_samples", "batch_size", "nsamples", "eps", "x"]
 
 
+def _like(value: Any) -> st.SearchStrategy:
+    """Values of the JSON type of ``value``."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, int):
+        return st.one_of(st.integers(-3, 100), st.sampled_from([0, 1, 10**6, 10**9, 2**31, -(2**31)]))
+    if isinstance(value, float):
+        return st.one_of(st.floats(-10, 10, allow_nan=False), st.sampled_from([0.0, 1e-300, 1e300, -1.0]))
+    if isinstance(value, str):
+        return st.one_of(st.sampled_from([v for v in AWKWARD if isinstance(v, str)]), st.text(max_size=20))
+    if isinstance(value, list):
+        return st.lists(_like(value[0]) if value else json_values, max_size=4)
+    return json_values
+
+
 def _text(data: Any) -> str:
     if isinstance(data, tuple) and data and data[0] == "NEST":
         _, depth, inner = data
@@ -239,7 +261,7 @@ def cases(bases: dict[str, dict]) -> st.SearchStrategy[bytes]:
 
 #: A line of an exit-2 message: it starts with a JSON path (``methods[2].params.n_step``,
 #: ``inputs["x y"]``) or with the config file's name (a document that is not a config).
-PATH_LINE = re.compile(r'^(\$schema|[A-Za-z_][\w]*|\[\d+\]|\["[^"]*"\])((\.[A-Za-z_$][\w$]*)|\[\d+\]|\["(\\.|[^"\\])*"\])*: ')
+PATH_LINE = re.compile(r'^(\$schema|[A-Za-z_][\w]*|\[\d+\]|\["(\\.|[^"\\])*"\])((\.[A-Za-z_$][\w$]*)|\[\d+\]|\["(\\.|[^"\\])*"\])*: ')
 
 
 @dataclass
