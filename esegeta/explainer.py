@@ -77,7 +77,8 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
     example = x if request.patch is None else x[(slice(None), slice(None)) + tuple(slice(0, s) for s in request.patch.size)]
     with numerics.fp32_numerics():
         ready = prepared(model, example)
-        if request.wrapper is None and request.spec.needs_target and request.patch is None:
+        if request.wrapper is None and request.spec.needs_target and request.patch is None and \
+                request.target not in (None, "predicted"):  # "predicted" finds a map itself, on its forward pass
             _check_scores(ready, x)
         return run(request, ready, x, samples=x).result
 
