@@ -82,9 +82,9 @@ def measure(path: Path) -> list[dict]:
     for m in report.methods:
         entry = cfg.methods[m.index]
         e = resolve(entry, cfg, m.index).request
-        kwargs = dict(wrapper=e.wrapper.model_dump() if e.wrapper else None, layer=e.layer,
+        kwargs = dict(wrapper=e.wrapper.model_dump(exclude_unset=True) if e.wrapper else None, layer=e.layer,
                       noise_tunnel=dict(e.noise_tunnel) if e.noise_tunnel is not None else None,
-                      patch=e.patch.model_dump() if e.patch else None)
+                      patch=e.patch.model_dump(exclude_unset=True) if e.patch else None)
         if e.wrapper is not None and e.wrapper.mask:
             kwargs["wrapper"]["mask"] = str(base / e.wrapper.mask)
         target = e.target if e.spec.needs_target else None

@@ -11,6 +11,7 @@ otherwise :class:`~esegeta.errors.ConfigError` as for ``validate``.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,7 +240,7 @@ def _timed_forward(ready: nn.Module, x: torch.Tensor, repeats: int = 3) -> float
     return best
 
 
-def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward) -> None:
+def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patch=None) -> None:
     """Passes per input and the time they take at the measured speed of one forward row."""
     try:
         passes = cost.expected_passes(spec, dict(entry.params), x, noise_tunnel=entry.noise_tunnel,
@@ -247,10 +248,22 @@ def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward) -> N
     except Exception as exc:  # noqa: BLE001 (a formula that cannot read these values: say so)
         c.cost_note = f"{type(exc).__name__}: {exc}"
         return
+    row_seconds = forward.seconds / max(1, x.shape[0])
+    if patch is not None and passes.known:
+        from .patcher import Grid
+
+        grid = Grid.over(tuple(x.shape[2:]), list(patch.size), list(patch.overlap) if patch.overlap else None,
+                         patch.blend)
+        n = len(grid.locations)
+        extra = n if patch.mode == "global" else 0  # the stitched prediction the wrapper and target read
+        passes = cost.Passes(passes.forward * n + extra, (passes.backward or 0) * n, False,
+                             f"{n} patches of {list(grid.size[:x.ndim - 2])}: rows are patch-sized"
+                             + (f"; plus {n} for the stitched prediction" if extra else ""))
+        row_seconds *= math.prod(grid.size) / math.prod(grid.shape)
     c.forward_rows, c.backward_rows, c.passes_exact = passes.forward, passes.backward, passes.exact
     c.cost_note = passes.note
     if passes.forward is not None:
-        c.seconds = cost.estimated_seconds(passes, forward.seconds / max(1, x.shape[0]))
+        c.seconds = cost.estimated_seconds(passes, row_seconds)
     if passes.note:
         c.notes.append(f"passes {'estimated' if passes.known else 'unknown'}: {passes.note}")
 
@@ -338,7 +351,7 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
     c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)
     # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
     c.memory_bytes = 2 * forward.activation_bytes * c.batch + forward.weight_bytes
-    _costs(c, spec, entry, x, forward)
+    _costs(c, spec, entry, x, forward, resolved.request.patch)
     if available is None:
         c.notes.append("free memory on the device: cannot know; the peak estimate is not checked against it")
     elif c.memory_bytes > available:

@@ -77,10 +77,14 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
     example = x if request.patch is None else x[(slice(None), slice(None)) + tuple(slice(0, s) for s in request.patch.size)]
     with numerics.fp32_numerics():
         ready = prepared(model, example)
-        if request.wrapper is None and request.spec.needs_target and request.patch is None and \
-                request.target not in (None, "predicted"):  # "predicted" finds a map itself, on its forward pass
-            _check_scores(ready, x)
-        return run(request, ready, x, samples=x).result
+        check = request.wrapper is None and request.spec.needs_target and request.target not in (None, "predicted")
+        # "predicted" finds a map itself; an index is checked on the method's own first forward pass
+        handle = ready.register_forward_hook(_scores_not_a_map) if check else None
+        try:
+            return run(request, ready, x, samples=x).result
+        finally:
+            if handle is not None:
+                handle.remove()
 
 
 def _layer_name(model: nn.Module, layer: str | nn.Module | None) -> str | None:
@@ -135,10 +139,8 @@ def _check_batched(model: nn.Module, inputs: torch.Tensor) -> None:
                                     "(batch, channels, *spatial); for one input pass inputs[None]")
 
 
-def _check_scores(ready: nn.Module, x: torch.Tensor) -> None:
-    """A model without a wrapper must give (batch, classes) scores: a map asks for a wrapper."""
-    with torch.no_grad():
-        out = ready(x[:1])
+def _scores_not_a_map(module: nn.Module, args: Any, out: Any) -> None:
+    """A forward hook: a model without a wrapper must give (batch, classes) scores; a map asks for a wrapper."""
     if torch.is_tensor(out) and out.ndim > 2:
         raise ConfigError("wrapper", f"the model outputs {tuple(out.shape)}, a segmentation map: set a wrapper, e.g. "
                                      "wrapper={'name': 'threshold'} (or 'multiclass', 'region', 'file.py:callable')")

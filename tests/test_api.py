@@ -78,3 +78,11 @@ def test_a_2d_only_method_refuses_a_3d_model(tissue):
     only_2d = next(s.id for s in all_methods().values() if s.dims == (2,) and not s.needs_layer)
     with pytest.raises(ConfigError, match="2D inputs only"):
         explain(tissue.model, tissue.x, only_2d, wrapper=tissue.wrapper)
+
+
+def test_segmentation_with_a_class_index_and_no_wrapper_says_set_a_wrapper(retina):
+    from conftest import hook_count
+
+    with pytest.raises(ConfigError, match="set a wrapper"):
+        explain(retina.model, retina.x, "captum.Saliency", 0)
+    assert hook_count(retina.model) == 0
