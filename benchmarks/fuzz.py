@@ -55,7 +55,7 @@ def main() -> int:
     import random
 
     random.seed(args.seed)
-    for attempt in range(5):  # hypothesis stops at an error of its own; the count goes on from there
+    for _ in range(5):  # hypothesis stops at an error of its own; the count goes on from there
         done = sum(counts.values())
         if done >= args.cases:
             break

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, child, did_you_mean, json_path, shown
+from .errors import ConfigError, did_you_mean, json_path, shown
 from .request import PatchConfig, Target, WrapperConfig
 
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")

@@ -185,7 +185,8 @@ def _check_noise_tunnel(spec: MethodSpec, noise_tunnel: Mapping[str, Any], where
         raise ConfigError(f"{where}.noise_tunnel", f"{spec.id} cannot be wrapped in a noise tunnel")
     for name in noise_tunnel:
         if name not in allowed:
-            raise ConfigError(child(f"{where}.noise_tunnel", name), "unknown noise_tunnel parameter" + did_you_mean(name, allowed))
+            raise ConfigError(child(f"{where}.noise_tunnel", name),
+                              "unknown noise_tunnel parameter" + did_you_mean(name, allowed))
         check_parameter(name, noise_tunnel[name], allowed[name], child(f"{where}.noise_tunnel", name))
     nt_type = noise_tunnel.get("nt_type", "smoothgrad")
     if nt_type not in NT_TYPES:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import registry
-from .errors import ConfigError, did_you_mean, shown
+from .errors import did_you_mean, shown
 
 if TYPE_CHECKING:
     from .config import Config, MethodEntry

@@ -261,7 +261,8 @@ def cases(bases: dict[str, dict]) -> st.SearchStrategy[bytes]:
 
 #: A line of an exit-2 message: it starts with a JSON path (``methods[2].params.n_step``,
 #: ``inputs["x y"]``) or with the config file's name (a document that is not a config).
-PATH_LINE = re.compile(r'^(\$schema|[A-Za-z_][\w]*|\[\d+\]|\["(\\.|[^"\\])*"\])((\.[A-Za-z_$][\w$]*)|\[\d+\]|\["(\\.|[^"\\])*"\])*: ')
+_QUOTED = r'\["(\\.|[^"\\])*"\]'
+PATH_LINE = re.compile(rf'^(\$schema|[A-Za-z_]\w*|\[\d+\]|{_QUOTED})((\.[A-Za-z_$][\w$]*)|\[\d+\]|{_QUOTED})*: ')
 
 
 @dataclass
