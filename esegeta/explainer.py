@@ -69,7 +69,8 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
     if not torch.is_tensor(inputs):
         raise ConfigError("inputs", f"inputs must be a tensor (batch, channels, *spatial), not {type(inputs).__name__}")
     _check_batched(model, inputs)
-    check_dims(request.spec, inputs, "inputs")
+    if inputs.ndim in (4, 5):  # 2D or 3D inputs: the method must support their rank, as in a run
+        check_dims(request.spec, inputs, "inputs")
     device = next((p.device for p in model.parameters()), inputs.device)
     x = inputs.detach().to(device=device, dtype=torch.float32)  # the caller's tensor keeps requires_grad as it was
     request = request.replace(target=_target(target, x.shape[0], x.device))

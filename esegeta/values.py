@@ -4,8 +4,8 @@
 upstream callable declares for it: its annotation (``int``, ``float``, ``bool``, ``str``,
 ``Optional[...]``, ``Union[...]``, ``Tuple[float, ...]``, ``List[int]``, ``Literal[...]``; a
 type JSON cannot write, such as a tensor or a callable, is left to the adapter), or for an
-unannotated parameter its default (an ``int`` or ``bool`` default asks for a number or a
-boolean), and esegeta's own rules: counts (``n_steps``, ``nt_samples``, ``num_samples``, ...)
+unannotated parameter its default (a number's default refuses strings and booleans), and
+esegeta's own rules: counts (``n_steps``, ``nt_samples``, ``num_samples``, ...)
 are integers from 1 to :data:`MAX_COUNT`, ``stdevs`` are not negative. Numbers are finite
 everywhere already (:func:`esegeta.config.check_values`). So ``n_steps: "32"``, ``"~"`` or ``0``
 are refused with the field and the fix instead of failing inside the library.
@@ -135,14 +135,11 @@ def check_parameter(name: str, value: Any, parameter: inspect.Parameter | None, 
     if parameter is None:
         return
     annotation = annotation_of(parameter)
-    if annotation is UNKNOWN:
+    if annotation is UNKNOWN:  # unannotated: the default tells only what is surely wrong
         default = parameter.default
-        if isinstance(default, bool):
-            annotation = typing.Optional[bool]
-        elif isinstance(default, int):
-            annotation = typing.Optional[float]  # an int default: a number (some take fractions too)
-        else:
-            return
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, (str, bool)):
+            raise ConfigError(path, f"{name} takes numbers (its default is {default!r}), not {shown(value)}")
+        return
     if _fits(value, annotation) is False:
         raise ConfigError(path, f"{name} must be {_describe(annotation)}, not {shown(value)}")
 
