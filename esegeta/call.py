@@ -33,11 +33,12 @@ WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"
 class Outcome:
     """What one call gives: the upstream result (float32, batch kept), the explained score of
     each input (when asked for; None where nothing is targeted) and the method's extra outputs
-    (of the first input)."""
+    (of the first input); with the scores, the explained class (column) of each input."""
 
     result: torch.Tensor
     scores: tuple[float | None, ...] = ()
     extras: Mapping[str, Any] = field(default_factory=dict)
+    targets: tuple[int | None, ...] = ()
 
 
 def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
@@ -52,7 +53,7 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
     check_task(spec, request.wrapper)
     layer = find_layer(model, request.layer, spec=spec) if request.layer else None
     pieces = [x] if request.wrapper is None else [x[i:i + 1] for i in range(x.shape[0])]
-    results, scores, extras = [], [], {}
+    results, scores, targets, extras = [], [], [], {}
     for n, piece in enumerate(pieces):
         forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
         wanted = request.target
@@ -65,7 +66,9 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
         results.append(_as_result(spec.adapter.run(spec, call)))
         if with_scores:
             scores += _explained(forward, piece, target)
-    return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras))
+            targets += Target.of(target, piece.shape[0]).ints() if target is not None else [None] * piece.shape[0]
+    return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
+                   tuple(targets))
 
 
 def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:

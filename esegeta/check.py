@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config as config_mod, cost, numerics, planning
+from . import architectures, config as config_mod, cost, numerics, planning
 from . import params as params_mod
 
 
@@ -277,12 +277,13 @@ def _try_canonizers(c: MethodCheck, spec, entry, plan: planning.Plan, x: torch.T
     import copy
 
     from .adapters import zennit as zennit_adapter
+    from .registry import Call
 
     model = copy.deepcopy(plan.ready.model)
     handles: list = []
-    try:
-        for name in names:
-            handles += zennit_adapter.canonizers()[name]().apply(model)
+    try:  # built as the adapter builds them, on the copy (a graph-traced canonizer reads its layers)
+        for canonizer in zennit_adapter._canonizers(names, Call(model, model, x, None, None, {})):
+            handles += canonizer.apply(model)
         with torch.no_grad():
             expected, out = plan.ready.model(x), model(x)
         if torch.is_tensor(out) and torch.is_tensor(expected) and (
@@ -338,12 +339,10 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
         c.layer_shape = forward.layer_shapes.get(entry.layer)
         if c.layer_shape is None:
             c.problem(f"methods[{index}].layer: {entry.layer!r} is not called in the forward pass")
-    if spec.preflight is not None:
-        found = spec.preflight(plan.ready.model)
-        for problem in found:
-            c.problem(problem)
-        if not found:
-            c.notes.append(f"{spec.id}'s pre-flight check of the model passed")
+    if spec.preflight is not None and c.ok:  # its problems are the plan's (esegeta.architectures.refuse)
+        c.notes.append(f"{spec.id}'s pre-flight check of the model passed")
+    if c.ok:
+        c.notes += architectures.axiom_notes(spec, plan.ready.model)
     if plan.config.runtime.amp:
         c.notes.append(numerics.precision_plan(spec, plan.device, amp=True).reason)
     if c.ok:

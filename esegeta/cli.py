@@ -47,6 +47,24 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the config's JSON Schema")
 
+    convert = sub.add_parser("convert-torchesegeta", help="write an esegeta config from a TorchEsegeta config "
+                             "(docs/torchesegeta.md); the model and inputs, set in Python there, are arguments")
+    convert.add_argument("config", type=Path, help="the TorchEsegeta JSON config")
+    convert.add_argument("-o", "--output", type=Path, required=True, help="the esegeta config to write")
+    convert.add_argument("--model-factory", help="'file.py:callable' or 'module:callable' building the model")
+    convert.add_argument("--weights", help="state dict file (or TorchScript file without --model-factory)")
+    convert.add_argument("--inputs", nargs="+", required=True, metavar="PATH", help="files, folders or globs to explain")
+    convert.add_argument("--wrapper", help="segmentation: 'threshold_based' (the ancestor's default) or 'multi_class', "
+                         "an esegeta wrapper name, or a JSON object such as '{\"name\": \"threshold\", \"threshold\": 0.5}'")
+    convert.add_argument("--target", help="class index or 'predicted' (default: 1, the foreground, with the threshold "
+                         "wrapper; else 'predicted')")
+    convert.add_argument("--output-dir", help="results folder (default: the ancestor's output_path/model_dataset_run)")
+    convert.add_argument("--normalize", choices=["none", "zscore", "minmax"], help="inputs.normalize")
+    convert.add_argument("--layer-map", action="append", default=[], metavar="OLD=NEW",
+                         help="rename an ancestor layer to a layer of this model (repeatable)")
+    convert.add_argument("--keep-devices", action="store_true", help="keep each method's device_id as its device")
+    convert.add_argument("--debug", action="store_true")
+
     demo = sub.add_parser("demo", help="explain the bundled 2D vessel-segmentation sample with several methods")
     demo.add_argument("--output", type=Path, default=Path("results/demo"), help="output folder (default: results/demo)")
     demo.add_argument("--debug", action="store_true")
@@ -149,8 +167,40 @@ def _cmd_demo(args) -> int:
     return _run(Pipeline(DEMO_CONFIG, output_dir=args.output))
 
 
+def _cmd_convert_torchesegeta(args) -> int:
+    from .errors import ConfigError
+    from .runner import Pipeline
+    from .torchesegeta import Arguments, convert, summary, write
+
+    layer_map = {}
+    for item in args.layer_map:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise ConfigError("--layer-map", f"{item!r}: write OLD=NEW")
+        layer_map[old] = new
+    target = None if args.target is None else (int(args.target) if args.target.isdigit() else args.target)
+    result = convert(args.config, Arguments(
+        inputs=args.inputs, model_factory=args.model_factory, weights=args.weights, wrapper=args.wrapper, target=target,
+        output_dir=args.output_dir, normalize=args.normalize, keep_devices=args.keep_devices, layer_map=layer_map,
+        config_dir=args.output.resolve().parent))
+    print(f"{args.config}: {result.mapped} entries mapped, {result.unmapped} not mapped; "
+          f"{len(result.notes)} keys or entries not mapped (kept under '_comment'):", file=sys.stderr)
+    for line in summary(result.notes):
+        print(f"  {line}", file=sys.stderr)
+    write(result, args.output)
+    try:
+        v = Pipeline(args.output).validate()
+    except ConfigError as exc:
+        raise ConfigError(exc.path, f"{exc.message}\n(wrote {args.output}, which does not validate: fix it there, or "
+                                    "the arguments, and convert again)") from None
+    print(f"wrote {args.output}: valid: {len(v.inputs)} input(s), {len(v.entries)} enabled method(s) of "
+          f"{len(result.config['methods'])}")
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "methods": _cmd_methods, "schema": _cmd_schema,
-            "demo": _cmd_demo, "check": _cmd_check}
+            "demo": _cmd_demo, "check": _cmd_check,
+            "convert-torchesegeta": _cmd_convert_torchesegeta}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     # reads TQDM_* defaults when first imported, so this silences every bar that does not set
     # `disable` itself; esegeta's own bar passes disable=None and stays. The user's setting wins.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    if args.command in ("run", "validate", "demo", "check"):
+    if args.command in ("run", "validate", "demo", "check", "convert-torchesegeta"):
         _setup_logging(debug)
     from .compat import ensure_torchvision_importable
     from .errors import EsegetaError

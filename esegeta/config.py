@@ -41,6 +41,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _comment() -> Any:
+    """``_comment``: any JSON value, read by people only (the TorchEsegeta converter keeps what it could not map there)."""
+    return Field(None, alias="_comment", description="notes for people; esegeta ignores it")
+
+
 class ModelConfig(Strict):
     """How to build the model: a factory (``file.py:callable`` or ``module:callable``) and a
     state dict loaded with ``weights_only=True``; or ``weights`` alone as a TorchScript file."""
@@ -72,7 +77,11 @@ class InputsConfig(Strict):
     Results are written back in the file's own axis order (depth first again; channels last
     with ``channel_axis: "last"``)."""
 
-    paths: list[str] = Field(min_length=1)
+    paths: list[str] | None = Field(None, min_length=1, description="files, globs or folders (streamed, never "
+                                    "all in memory); or give 'dataset'")
+    dataset: str | None = Field(None, description="'file.py:callable' or 'module:callable' returning a torch "
+                                "Dataset of inputs, or of (input, label) pairs or {'input', 'label'} dicts")
+    dataset_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for 'dataset'")
     spatial_dims: Literal[2, 3]
     depth_axis: Literal["first", "last"] = Field(
         "last", description="3D .npy/.pt arrays: depth axis first (D, H, W) or last (H, W, D); the model gets depth "
@@ -89,6 +98,14 @@ class InputsConfig(Strict):
     @classmethod
     def _one_path(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InputsConfig":
+        if (self.paths is None) == (self.dataset is None):
+            raise ValueError("paths: give either 'paths' (files, globs or folders) or 'dataset' "
+                             "('file.py:callable' returning a torch Dataset), not both" if self.paths
+                             else "paths: required key is missing (or give 'dataset')")
+        return self
 
     @model_validator(mode="after")
     def _resize_rank(self) -> "InputsConfig":
@@ -119,6 +136,7 @@ class MethodEntry(Strict):
                                "overriding runtime.devices")
     timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = Field(None, description="time limit of this method per "
                                                             "input, in seconds (overrides runtime.timeout_s)")
+    comment: Any = _comment()
 
     @property
     def name(self) -> str:
@@ -142,6 +160,10 @@ class RuntimeConfig(Strict):
     batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(1, description="inputs of one shape explained in one upstream "
                                                     "call, for methods without a wrapper")
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    backend: Literal["local", "ray"] = Field("local", description="'local': worker threads in this process; 'ray': "
+                                             "Ray Data actors, one model replica each (pip install esegeta[ray])")
+    ray_address: str | None = Field(None, description="the Ray cluster to join ('auto', 'ray://host:10001'); "
+                                    "none: a local cluster on this machine")
 
 
 class FigureConfig(Strict):
@@ -152,6 +174,10 @@ class FigureConfig(Strict):
 
 class OutputConfig(Strict):
     dir: str = Field("results", min_length=1, max_length=1024)
+    formats: list[Literal["npy", "png", "nii", "zarr"]] = Field(
+        ["npy", "png", "nii"], description="per result: .npy, .png figure, .nii.gz (3D); 'zarr': per method one "
+                                           "attribution dataset of every result (attributions/<label>.zarr)")
+    figure: FigureConfig = Field(default_factory=FigureConfig)
 
     @field_validator("dir")
     @classmethod
@@ -159,8 +185,6 @@ class OutputConfig(Strict):
         if "\x00" in value:
             raise ValueError("a folder name cannot hold a NUL character")
         return value
-    formats: list[Literal["npy", "png", "nii"]] = ["npy", "png", "nii"]
-    figure: FigureConfig = Field(default_factory=FigureConfig)
 
 
 class Config(Strict):
@@ -175,6 +199,7 @@ class Config(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     methods: list[MethodEntry] = Field(min_length=1)
+    comment: Any = _comment()
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "Config":

@@ -141,8 +141,9 @@ class Worker:
     def samples(self) -> torch.Tensor:
         """The run's inputs as one batch (those shaped like the first), for methods that fit on data."""
         if self._samples is None:
-            shape = self._inputs[0].tensor.shape
-            self._samples = torch.cat([i.tensor for i in self._inputs if i.tensor.shape == shape]).to(self.device)
+            from .datasets import samples
+
+            self._samples = samples(self._inputs).to(self.device)
         return self._samples
 
     def discard(self) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import numerics, patcher
+from .architectures import refuse
 from .call import Outcome, call_once
 from .errors import ConfigError
 from .params import check_method
@@ -78,6 +79,7 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
     example = x if request.patch is None else x[(slice(None), slice(None)) + tuple(slice(0, s) for s in request.patch.size)]
     with numerics.fp32_numerics():
         ready = prepared(model, example)
+        refuse(request.spec, ready, example, "explain.method", layer=layer, params=request.params, wrapper=wrapper)
         check = request.wrapper is None and request.spec.needs_target and request.target not in (None, "predicted")
         # "predicted" finds a map itself; an index is checked on the method's own first forward pass
         handle = ready.register_forward_hook(_scores_not_a_map) if check else None

@@ -15,6 +15,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -227,6 +228,7 @@ class InputItem:
     affine: np.ndarray | None = None
     depth_first: bool = False
     channels_last: bool = False
+    label: Any = None  # the class or value a dataset gives with the input (``inputs.dataset``)
 
     def own_order(self, result: np.ndarray, channels: bool = True) -> np.ndarray:
         """A result ``(C, *spatial)`` in the model's axis order → the file's own axis order
@@ -364,34 +366,51 @@ def preprocess(x: torch.Tensor, cfg: dict) -> torch.Tensor:
     return x
 
 
-def load_inputs(cfg: dict, base_dir: Path | None) -> list[InputItem]:
-    """Every input the config names, preprocessed, with unique names for output files."""
-    items: list[InputItem] = []
+def input_stem(path: Path) -> str:
+    """A file's name without its input suffix (``scan.nii.gz`` → ``scan``)."""
+    stem = path.name
+    for suffix in (".nii.gz",) + INPUT_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def load_input(path: Path, cfg: dict, name: str) -> InputItem:
+    """One input file as the model gets it (read, axes ordered, preprocessed)."""
+    try:
+        array, affine, channels_last = read_array(path)
+    except ConfigError:
+        raise
+    except Exception as exc:  # unreadable, corrupt, or a pickle that would run code
+        message = _first_line(exc)
+        raise ConfigError("inputs.paths", f"cannot read {path.name}: {type(exc).__name__}: {message}") from exc
+    channel_axis = cfg.get("channel_axis", "auto")
+    tensor = to_tensor(array, cfg["spatial_dims"], channels_last, path, channel_axis)
+    # NIfTI keeps its voxel order (x, y, z); arrays stored depth first are fed with depth last.
+    depth_first = (cfg.get("depth_axis", "last") == "first" and cfg["spatial_dims"] == 3
+                   and not path.name.lower().endswith(NIFTI_SUFFIXES))
+    if depth_first:
+        tensor = tensor.movedim(2, -1).contiguous()
+    tensor = preprocess(tensor, cfg)
+    return InputItem(name, path, tensor, affine, depth_first, channel_axis == "last")
+
+
+def input_names(paths: list[Path]) -> list[str]:
+    """Each file's stem, numbered ``_2``, ``_3``... where two would be equal."""
     names: set[str] = set()
-    for path in expand_paths(cfg["paths"], base_dir):
-        try:
-            array, affine, channels_last = read_array(path)
-        except ConfigError:
-            raise
-        except Exception as exc:  # unreadable, corrupt, or a pickle that would run code
-            message = _first_line(exc)
-            raise ConfigError("inputs.paths", f"cannot read {path.name}: {type(exc).__name__}: {message}") from exc
-        channel_axis = cfg.get("channel_axis", "auto")
-        tensor = to_tensor(array, cfg["spatial_dims"], channels_last, path, channel_axis)
-        # NIfTI keeps its voxel order (x, y, z); arrays stored depth first are fed with depth last.
-        depth_first = (cfg.get("depth_axis", "last") == "first" and cfg["spatial_dims"] == 3
-                       and not path.name.lower().endswith(NIFTI_SUFFIXES))
-        if depth_first:
-            tensor = tensor.movedim(2, -1).contiguous()
-        tensor = preprocess(tensor, cfg)
-        stem = path.name
-        for suffix in (".nii.gz",) + INPUT_SUFFIXES:
-            if stem.lower().endswith(suffix):
-                stem = stem[: -len(suffix)]
-                break
+    result = []
+    for path in paths:
+        stem = input_stem(path)
         name, n = stem, 2
         while name in names:
             name, n = f"{stem}_{n}", n + 1
         names.add(name)
-        items.append(InputItem(name, path, tensor, affine, depth_first, channel_axis == "last"))
-    return items
+        result.append(name)
+    return result
+
+
+def load_inputs(cfg: dict, base_dir: Path | None) -> list[InputItem]:
+    """Every input the config names, preprocessed, with unique names for output files (all in
+    memory: a run streams them instead, see :mod:`esegeta.datasets`)."""
+    paths = expand_paths(cfg["paths"], base_dir)
+    return [load_input(path, cfg, name) for path, name in zip(paths, input_names(paths))]

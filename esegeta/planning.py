@@ -9,21 +9,22 @@ functions. :func:`jobs` then turns a plan into jobs, keeping what ``--resume`` m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import config as config_mod, resume, scheduling, wrappers
+from . import backends, config as config_mod, datasets, resume, scheduling, store, wrappers
 from .call import check_dims, check_task, find_layer, resolve_target
 from .errors import ConfigError, did_you_mean
-from .loading import InputItem, load_inputs, load_model
+from .datasets import InputRef
+from .loading import load_model
 from .params import check_method
 from .patcher import check_global
+from .architectures import refuse
 from .prepare import PreparedModel, prepared
 from .request import Resolved, resolve
-from .writer import unique_names
 
 #: Kinds whose result has one row per input, so inputs of one shape can share an upstream call.
 BATCHABLE_KINDS = ("attribution", "layer", "neuron")
@@ -86,6 +87,8 @@ def model_problems(e: Resolved, ready: PreparedModel, x: torch.Tensor, base_dir:
         collect(find_layer, ready, r.layer, f"methods[{e.index}].layer", e.spec)
     if found:
         return found
+    collect(lambda: refuse(e.spec, ready, x, f"methods[{e.index}].id", layer=r.layer, params=dict(r.params),
+                           wrapper=r.wrapper))
     forward = collect(wrappers.build, ready, x, r.wrapper, base_dir) if r.wrapper else ready
     if e.spec.needs_target and forward is not None:
         collect(resolve_target, forward, x, r.target, e.where("target"), True)
@@ -94,13 +97,14 @@ def model_problems(e: Resolved, ready: PreparedModel, x: torch.Tensor, base_dir:
 
 @dataclass
 class Plan:
-    """A validated configuration, loaded: model, inputs (with safe output names), devices, the
-    prepared copy on the first device, the selected entries and the problems found."""
+    """A validated configuration, loaded: model, inputs (listed with safe output names, scanned,
+    not held: :mod:`esegeta.datasets`), devices, the prepared copy on the first device, the
+    selected entries and the problems found."""
 
     config: config_mod.Config
     base_dir: Path | None
     model: torch.nn.Module
-    inputs: list[InputItem]
+    inputs: list[InputRef]
     devices: list[torch.device]
     ready: PreparedModel
     entries: list[Resolved]
@@ -146,16 +150,19 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     if not every_entry:
         raise_problems(problems)
     indices = list(range(len(config.methods))) if every_entry else selected(config, list(only or []))
+    backends.check(config.runtime.backend)
+    store.check(config.output.formats)
     devices = (scheduling.resolve_devices(device, "--device") if device
                else scheduling.resolve_devices(config.runtime.devices))
     model = load_model(config.model.model_dump(), base_dir)
-    inputs = load_inputs(config.inputs.model_dump(), base_dir)
-    inputs = [replace(item, name=name) for item, name in zip(inputs, unique_names([i.name for i in inputs]))]
-    first = inputs[0].tensor.to(devices[0])
+    inputs = datasets.refs(datasets.source(config.inputs.model_dump(), base_dir))
+    # with Ray the actors hold the replicas: the driver checks on the CPU, holding no GPU memory
+    first = inputs[0].tensor.to(devices[0] if config.runtime.backend == "local" else torch.device("cpu"))
     try:
         ready = prepared(model, first)
     except Exception as exc:
-        raise model_fails(exc, inputs[0]) from exc
+        raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
+    datasets.scan(inputs)
     bad = {p.entry for p in problems}
     entries = [resolve(config.methods[i], config, i) for i in indices if i not in bad]
     for e in entries:
@@ -163,13 +170,12 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     return Plan(config, base_dir, model, inputs, devices, ready, entries, problems)
 
 
-def model_fails(exc: Exception, item: InputItem) -> ConfigError:
+def model_fails(exc: Exception, item: Any, shape: tuple[int, ...]) -> ConfigError:
     """The error for a model that fails on the first input; a channel mismatch names ``inputs.color``."""
     import re
 
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     found = re.search(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels", text)
-    shape = tuple(item.tensor.shape)
     if found:
         wanted, got = int(found.group(1)), int(found.group(2))
         fix = {1: "'grayscale'", 3: "'rgb'"}.get(wanted)
@@ -187,7 +193,7 @@ class Job:
 
     position: int  # the entry's place among the selected entries (manifest order)
     entry: Resolved
-    items: list[tuple[int, InputItem]]  # (input index, input)
+    items: list[tuple[int, InputRef]]  # (input index, input)
     keys: list[str]  # resume key per input
     devices: list[torch.device]  # where it may run
 
@@ -205,25 +211,33 @@ def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
     rt = config.runtime
     return {
         **e.request.key_settings(), "label": e.label, "model": config.model.model_dump(mode="json"),
-        "inputs": config.inputs.model_dump(mode="json", exclude={"paths"}), "seed": rt.seed, "amp": rt.amp, "tf32": rt.tf32,
-        "batch_size": rt.batch_size, "output": config.output.model_dump(mode="json", exclude={"dir"}),
+        "inputs": config.inputs.model_dump(mode="json", exclude={"paths", "dataset", "dataset_kwargs"}),
+        "seed": rt.seed, "amp": rt.amp, "tf32": rt.tf32,
+        "batch_size": rt.batch_size, "output": _output_settings(config.output),
     }
+
+
+def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
+    """The output settings a result's files depend on; the attribution store ("zarr") is not one of them:
+    a resumed result missing from it is read back from its .npy (:mod:`esegeta.store`)."""
+    settings = output.model_dump(mode="json", exclude={"dir"})
+    settings["formats"] = [f for f in settings["formats"] if f != "zarr"]
+    return settings
 
 
 def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int, int], dict], list[Job]]:
     """Records kept from an earlier run (by (input index, position)), and the jobs left: one per
     (method, input), or per ``runtime.batch_size`` inputs of one shape for a method without wrapper."""
     model_hash = resume.model_digest(p.model)
-    input_hashes = [resume.tensor_digest([item.tensor]) for item in p.inputs]
-    shape = p.inputs[0].tensor.shape
-    samples_hash = resume.tensor_digest([i.tensor for i in p.inputs if i.tensor.shape == shape])
+    input_hashes = [item.digest for item in p.inputs]
+    samples_hash = datasets.samples_digest(p.inputs)
     kept: dict[tuple[int, int], dict] = {}
     todo_jobs: list[Job] = []
     for position, e in enumerate(p.entries):
         settings = key_settings(e, p.config)
         devices = p.devices_of(e)
         settings["samples"] = samples_hash if e.spec.library.reads_samples else None
-        todo: list[tuple[int, InputItem, str]] = []
+        todo: list[tuple[int, InputRef, str]] = []
         for k, item in enumerate(p.inputs):
             key = resume.job_key(settings, model_hash, input_hashes[k])
             record = resume.reusable(previous, e.label, item.name, key)
@@ -233,11 +247,13 @@ def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int
                 todo.append((k, item, key))
         batch = p.config.runtime.batch_size if (e.request.wrapper is None and e.request.patch is None
                                                 and e.spec.kind in BATCHABLE_KINDS) else 1
-        while todo:
-            group = [t for t in todo if t[1].tensor.shape == todo[0][1].tensor.shape][:batch]
-            taken = {k for k, _, _ in group}
-            todo = [t for t in todo if t[0] not in taken]
-            todo_jobs.append(Job(position, e, [(k, item) for k, item, _ in group], [key for _, _, key in group],
-                                 devices))
+        by_shape: dict[tuple[int, ...], list[tuple[int, InputRef, str]]] = {}
+        for t in todo:
+            by_shape.setdefault(t[1].shape, []).append(t)
+        for same in by_shape.values():
+            for start in range(0, len(same), batch):
+                group = same[start:start + batch]
+                todo_jobs.append(Job(position, e, [(k, item) for k, item, _ in group], [key for _, _, key in group],
+                                     devices))
     todo_jobs.sort(key=lambda j: (j.items[0][0], j.position))
     return kept, todo_jobs

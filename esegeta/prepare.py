@@ -6,16 +6,36 @@ The copy is in eval mode (parameters as the user set them) and fixed for what ex
   forward, as torchvision's ``BasicBlock`` does, breaks DeepLift, LRP and SHAP's
   DeepExplainer, which keep per-module state: it is split into one copy per call site
   (:class:`CallSites`), so every hook sees one call;
-- in-place activations (``ReLU(inplace=True)``) break backward hooks: made non-inplace.
+- in-place activations (``ReLU(inplace=True)``) break backward hooks: made non-inplace;
+- a module registered under two names (MONAI's DynUNet keeps every block again under
+  ``skip_layers``; SegResNet puts ``act_mod`` into several ``Sequential``s) is walked twice by
+  ``Module.apply``, so Captum's DeepLift hooks it twice, and AblationCAM swaps only one of
+  the names: the second name becomes an :class:`Alias` that calls whatever the first name
+  holds at call time, so every walk sees the module once and a swap reaches both;
+- tensors a past forward left in attributes (DynUNet's deep-supervision heads after a
+  training step) are part of an autograd graph, which ``deepcopy`` refuses: the copy holds
+  them detached (:func:`_copy`).
 
-The user's model object, parameters, mode and hooks are left exactly as they were.
+In-place tensor operations inside the model's code (``out += identity`` in torchvision's
+residual blocks, ``F.relu(x, inplace=True)`` in DenseNet) break methods that hook module
+backward passes (a hooked module's output is a view that must not be modified in place):
+:func:`out_of_place` computes them out of place while such a method runs (a torch function
+mode: nothing on the copy changes).
+
+Every change is logged (``PreparedModel.changes``). The user's model object, parameters,
+mode and hooks are left exactly as they were.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dis
+import sys
 import logging
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,10 +101,72 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def _copy(model: nn.Module, changes: list[str]) -> nn.Module:
+    """``deepcopy(model)``, with tensors of an autograd graph held in module attributes (directly
+    or in a list, tuple or dict) copied detached: ``deepcopy`` refuses non-leaf tensors."""
+    memo: dict[int, Any] = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_"):
+                continue
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+            for item in items:
+                if torch.is_tensor(item) and item.grad_fn is not None and id(item) not in memo:
+                    memo[id(item)] = item.detach().clone()
+                    changes.append(f"{name or type(model).__name__}.{key}: a tensor of a past forward's autograd graph, "
+                                   "copied detached")
+    return copy.deepcopy(model, memo)
+
+
+class Alias(nn.Module):
+    """A second name of a module: calls whatever the model holds under the first name now (so a
+    library that swaps the module, as AblationCAM does, swaps it for both), without registering
+    it (so every walk of the model, and every hook, sees the module once, under its first name)."""
+
+    def __init__(self, root: nn.Module, name: str):
+        super().__init__()
+        self.__dict__["root"] = root  # not a child: deep copies follow it to the copied root
+        self.alias_of = name
+
+    def forward(self, *args, **kwargs):
+        return self.root.get_submodule(self.alias_of)(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"alias of {self.alias_of}"
+
+
+def _resolve_aliases(work: nn.Module, changes: list[str]) -> None:
+    """Every module registered under two names keeps its first (``named_modules`` order); a later
+    name becomes an :class:`Alias` of it (a parameter-free module becomes a copy of its own instead:
+    the same function, with its own hooks)."""
+    first = {id(m): n for n, m in work.named_modules(remove_duplicate=True)}
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", work)]
+    while stack:
+        prefix, parent = stack.pop(0)
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        for key, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            name = f"{prefix}.{key}" if prefix else key
+            if first.get(id(child)) == name or id(child) not in first:
+                stack.append((name, child))
+                continue
+            if not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
+                parent._modules[key] = copy.deepcopy(child)
+                changes.append(f"{name}: the parameter-free {type(child).__name__} also registered as "
+                               f"{first[id(child)]}, made a module of its own")
+                continue
+            parent._modules[key] = Alias(work, first[id(child)])
+            changes.append(f"{name}: alias of {first[id(child)]} ({type(child).__name__}): hooks attach to it once")
+
+
 def prepare(model: nn.Module, example: torch.Tensor) -> PreparedModel:
     """A prepared copy of ``model`` on ``example``'s device (see the module docstring)."""
-    work = copy.deepcopy(model).to(example.device).eval()
     changes: list[str] = []
+    work = _copy(model, changes).to(example.device).eval()
     if isinstance(work, torch.jit.ScriptModule):
         # Compiled graphs take no module hooks or swaps: used as they are.
         return PreparedModel(work, ["TorchScript model used as is (hook-based methods may not apply)"])
@@ -92,10 +174,13 @@ def prepare(model: nn.Module, example: torch.Tensor) -> PreparedModel:
         if getattr(module, "inplace", False) is True:
             module.inplace = False
             changes.append(f"{name}: in-place {type(module).__name__} made non-inplace")
+    _resolve_aliases(work, changes)
     for name, n in _count_calls(work, example[:1]).items():
         if n < 2:
             continue
         module = work.get_submodule(name)
+        if isinstance(module, Alias):  # its calls are counted on the module it names
+            continue
         if any(True for _ in module.parameters()) or list(module.children()):
             log.warning("module %s is called %d times per forward and has parameters or children: "
                         "left shared; DeepLift/LRP may misbehave on it", name, n)
@@ -103,6 +188,94 @@ def prepare(model: nn.Module, example: torch.Tensor) -> PreparedModel:
         _set_submodule(work, name, CallSites(module, n))
         changes.append(f"{name}: {type(module).__name__} reused at {n} call sites, split into {n} modules")
     return PreparedModel(work, changes)
+
+
+#: In-place tensor methods Python calls for ``a += b`` (``a -= b``...), and their out-of-place forms.
+_AUGMENTED = {"add_": torch.add, "sub_": torch.sub, "mul_": torch.mul, "div_": torch.div}
+#: ``BINARY_OP``'s arguments for the augmented assignments (``+=``, ``*=``, ``-=``, ``/=``).
+_INPLACE_BINARY_OPS = frozenset({13, 18, 23, 24})
+
+
+def _augmented_assignment(frame) -> bool:
+    """Whether ``frame`` is executing ``a += b`` (or ``-=``, ``*=``, ``/=``): Python binds the result
+    to ``a`` then, so computing it out of place changes nothing else (``a.add_(b)`` as a statement
+    relies on the side effect, and is a call instead)."""
+    code = frame.f_code.co_code
+    i = frame.f_lasti
+    return 0 <= i < len(code) - 1 and code[i] == dis.opmap.get("BINARY_OP", -1) and code[i + 1] in _INPLACE_BINARY_OPS
+
+
+#: Packages whose own code is never rewritten: the explainers (their accumulators may be views
+#: written through on purpose) and torch itself.
+_LIBRARY_CODE = ("captum", "shap", "zennit", "pytorch_grad_cam", "torchray", "lime", "lucent", "esegeta", "torch")
+
+
+def _packages(frame) -> list[str]:
+    return frame.f_code.co_filename.replace("\\", "/").split("/")
+
+
+def _caller(frame):
+    """The first frame from ``frame`` up that is not torch's own (``F.relu`` reaches the mode
+    through ``torch/nn/functional.py`` and ``torch/overrides.py``)."""
+    while frame is not None and "torch" in _packages(frame):
+        frame = frame.f_back
+    return frame
+
+
+def _model_code(frame) -> bool:
+    """Whether ``frame`` runs model code (the user's, torchvision's, MONAI's...), not an explainer's or torch's."""
+    return frame is not None and not any(package in _packages(frame) for package in _LIBRARY_CODE)
+
+
+def _in_graph(args: tuple) -> bool:
+    """Whether an in-place operation on ``args`` would be recorded by autograd (what hooks trip on)."""
+    return torch.is_grad_enabled() and any(torch.is_tensor(a) and a.requires_grad for a in args)
+
+
+class _OutOfPlace(torch.overrides.TorchFunctionMode):
+    """In model code, while autograd records: augmented assignments on tensors (``out += identity``)
+    and functional activations called with ``inplace=True`` are computed out of place; the caller
+    binds the result, so nothing else changes. Left alone: a bare ``x.add_(y)`` (it relies on its
+    side effect), the explainers' and torch's own code, and anything outside autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.rewritten = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _AUGMENTED and len(args) == 2 and not kwargs and _in_graph(args):
+            frame = _caller(sys._getframe(1))
+            if _model_code(frame) and _augmented_assignment(frame):
+                self.rewritten += 1
+                return _AUGMENTED[name](*args)
+        if kwargs.get("inplace") is True and _in_graph(args) and _model_code(_caller(sys._getframe(1))):
+            self.rewritten += 1
+            kwargs = {**kwargs, "inplace": False}
+        return func(*args, **kwargs)
+
+
+def needs_out_of_place(spec: Any) -> bool:
+    """Whether ``spec``'s method needs in-place operations computed out of place (see :func:`out_of_place`):
+    those that hook module backward passes, and those that replace a layer's output by a leaf
+    tensor requiring gradients (Captum's layer methods, TorchRay's), on which the model's next
+    in-place operation (DenseNet's ``F.relu(features, inplace=True)``) fails. Every method, then:
+    the mode only changes how the same values are stored."""
+    return spec is not None
+
+
+@contextlib.contextmanager
+def out_of_place(spec: Any) -> Iterator[None]:
+    """While ``spec``'s method runs: in-place tensor operations computed out of place, if it needs that."""
+    if not needs_out_of_place(spec):
+        yield
+        return
+    mode = _OutOfPlace()
+    with mode:
+        yield
+    if mode.rewritten:
+        log.debug("%s: %d in-place tensor operation(s) computed out of place", spec.id, mode.rewritten)
 
 
 @dataclass

@@ -120,9 +120,10 @@ def guarded(run: Callable[[Any, MethodSpec, Call], torch.Tensor]) -> Callable[[A
     def guarded_run(adapter: Any, spec: MethodSpec, call: Call) -> torch.Tensor:
         from .guard import restored
         from .params import with_defaults
+        from .prepare import out_of_place
 
         call = dataclasses.replace(call, params=with_defaults(spec, call.params, call.inputs))
-        with restored(call.forward, call.network):
+        with restored(call.forward, call.network), out_of_place(spec):
             return run(adapter, spec, call)
 
     return guarded_run
@@ -153,8 +154,10 @@ class MethodSpec:
     submodules; ``tasks`` are the kinds of model it applies to (see :data:`TASKS`).
     ``uses_global_rng`` overrides the library's (None: the library's); ``exclusive`` methods
     change torch for the whole process while they run (TorchRay patches ``torch.relu`` and
-    friends), so no other job may run beside them; ``preflight`` lists what in a prepared
-    model the method cannot handle (Captum's LRP: leaf layers without a rule), before a run;
+    friends), so no other job may run beside them; ``preflight(model, context)`` lists what in a
+    prepared model the method cannot handle (Captum's LRP: leaf layers without a rule), each
+    naming the layer and the fix, before a run (:mod:`esegeta.architectures`: the context holds
+    the example input, layer and params; validate, check and explain refuse with them);
     ``noise_tunnel`` gives the parameters of a ``noise_tunnel`` block, None if it takes none."""
 
     library: Library
@@ -173,7 +176,7 @@ class MethodSpec:
     reference: str = ""
     exclusive: bool = False
     uses_global_rng: bool | None = None
-    preflight: Callable[[nn.Module], list[str]] | None = None
+    preflight: Callable[[nn.Module, Any], list[Any]] | None = None
     noise_tunnel: Callable[[], Mapping[str, inspect.Parameter]] | None = None
 
     def __post_init__(self):

@@ -122,7 +122,7 @@ class Pipeline:
             if self.resume:
                 log.info("resume: %d result(s) kept from the earlier run, %d to compute",
                          len(kept), sum(len(j.items) for j in jobs))
-            writer.begin(list(kept.values()))
+            writer.begin(list(kept.values()), plan.inputs)
             records = dict(kept)
             _execute(plan, jobs, writer, records)
             manifest = {**_head(plan), "runs": [records[key] for key in sorted(records)]}
@@ -145,7 +145,7 @@ def _log_start(plan: Plan, out: Path) -> None:
     for change in plan.ready.changes:
         log.info("prepared copy: %s", change)
     for item in plan.inputs:
-        if not torch.isfinite(item.tensor).all():
+        if not item.finite:
             log.warning("input %s holds non-finite values (NaN or Inf): its results will fail", item.name)
 
 
@@ -159,8 +159,8 @@ def _head(plan: Plan) -> dict[str, Any]:
         "device": str(plan.device),
         "devices": [str(d) for d in plan.devices],
         "prepared_model": plan.ready.changes,
-        "inputs": [{"name": item.name, "path": str(item.path), "shape": list(item.tensor.shape[1:])}
-                   for item in plan.inputs],
+        "inputs": [{"name": item.name, "path": str(item.path), "shape": list(item.shape[1:]),
+                    **({"label": item.label} if item.label is not None else {})} for item in plan.inputs],
     }
 
 
@@ -172,8 +172,10 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
     executor = Executor(plan.devices, rt.threads_per_device, plan.model, plan.inputs, plan.ready, rt.tf32)
     with tqdm(total=len(jobs), desc="esegeta", unit="job", disable=None) as bar:
         def on_done(job: Job, computed: list[tuple[dict, np.ndarray | None, dict]]) -> None:
-            for (k, item), (record, result, extras) in zip(job.items, computed):
-                records[(k, job.position)] = writer.save(record, item, result, extras, job.entry.spec.kind)
+            saved = writer.save_all([(record, item, result, extras, job.entry.spec.kind)
+                                     for (_, item), (record, result, extras) in zip(job.items, computed)])
+            for (k, item), record in zip(job.items, saved):
+                records[(k, job.position)] = record
                 if record["status"] == "ok":
                     log.info("%s on %s: ok in %.2fs (%s)", job.entry.label, item.name, record["seconds"],
                              record["precision"])
@@ -181,12 +183,18 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
 
         def on_error(job: Job, exc: BaseException) -> None:
             log.error("%s failed: %s: %s", job.name, type(exc).__name__, exc)
-            for (k, item), key in zip(job.items, job.keys):
-                record = {**_record(job, item, key, rt), "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-                records[(k, job.position)] = writer.save(record, item, None, {}, job.entry.spec.kind)
+            failed = [({**_record(job, item, key, rt), "status": "failed", "error": f"{type(exc).__name__}: {exc}"},
+                       item, None, {}, job.entry.spec.kind) for (_, item), key in zip(job.items, job.keys)]
+            for (k, _), record in zip(job.items, writer.save_all(failed)):
+                records[(k, job.position)] = record
             bar.update()
 
-        executor.run(jobs, lambda job, worker: _compute(plan, job, worker), on_done, on_error)
+        if rt.backend == "ray":
+            from .backends import ray as ray_backend
+
+            ray_backend.run(plan, jobs, on_done, on_error)
+        else:
+            executor.run(jobs, lambda job, worker: _compute(plan, job, worker), on_done, on_error)
 
 
 def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device: torch.device | None = None,
@@ -194,9 +202,11 @@ def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device:
     """A manifest record of ``job`` on ``item``, before it ran."""
     device = device or job.devices[0]
     return {"method": job.entry.spec.id, "label": job.entry.label, "input": item.name, "status": "ok",
-            "seconds": None, "device": str(device), "error": None, "score": None, "shape": None, "files": {},
+            "seconds": None, "device": str(device), "error": None, "score": None, "target": None, "shape": None,
+            "files": {},
             "precision": None, "precision_reason": reason, "tf32": numerics.tf32_in_effect(rt.tf32, device),
-            "warnings": [], "oom_retries": 0, "key": key}
+            "warnings": [], "oom_retries": 0, "key": key,
+            **({"input_label": item.label} if getattr(item, "label", None) is not None else {})}
 
 
 def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray | None, dict]]:
@@ -249,7 +259,8 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
 def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None, samples: torch.Tensor):
     """The one call of the method (:func:`esegeta.explainer.run`): (result, scores per input, extras)."""
     outcome = run(request, model, x, base_dir=base_dir, with_scores=True, samples=samples)
-    return outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras
+    return (outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras,
+            list(outcome.targets) or [None] * len(job.items))
 
 
 def _halved(request: Request) -> Request | None:
@@ -261,7 +272,7 @@ def _halved(request: Request) -> Request | None:
 def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], done, reason: str, elapsed: float):
     """Per input: the record completed with the verdict on its result, the result and its extras
     (``x`` is the job's batch on the worker's device)."""
-    (attr, scores, extras), request = done.value, done.settings
+    (attr, scores, extras, targets), request = done.value, done.settings
     params, noise_tunnel = dict(request.params), request.noise_tunnel
     if attr.shape[0] != len(job.items):
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
@@ -269,8 +280,8 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
     computed = []
     for n, ((_, item), record) in enumerate(zip(job.items, records)):
         one = attr[n:n + 1]
-        record.update(seconds=seconds, score=scores[n], shape=list(one.shape[1:]), precision=done.precision,
-                      oom_retries=done.oom_retries)
+        record.update(seconds=seconds, score=scores[n], target=targets[n], shape=list(one.shape[1:]),
+                      precision=done.precision, oom_retries=done.oom_retries)
         if done.fallback:
             record["precision_reason"] = f"{reason}; {done.fallback}"
         problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n])

@@ -35,9 +35,11 @@ from .errors import ConfigError
 log = logging.getLogger("esegeta")
 LOCK = ".esegeta.lock"
 JOURNAL = ".esegeta-journal.jsonl"
-RESERVED = frozenset({"manifest.json", "overview.png", "esegeta.log", LOCK, JOURNAL})
+RESERVED = frozenset({"manifest.json", "overview.png", "esegeta.log", "attributions", LOCK, JOURNAL})
 #: Results kept in memory for the overview figure, in bytes; past it the figure reads the .npy back.
 OVERVIEW_MEMORY = 256 * 2**20
+#: Inputs shown in the overview figure (the first ones): a dataset run has thousands.
+OVERVIEW_INPUTS = 24
 _TMP = re.compile(r"\.tmp-(\d+)-([0-9a-f]+)-")
 _live_tokens: set[str] = set()  # the tokens of this process's runs that are writing now
 
@@ -123,6 +125,7 @@ class Writer:
         self._previous: dict[tuple[str, str], dict] = {}
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self._held = 0
+        self._stores = None  # the attribution stores (esegeta.store), from begin()
 
     # -- the folder ---------------------------------------------------------------
     def __enter__(self) -> Writer:
@@ -194,12 +197,29 @@ class Writer:
                 records = {}
             elif "label" in record:
                 records[(record["label"], record.get("input"))] = record
+        from .store import written_inputs
+
+        stores: dict[str, set[str]] = {}
+
+        def present(record: dict, fmt: str, rel: str) -> bool:
+            if fmt != "zarr":
+                return (self.out / rel).is_file()
+            if rel not in stores:  # a row counts once its chunk is written
+                stores[rel] = written_inputs(self.out / rel)
+            return record.get("input") in stores[rel]
+
         return {k: r for k, r in records.items() if r.get("status") == "ok" and r.get("key")
-                and all((self.out / f).is_file() for f in r.get("files", {}).values())}
+                and all(present(r, fmt, rel) for fmt, rel in r.get("files", {}).items())}
 
     # -- writing --------------------------------------------------------------------
-    def begin(self, kept: list[dict]) -> None:
-        """Start the journal: earlier records are void but ``kept``, those ``--resume`` reuses."""
+    def begin(self, kept: list[dict], inputs: list | None = None) -> None:
+        """Start the journal: earlier records are void but ``kept``, those ``--resume`` reuses.
+        With the run's ``inputs`` and the ``zarr`` format, every ok result also goes to its method's
+        attribution store (:mod:`esegeta.store`)."""
+        if inputs is not None and "zarr" in self.output.formats:
+            from .store import StoreWriter
+
+            self._stores = StoreWriter(self.out, inputs, self.resume)
         self._journal = open(self.out / JOURNAL, "a" if self.resume else "w", encoding="utf-8")
         lines = [outputs.json_line({"reset": True, "token": self.token})] + [outputs.json_line(r) for r in kept]
         try:
@@ -210,22 +230,48 @@ class Writer:
     def save(self, record: dict, item: Any, result: np.ndarray | None, extras: dict, kind: str) -> dict:
         """Write an ok record's result files, then commit the record; the record, ``failed``
         with the cause if a write failed (never raises)."""
-        try:
-            if record["status"] == "ok":
-                label = record["label"]
-                files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token)
-                files.update(outputs.save_extras(self.out, item, label, extras, self.token))
-                record["files"] = files
-                self._keep_for_overview(record, item, result, kind)
-            self.commit(record)
-        except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
-            record.update(status="failed", files={}, error=f"writing results: {type(exc).__name__}: {exc}")
-            log.error("%s on %s failed: %s", record["label"], record["input"], record["error"])
+        return self.save_all([(record, item, result, extras, kind)])[0]
+
+    def save_all(self, results: list[tuple[dict, Any, np.ndarray | None, dict, str]]) -> list[dict]:
+        """:meth:`save` for the results of one job (``(record, item, result, extras, kind)`` each):
+        every file first, then the records in one journal write (one fsync, not one per input)."""
+        records = []
+        for record, item, result, extras, kind in results:
             try:
-                self.commit(record)
-            except Exception as again:  # noqa: BLE001 (the manifest still gets it)
+                if record["status"] == "ok":
+                    label = record["label"]
+                    files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token)
+                    files.update(outputs.save_extras(self.out, item, label, extras, self.token))
+                    record["files"] = files
+                    self._keep_for_overview(record, item, result, kind)
+                    self._store(record, result, kind)
+            except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
+                self._failed(record, exc)
+            records.append(record)
+        try:
+            self._append("\n".join(outputs.json_line(r) for r in records))
+        except Exception as exc:  # noqa: BLE001 (not durable: not done)
+            for record in records:
+                self._failed(record, exc)
+            try:
+                self._append("\n".join(outputs.json_line(r) for r in records))
+            except Exception as again:  # noqa: BLE001 (the manifest still gets them)
                 log.debug("journal: %s", again)
-        return record
+        return records
+
+    @staticmethod
+    def _failed(record: dict, exc: BaseException) -> None:
+        record.update(status="failed", files={}, error=f"writing results: {type(exc).__name__}: {exc}")
+        log.error("%s on %s failed: %s", record["label"], record["input"], record["error"])
+
+    def _store(self, record: dict, result: np.ndarray, kind: str) -> None:
+        if self._stores is not None:
+            try:
+                if self._stores.add(record, result, kind):
+                    record["files"]["zarr"] = self._stores.relative(record["label"])
+            except Exception as exc:  # noqa: BLE001 (the result's own files are written: it stays ok)
+                record["warnings"] = [*record.get("warnings", []), f"attribution store: {type(exc).__name__}: {exc}"]
+                log.error("%s on %s: the attribution store failed: %s", record["label"], record["input"], exc)
 
     def commit(self, record: dict) -> None:
         """Append ``record`` to the journal and fsync: from then on it counts as done."""
@@ -248,6 +294,9 @@ class Writer:
                 raise
 
     def _keep_for_overview(self, record: dict, item: Any, result: np.ndarray, kind: str) -> None:
+        shown = {name for _, name in self._arrays}
+        if len(shown) >= OVERVIEW_INPUTS and record["input"] not in shown:
+            return
         if "png" in self.output.formats and self._held + result.nbytes <= OVERVIEW_MEMORY:
             self._arrays[(record["label"], record["input"])] = result
             self._held += result.nbytes
@@ -258,6 +307,11 @@ class Writer:
         the journal is removed once the manifest is written (an error propagates)."""
         if "png" in self.output.formats:
             self._overview(manifest, inputs, kinds)
+        if self._stores is not None:
+            try:
+                manifest["stores"] = self._stores.close(manifest["runs"], kinds)
+            except Exception as exc:  # noqa: BLE001 (every result has its own files)
+                log.error("attribution stores failed: %s: %s", type(exc).__name__, exc)
         outputs.save_json(self.out / "manifest.json", manifest, self.token)
         if self._journal is not None:
             self._journal.close()
@@ -268,7 +322,9 @@ class Writer:
         from . import figures
 
         rows = []
-        for item in inputs:
+        if len(inputs) > OVERVIEW_INPUTS:
+            log.info("overview: the first %d of %d inputs", OVERVIEW_INPUTS, len(inputs))
+        for item in inputs[:OVERVIEW_INPUTS]:
             cells = []
             for r in (r for r in manifest["runs"] if r["input"] == item.name):
                 kind = kinds[r["method"]]

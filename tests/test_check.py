@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
 import torch
 
 from esegeta.check import check
@@ -19,7 +20,7 @@ SOFTPLUS_MODEL = textwrap.dedent("""
             super().__init__()
             torch.manual_seed(0)
             self.conv = nn.Conv2d(1, 4, 3, padding=1)
-            self.act = nn.Softplus()
+            self.act = nn.LogSigmoid()  # no LRP rule: not monotone-positive, not in any rule table
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.flat = nn.Flatten()
             self.fc = nn.Linear(4, 10)
@@ -86,13 +87,14 @@ def test_lrp_layers_without_a_rule_are_named(tmp_path, capsys):
     cfg["model"] = {"factory": str(tmp_path / "softplus_model.py") + ":SoftplusNet"}
     report = check(cfg, base_dir=tmp_path)
     lrp, saliency = report.methods
-    assert not lrp.ok and "act (Softplus)" in lrp.problems[0]
+    assert not lrp.ok and "act (LogSigmoid)" in lrp.problems[0]
     assert saliency.ok
-    # and the verdict is true: the run refuses LRP, Saliency runs
+    # and the verdict is true: the run refuses LRP before anything runs, naming the layer
+    from esegeta.errors import ConfigError
     from esegeta.runner import Pipeline
 
-    result = Pipeline(cfg, base_dir=tmp_path).run()
-    assert [r["status"] for r in result.runs] == ["failed", "ok"]
+    with pytest.raises(ConfigError, match="act \\(LogSigmoid\\)"):
+        Pipeline(cfg, base_dir=tmp_path).run()
     code, out, _ = run_cli(["check", write_config(tmp_path, cfg)], capsys)
     assert code == 1 and "[NO] methods[0]" in out and "1/2 method(s) will run" in out
 
@@ -130,9 +132,12 @@ def test_a_peak_over_the_free_memory_is_a_problem(tmp_path, monkeypatch):
 
 
 def test_canonizers_that_fail_on_the_model_are_found_before_the_run(tmp_path):
-    """torchvision's DenseNet normalises concatenated features: zennit's default canonizer
-    (SequentialMergeBatchNorm) fails on it at run time; check tries it and says what to set."""
-    cfg = valid_config(tmp_path, methods=[{"id": "zennit.EpsilonPlusFlat"},
+    """torchvision's DenseNet normalises concatenated features: zennit's SequentialMergeBatchNorm
+    (pairing by module order) fails on it at run time; check tries the canonizers each entry
+    will use, on a copy of the model, and says what to set."""
+    cfg = valid_config(tmp_path, methods=[{"id": "zennit.EpsilonPlusFlat",
+                                           "params": {"canonizers": ["SequentialMergeBatchNorm"]}},
+                                          {"id": "zennit.EpsilonPlusFlat", "label": "default"},
                                           {"id": "zennit.EpsilonPlusFlat", "label": "plain", "params": {"canonizers": []}}],
                        model={"factory": "torchvision.models:DenseNet",
                               "kwargs": {"growth_rate": 4, "block_config": [2, 2], "num_init_features": 8,
@@ -140,6 +145,7 @@ def test_canonizers_that_fail_on_the_model_are_found_before_the_run(tmp_path):
                        inputs={"paths": [str(REPO / "samples" / "data" / "retina_crop.png")], "spatial_dims": 2,
                                "resize": [32, 32]})
     report = check(cfg, base_dir=tmp_path)
-    default, plain = report.methods
-    assert not default.ok and "params.canonizers" in default.problems[0] and "[]" in default.problems[0]
+    sequential, default, plain = report.methods
+    assert not sequential.ok and "params.canonizers" in sequential.problems[0] and "[]" in sequential.problems[0]
+    assert default.ok and any("tried on a copy" in n for n in default.notes)
     assert plain.ok

@@ -207,7 +207,7 @@ CASES: list[Bad] = [
         ("target: Input should be a valid integer", "| or: Input should be 'predicted'")),
     Bad("method-target-negative", with_methods({"id": "captum.Saliency", "target": -2}), "methods[0].target",
         ("methods[0].target: Input should be greater than or equal to 0 | or: Input should be 'predicted'",)),
-    Bad("format-gif", edit("output", formats=["gif"]), "output.formats[0]", ("'npy', 'png' or 'nii'",)),
+    Bad("format-gif", edit("output", formats=["gif"]), "output.formats[0]", ("'npy', 'png', 'nii' or 'zarr'",)),
     Bad("figure-method", edit("output", figure={"method": "heatmap"}), "output.figure.method", ("heat_map",)),
     Bad("params-not-a-dict", with_methods({"id": "captum.Saliency", "params": [1]}), "methods[0].params",
         ("dictionary",)),

@@ -45,41 +45,108 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
     return keyword_parameters(fn, NOT_CONFIGURABLE)
 
 
+#: Modules that move values without changing them: reshapes and permutations, and those that are
+#: the identity in eval mode (dropouts, stochastic depth). They take the ε rule, exact for them; not
+#: Captum's identity rule, which fails on a module that returns its input tensor itself (its input
+#: hook then runs before its output hook, and finds no relevance: ``KeyError: device``).
+_PASSING = ("Flatten", "Unflatten", "Identity", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout")
+_PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath"})
+#: Layers the ε rule treats as linear. Normalisation layers (instance, group, layer norm, and
+#: torchvision's LayerNorm2d, a LayerNorm subclass) are affine maps of their input once their
+#: statistics are fixed at the values they take on the explained input: the ε rule then
+#: distributes a channel's relevance over its inputs by their share of the output, as for
+#: BatchNorm (Captum's own treatment) and as LRP for transformers does for LayerNorm with
+#: detached statistics (Ali et al. 2022, arXiv:2202.07304). Captum's rule reads the gradient,
+#: which through the statistics is not exactly that affine map: relevance is conserved up to
+#: the statistics' share of the gradient (tests/test_zoo.py measures it).
+_EPSILON_LAYERS = ("Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
+                   "BatchNorm1d", "BatchNorm3d", "AvgPool1d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool3d",
+                   "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
+                   "Upsample", *_PASSING)
+#: Layers relevance passes through unchanged (the identity rule): elementwise activations, as
+#: Captum does for ReLU: the relevance of an output is that of its input (Hardswish, SiLU, GELU,
+#: PReLU... are gated identities, x·g(x), whose gate LRP does not credit, as for the gates of
+#: LSTMs, Arras et al. 2017, arXiv:1706.07206).
+_IDENTITY_LAYERS = ("Sigmoid", "Softmax", "LogSoftmax", "LeakyReLU", "ELU", "GELU", "SiLU", "Hardswish", "Hardsigmoid",
+                    "Hardtanh", "ReLU6", "PReLU", "Mish", "Softplus", "Tanh")
+
+
 def lrp_rule_for(module) -> str | None:
     """The name of the LRP rule Captum's LRP applies to leaf ``module`` in esegeta (Captum's own
-    rule for the layers it supports; ε for the other linear layers — convolutions of any
-    rank, transposed convolutions, batch norms, pooling by averaging, reshapes; identity for
-    elementwise activations), or None if there is none and LRP will refuse the model."""
+    rule for the layers it supports; ε for the other linear and normalisation layers, reshapes
+    and eval-mode dropouts, identity for elementwise activations: see the comments above), or
+    None if there is none and LRP will refuse the model."""
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
     from torch import nn
 
-    linear = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-              nn.BatchNorm1d, nn.BatchNorm3d, nn.AvgPool1d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-              nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample)
-    passing = (nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-               nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
     if hasattr(module, "rule"):
         return type(module.rule).__name__
     if type(module) in SUPPORTED_LAYERS_WITH_RULES:
         return SUPPORTED_LAYERS_WITH_RULES[type(module)].__name__
     if type(module) in SUPPORTED_NON_LINEAR_LAYERS:
         return "non-linear (relevance passes)"
-    if isinstance(module, linear):
+    if (isinstance(module, tuple(getattr(nn, n) for n in _EPSILON_LAYERS if hasattr(nn, n)))
+            or type(module).__name__ in _PASSING_NAMES):
         return "EpsilonRule"
-    if isinstance(module, passing):
+    if isinstance(module, tuple(getattr(nn, n) for n in _IDENTITY_LAYERS if hasattr(nn, n))):
         return "IdentityRule"
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # an empty container: never called, its rule never runs
+        return "EpsilonRule"
     return None
 
 
-def lrp_gaps(model) -> list[str]:
+def lrp_gaps(model, context=None) -> list[str]:
     """The LRP methods' pre-flight check: the leaf layers of ``model`` that neither Captum nor
-    esegeta has a rule for (Captum's LRP refuses the model then), as one problem, or none."""
+    esegeta has a rule for (Captum's LRP refuses the model then), and attention (whose
+    projections ``nn.MultiheadAttention`` applies without calling them as modules, so no rule
+    can see them), as problems, or none."""
+    from torch import nn
+
+    attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if attention:
+        return [f"no LRP rule for attention ({attention[0]}: MultiheadAttention{' and more' if len(attention) > 1 else ''}): "
+                "Captum's LRP cannot propagate relevance through it; use captum.IntegratedGradients, or "
+                "gradcam.GradCAM with params.reshape_transform \"vit\""]
+    from ..prepare import Alias
+
+    aliases = [(name, m.alias_of) for name, m in model.named_modules() if isinstance(m, Alias)]
+    if aliases:
+        return [f"the model registers modules under two names ({aliases[0][0]} is {aliases[0][1]}), and Captum's LRP "
+                "walks the module tree, not the calls: use zennit's composites (e.g. zennit.EpsilonPlus), which "
+                "hook each module once"]
     gaps = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
             if name and not list(m.children()) and lrp_rule_for(m) is None]
     if not gaps:
         return []
     return [f"no LRP rule for {', '.join(gaps[:8])}{' ...' if len(gaps) > 8 else ''}: Captum's LRP will refuse "
             "the model; try zennit's composites"]
+
+
+def token_layer(model, context) -> list[str]:
+    """Grad-CAM's pre-flight check: the layer's output must be (batch, channels, *spatial) like
+    the input. A transformer's token layer gives (batch, tokens, features): Captum would take
+    the tokens for channels and return a map of one pixel per feature."""
+    shape = context.layer_shape() if context is not None else None
+    if shape is None or len(shape) == context.x.ndim:
+        return []
+    return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps: "
+            "Grad-CAM would take the tokens for channels; use gradcam.GradCAM with params.reshape_transform "
+            "\"vit\" (a class token first, then a square grid of patches) or \"tokens\" (patches only), or a "
+            "convolutional layer"]
+
+
+def grid_on_tokens(model, context) -> list[str]:
+    """LayerFeatureAblation's check: a ``layer_mask`` grid is laid over the layer's spatial axes,
+    which a token layer (batch, tokens, features) does not have."""
+    mask = context.params.get("layer_mask") if context is not None else None
+    if not (isinstance(mask, dict) and "grid" in mask):
+        return []
+    shape = context.layer_shape()
+    if shape is None or len(shape) == context.x.ndim:
+        return []
+    return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens without spatial axes for params.layer_mask's "
+            "grid: leave layer_mask out (each feature ablated alone), pass a tensor of token groups from Python, "
+            "or choose a convolutional layer"]
 
 
 def _attach_lrp_rules(model) -> list[str]:
@@ -170,6 +237,10 @@ class CaptumAdapter:
         if call.noise_tunnel is not None:
             method = self._cls("NoiseTunnel")(method)
             attr_kw.update(_tuples(dict(call.noise_tunnel)))
+        if "DeepLift" in spec.name:  # the rescale rule for SiLU, GELU, Hardswish...
+            from ..architectures import extend_deeplift_rules
+
+            extend_deeplift_rules()
         if issubclass(cls, self._cls("LRP")):  # LRP and LayerLRP: rules for the layers Captum lacks
             changed = _attach_lrp_rules(call.forward)
             if changed:
@@ -230,7 +301,7 @@ _captum("DeepLiftShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXi
 _captum("GradientShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874", global_rng=True)
 _captum("GuidedBackprop", ref="Springenberg et al. 2015, arXiv:1412.6806")
 _captum("Deconvolution", ref="Zeiler & Fergus 2014, arXiv:1311.2901")
-_captum("GuidedGradCam", layer=True, ref="Selvaraju et al. 2017, arXiv:1610.02391")
+_captum("GuidedGradCam", layer=True, preflight=token_layer, ref="Selvaraju et al. 2017, arXiv:1610.02391")
 _captum("FeatureAblation", quick=_PERTURB_QUICK, ref="feature ablation")
 _captum("Occlusion", defaults={"sliding_window_shapes": _window, "strides": _stride},
         quick={"sliding_window_shapes": _quarter, "strides": _quarter, "perturbations_per_eval": 16},
@@ -245,13 +316,13 @@ _captum("LRP", preflight=lrp_gaps, ref="Bach et al. 2015, doi:10.1371/journal.po
 # Layer attributions (results at the layer's resolution).
 _captum("LayerActivation", kind="layer", layer=True, target=False)
 _captum("LayerConductance", kind="layer", layer=True, quick=_IG_QUICK, ref="Dhamdhere et al. 2018, arXiv:1805.12233")
-_captum("LayerGradCam", kind="layer", layer=True, ref="Selvaraju et al. 2017, arXiv:1610.02391")
+_captum("LayerGradCam", kind="layer", layer=True, preflight=token_layer, ref="Selvaraju et al. 2017, arXiv:1610.02391")
 _captum("LayerGradientShap", kind="layer", layer=True, defaults=_SHAP_BASELINES, global_rng=True)
 _captum("LayerGradientXActivation", kind="layer", layer=True)
 _captum("LayerDeepLift", kind="layer", layer=True, ref="Shrikumar et al. 2017, arXiv:1704.02685")
 _captum("LayerDeepLiftShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
 _captum("LayerIntegratedGradients", kind="layer", layer=True, quick=_IG_QUICK)
-_captum("LayerFeatureAblation", kind="layer", layer=True,
+_captum("LayerFeatureAblation", kind="layer", layer=True, preflight=grid_on_tokens,
         quick={"layer_mask": _quick_layer_grid, "perturbations_per_eval": 16})
 _captum("LayerLRP", kind="layer", layer=True, leaf=True, preflight=lrp_gaps,
         ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")

@@ -36,7 +36,7 @@ GLOBAL_RNG = frozenset({"RandomCAM", "KPCA_CAM"})
 
 #: Upstream arguments a JSON config cannot set: esegeta supplies them, or they take Python objects.
 NOT_CONFIGURABLE = frozenset({
-    "self", "model", "target_layers", "reshape_transform", "ablation_layer", "tta_transforms",
+    "self", "model", "target_layers", "ablation_layer", "tta_transforms",
     "input_tensor", "targets", "target_idx", "compute_input_gradient", "uses_gradients", "detach",
 })
 #: Methods that take the explained class as ``target_idx`` (they build their own targets from it).
@@ -71,9 +71,99 @@ CHECKS: Mapping[str, Check] = {
     "alpha": (number, "a number"),
     "theta": (number, "a number"),
     "scale_step_ratio": (lambda v: number(v) and v > 0, "a positive number"),
+    "reshape_transform": (lambda v: v is None or v in RESHAPES, "null, \"vit\" (tokens with a class token first, "
+                          "as torchvision's and timm's ViTs) or \"tokens\" (patch tokens only, as Swin's)"),
     "comparison_categories": (lambda v: v is None or (isinstance(v, list) and all(map(positive_int, v))),
                               "null or a list of similarity ranks (1 = the class of closest score)"),
 }
+
+
+#: ``params.reshape_transform``: the token layouts esegeta turns back into (B, C, *grid) maps.
+RESHAPES = ("vit", "tokens")
+
+
+def token_reshape(name: str, dims: int):
+    """grad-cam's ``reshape_transform`` for a token layer: (B, [1 +] N, C) tokens → (B, C, *grid),
+    the grid a square (cube for 3D) of N patches; ``"vit"`` drops the class token first."""
+
+    def reshape(tokens):
+        if tokens.ndim != 3:
+            return tokens
+        patches = tokens[:, 1:] if name == "vit" else tokens
+        side = round(patches.shape[1] ** (1 / dims))
+        if side ** dims != patches.shape[1]:
+            raise ConfigError("params.reshape_transform", f"{patches.shape[1]} patch tokens do not form a square "
+                                                          f"{dims}D grid" + (" (is there a class token? use \"vit\")"
+                                                                             if name == "tokens" else ""))
+        return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], *([side] * dims))
+
+    return reshape
+
+
+def token_layer(model, context) -> list[str]:
+    """The pre-flight check of the CAMs with a layer: a token layer (output (batch, tokens,
+    features)) needs ``params.reshape_transform`` (which ShapleyCAM does not apply to the tensors
+    it differentiates twice)."""
+    if context is None or context.layer is None:
+        return []
+    second_order = context.spec is not None and context.spec.name in SECOND_ORDER
+    if context.params.get("reshape_transform") and not second_order:
+        return []
+    shape = context.layer_shape()
+    if shape is None or len(shape) == context.x.ndim:
+        return []
+    if second_order or (context.spec is not None
+                        and "reshape_transform" not in context.spec.adapter.parameters(context.spec)):
+        return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps, "
+                f"and {context.spec.id} does not apply a reshape_transform: use gradcam.GradCAM with params.reshape_transform "
+                "\"vit\" or \"tokens\", or choose a convolutional layer"]
+    return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps: "
+            "set params.reshape_transform to \"vit\" (a class token first, then a square grid of patches) or "
+            "\"tokens\" (patches only), or choose a convolutional layer"]
+
+
+def fullgrad_order(model, context) -> list[str]:
+    """FullGrad's pre-flight check. Upstream pairs the biases of every Conv2d/BatchNorm2d, in module
+    order, with the gradients its hooks collect, in reverse order of the backward pass: that holds
+    only if each layer runs once and the backward pass meets them in reverse module order (a
+    chain). Skip connections (U-Nets) reorder the backward pass and the biases meet the wrong
+    gradients (a broadcast error, or a bare AssertionError when a layer runs twice or never)."""
+    import torch
+    from torch import nn
+
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.BatchNorm2d) and m.bias is not None]
+    if not layers or context is None:
+        return []
+    met: list[str] = []
+    handles = []
+
+    def hook(name):
+        def forward_hook(module, args, output):
+            if torch.is_tensor(output) and output.requires_grad:
+                output.register_hook(lambda grad: met.insert(0, name))
+        return forward_hook
+
+    for name, m in layers:
+        handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.enable_grad():
+            x = context.x[:1].detach().clone().requires_grad_(True)
+            out = model(x)
+            out = out if torch.is_tensor(out) else next(t for t in out if torch.is_tensor(t))
+            out.float().sum().backward()
+    except Exception:  # noqa: BLE001 (the check only compares orders; the run reports its own failure)
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    expected = [n for n, _ in layers]
+    if met == expected:
+        return []
+    wrong = next((e for e, m in zip(expected, met) if e != m), expected[len(met)] if len(met) < len(expected) else met[-1])
+    return [f"FullGrad pairs each bias with the gradient its hooks meet in reverse module order, and this model "
+            f"breaks that order at {wrong} (a skip connection, or a layer run more or less than once): use "
+            "gradcam.GradCAM or captum.IntegratedGradients"]
 
 
 def _configurable(fn) -> dict[str, inspect.Parameter]:
@@ -90,11 +180,34 @@ def _call_signature(cls):
     return cls.forward if any(p.kind is p.VAR_POSITIONAL for p in params) else cls.__call__
 
 
+#: Methods that differentiate twice (ShapleyCAM's Hessian-vector products).
+SECOND_ORDER = frozenset({"ShapleyCAM"})
+
+
+def _math_attention(enabled: bool):
+    """Scaled dot-product attention on its math kernel: the fused CPU/CUDA kernels have no second
+    derivative (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented``); the math kernel computes the same values with plain, twice-differentiable ops."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _release(cam) -> None:
     """Release the hooks of a CAM and of the CAMs a meta-method (FinerCAM, SESS, RefineCAM) holds."""
     for inner in (cam, getattr(cam, "base_cam", None), *getattr(cam, "base_cam_per_layer", ())):
         holder = getattr(inner, "activations_and_grads", None)
         if holder is not None:
+            # upstream's clear() detaches each kept tensor in place, which raises for a view (ShapleyCAM keeps
+            # its gradients' graph: they can be views) and would lose the computed map: dropping the
+            # references frees the graph as well
+            for kept in (getattr(holder, "activations", None), getattr(holder, "gradients", None)):
+                if isinstance(kept, list):
+                    kept.clear()
             holder.release()
 
 
@@ -158,8 +271,13 @@ class GradCamAdapter:
         cls = getattr(module, spec.name)
         init_names = self._init_names(cls)
         params = {k: getattr(module, v) if k in CLASS_PARAMS else v for k, v in call.params.items()}
+        if params.get("reshape_transform") is not None:
+            params["reshape_transform"] = token_reshape(params["reshape_transform"], x.ndim - 2)
         attributes = ATTRIBUTES.get(spec.name, {})
-        init_kw = {**{k: getattr(module, v)() for k, v in FRESH.get(spec.name, {}).items()},
+        fresh = dict(FRESH.get(spec.name, {}))
+        if params.get("reshape_transform") is not None and "ablation_layer" in fresh:
+            fresh["ablation_layer"] = "AblationLayerVit"  # ablates the feature axis of (B, tokens, C)
+        init_kw = {**{k: getattr(module, v)() for k, v in fresh.items()},
                    **{k: v for k, v in params.items() if k in init_names}}
         attr_kw = {k: v for k, v in params.items() if k not in init_names and k not in attributes}
         attr_kw["targets"] = None
@@ -173,7 +291,8 @@ class GradCamAdapter:
             cam = cls(model=call.forward, target_layers=layers, **init_kw)
             for name, default in attributes.items():
                 setattr(cam, name, params.get(name, default))
-            result = cam(input_tensor=x.detach(), **attr_kw)
+            with _math_attention(spec.name in SECOND_ORDER):
+                result = cam(input_tensor=x.detach(), **attr_kw)
         finally:
             if cam is not None:
                 _release(cam)
@@ -231,4 +350,5 @@ for _name, (_dims, _layer, _target, _tasks, _quick, _ref) in TABLE.items():
         library=LIBRARY, name=_name, kind="attribution", adapter=ADAPTER, needs_layer=_layer, dims=_dims,
         needs_target=_target, **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
         uses_global_rng=True if _name in GLOBAL_RNG else None,
+        preflight=token_layer if _layer else fullgrad_order if _name == "FullGrad" else None,
     ))

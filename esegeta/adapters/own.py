@@ -125,20 +125,46 @@ def _fit_quick(x):
     return torch.cat([x[:1], x[:1] + 0.1 * x.std() * noise])
 
 
+def _patterns_preflight(method: str):
+    def preflight(model, context=None) -> list[str]:
+        from ..algorithms.patterns import unsupported
+
+        return unsupported(model, context, f"esegeta.{method}")
+    return preflight
+
+
+def _cam_preflight(model, context=None) -> list[str]:
+    """esegeta.CAM's check: the model must end in global average pooling and a linear layer, at the layer."""
+    from ..algorithms.cam import head
+    from ..errors import ConfigError
+
+    if context is None or context.layer is None:
+        return []
+    try:
+        head(model, model.get_submodule(context.layer), context.x[:1])
+    except ConfigError as exc:
+        return [exc]  # names its own field (layer or model)
+    except AttributeError:
+        return []
+    return []
+
+
 def _own(name, implementation, kind="attribution", layer=False, target=True, tasks=None, requires=(),
-         extra="", quick=None, ref=""):
+         extra="", quick=None, ref="", preflight=None):
     IMPLEMENTATIONS[name] = f"esegeta.algorithms.{implementation}"
     register(MethodSpec(
         library=LIBRARY, name=name, kind=kind, adapter=ADAPTER, requires=requires, extra=extra,
         needs_layer=layer, needs_target=target, quick_params=quick or {}, reference=ref,
-        **({"tasks": tasks} if tasks else {}),
+        **({"tasks": tasks} if tasks else {}), preflight=preflight,
     ))
 
 
 _PATTERN_REF = "Kindermans et al. 2018, ICLR, arXiv:1705.05598"
 _own("CAM", "cam:cam", kind="layer", layer=True, tasks=("classification",),
-     ref="Zhou et al. 2016, CVPR, arXiv:1512.04150")
-_own("PatternNet", "patterns:pattern_net", quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF)
-_own("PatternAttribution", "patterns:pattern_attribution", quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF)
+     ref="Zhou et al. 2016, CVPR, arXiv:1512.04150", preflight=_cam_preflight)
+_own("PatternNet", "patterns:pattern_net", quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF,
+     preflight=_patterns_preflight("PatternNet"))
+_own("PatternAttribution", "patterns:pattern_attribution", quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF,
+     preflight=_patterns_preflight("PatternAttribution"))
 _own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop", layer=True, target=False,
      requires=("captum",), extra="captum", ref="Springenberg et al. 2015, arXiv:1412.6806")

@@ -126,6 +126,9 @@ def _deep(call: Call, x, target: int, params: dict[str, Any]):
 
     from ..backgrounds import make_data
 
+    from ..architectures import extend_deeplift_rules
+
+    extend_deeplift_rules()  # the rescale rule for SiLU, GELU, Hardswish...
     data = make_data(params.pop("data"), x, call, "params.data")
     cls = shap.DeepExplainer
     explainer = cls(_column_class()(call.forward, target), data)
@@ -254,14 +257,47 @@ def _blur_masker(x) -> str:
     return f"blur({k},{k})"
 
 
-def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF, requires=()):
+#: Layers SHAP's DeepExplainer has no rule for and passes as if linear, which they are not: its
+#: additivity check then fails (normalisation by statistics of the input itself, attention).
+DEEP_NO_RULE = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
+                "MultiheadAttention")
+
+
+def deep_gaps(model, context=None) -> list[str]:
+    """DeepExplainer's pre-flight check: layers it has no rule for (see :data:`DEEP_NO_RULE`), and
+    max pooling with overlapping windows (kernel larger than stride: its max-pool rule assigns
+    each output's difference as if the windows did not overlap, and additivity fails)."""
+    from torch import nn
+
+    wrong = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+             if any(isinstance(m, getattr(nn, t)) for t in DEEP_NO_RULE)]
+    overlapping = [name for name, m in model.named_modules() if isinstance(m, nn.modules.pooling._MaxPoolNd)
+                   and any(k > s for k, s in zip(_tuple(m.kernel_size), _tuple(m.stride or m.kernel_size)))]
+    found = []
+    if wrong:
+        found.append(f"shap.DeepExplainer has no rule for {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} "
+                     "(it would pass them as linear, and its additivity check fails): use captum.DeepLiftShap "
+                     "(the same attribution, Captum's rules) or shap.GradientExplainer")
+    if overlapping:
+        found.append(f"shap.DeepExplainer's max-pool rule assumes windows that do not overlap; {overlapping[0]} "
+                     "overlaps (kernel larger than stride): use captum.DeepLiftShap (the same attribution, "
+                     "Captum's max-pool rule) or shap.GradientExplainer")
+    return found
+
+
+def _tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF, requires=(), preflight=None):
     register(MethodSpec(library=LIBRARY, name=name, kind="attribution", adapter=ADAPTER, requires=requires,
-                        dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref))
+                        dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref,
+                        preflight=preflight))
 
 
 _shap_method("GradientExplainer", defaults={"data": ["zeros", "blur"]}, quick={"nsamples": 16, "rseed": 0},
              ref="Lundberg & Lee 2017, arXiv:1705.07874; expected gradients: Erion et al. 2021, arXiv:1906.10670")
-_shap_method("DeepExplainer", defaults={"data": ["zeros", "blur"]}, quick={"data": "blur"},
+_shap_method("DeepExplainer", defaults={"data": ["zeros", "blur"]}, quick={"data": "blur"}, preflight=deep_gaps,
              ref="Lundberg & Lee 2017, arXiv:1705.07874; DeepLIFT: Shrikumar et al. 2017, arXiv:1704.02685")
 # shap's Image masker needs OpenCV for its blur and inpaint masks.
 _shap_method("PartitionExplainer", dims=(2,), defaults={"masker": _blur_masker}, quick={"max_evals": 24},

@@ -210,11 +210,41 @@ def _quick_sigma(x) -> float:
     return 3.0 * _quick_step(x)  # upstream's ratio: step 7, sigma 21
 
 
+def _layer_preflight(excitation: bool):
+    """The check of TorchRay's layer methods: its probe replaces the layer's output by a leaf tensor,
+    so the model must not modify that output in place (TorchRay runs without esegeta's out-of-place
+    mode: its patches of torch's functions break under a torch-function mode); a token layer gives
+    no spatial map; excitation backprop has no rule for attention."""
+
+    def preflight(model, context) -> list[str]:
+        from ..architectures import attention, inplace_on_layer_output
+
+        found = []
+        if context.layer is not None:
+            inplace = inplace_on_layer_output(model, context.x, context.layer)
+            if inplace:
+                found.append(f"the model modifies the output of layer {context.layer!r} in place ({inplace[0]}), "
+                             "which TorchRay's probe makes a leaf tensor: choose the layer whose output that operation "
+                             "takes next (e.g. a submodule inside it), or use gradcam.GradCAM or captum.LayerGradCam")
+            shape = context.layer_shape()
+            if shape is not None and len(shape) != context.x.ndim:
+                found.append(f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, "
+                             "*spatial) maps: use gradcam.GradCAM with params.reshape_transform \"vit\"")
+        if excitation and attention(model):
+            found.append(f"TorchRay's excitation backprop has no rule for attention ({attention(model)[0]}: "
+                         "MultiheadAttention): use captum.IntegratedGradients or gradcam.GradCAM with "
+                         "params.reshape_transform \"vit\"")
+        return found
+
+    return preflight
+
+
 def _torchray(name, adapter, kind="attribution", layer=False, dims=(2, 3), defaults=None, quick=None, ref="",
               exclusive=False):
     register(MethodSpec(
         library=LIBRARY, name=name, kind=kind, adapter=adapter, needs_layer=layer, dims=dims,
         defaults=defaults or {}, quick_params=quick or {}, reference=ref, exclusive=exclusive,
+        preflight=_layer_preflight("excitation" in name) if layer else None,
     ))
 
 

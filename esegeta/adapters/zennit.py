@@ -49,11 +49,14 @@ Captum's LRP differs from zennit there: where a layer's input also feeds such an
 (a residual or skip connection), Captum multiplies the relevance arriving through it by the
 input again; on branch-free networks the two agree exactly (tests/test_zennit.py).
 
-Canonizers (``params.canonizers``, names): SequentialMergeBatchNorm (folds every BatchNorm
-that directly follows a conv/linear layer in module order into it: the Conv→BN blocks of
-esegeta's sample ResNet and U-Nets), and, from ``zennit.torchvision``, VGGCanonizer (the same)
+Canonizers (``params.canonizers``, names): GraphMergeBatchNorm (esegeta's: folds each
+BatchNorm into the conv/linear layer whose output it takes, where nothing else takes that
+output, as seen on a forward pass of the input: right across DenseNet's ``torch.cat`` and
+residual blocks), SequentialMergeBatchNorm (zennit's: folds every BatchNorm that follows a
+conv/linear layer in *module order*, wrong where the order differs from the data flow, e.g.
+DenseNet), and, from ``zennit.torchvision``, VGGCanonizer (the same)
 and ResNetCanonizer (that plus a ``Sum`` module for the residual addition of torchvision's
-own ``BasicBlock``/``Bottleneck`` classes only). Default: SequentialMergeBatchNorm for every
+own ``BasicBlock``/``Bottleneck`` classes only). Default: GraphMergeBatchNorm for every
 LRP composite, none for GuidedBackprop and DeconvNet (folding BN changes their gradient only
 by rounding); ``[]`` turns folding off. Canonizers change the prepared copy's weights while the
 call runs; zennit undoes them, and the one guard (:func:`esegeta.registry.guarded`) restores,
@@ -125,8 +128,35 @@ def composite_names() -> tuple[str, ...]:
     return (*upstream_composites(), *MAP_COMPOSITES)
 
 
+#: esegeta's canonizer: folds each BatchNorm into the layer whose output it takes, from the traced graph.
+GRAPH_MERGE = "GraphMergeBatchNorm"
+
+
 def _default_canonizers(name: str) -> tuple[str, ...]:
-    return () if name in NO_CANONIZERS else ("SequentialMergeBatchNorm",)
+    return () if name in NO_CANONIZERS else (GRAPH_MERGE,)
+
+
+def _graph_merge(call: Call):
+    """A zennit canonizer folding the (layer, BatchNorm) pairs of :func:`esegeta.architectures.linear_norm_pairs`,
+    found on the call's input: right for any architecture whose forward runs (DenseNet's
+    ``torch.cat``, residual blocks), where SequentialMergeBatchNorm pairs by module order."""
+    from ..architectures import linear_norm_pairs
+
+    base = _zennit().canonizers.MergeBatchNorm
+    pairs = linear_norm_pairs(call.forward, call.inputs)
+
+    class GraphMergeBatchNorm(base):
+        def apply(self, root_module):
+            inside = {id(m) for m in root_module.modules()}
+            instances = []
+            for linear, norm in pairs:
+                if id(linear) in inside and id(norm) in inside:
+                    instance = GraphMergeBatchNorm()
+                    instance.register((linear,), norm)
+                    instances.append(instance)
+            return instances
+
+    return GraphMergeBatchNorm()
 #: Attributor name → (reference, seed: "one_hot" for gradients, "score" for Occlusion).
 ATTRIBUTORS: Mapping[str, tuple[str, str]] = {
     "Gradient": ("Simonyan et al. 2014, arXiv:1312.6034", "one_hot"),
@@ -272,9 +302,10 @@ def _check_canonizers(name: str, value: Any, path: str) -> None:
     if not isinstance(value, list):
         raise ConfigError(path, f"canonizers must be a list of names, e.g. [\"SequentialMergeBatchNorm\"]; "
                                 f"known: {', '.join(canonizers())}")
+    known = (*canonizers(), GRAPH_MERGE)
     for i, item in enumerate(value):
-        if item not in canonizers():
-            raise ConfigError(f"{path}[{i}]", f"unknown canonizer {item!r}" + did_you_mean(str(item), canonizers()))
+        if item not in known:
+            raise ConfigError(f"{path}[{i}]", f"unknown canonizer {item!r}" + did_you_mean(str(item), known))
 
 
 def _layer_types() -> list[str]:
@@ -437,8 +468,8 @@ def _name_resolver(call: Call, path: str):
     return resolve
 
 
-def _canonizers(names) -> list:
-    return [canonizers()[n]() for n in names]
+def _canonizers(names, call: Call) -> list:
+    return [_graph_merge(call) if n == GRAPH_MERGE else canonizers()[n]() for n in names]
 
 
 def build_composite(name: str, params: Mapping[str, Any], call: Call, path: str = "params"):
@@ -451,7 +482,7 @@ def build_composite(name: str, params: Mapping[str, Any], call: Call, path: str 
             kwargs[key] = _rule_map(kwargs[key], x, names)
         elif key in composite_parameters(name):
             kwargs[key] = []  # NameLayerMapComposite's None maps would fail upstream: no rules
-    kwargs["canonizers"] = _canonizers(kwargs.get("canonizers", _default_canonizers(name)))
+    kwargs["canonizers"] = _canonizers(kwargs.get("canonizers", _default_canonizers(name)), call)
     for key, default in INPUT_DEFAULTS.items():
         if key in composite_parameters(name):
             kwargs[key] = _bound(kwargs[key], x) if key in kwargs else default(x)
@@ -601,10 +632,29 @@ _ATTRIBUTOR_QUICK = {"SmoothGrad": {"n_iter": 3}, "IntegratedGradients": {"n_ite
                      "Occlusion": {"window": _halves, "stride": _halves}}
 
 
+#: Composites with rules only for ReLU-like activations: they hook no linear layer, so attention is no obstacle.
+ACTIVATION_ONLY = frozenset({"GuidedBackprop", "DeconvNet", "BetaSmooth", "ExcitationBackprop"})
+
+
+def attention_gap(model, context=None) -> list[str]:
+    """The pre-flight check of zennit's rule composites: ``nn.MultiheadAttention`` applies its
+    projections without calling them as modules (so no rule sees them) and zennit's hooks on it
+    fail on its three inputs."""
+    from torch import nn
+
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not names:
+        return []
+    return [f"zennit has no rule for attention ({names[0]}: MultiheadAttention{' and more' if len(names) > 1 else ''}): "
+            "its LRP composites cannot pass relevance through it; use zennit.Gradient, zennit.IntegratedGradients, "
+            "or gradcam.GradCAM with params.reshape_transform \"vit\""]
+
+
 def _zennit_method(name: str, adapter, reference: str, defaults=None, quick=None) -> None:
+    rule_based = adapter is COMPOSITE_ADAPTER and name not in ACTIVATION_ONLY
     register(MethodSpec(
         library=LIBRARY, name=name, kind="attribution", adapter=adapter, defaults=defaults or {},
-        quick_params=quick or {}, reference=reference,
+        quick_params=quick or {}, reference=reference, preflight=attention_gap if rule_based else None,
     ))
 
 

@@ -119,15 +119,31 @@ def _unwrapped_names(network: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name[len(prefix):], module
 
 
+def unsupported(network: nn.Module, context=None, method: str = "PatternNet") -> list[str]:
+    """The pre-flight check: the layers with parameters the pattern backward cannot handle (a
+    normalisation other than BatchNorm, attention...), as problems naming the first."""
+    try:
+        for name, module in _unwrapped_names(network):
+            _check_supported(name, module, method)
+    except ConfigError as exc:
+        return [exc.message]
+    return []
+
+
+def _check_supported(name: str, module: nn.Module, method: str) -> None:
+    if module._parameters and not isinstance(module, KERNELS + NORMS):
+        raise ConfigError("model", f"{method} supports Linear, Conv, ConvTranspose and BatchNorm layers; "
+                                   f"{name} is a {type(module).__name__} with parameters: use another method "
+                                   "(esegeta.PatternNet's patterns are defined for those layers only)")
+    if isinstance(module, KERNELS) and getattr(module, "transposed", False) and module.groups != 1:
+        raise ConfigError("model", f"{method} does not support grouped transposed convolutions ({name})")
+
+
 def kernels(network: nn.Module, x: torch.Tensor, method: str) -> list[Kernel]:
     """The linear/conv layers ``network`` calls on ``x``, in call order, with the norms to fold."""
     named = dict(_unwrapped_names(network))
     for name, module in named.items():
-        if module._parameters and not isinstance(module, KERNELS + NORMS):
-            raise ConfigError("model", f"{method} supports Linear, Conv, ConvTranspose and BatchNorm layers; "
-                                       f"{name} is a {type(module).__name__} with parameters: use another method")
-        if isinstance(module, KERNELS) and getattr(module, "transposed", False) and module.groups != 1:
-            raise ConfigError("model", f"{method} does not support grouped transposed convolutions ({name})")
+        _check_supported(name, module, method)
     seen: list = []
     watched = {n: m for n, m in named.items() if isinstance(m, KERNELS + NORMS)}
     handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, i[0], o))) for n, m in watched.items()]
@@ -411,8 +427,12 @@ def _explain(call: Call, method: str, backward: Callable[[Kernel, torch.Tensor],
                 t.register_hook(_project)
         signal, = torch.autograd.grad(scores, x, grad_outputs=start)
     if not torch.isfinite(signal).all():
-        raise FloatingPointError(f"{method}: the backprojected signal overflowed float32 (patterns are ~1/|w| long "
-                                 "and compound over layers): set params.project_bottlenecks to true")
+        if not project_bottlenecks:
+            raise FloatingPointError(f"{method}: the backprojected signal overflowed float32 (patterns are ~1/|w| "
+                                     "long and compound over layers): set params.project_bottlenecks to true")
+        raise FloatingPointError(f"{method}: the backprojected signal overflowed float32 even with project_bottlenecks "
+                                 "(it rescales only where every path passes, and residual blocks leave none between "
+                                 "them): use esegeta.PatternAttribution, pattern_type \"linear\", or a gradient method")
     return signal
 
 

@@ -1,0 +1,184 @@
+"""Every applicable registered method on architectures nobody here wrote: the cell table.
+
+Models (tests/zoo_models.py): torchvision resnet18, densenet121, efficientnet_b0,
+mobilenet_v3_small, convnext_tiny and a small VisionTransformer; MONAI UNet (2D, 3D),
+BasicUNet, AttentionUnet, DynUNet (deep supervision, after a training step), SegResNet (3D),
+UNETR (3D), SwinUNETR (2D), the segmenters through a threshold wrapper. Small sizes, random
+weights, BatchNorm statistics calibrated on random batches.
+
+Each (method, model) cell is one of:
+
+- ``ran``: ``esegeta.explain`` returned a finite, not all-zero result;
+- ``refused``: refused before the run (:func:`esegeta.architectures.refusals`, what
+  ``validate``/``check`` report), with the reason;
+- ``flat``: it ran and returned an all-zero or constant map, which the runner records with a
+  warning naming the likely cause (a vanishing gradient, too few samples...);
+- ``failed``: anything else (an exception, a non-finite result): the goal is none.
+
+    python benchmarks/zoo.py                       # every model, every method: markdown table
+    python benchmarks/zoo.py --models resnet18 vit --libraries captum gradcam --json cells.json
+
+Also reports, per model, IG completeness (|sum(attr) - (f(x) - f(0))| / |f(x) - f(0)|, 256
+steps) and DeepLift summation to delta (same relative error).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import esegeta  # noqa: E402
+from esegeta import architectures, registry  # noqa: E402
+from esegeta.prepare import prepared  # noqa: E402
+
+from zoo_models import ZOO, ZooModel  # noqa: E402
+
+#: Methods whose cost is one forward per channel/mask/step beyond what quick params bound (minutes on a CPU).
+SLOW = frozenset({"lucent.render_vis"})
+
+
+def applicable(spec, z: ZooModel) -> bool:
+    return z.dims in spec.dims and z.task in spec.tasks
+
+
+def layer_of(spec, z: ZooModel) -> str | None:
+    return (z.leaf_layer if spec.leaf_layer else z.layer) if spec.needs_layer else None
+
+
+def most_active_neuron(model, x, layer) -> list[int]:
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    out = seen[0]
+    return [int(i) for i in torch.unravel_index(out.argmax(), out.shape)]
+
+
+def params_of(spec, z: ZooModel, layer: str | None) -> dict:
+    params = {k: (v(z.x) if callable(v) else v) for k, v in spec.quick_params.items()}
+    if spec.kind == "neuron":
+        params["neuron_selector"] = most_active_neuron(z.model, z.x, layer)
+    if z.reshape_transform and "reshape_transform" in spec.adapter.parameters(spec):
+        params["reshape_transform"] = z.reshape_transform
+    return params
+
+
+def cell(spec, z: ZooModel) -> dict:
+    """One (method, model) cell: ran / refused (reason) / failed (error)."""
+    layer = layer_of(spec, z)
+    params = params_of(spec, z, layer)
+    row = {"model": z.name, "method": spec.id, "library": spec.library.name}
+    ready = prepared(z.model, z.x)
+    reasons = architectures.refusals(spec, ready, z.x, layer=layer, params=params, wrapper=z.wrapper)
+    if reasons:
+        return row | {"status": "refused", "reason": "; ".join(map(str, reasons))}
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    start = time.perf_counter()
+    try:
+        attr = esegeta.explain(z.model, z.x, spec.id, target=z.target if spec.needs_target else None,
+                               wrapper=z.wrapper, layer=layer, **params)
+    except Exception as exc:  # noqa: BLE001 (the table records every failure)
+        return row | {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
+                      "where": traceback.format_exc(limit=-2)[-600:], "seconds": time.perf_counter() - start}
+    seconds = round(time.perf_counter() - start, 3)
+    if not torch.isfinite(attr).all():
+        return row | {"status": "failed", "reason": "non-finite result", "seconds": seconds}
+    if attr.abs().sum() == 0 or float(attr.max()) == float(attr.min()):
+        # the runner records these ok with a warning naming the likely cause (esegeta.verdicts): not silent
+        return row | {"status": "flat", "reason": "all-zero or constant result (warned)", "seconds": seconds}
+    return row | {"status": "ran", "seconds": seconds}
+
+
+def axioms(z: ZooModel, steps: int = 256) -> dict:
+    """IG completeness and DeepLift summation to delta (relative errors, zero baseline)."""
+    from esegeta.wrappers import build
+    from esegeta.request import WrapperConfig
+
+    ready = prepared(z.model, z.x)
+    forward = ready if z.wrapper is None else build(ready, z.x, WrapperConfig(**z.wrapper), None)
+    with torch.no_grad():
+        delta = float(forward(z.x)[0, z.target] - forward(torch.zeros_like(z.x))[0, z.target])
+    out = {"model": z.name, "f(x)-f(0)": delta}
+    for method, params in (("captum.IntegratedGradients", {"n_steps": steps, "internal_batch_size": 32}),
+                           ("captum.DeepLift", {})):
+        try:
+            attr = esegeta.explain(z.model, z.x, method, target=z.target, wrapper=z.wrapper, **params)
+            out[method] = abs(float(attr.double().sum()) - delta) / max(abs(delta), 1e-12)
+        except Exception as exc:  # noqa: BLE001
+            out[method] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=list(ZOO))
+    ap.add_argument("--libraries", nargs="*", default=None)
+    ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--json", default=None, help="write every cell here")
+    ap.add_argument("--no-axioms", action="store_true")
+    ap.add_argument("--slow", action="store_true", help=f"also run {', '.join(sorted(SLOW))}")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    specs = [s for s in registry.all_methods().values()
+             if (args.libraries is None or s.library.name in args.libraries)
+             and (args.methods is None or s.id in args.methods) and (args.slow or s.id not in SLOW)]
+    cells, axiom_rows = [], []
+    start = time.perf_counter()
+    for name in args.models:
+        z = ZOO[name]()
+        for spec in specs:
+            if applicable(spec, z):
+                c = cell(spec, z)
+                cells.append(c)
+                if c["status"] != "ran":
+                    print(f"{name:18s} {spec.id:40s} {c['status']}: {c['reason'][:200]}", file=sys.stderr, flush=True)
+        if not args.no_axioms:
+            axiom_rows.append(axioms(z))
+    wall = time.perf_counter() - start
+    libs = sorted({c["library"] for c in cells})
+    print("ran/refused/flat/failed per model and library\n")
+    print(f"| model | {' | '.join(libs)} | total |\n|---|{'---|' * (len(libs) + 1)}")
+    for name in args.models:
+        row = [c for c in cells if c["model"] == name]
+
+        def fmt(cs):
+            n = Counter(c["status"] for c in cs)
+            return f"{n['ran']}/{n['refused']}/{n['flat']}/{n['failed']}"
+        print(f"| {name} | {' | '.join(fmt([c for c in row if c['library'] == lib]) for lib in libs)} | {fmt(row)} |")
+    n = Counter(c["status"] for c in cells)
+    print(f"\ncells (ran/refused/flat/failed): {n['ran']}/{n['refused']}/{n['flat']}/{n['failed']} of {len(cells)}; "
+          f"ran {100 * n['ran'] / max(1, len(cells)):.1f}%; wall {wall:.0f}s")
+    reasons = Counter(c["reason"].split(";")[0][:120] for c in cells if c["status"] == "refused")
+    if reasons:
+        print("\nrefusals:")
+        for reason, k in reasons.most_common():
+            print(f"- {k} x {reason}")
+    if axiom_rows:
+        print("\n| model | f(x)-f(0) | IG completeness (256 steps) | DeepLift summation |\n|---|---|---|---|")
+        for r in axiom_rows:
+            fmt2 = [f"{v:.2e}" if isinstance(v, float) else str(v) for v in
+                    (r["captum.IntegratedGradients"], r["captum.DeepLift"])]
+            print(f"| {r['model']} | {r['f(x)-f(0)']:.4g} | {fmt2[0]} | {fmt2[1]} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cells": cells, "axioms": axiom_rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""What real architectures need from esegeta, found before a method runs.
+
+- :func:`refusals` / :func:`refuse`: each method may state a pre-flight check
+  (:attr:`esegeta.registry.MethodSpec.preflight`): a function of the prepared model and a
+  :class:`Context` (the example input, the layer, the params) returning problems, each naming
+  the offending layer and the fix (another method, a parameter, a canonizer,
+  ``reshape_transform`` for token layers). ``validate``/``run`` (through the plan), ``check``
+  and ``explain`` refuse the entry with them before anything runs upstream.
+- :func:`linear_norm_pairs`: the (layer, BatchNorm) pairs a canonizer may fold, read from the
+  data flow of one forward pass rather than from module order (zennit's default pairs a
+  convolution with the next BatchNorm in module order, which is wrong across DenseNet's
+  ``torch.cat``).
+- :func:`inplace_on_layer_output`: the model's in-place operations on a layer's output, which
+  break methods that replace that output by a leaf tensor.
+- :func:`extend_deeplift_rules`: DeepLift's rescale rule for the activations modern
+  architectures use (SiLU, GELU, Hardswish...), so summation to delta holds through them;
+  :func:`axiom_notes`: where it still holds only approximately (``check`` shows them).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+log = logging.getLogger("esegeta")
+
+
+@dataclass
+class Context:
+    """What a pre-flight check may look at besides the model."""
+
+    x: torch.Tensor
+    layer: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    wrapper: Any = None
+    _layer_shape: tuple[int, ...] | None = None
+    model: nn.Module | None = None
+    spec: Any = None
+
+    def layer_shape(self) -> tuple[int, ...] | None:
+        """The layer's output shape on ``x`` (one forward pass without gradients, remembered)."""
+        if self._layer_shape is None and self.layer is not None and self.model is not None:
+            seen: list[Any] = []
+            try:
+                module = self.model.get_submodule(self.layer)
+            except AttributeError:
+                return None
+            handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
+            try:
+                with torch.no_grad():
+                    self.model(self.x[:1])
+            finally:
+                handle.remove()
+            if seen and torch.is_tensor(seen[0]):
+                self._layer_shape = tuple(seen[0].shape)
+        return self._layer_shape
+
+
+Preflight = Callable[[nn.Module, Context], list[str]]
+
+
+def network(ready: nn.Module) -> nn.Module:
+    """The user's model inside a prepared copy (names as the user knows them)."""
+    return getattr(ready, "model", ready)
+
+
+def refusals(spec, ready: nn.Module, x: torch.Tensor, *, layer: str | None = None,
+             params: Mapping[str, Any] | None = None, wrapper: Any = None) -> list[str]:
+    """Why ``spec`` cannot run on the prepared model ``ready`` with this layer and params (empty: it can)."""
+    model = network(ready)
+    context = Context(x, layer, dict(params or {}), wrapper, model=model, spec=spec)
+    found: list[str] = []
+    if spec.preflight is not None:
+        try:
+            found += spec.preflight(model, context)
+        except Exception as exc:  # noqa: BLE001 (a check that cannot decide refuses nothing: the run reports)
+            log.debug("%s: pre-flight check could not decide: %s: %s", spec.id, type(exc).__name__, exc)
+    return found
+
+
+def refuse(spec, ready: nn.Module, x: torch.Tensor, where: str, **kw: Any) -> None:
+    """A ConfigError at ``where`` with every reason of :func:`refusals`, if there is one."""
+    found = refusals(spec, ready, x, **kw)
+    if not found:
+        return
+    # a check that names its own field (esegeta.CAM's "layer") keeps it in the runner's "methods[i]." form
+    fields = {p.path for p in found if isinstance(p, ConfigError)}
+    if len(fields) == 1 and len(found) == 1:
+        field_name = fields.pop()
+        where = f"{where.rsplit('.', 1)[0]}.{field_name}" if where.startswith("methods[") else field_name
+    raise ConfigError(where, f"{spec.id} cannot run on this model: "
+                             + "; ".join(p.message if isinstance(p, ConfigError) else str(p) for p in found))
+
+
+def leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules with their names (the first name of a module registered under several)."""
+    return [(name, m) for name, m in model.named_modules() if name and not list(m.children())]
+
+
+#: Layers whose output a following BatchNorm may be folded into (weight and bias: conv, transposed conv, linear).
+_FOLDABLE = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class _Consumers(torch.overrides.TorchFunctionMode):
+    """Counts the torch operations that take each watched tensor and return a tensor (metadata
+    reads such as ``.shape`` return none and are not counted)."""
+
+    def __init__(self, watched: dict[int, Any]):
+        super().__init__()
+        self.watched = watched
+        self.count: dict[int, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if torch.is_tensor(result) or isinstance(result, (tuple, list)):
+            for arg in (*args, *(kwargs or {}).values()):
+                for t in (arg if isinstance(arg, (tuple, list)) else (arg,)):
+                    if torch.is_tensor(t) and id(t) in self.watched and self.watched[id(t)] is t:
+                        self.count[id(t)] = self.count.get(id(t), 0) + 1
+        return result
+
+
+def linear_norm_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, nn.Module]]:
+    """(layer, BatchNorm) pairs where the BatchNorm's input is that layer's output and nothing else
+    takes that output, seen on one forward pass of ``x``: the pairs a BatchNorm can be folded
+    into (what zennit's SequentialMergeBatchNorm guesses from module order, which is wrong
+    across a ``torch.cat``, as in DenseNet, or where the layer's output also feeds a skip)."""
+    outputs: dict[int, Any] = {}
+    producer: dict[int, nn.Module] = {}
+    inputs: list[tuple[nn.Module, Any]] = []
+
+    def after_linear(module, args, output):
+        if torch.is_tensor(output):
+            outputs[id(output)] = output
+            producer[id(output)] = module
+
+    def before_norm(module, args):
+        if args and torch.is_tensor(args[0]):
+            inputs.append((module, args[0]))
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, _FOLDABLE) and getattr(m, "weight", None) is not None:
+            handles.append(m.register_forward_hook(after_linear))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine:
+            handles.append(m.register_forward_pre_hook(before_norm))
+    counter = _Consumers(outputs)
+    try:
+        with torch.no_grad(), counter:
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    pairs, used = [], set()
+    for norm, tensor in inputs:
+        linear = producer.get(id(tensor))
+        if (linear is not None and outputs.get(id(tensor)) is tensor and counter.count.get(id(tensor)) == 1
+                and id(norm) not in used and id(linear) not in used):
+            pairs.append((linear, norm))
+            used |= {id(norm), id(linear)}
+    return pairs
+
+
+#: Elementwise activations DeepLift's rescale rule covers (multiplier Δout/Δin, exact for any
+#: elementwise function, so summation to delta holds through them) that Captum's
+#: ``SUPPORTED_NON_LINEAR`` and SHAP's ``op_handler`` lack: without an entry, both take the
+#: gradient at the input, and the attributions no longer sum to the output difference.
+DEEPLIFT_RESCALE = ("SiLU", "GELU", "Hardswish", "Hardsigmoid", "Mish", "ReLU6", "Hardtanh", "PReLU", "SELU", "CELU",
+                    "ELU", "LeakyReLU", "Softplus")
+_rules_lock = threading.Lock()
+_rules_added = False
+
+
+def extend_deeplift_rules() -> None:
+    """Give Captum's DeepLift and SHAP's DeepExplainer the rescale rule for the activations of
+    :data:`DEEPLIFT_RESCALE` (once per process; entries only added, so every call, also one
+    running beside, computes the same as before for the layers upstream already covered)."""
+    global _rules_added
+    with _rules_lock:
+        if _rules_added:
+            return
+        _rules_added = True
+        added = []
+        try:
+            from captum.attr._core import deep_lift
+
+            for name in DEEPLIFT_RESCALE:
+                cls = getattr(nn, name, None)
+                if cls is not None and cls not in deep_lift.SUPPORTED_NON_LINEAR:
+                    deep_lift.SUPPORTED_NON_LINEAR[cls] = deep_lift.nonlinear
+                    added.append(f"captum {name}")
+        except ImportError:
+            pass
+        try:
+            from shap.explainers._deep import deep_pytorch
+
+            for name in DEEPLIFT_RESCALE:
+                if name not in deep_pytorch.op_handler:
+                    deep_pytorch.op_handler[name] = deep_pytorch.nonlinear_1d
+                    added.append(f"shap {name}")
+        except ImportError:
+            pass
+        if added:
+            log.debug("DeepLift rescale rule added for %s", ", ".join(added))
+
+
+class _InPlaceWatch(torch.overrides.TorchFunctionMode):
+    """Records the in-place operations applied to one watched tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched: Any = None
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inplace = kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_"))
+        if inplace and self.watched is not None and args and args[0] is self.watched:
+            self.found.append(f"{getattr(func, '__module__', None) or 'Tensor'}.{name}".replace("torch._C.", ""))
+        return func(*args, **kwargs)
+
+
+def inplace_on_layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> list[str]:
+    """The in-place operations the model's code applies to ``layer``'s output (DenseNet's
+    ``F.relu(features, inplace=True)`` after ``features``), seen on one forward pass of ``x``."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        return []
+    watch = _InPlaceWatch()
+
+    def keep(m, i, o):
+        watch.watched = o if torch.is_tensor(o) else None
+
+    handle = module.register_forward_hook(keep)
+    try:
+        with torch.no_grad(), watch:
+            model(x[:1])
+    finally:
+        handle.remove()
+    return watch.found
+
+
+def attention(model: nn.Module) -> list[str]:
+    """The names of the model's ``nn.MultiheadAttention`` modules."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+#: Layers DeepLift's rules treat as linear although they are not: a normalisation by statistics of
+#: its own input (instance, group, layer norm) and attention. Summation to delta is then approximate.
+_NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
+               "MultiheadAttention")
+
+
+def axiom_notes(spec, model: nn.Module) -> list[str]:
+    """What keeps a method's axiom from holding exactly on this model (shown by ``check``; the
+    method runs): DeepLift's summation to delta, LRP's conservation, through the layers of
+    :data:`_NOT_LINEAR` (which they pass as linear maps)."""
+    if not any(k in spec.name for k in ("DeepLift", "LRP")) and spec.id not in ("shap.DeepExplainer",):
+        return []
+    found = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+             if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR)]
+    if not found:
+        return []
+    axiom = "relevance conservation" if "LRP" in spec.name else "summation to delta"
+    return [f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
+            "normalises by statistics of its own input (or attends), which the rules pass as a linear map"]

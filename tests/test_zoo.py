@@ -1,0 +1,245 @@
+"""A zoo of architectures nobody here wrote (tests/zoo_models.py): torchvision and MONAI at small sizes.
+
+The CI subset below is generated from the registry: a few models, one method per family of
+each library (the full matrix is ``benchmarks/zoo.py``). Every cell must either run (finite,
+not all zero, the user's model untouched) or be refused before the run by
+:func:`esegeta.architectures.refusals` with the offending layer named; a failure after no
+refusal fails the test. Also: the regressions of the bugs these models found, IG
+completeness and DeepLift summation per family.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import esegeta
+from esegeta import architectures, registry
+from esegeta.errors import ConfigError
+from esegeta.prepare import prepare, prepared
+
+from conftest import assert_unchanged, hook_count, snapshot
+
+pytest.importorskip("monai")
+from zoo_models import ZOO  # noqa: E402
+
+_models: dict = {}
+
+
+def zoo(name: str):
+    if name not in _models:
+        _models[name] = ZOO[name]()
+    return _models[name]
+
+
+#: The CI subset: models × one method per family of every library (cheap quick params).
+CI_MODELS = ("resnet18", "densenet121", "vit", "unet2d", "dynunet")
+CI_FAMILIES = ("captum.IntegratedGradients", "captum.DeepLift", "captum.LRP", "captum.LayerGradCam",
+               "gradcam.GradCAM", "zennit.EpsilonPlus", "shap.GradientExplainer")
+
+
+def _layer(spec, z):
+    return (z.leaf_layer if spec.leaf_layer else z.layer) if spec.needs_layer else None
+
+
+def _params(spec, z):
+    params = {k: (v(z.x) if callable(v) else v) for k, v in spec.quick_params.items()}
+    if z.reshape_transform and "reshape_transform" in spec.adapter.parameters(spec):
+        params["reshape_transform"] = z.reshape_transform
+    return params
+
+
+@pytest.mark.parametrize("method_id", CI_FAMILIES)
+@pytest.mark.parametrize("model", CI_MODELS)
+def test_cell_runs_or_is_refused_before_the_run(model, method_id):
+    z, spec = zoo(model), registry.get(method_id)
+    if z.dims not in spec.dims or z.task not in spec.tasks:
+        pytest.skip("not applicable")
+    layer, params = _layer(spec, z), _params(spec, z)
+    reasons = architectures.refusals(spec, prepared(z.model, z.x), z.x, layer=layer, params=params, wrapper=z.wrapper)
+    if reasons:  # refused: explain refuses too, with the same reason, and names a layer or the fix
+        assert all(" " in r and ("use " in r or "set " in r or "choose " in r) for r in reasons), reasons
+        with pytest.raises(ConfigError, match="cannot run on this model"):
+            esegeta.explain(z.model, z.x, method_id, target=z.target if spec.needs_target else None,
+                            wrapper=z.wrapper, layer=layer, **params)
+        return
+    before = snapshot(z.model)
+    torch.manual_seed(0)
+    attr = esegeta.explain(z.model, z.x, method_id, target=z.target if spec.needs_target else None,
+                           wrapper=z.wrapper, layer=layer, **params)
+    assert torch.isfinite(attr).all()
+    assert attr.abs().sum() > 0
+    assert_unchanged(z.model, before)
+    assert hook_count(prepared(z.model, z.x)) == 0
+
+
+# ---------------------------------------------------------------------------- regressions
+
+def test_dynunet_after_a_training_step_is_copied_and_its_aliases_resolved():
+    z = zoo("dynunet")  # deep supervision: graph tensors in .heads after a training step
+    ready = prepare(z.model, z.x)
+    assert any("autograd graph" in c for c in ready.changes)
+    assert any("alias of" in c for c in ready.changes)
+    names = [n for n, _ in ready.model.named_modules()]
+    modules = [m for _, m in ready.model.named_modules(remove_duplicate=False)]
+    assert len(modules) == len({id(m) for m in modules}) == len(names), "a module is still registered twice"
+    with torch.no_grad():
+        assert torch.allclose(ready(z.x), z.model.eval()(z.x))
+
+
+def test_in_place_residual_addition_runs_under_deep_explainer():
+    z = zoo("resnet18")  # out += identity in BasicBlock: "a view ... modified inplace" before
+    torch.manual_seed(0)
+    attr = esegeta.explain(z.model, z.x, "captum.DeepLift", target=0)
+    assert torch.isfinite(attr).all()
+    from esegeta.prepare import _OutOfPlace
+
+    leaf = torch.ones(2, requires_grad=True)
+    a, b = leaf * 1, torch.ones(2)  # recorded by autograd: what hooks trip on
+    kept = a
+    with _OutOfPlace() as mode:
+        a += b  # rebinding: computed out of place
+        kept.mul_(3)  # a statement relying on its side effect: left in place
+        c, d = torch.ones(2), torch.ones(2)
+        c += d  # outside autograd: left in place
+    assert mode.rewritten == 1 and torch.equal(a.detach(), torch.full((2,), 2.0))
+    assert torch.equal(kept.detach(), torch.full((2,), 3.0)) and torch.equal(c, torch.full((2,), 2.0))
+
+
+def test_zennit_folds_batch_norm_along_the_graph_on_densenet():
+    z = zoo("densenet121")  # SequentialMergeBatchNorm pairs by module order: wrong across torch.cat
+    pairs = architectures.linear_norm_pairs(z.model, z.x)
+    names = {id(m): n for n, m in z.model.named_modules()}
+    assert ("features.conv0", "features.norm0") in [(names[id(a)], names[id(b)]) for a, b in pairs]
+    assert all(not names[id(b)].endswith("norm1") for _, b in pairs), "a norm after torch.cat was folded"
+    attr = esegeta.explain(z.model, z.x, "zennit.EpsilonPlus", target=0)
+    assert torch.isfinite(attr).all() and attr.abs().sum() > 0
+
+
+def test_failed_lrp_leaves_nothing_on_the_cached_copy():
+    z = zoo("resnet18")
+    ready = prepared(z.model, z.x)
+    with pytest.raises((IndexError, RuntimeError)):
+        esegeta.explain(z.model, z.x, "captum.LRP", target=99)  # fails inside Captum (index out of range)
+    assert not [n for n, m in ready.model.named_modules() if hasattr(m, "rule")]
+    attr = esegeta.explain(z.model, z.x, "captum.LayerLRP", target=0, layer=z.leaf_layer)
+    assert torch.isfinite(attr).all()
+
+
+def test_vit_token_layer_needs_reshape_transform():
+    z = zoo("vit")
+    with pytest.raises(ConfigError, match="reshape_transform"):
+        esegeta.explain(z.model, z.x, "gradcam.GradCAM", target=0, layer=z.layer)
+    with pytest.raises(ConfigError, match="tokens"):  # a (1, 1, 64) map recorded ok before
+        esegeta.explain(z.model, z.x, "captum.LayerGradCam", target=0, layer=z.layer)
+    cam = esegeta.explain(z.model, z.x, "gradcam.GradCAM", target=0, layer=z.layer, reshape_transform="vit")
+    assert cam.shape == (1, 1, 32, 32) and torch.isfinite(cam).all() and cam.abs().sum() > 0
+
+
+def test_shapley_cam_keeps_its_map_on_a_3d_unet():
+    z = zoo("unet2d")  # clean-up raised "Can't detach views in-place" and lost the map
+    cam = esegeta.explain(z.model, z.x, "gradcam.ShapleyCAM", target=0, wrapper=z.wrapper, layer=z.layer)
+    assert torch.isfinite(cam).all()
+
+
+def test_patternnet_overflow_message_does_not_repeat_advice_already_followed():
+    from esegeta.algorithms import patterns
+
+    assert "even with project_bottlenecks" in open(patterns.__file__, encoding="utf-8").read()
+    z = zoo("unet2d")
+    assert architectures.refusals(registry.get("esegeta.PatternNet"), prepared(z.model, z.x), z.x)
+
+
+# ---------------------------------------------------------------------------- axioms per family
+
+def _relative_gap(z, method, **params):
+    from esegeta.request import WrapperConfig
+    from esegeta.wrappers import build
+
+    ready = prepared(z.model, z.x)
+    forward = ready if z.wrapper is None else build(ready, z.x, WrapperConfig(**z.wrapper), None)
+    with torch.no_grad():
+        delta = float(forward(z.x)[0, z.target] - forward(torch.zeros_like(z.x))[0, z.target])
+    attr = esegeta.explain(z.model, z.x, method, target=z.target, wrapper=z.wrapper, **params)
+    return abs(float(attr.double().sum()) - delta) / abs(delta)
+
+
+@pytest.mark.parametrize("model,bound", [("resnet18", 1e-4), ("efficientnet_b0", None)])
+def test_deeplift_sums_to_delta(model, bound):
+    """Exact where every nonlinearity has a rule (resnet18: ReLU, max pooling); EfficientNet's SiLU now
+    has the rescale rule, its squeeze-excitation gate (a product of two paths) has none: not exact."""
+    gap = _relative_gap(zoo(model), "captum.DeepLift")
+    if bound is not None:
+        assert gap < bound, gap
+    else:
+        assert gap < 1.0, gap
+
+
+@pytest.mark.parametrize("model,steps,bound", [("efficientnet_b0", 64, 1e-3), ("unet2d", 256, 1e-2)])
+def test_integrated_gradients_completeness(model, steps, bound):
+    assert _relative_gap(zoo(model), "captum.IntegratedGradients", n_steps=steps) < bound
+
+
+# ---------------------------------------------------------------------------- check predicts the run
+
+FACTORY = '''
+import sys
+sys.path.insert(0, {tests!r})
+from zoo_models import ZOO
+
+
+def build():
+    return ZOO[{name!r}]().model
+'''
+
+
+def test_check_and_validate_refuse_what_cannot_run_naming_layer_and_fix(tmp_path):
+    """`esegeta check` reports the refusals before anything runs; the run refuses the same entries."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from esegeta.check import check
+    from esegeta.runner import Pipeline
+
+    z = zoo("vit")
+    (tmp_path / "zoo_factory.py").write_text(FACTORY.format(tests=str(Path(__file__).parent), name="vit"))
+    np.save(tmp_path / "x.npy", z.x[0].numpy())
+    methods = [{"id": "captum.IntegratedGradients", "params": {"n_steps": 8}},
+               {"id": "captum.LayerGradCam", "layer": z.layer},
+               {"id": "gradcam.GradCAM", "layer": z.layer},
+               {"id": "gradcam.GradCAM", "layer": z.layer, "label": "vit", "params": {"reshape_transform": "vit"}},
+               {"id": "zennit.EpsilonPlus"}]
+    cfg = {"model": {"factory": str(tmp_path / "zoo_factory.py") + ":build"},
+           "inputs": {"paths": [str(tmp_path / "x.npy")], "spatial_dims": 2, "channel_axis": "first"},
+           "target": 0, "output": {"dir": str(tmp_path / "out"), "formats": ["npy"]}, "methods": methods}
+    report = check(cfg, base_dir=tmp_path)
+    verdicts = [m.ok for m in report.methods]
+    assert verdicts == [True, False, False, True, False]
+    assert "tokens" in report.methods[1].problems[0] and "reshape_transform" in report.methods[2].problems[0]
+    assert "MultiheadAttention" in report.methods[4].problems[0]
+    with pytest.raises(ConfigError, match="methods\\[1\\]"):
+        Pipeline(cfg, base_dir=tmp_path).validate()
+    cfg["methods"] = [m for m, ok in zip(methods, verdicts) if ok]
+    result = Pipeline(cfg, base_dir=tmp_path).run()
+    assert [r["status"] for r in result.runs] == ["ok", "ok"]
+
+
+def test_check_notes_where_an_axiom_holds_only_approximately():
+    deeplift = registry.get("captum.DeepLift")
+    notes = architectures.axiom_notes(deeplift, zoo("unet2d").model)
+    assert notes and "InstanceNorm2d" in notes[0] and "summation to delta" in notes[0]
+    assert architectures.axiom_notes(deeplift, zoo("resnet18").model) == []
+    assert architectures.axiom_notes(registry.get("captum.Saliency"), zoo("unet2d").model) == []
+
+
+def test_dynunet_in_train_mode_is_explained_in_eval_mode_and_left_training():
+    z = zoo("dynunet")
+    z.model.train()
+    try:
+        before = snapshot(z.model)
+        attr = esegeta.explain(z.model, z.x, "captum.DeepLift", target=0, wrapper=z.wrapper)
+        assert torch.isfinite(attr).all() and attr.shape == z.x.shape
+        assert_unchanged(z.model, before)
+        assert z.model.training
+    finally:
+        z.model.eval()
