@@ -6,6 +6,8 @@ Every error a user can cause names the field at fault and the fix. The CLI turns
 from __future__ import annotations
 
 import difflib
+import json
+import re
 from collections.abc import Iterable
 
 
@@ -32,9 +34,6 @@ class MethodUnavailable(EsegetaError):
 def json_path(parts: Iterable[str | int]) -> str:
     """A JSON path as messages write it: ``methods[2].params.n_steps``; a key that is not a
     plain name is quoted, ``inputs["x y"]``."""
-    import json
-    import re
-
     out = ""
     for part in parts:
         if isinstance(part, int) and not isinstance(part, bool):
@@ -55,7 +54,7 @@ def child(path: str, key: str | int) -> str:
 def shown(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters, for messages that repeat what a user wrote."""
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'" + f" ({len(text)} characters)"
+    return text if len(text) <= limit else text[: limit - 3] + "..." + f" ({len(text)} characters)"
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:
