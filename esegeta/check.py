@@ -112,6 +112,8 @@ class CheckReport:
             lines.append(f"\nheaviest method: {heaviest.label}, estimated peak {_size(heaviest.memory_bytes)}")
         good = sum(m.ok for m in self.methods)
         lines.append(f"{good}/{len(self.methods)} method(s) will run")
+        lines.append("(check runs no attribution: a failure inside a library on this model, or a result's "
+                     "values, cannot be known before running; times are estimates from one forward pass)")
         return "\n".join(lines)
 
 
