@@ -87,6 +87,9 @@ def measure(path: Path) -> list[dict]:
                       patch=e.patch.model_dump(exclude_unset=True) if e.patch else None)
         if e.wrapper is not None and e.wrapper.mask:
             kwargs["wrapper"]["mask"] = str(base / e.wrapper.mask)
+        if e.wrapper is not None and ".py:" in e.wrapper.name:  # a custom wrapper's file, relative to the config
+            kwargs["wrapper"]["name"] = str((base / e.wrapper.name.split(":")[0]).resolve()) + ":" + \
+                e.wrapper.name.split(":")[1]
         target = e.target if e.spec.needs_target else None
         error = None
         with counted(type(plan.model)) as n, peak_rss() as peak:

@@ -157,7 +157,7 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         plan = planning.plan(cfg, base, device=device, every_entry=True)
         x = plan.inputs[0].tensor.to(plan.device)
         forward = _forward_pass(plan.ready, x)
-        forward.seconds = _timed_forward(plan.ready, x)
+        forward.seconds, forward.ready = _timed_forward(plan.ready, x), plan.ready
         available = available_memory(plan.device)
         checks = [_method_check(plan, i, x, forward, available) for i in range(len(cfg.methods))]
     item = plan.inputs[0]
@@ -179,6 +179,8 @@ class _Forward:
     activation_bytes: int
     weight_bytes: int
     seconds: float
+    ready: nn.Module | None = None
+    row_seconds: dict[int, float] = field(default_factory=dict)
 
 
 def _forward_pass(ready: nn.Module, x: torch.Tensor) -> _Forward:
@@ -242,7 +244,24 @@ def _timed_forward(ready: nn.Module, x: torch.Tensor, repeats: int = 3) -> float
     return best
 
 
-def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patch=None) -> None:
+def _row_seconds(forward: _Forward, x: torch.Tensor, batch: int) -> float:
+    """Seconds of one input row at the method's batch (rows in a batch are cheaper than alone):
+    one timed forward of ``min(batch, 16)`` copies, remembered per batch size."""
+    b = max(1, min(batch, ROW_BATCH_CAP))
+    if b not in forward.row_seconds:
+        if b == 1 or forward.ready is None:
+            forward.row_seconds[b] = forward.seconds / max(1, x.shape[0])
+        else:
+            forward.row_seconds[b] = _timed_forward(forward.ready, x[:1].expand(b, *x.shape[1:]).contiguous(), 1) / b
+    return forward.row_seconds[b]
+
+
+#: The largest batch timed to estimate a row's time (more copies cost memory, and time, in check).
+ROW_BATCH_CAP = 16
+
+
+def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patch=None,
+           entry_wrapper: bool = False) -> None:
     """Passes per input and the time they take at the measured speed of one forward row."""
     try:
         passes = cost.expected_passes(spec, dict(entry.params), x, noise_tunnel=entry.noise_tunnel,
@@ -250,17 +269,21 @@ def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patc
     except Exception as exc:  # noqa: BLE001 (a formula that cannot read these values: say so)
         c.cost_note = f"{type(exc).__name__}: {exc}"
         return
-    row_seconds = forward.seconds / max(1, x.shape[0])
+    row_seconds = _row_seconds(forward, x, c.batch)
     if patch is not None and passes.known:
         from .patcher import Grid
 
         grid = Grid.over(tuple(x.shape[2:]), list(patch.size), list(patch.overlap) if patch.overlap else None,
                          patch.blend)
         n = len(grid.locations)
-        extra = n if patch.mode == "global" else 0  # the stitched prediction the wrapper and target read
-        passes = cost.Passes(passes.forward * n + extra, (passes.backward or 0) * n, False,
-                             f"{n} patches of {list(grid.size[:x.ndim - 2])}: rows are patch-sized"
-                             + (f"; plus {n} for the stitched prediction" if extra else ""))
+        backward = (passes.backward or 0) * n
+        if patch.mode == "global":  # the stitched prediction once, and every backward recomputes its patches
+            forward_rows, extra = passes.forward * n + backward + n, "; the stitched prediction and recomputed patches"
+        else:  # each patch is a call of its own, with its own wrapper
+            forward_rows = passes.forward * n + (n if entry_wrapper else 0)
+            extra = "; each patch's wrapper" if entry_wrapper else ""
+        passes = cost.Passes(forward_rows, backward, False,
+                             f"{n} patches of {list(grid.size[:x.ndim - 2])}: rows are patch-sized{extra}")
         row_seconds *= math.prod(grid.size) / math.prod(grid.shape)
     c.forward_rows, c.backward_rows, c.passes_exact = passes.forward, passes.backward, passes.exact
     c.cost_note = passes.note
@@ -352,7 +375,7 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
     c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)
     # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
     c.memory_bytes = 2 * forward.activation_bytes * c.batch + forward.weight_bytes
-    _costs(c, spec, entry, x, forward, resolved.request.patch)
+    _costs(c, spec, entry, x, forward, resolved.request.patch, resolved.request.wrapper is not None)
     if available is None:
         c.notes.append("free memory on the device: cannot know; the peak estimate is not checked against it")
     elif c.memory_bytes > available:
