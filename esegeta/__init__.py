@@ -7,16 +7,18 @@ and segmentation models, 2D and 3D::
     attr = esegeta.explain(model, x, "captum.IntegratedGradients", target=3, n_steps=32)
     result = esegeta.Pipeline("configs/retina.json").run()
     esegeta.methods()
+    scores = esegeta.evaluate(model, x, {"captum.Saliency": attr}, ["deletion", "sparseness"])
 
 Importing esegeta imports no explainer library (nor torch): names load on first use.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["explain", "Pipeline", "RunResult", "methods", "ConfigError", "EsegetaError", "__version__"]
+__all__ = ["explain", "evaluate", "Pipeline", "RunResult", "methods", "ConfigError", "EsegetaError", "__version__"]
 
 _LAZY = {
     "explain": ("esegeta.explainer", "explain"),
+    "evaluate": ("esegeta.evaluation.run", "evaluate"),
     "Pipeline": ("esegeta.runner", "Pipeline"),
     "RunResult": ("esegeta.runner", "RunResult"),
     "ConfigError": ("esegeta.errors", "ConfigError"),

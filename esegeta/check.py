@@ -74,6 +74,7 @@ class CheckReport:
     methods: list[MethodCheck]
     available_bytes: int | None = None
     row_seconds: float | None = None
+    evaluation: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -110,6 +111,7 @@ class CheckReport:
         heaviest = self.heaviest
         if heaviest is not None:
             lines.append(f"\nheaviest method: {heaviest.label}, estimated peak {_size(heaviest.memory_bytes)}")
+        lines += self.evaluation
         good = sum(m.ok for m in self.methods)
         lines.append(f"{good}/{len(self.methods)} method(s) will run")
         lines.append("(check runs no attribution: a failure inside a library on this model, or a result's "
@@ -161,13 +163,15 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         available = available_memory(plan.device)
         checks = [_method_check(plan, i, x, forward, available) for i in range(len(cfg.methods))]
     item = plan.inputs[0]
+    from .evaluation.cli import estimate  # the evaluation block's forward passes, if it has one
     return CheckReport(
         config=str(config) if not isinstance(config, dict) else "<dict>", model=type(plan.model).__name__,
         device=str(plan.device), input=item.name, input_shape=list(item.tensor.shape[1:]),
         output_shape=forward.output_shape, forward_seconds=round(forward.seconds, 6),
         prepared_changes=list(plan.ready.changes), activation_bytes=forward.activation_bytes,
         weight_bytes=forward.weight_bytes, methods=checks, available_bytes=available,
-        row_seconds=forward.seconds / max(1, x.shape[0]))
+        row_seconds=forward.seconds / max(1, x.shape[0]),
+        evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds, plan.model))
 
 
 @dataclass

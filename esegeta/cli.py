@@ -47,6 +47,18 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the config's JSON Schema")
 
+    evaluate = sub.add_parser("evaluate", help="score a finished run's saved attributions with the config's "
+                              "evaluation metrics and rank the methods (recomputes no attribution)")
+    evaluate.add_argument("config", type=Path)
+    evaluate.add_argument("--output", type=Path, help="the run's output folder (default: the config's output.dir)")
+    evaluate.add_argument("--device", help="'cpu', 'cuda:N' or 'auto' (overrides runtime.devices)")
+    evaluate.add_argument("--debug", action="store_true")
+
+    metrics = sub.add_parser("metrics", help="list every evaluation metric: group, paper, forward passes per input")
+    metrics.add_argument("--shape", type=int, nargs="+", default=[3, 224, 224], metavar="N",
+                         help="input shape (C, *spatial) the forward passes are counted for (default: 3 224 224)")
+    metrics.add_argument("--json", action="store_true", help="machine-readable output")
+
     convert = sub.add_parser("convert-torchesegeta", help="write an esegeta config from a TorchEsegeta config "
                              "(docs/torchesegeta.md); the model and inputs, set in Python there, are arguments")
     convert.add_argument("config", type=Path, help="the TorchEsegeta JSON config")
@@ -167,6 +179,22 @@ def _cmd_demo(args) -> int:
     return _run(Pipeline(DEMO_CONFIG, output_dir=args.output))
 
 
+def _cmd_evaluate(args) -> int:
+    from .evaluation.run import evaluate_run
+
+    section = evaluate_run(args.config, output_dir=args.output, device=args.device)
+    print((Path(section["output_dir"]) / section["files"]["table"]).read_text(encoding="utf-8"))
+    print(f"values, ranking and curves in {section['output_dir']}", file=sys.stderr)
+    errors = [r for r in section["values"] if r.get("error")]
+    return 1 if errors else 0
+
+
+def _cmd_metrics(args) -> int:
+    from .evaluation.cli import metrics_command
+
+    return metrics_command(args)
+
+
 def _cmd_convert_torchesegeta(args) -> int:
     from .errors import ConfigError
     from .runner import Pipeline
@@ -198,7 +226,8 @@ def _cmd_convert_torchesegeta(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "methods": _cmd_methods, "schema": _cmd_schema,
+COMMANDS = {"run": _cmd_run, "evaluate": _cmd_evaluate, "metrics": _cmd_metrics,
+            "validate": _cmd_validate, "methods": _cmd_methods, "schema": _cmd_schema,
             "demo": _cmd_demo, "check": _cmd_check,
             "convert-torchesegeta": _cmd_convert_torchesegeta}
 
@@ -218,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     # reads TQDM_* defaults when first imported, so this silences every bar that does not set
     # `disable` itself; esegeta's own bar passes disable=None and stays. The user's setting wins.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    if args.command in ("run", "validate", "demo", "check", "convert-torchesegeta"):
+    if args.command in ("run", "validate", "demo", "check", "evaluate", "convert-torchesegeta"):
         _setup_logging(debug)
     from .compat import ensure_torchvision_importable
     from .errors import EsegetaError

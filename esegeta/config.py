@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, did_you_mean, json_path, shown
+from .evaluation.settings import EvaluationConfig
 from .request import PatchConfig, Target, WrapperConfig
 
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
@@ -199,6 +200,8 @@ class Config(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     methods: list[MethodEntry] = Field(min_length=1)
+    evaluation: EvaluationConfig | None = Field(None, description="score the attributions with metrics and rank "
+                                                "the methods (esegeta metrics; esegeta evaluate)")
     comment: Any = _comment()
 
     @model_validator(mode="after")

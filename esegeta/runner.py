@@ -98,6 +98,10 @@ class Pipeline:
 
     def validate(self) -> Plan:
         """Everything but running methods: raises ConfigError naming the fields at fault."""
+        if self.config.evaluation is not None:  # metric ids, parameters, labels: before the model loads
+            from .evaluation.run import check
+
+            check(self.config, self.base_dir)
         with numerics.fp32_numerics(self.config.runtime.tf32):  # the wrappers' masks come from a forward pass
             plan = planning.plan(self.config, self.base_dir, only=self.only, device=self.device_override)
         plan.raise_problems()
@@ -133,6 +137,10 @@ class Pipeline:
                 error = f"writing the manifest failed: {type(exc).__name__}: {exc}"
                 log.error("%s; the results are recorded in %s (esegeta run --resume writes it)", error,
                           out / ".esegeta-journal.jsonl")
+            if error is None and plan.config.evaluation is not None:
+                from .evaluation.run import after_run
+
+                after_run(plan, out, manifest, writer.token)
             failed = [r for r in manifest["runs"] if r["status"] != "ok"]
             log.info("done: %d ok, %d failed", len(manifest["runs"]) - len(failed), len(failed))
         return RunResult(out, manifest, error)

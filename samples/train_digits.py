@@ -58,14 +58,14 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
-def train(x_train: np.ndarray, y_train: np.ndarray) -> DigitResNet:
+def train(x_train: np.ndarray, y_train: np.ndarray, epochs: int = EPOCHS, verbose: bool = True) -> DigitResNet:
     model = DigitResNet()
     opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=EPOCHS)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     loss_fn = nn.CrossEntropyLoss()
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     gen = torch.Generator().manual_seed(0)
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
@@ -81,9 +81,25 @@ def train(x_train: np.ndarray, y_train: np.ndarray) -> DigitResNet:
             opt.step()
             total += loss.item() * len(idx)
         sched.step()
-        if (epoch + 1) % 10 == 0:
+        if verbose and (epoch + 1) % 10 == 0:
             print(f"epoch {epoch + 1:3d}  train loss {total / len(xt):.4f}")
     return model
+
+
+def roar_data():
+    """ROAR's data (``evaluation.roar.data``): ``(x_train, x_test, y_train, y_test)`` as above."""
+    return load_split()
+
+
+def roar_train(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+               epochs: int = 10) -> float:
+    """ROAR's training callable (``evaluation.roar.train``): a fresh DigitResNet trained on the
+    (pixel-removed) training images, its accuracy on the (pixel-removed) test images. Seeded,
+    and leaves the process's global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = train(x_train, y_train, epochs=epochs, verbose=False)
+    return evaluate(model, x_test, y_test)
 
 
 def save_samples(x_test: np.ndarray, y_test: np.ndarray, model: nn.Module) -> list:

@@ -1,0 +1,182 @@
+"""esegeta's metrics against Quantus 0.6.0, side by side in one process (run on demand).
+
+    OMP_NUM_THREADS=1 python benchmarks/evaluation_vs_quantus.py [--n 64] [--size 8] [--repeats 3] [--device cpu]
+
+Same model (the digits sample's DigitResNet with its checkpoint, or with ``--model lenet`` a
+seeded LeNet-5 as in Quantus's tutorials; ``--size`` > 8 upsamples the digits bilinearly, which
+both adaptive-pooling classifiers accept), same inputs (the first ``--n``
+of sklearn's digits), same attributions (Saliency for MPRT, random otherwise) and same settings
+on both sides. Quantus batches over inputs (its ``batch_size`` = n) and loops over steps in
+numpy; esegeta stacks the steps of all inputs into chunks of ``--max-batch`` forward passes.
+Prints, per metric, the best-of-``repeats`` wall time of each, the ratio, and the largest
+difference of the values where both are deterministic (pixel flipping, region perturbation,
+MPRT, sparseness; faithfulness correlation and SmoothMPRT draw random numbers on each side;
+Quantus's ROAD returns only the batch's accuracy per percentage). ROAD imputes with scipy's
+sparse solver per image and percentage in Quantus, with batched conjugate gradients in esegeta.
+Quantus's SmoothMPRT explains with its own ``quantus.explain`` (plain gradient) whatever the
+``explain_func``; esegeta's side uses Saliency, which equals |gradient| as the metric compares.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _best(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=64, help="inputs")
+    parser.add_argument("--size", type=int, default=8, help="image side (digits upsampled when > 8)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--step", type=int, default=0, help="pixel flipping's features per step (default: 64 steps)")
+    parser.add_argument("--max-batch", type=int, default=1024, help="esegeta's forward chunk")
+    parser.add_argument("--device", default="cpu", help="esegeta's device (Quantus runs on the CPU)")
+    parser.add_argument("--only", default="", help="comma-separated metric names")
+    parser.add_argument("--model", default="digits", choices=("digits", "lenet"),
+                        help="digits: the sample DigitResNet; lenet: a seeded LeNet-5 (Quantus's tutorial model)")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from esegeta.compat import import_torchvision
+
+    import_torchvision()
+    import quantus
+    from captum.attr import Saliency
+    from quantus.functions.similarity_func import correlation_spearman
+
+    from esegeta.evaluation import Context, metric
+    from samples.models import DigitResNet
+
+    if args.model == "digits":
+        model = DigitResNet()
+        model.load_state_dict(torch.load(ROOT / "samples" / "checkpoints" / "digit_resnet.pt", weights_only=True))
+    else:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(5), torch.nn.Flatten(),
+            torch.nn.Linear(400, 120), torch.nn.ReLU(), torch.nn.Linear(120, 84), torch.nn.ReLU(), torch.nn.Linear(84, 10))
+    model.eval()
+    layers = sum(1 for m in model.modules() if hasattr(m, "reset_parameters"))
+    data = load_digits()
+    x = torch.tensor(data.images[: args.n] / 16.0, dtype=torch.float32)[:, None]
+    if args.size != 8:
+        x = F.interpolate(x, size=(args.size, args.size), mode="bilinear", align_corners=False)
+    y = torch.tensor(data.target[: args.n])
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    device = torch.device(args.device)
+    dev_model = model.to(device) if device.type != "cpu" else model
+
+    def saliency(m, inputs, target):
+        inputs = inputs.detach().clone().requires_grad_(True)
+        return Saliency(m).attribute(inputs, target=target).detach()
+
+    def q_saliency(model, inputs, targets, **kwargs):
+        return saliency(model, torch.as_tensor(inputs), torch.as_tensor(targets)).numpy()
+
+    a_sal = saliency(model, x, y)
+    xn, yn, an, asn = x.numpy(), y.numpy(), a.numpy(), a_sal.numpy()
+    features = args.size * args.size
+    step = args.step or max(1, features // 64)
+    patch = max(2, args.size // 8)
+    common = dict(normalise=False, abs=False, disable_warnings=True)
+
+    def quantus_call(q, a_np, **kw):
+        return q(model=model, x_batch=xn, y_batch=yn, a_batch=a_np, channel_first=True, device="cpu",
+                 batch_size=args.n, **kw)
+
+    def ours(name, attribution, **params):
+        ctx = Context(model=dev_model, explain=saliency, max_batch=args.max_batch)
+
+        def run():
+            out = metric(name)(ctx, x.to(device), attribution.to(device), y.to(device), **params)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return run
+
+    cases = {
+        "pixel_flipping": (
+            f"{features // step} steps of {step} px",
+            lambda: np.asarray(quantus_call(quantus.PixelFlipping(features_in_step=step, perturb_baseline="black", **common),
+                                            an, softmax=True)),
+            ours("pixel_flipping", a, features_in_step=step, baseline="min", softmax=True),
+            lambda r: r.curves["score"]),
+        "region_perturbation": (
+            f"{(args.size // patch) ** 2} patches of {patch}x{patch}",
+            lambda: np.asarray(quantus_call(quantus.RegionPerturbation(patch_size=patch, regions_evaluation=1000,
+                                                                       perturb_baseline=0.0, **common), an, softmax=True)),
+            ours("region_perturbation", a, patch_size=patch, regions_evaluation=1000, baseline="value", softmax=True),
+            lambda r: r.curves["drop"]),
+        "faithfulness_correlation": (
+            f"100 runs of {features // 4} px",
+            lambda: np.asarray(quantus_call(quantus.FaithfulnessCorrelation(nr_runs=100, subset_size=features // 4,
+                                                                            perturb_baseline="black",
+                                                                            return_aggregate=False, **common),
+                                            an, softmax=False)),
+            ours("faithfulness_correlation", a, nr_runs=100, subset_size=features // 4, baseline="min"),
+            None),
+        "road": (
+            "9 percentages, 8 neighbours, noise 0",
+            lambda: quantus_call(quantus.ROAD(percentages=list(range(10, 100, 10)), noise=0.0, **common), an,
+                                 softmax=True),
+            ours("road", a, noise=0.0),
+            None),
+        "mprt": (
+            f"{layers} layers, top-down, Saliency",
+            lambda: np.stack([v for k, v in quantus_call(
+                quantus.MPRT(layer_order="top_down", similarity_func=correlation_spearman, normalise=False, abs=True,
+                             disable_warnings=True), asn, explain_func=q_saliency).items() if k != "original"], 1),
+            ours("mprt", a_sal),
+            lambda r: r.curves["similarity"]),
+        "smooth_mprt": (
+            f"{layers} layers, bottom-up, gradient, 10 noisy samples",
+            lambda: np.asarray(quantus_call(
+                quantus.SmoothMPRT(layer_order="bottom_up", nr_samples=10, similarity_func=correlation_spearman,
+                                   normalise=False, abs=True, return_last_correlation=True, disable_warnings=True),
+                asn, explain_func=q_saliency)),
+            ours("smooth_mprt", a_sal, nr_samples=10),
+            None),
+        "sparseness": (
+            "Gini of |a|",
+            lambda: np.asarray(quantus_call(quantus.Sparseness(normalise=False, abs=True, disable_warnings=True), an)),
+            ours("sparseness", a),
+            lambda r: r.values),
+    }
+    only = [c for c in args.only.split(",") if c]
+    torch_threads = torch.get_num_threads()
+    label = "DigitResNet (digits sample)" if args.model == "digits" else "LeNet-5"
+    print(f"{label} on digits, n={args.n}, {args.size}x{args.size}, torch threads {torch_threads}, "
+          f"esegeta on {device} (max_batch {args.max_batch}), Quantus {quantus.__version__} on cpu\n")
+    print("| metric | setting | Quantus s | esegeta s | ratio | max abs diff |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, (setting, q_fn, e_fn, values) in cases.items():
+        if only and name not in only:
+            continue
+        e_fn()  # warm-up (first-call allocations)
+        q_time, q_out = _best(q_fn, args.repeats)
+        e_time, e_out = _best(e_fn, args.repeats)
+        diff = "-" if values is None else f"{np.abs(values(e_out).cpu().numpy() - np.asarray(q_out)).max():.1e}"
+        print(f"| {name} | {setting} | {q_time:.3f} | {e_time:.3f} | {q_time / e_time:.1f}x | {diff} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The shared interface of esegeta's explanation metrics.
+
+A metric is a function ``fn(ctx, x, attribution, target, **params) -> MetricResult`` over a
+batch: ``x`` is (B, C, *S) with two or three spatial axes, ``attribution`` is (B, C|1, *S) on
+the same device, ``target`` is (B,) long (the score each attribution explains). What a metric
+may use besides the data is in a :class:`Context`: the forward (batch -> (N, K) scores), the
+model (for randomisation), a re-explain callable, a ground-truth mask and a seeded generator.
+Metrics stack the perturbations of many inputs and steps into one tensor and call
+:meth:`Context.scores`, which runs the forward in chunks of at most ``max_batch`` inputs.
+
+Every metric is one :class:`MetricSpec` in one registry (:func:`register`, :func:`all_metrics`,
+:func:`metric`); the spec names the paper, the parameter defaults, whether higher is better,
+what the metric needs, and how many forward passes it costs per input.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, did_you_mean
+
+__all__ = [
+    "Context", "MetricResult", "MetricSpec", "METRIC_MODULES", "NEEDS", "GROUPS",
+    "register", "all_metrics", "metric", "keyword_defaults",
+]
+
+#: What a metric may need from the context beyond the forward.
+NEEDS = frozenset({"model", "explain", "mask"})
+#: The metric groups, in the order they are listed.
+GROUPS = ("faithfulness", "randomisation", "localisation", "robustness", "complexity")
+#: Modules of esegeta.evaluation whose import registers metrics.
+METRIC_MODULES = ("faithfulness", "road", "randomisation", "localisation", "robustness", "complexity")
+
+
+def _plain_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The model's scores, in eval mode and without gradients (the model's mode is restored)."""
+
+    def forward(x: Tensor) -> Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return model(x)
+        finally:
+            model.train(was_training)
+
+    return forward
+
+
+@dataclass
+class Context:
+    """What a metric may use besides the input, its attribution and the target.
+
+    ``forward`` maps a batch (N, C, *S) to scores (N, K); it defaults to the plain ``model`` in
+    eval mode under ``torch.no_grad`` (a segmentation wrapper or a stitched patch forward is
+    supplied instead where the model is one). :meth:`scores` runs it in chunks of at most
+    ``max_batch`` inputs, so a forward itself may take any batch. ``model`` is needed by the
+    randomisation metrics, ``explain(model, x, target) -> attribution`` by those that
+    re-explain (randomisation, robustness), ``mask`` (B, 1|C, *S) bool by localisation.
+    ``generator`` (a seeded CPU generator) drives every random draw: draws are made on it and
+    moved to the data's device (:meth:`rand`, :meth:`randn`), or, on an accelerator, made by a
+    generator of that device seeded from it.
+    """
+
+    forward: Callable[[Tensor], Tensor] | None = None
+    model: nn.Module | None = None
+    explain: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
+    mask: Tensor | None = None
+    generator: torch.Generator | None = None
+    max_batch: int = 256
+    seed: int = 0
+    _device_generators: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.forward is None:
+            if self.model is None:
+                raise ValueError("Context needs a forward or a model")
+            self.forward = _plain_forward(self.model)
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+
+    # ----------------------------------------------------------------- forward
+    def scores(self, x: Tensor) -> Tensor:
+        """(N, K) scores of a stacked batch, the forward run in chunks of at most ``max_batch``."""
+        if x.shape[0] <= self.max_batch:
+            return self.forward(x)
+        return torch.cat([self.forward(chunk) for chunk in x.split(self.max_batch)])
+
+    def target_scores(self, x: Tensor, target: Tensor) -> Tensor:
+        """(N,) score of ``target[i]`` for each input of the stacked batch ``x`` (N = len(target))."""
+        return self.scores(x).gather(1, target.reshape(-1, 1).to(torch.long)).squeeze(1)
+
+    # ----------------------------------------------------------------- random draws
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+        device = torch.device(device)
+        if device.type in ("cpu", "meta"):
+            return self.generator
+        if device not in self._device_generators:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            self._device_generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return self._device_generators[device]
+
+    def _draw(self, op, shape: tuple[int, ...], device, dtype) -> Tensor:
+        device = torch.device(device)
+        generator = self._generator_for(device)
+        if generator.device.type == device.type:
+            return op(shape, generator=generator, device=device, dtype=dtype)
+        return op(shape, generator=generator, dtype=dtype).to(device)
+
+    def rand(self, shape, device, dtype=torch.float32) -> Tensor:
+        """Uniform [0, 1) draws of ``shape`` on ``device``, from the context's generator."""
+        return self._draw(torch.rand, tuple(shape), device, dtype)
+
+    def randn(self, shape, device, dtype=torch.float32) -> Tensor:
+        """Standard normal draws of ``shape`` on ``device``, from the context's generator."""
+        return self._draw(torch.randn, tuple(shape), device, dtype)
+
+    def stream(self) -> int:
+        """A seed for :meth:`randn_rows`, drawn from the context's generator."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+    def randn_rows(self, stream: int, rows, shape, device, dtype=torch.float32) -> Tensor:
+        """(len(rows), *shape) standard normal draws where row i depends only on ``stream`` and
+        ``rows[i]``: the same numbers whichever chunk a row is drawn in."""
+        device = torch.device(device)
+        on = device if device.type not in ("meta",) else torch.device("cpu")
+        out = [torch.randn(tuple(shape), generator=torch.Generator(device=on).manual_seed(stream + int(r)),
+                           device=on, dtype=dtype) for r in rows]
+        return torch.stack(out).to(device)
+
+    def randint(self, high: int, shape, device) -> Tensor:
+        """Integers in [0, high) of ``shape`` on ``device`` (long), from the context's generator."""
+        device = torch.device(device)
+        generator = self._generator_for(device)
+        if generator.device.type == device.type:
+            return torch.randint(high, tuple(shape), generator=generator, device=device)
+        return torch.randint(high, tuple(shape), generator=generator).to(device)
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One value per input (``values``, shape (B,)), optional curves for plots (name -> (B, T)
+    tensor, e.g. the score after each deletion step), and the direction of the value."""
+
+    values: Tensor
+    curves: dict[str, Tensor] | None = None
+    higher_is_better: bool = True
+
+
+def _no_passes(params: Mapping[str, Any], input_shape: tuple[int, ...]) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One registered metric.
+
+    ``id`` is what a config names (``"deletion"``); ``group`` one of :data:`GROUPS`; ``paper`` the
+    reference it implements; ``fn`` the batched function; ``params`` its parameters with their
+    defaults (the only names accepted; :func:`keyword_defaults` reads them from ``fn``);
+    ``higher_is_better`` a bool or, where the direction depends on the parameters (most or least
+    relevant first), a function of the full parameters (:meth:`better_higher`);
+    ``passes(params, input_shape)`` the forward passes it
+    costs per input of shape (C, *S) (re-explanations count as the passes their method costs
+    and are not included); ``needs`` what it needs from the :class:`Context` beyond the forward
+    (subset of :data:`NEEDS`); ``summary`` one line for ``esegeta metrics``;
+    ``explanations(params, n_layers)`` the re-explanations it costs per input, ``n_layers`` being
+    the model's number of randomisable layers (:meth:`explanations_per_input`).
+    """
+
+    id: str
+    group: str
+    paper: str
+    fn: Callable[..., MetricResult]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    higher_is_better: bool | Callable[[Mapping[str, Any]], bool] = True
+    passes: Callable[[Mapping[str, Any], tuple[int, ...]], int] = _no_passes
+    needs: frozenset[str] = frozenset()
+    summary: str = ""
+    explanations: Callable[[Mapping[str, Any], int], int] = _no_passes
+
+    def __post_init__(self):
+        if self.group not in GROUPS:
+            raise ValueError(f"metric {self.id}: group {self.group!r} not in {GROUPS}")
+        object.__setattr__(self, "needs", frozenset(self.needs))
+        if not self.needs <= NEEDS:
+            raise ValueError(f"metric {self.id}: needs {sorted(self.needs - NEEDS)} not in {sorted(NEEDS)}")
+        accepted = set(inspect.signature(self.fn).parameters) - {"ctx", "x", "attribution", "target"}
+        if set(self.params) != accepted:
+            raise ValueError(f"metric {self.id}: params {sorted(self.params)} != fn keywords {sorted(accepted)}")
+
+    def with_defaults(self, params: Mapping[str, Any] | None = None, path: str = "params") -> dict[str, Any]:
+        """The full parameter set: the defaults overridden by ``params`` (unknown names are a
+        :class:`ConfigError` at ``path.<name>``)."""
+        params = dict(params or {})
+        for name in params:
+            if name not in self.params:
+                raise ConfigError(f"{path}.{name}", f"metric {self.id} has no parameter {name!r}"
+                                  + did_you_mean(name, self.params))
+        return {**self.params, **params}
+
+    def better_higher(self, params: Mapping[str, Any] | None = None) -> bool:
+        """Whether a higher value is better with ``params`` (defaults filled in)."""
+        if callable(self.higher_is_better):
+            return bool(self.higher_is_better(self.with_defaults(params)))
+        return bool(self.higher_is_better)
+
+    def forward_passes(self, input_shape, params: Mapping[str, Any] | None = None) -> int:
+        """Forward passes per input of shape (C, *S) with ``params`` (defaults filled in)."""
+        return int(self.passes(self.with_defaults(params), tuple(input_shape)))
+
+    def explanations_per_input(self, model: nn.Module | None, params: Mapping[str, Any] | None = None) -> int:
+        """Re-explanations (calls of the explain callable per input) with ``params`` on ``model``."""
+        layers = 0
+        if model is not None:
+            layers = sum(1 for m in model.modules() if hasattr(m, "reset_parameters"))
+        return int(self.explanations(self.with_defaults(params), layers))
+
+    def __call__(self, ctx: Context, x: Tensor, attribution: Tensor, target: Tensor,
+                 **params) -> MetricResult:
+        """Run the metric on a batch after checking its needs and filling its defaults."""
+        missing = [n for n in sorted(self.needs) if getattr(ctx, n) is None]
+        if missing:
+            raise ConfigError("evaluation.metrics", f"metric {self.id} needs {', '.join(missing)} "
+                              "in its context (a model to randomise, an explain callable, or a mask)")
+        if x.dim() not in (4, 5):
+            raise ValueError(f"metric {self.id}: x must be (B, C, H, W) or (B, C, D, H, W), got {tuple(x.shape)}")
+        if attribution.shape[0] != x.shape[0] or attribution.shape[2:] != x.shape[2:] \
+                or attribution.shape[1] not in (1, x.shape[1]):
+            raise ValueError(f"metric {self.id}: attribution {tuple(attribution.shape)} does not match "
+                             f"x {tuple(x.shape)} (expected (B, 1|C, *S))")
+        target = torch.as_tensor(target, device=x.device).reshape(-1).to(torch.long)
+        if target.numel() == 1 and x.shape[0] > 1:
+            target = target.expand(x.shape[0])
+        params = self.with_defaults(params)
+        result = self.fn(ctx, x, attribution, target, **params)
+        return MetricResult(result.values, result.curves, self.better_higher(params))
+
+
+def keyword_defaults(fn: Callable) -> dict[str, Any]:
+    """The keyword-only parameters of a metric function with their defaults (a spec's ``params``)."""
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+_REGISTRY: dict[str, MetricSpec] = {}
+
+
+def register(spec: MetricSpec) -> MetricSpec:
+    """Add ``spec`` to the registry (an id may be registered once)."""
+    if spec.id in _REGISTRY and _REGISTRY[spec.id] is not spec:
+        raise ValueError(f"metric {spec.id} registered twice")
+    _REGISTRY[spec.id] = spec
+    return spec
+
+
+def _load() -> None:
+    for name in METRIC_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+
+
+def all_metrics() -> list[MetricSpec]:
+    """Every registered metric, by group (in :data:`GROUPS` order) then id."""
+    _load()
+    return sorted(_REGISTRY.values(), key=lambda s: (GROUPS.index(s.group), s.id))
+
+
+def metric(id: str, path: str = "evaluation.metrics") -> MetricSpec:
+    """The metric registered as ``id`` (an unknown id is a :class:`ConfigError` at ``path``)."""
+    _load()
+    try:
+        return _REGISTRY[id]
+    except KeyError:
+        raise ConfigError(path, f"unknown metric {id!r}" + did_you_mean(id, _REGISTRY)) from None

@@ -1,0 +1,255 @@
+"""esegeta's explanation metrics: the registry, the controls on the digits sample, 2D and 3D inputs,
+batching (chunk size does not change a value), device-correctness on the meta device, and the
+ROAD imputation's own properties. Equality with Quantus is in test_metrics_quantus.py."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esegeta.errors import ConfigError
+from esegeta.evaluation import Context, all_metrics, metric
+from esegeta.evaluation.base import GROUPS, NEEDS
+from esegeta.evaluation.road import linear_imputation, neighbour_kernel
+
+# Small enough to keep every metric to a few forward passes per input.
+QUICK = {
+    "pixel_flipping": {"features_in_step": 16},
+    "region_perturbation": {"patch_size": 2, "regions_evaluation": 4},
+    "faithfulness_correlation": {"nr_runs": 5, "subset_size": 8},
+    "infidelity": {"n_perturbations": 4},
+    "road": {"percentages": (20, 60)},
+    "deletion": {"steps": 4},
+    "insertion": {"steps": 4},
+    "smooth_mprt": {"nr_samples": 3},
+    "max_sensitivity": {"nr_samples": 3},
+    "local_lipschitz_estimate": {"nr_samples": 3},
+    "top_k_intersection": {"k": 10},
+}
+
+
+def gradient(model, x, target):
+    """Plain gradient of the target score (a re-explain callable that works on any device)."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        score = model(x).gather(1, target.reshape(-1, 1)).sum()
+        (grad,) = torch.autograd.grad(score, x)
+    return grad
+
+
+def tiny_cnn(dims: int) -> nn.Module:
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    pool = nn.AdaptiveAvgPool2d if dims == 2 else nn.AdaptiveAvgPool3d
+    torch.manual_seed(0)
+    return nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), pool(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    from sklearn.datasets import load_digits
+
+    from samples.models import DigitResNet
+    from tests.conftest import _load
+
+    data = load_digits()
+    x = torch.tensor(data.images[:16] / 16.0, dtype=torch.float32)[:, None]
+    return _load(DigitResNet(), "digit_resnet.pt"), x, torch.tensor(data.target[:16])
+
+
+def _batch(dims: int, device="cpu"):
+    shape = (3, 2) + ((10, 9) if dims == 2 else (6, 7, 5))
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(dims)).to(device)
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(10 + dims)).to(device)
+    mask = (torch.rand((3, 1) + shape[2:], generator=torch.Generator().manual_seed(20 + dims)) > 0.6).to(device)
+    return x, a, torch.tensor([0, 2, 1], device=device), mask
+
+
+# --------------------------------------------------------------------------- registry
+def test_registry_lists_every_group_with_papers_and_defaults():
+    specs = all_metrics()
+    ids = [s.id for s in specs]
+    assert len(ids) == len(set(ids)) == 20
+    assert {s.group for s in specs} == set(GROUPS)
+    for spec in specs:
+        assert spec.paper and spec.summary and spec.needs <= NEEDS
+        assert spec.with_defaults() == dict(spec.params)
+        assert isinstance(spec.better_higher(), bool)
+        assert spec.forward_passes((1, 8, 8)) >= 0
+    assert metric("deletion").forward_passes((1, 8, 8), {"steps": 10}) == 11
+    assert metric("pixel_flipping").forward_passes((3, 224, 224)) == 224 * 224
+    assert metric("road").forward_passes((1, 8, 8, 8)) == 9
+    assert metric("deletion").better_higher() is False and metric("deletion").better_higher({"order": "lerf"}) is True
+
+
+def test_unknown_metric_and_parameter_name_the_field_and_the_fix():
+    with pytest.raises(ConfigError, match="did you mean deletion"):
+        metric("deletio")
+    with pytest.raises(ConfigError) as err:
+        metric("deletion").with_defaults({"step": 3}, path="evaluation.metrics[0].params")
+    assert err.value.path == "evaluation.metrics[0].params.step" and "did you mean steps" in str(err.value)
+    ctx = Context(model=tiny_cnn(2))
+    x, a, t, _ = _batch(2)
+    with pytest.raises(ConfigError, match="baseline"):
+        metric("deletion")(ctx, x, a, t, baseline="zeros")
+    with pytest.raises(ConfigError, match="neighbours"):
+        metric("road")(ctx, x, a, t, neighbours=6)
+    with pytest.raises(ConfigError, match="needs mask"):
+        metric("pointing_game")(ctx, x, a, t)
+
+
+# --------------------------------------------------------------------------- controls on the digits sample
+def test_random_attribution_scores_worse_than_integrated_gradients(digits16):
+    from captum.attr import IntegratedGradients
+
+    model, x, y = digits16
+    ig = IntegratedGradients(model).attribute(x, target=y, n_steps=32).detach()
+    random = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    ctx = Context(model=model)
+    for name, params in (("deletion", {"softmax": True}), ("road", {})):
+        spec = metric(name)
+        assert not spec.better_higher(params)
+        with_ig, with_random = spec(ctx, x, ig, y, **params).values, spec(ctx, x, random, y, **params).values
+        assert with_ig.mean() < with_random.mean() - 0.1, name
+        assert (with_ig < with_random).float().mean() >= 0.75, name
+
+
+def test_mprt_flags_an_edge_filter_and_passes_saliency(digits16):
+    model, x, y = digits16
+    kernel = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+
+    def edge_filter(model, x, target):  # ignores the model: must fail the sanity check
+        gx = F.conv2d(x, kernel[None, None], padding=1)
+        gy = F.conv2d(x, kernel.T[None, None], padding=1)
+        return (gx**2 + gy**2).sqrt()
+
+    for explain, fails in ((edge_filter, True), (gradient, False)):
+        ctx = Context(model=model, explain=explain)
+        result = metric("mprt")(ctx, x, explain(model, x, y), y)
+        assert result.curves["similarity"].shape == (16, 13)
+        if fails:
+            assert result.values.min() > 0.99
+        else:
+            assert result.values.mean() < 0.3
+    before = [p.clone() for p in model.parameters()]
+    metric("efficient_mprt")(Context(model=model, explain=gradient), x, gradient(model, x, y), y)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # the user's model is untouched
+
+
+# --------------------------------------------------------------------------- 2D and 3D, batching, devices
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_metric_runs_batched_in_2d_and_3d(dims):
+    model = tiny_cnn(dims)
+    x, a, t, mask = _batch(dims)
+    for spec in all_metrics():
+        params = QUICK.get(spec.id, {})
+        small = spec(Context(model=model, explain=gradient, mask=mask, max_batch=2, seed=3), x, a, t, **params)
+        large = spec(Context(model=model, explain=gradient, mask=mask, max_batch=512, seed=3), x, a, t, **params)
+        assert small.values.shape == (3,), spec.id
+        assert torch.isfinite(small.values).all() or spec.group == "localisation", spec.id
+        torch.testing.assert_close(small.values, large.values, rtol=1e-4, atol=1e-5, msg=spec.id)  # chunking is invisible
+
+
+def test_every_metric_is_device_correct_on_meta():
+    """Every tensor a metric creates lives on the input's device: meta refuses any CPU mix."""
+    model = tiny_cnn(3).to("meta")
+    x, a, t, mask = _batch(3, "meta")
+    for spec in all_metrics():
+        result = spec(Context(model=model, explain=gradient, mask=mask), x, a, t, **QUICK.get(spec.id, {}))
+        assert result.values.device.type == "meta" and result.values.shape == (3,), spec.id
+        for curve in (result.curves or {}).values():
+            assert curve.device.type == "meta", spec.id
+
+
+def test_curves_have_one_column_per_step():
+    model = tiny_cnn(2)
+    x, a, t, _ = _batch(2)
+    ctx = Context(model=model)
+    deletion = metric("deletion")(ctx, x, a, t, steps=5)
+    assert deletion.curves["score"].shape == (3, 6)
+    assert torch.allclose(deletion.curves["fraction"][0], torch.linspace(0, 1, 6))
+    flipping = metric("pixel_flipping")(ctx, x, a, t, features_in_step=7)
+    assert flipping.curves["score"].shape == (3, math.ceil(90 / 7))
+    # the last step of deletion is the baseline itself, for every attribution
+    empty = ctx.scores(torch.zeros_like(x)).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(deletion.curves["score"][:, -1], empty)
+
+
+# --------------------------------------------------------------------------- ROAD imputation
+@pytest.mark.parametrize("dims,neighbours", [(2, 4), (2, 8), (3, 6), (3, 26)])
+def test_imputation_reproduces_a_linear_ramp_and_keeps_known_pixels(dims, neighbours):
+    shape = (7, 8) if dims == 2 else (6, 7, 5)
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in shape], indexing="ij")
+    ramp = (0.3 * grids[0] - 0.2 * grids[1] + 1.0)[None, None]
+    removed = torch.zeros((1, 1) + shape, dtype=torch.bool)
+    removed[(0, 0) + tuple(slice(1, s - 1) for s in shape)] = True  # interior unknown, the border known
+    imputed = linear_imputation(ramp, removed, neighbours, tol=1e-12)
+    torch.testing.assert_close(imputed, ramp, rtol=0, atol=1e-9)  # a linear function is harmonic for any symmetric kernel
+    kernel = neighbour_kernel(dims, neighbours, dtype=torch.float64)
+    assert abs(kernel.sum().item() - 1) < 1e-12 and int((kernel > 0).sum()) == neighbours
+
+
+def test_road_noise_comes_from_the_seeded_generator():
+    model = tiny_cnn(2)
+    x, a, t, _ = _batch(2)
+    first = metric("road")(Context(model=model, seed=5), x, a, t, noise=0.5).values
+    again = metric("road")(Context(model=model, seed=5), x, a, t, noise=0.5).values
+    other = metric("road")(Context(model=model, seed=6), x, a, t, noise=0.5).values
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+#: Metrics that draw no random numbers with these parameters: CUDA must reproduce the CPU's values.
+DETERMINISTIC = {"deletion", "insertion", "pixel_flipping", "region_perturbation", "road", "pointing_game",
+                 "energy_pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy", "top_k_intersection",
+                 "sparseness", "complexity"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU lane (make test-cuda) runs it")
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_metric_runs_on_cuda_and_matches_the_cpu(dims):
+    model = tiny_cnn(dims)
+    x, a, t, mask = _batch(dims)
+    params = {**QUICK, "road": {"percentages": (20, 60), "noise": 0.0}, "region_perturbation": {
+        "patch_size": 2, "regions_evaluation": 4, "baseline": "value"}}
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        for spec in all_metrics():
+            p = params.get(spec.id, {})
+            gpu = spec(Context(model=model.cuda(), explain=gradient, mask=mask.cuda()), x.cuda(), a.cuda(), t.cuda(), **p)
+            assert gpu.values.device.type == "cuda", spec.id
+            if spec.id in DETERMINISTIC:
+                cpu = spec(Context(model=model.cpu(), explain=gradient, mask=mask), x, a, t, **p)
+                torch.testing.assert_close(gpu.values.cpu(), cpu.values, rtol=1e-4, atol=1e-5, equal_nan=True, msg=spec.id)
+
+
+def test_pointing_game_tolerance_and_energy_share():
+    a = torch.zeros(1, 1, 9, 9)
+    a[0, 0, 4, 6] = 1.0  # the maximum, two pixels right of the mask
+    a[0, 0, 4, 2] = 0.5
+    a[0, 0, 0, 0] = -3.0  # negative relevance is not energy
+    mask = torch.zeros(1, 1, 9, 9, dtype=torch.bool)
+    mask[0, 0, 3:6, 2:5] = True
+    ctx = Context(model=tiny_cnn(2), mask=mask)
+    x, t = torch.zeros(1, 2, 9, 9), torch.tensor([0])
+    hits = [metric("pointing_game")(ctx, x, a, t, tolerance=r).values.item() for r in (0, 1, 2)]
+    assert hits == [0.0, 0.0, 1.0]
+    assert metric("energy_pointing_game")(ctx, x, a, t).values.item() == pytest.approx(0.5 / 1.5, abs=1e-6)
+    assert metric("relevance_rank_accuracy")(ctx, x, a, t).values.item() == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 12, 12), (2, 1, 8, 8), (2, 1, 9, 10, 11)])
+def test_ssim_equals_scikit_image(shape):
+    from skimage.metrics import structural_similarity
+
+    from esegeta.evaluation.similarity import ssim
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(shape, generator=generator, dtype=torch.float64)
+    b = a + 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    expected = []
+    for p, q in zip(a, b):
+        both = torch.cat([p, q])
+        expected.append(structural_similarity(p[0].numpy(), q[0].numpy(), data_range=float(both.max() - both.min())))
+    torch.testing.assert_close(ssim(a, b), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
