@@ -32,13 +32,17 @@ WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"
 @dataclass(frozen=True)
 class Outcome:
     """What one call gives: the upstream result (float32, batch kept), the explained score of
-    each input (when asked for; None where nothing is targeted) and the method's extra outputs
-    (of the first input); with the scores, the explained class (column) of each input."""
+    each input (when asked for; None where nothing is targeted), the method's extra outputs
+    (of the first input) and, with the scores, per input the facts figures and the manifest show:
+    the resolved target (``"predicted"`` → the class index), the predicted column and a wrapper's
+    frozen mask of the explained column."""
 
     result: torch.Tensor
     scores: tuple[float | None, ...] = ()
     extras: Mapping[str, Any] = field(default_factory=dict)
     targets: tuple[int | None, ...] = ()
+    predicted: tuple[int | None, ...] = ()
+    masks: tuple[torch.Tensor | None, ...] = ()
 
 
 def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
@@ -53,7 +57,7 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
     check_task(spec, request.wrapper)
     layer = find_layer(model, request.layer, spec=spec) if request.layer else None
     pieces = [x] if request.wrapper is None else [x[i:i + 1] for i in range(x.shape[0])]
-    results, scores, targets, extras = [], [], [], {}
+    results, scores, extras, targets, predicted, masks = [], [], {}, [], [], []
     for n, piece in enumerate(pieces):
         forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
         wanted = request.target
@@ -65,10 +69,23 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
                     extras if n == 0 else {})
         results.append(_as_result(spec.adapter.run(spec, call)))
         if with_scores:
-            scores += _explained(forward, piece, target)
-            targets += Target.of(target, piece.shape[0]).ints() if target is not None else [None] * piece.shape[0]
+            explained, top = _explained(forward, piece, target)
+            scores += explained
+            predicted += top
+            chosen = Target.of(target, piece.shape[0])
+            targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
+            masks += [frozen_mask(forward, t) for t in targets[-piece.shape[0]:]]
     return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
-                   tuple(targets))
+                   tuple(targets), tuple(predicted), tuple(masks))
+
+
+def frozen_mask(forward: nn.Module, target: int | None) -> torch.Tensor | None:
+    """A wrapper's frozen mask of column ``target`` (spatial shape, on the CPU), or None (no
+    wrapper, a custom wrapper without masks, or nothing targeted)."""
+    masks = getattr(getattr(forward, "score", None), "masks", None)
+    if target is None or not torch.is_tensor(masks) or not 0 <= target < masks.shape[1]:
+        return None
+    return masks[0, target].detach().to("cpu", torch.float32)
 
 
 def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:
@@ -121,11 +138,14 @@ def _scores(forward: nn.Module, x: torch.Tensor) -> Any:
         return forward(x)
 
 
-def _explained(forward: nn.Module, x: torch.Tensor, target: Any) -> list[float | None]:
-    """The value being explained on each unperturbed input (None where nothing is targeted)."""
+def _explained(forward: nn.Module, x: torch.Tensor, target: Any) -> tuple[list[float | None], list[int | None]]:
+    """The value being explained on each unperturbed input (None where nothing is targeted) and
+    each input's predicted (argmax) column."""
     if target is None:
-        return [None] * x.shape[0]
-    return Target.of(target, x.shape[0]).column(_scores(forward, x)).tolist()
+        return [None] * x.shape[0], [None] * x.shape[0]
+    scores = _scores(forward, x)
+    top = scores.argmax(dim=1).tolist() if torch.is_tensor(scores) and scores.ndim == 2 else [None] * x.shape[0]
+    return Target.of(target, x.shape[0]).column(scores).tolist(), top
 
 
 def check_dims(spec: MethodSpec, x: torch.Tensor, where: str = "inputs") -> None:

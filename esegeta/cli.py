@@ -59,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
                          help="input shape (C, *spatial) the forward passes are counted for (default: 3 224 224)")
     metrics.add_argument("--json", action="store_true", help="machine-readable output")
 
+    report = sub.add_parser("report", help="write report.html of a finished run again from its folder (or put a "
+                            "later evaluation into it)")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument("--rebuild", action="store_true", help="rebuild the whole page from the saved files even if "
+                        "a report exists (frozen-mask outlines are not saved, so they are left out)")
+    report.add_argument("--debug", action="store_true")
+
+    explore = sub.add_parser("explore", help="write explorer.html of a finished run: UMAP of its inputs and maps")
+    explore.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    explore.add_argument("--output", type=Path, help="the page's path (default: RUN_DIR/explorer.html)")
+    explore.add_argument("--seed", type=int, default=0, help="UMAP's seed (default 0)")
+    explore.add_argument("--debug", action="store_true")
+
     convert = sub.add_parser("convert-torchesegeta", help="write an esegeta config from a TorchEsegeta config "
                              "(docs/torchesegeta.md); the model and inputs, set in Python there, are arguments")
     convert.add_argument("config", type=Path, help="the TorchEsegeta JSON config")
@@ -194,6 +207,22 @@ def _cmd_metrics(args) -> int:
 
     return metrics_command(args)
 
+def _cmd_report(args) -> int:
+    from . import report
+
+    path = None if args.rebuild else report.update_evaluation(args.run_dir)
+    path = path or report.write_report(args.run_dir)
+    print(f"report: {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_explore(args) -> int:
+    from . import explorer
+
+    path = explorer.write(args.run_dir, args.output, seed=args.seed)
+    print(f"explorer: {path}", file=sys.stderr)
+    return 0
+
 
 def _cmd_convert_torchesegeta(args) -> int:
     from .errors import ConfigError
@@ -228,7 +257,7 @@ def _cmd_convert_torchesegeta(args) -> int:
 
 COMMANDS = {"run": _cmd_run, "evaluate": _cmd_evaluate, "metrics": _cmd_metrics,
             "validate": _cmd_validate, "methods": _cmd_methods, "schema": _cmd_schema,
-            "demo": _cmd_demo, "check": _cmd_check,
+            "demo": _cmd_demo, "check": _cmd_check, "report": _cmd_report, "explore": _cmd_explore,
             "convert-torchesegeta": _cmd_convert_torchesegeta}
 
 
@@ -247,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     # reads TQDM_* defaults when first imported, so this silences every bar that does not set
     # `disable` itself; esegeta's own bar passes disable=None and stays. The user's setting wins.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    if args.command in ("run", "validate", "demo", "check", "evaluate", "convert-torchesegeta"):
+    if args.command in ("run", "validate", "demo", "check", "evaluate", "report", "explore", "convert-torchesegeta"):
         _setup_logging(debug)
     from .compat import ensure_torchvision_importable
     from .errors import EsegetaError

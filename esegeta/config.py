@@ -168,9 +168,18 @@ class RuntimeConfig(Strict):
 
 
 class FigureConfig(Strict):
-    method: Literal["heat_map", "blended_heat_map", "masked_image", "alpha_scaling"] = "blended_heat_map"
-    sign: Literal["all", "positive", "negative", "absolute_value"] = "absolute_value"
-    projection: Literal["mid", "mip"] = Field("mid", description="3D figures: mid-slices or max-intensity projections")
+    """How figures draw results (see :mod:`esegeta.figures`)."""
+
+    method: Literal["map", "heat_map", "blended_heat_map", "masked_image", "alpha_scaling"] = Field(
+        "map", description="'map': the input beside the map in raw units (diverging colours centred at zero for "
+        "signed values, colour bar, clipping stated, frozen-mask outline); the others are captum's "
+        "visualize_image_attr modes (values normalised)")
+    sign: Literal["all", "positive", "negative", "absolute_value"] = "all"
+    projection: Literal["mid", "mip"] = Field("mid", description="3D overview and captum-mode figures: mid-slices or "
+                                          "max-intensity projections ('map' figures show both)")
+    clip: Annotated[float, Field(gt=0, le=100)] | None = Field(
+        99.5, description="'map' colours end at this percentile of |value| (outliers saturate; stated on the "
+        "figure); null: the full range")
 
 
 class OutputConfig(Strict):

@@ -267,14 +267,15 @@ def _own_order(item: Any, array: np.ndarray, kind: str, channels: bool = True) -
 
 
 def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_cfg: Any,
-                kind: str = "attribution", token: str | None = None) -> dict:
+                kind: str = "attribution", token: str | None = None, *, mask: Any = None, caption: str = "") -> dict:
     """Write one (input, method) result in the configured formats; returns format → relative path.
 
     ``item`` is the :class:`esegeta.loading.InputItem` explained, ``attr`` the upstream
     result without the batch axis, ``output_cfg`` the config's ``output`` section. The
     ``.nii.gz`` (3D inputs only) carries the input's affine, scaled for layer-resolution maps.
     ``.npy`` and ``.nii.gz`` are in the input file's own axis order (``item.own_order``); the
-    figure shows ``attr`` as the model saw it.
+    figure shows ``attr`` as the model saw it, with the outline of ``mask`` (a wrapper's frozen mask)
+    and ``caption`` (score and target).
     """
     from . import figures
 
@@ -295,7 +296,8 @@ def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_c
         fig_cfg = output_cfg.figure
         fig = figures.attribution_figure(attr, None if own_image else image, method=fig_cfg.method,
                                          sign=fig_cfg.sign, title=f"{label} - {item.name}",
-                                         projection=fig_cfg.projection, kind="image" if own_image else None)
+                                         projection=fig_cfg.projection, kind="image" if own_image else None,
+                                         mask=mask, clip=fig_cfg.clip, caption=caption)
         save_figure(fig, out_dir / rel / f"{label}.png", token=token)
         files["png"] = str(rel / f"{label}.png")
     return files

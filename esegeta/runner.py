@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, numerics, planning, registry, scheduling, verdicts
+from . import __version__, numerics, planning, progress, registry, scheduling, verdicts
 from . import params as params_mod
 from . import config as config_mod
 from .executor import Executor, RetryPolicy, Worker, attribute_warnings
@@ -30,7 +30,7 @@ from .explainer import run
 from .planning import Job, Plan
 from .request import Request
 from .timeouts import TimeLimitExceeded, call_with_limit
-from .writer import Writer, check_dir
+from .writer import FROZEN_MASK, Writer, check_dir
 
 log = logging.getLogger("esegeta")
 #: Distributions every run depends on; the explainer libraries' come from their adapters' records.
@@ -141,6 +141,10 @@ class Pipeline:
                 from .evaluation.run import after_run
 
                 after_run(plan, out, manifest, writer.token)
+                if "report" in manifest:  # the report was written before the evaluation: add its section
+                    from .report import update_evaluation
+
+                    update_evaluation(out)
             failed = [r for r in manifest["runs"] if r["status"] != "ok"]
             log.info("done: %d ok, %d failed", len(manifest["runs"]) - len(failed), len(failed))
         return RunResult(out, manifest, error)
@@ -210,9 +214,9 @@ def _record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device:
     """A manifest record of ``job`` on ``item``, before it ran."""
     device = device or job.devices[0]
     return {"method": job.entry.spec.id, "label": job.entry.label, "input": item.name, "status": "ok",
-            "seconds": None, "device": str(device), "error": None, "score": None, "target": None, "shape": None,
-            "files": {},
-            "precision": None, "precision_reason": reason, "tf32": numerics.tf32_in_effect(rt.tf32, device),
+            "seconds": None, "device": str(device), "error": None, "score": None, "shape": None, "files": {},
+            "target": None, "predicted": None, "precision": None, "precision_reason": reason,
+            "tf32": numerics.tf32_in_effect(rt.tf32, device),
             "warnings": [], "oom_retries": 0, "key": key,
             **({"input_label": item.label} if getattr(item, "label", None) is not None else {})}
 
@@ -232,8 +236,10 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
 
     def attempt(name: str, request: Request):
         rng[:] = [scheduling.JobRandomness(seed, e.spec.uses_global_rng)]
-        with rng[0], numerics.autocast(name, device):
-            return _call(job, worker.replica(x), x, request, plan.base_dir, worker.samples())
+        model = worker.replica(x)
+        with rng[0], numerics.autocast(name, device), \
+                progress.tracked(model, job.name, progress.expected_passes(request, x)):
+            return _call(job, model, x, request, plan.base_dir, worker.samples())
 
     def notify(kind: str, message: str) -> None:
         oom[0] += kind == "oom"
@@ -265,10 +271,20 @@ def _compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarra
 
 
 def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None, samples: torch.Tensor):
-    """The one call of the method (:func:`esegeta.explainer.run`): (result, scores per input, extras)."""
+    """The one call of the method (:func:`esegeta.explainer.run`): (result, scores per input, extras,
+    the outcome's facts per input: :func:`_facts`)."""
     outcome = run(request, model, x, base_dir=base_dir, with_scores=True, samples=samples)
-    return (outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras,
-            list(outcome.targets) or [None] * len(job.items))
+    return outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras, _facts(outcome, request, x)
+
+
+def _facts(outcome, request: Request, x: torch.Tensor) -> list[tuple[dict, torch.Tensor | None]]:
+    """Per input: the record's resolved ``target`` and ``predicted`` column, and the frozen mask."""
+    n = x.shape[0]
+    given = None if request.target in (None, "predicted") or not request.spec.needs_target else int(request.target)
+    targets = list(outcome.targets) or [given] * n
+    predicted = list(outcome.predicted) or [None] * n
+    masks = list(outcome.masks) or [None] * n
+    return [({"target": t, "predicted": p}, m) for t, p, m in zip(targets, predicted, masks)]
 
 
 def _halved(request: Request) -> Request | None:
@@ -280,7 +296,7 @@ def _halved(request: Request) -> Request | None:
 def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], done, reason: str, elapsed: float):
     """Per input: the record completed with the verdict on its result, the result and its extras
     (``x`` is the job's batch on the worker's device)."""
-    (attr, scores, extras, targets), request = done.value, done.settings
+    (attr, scores, extras, facts), request = done.value, done.settings
     params, noise_tunnel = dict(request.params), request.noise_tunnel
     if attr.shape[0] != len(job.items):
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
@@ -288,8 +304,8 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
     computed = []
     for n, ((_, item), record) in enumerate(zip(job.items, records)):
         one = attr[n:n + 1]
-        record.update(seconds=seconds, score=scores[n], target=targets[n], shape=list(one.shape[1:]),
-                      precision=done.precision, oom_retries=done.oom_retries)
+        record.update(seconds=seconds, score=scores[n], shape=list(one.shape[1:]), precision=done.precision,
+                      oom_retries=done.oom_retries, **facts[n][0])
         if done.fallback:
             record["precision_reason"] = f"{reason}; {done.fallback}"
         problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n])
@@ -306,7 +322,7 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
             record["params"] = {**params, **({"noise_tunnel": dict(noise_tunnel)} if noise_tunnel else {})}
         if len(job.items) > 1:
             record["batch"] = len(job.items)
-        computed.append((record, one[0].cpu().numpy(), _extras_of(extras, n)))
+        computed.append((record, one[0].cpu().numpy(), {**_extras_of(extras, n), FROZEN_MASK: facts[n][1]}))
     return computed
 
 

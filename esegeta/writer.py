@@ -35,7 +35,9 @@ from .errors import ConfigError
 log = logging.getLogger("esegeta")
 LOCK = ".esegeta.lock"
 JOURNAL = ".esegeta-journal.jsonl"
-RESERVED = frozenset({"manifest.json", "overview.png", "esegeta.log", "attributions", LOCK, JOURNAL})
+RESERVED = frozenset({"manifest.json", "overview.png", "report.html", "esegeta.log", "attributions", LOCK, JOURNAL})
+#: The key of ``extras`` under which the runner hands a result's frozen mask (drawn, never saved).
+FROZEN_MASK = "_frozen_mask"
 #: Results kept in memory for the overview figure, in bytes; past it the figure reads the .npy back.
 OVERVIEW_MEMORY = 256 * 2**20
 #: Inputs shown in the overview figure (the first ones): a dataset run has thousands.
@@ -124,6 +126,7 @@ class Writer:
         self._write_lock = threading.Lock()
         self._previous: dict[tuple[str, str], dict] = {}
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self._masks: dict[tuple[str, str], np.ndarray] = {}
         self._held = 0
         self._stores = None  # the attribution stores (esegeta.store), from begin()
 
@@ -236,14 +239,21 @@ class Writer:
         """:meth:`save` for the results of one job (``(record, item, result, extras, kind)`` each):
         every file first, then the records in one journal write (one fsync, not one per input)."""
         records = []
+        from .figures import result_caption
+
         for record, item, result, extras, kind in results:
+            extras = dict(extras)
+            mask = extras.pop(FROZEN_MASK, None)
+            mask = None if mask is None else np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask) > 0.5
             try:
                 if record["status"] == "ok":
                     label = record["label"]
-                    files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token)
+                    files = outputs.save_result(self.out, item, label, result, self.output, kind, self.token,
+                                                mask=mask, caption=result_caption(record.get("score"),
+                                                                                  record.get("target")))
                     files.update(outputs.save_extras(self.out, item, label, extras, self.token))
                     record["files"] = files
-                    self._keep_for_overview(record, item, result, kind)
+                    self._keep_for_overview(record, item, result, kind, mask)
                     self._store(record, result, kind)
             except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
                 self._failed(record, exc)
@@ -293,18 +303,25 @@ class Writer:
                     self._torn = True
                 raise
 
-    def _keep_for_overview(self, record: dict, item: Any, result: np.ndarray, kind: str) -> None:
+    def _keep_for_overview(self, record: dict, item: Any, result: np.ndarray, kind: str,
+                           mask: np.ndarray | None = None) -> None:
+        """Keep a result (and its frozen mask) in memory for the overview and the report: the first
+        inputs only (:data:`OVERVIEW_INPUTS`), within :data:`OVERVIEW_MEMORY`."""
         shown = {name for _, name in self._arrays}
         if len(shown) >= OVERVIEW_INPUTS and record["input"] not in shown:
             return
-        if "png" in self.output.formats and self._held + result.nbytes <= OVERVIEW_MEMORY:
-            self._arrays[(record["label"], record["input"])] = result
+        key = (record["label"], record["input"])
+        if mask is not None and self._held + mask.nbytes <= OVERVIEW_MEMORY:
+            self._masks[key] = mask
+            self._held += mask.nbytes
+        if self._held + result.nbytes <= OVERVIEW_MEMORY:
+            self._arrays[key] = result
             self._held += result.nbytes
 
     # -- the end ----------------------------------------------------------------------
     def finish(self, manifest: dict, inputs: list, kinds: dict[str, str]) -> None:
-        """The overview figure (a failure is logged, no result is lost), then ``manifest.json``;
-        the journal is removed once the manifest is written (an error propagates)."""
+        """The overview figure and ``report.html`` (a failure is logged, no result is lost), then
+        ``manifest.json``; the journal is removed once the manifest is written (an error propagates)."""
         if "png" in self.output.formats:
             self._overview(manifest, inputs, kinds)
         if self._stores is not None:
@@ -312,6 +329,7 @@ class Writer:
                 manifest["stores"] = self._stores.close(manifest["runs"], kinds)
             except Exception as exc:  # noqa: BLE001 (every result has its own files)
                 log.error("attribution stores failed: %s: %s", type(exc).__name__, exc)
+        self._report(manifest, inputs, kinds)
         outputs.save_json(self.out / "manifest.json", manifest, self.token)
         if self._journal is not None:
             self._journal.close()
@@ -325,21 +343,40 @@ class Writer:
         if len(inputs) > OVERVIEW_INPUTS:
             log.info("overview: the first %d of %d inputs", OVERVIEW_INPUTS, len(inputs))
         for item in inputs[:OVERVIEW_INPUTS]:
-            cells = []
+            cells, mask, predicted = [], None, None
             for r in (r for r in manifest["runs"] if r["input"] == item.name):
                 kind = kinds[r["method"]]
                 attr = self._result(r, item, kind) if r["status"] == "ok" else None
                 note = "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"
-                cells.append((r["label"], attr, note, "image" if kind == "image" else "attribution"))
-            rows.append((item.name, item.tensor[0].detach().cpu().numpy(), cells))
+                cell_mask = self._masks.get((r["label"], r["input"]))
+                mask = mask if mask is not None else cell_mask
+                predicted = predicted if predicted is not None else r.get("predicted")
+                cells.append({"label": r["label"], "array": attr, "note": note, "score": r.get("score"),
+                              "target": r.get("target"), "mask": cell_mask,
+                              "kind": "image" if kind == "image" else "attribution"})
+            info = {"mask": mask, "caption": "" if predicted is None else f"predicted {predicted}"}
+            rows.append((item.name, item.tensor[0].detach().cpu().numpy(), cells, info))
         fig_cfg = self.output.figure
         try:
             fig = figures.overview_figure(rows, method=fig_cfg.method, sign=fig_cfg.sign,
-                                          projection=fig_cfg.projection)
+                                          projection=fig_cfg.projection, clip=fig_cfg.clip)
             outputs.save_figure(fig, self.out / "overview.png", token=self.token)
             manifest["overview"] = "overview.png"
         except Exception as exc:  # noqa: BLE001 (a failed overview figure loses no result)
             log.error("overview figure failed: %s: %s", type(exc).__name__, exc)
+
+    def _report(self, manifest: dict, inputs: list, kinds: dict[str, str]) -> None:
+        from . import report
+
+        try:
+            results = report.Results(lambda r, item: self._result(r, item, kinds.get(r["method"], "attribution"))
+                                     if r["status"] == "ok" else None,
+                                     lambda r: self._masks.get((r["label"], r["input"])), kinds)
+            html = report.build_report(manifest, inputs, results, self.output.figure, self.out)
+            outputs.atomic_write_bytes(self.out / "report.html", html.encode("utf-8"), self.token)
+            manifest["report"] = "report.html"
+        except Exception as exc:  # noqa: BLE001 (a failed report loses no result)
+            log.error("report.html failed: %s: %s", type(exc).__name__, exc)
 
     def _result(self, record: dict, item: Any, kind: str) -> np.ndarray | None:
         """A result as the model saw it: from memory, else (resumed, or past the budget) its .npy."""

@@ -284,7 +284,7 @@ def test_overview_log_and_no_temporary_files(e2e):
     no_temporary_files(out)
     written = {str(p.relative_to(out)) for p in output_files(out)}
     listed = {rel for r in e2e["manifest"]["runs"] for rel in r["files"].values()}
-    assert written == listed | {"manifest.json", "overview.png", "esegeta.log", ".esegeta.lock"}
+    assert written == listed | {"manifest.json", "overview.png", "report.html", "esegeta.log", ".esegeta.lock"}
 
 
 # --------------------------------------------------------------------------- #
@@ -372,7 +372,7 @@ def test_only_runs_the_named_methods(tmp_path, capsys):
     code, _, err = run_cli(["run", path, "--output", out, "--only", "gradcam-layer2"], capsys)
     assert code == 0, err
     assert list(statuses(manifest_of(out))) == [("gradcam-layer2", "digit_1_label0")]
-    results = {p.name for p in output_files(out)} - {"manifest.json", "esegeta.log", ".esegeta.lock"}
+    results = {p.name for p in output_files(out)} - {"manifest.json", "report.html", "esegeta.log", ".esegeta.lock"}
     assert results == {"gradcam-layer2.npy"}
 
     out = tmp_path / "only-two"

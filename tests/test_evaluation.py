@@ -84,8 +84,10 @@ def test_evaluate_a_finished_run_recomputes_no_attribution(tmp_path, capsys):
     code, text, err = run_cli(["check", cfg], capsys)
     assert "evaluation: deletion (faithfulness): 21 forward pass(es) per input and method" in text
 
+    assert "Kendall" not in (out / "report.html").read_text(encoding="utf-8")
     code, text, err = run_cli(["evaluate", cfg], capsys)
     assert code == 0, err
+    assert "Kendall" in (out / "report.html").read_text(encoding="utf-8")  # the run's report gained the evaluation
     assert {p: p.stat().st_mtime_ns for p in sorted(out.rglob("*.npy"))} == before  # nothing recomputed
     assert "Ranking of the methods" in text and "Kendall" in text
     rows = list(csv_rows(out / "evaluation.csv"))
@@ -136,6 +138,9 @@ def test_run_evaluates_when_the_block_is_enabled_with_mask_files(tmp_path):
     mass = next(r["value"] for r in values if r["label"] == "captum.Saliency" and r["metric"] == "relevance_mass_accuracy")
     assert mass == pytest.approx(saliency[mask > 0].sum() / saliency.sum(), rel=1e-5)  # the file's mask was used
     assert (result.output_dir / "evaluation_ranking.md").is_file()
+    report = (result.output_dir / "report.html").read_text(encoding="utf-8")  # written before, then given the section
+    section = report[report.index("<!--esegeta:evaluation-->"):report.index("<!--/esegeta:evaluation-->")]
+    assert "Kendall" in section and "relevance_mass_accuracy" in section
 
 
 # -- scoring a wrapped segmenter: masks frozen on the unperturbed input --------------

@@ -201,7 +201,8 @@ def _check_png(path, fig_inches=None):
 
 
 def _titles(fig):
-    return " ".join(ax.get_title() for ax in fig.axes)
+    """Every title and axis label (the 'map' mode states notes such as 'all zero' under its colour bar)."""
+    return " ".join(f"{ax.get_title()} {ax.get_xlabel()}" for ax in fig.axes)
 
 
 def _save(fig, path):
@@ -245,7 +246,8 @@ def test_attribution_figure_3d_all_methods_signs(tmp_path, method, sign):
     projection = "mip" if sign in ("all", "negative") else "mid"
     fig = attribution_figure(attr, image, method, sign, title="3d", projection=projection,
                              show_colorbar=(method == "heat_map" and sign == "all"))
-    assert len([ax for ax in fig.axes if ax.get_title()]) == 3
+    # captum's modes: the three orthogonal views; 'map': input and map, mid-slices and MIPs
+    assert len([ax for ax in fig.axes if ax.get_title()]) == (12 if method == "map" else 3)
     _save(fig, tmp_path / "v.png")
 
 
@@ -362,7 +364,7 @@ def test_overview_failed_and_image_cells(tmp_path, data2d):
     texts = " ".join(t.get_text().replace("\n", " ") for ax in fig.axes for t in ax.texts)
     assert "CUDA out of memory" in texts and "could not draw" in texts
     w, h = fig.get_size_inches()
-    assert w == pytest.approx(5 * 2.2) and h >= 2 * 2.2
+    assert w == pytest.approx(5 * figures.CELL_WIDTH) and h >= 2 * figures.CELL_WIDTH
     _save(fig, tmp_path / "overview.png")
 
 

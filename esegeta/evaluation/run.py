@@ -431,7 +431,12 @@ def evaluate_run(config: str | Path | dict, *, output_dir: str | Path | None = N
         raise ConfigError("output.dir", f"{out} holds no manifest.json: run `esegeta run` on the config first")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     with Writer(out, plan.config.output) as writer:
-        return {**evaluate_plan(plan, out, manifest, writer.token), "output_dir": str(out)}
+        section = {**evaluate_plan(plan, out, manifest, writer.token), "output_dir": str(out)}
+    if (out / "report.html").is_file():  # the run's report gains (or renews) its evaluation section
+        from ..report import update_evaluation
+
+        update_evaluation(out)
+    return section
 
 
 # -- Python ----------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""Progress inside a method call: forward rows counted by a hook on the real model, out of the
+expected total of esegeta.cost, with an ETA, in the log and a console bar; the hook never stays."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import esegeta.explainer
+from esegeta import cost, progress
+from esegeta.registry import all_methods
+from esegeta.request import Request
+from esegeta.runner import Pipeline
+from helpers_cli import DIGITS, REPO, valid_config
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def model():
+    from samples.models import DigitResNet
+
+    m = DigitResNet()
+    m.load_state_dict(torch.load(REPO / "samples" / "checkpoints" / "digit_resnet.pt", weights_only=True))
+    return m.eval()
+
+
+def test_line_eta_and_log_every_interval(caplog):
+    clock = Clock()
+    p = progress.Progress("IG on x", 400, bar_after_s=1e9, log_every_s=10, clock=clock)
+    with caplog.at_level(logging.INFO, logger="esegeta"):
+        clock.now += 5
+        p.add(100)  # before the first interval: no line
+        assert not caplog.records
+        clock.now += 5
+        p.add(100)  # 10 s, 200 of 400: 10 s left
+        assert p.line() == "IG on x: 200/400 forward passes (50 %), 10 s, ETA 10 s"
+        assert caplog.records[-1].getMessage() == p.line()
+        p.add(1)  # within the next interval: no new line
+        assert len(caplog.records) == 1
+        p.close()
+        assert caplog.records[-1].getMessage() == "IG on x: 201 forward passes in 10 s"
+    unknown = progress.Progress("LIME", None, clock=clock)
+    unknown.add(30)
+    assert unknown.line() == "LIME: 30 forward passes, 0 s" and unknown.eta() is None
+
+
+def test_bar_opens_only_for_long_calls(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what the command line sets for upstream bars
+    clock = Clock()
+    p = progress.Progress("x", 10, bar_after_s=2, log_every_s=1e9, clock=clock)
+    p.add(1)
+    assert p._bar is None
+    clock.now += 3
+    p.add(1)
+    assert p._bar is not None and p._bar.total == 10 and p._bar.n == 2
+    p.close()
+    assert p._bar is None
+
+
+def test_counts_the_rows_cost_expects(model):
+    x = torch.from_numpy(np.stack([np.load(p) for p in sorted(DIGITS.glob("*.npy"))[:2]]))
+    spec = all_methods()["captum.IntegratedGradients"]
+    request = Request(spec, {"n_steps": 12, "internal_batch_size": 5}, target=3)
+    expected = progress.expected_passes(request, x)
+    assert expected == cost.expected_passes(spec, request.params, x).forward * 2 == 24
+    from esegeta.prepare import prepared
+
+    ready = prepared(model, x)
+    with progress.tracked(ready, "IG", expected) as p:
+        esegeta.explainer.run(request, ready, x)
+    assert p.done == expected
+    assert not ready._forward_hooks
+
+
+def test_hook_removed_on_error_and_scripted_models_run(model):
+    with pytest.raises(RuntimeError, match="boom"):
+        with progress.tracked(model, "x", 5):
+            model(torch.zeros(1, 1, 8, 8))
+            raise RuntimeError("boom")
+    assert not model._forward_hooks
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    with progress.tracked(scripted, "scripted", 1) as p:
+        scripted(torch.zeros(1, 2))
+    assert p.done in (0, 1)
+
+
+def test_run_logs_progress_with_total_and_eta(tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    cfg = valid_config(tmp_path, methods=[{"id": "captum.Occlusion", "params": {"sliding_window_shapes": [1, 2, 2],
+                                                                                 "strides": [1, 1, 1]}}],
+                       output={"dir": str(tmp_path / "out"), "formats": ["npy"]})
+    result = Pipeline(cfg).run()
+    assert result.exit_code == 0
+    log = (tmp_path / "out" / "esegeta.log").read_text()
+    lines = [line for line in log.splitlines() if "forward passes" in line]
+    # 7 x 7 window positions and the unperturbed input: 50 rows, each logged, with its share and ETA
+    assert any("/50 forward passes (" in line and "ETA" in line for line in lines)
+    assert any("forward passes in" in line for line in lines)

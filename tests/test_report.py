@@ -1,0 +1,139 @@
+"""report.html: written by every run, self-contained, rebuilt and completed with an evaluation from the
+folder, and rendered in a real headless Chromium (Debian's package, driven by Playwright) with no
+console error, no network request and no blank panel. The manifest records each result's resolved
+target."""
+import csv
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import helpers_browser
+from esegeta import report
+from esegeta.runner import Pipeline
+from helpers_cli import DIGITS, REPO, run_cli, valid_config
+
+SAMPLES = REPO / "samples"
+RETINA = {
+    "model": {"factory": f"{SAMPLES / 'models.py'}:VesselUNet2D", "weights": str(SAMPLES / "checkpoints" /
+                                                                              "vessel_unet2d.pt")},
+    "inputs": {"paths": [str(SAMPLES / "data" / "retina_crop.png")], "spatial_dims": 2},
+    "wrapper": {"name": "threshold", "channel": 0, "threshold": 0.5, "activation": "sigmoid"},
+    "target": 1,
+    "runtime": {"devices": "cpu", "seed": 0},
+    "methods": [
+        {"id": "captum.Saliency", "params": {"abs": False}},
+        {"id": "captum.LayerGradCam", "layer": "enc2", "label": "gradcam-enc2"},
+        # stopped by its time limit: the report shows a status that is not ok, with its message
+        {"id": "captum.IntegratedGradients", "params": {"n_steps": 3000, "internal_batch_size": 4},
+         "timeout_s": 0.5, "label": "ig-too-slow"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def retina_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("retina")
+    cfg = {**RETINA, "output": {"dir": str(out), "formats": ["npy", "png"]}}
+    return Pipeline(cfg).run()
+
+
+@pytest.fixture(scope="module")
+def evaluated(retina_run, tmp_path_factory):
+    """A copy of the run with the files an evaluation writes (as ``esegeta evaluate`` names them)."""
+    folder = tmp_path_factory.mktemp("evaluated") / "run"
+    shutil.copytree(retina_run.output_dir, folder)
+    with open(folder / report.EVALUATION_FILES["ranking"], "w", newline="") as handle:
+        csv.writer(handle).writerows([["label", "method", "mean_rank", "deletion", "rank:deletion"],
+                                      ["captum.Saliency", "captum.Saliency", 1.0, 0.12, 1],
+                                      ["gradcam-enc2", "captum.LayerGradCam", 2.0, 0.34, 2]])
+    with open(folder / report.EVALUATION_FILES["agreement"], "w", newline="") as handle:
+        csv.writer(handle).writerows([["metric", "deletion"], ["deletion", 1.0]])
+    np.savez(folder / report.EVALUATION_FILES["curves"],
+             **{f"{label}/retina_crop/deletion/score": np.linspace(1, 0, 11) ** k
+                for k, label in ((1, "captum.Saliency"), (2, "gradcam-enc2"))})
+    assert report.update_evaluation(folder) == folder / "report.html"
+    return folder
+
+
+def _html(folder):
+    return (folder / "report.html").read_text(encoding="utf-8")
+
+
+def test_every_run_writes_a_self_contained_report(retina_run):
+    html = _html(retina_run.output_dir)
+    assert retina_run.manifest["report"] == "report.html"
+    for label in ("captum.Saliency", "gradcam-enc2", "ig-too-slow", "retina_crop"):
+        assert label in html
+    assert "timeout" in html and "status-timeout" in html
+    # no resource outside the file: every image is inline, no external script, style or link
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", html)
+    assert "<link" not in html and html.count("data:image/png;base64,") >= 3  # input + two maps
+    for fact in ("score", "target", "precision", "seconds", "fp32", "raw units", "frozen mask"):
+        assert fact in html
+    assert "torch" in html and "&quot;wrapper&quot;" in html  # versions and the resolved config (escaped)
+
+
+def test_manifest_records_resolved_target_and_prediction(retina_run, tmp_path):
+    ok = [r for r in retina_run.runs if r["status"] == "ok"]
+    assert ok and all(r["target"] == 1 and r["predicted"] in (0, 1) for r in ok)
+    # a classifier with target "predicted": the class it resolved to, one per input
+    cfg = valid_config(tmp_path, inputs={"paths": [str(DIGITS)], "spatial_dims": 2},
+                       output={"dir": str(tmp_path / "digits"), "formats": ["npy"]})
+    result = Pipeline(cfg).run()
+    from esegeta.loading import load_inputs
+    from samples.models import DigitResNet
+
+    model = DigitResNet()
+    model.load_state_dict(torch.load(SAMPLES / "checkpoints" / "digit_resnet.pt", weights_only=True))
+    model.eval()
+    for item in load_inputs(cfg["inputs"], None):
+        record = next(r for r in result.runs if r["input"] == item.name)
+        with torch.no_grad():
+            expected = int(model(item.tensor).argmax())
+        assert record["target"] == expected == record["predicted"]
+        assert f"label{expected}" in item.name  # the sample's true class, which the model gets right
+    saved = json.loads((tmp_path / "digits" / "manifest.json").read_text())
+    assert [r["target"] for r in saved["runs"]] == [r["target"] for r in result.runs]
+
+
+def test_evaluation_slots_in(evaluated):
+    html = _html(evaluated)
+    assert "id='evaluation'" in html and "Ranking" in html and "Kendall" in html
+    assert "0.34" in html and "deletion: score" in html  # the table and the curves' chart
+    before = html
+    assert report.update_evaluation(evaluated) is not None
+    assert _html(evaluated).count("id='evaluation'") == 1 and len(_html(evaluated)) == len(before)
+
+
+def test_report_rebuilt_from_the_folder(retina_run, tmp_path, capsys):
+    folder = tmp_path / "run"
+    shutil.copytree(retina_run.output_dir, folder)
+    (folder / "report.html").unlink()
+    code, _, err = run_cli(["report", folder], capsys)
+    assert code == 0 and "report.html" in err
+    html = _html(folder)
+    assert "gradcam-enc2" in html and html.count("data-panel=\"map\"") == 2
+    code, _, err = run_cli(["report", tmp_path / "nothing-here"], capsys)
+    assert code == 2 and "RUN_DIR" in err and "manifest.json" in err
+
+
+@pytest.mark.skipif(helpers_browser.missing() is not None, reason=str(helpers_browser.missing()))
+def test_report_in_chromium(evaluated, tmp_path):
+    shot = tmp_path / "report.png"
+    seen = helpers_browser.render(evaluated / "report.html", screenshot=shot,
+                                  wait_for="() => window.Bokeh && Bokeh.documents.length > 0")
+    assert seen["console_errors"] == []
+    assert seen["requests"] == []
+    panels = dict((name, []) for name, _ in seen["panels"])
+    for name, spread in seen["panels"]:
+        panels[name].append(spread)
+    assert len(panels["input"]) == 1 and len(panels["map"]) == 2 and len(panels["curves"]) == 1
+    assert min(s for spreads in panels.values() for s in spreads) > 5  # none blank
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("ESEGETA_KEEP_SCREENSHOTS"):  # to look at it: copied to that folder
+        shutil.copy(shot, os.environ["ESEGETA_KEEP_SCREENSHOTS"])
