@@ -26,6 +26,15 @@ _LAZY = {
 }
 
 
+def _torchvision_shim() -> None:
+    from .compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+
+
+_torchvision_shim()  # a later `import torchvision` works on CPU-only torch too (see esegeta.compat)
+
+
 def methods() -> list[dict]:
     """The registry as ``esegeta methods --json`` shows it: one dict per method."""
     from .registry import all_methods

@@ -60,7 +60,10 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
     results, scores, extras, targets, predicted, masks = [], [], {}, [], [], []
     for n, piece in enumerate(pieces):
         forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
-        target = resolve_target(forward, piece, request.target) if spec.needs_target else None
+        wanted = request.target
+        if torch.is_tensor(wanted) and len(pieces) > 1:  # one target per input, one input per piece
+            wanted = wanted[n:n + 1]
+        target = resolve_target(forward, piece, wanted) if spec.needs_target else None
         noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
         call = Call(forward, model, piece, target, layer, dict(request.params), noise_tunnel, base_dir, samples,
                     extras if n == 0 else {})
@@ -105,6 +108,12 @@ def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str 
     width (for a plain model only when ``check``: that costs a forward pass)."""
     if target is None:
         return None
+    if torch.is_tensor(target):  # one index per input (from Python)
+        scores = _scores(forward, x)
+        if torch.is_tensor(scores) and scores.ndim == 2 and int(target.max()) >= scores.shape[1]:
+            raise ConfigError(where, f"target {int(target.max())} does not exist: the output has {scores.shape[1]} "
+                                     "columns")
+        return target.to(x.device)
     if target != "predicted" and not check and not isinstance(forward, wrappers.WrappedModel):
         return int(target)
     scores = _scores(forward, x)

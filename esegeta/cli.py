@@ -1,4 +1,4 @@
-"""The ``esegeta`` command line (SPEC §2). Heavy imports happen inside the commands, so
+"""The ``esegeta`` command line. Heavy imports happen inside the commands, so
 ``esegeta --help`` starts fast.
 
 Exit codes: 0 all requested methods succeeded; 1 the run finished with failures; 2 the
@@ -278,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.command in ("run", "validate", "demo", "check", "evaluate", "report", "explore", "convert-torchesegeta"):
         _setup_logging(debug)
+    from .compat import ensure_torchvision_importable
     from .errors import EsegetaError
 
+    ensure_torchvision_importable()  # before any user code: its torchvision imports on CPU-only torch
     try:
         return COMMANDS[args.command](args)
     except EsegetaError as exc:

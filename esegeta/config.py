@@ -1,4 +1,4 @@
-"""The JSON config (SPEC §3), validated with pydantic before any model runs.
+"""The JSON config, validated with pydantic before any model runs.
 
 Two stages: :func:`parse` checks structure and types (no imports beyond pydantic);
 :func:`esegeta.params.check_method` then checks one method's id, layer use and parameter
@@ -9,6 +9,7 @@ its JSON path, e.g. ``methods[2].params.n_step: unknown parameter ...; did you m
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,20 +17,29 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, did_you_mean, json_path, shown
 from .evaluation.settings import EvaluationConfig
 from .request import PatchConfig, Target, WrapperConfig
 
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
 FIGURE_SIGNS = ("all", "positive", "negative", "absolute_value")
 
-#: Keys of the SPEC that later releases bring (wherever they appear), with what to say until then.
+#: Longest method label: output files are named ``<label>.<input>.<ext>`` within the 255-byte name limit.
+MAX_LABEL = 100
+#: Most pixels (voxels) per channel ``inputs.resize`` may ask for (512³, 512 MiB per channel as float32).
+MAX_VOXELS = 512**3
+#: Longest time limit (one week); a larger one is a typo, and timers cannot wait forever.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+#: Config keys that later releases bring (wherever they appear), with what to say until then.
 NOT_YET = {
 }
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A config section: unknown keys refused, no type coercion (``"32"`` is not a number)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _comment() -> Any:
@@ -49,6 +59,13 @@ class ModelConfig(Strict):
 class Normalize(Strict):
     mean: float | list[float]
     std: float | list[float]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: float | list[float]) -> float | list[float]:
+        if any(v <= 0 for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"std {value} must be positive (the input is divided by it)")
+        return value
 
 
 class InputsConfig(Strict):
@@ -75,7 +92,8 @@ class InputsConfig(Strict):
                             "'none': no channel axis (one channel)")
     color: Literal["keep", "grayscale", "rgb"] = "keep"
     normalize: Literal["none", "zscore", "minmax"] | Normalize = "none"
-    resize: list[Annotated[int, Field(gt=0)]] | None = None
+    resize: list[Annotated[int, Field(gt=0)]] | None = Field(None, description="resize to these sizes (one per "
+                                                             "spatial axis; at most 512³ pixels in all)")
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -94,6 +112,10 @@ class InputsConfig(Strict):
     def _resize_rank(self) -> "InputsConfig":
         if self.resize is not None and len(self.resize) != self.spatial_dims:
             raise ValueError(f"resize: needs {self.spatial_dims} sizes (one per spatial axis)")
+        if self.resize is not None and math.prod(self.resize) > MAX_VOXELS:
+            raise ValueError(f"resize: {self.resize} is {math.prod(self.resize):,} pixels per channel "
+                             f"({math.prod(self.resize) * 4 / 2**30:.1f} GiB each as float32); at most {MAX_VOXELS:,} "
+                             "(512³); explain large inputs with 'patch'")
         return self
 
 
@@ -104,14 +126,16 @@ class MethodEntry(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     layer: str | None = Field(None, description="submodule name, for layer and neuron methods")
     noise_tunnel: dict[str, Any] | None = Field(None, description="wrap in captum NoiseTunnel: nt_type, nt_samples, stdevs, ...")
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="names the outputs (default: the id)")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", max_length=MAX_LABEL,
+                              description="names the outputs (default: the id); letters, digits, '._+-', at most "
+                                          f"{MAX_LABEL} characters, so output file names stay short enough")
     enabled: StrictBool = True
     wrapper: WrapperConfig | None = None
     target: Target = None
     patch: PatchConfig | None = Field(None, description="overrides the config's 'patch' for this method")
     device: str | None = Field(None, description="run this method on this device ('cpu', 'cuda:N'), "
                                "overriding runtime.devices")
-    timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="time limit of this method per "
+    timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = Field(None, description="time limit of this method per "
                                                             "input, in seconds (overrides runtime.timeout_s)")
     comment: Any = _comment()
 
@@ -125,18 +149,18 @@ class RuntimeConfig(Strict):
 
     devices: str | list[str] = Field("auto", description="'auto' (every CUDA device, else the CPU), 'cpu', "
                                      "'cuda:N', or a list of devices")
-    threads_per_device: Annotated[int, Field(ge=1)] = Field(1, description="worker threads per device, "
+    threads_per_device: Annotated[int, Field(ge=1, le=256)] = Field(1, description="worker threads per device, "
                                                             "each with its own copy of the model")
     amp: StrictBool = Field(False, description="mixed precision: autocast to bf16 on the CPU, fp16 on CUDA, for "
                             "methods measured safe there (esegeta methods --json: amp); the others, and a failed "
                             "or non-finite result, compute in fp32")
     tf32: StrictBool = Field(False, description="let CUDA compute float32 convolutions and matmuls in TF32 (10-bit "
                              "mantissa; faster on Ampere and newer GPUs, but every number changes); off: fp32 means fp32")
-    timeout_s: Annotated[float, Field(gt=0)] | None = Field(None, description="time limit per (method, input) "
+    timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = Field(None, description="time limit per (method, input) "
                                                             "in seconds; a method over it is stopped, status 'timeout'")
-    batch_size: Annotated[int, Field(ge=1)] = Field(1, description="inputs of one shape explained in one upstream "
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(1, description="inputs of one shape explained in one upstream "
                                                     "call, for methods without a wrapper")
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
     backend: Literal["local", "ray"] = Field("local", description="'local': worker threads in this process; 'ray': "
                                              "Ray Data actors, one model replica each (pip install esegeta[ray])")
     ray_address: str | None = Field(None, description="the Ray cluster to join ('auto', 'ray://host:10001'); "
@@ -159,11 +183,18 @@ class FigureConfig(Strict):
 
 
 class OutputConfig(Strict):
-    dir: str = "results"
+    dir: str = Field("results", min_length=1, max_length=1024)
     formats: list[Literal["npy", "png", "nii", "zarr"]] = Field(
         ["npy", "png", "nii"], description="per result: .npy, .png figure, .nii.gz (3D); 'zarr': per method one "
                                            "attribution dataset of every result (attributions/<label>.zarr)")
     figure: FigureConfig = Field(default_factory=FigureConfig)
+
+    @field_validator("dir")
+    @classmethod
+    def _a_folder_name(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("a folder name cannot hold a NUL character")
+        return value
 
 
 class Config(Strict):
@@ -206,15 +237,12 @@ def json_schema() -> dict[str, Any]:
 
 
 def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+    return json_path(loc)
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The pydantic model class that owns the key at ``loc`` (for 'did you mean' hints)."""
-    model: Any = Config
+    model: Any = root or Config
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -235,62 +263,171 @@ def _flatten(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def _message(error: dict) -> str:
-    # Drop pydantic's union-member tags ('constrained-int', "literal['predicted']") from the path.
-    loc = tuple(p for p in error["loc"] if not isinstance(p, str) or p.isidentifier() or p == "$schema")
+def _real_loc(data: Any, loc: tuple) -> tuple:
+    """``loc`` without pydantic's union-member tags (``constrained-int``, ``literal['predicted']``):
+    only the keys and indices that exist in the validated ``data`` (and a last key that is missing)."""
+    out: list = []
+    here = data
+    for i, part in enumerate(loc):
+        if isinstance(here, dict) and part in here:
+            out.append(part)
+            here = here[part]
+        elif isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
+            out.append(part)
+            here = here[part]
+        elif isinstance(part, str) and i == len(loc) - 1 and (part.isidentifier() or part == "$schema"):
+            out.append(part)  # a required key that is missing
+    return tuple(out)
+
+
+def _message(error: dict, data: Any, root: type[BaseModel] | None = None) -> tuple[str, str]:
+    """(JSON path, message) of one pydantic error of validating ``data`` as ``root`` (the Config)."""
+    loc = _real_loc(data, tuple(error["loc"]))
     if error["type"] == "extra_forbidden" and loc and loc[-1] in NOT_YET:
-        return f"{_loc(loc)}: {NOT_YET[loc[-1]]}"
+        return _loc(loc), NOT_YET[loc[-1]]
     message = error["msg"].removeprefix("Value error, ")
     # Validators of a whole section name the key at fault as 'key: message'.
-    owner = _model_at(loc + ("",))
+    owner = _model_at(loc + ("",), root)
     key, sep, rest = message.partition(": ")
     if sep and owner is not None and key in owner.model_fields:
         loc, message = loc + (key,), rest
-    path = _loc(loc)
     if error["type"] == "extra_forbidden":
-        owner = _model_at(loc)
+        owner = _model_at(loc, root)
         keys = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
-        return f"{path}: unknown key" + did_you_mean(str(loc[-1]), keys)
+        return _loc(loc), "unknown key" + did_you_mean(str(loc[-1]), keys)
     if error["type"] == "missing":
         message = "required key is missing"
-    return f"{path}: {message}" if path else message
+    if "input" in error and error["type"].endswith(("_type", "_parsing")) and error["type"] != "model_type":
+        message += f", not {shown(error['input'])}"
+    return _loc(loc), message
 
 
 def parse(data: Any) -> Config:
     """Validate the structure of a config dict (no imports, no files)."""
     if not isinstance(data, dict):
-        raise ConfigError("", "a config is a JSON object")
+        raise ConfigError("", f"a config is a JSON object ({{...}}), not {type(data).__name__}")
+    check_values(data)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        by_path: dict[str, list[str]] = {}
-        for error in exc.errors():
-            path, message = _split(_message(error))
-            if message not in by_path.setdefault(path, []):
-                by_path[path].append(message)
-        # A union (e.g. target: index or 'predicted') reports each member: one line per field.
-        lines = [f"{path}: {' | or: '.join(messages)}" if path else "; ".join(messages)
-                 for path, messages in by_path.items()]
-        raise ConfigError("", "\n".join(lines)) from None
+        raise validation_error(exc, data) from None
 
 
-def _split(line: str) -> tuple[str, str]:
-    """'path: message' → (path, message); a line without a path → ('', line)."""
-    head, sep, tail = line.partition(": ")
-    if sep and " " not in head:
-        return head, tail
-    return "", line
+def validation_error(exc: ValidationError, data: Any, root: type[BaseModel] | None = None,
+                     prefix: str = "") -> ConfigError:
+    """A pydantic error of validating ``data`` as ``root`` (the Config), as a ConfigError naming
+    each field by its JSON path (under ``prefix``), with 'did you mean' for unknown keys."""
+    by_path: dict[str, list[str]] = {}
+    for error in exc.errors():
+        path, message = _message(error, data, root)
+        if prefix:
+            path = prefix + ("" if not path or path.startswith("[") else ".") + path
+        if message not in by_path.setdefault(path, []):
+            by_path[path].append(message)
+    # A union (e.g. target: index or 'predicted') reports each member: one line per field.
+    if len(by_path) == 1:
+        path = next(iter(by_path))
+        return ConfigError(path, " | or: ".join(by_path[path]))
+    lines = [f"{path}: {' | or: '.join(messages)}" if path else "; ".join(messages)
+             for path, messages in by_path.items()]
+    return ConfigError("", "\n".join(lines))
+
+
+#: Deepest nesting of lists and objects a config may have (a config needs about 6).
+MAX_DEPTH = 32
+#: Most digits of a JSON integer (no setting needs more; Python refuses over 4,300).
+MAX_DIGITS = 30
+
+
+class _Duplicates(dict):
+    """A JSON object that had a key more than once (``duplicates`` lists them)."""
+
+    duplicates: list[str]
+
+
+class _HugeInteger(str):
+    """A JSON integer with more than :data:`MAX_DIGITS` digits, kept as its text."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) == len(keys):
+        return dict(pairs)
+    out = _Duplicates(pairs)
+    out.duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    return out
+
+
+def _integer(text: str) -> int | _HugeInteger:
+    return _HugeInteger(text) if len(text.lstrip("-")) > MAX_DIGITS else int(text)
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (JSON numbers are finite)")
+
+
+def loads(text: str) -> Any:
+    """JSON text → data, keeping what :func:`check_values` refuses visible (duplicate keys,
+    huge integers); ``NaN``/``Infinity`` (not JSON) are refused here."""
+    return json.loads(text, object_pairs_hook=_pairs, parse_int=_integer, parse_constant=_not_json)
+
+
+def check_values(data: Any) -> None:
+    """ConfigError at the first value no setting can take, wherever it is: an object with a key
+    twice (JSON readers disagree which wins), an integer of more than :data:`MAX_DIGITS` digits,
+    a number that is not finite (``1e999``), nesting deeper than :data:`MAX_DEPTH`."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, where = stack.pop()
+        if len(where) > MAX_DEPTH:
+            raise ConfigError(_loc(where[:MAX_DEPTH]), f"nested more than {MAX_DEPTH} levels deep; no setting takes "
+                                                       "that")
+        if isinstance(value, _Duplicates):
+            raise ConfigError(_loc(where), f"key {', '.join(map(repr, value.duplicates))} appears "
+                              "more than once in this object; keep one (JSON readers disagree which one wins)")
+        if isinstance(value, _HugeInteger):
+            raise ConfigError(_loc(where), f"an integer of {len(value.lstrip('-'))} digits; no setting takes more "
+                                           f"than {MAX_DIGITS}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(_loc(where), f"{value} is not a finite number; use a finite value")
+        if isinstance(value, dict):
+            stack += [(v, where + (k,)) for k, v in reversed(value.items())]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, where + (i,)) for i, v in reversed(list(enumerate(value)))]
 
 
 def read(path: str | Path) -> tuple[Config, Path]:
-    """Load and validate a config file; returns it with the folder its paths are relative to."""
+    """Load and validate a config file; returns it with the folder its paths are relative to.
+
+    A file that is not a JSON object (unreadable, not UTF-8, not JSON) is a ConfigError whose
+    path is the file's name; every other fault names its JSON path."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"config file {path} does not exist")
+    where = str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"not UTF-8 text (byte {exc.start}: {exc.reason}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(where, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError("", f"{path} is not valid JSON: {exc}") from None
+        raise ConfigError(where, f"is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise ConfigError(where, f"nested too deeply to read (a config needs about 6 levels, at most {MAX_DEPTH})") from None
+    except ValueError as exc:
+        raise ConfigError(where, f"is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"a config is a JSON object ({{...}}), not a JSON {_json_type(data)}")
+    try:
+        check_values(data)
+    except ConfigError as exc:  # a fault of the whole object: name the file
+        raise ConfigError(exc.path or where, exc.message) from None
     return parse(data), path.resolve().parent
 
 
+def _json_type(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null", int: "number",
+            float: "number", _HugeInteger: "number"}.get(type(value), "value")

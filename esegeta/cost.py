@@ -139,8 +139,11 @@ def n_features(values: Mapping[str, Any], x: torch.Tensor, name: str = "feature_
     return math.prod(x.shape[1:])
 
 
-def _windows(shape: Sequence[int], window: Sequence[int], stride: Sequence[int]) -> int:
-    return math.prod(max(0, (s - w) // max(1, st)) + 1 for s, w, st in zip(shape, window, stride))
+def _windows(shape: Sequence[int], window: Sequence[int], stride: Sequence[int], ceil: bool = False) -> int:
+    """Window positions per axis multiplied; ``ceil``: a last, partial step counts too (Captum's
+    Occlusion: ``ceil((size - window) / stride) + 1``)."""
+    step = (lambda a, b: -(-a // b)) if ceil else (lambda a, b: a // b)
+    return math.prod(max(0, step(s - w, max(1, st))) + 1 for s, w, st in zip(shape, window, stride))
 
 
 def _as_list(v: Any, n: int) -> list[int] | None:
@@ -157,7 +160,7 @@ def _captum_occlusion(values, x, layer_shape) -> Passes:
     stride = _as_list(values.get("strides") if values.get("strides") is not None else 1, len(shape))
     if window is None or stride is None:
         return Passes(None, None, False, "sliding_window_shapes/strides not known")
-    return Passes(_windows(shape, window, stride) + 1, 0)
+    return Passes(_windows(shape, window, stride, ceil=True) + 1, 0)
 
 
 def _zennit_occlusion(values, x, layer_shape) -> Passes:

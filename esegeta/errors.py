@@ -6,6 +6,8 @@ Every error a user can cause names the field at fault and the fix. The CLI turns
 from __future__ import annotations
 
 import difflib
+import json
+import re
 from collections.abc import Iterable
 
 
@@ -29,9 +31,36 @@ class MethodUnavailable(EsegetaError):
     """A registered method whose library is not installed (the message says which extra)."""
 
 
+def json_path(parts: Iterable[str | int]) -> str:
+    """A JSON path as messages write it: ``methods[2].params.n_steps``; a key that is not a
+    plain name is quoted, ``inputs["x y"]``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_$][\w$]*", str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{json.dumps(str(part), ensure_ascii=True)}]"
+    return out
+
+
+def child(path: str, key: str | int) -> str:
+    """The JSON path of ``key`` inside ``path`` (``methods[0].params`` + ``n_steps``)."""
+    tail = json_path([key])
+    return tail if not path else path + (tail if tail.startswith("[") else "." + tail)
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages that repeat what a user wrote."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..." + f" ({len(text)} characters)"
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The most similar valid name, for 'did you mean ...?' hints (None if nothing is close)."""
-    choices = list(choices)
+    name = str(name)
+    choices = [str(c) for c in choices]
     hits = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     if not hits:
         lowered = {c.lower(): c for c in choices}
@@ -41,8 +70,8 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Suffix for an error message: '; did you mean X?' or the list of valid names."""
-    choices = sorted(choices)
-    hit = closest(name, choices)
+    choices = sorted(str(c) for c in choices)
+    hit = closest(str(name), choices)
     if hit:
         return f"; did you mean {hit}?"
     shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")

@@ -30,19 +30,53 @@ INPUT_SUFFIXES = IMAGE_SUFFIXES + ARRAY_SUFFIXES + NIFTI_SUFFIXES
 
 
 def resolve(path: str | Path, base_dir: Path | None) -> Path:
-    path = Path(path).expanduser()
+    try:
+        path = Path(path).expanduser()
+    except RuntimeError:  # '~someone' who has no home here
+        path = Path(path)
     return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the system cannot even look up (too long, a NUL)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
 def load_callable(ref: str, base_dir: Path | None, field: str):
-    """``file.py:name`` (relative to ``base_dir``) or ``package.module:name`` → the object."""
+    """``file.py:name`` (relative to ``base_dir``) or ``package.module:name`` → the object.
+
+    torchvision's missing operators are declared first where that is what breaks importing it
+    (:mod:`esegeta.compat`), so a user's file that imports torchvision loads on CPU-only torch."""
+    from .compat import ensure_torchvision_importable
+    from .errors import shown
+
     module_ref, sep, attr = ref.rpartition(":")
     if not sep or not module_ref or not attr:
-        raise ConfigError(field, f"{ref!r} is not 'file.py:callable' or 'module:callable'")
-    if module_ref.endswith(".py"):
+        raise ConfigError(field, f"{shown(ref)} is not 'file.py:callable' or 'module:callable'")
+    if not attr.isidentifier():
+        raise ConfigError(field, f"{shown(attr)} (after the ':') is not a Python name")
+    ensure_torchvision_importable()
+    if module_ref.lower().endswith(".py") or "/" in module_ref or "\\" in module_ref:
         file = resolve(module_ref, base_dir)
-        if not file.is_file():
-            raise ConfigError(field, f"file {file} does not exist (paths are relative to the config's folder)")
+        if not module_ref.endswith(".py"):
+            raise ConfigError(field, f"{shown(module_ref)} is not a Python file name ending in '.py' (nor a module "
+                                     "name like 'package.module')")
+        if not is_file(file):
+            raise ConfigError(field, f"file {shown(str(file), 200)} does not exist (paths are relative to the "
+                                     "config's folder)")
         name = "esegeta_user_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
         module = sys.modules.get(name)
         if module is None:
@@ -59,10 +93,15 @@ def load_callable(ref: str, base_dir: Path | None, field: str):
             finally:
                 sys.path.remove(folder)
     else:
+        if not _MODULE_NAME.fullmatch(module_ref):
+            raise ConfigError(field, f"{shown(module_ref)} is neither a module name ('package.module') nor a file "
+                                     "('file.py')")
         try:
             module = importlib.import_module(module_ref)
         except ImportError as exc:
             raise ConfigError(field, f"cannot import module {module_ref!r}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 (the module's own code failed)
+            raise ConfigError(field, f"importing {module_ref!r} failed: {type(exc).__name__}: {exc}") from exc
     if not hasattr(module, attr):
         from .errors import did_you_mean
 
@@ -84,15 +123,18 @@ def _first_line(exc: Exception) -> str:
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 def load_state_dict(path: Path, field: str = "model.weights") -> dict[str, torch.Tensor]:
     """A state dict from ``path``, loaded with ``weights_only=True`` (never runs pickled code)."""
-    if not path.is_file():
+    if not is_file(path):
         raise ConfigError(field, f"weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -114,10 +156,16 @@ def load_model(model_cfg: dict, base_dir: Path | None) -> nn.Module:
     factory, weights = model_cfg.get("factory"), model_cfg.get("weights")
     weights_path = resolve(weights, base_dir) if weights else None
     if factory is None:
-        if weights_path is None or not weights_path.is_file() or not _is_torchscript(weights_path):
+        if weights_path is None or not is_file(weights_path) or not _is_torchscript(weights_path):
             raise ConfigError("model", "give model.factory ('file.py:callable'), or model.weights as a TorchScript file")
-        return torch.jit.load(str(weights_path), map_location="cpu").eval()
+        try:
+            return torch.jit.load(str(weights_path), map_location="cpu").eval()
+        except Exception as exc:  # noqa: BLE001 (a zip that only looks like TorchScript)
+            raise ConfigError("model.weights", f"{weights_path.name} is not a TorchScript model torch can load: "
+                                               f"{_first_line(exc)[:200]}") from exc
     make = load_callable(factory, base_dir, "model.factory")
+    if not callable(make):
+        raise ConfigError("model.factory", f"{factory} is a {type(make).__name__}, not a callable that makes the model")
     try:
         model = make(**model_cfg.get("kwargs", {}))
     except Exception as exc:
@@ -126,13 +174,43 @@ def load_model(model_cfg: dict, base_dir: Path | None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError("model.factory", f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
     if weights_path is not None:
+        if _is_torchscript(weights_path):
+            raise ConfigError("model.weights", f"{weights_path.name} is a TorchScript model, not a state dict; "
+                                               "remove model.factory to load it as the model")
         state = load_state_dict(weights_path)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ConfigError("model.weights", f"weights do not fit {factory}: {str(exc).splitlines()[0]} "
-                                               f"{' '.join(str(exc).split()[-40:])}") from exc
+        fit = weights_fit(model, state)
+        if fit:
+            raise ConfigError("model.weights", f"weights do not fit {factory}: {fit}")
+        model.load_state_dict(state)
     return model.eval()
+
+
+def weights_fit(model: nn.Module, state: dict[str, torch.Tensor], shown_keys: int = 3) -> str | None:
+    """None when ``state`` loads into ``model``, else a summary: keys matched, missing, unexpected
+    and of another shape, with the first few of each."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and torch.is_tensor(own[k]) and state[k].shape != own[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+    matched = len(own) - len(missing) - len(shapes)
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:shown_keys]) + (f", ... ({len(keys) - shown_keys} more)" if len(keys) > shown_keys else "")
+
+    parts = [f"{matched} of the model's {len(own)} keys match"]
+    if missing:
+        parts.append(f"{len(missing)} missing ({few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({few(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({few(shapes)})")
+    hint = ""
+    if unexpected and missing and len(unexpected) == len(missing):
+        hint = "; is it a checkpoint of another model, or were keys saved with a prefix?"
+    return "; ".join(parts) + hint
 
 
 @dataclass
@@ -177,11 +255,11 @@ def expand_paths(patterns: list[str], base_dir: Path | None) -> list[Path]:
         path = resolve(pattern, base_dir)
         if any(ch in pattern for ch in "*?["):
             hits = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
-        elif path.is_dir():
+        elif is_dir(path):
             hits = sorted(p for p in path.iterdir() if p.name.lower().endswith(INPUT_SUFFIXES))
         else:
             hits = [path]
-        hits = [p for p in hits if p.is_file()]
+        hits = [p for p in hits if is_file(p)]
         if not hits:
             raise ConfigError(f"inputs.paths[{i}]", f"{pattern!r} matches no file (paths are relative to the "
                                                     f"config's folder: {base_dir})")
@@ -253,7 +331,7 @@ def load_mask(path: str | Path, base_dir: Path | None, device: torch.device | st
     """A mask file (image, npy, pt or NIfTI) as a float tensor of 0/1 (nonzero → 1), spatial axes
     only, on ``device`` (that of the data it will mask; default the CPU)."""
     file = resolve(path, base_dir)
-    if not file.is_file():
+    if not is_file(file):
         raise ConfigError("wrapper.mask", f"mask file {file} does not exist")
     array, _, _ = read_array(file)
     array = np.asarray(array)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, child, did_you_mean
+from .values import check_parameter
 
 if TYPE_CHECKING:
     import torch
@@ -167,8 +168,9 @@ def check_method(method_id: str, params: Mapping[str, Any], layer: str | None,
     for name, value in params.items():
         if name not in allowed:
             hint = " (set it with the entry's or the config's 'target')" if name == "target" else did_you_mean(name, allowed)
-            raise ConfigError(f"{where}.params.{name}", f"unknown parameter for {method_id}{hint}")
-        spec.adapter.check_value(name, value, f"{where}.params.{name}")
+            raise ConfigError(child(f"{where}.params", name), f"unknown parameter for {method_id}{hint}")
+        spec.adapter.check_value(name, value, child(f"{where}.params", name))
+        check_parameter(name, value, allowed[name], child(f"{where}.params", name))
     for name, p in allowed.items():
         if p.default is p.empty and name not in params and name not in spec.defaults:
             raise ConfigError(f"{where}.params", f"{method_id} needs params.{name}")
@@ -183,7 +185,9 @@ def _check_noise_tunnel(spec: MethodSpec, noise_tunnel: Mapping[str, Any], where
         raise ConfigError(f"{where}.noise_tunnel", f"{spec.id} cannot be wrapped in a noise tunnel")
     for name in noise_tunnel:
         if name not in allowed:
-            raise ConfigError(f"{where}.noise_tunnel.{name}", "unknown noise_tunnel parameter" + did_you_mean(name, allowed))
+            raise ConfigError(child(f"{where}.noise_tunnel", name),
+                              "unknown noise_tunnel parameter" + did_you_mean(name, allowed))
+        check_parameter(name, noise_tunnel[name], allowed[name], child(f"{where}.noise_tunnel", name))
     nt_type = noise_tunnel.get("nt_type", "smoothgrad")
     if nt_type not in NT_TYPES:
         raise ConfigError(f"{where}.noise_tunnel.nt_type", f"{nt_type!r} is not smoothgrad, smoothgrad_sq or vargrad")

@@ -1,4 +1,4 @@
-"""Patch-wise explanation of large 2D/3D inputs (SPEC §5), on torchio's grid sampling.
+"""Patch-wise explanation of large 2D/3D inputs, on torchio's grid sampling.
 
 A :class:`Grid` is torchio's ``GridSampler`` grid over one input (2D inputs are volumes of
 depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's overlap mode

@@ -161,14 +161,29 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     try:
         ready = prepared(model, first)
     except Exception as exc:
-        raise ConfigError("inputs", f"the model fails on {inputs[0].path.name} (shape "
-                                    f"{tuple(first.shape)}): {type(exc).__name__}: {exc}") from exc
+        raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
     datasets.scan(inputs)
     bad = {p.entry for p in problems}
     entries = [resolve(config.methods[i], config, i) for i in indices if i not in bad]
     for e in entries:
         problems += model_problems(e, ready, first, base_dir)
     return Plan(config, base_dir, model, inputs, devices, ready, entries, problems)
+
+
+def model_fails(exc: Exception, item: Any, shape: tuple[int, ...]) -> ConfigError:
+    """The error for a model that fails on the first input; a channel mismatch names ``inputs.color``."""
+    import re
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    found = re.search(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels", text)
+    if found:
+        wanted, got = int(found.group(1)), int(found.group(2))
+        fix = {1: "'grayscale'", 3: "'rgb'"}.get(wanted)
+        advice = f"set inputs.color to {fix}" if fix else "give inputs with that many channels"
+        return ConfigError("inputs.color", f"the model takes {wanted} channel(s), {item.path.name} has {got} as "
+                                           f"loaded (shape {shape}): {advice}")
+    return ConfigError("inputs", f"the model fails on {item.path.name} (shape {shape}): {type(exc).__name__}: "
+                                 f"{text[:300]}")
 
 
 # -- jobs -----------------------------------------------------------------------------

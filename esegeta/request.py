@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import registry
-from .errors import ConfigError, did_you_mean
+from .errors import did_you_mean, shown
 
 if TYPE_CHECKING:
     from .config import Config, MethodEntry
@@ -31,11 +31,11 @@ if TYPE_CHECKING:
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class WrapperConfig(Frozen):
-    """Turns a segmentation output into (B, K') scores (SPEC §4)."""
+    """Turns a segmentation output into (B, K') scores (see :mod:`esegeta.wrappers`)."""
 
     name: str = Field(description="'threshold', 'multiclass', 'region' or 'file.py:callable'")
     channel: int = Field(0, ge=0, description="threshold: the output channel")
@@ -51,7 +51,7 @@ class WrapperConfig(Frozen):
     def _known(cls, value: str) -> str:
         if value in ("threshold", "multiclass", "region") or re.fullmatch(r".+:[A-Za-z_]\w*", value):
             return value
-        raise ValueError("unknown wrapper; use 'threshold', 'multiclass', 'region' or 'file.py:callable'"
+        raise ValueError(f"unknown wrapper {shown(value)}; use 'threshold', 'multiclass', 'region' or 'file.py:callable'"
                          + did_you_mean(value, ("threshold", "multiclass", "region")))
 
     @model_validator(mode="after")
@@ -74,7 +74,7 @@ Target = Union[Annotated[int, Field(ge=0)], Literal["predicted"], None]
 
 
 class PatchConfig(Frozen):
-    """Explain the input patch by patch on torchio's grid (SPEC §5, :mod:`esegeta.patcher`)."""
+    """Explain the input patch by patch on torchio's grid (see :mod:`esegeta.patcher`)."""
 
     size: list[Annotated[int, Field(gt=0)]] = Field(min_length=2, max_length=3,
                                                     description="patch size per spatial axis (clipped to the input)")
@@ -111,7 +111,9 @@ def wrapper_config(value: WrapperConfig | Mapping[str, Any], where: str = "wrapp
     try:
         config = WrapperConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(where, str(exc)) from None
+        from .config import validation_error
+
+        raise validation_error(exc, data, WrapperConfig, where) from None
     return config.model_copy(update={"mask": mask}) if tensor_mask else config
 
 
@@ -122,7 +124,9 @@ def patch_config(value: PatchConfig | Mapping[str, Any], where: str = "patch") -
     try:
         return PatchConfig.model_validate(dict(value))
     except ValidationError as exc:
-        raise ConfigError(where, str(exc)) from None
+        from .config import validation_error
+
+        raise validation_error(exc, dict(value), PatchConfig, where) from None
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:

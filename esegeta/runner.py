@@ -70,7 +70,9 @@ class RunResult:
         return 0 if self.error is None and all(r["status"] in ("ok", "skipped") for r in self.runs) else 1
 
     def result(self, method: str, input_name: str | None = None) -> np.ndarray:
-        """The saved ``.npy`` of (method label or id, input) as an array."""
+        """The saved ``.npy`` of (method label or id, input) as a NumPy array, read back from the
+        output folder (a run's results are files; :func:`esegeta.explain` returns the tensor of one
+        call instead: ``torch.from_numpy`` turns one into the other)."""
         for r in self.runs:
             if method in (r["label"], r["method"]) and input_name in (None, r["input"]) and "npy" in r["files"]:
                 return np.load(self.output_dir / r["files"]["npy"])

@@ -41,20 +41,32 @@ RANDOM_OPS = frozenset({
 
 # -- devices ------------------------------------------------------------------------
 def resolve_device(name: str | None, where: str = "runtime.devices") -> torch.device:
-    """``auto`` → the first CUDA device if there is one, else the CPU; errors name ``where``."""
+    """``auto`` → the first CUDA device if there is one, else the CPU; errors name ``where``.
+
+    Only devices that can run here are accepted: the CPU, a present CUDA device, and Apple's
+    ``mps`` or Intel's ``xpu`` where torch has them. ``meta`` (shapes without values) and the
+    backends torch was not built with are refused, with what to use instead."""
     if name in (None, "auto"):
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    usable = "use 'auto', 'cpu' or 'cuda:N'"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(where, f"{name!r} is not a device; use 'auto', 'cpu' or 'cuda:N'") from None
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(where, f"{name!r} is not a device; {usable}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(where, f"{name} requested but CUDA is not available here; use 'cpu' or 'auto'")
         index = device.index or 0
         if index >= torch.cuda.device_count():
             raise ConfigError(where, f"{name}: only {torch.cuda.device_count()} CUDA device(s) here")
-        device = torch.device("cuda", index)
+        return torch.device("cuda", index)
+    if device.type == "meta":
+        raise ConfigError(where, f"{name!r} holds shapes without values: nothing can be computed on it; {usable}")
+    backend = getattr(torch, device.type, None) if device.type in ("mps", "xpu") else None
+    if backend is None or not backend.is_available():
+        raise ConfigError(where, f"{name!r}: torch cannot run on {device.type} devices here; {usable}")
     return device
 
 

@@ -1,4 +1,4 @@
-"""Time limits for a job running in a thread, on any OS (SPEC §8).
+"""Time limits for a job running in a thread, on any OS.
 
 :func:`call_with_limit` runs a function in a fresh thread. At the deadline it stops it two ways:
 

@@ -6,7 +6,7 @@ scores are sums (or means) of the activated output over those masks, so they kee
 model output's gradient. One code path serves 2D and 3D: reductions run over
 ``range(2, ndim)``.
 
-Built-in wrappers (SPEC §4):
+Built-in wrappers:
 
 - ``threshold``: ``A = act(out)[:, channel]``, ``M = A > t`` (a number or ``"otsu"``),
   columns ``[sum(A·(1−M)), sum(A·M)]``;
@@ -184,7 +184,41 @@ def build(model: nn.Module, x: torch.Tensor, wrapper: WrapperConfig | Mapping[st
         given = region_mask(wrapper.mask if mask is None else mask, base_dir, x.device)
         score = region_score(output, given, wrapper)
     else:
-        score = load_callable(wrapper.name, base_dir, "wrapper.name")(output, **wrapper.options)
+        score = _custom(wrapper, output, base_dir, load_callable(wrapper.name, base_dir, "wrapper.name"))
     with torch.no_grad():
         unperturbed = score(output)
     return WrappedModel(model, score, unperturbed)
+
+
+def _custom(wrapper: WrapperConfig, output: Any, base_dir: Path | None, factory: Any) -> Callable:
+    """The score function a custom wrapper makes, checked once on the unperturbed ``output``:
+    whatever goes wrong in the user's code is a ConfigError naming the wrapper."""
+    where = "wrapper.options" if wrapper.options else "wrapper.name"
+    if not callable(factory):
+        raise ConfigError("wrapper.name", f"{wrapper.name!r} is a {type(factory).__name__}, not a callable that "
+                                          "makes a wrapper")
+    try:
+        score = factory(output, **wrapper.options)
+        with torch.no_grad():
+            scores = score(output) if callable(score) else None
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (the user's wrapper: report it, never a traceback)
+        raise ConfigError(where, f"the custom wrapper {wrapper.name!r} failed: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not callable(score):
+        raise ConfigError("wrapper.name", f"{wrapper.name!r} returned a {type(score).__name__}; a custom wrapper "
+                                          "returns a function (or module) from outputs to (batch, K) scores")
+    if not torch.is_tensor(scores) or scores.ndim != 2 or scores.shape[0] != output_batch(output):
+        got = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+        raise ConfigError("wrapper.name", f"the scores of {wrapper.name!r} are {got}; a wrapper's scores are "
+                                          "(batch, K)")
+    return score
+
+
+def output_batch(output: Any) -> int | None:
+    """The batch size of a model output (a tensor, or the first tensor inside one)."""
+    if torch.is_tensor(output):
+        return output.shape[0]
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return next((output_batch(v) for v in values if output_batch(v) is not None), None)

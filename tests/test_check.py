@@ -109,3 +109,43 @@ def test_invalid_config_exits_2(tmp_path, capsys):
     cfg = valid_config(tmp_path, [{"id": "captum.Saliency"}], modle={})
     code, _, err = run_cli(["check", write_config(tmp_path, cfg)], capsys)
     assert code == 2 and "modle" in err
+
+
+def test_check_predicts_passes_and_time(tmp_path):
+    cfg = valid_config(tmp_path, methods=[{"id": "captum.IntegratedGradients", "params": {"n_steps": 24}},
+                                          {"id": "captum.Saliency", "noise_tunnel": {"nt_samples": 6}}])
+    report = check(cfg, base_dir=tmp_path)
+    ig, smooth = report.methods
+    assert (ig.forward_rows, ig.backward_rows) == (24, 24) and ig.passes_exact
+    assert (smooth.forward_rows, smooth.backward_rows) == (6, 6)
+    assert ig.seconds is not None and ig.seconds > 0
+    assert "48 passes (24 forward + 24 backward)" in report.text()
+
+
+def test_a_peak_over_the_free_memory_is_a_problem(tmp_path, monkeypatch):
+    import esegeta.check as check_mod
+
+    monkeypatch.setattr(check_mod, "available_memory", lambda device: 1024)
+    report = check(valid_config(tmp_path), base_dir=tmp_path)
+    assert report.exit_code == 1
+    assert "exceeds the 1.0 KiB free" in report.methods[0].problems[0]
+
+
+def test_canonizers_that_fail_on_the_model_are_found_before_the_run(tmp_path):
+    """torchvision's DenseNet normalises concatenated features: zennit's SequentialMergeBatchNorm
+    (pairing by module order) fails on it at run time; check tries the canonizers each entry
+    will use, on a copy of the model, and says what to set."""
+    cfg = valid_config(tmp_path, methods=[{"id": "zennit.EpsilonPlusFlat",
+                                           "params": {"canonizers": ["SequentialMergeBatchNorm"]}},
+                                          {"id": "zennit.EpsilonPlusFlat", "label": "default"},
+                                          {"id": "zennit.EpsilonPlusFlat", "label": "plain", "params": {"canonizers": []}}],
+                       model={"factory": "torchvision.models:DenseNet",
+                              "kwargs": {"growth_rate": 4, "block_config": [2, 2], "num_init_features": 8,
+                                         "num_classes": 3}},
+                       inputs={"paths": [str(REPO / "samples" / "data" / "retina_crop.png")], "spatial_dims": 2,
+                               "resize": [32, 32]})
+    report = check(cfg, base_dir=tmp_path)
+    sequential, default, plain = report.methods
+    assert not sequential.ok and "params.canonizers" in sequential.problems[0] and "[]" in sequential.problems[0]
+    assert default.ok and any("tried on a copy" in n for n in default.notes)
+    assert plain.ok

@@ -274,7 +274,7 @@ CASES: list[Bad] = [
     Bad("weights-other-model", edit("model", weights=file_with("other.pt", other_model_weights)), "model.weights",
         ("do not fit",)),
     Bad("weights-shape-mismatch", edit("model", kwargs={"num_classes": 3}), "model.weights",
-        ("do not fit", "size mismatch")),
+        ("do not fit", "of another shape")),
     Bad("weights-not-a-state-dict", edit("model", weights=file_with("list.pt", torch_file([1, 2]))),
         "model.weights", ("state dict",)),
     Bad("weights-dict-of-ints", edit("model", weights=file_with("ints.pt", torch_file({"a": 1}))),
@@ -306,7 +306,7 @@ CASES: list[Bad] = [
         "inputs.normalize", ("one per channel",)),
     Bad("inputs-channels-do-not-fit-model", edit("inputs", paths=lambda tmp: [
         file_with("rgb.npy", np_file(np.zeros((3, 8, 8), np.float32)))(tmp)]),
-        "inputs", ("the model fails on rgb.npy", "channels")),
+        "inputs.color", ("rgb.npy has 3", "grayscale")),
     Bad("inputs-pt-not-a-tensor", edit("inputs", paths=lambda tmp: [file_with("d.pt", torch_file({"x": 1}))(tmp)]),
         "inputs.paths", ("does not hold a tensor",)),
     Bad("inputs-object-npy", edit("inputs", paths=lambda tmp: [

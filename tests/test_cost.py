@@ -45,6 +45,7 @@ CALLS = [
     ("captum.GradientShap", {"n_samples": 4}, None),
     ("captum.DeepLift", {}, None),
     ("captum.Occlusion", {"sliding_window_shapes": [1, 4, 4], "strides": [1, 2, 2]}, None),
+    ("captum.Occlusion", {"sliding_window_shapes": [1, 3, 3], "strides": [1, 2, 2]}, None),  # a last partial step
     ("captum.FeatureAblation", {"feature_mask": {"grid": [4, 4]}}, None),
     ("captum.ShapleyValueSampling", {"feature_mask": {"grid": [4, 4]}, "n_samples": 2}, None),
     ("captum.IntegratedGradients", {"n_steps": 4}, {"nt_type": "smoothgrad", "nt_samples": 3}),

@@ -48,9 +48,9 @@ def test_replace_makes_a_new_request_and_keeps_the_old():
 
 
 def test_from_arguments_validates_with_the_field_path():
-    with pytest.raises(ConfigError, match="^wrapper:"):
+    with pytest.raises(ConfigError, match="^wrapper.name: unknown wrapper .thresold.; .*did you mean threshold"):
         from_arguments("captum.Saliency", wrapper={"name": "thresold"})
-    with pytest.raises(ConfigError, match="^patch:"):
+    with pytest.raises(ConfigError, match="^patch.mode:"):
         from_arguments("captum.Saliency", patch={"size": [8, 8], "mode": "nope"})
     with pytest.raises(ConfigError, match="^method:"):
         from_arguments("captum.Salincy")

@@ -1,0 +1,80 @@
+"""The long fuzz run: thousands of mutated configs through ``esegeta validate``, counted.
+
+Every answer must be exit 0 or exit 2 naming a JSON path (see ``tests/fuzz_cases.py``, shared
+with ``tests/test_fuzz.py``). Prints the counts (exit 0, exit 2, other) and, for "other", each
+distinct site with one example; writes them as JSON with ``--json FILE``.
+
+    OMP_NUM_THREADS=1 python benchmarks/fuzz.py --cases 10000 --json fuzz.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from fuzz_cases import cases, run_case, samples  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the counts and sites here")
+    args = parser.parse_args()
+    counts: collections.Counter[str] = collections.Counter()
+    sites: dict[str, dict] = {}
+    start = time.perf_counter()
+    folder = Path(tempfile.mkdtemp(prefix="esegeta-fuzz-"))
+
+    strategy = cases(samples())
+
+    def one(content: bytes) -> None:
+        answer = run_case(content, folder)
+        counts[answer.kind] += 1
+        if answer.kind == "other":
+            site = answer.site or answer.error[:120]
+            entry = sites.setdefault(site, {"count": 0, "error": answer.error, "example": content[:400].decode(
+                "utf-8", "replace")})
+            entry["count"] += 1
+        n = sum(counts.values())
+        if n % 500 == 0:
+            print(f"{n} cases, {time.perf_counter() - start:.0f} s: {dict(counts)}", file=sys.stderr, flush=True)
+
+    import random
+
+    random.seed(args.seed)
+    for _ in range(5):  # hypothesis stops at an error of its own; the count goes on from there
+        done = sum(counts.values())
+        if done >= args.cases:
+            break
+        try:
+            settings(max_examples=args.cases - done, deadline=None, database=None,
+                     suppress_health_check=list(HealthCheck))(given(strategy)(one))()
+        except Exception as exc:  # noqa: BLE001
+            print(f"hypothesis stopped after {sum(counts.values())} cases: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200]}", file=sys.stderr)
+    total = sum(counts.values())
+    result = {"cases": total, "exit 0": counts["exit 0"], "exit 2": counts["exit 2"], "other": counts["other"],
+              "seconds": round(time.perf_counter() - start, 1), "sites": sites}
+    print(json.dumps({k: v for k, v in result.items() if k != "sites"}))
+    for site, entry in sorted(sites.items(), key=lambda kv: -kv[1]["count"]):
+        print(f"  {entry['count']:5d}  {site}: {entry['error'][:200]}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0 if counts["other"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
