@@ -94,7 +94,8 @@ class BatchedScore(nn.Module):
         super().__init__()
         first = scores[0]
         for score in scores[1:]:
-            if not torch.equal(score.channels, first.channels) or score.reduction != first.reduction:
+            # one wrapper config on one model: the channels are the same list (compared by shape: meta tensors have no values)
+            if score.channels.shape != first.channels.shape or score.reduction != first.reduction:
                 raise ValueError("the inputs' wrappers differ in channels or reduction; explain them one at a time")
         self.activation = first.activation
         self.register_buffer("channels", first.channels)
