@@ -17,6 +17,7 @@ Each (method, model) cell is one of:
 
     python benchmarks/zoo.py                       # every model, every method: markdown table
     python benchmarks/zoo.py --models resnet18 vit --libraries captum gradcam --json cells.json
+    python benchmarks/zoo.py --check               # and `esegeta check` on six models' cells vs the run
 
 Also reports, per model, IG completeness (|sum(attr) - (f(x) - f(0))| / |f(x) - f(0)|, 256
 steps) and DeepLift summation to delta (same relative error).
@@ -44,8 +45,10 @@ import esegeta  # noqa: E402
 from esegeta import architectures, registry  # noqa: E402
 from esegeta.prepare import prepared  # noqa: E402
 
-from zoo_models import ZOO, ZooModel  # noqa: E402
+from zoo_models import ZOO, ZooModel, method_params, method_wrapper  # noqa: E402
 
+#: The models ``--check`` runs ``esegeta check`` on by default (torchvision and MONAI, CNNs and transformers).
+CHECK_SAMPLE = ("resnet18", "densenet121", "efficientnet_b0", "vit", "unet2d", "swinunetr")
 #: Methods whose cost is one forward per channel/mask/step beyond what quick params bound (minutes on a CPU).
 SLOW = frozenset({"lucent.render_vis"})
 
@@ -74,7 +77,7 @@ def params_of(spec, z: ZooModel, layer: str | None) -> dict:
         params["neuron_selector"] = most_active_neuron(z.model, z.x, layer)
     if z.reshape_transform and "reshape_transform" in spec.adapter.parameters(spec):
         params["reshape_transform"] = z.reshape_transform
-    return params
+    return params | method_params(spec.id, z)
 
 
 def cell(spec, z: ZooModel) -> dict:
@@ -82,8 +85,9 @@ def cell(spec, z: ZooModel) -> dict:
     layer = layer_of(spec, z)
     params = params_of(spec, z, layer)
     row = {"model": z.name, "method": spec.id, "library": spec.library.name}
+    wrapper = method_wrapper(spec.id, z)
     ready = prepared(z.model, z.x)
-    reasons = architectures.refusals(spec, ready, z.x, layer=layer, params=params, wrapper=z.wrapper)
+    reasons = architectures.refusals(spec, ready, z.x, layer=layer, params=params, wrapper=wrapper)
     if reasons:
         return row | {"status": "refused", "reason": "; ".join(map(str, reasons))}
     torch.manual_seed(0)
@@ -92,7 +96,7 @@ def cell(spec, z: ZooModel) -> dict:
     start = time.perf_counter()
     try:
         attr = esegeta.explain(z.model, z.x, spec.id, target=z.target if spec.needs_target else None,
-                               wrapper=z.wrapper, layer=layer, **params)
+                               wrapper=wrapper, layer=layer, **params)
     except Exception as exc:  # noqa: BLE001 (the table records every failure)
         return row | {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}",
                       "where": traceback.format_exc(limit=-2)[-600:], "seconds": time.perf_counter() - start}
@@ -125,6 +129,51 @@ def axioms(z: ZooModel, steps: int = 256) -> dict:
     return out
 
 
+FACTORY = """
+import sys
+sys.path.insert(0, {tests!r})
+from zoo_models import ZOO
+
+
+def build():
+    return ZOO[{name!r}]().model
+"""
+
+
+def check_predictions(z: ZooModel, specs, cells: list[dict], workdir: Path) -> list[dict]:
+    """``esegeta check`` on a config holding every cell of ``z`` whose params JSON can carry: its
+    verdict (refused or not) per method, beside the cell's status in the run."""
+    from esegeta.check import check
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / f"{z.name}_factory.py").write_text(FACTORY.format(tests=str(ROOT / "tests"), name=z.name))
+    np.save(workdir / f"{z.name}.npy", z.x[0].numpy())
+    status = {c["method"]: c["status"] for c in cells if c["model"] == z.name}
+    methods, rows = [], []
+    for spec in specs:
+        if spec.id not in status:
+            continue
+        layer = layer_of(spec, z)
+        entry = {"id": spec.id, "params": params_of(spec, z, layer)}
+        try:
+            json.dumps(entry["params"])
+        except TypeError:
+            continue  # a tensor param (PatternNet's fitting data): Python only
+        if layer:
+            entry["layer"] = layer
+        if method_wrapper(spec.id, z) is not None:
+            entry["wrapper"] = method_wrapper(spec.id, z)
+        methods.append(entry)
+    cfg = {"model": {"factory": str(workdir / f"{z.name}_factory.py") + ":build"},
+           "inputs": {"paths": [str(workdir / f"{z.name}.npy")], "spatial_dims": z.dims, "channel_axis": "first"},
+           "target": z.target, "output": {"dir": str(workdir / "out"), "formats": ["npy"]}, "methods": methods}
+    report = check(cfg, base_dir=workdir)
+    for entry, verdict in zip(methods, report.methods):
+        rows.append({"model": z.name, "method": entry["id"], "predicted": "ok" if verdict.ok else "refused",
+                     "run": status[entry["id"]], "problems": verdict.problems[:1]})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=list(ZOO))
@@ -133,6 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write every cell here")
     ap.add_argument("--no-axioms", action="store_true")
     ap.add_argument("--slow", action="store_true", help=f"also run {', '.join(sorted(SLOW))}")
+    ap.add_argument("--check", nargs="*", default=None, metavar="MODEL",
+                    help="also run `esegeta check` on these models' cells (default with the flag: a sample of six) "
+                         "and compare its verdicts with the run")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     specs = [s for s in registry.all_methods().values()
@@ -175,8 +227,21 @@ def main(argv=None) -> int:
             fmt2 = [f"{v:.2e}" if isinstance(v, float) else str(v) for v in
                     (r["captum.IntegratedGradients"], r["captum.DeepLift"])]
             print(f"| {r['model']} | {r['f(x)-f(0)']:.4g} | {fmt2[0]} | {fmt2[1]} |")
+    predictions = []
+    if args.check is not None:
+        import tempfile
+
+        sample = args.check or [m for m in CHECK_SAMPLE if m in args.models]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in sample:
+                predictions += check_predictions(ZOO[name](), specs, cells, Path(tmp))
+        agree = Counter((p["predicted"], "refused" if p["run"] == "refused" else "ran" if p["run"] in ("ran", "flat")
+                         else "failed") for p in predictions)
+        print(f"\n`esegeta check` on {len(predictions)} cells of {', '.join(sample)} (predicted → run):")
+        for (predicted, run), k in sorted(agree.items()):
+            print(f"- {predicted} → {run}: {k}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cells": cells, "axioms": axiom_rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"cells": cells, "axioms": axiom_rows, "check": predictions}, indent=1))
     return 0
 
 

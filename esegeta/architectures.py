@@ -10,16 +10,20 @@
   data flow of one forward pass rather than from module order (zennit's default pairs a
   convolution with the next BatchNorm in module order, which is wrong across DenseNet's
   ``torch.cat``).
-- :func:`inplace_on_layer_output`: the model's in-place operations on a layer's output, which
-  break methods that replace that output by a leaf tensor.
+- :func:`products`: where the model multiplies two paths that both depend on the input (a
+  squeeze-excitation or attention gate), traced: DeepLift's rules pass such a product as its
+  gradient.
 - :func:`extend_deeplift_rules`: DeepLift's rescale rule for the activations modern
   architectures use (SiLU, GELU, Hardswish...), so summation to delta holds through them;
   :func:`axiom_notes`: where it still holds only approximately (``check`` shows them).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,42 +215,133 @@ def extend_deeplift_rules() -> None:
             log.debug("DeepLift rescale rule added for %s", ", ".join(added))
 
 
-class _InPlaceWatch(torch.overrides.TorchFunctionMode):
-    """Records the in-place operations applied to one watched tensor."""
+#: Torch functions that multiply (or divide) their tensor arguments.
+_PRODUCT_OPS = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__",
+                          "__rtruediv__", "__itruediv__", "matmul", "__matmul__", "__rmatmul__", "bmm", "einsum",
+                          "addcmul", "addcdiv", "baddbmm", "scaled_dot_product_attention",
+                          "multi_head_attention_forward"})
 
-    def __init__(self):
+
+class _DataFlow(torch.overrides.TorchFunctionMode):
+    """Follows which tensors depend on the input through one forward pass, and records the
+    modules where a product takes two of them (a gate: squeeze-excitation, attention)."""
+
+    def __init__(self, x: torch.Tensor):
         super().__init__()
-        self.watched: Any = None
-        self.found: list[str] = []
+        self.dependent: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+        self.dependent[id(x)] = x
+        self.stack: list[str] = []
+        self.found: dict[str, None] = {}
+
+    def enter(self, label: str) -> None:
+        self.stack.append(label)
+
+    def leave(self) -> None:
+        if self.stack:
+            self.stack.pop()
+
+    def _tracked(self, value) -> int:
+        if torch.is_tensor(value):
+            return int(self.dependent.get(id(value)) is value)
+        if isinstance(value, (tuple, list)):
+            return sum(self._tracked(v) for v in value)
+        return 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        inplace = kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_"))
-        if inplace and self.watched is not None and args and args[0] is self.watched:
-            self.found.append(f"{getattr(func, '__module__', None) or 'Tensor'}.{name}".replace("torch._C.", ""))
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        n = self._tracked(args) + self._tracked(tuple(kwargs.values()))
+        if n:
+            if n >= 2 and getattr(func, "__name__", "") in _PRODUCT_OPS:
+                self.found.setdefault(self.stack[-1] if self.stack else "(the model's forward)")
+            for out in (result if isinstance(result, (tuple, list)) else (result,)):
+                if torch.is_tensor(out):
+                    try:
+                        self.dependent[id(out)] = out
+                    except TypeError:
+                        pass
+        return result
 
 
-def inplace_on_layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> list[str]:
-    """The in-place operations the model's code applies to ``layer``'s output (DenseNet's
-    ``F.relu(features, inplace=True)`` after ``features``), seen on one forward pass of ``x``."""
+def products(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The modules (innermost, as ``name (Type)``) in which a product or quotient takes two
+    tensors that both depend on the input: a squeeze-excitation or attention gate, seen on one
+    forward pass of ``x``. DeepLift's rules (Captum's, SHAP's) pass such a product as its
+    gradient, so summation to delta does not hold through it."""
+    names = {id(m): n for n, m in model.named_modules()}
+    x = x[:1]
+    flow = _DataFlow(x)
+    handles = []
+    for m in model.modules():
+        if m is model:
+            continue
+        label = f"{names[id(m)]} ({type(m).__name__})"
+        handles.append(m.register_forward_pre_hook(lambda mod, a, label=label: flow.enter(label)))
+        handles.append(m.register_forward_hook(lambda mod, a, o: flow.leave()))
     try:
-        module = model.get_submodule(layer)
-    except AttributeError:
-        return []
-    watch = _InPlaceWatch()
+        with torch.no_grad(), flow:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(flow.found)
 
-    def keep(m, i, o):
-        watch.watched = o if torch.is_tensor(o) else None
 
-    handle = module.register_forward_hook(keep)
+def token_layout(shape: tuple[int, ...], dims: int) -> str | None:
+    """How a layer's ``(batch, tokens, features)`` output lays out a grid of ``dims`` axes:
+    ``"tokens"`` (the tokens form a square/cube grid, as Swin's), ``"vit"`` (a class token first,
+    then the grid, as torchvision's and timm's ViTs), or None (not tokens, or no grid)."""
+    if len(shape) != 3:
+        return None
+    for layout, patches in (("tokens", shape[1]), ("vit", shape[1] - 1)):
+        side = round(patches ** (1 / dims)) if patches > 0 else 0
+        if patches > 0 and side ** dims == patches:
+            return layout
+    return None
+
+
+class TokenGrid(nn.Module):
+    """The identity on ``(batch, features, *grid)`` maps: the layer a CAM method looks at in place
+    of a token layer, whose tokens pass through it as a grid (:func:`token_grid`)."""
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps
+
+
+@contextlib.contextmanager
+def token_grid(call):
+    """Within the block: ``call`` itself, or, where its layer outputs tokens laid out on a grid
+    (:func:`token_layout`), ``call`` with a :class:`TokenGrid` as its layer, through which the
+    layer's patch tokens pass as ``(batch, features, *grid)`` maps and come back as the same
+    tokens (values and gradients unchanged; a class token goes around it). A CAM method then
+    weighs features over the grid, what ``reshape_transform: "vit"`` does in grad-cam, instead
+    of taking tokens for channels. Logged."""
+    if call.layer is None or isinstance(call.layer, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+        yield call  # no layer, or one that outputs maps: no forward pass needed to tell
+        return
+    output = call.layer_output()
+    dims = call.inputs.ndim - 2
+    layout = token_layout(tuple(output.shape), dims) if torch.is_tensor(output) else None
+    if layout is None:
+        yield call
+        return
+    probe = TokenGrid()
+
+    def through_grid(module, inputs, tokens):
+        first, patches = (tokens[:, :1], tokens[:, 1:]) if layout == "vit" else (None, tokens)
+        b, n, d = patches.shape
+        side = round(n ** (1 / dims))
+        maps = probe(patches.transpose(1, 2).reshape(b, d, *([side] * dims)))
+        back = maps.reshape(b, d, n).transpose(1, 2)
+        return back if first is None else torch.cat([first, back], dim=1)
+
+    handle = call.layer.register_forward_hook(through_grid)
+    log.info("the layer outputs tokens %s: explained on their %s grid (reshape_transform %r)", tuple(output.shape),
+             "x".join([str(round((output.shape[1] - (layout == "vit")) ** (1 / dims)))] * dims), layout)
     try:
-        with torch.no_grad(), watch:
-            model(x[:1])
+        yield dataclasses.replace(call, layer=probe)
     finally:
         handle.remove()
-    return watch.found
 
 
 def attention(model: nn.Module) -> list[str]:
@@ -260,16 +355,28 @@ _NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"
                "MultiheadAttention")
 
 
-def axiom_notes(spec, model: nn.Module) -> list[str]:
-    """What keeps a method's axiom from holding exactly on this model (shown by ``check``; the
-    method runs): DeepLift's summation to delta, LRP's conservation, through the layers of
-    :data:`_NOT_LINEAR` (which they pass as linear maps)."""
+def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
+    """What keeps a method's axiom from holding exactly on this model (shown by ``check``, written
+    to the manifest's records; the method runs): DeepLift's summation to delta, LRP's
+    conservation, through the layers of :data:`_NOT_LINEAR` (which they pass as linear maps) and,
+    given an input ``x``, through products of two data-dependent paths (:func:`products`)."""
     if not any(k in spec.name for k in ("DeepLift", "LRP")) and spec.id not in ("shap.DeepExplainer",):
         return []
+    axiom = "relevance conservation" if "LRP" in spec.name else "summation to delta"
+    notes = []
     found = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
              if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR)]
-    if not found:
-        return []
-    axiom = "relevance conservation" if "LRP" in spec.name else "summation to delta"
-    return [f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
-            "normalises by statistics of its own input (or attends), which the rules pass as a linear map"]
+    if found:
+        notes.append(f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
+                     "normalises by statistics of its own input (or attends), which the rules pass as a linear map")
+    gates = []
+    if x is not None:
+        try:
+            gates = products(model, x)
+        except Exception as exc:  # noqa: BLE001 (a note that cannot be decided is left out)
+            log.debug("products of %s: %s: %s", spec.id, type(exc).__name__, exc)
+    if gates:
+        notes.append(f"{axiom} holds only approximately: {', '.join(gates[:3])}{' ...' if len(gates) > 3 else ''} "
+                     "multiplies two paths that both depend on the input (a gate), which the rules pass as its "
+                     "gradient")
+    return notes

@@ -371,7 +371,7 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
     if spec.preflight is not None and c.ok:  # its problems are the plan's (esegeta.architectures.refuse)
         c.notes.append(f"{spec.id}'s pre-flight check of the model passed")
     if c.ok:
-        c.notes += architectures.axiom_notes(spec, plan.ready.model)
+        c.notes += architectures.axiom_notes(spec, plan.ready.model, x)
     if plan.config.runtime.amp:
         c.notes.append(numerics.precision_plan(spec, plan.device, amp=True).reason)
     if c.ok:

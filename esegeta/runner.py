@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, numerics, planning, progress, registry, scheduling, verdicts
+from . import __version__, architectures, numerics, planning, progress, registry, scheduling, verdicts
 from . import params as params_mod
 from . import config as config_mod
 from .executor import Executor, RetryPolicy, Worker, attribute_warnings
@@ -301,6 +301,8 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
     if attr.shape[0] != len(job.items):
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
     seconds = round(elapsed / len(job.items), 4)
+    # where the method's axiom (summation to delta, conservation) holds only approximately on this model
+    notes = architectures.axiom_notes(job.entry.spec, architectures.network(worker.replica(x)), x[:1])
     computed = []
     for n, ((_, item), record) in enumerate(zip(job.items, records)):
         one = attr[n:n + 1]
@@ -314,6 +316,7 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
             log.error("%s on %s failed: %s", job.entry.label, item.name, problem)
             computed.append((record, None, {}))
             continue
+        record["warnings"] += notes
         flat = verdicts.flat_result_warning(one, params, job.entry.spec.adapter.parameters(job.entry.spec), scores[n])
         if flat:
             record["warnings"].append(flat)

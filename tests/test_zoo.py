@@ -20,7 +20,7 @@ from esegeta.prepare import prepare, prepared
 from conftest import assert_unchanged, hook_count, snapshot
 
 pytest.importorskip("monai")
-from zoo_models import ZOO  # noqa: E402
+from zoo_models import ZOO, method_params  # noqa: E402
 
 _models: dict = {}
 
@@ -45,7 +45,7 @@ def _params(spec, z):
     params = {k: (v(z.x) if callable(v) else v) for k, v in spec.quick_params.items()}
     if z.reshape_transform and "reshape_transform" in spec.adapter.parameters(spec):
         params["reshape_transform"] = z.reshape_transform
-    return params
+    return params | method_params(spec.id, z)
 
 
 @pytest.mark.parametrize("method_id", CI_FAMILIES)
@@ -125,14 +125,80 @@ def test_failed_lrp_leaves_nothing_on_the_cached_copy():
     assert torch.isfinite(attr).all()
 
 
-def test_vit_token_layer_needs_reshape_transform():
-    z = zoo("vit")
-    with pytest.raises(ConfigError, match="reshape_transform"):
-        esegeta.explain(z.model, z.x, "gradcam.GradCAM", target=0, layer=z.layer)
-    with pytest.raises(ConfigError, match="tokens"):  # a (1, 1, 64) map recorded ok before
-        esegeta.explain(z.model, z.x, "captum.LayerGradCam", target=0, layer=z.layer)
-    cam = esegeta.explain(z.model, z.x, "gradcam.GradCAM", target=0, layer=z.layer, reshape_transform="vit")
-    assert cam.shape == (1, 1, 32, 32) and torch.isfinite(cam).all() and cam.abs().sum() > 0
+def _manual_grad_cam_on_tokens(z):
+    """Grad-CAM on the ViT's patch tokens by hand: feature weights = the gradient averaged over patches."""
+    layer = z.model.get_submodule(z.layer)
+    kept = []
+    handle = layer.register_forward_hook(lambda m, i, o: kept.append(o))
+    try:
+        out = z.model(z.x)
+        tokens = kept[-1]
+        grad, = torch.autograd.grad(out[0, z.target], tokens)
+    finally:
+        handle.remove()
+    patches, g = tokens[:, 1:].detach(), grad[:, 1:]
+    weights = g.mean(dim=1, keepdim=True)  # (1, 1, D)
+    side = round(patches.shape[1] ** 0.5)
+    return (patches * weights).sum(-1).reshape(1, 1, side, side)
+
+
+def test_vit_token_layer_is_explained_on_its_grid():
+    z = zoo("vit")  # tokens (1, 17, 16): a class token and a 4x4 grid
+    assert architectures.token_layout((1, 17, 16), 2) == "vit"
+    assert architectures.token_layout((1, 16, 8), 2) == "tokens"
+    assert architectures.token_layout((1, 15, 8), 2) is None and architectures.token_layout((1, 8, 4, 4), 2) is None
+    expected = _manual_grad_cam_on_tokens(z)
+    cam = esegeta.explain(z.model, z.x, "captum.LayerGradCam", target=0, layer=z.layer)  # a (1, 1, 17) map before
+    assert cam.shape == (1, 1, 4, 4)
+    assert torch.allclose(cam, expected, atol=1e-6, rtol=1e-4)
+    # grad-cam: reshape_transform filled in (refused before); equal to the explicit one
+    auto = esegeta.explain(z.model, z.x, "gradcam.GradCAM", target=0, layer=z.layer)
+    explicit = esegeta.explain(z.model, z.x, "gradcam.GradCAM", target=0, layer=z.layer, reshape_transform="vit")
+    assert auto.shape == (1, 1, 32, 32) and torch.equal(auto, explicit) and auto.abs().sum() > 0
+    for method in ("gradcam.ShapleyCAM", "torchray.grad_cam"):
+        out = esegeta.explain(z.model, z.x, method, target=0, layer=z.layer)
+        assert torch.isfinite(out).all() and out.abs().sum() > 0, method
+    assert hook_count(prepared(z.model, z.x)) == 0
+
+
+def test_torchray_layer_methods_run_where_the_model_modifies_the_layer_output_in_place():
+    z = zoo("densenet121")  # F.relu(features, inplace=True) on the probe's leaf tensor: refused before
+    ray = esegeta.explain(z.model, z.x, "torchray.grad_cam", target=0, layer="features")
+    captum = esegeta.explain(z.model, z.x, "captum.LayerGradCam", target=0, layer="features")
+    assert torch.allclose(ray, captum.clamp(min=0), atol=1e-6)
+    assert hook_count(prepared(z.model, z.x)) == 0
+
+
+def test_deep_explainer_is_refused_at_a_product_of_two_data_dependent_paths():
+    z = zoo("efficientnet_b0")  # squeeze-excitation: its additivity check failed after the run
+    gates = architectures.products(z.model, z.x)
+    assert gates and all("SqueezeExcitation" in g for g in gates)
+    assert architectures.products(zoo("resnet18").model, zoo("resnet18").x) == []
+    reasons = architectures.refusals(registry.get("shap.DeepExplainer"), prepared(z.model, z.x), z.x)
+    assert any("features.1.0.block.1 (SqueezeExcitation)" in r and "captum.DeepLift" in r for r in reasons)
+    notes = architectures.axiom_notes(registry.get("captum.DeepLift"), z.model, z.x)
+    assert any("SqueezeExcitation" in n and "summation to delta" in n for n in notes)
+
+
+def test_patternnet_on_resnet_projects_at_residual_blocks():
+    from esegeta.adapters.own import _fit_quick
+
+    z = zoo("resnet18")  # overflowed float32 with and without project_bottlenecks
+    fit = _fit_quick(z.x)
+    projected = esegeta.explain(z.model, z.x, "esegeta.PatternNet", target=0, fit_inputs=fit, project_bottlenecks=True)
+    default = esegeta.explain(z.model, z.x, "esegeta.PatternNet", target=0, fit_inputs=fit)  # overflows: projected
+    assert torch.isfinite(projected).all() and projected.abs().sum() > 0
+    assert torch.allclose(default, projected)
+
+
+def test_zennit_rule_map_overflow_names_the_stabiliser():
+    z = zoo("swinunetr")  # zennit's default epsilon (1e-6) everywhere: all-NaN maps recorded ok before
+    tiny = {"Convolution": "epsilon", "Linear": "epsilon", "Activation": "pass"}
+    with pytest.raises(FloatingPointError, match="epsilon"):
+        esegeta.explain(z.model, z.x, "zennit.LayerMapComposite", target=0, wrapper=z.wrapper, layer_map=tiny)
+    quick = registry.get("zennit.LayerMapComposite").quick_params["layer_map"]  # epsilon 0.25
+    relevance = esegeta.explain(z.model, z.x, "zennit.LayerMapComposite", target=0, wrapper=z.wrapper, layer_map=quick)
+    assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
 
 
 def test_shapley_cam_keeps_its_map_on_a_3d_unet():
@@ -206,22 +272,28 @@ def test_check_and_validate_refuse_what_cannot_run_naming_layer_and_fix(tmp_path
     np.save(tmp_path / "x.npy", z.x[0].numpy())
     methods = [{"id": "captum.IntegratedGradients", "params": {"n_steps": 8}},
                {"id": "captum.LayerGradCam", "layer": z.layer},
-               {"id": "gradcam.GradCAM", "layer": z.layer},
+               {"id": "captum.LRP"},
                {"id": "gradcam.GradCAM", "layer": z.layer, "label": "vit", "params": {"reshape_transform": "vit"}},
-               {"id": "zennit.EpsilonPlus"}]
+               {"id": "zennit.EpsilonPlus"},
+               {"id": "captum.DeepLift"}]
     cfg = {"model": {"factory": str(tmp_path / "zoo_factory.py") + ":build"},
            "inputs": {"paths": [str(tmp_path / "x.npy")], "spatial_dims": 2, "channel_axis": "first"},
            "target": 0, "output": {"dir": str(tmp_path / "out"), "formats": ["npy"]}, "methods": methods}
     report = check(cfg, base_dir=tmp_path)
     verdicts = [m.ok for m in report.methods]
-    assert verdicts == [True, False, False, True, False]
-    assert "tokens" in report.methods[1].problems[0] and "reshape_transform" in report.methods[2].problems[0]
-    assert "MultiheadAttention" in report.methods[4].problems[0]
-    with pytest.raises(ConfigError, match="methods\\[1\\]"):
+    assert verdicts == [True, True, False, True, False, True]
+    assert any("summation to delta" in n for n in report.methods[5].notes)
+    assert "attention" in report.methods[2].problems[0] and "MultiheadAttention" in report.methods[4].problems[0]
+    with pytest.raises(ConfigError, match="methods\\[2\\]"):
         Pipeline(cfg, base_dir=tmp_path).validate()
     cfg["methods"] = [m for m, ok in zip(methods, verdicts) if ok]
     result = Pipeline(cfg, base_dir=tmp_path).run()
-    assert [r["status"] for r in result.runs] == ["ok", "ok"]
+    assert [r["status"] for r in result.runs] == ["ok", "ok", "ok", "ok"]
+    assert result.runs[1]["shape"] == [1, 4, 4]  # the token layer explained on its 4x4 grid
+    # where summation to delta does not hold, the manifest says so
+    assert any("summation to delta holds only approximately" in w and "MultiheadAttention" in w
+               for w in result.runs[3]["warnings"])
+    assert not any("summation to delta" in w for r in result.runs[:3] for w in r["warnings"])
 
 
 def test_check_notes_where_an_axiom_holds_only_approximately():

@@ -194,6 +194,29 @@ def swinunetr() -> ZooModel:
                       (1, 1, 64, 64), "encoder10", "encoder1.layer.conv1.conv")
 
 
+def method_params(method: str, z: ZooModel) -> dict:
+    """What the zoo gives a method beyond its quick params: settings that random-noise inputs and
+    the small models' tiny late layers need (each flattened the map to one constant before)."""
+    if method == "captum.LayerFeatureAblation":  # late layers are 2x2 to 4x4: the quick 4-cell grid is one group
+        return {"layer_mask": {"grid": [1] * z.dims}}
+    if method == "gradcam.FEM":  # on a 2x2 layer no position lies 2 std above the mean of 4 (at most 1.5)
+        return {"k": 1}
+    if method == "shap.KernelExplainer" and z.x.shape[1] == 3:  # SLIC on RGB noise: one segment at compactness 10
+        return {"compactness": 100}
+    if method == "lime.LimeImageExplainer" and z.dims == 2 and z.x.shape[1] == 1 and max(z.x.shape[2:]) <= 32:
+        # LIME's quickshift: one segment on a 32-pixel grey image
+        return {"segmentation_fn": {"algo_type": "slic", "n_segments": 8}}
+    return {}
+
+
+def method_wrapper(method: str, z: ZooModel) -> dict | None:
+    """The wrapper the zoo gives a method: RISE scores ``sigmoid(model(x))``, saturated on summed
+    masks (the runner warns and advises the mean)."""
+    if z.wrapper is not None and method == "torchray.rise":
+        return {**z.wrapper, "reduction": "mean"}
+    return z.wrapper
+
+
 ZOO: dict[str, Callable[[], ZooModel]] = {f.__name__: f for f in (
     resnet18, densenet121, efficientnet_b0, mobilenet_v3_small, convnext_tiny, vit,
     unet2d, unet3d, basicunet, attentionunet, dynunet, segresnet, unetr, swinunetr)}

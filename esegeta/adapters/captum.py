@@ -124,13 +124,16 @@ def lrp_gaps(model, context=None) -> list[str]:
 
 def token_layer(model, context) -> list[str]:
     """Grad-CAM's pre-flight check: the layer's output must be (batch, channels, *spatial) like
-    the input. A transformer's token layer gives (batch, tokens, features): Captum would take
-    the tokens for channels and return a map of one pixel per feature."""
+    the input, or tokens on a square grid (explained on it). Other tokens (batch, tokens,
+    features): Captum would take the tokens for channels and return a map of one pixel per feature."""
+    from ..architectures import token_layout
+
     shape = context.layer_shape() if context is not None else None
-    if shape is None or len(shape) == context.x.ndim:
-        return []
-    return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps: "
-            "Grad-CAM would take the tokens for channels; use gradcam.GradCAM with params.reshape_transform "
+    if shape is None or len(shape) == context.x.ndim or token_layout(shape, context.x.ndim - 2):
+        return []  # maps, or tokens on a grid: explained on the grid (esegeta.architectures.token_grid)
+    return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps, "
+            "and not on a square grid: Grad-CAM would take the tokens for channels; use gradcam.GradCAM with "
+            "params.reshape_transform "
             "\"vit\" (a class token first, then a square grid of patches) or \"tokens\" (patches only), or a "
             "convolutional layer"]
 
@@ -141,9 +144,11 @@ def grid_on_tokens(model, context) -> list[str]:
     mask = context.params.get("layer_mask") if context is not None else None
     if not (isinstance(mask, dict) and "grid" in mask):
         return []
+    from ..architectures import token_layout
+
     shape = context.layer_shape()
-    if shape is None or len(shape) == context.x.ndim:
-        return []
+    if shape is None or len(shape) == context.x.ndim or token_layout(shape, context.x.ndim - 2):
+        return []  # maps, or tokens on a grid: the grid is laid over it (esegeta.architectures.token_grid)
     return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens without spatial axes for params.layer_mask's "
             "grid: leave layer_mask out (each feature ablated alone), pass a tensor of token groups from Python, "
             "or choose a convolutional layer"]
@@ -224,6 +229,15 @@ class CaptumAdapter:
 
     @guarded
     def run(self, spec: MethodSpec, call: Call):
+        from ..architectures import token_grid
+
+        mask = call.params.get("layer_mask")
+        if spec.name in ("LayerGradCam", "GuidedGradCam") or (isinstance(mask, dict) and "grid" in mask):
+            with token_grid(call) as on_grid:  # a token layer: its tokens as maps on their grid
+                return self._attribute(spec, on_grid)
+        return self._attribute(spec, call)
+
+    def _attribute(self, spec: MethodSpec, call: Call):
         cls = self._cls(spec.name)
         init_names = self._init_names(spec.name)
         values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items()}

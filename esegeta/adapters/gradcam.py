@@ -18,7 +18,9 @@ by the one guard (:func:`esegeta.registry.guarded`); everything runs on the prep
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import logging
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
@@ -26,6 +28,8 @@ from typing import Any
 from ..errors import ConfigError, did_you_mean
 from ..params import BOOL, POSITIVE_INT, Check, check_table, number, positive_int
 from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+
+log = logging.getLogger("esegeta")
 
 #: pytorch-grad-cam draws from torch's RNG only (RandomCAM and KPCA_CAM also from numpy's: see the table).
 LIBRARY = Library("gradcam", "grad-cam", "gradcam", ("pytorch_grad_cam",), uses_global_rng=False,
@@ -102,16 +106,19 @@ def token_reshape(name: str, dims: int):
 
 def token_layer(model, context) -> list[str]:
     """The pre-flight check of the CAMs with a layer: a token layer (output (batch, tokens,
-    features)) needs ``params.reshape_transform`` (which ShapleyCAM does not apply to the tensors
-    it differentiates twice)."""
+    features)) whose tokens are not on a square grid needs ``params.reshape_transform`` (which
+    ShapleyCAM does not apply to the tensors it differentiates twice); on a grid the adapter
+    reshapes them itself."""
+    from ..architectures import token_layout
+
     if context is None or context.layer is None:
         return []
     second_order = context.spec is not None and context.spec.name in SECOND_ORDER
     if context.params.get("reshape_transform") and not second_order:
         return []
     shape = context.layer_shape()
-    if shape is None or len(shape) == context.x.ndim:
-        return []
+    if shape is None or len(shape) == context.x.ndim or token_layout(shape, context.x.ndim - 2):
+        return []  # maps, or tokens on a grid: reshaped (the adapter's _on_grid)
     if second_order or (context.spec is not None
                         and "reshape_transform" not in context.spec.adapter.parameters(context.spec)):
         return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps, "
@@ -259,9 +266,27 @@ class GradCamAdapter:
         target = call.targets
         if spec.name in TARGET_INDEX and target is not None and target.uniform() is None:
             # One class index per call: inputs with different targets go one at a time.
-            return torch.cat([self._run(spec, call, call.inputs[i:i + 1], target[i])
+            return torch.cat([self._on_grid(spec, call, lambda c, i=i: self._run(spec, c, c.inputs[i:i + 1], target[i]))
                               for i in range(call.inputs.shape[0])])
-        return self._run(spec, call, call.inputs, target)
+        return self._on_grid(spec, call, lambda c: self._run(spec, c, c.inputs, target))
+
+    def _on_grid(self, spec: MethodSpec, call: Call, run):
+        """``run(call)``, where the layer outputs tokens on a grid without a ``reshape_transform``:
+        with one, the grid's (logged), or, for the CAMs that take none or do not apply it to what
+        they differentiate twice (ShapleyCAM), through a :class:`esegeta.architectures.TokenGrid`
+        in the layer's place (a ``reshape_transform`` then finds maps and leaves them)."""
+        from ..architectures import token_grid, token_layout
+
+        if not spec.needs_layer or (call.params.get("reshape_transform") is not None and spec.name not in SECOND_ORDER):
+            return run(call)
+        if "reshape_transform" in self.parameters(spec) and spec.name not in SECOND_ORDER:
+            layout = token_layout(tuple(call.layer_output().shape), call.inputs.ndim - 2)
+            if layout is None:
+                return run(call)
+            log.info("%s: the layer outputs tokens: reshape_transform %r applied", spec.id, layout)
+            return run(dataclasses.replace(call, params={**call.params, "reshape_transform": layout}))
+        with token_grid(call) as on_grid:
+            return run(on_grid)
 
     def _run(self, spec: MethodSpec, call: Call, x, target):
         """One upstream call on ``x``; ``target``: a Target, or one class index, or None."""

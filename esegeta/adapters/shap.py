@@ -266,14 +266,23 @@ DEEP_NO_RULE = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm
 def deep_gaps(model, context=None) -> list[str]:
     """DeepExplainer's pre-flight check: layers it has no rule for (see :data:`DEEP_NO_RULE`), and
     max pooling with overlapping windows (kernel larger than stride: its max-pool rule assigns
-    each output's difference as if the windows did not overlap, and additivity fails)."""
+    each output's difference as if the windows did not overlap, and additivity fails), and products
+    of two data-dependent paths (a squeeze-excitation or attention gate, traced on the input)."""
     from torch import nn
+
+    from .. import architectures
 
     wrong = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
              if any(isinstance(m, getattr(nn, t)) for t in DEEP_NO_RULE)]
     overlapping = [name for name, m in model.named_modules() if isinstance(m, nn.modules.pooling._MaxPoolNd)
                    and any(k > s for k, s in zip(_tuple(m.kernel_size), _tuple(m.stride or m.kernel_size)))]
     found = []
+    gates = architectures.products(model, context.x) if context is not None else []
+    if gates:
+        found.append(f"shap.DeepExplainer has no rule for a product of two paths that both depend on the input, as in "
+                     f"{', '.join(gates[:3])}{' ...' if len(gates) > 3 else ''} (it passes the product as its gradient, "
+                     "and its additivity check fails): use captum.DeepLift (it runs; the manifest "
+                     "notes the approximation) or shap.GradientExplainer")
     if wrong:
         found.append(f"shap.DeepExplainer has no rule for {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} "
                      "(it would pass them as linear, and its additivity check fails): use captum.DeepLiftShap "

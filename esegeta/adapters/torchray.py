@@ -27,10 +27,12 @@ What the adapter has to take care of, because TorchRay does not:
   them (code of other libraries in another thread would see the patches);
 - TorchRay runs with torch-function modes (``__torch_function__``) disabled: excitation backprop's
   patches fail or compute something else under one, and RISE draws its masks from its own ``seed``;
-- the input is passed as a copy (TorchRay sets ``requires_grad`` and ``.grad`` on it).
+- the input is passed as a copy (TorchRay sets ``requires_grad`` and ``.grad`` on it), and so is
+  the layer's output after the probe has taken it (the model may modify it in place).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
@@ -159,6 +161,14 @@ class TorchRayAdapter:
 
     @guarded
     def run(self, spec: MethodSpec, call: Call):
+        from ..architectures import token_grid
+
+        if not spec.needs_layer:
+            return self._call(spec, call)
+        with token_grid(call) as on_grid:  # a token layer: its tokens as maps on their grid
+            return self._call(spec, on_grid)
+
+    def _call(self, spec: MethodSpec, call: Call):
         import torch
 
         fn = self._fn()
@@ -174,7 +184,7 @@ class TorchRayAdapter:
         # TorchRay's patches break under a torch-function mode (the runner's per-job RNG is one):
         # F.batch_norm re-dispatches to the patched global with keywords an autograd Function cannot
         # take, and patched pools would apply the excitation rule twice. RISE seeds its own masks (seed).
-        with _LOCK, torch._C.DisableTorchFunction():
+        with _LOCK, torch._C.DisableTorchFunction(), _probe_output_copied(call.layer if spec.needs_layer else None):
             if self.targets == "each":
                 outputs = [fn(call.forward, x[i:i + 1], target=per_input[i], **kwargs) for i in range(n)]
             else:
@@ -185,6 +195,39 @@ class TorchRayAdapter:
             call.extras["hist"] = torch.stack([hist for _, hist in outputs])
             outputs = [masks.transpose(0, 1) for masks, _ in outputs]
         return torch.cat(outputs).float()
+
+
+@contextlib.contextmanager
+def _probe_output_copied(layer):
+    """Within the block, each call of ``layer`` passes on a copy of what TorchRay's probe holds.
+
+    The probe (a forward hook) makes the layer's output a leaf tensor that requires gradients,
+    on which the model's next in-place operation fails (DenseNet's ``F.relu(features,
+    inplace=True)``; esegeta's out-of-place mode cannot run beside TorchRay's patches). A
+    pre-hook appends, on every call, a forward hook that runs after the probe's and returns a
+    clone: the probe keeps the leaf, the gradient reaches it through the clone, the values are
+    the same."""
+    if layer is None:
+        yield
+        return
+    import torch
+
+    handles = []
+
+    def after_probe(module, args):
+        def copy(m, inputs, output):
+            handle.remove()  # once per call: the next call appends its own after the hooks present then
+            return output.clone() if torch.is_tensor(output) else output
+
+        handle = module.register_forward_hook(copy)
+        handles.append(handle)
+
+    handles.append(layer.register_forward_pre_hook(after_probe))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _warn_if_saturated(spec: MethodSpec, call: Call) -> None:
@@ -211,25 +254,21 @@ def _quick_sigma(x) -> float:
 
 
 def _layer_preflight(excitation: bool):
-    """The check of TorchRay's layer methods: its probe replaces the layer's output by a leaf tensor,
-    so the model must not modify that output in place (TorchRay runs without esegeta's out-of-place
-    mode: its patches of torch's functions break under a torch-function mode); a token layer gives
-    no spatial map; excitation backprop has no rule for attention."""
+    """The check of TorchRay's layer methods: a token layer gives no spatial map unless its tokens
+    lie on a square grid (explained on it: :func:`esegeta.architectures.token_grid`); excitation
+    backprop has no rule for attention. (An in-place operation on the layer's output, which
+    would fail on the probe's leaf tensor, is taken care of: :func:`_probe_output_copied`.)"""
 
     def preflight(model, context) -> list[str]:
-        from ..architectures import attention, inplace_on_layer_output
+        from ..architectures import attention, token_layout
 
         found = []
         if context.layer is not None:
-            inplace = inplace_on_layer_output(model, context.x, context.layer)
-            if inplace:
-                found.append(f"the model modifies the output of layer {context.layer!r} in place ({inplace[0]}), "
-                             "which TorchRay's probe makes a leaf tensor: choose the layer whose output that operation "
-                             "takes next (e.g. a submodule inside it), or use gradcam.GradCAM or captum.LayerGradCam")
             shape = context.layer_shape()
-            if shape is not None and len(shape) != context.x.ndim:
+            if shape is not None and len(shape) != context.x.ndim and not token_layout(shape, context.x.ndim - 2):
                 found.append(f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, "
-                             "*spatial) maps: use gradcam.GradCAM with params.reshape_transform \"vit\"")
+                             "*spatial) maps, and not on a square grid: use gradcam.GradCAM with params.reshape_transform "
+                             "\"vit\" or \"tokens\"")
         if excitation and attention(model):
             found.append(f"TorchRay's excitation backprop has no rule for attention ({attention(model)[0]}: "
                          "MultiheadAttention): use captum.IntegratedGradients or gradcam.GradCAM with "

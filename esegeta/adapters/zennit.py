@@ -570,6 +570,23 @@ def _attribute(attributor_cls, call: Call, composite, seed_kind: str, trace: boo
     return attribution
 
 
+def _finite(spec: MethodSpec, call: Call, relevance):
+    """``relevance``, or an error naming the cause where it overflowed float32 (in reduced
+    precision it is returned as it is: the run retries in float32)."""
+    import torch
+
+    device = call.inputs.device.type
+    if (device == "meta" or relevance.dtype != torch.float32 or torch.isfinite(relevance).all()
+            or (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))):
+        return relevance
+    raise FloatingPointError(
+        f"{spec.id}: the relevance overflowed float32: a rule dividing by the layer's output (epsilon, norm) "
+        "multiplies the relevance by 1/z where z is near zero, and over many layers without a ReLU to bound it "
+        "(LeakyReLU, GELU, normalisation layers passing their gradient) it compounds; give the epsilon rule a "
+        "stabiliser the size of the outputs, e.g. {\"rule\": \"epsilon\", \"epsilon\": 0.25}, or use zplus/gamma "
+        "rules (as zennit.EpsilonPlus does on convolutions)")
+
+
 class _ZennitAdapter:
     """What zennit's two adapters share: the JSON checks of their values."""
 
@@ -588,7 +605,7 @@ class CompositeAdapter(_ZennitAdapter):
         params = dict(call.params)
         trace = params.pop(TRACE, False)
         composite = build_composite(spec.name, params, call)
-        return _attribute(_zennit().attribution.Gradient, call, composite, "one_hot", trace)
+        return _finite(spec, call, _attribute(_zennit().attribution.Gradient, call, composite, "one_hot", trace))
 
 
 class AttributorAdapter(_ZennitAdapter):
@@ -658,7 +675,10 @@ def _zennit_method(name: str, adapter, reference: str, defaults=None, quick=None
     ))
 
 
-_RULE_MAP_QUICK = {"layer_map": {"Convolution": "epsilon", "Linear": "epsilon", "BatchNorm": "pass",
+#: ε = 0.25 (Montavon et al. 2019's choice for middle layers): with zennit's default 1e-6 the
+#: relevance overflows float32 on deep networks without ReLUs (SwinUNETR).
+_EPSILON = {"rule": "epsilon", "epsilon": 0.25}
+_RULE_MAP_QUICK = {"layer_map": {"Convolution": _EPSILON, "Linear": _EPSILON, "BatchNorm": "pass",
                                  "Activation": "pass", "AvgPool": "norm"}}
 _QUICK = {"LayerMapComposite": _RULE_MAP_QUICK,
           "SpecialFirstLayerMapComposite": {**_RULE_MAP_QUICK, "first_map": {"Convolution": "zbox"}},

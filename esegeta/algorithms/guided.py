@@ -16,12 +16,20 @@ def layer_activation_guided_backprop(call: Call, *, channel: int | None = None) 
     """Guided backprop of the mean of ``channel`` of ``call.layer``'s output, (B, C, *spatial).
 
     ``channel``: the channel index; null (default) takes, per input, the channel with the
-    largest mean activation.
+    largest mean activation. A token layer's channels are its features, averaged over the token
+    grid (:func:`esegeta.architectures.token_grid`): a token's mean after LayerNorm is constant.
     """
-    from captum.attr import NeuronGuidedBackprop
+    from ..architectures import token_grid
 
     if call.layer is None:
         raise ConfigError("layer", "esegeta.LayerActivationGuidedBackprop needs a layer (with patches: mode 'local')")
+    with token_grid(call) as on_grid:  # a token layer: its features are the channels, over the token grid
+        return _guided(on_grid, channel)
+
+
+def _guided(call: Call, channel: int | None) -> torch.Tensor:
+    from captum.attr import NeuronGuidedBackprop
+
     out = call.layer_output()
     if not torch.is_tensor(out) or out.ndim < 2:
         raise ConfigError("layer", "the layer's output is not a tensor (batch, channels, ...)")

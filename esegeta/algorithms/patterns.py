@@ -18,7 +18,10 @@ operation as its gradient: ReLUs gate, pooling, concatenation and upsampling rou
 Values are returned as computed by default: since ``wᵀa = 1``, a pattern is about ``1/|w|``
 long, and the factor compounds over layers (on the sample U-Nets the ``relu`` signal reaches
 ~1e14, the ``linear`` one ~1e7). ``project_bottlenecks`` rescales the signal per sample to
-[-1, 1] wherever all paths pass (iNNvestigate's default), which changes the scale only.
+[-1, 1] at every module output all paths pass (a layer's, a residual block's; iNNvestigate's
+default), which changes the scale only: a positive factor per sample. Where the signal
+overflows float32 without it, it is computed again with it (logged), the same map at a
+scale float32 can hold.
 
 Supported layers: ``Linear``, ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` (groups 1); a
 ``BatchNorm`` that takes a layer's output directly is folded into it (the folded layer is
@@ -413,9 +416,31 @@ def _explain(call: Call, method: str, backward: Callable[[Kernel, torch.Tensor],
     found = kernels(call.network, call.inputs[:1], method)
     fitted = patterns_for(call, found, method, fit_inputs, patterns, pattern_type, batch_size)
     weights = {k.name: backward(k, fitted[k.name].to(k.module.weight)) for k in found}
+    signal = _backproject(call, method, found, weights, project_bottlenecks)
+    if not torch.isfinite(signal).all() and not project_bottlenecks:
+        # every path passes a bottleneck, so the projected signal is this one times a positive factor per
+        # sample: the same map, at a scale float32 can hold
+        log.warning("%s: the backprojected signal overflowed float32 (patterns are ~1/|w| long and compound over "
+                    "layers); computed again with project_bottlenecks (the same map scaled per sample to max |.| = 1 "
+                    "at each bottleneck; set params.project_bottlenecks to true to skip the first pass)", method)
+        signal = _backproject(call, method, found, weights, True)
+    if not torch.isfinite(signal).all():
+        raise FloatingPointError(f"{method}: the backprojected signal overflowed float32 even with project_bottlenecks "
+                                 "(it rescales only at layer outputs every path passes, and this model has too few): "
+                                 "use esegeta.PatternAttribution, pattern_type \"linear\", or a gradient method")
+    return signal
+
+
+def _backproject(call: Call, method: str, found: list[Kernel], weights: dict[str, torch.Tensor],
+                 project_bottlenecks: bool) -> torch.Tensor:
+    """The target's signal backpropagated with ``weights`` in place of the layers' own."""
     x = call.inputs.detach().clone().requires_grad_(True)
     outputs: list[torch.Tensor] = []
-    with backward_weights(found, weights, outputs), torch.enable_grad():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(backward_weights(found, weights, outputs))
+        if project_bottlenecks:  # every module's output is a candidate (a residual block's, not only a layer's)
+            stack.enter_context(_module_outputs(call.network, outputs))
+        stack.enter_context(torch.enable_grad())
         scores = call.forward(x)
         if not torch.is_tensor(scores) or scores.ndim != 2:
             raise ConfigError("wrapper", f"{method} explains (batch, classes) scores; for a segmentation model "
@@ -423,17 +448,26 @@ def _explain(call: Call, method: str, backward: Callable[[Kernel, torch.Tensor],
         target = torch.as_tensor(call.target, device=scores.device).reshape(-1, 1).expand(scores.shape[0], 1)
         start = torch.zeros_like(scores).scatter_(1, target, scores.detach().gather(1, target))
         if project_bottlenecks:
-            for t in _bottlenecks(scores, x, outputs):
+            unique = list({id(t): t for t in outputs}.values())
+            for t in _bottlenecks(scores, x, unique):
                 t.register_hook(_project)
         signal, = torch.autograd.grad(scores, x, grad_outputs=start)
-    if not torch.isfinite(signal).all():
-        if not project_bottlenecks:
-            raise FloatingPointError(f"{method}: the backprojected signal overflowed float32 (patterns are ~1/|w| "
-                                     "long and compound over layers): set params.project_bottlenecks to true")
-        raise FloatingPointError(f"{method}: the backprojected signal overflowed float32 even with project_bottlenecks "
-                                 "(it rescales only where every path passes, and residual blocks leave none between "
-                                 "them): use esegeta.PatternAttribution, pattern_type \"linear\", or a gradient method")
     return signal
+
+
+@contextlib.contextmanager
+def _module_outputs(network: nn.Module, outputs: list):
+    """Within the block, the tensor outputs of every submodule of ``network`` are appended to ``outputs``."""
+    def keep(module, inputs, output):
+        if torch.is_tensor(output) and output.requires_grad:
+            outputs.append(output)
+
+    handles = [m.register_forward_hook(keep) for m in network.modules() if m is not network]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def pattern_net(call: Call, *, fit_inputs: Any = "samples", patterns: str | None = None,
