@@ -167,3 +167,40 @@ def test_tiled_rows_take_their_own_inputs_masks():
         got = wrapped(rows)
         want = torch.cat([wrappers.build(case.model, x[i % 3:i % 3 + 1], config)(rows[i:i + 1]) for i in range(6)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_batches_declared_wrapped_methods_and_keeps_each_inputs_results(tmp_path):
+    """``runtime.batch_size`` 2 on the two retina samples: declared methods run as one job of two
+    inputs, the others one input per job; every result, target and score equals batch_size 1."""
+    from helpers_cli import valid_config
+
+    from esegeta.runner import Pipeline
+
+    data = SAMPLES / "data"
+    methods = [{"id": "captum.Saliency"}, {"id": "captum.IntegratedGradients", "params": {"n_steps": 4}},
+               {"id": "captum.Saliency", "label": "tunnel", "noise_tunnel": {"nt_samples": 2, "stdevs": 0.1}}]
+
+    def run(batch):
+        cfg = valid_config(tmp_path, methods,
+                           model={"factory": str(SAMPLES / "models.py") + ":VesselUNet2D",
+                                  "weights": str(SAMPLES / "checkpoints" / "vessel_unet2d.pt")},
+                           inputs={"paths": [str(data / "retina_crop.png"), str(data / "retina_crop2.png")],
+                                   "spatial_dims": 2},
+                           wrapper=retina_case().wrapper, target="predicted",
+                           runtime={"devices": "cpu", "batch_size": batch, "seed": 0},
+                           output={"dir": str(tmp_path / f"out{batch}"), "formats": ["npy"]})
+        return Pipeline(cfg).run()
+
+    single, batched = run(1), run(2)
+    assert single.exit_code == batched.exit_code == 0
+    assert sorted((r["label"], r.get("batch", 1)) for r in batched.runs) == [
+        ("captum.IntegratedGradients", 2), ("captum.IntegratedGradients", 2), ("captum.Saliency", 2),
+        ("captum.Saliency", 2), ("tunnel", 1), ("tunnel", 1)]
+    by_key = {(r["label"], r["input"]): r for r in batched.runs}
+    for r in single.runs:
+        b = by_key[(r["label"], r["input"])]
+        assert (b.get("target"), b.get("predicted")) == (r.get("target"), r.get("predicted"))
+        np.testing.assert_allclose(b.get("score"), r.get("score"), rtol=1e-5)
+        want = single.result(r["label"], r["input"])  # rounding of the batched forward pass, relative to the largest value
+        np.testing.assert_allclose(batched.result(r["label"], r["input"]), want, rtol=1e-5,
+                                   atol=2e-6 * max(1.0, float(np.abs(want).max())))
