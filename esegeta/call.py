@@ -35,7 +35,7 @@ WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"
 class Outcome:
     """What one call gives: the upstream result (float32, batch kept), the explained score of
     each input (when asked for; None where nothing is targeted), the method's extra outputs
-    (of the first input) and, with the scores, per input the facts figures and the manifest show:
+    (of the whole batch when it went in one call, else of the first input) and, with the scores, per input the facts figures and the manifest show:
     the resolved target (``"predicted"`` → the class index), the predicted column and a wrapper's
     frozen mask of the explained column."""
 
