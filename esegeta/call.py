@@ -35,9 +35,9 @@ WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"
 class Outcome:
     """What one call gives: the upstream result (float32, batch kept), the explained score of
     each input (when asked for; None where nothing is targeted), the method's extra outputs
-    (of the whole batch when it went in one call, else of the first input) and, with the scores, per input the facts figures and the manifest show:
-    the resolved target (``"predicted"`` → the class index), the predicted column and a wrapper's
-    frozen mask of the explained column."""
+    (of the whole batch when it went in one call, else of the first input) and, with the scores,
+    per input the facts figures and the manifest show: the resolved target (``"predicted"`` →
+    the class index), the predicted column and a wrapper's frozen mask of the explained column."""
 
     result: torch.Tensor
     scores: tuple[float | None, ...] = ()
