@@ -1,8 +1,9 @@
 """One upstream call: a :class:`~esegeta.request.Request` on a prepared model and a batch.
 
-:func:`call_once` finds the layer, wraps a segmenter (each input gets its own frozen masks,
-so with a wrapper the batch is explained one input at a time and the results concatenated;
-without one, the batch goes to the upstream in one call), resolves the target and hands one
+:func:`call_once` finds the layer, wraps a segmenter (each input gets its own frozen masks:
+where :mod:`esegeta.batching` declares how the method lays out its rows, the batch goes to the
+upstream in one call with a batched wrapped view, otherwise one input at a time and the results
+concatenated; without a wrapper, the batch goes in one call), resolves the target and hands one
 :class:`~esegeta.registry.Call` to the method's adapter. Patching is not done here: the
 strategies of :mod:`esegeta.patcher` wrap this call. This module imports neither the config
 nor the explainer.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import wrappers
+from . import batching, wrappers
 from .errors import ConfigError, did_you_mean
 from .prepare import CallSites, PreparedModel
 from .registry import Call, MethodSpec
@@ -33,9 +35,9 @@ WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"
 class Outcome:
     """What one call gives: the upstream result (float32, batch kept), the explained score of
     each input (when asked for; None where nothing is targeted), the method's extra outputs
-    (of the first input) and, with the scores, per input the facts figures and the manifest show:
-    the resolved target (``"predicted"`` → the class index), the predicted column and a wrapper's
-    frozen mask of the explained column."""
+    (of the whole batch when it went in one call, else of the first input) and, with the scores,
+    per input the facts figures and the manifest show: the resolved target (``"predicted"`` →
+    the class index), the predicted column and a wrapper's frozen mask of the explained column."""
 
     result: torch.Tensor
     scores: tuple[float | None, ...] = ()
@@ -56,7 +58,10 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
     spec = request.spec
     check_task(spec, request.wrapper)
     layer = find_layer(model, request.layer, spec=spec) if request.layer else None
-    pieces = [x] if request.wrapper is None else [x[i:i + 1] for i in range(x.shape[0])]
+    kind = batching.layout(request, x.shape[0]) if build_wrapper is wrappers.build else batching.PER_INPUT
+    if kind != batching.PER_INPUT:
+        build_wrapper = partial(batching.build, kind=kind, method=spec.id)
+    pieces = [x] if request.wrapper is None or kind != batching.PER_INPUT else [x[i:i + 1] for i in range(x.shape[0])]
     results, scores, extras, targets, predicted, masks = [], [], {}, [], [], []
     for n, piece in enumerate(pieces):
         forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
@@ -74,18 +79,18 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
             predicted += top
             chosen = Target.of(target, piece.shape[0])
             targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
-            masks += [frozen_mask(forward, t) for t in targets[-piece.shape[0]:]]
+            masks += [frozen_mask(forward, t, i) for i, t in enumerate(targets[-piece.shape[0]:])]
     return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
                    tuple(targets), tuple(predicted), tuple(masks))
 
 
-def frozen_mask(forward: nn.Module, target: int | None) -> torch.Tensor | None:
-    """A wrapper's frozen mask of column ``target`` (spatial shape, on the CPU), or None (no
-    wrapper, a custom wrapper without masks, or nothing targeted)."""
+def frozen_mask(forward: nn.Module, target: int | None, index: int = 0) -> torch.Tensor | None:
+    """A wrapper's frozen mask of column ``target`` for its ``index``-th input (spatial shape, on
+    the CPU), or None (no wrapper, a custom wrapper without masks, or nothing targeted)."""
     masks = getattr(getattr(forward, "score", None), "masks", None)
     if target is None or not torch.is_tensor(masks) or not 0 <= target < masks.shape[1]:
         return None
-    return masks[0, target].detach().to("cpu", torch.float32)
+    return masks[index if masks.shape[0] > 1 else 0, target].detach().to("cpu", torch.float32)
 
 
 def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import backends, config as config_mod, datasets, resume, scheduling, store, wrappers
+from . import backends, batching, config as config_mod, datasets, resume, scheduling, store, wrappers
 from .call import check_dims, check_task, find_layer, resolve_target
 from .errors import ConfigError, did_you_mean
 from .datasets import InputRef
@@ -227,7 +227,8 @@ def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
 
 def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int, int], dict], list[Job]]:
     """Records kept from an earlier run (by (input index, position)), and the jobs left: one per
-    (method, input), or per ``runtime.batch_size`` inputs of one shape for a method without wrapper."""
+    (method, input), or per ``runtime.batch_size`` inputs of one shape for a method that explains
+    them in one call (without wrapper, or wrapped with a layout in :data:`esegeta.batching.LAYOUTS`)."""
     model_hash = resume.model_digest(p.model)
     input_hashes = [item.digest for item in p.inputs]
     samples_hash = datasets.samples_digest(p.inputs)
@@ -245,7 +246,8 @@ def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int
                 kept[(k, position)] = {**record, "resumed": True}
             else:
                 todo.append((k, item, key))
-        batch = p.config.runtime.batch_size if (e.request.wrapper is None and e.request.patch is None
+        one_call = e.request.wrapper is None or batching.layout(e.request, 2) != batching.PER_INPUT
+        batch = p.config.runtime.batch_size if (one_call and e.request.patch is None
                                                 and e.spec.kind in BATCHABLE_KINDS) else 1
         by_shape: dict[tuple[int, ...], list[tuple[int, InputRef, str]]] = {}
         for t in todo:
