@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import os
 import time
@@ -256,13 +255,10 @@ def from_run(run_dir: str | Path) -> Dataset:
     ``.npy`` (methods that draw an image of their own, e.g. feature visualisations, are left out),
     labels (:func:`esegeta.report.label_of`) and predicted columns from the manifest."""
     from .errors import ConfigError
-    from .report import label_of, load_run_inputs, method_kinds
+    from .report import label_of, load_run_inputs, method_kinds, read_manifest
 
     run_dir = Path(run_dir)
-    path = run_dir / "manifest.json"
-    if not path.is_file():
-        raise ConfigError("RUN_DIR", f"{run_dir} holds no manifest.json: give the output folder of a finished run")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_manifest(run_dir)
     kinds = method_kinds(manifest)
     items = load_run_inputs(manifest)
     entries = {e["name"]: e for e in manifest.get("inputs", [])}

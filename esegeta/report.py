@@ -337,6 +337,16 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
             f"<body>{body}</body></html>")
 
 
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The ``manifest.json`` of a finished run in ``run_dir``; a ConfigError naming RUN_DIR if there is none."""
+    from .errors import ConfigError
+
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise ConfigError("RUN_DIR", f"{run_dir} holds no manifest.json: give the output folder of a finished run")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def update_evaluation(run_dir: str | Path) -> Path | None:
     """Put the evaluation now in ``run_dir`` into its existing report (after ``esegeta evaluate``);
     the report's path, or None if the folder has no report to update."""
@@ -359,14 +369,10 @@ def write_report(run_dir: str | Path, max_inputs: int = MAX_INPUTS) -> Path:
     ``.npy`` results and the inputs the manifest names (frozen masks are not saved, so their
     outlines are left out). Raises :class:`esegeta.errors.ConfigError` for a folder without a run."""
     from .config import FigureConfig
-    from .errors import ConfigError
     from .outputs import atomic_write_bytes
 
     run_dir = Path(run_dir)
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ConfigError("RUN_DIR", f"{run_dir} holds no manifest.json: give the output folder of a finished run")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_manifest(run_dir)
     inputs = load_run_inputs(manifest)
     by_name = {item.name: item for item in inputs}
 
