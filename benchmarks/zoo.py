@@ -45,6 +45,7 @@ import esegeta  # noqa: E402
 from esegeta import architectures, registry  # noqa: E402
 from esegeta.prepare import prepared  # noqa: E402
 
+from test_conformance import _most_active_neuron  # noqa: E402 (the conformance suite's choice of neuron)
 from zoo_models import ZOO, ZooModel, method_params, method_wrapper  # noqa: E402
 
 #: The models ``--check`` runs ``esegeta check`` on by default (torchvision and MONAI, CNNs and transformers).
@@ -61,20 +62,10 @@ def layer_of(spec, z: ZooModel) -> str | None:
     return (z.leaf_layer if spec.leaf_layer else z.layer) if spec.needs_layer else None
 
 
-def most_active_neuron(model, x, layer) -> list[int]:
-    seen = []
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o[0]))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    out = seen[0]
-    return [int(i) for i in torch.unravel_index(out.argmax(), out.shape)]
-
-
 def params_of(spec, z: ZooModel, layer: str | None) -> dict:
     params = {k: (v(z.x) if callable(v) else v) for k, v in spec.quick_params.items()}
     if spec.kind == "neuron":
-        params["neuron_selector"] = most_active_neuron(z.model, z.x, layer)
+        params["neuron_selector"] = _most_active_neuron(z.model, z.x, layer)
     if z.reshape_transform and "reshape_transform" in spec.adapter.parameters(spec):
         params["reshape_transform"] = z.reshape_transform
     return params | method_params(spec.id, z)
