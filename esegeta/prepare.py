@@ -64,10 +64,13 @@ class CallSites(nn.Module):
 class PreparedModel(nn.Module):
     """The explainers' view of the user's model: ``self.model`` is the fixed copy."""
 
-    def __init__(self, model: nn.Module, changes: list[str]):
+    def __init__(self, model: nn.Module, changes: list[str], inplace_ops: bool = True):
         super().__init__()
         self.model = model
         self.changes = changes
+        #: whether the model's own code ran an in-place tensor operation on the example (what
+        #: :func:`out_of_place` rewrites); True where unknown
+        self.inplace_ops = inplace_ops
         self._call_sites = [m for m in model.modules() if isinstance(m, CallSites)]
 
     def forward(self, *args, **kwargs):
@@ -175,7 +178,10 @@ def prepare(model: nn.Module, example: torch.Tensor) -> PreparedModel:
             module.inplace = False
             changes.append(f"{name}: in-place {type(module).__name__} made non-inplace")
     _resolve_aliases(work, changes)
-    for name, n in _count_calls(work, example[:1]).items():
+    seen = _OutOfPlace(detect_only=True)
+    with seen:
+        counts = _count_calls(work, example[:1])
+    for name, n in counts.items():
         if n < 2:
             continue
         module = work.get_submodule(name)
@@ -187,7 +193,7 @@ def prepare(model: nn.Module, example: torch.Tensor) -> PreparedModel:
             continue
         _set_submodule(work, name, CallSites(module, n))
         changes.append(f"{name}: {type(module).__name__} reused at {n} call sites, split into {n} modules")
-    return PreparedModel(work, changes)
+    return PreparedModel(work, changes, inplace_ops=seen.rewritten > 0)
 
 
 #: In-place tensor methods Python calls for ``a += b`` (``a -= b``...), and their out-of-place forms.
@@ -238,21 +244,25 @@ class _OutOfPlace(torch.overrides.TorchFunctionMode):
     binds the result, so nothing else changes. Left alone: a bare ``x.add_(y)`` (it relies on its
     side effect), the explainers' and torch's own code, and anything outside autograd."""
 
-    def __init__(self):
+    def __init__(self, detect_only: bool = False):
         super().__init__()
         self.rewritten = 0
+        #: count what would be rewritten, whether or not autograd records, and change nothing
+        #: (the prepared copy's one forward: a model without such operations runs without the mode)
+        self.detect_only = detect_only
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _AUGMENTED and len(args) == 2 and not kwargs and _in_graph(args):
+        if name in _AUGMENTED and len(args) == 2 and not kwargs and (self.detect_only or _in_graph(args)):
             frame = _caller(sys._getframe(1))
             if _model_code(frame) and _augmented_assignment(frame):
                 self.rewritten += 1
-                return _AUGMENTED[name](*args)
-        if kwargs.get("inplace") is True and _in_graph(args) and _model_code(_caller(sys._getframe(1))):
+                return func(*args) if self.detect_only else _AUGMENTED[name](*args)
+        if (kwargs.get("inplace") is True and (self.detect_only or _in_graph(args))
+                and _model_code(_caller(sys._getframe(1)))):
             self.rewritten += 1
-            kwargs = {**kwargs, "inplace": False}
+            kwargs = kwargs if self.detect_only else {**kwargs, "inplace": False}
         return func(*args, **kwargs)
 
 
@@ -266,9 +276,11 @@ def needs_out_of_place(spec: Any) -> bool:
 
 
 @contextlib.contextmanager
-def out_of_place(spec: Any) -> Iterator[None]:
-    """While ``spec``'s method runs: in-place tensor operations computed out of place, if it needs that."""
-    if not needs_out_of_place(spec):
+def out_of_place(spec: Any, network: nn.Module | None = None) -> Iterator[None]:
+    """While ``spec``'s method runs on ``network`` (the prepared copy): in-place tensor operations
+    computed out of place, if it needs that and the model has any (a torch function mode costs
+    on every operation, so a model whose forward ran none on the example runs without it)."""
+    if not needs_out_of_place(spec) or not getattr(network, "inplace_ops", True):
         yield
         return
     mode = _OutOfPlace()

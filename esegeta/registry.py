@@ -123,7 +123,7 @@ def guarded(run: Callable[[Any, MethodSpec, Call], torch.Tensor]) -> Callable[[A
         from .prepare import out_of_place
 
         call = dataclasses.replace(call, params=with_defaults(spec, call.params, call.inputs))
-        with restored(call.forward, call.network), out_of_place(spec):
+        with restored(call.forward, call.network), out_of_place(spec, call.network):
             return run(adapter, spec, call)
 
     return guarded_run

@@ -96,3 +96,20 @@ def test_torchscript_weights_load_and_explain(tmp_path, digits):
     attr = esegeta.explain(model, digits.x, "captum.IntegratedGradients", target=3, n_steps=8)
     ref = esegeta.explain(digits.model, digits.x, "captum.IntegratedGradients", target=3, n_steps=8)
     torch.testing.assert_close(attr, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_out_of_place_mode_runs_only_for_models_whose_code_operates_in_place():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            out = self.conv(x)
+            out += x  # torchvision's BasicBlock does this
+            return torch.nn.functional.relu(out, inplace=True)
+
+    x = torch.randn(1, 1, 6, 6)
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(32, 2))
+    assert prepare(plain, x).inplace_ops is False  # in-place modules are already made non-inplace
+    assert prepare(Residual(), x).inplace_ops is True
