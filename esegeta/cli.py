@@ -298,5 +298,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+#: Commands that write nothing: their process may end without Python's teardown (see :func:`console`).
+READ_ONLY = frozenset({"validate", "check", "methods", "schema", "metrics"})
+
+
+def console() -> None:
+    """The ``esegeta`` program: :func:`main`, then the process exit.
+
+    Once torch is imported, Python's own teardown of the interpreter (freeing every module's
+    objects) takes about 0.45 s on these machines, a quarter of ``esegeta validate``'s time. A
+    read-only command has nothing to tear down: after it returns, the exit handlers run, the
+    logs and the standard streams are flushed, and the process ends at once (``os._exit``).
+    Every other command exits the usual way."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if argv[:1] and argv[0] in READ_ONLY:
+        import atexit
+
+        atexit._run_exitfuncs()  # what the interpreter would run (logging.shutdown is one of them)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that left (`| head`), or a closed stream
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

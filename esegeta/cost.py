@@ -298,7 +298,7 @@ def resolved_values(spec, params: Mapping[str, Any], x: torch.Tensor) -> dict[st
     from .params import with_defaults
 
     try:
-        upstream = {n: p.default for n, p in spec.adapter.parameters(spec).items() if p.default is not p.empty}
+        upstream = {n: p.default for n, p in spec.parameters().items() if p.default is not p.empty}
     except Exception:  # noqa: BLE001 (an adapter that cannot list its parameters: the entry's values only)
         upstream = {}
     return {**upstream, **with_defaults(spec, params, x)}

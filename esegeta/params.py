@@ -91,7 +91,7 @@ def batch_parameter(spec: MethodSpec, params: Mapping[str, Any],
                     noise_tunnel: Mapping[str, Any] | None) -> tuple[str, str] | None:
     """(section, name) of the internal batch parameter the method accepts, in the library's order
     of preference, or None; ``section`` is ``params`` or ``noise_tunnel``."""
-    accepted = spec.adapter.parameters(spec)
+    accepted = spec.parameters()
     nt_accepted = (spec.noise_tunnel_parameters() or {}) if noise_tunnel is not None else {}
     for name in spec.library.batch_params:
         if name in accepted:
@@ -111,7 +111,7 @@ def halve_batch(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: Mappi
         return None
     section, name = found
     values = params if section == "params" else noise_tunnel
-    accepted = spec.adapter.parameters(spec) if section == "params" else spec.noise_tunnel_parameters()
+    accepted = spec.parameters() if section == "params" else spec.noise_tunnel_parameters()
     current = values.get(name, _default(accepted, name))
     if current is None:
         count = spec.library.batch_params[name]
@@ -131,7 +131,7 @@ def effective_batch(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: M
     its step count (the library's ``step_params``; ``n_steps × nt_samples`` under a noise tunnel)
     capped by its batch parameter."""
     try:
-        defaults = {n: p.default for n, p in spec.adapter.parameters(spec).items() if p.default is not p.empty}
+        defaults = {n: p.default for n, p in spec.parameters().items() if p.default is not p.empty}
     except Exception:  # noqa: BLE001 (an adapter that cannot list its parameters: count one copy)
         defaults = {}
     values = {**{k: v for k, v in defaults.items() if isinstance(v, int)}, **params}
@@ -164,7 +164,7 @@ def check_method(method_id: str, params: Mapping[str, Any], layer: str | None,
         raise ConfigError(f"{where}.layer", f"{method_id} needs a 'layer' (a submodule name of the model)")
     if layer and not spec.needs_layer:
         raise ConfigError(f"{where}.layer", f"{method_id} takes no layer; remove 'layer'")
-    allowed = spec.adapter.parameters(spec)
+    allowed = spec.parameters()
     for name, value in params.items():
         if name not in allowed:
             hint = " (set it with the entry's or the config's 'target')" if name == "target" else did_you_mean(name, allowed)

@@ -191,9 +191,19 @@ class MethodSpec:
     def id(self) -> str:
         return f"{self.library.name}.{self.name}"
 
+    def parameters(self) -> Mapping[str, inspect.Parameter]:
+        """The parameters a config may set, under their upstream names (the adapter's answer,
+        kept between processes by :mod:`esegeta.signatures`: the library need not be imported)."""
+        from .signatures import parameters
+
+        return parameters(self)
+
     def noise_tunnel_parameters(self) -> Mapping[str, inspect.Parameter] | None:
-        """The names a ``noise_tunnel`` block may set, or None if the method takes none."""
-        return self.noise_tunnel() if self.noise_tunnel is not None else None
+        """The names a ``noise_tunnel`` block may set, or None if the method takes none (cached as
+        :meth:`parameters`)."""
+        from .signatures import noise_tunnel_parameters
+
+        return noise_tunnel_parameters(self)
 
     def unavailable_reason(self) -> str | None:
         """None if the method's libraries are importable, else what to install."""

@@ -317,7 +317,7 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
             computed.append((record, None, {}))
             continue
         record["warnings"] += notes
-        flat = verdicts.flat_result_warning(one, params, job.entry.spec.adapter.parameters(job.entry.spec), scores[n])
+        flat = verdicts.flat_result_warning(one, params, job.entry.spec.parameters(), scores[n])
         if flat:
             record["warnings"].append(flat)
             log.warning("%s on %s: %s", job.entry.label, item.name, flat)

@@ -12,7 +12,9 @@ are refused with the field and the fix instead of failing inside the library.
 """
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import types
 import typing
 from typing import Any
 
@@ -73,6 +75,37 @@ def annotation_of(parameter: inspect.Parameter) -> Any:
     return annotation
 
 
+def _is_union(origin: Any) -> bool:
+    """``Union[...]``/``Optional[...]`` or ``X | Y``."""
+    return origin is typing.Union or origin is types.UnionType
+
+
+def annotation_text(annotation: Any) -> str:
+    """``annotation`` (a type, as :func:`annotation_of` returns) written so that
+    :func:`annotation_of` reads it back with the same verdict on every JSON value: the types
+    :func:`_fits` tells apart keep their form, anything else becomes ``Any`` (which accepts
+    everything, as an annotation JSON cannot write does). Used to cache upstream signatures."""
+    if annotation is None or annotation is type(None):
+        return "None"
+    if annotation in (bool, int, float, str, dict, tuple, list):
+        return annotation.__name__
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if _is_union(origin):
+        return "Union[" + ", ".join(annotation_text(a) for a in args) + "]"
+    if origin is typing.Literal:
+        scalars = all(a is None or type(a) in (bool, int, float, str) for a in args)
+        return "Literal[" + ", ".join(map(repr, args)) + "]" if scalars and args else "Any"
+    if origin in (tuple, list, collections.abc.Sequence):
+        name = {tuple: "Tuple", list: "List"}.get(origin, "Sequence")
+        if not args:
+            return name
+        return f"{name}[" + ", ".join("..." if a is Ellipsis else annotation_text(a) for a in args) + "]"
+    if origin is dict:
+        return "dict"
+    return "Any"
+
+
 def _fits(value: Any, annotation: Any) -> bool | None:
     """True/False whether ``value`` fits ``annotation``; None when the annotation cannot tell."""
     if annotation is UNKNOWN or annotation is Any or annotation is inspect.Parameter.empty:
@@ -80,12 +113,12 @@ def _fits(value: Any, annotation: Any) -> bool | None:
     if annotation is None or annotation is type(None):
         return value is None
     origin = typing.get_origin(annotation)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if _is_union(origin):
         answers = [_fits(value, arg) for arg in typing.get_args(annotation)]
         return True if any(a is True for a in answers) else None if any(a is None for a in answers) else False
     if origin is typing.Literal:
         return value in typing.get_args(annotation)
-    if origin in (tuple, list, typing.Sequence) or annotation in (tuple, list):
+    if origin in (tuple, list, collections.abc.Sequence) or annotation in (tuple, list):
         if not isinstance(value, list):
             return False
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
@@ -113,13 +146,15 @@ def _describe(annotation: Any) -> str:
     if annotation in names:
         return names[annotation]
     origin = typing.get_origin(annotation)
-    if origin is typing.Union:
+    if _is_union(origin):
         parts = [_describe(a) for a in typing.get_args(annotation)]
         return " or ".join(dict.fromkeys(p for p in parts if p))
     if origin is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
-    if origin in (tuple, list) or annotation in (tuple, list):
+    if origin in (tuple, list, collections.abc.Sequence) or annotation in (tuple, list):
         return "a list"
+    if annotation is dict or origin is dict:
+        return "an object ({...})"
     return getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
 
 

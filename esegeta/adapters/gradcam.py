@@ -120,7 +120,7 @@ def token_layer(model, context) -> list[str]:
     if shape is None or len(shape) == context.x.ndim or token_layout(shape, context.x.ndim - 2):
         return []  # maps, or tokens on a grid: reshaped (the adapter's _on_grid)
     if second_order or (context.spec is not None
-                        and "reshape_transform" not in context.spec.adapter.parameters(context.spec)):
+                        and "reshape_transform" not in context.spec.parameters()):
         return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps, "
                 f"and {context.spec.id} does not apply a reshape_transform: use gradcam.GradCAM with params.reshape_transform "
                 "\"vit\" or \"tokens\", or choose a convolutional layer"]
