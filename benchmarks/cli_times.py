@@ -3,7 +3,8 @@
 Compares checkouts: ``--root`` names one or more source trees (default: this one); each
 command runs ``--repeats`` times with that tree first on ``PYTHONPATH`` and the median is
 reported. ``validate``/``check`` run on every config in ``configs/`` (check once by default:
-it runs a forward pass per method).
+it runs a forward pass per method). ``--cold`` gives every run an empty cache of upstream
+parameters (:mod:`esegeta.signatures`): the first run after an install or an upgrade.
 
     OMP_NUM_THREADS=1 python benchmarks/cli_times.py --root /tmp/base --root . --json times.json
 """
@@ -15,16 +16,19 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def timed(root: Path, args: list[str], repeats: int) -> tuple[float, int]:
+def timed(root: Path, args: list[str], repeats: int, cold: bool = False) -> tuple[float, int]:
     env = {**os.environ, "PYTHONPATH": str(root), "TQDM_DISABLE": "1"}
     times, code = [], 0
     for _ in range(repeats):
+        if cold:
+            env["ESEGETA_CACHE_DIR"] = tempfile.mkdtemp(prefix="esegeta-cold-")
         start = time.perf_counter()
         code = subprocess.run([sys.executable, "-m", "esegeta", *args], cwd=root, env=env, capture_output=True,
                               timeout=1800).returncode
@@ -39,6 +43,7 @@ def main() -> int:
     parser.add_argument("--check-repeats", type=int, default=1)
     parser.add_argument("--configs", nargs="*", help="config names (default: every configs/*.json but schema)")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--cold", action="store_true", help="an empty cache of upstream parameters for every run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     roots = [r.resolve() for r in (args.root or [ROOT])]
@@ -51,7 +56,7 @@ def main() -> int:
     rows = []
     print(f"{'command':42}" + "".join(f"{r.name[:18]:>20}" for r in roots))
     for label, argv, repeats in commands:
-        cells = [timed(root, argv, repeats) for root in roots]
+        cells = [timed(root, argv, repeats, args.cold) for root in roots]
         rows.append({"command": label, **{str(r): {"seconds": round(t, 2), "exit": c} for r, (t, c) in zip(roots, cells)}})
         print(f"{label:42}" + "".join(f"{t:>14.2f} s (rc {c})" for t, c in cells), flush=True)
     if args.json:

@@ -98,6 +98,19 @@ def test_bad_config_in_a_real_process_exits_2_without_traceback(tmp_path):
     assert proc.stdout == ""
 
 
+def test_read_only_commands_end_quickly_with_all_their_output(tmp_path):
+    """validate, methods and schema end with os._exit (cli.console): their output, written to a
+    pipe (block-buffered), and their exit code still arrive whole."""
+    proc = python("-m", "esegeta", "validate", str(write_config(tmp_path, valid_config(tmp_path))))
+    assert proc.returncode == 0, proc.stderr
+    assert "valid: 1 input(s), 1 method(s)" in proc.stdout
+    proc = python("-m", "esegeta", "methods", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == len(registry.all_methods())
+    proc = python("-m", "esegeta", "schema")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["title"]
+
+
 # --------------------------------------------------------------------------- #
 # methods, schema, version
 # --------------------------------------------------------------------------- #

@@ -212,6 +212,11 @@ CASES: list[Bad] = [
     Bad("params-not-a-dict", with_methods({"id": "captum.Saliency", "params": [1]}), "methods[0].params",
         ("dictionary",)),
     Bad("resize-zero", edit("inputs", resize=[8, 0]), "inputs.resize[1]", ("greater than 0",)),
+    # the evaluation block coerces nothing either: "64" is not 64, true is not a seed
+    Bad("evaluation-batch-string", lambda tmp: base(tmp, evaluation={"metrics": ["deletion"], "max_batch": "64"}),
+        "evaluation.max_batch", ("valid integer", "not '64'")),
+    Bad("evaluation-seed-bool", lambda tmp: base(tmp, evaluation={"metrics": ["deletion"], "seed": True}),
+        "evaluation.seed", ("valid integer", "not True")),
     # -- methods ------------------------------------------------------------------------------------
     Bad("method-id-typo", with_methods({"id": "captum.IntegratedGradient"}), "methods[0].id",
         ("unknown method", "did you mean captum.IntegratedGradients?")),

@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """No unknown keys, no type coercion (``"64"`` is not 64, ``1`` is not true), as the rest of the config."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class MetricEntry(_Strict):
