@@ -237,6 +237,17 @@ CASES: list[Bad] = [
         ("no layer 'layer22'", "did you mean layer2?")),
     Bad("neuron-selector-missing", with_methods({"id": "captum.NeuronGradient", "layer": "layer2"}),
         "methods[0].params", ("neuron_selector",)),
+    # Occlusion's window and strides against the input (digits: 1 channel, 8 × 8), before the run
+    Bad("occlusion-window-too-big", with_methods({"id": "captum.Occlusion", "params": {"sliding_window_shapes": [1, 9, 3]}}),
+        "methods[0].params.sliding_window_shapes", ("larger than the input's (channels, *spatial) = [1, 8, 8]",)),
+    Bad("occlusion-window-axes", with_methods({"id": "captum.Occlusion", "params": {"sliding_window_shapes": [3, 3]}}),
+        "methods[0].params.sliding_window_shapes", ("give 3 positive sizes",)),
+    Bad("occlusion-stride-zero", with_methods({"id": "captum.Occlusion",
+                                               "params": {"sliding_window_shapes": [1, 3, 3], "strides": 0}}),
+        "methods[0].params.strides", ("positive integer",)),
+    Bad("occlusion-stride-past-window", with_methods({"id": "captum.Occlusion",
+                                                      "params": {"sliding_window_shapes": [1, 2, 2], "strides": [1, 3, 3]}}),
+        "methods[0].params.strides", ("larger than the window [1, 2, 2]",)),
     Bad("noise-tunnel-key-typo", with_methods({"id": "captum.Saliency", "noise_tunnel": {"nt_sample": 4}}),
         "methods[0].noise_tunnel.nt_sample", ("did you mean nt_samples?",)),
     Bad("noise-tunnel-type", with_methods({"id": "captum.Saliency", "noise_tunnel": {"nt_type": "smoothgrd"}}),
@@ -546,3 +557,26 @@ def test_unreadable_file_message_gives_no_unsafe_advice(where, name, write, tmp_
     for advice in ("allow_pickle", "pickle.load()", "two options", "trust", "weights_only` set to `False"):
         assert advice not in err, err
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("window, strides", [
+    ([1, 3, 3], [1, 2, 2]), ([1, 8, 8], [1, 9, 9]), ([1, 3, 3], 3), ([1, 3, 3], 4), ([1, 9, 3], 1), ([2, 3, 3], 1),
+    ([1, 3, 3], [1, 4, 1]), ([1, 8, 3], [1, 20, 3]), ([1, 3], [1, 1]), ([1, 3, 3], [1, 1]),
+])
+def test_occlusion_preflight_agrees_with_captum(window, strides):
+    """What esegeta refuses before the run is what Captum's Occlusion asserts on mid-run, and no more."""
+    from captum.attr import Occlusion
+
+    from esegeta.adapters.captum import occlusion_fits
+    from esegeta.architectures import Context
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(128, 3))
+    x = torch.randn(1, 1, 8, 8)
+    refused = occlusion_fits(model, Context(x, params={"sliding_window_shapes": window, "strides": strides}))
+    try:
+        Occlusion(model).attribute(x, target=0, sliding_window_shapes=tuple(window),
+                                   strides=tuple(strides) if isinstance(strides, list) else strides)
+        ran = True
+    except (AssertionError, ValueError, IndexError, RuntimeError):
+        ran = False
+    assert ran == (not refused), refused

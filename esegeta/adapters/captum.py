@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from ..errors import ConfigError
+from ..params import positive_int
 from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
@@ -283,6 +285,34 @@ def _quarter(x) -> list[int]:
     return [x.shape[1]] + [max(1, s // 4) for s in x.shape[2:]]
 
 
+def occlusion_fits(model, context) -> list[ConfigError]:
+    """Captum's Occlusion slides a window over (channels, *spatial) of one input: the window and
+    the strides need one positive size per axis, the window no larger than the input, a stride
+    no larger than the window where the window does not cover the whole axis (Captum asserts
+    these mid-run; a stride of 0 divides by zero)."""
+    x = context.x
+    axes = tuple(int(s) for s in x.shape[1:])
+    window = context.params.get("sliding_window_shapes", _window(x))
+    strides = context.params.get("strides", _stride(x))
+    told = "" if "strides" in context.params else " (the default for this input; set params.strides)"
+    found = []
+    if not (isinstance(window, list) and len(window) == len(axes) and all(positive_int(w) for w in window)):
+        return [ConfigError("params.sliding_window_shapes", f"give {len(axes)} positive sizes, one per axis of "
+                            f"(channels, *spatial) = {list(axes)}, not {window!r}")]
+    if any(w > a for w, a in zip(window, axes)):
+        found.append(ConfigError("params.sliding_window_shapes", f"{window} is larger than the input's "
+                                 f"(channels, *spatial) = {list(axes)}: give sizes up to those"))
+    steps = strides if isinstance(strides, list) else [strides] * len(axes)
+    if not (len(steps) == len(axes) and all(positive_int(s) for s in steps)):
+        found.append(ConfigError("params.strides", f"give a positive integer, or {len(axes)} of them (one per axis "
+                                 f"of (channels, *spatial)), not {strides!r}"))
+    elif any(s > w and w < a for s, w, a in zip(steps, window, axes)):
+        found.append(ConfigError("params.strides", f"{strides!r}{told} is larger than the window {window} on an axis "
+                                 "it does not cover whole: a stride skips what no window covers; give strides up to "
+                                 "the window's sizes"))
+    return found
+
+
 def _quick_grid(x) -> dict:
     return {"grid": [max(1, -(-s // 4)) for s in x.shape[2:]]}
 
@@ -317,7 +347,7 @@ _captum("GuidedBackprop", ref="Springenberg et al. 2015, arXiv:1412.6806")
 _captum("Deconvolution", ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("GuidedGradCam", layer=True, preflight=token_layer, ref="Selvaraju et al. 2017, arXiv:1610.02391")
 _captum("FeatureAblation", quick=_PERTURB_QUICK, ref="feature ablation")
-_captum("Occlusion", defaults={"sliding_window_shapes": _window, "strides": _stride},
+_captum("Occlusion", defaults={"sliding_window_shapes": _window, "strides": _stride}, preflight=occlusion_fits,
         quick={"sliding_window_shapes": _quarter, "strides": _quarter, "perturbations_per_eval": 16},
         ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("ShapleyValueSampling", quick={**_PERTURB_QUICK, "n_samples": 2},
