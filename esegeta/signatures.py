@@ -3,16 +3,19 @@
 A method's parameters (:meth:`esegeta.registry.MethodSpec.parameters`) come from its
 adapter, which reads them from the upstream signatures: asking means importing the library
 (``captum.attr`` alone takes about 0.5 s, ``pytorch_grad_cam`` 3 s). ``esegeta validate``
-only needs names, kinds, defaults and annotations, so the first time a library is asked, the
-parameters of all its methods are written to a small JSON file in the user's cache folder
-(``$ESEGETA_CACHE_DIR``, else :func:`platformdirs.user_cache_dir`), and later processes read
-them from there without importing the library.
+only needs names, kinds, defaults and annotations, so they are looked up, in this order:
 
-The file is keyed by a fingerprint of what the answer depends on: the Python version,
-esegeta's source files and the installed library (its top-level module files' size and
-modification time: a reinstall or an upgrade changes them), so it is never stale; a cache
-that cannot be read or written is ignored (the answer is then computed, as without one).
-Set ``ESEGETA_CACHE_DIR`` to an empty string to switch the cache off.
+1. ``signatures.json`` beside this module: the tables of the library versions esegeta is
+   tested with (``constraints.txt``), used when the installed version is the same. They are
+   written by ``python -m esegeta.signatures``, and ``tests/test_signatures.py`` fails when
+   one no longer equals what the adapter says (an adapter changed: write them again).
+2. A file per library in the user's cache folder (``$ESEGETA_CACHE_DIR``, else
+   :func:`platformdirs.user_cache_dir`), written the first time a library is asked, keyed
+   by a fingerprint of what the answer depends on: the Python version, esegeta's source files
+   and the installed library (its top-level module files' size and modification time: a
+   reinstall or an upgrade changes them), so it is never stale. A cache that cannot be read
+   or written is ignored; ``ESEGETA_CACHE_DIR=""`` switches it off.
+3. The adapter itself (which imports the library).
 
 A parameter keeps its name and kind; its default if JSON can hold it (a tuple stays a
 tuple), else an :class:`Opaque` stand-in with the original's ``repr``; its annotation as
@@ -22,14 +25,17 @@ reads back to a type with the same verdicts on every JSON value.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
 import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +46,8 @@ if TYPE_CHECKING:
 
 #: Bumped when the file's layout changes.
 FORMAT = 1
+#: The shipped tables (see the module docstring).
+SHIPPED = Path(__file__).with_name("signatures.json")
 #: The parameters of one method: what :meth:`Adapter.parameters` returns.
 Parameters = Mapping[str, inspect.Parameter]
 
@@ -86,11 +94,11 @@ def _lookup(spec: MethodSpec, section: str, compute: Callable[[], Parameters]) -
         if key in _memory:
             return _memory[key]
         folder = cache_dir()
-        stored = _stored(spec.library, folder) if folder is not None else None
-        found = (stored or {}).get("methods", {}).get(spec.id, {}).get(section)
-        if found is not None:
-            _memory[key] = _decode(found)
-            return _memory[key]
+        for table in (_shipped(spec.library), _stored(spec.library, folder) if folder is not None else None):
+            found = (table or {}).get("methods", {}).get(spec.id, {}).get(section)
+            if found is not None:
+                _memory[key] = _decode(found)
+                return _memory[key]
         value = compute()  # imports the library (an error propagates, as without a cache)
         _memory[key] = value
         if folder is not None and spec.library.distribution is not None:
@@ -117,8 +125,58 @@ def fingerprint(library: Library) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def installed_version(library: Library) -> str | None:
+    """The installed version of the library's distribution (None: esegeta's own, or not installed)."""
+    if library.distribution is None:
+        return None
+    try:
+        return importlib.metadata.version(library.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@cache
+def _shipped_tables() -> dict[str, Any]:
+    try:
+        return json.loads(SHIPPED.read_text(encoding="utf-8")).get("libraries", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _shipped(library: Library) -> dict[str, Any] | None:
+    """The shipped table of ``library`` if it is for the installed version."""
+    shipped = _shipped_tables().get(library.name)
+    if shipped is None or shipped.get("version") != installed_version(library):
+        return None
+    return shipped
+
+
+def table(library: Library) -> dict[str, Any]:
+    """Every method of ``library`` with its parameters, as the cache files hold them (imports the library)."""
+    from .registry import all_methods
+
+    methods: dict[str, dict[str, Any]] = {}
+    for spec in all_methods().values():
+        if spec.library.name != library.name:
+            continue
+        entry: dict[str, Any] = {}
+        for section, compute in (("params", lambda s=spec: s.adapter.parameters(s)),
+                                 ("noise_tunnel", spec.noise_tunnel)):
+            if compute is None:
+                continue
+            try:
+                entry[section] = _encode(compute())
+            except Exception:  # noqa: BLE001 (a method whose parameters cannot be read now is asked again later)
+                continue
+        methods[spec.id] = entry
+    return {"format": FORMAT, "library": library.name, "distribution": library.distribution,
+            "version": installed_version(library), "methods": methods}
+
+
 def _path(library: Library, folder: Path) -> Path:
-    return folder / f"signatures-{library.name}.json"
+    """One file per library and Python environment (two virtual environments do not overwrite each other's)."""
+    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    return folder / f"signatures-{library.name}-{environment}.json"
 
 
 def _stored(library: Library, folder: Path) -> dict[str, Any] | None:
@@ -137,23 +195,7 @@ def _stored(library: Library, folder: Path) -> dict[str, Any] | None:
 
 def _store(library: Library, folder: Path) -> None:
     """Write every method of ``library`` to its cache file (its library is imported by now)."""
-    from .registry import all_methods
-
-    methods: dict[str, dict[str, Any]] = {}
-    for spec in all_methods().values():
-        if spec.library.name != library.name:
-            continue
-        entry: dict[str, Any] = {}
-        for section, compute in (("params", lambda s=spec: s.adapter.parameters(s)),
-                                 ("noise_tunnel", spec.noise_tunnel)):
-            if compute is None:
-                continue
-            try:
-                entry[section] = _encode(compute())
-            except Exception:  # noqa: BLE001 (a method whose parameters cannot be read now is asked again later)
-                continue
-        methods[spec.id] = entry
-    data = {"format": FORMAT, "library": library.name, "fingerprint": fingerprint(library), "methods": methods}
+    data = {**table(library), "fingerprint": fingerprint(library)}
     path = _path(library, folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -194,7 +236,7 @@ def _encode_default(value: Any) -> dict[str, Any]:
         return {"tuple": list(value)}
     if type(value) in (type(None), bool, int, float, str, list) and _json_value(value):
         return {"value": value}
-    return {"repr": repr(value)}
+    return {"repr": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))}  # no address: the same in every process
 
 
 def _decode(rows: list[dict[str, Any]]) -> dict[str, inspect.Parameter]:
@@ -213,3 +255,29 @@ def _decode(rows: list[dict[str, Any]]) -> dict[str, inspect.Parameter]:
         out[row["name"]] = inspect.Parameter(row["name"], inspect._ParameterKind(row["kind"]), default=value,
                                              annotation=annotation)
     return out
+
+
+def write_shipped(path: Path = SHIPPED) -> dict[str, str]:
+    """Write the tables of every installed library to ``path`` (the shipped ``signatures.json``);
+    returns library → version."""
+    from .registry import libraries
+
+    tables = {name: table(library) for name, library in sorted(libraries().items())
+              if library.distribution is not None and installed_version(library) is not None}
+    compact = {"separators": (",", ":"), "sort_keys": True}
+    lines = ["{", f'"format": {FORMAT},', '"libraries": {']
+    for i, (name, t) in enumerate(tables.items()):  # one method per line: a change shows as the lines it changes
+        head = json.dumps({k: v for k, v in t.items() if k != "methods"}, **compact)[:-1]
+        lines.append(f"{json.dumps(name)}: {head},\"methods\": {{")
+        rows = [f"{json.dumps(mid)}: {json.dumps(entry, **compact)}" for mid, entry in sorted(t["methods"].items())]
+        lines.append(",\n".join(rows))
+        lines.append("}}" + ("," if i < len(tables) - 1 else ""))
+    lines.append("}}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {name: t["version"] for name, t in tables.items()}
+
+
+if __name__ == "__main__":
+    for name, version in write_shipped().items():
+        print(f"{name} {version}")
+    print(f"wrote {SHIPPED}")

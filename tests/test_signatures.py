@@ -3,6 +3,8 @@ importing the libraries.
 
 - For every available method, the cached parameters give the same names, kinds, defaults and
   the same verdict (accepted, or the same message) on a set of JSON values as the live ones.
+- The shipped tables (esegeta/signatures.json) equal what the adapters say for the installed
+  versions, so a fresh install validates without importing the libraries.
 - In a fresh process with a current cache file, validating a Captum-only config imports no
   explainer library; a stale, corrupt or unwritable cache is ignored (the live answer is used).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +47,7 @@ def _same(live: dict[str, inspect.Parameter], cached: dict[str, inspect.Paramete
         if p.default is p.empty:
             assert c.default is c.empty, (where, name)
         elif isinstance(c.default, signatures.Opaque):
-            assert repr(c.default) == repr(p.default), (where, name)
+            assert repr(c.default) == re.sub(r" at 0x[0-9a-fA-F]+", "", repr(p.default)), (where, name)
         else:
             assert c.default == p.default and type(c.default) is type(p.default), (where, name, p.default)
         probes = PROBES + ([list(p.default)] if isinstance(p.default, tuple) else [])
@@ -76,8 +79,22 @@ def test_annotation_text_reads_back_to_the_same_verdicts(annotation):
         assert _verdict("x", value, q) == _verdict("x", value, p), (annotation, text, value)
 
 
-def _validate_in_a_fresh_process(config: Path, cache: Path | str) -> dict:
-    code = ("import json, sys; from esegeta.runner import Pipeline; Pipeline(sys.argv[1]).validate(); "
+def test_the_shipped_tables_are_current():
+    shipped = json.loads(signatures.SHIPPED.read_text())["libraries"]
+    current = [name for name, t in shipped.items()
+               if t["version"] == signatures.installed_version(registry.libraries()[name])]
+    if not current:
+        pytest.skip(f"the shipped tables are for other versions ({ {n: t['version'] for n, t in shipped.items()} })")
+    for name in current:
+        live = json.loads(json.dumps(signatures.table(registry.libraries()[name])))
+        assert live == shipped[name], f"{name}: the adapter changed; write the tables again: python -m esegeta.signatures"
+
+
+def _validate_in_a_fresh_process(config: Path, cache: Path | str, shipped: bool = False) -> dict:
+    """The explainer libraries a fresh process imports to validate ``config`` (without the
+    shipped tables unless ``shipped``: the cache is what is tested then)."""
+    off = "" if shipped else "import pathlib, esegeta.signatures as s; s.SHIPPED = pathlib.Path('/nonexistent'); "
+    code = (off + "import json, sys; from esegeta.runner import Pipeline; Pipeline(sys.argv[1]).validate(); "
             f"print(json.dumps(sorted(m for m in {sorted({m for lib in registry.libraries().values() for m in lib.requires})!r} "
             "if m in sys.modules)))")
     env = {**os.environ, "ESEGETA_CACHE_DIR": str(cache)}
@@ -93,17 +110,27 @@ def test_a_current_cache_spares_validate_the_library_import(tmp_path):
     config = write_config(tmp_path, valid_config(tmp_path, methods))
     cache = tmp_path / "cache"
     assert _validate_in_a_fresh_process(config, cache) == ["captum"]  # the first time: imported, then written
-    written = json.loads((cache / "signatures-captum.json").read_text())
+    (written_file,) = cache.glob("signatures-captum-*.json")
+    written = json.loads(written_file.read_text())
     assert written["fingerprint"] == signatures.fingerprint(registry.libraries()["captum"])
     assert {"params", "noise_tunnel"} <= set(written["methods"]["captum.Saliency"])
     assert _validate_in_a_fresh_process(config, cache) == []  # then read from the file
 
     written["fingerprint"] = "another installation"  # stale: ignored, the library is imported again
-    (cache / "signatures-captum.json").write_text(json.dumps(written))
+    written_file.write_text(json.dumps(written))
     assert _validate_in_a_fresh_process(config, cache) == ["captum"]
-    (cache / "signatures-captum.json").write_text("{not json")  # corrupt: ignored and rewritten
+    written_file.write_text("{not json")  # corrupt: ignored and rewritten
     assert _validate_in_a_fresh_process(config, cache) == ["captum"]
     assert _validate_in_a_fresh_process(config, cache) == []
+
+
+def test_a_fresh_install_validates_from_the_shipped_tables(tmp_path):
+    library = registry.libraries()["captum"]
+    if json.loads(signatures.SHIPPED.read_text())["libraries"]["captum"]["version"] != signatures.installed_version(library):
+        pytest.skip("the shipped captum table is for another version")
+    config = write_config(tmp_path, valid_config(tmp_path, [{"id": "captum.IntegratedGradients"}]))
+    assert _validate_in_a_fresh_process(config, tmp_path / "empty-cache", shipped=True) == []
+    assert not (tmp_path / "empty-cache").exists()  # nothing to write
 
 
 def test_a_cache_that_cannot_be_written_or_is_off_changes_nothing(tmp_path):
@@ -120,9 +147,12 @@ def test_a_wrong_parameter_is_refused_from_the_cache_as_without_it(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "ESEGETA_CACHE_DIR": str(cache)}
     answers = []
-    for _ in range(2):  # the first fills the cache, the second reads it
-        proc = subprocess.run([sys.executable, "-m", "esegeta", "validate", str(config)], capture_output=True,
+    for _ in range(2):  # the first fills the cache, the second reads it (the shipped tables left out)
+        code = ("import pathlib, sys, esegeta.signatures as s; s.SHIPPED = pathlib.Path('/nonexistent'); "
+                "from esegeta.cli import main; sys.exit(main(sys.argv[1:]))")
+        proc = subprocess.run([sys.executable, "-c", code, "validate", str(config)], capture_output=True,
                               text=True, timeout=300, cwd=REPO, env=env)
         answers.append((proc.returncode, proc.stderr))
     assert answers[0] == answers[1]
+    assert len(list(cache.glob("signatures-captum-*.json"))) == 1
     assert answers[0][0] == 2 and "methods[0].params.n_steps" in answers[0][1] and "Traceback" not in answers[0][1]
