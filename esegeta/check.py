@@ -273,7 +273,7 @@ def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patc
     except Exception as exc:  # noqa: BLE001 (a formula that cannot read these values: say so)
         c.cost_note = f"{type(exc).__name__}: {exc}"
         return
-    row_seconds = _row_seconds(forward, x, c.batch)
+    row_seconds = _row_seconds(forward, x, min(c.batch, passes.forward or c.batch))
     if patch is not None and passes.known:
         from .patcher import Grid
 

@@ -129,7 +129,8 @@ def halve_batch(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: Mappi
 def effective_batch(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: Mapping[str, Any] | None) -> int:
     """How many copies of the input one step of the method sends through the model at once:
     its step count (the library's ``step_params``; ``n_steps × nt_samples`` under a noise tunnel)
-    capped by its batch parameter."""
+    capped by its batch parameter; without a step count, a batch parameter that batches an
+    unstated number of perturbations (Captum's ``perturbations_per_eval``) is the batch."""
     try:
         defaults = {n: p.default for n, p in spec.parameters().items() if p.default is not p.empty}
     except Exception:  # noqa: BLE001 (an adapter that cannot list its parameters: count one copy)
@@ -138,12 +139,17 @@ def effective_batch(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: M
     if noise_tunnel is not None:
         values = {**values, **noise_tunnel}
         values.setdefault("nt_samples", 5)
-    steps = next((int(values[k]) for k in spec.library.step_params if isinstance(values.get(k), int)), 1)
+    steps = next((int(values[k]) for k in spec.library.step_params if isinstance(values.get(k), int)), None)
     if noise_tunnel is not None and "n_steps" in values:
         steps = int(values["n_steps"]) * int(values.get("nt_samples", 5))
-    chunk = next((int(values[k]) for k in spec.library.batch_params
+    batch = next(((k, int(values[k])) for k in spec.library.batch_params
                   if isinstance(values.get(k), int) and values[k] > 0), None)
-    return max(1, min(steps, chunk) if chunk else steps)
+    if batch is None:
+        return max(1, steps or 1)
+    name, chunk = batch
+    if steps is None:  # no step count: a batch of perturbations whose number the library does not state
+        return max(1, chunk) if spec.library.batch_params[name] is None else 1  # (Occlusion's perturbations_per_eval)
+    return max(1, min(steps, chunk))
 
 
 # -- one method entry --------------------------------------------------------------

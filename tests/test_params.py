@@ -55,6 +55,10 @@ def test_effective_batch_from_the_library_record():
                                   {"n_steps": 16, "internal_batch_size": 4}, None) == 4
     assert params.effective_batch(registry.get("lime.LimeImageExplainer"), {"num_samples": 50}, None) == 10
     assert params.effective_batch(registry.get("captum.Saliency"), {}, {"nt_samples": 7}) == 7
+    # perturbation methods send perturbations_per_eval copies at once (Captum's default: 1)
+    assert params.effective_batch(registry.get("captum.Occlusion"), {"perturbations_per_eval": 8}, None) == 8
+    assert params.effective_batch(registry.get("captum.Occlusion"), {}, None) == 1
+    assert params.effective_batch(registry.get("captum.Saliency"), {}, None) == 1
 
 
 def test_check_method_names_the_field():
