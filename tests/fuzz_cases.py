@@ -262,7 +262,7 @@ def cases(bases: dict[str, dict]) -> st.SearchStrategy[bytes]:
 #: A line of an exit-2 message: it starts with a JSON path (``methods[2].params.n_step``,
 #: ``inputs["x y"]``) or with the config file's name (a document that is not a config).
 _QUOTED = r'\["(\\.|[^"\\])*"\]'
-PATH_LINE = re.compile(rf'^(\$schema|[A-Za-z_]\w*|\[\d+\]|{_QUOTED})((\.[A-Za-z_$][\w$]*)|\[\d+\]|{_QUOTED})*: ')
+PATH_LINE = re.compile(rf'^(\$schema|[A-Za-z_]\w*|\[\d+\]|{_QUOTED})((\.[A-Za-z_]\w*)|\[\d+\]|{_QUOTED})*: ', re.ASCII)
 
 
 @dataclass
