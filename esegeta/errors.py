@@ -33,12 +33,12 @@ class MethodUnavailable(EsegetaError):
 
 def json_path(parts: Iterable[str | int]) -> str:
     """A JSON path as messages write it: ``methods[2].params.n_steps``; a key that is not a
-    plain ASCII name (or ``$schema``) is quoted, ``inputs["x y"]``, ``["$\\u00b9"]``."""
+    plain ASCII name (or the top-level ``$schema``) is quoted, ``inputs["x y"]``, ``["$\\u00b9"]``."""
     out = ""
     for part in parts:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part), re.ASCII) or part == "$schema":
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part), re.ASCII) or (part == "$schema" and not out):
             out += f".{part}" if out else str(part)
         else:
             out += f"[{json.dumps(str(part), ensure_ascii=True)}]"
