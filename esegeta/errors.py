@@ -36,19 +36,17 @@ def json_path(parts: Iterable[str | int]) -> str:
     plain ASCII name (or the top-level ``$schema``) is quoted, ``inputs["x y"]``, ``["$\\u00b9"]``."""
     out = ""
     for part in parts:
-        if isinstance(part, int) and not isinstance(part, bool):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part), re.ASCII) or (part == "$schema" and not out):
-            out += f".{part}" if out else str(part)
-        else:
-            out += f"[{json.dumps(str(part), ensure_ascii=True)}]"
+        out = child(out, part)
     return out
 
 
 def child(path: str, key: str | int) -> str:
     """The JSON path of ``key`` inside ``path`` (``methods[0].params`` + ``n_steps``)."""
-    tail = json_path([key])
-    return tail if not path else path + (tail if tail.startswith("[") else "." + tail)
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"{path}[{key}]"
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key), re.ASCII) or (key == "$schema" and not path):
+        return f"{path}.{key}" if path else str(key)
+    return f"{path}[{json.dumps(str(key), ensure_ascii=True)}]"
 
 
 def shown(value: object, limit: int = 60) -> str:
