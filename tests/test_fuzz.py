@@ -49,6 +49,11 @@ NAMED = {
     "5,001-digit number": (b'{"target": ' + b"9" * 5001 + b"}", "target: an integer of 5001 digits"),
     "hyphen key": (_digits(**{"top-level": 1}), '["top-level"]: unknown key'),
     "hyphen key nested": ({**_digits(), "inputs": {**_digits()["inputs"], "a-b": 1}}, 'inputs["a-b"]: unknown key'),
+    # the long run's last finds: keys that are names only to Unicode, or $schema below the top
+    "unicode key": (_digits(**{"$\u00b9": 1}), '["$\\u00b9"]: unknown key'),
+    "nested $schema": ({**_digits(), "runtime": {"$schema": 1}}, 'runtime["$schema"]: unknown key'),
+    "$schema as a parameter": (_method({"id": "captum.Saliency", "params": {"$schema": 1}}),
+                               'methods[0].params["$schema"]: unknown parameter'),
     "device ipu": (_digits(runtime__devices="ipu"), "runtime.devices: 'ipu'"),
     "device xla": (_digits(runtime__devices="xla"), "runtime.devices: 'xla'"),
     "device vulkan": (_digits(runtime__devices=["vulkan"]), "runtime.devices[0]: 'vulkan'"),
