@@ -5,8 +5,8 @@ adapter, which reads them from the upstream signatures: asking means importing t
 (``captum.attr`` alone takes about 0.5 s, ``pytorch_grad_cam`` 3 s). ``esegeta validate``
 only needs names, kinds, defaults and annotations, so they are looked up, in this order:
 
-1. ``signatures.json`` beside this module: the tables of the library versions esegeta is
-   tested with (``constraints.txt``), used when the installed version is the same. They are
+1. ``signatures.json`` beside this module: the tables of the library versions installed
+   when they were written (those the test suite runs), used when the installed version is the same. They are
    written by ``python -m esegeta.signatures``, and ``tests/test_signatures.py`` fails when
    one no longer equals what the adapter says (an adapter changed: write them again).
 2. A file per library in the user's cache folder (``$ESEGETA_CACHE_DIR``, else
@@ -93,17 +93,22 @@ def _lookup(spec: MethodSpec, section: str, compute: Callable[[], Parameters]) -
     with _lock:
         if key in _memory:
             return _memory[key]
-        folder = cache_dir()
-        for table in (_shipped(spec.library), _stored(spec.library, folder) if folder is not None else None):
-            found = (table or {}).get("methods", {}).get(spec.id, {}).get(section)
-            if found is not None:
-                _memory[key] = _decode(found)
-                return _memory[key]
+        found = _section(_shipped(spec.library), spec.id, section)
+        folder = cache_dir() if found is None else None
+        if folder is not None:
+            found = _section(_stored(spec.library, folder), spec.id, section)
+        if found is not None:
+            _memory[key] = _decode(found)
+            return _memory[key]
         value = compute()  # imports the library (an error propagates, as without a cache)
         _memory[key] = value
         if folder is not None and spec.library.distribution is not None:
             _store(spec.library, folder)
         return value
+
+
+def _section(table: dict[str, Any] | None, method_id: str, section: str) -> list[dict[str, Any]] | None:
+    return (table or {}).get("methods", {}).get(method_id, {}).get(section)
 
 
 # -- the files ---------------------------------------------------------------------
