@@ -97,9 +97,9 @@ def _map(member: Member, case) -> torch.Tensor:
     layer = case.layer if member.layer else None
     target = case.target
     if member.trace is not None:
-        from esegeta.explainer import run
-        from esegeta.prepare import prepared
-        from esegeta.request import from_arguments
+        from esegeta.attribution.explainer import run
+        from esegeta.attribution.prepare import prepared
+        from esegeta.spec.request import from_arguments
 
         x = case.x.float()
         request = from_arguments(member.method, target=target, wrapper=case.wrapper, params=member.params)
@@ -124,7 +124,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def correlations(family: Family, case_name: str) -> list[tuple[str, str, float]]:
     """(first member, other member, Pearson r) for each other member that supports the case."""
-    from esegeta import registry
+    from esegeta.spec import registry
 
     case = _case(case_name)
     members = [m for m in family.members if case.dims in registry.get(m.method).dims]

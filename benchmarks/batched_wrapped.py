@@ -6,8 +6,8 @@ The sample vessel U-Net with the threshold wrapper (sigmoid, 0.5) on ``--n`` cro
 ``--size``² pixels of the retina sample (an 8-wide grid of offsets over the 128² image), each
 input with its own frozen masks. Captum's Saliency and Integrated Gradients (``n_steps`` =
 ``--steps``; with esegeta's default ``internal_batch_size`` (all steps of all inputs in one
-pass) and with ``internal_batch_size`` = ``--n`` rows) through :func:`esegeta.call.call_once`: the whole batch in one
-call (the batched wrapped view of :mod:`esegeta.batching`) against one call per input (what
+pass) and with ``internal_batch_size`` = ``--n`` rows) through :func:`esegeta.attribution.call.call_once`: the whole batch in one
+call (the batched wrapped view of :mod:`esegeta.attribution.batching`) against one call per input (what
 methods without a declared layout do). Times are the best of ``--repeats`` after a warm-up,
 including the wrappers' mask freezing; the last column is the largest difference between the
 two results relative to the largest attribution.
@@ -39,10 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from esegeta import numerics  # noqa: E402
-from esegeta.call import call_once  # noqa: E402
-from esegeta.prepare import prepared  # noqa: E402
-from esegeta.request import from_arguments  # noqa: E402
+from esegeta.attribution import numerics  # noqa: E402
+from esegeta.attribution.call import call_once  # noqa: E402
+from esegeta.attribution.prepare import prepared  # noqa: E402
+from esegeta.spec.request import from_arguments  # noqa: E402
 from samples.models import VesselUNet2D  # noqa: E402
 
 WRAPPER = {"name": "threshold", "channel": 0, "threshold": 0.5, "activation": "sigmoid"}

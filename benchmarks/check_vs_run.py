@@ -29,9 +29,10 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import esegeta  # noqa: E402
-from esegeta import config as config_mod, planning  # noqa: E402
-from esegeta.check import _size, check  # noqa: E402
-from esegeta.request import resolve  # noqa: E402
+from esegeta.spec import config as config_mod  # noqa: E402
+from esegeta.run import plan as planning  # noqa: E402
+from esegeta.run.check import _size, check  # noqa: E402
+from esegeta.spec.config import resolve  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ Compares checkouts: ``--root`` names one or more source trees (default: this one
 command runs ``--repeats`` times with that tree first on ``PYTHONPATH`` and the median is
 reported. ``validate``/``check`` run on every config in ``configs/`` (check once by default:
 it runs a forward pass per method). ``--cold`` gives every run an empty cache of upstream
-parameters (:mod:`esegeta.signatures`): the first run after an install or an upgrade.
+parameters (:mod:`esegeta.spec.signatures`): the first run after an install or an upgrade.
 
     OMP_NUM_THREADS=1 python benchmarks/cli_times.py --root /tmp/base --root . --json times.json
 """

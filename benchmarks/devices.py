@@ -42,7 +42,7 @@ def _finite(attr) -> str:
 
 def compare(method_id: str, case) -> dict:
     """One row: the method on the case on the CPU and on CUDA, and their agreement."""
-    from esegeta import registry
+    from esegeta.spec import registry
     from test_conformance import agreement_with_cpu, on_device
 
     spec = registry.get(method_id)
@@ -64,7 +64,7 @@ def compare(method_id: str, case) -> dict:
 def rows(only: list[str] | None = None):
     """Every applicable (method, sample) row, as it is computed."""
     from conftest import CASES
-    from esegeta import registry
+    from esegeta.spec import registry
 
     cases = [make() for make in CASES.values()]
     for method_id in sorted(only or registry.all_methods()):

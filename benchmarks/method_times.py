@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from esegeta import registry
+    from esegeta.spec import registry
 
     methods = [s for s in registry.all_methods().values() if 2 in s.dims and "segmentation" in s.tasks]
     if args.only:

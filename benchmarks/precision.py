@@ -4,7 +4,7 @@ Every registered method runs through :func:`esegeta.explain` on every sample it 
 (the three conformance cases of tests/conftest.py, with the layer, target, wrapper,
 ``quick_params`` and most-active neuron that tests/test_conformance.py uses, plus the demo's
 full 128x128 retina crop of configs/retina.json unless ``--no-full-retina``), once in fp32 and
-once under each reduced precision, inside ``esegeta.numerics.autocast(name, device)`` as
+once under each reduced precision, inside ``esegeta.attribution.numerics.autocast(name, device)`` as
 the runner does under ``runtime.amp`` (the wrapper's masks are frozen under autocast too).
 Each call starts from the same seeds (torch, numpy, random: 0).
 
@@ -69,10 +69,11 @@ for _p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(_p))
 
 import esegeta  # noqa: E402
-from esegeta import numerics, registry, wrappers  # noqa: E402
-from esegeta.baselines import make_baselines  # noqa: E402
-from esegeta.prepare import prepared  # noqa: E402
-from esegeta.timeouts import TimeLimitExceeded, call_with_limit  # noqa: E402
+from esegeta.attribution import numerics, wrappers  # noqa: E402
+from esegeta.spec import registry  # noqa: E402
+from esegeta.attribution.baselines import make_baselines  # noqa: E402
+from esegeta.attribution.prepare import prepared  # noqa: E402
+from esegeta.run.timeouts import TimeLimitExceeded, call_with_limit  # noqa: E402
 
 from conftest import CASES, Case, retina_case  # noqa: E402
 from test_conformance import _most_active_neuron  # noqa: E402 (the conformance suite's choice of neuron)

@@ -51,8 +51,8 @@ def _browser(path: Path, screenshot: Path, wait_for: str | None = None, interact
 
 
 def bench_report(config: str, out: Path) -> dict:
-    from esegeta import report
-    from esegeta.runner import Pipeline
+    from esegeta.show import report
+    from esegeta.run.runner import Pipeline
 
     start = time.perf_counter()
     result = Pipeline(ROOT / "configs" / config, output_dir=out).run()
@@ -74,7 +74,7 @@ def bench_explorer(n: int, out: Path) -> dict:
     from sklearn.datasets import load_digits
 
     import esegeta
-    from esegeta import explorer
+    from esegeta.show import explorer
     from samples.models import DigitResNet
 
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ def bench_batching(n: int, repeats: int) -> dict:
 
     import esegeta
     from conftest import digits_case
-    from esegeta.runner import Pipeline
+    from esegeta.run.runner import Pipeline
 
     model = digits_case().model
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +69,7 @@ def bench_batching(n: int, repeats: int) -> dict:
         # reference: Captum called directly on the same prepared copy (the ceiling for explain's ratio)
         from captum.attr import Saliency
 
-        from esegeta.prepare import prepared
+        from esegeta.attribution.prepare import prepared
 
         copy = prepared(model, x)
         captum_batched = _median_time(lambda: Saliency(copy).attribute(x.clone().requires_grad_(), target=3), repeats)
@@ -107,8 +107,8 @@ def bench_batching(n: int, repeats: int) -> dict:
 def bench_time_limits(limits=(0.5, 1.0, 2.0)) -> dict:
     import esegeta
     from conftest import digits_case, tissue_case
-    from esegeta.prepare import prepared
-    from esegeta.timeouts import TimeLimitExceeded, call_with_limit
+    from esegeta.attribution.prepare import prepared
+    from esegeta.run.timeouts import TimeLimitExceeded, call_with_limit
 
     def overrun(fn, limit, modules=()) -> float:
         start = time.monotonic()

@@ -69,7 +69,7 @@ def child(spec: dict) -> None:
     sys.path.insert(0, str(ROOT))
     import logging
 
-    from esegeta.runner import Pipeline
+    from esegeta.run.runner import Pipeline
 
     logging.getLogger("esegeta").setLevel(logging.WARNING)
     init = None

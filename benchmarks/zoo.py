@@ -9,7 +9,7 @@ weights, BatchNorm statistics calibrated on random batches.
 Each (method, model) cell is one of:
 
 - ``ran``: ``esegeta.explain`` returned a finite, not all-zero result;
-- ``refused``: refused before the run (:func:`esegeta.architectures.refusals`, what
+- ``refused``: refused before the run (:func:`esegeta.attribution.architectures.refusals`, what
   ``validate``/``check`` report), with the reason;
 - ``flat``: it ran and returned an all-zero or constant map, which the runner records with a
   warning naming the likely cause (a vanishing gradient, too few samples...);
@@ -42,8 +42,9 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 import esegeta  # noqa: E402
-from esegeta import architectures, registry  # noqa: E402
-from esegeta.prepare import prepared  # noqa: E402
+from esegeta.attribution import architectures  # noqa: E402
+from esegeta.spec import registry  # noqa: E402
+from esegeta.attribution.prepare import prepared  # noqa: E402
 
 from test_conformance import _most_active_neuron  # noqa: E402 (the conformance suite's choice of neuron)
 from zoo_models import ZOO, ZooModel, method_params, method_wrapper  # noqa: E402
@@ -95,15 +96,15 @@ def cell(spec, z: ZooModel) -> dict:
     if not torch.isfinite(attr).all():
         return row | {"status": "failed", "reason": "non-finite result", "seconds": seconds}
     if attr.abs().sum() == 0 or float(attr.max()) == float(attr.min()):
-        # the runner records these ok with a warning naming the likely cause (esegeta.verdicts): not silent
+        # the runner records these ok with a warning naming the likely cause (esegeta.attribution.verdicts): not silent
         return row | {"status": "flat", "reason": "all-zero or constant result (warned)", "seconds": seconds}
     return row | {"status": "ran", "seconds": seconds}
 
 
 def axioms(z: ZooModel, steps: int = 256) -> dict:
     """IG completeness and DeepLift summation to delta (relative errors, zero baseline)."""
-    from esegeta.wrappers import build
-    from esegeta.request import WrapperConfig
+    from esegeta.attribution.wrappers import build
+    from esegeta.spec.request import WrapperConfig
 
     ready = prepared(z.model, z.x)
     forward = ready if z.wrapper is None else build(ready, z.x, WrapperConfig(**z.wrapper), None)
@@ -134,7 +135,7 @@ def build():
 def check_predictions(z: ZooModel, specs, cells: list[dict], workdir: Path) -> list[dict]:
     """``esegeta check`` on a config holding every cell of ``z`` whose params JSON can carry: its
     verdict (refused or not) per method, beside the cell's status in the run."""
-    from esegeta.check import check
+    from esegeta.run.check import check
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / f"{z.name}_factory.py").write_text(FACTORY.format(tests=str(ROOT / "tests"), name=z.name))

@@ -13,31 +13,33 @@ Importing esegeta imports no explainer library (nor torch): names load on first 
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from esegeta import moved as _moved
+from esegeta.version import __version__
 __all__ = ["explain", "evaluate", "Pipeline", "RunResult", "methods", "ConfigError", "EsegetaError", "__version__"]
 
 _LAZY = {
-    "explain": ("esegeta.explainer", "explain"),
-    "evaluate": ("esegeta.evaluation.run", "evaluate"),
-    "Pipeline": ("esegeta.runner", "Pipeline"),
-    "RunResult": ("esegeta.runner", "RunResult"),
+    "explain": ("esegeta.attribution.explainer", "explain"),
+    "evaluate": ("esegeta.run.evaluate", "evaluate"),
+    "Pipeline": ("esegeta.run.runner", "Pipeline"),
+    "RunResult": ("esegeta.run.runner", "RunResult"),
     "ConfigError": ("esegeta.errors", "ConfigError"),
     "EsegetaError": ("esegeta.errors", "EsegetaError"),
 }
 
 
 def _torchvision_shim() -> None:
-    from .compat import ensure_torchvision_importable
+    from esegeta.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
 
 
 _torchvision_shim()  # a later `import torchvision` works on CPU-only torch too (see esegeta.compat)
+_moved.install()  # `import esegeta.store` and the other names before the package layout still work
 
 
 def methods() -> list[dict]:
     """The registry as ``esegeta methods --json`` shows it: one dict per method."""
-    from .registry import all_methods
+    from esegeta.spec.registry import all_methods
 
     return [spec.row() for spec in all_methods().values()]
 

@@ -1,3 +1,3 @@
-from .cli import console
+from esegeta.cli.commands import console
 
 console()

@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any
 
-from .errors import MethodUnavailable
+from esegeta.errors import MethodUnavailable
 
 #: Keeps the declared schemas alive: they vanish when the Library object is collected.
 _LIBRARY: Any = None
@@ -79,7 +79,6 @@ def import_torchvision():
 class _Finder:
     """A ``sys.meta_path`` entry that routes the first ``import torchvision`` (by anyone: a
     user's factory file, timm, an adapter) through :func:`import_torchvision`, then steps aside."""
-
     busy = False
 
     def find_spec(self, name, path=None, target=None):  # noqa: D102 (importlib's protocol)

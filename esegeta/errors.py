@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from dataclasses import dataclass
 from collections.abc import Iterable
 
 
@@ -74,3 +75,26 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
         return f"; did you mean {hit}?"
     shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
     return f"; valid: {shown}" if choices else ""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a method entry (``entry``: its index in ``methods``; None: the config) cannot run."""
+    path: str
+    message: str
+    entry: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+    @classmethod
+    def of(cls, exc: ConfigError, entry: int | None = None) -> "Problem":
+        return cls(exc.path, exc.message, entry)
+
+
+def raise_problems(problems: list[Problem]) -> None:
+    """A ConfigError for one problem as it is, for several one per line; nothing if none."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0].path, problems[0].message)
+    if problems:
+        raise ConfigError("", "\n".join(map(str, problems)))

@@ -6,7 +6,7 @@ absolute) and mutates it: a value replaced by an awkward JSON value, a key remov
 misspelt, values from the faults users and testers have hit (unknown devices, huge sizes, long
 labels, deep nesting), or the JSON text itself damaged (duplicate keys, huge numbers, bytes that
 are not UTF-8, truncation), or random text and bytes. :func:`run_case` feeds it to
-``esegeta.cli.main(["validate", FILE])`` in-process and classifies the answer: exit 0, exit 2
+``esegeta.cli.commands.main(["validate", FILE])`` in-process and classifies the answer: exit 0, exit 2
 whose every message line names a JSON path (or the config file for a document that is not a
 JSON object), or anything else (a traceback, another exit code, an exit 2 without a path).
 """
@@ -301,7 +301,7 @@ def _site(exc: BaseException) -> str:
 
 def run_case(content: bytes, folder: Path | None = None) -> Answer:
     """``esegeta validate`` on a config file holding ``content``, in-process."""
-    from esegeta.cli import main
+    from esegeta.cli.commands import main
 
     with contextlib.ExitStack() as stack:
         if folder is None:

@@ -2,7 +2,7 @@
 
 A valid, cheap digits config (absolute paths into the repository's samples, one input,
 Saliency only, output inside the test's tmp folder), writing it as a JSON file, and
-running ``esegeta.cli.main`` in-process with the console logging handler it installs
+running ``esegeta.cli.commands.main`` in-process with the console logging handler it installs
 removed again afterwards (``main`` replaces its own handler on each call; removing it keeps a
 handler left by one test from printing the log of a later test that runs esegeta from Python).
 """
@@ -44,8 +44,8 @@ def write_config(tmp_path: Path, cfg: Any, name: str = "config.json") -> Path:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``esegeta.cli.main(argv)`` in-process: (return code, stdout, stderr)."""
-    from esegeta.cli import main
+    """``esegeta.cli.commands.main(argv)`` in-process: (return code, stdout, stderr)."""
+    from esegeta.cli.commands import main
 
     log = logging.getLogger("esegeta")
     before = list(log.handlers)

@@ -73,7 +73,7 @@ def test_values_are_checked_as_in_a_config(digits):
 
 
 def test_a_2d_only_method_refuses_a_3d_model(tissue):
-    from esegeta.registry import all_methods
+    from esegeta.spec.registry import all_methods
 
     only_2d = next(s.id for s in all_methods().values() if s.dims == (2,) and not s.needs_layer)
     with pytest.raises(ConfigError, match="2D inputs only"):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import esegeta
-from esegeta import wrappers
-from esegeta.prepare import prepared
+from esegeta.attribution import wrappers
+from esegeta.attribution.prepare import prepared
 
 from conftest import ROOT, assert_unchanged, snapshot
 
@@ -77,7 +77,7 @@ def test_integrated_gradients_completeness_3d(tissue, name):
 
 
 def test_integrated_gradients_completeness_deep_supervision(retina):
-    from esegeta.loading import load_callable
+    from esegeta.io.loading import load_callable
 
     model = load_callable("samples/deep_supervised.py:DeepSupervisedVesselUNet", ROOT, "model.factory")()
     model.load_state_dict(retina.model.state_dict())

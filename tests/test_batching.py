@@ -1,4 +1,4 @@
-"""Wrapped segmenters in one upstream call per batch: every method esegeta.batching declares
+"""Wrapped segmenters in one upstream call per batch: every method esegeta.attribution.batching declares
 gives on a batch what it gives input by input, each input with its own frozen masks."""
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from esegeta import batching, numerics, registry, wrappers
-from esegeta.batching import LAYOUTS, BatchLayoutError
-from esegeta.call import call_once
-from esegeta.prepare import prepared
-from esegeta.request import from_arguments
+from esegeta.attribution import batching, numerics, wrappers
+from esegeta.spec import registry
+from esegeta.attribution.batching import LAYOUTS, BatchLayoutError
+from esegeta.attribution.call import call_once
+from esegeta.attribution.prepare import prepared
+from esegeta.spec.request import from_arguments
 
 from conftest import SAMPLES, retina_case, tissue_case
 
@@ -174,7 +175,7 @@ def test_a_run_batches_declared_wrapped_methods_and_keeps_each_inputs_results(tm
     inputs, the others one input per job; every result, target and score equals batch_size 1."""
     from helpers_cli import valid_config
 
-    from esegeta.runner import Pipeline
+    from esegeta.run.runner import Pipeline
 
     data = SAMPLES / "data"
     methods = [{"id": "captum.Saliency"}, {"id": "captum.IntegratedGradients", "params": {"n_steps": 4}},

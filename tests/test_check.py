@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from esegeta.check import check
+from esegeta.run.check import check
 
 from helpers_cli import REPO, run_cli, valid_config, write_config
 
@@ -71,8 +71,8 @@ def test_problems_are_collected_per_method_and_nothing_is_attributed(tmp_path, c
 
 
 def test_check_runs_no_backward_pass(tmp_path):
-    from esegeta.loading import load_model
-    from esegeta.prepare import prepared
+    from esegeta.io.loading import load_model
+    from esegeta.attribution.prepare import prepared
 
     cfg = valid_config(tmp_path, [{"id": "captum.IntegratedGradients"}, {"id": "captum.LRP"}])
     check(cfg, base_dir=tmp_path)
@@ -91,7 +91,7 @@ def test_lrp_layers_without_a_rule_are_named(tmp_path, capsys):
     assert saliency.ok
     # and the verdict is true: the run refuses LRP before anything runs, naming the layer
     from esegeta.errors import ConfigError
-    from esegeta.runner import Pipeline
+    from esegeta.run.runner import Pipeline
 
     with pytest.raises(ConfigError, match="act \\(LogSigmoid\\)"):
         Pipeline(cfg, base_dir=tmp_path).run()
@@ -123,7 +123,7 @@ def test_check_predicts_passes_and_time(tmp_path):
 
 
 def test_a_peak_over_the_free_memory_is_a_problem(tmp_path, monkeypatch):
-    import esegeta.check as check_mod
+    import esegeta.run.check as check_mod
 
     monkeypatch.setattr(check_mod, "available_memory", lambda device: 1024)
     report = check(valid_config(tmp_path), base_dir=tmp_path)

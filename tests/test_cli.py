@@ -1,7 +1,7 @@
 """The ``esegeta`` command line end to end (SPEC §2, §6, §7, §8).
 
 Subprocesses only where a fresh interpreter is the point (``--help``, what importing
-esegeta imports, the real process exit code); everything else runs ``esegeta.cli.main``
+esegeta imports, the real process exit code); everything else runs ``esegeta.cli.commands.main``
 in-process on copies of the digits config in ``tmp_path``.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from esegeta import registry
+from esegeta.spec import registry
 from helpers_cli import REPO, SAMPLES, output_files, run_cli, valid_config, write_config
 
 #: Every explainer library's import names (from the adapters' library records), and torch.
@@ -80,7 +80,7 @@ def test_help_in_a_fresh_interpreter():
 
 
 def test_importing_esegeta_and_listing_methods_imports_no_explainer_nor_torch():
-    code = ("import sys, esegeta, esegeta.cli; import esegeta.registry; esegeta.methods(); "
+    code = ("import sys, esegeta, esegeta.cli.commands; import esegeta.spec.registry; esegeta.methods(); "
             f"print(sorted(m for m in {LIBRARIES!r} if m in sys.modules))")
     proc = python("-c", code)
     assert proc.returncode == 0, proc.stderr
@@ -192,7 +192,7 @@ def test_version_and_no_command(capsys):
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """One run of four cheap methods on two digits, shared by the tests below."""
-    from esegeta.cli import main  # capsys is function-scoped: pytest's own capture takes the output here
+    from esegeta.cli.commands import main  # capsys is function-scoped: pytest's own capture takes the output here
 
     root = tmp_path_factory.mktemp("e2e")
     cfg, path = digits_copy(root, CHEAP_METHODS)
@@ -453,7 +453,7 @@ def test_pipeline_from_a_file_path(tmp_path):
 def test_main_twice_in_one_process_logs_each_line_once(tmp_path, capsys):
     """main() replaces its console handler instead of adding one per call (once a bug: each line
     was printed once per earlier call, in tests, notebooks and Python drivers)."""
-    from esegeta.cli import main
+    from esegeta.cli.commands import main
 
     cfg = write_config(tmp_path, valid_config(tmp_path))
     log = logging.getLogger("esegeta")

@@ -2,7 +2,7 @@
 
 Every case starts from a valid, cheap digits config (absolute paths, one input, Saliency),
 breaks one thing, writes it to ``tmp_path`` and runs ``esegeta validate`` and ``esegeta
-run`` in-process through :func:`esegeta.cli.main`. Each must return 2, print the JSON path
+run`` in-process through :func:`esegeta.cli.commands.main`. Each must return 2, print the JSON path
 of the fault and a hint on stderr, show no traceback, and (for ``run``) write nothing.
 Cases that esegeta gets wrong today are strict xfails whose reason starts with ``BUG:``.
 
@@ -568,7 +568,7 @@ def test_occlusion_preflight_agrees_with_captum(window, strides):
     from captum.attr import Occlusion
 
     from esegeta.adapters.captum import occlusion_fits
-    from esegeta.architectures import Context
+    from esegeta.attribution.architectures import Context
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(128, 3))
     x = torch.randn(1, 1, 8, 8)

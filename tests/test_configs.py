@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from esegeta.cli import main
-from esegeta.runner import Pipeline
+from esegeta.cli.commands import main
+from esegeta.run.runner import Pipeline
 
 from conftest import ROOT
 

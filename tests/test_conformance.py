@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import esegeta
-from esegeta import registry
-from esegeta.prepare import prepared
+from esegeta.spec import registry
+from esegeta.attribution.prepare import prepared
 
 from conftest import CASES, assert_unchanged, hook_count, snapshot
 
@@ -96,7 +96,7 @@ def layer_of(spec, case) -> str | None:
 def on_device(spec, case, device: str) -> tuple[torch.Tensor, torch.nn.Module, torch.Tensor]:
     """(result, model, input): the method on a copy of the case's model and input on ``device``
     (the case's own on the CPU), in full fp32 (TF32 off)."""
-    from esegeta.numerics import fp32_numerics
+    from esegeta.attribution.numerics import fp32_numerics
 
     model, x = (case.model, case.x) if device == "cpu" else (copy.deepcopy(case.model).to(device), case.x.to(device))
     with fp32_numerics(tf32=False):

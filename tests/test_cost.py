@@ -1,4 +1,4 @@
-"""esegeta.cost: the model rows a method call needs, counted against the real call.
+"""esegeta.spec.cost: the model rows a method call needs, counted against the real call.
 
 Every registered method has a formula; for methods whose count the formula claims exact, the
 forward rows a real call on the digits sample sends through the model (counted by a global
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import esegeta
-from esegeta import cost
-from esegeta.prepare import prepared
-from esegeta.registry import all_methods, get
+from esegeta.spec import cost
+from esegeta.attribution.prepare import prepared
+from esegeta.spec.registry import all_methods, get
 
 
 def test_every_method_has_a_formula():

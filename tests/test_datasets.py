@@ -1,4 +1,4 @@
-"""Inputs as a stream (esegeta.datasets): folders of many files and dataset factories, listed up
+"""Inputs as a stream (esegeta.io.datasets): folders of many files and dataset factories, listed up
 front and loaded per job; labels reach the manifest; batches of one shape share an upstream call."""
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from esegeta import datasets, planning
-from esegeta import config as config_mod
+from esegeta.io import datasets
+from esegeta.run import plan as planning
+from esegeta.spec import config as config_mod
 from esegeta.errors import ConfigError
-from esegeta.loading import InputItem
-from esegeta.runner import Pipeline
+from esegeta.io.loading import InputItem
+from esegeta.run.runner import Pipeline
 from helpers_cli import WEIGHTS, run_cli, valid_config, write_config
 
 DATASET_PY = textwrap.dedent('''

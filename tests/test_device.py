@@ -29,10 +29,11 @@ import pytest
 import torch
 
 import esegeta
-from esegeta import registry, wrappers
+from esegeta.spec import registry
+from esegeta.attribution import wrappers
 from esegeta.algorithms import patterns
-from esegeta.baselines import grid_mask, named_baseline
-from esegeta.patcher import Blend, Grid, Stitched
+from esegeta.attribution.baselines import grid_mask, named_baseline
+from esegeta.attribution.patcher import Blend, Grid, Stitched
 
 from conftest import CASES, Case
 
@@ -157,8 +158,8 @@ def test_targets_on_meta(target, method_id, meta_case):
     """A class index, or "predicted": the argmax per input, a tensor on the data's device. (Captum
     reads a one-element target tensor with ``.item()``, TorchRay takes Python ints: on meta,
     "predicted" for one input goes to Zennit, whose seed esegeta builds on the output's device.)"""
-    from esegeta.call import resolve_target
-    from esegeta.prepare import prepared
+    from esegeta.attribution.call import resolve_target
+    from esegeta.attribution.prepare import prepared
 
     if target == "predicted":
         forward = prepared(meta_case.model, meta_case.x)
@@ -217,9 +218,9 @@ def test_wrapper_on_meta(kind, segmenter):
 def test_region_wrapper_with_a_mask_tensor_on_meta(mask_device, reduction, segmenter):
     """A region mask given as a tensor (Python only: configs name files), wherever it lives, is
     used on the data's device."""
-    from esegeta.explainer import run
-    from esegeta.prepare import prepared
-    from esegeta.request import from_arguments
+    from esegeta.attribution.explainer import run
+    from esegeta.attribution.prepare import prepared
+    from esegeta.spec.request import from_arguments
 
     mask = torch.zeros(segmenter.x.shape[2:], device=mask_device)
     wrapper = {"name": "region", "mask": mask, "activation": "sigmoid", "reduction": reduction}
@@ -264,9 +265,9 @@ def test_patcher_on_meta(method_id, mode, blend, segmenter):
 
 def test_patcher_local_layer_results_and_region_mask_on_meta(segmenter):
     """Results at a layer's resolution are blended on its grid; a CPU region mask is cropped per patch."""
-    from esegeta.explainer import run
-    from esegeta.prepare import prepared
-    from esegeta.request import from_arguments
+    from esegeta.attribution.explainer import run
+    from esegeta.attribution.prepare import prepared
+    from esegeta.spec.request import from_arguments
 
     layer_attr = _explain(segmenter, "captum.LayerGradCam", layer=segmenter.layer,
                           patch=_patch(segmenter, "local", "hann"))
@@ -305,7 +306,7 @@ def test_patterns_fit_on_meta(meta_case):
 def test_patterns_fit_in_fp32_under_autocast_and_cache_per_precision(digits):
     """A run under ``amp`` fits the same patterns as one in fp32 (fitting runs autocast off), and
     the cache keeps them apart: an fp16/bf16 attempt's entry is never its fp32 retry's."""
-    from esegeta.prepare import prepared
+    from esegeta.attribution.prepare import prepared
 
     samples = torch.cat([digits.x, digits.x.flip(-1), digits.x.flip(-2), digits.x.transpose(-1, -2)])
     network = prepared(digits.model, digits.x)

@@ -16,8 +16,8 @@ from helpers_cli import run_cli, valid_config, write_config
 
 import esegeta
 from esegeta.evaluation import ranking, scoring
-from esegeta.evaluation.run import configured
-from esegeta.request import from_arguments
+from esegeta.evaluation.engine import configured
+from esegeta.spec.request import from_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "samples" / "data" / "digits"
@@ -202,7 +202,7 @@ def test_reexplaining_a_wrapped_method_keeps_the_region_of_the_original_model(re
     y.requires_grad_(True)
     frozen(retina.model(y))[0, 1].backward()
     torch.testing.assert_close(shifted, y.grad.abs(), rtol=1e-4, atol=1e-6)
-    from esegeta import wrappers
+    from esegeta.attribution import wrappers
 
     regrown = wrappers.build(retina.model, x + 0.2, retina.wrapper).score.masks
     assert not torch.equal(regrown, frozen.masks)  # masks of x + 0.2 differ: the test tells them apart
@@ -217,7 +217,7 @@ def test_layer_maps_are_interpolated_to_the_input():
 
 # -- Python API, Quantus, ROAR ---------------------------------------------------------
 def _digits_model_and_inputs():
-    from esegeta.loading import load_model
+    from esegeta.io.loading import load_model
 
     model = load_model({"factory": str(ROOT / "samples" / "models.py") + ":DigitResNet",
                         "weights": str(ROOT / "samples" / "checkpoints" / "digit_resnet.pt")}, None)
@@ -296,7 +296,7 @@ def test_ranking_and_kendall_tau_on_known_numbers():
 
 
 def test_configured_metrics_keep_their_parameters():
-    from esegeta.evaluation.settings import EvaluationConfig
+    from esegeta.spec.evaluation import EvaluationConfig
 
     block = EvaluationConfig.model_validate({"metrics": ["deletion", {"id": "insertion", "params": {"steps": 5}}],
                                              "overrides": {"x": {"insertion": {"steps": 2}, "deletion": False}}})

@@ -10,9 +10,9 @@ import torch
 
 import esegeta
 import helpers_browser
-from esegeta import explorer
-from esegeta.report import label_of
-from esegeta.runner import Pipeline
+from esegeta.show import explorer
+from esegeta.show.report import label_of
+from esegeta.run.runner import Pipeline
 from helpers_cli import DIGITS, REPO, run_cli, valid_config
 
 N = 60

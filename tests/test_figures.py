@@ -3,10 +3,10 @@ the frozen mask outlined, 3D as mid-slices and MIPs, the overview as a wrapped g
 import numpy as np
 import pytest
 
-from esegeta import figures
-from esegeta.config import FigureConfig
-from esegeta.figures import attribution_figure, map_figure, map_scale, overview_figure
-from esegeta.outputs import save_figure
+from esegeta.show import figures
+from esegeta.spec.config import FigureConfig
+from esegeta.show.figures import attribution_figure, map_figure, map_scale, overview_figure
+from esegeta.io.outputs import save_figure
 
 
 def _disc(shape=(32, 32), centre=(10, 20), r=6):

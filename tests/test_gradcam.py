@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 import esegeta
-from esegeta import registry, wrappers
+from esegeta.spec import registry
+from esegeta.attribution import wrappers
+from esegeta.attribution.guard import run_guarded
 from esegeta.compat import import_torchvision
-from esegeta.params import check_method
+from esegeta.spec.params import check_method
 from esegeta.errors import ConfigError
-from esegeta.prepare import prepared
-from esegeta.registry import Call
+from esegeta.attribution.prepare import prepared
+from esegeta.spec.registry import Call
 
 from conftest import SAMPLES, assert_unchanged, hook_count, snapshot
 
@@ -213,7 +215,7 @@ def test_ablation_swap_and_hooks_undone_on_error(retina):
     spec = registry.get("gradcam.AblationCAM")
     call = Call(Failing(), network, retina.x, 1, network.layer("enc2"), {})
     with pytest.raises(RuntimeError, match="boom"):
-        spec.adapter.run(spec, call)
+        run_guarded(spec, call)
     assert [(n, type(m)) for n, m in network.named_modules()] == before
     assert hook_count(network) == 0
     assert all(p.grad is None for p in network.parameters())

@@ -1,4 +1,4 @@
-"""esegeta.guard.restored: every change to the prepared copy is undone, on exit and on error.
+"""esegeta.attribution.guard.restored: every change to the prepared copy is undone, on exit and on error.
 
 One generic test over every hook dict torch keeps (module, tensor and global hooks), swapped
 modules, parameter flags, gradients, replaced data and added attributes; one per library that
@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 import esegeta
-from esegeta import registry
-from esegeta.guard import restored
-from esegeta.prepare import prepared
+from esegeta.spec import registry
+from esegeta.attribution.guard import restored
+from esegeta.attribution.prepare import prepared
 
 from conftest import hook_count
 

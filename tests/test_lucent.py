@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import esegeta
-from esegeta import wrappers
+from esegeta.attribution import wrappers
 from esegeta.compat import import_torchvision
 from esegeta.errors import ConfigError
-from esegeta.explainer import run
-from esegeta.prepare import prepared
-from esegeta.request import from_arguments
-from esegeta.runner import Pipeline
+from esegeta.attribution.explainer import run
+from esegeta.attribution.prepare import prepared
+from esegeta.spec.request import from_arguments
+from esegeta.run.runner import Pipeline
 
 from conftest import ROOT, assert_unchanged, hook_count, snapshot
 

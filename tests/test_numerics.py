@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from esegeta import numerics, registry
+from esegeta.attribution import numerics
+from esegeta.spec import registry
 from esegeta.errors import ConfigError
-from esegeta.runner import Pipeline
-from esegeta.verdicts import flat_result_warning
+from esegeta.run.runner import Pipeline
+from esegeta.attribution.verdicts import flat_result_warning
 from helpers_cli import DIGITS, FACTORY, WEIGHTS
 
 ONE = DIGITS / "digit_30_label3.npy"
@@ -112,7 +113,7 @@ def test_fp32_numerics_keeps_to_the_new_api_when_the_process_uses_it():
     is used, and the caller's values come back (a fresh interpreter: that state is sticky)."""
     code = """
 import torch
-from esegeta.numerics import fp32_numerics
+from esegeta.attribution.numerics import fp32_numerics
 b = torch.backends
 b.cuda.matmul.fp32_precision = "tf32"; b.cudnn.conv.fp32_precision = "tf32"; b.cudnn.rnn.fp32_precision = "tf32"
 with fp32_numerics():

@@ -1,4 +1,4 @@
-"""Tests for esegeta.outputs (atomic writers) and esegeta.figures (real matplotlib/captum)."""
+"""Tests for esegeta.io.outputs (atomic writers) and esegeta.show.figures (real matplotlib/captum)."""
 import gzip
 import json
 import warnings
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from esegeta import figures
-from esegeta.figures import (
+from esegeta.show import figures
+from esegeta.show.figures import (
     METHODS,
     SIGNS,
     attribution_figure,
@@ -17,15 +17,7 @@ from esegeta.figures import (
     to_display_image,
     views_3d,
 )
-from esegeta.outputs import (
-    atomic_path,
-    atomic_write_bytes,
-    layer_affine,
-    save_figure,
-    save_json,
-    save_nifti,
-    save_npy,
-)
+from esegeta.io.outputs import atomic_path, atomic_write_bytes, layer_affine, save_figure, save_json, save_nifti, save_npy
 
 DPI = 40
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import esegeta
-from esegeta import wrappers
+from esegeta.attribution import wrappers
 from esegeta.errors import ConfigError
 from esegeta.algorithms import patterns as pm
-from esegeta.prepare import prepared
+from esegeta.attribution.prepare import prepared
 
 from conftest import SAMPLES, assert_unchanged, hook_count, snapshot
 
@@ -365,7 +365,7 @@ def test_own_methods_run_from_a_config_with_paths_relative_to_it(tmp_path, digit
 
 
 def test_unknown_params_get_a_hint():
-    from esegeta.params import check_method
+    from esegeta.spec.params import check_method
 
     with pytest.raises(ConfigError, match="did you mean pattern_type"):
         check_method("esegeta.PatternNet", {"pattern_typ": "relu"}, None, None, "methods[0]")

@@ -1,4 +1,4 @@
-"""esegeta.params (checks, defaults, batches, the entry check), esegeta.targets and the
+"""esegeta.spec.params (checks, defaults, batches, the entry check), esegeta.spec.targets and the
 library records the registry finds."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import esegeta.adapters
-from esegeta import params, registry
+from esegeta.spec import params, registry
 from esegeta.errors import ConfigError
-from esegeta.targets import Target
+from esegeta.spec.targets import Target
 
 from conftest import ROOT
 

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import esegeta
-from esegeta import wrappers
+from esegeta.attribution import wrappers
 from esegeta.errors import ConfigError
-from esegeta.patcher import Blend, Grid, Stitched, hann_window, to_volume
+from esegeta.attribution.patcher import Blend, Grid, Stitched, hann_window, to_volume
 
 from conftest import ROOT, SAMPLES, retina_case, tissue_case
 
@@ -275,7 +275,7 @@ def _crop() -> np.ndarray:
     return tissue_case((16, 16, 8)).x[0, 0].numpy()  # (x, y, z): depth last, as the model takes it
 
 
-def _run(tmp_path, name: str, inputs: dict) -> esegeta.runner.RunResult:
+def _run(tmp_path, name: str, inputs: dict) -> esegeta.run.runner.RunResult:
     config = {"model": {"factory": str(SAMPLES / "models.py") + ":TissueUNet3D",
                         "weights": str(SAMPLES / "checkpoints" / "tissue_unet3d.pt")},
               "inputs": {"spatial_dims": 3, **inputs},
@@ -288,7 +288,7 @@ def _run(tmp_path, name: str, inputs: dict) -> esegeta.runner.RunResult:
 
 
 def test_depth_first_arrays_are_fed_depth_last_and_saved_depth_first(tmp_path):
-    from esegeta.loading import load_inputs
+    from esegeta.io.loading import load_inputs
 
     crop = _crop()
     np.save(tmp_path / "last.npy", crop)
@@ -310,7 +310,7 @@ def test_depth_first_arrays_are_fed_depth_last_and_saved_depth_first(tmp_path):
 
 
 def test_channel_axis(tmp_path):
-    from esegeta.loading import load_inputs
+    from esegeta.io.loading import load_inputs
 
     crop = _crop()
     np.save(tmp_path / "last.npy", crop[..., None])
@@ -329,7 +329,7 @@ def test_channel_axis(tmp_path):
 
 
 def test_nifti_keeps_its_voxel_order_whatever_depth_axis():
-    from esegeta.loading import load_inputs
+    from esegeta.io.loading import load_inputs
 
     source = nib.load(str(SAMPLES / "data" / "anatomical.nii.gz"))
     (item,) = load_inputs({"paths": [str(SAMPLES / "data" / "anatomical.nii.gz")], "spatial_dims": 3,

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import esegeta
-from esegeta.loading import load_model
-from esegeta.prepare import CallSites, prepare, prepared
+from esegeta.io.loading import load_model
+from esegeta.attribution.prepare import CallSites, prepare, prepared
 
 from conftest import assert_unchanged, hook_count, snapshot
 

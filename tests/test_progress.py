@@ -1,16 +1,17 @@
 """Progress inside a method call: forward rows counted by a hook on the real model, out of the
-expected total of esegeta.cost, with an ETA, in the log and a console bar; the hook never stays."""
+expected total of esegeta.spec.cost, with an ETA, in the log and a console bar; the hook never stays."""
 import logging
 
 import numpy as np
 import pytest
 import torch
 
-import esegeta.explainer
-from esegeta import cost, progress
-from esegeta.registry import all_methods
-from esegeta.request import Request
-from esegeta.runner import Pipeline
+import esegeta.attribution.explainer
+from esegeta.spec import cost
+from esegeta.run import progress
+from esegeta.spec.registry import all_methods
+from esegeta.spec.request import Request
+from esegeta.run.runner import Pipeline
 from helpers_cli import DIGITS, REPO, valid_config
 
 
@@ -70,11 +71,11 @@ def test_counts_the_rows_cost_expects(model):
     request = Request(spec, {"n_steps": 12, "internal_batch_size": 5}, target=3)
     expected = progress.expected_passes(request, x)
     assert expected == cost.expected_passes(spec, request.params, x).forward * 2 == 24
-    from esegeta.prepare import prepared
+    from esegeta.attribution.prepare import prepared
 
     ready = prepared(model, x)
     with progress.tracked(ready, "IG", expected) as p:
-        esegeta.explainer.run(request, ready, x)
+        esegeta.attribution.explainer.run(request, ready, x)
     assert p.done == expected
     assert not ready._forward_hooks
 

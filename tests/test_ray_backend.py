@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from esegeta.runner import Pipeline
-from esegeta.store import open_store
+from esegeta.run.runner import Pipeline
+from esegeta.io.store import open_store
 from helpers_cli import DIGITS, run_cli, valid_config, write_config
 
 ray = pytest.importorskip("ray")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import helpers_browser
-from esegeta import report
-from esegeta.runner import Pipeline
+from esegeta.show import report
+from esegeta.run.runner import Pipeline
 from helpers_cli import DIGITS, REPO, run_cli, valid_config
 
 SAMPLES = REPO / "samples"
@@ -85,7 +85,7 @@ def test_manifest_records_resolved_target_and_prediction(retina_run, tmp_path):
     cfg = valid_config(tmp_path, inputs={"paths": [str(DIGITS)], "spatial_dims": 2},
                        output={"dir": str(tmp_path / "digits"), "formats": ["npy"]})
     result = Pipeline(cfg).run()
-    from esegeta.loading import load_inputs
+    from esegeta.io.loading import load_inputs
     from samples.models import DigitResNet
 
     model = DigitResNet()

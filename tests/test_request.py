@@ -10,17 +10,18 @@ import torch
 from torch import nn
 
 import esegeta
-from esegeta import config as config_mod
+from esegeta.spec import config as config_mod
 from esegeta.errors import ConfigError
-from esegeta.request import PatchConfig, Request, WrapperConfig, from_arguments, resolve
+from esegeta.spec.config import resolve
+from esegeta.spec.request import PatchConfig, Request, WrapperConfig, from_arguments
 
 from conftest import ROOT
 
 
 def test_the_call_path_imports_neither_config_nor_explainer():
-    code = ("import esegeta.call, esegeta.patcher, sys; "
-            "assert 'esegeta.config' not in sys.modules, 'config'; "
-            "assert 'esegeta.explainer' not in sys.modules, 'explainer'")
+    code = ("import esegeta.attribution.call, esegeta.attribution.patcher, sys; "
+            "assert 'esegeta.spec.config' not in sys.modules, 'config'; "
+            "assert 'esegeta.attribution.explainer' not in sys.modules, 'explainer'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -112,7 +113,7 @@ def test_explain_computes_without_tf32_and_restores_the_callers_setting():
 
 
 def test_out_of_memory_retry_builds_a_new_request():
-    from esegeta.runner import _halved
+    from esegeta.run.job import _halved
 
     request = from_arguments("captum.IntegratedGradients", params={"n_steps": 10})
     smaller = _halved(request)

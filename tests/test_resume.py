@@ -1,6 +1,6 @@
 """``esegeta run --resume``: after a real ``kill -9`` of the CLI in the middle of a run,
 resuming finishes it without recomputing what was done and without partial files; and what
-"the same result" means (esegeta.resume)."""
+"the same result" means (esegeta.io.resume)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from esegeta.runner import Pipeline
+from esegeta.run.runner import Pipeline
 from helpers_cli import DIGITS, REPO, run_cli
 from test_runtime import OWN_MODELS, digits_config
 
@@ -39,7 +39,7 @@ def _manifest_runs(out: Path) -> list[dict]:
 
 
 def _journal_runs(out: Path) -> list[dict]:
-    """The results a running (or killed) run has finished: its journal's records (esegeta.writer)."""
+    """The results a running (or killed) run has finished: its journal's records (esegeta.run.writer)."""
     path = out / ".esegeta-journal.jsonl"
     records = []
     for line in path.read_text().splitlines() if path.is_file() else []:

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from esegeta import registry
+from esegeta.spec import registry
 from esegeta.errors import ConfigError
-from esegeta.runner import Pipeline
+from esegeta.run.runner import Pipeline
 from helpers_cli import DIGITS, REPO, run_cli, write_config
 from test_resume import slow_config
 from test_runtime import digits_config
@@ -302,7 +302,7 @@ def test_torchray_methods_are_marked_exclusive_and_run_alone(tmp_path):
 
 # -- units: the retry policy, the gate, names, the journal ------------------------------------
 def test_retry_policy_halves_on_out_of_memory_then_falls_back_to_fp32(tmp_path):
-    from esegeta.executor import RetryPolicy
+    from esegeta.run.executor import RetryPolicy
 
     sizes, precisions = [], []
 
@@ -327,7 +327,7 @@ def test_retry_policy_halves_on_out_of_memory_then_falls_back_to_fp32(tmp_path):
 
 
 def test_gate_runs_exclusive_jobs_alone():
-    from esegeta.executor import Gate
+    from esegeta.run.executor import Gate
 
     gate, inside, log = Gate(), threading.Event(), []
     release = threading.Event()
@@ -359,14 +359,14 @@ def test_gate_runs_exclusive_jobs_alone():
                                         ("manifest.json", "manifest.json_"), ("a b/c", "a_b_c"),
                                         ("x", "x"), ("ü-1.2", "_-1.2"), ("esegeta.log", "esegeta.log_")])
 def test_safe_name(name, safe):
-    from esegeta.writer import safe_name
+    from esegeta.io.outputs import safe_name
 
     assert safe_name(name) == safe
 
 
 def test_previous_ignores_a_torn_journal_line(tmp_path):
-    from esegeta.config import OutputConfig
-    from esegeta.writer import Writer
+    from esegeta.spec.config import OutputConfig
+    from esegeta.run.writer import Writer
 
     out = tmp_path / "out"
     (out / "a").mkdir(parents=True)

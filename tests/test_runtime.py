@@ -1,5 +1,5 @@
 """Runtime: worker threads and seeds, mixed precision, out-of-memory back-off, time limits,
-devices and input batching (esegeta.scheduling, esegeta.timeouts, the runner), all on the CPU.
+devices and input batching (esegeta.attribution.scheduling, esegeta.run.timeouts, the runner), all on the CPU.
 
 Real models and real Captum calls throughout; the out-of-memory and slow models are small
 models of this file's own (written to a model file the config names), not mocks."""
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from esegeta import scheduling
+from esegeta.attribution import scheduling
 from esegeta.errors import ConfigError
-from esegeta.runner import Pipeline
-from esegeta.timeouts import TimeLimitExceeded, call_with_limit
+from esegeta.run.runner import Pipeline
+from esegeta.run.timeouts import TimeLimitExceeded, call_with_limit
 from helpers_cli import DIGITS, FACTORY, WEIGHTS
 
 from conftest import hook_count
@@ -126,7 +126,7 @@ def test_job_randomness_is_per_thread():
     for a, b in zip(alone[0], together[7][0]):
         assert torch.equal(a, b)
     assert not torch.equal(together[7][0][0], together[8][0][0])
-    from esegeta import registry
+    from esegeta.spec import registry
 
     assert registry.get("captum.GradientShap").uses_global_rng and registry.get("lime.LimeImageExplainer").uses_global_rng
     assert not registry.get("captum.Saliency").uses_global_rng
@@ -319,7 +319,7 @@ def test_batched_inputs_equal_one_at_a_time(tmp_path):
 
 
 def test_runtime_config_errors(tmp_path):
-    from esegeta.config import parse
+    from esegeta.spec.config import parse
 
     for runtime, path in [({"threads_per_device": 0}, "runtime.threads_per_device"),
                           ({"timeout_s": -1}, "runtime.timeout_s"), ({"amp": "yes"}, "runtime.amp"),

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import esegeta
-from esegeta.baselines import make_baselines
+from esegeta.attribution.baselines import make_baselines
 from esegeta.errors import ConfigError
-from esegeta.prepare import prepared
+from esegeta.attribution.prepare import prepared
 
 from conftest import assert_unchanged, hook_count, snapshot
 
@@ -140,7 +140,7 @@ def test_partition_explainer_equals_direct_shap_on_retina(retina):
 
 def test_kernel_explainer_superpixels_on_retina(retina):
     """One SHAP value per SLIC superpixel, summing to f(x) − f(background) (SHAP's efficiency)."""
-    from esegeta.backgrounds import supervoxels
+    from esegeta.attribution.backgrounds import supervoxels
 
     attr = esegeta.explain(retina.model, retina.x, "shap.KernelExplainer", 1, wrapper=retina.wrapper,
                            data="mean", n_segments=12, nsamples=64, silent=True)
@@ -176,7 +176,7 @@ def test_samples_background_and_per_input_targets(digits):
 
 def test_deep_explainer_traces_are_removed_even_on_error(digits):
     """shap fails halfway on the raw model (hooks set, x/y stored); esegeta's guard undoes it all."""
-    from esegeta.guard import restored
+    from esegeta.attribution.guard import restored
 
     unguarded, guarded = copy.deepcopy(digits.model), copy.deepcopy(digits.model)
     with pytest.raises(RuntimeError):

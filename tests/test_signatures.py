@@ -1,4 +1,4 @@
-"""The cache of upstream parameters (esegeta.signatures): what ``validate`` reads instead of
+"""The cache of upstream parameters (esegeta.spec.signatures): what ``validate`` reads instead of
 importing the libraries.
 
 - For every available method, the cached parameters give the same names, kinds, defaults and
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from esegeta import registry, signatures
+from esegeta.spec import registry, signatures
 from esegeta.errors import ConfigError
-from esegeta.values import annotation_of, annotation_text, check_parameter
+from esegeta.spec.values import annotation_of, annotation_text, check_parameter
 from helpers_cli import REPO, valid_config, write_config
 
 #: JSON values of every kind a config can give a parameter.
@@ -87,14 +87,14 @@ def test_the_shipped_tables_are_current():
         pytest.skip(f"the shipped tables are for other versions ({ {n: t['version'] for n, t in shipped.items()} })")
     for name in current:
         live = json.loads(json.dumps(signatures.table(registry.libraries()[name])))
-        assert live == shipped[name], f"{name}: the adapter changed; write the tables again: python -m esegeta.signatures"
+        assert live == shipped[name], f"{name}: the adapter changed; write the tables again: python -m esegeta.spec.shipped"
 
 
 def _validate_in_a_fresh_process(config: Path, cache: Path | str, shipped: bool = False) -> dict:
     """The explainer libraries a fresh process imports to validate ``config`` (without the
     shipped tables unless ``shipped``: the cache is what is tested then)."""
-    off = "" if shipped else "import pathlib, esegeta.signatures as s; s.SHIPPED = pathlib.Path('/nonexistent'); "
-    code = (off + "import json, sys; from esegeta.runner import Pipeline; Pipeline(sys.argv[1]).validate(); "
+    off = "" if shipped else "import pathlib, esegeta.spec.signatures as s; s.SHIPPED = pathlib.Path('/nonexistent'); "
+    code = (off + "import json, sys; from esegeta.run.runner import Pipeline; Pipeline(sys.argv[1]).validate(); "
             f"print(json.dumps(sorted(m for m in {sorted({m for lib in registry.libraries().values() for m in lib.requires})!r} "
             "if m in sys.modules)))")
     env = {**os.environ, "ESEGETA_CACHE_DIR": str(cache)}
@@ -148,8 +148,8 @@ def test_a_wrong_parameter_is_refused_from_the_cache_as_without_it(tmp_path):
     env = {**os.environ, "ESEGETA_CACHE_DIR": str(cache)}
     answers = []
     for _ in range(2):  # the first fills the cache, the second reads it (the shipped tables left out)
-        code = ("import pathlib, sys, esegeta.signatures as s; s.SHIPPED = pathlib.Path('/nonexistent'); "
-                "from esegeta.cli import main; sys.exit(main(sys.argv[1:]))")
+        code = ("import pathlib, sys, esegeta.spec.signatures as s; s.SHIPPED = pathlib.Path('/nonexistent'); "
+                "from esegeta.cli.commands import main; sys.exit(main(sys.argv[1:]))")
         proc = subprocess.run([sys.executable, "-c", code, "validate", str(config)], capture_output=True,
                               text=True, timeout=300, cwd=REPO, env=env)
         answers.append((proc.returncode, proc.stderr))

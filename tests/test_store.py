@@ -1,4 +1,4 @@
-"""Attribution datasets (esegeta.store): one Zarr store per method with an index, written by the
+"""Attribution datasets (esegeta.io.store): one Zarr store per method with an index, written by the
 writer as results come in (any order), read lazily, kept by --resume once a chunk is written."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import zarr
 
-from esegeta import store as store_mod
-from esegeta.loading import InputItem
-from esegeta.runner import Pipeline
-from esegeta.store import StoreWriter, open_store
+from esegeta.io import store as store_mod
+from esegeta.io.loading import InputItem
+from esegeta.run.runner import Pipeline
+from esegeta.io.store import StoreWriter, open_store
 from helpers_cli import DIGITS, valid_config
 
 METHODS = [{"id": "captum.Saliency"}, {"id": "captum.IntegratedGradients", "label": "ig", "params": {"n_steps": 8}}]

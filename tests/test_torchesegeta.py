@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from esegeta import torchesegeta as te
-from esegeta.registry import all_methods
+from esegeta.cli import torchesegeta as te
+from esegeta.spec.registry import all_methods
 from helpers_cli import REPO, run_cli
 
 SAMPLES = REPO / "samples"

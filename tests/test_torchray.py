@@ -8,14 +8,15 @@ import pytest
 import torch
 
 import esegeta
-from esegeta import registry, wrappers
+from esegeta.spec import registry
+from esegeta.attribution import wrappers
 from esegeta.compat import import_torchvision
-from esegeta.config import WrapperConfig
-from esegeta.params import check_method
+from esegeta.spec.config import WrapperConfig
+from esegeta.spec.params import check_method
 from esegeta.errors import ConfigError
-from esegeta.explainer import run
-from esegeta.prepare import prepared
-from esegeta.request import Request
+from esegeta.attribution.explainer import run
+from esegeta.attribution.prepare import prepared
+from esegeta.spec.request import Request
 
 from conftest import assert_unchanged, hook_count, snapshot
 
@@ -239,7 +240,7 @@ def test_layer_params_are_checked_against_the_model(digits):
 def test_same_result_under_the_runners_random_mode(digits):
     """The runner draws torch's random numbers through a torch-function mode; TorchRay's excitation
     backprop patches break under one (F.batch_norm re-dispatch), so the adapter runs TorchRay without it."""
-    from esegeta.scheduling import JobRandomness
+    from esegeta.attribution.scheduling import JobRandomness
 
     for name, layer, params in (("excitation_backprop", "layer2", {}), ("contrastive_excitation_backprop", "layer2", {}),
                                 ("rise", None, {"num_masks": 32})):

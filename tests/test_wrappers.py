@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import esegeta
-from esegeta import wrappers
+from esegeta.attribution import wrappers
 from esegeta.errors import ConfigError
-from esegeta.request import wrapper_config
+from esegeta.spec.request import wrapper_config
 
 from conftest import ROOT
 
@@ -90,7 +90,7 @@ def test_region_mask_must_match_the_output(retina):
 def test_component_wrapper_picks_the_largest_component(retina):
     from scipy import ndimage
 
-    from esegeta.loading import load_callable
+    from esegeta.io.loading import load_callable
 
     component = load_callable("wrappers/connected_component.py:component", ROOT, "wrapper.name")
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_component_wrapper_picks_the_largest_component(retina):
 
 
 def test_custom_wrapper_settings_go_in_options():
-    from esegeta.config import WrapperConfig
+    from esegeta.spec.config import WrapperConfig
 
     with pytest.raises(ValueError, match="options"):
         WrapperConfig(name="x.py:make", threshold=0.3)

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import esegeta
-from esegeta import registry, wrappers
+from esegeta.spec import registry
+from esegeta.attribution import wrappers
 from esegeta.errors import ConfigError
-from esegeta.explainer import run
-from esegeta.prepare import prepared
-from esegeta.request import from_arguments
+from esegeta.attribution.explainer import run
+from esegeta.attribution.prepare import prepared
+from esegeta.spec.request import from_arguments
 
 from conftest import SAMPLES, assert_unchanged, hook_count, snapshot
 

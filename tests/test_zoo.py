@@ -3,7 +3,7 @@
 The CI subset below is generated from the registry: a few models, one method per family of
 each library (the full matrix is ``benchmarks/zoo.py``). Every cell must either run (finite,
 not all zero, the user's model untouched) or be refused before the run by
-:func:`esegeta.architectures.refusals` with the offending layer named; a failure after no
+:func:`esegeta.attribution.architectures.refusals` with the offending layer named; a failure after no
 refusal fails the test. Also: the regressions of the bugs these models found, IG
 completeness and DeepLift summation per family.
 """
@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import esegeta
-from esegeta import architectures, registry
+from esegeta.attribution import architectures
+from esegeta.spec import registry
 from esegeta.errors import ConfigError
-from esegeta.prepare import prepare, prepared
+from esegeta.attribution.prepare import prepare, prepared
 
 from conftest import assert_unchanged, hook_count, snapshot
 
@@ -91,7 +92,7 @@ def test_in_place_residual_addition_runs_under_deep_explainer():
     torch.manual_seed(0)
     attr = esegeta.explain(z.model, z.x, "captum.DeepLift", target=0)
     assert torch.isfinite(attr).all()
-    from esegeta.prepare import _OutOfPlace
+    from esegeta.attribution.prepare import _OutOfPlace
 
     leaf = torch.ones(2, requires_grad=True)
     a, b = leaf * 1, torch.ones(2)  # recorded by autograd: what hooks trip on
@@ -218,8 +219,8 @@ def test_patternnet_overflow_message_does_not_repeat_advice_already_followed():
 # ---------------------------------------------------------------------------- axioms per family
 
 def _relative_gap(z, method, **params):
-    from esegeta.request import WrapperConfig
-    from esegeta.wrappers import build
+    from esegeta.spec.request import WrapperConfig
+    from esegeta.attribution.wrappers import build
 
     ready = prepared(z.model, z.x)
     forward = ready if z.wrapper is None else build(ready, z.x, WrapperConfig(**z.wrapper), None)
@@ -264,8 +265,8 @@ def test_check_and_validate_refuse_what_cannot_run_naming_layer_and_fix(tmp_path
 
     import numpy as np
 
-    from esegeta.check import check
-    from esegeta.runner import Pipeline
+    from esegeta.run.check import check
+    from esegeta.run.runner import Pipeline
 
     z = zoo("vit")
     (tmp_path / "zoo_factory.py").write_text(FACTORY.format(tests=str(Path(__file__).parent), name="vit"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from esegeta.wrappers import ACTIVATIONS, MaskedScore, select_output
+from esegeta.attribution.wrappers import ACTIVATIONS, MaskedScore, select_output
 
 
 def component(output, channel: int = 0, threshold: float = 0.5, activation: str = "sigmoid",

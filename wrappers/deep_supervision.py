@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esegeta.wrappers import ACTIVATIONS, MaskedScore
+from esegeta.attribution.wrappers import ACTIVATIONS, MaskedScore
 
 
 class FusedHeads(nn.Module):

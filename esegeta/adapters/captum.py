@@ -3,7 +3,7 @@
 One generic adapter serves the whole table: the constructor gets the forward function
 (and the layer for layer/neuron methods), ``attribute`` gets the inputs, the target and
 the config's params under Captum's own names. JSON lists become the tuples Captum wants,
-baseline/feature-mask shorthands become tensors (see :mod:`esegeta.baselines`), and
+baseline/feature-mask shorthands become tensors (see :mod:`esegeta.attribution.baselines`), and
 ``noise_tunnel`` wraps the method in :class:`captum.attr.NoiseTunnel`.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from ..errors import ConfigError
-from ..params import positive_int
-from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+from esegeta.errors import ConfigError
+from esegeta.spec.params import positive_int
+from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -109,7 +109,7 @@ def lrp_gaps(model, context=None) -> list[str]:
         return [f"no LRP rule for attention ({attention[0]}: MultiheadAttention{' and more' if len(attention) > 1 else ''}): "
                 "Captum's LRP cannot propagate relevance through it; use captum.IntegratedGradients, or "
                 "gradcam.GradCAM with params.reshape_transform \"vit\""]
-    from ..prepare import Alias
+    from esegeta.attribution.prepare import Alias
 
     aliases = [(name, m.alias_of) for name, m in model.named_modules() if isinstance(m, Alias)]
     if aliases:
@@ -128,11 +128,11 @@ def token_layer(model, context) -> list[str]:
     """Grad-CAM's pre-flight check: the layer's output must be (batch, channels, *spatial) like
     the input, or tokens on a square grid (explained on it). Other tokens (batch, tokens,
     features): Captum would take the tokens for channels and return a map of one pixel per feature."""
-    from ..architectures import token_layout
+    from esegeta.attribution.architectures import token_layout
 
     shape = context.layer_shape() if context is not None else None
     if shape is None or len(shape) == context.x.ndim or token_layout(shape, context.x.ndim - 2):
-        return []  # maps, or tokens on a grid: explained on the grid (esegeta.architectures.token_grid)
+        return []  # maps, or tokens on a grid: explained on the grid (esegeta.attribution.architectures.token_grid)
     return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens rather than (batch, channels, *spatial) maps, "
             "and not on a square grid: Grad-CAM would take the tokens for channels; use gradcam.GradCAM with "
             "params.reshape_transform "
@@ -146,11 +146,11 @@ def grid_on_tokens(model, context) -> list[str]:
     mask = context.params.get("layer_mask") if context is not None else None
     if not (isinstance(mask, dict) and "grid" in mask):
         return []
-    from ..architectures import token_layout
+    from esegeta.attribution.architectures import token_layout
 
     shape = context.layer_shape()
     if shape is None or len(shape) == context.x.ndim or token_layout(shape, context.x.ndim - 2):
-        return []  # maps, or tokens on a grid: the grid is laid over it (esegeta.architectures.token_grid)
+        return []  # maps, or tokens on a grid: the grid is laid over it (esegeta.attribution.architectures.token_grid)
     return [f"layer {context.layer!r} outputs {tuple(shape)}, tokens without spatial axes for params.layer_mask's "
             "grid: leave layer_mask out (each feature ablated alone), pass a tensor of token groups from Python, "
             "or choose a convolutional layer"]
@@ -179,7 +179,6 @@ def _attach_lrp_rules(model) -> list[str]:
 
 class CaptumAdapter:
     """The one adapter behind every Captum method."""
-
     @staticmethod
     def _cls(name: str):
         import captum.attr
@@ -199,7 +198,7 @@ class CaptumAdapter:
 
     def check_value(self, name: str, value: Any, path: str) -> None:
         """Check a JSON value before anything runs (what can be checked without the input)."""
-        from ..baselines import check_baseline, check_feature_mask
+        from esegeta.attribution.baselines import check_baseline, check_feature_mask
 
         if name in BASELINE_PARAMS:
             check_baseline(value, path)
@@ -210,7 +209,7 @@ class CaptumAdapter:
         """A JSON parameter value as Captum wants it."""
         import torch
 
-        from ..baselines import make_baselines, make_feature_mask
+        from esegeta.attribution.baselines import make_baselines, make_feature_mask
 
         if name in BASELINE_PARAMS:
             return make_baselines(value, call.inputs, path)
@@ -229,9 +228,8 @@ class CaptumAdapter:
     def _init_names(name: str) -> frozenset[str]:
         return frozenset(inspect.signature(CaptumAdapter._cls(name).__init__).parameters)
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
-        from ..architectures import token_grid
+        from esegeta.attribution.architectures import token_grid
 
         mask = call.params.get("layer_mask")
         if spec.name in ("LayerGradCam", "GuidedGradCam") or (isinstance(mask, dict) and "grid" in mask):
@@ -254,7 +252,7 @@ class CaptumAdapter:
             method = self._cls("NoiseTunnel")(method)
             attr_kw.update(_tuples(dict(call.noise_tunnel)))
         if "DeepLift" in spec.name:  # the rescale rule for SiLU, GELU, Hardswish...
-            from ..architectures import extend_deeplift_rules
+            from esegeta.attribution.architectures import extend_deeplift_rules
 
             extend_deeplift_rules()
         if issubclass(cls, self._cls("LRP")):  # LRP and LayerLRP: rules for the layers Captum lacks

@@ -14,7 +14,7 @@ The result is upstream's CAM as upstream computes it: ReLU'd, scaled to [0, 1] p
 and resized to the input size (numpy ``(B, *spatial)``), returned as a float32 tensor
 ``(B, 1, *spatial)``: a channel axis of 1 added. Hooks are released; what a CAM
 leaves (the layer AblationCAM swaps in, hooks of a constructor that failed half-way) is undone
-by the one guard (:func:`esegeta.registry.guarded`); everything runs on the prepared copy.
+by the one guard (:func:`esegeta.attribution.guard.run_guarded`); everything runs on the prepared copy.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
-from ..params import BOOL, POSITIVE_INT, Check, check_table, number, positive_int
-from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+from esegeta.errors import ConfigError, did_you_mean
+from esegeta.spec.params import BOOL, POSITIVE_INT, Check, check_table, number, positive_int
+from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -109,7 +109,7 @@ def token_layer(model, context) -> list[str]:
     features)) whose tokens are not on a square grid needs ``params.reshape_transform`` (which
     ShapleyCAM does not apply to the tensors it differentiates twice); on a grid the adapter
     reshapes them itself."""
-    from ..architectures import token_layout
+    from esegeta.attribution.architectures import token_layout
 
     if context is None or context.layer is None:
         return []
@@ -220,10 +220,9 @@ def _release(cam) -> None:
 
 class GradCamAdapter:
     """The one adapter behind every pytorch-grad-cam class."""
-
     @staticmethod
     def _module():
-        from ..compat import import_torchvision
+        from esegeta.compat import import_torchvision
 
         import_torchvision()
         import pytorch_grad_cam
@@ -253,7 +252,6 @@ class GradCamAdapter:
     def _init_names(cls) -> frozenset[str]:
         return frozenset(inspect.signature(cls.__init__).parameters)
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
@@ -273,9 +271,9 @@ class GradCamAdapter:
     def _on_grid(self, spec: MethodSpec, call: Call, run):
         """``run(call)``, where the layer outputs tokens on a grid without a ``reshape_transform``:
         with one, the grid's (logged), or, for the CAMs that take none or do not apply it to what
-        they differentiate twice (ShapleyCAM), through a :class:`esegeta.architectures.TokenGrid`
+        they differentiate twice (ShapleyCAM), through a :class:`esegeta.attribution.architectures.TokenGrid`
         in the layer's place (a ``reshape_transform`` then finds maps and leaves them)."""
-        from ..architectures import token_grid, token_layout
+        from esegeta.attribution.architectures import token_grid, token_layout
 
         if not spec.needs_layer or (call.params.get("reshape_transform") is not None and spec.name not in SECOND_ORDER):
             return run(call)

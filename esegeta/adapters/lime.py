@@ -30,9 +30,9 @@ from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
-from ..params import BOOL, POSITIVE_INT, Check, check_table, number, seed
-from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+from esegeta.errors import ConfigError, did_you_mean
+from esegeta.spec.params import BOOL, POSITIVE_INT, Check, check_table, number, seed
+from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
 
 #: LIME samples with numpy's global RNG (its own ``random_state`` when set).
 LIBRARY = Library("lime", "lime", "lime", ("lime", "skimage"), batch_params={"batch_size": None},
@@ -105,7 +105,7 @@ def _segmentation_fn(value: Any, dims: int, channels: int, path: str):
     import numpy as np
     from lime.wrappers.scikit_image import SegmentationAlgorithm
 
-    from ..backgrounds import for_segmentation
+    from esegeta.attribution.backgrounds import for_segmentation
 
     if value is None:
         algo, kwargs = DEFAULT_SEGMENTATION[dims]
@@ -128,7 +128,6 @@ def _segmentation_fn(value: Any, dims: int, channels: int, path: str):
 
 class LimeAdapter:
     """``lime_image.LimeImageExplainer`` on one input at a time, for its target."""
-
     @cache  # noqa: B019 (one adapter object for the process)
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         cls = _lime_image().LimeImageExplainer
@@ -141,7 +140,6 @@ class LimeAdapter:
         else:
             check_table(CHECKS, name, value, path)
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
@@ -151,7 +149,7 @@ class LimeAdapter:
     def _explain(self, call: Call, x, target: int):
         import numpy as np
 
-        from ..backgrounds import numpy_model, paint, to_channels_last
+        from esegeta.attribution.backgrounds import numpy_model, paint, to_channels_last
 
         channels, dims = x.shape[1], x.ndim - 2
         if channels not in (1, 3):

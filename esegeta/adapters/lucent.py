@@ -34,7 +34,7 @@ Mordvintsev et al. 2015). The result is an image of its own (kind ``image``).
 
 The result is lucent's last image (the largest threshold), ``(B, C, H, W)``, one image per
 input; earlier thresholds go to the extra output ``thresholds``. render_vis hooks every
-module and never removes its hooks: the one guard (:func:`esegeta.registry.guarded`) removes
+module and never removes its hooks: the one guard (:func:`esegeta.attribution.guard.run_guarded`) removes
 them, even on error; the parameters of the prepared copy do not collect gradients meanwhile. Runs are seeded by the caller
 (lucent draws from torch's and numpy's generators). Lucent puts its images on
 ``cuda:0`` whenever CUDA exists: run the model there too.
@@ -47,9 +47,9 @@ from functools import cache
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from ..errors import ConfigError, did_you_mean
-from ..params import BOOL, Check, check_table, index, number, positive_int
-from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+from esegeta.errors import ConfigError, did_you_mean
+from esegeta.spec.params import BOOL, Check, check_table, index, number, positive_int
+from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
 
 #: Lucent draws its initial images from torch's and numpy's generators; it never reads the run's samples.
 LIBRARY = Library("lucent", "torch-lucent", "lucent", ("lucent",), reads_samples=False,
@@ -64,7 +64,6 @@ class Objective(NamedTuple):
     (lucent's objectives module, the lucent layer name, the args). ``on_scores`` objectives
     explain the scores (``call.forward``'s output, with the target in the args), the others
     the entry's layer of the prepared copy."""
-
     needs: frozenset[str]
     takes: frozenset[str]
     build: Callable[[Any, str, dict], Any]
@@ -154,7 +153,7 @@ CHECKS: Mapping[str, Check] = {
 
 
 def _lucent():
-    from ..compat import import_torchvision
+    from esegeta.compat import import_torchvision
 
     import_torchvision()  # lucent imports torchvision
     from lucent.optvis import objectives, param, render, transform
@@ -330,7 +329,7 @@ class LucentAdapter:
         """The lucent objective ``params`` names, on the model given to render_vis."""
         import torch
 
-        from ..wrappers import WrappedModel
+        from esegeta.attribution.wrappers import WrappedModel
 
         kind = params.pop("objective")
         objective = objectives()[kind]
@@ -395,7 +394,6 @@ class LucentAdapter:
             return None
         return [getattr(transform, name)(**_tuples(kwargs)) for item in value for name, kwargs in item.items()]
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
-from ..errors import ConfigError
-from ..params import boolean, index, positive_int
-from ..registry import Call, Library, MethodSpec, guarded, register
+from esegeta.errors import ConfigError
+from esegeta.spec.params import boolean, index, positive_int
+from esegeta.spec.registry import Call, Library, MethodSpec, register
 
 #: esegeta's own methods: they may draw from any RNG and fit on the run's samples (PatternNet).
 LIBRARY = Library("esegeta", None, "", (), batch_params={"batch_size": None})
@@ -91,7 +91,6 @@ def _keyword_parameters(fn: Callable) -> Mapping[str, inspect.Parameter]:
 
 class OwnAdapter:
     """Calls esegeta's implementation of a method with the config's params."""
-
     @staticmethod
     def _function(spec: MethodSpec) -> Callable:
         module, _, name = IMPLEMENTATIONS[spec.name].partition(":")
@@ -105,7 +104,6 @@ class OwnAdapter:
         if check is not None:
             check(value, path)
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
         return self._function(spec)(call, **call.params)
 
@@ -127,7 +125,7 @@ def _fit_quick(x):
 
 def _patterns_preflight(method: str):
     def preflight(model, context=None) -> list[str]:
-        from ..algorithms.patterns import unsupported
+        from esegeta.algorithms.patterns import unsupported
 
         return unsupported(model, context, f"esegeta.{method}")
     return preflight
@@ -135,8 +133,8 @@ def _patterns_preflight(method: str):
 
 def _cam_preflight(model, context=None) -> list[str]:
     """esegeta.CAM's check: the model must end in global average pooling and a linear layer, at the layer."""
-    from ..algorithms.cam import head
-    from ..errors import ConfigError
+    from esegeta.algorithms.cam import head
+    from esegeta.errors import ConfigError
 
     if context is None or context.layer is None:
         return []

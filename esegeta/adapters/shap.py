@@ -13,7 +13,7 @@
   an "off" segment takes the background's values there (the model output averaged over the
   background images when there are several). SHAP's ``l1_reg`` default keeps 10 segments.
 
-Background data is ``params.data`` (upstream's name, see :mod:`esegeta.backgrounds`):
+Background data is ``params.data`` (upstream's name, see :mod:`esegeta.attribution.backgrounds`):
 default ``["zeros", "blur"]`` for Gradient/Deep (as esegeta's Captum Shap methods),
 ``"mean"`` (per-channel mean, as SHAP's superpixel example) for Kernel.
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from ..errors import ConfigError
-from ..params import BOOL, Check, check_table, positive_int, seed
-from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+from esegeta.errors import ConfigError
+from esegeta.spec.params import BOOL, Check, check_table, positive_int, seed
+from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
 
 #: SHAP samples with numpy's global RNG and draws backgrounds from the run's samples.
 LIBRARY = Library("shap", "shap", "shap", ("shap",), batch_params={"batch_size": None},
@@ -113,7 +113,7 @@ def _column_class():
 def _gradient(call: Call, x, target: int, params: dict[str, Any]):
     import shap
 
-    from ..backgrounds import make_data
+    from esegeta.attribution.backgrounds import make_data
 
     data = make_data(params.pop("data"), x, call, "params.data")
     cls = shap.GradientExplainer
@@ -124,9 +124,9 @@ def _gradient(call: Call, x, target: int, params: dict[str, Any]):
 def _deep(call: Call, x, target: int, params: dict[str, Any]):
     import shap
 
-    from ..backgrounds import make_data
+    from esegeta.attribution.backgrounds import make_data
 
-    from ..architectures import extend_deeplift_rules
+    from esegeta.attribution.architectures import extend_deeplift_rules
 
     extend_deeplift_rules()  # the rescale rule for SiLU, GELU, Hardswish...
     data = make_data(params.pop("data"), x, call, "params.data")
@@ -140,7 +140,7 @@ def _partition(call: Call, x, target: int, params: dict[str, Any]):
     import shap
     import torch
 
-    from ..backgrounds import numpy_model, to_channels_last
+    from esegeta.attribution.backgrounds import numpy_model, to_channels_last
 
     mask_value = params.pop("masker")
     image = to_channels_last(x)
@@ -161,7 +161,7 @@ def _kernel(call: Call, x, target: int, params: dict[str, Any]):
     import shap
     import torch
 
-    from ..backgrounds import make_data, paint, slic_parameters, supervoxels
+    from esegeta.attribution.backgrounds import make_data, paint, slic_parameters, supervoxels
 
     data = make_data(params.pop("data"), x, call, "params.data")
     segments = supervoxels(x, **{k: params.pop(k) for k in list(params) if k in slic_parameters()})
@@ -187,14 +187,13 @@ def _kernel(call: Call, x, target: int, params: dict[str, Any]):
 @dataclass(frozen=True)
 class ShapMethod:
     """How one SHAP explainer runs, and where its configurable names come from."""
-
     run: Callable[[Call, Any, int, dict[str, Any]], Any]
     signatures: Callable[[], tuple[Callable, ...]]
     extra: Callable[[], Mapping[str, inspect.Parameter]] = field(default=lambda: {})
 
 
 def _kernel_parameters() -> dict[str, inspect.Parameter]:
-    from ..backgrounds import slic_parameters
+    from esegeta.attribution.backgrounds import slic_parameters
 
     shap_values = {"nsamples": "auto", "l1_reg": "num_features(10)", "silent": False, "gc_collect": False}
     return {"data": _param("data"), **{n: _param(n, d) for n, d in shap_values.items()}, **slic_parameters()}
@@ -218,7 +217,6 @@ METHODS: Mapping[str, ShapMethod] = {
 
 class ShapAdapter:
     """The adapter behind every SHAP explainer: one upstream call per input, for its target."""
-
     @cache  # noqa: B019 (one adapter object for the process)
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         method = METHODS[spec.name]
@@ -228,14 +226,13 @@ class ShapAdapter:
         return {**names, **method.extra()}
 
     def check_value(self, name: str, value: Any, path: str) -> None:
-        from ..backgrounds import check_data
+        from esegeta.attribution.backgrounds import check_data
 
         if name == "data":
             check_data(value, path)
         else:
             check_table(CHECKS, name, value, path)
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
         """One upstream call per input, for its target (DeepExplainer's module hooks and the
         ``x``/``y`` tensors it leaves on modules are undone by the guard)."""
@@ -270,7 +267,7 @@ def deep_gaps(model, context=None) -> list[str]:
     of two data-dependent paths (a squeeze-excitation or attention gate, traced on the input)."""
     from torch import nn
 
-    from .. import architectures
+    from esegeta.attribution import architectures
 
     wrong = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
              if any(isinstance(m, getattr(nn, t)) for t in DEEP_NO_RULE)]

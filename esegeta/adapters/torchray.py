@@ -19,7 +19,7 @@ What the adapter has to take care of, because TorchRay does not:
 - TorchRay sets the model's parameters to ``requires_grad=False`` (``contrastive_excitation_backprop``
   and ``extremal_perturbation`` never restore them, the others not after an error) and may leave
   its probes' hooks when a call fails: both are undone after every call by the one guard
-  (:func:`esegeta.registry.guarded`);
+  (:func:`esegeta.attribution.guard.run_guarded`);
 - deconvnet, guided backprop and excitation backprop patch functions of ``torch`` for the
   duration of the call (``torch.relu``, ``torch.nn.functional.conv2d``...); TorchRay undoes
   the patches in ``with`` blocks, the adapter serialises TorchRay calls so that two threads
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from ..errors import ConfigError
-from ..params import check_number, index
-from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+from esegeta.errors import ConfigError
+from esegeta.spec.params import check_number, index
+from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -101,7 +101,6 @@ class TorchRayAdapter:
     ``"each"`` an int with one input per call; ``returns_hist`` for ``(masks, energies)`` results;
     ``sigmoid_scores`` for methods that pass the scores through a sigmoid (RISE); ``torchvision``
     for modules that import torchvision (on CPU-only torch it needs :func:`esegeta.compat.import_torchvision`)."""
-
     module: str
     function: str
     delegate: str | None = None
@@ -113,7 +112,7 @@ class TorchRayAdapter:
     def _fn(self, name: str | None = None):
         import importlib
 
-        from ..compat import import_torchvision
+        from esegeta.compat import import_torchvision
 
         if self.torchvision:
             import_torchvision()
@@ -149,7 +148,7 @@ class TorchRayAdapter:
 
     def convert(self, name: str, value: Any, call: Call, path: str) -> Any:
         """A JSON parameter value as TorchRay wants it."""
-        from ..call import find_layer
+        from esegeta.attribution.call import find_layer
 
         if name in LAYER_PARAMS:
             if value is None:
@@ -159,9 +158,8 @@ class TorchRayAdapter:
             return self._fn(f"{self.module}.{value}")
         return value
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
-        from ..architectures import token_grid
+        from esegeta.attribution.architectures import token_grid
 
         if not spec.needs_layer:
             return self._call(spec, call)
@@ -255,12 +253,12 @@ def _quick_sigma(x) -> float:
 
 def _layer_preflight(excitation: bool):
     """The check of TorchRay's layer methods: a token layer gives no spatial map unless its tokens
-    lie on a square grid (explained on it: :func:`esegeta.architectures.token_grid`); excitation
+    lie on a square grid (explained on it: :func:`esegeta.attribution.architectures.token_grid`); excitation
     backprop has no rule for attention. (An in-place operation on the layer's output, which
     would fail on the probe's leaf tensor, is taken care of: :func:`_probe_output_copied`.)"""
 
     def preflight(model, context) -> list[str]:
-        from ..architectures import attention, token_layout
+        from esegeta.attribution.architectures import attention, token_layout
 
         found = []
         if context.layer is not None:

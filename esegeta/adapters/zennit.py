@@ -59,7 +59,7 @@ and ResNetCanonizer (that plus a ``Sum`` module for the residual addition of tor
 own ``BasicBlock``/``Bottleneck`` classes only). Default: GraphMergeBatchNorm for every
 LRP composite, none for GuidedBackprop and DeconvNet (folding BN changes their gradient only
 by rounding); ``[]`` turns folding off. Canonizers change the prepared copy's weights while the
-call runs; zennit undoes them, and the one guard (:func:`esegeta.registry.guarded`) restores,
+call runs; zennit undoes them, and the one guard (:func:`esegeta.attribution.guard.run_guarded`) restores,
 even on error, every parameter, buffer, submodule and hook of the copy.
 
 Trace (``params.trace: true``, with the ``Gradient`` attributor: every composite and
@@ -83,9 +83,9 @@ from functools import cache
 from types import MappingProxyType
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
-from ..params import check_number
-from ..registry import Call, Library, MethodSpec, guarded, keyword_parameters, register
+from esegeta.errors import ConfigError, did_you_mean
+from esegeta.spec.params import check_number
+from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
 
 
 #: Zennit draws from torch's RNG only (SmoothGrad's noise).
@@ -137,10 +137,10 @@ def _default_canonizers(name: str) -> tuple[str, ...]:
 
 
 def _graph_merge(call: Call):
-    """A zennit canonizer folding the (layer, BatchNorm) pairs of :func:`esegeta.architectures.linear_norm_pairs`,
+    """A zennit canonizer folding the (layer, BatchNorm) pairs of :func:`esegeta.attribution.architectures.linear_norm_pairs`,
     found on the call's input: right for any architecture whose forward runs (DenseNet's
     ``torch.cat``, residual blocks), where SequentialMergeBatchNorm pairs by module order."""
-    from ..architectures import linear_norm_pairs
+    from esegeta.attribution.architectures import linear_norm_pairs
 
     base = _zennit().canonizers.MergeBatchNorm
     pairs = linear_norm_pairs(call.forward, call.inputs)
@@ -225,7 +225,7 @@ TRACE = "trace"
 
 def _zennit():
     """Import zennit (its torchvision module needs torchvision importable on CPU-only torch)."""
-    from ..compat import import_torchvision
+    from esegeta.compat import import_torchvision
 
     import_torchvision()
     import zennit.attribution
@@ -373,7 +373,7 @@ CHECKS = {
 
 
 def _check_value(name: str, value: Any, path: str) -> None:
-    from ..baselines import check_baseline
+    from esegeta.attribution.baselines import check_baseline
 
     if name == "baseline_fn":
         if isinstance(value, list):
@@ -450,7 +450,7 @@ def _name_resolver(call: Call, path: str):
 
     A module split into call sites by esegeta's preparation stands for all of its sites.
     """
-    from ..prepare import CallSites
+    from esegeta.attribution.prepare import CallSites
 
     network = _network(call)
     prefix = next(name for name, module in call.forward.named_modules() if module is network)
@@ -506,7 +506,7 @@ def _seed(call: Call, kind: str):
 
 def _network(call: Call):
     """The user's model inside the prepared copy (names as the user knows them)."""
-    from ..prepare import PreparedModel
+    from esegeta.attribution.prepare import PreparedModel
 
     return call.network.model if isinstance(call.network, PreparedModel) else call.network
 
@@ -600,7 +600,6 @@ class CompositeAdapter(_ZennitAdapter):
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         return {**composite_parameters(spec.name), TRACE: _flag(TRACE)}
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
         params = dict(call.params)
         trace = params.pop(TRACE, False)
@@ -614,11 +613,10 @@ class AttributorAdapter(_ZennitAdapter):
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         return attributor_parameters(spec.name)
 
-    @guarded
     def run(self, spec: MethodSpec, call: Call):
         import torch
 
-        from ..baselines import make_baselines
+        from esegeta.attribution.baselines import make_baselines
 
         params = dict(call.params)
         trace = params.pop(TRACE, False)

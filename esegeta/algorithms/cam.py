@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..registry import Call
+from esegeta.errors import ConfigError
+from esegeta.spec.registry import Call
 
 
 def _record(network: nn.Module, x: torch.Tensor, modules: dict[str, nn.Module]) -> tuple[torch.Tensor, list]:

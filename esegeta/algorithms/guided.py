@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from ..registry import Call
+from esegeta.errors import ConfigError
+from esegeta.spec.registry import Call
+from esegeta.attribution.architectures import token_grid
 
 
 def layer_activation_guided_backprop(call: Call, *, channel: int | None = None) -> torch.Tensor:
@@ -17,10 +18,8 @@ def layer_activation_guided_backprop(call: Call, *, channel: int | None = None) 
 
     ``channel``: the channel index; null (default) takes, per input, the channel with the
     largest mean activation. A token layer's channels are its features, averaged over the token
-    grid (:func:`esegeta.architectures.token_grid`): a token's mean after LayerNorm is constant.
+    grid (:func:`esegeta.attribution.architectures.token_grid`): a token's mean after LayerNorm is constant.
     """
-    from ..architectures import token_grid
-
     if call.layer is None:
         raise ConfigError("layer", "esegeta.LayerActivationGuidedBackprop needs a layer (with patches: mode 'local')")
     with token_grid(call) as on_grid:  # a token layer: its features are the channels, over the token grid

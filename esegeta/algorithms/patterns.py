@@ -46,8 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..registry import Call
+from esegeta.errors import ConfigError
+from esegeta.spec.registry import Call
+from esegeta.attribution.prepare import PreparedModel
+from esegeta.io.loading import load_inputs
+from esegeta.io.outputs import atomic_path
+from esegeta.io.loading import resolve
 
 log = logging.getLogger("esegeta")
 
@@ -66,7 +70,6 @@ def _along(v: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
 @dataclass
 class Kernel:
     """A linear or convolutional layer, with the batch norm fed by it directly (folded into it)."""
-
     name: str
     module: nn.Module
     norm: nn.Module | None = None
@@ -114,8 +117,6 @@ class Kernel:
 
 def _unwrapped_names(network: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules as in the user's model (the prepared copy's ``model.`` prefix dropped)."""
-    from ..prepare import PreparedModel
-
     prefix = "model." if isinstance(network, PreparedModel) else ""
     for name, module in network.named_modules():
         if name.startswith(prefix) and ".sites." not in name:
@@ -321,8 +322,6 @@ def _fit_data(fit_inputs: Any, call: Call, method: str) -> list[torch.Tensor]:
     elif isinstance(fit_inputs, str) and fit_inputs == "samples":
         tensors = [call.samples if call.samples is not None else call.inputs]
     else:
-        from ..loading import load_inputs
-
         cfg = dict(fit_inputs) if isinstance(fit_inputs, dict) else {
             "paths": [fit_inputs] if isinstance(fit_inputs, str) else list(fit_inputs)}
         cfg["spatial_dims"] = call.inputs.ndim - 2
@@ -365,7 +364,6 @@ def _load(file, found: list[Kernel], pattern_type: str, device) -> dict[str, tor
 
 
 def _save(file, patterns: dict[str, torch.Tensor], pattern_type: str) -> None:
-    from ..outputs import atomic_path
 
     with atomic_path(file) as tmp:
         torch.save({"pattern_type": pattern_type, "patterns": {n: t.cpu() for n, t in patterns.items()}}, tmp)
@@ -382,8 +380,6 @@ _fitted_lock = threading.Lock()
 def patterns_for(call: Call, found: list[Kernel], method: str, fit_inputs: Any, patterns: str | None,
                  pattern_type: str, batch_size: int) -> dict[str, torch.Tensor]:
     """The patterns for ``found``: loaded from ``patterns`` if that file exists, else fitted (and saved there)."""
-    from ..loading import resolve
-
     file = resolve(patterns, call.base_dir) if patterns else None
     if file is not None and file.is_file():
         return _load(file, found, pattern_type, call.inputs.device)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, did_you_mean
+from esegeta.errors import ConfigError, did_you_mean
 
 __all__ = [
     "Context", "MetricResult", "MetricSpec", "METRIC_MODULES", "NEEDS", "GROUPS",
@@ -67,7 +67,6 @@ class Context:
     moved to the data's device (:meth:`rand`, :meth:`randn`), or, on an accelerator, made by a
     generator of that device seeded from it.
     """
-
     forward: Callable[[Tensor], Tensor] | None = None
     model: nn.Module | None = None
     explain: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
@@ -149,7 +148,6 @@ class Context:
 class MetricResult:
     """One value per input (``values``, shape (B,)), optional curves for plots (name -> (B, T)
     tensor, e.g. the score after each deletion step), and the direction of the value."""
-
     values: Tensor
     curves: dict[str, Tensor] | None = None
     higher_is_better: bool = True
@@ -175,7 +173,6 @@ class MetricSpec:
     ``explanations(params, n_layers)`` the re-explanations it costs per input, ``n_layers`` being
     the model's number of randomisable layers (:meth:`explanations_per_input`).
     """
-
     id: str
     group: str
     paper: str

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
 
 
 def gini(values: Tensor) -> Tensor:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import Context, MetricResult, MetricSpec, keyword_defaults, register
-from .similarity import pearson
+from esegeta.errors import ConfigError
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.similarity import pearson
 
 BASELINES = ("value", "min", "max", "mean", "blur", "uniform")
 ORDERS = ("morf", "lerf", "random")

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.errors import ConfigError
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
 
 
 def _flat(ctx: Context, attribution: Tensor) -> tuple[Tensor, Tensor]:

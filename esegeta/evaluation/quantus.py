@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compat import import_torchvision
+from esegeta.compat import import_torchvision
+from esegeta.attribution.explainer import explain
+from esegeta.evaluation.scoring import as_input_attribution
 
 try:
     import_torchvision()  # before Quantus (through zennit) imports it
@@ -42,9 +44,6 @@ def explain_func(model: nn.Module, inputs: Any, targets: Any, *, method: str = "
                  patch: Mapping[str, Any] | None = None, **params: Any) -> np.ndarray:
     """``method``'s attributions of ``inputs`` for ``targets`` (one class, or wrapped column, per
     input) as Quantus expects them; see the module docstring."""
-    from ..explainer import explain
-    from .scoring import as_input_attribution
-
     x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from .base import Context, MetricResult, MetricSpec, keyword_defaults, register
-from .similarity import similarity
+from esegeta.errors import ConfigError
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.similarity import similarity
 
 ORDERS = ("top_down", "bottom_up", "independent")
 

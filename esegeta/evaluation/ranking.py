@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from esegeta.io.outputs import atomic_path, atomic_write_bytes
 
 FILES = {"values": "evaluation.csv", "ranking": "evaluation_ranking.csv", "agreement": "evaluation_agreement.csv",
          "table": "evaluation_ranking.md", "curves": "evaluation_curves.npz"}
@@ -177,8 +178,6 @@ class Summary:
 
 def write(out: Path, summary: Summary, curves: Mapping[str, np.ndarray], token: str | None = None) -> dict[str, str]:
     """Write the evaluation's files into ``out`` (atomically); returns {kind: file name}."""
-    from ..outputs import atomic_path, atomic_write_bytes
-
     texts = {"values": summary.values_csv(), "ranking": summary.ranking_csv(), "agreement": summary.agreement_csv(),
              "table": summary.markdown()}
     for kind, text in texts.items():

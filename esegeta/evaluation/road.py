@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import Context, MetricResult, MetricSpec, keyword_defaults, register
-from .faithfulness import rank_map
+from esegeta.errors import ConfigError
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.faithfulness import rank_map
 
 NEIGHBOURS = {2: (4, 8), 3: (6, 26)}
 

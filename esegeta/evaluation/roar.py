@@ -25,6 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from esegeta.errors import ConfigError
+from esegeta.evaluation.scoring import explainer
+from esegeta.spec.request import from_arguments
+from esegeta.io.loading import load_callable
+from esegeta.io.outputs import atomic_write_bytes
+from esegeta.evaluation.engine import on_device
 
 log = logging.getLogger("esegeta")
 Attribute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,7 +57,6 @@ def remove(x: np.ndarray, attribution: np.ndarray, fraction: float) -> np.ndarra
 @dataclass
 class RoarResult:
     """Scores by (label, fraction); ``baseline`` the score on the unmodified data."""
-
     rows: list[dict[str, Any]]
     baseline: float
 
@@ -112,9 +117,6 @@ def roar(train: Callable[..., float], data: Sequence[np.ndarray],
 
 
 def _explained(method: str, model: torch.nn.Module | None) -> tuple[str, Attribute]:
-    from ..errors import ConfigError
-    from .scoring import explainer
-    from ..request import from_arguments
 
     if model is None:
         raise ConfigError("model", f"roar explains {method!r} on a model: pass model=")
@@ -126,11 +128,6 @@ def roar_for_plan(plan, out, token: str | None = None) -> dict[str, Any]:
     """``evaluation.roar`` of a run: the config's methods (attribution kind) explained on the
     data with :func:`esegeta.evaluation.scoring.explainer` (each image for its label), then
     :func:`roar`; writes ``evaluation_roar.csv`` and returns the manifest's section."""
-    from ..loading import load_callable
-    from ..outputs import atomic_write_bytes
-    from .run import _on_device
-    from .scoring import explainer
-
     cfg = plan.config.evaluation.roar
     train = load_callable(cfg.train, plan.base_dir, "evaluation.roar.train")
     x_train, x_test, y_train, y_test = (np.asarray(a) for a in load_callable(cfg.data, plan.base_dir,
@@ -138,7 +135,7 @@ def roar_for_plan(plan, out, token: str | None = None) -> dict[str, Any]:
     if cfg.max_images is not None:
         x_train, y_train = x_train[:cfg.max_images], y_train[:cfg.max_images]
         x_test, y_test = x_test[:cfg.max_images], y_test[:cfg.max_images]
-    model = _on_device(plan.model, plan.device)
+    model = on_device(plan.model, plan.device)
     methods = {}
     for e in plan.entries:
         if (cfg.methods is None or e.label in cfg.methods) and e.spec.kind in ("attribution", "layer"):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import Context, MetricResult, MetricSpec, keyword_defaults, register
-from .randomisation import explain_batched
+from esegeta.errors import ConfigError
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.randomisation import explain_batched
 
 
 def _explain_perturbed(ctx: Context, x: Tensor, target: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,11 +6,11 @@
   attribution froze them) and every perturbed input goes through that same wrapped score:
   the metric watches the value that was explained, never masks recomputed on a perturbed
   input. With a patch (either mode) the prediction is the stitched whole-input one of
-  :class:`esegeta.patcher.Stitched`, computed ``patch.batch_size`` patches at a time, so the
+  :class:`esegeta.attribution.patcher.Stitched`, computed ``patch.batch_size`` patches at a time, so the
   memory of a forward is that of the attribution's own global mode times the metric's
   ``max_batch``. Everything runs under ``torch.no_grad``.
 - :func:`explainer`: the ``explain(model, x, target)`` callable of the randomisation and
-  robustness metrics: the request's esegeta method (:func:`esegeta.explainer.run`, the same
+  robustness metrics: the request's esegeta method (:func:`esegeta.attribution.explainer.run`, the same
   method, parameters, layer, wrapper and patch) on a prepared copy of ``model``, in fp32,
   seeded. A wrapped request (without patch) reuses the frozen score of the unperturbed input
   and original model, so a randomised model or a noisy input is explained for the same region.
@@ -27,17 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import numerics, scheduling, wrappers
-from ..call import resolve_target
-from ..prepare import prepared
-from ..request import Request
+from esegeta.attribution import numerics, scheduling, wrappers
+from esegeta.attribution.call import resolve_target
+from esegeta.attribution.prepare import prepared
+from esegeta.spec.request import Request
+from esegeta.attribution.patcher import Grid, Stitched
+from esegeta.attribution.explainer import run
 
 
 @dataclass
 class Scorer:
     """The scored view of one input: ``module`` maps a batch to (N, K) scores; ``mask`` is the
     wrapper's frozen masks (K', *S) where the wrapper has some; ``stitched`` tells a patched one."""
-
     module: nn.Module
     masks: torch.Tensor | None
     stitched: bool
@@ -66,8 +67,6 @@ class Scorer:
 def scorer(request: Request, model: nn.Module, x: torch.Tensor, base_dir: Path | None = None) -> Scorer:
     """The forward of ``request``'s evaluation on the unperturbed input ``x`` (one input if the
     request has a wrapper); ``model`` is the user's model or its prepared copy."""
-    from ..patcher import Grid, Stitched
-
     ready = prepared(model, x if request.patch is None else _crop(x, request.patch.size))
     if request.wrapper is None:
         return Scorer(ready, None, False)
@@ -123,8 +122,6 @@ def explainer(request: Request, forward: Scorer | None = None, base_dir: Path | 
               seed: int = 0) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """``explain(model, x, target) -> (N, C|1, *S)``: ``request``'s method on ``model`` for the
     columns ``target`` (N,), as the run computed it (see the module docstring)."""
-    from ..explainer import run
-
     frozen = forward.score if forward is not None and request.wrapper is not None and request.patch is None else None
 
     def same_region(model: nn.Module, piece: torch.Tensor, wrapper, base: Path | None) -> nn.Module:

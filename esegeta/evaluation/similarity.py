@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from esegeta.errors import ConfigError
 
 SIMILARITIES = ("spearman", "pearson", "cosine", "ssim")
 

@@ -1,0 +1,176 @@
+"""One upstream call: a :class:`~esegeta.spec.request.Request` on a prepared model and a batch.
+
+:func:`call_once` finds the layer, wraps a segmenter (each input gets its own frozen masks:
+where :mod:`esegeta.attribution.batching` declares how the method lays out its rows, the batch goes to the
+upstream in one call with a batched wrapped view, otherwise one input at a time and the results
+concatenated; without a wrapper, the batch goes in one call), resolves the target and hands one
+:class:`~esegeta.spec.registry.Call` to the method's adapter. Patching is not done here: the
+strategies of :mod:`esegeta.attribution.patcher` wrap this call. This module imports neither the config
+nor the explainer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from esegeta.attribution import batching, wrappers
+from esegeta.errors import ConfigError, did_you_mean
+from esegeta.attribution.guard import run_guarded
+from esegeta.attribution.prepare import CallSites, PreparedModel
+from esegeta.spec.registry import Call, MethodSpec
+from esegeta.spec.request import Request, WrapperConfig
+from esegeta.spec.targets import Target
+
+#: Builds the wrapped (classifier) view of a model for one input: ``(model, x, wrapper, base_dir)``.
+WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one call gives: the upstream result (float32, batch kept), the explained score of
+    each input (when asked for; None where nothing is targeted), the method's extra outputs
+    (of the whole batch when it went in one call, else of the first input) and, with the scores,
+    per input the facts figures and the manifest show: the resolved target (``"predicted"`` →
+    the class index), the predicted column and a wrapper's frozen mask of the explained column."""
+    result: torch.Tensor
+    scores: tuple[float | None, ...] = ()
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    targets: tuple[int | None, ...] = ()
+    predicted: tuple[int | None, ...] = ()
+    masks: tuple[torch.Tensor | None, ...] = ()
+
+
+def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
+              samples: torch.Tensor | None = None, with_scores: bool = False,
+              build_wrapper: WrapperBuilder = wrappers.build) -> Outcome:
+    """Run ``request`` (without its patch) on the prepared ``model`` and inputs ``x``.
+
+    ``samples`` are the run's inputs (for methods that fit on data); ``with_scores`` costs one
+    more forward pass without a wrapper (a wrapper holds its input's scores); ``build_wrapper``
+    makes a wrapped view (the patcher's stitched model passes its own, to save memory)."""
+    spec = request.spec
+    check_task(spec, request.wrapper)
+    layer = find_layer(model, request.layer, spec=spec) if request.layer else None
+    kind = batching.layout(request, x.shape[0]) if build_wrapper is wrappers.build else batching.PER_INPUT
+    if kind != batching.PER_INPUT:
+        build_wrapper = partial(batching.build, kind=kind, method=spec.id)
+    pieces = [x] if request.wrapper is None or kind != batching.PER_INPUT else [x[i:i + 1] for i in range(x.shape[0])]
+    results, scores, extras, targets, predicted, masks = [], [], {}, [], [], []
+    for n, piece in enumerate(pieces):
+        forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
+        wanted = request.target
+        if torch.is_tensor(wanted) and len(pieces) > 1:  # one target per input, one input per piece
+            wanted = wanted[n:n + 1]
+        target = resolve_target(forward, piece, wanted) if spec.needs_target else None
+        noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
+        call = Call(forward, model, piece, target, layer, dict(request.params), noise_tunnel, base_dir, samples,
+                    extras if n == 0 else {})
+        results.append(_as_result(run_guarded(spec, call)))
+        if with_scores:
+            explained, top = _explained(forward, piece, target)
+            scores += explained
+            predicted += top
+            chosen = Target.of(target, piece.shape[0])
+            targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
+            masks += [frozen_mask(forward, t, i) for i, t in enumerate(targets[-piece.shape[0]:])]
+    return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
+                   tuple(targets), tuple(predicted), tuple(masks))
+
+
+def frozen_mask(forward: nn.Module, target: int | None, index: int = 0) -> torch.Tensor | None:
+    """A wrapper's frozen mask of column ``target`` for its ``index``-th input (spatial shape, on
+    the CPU), or None (no wrapper, a custom wrapper without masks, or nothing targeted)."""
+    masks = getattr(getattr(forward, "score", None), "masks", None)
+    if target is None or not torch.is_tensor(masks) or not 0 <= target < masks.shape[1]:
+        return None
+    return masks[index if masks.shape[0] > 1 else 0, target].detach().to("cpu", torch.float32)
+
+
+def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:
+    """The submodule ``name`` of the prepared copy, or a ConfigError with the closest name."""
+    names = [n for n, _ in model.model.named_modules() if n and ".sites." not in n]
+    try:
+        layer = model.layer(name)
+    except AttributeError:
+        raise ConfigError(where, f"the model has no layer {name!r}" + did_you_mean(name, names)) from None
+    if spec is not None and spec.leaf_layer and list(layer.children()) and not isinstance(layer, CallSites):
+        leaves = [n for n in names if n.startswith(name + ".") and not list(model.layer(n).children())]
+        raise ConfigError(where, f"{spec.id} needs a layer without submodules; {name!r} has some: use one of "
+                                 f"{', '.join(leaves[:6])}")
+    return layer
+
+
+def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str = "target",
+                   check: bool = False) -> Any:
+    """``"predicted"`` → the argmax column per input; an index is checked against the output
+    width (for a plain model only when ``check``: that costs a forward pass)."""
+    if target is None:
+        return None
+    if torch.is_tensor(target):  # one index per input (from Python)
+        scores = _scores(forward, x)
+        if torch.is_tensor(scores) and scores.ndim == 2 and int(target.max()) >= scores.shape[1]:
+            raise ConfigError(where, f"target {int(target.max())} does not exist: the output has {scores.shape[1]} "
+                                     "columns")
+        return target.to(x.device)
+    if target != "predicted" and not check and not isinstance(forward, wrappers.WrappedModel):
+        return int(target)
+    scores = _scores(forward, x)
+    if not torch.is_tensor(scores) or scores.ndim != 2:
+        shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+        raise ConfigError("wrapper", f"the model output has shape {shape}, not (batch, classes): for a "
+                                     "segmentation model set a wrapper (threshold, multiclass, region or custom)")
+    if target == "predicted":
+        return scores.argmax(dim=1)
+    if not 0 <= int(target) < scores.shape[1]:
+        what = "the wrapped output" if isinstance(forward, wrappers.WrappedModel) else "the model output"
+        raise ConfigError(where, f"target {target} does not exist: {what} has {scores.shape[1]} columns")
+    return int(target)
+
+
+def _scores(forward: nn.Module, x: torch.Tensor) -> Any:
+    """The (wrapped) model's scores on ``x``; a wrapper already holds them for its input."""
+    unperturbed = getattr(forward, "unperturbed", None)
+    if unperturbed is not None:
+        return unperturbed
+    with torch.no_grad():
+        return forward(x)
+
+
+def _explained(forward: nn.Module, x: torch.Tensor, target: Any) -> tuple[list[float | None], list[int | None]]:
+    """The value being explained on each unperturbed input (None where nothing is targeted) and
+    each input's predicted (argmax) column."""
+    if target is None:
+        return [None] * x.shape[0], [None] * x.shape[0]
+    scores = _scores(forward, x)
+    top = scores.argmax(dim=1).tolist() if torch.is_tensor(scores) and scores.ndim == 2 else [None] * x.shape[0]
+    return Target.of(target, x.shape[0]).column(scores).tolist(), top
+
+
+def check_dims(spec: MethodSpec, x: torch.Tensor, where: str = "inputs") -> None:
+    """A ConfigError if ``spec`` does not support inputs of ``x``'s spatial rank."""
+    dims = x.ndim - 2
+    if dims not in spec.dims:
+        supported = " and ".join(f"{d}D" for d in spec.dims)
+        raise ConfigError(where, f"{spec.id} supports {supported} inputs only; these inputs are {dims}D")
+
+
+def check_task(spec: MethodSpec, wrapper: Any, where: str = "wrapper") -> None:
+    """A ConfigError if ``spec`` does not apply to a classifier (no wrapper) or a wrapped segmenter."""
+    task = "segmentation" if wrapper is not None else "classification"
+    if task not in spec.tasks:
+        fix = ("remove the wrapper: it explains classifiers only" if wrapper is not None
+               else "set a wrapper: it explains wrapped segmentation models only")
+        raise ConfigError(where, f"{spec.id} does not apply to {task} models; {fix}")
+
+
+def _as_result(result: Any) -> torch.Tensor:
+    if not torch.is_tensor(result):
+        raise TypeError(f"the method returned {type(result).__name__}, not a tensor")
+    return result.detach().float()

@@ -1,0 +1,461 @@
+"""Patch-wise explanation of large 2D/3D inputs, on torchio's grid sampling.
+
+A :class:`Grid` is torchio's ``GridSampler`` grid over one input (2D inputs are volumes of
+depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's overlap mode
+(``average``: equal weights; ``hann``: a Hann window per patch, then normalised).
+
+- ``mode: "local"``: every patch is explained as an input of its own (a wrapper freezes
+  its masks per patch; a region mask is cropped to the patch) and the patch results are
+  blended by :class:`Blend`: the arithmetic of torchio's ``GridAggregator`` (tested equal
+  to it), on the data's device (torchio's aggregator copies every batch to the CPU).
+  Results at a layer's resolution are blended on the layer's grid: the patch locations are
+  divided by the layer's stride (patch size / result size per axis), so patch size, overlap
+  and input size must be multiples of it.
+- ``mode: "global"``: the explained score is the wrapper's score of the whole-input
+  prediction assembled by sliding-window inference (:class:`Stitched`: patch outputs
+  blended with the same weights as torchio's aggregator), masks frozen on that prediction.
+  Its forward runs the model patch by patch under ``no_grad``; its backward
+  (:class:`_StitchFunction`) recomputes each patch with gradients and sends it its weighted
+  share of the output gradient, so the activations held at any time are those of
+  ``batch_size`` patches (times the method's own batch, e.g. Integrated Gradients' steps per
+  ``internal_batch_size``), never the whole input's. With a built-in wrapper
+  (:class:`_StitchedScore`, passed as the inner call's ``build_wrapper``) the score
+  is also summed region by region: only the input, the stitched output (kept without a
+  graph) and the input gradient exist at the whole input's size, times the method's batch;
+  that is what grows with the input (``benchmarks/patcher.py``: Integrated Gradients on a
+  volume 4x a 16³ patch per axis peaks at 1.6-1.8x the resident memory of one patch).
+
+  Which methods run how in global mode: gradient and path methods (Saliency,
+  InputXGradient, Integrated Gradients, GradientShap, SmoothGrad) backpropagate patch by
+  patch through the checkpointed backward; perturbation methods (Occlusion,
+  FeatureAblation, Shapley sampling, LIME, KernelSHAP) call the stitched forward once per
+  perturbation (patch by patch, no gradients); methods that hook the network's
+  activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one module call
+  per patch batch in the forward and again in the recomputation, with the batch kept
+  item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to the
+  unpatched result on a pointwise model (a method that hooks the wrapper's activation gets
+  the plain whole-input graph of the score). Captum's LRP refuses modules called more than
+  once and fails. Only input-resolution attributions are accepted (layer, neuron and
+  feature-visualisation methods: use ``local``).
+
+The blending in the stitched forward is differentiable code of its own (torchio's
+aggregator works in place on CPU without gradients); tests check it equals torchio's.
+
+The two modes are strategies (:class:`Local`, :class:`Global`; :class:`Whole` without a
+patch) that wrap the inner call (:func:`esegeta.attribution.call.call_once`) the way Captum's
+``NoiseTunnel`` wraps a method: :func:`strategy` picks one for a request's patch.
+
+Devices: torchio only places the patches (``GridSampler`` on a CPU placeholder of the
+input's shape gives integer locations); patches are sliced from the input where it lives,
+and windows, weights, stitched outputs and blends are made on its device.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from esegeta.attribution.call import Outcome
+from esegeta.errors import ConfigError
+from esegeta.spec.registry import MethodSpec
+from esegeta.spec.request import PatchConfig, Request, WrapperConfig
+from esegeta.attribution.wrappers import MaskedScore, build, region_mask, select_output
+
+#: The inner call a strategy wraps: :func:`esegeta.attribution.call.call_once`'s signature.
+CallFn = Callable[..., Outcome]
+
+
+def to_volume(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, C, H, W, 1)``; 3D inputs unchanged (torchio's 3 spatial axes)."""
+    return x.unsqueeze(-1) if x.ndim == 4 else x
+
+
+def from_volume(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """The inverse of :func:`to_volume` for a ``dims``-D input."""
+    return x.squeeze(-1) if dims == 2 else x
+
+
+@dataclass
+class Grid:
+    """Patch locations over a spatial shape, as torchio's ``GridSampler`` places them.
+
+    ``size``/``overlap`` are per spatial axis of the input; a size larger than the input
+    is clipped to it (with no overlap on that axis). ``locations`` rows are
+    ``(i0, j0, k0, i1, j1, k1)`` on the volume view (depth 1 for 2D).
+    """
+    shape: tuple[int, int, int]
+    size: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+    blend: str
+    locations: np.ndarray
+
+    @classmethod
+    def over(cls, spatial: tuple[int, ...], size: list[int], overlap: list[int] | None, blend: str) -> Grid:
+        import torchio as tio
+
+        if len(size) != len(spatial):
+            raise ConfigError("patch.size", f"needs {len(spatial)} sizes for a {len(spatial)}D input, got {size}")
+        overlap = list(overlap) if overlap else [0] * len(spatial)
+        clipped = [min(s, n) for s, n in zip(size, spatial)]
+        overlap = [o if o < s else 0 for o, s in zip(overlap, clipped)]
+        pad = (1,) * (3 - len(spatial))
+        shape, size3, overlap3 = tuple(spatial) + pad, tuple(clipped) + pad, tuple(overlap) + (0,) * len(pad)
+        try:  # torchio places patches on a CPU placeholder of the input's shape: locations only, no data
+            image = tio.ScalarImage(tensor=torch.empty(1, *shape, dtype=torch.uint8))
+            sampler = tio.GridSampler(tio.Subject(image=image), size3, overlap3)
+        except ValueError as exc:
+            raise ConfigError("patch", f"{exc}") from None
+        return cls(shape, size3, overlap3, blend, np.asarray(sampler.locations, dtype=np.int64))
+
+    def slices(self, location: np.ndarray, scale: tuple[int, int, int] = (1, 1, 1)) -> tuple[slice, ...]:
+        """Index of a patch in a ``(B, C, X, Y, Z)`` tensor (on a grid ``scale`` times coarser)."""
+        return (slice(None), slice(None)) + tuple(slice(int(a) // s, int(b) // s)
+                                                  for a, b, s in zip(location[:3], location[3:], scale))
+
+    def window(self, scale: tuple[int, int, int] = (1, 1, 1), device: torch.device | str | None = None
+               ) -> torch.Tensor:
+        """A patch's blending weights on a grid ``scale`` times coarser, on ``device``: ones
+        (average) or the Hann window torchio's aggregator uses."""
+        size = tuple(p // s for p, s in zip(self.size, scale))
+        if self.blend == "hann":
+            return hann_window(size, device)
+        return torch.ones(size, device=device)
+
+    def check_scale(self, scale: tuple[int, int, int]) -> None:
+        """A ConfigError unless every patch falls on the grid ``scale`` times coarser than the input."""
+        for location in self.locations:
+            if any(int(v) % s for v, s in zip(location, scale + scale)):
+                raise ConfigError("patch", f"the result is {scale} times coarser than the input, and patch "
+                                           f"{location[:3].tolist()}–{location[3:].tolist()} does not fall on that "
+                                           f"grid: choose input size, patch size and overlap multiples of {scale}")
+
+    def chunks(self, batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.locations), batch_size):
+            yield self.locations[start:start + batch_size]
+
+
+def hann_window(size: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+    """torchio's n-d Hann window (``GridAggregator._get_hann_window``: the product of 1-d
+    windows of ``n + 2`` points without their zero ends), made on ``device``."""
+    window = torch.ones((1,) * len(size), device=device)
+    for axis, n in enumerate(size):
+        shape = [1] * len(size)
+        shape[axis] = n
+        window = window * torch.hann_window(n + 2, periodic=False, device=device)[1:-1].view(shape)
+    return window
+
+
+class Blend:
+    """Local mode's blending of patch results ``(P, K, *patch)`` into one ``(K, *shape)`` map,
+    ``Σ w·patch / Σ w`` per voxel with ``w`` the grid's window: the arithmetic of torchio's
+    ``GridAggregator`` (``average``: ``w = 1``; ``hann``), on the device of the first results
+    (``scale``: results that many times coarser than the input per axis)."""
+
+    def __init__(self, grid: Grid, scale: tuple[int, int, int], like: torch.Tensor):
+        grid.check_scale(scale)
+        self.grid, self.scale = grid, scale
+        self.window = grid.window(scale, like.device)
+        shape = tuple(n // s for n, s in zip(grid.shape, scale))
+        self.total = torch.zeros(like.shape[1], *shape, dtype=like.dtype, device=like.device)
+        self.weight = torch.zeros(shape, dtype=self.window.dtype, device=like.device)
+
+    def add(self, results: torch.Tensor, locations: np.ndarray) -> None:
+        """Add the results ``(P, K, *patch)`` of the patches at ``locations`` (input grid)."""
+        for result, location in zip(results, locations):
+            region = self.grid.slices(location, self.scale)[2:]
+            self.total[(slice(None),) + region] += result * self.window
+            self.weight[region] += self.window
+
+    def output(self) -> torch.Tensor:
+        return self.total / self.weight
+
+
+def _patches(x5: torch.Tensor, grid: Grid, locations: np.ndarray) -> torch.Tensor:
+    """The patches of every item of ``x5``, item-major: ``(B * len(locations), C, *size)``, so a
+    method that splits its batch in halves (DeepLift: inputs, then baselines) still can."""
+    return torch.stack([x5[grid.slices(loc)] for loc in locations], 1).flatten(0, 1)
+
+
+def _per_patch(y: torch.Tensor, n_patches: int) -> torch.Tensor:
+    """``(B * P, K, *size)`` item-major → ``(P, B, K, *size)``."""
+    return y.unflatten(0, (-1, n_patches)).transpose(0, 1)
+
+
+def _scale(grid: Grid, result: torch.Tensor) -> tuple[int, int, int]:
+    """How many input voxels one result voxel covers per axis (1 at input resolution)."""
+    spatial = tuple(result.shape[2:])
+    if len(spatial) != 3 or any(p % r for p, r in zip(grid.size, spatial)):
+        raise ConfigError("patch", f"a patch of size {list(grid.size)} gave a result of shape {list(result.shape)}, "
+                                   "not on a grid aligned with the patch: this method cannot be patched")
+    return tuple(p // r for p, r in zip(grid.size, spatial))
+
+
+class Stitched(nn.Module):
+    """Sliding-window inference: ``model`` run patch by patch, outputs blended into one prediction.
+
+    The blend is ``Σ_j w_j · out_j / Σ_j w_j`` over the patches ``j`` covering a voxel, with
+    ``w`` the grid's window (torchio's ``average`` or ``hann``). Gradients flow through
+    :class:`_StitchFunction`, which recomputes the patches one batch at a time.
+    """
+
+    def __init__(self, model: nn.Module, grid: Grid, dims: int, batch_size: int, output_key: Any = None):
+        super().__init__()
+        self.model = model
+        self.grid = grid
+        self.dims = dims
+        self.batch_size = batch_size
+        self.output_key = output_key
+        self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StitchFunction.apply(x, self)
+
+    @staticmethod
+    def build_wrapper(model: Stitched, x: torch.Tensor, wrapper: WrapperConfig,
+                      base_dir: Path | None = None) -> nn.Module:
+        """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
+        score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
+        wrapped = build(model, x, wrapper, base_dir)
+        if isinstance(wrapped.score, MaskedScore):
+            return _StitchedScore(model, wrapped.score, wrapped.unperturbed)
+        return wrapped
+
+    def weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch window, sum of windows over the volume), on ``device``."""
+        if self._weights is None or self._weights[0].device != device:
+            window = self.grid.window(device=device)
+            total = torch.zeros(self.grid.shape, device=device)
+            for loc in self.grid.locations:
+                total[self.grid.slices(loc)[2:]] += window
+            self._weights = (window, total)
+        return self._weights
+
+    def outputs(self, patches: torch.Tensor) -> torch.Tensor:
+        """The model's segmentation output on a batch of volume-view patches, as a volume view."""
+        out = select_output(self.model(from_volume(patches, self.dims)), self.output_key)
+        out = to_volume(out)
+        if tuple(out.shape[2:]) != tuple(patches.shape[2:]):
+            raise ConfigError("patch.mode", f"global mode stitches outputs at the input's resolution; the model "
+                                            f"maps a patch {list(patches.shape[2:])} to {list(out.shape[2:])}: "
+                                            "use mode 'local'")
+        return out
+
+    def assemble(self, x: torch.Tensor) -> torch.Tensor:
+        """The stitched prediction on ``x`` (no gradients kept)."""
+        x5, n = to_volume(x), x.shape[0]
+        window, total = self.weights(x.device)
+        out = None
+        # Module hooks (DeepLift, guided backprop...) set tensor hooks, which need a graph: then
+        # each patch batch builds one, dropped at once.
+        graph = x.requires_grad and _hooked(self.model)
+        with torch.no_grad():
+            for chunk in self.grid.chunks(self.batch_size):
+                with torch.set_grad_enabled(graph):
+                    y = self.outputs(_patches(x5, self.grid, chunk).requires_grad_(graph)).detach()
+                if out is None:
+                    out = torch.zeros(n, y.shape[1], *self.grid.shape, dtype=y.dtype, device=y.device)
+                for loc, y_patch in zip(chunk, _per_patch(y, len(chunk))):
+                    out[self.grid.slices(loc)] += y_patch * window
+            out /= total
+        return from_volume(out, self.dims)
+
+    def backprop(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """d(Σ grad_out · stitched(x))/dx, one patch batch at a time."""
+        x5, g5 = to_volume(x.detach()), to_volume(grad_out)
+        window, total = self.weights(x.device)
+        grad = torch.zeros_like(x5)
+        for chunk in self.grid.chunks(self.batch_size):
+            patches = _patches(x5, self.grid, chunk).requires_grad_(True)
+            share = torch.stack([g5[self.grid.slices(loc)] * (window / total[self.grid.slices(loc)[2:]])
+                                 for loc in chunk], 1).flatten(0, 1)
+            with torch.enable_grad():
+                y = self.outputs(patches)
+                (g,) = torch.autograd.grad(y, patches, share.to(y.dtype))
+            for loc, g_patch in zip(chunk, _per_patch(g, len(chunk))):
+                grad[self.grid.slices(loc)] += g_patch
+        return from_volume(grad, self.dims)
+
+
+    def score_backprop(self, x: torch.Tensor, out: torch.Tensor, score: nn.Module,
+                       grad_score: torch.Tensor) -> torch.Tensor:
+        """d(Σ grad_score · score(stitched(x)))/dx for a voxel-wise masked score, one patch batch
+        at a time: the score's gradient w.r.t. the stitched output is taken on each patch's region."""
+        x5, o5 = to_volume(x.detach()), to_volume(out)
+        window, total = self.weights(x.device)
+        grad = torch.zeros_like(x5)
+        for chunk in self.grid.chunks(self.batch_size):
+            shares = []
+            for loc in chunk:
+                region = self.grid.slices(loc)
+                with torch.enable_grad():
+                    o = o5[region].detach().requires_grad_(True)
+                    s = _region_score(score, o, region)
+                    (g,) = torch.autograd.grad(s, o, grad_score.to(s.dtype))
+                shares.append(g * (window / total[region[2:]]))
+            patches = _patches(x5, self.grid, chunk).requires_grad_(True)
+            with torch.enable_grad():
+                y = self.outputs(patches)
+                (g,) = torch.autograd.grad(y, patches, torch.stack(shares, 1).flatten(0, 1).to(y.dtype))
+            for loc, g_patch in zip(chunk, _per_patch(g, len(chunk))):
+                grad[self.grid.slices(loc)] += g_patch
+        return from_volume(grad, self.dims)
+
+
+def _region_score(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+    """A :class:`esegeta.attribution.wrappers.MaskedScore`'s value restricted to ``region`` of the volume
+    view (``out`` is the output there): its voxel sum is the score's share of that region."""
+    masks = to_volume(score.masks)
+    weighted = score.activation(out).index_select(1, score.channels) * masks[region]
+    value = weighted.sum(dim=tuple(range(2, weighted.ndim)))
+    if score.reduction == "mean":
+        value = value / masks.sum(dim=tuple(range(2, masks.ndim))).clamp_min(1.0)
+    return value
+
+
+def _slab_score(score: nn.Module, out: torch.Tensor, thickness: int) -> torch.Tensor:
+    """The score of the whole stitched output, summed over slabs (no whole-input temporaries)."""
+    o5 = to_volume(out)
+    return sum(_region_score(score, o5[:, :, start:start + thickness], (slice(None), slice(None),
+                                                                         slice(start, start + thickness)))
+               for start in range(0, o5.shape[2], thickness))
+
+
+class _StitchedScore(nn.Module):
+    """A built-in wrapper's score (:class:`esegeta.attribution.wrappers.MaskedScore`) of the stitched
+    prediction. The score is a sum over voxels, so its backward needs the stitched output
+    (kept, without a graph) and, per patch, the score's gradient on that patch's region: the
+    activation, masked product and their gradients never exist at the whole input's size."""
+
+    def __init__(self, model: Stitched, score: nn.Module, unperturbed: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.score = score
+        self.unperturbed = unperturbed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _hooked(self.score):  # a method hooks the wrapper's activation (DeepLift): the plain graph
+            return self.score(self.model(x))
+        return _StitchedScoreFunction.apply(x, self)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a method has set hooks on ``module`` or its submodules."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
+
+
+class _StitchedScoreFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, wrapped: _StitchedScore) -> torch.Tensor:
+        out = wrapped.model.assemble(x)
+        ctx.save_for_backward(x)
+        ctx.out, ctx.wrapped = out, wrapped
+        return _slab_score(wrapped.score, out, int(wrapped.model.grid.size[0]))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_score: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        wrapped = ctx.wrapped
+        return wrapped.model.score_backprop(x, ctx.out, wrapped.score, grad_score), None
+
+
+class _StitchFunction(torch.autograd.Function):
+    """Stitched forward without a graph; backward recomputes each patch batch (checkpointing)."""
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stitched: Stitched) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.stitched = stitched
+        return stitched.assemble(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.stitched.backprop(x, grad_out), None
+
+
+class Whole:
+    """No patching: the inner call on the whole input."""
+
+    def __call__(self, inner: CallFn, request: Request, model: nn.Module, x: torch.Tensor, **kw: Any) -> Outcome:
+        return inner(request, model, x, **kw)
+
+
+@dataclass(frozen=True)
+class Local:
+    """Each patch explained as an input of its own, the results blended (:class:`Blend`).
+
+    A region mask is cropped to each patch (one patch per call then). There is one score per
+    patch, so none is returned, nor extra outputs."""
+    patch: PatchConfig
+
+    def __call__(self, inner: CallFn, request: Request, model: nn.Module, x: torch.Tensor, *,
+                 base_dir: Path | None = None, **kw: Any) -> Outcome:
+        if request.spec.kind == "image":
+            raise ConfigError("patch", f"{request.spec.id} draws an image of its own, not aligned with the input: "
+                                       "remove 'patch'")
+        grid = Grid.over(tuple(x.shape[2:]), list(self.patch.size), self.patch.overlap, self.patch.blend)
+        wrapper = request.wrapper
+        mask = region_mask(wrapper.mask, base_dir, x.device) if wrapper is not None and wrapper.mask is not None else None
+        batch_size = 1 if mask is not None else self.patch.batch_size
+        one = request.replace(patch=None)
+        dims = x.ndim - 2
+        results = []
+        for i in range(x.shape[0]):
+            x5 = to_volume(x[i:i + 1])
+            blend = None
+            for chunk in grid.chunks(batch_size):
+                patches = from_volume(_patches(x5, grid, chunk), dims)
+                crop = None if mask is None else _crop(mask, grid, chunk[0])
+                attr = inner(one, model, patches, base_dir=base_dir, samples=patches,
+                             build_wrapper=partial(build, mask=crop)).result
+                attr5 = to_volume(attr) if attr.ndim == dims + 2 else attr
+                if blend is None:
+                    blend = Blend(grid, _scale(grid, attr5), attr5)
+                blend.add(attr5, chunk)
+            results.append(from_volume(blend.output()[None], dims))
+        return Outcome(torch.cat(results))
+
+
+def _crop(mask: torch.Tensor, grid: Grid, location: np.ndarray) -> torch.Tensor:
+    """A region mask cropped to the patch at ``location``."""
+    cropped = mask.reshape(grid.shape)[grid.slices(location)[2:]]
+    return cropped.reshape(cropped.shape[:mask.ndim])
+
+
+@dataclass(frozen=True)
+class Global:
+    """The wrapper's score of the stitched whole-input prediction (:class:`Stitched`), computed
+    patch by patch; the score and extra outputs are those of the first input."""
+    patch: PatchConfig
+
+    def __call__(self, inner: CallFn, request: Request, model: nn.Module, x: torch.Tensor, **kw: Any) -> Outcome:
+        grid = Grid.over(tuple(x.shape[2:]), list(self.patch.size), self.patch.overlap, self.patch.blend)
+        check_global(request.spec, request.wrapper)
+        stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size, request.wrapper.output)
+        # input-resolution attributions only (check_global): no layer to find on the stitched model
+        return inner(request.replace(patch=None, layer=None), stitched, x,
+                     **{**kw, "build_wrapper": Stitched.build_wrapper})
+
+
+def strategy(patch: PatchConfig | None) -> Whole | Local | Global:
+    """How a request with ``patch`` is computed around its upstream call."""
+    if patch is None:
+        return Whole()
+    return Global(patch) if patch.mode == "global" else Local(patch)
+
+
+def check_global(spec: MethodSpec, wrapper: Any, where: str = "patch.mode") -> None:
+    """A ConfigError unless ``spec`` can explain a stitched, wrapped prediction."""
+    if wrapper is None:
+        raise ConfigError(where, "global mode explains a wrapper's score of the stitched segmentation: set a "
+                                 "wrapper, or use mode 'local'")
+    if spec.kind != "attribution":
+        raise ConfigError(where, f"global mode runs input-resolution attributions; {spec.id} is a {spec.kind} "
+                                 "method: use mode 'local'")

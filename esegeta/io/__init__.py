@@ -1,0 +1,1 @@
+"""Files in and out: loading inputs and models, streamed datasets, attribution stores, atomic writes."""

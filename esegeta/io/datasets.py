@@ -1,0 +1,208 @@
+"""A run's inputs as a stream: listed up front, loaded a few at a time, never all in memory.
+
+A plan lists its inputs as :class:`InputRef`\\ s (name, index, where from); a job loads the few
+it explains (:meth:`InputRef.load`) through a small cache of recently loaded inputs, sized in
+bytes (:data:`CACHE_BYTES`), so the methods run one after the other on one input read it once.
+Two sources:
+
+- **files** (``inputs.paths``): files, globs and folders, thousands of them; listing reads none.
+- **a dataset** (``inputs.dataset``: ``file.py:callable`` or ``module:callable``, called with
+  ``inputs.dataset_kwargs``): a map-style torch ``Dataset`` (``__len__``, ``__getitem__``)
+  whose items are an input (tensor or array, with or without its channel axis), an
+  ``(input, label, ...)`` sequence, or a mapping with ``"input"`` (or ``"image"``) and
+  ``"label"``. Inputs are named ``item-00000``, ``item-00001``...; the label of each reaches
+  the manifest (``inputs[].label``, ``runs[].input_label``) and the attribution store.
+
+:func:`scan` reads every input once, one at a time, for what a plan needs of all of them (the
+resume digest, the shape that groups inputs into batches, finiteness and the label).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from esegeta.errors import ConfigError
+from esegeta.io.loading import InputItem, expand_paths, input_names, load_callable, load_input, preprocess, to_tensor
+from esegeta.io.resume import tensor_digest
+from esegeta.io.outputs import unique_names
+
+log = logging.getLogger("esegeta")
+#: Bytes of recently loaded inputs kept for the next job on them (one input's methods run in a row).
+CACHE_BYTES = 256 * 2**20
+
+
+class _Cache:
+    """Loaded inputs by index, least recently used dropped first past ``budget`` bytes."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = CACHE_BYTES if budget is None else budget
+        self._items: OrderedDict[int, InputItem] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, index: int, load) -> InputItem:
+        with self._lock:
+            item = self._items.get(index)
+            if item is not None:
+                self._items.move_to_end(index)
+                return item
+        item = load(index)
+        size = item.tensor.element_size() * item.tensor.nelement()
+        with self._lock:
+            if index not in self._items and size <= self.budget:
+                self._items[index] = item
+                self._bytes += size
+                while self._bytes > self.budget:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= old.tensor.element_size() * old.tensor.nelement()
+        return item
+
+
+class FileSource:
+    """Inputs from ``inputs.paths``: names from the file names, made safe and unique."""
+
+    def __init__(self, cfg: dict, base_dir: Path | None):
+        self.cfg = cfg
+        self.paths = expand_paths(cfg["paths"], base_dir)
+        self.names = unique_names(input_names(self.paths))
+        self.cache = _Cache()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> InputItem:
+        return self.cache.get(index, lambda k: load_input(self.paths[k], self.cfg, self.names[k]))
+
+
+class DatasetSource:
+    """Inputs from ``inputs.dataset``: a map-style torch ``Dataset``."""
+
+    def __init__(self, cfg: dict, base_dir: Path | None):
+        ref = cfg["dataset"]
+        make = load_callable(ref, base_dir, "inputs.dataset")
+        try:
+            dataset = make(**cfg.get("dataset_kwargs", {}))
+        except Exception as exc:
+            where = "inputs.dataset_kwargs" if cfg.get("dataset_kwargs") else "inputs.dataset"
+            raise ConfigError(where, f"calling {ref} failed: {type(exc).__name__}: {exc}") from exc
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise ConfigError("inputs.dataset", f"{ref} returned {type(dataset).__name__}, not a map-style torch "
+                                                "Dataset (with __len__ and __getitem__)")
+        if len(dataset) == 0:
+            raise ConfigError("inputs.dataset", f"{ref} returned an empty dataset")
+        self.cfg, self.ref, self.dataset = cfg, ref, dataset
+        width = max(5, len(str(len(dataset) - 1)))
+        self.names = [f"item-{k:0{width}d}" for k in range(len(dataset))]
+        self.paths = [Path(f"{ref}[{k}]") for k in range(len(dataset))]
+        self.cache = _Cache()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, index: int) -> InputItem:
+        return self.cache.get(index, self._load)
+
+    def _load(self, index: int) -> InputItem:
+        x, label = split_item(self.dataset[index], f"{self.ref}[{index}]")
+        array = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+        tensor = to_tensor(array, self.cfg["spatial_dims"], False, self.paths[index],
+                           self.cfg.get("channel_axis", "auto"))
+        return InputItem(self.names[index], self.paths[index], preprocess(tensor, self.cfg),
+                         channels_last=self.cfg.get("channel_axis") == "last", label=plain_label(label))
+
+
+def split_item(raw: Any, where: str) -> tuple[Any, Any]:
+    """(input, label or None) of one dataset item."""
+    if isinstance(raw, dict):
+        key = next((k for k in ("input", "image", "x") if k in raw), None)
+        if key is None:
+            raise ConfigError("inputs.dataset", f"{where} is a mapping without an 'input' (or 'image') entry: "
+                                                f"keys {sorted(map(str, raw))}")
+        return raw[key], raw.get("label", raw.get("target"))
+    if isinstance(raw, (tuple, list)):
+        if not raw:
+            raise ConfigError("inputs.dataset", f"{where} is an empty sequence")
+        return raw[0], raw[1] if len(raw) > 1 else None
+    return raw, None
+
+
+def plain_label(label: Any) -> Any:
+    """A label as JSON can hold it: a number or string (a one-element tensor/array as its value)."""
+    if label is None or isinstance(label, (bool, int, float, str)):
+        return label
+    if torch.is_tensor(label) or isinstance(label, (np.ndarray, np.generic)):
+        value = np.asarray(label.detach().cpu() if torch.is_tensor(label) else label)
+        return value.item() if value.size == 1 else value.tolist()
+    return str(label)
+
+
+@dataclass(eq=False)
+class InputRef:
+    """One input of a run, not loaded: :meth:`load` reads it (cached briefly); ``shape``,
+    ``digest``, ``finite`` and ``label`` are known after :func:`scan`. Attributes of
+    :class:`~esegeta.io.loading.InputItem` (``tensor``, ``affine``, ``own_order``...) load it."""
+    name: str
+    index: int
+    path: Path
+    source: Any = field(repr=False)
+    shape: tuple[int, ...] | None = None
+    digest: str | None = None
+    finite: bool = True
+    label: Any = None
+
+    def load(self) -> InputItem:
+        return self.source.load(self.index)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.load().tensor
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or "source" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.load(), name)
+
+
+def source(cfg: dict, base_dir: Path | None) -> FileSource | DatasetSource:
+    """The source ``inputs`` names (``cfg``: the section as a dict)."""
+    return DatasetSource(cfg, base_dir) if cfg.get("dataset") else FileSource(cfg, base_dir)
+
+
+def refs(src: FileSource | DatasetSource) -> list[InputRef]:
+    return [InputRef(name, k, path, src) for k, (name, path) in enumerate(zip(src.names, src.paths))]
+
+
+def scan(inputs: list[InputRef]) -> None:
+    """Read every input once, one at a time: its digest (the resume key), shape, finiteness, label."""
+    for ref in inputs:
+        if ref.digest is not None:
+            continue
+        item = ref.load()
+        ref.shape, ref.digest = tuple(item.tensor.shape), tensor_digest([item.tensor])
+        ref.finite, ref.label = bool(torch.isfinite(item.tensor).all()), item.label
+
+
+def samples_digest(inputs: list[InputRef]) -> str:
+    """A digest of the inputs shaped like the first (what methods that fit on data read)."""
+    h = hashlib.sha256()
+    for ref in inputs:
+        if ref.shape == inputs[0].shape:
+            h.update(ref.digest.encode())
+    return h.hexdigest()
+
+
+def samples(inputs: list[InputRef]) -> torch.Tensor:
+    """The inputs shaped like the first, as one batch (for methods that fit on data: all in memory)."""
+    def shape(ref) -> tuple[int, ...]:
+        return getattr(ref, "shape", None) or tuple(ref.tensor.shape)
+
+    first = shape(inputs[0])
+    return torch.cat([ref.tensor for ref in inputs if shape(ref) == first])

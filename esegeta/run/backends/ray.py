@@ -1,0 +1,168 @@
+"""``runtime.backend: "ray"``: a run's jobs on a Ray cluster, through Ray Data.
+
+The jobs (one method on one input, or on a batch of same-shaped inputs) become the rows of a
+Ray dataset, repartitioned so that every actor gets work; ``map_batches`` sends them to a pool
+of actors (:class:`Explainer`), each of which builds its own model and prepared replica from
+the config (never in the driver, which would hold a second copy: the driver checks the config
+on the CPU and holds no GPU memory; on CUDA one GPU per actor, with ``batch_size`` given
+explicitly as Ray requires), computes exactly what a local worker
+computes (:func:`esegeta.run.job.compute`: same seeds, same retry policy, same verdicts) and
+returns the results. The driver streams them back and hands each to the run's writer, the
+output folder's one owner: outputs, manifest and ``--resume`` are those of a local run.
+
+Actors: one per GPU of the cluster when ``runtime.devices`` names CUDA, else
+``runtime.threads_per_device``, each using its share of the cluster's CPUs. They end, and
+release their memory (CUDA caches emptied after each job), when the dataset is consumed.
+``runtime.ray_address`` joins a running cluster (``"auto"``, ``"ray://host:10001"``; esegeta
+and the model's files must be importable there); without it a local cluster is started for the
+run and shut down after it. A cluster already initialised in this process is used as it is.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from esegeta.spec import config as config_mod
+from esegeta.io import datasets
+from esegeta.run.executor import Worker
+from esegeta.io.loading import load_model
+from esegeta.run.plan import Plan
+from esegeta.attribution.prepare import prepared
+from esegeta.spec.config import resolve
+from esegeta.attribution import numerics
+from esegeta.run.executor import _job_warnings
+from esegeta.run.plan import Job
+from esegeta.run.job import compute
+
+log = logging.getLogger("esegeta")
+
+
+class Explainer:
+    """A Ray actor: one model replica; ``__call__`` computes a batch of jobs (rows)."""
+
+    def __init__(self, config: dict, base_dir: str | None, indices: list[int], device: str, threads: int):
+        import torch
+
+
+        torch.set_num_threads(max(1, threads))
+        cfg = config_mod.parse(config)
+        base = Path(base_dir) if base_dir else None
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
+        model = load_model(cfg.model.model_dump(), base)
+        inputs = datasets.refs(datasets.source(cfg.inputs.model_dump(), base))
+        ready = prepared(model, inputs[0].tensor.to(self.device))
+        entries = [resolve(cfg.methods[i], cfg, i) for i in indices]
+        self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries)
+        self.worker = Worker(self.device, model, inputs, ready)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+
+        payloads = []
+        for text in batch["job"]:
+            spec = json.loads(str(text))
+            for k, label in zip(spec["inputs"], spec["labels"]):  # the driver's scan read them
+                self.plan.inputs[k].label = label
+            job = Job(spec["position"], self.plan.entries[spec["position"]],
+                      [(k, self.plan.inputs[k]) for k in spec["inputs"]], spec["keys"], [self.device])
+            try:
+                with numerics.fp32_numerics(self.plan.config.runtime.tf32), _job_warnings():
+                    payloads.append(pickle.dumps(("done", compute(self.plan, job, self.worker))))
+            except Exception as exc:  # noqa: BLE001 (recorded failed by the driver, as a local worker does)
+                payloads.append(pickle.dumps(("error", f"{type(exc).__name__}: {exc}")))
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return {"id": np.asarray(batch["id"]), "payload": np.array(payloads, dtype=object)}
+
+
+def _actors(devices: list, threads_per_device: int) -> tuple[int, int, str]:
+    """(actors, GPUs per actor, device name in an actor)."""
+    import ray
+
+    if any(d.type == "cuda" for d in devices):
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus:
+            return gpus, 1, "cuda"
+        log.warning("ray: the cluster has no GPU: the actors run on its CPUs")
+    return max(1, threads_per_device), 0, "cpu"
+
+
+def run(plan: Any, jobs: list, on_done: Callable[[Any, Any], None], on_error: Callable[[Any, BaseException], None]
+        ) -> None:
+    """``on_done(job, computed)`` (or ``on_error``) for every job, computed by Ray actors."""
+    import ray
+
+    rt = plan.config.runtime
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if rt.ray_address:
+            ray.init(address=rt.ray_address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        _run(plan, jobs, on_done, on_error)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _RayJobFailed(RuntimeError):
+    pass
+
+
+def _run(plan: Any, jobs: list, on_done, on_error) -> None:
+    import ray
+    import ray.data
+
+    if not jobs:
+        return
+    rt = plan.config.runtime
+    actors, gpus, device = _actors(plan.devices, rt.threads_per_device)
+    # a CPU actor's share of the threads: on a cluster of its own, that of a local worker
+    import torch
+
+    cpus = torch.get_num_threads() if not rt.ray_address else int(ray.cluster_resources().get("CPU", 1))
+    threads = max(1, cpus // actors) if device == "cpu" else 1
+    rows = [{"id": n, "job": json.dumps({"position": j.position, "inputs": [k for k, _ in j.items], "keys": j.keys,
+                                         "labels": [item.label for _, item in j.items]})} for n, j in enumerate(jobs)]
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    ctx.execution_options.verbose_progress = False
+    # enough blocks that every actor has work (Ray's advice: repartition for the actor pool)
+    dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), actors * 8))
+    config = plan.config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    results = dataset.map_batches(
+        Explainer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
+        num_cpus=1 if device == "cpu" else 0,
+        fn_constructor_kwargs={"config": config, "base_dir": str(plan.base_dir) if plan.base_dir else None,
+                               "indices": [e.index for e in plan.entries], "device": device, "threads": threads})
+    log.info("ray: %d job(s) on %d actor(s) (%s, %d thread(s) each)", len(jobs), actors, device, threads)
+    done: set[int] = set()
+    try:
+        for row in results.iter_rows():
+            job = jobs[int(row["id"])]
+            done.add(int(row["id"]))
+            status, value = pickle.loads(row["payload"])
+            try:
+                if status == "done":
+                    on_done(job, value)
+                else:
+                    on_error(job, _RayJobFailed(value))
+            except Exception as exc:  # noqa: BLE001 (as a local worker: the job is recorded failed)
+                on_error(job, exc)
+    except Exception as exc:  # noqa: BLE001 (the cluster failed: every job not back is recorded failed)
+        log.error("ray: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        for n, job in enumerate(jobs):
+            if n not in done:
+                on_error(job, RuntimeError(f"the Ray backend failed: {type(exc).__name__}: "
+                                           f"{(str(exc).splitlines() or [''])[0]}"))

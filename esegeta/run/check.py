@@ -1,0 +1,390 @@
+"""``esegeta check CONFIG``: will each method of a config work, before a long run?
+
+Loads the model and the first input, runs one forward pass on the prepared copy (with a
+hook on every module to see layer output shapes and activation sizes) and then, for each
+method entry, collects every problem instead of stopping at the first: unknown id or
+parameter, unavailable library, 2D/3D support, classifier/segmenter fit, the layer and its
+output shape, the wrapper and target, LRP rules for every leaf layer. It reports what the
+prepared copy fixed (reused and in-place ReLUs) and an estimate of each method's peak
+memory. It runs no attribution. The config itself (JSON, model, inputs) must be valid:
+otherwise :class:`~esegeta.errors.ConfigError` as for ``validate``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from esegeta.attribution import architectures, numerics
+from esegeta.spec import config as config_mod, cost
+from esegeta.run import plan as planning
+from esegeta.spec import params as params_mod
+from esegeta.evaluation.catalogue import estimate
+from esegeta.attribution.patcher import Grid
+from esegeta.adapters import zennit as zennit_adapter
+from esegeta.spec.registry import Call
+
+
+@dataclass
+class MethodCheck:
+    """One method entry's verdict: ``ok`` if no problem was found."""
+    index: int
+    label: str
+    id: str
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    layer_shape: list[int] | None = None
+    batch: int = 1
+    memory_bytes: int | None = None
+    forward_rows: int | None = None
+    backward_rows: int | None = None
+    passes_exact: bool = True
+    seconds: float | None = None
+    cost_note: str = ""
+
+    def problem(self, message: str) -> None:
+        self.ok = False
+        self.problems.append(message)
+
+    def cost_text(self) -> str:
+        """``"~50,000 passes, ~12 min"`` per input, or what cannot be known."""
+        if self.forward_rows is None:
+            return "passes: cannot know before running" + (f" ({self.cost_note})" if self.cost_note else "")
+        total = self.forward_rows + (self.backward_rows or 0)
+        approx = "" if self.passes_exact else "~"
+        detail = f" ({self.forward_rows:,} forward + {self.backward_rows or 0:,} backward)" if self.backward_rows else ""
+        return f"{approx}{total:,} passes{detail}, {cost.duration_text(self.seconds)} per input"
+
+
+@dataclass
+class CheckReport:
+    """Everything ``esegeta check`` found; ``exit_code`` 0 if every method will run, else 1."""
+    config: str
+    model: str
+    device: str
+    input: str
+    input_shape: list[int]
+    output_shape: Any
+    forward_seconds: float
+    prepared_changes: list[str]
+    activation_bytes: int
+    weight_bytes: int
+    methods: list[MethodCheck]
+    available_bytes: int | None = None
+    row_seconds: float | None = None
+    evaluation: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if all(m.ok for m in self.methods) else 1
+
+    @property
+    def heaviest(self) -> MethodCheck | None:
+        """The method that will run with the largest estimated peak memory."""
+        sized = [m for m in self.methods if m.ok and m.memory_bytes is not None]
+        return max(sized, key=lambda m: m.memory_bytes) if sized else None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        heaviest = self.heaviest
+        data["heaviest"] = heaviest.label if heaviest else None
+        data["exit_code"] = self.exit_code
+        return data
+
+    def text(self) -> str:
+        lines = [f"{self.config}: model {self.model} on {self.device}; input {self.input} {self.input_shape} -> "
+                 f"output {self.output_shape}; one forward pass {self.forward_seconds * 1000:.2f} ms",
+                 f"activations of one forward: {_size(self.activation_bytes)}; weights {_size(self.weight_bytes)}"]
+        lines += [f"prepared copy: {c}" for c in self.prepared_changes] or ["prepared copy: nothing to fix"]
+        lines.append(f"memory available on {self.device}: "
+                     + (_size(self.available_bytes) if self.available_bytes is not None else "cannot know"))
+        lines.append("")
+        for m in self.methods:
+            memory = f"~{_size(m.memory_bytes)}" if m.memory_bytes is not None else "?"
+            shape = f" layer output {m.layer_shape}" if m.layer_shape else ""
+            lines.append(f"[{'ok' if m.ok else 'NO'}] methods[{m.index}] {m.label} ({m.id}): {m.cost_text()}; "
+                         f"est. peak {memory} (batch {m.batch}){shape}")
+            lines += [f"      problem: {p}" for p in m.problems]
+            lines += [f"      note: {n}" for n in m.notes]
+        heaviest = self.heaviest
+        if heaviest is not None:
+            lines.append(f"\nheaviest method: {heaviest.label}, estimated peak {_size(heaviest.memory_bytes)}")
+        lines += self.evaluation
+        good = sum(m.ok for m in self.methods)
+        lines.append(f"{good}/{len(self.methods)} method(s) will run")
+        lines.append("(check runs no attribution: a failure inside a library on this model, or a result's "
+                     "values, cannot be known before running; times are estimates from one forward pass)")
+        return "\n".join(lines)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _tensor_bytes(value: Any) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def _shape(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return list(value.shape)
+    if isinstance(value, (tuple, list)):
+        return [_shape(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def check(config: str | Path | dict, *, base_dir: str | Path | None = None, device: str | None = None) -> CheckReport:
+    """Pre-flight report for ``config`` (a path or a dict); see the module docstring."""
+    if isinstance(config, dict):
+        cfg, base = config_mod.parse(config), Path(base_dir).resolve() if base_dir else Path.cwd()
+    else:
+        cfg, base = config_mod.read(config)
+    with numerics.fp32_numerics(cfg.runtime.tf32):  # the forward pass as the run computes it
+        plan = planning.plan(cfg, base, device=device, every_entry=True)
+        x = plan.inputs[0].tensor.to(plan.device)
+        forward = _forward_pass(plan.ready, x)
+        forward.seconds, forward.ready = _timed_forward(plan.ready, x), plan.ready
+        available = available_memory(plan.device)
+        checks = [_method_check(plan, i, x, forward, available) for i in range(len(cfg.methods))]
+    item = plan.inputs[0]
+    return CheckReport(
+        config=str(config) if not isinstance(config, dict) else "<dict>", model=type(plan.model).__name__,
+        device=str(plan.device), input=item.name, input_shape=list(item.tensor.shape[1:]),
+        output_shape=forward.output_shape, forward_seconds=round(forward.seconds, 6),
+        prepared_changes=list(plan.ready.changes), activation_bytes=forward.activation_bytes,
+        weight_bytes=forward.weight_bytes, methods=checks, available_bytes=available,
+        row_seconds=forward.seconds / max(1, x.shape[0]),
+        evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds, plan.model))
+
+
+@dataclass
+class _Forward:
+    """What one forward pass of the prepared copy showed: each module's output shape, sizes, time."""
+    layer_shapes: dict[str, Any]
+    output_shape: Any
+    activation_bytes: int
+    weight_bytes: int
+    seconds: float
+    ready: nn.Module | None = None
+    row_seconds: dict[int, float] = field(default_factory=dict)
+
+
+def _forward_pass(ready: nn.Module, x: torch.Tensor) -> _Forward:
+    shapes: dict[str, Any] = {}
+    leaf_bytes = 0
+
+    def record(name: str, module: nn.Module, output: Any) -> None:
+        nonlocal leaf_bytes
+        shapes[name] = _shape(output)
+        if not list(module.children()):
+            leaf_bytes += _tensor_bytes(output)
+
+    handles = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, o))
+               for name, m in ready.model.named_modules() if name]
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = ready(x)
+        seconds = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    weight_bytes = sum(_tensor_bytes(p) for p in ready.parameters()) + sum(_tensor_bytes(b) for b in ready.buffers())
+    return _Forward(shapes, _shape(out), leaf_bytes + _tensor_bytes(x) + _tensor_bytes(out), weight_bytes, seconds)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a run on ``device`` now (CUDA: the driver's free memory; CPU: the system's
+    available memory), or None when it cannot be known."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            try:
+                import psutil
+
+                return int(psutil.virtual_memory().available)
+            except ImportError:
+                with open("/proc/meminfo", encoding="ascii") as meminfo:
+                    for line in meminfo:
+                        if line.startswith("MemAvailable:"):
+                            return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
+def _timed_forward(ready: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Seconds of one forward pass on ``x`` without hooks: the fastest of ``repeats`` after a warm-up."""
+    best = float("inf")
+    with torch.no_grad():
+        ready(x)
+        for _ in range(repeats):
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            ready(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _row_seconds(forward: _Forward, x: torch.Tensor, batch: int) -> float:
+    """Seconds of one input row at the method's batch (rows in a batch are cheaper than alone):
+    one timed forward of ``min(batch, 16)`` copies, remembered per batch size."""
+    b = max(1, min(batch, ROW_BATCH_CAP))
+    if b not in forward.row_seconds:
+        if b == 1 or forward.ready is None:
+            forward.row_seconds[b] = forward.seconds / max(1, x.shape[0])
+        else:
+            forward.row_seconds[b] = _timed_forward(forward.ready, x[:1].expand(b, *x.shape[1:]).contiguous(), 1) / b
+    return forward.row_seconds[b]
+
+
+#: The largest batch timed to estimate a row's time (more copies cost memory, and time, in check).
+ROW_BATCH_CAP = 16
+
+
+def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patch=None,
+           entry_wrapper: bool = False) -> None:
+    """Passes per input and the time they take at the measured speed of one forward row."""
+    try:
+        passes = cost.expected_passes(spec, dict(entry.params), x, noise_tunnel=entry.noise_tunnel,
+                                      layer_shape=c.layer_shape if isinstance(c.layer_shape, list) else None)
+    except Exception as exc:  # noqa: BLE001 (a formula that cannot read these values: say so)
+        c.cost_note = f"{type(exc).__name__}: {exc}"
+        return
+    row_seconds = _row_seconds(forward, x, min(c.batch, passes.forward or c.batch))
+    if patch is not None and passes.known:
+        grid = Grid.over(tuple(x.shape[2:]), list(patch.size), list(patch.overlap) if patch.overlap else None,
+                         patch.blend)
+        n = len(grid.locations)
+        backward = (passes.backward or 0) * n
+        if patch.mode == "global":  # the stitched prediction once, and every backward recomputes its patches
+            forward_rows, extra = passes.forward * n + backward + n, "; the stitched prediction and recomputed patches"
+        else:  # each patch is a call of its own, with its own wrapper
+            forward_rows = passes.forward * n + (n if entry_wrapper else 0)
+            extra = "; each patch's wrapper" if entry_wrapper else ""
+        passes = cost.Passes(forward_rows, backward, False,
+                             f"{n} patches of {list(grid.size[:x.ndim - 2])}: rows are patch-sized{extra}")
+        row_seconds *= math.prod(grid.size) / math.prod(grid.shape)
+    c.forward_rows, c.backward_rows, c.passes_exact = passes.forward, passes.backward, passes.exact
+    c.cost_note = passes.note
+    if passes.forward is not None:
+        c.seconds = cost.estimated_seconds(passes, row_seconds)
+    if passes.note:
+        c.notes.append(f"passes {'estimated' if passes.known else 'unknown'}: {passes.note}")
+
+
+def _try_canonizers(c: MethodCheck, spec, entry, plan: planning.Plan, x: torch.Tensor) -> None:
+    """Apply the canonizers a zennit method will use to a copy of the prepared model and run it
+    once: a canonizer that fails or changes the model's output is a problem before the run."""
+    names = _zennit_canonizers(spec, entry.params)
+    if not names:
+        return
+    import copy
+
+
+    model = copy.deepcopy(plan.ready.model)
+    handles: list = []
+    try:  # built as the adapter builds them, on the copy (a graph-traced canonizer reads its layers)
+        for canonizer in zennit_adapter._canonizers(names, Call(model, model, x, None, None, {})):
+            handles += canonizer.apply(model)
+        with torch.no_grad():
+            expected, out = plan.ready.model(x), model(x)
+        if torch.is_tensor(out) and torch.is_tensor(expected) and (
+                out.shape != expected.shape
+                or (out - expected).abs().max() > 1e-3 * expected.abs().max() + 1e-5):  # merged weights round
+            c.problem(f"methods[{c.index}].params.canonizers: the canonizers {list(names)} change the model's output "
+                      f"on this input; set params.canonizers to [] (no canonizer) or others that fit the model")
+        else:
+            c.notes.append(f"canonizers {list(names)} tried on a copy of the model: output unchanged")
+    except Exception as exc:  # noqa: BLE001 (what the run would meet)
+        c.problem(f"methods[{c.index}].params.canonizers: the canonizers {list(names)} fail on this model: "
+                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}; set "
+                  "params.canonizers to [] (no canonizer) or others that fit the model")
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _zennit_canonizers(spec, params) -> tuple[str, ...]:
+    """The canonizer names a zennit entry will apply (its own, or the adapter's default)."""
+    if spec.library.name != "zennit":
+        return ()
+
+    composite = params.get("composite")
+    if isinstance(composite, dict):
+        name, options = composite.get("name"), composite
+    elif isinstance(composite, str):
+        name, options = composite, {}
+    else:
+        name, options = spec.name, params
+    if name not in zennit_adapter.composite_names():
+        return ()
+    names = options.get("canonizers", zennit_adapter._default_canonizers(name))
+    return tuple(n for n in names if isinstance(n, str))
+
+
+def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Forward,
+                  available: int | None = None) -> MethodCheck:
+    """One entry's verdict: the plan's problems of it, the layer's output, LRP rules, canonizers,
+    passes and time, memory against what the device has free."""
+    entry = plan.config.methods[index]
+    c = MethodCheck(index, entry.name, entry.id)
+    if not entry.enabled:
+        c.notes.append("disabled (enabled: false): will not run")
+    for problem in (p for p in plan.problems if p.entry == index):
+        c.problem(str(problem))
+    resolved = next((e for e in plan.entries if e.index == index), None)
+    if resolved is None:  # its JSON is at fault: nothing more to learn
+        return c
+    spec = resolved.spec
+    if entry.layer and c.ok:
+        c.layer_shape = forward.layer_shapes.get(entry.layer)
+        if c.layer_shape is None:
+            c.problem(f"methods[{index}].layer: {entry.layer!r} is not called in the forward pass")
+    if spec.preflight is not None and c.ok:  # its problems are the plan's (esegeta.attribution.architectures.refuse)
+        c.notes.append(f"{spec.id}'s pre-flight check of the model passed")
+    if c.ok:
+        c.notes += architectures.axiom_notes(spec, plan.ready.model, x)
+    if plan.config.runtime.amp:
+        c.notes.append(numerics.precision_plan(spec, plan.device, amp=True).reason)
+    if c.ok:
+        _try_canonizers(c, spec, entry, plan, x)
+    c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)
+    # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
+    c.memory_bytes = 2 * forward.activation_bytes * c.batch + forward.weight_bytes
+    _costs(c, spec, entry, x, forward, resolved.request.patch, resolved.request.wrapper is not None)
+    if available is None:
+        c.notes.append("free memory on the device: cannot know; the peak estimate is not checked against it")
+    elif c.memory_bytes > available:
+        c.problem(f"methods[{index}]: estimated peak {_size(c.memory_bytes)} exceeds the {_size(available)} free on "
+                  f"{plan.device}; lower the method's batch parameter (or runtime.batch_size), or use a larger device")
+    elif c.memory_bytes > 0.8 * available:
+        c.notes.append(f"estimated peak {_size(c.memory_bytes)} is close to the {_size(available)} free on {plan.device}")
+    return c
+
+
+__all__ = ["CheckReport", "MethodCheck", "check"]

@@ -1,0 +1,229 @@
+"""Where and how a run's jobs execute: worker threads per device, the retry policy, the gate.
+
+- :class:`Executor` runs jobs on ``threads_per_device`` worker threads per device, each with its
+  own prepared replica of the model (:class:`Worker`). A worker's loop never dies: a job whose
+  computation or delivery raises is handed to ``on_error``, which records it ``failed``.
+- :class:`RetryPolicy` is the one rule for trying a job again: out of memory halves the method's
+  internal batch parameter; a failure or a non-finite result under reduced precision moves on
+  to the next precision (fp32).
+- :class:`Gate` lets a method that patches torch for the whole process (``MethodSpec.exclusive``:
+  TorchRay's ``torch.relu`` swap) run alone, the others side by side.
+
+Seeds, devices and intra-op threads: :mod:`esegeta.attribution.scheduling`; time limits: :mod:`esegeta.run.timeouts`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from esegeta.attribution import numerics, scheduling
+from esegeta.attribution.prepare import PreparedModel, prepare
+from esegeta.io.datasets import samples
+
+log = logging.getLogger("esegeta")
+
+
+@dataclass(frozen=True)
+class Attempted:
+    """A job's successful attempt: its value, the precision and call settings it ran with."""
+    value: Any
+    precision: str
+    oom_retries: int
+    settings: Any
+    fallback: str | None  # why a reduced precision was given up, or None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Try ``precisions`` in order (``("bf16", "fp32")`` under amp, else ``("fp32",)``).
+
+    ``run`` calls ``attempt(precision, settings)`` (the runner's settings are a
+    :class:`~esegeta.spec.request.Request`). Out of memory: ``shrink(settings)`` (new settings with
+    the internal batch halved, never changed in place; None when it cannot shrink) and again. Any other
+    error, or a result ``finite`` rejects, under a precision that is not the last: the next one.
+    The last precision's error propagates; its result is returned whether finite or not (the
+    caller's verdict then fails it, naming the cause)."""
+    precisions: tuple[str, ...] = ("fp32",)
+
+    def run(self, attempt: Callable[[str, Any], Any], settings: Any, shrink: Callable[[Any], Any],
+            finite: Callable[[Any], bool], notify: Callable[[str, str], None] = lambda kind, message: None
+            ) -> Attempted:
+        retries, fallback = 0, None
+        for n, precision in enumerate(self.precisions):
+            last = n == len(self.precisions) - 1
+            while True:
+                try:
+                    value = attempt(precision, settings)
+                except Exception as exc:
+                    smaller = shrink(settings) if scheduling.is_out_of_memory(exc) else None
+                    if smaller is not None:
+                        settings, retries = smaller, retries + 1
+                        notify("oom", "out of memory; retrying with a smaller batch")
+                        continue
+                    if last:
+                        raise
+                    fallback = f"failed in {precision} ({type(exc).__name__}: {exc}): recomputed in fp32"
+                    notify("precision", f"failed under {precision} ({type(exc).__name__}: {exc}): recomputing in fp32")
+                    break
+                if last or finite(value):
+                    return Attempted(value, precision, retries, settings, fallback)
+                fallback = f"non-finite result in {precision}: recomputed in fp32"
+                notify("precision", f"non-finite result under {precision}: recomputing in fp32")
+                break
+        raise AssertionError("unreachable: the last precision returns or raises")
+
+
+class Gate:
+    """A readers–writer lock: ``shared()`` jobs run side by side, an ``exclusive()`` job alone.
+
+    A waiting exclusive job holds back new shared ones, so it is not starved."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+    def enter(self, exclusive: bool):
+        return self.exclusive() if exclusive else self.shared()
+
+
+class Worker:
+    """A worker thread's device and its own prepared replica of the model."""
+
+    def __init__(self, device: torch.device, model: torch.nn.Module, inputs: list,
+                 replica: PreparedModel | None = None):
+        self.device = device
+        self._model = model
+        self._inputs = inputs
+        self._replica = replica
+        self._samples: torch.Tensor | None = None
+
+    def replica(self, x: torch.Tensor) -> PreparedModel:
+        if self._replica is None:
+            self._replica = prepare(self._model, x[:1].to(self.device))
+        return self._replica
+
+    def samples(self) -> torch.Tensor:
+        """The run's inputs as one batch (those shaped like the first), for methods that fit on data."""
+        if self._samples is None:
+            self._samples = samples(self._inputs).to(self.device)
+        return self._samples
+
+    def discard(self) -> None:
+        """Forget the replica (after a timeout): the next job gets a fresh copy."""
+        self._replica = None
+
+
+class Executor:
+    """Runs jobs (each with ``devices`` and ``exclusive``) on the workers of a run."""
+
+    def __init__(self, devices: list[torch.device], threads_per_device: int, model: torch.nn.Module,
+                 inputs: list, first: PreparedModel, tf32: bool = False):
+        self.devices = devices
+        self.threads_per_device = threads_per_device
+        self.model, self.inputs, self.first, self.tf32 = model, inputs, first, tf32
+        self.gate = Gate()
+        self._pending: list = []
+        self._lock = threading.Lock()
+
+    def run(self, jobs: list, compute: Callable[[Any, Worker], Any], on_done: Callable[[Any, Any], None],
+            on_error: Callable[[Any, BaseException], None]) -> None:
+        """``on_done(job, compute(job, worker))`` for every job; ``on_error(job, exc)`` if either raises."""
+        devices = list(dict.fromkeys([*self.devices, *(d for j in jobs for d in j.devices)]))
+        workers = [Worker(d, self.model, self.inputs, self.first if d == self.devices[0] and n == 0 else None)
+                   for d in devices for n in range(self.threads_per_device) if any(d in j.devices for j in jobs)]
+        self._pending = list(jobs)
+        cpu_workers = sum(w.device.type == "cpu" for w in workers)
+        with scheduling.intra_op_threads(cpu_workers), numerics.fp32_numerics(self.tf32), _job_warnings():
+            threads = [threading.Thread(target=self._loop, args=(w, compute, on_done, on_error),
+                                        name=f"esegeta-worker-{n}", daemon=True) for n, w in enumerate(workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.5)
+
+    def _take(self, worker: Worker):
+        with self._lock:
+            job = next((j for j in self._pending if worker.device in j.devices), None)
+            if job is not None:
+                self._pending.remove(job)
+            return job
+
+    def _loop(self, worker: Worker, compute, on_done, on_error) -> None:
+        while (job := self._take(worker)) is not None:
+            try:
+                with self.gate.enter(job.exclusive):
+                    outcome = compute(job, worker)
+                on_done(job, outcome)
+            except Exception as exc:  # noqa: BLE001 (the loop never dies: the job is recorded failed)
+                try:
+                    on_error(job, exc)
+                except Exception:  # noqa: BLE001
+                    log.exception("%s: its failure could not be recorded", job.name)
+
+
+_current_job = threading.local()
+
+
+def attribute_warnings(label: str) -> None:
+    """Warnings raised from now on in this thread are logged as ``label``'s (a job's thread)."""
+    _current_job.label = label
+
+
+@contextmanager
+def _job_warnings():
+    """Log each job's warnings (once per job and message) at debug level.
+
+    ``warnings.catch_warnings`` is process-wide, so it is entered once around all workers and
+    warnings are attributed to the job running in the thread that raised them."""
+    seen: set[tuple[str, str]] = set()
+    seen_lock = threading.Lock()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        label = getattr(_current_job, "label", "esegeta")
+        first = str(message).split("\n")[0]
+        with seen_lock:
+            if (label, first) in seen:
+                return
+            seen.add((label, first))
+        log.debug("%s: warning: %s", label, first)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield

@@ -1,0 +1,159 @@
+"""One job's computation, the same on every backend: a method on a batch of inputs, on one worker.
+
+:func:`compute` runs the method under its time limit with the job's own seed, the retry policy
+(out of memory: a smaller internal batch; reduced precision that fails: fp32) and the verdicts
+(a non-finite result is ``failed``; a flat map warns), and returns a manifest record, the
+result and its extras per input. The local executor's threads and the Ray actors both call it;
+neither computes anything else, so their results are the same.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from esegeta.attribution import architectures, numerics, scheduling, verdicts
+from esegeta.attribution.explainer import run
+from esegeta.run import progress
+from esegeta.run.executor import RetryPolicy, Worker, attribute_warnings
+from esegeta.run.plan import Job, Plan
+from esegeta.run.timeouts import TimeLimitExceeded, call_with_limit
+from esegeta.run.writer import FROZEN_MASK
+from esegeta.spec import config as config_mod
+from esegeta.spec import params as params_mod
+from esegeta.spec.request import Request
+
+log = logging.getLogger("esegeta")
+
+
+def record(job: Job, item: Any, key: str, rt: config_mod.RuntimeConfig, device: torch.device | None = None,
+            reason: str | None = None) -> dict[str, Any]:
+    """A manifest record of ``job`` on ``item``, before it ran."""
+    device = device or job.devices[0]
+    return {"method": job.entry.spec.id, "label": job.entry.label, "input": item.name, "status": "ok",
+            "seconds": None, "device": str(device), "error": None, "score": None, "shape": None, "files": {},
+            "target": None, "predicted": None, "precision": None, "precision_reason": reason,
+            "tf32": numerics.tf32_in_effect(rt.tf32, device),
+            "warnings": [], "oom_retries": 0, "key": key,
+            **({"input_label": item.label} if getattr(item, "label", None) is not None else {})}
+
+
+def compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray | None, dict]]:
+    """Explain one job's inputs on ``worker`` under its time limit: (record, result, extras) per input.
+
+    The computation runs in a thread of its own (:func:`esegeta.run.timeouts.call_with_limit`); files
+    are written afterwards by the writer, so a stopped job writes nothing."""
+    e, device, rt = job.entry, worker.device, plan.config.runtime
+    precision = numerics.precision_plan(e.spec, device, rt.amp)
+    records = [record(job, item, key, rt, device, precision.reason) for (_, item), key in zip(job.items, job.keys)]
+    x = torch.cat([item.tensor for _, item in job.items]).detach().to(device)
+    seed = scheduling.job_seed(rt.seed, e.index, job.items[0][0])
+    rng: list[scheduling.JobRandomness] = []
+    oom = [0]
+
+    def attempt(name: str, request: Request):
+        rng[:] = [scheduling.JobRandomness(seed, e.spec.uses_global_rng)]
+        model = worker.replica(x)
+        with rng[0], numerics.autocast(name, device), \
+                progress.tracked(model, job.name, progress.expected_passes(request, x)):
+            return _call(job, model, x, request, plan.base_dir, worker.samples())
+
+    def notify(kind: str, message: str) -> None:
+        oom[0] += kind == "oom"
+        log.warning("%s: %s", job.name, message)
+
+    def compute():
+        attribute_warnings(job.name)
+        return RetryPolicy(precision.attempts).run(attempt, e.request, _halved,
+                                                   lambda r: bool(torch.isfinite(r[0]).all()), notify)
+
+    start = time.perf_counter()
+    try:
+        modules = list(worker.replica(x).modules()) if e.timeout_s else []
+        done = call_with_limit(compute, e.timeout_s, modules, name=f"esegeta-job-{e.label}")
+        return _results(job, worker, x, records, done, precision.reason, time.perf_counter() - start)
+    except TimeLimitExceeded as exc:
+        worker.discard()  # upstream state may be left on the copy it ran on
+        if rng:
+            rng[0].release()  # the job may have been stopped before its own release
+        status, error = "timeout", f"timeout: {exc}"
+    except Exception as exc:  # noqa: BLE001 (isolation: one failing method never stops the others)
+        log.debug("traceback of %s:\n%s", job.name, "".join(traceback.format_exception(type(exc), exc,
+                                                                                        exc.__traceback__)))
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+    log.error("%s: %s" if status == "timeout" else "%s failed: %s", job.name, error)
+    seconds = round(time.perf_counter() - start, 4)
+    return [({**r, "status": status, "seconds": seconds, "error": error, "oom_retries": oom[0]}, None, {})
+            for r in records]
+
+
+def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None, samples: torch.Tensor):
+    """The one call of the method (:func:`esegeta.attribution.explainer.run`): (result, scores per input, extras,
+    the outcome's facts per input: :func:`_facts`)."""
+    outcome = run(request, model, x, base_dir=base_dir, with_scores=True, samples=samples)
+    return outcome.result, list(outcome.scores) or [None] * len(job.items), outcome.extras, _facts(outcome, request, x)
+
+
+def _facts(outcome, request: Request, x: torch.Tensor) -> list[tuple[dict, torch.Tensor | None]]:
+    """Per input: the record's resolved ``target`` and ``predicted`` column, and the frozen mask."""
+    n = x.shape[0]
+    given = None if request.target in (None, "predicted") or not request.spec.needs_target else int(request.target)
+    targets = list(outcome.targets) or [given] * n
+    predicted = list(outcome.predicted) or [None] * n
+    masks = list(outcome.masks) or [None] * n
+    return [({"target": t, "predicted": p}, m) for t, p, m in zip(targets, predicted, masks)]
+
+
+def _halved(request: Request) -> Request | None:
+    """The request with the method's internal batch parameter halved, or None (cannot shrink)."""
+    smaller = params_mod.halve_batch(request.spec, request.params, request.noise_tunnel)
+    return None if smaller is None else request.replace(params=smaller[0], noise_tunnel=smaller[1])
+
+
+def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], done, reason: str, elapsed: float):
+    """Per input: the record completed with the verdict on its result, the result and its extras
+    (``x`` is the job's batch on the worker's device)."""
+    (attr, scores, extras, facts), request = done.value, done.settings
+    params, noise_tunnel = dict(request.params), request.noise_tunnel
+    if attr.shape[0] != len(job.items):
+        raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
+    seconds = round(elapsed / len(job.items), 4)
+    # where the method's axiom (summation to delta, conservation) holds only approximately on this model
+    notes = architectures.axiom_notes(job.entry.spec, architectures.network(worker.replica(x)), x[:1])
+    computed = []
+    for n, ((_, item), record) in enumerate(zip(job.items, records)):
+        one = attr[n:n + 1]
+        record.update(seconds=seconds, score=scores[n], shape=list(one.shape[1:]), precision=done.precision,
+                      oom_retries=done.oom_retries, **facts[n][0])
+        if done.fallback:
+            record["precision_reason"] = f"{reason}; {done.fallback}"
+        problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n])
+        if problem:
+            record.update(status="failed", error=problem)
+            log.error("%s on %s failed: %s", job.entry.label, item.name, problem)
+            computed.append((record, None, {}))
+            continue
+        record["warnings"] += notes
+        flat = verdicts.flat_result_warning(one, params, job.entry.spec.parameters(), scores[n])
+        if flat:
+            record["warnings"].append(flat)
+            log.warning("%s on %s: %s", job.entry.label, item.name, flat)
+        if done.oom_retries:
+            record["params"] = {**params, **({"noise_tunnel": dict(noise_tunnel)} if noise_tunnel else {})}
+        if len(job.items) > 1:
+            record["batch"] = len(job.items)
+        computed.append((record, one[0].cpu().numpy(), {**_extras_of(extras, n), FROZEN_MASK: facts[n][1]}))
+    return computed
+
+
+def _extras_of(extras: dict[str, Any], n: int) -> dict[str, Any]:
+    """Input ``n``'s slice of a batch job's extra outputs (batch axis kept)."""
+    def one(value):
+        return value[n:n + 1] if torch.is_tensor(value) or isinstance(value, np.ndarray) else value
+
+    return {k: ({kk: one(vv) for kk, vv in v.items()} if isinstance(v, dict) else one(v)) for k, v in extras.items()}

@@ -1,0 +1,239 @@
+"""What a run will do, and every problem that would stop it, before anything runs.
+
+:func:`plan` loads the model and the inputs, prepares the model copy and collects the
+problems of each method entry: those of its JSON (:func:`entry_problems`: id, library, layer
+use, parameter names and values, noise tunnel, patch mode, device) and those seen on the model
+(:func:`model_problems`: 2D/3D, classifier/segmenter, layer, wrapper, target). ``validate``
+raises them (:meth:`Plan.raise_problems`) and ``esegeta check`` reports them, from the same
+functions. :func:`jobs` then turns a plan into jobs, keeping what ``--resume`` may reuse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esegeta.io import resume
+from esegeta.run import backends
+from esegeta.attribution import batching, scheduling, wrappers
+from esegeta.spec import config as config_mod
+from esegeta.io import datasets, store
+from esegeta.attribution.call import check_dims, check_task, find_layer, resolve_target
+from esegeta.errors import Problem, raise_problems, ConfigError, did_you_mean
+from esegeta.io.datasets import InputRef
+from esegeta.io.loading import load_model
+from esegeta.spec.params import check_method
+from esegeta.attribution.patcher import check_global
+from esegeta.attribution.architectures import refuse
+from esegeta.attribution.prepare import PreparedModel, prepared
+from esegeta.spec.config import Resolved, resolve
+
+#: Kinds whose result has one row per input, so inputs of one shape can share an upstream call.
+BATCHABLE_KINDS = ("attribution", "layer", "neuron")
+
+
+def entry_problems(config: config_mod.Config, index: int) -> list[Problem]:
+    """Problems of ``methods[index]`` found from the JSON alone (no model needed)."""
+    m, where = config.methods[index], f"methods[{index}]"
+    try:
+        check_method(m.id, m.params, m.layer, m.noise_tunnel, where)
+        e = resolve(m, config, index)
+        if e.request.patch is not None and e.request.patch.mode == "global":
+            check_global(e.spec, e.request.wrapper, e.where("patch") + ".mode")
+        if e.device:
+            scheduling.resolve_devices(e.device, e.where("device"))
+    except ConfigError as exc:
+        return [Problem.of(exc, index)]
+    return []
+
+
+def model_problems(e: Resolved, ready: PreparedModel, x: torch.Tensor, base_dir: Path | None) -> list[Problem]:
+    """Problems of an entry seen on the prepared model and the first input ``x``."""
+    found: list[Problem] = []
+    r = e.request
+
+    def collect(check, *args) -> Any:
+        try:
+            return check(*args)
+        except ConfigError as exc:
+            found.append(Problem.of(exc, e.index))
+            return None
+
+    collect(check_task, e.spec, r.wrapper, e.where("wrapper"))
+    collect(check_dims, e.spec, x, f"methods[{e.index}].id")
+    if r.layer:
+        collect(find_layer, ready, r.layer, f"methods[{e.index}].layer", e.spec)
+    if found:
+        return found
+    collect(lambda: refuse(e.spec, ready, x, f"methods[{e.index}].id", layer=r.layer, params=dict(r.params),
+                           wrapper=r.wrapper))
+    forward = collect(wrappers.build, ready, x, r.wrapper, base_dir) if r.wrapper else ready
+    if e.spec.needs_target and forward is not None:
+        collect(resolve_target, forward, x, r.target, e.where("target"), True)
+    return found
+
+
+@dataclass
+class Plan:
+    """A validated configuration, loaded: model, inputs (listed with safe output names, scanned,
+    not held: :mod:`esegeta.io.datasets`), devices, the prepared copy on the first device, the
+    selected entries and the problems found."""
+    config: config_mod.Config
+    base_dir: Path | None
+    model: torch.nn.Module
+    inputs: list[InputRef]
+    devices: list[torch.device]
+    ready: PreparedModel
+    entries: list[Resolved]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.devices[0]
+
+    @property
+    def methods(self) -> list[tuple[int, config_mod.MethodEntry]]:
+        """(index in ``methods``, entry) of the selected entries (``validate()``'s result before)."""
+        return [(e.index, self.config.methods[e.index]) for e in self.entries]
+
+    @property
+    def prepared(self) -> PreparedModel:
+        return self.ready
+
+    def devices_of(self, e: Resolved) -> list[torch.device]:
+        """Where an entry's jobs may run: its own device(s), else the run's."""
+        return scheduling.resolve_devices(e.device, e.where("device")) if e.device else self.devices
+
+    def raise_problems(self) -> None:
+        raise_problems(self.problems)
+
+
+def selected(config: config_mod.Config, only: list[str]) -> list[int]:
+    """The indices of the enabled entries, or of those ``--only`` names."""
+    if not only:
+        return [i for i, m in enumerate(config.methods) if m.enabled]
+    names = {n for m in config.methods for n in (m.id, m.name)}
+    for wanted in only:
+        if wanted not in names:
+            raise ConfigError("--only", f"no method with id or label {wanted!r}" + did_you_mean(wanted, names))
+    return [i for i, m in enumerate(config.methods) if {m.id, m.name} & set(only)]
+
+
+def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | None = None,
+         device: str | None = None, every_entry: bool = False) -> Plan:
+    """Load and check what ``config`` needs. Problems of the JSON raise before anything is loaded
+    unless ``every_entry`` (``check``: every entry, enabled or not, and its problems collected)."""
+    problems = [p for i in range(len(config.methods)) for p in entry_problems(config, i)]
+    if not every_entry:
+        raise_problems(problems)
+    indices = list(range(len(config.methods))) if every_entry else selected(config, list(only or []))
+    backends.check(config.runtime.backend)
+    store.check(config.output.formats)
+    devices = (scheduling.resolve_devices(device, "--device") if device
+               else scheduling.resolve_devices(config.runtime.devices))
+    model = load_model(config.model.model_dump(), base_dir)
+    inputs = datasets.refs(datasets.source(config.inputs.model_dump(), base_dir))
+    # with Ray the actors hold the replicas: the driver checks on the CPU, holding no GPU memory
+    first = inputs[0].tensor.to(devices[0] if config.runtime.backend == "local" else torch.device("cpu"))
+    try:
+        ready = prepared(model, first)
+    except Exception as exc:
+        raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
+    datasets.scan(inputs)
+    bad = {p.entry for p in problems}
+    entries = [resolve(config.methods[i], config, i) for i in indices if i not in bad]
+    for e in entries:
+        problems += model_problems(e, ready, first, base_dir)
+    return Plan(config, base_dir, model, inputs, devices, ready, entries, problems)
+
+
+def model_fails(exc: Exception, item: Any, shape: tuple[int, ...]) -> ConfigError:
+    """The error for a model that fails on the first input; a channel mismatch names ``inputs.color``."""
+    import re
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    found = re.search(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels", text)
+    if found:
+        wanted, got = int(found.group(1)), int(found.group(2))
+        fix = {1: "'grayscale'", 3: "'rgb'"}.get(wanted)
+        advice = f"set inputs.color to {fix}" if fix else "give inputs with that many channels"
+        return ConfigError("inputs.color", f"the model takes {wanted} channel(s), {item.path.name} has {got} as "
+                                           f"loaded (shape {shape}): {advice}")
+    return ConfigError("inputs", f"the model fails on {item.path.name} (shape {shape}): {type(exc).__name__}: "
+                                 f"{text[:300]}")
+
+
+# -- jobs -----------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One method on one input, or on a batch of same-shaped inputs (``runtime.batch_size``)."""
+    position: int  # the entry's place among the selected entries (manifest order)
+    entry: Resolved
+    items: list[tuple[int, InputRef]]  # (input index, input)
+    keys: list[str]  # resume key per input
+    devices: list[torch.device]  # where it may run
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry.label} on {', '.join(item.name for _, item in self.items)}"
+
+    @property
+    def exclusive(self) -> bool:
+        return self.entry.spec.exclusive
+
+
+def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
+    """What decides a method's numbers on an input (the resume key, besides model and input)."""
+    rt = config.runtime
+    return {
+        **e.request.key_settings(), "label": e.label, "model": config.model.model_dump(mode="json"),
+        "inputs": config.inputs.model_dump(mode="json", exclude={"paths", "dataset", "dataset_kwargs"}),
+        "seed": rt.seed, "amp": rt.amp, "tf32": rt.tf32,
+        "batch_size": rt.batch_size, "output": _output_settings(config.output),
+    }
+
+
+def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
+    """The output settings a result's files depend on; the attribution store ("zarr") is not one of them:
+    a resumed result missing from it is read back from its .npy (:mod:`esegeta.io.store`)."""
+    settings = output.model_dump(mode="json", exclude={"dir"})
+    settings["formats"] = [f for f in settings["formats"] if f != "zarr"]
+    return settings
+
+
+def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int, int], dict], list[Job]]:
+    """Records kept from an earlier run (by (input index, position)), and the jobs left: one per
+    (method, input), or per ``runtime.batch_size`` inputs of one shape for a method that explains
+    them in one call (without wrapper, or wrapped with a layout in :data:`esegeta.attribution.batching.LAYOUTS`)."""
+    model_hash = resume.model_digest(p.model)
+    input_hashes = [item.digest for item in p.inputs]
+    samples_hash = datasets.samples_digest(p.inputs)
+    kept: dict[tuple[int, int], dict] = {}
+    todo_jobs: list[Job] = []
+    for position, e in enumerate(p.entries):
+        settings = key_settings(e, p.config)
+        devices = p.devices_of(e)
+        settings["samples"] = samples_hash if e.spec.library.reads_samples else None
+        todo: list[tuple[int, InputRef, str]] = []
+        for k, item in enumerate(p.inputs):
+            key = resume.job_key(settings, model_hash, input_hashes[k])
+            record = resume.reusable(previous, e.label, item.name, key)
+            if record is not None:
+                kept[(k, position)] = {**record, "resumed": True}
+            else:
+                todo.append((k, item, key))
+        one_call = e.request.wrapper is None or batching.layout(e.request, 2) != batching.PER_INPUT
+        batch = p.config.runtime.batch_size if (one_call and e.request.patch is None
+                                                and e.spec.kind in BATCHABLE_KINDS) else 1
+        by_shape: dict[tuple[int, ...], list[tuple[int, InputRef, str]]] = {}
+        for t in todo:
+            by_shape.setdefault(t[1].shape, []).append(t)
+        for same in by_shape.values():
+            for start in range(0, len(same), batch):
+                group = same[start:start + batch]
+                todo_jobs.append(Job(position, e, [(k, item) for k, item, _ in group], [key for _, _, key in group],
+                                     devices))
+    todo_jobs.sort(key=lambda j: (j.items[0][0], j.position))
+    return kept, todo_jobs
