@@ -200,3 +200,22 @@ def test_no_module_uses_an_old_name():
     sources = [p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py") if p.name != "moved.py"]
     old = [name for name in MOVED if any(f"import {name}\n" in s or f"from {name} import" in s for s in sources)]
     assert not old
+
+
+def test_package_relative_paths_still_resolve():
+    """Paths computed from a module's own place survived the move: the demo's config and the
+    signature cache's fingerprint (which must cover the adapters, whose tables state the parameters)."""
+    from esegeta.cli.commands import DEMO_CONFIG
+    from esegeta.spec import registry, signatures
+
+    assert DEMO_CONFIG.is_file()
+    before = signatures.fingerprint(registry.libraries()["captum"])
+    adapter = PACKAGE / "adapters" / "captum.py"
+    stat = adapter.stat()
+    import os
+
+    os.utime(adapter, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    try:
+        assert signatures.fingerprint(registry.libraries()["captum"]) != before
+    finally:
+        os.utime(adapter, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -115,7 +115,7 @@ def _section(table: dict[str, Any] | None, method_id: str, section: str) -> list
 def fingerprint(library: Library) -> str:
     """A digest of what ``library``'s parameters depend on (see the module docstring)."""
     parts = [f"format {FORMAT}", sys.version]
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # the whole esegeta package: adapters state the parameters
     for path in sorted(package.rglob("*.py")):
         stat = path.stat()
         parts.append(f"{path.relative_to(package)} {stat.st_size} {stat.st_mtime_ns}")
