@@ -160,6 +160,8 @@ def _graph_merge(call: Call):
             return instances
 
     return GraphMergeBatchNorm()
+
+
 def _occlusion_passes(values, x, layer_shape) -> Passes:
     """zennit's Occlusion rolls the window to every multiple of the stride, wrapping around the
     edges: one forward row per position, plus the unperturbed input."""

@@ -7,8 +7,8 @@ parameter, unavailable library, 2D/3D support, classifier/segmenter fit, the lay
 output shape, the wrapper and target, LRP rules for every leaf layer, and the method's trial
 (``MethodSpec.trial``: what its library does to the model, tried on a copy of it, e.g. zennit's
 canonizers). It reports what the prepared copy fixed (reused and in-place ReLUs) and an
-estimate of each method's peak memory. It runs no attribution. The config itself (JSON, model, inputs) must be valid:
-otherwise :class:`~esegeta.errors.ConfigError` as for ``validate``.
+estimate of each method's peak memory. It runs no attribution. The config itself (JSON,
+model, inputs) must be valid: otherwise :class:`~esegeta.errors.ConfigError` as for ``validate``.
 """
 from __future__ import annotations
 

@@ -251,6 +251,8 @@ class MethodSpec:
             "reason": reason,
             "defaults": sorted(self.defaults),
             "reference": self.reference,
+            "axiom": self.axiom,
+            "batch_layout": self.batch_layout,
             "amp": {precision: {k: v for k, v in (self.amp_measurement(precision) or {"safe": False}).items()
                                 if k != "samples"} | {"reason": self.amp_safety(precision)[1]}
                     for precision in ("bf16", "fp16")},
