@@ -1,6 +1,9 @@
-"""Wrapped segmenters in one upstream call per batch: every method esegeta.attribution.batching declares
-gives on a batch what it gives input by input, each input with its own frozen masks."""
+"""Wrapped segmenters in one upstream call per batch: every method whose adapter table declares a
+batch layout other than per_input gives on a batch what it gives input by input, each input with
+its own frozen masks."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,12 +12,15 @@ from PIL import Image
 
 from esegeta.attribution import batching, numerics, wrappers
 from esegeta.spec import registry
-from esegeta.attribution.batching import LAYOUTS, BatchLayoutError
+from esegeta.attribution.batching import BatchLayoutError
 from esegeta.attribution.call import call_once
 from esegeta.attribution.prepare import prepared
 from esegeta.spec.request import from_arguments
 
 from conftest import SAMPLES, retina_case, tissue_case
+
+#: The methods that explain a batch of wrapped inputs in one call, with their declared layout.
+LAYOUTS = {m: spec.batch_layout for m, spec in registry.all_methods().items() if spec.batch_layout != batching.PER_INPUT}
 
 #: Small settings so that each method runs in well under a second on the sample models.
 PARAMS = {
@@ -97,10 +103,10 @@ def test_the_crops_have_different_masks(batch):
             assert (masks[i] != masks[j]).float().mean() > 0.05  # a wrong row → input mapping changes the result
 
 
-def test_every_declared_method_is_registered_with_a_known_layout():
-    methods = registry.all_methods()
-    assert set(LAYOUTS) <= set(methods)
-    assert set(LAYOUTS.values()) <= {batching.ROWS, batching.TILE}
+def test_every_method_declares_a_known_layout():
+    assert {spec.batch_layout for spec in registry.all_methods().values()} <= {batching.ROWS, batching.TILE,
+                                                                              batching.PER_INPUT}
+    assert LAYOUTS, "no method explains a batch in one call"
 
 
 @pytest.mark.parametrize("method", sorted(LAYOUTS))
@@ -151,7 +157,8 @@ def test_a_wrong_declaration_is_caught_by_the_guard_not_used(retina, monkeypatch
     """NoiseTunnel's rows are interleaved and GradientShap's are n_samples·B: declared "rows",
     the wrapped forward pass refuses them."""
     case, x = retina_batch()
-    monkeypatch.setitem(batching.LAYOUTS, "captum.GradientShap", batching.ROWS)
+    spec = registry.get("captum.GradientShap")
+    monkeypatch.setitem(registry._REGISTRY, spec.id, dataclasses.replace(spec, batch_layout=batching.ROWS))
     with numerics.fp32_numerics():
         ready = prepared(case.model, x[:1])
         request = from_arguments("captum.GradientShap", target=1, wrapper=case.wrapper, params={"n_samples": 2})

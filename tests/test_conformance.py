@@ -2,7 +2,8 @@
 
 New registry entries are picked up here with no test edits: the result must be finite,
 have the documented shape for the method's kind, leave no hook on the prepared copy and
-leave the user's model untouched.
+leave the user's model untouched; and its adapter's table must state the method's facts
+(cost formula, batch layout, axiom), which nothing else lists by method id.
 
 Every case runs on the CPU, and on CUDA where there is one (marker ``cuda``: ``make
 test-cuda``, ``scripts/gpu_lane.sh``). There the result must also agree with the CPU's:
@@ -27,7 +28,7 @@ import pytest
 import torch
 
 import esegeta
-from esegeta.spec import registry
+from esegeta.spec import cost, registry
 from esegeta.attribution.prepare import prepared
 
 from conftest import CASES, assert_unchanged, hook_count, snapshot
@@ -173,6 +174,42 @@ def test_registry_lists_every_captum_method():
     assert {f"captum.{n}" for n in wanted} <= set(METHODS)
     for row in esegeta.methods():
         assert row["available"], row
+
+
+@pytest.mark.parametrize("method_id", METHODS)
+def test_method_states_its_facts(method_id):
+    """Its cost formula (answering a Passes for an input of each dimensionality it takes, from shapes
+    alone), its batch layout and its axiom, stated in its adapter's table."""
+    spec = registry.get(method_id)
+    assert callable(spec.passes), f"{method_id}: state passes (its cost formula) in its adapter's table"
+    assert spec.batch_layout in registry.BATCH_LAYOUTS, f"{method_id}: batch_layout {spec.batch_layout!r}"
+    assert spec.axiom and spec.axiom in registry.AXIOMS, f"{method_id}: axiom {spec.axiom!r} (or 'none')"
+    for dims in spec.dims:
+        x = torch.empty(1, 3, *[16] * dims, device="meta")
+        passes = spec.passes(cost.resolved_values(spec, {}, x), x, None)
+        assert isinstance(passes, cost.Passes), passes
+        assert passes.forward is None or passes.forward >= 1
+
+
+def test_a_method_without_its_facts_is_not_registered():
+    spec = registry.get("captum.Saliency")
+    bare = registry.MethodSpec("captum", "NoFacts", spec.kind, spec.adapter)
+    with pytest.raises(ValueError, match="captum.NoFacts: state in its adapter's table .*passes.*batch_layout.*axiom"):
+        registry.register(bare)
+    assert "captum.NoFacts" not in registry.all_methods()
+
+
+def test_no_method_id_outside_the_adapters_tables():
+    """The facts live on the specs: cost, batching and the axiom notes key no table by method id."""
+    from pathlib import Path
+
+    from esegeta.attribution import architectures, batching
+
+    for module in (cost, batching, architectures):
+        source = Path(module.__file__).read_text(encoding="utf-8")
+        named = [m for m in METHODS if f'"{m}"' in source or f"'{m}'" in source]
+        assert not named, f"{module.__name__} names {named}: state the fact in the method's adapter table"
+    assert set(architectures.RULE_AXIOMS) <= set(registry.AXIOMS)
 
 
 def test_every_case_is_covered():

@@ -1,8 +1,9 @@
 """esegeta.spec.cost: the model rows a method call needs, counted against the real call.
 
-Every registered method has a formula; for methods whose count the formula claims exact, the
-forward rows a real call on the digits sample sends through the model (counted by a global
-forward hook on the model's class, which also sees the prepared copy) equal the formula's.
+Every registered method states a formula (``MethodSpec.passes``); for methods whose count the
+formula claims exact, the forward rows a real call on the digits sample sends through the model
+(counted by a global forward hook on the model's class, which also sees the prepared copy) equal
+the formula's.
 """
 from __future__ import annotations
 
@@ -18,9 +19,14 @@ from esegeta.spec.registry import all_methods, get
 
 
 def test_every_method_has_a_formula():
-    missing = sorted(set(all_methods()) - set(cost.FORMULAS))
-    assert not missing, f"add a cost formula to esegeta/cost.py for {missing}"
-    assert not sorted(set(cost.FORMULAS) - set(all_methods())), "formulas for methods that are not registered"
+    missing = sorted(m for m, spec in all_methods().items() if not callable(spec.passes))
+    assert not missing, f"state passes (a cost formula, esegeta.spec.cost) in the adapter tables of {missing}"
+
+
+def test_gradcam_augmentations_multiply_the_rows(digits):
+    spec = get("gradcam.GradCAM")
+    plain = cost.expected_passes(spec, {}, digits.x)
+    assert cost.expected_passes(spec, {"aug_smooth": True}, digits.x) == plain.times(6)
 
 
 @contextlib.contextmanager

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
 from esegeta.errors import ConfigError
+from esegeta.spec import cost
+from esegeta.spec.cost import Passes
 from esegeta.spec.params import positive_int
-from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
+from esegeta.spec.registry import PER_INPUT, ROWS, TILE, Call, Library, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -324,59 +327,128 @@ _IG_QUICK = {"n_steps": 8}
 _PERTURB_QUICK = {"feature_mask": _quick_grid, "perturbations_per_eval": 16}
 
 
-def _captum(name, kind="attribution", layer=False, defaults=None, quick=None, target=True, ref="", leaf=False,
-            global_rng=None, preflight=None):
+def _occlusion_passes(values, x, layer_shape) -> Passes:
+    """One forward row per window position (a last, partial step included), plus the unperturbed input."""
+    shape = list(x.shape[1:])
+    window = cost.as_list(values.get("sliding_window_shapes"), len(shape))
+    stride = cost.as_list(values.get("strides") if values.get("strides") is not None else 1, len(shape))
+    if window is None or stride is None:
+        return Passes(None, None, False, "sliding_window_shapes/strides not known")
+    return Passes(cost.windows(shape, window, stride, ceil=True) + 1, 0)
+
+
+def _ablation_passes(values, x, layer_shape) -> Passes:
+    """One forward row per feature switched off, plus the unperturbed input."""
+    return Passes(cost.n_features(values, x) + 1, 0)
+
+
+def _layer_ablation_passes(values, x, layer_shape) -> Passes:
+    """One forward row per layer feature (per element of the layer without a layer_mask), plus the unperturbed input."""
+    if values.get("layer_mask") is None and layer_shape is None:
+        return Passes(None, None, False, "one pass per layer element: the layer's size is known at run time")
+    rows = math.prod(layer_shape[1:]) if values.get("layer_mask") is None else cost.n_features(values, x, "layer_mask")
+    return Passes(rows + 1, 0)
+
+
+def _shapley_passes(values, x, layer_shape) -> Passes:
+    """One forward row per feature and permutation sample, plus the unperturbed input."""
+    samples = values.get("n_samples")
+    if not cost.count(samples):
+        return Passes(None, None, False, "n_samples not known")
+    return Passes(int(samples) * cost.n_features(values, x) + 1, 0)
+
+
+# The facts of each method's row: ``passes`` (model rows per input, esegeta.spec.cost), ``layout`` (how a
+# batch of wrapped inputs is explained in one call, esegeta.attribution.batching) and ``axiom``. Left
+# per_input on purpose: methods with randomness (the GradientShap family, ShapleyValueSampling,
+# KernelShap, Lime: a batch draws other numbers than one input does), LRP and DeepLift (their rules
+# divide by small activations and amplify the batch's rounding: batched results differ from one input
+# at a time by far more than rounding), LayerFeatureAblation (Captum does not repeat a per-input
+# target for perturbations_per_eval > 1); the neuron methods are not declared (tests/test_batching.py
+# checks every declared layout against one input at a time).
+_GRADIENT, _DEEPLIFT = cost.gradient, cost.baseline_pairs()
+_STEPS, _SAMPLES = cost.steps("n_steps"), cost.steps("n_samples")
+
+
+def _captum(name, *, passes, layout, axiom, kind="attribution", layer=False, defaults=None, quick=None, target=True,
+            ref="", leaf=False, global_rng=None, preflight=None):
     register(MethodSpec(
         library=LIBRARY, name=name, kind=kind, adapter=ADAPTER, needs_layer=layer, leaf_layer=leaf,
         needs_target=target, defaults=defaults or {}, quick_params=quick or {}, reference=ref,
         uses_global_rng=global_rng, preflight=preflight, noise_tunnel=CaptumAdapter.noise_tunnel_parameters,
+        passes=passes, batch_layout=layout, axiom=axiom,
     ))
 
 
 # Input attributions.
-_captum("Saliency", ref=_REF_GRAD)
-_captum("InputXGradient", ref="Shrikumar et al. 2016, arXiv:1605.01713")
-_captum("IntegratedGradients", quick=_IG_QUICK, ref="Sundararajan et al. 2017, arXiv:1703.01365")
-_captum("DeepLift", ref="Shrikumar et al. 2017, arXiv:1704.02685")
-_captum("DeepLiftShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874")
+_captum("Saliency", passes=_GRADIENT, layout=ROWS, axiom="none", ref=_REF_GRAD)
+_captum("InputXGradient", passes=_GRADIENT, layout=ROWS, axiom="none", ref="Shrikumar et al. 2016, arXiv:1605.01713")
+_captum("IntegratedGradients", passes=_STEPS, layout=TILE, axiom="completeness", quick=_IG_QUICK,
+        ref="Sundararajan et al. 2017, arXiv:1703.01365")
+_captum("DeepLift", passes=_DEEPLIFT, layout=PER_INPUT, axiom="summation-to-delta",
+        ref="Shrikumar et al. 2017, arXiv:1704.02685")
+_captum("DeepLiftShap", passes=_DEEPLIFT, layout=PER_INPUT, axiom="summation-to-delta", defaults=_SHAP_BASELINES,
+        ref="Lundberg & Lee 2017, arXiv:1705.07874")
 # The GradientShap methods draw their baselines with numpy's global RNG.
-_captum("GradientShap", defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874", global_rng=True)
-_captum("GuidedBackprop", ref="Springenberg et al. 2015, arXiv:1412.6806")
-_captum("Deconvolution", ref="Zeiler & Fergus 2014, arXiv:1311.2901")
-_captum("GuidedGradCam", layer=True, preflight=token_layer, ref="Selvaraju et al. 2017, arXiv:1610.02391")
-_captum("FeatureAblation", quick=_PERTURB_QUICK, ref="feature ablation")
-_captum("Occlusion", defaults={"sliding_window_shapes": _window, "strides": _stride}, preflight=occlusion_fits,
+_captum("GradientShap", passes=_SAMPLES, layout=PER_INPUT, axiom="completeness-in-expectation",
+        defaults=_SHAP_BASELINES, ref="Lundberg & Lee 2017, arXiv:1705.07874", global_rng=True)
+_captum("GuidedBackprop", passes=_GRADIENT, layout=ROWS, axiom="none", ref="Springenberg et al. 2015, arXiv:1412.6806")
+_captum("Deconvolution", passes=_GRADIENT, layout=ROWS, axiom="none", ref="Zeiler & Fergus 2014, arXiv:1311.2901")
+_captum("GuidedGradCam", passes=_GRADIENT, layout=ROWS, axiom="none", layer=True, preflight=token_layer,
+        ref="Selvaraju et al. 2017, arXiv:1610.02391")
+_captum("FeatureAblation", passes=_ablation_passes, layout=TILE, axiom="none", quick=_PERTURB_QUICK,
+        ref="feature ablation")
+_captum("Occlusion", passes=_occlusion_passes, layout=TILE, axiom="none",
+        defaults={"sliding_window_shapes": _window, "strides": _stride}, preflight=occlusion_fits,
         quick={"sliding_window_shapes": _quarter, "strides": _quarter, "perturbations_per_eval": 16},
         ref="Zeiler & Fergus 2014, arXiv:1311.2901")
-_captum("ShapleyValueSampling", quick={**_PERTURB_QUICK, "n_samples": 2},
-        ref="Castro et al. 2009, doi:10.1016/j.cor.2008.04.004")
-_captum("KernelShap", quick={"feature_mask": _quick_grid, "n_samples": 32},
-        ref="Lundberg & Lee 2017, arXiv:1705.07874")
-_captum("Lime", quick={"feature_mask": _quick_grid, "n_samples": 32}, ref="Ribeiro et al. 2016, arXiv:1602.04938")
-_captum("LRP", preflight=lrp_gaps, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
+_captum("ShapleyValueSampling", passes=_shapley_passes, layout=PER_INPUT, axiom="efficiency",
+        quick={**_PERTURB_QUICK, "n_samples": 2}, ref="Castro et al. 2009, doi:10.1016/j.cor.2008.04.004")
+_captum("KernelShap", passes=cost.forward_steps("n_samples", 1), layout=PER_INPUT, axiom="none",
+        quick={"feature_mask": _quick_grid, "n_samples": 32}, ref="Lundberg & Lee 2017, arXiv:1705.07874")
+_captum("Lime", passes=cost.forward_steps("n_samples", 1), layout=PER_INPUT, axiom="none",
+        quick={"feature_mask": _quick_grid, "n_samples": 32}, ref="Ribeiro et al. 2016, arXiv:1602.04938")
+_captum("LRP", passes=_GRADIENT, layout=PER_INPUT, axiom="conservation", preflight=lrp_gaps,
+        ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
 
 # Layer attributions (results at the layer's resolution).
-_captum("LayerActivation", kind="layer", layer=True, target=False)
-_captum("LayerConductance", kind="layer", layer=True, quick=_IG_QUICK, ref="Dhamdhere et al. 2018, arXiv:1805.12233")
-_captum("LayerGradCam", kind="layer", layer=True, preflight=token_layer, ref="Selvaraju et al. 2017, arXiv:1610.02391")
-_captum("LayerGradientShap", kind="layer", layer=True, defaults=_SHAP_BASELINES, global_rng=True)
-_captum("LayerGradientXActivation", kind="layer", layer=True)
-_captum("LayerDeepLift", kind="layer", layer=True, ref="Shrikumar et al. 2017, arXiv:1704.02685")
-_captum("LayerDeepLiftShap", kind="layer", layer=True, defaults=_SHAP_BASELINES)
-_captum("LayerIntegratedGradients", kind="layer", layer=True, quick=_IG_QUICK)
-_captum("LayerFeatureAblation", kind="layer", layer=True, preflight=grid_on_tokens,
-        quick={"layer_mask": _quick_layer_grid, "perturbations_per_eval": 16})
-_captum("LayerLRP", kind="layer", layer=True, leaf=True, preflight=lrp_gaps,
-        ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
-_captum("InternalInfluence", kind="layer", layer=True, quick=_IG_QUICK, ref="Leino et al. 2018, arXiv:1802.03788")
+_captum("LayerActivation", passes=cost.forward_only, layout=ROWS, axiom="none", kind="layer", layer=True,
+        target=False)
+_captum("LayerConductance", passes=_STEPS, layout=TILE, axiom="completeness", kind="layer", layer=True,
+        quick=_IG_QUICK, ref="Dhamdhere et al. 2018, arXiv:1805.12233")
+_captum("LayerGradCam", passes=_GRADIENT, layout=ROWS, axiom="none", kind="layer", layer=True, preflight=token_layer,
+        ref="Selvaraju et al. 2017, arXiv:1610.02391")
+_captum("LayerGradientShap", passes=_SAMPLES, layout=PER_INPUT, axiom="completeness-in-expectation", kind="layer",
+        layer=True, defaults=_SHAP_BASELINES, global_rng=True)
+_captum("LayerGradientXActivation", passes=_GRADIENT, layout=ROWS, axiom="none", kind="layer", layer=True)
+_captum("LayerDeepLift", passes=_DEEPLIFT, layout=PER_INPUT, axiom="summation-to-delta", kind="layer", layer=True,
+        ref="Shrikumar et al. 2017, arXiv:1704.02685")
+_captum("LayerDeepLiftShap", passes=_DEEPLIFT, layout=PER_INPUT, axiom="summation-to-delta", kind="layer",
+        layer=True, defaults=_SHAP_BASELINES)
+_captum("LayerIntegratedGradients", passes=_STEPS, layout=TILE, axiom="completeness", kind="layer", layer=True,
+        quick=_IG_QUICK)
+_captum("LayerFeatureAblation", passes=_layer_ablation_passes, layout=PER_INPUT, axiom="none", kind="layer",
+        layer=True, preflight=grid_on_tokens, quick={"layer_mask": _quick_layer_grid, "perturbations_per_eval": 16})
+_captum("LayerLRP", passes=_GRADIENT, layout=PER_INPUT, axiom="conservation", kind="layer", layer=True, leaf=True,
+        preflight=lrp_gaps, ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
+_captum("InternalInfluence", passes=_STEPS, layout=TILE, axiom="none", kind="layer", layer=True, quick=_IG_QUICK,
+        ref="Leino et al. 2018, arXiv:1802.03788")
 
 # Neuron attributions: params.neuron_selector names the neuron (index into the layer output, no batch axis).
-_captum("NeuronGuidedBackprop", kind="neuron", layer=True, target=False)
-_captum("NeuronGradient", kind="neuron", layer=True, target=False)
-_captum("NeuronIntegratedGradients", kind="neuron", layer=True, target=False, quick=_IG_QUICK)
-_captum("NeuronConductance", kind="neuron", layer=True, quick=_IG_QUICK, ref="Dhamdhere et al. 2018, arXiv:1805.12233")
-_captum("NeuronDeconvolution", kind="neuron", layer=True, target=False, ref="Zeiler & Fergus 2014, arXiv:1311.2901")
-_captum("NeuronDeepLift", kind="neuron", layer=True, target=False, ref="Shrikumar et al. 2017, arXiv:1704.02685")
-_captum("NeuronDeepLiftShap", kind="neuron", layer=True, target=False, defaults=_SHAP_BASELINES)
-_captum("NeuronGradientShap", kind="neuron", layer=True, target=False, defaults=_SHAP_BASELINES, global_rng=True)
-_captum("NeuronFeatureAblation", kind="neuron", layer=True, target=False, quick=_PERTURB_QUICK)
+_captum("NeuronGuidedBackprop", passes=_GRADIENT, layout=PER_INPUT, axiom="none", kind="neuron", layer=True,
+        target=False)
+_captum("NeuronGradient", passes=_GRADIENT, layout=PER_INPUT, axiom="none", kind="neuron", layer=True, target=False)
+_captum("NeuronIntegratedGradients", passes=_STEPS, layout=PER_INPUT, axiom="completeness", kind="neuron",
+        layer=True, target=False, quick=_IG_QUICK)
+_captum("NeuronConductance", passes=_STEPS, layout=PER_INPUT, axiom="none", kind="neuron", layer=True,
+        quick=_IG_QUICK, ref="Dhamdhere et al. 2018, arXiv:1805.12233")
+_captum("NeuronDeconvolution", passes=_GRADIENT, layout=PER_INPUT, axiom="none", kind="neuron", layer=True,
+        target=False, ref="Zeiler & Fergus 2014, arXiv:1311.2901")
+_captum("NeuronDeepLift", passes=_DEEPLIFT, layout=PER_INPUT, axiom="summation-to-delta", kind="neuron", layer=True,
+        target=False, ref="Shrikumar et al. 2017, arXiv:1704.02685")
+_captum("NeuronDeepLiftShap", passes=_DEEPLIFT, layout=PER_INPUT, axiom="summation-to-delta", kind="neuron",
+        layer=True, target=False, defaults=_SHAP_BASELINES)
+_captum("NeuronGradientShap", passes=_SAMPLES, layout=PER_INPUT, axiom="completeness-in-expectation", kind="neuron",
+        layer=True, target=False, defaults=_SHAP_BASELINES, global_rng=True)
+_captum("NeuronFeatureAblation", passes=_ablation_passes, layout=PER_INPUT, axiom="none", kind="neuron", layer=True,
+        target=False, quick=_PERTURB_QUICK)

@@ -21,13 +21,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
 from esegeta.errors import ConfigError, did_you_mean
 from esegeta.spec.params import BOOL, POSITIVE_INT, Check, check_table, number, positive_int
-from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
+from esegeta.spec import cost
+from esegeta.spec.cost import Passes
+from esegeta.spec.registry import PER_INPUT, ROWS, Call, Library, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -335,43 +338,85 @@ DIMS_WHY = {
 
 _REF_GRADCAM = "Selvaraju et al. 2017, arXiv:1610.02391"
 _ONE_SCALE = {"num_scales": 2}
+#: ``aug_smooth`` runs every map under 6 test-time augmentations (flip × 3 scales).
+AUGMENTATIONS = 6
 
-#: name → (dims, needs_layer, needs_target, tasks, quick_params, reference).
+
+def _per_channel(fraction_key: str | None = None) -> cost.Formula:
+    """ScoreCAM and AblationCAM: one forward row per channel of the layer (``fraction_key``: the
+    fraction of channels ablated), plus the unperturbed input."""
+    def formula(values, x, layer_shape) -> Passes:
+        if layer_shape is None or len(layer_shape) < 2:
+            return Passes(None, None, False, "one pass per channel of the layer: its size is known at run time")
+        channels = int(layer_shape[1])
+        if fraction_key is not None and cost.count(values.get(fraction_key)):
+            channels = max(1, math.ceil(channels * float(values[fraction_key])))
+        return Passes(channels + 1, 0)
+    return formula
+
+
+def _sess_passes(values, x, layer_shape) -> Passes:
+    scales = values.get("num_scales")
+    if not cost.count(scales):
+        return Passes(None, None, False, "num_scales not known")
+    return Passes(None, None, False, f"{int(scales)} scales × sliding windows: counted at run time")
+
+
+def _augmented(formula: cost.Formula) -> cost.Formula:
+    """``formula`` times :data:`AUGMENTATIONS` when ``aug_smooth`` is on (every grad-cam method takes it)."""
+    def passes(values, x, layer_shape) -> Passes:
+        found = formula(values, x, layer_shape)
+        return found.times(AUGMENTATIONS) if values.get("aug_smooth") is True else found
+    return passes
+
+
+_GRADIENT, _FORWARD = cost.gradient, cost.forward_only
+
+#: name → (dims, needs_layer, needs_target, tasks, quick_params, reference, passes, batch layout).
 #: ScoreCAM's and AblationCAM's cost is one forward per channel of the layer (batch_size only
 #: groups them): quick params cannot shorten them. FinerCAM contrasts the target with the
 #: classes of most similar score; the columns of a wrapped segmenter are sums over regions
 #: of different sizes, whose closeness means nothing (and its map comes out all zero on the
 #: samples): classifiers only. SESS explains resized crops, where frozen masks do not apply.
 #: RefineCAM multiplies the CAMs of several layers; with esegeta's one layer it is its
-#: base_method's CAM. EigenCAM, KPCA_CAM and FEM do not depend on the target.
+#: base_method's CAM. EigenCAM, KPCA_CAM and FEM do not depend on the target. The gradient CAMs
+#: explain a batch of wrapped inputs as rows; the others run one input per call (randomness,
+#: a decomposition over the batch, per-channel batches, or not verified batched). No CAM keeps an axiom.
 TABLE: Mapping[str, tuple] = {
-    "GradCAM": ((2, 3), True, True, None, {}, _REF_GRADCAM),
-    "HiResCAM": ((2, 3), True, True, None, {}, "Draelos & Carin 2020, arXiv:2011.08891"),
-    "GradCAMElementWise": ((2, 3), True, True, None, {}, "pytorch-grad-cam: ReLU(gradients × activations) summed"),
-    "GradCAMPlusPlus": ((2, 3), True, True, None, {}, "Chattopadhyay et al. 2018, arXiv:1710.11063"),
-    "XGradCAM": ((2, 3), True, True, None, {}, "Fu et al. 2020, arXiv:2008.02312"),
-    "AblationCAM": ((2,), True, True, None, {}, "Desai & Ramaswamy 2020, WACV"),
-    "ScoreCAM": ((2,), True, True, None, {}, "Wang et al. 2020, arXiv:1910.01279"),
-    "EigenCAM": ((2, 3), True, False, None, {}, "Muhammad & Yeasin 2020, arXiv:2008.00299"),
-    "EigenGradCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam: EigenCAM of gradients × activations"),
-    "LayerCAM": ((2, 3), True, True, None, {}, "Jiang et al. 2021, doi:10.1109/TIP.2021.3089943"),
-    "FullGrad": ((2,), False, True, None, {}, "Srinivas & Fleuret 2019, arXiv:1905.00780"),
-    "KPCA_CAM": ((2, 3), True, False, None, {}, "Karmani et al. 2024, arXiv:2410.00267"),
-    "RandomCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam: random channel weights (a sanity baseline)"),
-    "ShapleyCAM": ((2, 3), True, True, None, {}, "Cai 2025, arXiv:2501.06261"),
-    "FinerCAM": ((2, 3), True, True, ("classification",), {}, "Zhang et al. 2025, arXiv:2501.11309"),
-    "FEM": ((2, 3), True, False, None, {}, "Fuad et al. 2020, IPTA, hal-02963298"),
-    "SegEigenCAM": ((2, 3), True, True, None, {}, "Chung & Ying 2025, doi:10.3390/app15137562"),
-    "RefineCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam RefineCAM, arXiv:2605.14641"),
-    "SESS": ((2,), True, True, ("classification",), _ONE_SCALE, "Tursun et al. 2022, arXiv:2207.01769"),
+    "GradCAM": ((2, 3), True, True, None, {}, _REF_GRADCAM, _GRADIENT, ROWS),
+    "HiResCAM": ((2, 3), True, True, None, {}, "Draelos & Carin 2020, arXiv:2011.08891", _GRADIENT, ROWS),
+    "GradCAMElementWise": ((2, 3), True, True, None, {}, "pytorch-grad-cam: ReLU(gradients × activations) summed",
+                           _GRADIENT, ROWS),
+    "GradCAMPlusPlus": ((2, 3), True, True, None, {}, "Chattopadhyay et al. 2018, arXiv:1710.11063", _GRADIENT, ROWS),
+    "XGradCAM": ((2, 3), True, True, None, {}, "Fu et al. 2020, arXiv:2008.02312", _GRADIENT, ROWS),
+    "AblationCAM": ((2,), True, True, None, {}, "Desai & Ramaswamy 2020, WACV", _per_channel("ratio_channels_to_ablate"),
+                    PER_INPUT),
+    "ScoreCAM": ((2,), True, True, None, {}, "Wang et al. 2020, arXiv:1910.01279", _per_channel(), PER_INPUT),
+    "EigenCAM": ((2, 3), True, False, None, {}, "Muhammad & Yeasin 2020, arXiv:2008.00299", _FORWARD, PER_INPUT),
+    "EigenGradCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam: EigenCAM of gradients × activations", _FORWARD,
+                     PER_INPUT),
+    "LayerCAM": ((2, 3), True, True, None, {}, "Jiang et al. 2021, doi:10.1109/TIP.2021.3089943", _GRADIENT, ROWS),
+    "FullGrad": ((2,), False, True, None, {}, "Srinivas & Fleuret 2019, arXiv:1905.00780", _GRADIENT, PER_INPUT),
+    "KPCA_CAM": ((2, 3), True, False, None, {}, "Karmani et al. 2024, arXiv:2410.00267", _FORWARD, PER_INPUT),
+    "RandomCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam: random channel weights (a sanity baseline)",
+                  _GRADIENT, PER_INPUT),
+    "ShapleyCAM": ((2, 3), True, True, None, {}, "Cai 2025, arXiv:2501.06261", _GRADIENT, PER_INPUT),
+    "FinerCAM": ((2, 3), True, True, ("classification",), {}, "Zhang et al. 2025, arXiv:2501.11309", _GRADIENT,
+                 PER_INPUT),
+    "FEM": ((2, 3), True, False, None, {}, "Fuad et al. 2020, IPTA, hal-02963298", _FORWARD, PER_INPUT),
+    "SegEigenCAM": ((2, 3), True, True, None, {}, "Chung & Ying 2025, doi:10.3390/app15137562", _FORWARD, PER_INPUT),
+    "RefineCAM": ((2, 3), True, True, None, {}, "pytorch-grad-cam RefineCAM, arXiv:2605.14641", _GRADIENT, PER_INPUT),
+    "SESS": ((2,), True, True, ("classification",), _ONE_SCALE, "Tursun et al. 2022, arXiv:2207.01769", _sess_passes,
+             PER_INPUT),
 }
 #: The classes a meta-method's ``base_method`` may name.
 CAM_CLASSES = tuple(name for name in TABLE if name not in ("FinerCAM", "RefineCAM", "SESS"))
 
-for _name, (_dims, _layer, _target, _tasks, _quick, _ref) in TABLE.items():
+for _name, (_dims, _layer, _target, _tasks, _quick, _ref, _passes, _layout) in TABLE.items():
     register(MethodSpec(
         library=LIBRARY, name=_name, kind="attribution", adapter=ADAPTER, needs_layer=_layer, dims=_dims,
         needs_target=_target, **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
         uses_global_rng=True if _name in GLOBAL_RNG else None,
         preflight=token_layer if _layer else fullgrad_order if _name == "FullGrad" else None,
+        passes=_augmented(_passes), batch_layout=_layout, axiom="none",
     ))

@@ -32,7 +32,8 @@ from typing import Any
 
 from esegeta.errors import ConfigError, did_you_mean
 from esegeta.spec.params import BOOL, POSITIVE_INT, Check, check_table, number, seed
-from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
+from esegeta.spec import cost
+from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, keyword_parameters, register
 
 #: LIME samples with numpy's global RNG (its own ``random_state`` when set).
 LIBRARY = Library("lime", "lime", "lime", ("lime", "skimage"), batch_params={"batch_size": None},
@@ -176,4 +177,6 @@ register(MethodSpec(
     library=LIBRARY, name="LimeImageExplainer", kind="attribution", adapter=ADAPTER,
     quick_params={"num_samples": 50, "batch_size": 50},
     reference="Ribeiro et al. 2016, arXiv:1602.04938",
+    # one forward row per perturbed sample (segments switched off); random samples: one input per call
+    passes=cost.forward_steps("num_samples"), batch_layout=PER_INPUT, axiom="none",
 ))

@@ -49,7 +49,9 @@ from typing import Any, NamedTuple
 
 from esegeta.errors import ConfigError, did_you_mean
 from esegeta.spec.params import BOOL, Check, check_table, index, number, positive_int
-from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
+from esegeta.spec import cost
+from esegeta.spec.cost import Passes
+from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, keyword_parameters, register
 
 #: Lucent draws its initial images from torch's and numpy's generators; it never reads the run's samples.
 LIBRARY = Library("lucent", "torch-lucent", "lucent", ("lucent",), reads_samples=False,
@@ -429,9 +431,20 @@ class LucentAdapter:
 
 ADAPTER = LucentAdapter()
 
+
+def _render_passes(values, x, layer_shape) -> Passes:
+    """One forward and one backward row per optimisation step, up to the last threshold."""
+    thresholds = values.get("thresholds")
+    steps = max(thresholds) if isinstance(thresholds, (list, tuple)) and thresholds else thresholds
+    if not cost.count(steps):
+        return Passes(None, None, False, "thresholds not known")
+    return Passes(int(steps), int(steps))
+
+
 register(MethodSpec(
     library=LIBRARY, name="render_vis", kind="image", adapter=ADAPTER, needs_layer=True, dims=(2,),
     defaults={"fixed_image_size": lambda x: list(x.shape[2:]), "preprocess": False, "progress": False},
     quick_params={"objective": "channel", "n_channel": 0, "thresholds": [8]},
     reference="Olah et al. 2017, Feature Visualization, doi:10.23915/distill.00007",
+    passes=_render_passes, batch_layout=PER_INPUT, axiom="none",
 ))

@@ -20,7 +20,9 @@ from typing import Any
 
 from esegeta.errors import ConfigError
 from esegeta.spec.params import boolean, index, positive_int
-from esegeta.spec.registry import Call, Library, MethodSpec, register
+from esegeta.spec import cost
+from esegeta.spec.cost import Passes
+from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, register
 
 #: esegeta's own methods: they may draw from any RNG and fit on the run's samples (PatternNet).
 LIBRARY = Library("esegeta", None, "", (), batch_params={"batch_size": None})
@@ -147,22 +149,29 @@ def _cam_preflight(model, context=None) -> list[str]:
     return []
 
 
-def _own(name, implementation, kind="attribution", layer=False, target=True, tasks=None, requires=(),
-         extra="", quick=None, ref="", preflight=None):
+def _patterns_passes(values, x, layer_shape) -> Passes:
+    return Passes(1, 1, False, "plus one forward pass over the fitting inputs, once per run")
+
+
+def _own(name, implementation, *, passes, layout, axiom, kind="attribution", layer=False, target=True, tasks=None,
+         requires=(), extra="", quick=None, ref="", preflight=None):
     IMPLEMENTATIONS[name] = f"esegeta.algorithms.{implementation}"
     register(MethodSpec(
         library=LIBRARY, name=name, kind=kind, adapter=ADAPTER, requires=requires, extra=extra,
         needs_layer=layer, needs_target=target, quick_params=quick or {}, reference=ref,
-        **({"tasks": tasks} if tasks else {}), preflight=preflight,
+        **({"tasks": tasks} if tasks else {}), preflight=preflight, passes=passes, batch_layout=layout, axiom=axiom,
     ))
 
 
 _PATTERN_REF = "Kindermans et al. 2018, ICLR, arXiv:1705.05598"
-_own("CAM", "cam:cam", kind="layer", layer=True, tasks=("classification",),
-     ref="Zhou et al. 2016, CVPR, arXiv:1512.04150", preflight=_cam_preflight)
-_own("PatternNet", "patterns:pattern_net", quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF,
-     preflight=_patterns_preflight("PatternNet"))
-_own("PatternAttribution", "patterns:pattern_attribution", quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF,
-     preflight=_patterns_preflight("PatternAttribution"))
-_own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop", layer=True, target=False,
-     requires=("captum",), extra="captum", ref="Springenberg et al. 2015, arXiv:1412.6806")
+# Each runs one input per call and keeps no axiom; CAM reads activations only, the others take one
+# gradient (PatternNet and PatternAttribution after fitting their patterns once per run).
+_own("CAM", "cam:cam", passes=cost.forward_only, layout=PER_INPUT, axiom="none", kind="layer", layer=True,
+     tasks=("classification",), ref="Zhou et al. 2016, CVPR, arXiv:1512.04150", preflight=_cam_preflight)
+_own("PatternNet", "patterns:pattern_net", passes=_patterns_passes, layout=PER_INPUT, axiom="none",
+     quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF, preflight=_patterns_preflight("PatternNet"))
+_own("PatternAttribution", "patterns:pattern_attribution", passes=_patterns_passes, layout=PER_INPUT, axiom="none",
+     quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF, preflight=_patterns_preflight("PatternAttribution"))
+_own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop", passes=cost.gradient,
+     layout=PER_INPUT, axiom="none", layer=True, target=False, requires=("captum",), extra="captum",
+     ref="Springenberg et al. 2015, arXiv:1412.6806")

@@ -33,7 +33,9 @@ from typing import Any
 
 from esegeta.errors import ConfigError
 from esegeta.spec.params import BOOL, Check, check_table, positive_int, seed
-from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
+from esegeta.spec import cost
+from esegeta.spec.cost import Passes
+from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, keyword_parameters, register
 
 #: SHAP samples with numpy's global RNG and draws backgrounds from the run's samples.
 LIBRARY = Library("shap", "shap", "shap", ("shap",), batch_params={"batch_size": None},
@@ -295,18 +297,48 @@ def _tuple(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,)
 
 
-def _shap_method(name, dims=(2, 3), defaults=None, quick=None, ref=_REF, requires=(), preflight=None):
+def _gradient_passes(values, x, layer_shape) -> Passes:
+    """GradientExplainer: ``nsamples`` rows each way, after one forward of its background."""
+    samples = values.get("nsamples")
+    if not cost.count(samples):
+        return Passes(None, None, False, "nsamples not known")
+    return Passes(int(samples) + cost.n_baselines(values, "data"), int(samples))
+
+
+def _kernel_passes(values, x, layer_shape) -> Passes:
+    """KernelExplainer: ``nsamples`` coalitions (``auto``: 2·M + 2048 for M superpixels), each
+    evaluated against every background sample."""
+    samples = values.get("nsamples")
+    segments = values.get("n_segments")
+    if samples == "auto":
+        if not cost.count(segments):
+            return Passes(None, None, False, "nsamples 'auto' depends on the number of superpixels")
+        samples = 2 * int(segments) + 2048
+    if not cost.count(samples):
+        return Passes(None, None, False, "nsamples not known")
+    return Passes(int(samples) * cost.n_baselines(values, "data") + 1, 0, False,
+                  "superpixels found at run time may be fewer")
+
+
+# Every SHAP explainer runs one input per call (the adapter sends rows of one input, and the
+# samplers draw at random); ``axiom``: what its values add up to.
+def _shap_method(name, *, passes, axiom, dims=(2, 3), defaults=None, quick=None, ref=_REF, requires=(),
+                 preflight=None):
     register(MethodSpec(library=LIBRARY, name=name, kind="attribution", adapter=ADAPTER, requires=requires,
                         dims=dims, defaults=defaults or {}, quick_params=quick or {}, reference=ref,
-                        preflight=preflight))
+                        preflight=preflight, passes=passes, batch_layout=PER_INPUT, axiom=axiom))
 
 
-_shap_method("GradientExplainer", defaults={"data": ["zeros", "blur"]}, quick={"nsamples": 16, "rseed": 0},
+_shap_method("GradientExplainer", passes=_gradient_passes, axiom="completeness-in-expectation",
+             defaults={"data": ["zeros", "blur"]}, quick={"nsamples": 16, "rseed": 0},
              ref="Lundberg & Lee 2017, arXiv:1705.07874; expected gradients: Erion et al. 2021, arXiv:1906.10670")
-_shap_method("DeepExplainer", defaults={"data": ["zeros", "blur"]}, quick={"data": "blur"}, preflight=deep_gaps,
+# DeepExplainer tiles each input against every background sample (and the background).
+_shap_method("DeepExplainer", passes=cost.baseline_pairs("data"), axiom="summation-to-delta",
+             defaults={"data": ["zeros", "blur"]}, quick={"data": "blur"}, preflight=deep_gaps,
              ref="Lundberg & Lee 2017, arXiv:1705.07874; DeepLIFT: Shrikumar et al. 2017, arXiv:1704.02685")
 # shap's Image masker needs OpenCV for its blur and inpaint masks.
-_shap_method("PartitionExplainer", dims=(2,), defaults={"masker": _blur_masker}, quick={"max_evals": 24},
-             requires=("shap", "cv2"),
+_shap_method("PartitionExplainer", passes=cost.forward_steps("max_evals"), axiom="efficiency", dims=(2,),
+             defaults={"masker": _blur_masker}, quick={"max_evals": 24}, requires=("shap", "cv2"),
              ref="Lundberg & Lee 2017, arXiv:1705.07874; Owen values: Owen 1977")
-_shap_method("KernelExplainer", defaults={"data": "mean"}, quick={"nsamples": 24, "n_segments": 8, "silent": True})
+_shap_method("KernelExplainer", passes=_kernel_passes, axiom="efficiency", defaults={"data": "mean"},
+             quick={"nsamples": 24, "n_segments": 8, "silent": True})

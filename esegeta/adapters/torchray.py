@@ -43,7 +43,9 @@ from typing import Any
 
 from esegeta.errors import ConfigError
 from esegeta.spec.params import check_number, index
-from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
+from esegeta.spec import cost
+from esegeta.spec.cost import Passes
+from esegeta.spec.registry import PER_INPUT, ROWS, Call, Library, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
 
@@ -276,44 +278,64 @@ def _layer_preflight(excitation: bool):
     return preflight
 
 
-def _torchray(name, adapter, kind="attribution", layer=False, dims=(2, 3), defaults=None, quick=None, ref="",
-              exclusive=False):
+def _extremal_passes(values, x, layer_shape) -> Passes:
+    """One forward and one backward row per optimisation step and area."""
+    iters, areas = values.get("max_iter"), values.get("areas")
+    n_areas = len(areas) if isinstance(areas, (list, tuple)) else 1
+    if not cost.count(iters):
+        return Passes(None, None, False, "max_iter not known")
+    return Passes(int(iters) * n_areas, int(iters) * n_areas)
+
+
+def _torchray(name, adapter, *, passes, layout, axiom, kind="attribution", layer=False, dims=(2, 3), defaults=None,
+              quick=None, ref="", exclusive=False):
     register(MethodSpec(
         library=LIBRARY, name=name, kind=kind, adapter=adapter, needs_layer=layer, dims=dims,
         defaults=defaults or {}, quick_params=quick or {}, reference=ref, exclusive=exclusive,
         preflight=_layer_preflight("excitation" in name) if layer else None,
+        passes=passes, batch_layout=layout, axiom=axiom,
     ))
 
 
 _A = "torchray.attribution"
-_torchray("gradient", TorchRayAdapter(f"{_A}.gradient", "gradient", _SALIENCY), ref=_REF_GRAD)
+# The saliency methods cost one gradient (or modified gradient) each. The input-level ones explain a batch
+# of wrapped inputs as rows (tests/test_batching.py); the others run one input per call. Excitation
+# backprop passes the target's probability mass down layer by layer (its marginal winning probabilities
+# sum to one at every layer); its contrastive map, a difference of two, conserves nothing.
+_torchray("gradient", TorchRayAdapter(f"{_A}.gradient", "gradient", _SALIENCY), passes=cost.gradient, layout=ROWS,
+          axiom="none", ref=_REF_GRAD)
 # deconvnet, guided backprop and (contrastive) excitation backprop patch torch's functions
 # (torch.relu, F.conv2d...) process-wide while they run: exclusive, no other job beside them.
-_torchray("deconvnet", TorchRayAdapter(f"{_A}.deconvnet", "deconvnet", _SALIENCY), exclusive=True,
-          ref="Zeiler & Fergus 2014, doi:10.1007/978-3-319-10590-1_53")
+_torchray("deconvnet", TorchRayAdapter(f"{_A}.deconvnet", "deconvnet", _SALIENCY), passes=cost.gradient,
+          layout=ROWS, axiom="none", exclusive=True, ref="Zeiler & Fergus 2014, doi:10.1007/978-3-319-10590-1_53")
 _torchray("guided_backprop", TorchRayAdapter(f"{_A}.guided_backprop", "guided_backprop", _SALIENCY),
-          exclusive=True, ref="Springenberg et al. 2015, arXiv:1412.6806")
+          passes=cost.gradient, layout=ROWS, axiom="none", exclusive=True, ref="Springenberg et al. 2015, arXiv:1412.6806")
 # grad_cam averages the gradient over axes (2, 3) only: 2D by construction.
-_torchray("grad_cam", TorchRayAdapter(f"{_A}.grad_cam", "grad_cam", _SALIENCY), kind="layer", layer=True,
-          dims=(2,), ref="Selvaraju et al. 2017, arXiv:1610.02391")
-_torchray("linear_approx", TorchRayAdapter(f"{_A}.linear_approx", "linear_approx", _SALIENCY), kind="layer",
-          layer=True, ref="TorchRay's linear approximation (gradient x activation at a layer)")
+_torchray("grad_cam", TorchRayAdapter(f"{_A}.grad_cam", "grad_cam", _SALIENCY), passes=cost.gradient,
+          layout=PER_INPUT, axiom="none", kind="layer", layer=True, dims=(2,), ref="Selvaraju et al. 2017, arXiv:1610.02391")
+_torchray("linear_approx", TorchRayAdapter(f"{_A}.linear_approx", "linear_approx", _SALIENCY), passes=cost.gradient,
+          layout=PER_INPUT, axiom="none", kind="layer", layer=True,
+          ref="TorchRay's linear approximation (gradient x activation at a layer)")
 _torchray("excitation_backprop",
           TorchRayAdapter(f"{_A}.excitation_backprop", "excitation_backprop", _SALIENCY, torchvision=True),
-          kind="layer", layer=True, exclusive=True, ref=_REF_EBP)
+          passes=cost.gradient, layout=PER_INPUT, axiom="conservation", kind="layer", layer=True, exclusive=True,
+          ref=_REF_EBP)
 # contrast_layer (required upstream) defaults to the saliency layer: clamp(P - N) there, the
 # target's excitation minus its dual's (classifier weights negated), the paper's contrastive map.
 # TorchRay's excitation backprop is linear in the signal it propagates, so any contrast layer between the
 # saliency layer and the classifier gives the same map.
 _torchray("contrastive_excitation_backprop",
           TorchRayAdapter(f"{_A}.excitation_backprop", "contrastive_excitation_backprop", torchvision=True),
-          kind="layer", layer=True, defaults={"contrast_layer": None}, exclusive=True, ref=_REF_EBP)
+          passes=cost.gradient, layout=PER_INPUT, axiom="none", kind="layer", layer=True,
+          defaults={"contrast_layer": None}, exclusive=True, ref=_REF_EBP)
 # torchray.rise ignores the target and maps every class; rise_class, its class-specific front-end
-# with the same parameters, gives the target's map. Both assert 2D inputs.
+# with the same parameters, gives the target's map. Both assert 2D inputs. One forward row per mask,
+# plus the unperturbed input.
 _torchray("rise", TorchRayAdapter(f"{_A}.rise", "rise_class", f"{_A}.rise.rise", targets="list", sigmoid_scores=True),
-          dims=(2,), quick={"num_masks": 128}, ref="Petsiuk et al. 2018, arXiv:1806.07421")
+          passes=cost.forward_steps("num_masks", 1), layout=PER_INPUT, axiom="none", dims=(2,),
+          quick={"num_masks": 128}, ref="Petsiuk et al. 2018, arXiv:1806.07421")
 # One 2D input per call (the mask generator and the jitter flip are 2D).
 _torchray("extremal_perturbation",
           TorchRayAdapter(f"{_A}.extremal_perturbation", "extremal_perturbation", targets="each", returns_hist=True),
-          dims=(2,), quick={"max_iter": 12, "step": _quick_step, "sigma": _quick_sigma},
-          ref="Fong et al. 2019, arXiv:1910.08485")
+          passes=_extremal_passes, layout=PER_INPUT, axiom="none", dims=(2,),
+          quick={"max_iter": 12, "step": _quick_step, "sigma": _quick_sigma}, ref="Fong et al. 2019, arXiv:1910.08485")

@@ -78,6 +78,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import math
 from collections.abc import Mapping
 from functools import cache
 from types import MappingProxyType
@@ -85,7 +86,9 @@ from typing import Any
 
 from esegeta.errors import ConfigError, did_you_mean
 from esegeta.spec.params import check_number
-from esegeta.spec.registry import Call, Library, MethodSpec, keyword_parameters, register
+from esegeta.spec import cost
+from esegeta.spec.cost import Passes
+from esegeta.spec.registry import PER_INPUT, ROWS, Call, Library, MethodSpec, keyword_parameters, register
 
 
 #: Zennit draws from torch's RNG only (SmoothGrad's noise).
@@ -157,12 +160,25 @@ def _graph_merge(call: Call):
             return instances
 
     return GraphMergeBatchNorm()
-#: Attributor name → (reference, seed: "one_hot" for gradients, "score" for Occlusion).
-ATTRIBUTORS: Mapping[str, tuple[str, str]] = {
-    "Gradient": ("Simonyan et al. 2014, arXiv:1312.6034", "one_hot"),
-    "SmoothGrad": ("Smilkov et al. 2017, arXiv:1706.03825", "one_hot"),
-    "IntegratedGradients": ("Sundararajan et al. 2017, arXiv:1703.01365", "one_hot"),
-    "Occlusion": ("Zeiler & Fergus 2014, arXiv:1311.2901", "score"),
+
+
+def _occlusion_passes(values, x, layer_shape) -> Passes:
+    """zennit's Occlusion rolls the window to every multiple of the stride, wrapping around the
+    edges: one forward row per position, plus the unperturbed input."""
+    spatial = list(x.shape[2:])
+    stride = cost.as_list(values.get("stride"), len(spatial))
+    if stride is None:
+        return Passes(None, None, False, "stride not known")
+    return Passes(math.prod(-(-s // max(1, st)) for s, st in zip(spatial, stride)) + 1, 0)
+
+
+#: Attributor name → (reference, seed: "one_hot" for gradients, "score" for Occlusion, passes, axiom).
+ATTRIBUTORS: Mapping[str, tuple[str, str, cost.Formula, str]] = {
+    "Gradient": ("Simonyan et al. 2014, arXiv:1312.6034", "one_hot", cost.gradient, "none"),
+    "SmoothGrad": ("Smilkov et al. 2017, arXiv:1706.03825", "one_hot", cost.steps("n_iter"), "none"),
+    "IntegratedGradients": ("Sundararajan et al. 2017, arXiv:1703.01365", "one_hot", cost.steps("n_iter"),
+                            "completeness"),
+    "Occlusion": ("Zeiler & Fergus 2014, arXiv:1311.2901", "score", _occlusion_passes, "none"),
 }
 #: esegeta's JSON rule names that are not zennit's own (zennit.rules class, fixed keyword arguments);
 #: None is the plain gradient. Every rule class zennit defines is also its lower-cased name
@@ -665,11 +681,70 @@ def attention_gap(model, context=None) -> list[str]:
             "or gradcam.GradCAM with params.reshape_transform \"vit\""]
 
 
-def _zennit_method(name: str, adapter, reference: str, defaults=None, quick=None) -> None:
+def entry_canonizers(method: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The canonizer names an entry of zennit's ``method`` will apply: its composite's own (the
+    method's, or the one ``params.composite`` names), else the adapter's default for that composite."""
+    composite = params.get("composite")
+    if isinstance(composite, dict):
+        name, options = composite.get("name"), composite
+    elif isinstance(composite, str):
+        name, options = composite, {}
+    else:
+        name, options = method, params
+    if name not in composite_names():
+        return ()
+    names = options.get("canonizers", _default_canonizers(name))
+    return tuple(n for n in names if isinstance(n, str))
+
+
+def try_canonizers(model, context) -> tuple[list[ConfigError], list[str]]:
+    """The trial of zennit's methods (``MethodSpec.trial``, run by ``esegeta check``): apply the
+    canonizers the entry will use to a copy of the prepared ``model``, as the adapter builds them
+    (a graph-traced canonizer reads its layers), and run it once on ``context.x``. A canonizer that
+    fails or changes the model's output is a problem before the run: ``(problems, notes)``."""
+    import copy
+
+    import torch
+
+    names = entry_canonizers(context.spec.name, context.params)
+    if not names:
+        return [], []
+    where = "params.canonizers"
+    fix = "set params.canonizers to [] (no canonizer) or others that fit the model"
+    x = context.x
+    trial = copy.deepcopy(model)
+    handles: list = []
+    try:
+        for canonizer in _canonizers(names, Call(trial, trial, x, None, None, {})):
+            handles += canonizer.apply(trial)
+        with torch.no_grad():
+            expected, out = model(x), trial(x)
+        if torch.is_tensor(out) and torch.is_tensor(expected) and (
+                out.shape != expected.shape
+                or (out - expected).abs().max() > 1e-3 * expected.abs().max() + 1e-5):  # merged weights round
+            return [ConfigError(where, f"the canonizers {list(names)} change the model's output on this input; {fix}")], []
+        return [], [f"canonizers {list(names)} tried on a copy of the model: output unchanged"]
+    except Exception as exc:  # noqa: BLE001 (what the run would meet)
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return [ConfigError(where, f"the canonizers {list(names)} fail on this model: {type(exc).__name__}: {detail}; "
+                                   + fix)], []
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+#: The methods that explain a batch of wrapped inputs as rows (tests/test_batching.py checks each);
+#: every other composite and attributor runs one input per call (SmoothGrad draws noise; the
+#: composites' batched relevance was not declared).
+BATCH_ROWS = frozenset({"DeconvNet", "Gradient", "IntegratedGradients", "Occlusion"})
+
+
+def _zennit_method(name: str, adapter, reference: str, passes, axiom: str, defaults=None, quick=None) -> None:
     rule_based = adapter is COMPOSITE_ADAPTER and name not in ACTIVATION_ONLY
     register(MethodSpec(
         library=LIBRARY, name=name, kind="attribution", adapter=adapter, defaults=defaults or {},
         quick_params=quick or {}, reference=reference, preflight=attention_gap if rule_based else None,
+        passes=passes, batch_layout=ROWS if name in BATCH_ROWS else PER_INPUT, axiom=axiom, trial=try_canonizers,
     ))
 
 
@@ -681,9 +756,11 @@ _RULE_MAP_QUICK = {"layer_map": {"Convolution": _EPSILON, "Linear": _EPSILON, "B
 _QUICK = {"LayerMapComposite": _RULE_MAP_QUICK,
           "SpecialFirstLayerMapComposite": {**_RULE_MAP_QUICK, "first_map": {"Convolution": "zbox"}},
           "NameLayerMapComposite": _RULE_MAP_QUICK}
+# A composite (a new upstream one too) is one modified gradient; it conserves relevance unless it
+# only modifies gradients (GuidedBackprop, DeconvNet, BetaSmooth: NO_CANONIZERS).
 for _name in composite_names():
-    _zennit_method(_name, COMPOSITE_ADAPTER, REFERENCES.get(_name, _LRP),
-                   defaults=INPUT_DEFAULTS if _name == "EpsilonGammaBox" else None,
-                   quick=_QUICK.get(_name))
-for _name, (_reference, _) in ATTRIBUTORS.items():
-    _zennit_method(_name, ATTRIBUTOR_ADAPTER, _reference, quick=_ATTRIBUTOR_QUICK.get(_name))
+    _zennit_method(_name, COMPOSITE_ADAPTER, REFERENCES.get(_name, _LRP), cost.gradient,
+                   "none" if _name in NO_CANONIZERS else "conservation",
+                   defaults=INPUT_DEFAULTS if _name == "EpsilonGammaBox" else None, quick=_QUICK.get(_name))
+for _name, (_reference, _, _passes, _axiom) in ATTRIBUTORS.items():
+    _zennit_method(_name, ATTRIBUTOR_ADAPTER, _reference, _passes, _axiom, quick=_ATTRIBUTOR_QUICK.get(_name))

@@ -354,14 +354,20 @@ _NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"
                "MultiheadAttention")
 
 
+#: The axioms (``MethodSpec.axiom``) that hold through rules for each layer, as they read in notes:
+#: DeepLift's summation to delta and LRP's conservation pass the layers of :data:`_NOT_LINEAR` and
+#: products of two data-dependent paths as linear maps or gradients, so hold only approximately there.
+RULE_AXIOMS = {"summation-to-delta": "summation to delta", "conservation": "relevance conservation"}
+
+
 def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
-    """What keeps a method's axiom from holding exactly on this model (shown by ``check``, written
-    to the manifest's records; the method runs): DeepLift's summation to delta, LRP's
-    conservation, through the layers of :data:`_NOT_LINEAR` (which they pass as linear maps) and,
-    given an input ``x``, through products of two data-dependent paths (:func:`products`)."""
-    if not any(k in spec.name for k in ("DeepLift", "LRP")) and spec.id not in ("shap.DeepExplainer",):
+    """What keeps a method's axiom (``spec.axiom``, one of :data:`RULE_AXIOMS`) from holding exactly
+    on this model (shown by ``check``, written to the manifest's records; the method runs): through
+    the layers of :data:`_NOT_LINEAR` (which the rules pass as linear maps) and, given an input
+    ``x``, through products of two data-dependent paths (:func:`products`)."""
+    axiom = RULE_AXIOMS.get(spec.axiom)
+    if axiom is None:
         return []
-    axiom = "relevance conservation" if "LRP" in spec.name else "summation to delta"
     notes = []
     found = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
              if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR)]

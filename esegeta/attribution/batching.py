@@ -4,7 +4,8 @@ A wrapper freezes its masks on one input (:func:`esegeta.attribution.wrappers.bu
 inputs of one shape in one call needs a *batched wrapped view*: ``B`` frozen masks, and for
 every row the wrapped forward pass sees, the input that row belongs to. The upstream methods
 expand a batch into ``N`` rows in different ways, so the row → input mapping is declared per
-method in :data:`LAYOUTS`, never guessed:
+method, as ``batch_layout`` in its adapter's table (:class:`esegeta.spec.registry.MethodSpec`),
+never guessed:
 
 - ``"rows"``: ``N == B``, row ``r`` is input ``r`` (every forward pass the method makes sees
   the batch as given: Saliency, Guided Backprop, LRP, zennit's composites, grad-cam's gradient
@@ -12,9 +13,10 @@ method in :data:`LAYOUTS`, never guessed:
 - ``"tile"``: ``N == k·B``, row ``r`` is input ``r mod B`` (the method concatenates ``k``
   copies of the batch: Captum's Integrated Gradients over its steps, DeepLift with its
   baselines, Occlusion and Feature Ablation with ``perturbations_per_eval``, ...);
-- ``"per_input"``: one upstream call per input, each with its own wrapper (the default for
-  every method not declared, for any method under a noise tunnel, which interleaves its
-  samples, and for custom wrappers, whose score functions cannot be split by rows).
+- ``"per_input"``: one upstream call per input, each with its own wrapper (declared by every
+  method with randomness or rules that amplify the batch's rounding, or not verified batched;
+  and for any method under a noise tunnel, which interleaves its samples, and for custom
+  wrappers, whose score functions cannot be split by rows).
 
 The wrapped forward pass checks the row count it sees against its layout and raises
 :class:`BatchLayoutError` when the layout does not allow it (a method that expands the batch
@@ -23,7 +25,7 @@ every declared method gives on a batch what it gives input by input.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +33,14 @@ import torch
 from torch import nn
 
 from esegeta.attribution import wrappers
+from esegeta.spec import registry
+from esegeta.spec.registry import PER_INPUT, ROWS, TILE
 from esegeta.spec.request import Request, WrapperConfig
-
-ROWS, TILE, PER_INPUT = "rows", "tile", "per_input"
-
-_ROWS = (
-    "captum.Saliency", "captum.InputXGradient", "captum.GuidedBackprop", "captum.Deconvolution",
-    "captum.GuidedGradCam", "captum.LayerActivation", "captum.LayerGradCam", "captum.LayerGradientXActivation",
-    "gradcam.GradCAM", "gradcam.HiResCAM", "gradcam.GradCAMElementWise", "gradcam.GradCAMPlusPlus", "gradcam.XGradCAM",
-    "gradcam.LayerCAM",
-    "zennit.DeconvNet", "zennit.Gradient", "zennit.IntegratedGradients", "zennit.Occlusion",
-    "torchray.gradient", "torchray.deconvnet", "torchray.guided_backprop",
-)
-_TILE = (
-    "captum.IntegratedGradients", "captum.FeatureAblation", "captum.Occlusion", "captum.LayerIntegratedGradients",
-    "captum.LayerConductance", "captum.InternalInfluence",
-)
-
-#: Row → input layout of each method that may explain a batch of wrapped inputs in one call
-#: (method id → ``"rows"`` or ``"tile"``); methods not listed run one input per call. Left out on
-#: purpose: methods with randomness (GradientShap, SmoothGrad, RISE, LIME, SHAP's samplers: a batch
-#: draws other numbers than one input does), adapters that loop over inputs themselves (zennit's
-#: composites and SHAP send rows of one input: the guard refuses them), LRP and DeepLift (their
-#: rules divide by small activations and amplify the batch's rounding: batched results differ
-#: from one input at a time by far more than rounding), LayerFeatureAblation (Captum does not repeat
-#: a per-input target for ``perturbations_per_eval`` > 1), ScoreCAM and the layout-free others.
-LAYOUTS: Mapping[str, str] = {**{m: ROWS for m in _ROWS}, **{m: TILE for m in _TILE}}
 
 
 class BatchLayoutError(RuntimeError):
     """Internal error: a method fed the batched wrapped view a row count its declared layout
-    does not allow (its entry in :data:`LAYOUTS` is wrong)."""
+    does not allow (its ``batch_layout`` in its adapter's table is wrong)."""
 
 
 def layout(request: Request, batch: int) -> str:
@@ -69,7 +48,7 @@ def layout(request: Request, batch: int) -> str:
     wrapper = request.wrapper
     if wrapper is None or batch < 2 or request.noise_tunnel is not None or wrapper.name not in wrappers.BUILTIN:
         return PER_INPUT
-    return LAYOUTS.get(request.spec.id, PER_INPUT)
+    return request.spec.batch_layout
 
 
 def inputs_of_rows(kind: str, rows: int, inputs: int, method: str = "") -> int:
@@ -79,9 +58,16 @@ def inputs_of_rows(kind: str, rows: int, inputs: int, method: str = "") -> int:
     if not allowed:
         what = {ROWS: f"exactly {inputs}", TILE: f"a multiple of {inputs}"}.get(kind, "none")
         raise BatchLayoutError(f"internal error: {method or 'the method'} passed {rows} rows to the batched wrapped "
-                               f"model of {inputs} inputs; its layout {kind!r} allows {what}. Its entry in "
-                               "batch layout is wrong: remove it (the method then runs one input per call)")
+                               f"model of {inputs} inputs; its layout {kind!r} allows {what}. Its batch_layout in "
+                               f"{_table(method)} is wrong: state {PER_INPUT!r} there (the method then runs one "
+                               "input per call)")
     return rows // inputs
+
+
+def _table(method: str) -> str:
+    """Where ``method``'s facts are stated: its adapter module's table."""
+    spec = registry.all_methods().get(method)
+    return f"its adapter's table ({type(spec.adapter).__module__})" if spec is not None else "its adapter's table"
 
 
 class BatchedScore(nn.Module):

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # esegeta/cli/commands.py: the checkout holding configs/
 DEMO_CONFIG = REPO_ROOT / "configs" / "retina.json"
 
 

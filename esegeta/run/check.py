@@ -4,10 +4,11 @@ Loads the model and the first input, runs one forward pass on the prepared copy 
 hook on every module to see layer output shapes and activation sizes) and then, for each
 method entry, collects every problem instead of stopping at the first: unknown id or
 parameter, unavailable library, 2D/3D support, classifier/segmenter fit, the layer and its
-output shape, the wrapper and target, LRP rules for every leaf layer. It reports what the
-prepared copy fixed (reused and in-place ReLUs) and an estimate of each method's peak
-memory. It runs no attribution. The config itself (JSON, model, inputs) must be valid:
-otherwise :class:`~esegeta.errors.ConfigError` as for ``validate``.
+output shape, the wrapper and target, LRP rules for every leaf layer, and the method's trial
+(``MethodSpec.trial``: what its library does to the model, tried on a copy of it, e.g. zennit's
+canonizers). It reports what the prepared copy fixed (reused and in-place ReLUs) and an
+estimate of each method's peak memory. It runs no attribution. The config itself (JSON,
+model, inputs) must be valid: otherwise :class:`~esegeta.errors.ConfigError` as for ``validate``.
 """
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ from esegeta.run import plan as planning
 from esegeta.spec import params as params_mod
 from esegeta.evaluation.catalogue import estimate
 from esegeta.attribution.patcher import Grid
-from esegeta.adapters import zennit as zennit_adapter
-from esegeta.spec.registry import Call
 
 
 @dataclass
@@ -297,54 +296,15 @@ def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patc
         c.notes.append(f"passes {'estimated' if passes.known else 'unknown'}: {passes.note}")
 
 
-def _try_canonizers(c: MethodCheck, spec, entry, plan: planning.Plan, x: torch.Tensor) -> None:
-    """Apply the canonizers a zennit method will use to a copy of the prepared model and run it
-    once: a canonizer that fails or changes the model's output is a problem before the run."""
-    names = _zennit_canonizers(spec, entry.params)
-    if not names:
-        return
-    import copy
-
-
-    model = copy.deepcopy(plan.ready.model)
-    handles: list = []
-    try:  # built as the adapter builds them, on the copy (a graph-traced canonizer reads its layers)
-        for canonizer in zennit_adapter._canonizers(names, Call(model, model, x, None, None, {})):
-            handles += canonizer.apply(model)
-        with torch.no_grad():
-            expected, out = plan.ready.model(x), model(x)
-        if torch.is_tensor(out) and torch.is_tensor(expected) and (
-                out.shape != expected.shape
-                or (out - expected).abs().max() > 1e-3 * expected.abs().max() + 1e-5):  # merged weights round
-            c.problem(f"methods[{c.index}].params.canonizers: the canonizers {list(names)} change the model's output "
-                      f"on this input; set params.canonizers to [] (no canonizer) or others that fit the model")
-        else:
-            c.notes.append(f"canonizers {list(names)} tried on a copy of the model: output unchanged")
-    except Exception as exc:  # noqa: BLE001 (what the run would meet)
-        c.problem(f"methods[{c.index}].params.canonizers: the canonizers {list(names)} fail on this model: "
-                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}; set "
-                  "params.canonizers to [] (no canonizer) or others that fit the model")
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _zennit_canonizers(spec, params) -> tuple[str, ...]:
-    """The canonizer names a zennit entry will apply (its own, or the adapter's default)."""
-    if spec.library.name != "zennit":
-        return ()
-
-    composite = params.get("composite")
-    if isinstance(composite, dict):
-        name, options = composite.get("name"), composite
-    elif isinstance(composite, str):
-        name, options = composite, {}
-    else:
-        name, options = spec.name, params
-    if name not in zennit_adapter.composite_names():
-        return ()
-    names = options.get("canonizers", zennit_adapter._default_canonizers(name))
-    return tuple(n for n in names if isinstance(n, str))
+def _trial(c: MethodCheck, spec, entry, plan: planning.Plan, x: torch.Tensor) -> None:
+    """Run the method's trial (``MethodSpec.trial``: what its library does to the model, tried on a
+    copy, e.g. zennit's canonizers): its problems are the entry's, its notes are shown."""
+    context = architectures.Context(x, entry.layer, dict(entry.params), model=plan.ready.model, spec=spec)
+    problems, notes = spec.trial(plan.ready.model, context)
+    for problem in problems:
+        c.problem(f"methods[{c.index}].{problem.path}: {problem.message}" if problem.path
+                  else f"methods[{c.index}]: {problem.message}")
+    c.notes += notes
 
 
 def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Forward,
@@ -371,8 +331,8 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
         c.notes += architectures.axiom_notes(spec, plan.ready.model, x)
     if plan.config.runtime.amp:
         c.notes.append(numerics.precision_plan(spec, plan.device, amp=True).reason)
-    if c.ok:
-        _try_canonizers(c, spec, entry, plan, x)
+    if c.ok and spec.trial is not None:
+        _trial(c, spec, entry, plan, x)
     c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)
     # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
     c.memory_bytes = 2 * forward.activation_bytes * c.batch + forward.weight_bytes

@@ -206,7 +206,8 @@ def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
 def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int, int], dict], list[Job]]:
     """Records kept from an earlier run (by (input index, position)), and the jobs left: one per
     (method, input), or per ``runtime.batch_size`` inputs of one shape for a method that explains
-    them in one call (without wrapper, or wrapped with a layout in :data:`esegeta.attribution.batching.LAYOUTS`)."""
+    them in one call (without wrapper, or wrapped by a method whose ``batch_layout`` allows it:
+    :func:`esegeta.attribution.batching.layout`)."""
     model_hash = resume.model_digest(p.model)
     input_hashes = [item.digest for item in p.inputs]
     samples_hash = datasets.samples_digest(p.inputs)

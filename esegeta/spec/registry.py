@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from esegeta.spec.cost import Passes
+
 #: Where each kind of method puts its result.
 KINDS = {
     "attribution": "input-resolution attribution",
@@ -38,6 +40,23 @@ KINDS = {
 
 #: The kinds of model a method applies to: a classifier, or a segmenter behind a wrapper.
 TASKS = ("classification", "segmentation")
+
+#: How a method expands a batch of ``B`` inputs into the rows its forward passes see
+#: (:mod:`esegeta.attribution.batching`): ``rows``, row ``r`` is input ``r``; ``tile``, ``k·B`` rows, row ``r``
+#: is input ``r mod B``; ``per_input``, one upstream call per input (randomness, interleaved rows,
+#: rules that amplify the batch's rounding, or not verified).
+ROWS, TILE, PER_INPUT = "rows", "tile", "per_input"
+BATCH_LAYOUTS = (ROWS, TILE, PER_INPUT)
+#: The axiom a method keeps ("none": it keeps none). :func:`esegeta.attribution.architectures.axiom_notes`
+#: says where a rule-based one (summation to delta, conservation) holds only approximately on a model.
+AXIOMS = {
+    "completeness": "attributions sum to F(x) - F(baseline) (up to the integral's discretisation)",
+    "completeness-in-expectation": "attributions sum to F(x) - E F(baseline) in expectation over the samples",
+    "summation-to-delta": "attributions sum to F(x) - F(baseline) (DeepLift's rules)",
+    "conservation": "relevance is conserved from the output to the input, layer by layer (LRP's rules)",
+    "efficiency": "Shapley values sum to F(x) - F(background)",
+    "none": "no axiom",
+}
 
 
 @dataclass(frozen=True)
@@ -139,7 +158,16 @@ class MethodSpec:
     prepared model the method cannot handle (Captum's LRP: leaf layers without a rule), each
     naming the layer and the fix, before a run (:mod:`esegeta.attribution.architectures`: the context holds
     the example input, layer and params; validate, check and explain refuse with them);
-    ``noise_tunnel`` gives the parameters of a ``noise_tunnel`` block, None if it takes none."""
+    ``noise_tunnel`` gives the parameters of a ``noise_tunnel`` block, None if it takes none.
+
+    Every registered method states three facts in its adapter's table (:func:`register` refuses
+    a method without them; the conformance suite checks them): ``passes(values, x, layer_shape)``,
+    the model rows one call needs per input (a :class:`esegeta.spec.cost.Passes`, from the call's
+    resolved parameter values; :func:`esegeta.spec.cost.expected_passes`); ``batch_layout``, one of
+    :data:`BATCH_LAYOUTS` (how a batch of wrapped inputs is explained in one call); ``axiom``, one
+    of :data:`AXIOMS`. ``trial(model, context)`` runs, for ``esegeta check`` only, what a library
+    does to the model on a copy of it (zennit's canonizers) and returns ``(problems, notes)``: each
+    problem a :class:`~esegeta.errors.ConfigError` whose path is relative to the method entry."""
     library: Library
     name: str
     kind: str
@@ -158,6 +186,10 @@ class MethodSpec:
     uses_global_rng: bool | None = None
     preflight: Callable[[nn.Module, Any], list[Any]] | None = None
     noise_tunnel: Callable[[], Mapping[str, inspect.Parameter]] | None = None
+    passes: Callable[[Mapping[str, Any], torch.Tensor, Any], Passes] | None = None
+    batch_layout: str | None = None
+    axiom: str = ""
+    trial: Callable[[nn.Module, Any], tuple[list[ConfigError], list[str]]] | None = None
 
     def __post_init__(self):
         library = self.library if isinstance(self.library, Library) else libraries()[self.library]
@@ -219,6 +251,8 @@ class MethodSpec:
             "reason": reason,
             "defaults": sorted(self.defaults),
             "reference": self.reference,
+            "axiom": self.axiom,
+            "batch_layout": self.batch_layout,
             "amp": {precision: {k: v for k, v in (self.amp_measurement(precision) or {"safe": False}).items()
                                 if k != "samples"} | {"reason": self.amp_safety(precision)[1]}
                     for precision in ("bf16", "fp16")},
@@ -259,11 +293,27 @@ _REGISTRY: dict[str, MethodSpec] = {}
 _LIBRARIES: dict[str, Library] = {}
 
 
+def fact_problems(spec: MethodSpec) -> list[str]:
+    """What of the facts every method states (``passes``, ``batch_layout``, ``axiom``) ``spec`` lacks."""
+    found = []
+    if not callable(spec.passes):
+        found.append("passes: its cost formula, (values, x, layer_shape) -> Passes (esegeta.spec.cost)")
+    if spec.batch_layout not in BATCH_LAYOUTS:
+        found.append(f"batch_layout: one of {list(BATCH_LAYOUTS)}, not {spec.batch_layout!r}")
+    if spec.axiom not in AXIOMS:
+        found.append(f"axiom: one of {list(AXIOMS)}, not {spec.axiom!r}")
+    return found
+
+
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.id in _REGISTRY:
         raise ValueError(f"method {spec.id} registered twice")
     if spec.kind not in KINDS:
         raise ValueError(f"{spec.id}: unknown kind {spec.kind!r}")
+    missing = fact_problems(spec)
+    if missing:
+        raise ValueError(f"{spec.id}: state in its adapter's table ({type(spec.adapter).__module__}) "
+                         + "; ".join(missing))
     _LIBRARIES.setdefault(spec.library.name, spec.library)
     spec.library.methods.append(spec)
     _REGISTRY[spec.id] = spec
