@@ -17,6 +17,7 @@ from esegeta.attribution import numerics, patcher
 from esegeta.attribution.architectures import refuse
 from esegeta.attribution.call import Outcome, call_once
 from esegeta.errors import ConfigError
+from esegeta.hooks import removing
 from esegeta.spec.params import check_method
 from esegeta.attribution.prepare import PreparedModel, prepared
 from esegeta.spec.request import Request, from_arguments
@@ -81,12 +82,10 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
         refuse(request.spec, ready, example, "explain.method", layer=layer, params=request.params, wrapper=wrapper)
         check = request.wrapper is None and request.spec.needs_target and request.target not in (None, "predicted")
         # "predicted" finds a map itself; an index is checked on the method's own first forward pass
-        handle = ready.register_forward_hook(_scores_not_a_map) if check else None
-        try:
+        with removing() as handles:
+            if check:
+                handles.append(ready.register_forward_hook(_scores_not_a_map))
             return run(request, ready, x, samples=x).result
-        finally:
-            if handle is not None:
-                handle.remove()
 
 
 def _layer_name(model: nn.Module, layer: str | nn.Module | None) -> str | None:

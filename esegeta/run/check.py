@@ -28,6 +28,7 @@ from esegeta.evaluation.catalogue import estimate
 from esegeta.attribution.patcher import Grid
 from esegeta.adapters import zennit as zennit_adapter
 from esegeta.spec.registry import Call
+from esegeta.hooks import removing
 
 
 @dataclass
@@ -199,16 +200,13 @@ def _forward_pass(ready: nn.Module, x: torch.Tensor) -> _Forward:
         if not list(module.children()):
             leaf_bytes += _tensor_bytes(output)
 
-    handles = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, o))
-               for name, m in ready.model.named_modules() if name]
-    try:
+    with removing() as handles:
+        handles.extend(m.register_forward_hook(lambda m, i, o, name=name: record(name, m, o))
+                       for name, m in ready.model.named_modules() if name)
         start = time.perf_counter()
         with torch.no_grad():
             out = ready(x)
         seconds = time.perf_counter() - start
-    finally:
-        for h in handles:
-            h.remove()
     weight_bytes = sum(_tensor_bytes(p) for p in ready.parameters()) + sum(_tensor_bytes(b) for b in ready.buffers())
     return _Forward(shapes, _shape(out), leaf_bytes + _tensor_bytes(x) + _tensor_bytes(out), weight_bytes, seconds)
 
