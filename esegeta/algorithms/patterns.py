@@ -315,8 +315,10 @@ def _fit_data(fit_inputs: Any, call: Call, method: str) -> list[torch.Tensor]:
             "paths": [fit_inputs] if isinstance(fit_inputs, str) else list(fit_inputs)}
         cfg["spatial_dims"] = call.inputs.ndim - 2
         try:
-            tensors = [item.tensor for item in load_inputs(cfg, call.base_dir)]
+            tensors = [item.tensor for item in load_inputs(cfg, call.base_dir, path)]
         except ConfigError as exc:
+            if exc.path.startswith(path):  # a key of fit_inputs, named as it is
+                raise
             raise ConfigError(path, exc.message) from None
     expected = call.inputs.shape[1]
     for t in tensors:
