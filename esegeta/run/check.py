@@ -28,6 +28,7 @@ from esegeta.evaluation.catalogue import estimate
 from esegeta.attribution.patcher import Grid
 from esegeta.adapters import zennit as zennit_adapter
 from esegeta.spec.registry import Call
+from esegeta.run.writer import check_dir, output_folder
 from esegeta.hooks import removing
 
 
@@ -162,6 +163,7 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         cfg, base = config_mod.read(config)
     with numerics.fp32_numerics(cfg.runtime.tf32):  # the forward pass as the run computes it
         plan = planning.plan(cfg, base, device=device, every_entry=True)
+        check_dir(output_folder(cfg.output.dir, base), create=False)  # what run refuses first (nothing created)
         x = plan.inputs[0].tensor.to(plan.device)
         forward = _forward_pass(plan.ready, x)
         forward.seconds, forward.ready = _timed_forward(plan.ready, x), plan.ready
