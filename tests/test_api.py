@@ -2,6 +2,7 @@
 and clear errors (batch axis, wrapper, did you mean) instead of upstream tracebacks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,54 @@ def test_method_typo_gets_did_you_mean(digits):
 def test_values_are_checked_as_in_a_config(digits):
     with pytest.raises(ConfigError, match="n_steps counts"):
         explain(digits.model, digits.x, "captum.IntegratedGradients", 3, n_steps="32")
+
+
+def test_captum_s_own_forms_are_accepted_from_python(digits):
+    """Tuples where Captum takes tuples: the result is Captum's own on the same call."""
+    from captum.attr import Occlusion
+
+    ours = explain(digits.model, digits.x, "captum.Occlusion", 3, sliding_window_shapes=(1, 3, 3), strides=(1, 2, 2))
+    theirs = Occlusion(digits.model).attribute(digits.x, target=3, sliding_window_shapes=(1, 3, 3), strides=(1, 2, 2))
+    torch.testing.assert_close(ours, theirs)
+    assert ours.abs().sum() > 0
+    # a NumPy integer inside the tuple, and one stride for every axis (Captum takes an int)
+    mixed = explain(digits.model, digits.x, "captum.Occlusion", 3, sliding_window_shapes=(1, np.int64(3), 3), strides=2)
+    torch.testing.assert_close(mixed, Occlusion(digits.model).attribute(
+        digits.x, target=3, sliding_window_shapes=(1, 3, 3), strides=2))
+
+
+@pytest.mark.parametrize("steps", [np.int64(16), np.int32(16), torch.tensor(16)], ids=["np.int64", "np.int32", "torch"])
+def test_numpy_and_torch_integers_are_integers(digits, steps):
+    expected = explain(digits.model, digits.x, "captum.IntegratedGradients", 3, n_steps=16)
+    torch.testing.assert_close(explain(digits.model, digits.x, "captum.IntegratedGradients", 3, n_steps=steps), expected)
+    tunnel = {"nt_samples": np.int64(3), "stdevs": np.float32(0.1), "nt_type": "smoothgrad"}
+    torch.manual_seed(0)
+    smooth = explain(digits.model, digits.x, "captum.Saliency", 3, noise_tunnel=tunnel)
+    torch.manual_seed(0)
+    assert torch.equal(smooth, explain(digits.model, digits.x, "captum.Saliency", 3,
+                                       noise_tunnel={"nt_samples": 3, "stdevs": 0.1, "nt_type": "smoothgrad"}))
+
+
+@pytest.mark.parametrize("params, field, message", [
+    ({"n_steps": np.float64(16.5)}, "n_steps", "n_steps counts"),
+    ({"n_steps": torch.tensor([16, 32])}, "n_steps", "n_steps counts"),
+    ({"n_steps": "32"}, "n_steps", "n_steps counts"),
+    ({"method": ("gausslegendre",)}, "method", "must be a string"),
+])
+def test_what_upstream_would_fail_on_is_still_refused(digits, params, field, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        explain(digits.model, digits.x, "captum.IntegratedGradients", 3, **params)
+    assert caught.value.path == f"explain.params.{field}"
+
+
+@pytest.mark.parametrize("window, strides, field", [
+    ((1, 3), (1, 2, 2), "sliding_window_shapes"), ((1, 9, 3), 1, "sliding_window_shapes"),
+    ("(1, 3, 3)", 1, "sliding_window_shapes"), ((1, 3, 3), (1, 0, 2), "strides"), ((1, 2, 2), (1, 3, 3), "strides"),
+])
+def test_occlusion_refuses_bad_tuples_before_running(digits, window, strides, field):
+    with pytest.raises(ConfigError) as caught:
+        explain(digits.model, digits.x, "captum.Occlusion", 3, sliding_window_shapes=window, strides=strides)
+    assert caught.value.path.endswith(f"params.{field}"), caught.value
 
 
 def test_a_2d_only_method_refuses_a_3d_model(tissue):

@@ -410,6 +410,39 @@ def test_default_output_dir_is_relative_to_the_config(tmp_path, capsys):
     no_temporary_files(tmp_path / "results")
 
 
+@pytest.mark.parametrize("where", ["output.dir", "--output"])
+@pytest.mark.parametrize("fault, message", [("a file", "is an existing file, not a folder"),
+                                            ("under a file", "cannot create")])
+def test_what_run_refuses_about_the_output_folder_validate_and_check_refuse(tmp_path, capsys, where, fault, message):
+    """An output folder that is a file, or would sit under one: run exits 2 before computing, and
+    validate (and check, for output.dir) say so too, naming the same field, creating nothing."""
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    out = blocker if fault == "a file" else blocker / "run"
+    if where == "output.dir":
+        path = write_config(tmp_path, valid_config(tmp_path, output={"dir": str(out), "formats": ["npy"]}))
+        extra = []
+    else:
+        path = write_config(tmp_path, valid_config(tmp_path))
+        extra = ["--output", out]
+    before = sorted(tmp_path.rglob("*"))
+    commands = [["validate", path, *extra], ["run", path, *extra]] + ([["check", path]] if not extra else [])
+    for command in commands:
+        code, stdout, err = run_cli(command, capsys)
+        assert code == 2, (command, stdout, err)
+        assert f"{where}: " in err and message in err and str(out) in err, (command, err)
+        assert sorted(tmp_path.rglob("*")) == before and blocker.read_text() == "not a folder"
+
+
+def test_validate_creates_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "not" / "yet"
+    path = write_config(tmp_path, valid_config(tmp_path, output={"dir": str(out), "formats": ["npy"]}))
+    for argv in (["validate", path], ["validate", path, "--output", tmp_path / "other"], ["check", path]):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 0, err
+    assert not (tmp_path / "not").exists() and not (tmp_path / "other").exists()
+
+
 def test_pipeline_from_python_matches_the_cli(tmp_path, capsys):
     from esegeta import Pipeline, RunResult
 

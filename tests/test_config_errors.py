@@ -248,6 +248,11 @@ CASES: list[Bad] = [
     Bad("occlusion-stride-past-window", with_methods({"id": "captum.Occlusion",
                                                       "params": {"sliding_window_shapes": [1, 2, 2], "strides": [1, 3, 3]}}),
         "methods[0].params.strides", ("larger than the window [1, 2, 2]",)),
+    # JSON text stays strict (explain takes Python's forms: tests/test_api.py): a string is not a list or a number
+    Bad("occlusion-window-as-text", with_methods({"id": "captum.Occlusion", "params": {"sliding_window_shapes": "(1, 2, 2)"}}),
+        "methods[0].params.sliding_window_shapes", ("must be a list", "not '(1, 2, 2)'")),
+    Bad("n-steps-as-text", with_methods({"id": "captum.IntegratedGradients", "params": {"n_steps": "32"}}),
+        "methods[0].params.n_steps", ("n_steps counts", "not '32'")),
     Bad("noise-tunnel-key-typo", with_methods({"id": "captum.Saliency", "noise_tunnel": {"nt_sample": 4}}),
         "methods[0].noise_tunnel.nt_sample", ("did you mean nt_samples?",)),
     Bad("noise-tunnel-type", with_methods({"id": "captum.Saliency", "noise_tunnel": {"nt_type": "smoothgrd"}}),

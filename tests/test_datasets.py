@@ -14,9 +14,10 @@ from esegeta.io import datasets
 from esegeta.run import plan as planning
 from esegeta.spec import config as config_mod
 from esegeta.errors import ConfigError
+from esegeta.io import loading
 from esegeta.io.loading import InputItem
 from esegeta.run.runner import Pipeline
-from helpers_cli import WEIGHTS, run_cli, valid_config, write_config
+from helpers_cli import DIGITS, WEIGHTS, run_cli, valid_config, write_config
 
 DATASET_PY = textwrap.dedent('''
     import numpy as np
@@ -123,6 +124,38 @@ def test_paths_or_dataset_exactly_one(tmp_path, capsys, inputs, field, message):
     path = write_config(tmp_path, valid_config(tmp_path, inputs=inputs))
     code, _, err = run_cli(["validate", path], capsys)
     assert code == 2 and field in err and message in err, err
+
+
+def test_the_typed_inputs_section_is_read_as_it_is(tmp_path):
+    """The plan hands the validated ``inputs`` section on (not a dump re-defaulted with ``.get``):
+    the source holds that very object, and reads its settings and InputsConfig's defaults."""
+    cfg = config_mod.parse(valid_config(tmp_path, inputs={"paths": [str(DIGITS)], "spatial_dims": 2}))
+    assert planning.plan(cfg, tmp_path).inputs[0].source.cfg is cfg.inputs
+    cfg = config_mod.parse(valid_config(tmp_path, inputs={"paths": [str(DIGITS)], "spatial_dims": 2, "color": "rgb",
+                                                          "normalize": {"mean": 0.5, "std": 0.25}}))
+    src = datasets.source(cfg.inputs, tmp_path)
+    assert src.cfg is cfg.inputs
+    item = src.load(0)
+    raw = torch.as_tensor(np.load(item.path), dtype=torch.float32)
+    assert item.tensor.shape == (1, 3, 8, 8) and not item.channels_last and not item.depth_first
+    torch.testing.assert_close(item.tensor[0, 2], (raw.reshape(8, 8) - 0.5) / 0.25)
+
+
+@pytest.mark.parametrize("inputs, field, message", [
+    ({"paths": ["x.npy"], "spatial_dims": 2, "colour": "rgb"}, "inputs.colour", "did you mean color"),
+    ({"paths": ["x.npy"], "spatial_dims": 2, "resize": [8]}, "inputs.resize", "needs 2 sizes"),
+    ({"paths": ["x.npy"], "spatial_dims": "2"}, "inputs.spatial_dims", "Input should be 2 or 3"),
+    (["x.npy"], "inputs", "not list"),
+])
+def test_a_dict_from_python_is_validated_once_at_the_boundary(inputs, field, message):
+    """Python callers may pass the section as a dict: it is validated as ``InputsConfig`` once, with
+    the JSON path of each fault, before a file is read."""
+    for load in (datasets.source, loading.load_inputs):
+        with pytest.raises(ConfigError) as caught:
+            load(inputs, None)
+        assert caught.value.path == field and message in caught.value.message, caught.value
+    with pytest.raises(ConfigError, match="model.weight: unknown key; did you mean weights"):
+        loading.load_model({"factory": "m.py:f", "weight": "w.pt"}, None)
 
 
 @pytest.mark.parametrize("factory, message", [

@@ -142,3 +142,47 @@ def test_config_defaults_and_captum_modes_stay():
     assert (cfg.method, cfg.sign, cfg.clip) == ("map", "all", 99.5)
     old = FigureConfig(method="blended_heat_map", sign="absolute_value", projection="mip", clip=None)
     assert old.method in figures.CAPTUM_METHODS and set(figures.CAPTUM_METHODS) < set(figures.METHODS)
+
+
+def test_drawing_and_running_leave_the_process_s_backend_as_it_is(tmp_path):
+    """A notebook's backend (here "svg", one that exists headless and is not Agg) stays set after
+    esegeta draws every kind of figure (its own maps, captum's modes, the overview) and after a run
+    of ``esegeta.Pipeline`` that writes pngs: figures are plain ``Figure`` objects, never pyplot's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers_cli import valid_config
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(valid_config(tmp_path)))
+    script = f"""
+import sys
+import matplotlib
+matplotlib.use("svg")
+import numpy as np
+import esegeta
+from esegeta.show.figures import attribution_figure, map_figure, overview_figure
+from esegeta.io.outputs import save_figure
+
+rng = np.random.default_rng(0)
+attr, image = rng.standard_normal((1, 16, 16)), rng.random((3, 16, 16))
+figures = [map_figure(attr, image), overview_figure([("x", image, [{{"label": "m", "array": attr}}])])]
+figures += [attribution_figure(attr, image, method=m) for m in ("map", "heat_map", "blended_heat_map", "masked_image")]
+figures.append(attribution_figure(rng.standard_normal((1, 6, 7, 8)), rng.random((1, 6, 7, 8)), method="heat_map"))
+for i, fig in enumerate(figures):
+    save_figure(fig, {str(tmp_path)!r} + f"/f{{i}}.png", dpi=20)
+result = esegeta.Pipeline({str(config)!r}).run()
+assert result.exit_code == 0, result.manifest
+pyplot = sys.modules.get("matplotlib.pyplot")
+print("backend", matplotlib.get_backend(), "pyplot figures", pyplot.get_fignums() if pyplot else [])
+"""
+    root = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root.parent), str(root)])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-5:] == ["backend", "svg", "pyplot", "figures", "[]"]
+    assert (tmp_path / "f6.png").stat().st_size > 0 and list((tmp_path / "out").rglob("*.png"))

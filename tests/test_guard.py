@@ -1,4 +1,5 @@
-"""esegeta.attribution.guard.restored: every change to the prepared copy is undone, on exit and on error.
+"""esegeta.attribution.guard.restored: every change to the prepared copy is undone, on exit and on error;
+esegeta.hooks.removing: the hooks esegeta itself registers are removed, also on error.
 
 One generic test over every hook dict torch keeps (module, tensor and global hooks), swapped
 modules, parameter flags, gradients, replaced data and added attributes; one per library that
@@ -16,8 +17,11 @@ from torch.nn.modules import module as torch_module
 
 import esegeta
 from esegeta.spec import registry
+from esegeta.algorithms import cam, patterns
+from esegeta.attribution import architectures
 from esegeta.attribution.guard import restored
-from esegeta.attribution.prepare import prepared
+from esegeta.attribution.prepare import _count_calls, prepared
+from esegeta.hooks import removing
 
 from conftest import hook_count
 
@@ -94,6 +98,53 @@ def test_hooks_that_were_there_stay():
     with restored(model):
         handle.remove()  # a library may remove what it found: the guard puts it back (the copy is unchanged)
     assert len(model[0]._forward_hooks) == 1
+
+
+def test_a_hook_registered_inside_removing_is_removed_when_the_body_raises():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    seen = []
+    with pytest.raises(ValueError, match="the body failed"):
+        with removing(model[0].register_forward_hook(lambda m, i, o: seen.append(o))) as handles:
+            handles.append(model[1].register_forward_pre_hook(lambda m, i: None))
+            model(torch.ones(1, 2))
+            assert hook_count(model) == 2
+            raise ValueError("the body failed")
+    assert len(seen) == 1 and hook_count(model) == 0
+
+
+def test_removing_keeps_the_hooks_registered_before_one_that_fails():
+    """``handles.extend(generator)``: a registration failing half-way leaves none of the earlier ones."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+
+    def register(module):
+        if module is model[2]:
+            raise RuntimeError("this module takes no hooks")
+        return module.register_forward_hook(lambda m, i, o: None)
+
+    with pytest.raises(RuntimeError, match="takes no hooks"):
+        with removing() as handles:
+            handles.extend(register(m) for m in model)
+    assert len(handles) == 2 and hook_count(model) == 0
+
+
+class _Fails(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("the model failed on its last layer")
+
+
+@pytest.mark.parametrize("record", [
+    lambda model, x: _count_calls(model, x),
+    lambda model, x: architectures.products(model, x),
+    lambda model, x: architectures.linear_norm_pairs(model, x),
+    lambda model, x: registry.Call(model, model, x, None, model[0], {}).layer_output(),
+    lambda model, x: cam._record(model, x, dict(model.named_children())),
+    lambda model, x: patterns.kernels(model, x, "esegeta.PatternNet"),
+], ids=["count_calls", "products", "linear_norm_pairs", "layer_output", "cam", "patterns"])
+def test_esegeta_s_own_hooks_are_removed_when_the_forward_pass_fails(record):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), _Fails()).eval()
+    with pytest.raises(RuntimeError, match="failed on its last layer"):
+        record(model, torch.randn(1, 1, 5, 5))
+    assert hook_count(model) == 0
 
 
 @pytest.mark.parametrize("method_id, layer", [

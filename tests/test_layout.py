@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "esegeta"
 
 #: The package order, bottom first: a module may import its own package and those below it.
 ORDER = {
-    "ground": 0,        # esegeta.errors, esegeta.compat, esegeta.version, esegeta.moved
+    "ground": 0,        # esegeta.errors, esegeta.compat, esegeta.version, esegeta.moved, esegeta.hooks
     "spec": 1,
     "io": 2,
     "attribution": 3,
@@ -33,7 +33,7 @@ ORDER = {
     "cli": 7,
     "top": 8,           # esegeta/__init__.py and __main__.py: the public face
 }
-GROUND = {"esegeta.errors", "esegeta.compat", "esegeta.version", "esegeta.moved"}
+GROUND = {"esegeta.errors", "esegeta.compat", "esegeta.version", "esegeta.moved", "esegeta.hooks"}
 #: The one arrow allowed up: the registry finds the adapter modules (plug-in discovery).
 ALLOWED_UP = {("esegeta.spec.registry", "esegeta.adapters")}
 #: Where an internal import may sit inside a function (laziness on purpose, see the docstring).

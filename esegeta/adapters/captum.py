@@ -290,20 +290,20 @@ def occlusion_fits(model, context) -> list[ConfigError]:
     """Captum's Occlusion slides a window over (channels, *spatial) of one input: the window and
     the strides need one positive size per axis, the window no larger than the input, a stride
     no larger than the window where the window does not cover the whole axis (Captum asserts
-    these mid-run; a stride of 0 divides by zero)."""
+    these mid-run; a stride of 0 divides by zero). Lists (JSON) and tuples (Captum's own form) alike."""
     x = context.x
     axes = tuple(int(s) for s in x.shape[1:])
     window = context.params.get("sliding_window_shapes", _window(x))
     strides = context.params.get("strides", _stride(x))
     told = "" if "strides" in context.params else " (the default for this input; set params.strides)"
     found = []
-    if not (isinstance(window, list) and len(window) == len(axes) and all(positive_int(w) for w in window)):
+    if not (isinstance(window, (list, tuple)) and len(window) == len(axes) and all(positive_int(w) for w in window)):
         return [ConfigError("params.sliding_window_shapes", f"give {len(axes)} positive sizes, one per axis of "
                             f"(channels, *spatial) = {list(axes)}, not {window!r}")]
     if any(w > a for w, a in zip(window, axes)):
-        found.append(ConfigError("params.sliding_window_shapes", f"{window} is larger than the input's "
+        found.append(ConfigError("params.sliding_window_shapes", f"{list(window)} is larger than the input's "
                                  f"(channels, *spatial) = {list(axes)}: give sizes up to those"))
-    steps = strides if isinstance(strides, list) else [strides] * len(axes)
+    steps = strides if isinstance(strides, (list, tuple)) else [strides] * len(axes)
     if not (len(steps) == len(axes) and all(positive_int(s) for s in steps)):
         found.append(ConfigError("params.strides", f"give a positive integer, or {len(axes)} of them (one per axis "
                                  f"of (channels, *spatial)), not {strides!r}"))

@@ -27,6 +27,7 @@ from functools import cache
 from typing import Any
 
 from esegeta.errors import ConfigError, did_you_mean
+from esegeta.hooks import removing
 from esegeta.spec.params import BOOL, POSITIVE_INT, Check, check_table, number, positive_int
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
@@ -145,7 +146,6 @@ def fullgrad_order(model, context) -> list[str]:
     if not layers or context is None:
         return []
     met: list[str] = []
-    handles = []
 
     def hook(name):
         def forward_hook(module, args, output):
@@ -153,20 +153,18 @@ def fullgrad_order(model, context) -> list[str]:
                 output.register_hook(lambda grad: met.insert(0, name))
         return forward_hook
 
-    for name, m in layers:
-        handles.append(m.register_forward_hook(hook(name)))
-    try:
-        with torch.enable_grad():
-            x = context.x[:1].detach().clone().requires_grad_(True)
-            out = model(x)
-            out = out if torch.is_tensor(out) else next(t for t in out if torch.is_tensor(t))
-            out.float().sum().backward()
-    except Exception:  # noqa: BLE001 (the check only compares orders; the run reports its own failure)
-        return []
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
+    with removing() as handles:
+        handles.extend(m.register_forward_hook(hook(name)) for name, m in layers)
+        try:
+            with torch.enable_grad():
+                x = context.x[:1].detach().clone().requires_grad_(True)
+                out = model(x)
+                out = out if torch.is_tensor(out) else next(t for t in out if torch.is_tensor(t))
+                out.float().sum().backward()
+        except Exception:  # noqa: BLE001 (the check only compares orders; the run reports its own failure)
+            return []
+        finally:
+            model.zero_grad(set_to_none=True)
     expected = [n for n, _ in layers]
     if met == expected:
         return []

@@ -48,6 +48,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from esegeta.errors import ConfigError, did_you_mean
+from esegeta.hooks import removing
 from esegeta.spec.params import BOOL, Check, check_table, index, number, positive_int
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
@@ -270,15 +271,13 @@ def _layer_shape(model, layer, x) -> tuple[int, ...]:
     import torch
 
     seen = []
-    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
-    try:
-        with torch.no_grad():
-            model(x)
-    except RuntimeError:
-        if not seen:
-            raise
-    finally:
-        handle.remove()
+    with removing(layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))):
+        try:
+            with torch.no_grad():
+                model(x)
+        except RuntimeError:
+            if not seen:
+                raise
     return seen[0]
 
 

@@ -42,6 +42,7 @@ from functools import cache
 from typing import Any
 
 from esegeta.errors import ConfigError
+from esegeta.hooks import removing
 from esegeta.spec.params import check_number, index
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
@@ -212,22 +213,17 @@ def _probe_output_copied(layer):
         return
     import torch
 
-    handles = []
+    with removing() as handles:
+        def after_probe(module, args):
+            def copy(m, inputs, output):
+                handle.remove()  # once per call: the next call appends its own after the hooks present then
+                return output.clone() if torch.is_tensor(output) else output
 
-    def after_probe(module, args):
-        def copy(m, inputs, output):
-            handle.remove()  # once per call: the next call appends its own after the hooks present then
-            return output.clone() if torch.is_tensor(output) else output
+            handle = module.register_forward_hook(copy)
+            handles.append(handle)  # removed at the end too, if the call failed before the hook ran
 
-        handle = module.register_forward_hook(copy)
-        handles.append(handle)
-
-    handles.append(layer.register_forward_pre_hook(after_probe))
-    try:
+        handles.append(layer.register_forward_pre_hook(after_probe))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _warn_if_saturated(spec: MethodSpec, call: Call) -> None:

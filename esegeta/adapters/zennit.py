@@ -85,6 +85,7 @@ from types import MappingProxyType
 from typing import Any
 
 from esegeta.errors import ConfigError, did_you_mean
+from esegeta.hooks import removing
 from esegeta.spec.params import check_number
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
@@ -565,12 +566,9 @@ def _tracing(root, enabled: bool):
         return hook
 
     leaves = _leaves(root)
-    handles = [module.register_forward_pre_hook(pre_hook(name), prepend=True) for name, module in leaves]
-    try:
+    with removing() as handles:
+        handles.extend(module.register_forward_pre_hook(pre_hook(name), prepend=True) for name, module in leaves)
         yield trace
-    finally:
-        for handle in handles:
-            handle.remove()
     ordered = {name: trace[name] for name, _ in leaves if name in trace}
     trace.clear()
     trace.update(ordered)

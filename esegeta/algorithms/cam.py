@@ -15,19 +15,16 @@ import torch
 from torch import nn
 
 from esegeta.errors import ConfigError
+from esegeta.hooks import removing
 from esegeta.spec.registry import Call
 
 
 def _record(network: nn.Module, x: torch.Tensor, modules: dict[str, nn.Module]) -> tuple[torch.Tensor, list]:
     """The network's output on ``x`` and, in call order, (name, module, input, output) of ``modules``."""
     seen: list = []
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, i[0], o))) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            out = network(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing() as handles, torch.no_grad():
+        handles.extend(m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, i[0], o))) for n, m in modules.items())
+        out = network(x)
     return out, seen
 
 

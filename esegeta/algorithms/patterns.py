@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from esegeta.errors import ConfigError
+from esegeta.hooks import removing
 from esegeta.spec.registry import Call
 from esegeta.attribution.prepare import PreparedModel
 from esegeta.io.loading import load_inputs
@@ -150,13 +151,9 @@ def kernels(network: nn.Module, x: torch.Tensor, method: str) -> list[Kernel]:
         _check_supported(name, module, method)
     seen: list = []
     watched = {n: m for n, m in named.items() if isinstance(m, KERNELS + NORMS)}
-    handles = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, i[0], o))) for n, m in watched.items()]
-    try:
-        with torch.no_grad():
-            network(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing() as handles, torch.no_grad():
+        handles.extend(m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, i[0], o))) for n, m in watched.items())
+        network(x)
     found: list[Kernel] = []
     produced: dict[int, Kernel] = {}
     for name, module, inp, out in seen:
@@ -225,17 +222,13 @@ def fit(network: nn.Module, found: list[Kernel], batches: Iterator[torch.Tensor]
     Always in the network's own precision, autocast off: patterns are statistics of the
     data, not the explained computation, so a run under ``amp`` fits the same patterns."""
     stats = {k.name: _Statistics(k, pattern_type) for k in found}
-    handles = [k.module.register_forward_hook(lambda m, i, o, s=stats[k.name]: s.add(i[0])) for k in found]
     n = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                with _without_autocast(batch.device):
-                    network(batch)
-                n += batch.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
+    with removing() as handles, torch.no_grad():
+        handles.extend(k.module.register_forward_hook(lambda m, i, o, s=stats[k.name]: s.add(i[0])) for k in found)
+        for batch in batches:
+            with _without_autocast(batch.device):
+                network(batch)
+            n += batch.shape[0]
     if n < 2:
         log.warning("patterns fitted on %d input: a dense layer's pattern needs several inputs to vary over "
                     "(set params.fit_inputs)", n)
@@ -265,16 +258,12 @@ def precision(network: nn.Module, device: torch.device) -> str:
 def backward_weights(found: list[Kernel], weights: dict[str, torch.Tensor], outputs: list | None = None):
     """Within the block, each layer of ``found`` backpropagates with ``weights[name]`` (forward unchanged);
     the layers' outputs are appended to ``outputs`` if given."""
-    handles = []
-    try:
+    with removing() as handles:
         for k in found:
             handles.append(k.module.register_forward_hook(functools.partial(_swap, k, weights[k.name], outputs)))
             if k.norm is not None:  # folded into the layer's backward weight
                 handles.append(k.norm.register_forward_hook(_pass_gradient))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _swap(kernel: Kernel, weight: torch.Tensor, outputs: list | None, module, inputs, output):
@@ -326,8 +315,10 @@ def _fit_data(fit_inputs: Any, call: Call, method: str) -> list[torch.Tensor]:
             "paths": [fit_inputs] if isinstance(fit_inputs, str) else list(fit_inputs)}
         cfg["spatial_dims"] = call.inputs.ndim - 2
         try:
-            tensors = [item.tensor for item in load_inputs(cfg, call.base_dir)]
+            tensors = [item.tensor for item in load_inputs(cfg, call.base_dir, path)]
         except ConfigError as exc:
+            if exc.path.startswith(path):  # a key of fit_inputs, named as it is
+                raise
             raise ConfigError(path, exc.message) from None
     expected = call.inputs.shape[1]
     for t in tensors:
@@ -458,12 +449,9 @@ def _module_outputs(network: nn.Module, outputs: list):
         if torch.is_tensor(output) and output.requires_grad:
             outputs.append(output)
 
-    handles = [m.register_forward_hook(keep) for m in network.modules() if m is not network]
-    try:
+    with removing() as handles:
+        handles.extend(m.register_forward_hook(keep) for m in network.modules() if m is not network)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def pattern_net(call: Call, *, fit_inputs: Any = "samples", patterns: str | None = None,

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from esegeta.errors import ConfigError
+from esegeta.hooks import removing
 
 log = logging.getLogger("esegeta")
 
@@ -55,12 +56,8 @@ class Context:
                 module = self.model.get_submodule(self.layer)
             except AttributeError:
                 return None
-            handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
-            try:
-                with torch.no_grad():
-                    self.model(self.x[:1])
-            finally:
-                handle.remove()
+            with removing(module.register_forward_hook(lambda m, i, o: seen.append(o))), torch.no_grad():
+                self.model(self.x[:1])
             if seen and torch.is_tensor(seen[0]):
                 self._layer_shape = tuple(seen[0].shape)
         return self._layer_shape
@@ -148,19 +145,15 @@ def linear_norm_pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module
         if args and torch.is_tensor(args[0]):
             inputs.append((module, args[0]))
 
-    handles = []
-    for m in model.modules():
-        if isinstance(m, _FOLDABLE) and getattr(m, "weight", None) is not None:
-            handles.append(m.register_forward_hook(after_linear))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine:
-            handles.append(m.register_forward_pre_hook(before_norm))
     counter = _Consumers(outputs)
-    try:
+    with removing() as handles:
+        for m in model.modules():
+            if isinstance(m, _FOLDABLE) and getattr(m, "weight", None) is not None:
+                handles.append(m.register_forward_hook(after_linear))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine:
+                handles.append(m.register_forward_pre_hook(before_norm))
         with torch.no_grad(), counter:
             model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
     pairs, used = [], set()
     for norm, tensor in inputs:
         linear = producer.get(id(tensor))
@@ -270,19 +263,15 @@ def products(model: nn.Module, x: torch.Tensor) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
     x = x[:1]
     flow = _DataFlow(x)
-    handles = []
-    for m in model.modules():
-        if m is model:
-            continue
-        label = f"{names[id(m)]} ({type(m).__name__})"
-        handles.append(m.register_forward_pre_hook(lambda mod, a, label=label: flow.enter(label)))
-        handles.append(m.register_forward_hook(lambda mod, a, o: flow.leave()))
-    try:
+    with removing() as handles:
+        for m in model.modules():
+            if m is model:
+                continue
+            label = f"{names[id(m)]} ({type(m).__name__})"
+            handles.append(m.register_forward_pre_hook(lambda mod, a, label=label: flow.enter(label)))
+            handles.append(m.register_forward_hook(lambda mod, a, o: flow.leave()))
         with torch.no_grad(), flow:
             model(x)
-    finally:
-        for h in handles:
-            h.remove()
     return list(flow.found)
 
 
@@ -334,13 +323,10 @@ def token_grid(call):
         back = maps.reshape(b, d, n).transpose(1, 2)
         return back if first is None else torch.cat([first, back], dim=1)
 
-    handle = call.layer.register_forward_hook(through_grid)
     log.info("the layer outputs tokens %s: explained on their %s grid (reshape_transform %r)", tuple(output.shape),
              "x".join([str(round((output.shape[1] - (layout == "vit")) ** (1 / dims)))] * dims), layout)
-    try:
+    with removing(call.layer.register_forward_hook(through_grid)):
         yield dataclasses.replace(call, layer=probe)
-    finally:
-        handle.remove()
 
 
 def attention(model: nn.Module) -> list[str]:

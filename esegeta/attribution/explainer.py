@@ -17,9 +17,11 @@ from esegeta.attribution import numerics, patcher
 from esegeta.attribution.architectures import refuse
 from esegeta.attribution.call import Outcome, call_once
 from esegeta.errors import ConfigError
+from esegeta.hooks import removing
 from esegeta.spec.params import check_method
 from esegeta.attribution.prepare import PreparedModel, prepared
 from esegeta.spec.request import Request, from_arguments
+from esegeta.spec.values import from_python
 from esegeta.attribution.call import check_dims
 
 
@@ -38,7 +40,8 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
 
     - ``inputs``: a batch, ``(batch, channels, *spatial)``; one image is ``x[None]``.
     - ``method``: a registry id such as ``"captum.IntegratedGradients"`` (``esegeta.methods()``
-      lists them); ``params`` are its upstream keyword arguments (``n_steps=32``).
+      lists them); ``params`` are its upstream keyword arguments (``n_steps=32``), in the forms
+      upstream takes (tuples, NumPy and torch scalars: see :func:`esegeta.spec.values.from_python`).
     - ``target``: what is explained, as in a config: ``"predicted"`` (the default: each input's
       top class, or with a wrapper its top column), a class index for every input, or one index
       per input as a list or a tensor. Methods that explain no class ignore it.
@@ -63,9 +66,13 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
     if not isinstance(model, nn.Module):
         raise ConfigError("model", f"model must be a torch.nn.Module, not {type(model).__name__}")
     layer = _layer_name(model, layer)
+    # Python's forms (tuples, NumPy/torch scalars) written as a config would, then checked as one
+    params = from_python(params)
+    noise_tunnel, wrapper, patch = (from_python(dict(v)) if isinstance(v, Mapping) else v
+                                    for v in (noise_tunnel, wrapper, patch))
     request = from_arguments(method, target=None, wrapper=wrapper, layer=layer, noise_tunnel=noise_tunnel,
                              patch=patch, params=params)
-    check_method(method, params, layer, dict(noise_tunnel) if noise_tunnel is not None else None, "explain")
+    check_method(method, params, layer, noise_tunnel, "explain")
     if not torch.is_tensor(inputs):
         raise ConfigError("inputs", f"inputs must be a tensor (batch, channels, *spatial), not {type(inputs).__name__}")
     _check_batched(model, inputs)
@@ -81,12 +88,10 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
         refuse(request.spec, ready, example, "explain.method", layer=layer, params=request.params, wrapper=wrapper)
         check = request.wrapper is None and request.spec.needs_target and request.target not in (None, "predicted")
         # "predicted" finds a map itself; an index is checked on the method's own first forward pass
-        handle = ready.register_forward_hook(_scores_not_a_map) if check else None
-        try:
+        with removing() as handles:
+            if check:
+                handles.append(ready.register_forward_hook(_scores_not_a_map))
             return run(request, ready, x, samples=x).result
-        finally:
-            if handle is not None:
-                handle.remove()
 
 
 def _layer_name(model: nn.Module, layer: str | nn.Module | None) -> str | None:

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from esegeta.hooks import removing
+
 log = logging.getLogger("esegeta")
 
 
@@ -85,17 +87,12 @@ class PreparedModel(nn.Module):
 
 def _count_calls(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     counts: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)))
-    try:
+    with removing() as handles:
+        handles.extend(module.register_forward_hook(
+            lambda m, i, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+            for name, module in model.named_modules() if name)
         with torch.no_grad():
             model(example)
-    finally:
-        for h in handles:
-            h.remove()
     return counts
 
 

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a config, its files, model, layers and parameters; run nothing")
     validate.add_argument("config", type=Path)
+    validate.add_argument("--output", type=Path, help="the output folder run would use (default: the config's "
+                          "output.dir); checked, not created")
     validate.add_argument("--debug", action="store_true")
 
     check = sub.add_parser("check", help="pre-flight: one forward pass; which methods will work and why not")
@@ -150,7 +152,7 @@ def _cmd_schema(args) -> int:
 def _cmd_validate(args) -> int:
     from esegeta.run.runner import Pipeline
 
-    v = Pipeline(args.config).validate()
+    v = Pipeline(args.config, output_dir=args.output).validate()
     print(f"{args.config}: valid: {len(v.inputs)} input(s), {len(v.entries)} method(s), model "
           f"{type(v.model).__name__} on {v.device}")
     for change in v.ready.changes:

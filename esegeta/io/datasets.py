@@ -33,6 +33,7 @@ from esegeta.errors import ConfigError
 from esegeta.io.loading import InputItem, expand_paths, input_names, load_callable, load_input, preprocess, to_tensor
 from esegeta.io.resume import tensor_digest
 from esegeta.io.outputs import unique_names
+from esegeta.spec.config import InputsConfig, section
 
 log = logging.getLogger("esegeta")
 #: Bytes of recently loaded inputs kept for the next job on them (one input's methods run in a row).
@@ -69,9 +70,9 @@ class _Cache:
 class FileSource:
     """Inputs from ``inputs.paths``: names from the file names, made safe and unique."""
 
-    def __init__(self, cfg: dict, base_dir: Path | None):
+    def __init__(self, cfg: InputsConfig, base_dir: Path | None):
         self.cfg = cfg
-        self.paths = expand_paths(cfg["paths"], base_dir)
+        self.paths = expand_paths(cfg.paths, base_dir)
         self.names = unique_names(input_names(self.paths))
         self.cache = _Cache()
 
@@ -85,13 +86,13 @@ class FileSource:
 class DatasetSource:
     """Inputs from ``inputs.dataset``: a map-style torch ``Dataset``."""
 
-    def __init__(self, cfg: dict, base_dir: Path | None):
-        ref = cfg["dataset"]
+    def __init__(self, cfg: InputsConfig, base_dir: Path | None):
+        ref = cfg.dataset
         make = load_callable(ref, base_dir, "inputs.dataset")
         try:
-            dataset = make(**cfg.get("dataset_kwargs", {}))
+            dataset = make(**cfg.dataset_kwargs)
         except Exception as exc:
-            where = "inputs.dataset_kwargs" if cfg.get("dataset_kwargs") else "inputs.dataset"
+            where = "inputs.dataset_kwargs" if cfg.dataset_kwargs else "inputs.dataset"
             raise ConfigError(where, f"calling {ref} failed: {type(exc).__name__}: {exc}") from exc
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise ConfigError("inputs.dataset", f"{ref} returned {type(dataset).__name__}, not a map-style torch "
@@ -113,10 +114,9 @@ class DatasetSource:
     def _load(self, index: int) -> InputItem:
         x, label = split_item(self.dataset[index], f"{self.ref}[{index}]")
         array = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-        tensor = to_tensor(array, self.cfg["spatial_dims"], False, self.paths[index],
-                           self.cfg.get("channel_axis", "auto"))
+        tensor = to_tensor(array, self.cfg.spatial_dims, False, self.paths[index], self.cfg.channel_axis)
         return InputItem(self.names[index], self.paths[index], preprocess(tensor, self.cfg),
-                         channels_last=self.cfg.get("channel_axis") == "last", label=plain_label(label))
+                         channels_last=self.cfg.channel_axis == "last", label=plain_label(label))
 
 
 def split_item(raw: Any, where: str) -> tuple[Any, Any]:
@@ -171,9 +171,10 @@ class InputRef:
         return getattr(self.load(), name)
 
 
-def source(cfg: dict, base_dir: Path | None) -> FileSource | DatasetSource:
-    """The source ``inputs`` names (``cfg``: the section as a dict)."""
-    return DatasetSource(cfg, base_dir) if cfg.get("dataset") else FileSource(cfg, base_dir)
+def source(cfg: InputsConfig | dict, base_dir: Path | None) -> FileSource | DatasetSource:
+    """The source the ``inputs`` section names (a dict from Python is validated as one)."""
+    cfg = section(InputsConfig, cfg, "inputs")
+    return DatasetSource(cfg, base_dir) if cfg.dataset else FileSource(cfg, base_dir)
 
 
 def refs(src: FileSource | DatasetSource) -> list[InputRef]:

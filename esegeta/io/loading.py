@@ -25,6 +25,7 @@ from esegeta.errors import ConfigError
 from esegeta.compat import ensure_torchvision_importable
 from esegeta.errors import shown
 from esegeta.errors import did_you_mean
+from esegeta.spec.config import InputsConfig, ModelConfig, Normalize, section
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ARRAY_SUFFIXES = (".npy", ".pt", ".pth")
@@ -149,9 +150,10 @@ def load_state_dict(path: Path, field: str = "model.weights") -> dict[str, torch
     return state
 
 
-def load_model(model_cfg: dict, base_dir: Path | None) -> nn.Module:
-    """The user's model from ``{"factory", "kwargs", "weights"}``, in eval mode."""
-    factory, weights = model_cfg.get("factory"), model_cfg.get("weights")
+def load_model(model_cfg: ModelConfig | dict, base_dir: Path | None) -> nn.Module:
+    """The user's model from the ``model`` section (a dict from Python is validated as one), in eval mode."""
+    model_cfg = section(ModelConfig, model_cfg, "model")
+    factory, weights = model_cfg.factory, model_cfg.weights
     weights_path = resolve(weights, base_dir) if weights else None
     if factory is None:
         if weights_path is None or not is_file(weights_path) or not _is_torchscript(weights_path):
@@ -165,9 +167,9 @@ def load_model(model_cfg: dict, base_dir: Path | None) -> nn.Module:
     if not callable(make):
         raise ConfigError("model.factory", f"{factory} is a {type(make).__name__}, not a callable that makes the model")
     try:
-        model = make(**model_cfg.get("kwargs", {}))
+        model = make(**model_cfg.kwargs)
     except Exception as exc:
-        field = "model.kwargs" if model_cfg.get("kwargs") else "model.factory"
+        field = "model.kwargs" if model_cfg.kwargs else "model.factory"
         raise ConfigError(field, f"calling {factory} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError("model.factory", f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
@@ -337,26 +339,25 @@ def load_mask(path: str | Path, base_dir: Path | None, device: torch.device | st
     return torch.as_tensor((array != 0).astype(np.float32), device=device)
 
 
-def preprocess(x: torch.Tensor, cfg: dict) -> torch.Tensor:
+def preprocess(x: torch.Tensor, cfg: InputsConfig) -> torch.Tensor:
     """Channel conversion, resizing and normalisation, as the inputs config declares."""
-    color = cfg.get("color", "keep")
-    if color == "grayscale" and x.shape[1] != 1:
+    if cfg.color == "grayscale" and x.shape[1] != 1:
         x = x.mean(dim=1, keepdim=True)
-    elif color == "rgb" and x.shape[1] == 1:
+    elif cfg.color == "rgb" and x.shape[1] == 1:
         x = x.expand(-1, 3, *x.shape[2:]).contiguous()
-    if cfg.get("resize"):
-        size = tuple(cfg["resize"])
+    if cfg.resize:
+        size = tuple(cfg.resize)
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
         x = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False)
-    norm = cfg.get("normalize", "none")
+    norm = cfg.normalize
     if norm == "zscore":
         x = (x - x.mean()) / x.std().clamp_min(1e-12)
     elif norm == "minmax":
         x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
-    elif isinstance(norm, dict):
+    elif isinstance(norm, Normalize):
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean = torch.as_tensor(norm["mean"], dtype=x.dtype, device=x.device).view(shape)
-        std = torch.as_tensor(norm["std"], dtype=x.dtype, device=x.device).view(shape)
+        mean = torch.as_tensor(norm.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.as_tensor(norm.std, dtype=x.dtype, device=x.device).view(shape)
         if mean.numel() not in (1, x.shape[1]) or std.numel() not in (1, x.shape[1]):
             raise ConfigError("inputs.normalize", f"mean/std need 1 or {x.shape[1]} values (one per channel)")
         x = (x - mean) / std
@@ -372,7 +373,7 @@ def input_stem(path: Path) -> str:
     return stem
 
 
-def load_input(path: Path, cfg: dict, name: str) -> InputItem:
+def load_input(path: Path, cfg: InputsConfig, name: str) -> InputItem:
     """One input file as the model gets it (read, axes ordered, preprocessed)."""
     try:
         array, affine, channels_last = read_array(path)
@@ -381,15 +382,14 @@ def load_input(path: Path, cfg: dict, name: str) -> InputItem:
     except Exception as exc:  # unreadable, corrupt, or a pickle that would run code
         message = _first_line(exc)
         raise ConfigError("inputs.paths", f"cannot read {path.name}: {type(exc).__name__}: {message}") from exc
-    channel_axis = cfg.get("channel_axis", "auto")
-    tensor = to_tensor(array, cfg["spatial_dims"], channels_last, path, channel_axis)
+    tensor = to_tensor(array, cfg.spatial_dims, channels_last, path, cfg.channel_axis)
     # NIfTI keeps its voxel order (x, y, z); arrays stored depth first are fed with depth last.
-    depth_first = (cfg.get("depth_axis", "last") == "first" and cfg["spatial_dims"] == 3
+    depth_first = (cfg.depth_axis == "first" and cfg.spatial_dims == 3
                    and not path.name.lower().endswith(NIFTI_SUFFIXES))
     if depth_first:
         tensor = tensor.movedim(2, -1).contiguous()
     tensor = preprocess(tensor, cfg)
-    return InputItem(name, path, tensor, affine, depth_first, channel_axis == "last")
+    return InputItem(name, path, tensor, affine, depth_first, cfg.channel_axis == "last")
 
 
 def input_names(paths: list[Path]) -> list[str]:
@@ -406,8 +406,12 @@ def input_names(paths: list[Path]) -> list[str]:
     return result
 
 
-def load_inputs(cfg: dict, base_dir: Path | None) -> list[InputItem]:
-    """Every input the config names, preprocessed, with unique names for output files (all in
-    memory: a run streams them instead, see :mod:`esegeta.io.datasets`)."""
-    paths = expand_paths(cfg["paths"], base_dir)
+def load_inputs(cfg: InputsConfig | dict, base_dir: Path | None, path: str = "inputs") -> list[InputItem]:
+    """Every input file the ``inputs`` section names (a dict from Python is validated as one, its faults
+    named under ``path``), preprocessed, with unique names for output files (all in memory: a run
+    streams them instead, see :mod:`esegeta.io.datasets`, which also reads ``inputs.dataset``)."""
+    cfg = section(InputsConfig, cfg, path)
+    if cfg.paths is None:
+        raise ConfigError(f"{path}.paths", "give the files to read (load_inputs reads files, not a dataset)")
+    paths = expand_paths(cfg.paths, base_dir)
     return [load_input(path, cfg, name) for path, name in zip(paths, input_names(paths))]

@@ -245,7 +245,9 @@ def layer_affine(
 
 
 def save_figure(fig: Any, path: PathLike, dpi: int = 100, token: str | None = None) -> Path:
-    """Save a matplotlib figure as PNG atomically, then close it."""
+    """Save a matplotlib figure as PNG atomically, then close it: a figure pyplot manages (a user's)
+    is closed there, if pyplot is already imported (never imported here: no backend is chosen);
+    esegeta's own figures are plain ``Figure`` objects, freed when dropped."""
     final = Path(path)
     try:
         with atomic_path(final, token) as tmp:

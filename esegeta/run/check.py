@@ -27,6 +27,8 @@ from esegeta.run import plan as planning
 from esegeta.spec import params as params_mod
 from esegeta.evaluation.catalogue import estimate
 from esegeta.attribution.patcher import Grid
+from esegeta.run.writer import check_dir, output_folder
+from esegeta.hooks import removing
 
 
 @dataclass
@@ -160,6 +162,7 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         cfg, base = config_mod.read(config)
     with numerics.fp32_numerics(cfg.runtime.tf32):  # the forward pass as the run computes it
         plan = planning.plan(cfg, base, device=device, every_entry=True)
+        check_dir(output_folder(cfg.output.dir, base), create=False)  # what run refuses first (nothing created)
         x = plan.inputs[0].tensor.to(plan.device)
         forward = _forward_pass(plan.ready, x)
         forward.seconds, forward.ready = _timed_forward(plan.ready, x), plan.ready
@@ -198,16 +201,13 @@ def _forward_pass(ready: nn.Module, x: torch.Tensor) -> _Forward:
         if not list(module.children()):
             leaf_bytes += _tensor_bytes(output)
 
-    handles = [m.register_forward_hook(lambda m, i, o, name=name: record(name, m, o))
-               for name, m in ready.model.named_modules() if name]
-    try:
+    with removing() as handles:
+        handles.extend(m.register_forward_hook(lambda m, i, o, name=name: record(name, m, o))
+                       for name, m in ready.model.named_modules() if name)
         start = time.perf_counter()
         with torch.no_grad():
             out = ready(x)
         seconds = time.perf_counter() - start
-    finally:
-        for h in handles:
-            h.remove()
     weight_bytes = sum(_tensor_bytes(p) for p in ready.parameters()) + sum(_tensor_bytes(b) for b in ready.buffers())
     return _Forward(shapes, _shape(out), leaf_bytes + _tensor_bytes(x) + _tensor_bytes(out), weight_bytes, seconds)
 

@@ -133,8 +133,8 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     store.check(config.output.formats)
     devices = (scheduling.resolve_devices(device, "--device") if device
                else scheduling.resolve_devices(config.runtime.devices))
-    model = load_model(config.model.model_dump(), base_dir)
-    inputs = datasets.refs(datasets.source(config.inputs.model_dump(), base_dir))
+    model = load_model(config.model, base_dir)
+    inputs = datasets.refs(datasets.source(config.inputs, base_dir))
     # with Ray the actors hold the replicas: the driver checks on the CPU, holding no GPU memory
     first = inputs[0].tensor.to(devices[0] if config.runtime.backend == "local" else torch.device("cpu"))
     try:

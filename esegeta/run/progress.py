@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 from esegeta.spec import cost
+from esegeta.hooks import removing
 
 log = logging.getLogger("esegeta")
 #: Seconds a call runs before its console bar appears (short calls stay quiet).
@@ -144,14 +145,12 @@ def tracked(model: nn.Module, name: str, expected: int | None = None, **options:
     hook is removed at the end, even on error. A model that takes no hooks (TorchScript) runs
     uncounted."""
     progress = Progress(name, expected, **options)
-    try:
-        handle = model.register_forward_hook(lambda module, args, output: progress.add(_rows(args)))
-    except Exception as exc:  # noqa: BLE001 (e.g. a ScriptModule: no progress, the call still runs)
-        log.debug("progress of %s: no forward hook (%s)", name, exc)
-        handle = None
-    try:
-        yield progress
-    finally:
-        if handle is not None:
-            handle.remove()
-        progress.close()
+    with removing() as handles:
+        try:
+            handles.append(model.register_forward_hook(lambda module, args, output: progress.add(_rows(args))))
+        except Exception as exc:  # noqa: BLE001 (e.g. a ScriptModule: no progress, the call still runs)
+            log.debug("progress of %s: no forward hook (%s)", name, exc)
+        try:
+            yield progress
+        finally:
+            progress.close()

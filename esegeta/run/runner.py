@@ -30,7 +30,7 @@ from esegeta.spec import config as config_mod
 from esegeta.run import job as job_mod
 from esegeta.run.executor import Executor
 from esegeta.run.plan import Job, Plan
-from esegeta.run.writer import Writer, check_dir
+from esegeta.run.writer import Writer, check_dir, output_folder
 from esegeta.run.backends import ray as ray_backend
 from esegeta.evaluation import engine
 from esegeta.evaluation.engine import Evaluation, check
@@ -108,21 +108,24 @@ class Pipeline:
         with numerics.fp32_numerics(self.config.runtime.tf32):  # the wrappers' masks come from a forward pass
             plan = planning.plan(self.config, self.base_dir, only=self.only, device=self.device_override)
         plan.raise_problems()
+        check_dir(self.output_dir, self._output_field, create=False)  # what run refuses, validate refuses
         return plan
 
     @property
     def output_dir(self) -> Path:
-        if self.output_override is not None:
-            return self.output_override
-        path = (self.base_dir or Path.cwd()) / self.config.output.dir
-        return path if "\x00" in str(path) else path.resolve()  # check_dir names a NUL; resolve() cannot
+        return output_folder(self.config.output.dir, self.base_dir, self.output_override)
+
+    @property
+    def _output_field(self) -> str:
+        """What names the output folder: ``--output`` (``output_dir=``) when given, else the config's key."""
+        return "output.dir" if self.output_override is None else "--output"
 
     def run(self) -> RunResult:
         """Validate, then explain every (input, method) pair; see :class:`RunResult`.
 
         The manifest lists the results in a fixed order (input by input, methods in config order)."""
         plan = self.validate()
-        out = check_dir(self.output_dir)
+        out = check_dir(self.output_dir, self._output_field)
         with Writer(out, plan.config.output, resume=self.resume) as writer, _log_file(out / "esegeta.log"):
             _log_start(plan, out)
             kept, jobs = planning.jobs(plan, writer.previous())

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from esegeta.hooks import removing
+
 
 class TimeLimitExceeded(BaseException):
     """A job ran past its time limit."""
@@ -73,15 +75,13 @@ def call_with_limit(fn: Callable[[], Any], limit_s: float | None, modules: Itera
     limit passed before it finished. ``modules`` get the deadline hook while it runs; a thread
     still running ``grace_s`` after the limit is left behind (a daemon)."""
     call = _LimitedCall(fn)
-    handles = []
-    if limit_s is not None:
-        for module in modules:
+    thread = threading.Thread(target=call.target, name=name, daemon=True)
+    with removing() as handles:
+        for module in modules if limit_s is not None else ():
             try:
                 handles.append(module.register_forward_pre_hook(call.check))
             except (AttributeError, RuntimeError):  # e.g. a TorchScript module takes no hooks
                 pass
-    thread = threading.Thread(target=call.target, name=name, daemon=True)
-    try:
         start = time.monotonic()
         thread.start()
         thread.join(limit_s)
@@ -90,9 +90,6 @@ def call_with_limit(fn: Callable[[], Any], limit_s: float | None, modules: Itera
             thread.join(grace_s)
             raise TimeLimitExceeded(f"stopped after its time limit of {limit_s:g} s "
                                     f"({time.monotonic() - start:.1f} s)")
-    finally:
-        for handle in handles:
-            handle.remove()
     if call.error is not None:
         if isinstance(call.error, TimeLimitExceeded):
             raise TimeLimitExceeded(f"stopped after its time limit of {limit_s:g} s") from None

@@ -49,19 +49,46 @@ _TMP = re.compile(r"\.tmp-(\d+)-([0-9a-f]+)-")
 _live_tokens: set[str] = set()  # the tokens of this process's runs that are writing now
 
 
-def check_dir(path: Path, where: str = "output.dir") -> Path:
-    """``path`` created if needed; a ConfigError naming ``where`` if it cannot hold a run's output."""
+def output_folder(config_dir: str, base_dir: Path | None, override: Path | None = None) -> Path:
+    """The folder a run writes to: ``override`` (``--output``) as given, else the config's
+    ``output.dir`` relative to ``base_dir`` (the config's folder, default the working directory)."""
+    if override is not None:
+        return override
+    path = (base_dir or Path.cwd()) / config_dir
+    return path if "\x00" in str(path) else path.resolve()  # check_dir names a NUL; resolve() cannot
+
+
+def check_dir(path: Path, where: str = "output.dir", create: bool = True) -> Path:
+    """``path`` created if needed; a ConfigError naming ``where`` if it cannot hold a run's output.
+    With ``create=False`` (validate, check) nothing is created: the same refusals, from what is there
+    (an existing file, a file in the way of a folder to create, a folder that is not writable)."""
     text = os.fspath(path)
     if "\x00" in text:
         raise ConfigError(where, f"{text!r} holds a NUL character; choose a plain folder name")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(where, f"{path} is an existing file, not a folder; choose another output folder")
     try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(where, f"{path} is an existing file, not a folder; choose another output folder")
+        if not create:
+            return _could_create(path, where)
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(where, f"cannot create {path}: {exc.strerror or exc}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(where, f"{path} is not writable; choose another output folder")
+    return path
+
+
+def _could_create(path: Path, where: str) -> Path:
+    """ConfigError unless ``path`` is a writable folder or one that ``mkdir(parents=True)`` could make:
+    its nearest existing ancestor must be a writable folder."""
+    there = path
+    while not there.exists() and there.parent != there:
+        there = there.parent
+    if there is not path and not there.is_dir():
+        raise ConfigError(where, f"cannot create {path}: {there} is a file, not a folder; choose another output folder")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError(where, f"{path} is not writable; choose another output folder" if there is path
+                          else f"cannot create {path}: {there} is not writable; choose another output folder")
     return path
 
 

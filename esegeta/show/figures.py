@@ -1,9 +1,9 @@
 """Figures of attributions, 2D and 3D, that show the numbers as they are.
 
-matplotlib (Agg backend) and captum are imported lazily, inside the functions that draw.
-Figures are built with :class:`matplotlib.figure.Figure` directly (not through pyplot), so
-nothing is ever shown and no global pyplot state accumulates; save them with
-:func:`esegeta.io.outputs.save_figure`.
+matplotlib and captum are imported lazily, inside the functions that draw. Figures are built
+with :class:`matplotlib.figure.Figure` directly (not through pyplot), so no backend is needed
+or chosen (the process's, e.g. a notebook's, stays as it is), nothing is ever shown and no
+global pyplot state accumulates; save them with :func:`esegeta.io.outputs.save_figure`.
 
 Display modes (``method``)
 --------------------------
@@ -74,18 +74,17 @@ MASK_COLOR = "#00b400"
 # lazy imports
 # --------------------------------------------------------------------------- #
 def _new_figure(figsize: Tuple[float, float], layout: Optional[str] = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """A figure of no backend's (not pyplot's): ``savefig`` renders it with Agg whatever
+    backend the process uses, which is left as it is (a notebook keeps its own)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, layout=layout)
 
 
 def _captum_visualize():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """captum's ``visualize_image_attr``, always called with a figure and axis of ours and
+    ``use_pyplot=False``: then it draws on them and never calls pyplot (importing its module
+    imports pyplot, which chooses no backend by itself)."""
     from captum.attr import visualization as viz
 
     return viz.visualize_image_attr

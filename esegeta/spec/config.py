@@ -242,6 +242,20 @@ def parse(data: Any) -> Config:
         raise validation_error(exc, data, Config, not_yet=NOT_YET) from None
 
 
+def section(cls: type[Strict], value: Any, path: str) -> Any:
+    """``value`` as the config section ``cls`` (e.g. :class:`InputsConfig`): returned as it is when
+    already one, else a mapping from Python validated once, here, its faults named under ``path``.
+    Loaders take the typed section and read its attributes, so no default is stated twice."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"give an object of {', '.join(cls.model_fields)}, not {type(value).__name__}")
+    try:
+        return cls.model_validate(value)
+    except ValidationError as exc:
+        raise validation_error(exc, value, cls, prefix=path) from None
+
+
 #: Deepest nesting of lists and objects a config may have (a config needs about 6).
 MAX_DEPTH = 32
 #: Most digits of a JSON integer (no setting needs more; Python refuses over 4,300).

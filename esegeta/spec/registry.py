@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from esegeta.errors import ConfigError, MethodUnavailable, did_you_mean
+from esegeta.hooks import removing
 from esegeta.spec import signatures
 
 if TYPE_CHECKING:
@@ -119,12 +120,8 @@ class Call:  # noqa: D101 (annotations are strings: torch is not imported here)
         import torch
 
         seen: list[torch.Tensor] = []
-        handle = self.layer.register_forward_hook(lambda m, i, o: seen.append(o))
-        try:
-            with torch.no_grad():
-                self.forward(self.inputs)
-        finally:
-            handle.remove()
+        with removing(self.layer.register_forward_hook(lambda m, i, o: seen.append(o))), torch.no_grad():
+            self.forward(self.inputs)
         return seen[0]
 
 

@@ -9,11 +9,20 @@ esegeta's own rules: counts (``n_steps``, ``nt_samples``, ``num_samples``, ...)
 are integers from 1 to :data:`MAX_COUNT`, ``stdevs`` are not negative. Numbers are finite
 everywhere already (:func:`esegeta.spec.config.check_values`). So ``n_steps: "32"``, ``"~"`` or ``0``
 are refused with the field and the fix instead of failing inside the library.
+
+That strictness is for JSON text, where ``"32"`` is not 32. Values given from Python
+(``esegeta.explain(..., sliding_window_shapes=(3, 8, 8), n_steps=np.int64(32))``) take the
+forms upstream signatures accept: :func:`from_python` writes them as a JSON config would
+(a tuple of numbers as a list, a NumPy or torch scalar as the Python number) before the same
+checks, so both paths meet one set of rules and esegeta's code downstream (adapters' conversions,
+pre-flight checks, cost and batch estimates) sees one form; tensors, arrays and callables pass
+through as they are.
 """
 from __future__ import annotations
 
 import collections.abc
 import inspect
+import sys
 import types
 import typing
 from typing import Any
@@ -177,6 +186,45 @@ def check_parameter(name: str, value: Any, parameter: inspect.Parameter | None, 
         return
     if _fits(value, annotation) is False:
         raise ConfigError(path, f"{name} must be {_describe(annotation)}, not {shown(value)}")
+
+
+_JSON_SCALARS = (bool, int, float, str, type(None))
+
+
+def _scalar(value: Any) -> Any:
+    """A NumPy scalar (or 0-d array) or a 0-d torch tensor as its Python number; else ``value``
+    (neither library is imported here: only values of an imported one can be such scalars)."""
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    if numpy is not None and isinstance(value, (numpy.generic, numpy.ndarray)) and value.ndim == 0:
+        return value.item()
+    if torch is not None and torch.is_tensor(value) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def _json_form(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(map(_json_form, value))
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_form(v) for k, v in value.items())
+    return isinstance(value, _JSON_SCALARS)
+
+
+def from_python(value: Any) -> Any:
+    """``value``, given from Python, written as a JSON config would write it: NumPy and torch
+    scalars as Python numbers, a tuple (``torch.Size`` too) of such values as a list, inside
+    lists, tuples and dicts too (new containers: the caller's are not changed). A tuple holding
+    anything JSON cannot (a tensor, a callable) stays a tuple; tensors, arrays, callables and
+    other objects are returned as they are."""
+    value = _scalar(value)
+    if isinstance(value, dict):
+        return {k: from_python(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_python(v) for v in value]
+    if isinstance(value, tuple):
+        items = [from_python(v) for v in value]
+        return items if _json_form(items) else tuple(items)
+    return value
 
 
 def _negative(value: Any) -> bool:

@@ -54,8 +54,8 @@ class Explainer:
         cfg = config_mod.parse(config)
         base = Path(base_dir) if base_dir else None
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
-        model = load_model(cfg.model.model_dump(), base)
-        inputs = datasets.refs(datasets.source(cfg.inputs.model_dump(), base))
+        model = load_model(cfg.model, base)
+        inputs = datasets.refs(datasets.source(cfg.inputs, base))
         ready = prepared(model, inputs[0].tensor.to(self.device))
         entries = [resolve(cfg.methods[i], cfg, i) for i in indices]
         self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries)
