@@ -33,7 +33,7 @@ from esegeta.errors import ConfigError
 from esegeta.io.loading import InputItem, expand_paths, input_names, load_callable, load_input, preprocess, to_tensor
 from esegeta.io.resume import tensor_digest
 from esegeta.io.outputs import unique_names
-from esegeta.spec.config import InputsConfig, section
+from esegeta.spec.sections import InputsConfig, section
 
 log = logging.getLogger("esegeta")
 #: Bytes of recently loaded inputs kept for the next job on them (one input's methods run in a row).

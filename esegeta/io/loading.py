@@ -25,7 +25,7 @@ from esegeta.errors import ConfigError
 from esegeta.compat import ensure_torchvision_importable
 from esegeta.errors import shown
 from esegeta.errors import did_you_mean
-from esegeta.spec.config import InputsConfig, ModelConfig, Normalize, section
+from esegeta.spec.sections import InputsConfig, ModelConfig, Normalize, section
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 ARRAY_SUFFIXES = (".npy", ".pt", ".pth")

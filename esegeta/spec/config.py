@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import Field, StrictBool, ValidationError, field_validator, model_validator
 
 from esegeta.errors import ConfigError, json_path
 from esegeta.spec import registry
@@ -22,14 +22,13 @@ from esegeta.spec.registry import MethodSpec
 from esegeta.spec.evaluation import EvaluationConfig
 from esegeta.spec.request import PatchConfig, Request, Target, WrapperConfig
 from esegeta.spec.validation import validation_error
+from esegeta.spec.sections import MAX_VOXELS, InputsConfig, ModelConfig, Normalize, Strict, section  # noqa: F401 (their home until now)
 
 FIGURE_METHODS = ("heat_map", "blended_heat_map", "masked_image", "alpha_scaling")
 FIGURE_SIGNS = ("all", "positive", "negative", "absolute_value")
 
 #: Longest method label: output files are named ``<label>.<input>.<ext>`` within the 255-byte name limit.
 MAX_LABEL = 100
-#: Most pixels (voxels) per channel ``inputs.resize`` may ask for (512³, 512 MiB per channel as float32).
-MAX_VOXELS = 512**3
 #: Longest time limit (one week); a larger one is a typo, and timers cannot wait forever.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
@@ -38,84 +37,9 @@ NOT_YET = {
 }
 
 
-class Strict(BaseModel):
-    """A config section: unknown keys refused, no type coercion (``"32"`` is not a number)."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
 def _comment() -> Any:
     """``_comment``: any JSON value, read by people only (the TorchEsegeta converter keeps what it could not map there)."""
     return Field(None, alias="_comment", description="notes for people; esegeta ignores it")
-
-
-class ModelConfig(Strict):
-    """How to build the model: a factory (``file.py:callable`` or ``module:callable``) and a
-    state dict loaded with ``weights_only=True``; or ``weights`` alone as a TorchScript file."""
-    factory: str | None = Field(None, description="'file.py:callable' (relative to the config) or 'module:callable'")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
-    weights: str | None = Field(None, description="state dict file (or TorchScript file without factory)")
-
-
-class Normalize(Strict):
-    mean: float | list[float]
-    std: float | list[float]
-
-    @field_validator("std")
-    @classmethod
-    def _positive(cls, value: float | list[float]) -> float | list[float]:
-        if any(v <= 0 for v in (value if isinstance(value, list) else [value])):
-            raise ValueError(f"std {value} must be positive (the input is divided by it)")
-        return value
-
-
-class InputsConfig(Strict):
-    """Files to explain (paths, globs or folders; .png/.jpg/.npy/.pt/.nii/.nii.gz) and their preprocessing.
-
-    Images load as (C, H, W) in [0, 1]; arrays and NIfTI volumes keep their values. The model
-    gets (C, *spatial) with 3D volumes depth last, as torchio and NIfTI order them: NIfTI
-    stays in its voxel order (x, y, z) (affine kept in and out); a ``.npy``/``.pt`` volume
-    stored depth first, (D, H, W), declares ``depth_axis: "first"`` and is fed as (H, W, D).
-    Results are written back in the file's own axis order (depth first again; channels last
-    with ``channel_axis: "last"``)."""
-    paths: list[str] | None = Field(None, min_length=1, description="files, globs or folders (streamed, never "
-                                    "all in memory); or give 'dataset'")
-    dataset: str | None = Field(None, description="'file.py:callable' or 'module:callable' returning a torch "
-                                "Dataset of inputs, or of (input, label) pairs or {'input', 'label'} dicts")
-    dataset_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for 'dataset'")
-    spatial_dims: Literal[2, 3]
-    depth_axis: Literal["first", "last"] = Field(
-        "last", description="3D .npy/.pt arrays: depth axis first (D, H, W) or last (H, W, D); the model gets depth "
-                            "last; NIfTI keeps its (x, y, z) order")
-    channel_axis: Literal["auto", "first", "last", "none"] = Field(
-        "auto", description="where files keep channels; 'auto': first for arrays, last for images and 4D NIfTI; "
-                            "'none': no channel axis (one channel)")
-    color: Literal["keep", "grayscale", "rgb"] = "keep"
-    normalize: Literal["none", "zscore", "minmax"] | Normalize = "none"
-    resize: list[Annotated[int, Field(gt=0)]] | None = Field(None, description="resize to these sizes (one per "
-                                                             "spatial axis; at most 512³ pixels in all)")
-
-    @field_validator("paths", mode="before")
-    @classmethod
-    def _one_path(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "InputsConfig":
-        if (self.paths is None) == (self.dataset is None):
-            raise ValueError("paths: give either 'paths' (files, globs or folders) or 'dataset' "
-                             "('file.py:callable' returning a torch Dataset), not both" if self.paths
-                             else "paths: required key is missing (or give 'dataset')")
-        return self
-
-    @model_validator(mode="after")
-    def _resize_rank(self) -> "InputsConfig":
-        if self.resize is not None and len(self.resize) != self.spatial_dims:
-            raise ValueError(f"resize: needs {self.spatial_dims} sizes (one per spatial axis)")
-        if self.resize is not None and math.prod(self.resize) > MAX_VOXELS:
-            raise ValueError(f"resize: {self.resize} is {math.prod(self.resize):,} pixels per channel "
-                             f"({math.prod(self.resize) * 4 / 2**30:.1f} GiB each as float32); at most {MAX_VOXELS:,} "
-                             "(512³); explain large inputs with 'patch'")
-        return self
 
 
 class MethodEntry(Strict):
@@ -240,20 +164,6 @@ def parse(data: Any) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, data, Config, not_yet=NOT_YET) from None
-
-
-def section(cls: type[Strict], value: Any, path: str) -> Any:
-    """``value`` as the config section ``cls`` (e.g. :class:`InputsConfig`): returned as it is when
-    already one, else a mapping from Python validated once, here, its faults named under ``path``.
-    Loaders take the typed section and read its attributes, so no default is stated twice."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(path, f"give an object of {', '.join(cls.model_fields)}, not {type(value).__name__}")
-    try:
-        return cls.model_validate(value)
-    except ValidationError as exc:
-        raise validation_error(exc, value, cls, prefix=path) from None
 
 
 #: Deepest nesting of lists and objects a config may have (a config needs about 6).
