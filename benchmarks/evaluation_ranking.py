@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # upstream progress bars (LIME) off, as the CLI does
 
     import esegeta
-    from esegeta.evaluation.engine import evaluate_run
+    from esegeta.run.runner import evaluate_run
 
     logging.basicConfig(level=logging.WARNING)
     path = ROOT / "configs" / f"{args.sample}.json"

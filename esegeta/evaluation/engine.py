@@ -206,7 +206,7 @@ def _scoring_key(request) -> str:
                       sort_keys=True, default=str)
 
 
-def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+def model_on_device(model: nn.Module, device: torch.device) -> nn.Module:
     param = next(model.parameters(), None)
     if param is None or param.device == device:
         return model
@@ -230,7 +230,7 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     on_device: dict[torch.device, nn.Module] = {}
     for name, x in inputs:
         if x.device not in on_device:
-            on_device[x.device] = on_device(model, x.device)
+            on_device[x.device] = model_on_device(model, x.device)
         model_here = on_device[x.device]
         labels = [label for label, n in attributions if n == name]
         groups: dict[str, list[str]] = {}

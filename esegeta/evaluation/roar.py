@@ -30,7 +30,7 @@ from esegeta.evaluation.scoring import explainer
 from esegeta.spec.request import from_arguments
 from esegeta.io.loading import load_callable
 from esegeta.io.outputs import atomic_write_bytes
-from esegeta.evaluation.engine import on_device
+from esegeta.evaluation.engine import model_on_device
 
 log = logging.getLogger("esegeta")
 Attribute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -135,7 +135,7 @@ def roar_for_plan(plan, out, token: str | None = None) -> dict[str, Any]:
     if cfg.max_images is not None:
         x_train, y_train = x_train[:cfg.max_images], y_train[:cfg.max_images]
         x_test, y_test = x_test[:cfg.max_images], y_test[:cfg.max_images]
-    model = on_device(plan.model, plan.device)
+    model = model_on_device(plan.model, plan.device)
     methods = {}
     for e in plan.entries:
         if (cfg.methods is None or e.label in cfg.methods) and e.spec.kind in ("attribution", "layer"):
