@@ -56,6 +56,10 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
 #: hook then runs before its output hook, and finds no relevance: ``KeyError: device``).
 _PASSING = ("Flatten", "Unflatten", "Identity", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout")
 _PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath"})
+#: A wrapper's masked sum (:class:`esegeta.attribution.wrappers.MaskSum`), linear in the activated
+#: output: the ε rule hands each pixel its share ``A·M / score`` of the score. (Without a rule the
+#: relevance entering the model was the gradient ``M``: the demo's map summed to ~7,000× its score.)
+_WRAPPER_HEADS = frozenset({"MaskSum"})
 #: Layers the ε rule treats as linear. Normalisation layers (instance, group, layer norm, and
 #: torchvision's LayerNorm2d, a LayerNorm subclass) are affine maps of their input once their
 #: statistics are fixed at the values they take on the explained input: the ε rule then
@@ -91,7 +95,7 @@ def lrp_rule_for(module) -> str | None:
     if type(module) in SUPPORTED_NON_LINEAR_LAYERS:
         return "non-linear (relevance passes)"
     if (isinstance(module, tuple(getattr(nn, n) for n in _EPSILON_LAYERS if hasattr(nn, n)))
-            or type(module).__name__ in _PASSING_NAMES):
+            or type(module).__name__ in _PASSING_NAMES | _WRAPPER_HEADS):
         return "EpsilonRule"
     if isinstance(module, tuple(getattr(nn, n) for n in _IDENTITY_LAYERS if hasattr(nn, n))):
         return "IdentityRule"
