@@ -83,7 +83,8 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
             chosen = Target.of(target, piece.shape[0])
             targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
             masks += [frozen_mask(forward, t, i) for i, t in enumerate(targets[-piece.shape[0]:])]
-            checks += _checks(spec, call, results[-1], explained, one_by_one=request.wrapper is None or kind == batching.PER_INPUT)
+            one_by_one = request.wrapper is None or kind == batching.PER_INPUT
+            checks += _checks(spec, call, results[-1], explained, one_by_one)
     return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
                    tuple(targets), tuple(predicted), tuple(masks), tuple(checks))
 

@@ -147,9 +147,16 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
                           f"the activated score; a wrapper with activation \"none\" explains the logits exactly")
         causes.append("bias absorption: biases and BatchNorm shifts take or inject relevance under the ε rule "
                       "(zennit's composites fold BatchNorm first; use zennit.EpsilonPlus, or a bias-free model)")
+        if spec.library.name == "captum":
+            causes.append("a residual sum (x + f(x)), which Captum's LRP passes as its gradient, so each branch "
+                          "gets the whole relevance (zennit's composites split it by contribution)")
     elif spec.axiom == "completeness":
-        causes.append("the path integral's discretisation: raise n_steps")
+        steps = next((p for p in ("n_steps", "n_iter") if p in spec.parameters()), "n_steps")
+        causes.append(f"the path integral's discretisation: raise {steps}")
     else:
+        if activation == "softmax":
+            causes.append("the wrapper's softmax, whose DeepLIFT rule is approximate (a wrapper with activation "
+                          "\"none\" or \"sigmoid\" is exact)")
         causes.append("a layer DeepLIFT's rules pass as its gradient (a gate, a normalisation, attention): "
                       "use captum.IntegratedGradients (completeness holds on any model) for an exact sum")
     return f"{found.axiom} does not hold: {said}; likely {' or '.join(causes)}"

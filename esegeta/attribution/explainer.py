@@ -107,7 +107,8 @@ def _verdicts(request: Request, ready: PreparedModel, x: torch.Tensor, outcome: 
     the likely cause and the fix."""
     scores = list(outcome.scores) or [None] * x.shape[0]
     for n in range(x.shape[0]):
-        problem = verdicts.nonfinite_problem(outcome.result[n:n + 1], x[n:n + 1], ready, scores[n])
+        problem = verdicts.nonfinite_problem(outcome.result[n:n + 1], x[n:n + 1], ready, scores[n],
+                                             request.spec.axiom)
         if problem:
             where = f" (input {n})" if x.shape[0] > 1 else ""
             raise NonFiniteResult(f"{request.spec.id}{where}: {problem}")

@@ -134,7 +134,7 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
                       oom_retries=done.oom_retries, **facts[n][0])
         if done.fallback:
             record["precision_reason"] = f"{reason}; {done.fallback}"
-        problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n])
+        problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n], job.entry.spec.axiom)
         if problem:
             record.update(status="failed", error=problem)
             log.error("%s on %s failed: %s", job.entry.label, item.name, problem)
