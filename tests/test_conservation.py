@@ -63,6 +63,17 @@ def test_demo_lrp_is_no_longer_thousands_of_times_its_score(retina):
         assert axiom and "bias absorption" in str(axiom[0].message) and "sigmoid" in str(axiom[0].message)
 
 
+def test_zennit_without_biases_conserves_on_the_demo_model(retina):
+    """The fix the warning names for bias absorption: zennit's EpsilonPlus with biases left out
+    (``zero_params: "bias"``, as configs/retina.json runs it) adds up to its seed within tolerance."""
+    relevance, axiom = _explain(retina.model, retina.x, "zennit.EpsilonPlus", target=1, wrapper=retina.wrapper,
+                                zero_params="bias")
+    assert float(relevance.sum()) == pytest.approx(1.0, abs=0.05)
+    assert not axiom
+    _, biased = _explain(retina.model, retina.x, "zennit.EpsilonPlus", target=1, wrapper=retina.wrapper)
+    assert biased and 'zero_params to "bias"' in str(biased[0].message)
+
+
 def test_deeplift_and_ig_records_state_the_sum(digits, tmp_path):
     """Each record of an axiom method carries Σ attribution, f(x) − f(baseline), their ratio and
     the tolerance; a method without an axiom carries none."""

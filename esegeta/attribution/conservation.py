@@ -145,8 +145,10 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
         if activation not in (None, "none"):
             causes.append(f"the wrapper's {activation}: LRP passes relevance through it unchanged, so it explains "
                           f"the activated score; a wrapper with activation \"none\" explains the logits exactly")
-        causes.append("bias absorption: biases and BatchNorm shifts take or inject relevance under the ε rule "
-                      "(zennit's composites fold BatchNorm first; use zennit.EpsilonPlus, or a bias-free model)")
+        fix = ("set params.zero_params to \"bias\"" if spec.library.name == "zennit" else
+               "Captum's rules cannot leave them out: zennit.EpsilonPlus with params.zero_params \"bias\" can")
+        causes.append(f"bias absorption: biases and BatchNorm shifts take or inject relevance under the ε rule ({fix}; "
+                      "the demo's Σ is then 0.99× the seed)")
         if spec.library.name == "captum":
             causes.append("a residual sum (x + f(x)), which Captum's LRP passes as its gradient, so each branch "
                           "gets the whole relevance (zennit's composites split it by contribution)")
