@@ -40,8 +40,9 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 #: norms and biased convolutions, freshly initialised: NaN in all 32,768 voxels of a 32³ input).
 LRP_OVERFLOW = ("LRP's ε rule divides each layer's relevance by its output (Captum's ε is 1e-9): where outputs are "
                 "near zero (biased convolutions, normalisation layers) the relevance grows by x/z at every layer and "
-                "overflows float32 over a deep network; use a zennit composite (zennit.EpsilonPlus: z+ on "
-                "convolutions), or zennit.LayerMapComposite with {\"rule\": \"epsilon\", \"epsilon\": 0.25}")
+                "overflows float32 over a deep network; use zennit.LayerMapComposite with a stabiliser the size of "
+                "the outputs, layer_map {\"Convolution\": {\"rule\": \"epsilon\", \"epsilon\": 0.25}, ...} "
+                "(on MONAI's UNet: finite, Σ 1.08× its seed), or zennit.EpsilonPlus (finite; z+ on convolutions)")
 
 
 def nonfinite_problem(result: torch.Tensor, x: torch.Tensor, model: torch.nn.Module,
