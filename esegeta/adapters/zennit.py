@@ -663,7 +663,8 @@ class AttributorAdapter(_ZennitAdapter):
             if isinstance(params.get(key), list):
                 params[key] = tuple(params[key])
         cls = getattr(_zennit().attribution, spec.name)
-        return _attribute(cls, call, composite, ATTRIBUTORS[spec.name][1], trace, **params)
+        lrp = composite is not None and type(composite).__name__ not in NO_CANONIZERS
+        return _attribute(cls, call, composite, ATTRIBUTORS[spec.name][1], trace, lrp=lrp, **params)
 
 
 COMPOSITE_ADAPTER = CompositeAdapter()
