@@ -136,3 +136,25 @@ def test_lrp_nan_on_monai_unet_is_an_error_naming_the_cause_and_fix():
     x = ((g[:, None, None] * g[None, :, None] + g[None, None, :] * 0.5) / 1.5)[None, None]
     with pytest.raises(NonFiniteResult, match="the method produced it.*ε rule.*zennit.LayerMapComposite"):
         esegeta.explain(unet, x, "captum.LRP", target=1, wrapper={"name": "multiclass", "activation": "softmax"})
+
+
+@pytest.mark.parametrize("method, layer", [("captum.DeepLiftShap", None), ("shap.DeepExplainer", None),
+                                           ("captum.LayerDeepLift", "layer2"), ("captum.LayerIntegratedGradients", "layer2"),
+                                           ("captum.NeuronDeepLift", "layer2")])
+def test_every_delta_method_is_checked_against_its_baselines(digits, method, layer):
+    """Several baselines (DeepLiftShap's default zeros and blur, DeepSHAP's background) are scored
+    and averaged; layer attributions add up to the same difference; neuron methods explain a neuron,
+    so they carry no check."""
+    from esegeta.attribution.explainer import run
+    from esegeta.attribution.prepare import prepared
+    from esegeta.spec.request import from_arguments
+
+    params = {"neuron_selector": (0, 0, 0)} if method.startswith("captum.Neuron") else {}
+    request = from_arguments(method, target=3, wrapper=None, layer=layer, noise_tunnel=None, patch=None, params=params)
+    outcome = run(request, prepared(digits.model, digits.x), digits.x, samples=digits.x, with_scores=True)
+    check = outcome.checks[0]
+    if method.startswith("captum.Neuron"):
+        assert check is None
+        return
+    assert check.what == "f(x) - f(baseline)" and check.holds, check
+    assert check.total == pytest.approx(float(outcome.result.double().sum()))
