@@ -109,11 +109,12 @@ def lrp_gaps(model, context=None) -> list[str]:
     esegeta has a rule for (Captum's LRP refuses the model then), and attention (whose
     projections ``nn.MultiheadAttention`` applies without calling them as modules, so no rule
     can see them), as problems, or none."""
-    from torch import nn
+    from esegeta.attribution.architectures import attention as attention_modules
 
-    attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    attention = attention_modules(model, getattr(context, "x", None))
     if attention:
-        return [f"no LRP rule for attention ({attention[0]}: MultiheadAttention{' and more' if len(attention) > 1 else ''}): "
+        what = attention[0] if "(" in attention[0] else f"{attention[0]}: MultiheadAttention"
+        return [f"no LRP rule for attention ({what}{' and more' if len(attention) > 1 else ''}): "
                 "Captum's LRP cannot propagate relevance through it; use captum.IntegratedGradients, or "
                 "gradcam.GradCAM with params.reshape_transform \"vit\""]
     from esegeta.attribution.prepare import Alias

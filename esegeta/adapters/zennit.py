@@ -688,12 +688,13 @@ def attention_gap(model, context=None) -> list[str]:
     """The pre-flight check of zennit's rule composites: ``nn.MultiheadAttention`` applies its
     projections without calling them as modules (so no rule sees them) and zennit's hooks on it
     fail on its three inputs."""
-    from torch import nn
+    from esegeta.attribution.architectures import attention
 
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    names = attention(model, getattr(context, "x", None))
     if not names:
         return []
-    return [f"zennit has no rule for attention ({names[0]}: MultiheadAttention{' and more' if len(names) > 1 else ''}): "
+    what = names[0] if "(" in names[0] else f"{names[0]}: MultiheadAttention"
+    return [f"zennit has no rule for attention ({what}{' and more' if len(names) > 1 else ''}): "
             "its LRP composites cannot pass relevance through it; use zennit.Gradient, zennit.IntegratedGradients, "
             "or gradcam.GradCAM with params.reshape_transform \"vit\""]
 
