@@ -688,13 +688,12 @@ def attention_gap(model, context=None) -> list[str]:
     """The pre-flight check of zennit's rule composites: ``nn.MultiheadAttention`` applies its
     projections without calling them as modules (so no rule sees them) and zennit's hooks on it
     fail on its three inputs."""
-    from esegeta.attribution.architectures import attention
+    from torch import nn
 
-    names = attention(model, getattr(context, "x", None))
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if not names:
         return []
-    what = names[0] if "(" in names[0] else f"{names[0]}: MultiheadAttention"
-    return [f"zennit has no rule for attention ({what}{' and more' if len(names) > 1 else ''}): "
+    return [f"zennit has no rule for attention ({names[0]}: MultiheadAttention{' and more' if len(names) > 1 else ''}): "
             "its LRP composites cannot pass relevance through it; use zennit.Gradient, zennit.IntegratedGradients, "
             "or gradcam.GradCAM with params.reshape_transform \"vit\""]
 
