@@ -18,6 +18,7 @@ Each (method, model) cell is one of:
     python benchmarks/zoo.py                       # every model, every method: markdown table
     python benchmarks/zoo.py --models resnet18 vit --libraries captum gradcam --json cells.json
     python benchmarks/zoo.py --check               # and `esegeta check` on six models' cells vs the run
+    python benchmarks/zoo.py --tier real --hard    # the usual depths (ResNet-50 ... SwinUNETR), hard cells
 
 Also reports, per model, IG completeness (|sum(attr) - (f(x) - f(0))| / |f(x) - f(0)|, 256
 steps) and DeepLift summation to delta (same relative error).
@@ -53,6 +54,59 @@ from zoo_models import ZOO, ZooModel, method_params, method_wrapper  # noqa: E40
 CHECK_SAMPLE = ("resnet18", "densenet121", "efficientnet_b0", "vit", "unet2d", "swinunetr")
 #: Methods whose cost is one forward per channel/mask/step beyond what quick params bound (minutes on a CPU).
 SLOW = frozenset({"lucent.render_vis"})
+
+
+def _real(name, build, shape, layer, leaf, wrapper=True, target=0, reshape=None) -> ZooModel:
+    """A model at the depth people train it (small spatial size), BatchNorm statistics calibrated."""
+    from zoo_models import SEG_WRAPPER, _input, calibrate
+
+    torch.manual_seed(0)
+    model = calibrate(build(), shape)
+    return ZooModel(name, model, _input(shape), layer, leaf, wrapper=dict(SEG_WRAPPER) if wrapper else None,
+                    target=target, reshape_transform=reshape)
+
+
+def _real_tier() -> dict:
+    """``--tier real``: torchvision classifiers and MONAI segmenters at their usual depths and widths
+    (ResNet-50, DenseNet-121, EfficientNet-B0, ViT-B/16; MONAI UNet, SegResNet, UNETR, SwinUNETR with
+    their default widths), small inputs (64² images, 32³ volumes, SwinUNETR 2D at 64²)."""
+    from esegeta.compat import import_torchvision
+
+    import_torchvision()
+    import monai.networks.nets as nets
+    import torchvision as tv
+
+    def vit_b16():
+        model = tv.models.VisionTransformer(image_size=64, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768,
+                                            mlp_dim=3072, num_classes=5)
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the head at zero
+        return model
+
+    c2, v3 = (1, 3, 64, 64), (1, 1, 32, 32, 32)
+    return {
+        "resnet50": lambda: _real("resnet50", lambda: tv.models.resnet50(num_classes=5), c2, "layer4",
+                                  "layer4.2.conv3", wrapper=False),
+        "densenet121_full": lambda: _real("densenet121_full", lambda: tv.models.densenet121(num_classes=5), c2,
+                                          "features", "features.denseblock4.denselayer16.conv2", wrapper=False),
+        "efficientnet_b0_full": lambda: _real("efficientnet_b0_full", lambda: tv.models.efficientnet_b0(num_classes=5),
+                                              c2, "features", "features.8.0", wrapper=False),
+        "vit_b_16": lambda: _real("vit_b_16", vit_b16, c2, "encoder.layers.encoder_layer_11.ln_1", "conv_proj",
+                                  wrapper=False, reshape="vit"),
+        "monai_unet3d": lambda: _real("monai_unet3d", lambda: nets.UNet(3, 1, 2, channels=(16, 32, 64, 128, 256),
+                                                                        strides=(2, 2, 2, 2), num_res_units=2),
+                                      v3, "model.1.submodule.1", "model.0.conv.unit0.conv"),
+        "segresnet3d": lambda: _real("segresnet3d", lambda: nets.SegResNet(3, in_channels=1, out_channels=2), v3,
+                                     "down_layers.3", "convInit.conv"),
+        "unetr3d": lambda: _real("unetr3d", lambda: nets.UNETR(1, 2, img_size=(32, 32, 32)), v3, "encoder4",
+                                 "encoder1.layer.conv1.conv"),
+        "swinunetr2d": lambda: _real("swinunetr2d", lambda: nets.SwinUNETR(1, 2, spatial_dims=2), (1, 1, 64, 64),
+                                     "encoder10", "encoder1.layer.conv1.conv"),
+    }
+
+
+#: ``--hard``: the cells the rule-based methods find hardest (LRP, DeepLIFT, DeepSHAP, FullGrad).
+HARD = ("shap.DeepExplainer", "captum.LRP", "captum.DeepLift", "zennit.EpsilonPlus", "gradcam.FullGrad",
+        "captum.LayerLRP", "captum.DeepLiftShap", "zennit.EpsilonGammaBox")
 
 
 def applicable(spec, z: ZooModel) -> bool:
@@ -168,7 +222,10 @@ def check_predictions(z: ZooModel, specs, cells: list[dict], workdir: Path) -> l
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="*", default=list(ZOO))
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--tier", choices=("test", "real"), default="test",
+                    help="test: tests/zoo_models.py (tiny widths); real: the usual depths (_real_tier)")
+    ap.add_argument("--hard", action="store_true", help=f"only the hard cells: {', '.join(HARD)}")
     ap.add_argument("--libraries", nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--json", default=None, help="write every cell here")
@@ -179,13 +236,16 @@ def main(argv=None) -> int:
                          "and compare its verdicts with the run")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    zoo = _real_tier() if args.tier == "real" else ZOO
+    args.models = args.models or list(zoo)
+    methods = HARD if args.hard else args.methods
     specs = [s for s in registry.all_methods().values()
              if (args.libraries is None or s.library.name in args.libraries)
-             and (args.methods is None or s.id in args.methods) and (args.slow or s.id not in SLOW)]
+             and (methods is None or s.id in methods) and (args.slow or s.id not in SLOW)]
     cells, axiom_rows = [], []
     start = time.perf_counter()
     for name in args.models:
-        z = ZOO[name]()
+        z = zoo[name]()
         for spec in specs:
             if applicable(spec, z):
                 c = cell(spec, z)
@@ -226,7 +286,7 @@ def main(argv=None) -> int:
         sample = args.check or [m for m in CHECK_SAMPLE if m in args.models]
         with tempfile.TemporaryDirectory() as tmp:
             for name in sample:
-                predictions += check_predictions(ZOO[name](), specs, cells, Path(tmp))
+                predictions += check_predictions(zoo[name](), specs, cells, Path(tmp))
         agree = Counter((p["predicted"], "refused" if p["run"] == "refused" else "ran" if p["run"] in ("ran", "flat")
                          else "failed") for p in predictions)
         print(f"\n`esegeta check` on {len(predictions)} cells of {', '.join(sample)} (predicted → run):")

@@ -28,6 +28,11 @@ class ConfigError(EsegetaError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class NonFiniteResult(EsegetaError):
+    """A method's result holds NaN or Inf (or was computed from a non-finite input or score); the
+    message says where the values came from: the input, the model's output, or the method."""
+
+
 class MethodUnavailable(EsegetaError):
     """A registered method whose library is not installed (the message says which extra)."""
 

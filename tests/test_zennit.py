@@ -44,8 +44,17 @@ def _direct(case, composite=None, attributor="Gradient", seed=None, **kwargs):
         width = forward(case.x).shape[1]
     one_hot = torch.eye(width)[[case.target]]
     cls = getattr(zennit.attribution, attributor)
-    with cls(forward, composite=composite, attr_output=seed or one_hot, **kwargs) as attribute:
-        _, attribution = attribute(case.x)
+    # a wrapper's masked sum is a linear layer: esegeta gives it zennit's own ε rule under an LRP
+    # composite (esegeta.adapters.zennit._wrapper_head_rule), so the direct call does too
+    lrp = composite is not None and type(composite).__name__ not in ("GuidedBackprop", "DeconvNet", "BetaSmooth")
+    heads = [m for m in forward.modules() if isinstance(m, wrappers.MaskSum)] if lrp else []
+    handles = [zennit.rules.Epsilon(epsilon=1e-6).register(m) for m in heads]
+    try:
+        with cls(forward, composite=composite, attr_output=seed or one_hot, **kwargs) as attribute:
+            _, attribution = attribute(case.x)
+    finally:
+        for handle in handles:
+            handle.remove()
     return attribution
 
 

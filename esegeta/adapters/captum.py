@@ -56,6 +56,10 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
 #: hook then runs before its output hook, and finds no relevance: ``KeyError: device``).
 _PASSING = ("Flatten", "Unflatten", "Identity", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout")
 _PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath"})
+#: A wrapper's masked sum (:class:`esegeta.attribution.wrappers.MaskSum`), linear in the activated
+#: output: the ε rule hands each pixel its share ``A·M / score`` of the score. (Without a rule the
+#: relevance entering the model was the gradient ``M``: the demo's map summed to ~7,000× its score.)
+_WRAPPER_HEADS = frozenset({"MaskSum"})
 #: Layers the ε rule treats as linear. Normalisation layers (instance, group, layer norm, and
 #: torchvision's LayerNorm2d, a LayerNorm subclass) are affine maps of their input once their
 #: statistics are fixed at the values they take on the explained input: the ε rule then
@@ -91,7 +95,7 @@ def lrp_rule_for(module) -> str | None:
     if type(module) in SUPPORTED_NON_LINEAR_LAYERS:
         return "non-linear (relevance passes)"
     if (isinstance(module, tuple(getattr(nn, n) for n in _EPSILON_LAYERS if hasattr(nn, n)))
-            or type(module).__name__ in _PASSING_NAMES):
+            or type(module).__name__ in _PASSING_NAMES | _WRAPPER_HEADS):
         return "EpsilonRule"
     if isinstance(module, tuple(getattr(nn, n) for n in _IDENTITY_LAYERS if hasattr(nn, n))):
         return "IdentityRule"
@@ -105,11 +109,12 @@ def lrp_gaps(model, context=None) -> list[str]:
     esegeta has a rule for (Captum's LRP refuses the model then), and attention (whose
     projections ``nn.MultiheadAttention`` applies without calling them as modules, so no rule
     can see them), as problems, or none."""
-    from torch import nn
+    from esegeta.attribution.architectures import attention as attention_modules
 
-    attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    attention = attention_modules(model, getattr(context, "x", None))
     if attention:
-        return [f"no LRP rule for attention ({attention[0]}: MultiheadAttention{' and more' if len(attention) > 1 else ''}): "
+        what = attention[0] if "(" in attention[0] else f"{attention[0]}: MultiheadAttention"
+        return [f"no LRP rule for attention ({what}{' and more' if len(attention) > 1 else ''}): "
                 "Captum's LRP cannot propagate relevance through it; use captum.IntegratedGradients, or "
                 "gradcam.GradCAM with params.reshape_transform \"vit\""]
     from esegeta.attribution.prepare import Alias

@@ -574,10 +574,24 @@ def _tracing(root, enabled: bool):
     trace.update(ordered)
 
 
-def _attribute(attributor_cls, call: Call, composite, seed_kind: str, trace: bool, **kwargs):
-    """Run one zennit attributor on ``call.forward``."""
+@contextlib.contextmanager
+def _wrapper_head_rule(call: Call, lrp: bool):
+    """Within the block, for an LRP composite on a wrapped segmenter: zennit's ε rule on the
+    wrapper's masked sum (:class:`esegeta.attribution.wrappers.MaskSum`, linear in the activated
+    output), so each pixel gets its share ``A·M / score`` of the seed. No composite maps that
+    module; without a rule the relevance entering the model is the gradient ``M``, and it adds up
+    to the seed times the mask's pixel count. Removed on exit."""
+    heads = [m for m in call.forward.modules() if type(m).__name__ == "MaskSum"] if lrp else []
+    with removing() as handles:
+        for head in heads:
+            handles.append(_zennit().rules.Epsilon(epsilon=1e-6).register(head))
+        yield
+
+
+def _attribute(attributor_cls, call: Call, composite, seed_kind: str, trace: bool, lrp: bool = False, **kwargs):
+    """Run one zennit attributor on ``call.forward`` (``lrp``: the composite is an LRP one)."""
     attributor = attributor_cls(call.forward, composite=composite, attr_output=_seed(call, seed_kind), **kwargs)
-    with _tracing(_network(call), trace) as recorded, attributor:
+    with _tracing(_network(call), trace) as recorded, _wrapper_head_rule(call, lrp), attributor:
         _, attribution = attributor(call.inputs)
     if trace:
         call.extras["trace"] = recorded
@@ -611,6 +625,9 @@ class _ZennitAdapter:
 class CompositeAdapter(_ZennitAdapter):
     """A zennit composite run with the ``Gradient`` attributor (LRP and modified gradients)."""
 
+    #: LRP starts from the target's one-hot: relevance adds up to 1 (:mod:`esegeta.attribution.conservation`).
+    relevance_seed = "one"
+
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         return {**composite_parameters(spec.name), TRACE: _flag(TRACE)}
 
@@ -618,7 +635,8 @@ class CompositeAdapter(_ZennitAdapter):
         params = dict(call.params)
         trace = params.pop(TRACE, False)
         composite = build_composite(spec.name, params, call)
-        return _finite(spec, call, _attribute(_zennit().attribution.Gradient, call, composite, "one_hot", trace))
+        return _finite(spec, call, _attribute(_zennit().attribution.Gradient, call, composite, "one_hot", trace,
+                                              lrp=spec.axiom == "conservation"))
 
 
 class AttributorAdapter(_ZennitAdapter):
@@ -645,7 +663,8 @@ class AttributorAdapter(_ZennitAdapter):
             if isinstance(params.get(key), list):
                 params[key] = tuple(params[key])
         cls = getattr(_zennit().attribution, spec.name)
-        return _attribute(cls, call, composite, ATTRIBUTORS[spec.name][1], trace, **params)
+        lrp = composite is not None and type(composite).__name__ not in NO_CANONIZERS
+        return _attribute(cls, call, composite, ATTRIBUTORS[spec.name][1], trace, lrp=lrp, **params)
 
 
 COMPOSITE_ADAPTER = CompositeAdapter()

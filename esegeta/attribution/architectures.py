@@ -224,6 +224,7 @@ class _DataFlow(torch.overrides.TorchFunctionMode):
         self.dependent[id(x)] = x
         self.stack: list[str] = []
         self.found: dict[str, None] = {}
+        self.softmax: set[str] = set()  # modules that apply a softmax (or fused attention) themselves
 
     def enter(self, label: str) -> None:
         self.stack.append(label)
@@ -243,6 +244,8 @@ class _DataFlow(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         n = self._tracked(args) + self._tracked(tuple(kwargs.values()))
+        if n and getattr(func, "__name__", "") in ("softmax", "scaled_dot_product_attention"):
+            self.softmax.add(self.stack[-1] if self.stack else "(the model's forward)")
         if n:
             if n >= 2 and getattr(func, "__name__", "") in _PRODUCT_OPS:
                 self.found.setdefault(self.stack[-1] if self.stack else "(the model's forward)")
@@ -260,6 +263,11 @@ def products(model: nn.Module, x: torch.Tensor) -> list[str]:
     tensors that both depend on the input: a squeeze-excitation or attention gate, seen on one
     forward pass of ``x``. DeepLift's rules (Captum's, SHAP's) pass such a product as its
     gradient, so summation to delta does not hold through it."""
+    return list(_traced(model, x).found)
+
+
+def _traced(model: nn.Module, x: torch.Tensor) -> _DataFlow:
+    """The data flow of one forward pass of ``x`` (:class:`_DataFlow`), module by module."""
     names = {id(m): n for n, m in model.named_modules()}
     x = x[:1]
     flow = _DataFlow(x)
@@ -272,7 +280,7 @@ def products(model: nn.Module, x: torch.Tensor) -> list[str]:
             handles.append(m.register_forward_hook(lambda mod, a, o: flow.leave()))
         with torch.no_grad(), flow:
             model(x)
-    return list(flow.found)
+    return flow
 
 
 def token_layout(shape: tuple[int, ...], dims: int) -> str | None:
@@ -329,9 +337,27 @@ def token_grid(call):
         yield dataclasses.replace(call, layer=probe)
 
 
-def attention(model: nn.Module) -> list[str]:
-    """The names of the model's ``nn.MultiheadAttention`` modules."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+def attention(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
+    """The model's attention modules: ``nn.MultiheadAttention`` by type, and, given an input ``x``,
+    the modules of their own (MONAI's ``SABlock``, Swin's ``WindowAttention``, timm's ``Attention``)
+    that multiply two input-dependent paths (:func:`products`) and apply a softmax (or fused
+    attention) themselves or in a submodule; a sigmoid gate (squeeze-excitation, attention gates) is no such module:
+    LRP's rules see neither their ``q·kᵀ`` product nor the softmax over it, and the
+    relevance overflows there (UNETR, SwinUNETR at their usual depths)."""
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if x is not None and not found:
+        try:
+            flow = _traced(model, x)
+        except Exception as exc:  # noqa: BLE001 (not decided: refuse nothing)
+            log.debug("attention products: %s: %s", type(exc).__name__, exc)
+            return []
+        def name(label: str) -> str:
+            return label.rsplit(" (", 1)[0]
+
+        softmax = {name(label) for label in flow.softmax}
+        found = [label for label in flow.found
+                 if any(s == name(label) or s.startswith(name(label) + ".") for s in softmax)]
+    return found
 
 
 #: Layers DeepLift's rules treat as linear although they are not: a normalisation by statistics of

@@ -10,8 +10,10 @@ nor the explainer.
 """
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -20,13 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from esegeta.attribution import batching, wrappers
+from esegeta.attribution import batching, conservation, wrappers
 from esegeta.errors import ConfigError, did_you_mean
 from esegeta.attribution.guard import run_guarded
 from esegeta.attribution.prepare import CallSites, PreparedModel
+from esegeta.spec.params import with_defaults
 from esegeta.spec.registry import Call, MethodSpec
 from esegeta.spec.request import Request, WrapperConfig
 from esegeta.spec.targets import Target
+
+log = logging.getLogger("esegeta")
 
 #: Builds the wrapped (classifier) view of a model for one input: ``(model, x, wrapper, base_dir)``.
 WrapperBuilder = Callable[[nn.Module, torch.Tensor, WrapperConfig, "Path | None"], nn.Module]
@@ -38,13 +43,15 @@ class Outcome:
     each input (when asked for; None where nothing is targeted), the method's extra outputs
     (of the whole batch when it went in one call, else of the first input) and, with the scores,
     per input the facts figures and the manifest show: the resolved target (``"predicted"`` →
-    the class index), the predicted column and a wrapper's frozen mask of the explained column."""
+    the class index), the predicted column, a wrapper's frozen mask of the explained column and
+    the axiom check of the result (:mod:`esegeta.attribution.conservation`; None where none applies)."""
     result: torch.Tensor
     scores: tuple[float | None, ...] = ()
     extras: Mapping[str, Any] = field(default_factory=dict)
     targets: tuple[int | None, ...] = ()
     predicted: tuple[int | None, ...] = ()
     masks: tuple[torch.Tensor | None, ...] = ()
+    checks: tuple[conservation.Check | None, ...] = ()
 
 
 def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
@@ -62,7 +69,7 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
     if kind != batching.PER_INPUT:
         build_wrapper = partial(batching.build, kind=kind, method=spec.id)
     pieces = [x] if request.wrapper is None or kind != batching.PER_INPUT else [x[i:i + 1] for i in range(x.shape[0])]
-    results, scores, extras, targets, predicted, masks = [], [], {}, [], [], []
+    results, scores, extras, targets, predicted, masks, checks = [], [], {}, [], [], [], []
     for n, piece in enumerate(pieces):
         forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
         wanted = request.target
@@ -80,8 +87,31 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
             chosen = Target.of(target, piece.shape[0])
             targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
             masks += [frozen_mask(forward, t, i) for i, t in enumerate(targets[-piece.shape[0]:])]
+            one_by_one = request.wrapper is None or kind == batching.PER_INPUT
+            checks += _checks(spec, call, results[-1], explained, one_by_one)
     return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
-                   tuple(targets), tuple(predicted), tuple(masks))
+                   tuple(targets), tuple(predicted), tuple(masks), tuple(checks))
+
+
+def _checks(spec: MethodSpec, call: Call, result: torch.Tensor, explained: list[float | None],
+            one_by_one: bool) -> list[conservation.Check | None]:
+    """The axiom check of each input's result in ``call`` (None each where none applies, or where a
+    batched wrapper holds every input's masks, so one input's baseline cannot be scored alone)."""
+    n = call.inputs.shape[0]
+    if not one_by_one or not conservation.applies(spec, call.params, call.noise_tunnel):
+        return [None] * n
+    chosen = Target.of(call.target, n)
+    params = with_defaults(spec, call.params, call.inputs)
+    found = []
+    for i in range(n):
+        one = replace(call, inputs=call.inputs[i:i + 1], target=chosen[i] if chosen is not None else None,
+                      params=params, extras={})
+        try:
+            found.append(conservation.check(spec, one, result[i:i + 1], explained[i]))
+        except (ConfigError, ValueError, TypeError, IndexError) as exc:  # cannot be computed: left out, the result stands
+            log.debug("%s: axiom check left out: %s: %s", spec.id, type(exc).__name__, exc)
+            found.append(None)
+    return found
 
 
 def frozen_mask(forward: nn.Module, target: int | None, index: int = 0) -> torch.Tensor | None:

@@ -8,15 +8,16 @@ prepared copy of the model (:mod:`esegeta.attribution.prepare`) in full float32.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from esegeta.attribution import numerics, patcher
+from esegeta.attribution import architectures, conservation, numerics, patcher, verdicts
 from esegeta.attribution.architectures import refuse
 from esegeta.attribution.call import Outcome, call_once
-from esegeta.errors import ConfigError
+from esegeta.errors import ConfigError, NonFiniteResult
 from esegeta.hooks import removing
 from esegeta.spec.params import check_method
 from esegeta.attribution.prepare import PreparedModel, prepared
@@ -91,7 +92,39 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
         with removing() as handles:
             if check:
                 handles.append(ready.register_forward_hook(_scores_not_a_map))
-            return run(request, ready, x, samples=x).result
+            # the verdicts read values: none on torch's meta device (device tests)
+            judged = x.device.type != "meta"
+            outcome = run(request, ready, x, samples=x, with_scores=judged and request.spec.needs_target)
+        if judged:
+            _verdicts(request, ready, x, outcome)
+    return outcome.result
+
+
+def _verdicts(request: Request, ready: PreparedModel, x: torch.Tensor, outcome: Outcome) -> None:
+    """What a run records, said by ``explain``: a non-finite result raises
+    :class:`~esegeta.errors.NonFiniteResult` naming where the values came from (a run marks it
+    ``failed``); an axiom that does not hold (:mod:`esegeta.attribution.conservation`) warns with
+    the likely cause and the fix."""
+    scores = list(outcome.scores) or [None] * x.shape[0]
+    for n in range(x.shape[0]):
+        problem = verdicts.nonfinite_problem(outcome.result[n:n + 1], x[n:n + 1], ready, scores[n],
+                                             request.spec.axiom)
+        if problem:
+            where = f" (input {n})" if x.shape[0] > 1 else ""
+            raise NonFiniteResult(f"{request.spec.id}{where}: {problem}")
+    checks = [c for c in outcome.checks if c is not None]
+    if not checks:
+        return
+    notes = architectures.axiom_notes(request.spec, architectures.network(ready), x[:1])
+    for n, check in enumerate(outcome.checks):
+        off = check and conservation.warning(request.spec, check, notes, request.wrapper)
+        if off:
+            warnings.warn(f"{request.spec.id}{f' (input {n})' if x.shape[0] > 1 else ''}: {off}",
+                          AxiomWarning, stacklevel=3)
+
+
+class AxiomWarning(UserWarning):
+    """A method's axiom (conservation, summation to delta, completeness) does not hold on a result."""
 
 
 def _layer_name(model: nn.Module, layer: str | nn.Module | None) -> str | None:

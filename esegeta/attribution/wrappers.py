@@ -59,11 +59,31 @@ def select_output(output: Any, key: str | int | None = None) -> torch.Tensor:
     raise ConfigError("wrapper.output", f"cannot find a tensor in a model output of type {type(output).__name__}")
 
 
+class MaskSum(nn.Module):
+    """``(B, K', *spatial)`` activated channels → ``(B, K')``: each column's sum (or mean) over its
+    frozen mask. A linear map of the activated output, and a leaf module of its own so that LRP
+    can give it a rule (ε: each pixel's relevance is its share ``A·M / score`` of the explained
+    score, as for any linear layer); without one, LRP would start from the gradient ``M`` and the
+    relevance would add up to the score times the mask's pixel count."""
+
+    def __init__(self, masks: torch.Tensor, reduction: str = "sum"):
+        super().__init__()
+        self.register_buffer("masks", masks.detach().float().unsqueeze(0))
+        self.reduction = reduction
+
+    def forward(self, picked: torch.Tensor) -> torch.Tensor:
+        weighted = picked * self.masks
+        score = weighted.sum(dim=tuple(range(2, weighted.ndim)))
+        if self.reduction == "mean":
+            score = score / self.masks.sum(dim=tuple(range(2, self.masks.ndim))).clamp_min(1.0)
+        return score
+
+
 class MaskedScore(nn.Module):
     """``(B, K, *spatial)`` output → ``(B, K')``: column j = reduce(act(out)[:, channels[j]] · masks[j]).
 
-    ``masks`` has shape ``(K', *spatial)`` and is a frozen buffer; ``reduction`` is ``sum``
-    or ``mean`` (divided by the mask's size).
+    ``masks`` has shape ``(K', *spatial)`` and is a frozen buffer (of the :class:`MaskSum` leaf);
+    ``reduction`` is ``sum`` or ``mean`` (divided by the mask's size).
     """
 
     def __init__(self, activation: str, channels: Sequence[int], masks: torch.Tensor,
@@ -72,17 +92,18 @@ class MaskedScore(nn.Module):
         self.activation = ACTIVATIONS[activation]()
         # both buffers on the masks' device: the device of the output they were frozen from
         self.register_buffer("channels", torch.as_tensor(list(channels), dtype=torch.long, device=masks.device))
-        self.register_buffer("masks", masks.detach().float().unsqueeze(0))
+        self.reduce = MaskSum(masks, reduction)
         self.reduction = reduction
         self.output_key = output_key
 
+    @property
+    def masks(self) -> torch.Tensor:
+        """The frozen masks, ``(1, K', *spatial)``."""
+        return self.reduce.masks
+
     def forward(self, output: Any) -> torch.Tensor:
         activated = self.activation(select_output(output, self.output_key))
-        weighted = activated.index_select(1, self.channels) * self.masks
-        score = weighted.sum(dim=tuple(range(2, weighted.ndim)))
-        if self.reduction == "mean":
-            score = score / self.masks.sum(dim=tuple(range(2, self.masks.ndim))).clamp_min(1.0)
-        return score
+        return self.reduce(activated.index_select(1, self.channels))
 
 
 class WrappedModel(nn.Module):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from esegeta.attribution import architectures, numerics, scheduling, verdicts
+from esegeta.attribution import architectures, conservation, numerics, scheduling, verdicts
 from esegeta.attribution.explainer import run
 from esegeta.run import progress
 from esegeta.run.executor import RetryPolicy, Worker, attribute_warnings
@@ -100,13 +100,15 @@ def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | N
 
 
 def _facts(outcome, request: Request, x: torch.Tensor) -> list[tuple[dict, torch.Tensor | None]]:
-    """Per input: the record's resolved ``target`` and ``predicted`` column, and the frozen mask."""
+    """Per input: the record's resolved ``target`` and ``predicted`` column, the frozen mask and the
+    axiom check (:class:`esegeta.attribution.conservation.Check` or None)."""
     n = x.shape[0]
     given = None if request.target in (None, "predicted") or not request.spec.needs_target else int(request.target)
     targets = list(outcome.targets) or [given] * n
     predicted = list(outcome.predicted) or [None] * n
     masks = list(outcome.masks) or [None] * n
-    return [({"target": t, "predicted": p}, m) for t, p, m in zip(targets, predicted, masks)]
+    checks = list(outcome.checks) or [None] * n
+    return [({"target": t, "predicted": p}, m, c) for t, p, m, c in zip(targets, predicted, masks, checks)]
 
 
 def _halved(request: Request) -> Request | None:
@@ -132,13 +134,20 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
                       oom_retries=done.oom_retries, **facts[n][0])
         if done.fallback:
             record["precision_reason"] = f"{reason}; {done.fallback}"
-        problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n])
+        problem = verdicts.nonfinite_problem(one, x[n:n + 1], worker.replica(x), scores[n], job.entry.spec.axiom)
         if problem:
             record.update(status="failed", error=problem)
             log.error("%s on %s failed: %s", job.entry.label, item.name, problem)
             computed.append((record, None, {}))
             continue
         record["warnings"] += notes
+        check = facts[n][2]
+        if check is not None:
+            record["conservation"] = check.record()
+            off = conservation.warning(job.entry.spec, check, notes, request.wrapper)
+            if off:
+                record["warnings"].append(off)
+                log.warning("%s on %s: %s", job.entry.label, item.name, off)
         flat = verdicts.flat_result_warning(one, params, job.entry.spec.parameters(), scores[n])
         if flat:
             record["warnings"].append(flat)

@@ -158,6 +158,10 @@ def _record_table(r: Mapping[str, Any]) -> str:
             ("score", _number(r.get("score"))), ("target", _number(r.get("target"))),
             ("predicted", _number(r.get("predicted"))), ("precision", _e(r.get("precision"))),
             ("seconds", _number(r.get("seconds"), 3)), ("device", _e(r.get("device")))]
+    if c := r.get("conservation"):  # Σ relevance against what it explains (esegeta.attribution.conservation)
+        ratio = "?" if c.get("ratio") is None else f"{c['ratio']:.4g}"
+        rows.append((_e(c.get("axiom")), _e(f"Σ = {ratio} × {c.get('of')} (tolerance ±{c.get('tolerance')}"
+                                            f"{'' if c.get('holds') else ': does not hold'})")))
     if r.get("warnings"):
         rows.append(("warnings", _e("; ".join(map(str, r["warnings"])))))
     table = "<table>" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"

@@ -1,0 +1,107 @@
+"""The conservation table: Σ relevance ÷ what it explains, per model and method.
+
+LRP (Captum's: ÷ the explained score; zennit's composites: ÷ their seed, 1) and DeepLIFT / IG
+(÷ f(x) − f(0), the zero baseline they default to), computed here from the wrapped model
+directly (not from esegeta's own check), so the same script measures an older esegeta:
+
+    python benchmarks/conservation.py                  # markdown table
+    PYTHONPATH=/path/to/older/checkout python benchmarks/conservation.py   # before
+
+Models: the three samples (the demo's retina crop at full size), MONAI's UNet of issue 21 (3D,
+32³, freshly initialised) and a few zoo models (tests/zoo_models.py). A result that is not
+finite, or an error, is shown as such.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT / "tests",):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import esegeta  # noqa: E402
+from esegeta.attribution import wrappers  # noqa: E402
+
+METHODS = ("captum.LRP", "zennit.EpsilonPlus", "captum.DeepLift", "captum.IntegratedGradients")
+PARAMS = {"captum.IntegratedGradients": {"n_steps": 64, "internal_batch_size": 16}}
+
+
+def _monai_unet():
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64), strides=(2, 2),
+               num_res_units=2).eval()
+    g = torch.linspace(0, 1, 32)
+    x = ((g[:, None, None] * g[None, :, None] + g[None, None, :] * 0.5) / 1.5)[None, None]
+    return net, x, 1, {"name": "multiclass", "activation": "softmax"}
+
+
+def cases(names):
+    import conftest
+    import zoo_models
+
+    found = {"retina_demo": lambda: conftest.retina_case(size=128), "tissue3d": conftest.tissue_case,
+             "digits": conftest.digits_case, "monai_unet3d": _monai_unet}
+    for name in ("resnet18", "densenet121", "unet2d", "segresnet"):
+        found[name] = getattr(zoo_models, name)
+    for name in names or found:
+        c = found[name]()
+        if isinstance(c, tuple):
+            yield name, c
+        else:
+            yield name, (c.model, c.x, c.target, c.wrapper)
+
+
+def _scores(model, x, wrapper, inputs):
+    with torch.no_grad():
+        if wrapper is None:
+            return model(inputs)
+        return wrappers.build(model, x, wrapper)(inputs)
+
+
+def ratio(method, model, x, target, wrapper):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attr = esegeta.explain(model, x, method, target=target, wrapper=wrapper, **PARAMS.get(method, {}))
+    if not torch.isfinite(attr).all():
+        return f"non-finite ({int((~torch.isfinite(attr)).sum())} of {attr.numel()})"
+    total = float(attr.double().sum())
+    score = float(_scores(model, x, wrapper, x)[0, target])
+    if method == "zennit.EpsilonPlus":
+        explained = 1.0
+    elif method == "captum.LRP":
+        explained = score
+    else:
+        explained = score - float(_scores(model, x, wrapper, torch.zeros_like(x))[0, target])
+    return f"{total / explained:.4g}"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    args = ap.parse_args(argv)
+    print("| model | " + " | ".join(args.methods) + " |")
+    print("|---|" + "---|" * len(args.methods))
+    for name, (model, x, target, wrapper) in cases(args.models):
+        cells = []
+        for method in args.methods:
+            start = time.perf_counter()
+            try:
+                cells.append(ratio(method, model, x, target, wrapper))
+            except Exception as exc:  # noqa: BLE001 (a cell's outcome, whatever it is)
+                cells.append(f"{type(exc).__name__}")
+            print(f"  {name} {method}: {cells[-1]} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

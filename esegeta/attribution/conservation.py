@@ -1,0 +1,164 @@
+"""Does the relevance add up? The axiom check of one result, stated per record.
+
+LRP promises conservation (Bach et al. 2015, doi:10.1371/journal.pone.0130140): the relevance
+of the input sums to the explained score. DeepLIFT's summation to delta (Shrikumar et al. 2017,
+arXiv:1704.02685) and Integrated Gradients' completeness (Sundararajan et al. 2017,
+arXiv:1703.01365) promise Σ attribution = f(x) − f(baseline). Where they fail, the map is not
+what the method claims, so every result of such a method carries :class:`Check`: Σ relevance,
+the value it should add up to, their ratio and the tolerance; beyond it, a warning names the
+likely cause and the fix (:func:`warning`).
+
+What is explained, per method: LRP the target's score (Captum multiplies its normalised
+relevance by it) or the seed an adapter starts from (``adapter.relevance_seed = "one"``:
+zennit's one-hot); DeepLIFT and IG ``f(x) − f(baseline)`` over the wrapped score (with several
+baselines, DeepLiftShap's and DeepSHAP's, their mean ``f``), one more forward pass per baseline.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from esegeta.attribution.backgrounds import make_data
+from esegeta.attribution.baselines import make_baselines
+from esegeta.spec.registry import Call
+from esegeta.spec.targets import Target
+
+#: Relative tolerance of ``|ratio − 1|`` per axiom: DeepLIFT's rules are exact up to rounding;
+#: IG's Riemann/Gauss-Legendre sum of ``n_steps`` and LRP's ε stabiliser leave a few per cent.
+TOLERANCE = {"conservation": 0.05, "summation-to-delta": 0.01, "completeness": 0.05}
+#: The parameter that holds a method's baselines (Captum's, zennit IG's, SHAP DeepExplainer's background).
+BASELINE_PARAMS = ("baselines", "baseline_fn", "data")
+#: Parameters that, set to False, make a method return multipliers rather than attributions (no axiom then).
+_MULTIPLY = "multiply_by_inputs"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One result's axiom check: ``total`` (Σ relevance) against ``explained``; ``ratio`` is
+    their quotient (None when ``explained`` is about zero), ``holds`` whether
+    ``|ratio − 1| <= tolerance``."""
+    axiom: str
+    total: float
+    explained: float
+    what: str
+    ratio: float | None
+    tolerance: float
+
+    @property
+    def holds(self) -> bool | None:
+        if self.ratio is None or not math.isfinite(self.ratio):
+            return None if self.ratio is None else False
+        return abs(self.ratio - 1.0) <= self.tolerance
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``conservation`` entry (strict JSON: non-finite numbers as None)."""
+        def num(v):
+            return round(v, 6) if v is not None and math.isfinite(v) else None
+
+        return {"axiom": self.axiom, "sum": num(self.total), "explained": num(self.explained), "of": self.what,
+                "ratio": num(self.ratio), "tolerance": self.tolerance, "holds": self.holds}
+
+
+def applies(spec, params: dict[str, Any], noise_tunnel: Any) -> bool:
+    """Whether ``spec``'s results are checked: an axiom of :data:`TOLERANCE`, an input or layer
+    attribution (a neuron method explains a neuron, not the score), no noise tunnel (an average
+    of noisy inputs explains no one input), attributions rather than multipliers."""
+    return (spec.axiom in TOLERANCE and spec.kind in ("attribution", "layer") and noise_tunnel is None
+            and params.get(_MULTIPLY, True) is not False)
+
+
+def check(spec, call: Call, result: torch.Tensor, score: float | None) -> Check | None:
+    """The axiom check of ``result``, computed by ``spec`` for ``call`` (one input), whose
+    explained ``score`` (the target's column on the unperturbed input) is known; None where
+    nothing is checked (:func:`applies`; no target; a baseline that cannot be rebuilt here)."""
+    if score is None or call.target is None or not applies(spec, call.params, call.noise_tunnel):
+        return None
+    total = float(result.detach().double().sum())
+    if spec.axiom == "conservation":
+        if getattr(spec.adapter, "relevance_seed", "score") == "one":
+            explained, what = 1.0, "the output seed (1)"
+        else:
+            explained, what = float(score), "score"
+    else:
+        reference = _baseline_score(spec, call)
+        if reference is None:
+            return None
+        explained, what = float(score) - reference, "f(x) - f(baseline)"
+    ratio = total / explained if abs(explained) > 1e-12 else None
+    return Check(spec.axiom, total, explained, what, ratio, TOLERANCE[spec.axiom])
+
+
+def _baseline_score(spec, call: Call) -> float | None:
+    """The mean explained score over the method's baselines (zeros where unset, as upstream)."""
+    accepted = spec.parameters()
+    name = next((n for n in BASELINE_PARAMS if n in accepted), None)
+    x = call.inputs
+    value = call.params.get(name) if name else None
+    try:
+        if name == "data":
+            if value is None:
+                return None
+            base = make_data(value, x, call, f"params.{name}")
+        elif value is None:
+            base = torch.zeros_like(x)
+        else:
+            base = make_baselines(value, x, f"params.{name}")
+            base = torch.full_like(x, base) if not torch.is_tensor(base) else base
+    except Exception:  # noqa: BLE001 (a baseline the method itself took in its own way: nothing checked)
+        return None
+    base = base.to(device=x.device, dtype=x.dtype)
+    if base.shape[1:] != x.shape[1:]:
+        base = base.expand_as(x)
+    with torch.no_grad():
+        scores = _forward(call.forward, base)
+    column = Target.of(call.target, 1)
+    index = column.index(scores.device)[:1].expand(scores.shape[0])
+    values = scores[torch.arange(scores.shape[0], device=scores.device), index]
+    return float(values.double().mean())
+
+
+def _forward(forward: nn.Module, base: torch.Tensor) -> torch.Tensor:
+    """The scores of a batch of baselines: a wrapped model takes one input at a time (masks frozen per input)."""
+    return torch.cat([forward(base[i:i + 1]) for i in range(base.shape[0])])
+
+
+def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | None:
+    """A warning where ``found`` does not hold, naming the likely cause and the fix; ``notes`` are
+    the model's known gaps (:func:`esegeta.attribution.architectures.axiom_notes`), ``wrapper``
+    the request's wrapper (its activation)."""
+    if found.holds is not False and found.ratio is not None:
+        return None
+    if found.ratio is None:
+        return (f"{found.axiom} cannot be checked: the explained value ({found.what}) is about 0 "
+                f"(Σ relevance {found.total:.4g}); choose a target or baseline with a score to explain")
+    said = f"Σ relevance is {found.ratio:.3g}× {found.what} ({found.total:.4g} vs {found.explained:.4g}; " \
+           f"tolerance ±{found.tolerance:g})"
+    causes = []
+    if notes:
+        causes.append("layers without an exact rule: " + "; ".join(notes))
+    activation = getattr(wrapper, "activation", None) if wrapper is not None else None
+    if spec.axiom == "conservation":
+        if activation not in (None, "none"):
+            causes.append(f"the wrapper's {activation}: LRP passes relevance through it unchanged, so it explains "
+                          f"the activated score; a wrapper with activation \"none\" explains the logits exactly")
+        fix = ("set params.zero_params to \"bias\"" if spec.library.name == "zennit" else
+               "Captum's rules cannot leave them out: zennit.EpsilonPlus with params.zero_params \"bias\" can")
+        causes.append(f"bias absorption: biases and BatchNorm shifts take or inject relevance under the ε rule ({fix}; "
+                      "the demo's Σ is then 0.99× the seed)")
+        if spec.library.name == "captum":
+            causes.append("a residual sum (x + f(x)), which Captum's LRP passes as its gradient, so each branch "
+                          "gets the whole relevance (zennit's composites split it by contribution)")
+    elif spec.axiom == "completeness":
+        steps = next((p for p in ("n_steps", "n_iter") if p in spec.parameters()), "n_steps")
+        causes.append(f"the path integral's discretisation: raise {steps}")
+    else:
+        if activation == "softmax":
+            causes.append("the wrapper's softmax, whose DeepLIFT rule is approximate (a wrapper with activation "
+                          "\"none\" or \"sigmoid\" is exact)")
+        causes.append("a layer DeepLIFT's rules pass as its gradient (a gate, a normalisation, attention): "
+                      "use captum.IntegratedGradients (completeness holds on any model) for an exact sum")
+    return f"{found.axiom} does not hold: {said}; likely {' or '.join(causes)}"
