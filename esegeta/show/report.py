@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from esegeta.show import figures
+from esegeta.show import figures, viewer
 from esegeta.errors import ConfigError
 from esegeta.io.outputs import atomic_write_bytes
 from esegeta.spec.config import FigureConfig
@@ -61,7 +61,8 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right
 .summary{color:#555}.cards{display:flex;flex-wrap:wrap;gap:12px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px;width:300px;background:#fff}
 .card.wide{width:640px}.card img{width:100%;height:auto;display:block}.card table{font-size:.75em;width:100%}
-.input{display:flex;gap:16px;align-items:flex-start;margin-bottom:10px}.input img{max-width:420px;height:auto}
+.input{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start;margin-bottom:10px}.input img{max-width:420px;height:auto}
+.input img.volume{max-width:min(100%,760px)}
 .failed{background:#fff4f4;border-color:#e0a0a0}.timeout{background:#fff8e8;border-color:#e0c080}
 .status-ok{color:#1a7f37}.status-failed,.status-timeout{color:#b42318;font-weight:600}
 .error{font-family:ui-monospace,monospace;font-size:.75em;white-space:pre-wrap;word-break:break-word;color:#802}
@@ -191,7 +192,30 @@ def _card(r: Mapping[str, Any], item: Any, image: np.ndarray | None, results: Re
     return f"<div class='{css}' data-label='{_e(label)}'><h3>{_e(label)}</h3>{picture}{_record_table(r)}</div>"
 
 
-def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], results: Results, fig_cfg: Any) -> str:
+def _viewer_section(n: int, item: Any, image: np.ndarray, records: Sequence[Mapping[str, Any]], results: Results,
+                    fig_cfg: Any) -> str:
+    """The interactive 3D viewer of one 3D input: every ok attribution as an overlay (feature
+    visualisations, not aligned with the input, are left out); volumes in the file's voxel order."""
+    maps = []
+    for r in records:
+        if r.get("status") != "ok" or results.kinds.get(r.get("method"), "attribution") == "image":
+            continue
+        try:
+            arr = results.array(dict(r), item)
+        except Exception as exc:  # noqa: BLE001 (one unreadable map must not sink the viewer)
+            log.warning("report viewer: %s on %s: %s", r.get("label"), item.name, exc)
+            continue
+        if arr is not None and np.ndim(arr) == 4:
+            maps.append((str(r.get("label")), item.own_order(np.asarray(arr), channels=False)))
+    try:
+        return viewer.section(n, item.name, item.own_order(image, channels=False), getattr(item, "affine", None),
+                              maps, clip=getattr(fig_cfg, "clip", figures.DEFAULT_CLIP))
+    except Exception as exc:  # noqa: BLE001
+        return f"<div class='error'>could not build the 3D viewer: {_e(type(exc).__name__)}: {_e(exc)}</div>"
+
+
+def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], results: Results, fig_cfg: Any,
+                   with_viewer: bool = False) -> str:
 
     image = item.tensor[0].detach().cpu().numpy()
     mask = next((m for m in (results.mask(dict(r)) for r in records) if m is not None), None)
@@ -207,14 +231,17 @@ def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], resu
     try:
         fig = figures.input_figure(image, mask, title=item.name)
         picture = _img(png_data_uri(fig), item.name, "input")
+        if image.ndim == 4:  # views of a volume: drawn 720 px wide, shown at that size (titles stay readable)
+            picture = picture.replace("<img ", "<img class='volume' ", 1)
     except Exception as exc:  # noqa: BLE001
         picture = f"<div class='error'>could not draw the input: {_e(type(exc).__name__)}: {_e(exc)}</div>"
     shape = "&times;".join(str(s) for s in image.shape)
     about = (f"<div><p>shape {shape} (channels first), from <code>{_e(getattr(item, 'path', ''))}</code></p>"
              + "".join(f"<p>{_e(f)}</p>" for f in facts) + "</div>")
     cards = "".join(_card(r, item, image, results, fig_cfg) for r in records)
+    shown = _viewer_section(n, item, image, records, results, fig_cfg) if with_viewer and image.ndim == 4 else ""
     return (f"<section id='input-{n}'><h2>{_e(item.name)}</h2><div class='input'>{picture}{about}</div>"
-            f"<div class='cards'>{cards}</div></section>")
+            f"{shown}<div class='cards'>{cards}</div></section>")
 
 
 def _csv_table(path: Path, max_rows: int = 200) -> str:
@@ -302,8 +329,8 @@ def evaluation_section(run_dir: Path | None, manifest: Mapping[str, Any] | None 
     return "<h2 id='evaluation'>Evaluation</h2>" + note + "".join(parts)
 
 
-def _versions(manifest: Mapping[str, Any]) -> str:
-    libs = manifest.get("libraries") or {}
+def _versions(manifest: Mapping[str, Any], extra: Mapping[str, str] | None = None) -> str:
+    libs = {**(manifest.get("libraries") or {}), **(extra or {})}
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v if v is not None else 'not installed')}</td></tr>"
                    for k, v in libs.items())
     config = json.dumps(manifest.get("config", {}), indent=2, sort_keys=False)
@@ -326,14 +353,20 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
     runs = manifest.get("runs", [])
     shown = list(inputs)[:max_inputs]
     nav = "".join(f"<a href='#input-{n}'>{_e(item.name)}</a>" for n, item in enumerate(shown))
-    sections = [_input_section(n, item, [r for r in runs if r.get("input") == item.name], results, fig_cfg)
+    volumes = any(item.tensor.ndim == 5 for item in shown)
+    found = viewer.script() if volumes else None
+    sections = [_input_section(n, item, [r for r in runs if r.get("input") == item.name], results, fig_cfg,
+                               with_viewer=found is not None)
                 for n, item in enumerate(shown)]
     if len(inputs) > max_inputs:
         sections.append(f"<p class='note'>{len(inputs) - max_inputs} more input(s) are not shown here: their maps "
                         "are in the folder, and <code>esegeta explore RUN_DIR</code> shows a whole dataset.</p>")
     body = (_head(manifest) + f"<nav><a href='#methods'>methods</a><a href='#evaluation'>evaluation</a>"
             f"<a href='#versions'>versions</a> inputs: {nav}</nav>" + _methods_table(manifest)
-            + _EVAL_START + evaluation_section(run_dir, manifest) + _EVAL_END + "".join(sections) + _versions(manifest))
+            + _EVAL_START + evaluation_section(run_dir, manifest) + _EVAL_END
+            + (viewer.about(found) + (viewer.head(found) if found else "") if volumes else "")
+            + "".join(sections) + (viewer.tail() if found else "")
+            + _versions(manifest, viewer.versions(found) if volumes else {}))
     title = f"esegeta report: {len(inputs)} input(s)"
     log.debug("report: %d input(s) drawn in %.1f s", len(shown), time.perf_counter() - start)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
