@@ -10,6 +10,7 @@ import torch
 
 import esegeta
 import helpers_browser
+from esegeta.io import store
 from esegeta.show import explorer
 from esegeta.show.report import label_of
 from esegeta.run.runner import Pipeline
@@ -129,3 +130,19 @@ def test_explorer_of_a_run(tmp_path, capsys):
     assert code == 0 and (tmp_path / "page.html").stat().st_size > 100_000
     code, _, err = run_cli(["explore", tmp_path], capsys)
     assert code == 2 and "manifest.json" in err
+
+
+def test_explorer_of_a_run_that_wrote_only_zarr(tmp_path):
+    """The README's dataset example writes only attribution stores: the explorer reads them."""
+    cfg = valid_config(tmp_path, inputs={"paths": [str(DIGITS)], "spatial_dims": 2},
+                       output={"dir": str(tmp_path / "run"), "formats": ["zarr"]},
+                       methods=[{"id": "captum.Saliency"}, {"id": "captum.InputXGradient"}])
+    result = Pipeline(cfg).run()
+    assert not list(result.output_dir.rglob("*.npy"))
+    data = explorer.from_run(result.output_dir)
+    assert list(data.maps) == ["captum.Saliency", "captum.InputXGradient"]
+    kept = store.open_store(result.output_dir, "captum.Saliency")
+    rows = {name: k for k, name in enumerate(kept.inputs)}
+    for n, name in enumerate(data.names):
+        np.testing.assert_array_equal(data.maps["captum.Saliency"][n], kept.attributions[rows[name]])
+    assert np.isfinite(data.maps["captum.InputXGradient"]).all()

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from esegeta.show.figures import to_display_image
 from esegeta.errors import ConfigError
+from esegeta.io import store
 from esegeta.show.report import label_of, load_run_inputs, method_kinds, read_manifest
 from esegeta.io.outputs import atomic_write_bytes
 
@@ -253,7 +254,7 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
 # -- from a run folder --------------------------------------------------------------------
 def from_run(run_dir: str | Path) -> Dataset:
     """The :class:`Dataset` of a finished run: inputs loaded again from its config, every ok result's
-    ``.npy`` (methods that draw an image of their own, e.g. feature visualisations, are left out),
+    ``.npy`` or attribution-store row (methods that draw an image of their own, e.g. feature visualisations, are left out),
     labels (:func:`esegeta.show.report.label_of`) and predicted columns from the manifest."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -267,22 +268,40 @@ def from_run(run_dir: str | Path) -> Dataset:
         raise ConfigError("RUN_DIR", f"the explorer needs inputs of one shape; this run has {len(shapes)} shapes")
     maps: dict[str, np.ndarray] = {}
     predicted: list[Any] = [None] * len(items)
+    stored: dict[str, tuple[dict[str, int], np.ndarray, Any]] = {}
+
+    def saved(r: Mapping[str, Any], item: Any) -> np.ndarray | None:
+        """The result of record ``r`` in the model's axis order: its ``.npy``, else its row of the
+        method's attribution store (a run that wrote only ``zarr``), else None."""
+        files = r.get("files") or {}
+        if files.get("npy") and (run_dir / files["npy"]).is_file():
+            return item.model_order(np.load(run_dir / files["npy"]))
+        rel = files.get("zarr")
+        if not rel or not (run_dir / rel).is_dir():
+            return None
+        if rel not in stored:  # read once per method: the explorer holds every map anyway
+            group = store.open_store(run_dir, r["label"])
+            stored[rel] = ({name: k for k, name in enumerate(group.inputs)}, group.written, group.attributions[:])
+        rows, written, values = stored[rel]
+        k = rows.get(r.get("input"))
+        return None if k is None or not written[k] else np.asarray(values[k])  # stores hold the model's order
+
     for r in manifest.get("runs", []):
         k = index.get(r.get("input"))
         if k is None or kinds.get(r.get("method")) == "image":
             continue
         if predicted[k] is None and r.get("predicted") is not None:
             predicted[k] = r["predicted"]
-        rel = (r.get("files") or {}).get("npy")
-        if r.get("status") != "ok" or not rel or not (run_dir / rel).is_file():
+        arr = saved(r, items[k]) if r.get("status") == "ok" else None
+        if arr is None:
             continue
-        arr = items[k].model_order(np.load(run_dir / rel))
         if r["label"] not in maps:
             maps[r["label"]] = np.full((len(items),) + arr.shape, np.nan, dtype=np.float32)
         if maps[r["label"]].shape[1:] == arr.shape:
             maps[r["label"]][k] = arr
     if not maps:
-        raise ConfigError("RUN_DIR", f"{run_dir} has no saved .npy attribution to explore (output.formats needs 'npy')")
+        raise ConfigError("RUN_DIR", f"{run_dir} has no saved attribution to explore (output.formats needs 'npy' or "
+                                     "'zarr')")
     inputs = np.concatenate([item.tensor.detach().cpu().numpy() for item in items])
     labels = [label_of(item.name, entries.get(item.name)) for item in items]
     return Dataset(inputs, maps, [item.name for item in items], labels, predicted)
