@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from esegeta.show.figures import to_display_image
+from esegeta.show.figures import match_resolution, to_display_image
 from esegeta.errors import ConfigError
 from esegeta.io import store
 from esegeta.show.report import label_of, load_run_inputs, method_kinds, read_manifest
@@ -158,7 +158,7 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
     and of all maps together, hover thumbnails, colour by label, prediction or method."""
     from bokeh.embed import components
     from bokeh.layouts import column, row
-    from bokeh.models import ColumnDataSource, CustomJS, Div, HoverTool, Select, TabPanel, Tabs
+    from bokeh.models import ColumnDataSource, CustomJS, Div, HoverTool, InlineStyleSheet, Select, TabPanel, Tabs
     from bokeh.plotting import figure
     from bokeh.resources import Resources
 
@@ -190,9 +190,12 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
                           "method": [m] * len(keep),
                           "map_thumb": [map_thumbnail(data.maps[m][i]) for i in keep]}))
         joint_rows += [(int(i), m) for i in keep]
-    shapes = {f.shape[1] for f in feats.values()}
-    if len(feats) > 1 and len(shapes) == 1:  # all maps at one resolution: one embedding of them all
-        xy = embed(np.concatenate(list(feats.values())), seed, n_neighbors)
+    if len(feats) > 1:  # one embedding of all maps, each summed over channels at the input's resolution
+        spatial = tuple(data.inputs.shape[2:])
+        joint = [map_features(np.stack([match_resolution(np.asarray(data.maps[m][i]).sum(axis=0, keepdims=True),
+                                                         spatial) for i in np.flatnonzero(ok[m])]))
+                 for m in feats]
+        xy = embed(np.concatenate(joint), seed, n_neighbors)
         thumbs = {name: v["map_thumb"] for name, v in views[1:]}
         position = {m: {int(i): k for k, i in enumerate(np.flatnonzero(ok[m]))} for m in feats}
         views.append((ALL_VIEW, {"x": xy[:, 0], "y": xy[:, 1], "name": [data.names[i] for i, _ in joint_rows],
@@ -236,12 +239,15 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
         for (const s of sources) { s.data['color'] = s.data[column].slice(); s.change.emit(); }
         legend.text = legends[this.value];
     """))
-    layout = column(row(select), legend, Tabs(tabs=panels))
+    # many methods: the tab strip wraps onto more lines instead of running off the screen
+    wrap = ".bk-header{flex-wrap:wrap}.bk-headers-wrapper{display:flex;flex-wrap:wrap;max-width:100%}"
+    tabs = Tabs(tabs=panels, stylesheets=[InlineStyleSheet(css=wrap)])
+    layout = column(row(select), legend, tabs)
     script, div = components(layout)
     resources = Resources(mode="inline", components=["bokeh", "bokeh-widgets"]).render()
     facts = (f"{n} inputs, {len(methods)} method(s) ({', '.join(methods)}); UMAP (n_neighbors={n_neighbors}, "
              f"seed {seed}) of the inputs, of each method's maps (each divided by its largest |value|, sign kept) and "
-             f"of all maps together; computed in {embed_s:.1f} s. Hover a point for the input and its map (red "
+             f"of all maps together (each summed over channels and resampled to the input's resolution); computed in {embed_s:.1f} s. Hover a point for the input and its map (red "
              f"positive, blue negative).")
     failed = {m: int((~ok[m]).sum()) for m in methods if (~ok[m]).any()}
     if failed:
