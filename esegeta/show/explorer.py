@@ -247,7 +247,8 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
     resources = Resources(mode="inline", components=["bokeh", "bokeh-widgets"]).render()
     facts = (f"{n} inputs, {len(methods)} method(s) ({', '.join(methods)}); UMAP (n_neighbors={n_neighbors}, "
              f"seed {seed}) of the inputs, of each method's maps (each divided by its largest |value|, sign kept) and "
-             f"of all maps together (each summed over channels and resampled to the input's resolution); computed in {embed_s:.1f} s. Hover a point for the input and its map (red "
+             f"of all maps together (each summed over channels and resampled to the input's resolution); "
+             f"computed in {embed_s:.1f} s. Hover a point for the input and its map (red "
              f"positive, blue negative).")
     failed = {m: int((~ok[m]).sum()) for m in methods if (~ok[m]).any()}
     if failed:
