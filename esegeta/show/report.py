@@ -120,8 +120,9 @@ def _head(manifest: Mapping[str, Any]) -> str:
             f"{len(methods)} method(s): {_e(status) or 'no results'}. Created {_e(manifest.get('created'))} with "
             f"esegeta {_e(manifest.get('esegeta'))} on {_e(', '.join(manifest.get('devices', [])) or manifest.get('device'))}."
             "</p><p class='note'>Maps are drawn in each method's raw units: signed values in a diverging colour map "
-            "centred at zero (red positive, blue negative); where the colours are clipped at a percentile of "
-            "|value| the colour bar says so and gives the true range. A green outline is the frozen mask of a "
+            "centred at zero (red positive, blue negative), or a sequential one from zero for a map with no negative "
+            "value; where the colours are clipped at a percentile of "
+            "|value| the colour bar says so and gives the true range. A thin black outline is the frozen mask of a "
             "segmentation wrapper (the region whose score is explained).</p>")
 
 
@@ -182,6 +183,7 @@ def _card(r: Mapping[str, Any], item: Any, image: np.ndarray | None, results: Re
                     fig = figures.map_figure(arr, image, sign=getattr(fig_cfg, "sign", "all"),
                                              clip=getattr(fig_cfg, "clip", figures.DEFAULT_CLIP),
                                              mask=results.mask(dict(r)), title="",
+                                             outline=getattr(fig_cfg, "mask_outline", "all"),
                                              caption=figures.result_caption(r.get("score"), r.get("target")))
                 picture = _img(png_data_uri(fig), f"{label} on {r.get('input')}", "map")
             else:
@@ -227,9 +229,10 @@ def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], resu
     if target is not None:
         facts.append(f"explained column (target) {target}")
     if mask is not None:
-        facts.append(f"frozen mask: {int(np.count_nonzero(mask))} of {mask.size} pixels (green outline)")
+        facts.append(f"frozen mask: {int(np.count_nonzero(mask))} of {mask.size} pixels (black outline)")
     try:
-        fig = figures.input_figure(image, mask, title=item.name)
+        outlined = mask if getattr(fig_cfg, "mask_outline", "all") != "none" else None
+        fig = figures.input_figure(image, outlined, title=item.name)
         picture = _img(png_data_uri(fig), item.name, "input")
         if image.ndim == 4:  # views of a volume: drawn 720 px wide, shown at that size (titles stay readable)
             picture = picture.replace("<img ", "<img class='volume' ", 1)
