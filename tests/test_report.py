@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import platform
 import re
 import shutil
 
@@ -101,6 +102,19 @@ def test_manifest_records_resolved_target_and_prediction(retina_run, tmp_path):
         assert f"label{expected}" in item.name  # the sample's true class, which the model gets right
     saved = json.loads((tmp_path / "digits" / "manifest.json").read_text())
     assert [r["target"] for r in saved["runs"]] == [r["target"] for r in result.runs]
+    html = _html(tmp_path / "digits")
+    for item in load_inputs(cfg["inputs"], None):  # each input's true label, next to the prediction
+        assert re.search(rf"<h2>{item.name}</h2>.*?true label {report.label_of(item.name)}</p>", html)
+
+
+def test_report_is_fit_for_sharing(retina_run):
+    """No link into nothing, no absolute input path, Python's version, and what "score" means."""
+    html = _html(retina_run.output_dir)
+    assert "href='#evaluation'" in html and "id='evaluation'" in html and "esegeta evaluate CONFIG" in html
+    where = str(SAMPLES / "data" / "retina_crop.png")
+    assert f"<code>{where}</code>" not in html and "retina_crop.png</code>" in html
+    assert f"<td>python</td><td>{platform.python_version()}</td>" in html
+    assert "<b>score</b>: the value each method explains" in html and "wrapped score" in html
 
 
 def test_evaluation_slots_in(evaluated):
@@ -155,8 +169,6 @@ ANATOMICAL = {
 
 @pytest.fixture(scope="module")
 def volume_run(tmp_path_factory):
-    if viewer.missing():
-        pytest.skip(viewer.missing())
     out = tmp_path_factory.mktemp("anatomical")
     return Pipeline({**ANATOMICAL, "output": {"dir": str(out), "formats": ["npy"]}}).run()
 
@@ -192,17 +204,20 @@ def test_viewer_volumes_keep_raw_units_affine_and_size():
 
 def test_volume_report_embeds_the_viewer(volume_run):
     html = _html(volume_run.output_dir)
+    assert "img class='volume'" in html  # the 3D input's views at their drawn size
+    if viewer.missing():
+        assert "No 3D viewer" in html and "make viewer" in html
+        pytest.skip(viewer.missing())
     found = viewer.script()
     assert html.count("data-viewer=") == 1 and f"NiiVue {found.version}" in html and found.licence in html
     assert "captum.InputXGradient</option>" in html and "gradcam-enc2</option>" in html
     assert "<script src" not in html and not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", html)
-    assert "img class='volume'" in html  # the 3D input's views at their drawn size
 
 
 def test_viewer_in_chromium(volume_run, tmp_path):
     """The viewer draws the volume with an overlay, and the method switcher changes it."""
-    if helpers_browser.missing():
-        pytest.skip(helpers_browser.missing())
+    if helpers_browser.missing() or viewer.missing():
+        pytest.skip(helpers_browser.missing() or viewer.missing())
     from PIL import Image
 
     def pixels(png):
@@ -218,6 +233,7 @@ def test_viewer_in_chromium(volume_run, tmp_path):
                                    f"{json.dumps(['captum.InputXGradient', 'gradcam-enc2', ''][int(value) % 3])}")
             page.wait_for_timeout(300)
             shots[name] = pixels(canvas.screenshot())
+        shots["figure_px"] = page.eval_on_selector("img.volume", "e => e.getBoundingClientRect().width")
         return shots
 
     shot = tmp_path / "viewer.png"
@@ -228,5 +244,6 @@ def test_viewer_in_chromium(volume_run, tmp_path):
     assert shots["none"].std() > 5  # the input is drawn
     assert np.abs(shots["first"] - shots["none"]).mean() > 3  # the overlay shows
     assert np.abs(shots["first"] - shots["second"]).mean() > 3  # the switcher changes it
+    assert shots["figure_px"] >= 700  # the 3D input figure at its drawn 720 px (was shrunk to 420: titles ~5 px)
     if os.environ.get("ESEGETA_KEEP_SCREENSHOTS"):
         shutil.copy(shot, os.environ["ESEGETA_KEEP_SCREENSHOTS"])

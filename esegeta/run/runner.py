@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import importlib.metadata
+import platform
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def resolve_device(name: str | list[str] | None, where: str = "runtime.devices")
 
 
 def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"esegeta": __version__}
+    versions: dict[str, str | None] = {"esegeta": __version__, "python": platform.python_version()}
     for name in (*CORE_DISTRIBUTIONS, *registry.distributions()):
         try:
             versions[name] = importlib.metadata.version(name)

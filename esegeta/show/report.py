@@ -123,7 +123,10 @@ def _head(manifest: Mapping[str, Any]) -> str:
             "centred at zero (red positive, blue negative), or a sequential one from zero for a map with no negative "
             "value; where the colours are clipped at a percentile of "
             "|value| the colour bar says so and gives the true range. A thin black outline is the frozen mask of a "
-            "segmentation wrapper (the region whose score is explained).</p>")
+            "segmentation wrapper (the region whose score is explained).</p><p class='note'><b>score</b>: the value "
+            "each method explains, on the unperturbed input: the model's output at the target column, or for a "
+            "wrapped segmenter the wrapped score (the activation summed, or averaged, over the frozen mask of the "
+            "target column); <b>target</b>: that column.</p>")
 
 
 def _methods_table(manifest: Mapping[str, Any]) -> str:
@@ -216,8 +219,24 @@ def _viewer_section(n: int, item: Any, image: np.ndarray, records: Sequence[Mapp
         return f"<div class='error'>could not build the 3D viewer: {_e(type(exc).__name__)}: {_e(exc)}</div>"
 
 
+def shared_path(path: Any, base: Path | None) -> str:
+    """A path fit for a file meant for sharing: relative to the config's folder ``base`` when it lies
+    below it, else the file name alone (no user's home or machine layout)."""
+    if path is None or str(path) == "":
+        return ""
+    path = Path(str(path))
+    if not path.is_absolute():
+        return str(path)
+    if base is not None:
+        try:
+            return str(path.relative_to(Path(base).resolve()))
+        except ValueError:
+            pass
+    return path.name
+
+
 def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], results: Results, fig_cfg: Any,
-                   with_viewer: bool = False) -> str:
+                   with_viewer: bool = False, base: Path | None = None) -> str:
 
     image = item.tensor[0].detach().cpu().numpy()
     mask = next((m for m in (results.mask(dict(r)) for r in records) if m is not None), None)
@@ -238,8 +257,13 @@ def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], resu
             picture = picture.replace("<img ", "<img class='volume' ", 1)
     except Exception as exc:  # noqa: BLE001
         picture = f"<div class='error'>could not draw the input: {_e(type(exc).__name__)}: {_e(exc)}</div>"
+    truth = getattr(item, "label", None)
+    truth = label_of(item.name) if truth is None else truth
+    if truth is not None:
+        facts.insert(0, f"true label {truth}")
     shape = "&times;".join(str(s) for s in image.shape)
-    about = (f"<div><p>shape {shape} (channels first), from <code>{_e(getattr(item, 'path', ''))}</code></p>"
+    about = (f"<div><p>shape {shape} (channels first), from <code>{_e(shared_path(getattr(item, 'path', None), base))}"
+             "</code></p>"
              + "".join(f"<p>{_e(f)}</p>" for f in facts) + "</div>")
     cards = "".join(_card(r, item, image, results, fig_cfg) for r in records)
     shown = _viewer_section(n, item, image, records, results, fig_cfg) if with_viewer and image.ndim == 4 else ""
@@ -332,6 +356,14 @@ def evaluation_section(run_dir: Path | None, manifest: Mapping[str, Any] | None 
     return "<h2 id='evaluation'>Evaluation</h2>" + note + "".join(parts)
 
 
+def _evaluation_or_note(run_dir: Path | None, manifest: Mapping[str, Any] | None = None) -> str:
+    """The evaluation section, or a note where the navigation's link lands when there is none yet."""
+    return evaluation_section(run_dir, manifest) or (
+        "<h2 id='evaluation'>Evaluation</h2><p class='note'>This run has no evaluation: add an "
+        "<code>evaluation</code> block to the config and run <code>esegeta evaluate CONFIG</code>; it is "
+        "put here.</p>")
+
+
 def _versions(manifest: Mapping[str, Any], extra: Mapping[str, str] | None = None) -> str:
     libs = {**(manifest.get("libraries") or {}), **(extra or {})}
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v if v is not None else 'not installed')}</td></tr>"
@@ -342,7 +374,8 @@ def _versions(manifest: Mapping[str, Any], extra: Mapping[str, str] | None = Non
             f"<table><tr><th>package</th><th>version</th></tr>{rows}</table>"
             + (f"<p>Changes made to the prepared copy of the model (the user's model is untouched):</p><ul>{prepared}</ul>"
                if prepared else "")
-            + f"<details open><summary>resolved config (folder {_e(manifest.get('config_dir'))})</summary>"
+            + f"<details open><summary>resolved config (paths relative to the config's folder, "
+            f"{_e(Path(manifest.get('config_dir') or '.').name or '.')})</summary>"
             f"<pre>{_e(config)}</pre></details>")
 
 
@@ -358,15 +391,16 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
     nav = "".join(f"<a href='#input-{n}'>{_e(item.name)}</a>" for n, item in enumerate(shown))
     volumes = any(item.tensor.ndim == 5 for item in shown)
     found = viewer.script() if volumes else None
+    base = Path(manifest["config_dir"]) if manifest.get("config_dir") else None
     sections = [_input_section(n, item, [r for r in runs if r.get("input") == item.name], results, fig_cfg,
-                               with_viewer=found is not None)
+                               with_viewer=found is not None, base=base)
                 for n, item in enumerate(shown)]
     if len(inputs) > max_inputs:
         sections.append(f"<p class='note'>{len(inputs) - max_inputs} more input(s) are not shown here: their maps "
                         "are in the folder, and <code>esegeta explore RUN_DIR</code> shows a whole dataset.</p>")
     body = (_head(manifest) + f"<nav><a href='#methods'>methods</a><a href='#evaluation'>evaluation</a>"
             f"<a href='#versions'>versions</a> inputs: {nav}</nav>" + _methods_table(manifest)
-            + _EVAL_START + evaluation_section(run_dir, manifest) + _EVAL_END
+            + _EVAL_START + _evaluation_or_note(run_dir, manifest) + _EVAL_END
             + (viewer.about(found) + (viewer.head(found) if found else "") if volumes else "")
             + "".join(sections) + (viewer.tail() if found else "")
             + _versions(manifest, viewer.versions(found) if volumes else {}))
@@ -395,7 +429,7 @@ def update_evaluation(run_dir: str | Path) -> Path | None:
     start, end = text.find(_EVAL_START), text.find(_EVAL_END)
     if start < 0 or end < start:
         return None
-    text = text[:start + len(_EVAL_START)] + evaluation_section(Path(run_dir)) + text[end:]
+    text = text[:start + len(_EVAL_START)] + _evaluation_or_note(Path(run_dir)) + text[end:]
     atomic_write_bytes(path, text.encode("utf-8"))
     return path
 
