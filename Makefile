@@ -29,6 +29,7 @@ demo: install
 	$(BIN)/esegeta demo
 
 test: install
+	@command -v chromium >/dev/null || echo "chromium not found: the browser checks of report.html and explorer.html are skipped (apt-get install chromium)"
 	$(BIN)/python -m pytest -q
 
 # The CUDA lane: the conformance suite on CUDA, compared with the CPU (skipped without CUDA).
