@@ -185,8 +185,9 @@ def test_config_defaults_and_captum_modes_stay():
 
 def test_drawing_and_running_leave_the_process_s_backend_as_it_is(tmp_path):
     """A notebook's backend (here "svg", one that exists headless and is not Agg) stays set after
-    esegeta draws every kind of figure (its own maps, captum's modes, the overview) and after a run
-    of ``esegeta.Pipeline`` that writes pngs: figures are plain ``Figure`` objects, never pyplot's."""
+    esegeta draws every kind of figure (its own maps, captum's modes, the overview), after a run
+    of ``esegeta.Pipeline`` that writes pngs, and after both display as Jupyter would show them
+    (``_repr_png_``, ``_repr_html_``): figures are ``Figure`` objects, never pyplot's."""
     import json
     import os
     import subprocess
@@ -216,6 +217,10 @@ for i, fig in enumerate(figures):
     save_figure(fig, {str(tmp_path)!r} + f"/f{{i}}.png", dpi=20)
 result = esegeta.Pipeline({str(config)!r}).run()
 assert result.exit_code == 0, result.manifest
+# what Jupyter calls to show them inline: PNG bytes of every figure, the run as HTML with its overview
+assert all(fig._repr_png_().startswith(b"\\x89PNG") for fig in figures)
+html = result._repr_html_()
+assert "data:image/png;base64," in html and "report.html" in html and "captum.Saliency" in html
 pyplot = sys.modules.get("matplotlib.pyplot")
 print("backend", matplotlib.get_backend(), "pyplot figures", pyplot.get_fignums() if pyplot else [])
 """

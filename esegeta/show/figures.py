@@ -29,9 +29,11 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import io
 import textwrap
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -75,12 +77,28 @@ OUTLINES = ("all", "input", "none")
 # --------------------------------------------------------------------------- #
 # lazy imports
 # --------------------------------------------------------------------------- #
-def _new_figure(figsize: Tuple[float, float], layout: Optional[str] = None):
-    """A figure of no backend's (not pyplot's): ``savefig`` renders it with Agg whatever
-    backend the process uses, which is left as it is (a notebook keeps its own)."""
+@lru_cache(maxsize=1)
+def _figure_class():
+    """matplotlib's ``Figure`` that shows itself in Jupyter (``_repr_png_``, rendered with Agg
+    by ``savefig``): inline display without pyplot and whatever the notebook's backend is."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize, layout=layout)
+    class NotebookFigure(Figure):
+        """A :class:`matplotlib.figure.Figure` with ``_repr_png_`` (Jupyter shows it inline)."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return NotebookFigure
+
+
+def _new_figure(figsize: Tuple[float, float], layout: Optional[str] = None):
+    """A figure of no backend's (not pyplot's): ``savefig`` renders it with Agg whatever
+    backend the process uses, which is left as it is (a notebook keeps its own, and shows the
+    figure inline through its ``_repr_png_``)."""
+    return _figure_class()(figsize=figsize, layout=layout)
 
 
 def _captum_visualize():

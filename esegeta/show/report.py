@@ -411,6 +411,23 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
             f"<body>{body}</body></html>")
 
 
+def notebook_summary(manifest: Mapping[str, Any], output_dir: Path) -> str:
+    """A run in a Jupyter cell (``RunResult._repr_html_``): the counts, the methods' table, the
+    overview inline, and where the report and the files are. Styles inline; no script."""
+    overview = Path(output_dir) / "overview.png"
+    picture = ""
+    if overview.is_file():
+        picture = ("<img style='max-width:100%' alt='overview' src='data:image/png;base64,"
+                   + base64.b64encode(overview.read_bytes()).decode("ascii") + "'>")
+    report = Path(output_dir) / REPORT
+    where = (f"<p>Every map with its colour bar, score and target: <code>{_e(report)}</code></p>"
+             if report.is_file() else "")
+    return (f"<div><style>{_CSS.replace('body{', '.esegeta-run{')}</style><div class='esegeta-run'>"
+            + _head(manifest).replace("<h1>esegeta report</h1>", f"<h3>esegeta run: {_e(output_dir)}</h3>")
+            + _methods_table(manifest).replace("<h2 id='methods'>Methods</h2>", "") + picture + where
+            + "</div></div>")
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     """The ``manifest.json`` of a finished run in ``run_dir``; a ConfigError naming RUN_DIR if there is none."""
     path = Path(run_dir) / "manifest.json"
