@@ -110,15 +110,15 @@ def test_page_in_chromium(page, tmp_path):
 @pytest.fixture(scope="module")
 def many(digits, tmp_path_factory):
     """18 methods, one of them at a layer's coarser resolution and one with three channels."""
-    rng = np.random.default_rng(0)
-    base = np.nan_to_num(digits.maps["captum.InputXGradient"])
+    rng, n = np.random.default_rng(0), 24  # a few inputs: 20 embeddings
+    base = np.nan_to_num(digits.maps["captum.InputXGradient"][:n])
     maps = {f"method-{k:02d}-with-a-long-label": base + rng.normal(0, 0.01, base.shape).astype(np.float32)
             for k in range(16)}
-    maps["layer-4x4"] = base.reshape(N, 1, 4, 2, 4, 2).mean(axis=(3, 5))
+    maps["layer-4x4"] = base.reshape(n, 1, 4, 2, 4, 2).mean(axis=(3, 5))
     maps["three-channels"] = np.repeat(base, 3, axis=1)
     path = tmp_path_factory.mktemp("many") / "explorer.html"
-    path.write_text(explorer.build(explorer.Dataset(digits.inputs, maps, digits.names, digits.labels,
-                                                    digits.predicted)), encoding="utf-8")
+    path.write_text(explorer.build(explorer.Dataset(digits.inputs[:n], maps, digits.names[:n], digits.labels[:n],
+                                                    digits.predicted[:n]), n_neighbors=8), encoding="utf-8")
     return path
 
 

@@ -402,7 +402,7 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
             f"<a href='#versions'>versions</a> inputs: {nav}</nav>" + _methods_table(manifest)
             + _EVAL_START + _evaluation_or_note(run_dir, manifest) + _EVAL_END
             + (viewer.about(found) + (viewer.head(found) if found else "") if volumes else "")
-            + "".join(sections) + (viewer.tail() if found else "")
+            + "".join(sections) + (viewer.tail(found) if found else "")
             + _versions(manifest, viewer.versions(found) if volumes else {}))
     title = f"esegeta report: {len(inputs)} input(s)"
     log.debug("report: %d input(s) drawn in %.1f s", len(shown), time.perf_counter() - start)

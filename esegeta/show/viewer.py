@@ -203,7 +203,8 @@ _GLUE = r"""
     const data = JSON.parse(root.querySelector('script[type="application/json"]').textContent);
     const canvas = root.querySelector('canvas');
     const nv = new niivue.Niivue({backColor: [0, 0, 0, 1], show3Dcrosshair: true, isColorbar: true,
-                                  dragAndDropEnabled: false, loadingText: 'loading'});
+                                  dragAndDropEnabled: false, loadingText: 'loading',
+                                  multiplanarShowRender: 0});  // the 3D render on request (its button): software WebGL is slow
     await nv.attachToCanvas(canvas);
     const bg = await niivue.NVImage.loadFromBase64({base64: data.background.b64, name: 'input.nii.gz',
       colormap: 'gray', cal_min: data.background.cal_min, cal_max: data.background.cal_max, colorbarVisible: false});
@@ -265,13 +266,14 @@ def section(n: int, name: str, image: np.ndarray, affine: np.ndarray | None,
 
 
 def head(found: Script) -> str:
-    """Style and NiiVue's script, once per report (before the viewers)."""
-    return f"<style>{_CSS}</style><script>{found.text}</script>"
+    """The viewers' style, once per report (before the viewers)."""
+    return f"<style>{_CSS}</style>"
 
 
-def tail() -> str:
-    """The script that starts every viewer on the page (after them)."""
-    return f"<script>{_GLUE % (POSITIVE, NEGATIVE)}</script>"
+def tail(found: Script) -> str:
+    """NiiVue's script and the one that starts every viewer, after the page's content (the 2.3 MB
+    script is parsed once the figures and tables are drawn: the first paint does not wait)."""
+    return f"<script>{found.text}</script><script>{_GLUE % (POSITIVE, NEGATIVE)}</script>"
 
 
 def about(found: Script | None) -> str:
