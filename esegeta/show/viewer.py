@@ -204,7 +204,7 @@ _GLUE = r"""
     const canvas = root.querySelector('canvas');
     const nv = new niivue.Niivue({backColor: [0, 0, 0, 1], show3Dcrosshair: true, isColorbar: true,
                                   dragAndDropEnabled: false, loadingText: 'loading',
-                                  multiplanarShowRender: 0});  // the 3D render on request (its button): software WebGL is slow
+                                  multiplanarShowRender: 0, crosshairWidth: 0.5});  // 3D render on its button (slow in software)
     await nv.attachToCanvas(canvas);
     const bg = await niivue.NVImage.loadFromBase64({base64: data.background.b64, name: 'input.nii.gz',
       colormap: 'gray', cal_min: data.background.cal_min, cal_max: data.background.cal_max, colorbarVisible: false});
