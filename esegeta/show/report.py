@@ -11,7 +11,8 @@ interactive charts (the evaluation's curves) as Bokeh with inline resources. Sec
   existing report after ``esegeta evaluate``);
 - per input (the first :data:`MAX_INPUTS`): the input with the frozen mask's outline and the
   prediction, then every method's map with its colour bar, score, target, precision, time and
-  status (a failed method shows its error);
+  status (a failed method shows its error); for a 3D input, an interactive viewer of the volume
+  with each method's map as an overlay (:mod:`esegeta.show.viewer`, NiiVue, inline);
 - the versions of esegeta and the libraries, and the resolved config.
 
 :class:`esegeta.run.writer.Writer` writes it at the end of a run; ``esegeta report RUN_DIR``
