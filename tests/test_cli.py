@@ -324,6 +324,7 @@ def test_failing_method_does_not_stop_the_others(tmp_path, capsys):
     assert code == 1, err
     assert "Traceback" not in err
     assert "2/3 ok" in err
+    assert f"open {out / 'report.html'} and {out / 'overview.png'}" in err  # the last line names what to open
     m = manifest_of(out)
     assert statuses(m) == FAILING_STATUSES
     broken = next(r for r in m["runs"] if r["label"] == "ig-broken")

@@ -10,6 +10,7 @@ import torch
 
 import esegeta
 import helpers_browser
+from esegeta.io import store
 from esegeta.show import explorer
 from esegeta.show.report import label_of
 from esegeta.run.runner import Pipeline
@@ -106,6 +107,41 @@ def test_page_in_chromium(page, tmp_path):
     assert seen["interaction"] >= 2  # hovering a point of 'all methods' shows the input's and the map's thumbnails
 
 
+@pytest.fixture(scope="module")
+def many(digits, tmp_path_factory):
+    """18 methods, one of them at a layer's coarser resolution and one with three channels."""
+    rng, n = np.random.default_rng(0), 24  # a few inputs: 20 embeddings
+    base = np.nan_to_num(digits.maps["captum.InputXGradient"][:n])
+    maps = {f"method-{k:02d}-with-a-long-label": base + rng.normal(0, 0.01, base.shape).astype(np.float32)
+            for k in range(16)}
+    maps["layer-4x4"] = base.reshape(n, 1, 4, 2, 4, 2).mean(axis=(3, 5))
+    maps["three-channels"] = np.repeat(base, 3, axis=1)
+    path = tmp_path_factory.mktemp("many") / "explorer.html"
+    path.write_text(explorer.build(explorer.Dataset(digits.inputs[:n], maps, digits.names[:n], digits.labels[:n],
+                                                    digits.predicted[:n]), n_neighbors=8), encoding="utf-8")
+    return path
+
+
+def test_all_methods_view_with_maps_of_other_resolutions(many):
+    html = many.read_text(encoding="utf-8")
+    assert f"UMAP of {explorer.ALL_VIEW}" in html and "resampled to the input" in html
+
+
+@pytest.mark.skipif(helpers_browser.missing() is not None, reason=str(helpers_browser.missing()))
+def test_many_tabs_stay_on_the_screen(many, tmp_path):
+    def tabs(page):
+        return [page.locator(".bk-tab").nth(k).bounding_box() for k in range(page.locator(".bk-tab").count())]
+
+    seen = helpers_browser.render(many, interact=tabs, width=1200,
+                                  wait_for="() => window.Bokeh && Bokeh.documents.length > 0 && document"
+                                           ".querySelector('[data-panel=explorer]').getBoundingClientRect().height > 300")
+    assert seen["console_errors"] == []
+    boxes = seen["interaction"]
+    assert len(boxes) == 20  # inputs, 18 methods, all methods
+    assert max(b["x"] + b["width"] for b in boxes) <= 1200  # wrapped, not cut off
+    assert len({round(b["y"]) for b in boxes}) > 1
+
+
 def test_labels_from_names_or_manifest():
     assert label_of("digit_1_label0") == 0 and label_of("digit_12_label8.npy") == 8
     assert label_of("scan_007") is None
@@ -129,3 +165,19 @@ def test_explorer_of_a_run(tmp_path, capsys):
     assert code == 0 and (tmp_path / "page.html").stat().st_size > 100_000
     code, _, err = run_cli(["explore", tmp_path], capsys)
     assert code == 2 and "manifest.json" in err
+
+
+def test_explorer_of_a_run_that_wrote_only_zarr(tmp_path):
+    """The README's dataset example writes only attribution stores: the explorer reads them."""
+    cfg = valid_config(tmp_path, inputs={"paths": [str(DIGITS)], "spatial_dims": 2},
+                       output={"dir": str(tmp_path / "run"), "formats": ["zarr"]},
+                       methods=[{"id": "captum.Saliency"}, {"id": "captum.InputXGradient"}])
+    result = Pipeline(cfg).run()
+    assert not list(result.output_dir.rglob("*.npy"))
+    data = explorer.from_run(result.output_dir)
+    assert list(data.maps) == ["captum.Saliency", "captum.InputXGradient"]
+    kept = store.open_store(result.output_dir, "captum.Saliency")
+    rows = {name: k for k, name in enumerate(kept.inputs)}
+    for n, name in enumerate(data.names):
+        np.testing.assert_array_equal(data.maps["captum.Saliency"][n], kept.attributions[rows[name]])
+    assert np.isfinite(data.maps["captum.InputXGradient"]).all()

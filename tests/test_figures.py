@@ -7,6 +7,7 @@ from esegeta.show import figures
 from esegeta.spec.config import FigureConfig
 from esegeta.show.figures import attribution_figure, map_figure, map_scale, overview_figure
 from esegeta.io.outputs import save_figure
+from helpers_cli import REPO
 
 
 def _disc(shape=(32, 32), centre=(10, 20), r=6):
@@ -46,6 +47,17 @@ def test_map_scale_signs(signed, sign, cmap, lo, hi):
     assert (shown >= 0).all() if sign != "negative" else (shown <= 0).all()
 
 
+def test_non_negative_map_gets_a_sequential_scale_over_the_whole_bar():
+    """Saliency, Grad-CAM, Score-CAM: no value below zero, so no unused (blue) half of a diverging bar."""
+    cam = (np.random.default_rng(0).random((1, 16, 16)) + 0.3).astype(np.float32)  # Score-CAM's ~0.3 background
+    shown, scale = map_scale(cam, "all", None)
+    assert scale.cmap == "Reds" and (scale.vmin, scale.vmax) == (0.0, pytest.approx(cam.max()))
+    assert "none < 0" in scale.label
+    np.testing.assert_array_equal(shown, cam)
+    cam[0, 0, 0] = -1e-6  # one negative value: diverging again, centred at zero
+    assert map_scale(cam, "all", None)[1].cmap == "RdBu_r"
+
+
 def test_map_scale_sparse_zero_and_nonfinite():
     sparse = np.zeros((1, 50, 50))
     sparse[0, 3, 4], sparse[0, 10, 10] = 5.0, -2.0  # the 99.5th percentile of |value| is 0: use the non-zero ones
@@ -56,6 +68,33 @@ def test_map_scale_sparse_zero_and_nonfinite():
     bad[0, 0, 0] = np.nan
     shown, scale = map_scale(bad)
     assert "1 non-finite shown as 0" in scale.note and np.isfinite(shown).all()
+
+
+def test_mask_outline_reads_on_the_fundus_and_can_stay_off_the_map(signed):
+    """The outline contrasts (WCAG ratio >= 3) with the retina sample's red and a map's white zero
+    (the old #00b400: 1.6 and 2.8); ``outline='input'`` leaves the map panel uncovered."""
+    import matplotlib.colors as mc
+    from PIL import Image
+
+
+    def luminance(rgb):
+        c = np.where(rgb <= 0.03928, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    def contrast(a, b):
+        lo, hi = sorted([luminance(np.asarray(a)), luminance(np.asarray(b))])
+        return (hi + 0.05) / (lo + 0.05)
+
+    fundus = np.asarray(Image.open(REPO / "samples" / "data" / "retina_crop.png").convert("RGB"), float).reshape(-1, 3)
+    outline = mc.to_rgb(figures.MASK_COLOR)
+    assert contrast(outline, fundus.mean(axis=0) / 255) >= 3 and contrast(outline, (1, 1, 1)) >= 3
+    image, mask = np.random.default_rng(0).random((3, 32, 32)), _disc(centre=(16, 16), r=10)
+
+    def outlines(**kw):
+        fig = attribution_figure(signed, image, mask=mask, **kw)
+        return [len(ax.collections) for ax in fig.axes if ax.images]
+
+    assert outlines() == [1, 1] and outlines(outline="input") == [1, 0] and outlines(outline="none") == [0, 0]
 
 
 def test_result_figure_2d_shows_input_map_units_and_mask(tmp_path, signed):
@@ -146,8 +185,9 @@ def test_config_defaults_and_captum_modes_stay():
 
 def test_drawing_and_running_leave_the_process_s_backend_as_it_is(tmp_path):
     """A notebook's backend (here "svg", one that exists headless and is not Agg) stays set after
-    esegeta draws every kind of figure (its own maps, captum's modes, the overview) and after a run
-    of ``esegeta.Pipeline`` that writes pngs: figures are plain ``Figure`` objects, never pyplot's."""
+    esegeta draws every kind of figure (its own maps, captum's modes, the overview), after a run
+    of ``esegeta.Pipeline`` that writes pngs, and after both display as Jupyter would show them
+    (``_repr_png_``, ``_repr_html_``): figures are ``Figure`` objects, never pyplot's."""
     import json
     import os
     import subprocess
@@ -166,6 +206,7 @@ import numpy as np
 import esegeta
 from esegeta.show.figures import attribution_figure, map_figure, overview_figure
 from esegeta.io.outputs import save_figure
+from helpers_cli import REPO
 
 rng = np.random.default_rng(0)
 attr, image = rng.standard_normal((1, 16, 16)), rng.random((3, 16, 16))
@@ -176,6 +217,10 @@ for i, fig in enumerate(figures):
     save_figure(fig, {str(tmp_path)!r} + f"/f{{i}}.png", dpi=20)
 result = esegeta.Pipeline({str(config)!r}).run()
 assert result.exit_code == 0, result.manifest
+# what Jupyter calls to show them inline: PNG bytes of every figure, the run as HTML with its overview
+assert all(fig._repr_png_().startswith(b"\\x89PNG") for fig in figures)
+html = result._repr_html_()
+assert "data:image/png;base64," in html and "report.html" in html and "captum.Saliency" in html
 pyplot = sys.modules.get("matplotlib.pyplot")
 print("backend", matplotlib.get_backend(), "pyplot figures", pyplot.get_fignums() if pyplot else [])
 """

@@ -1,6 +1,7 @@
 """Progress inside a method call: forward rows counted by a hook on the real model, out of the
 expected total of esegeta.spec.cost, with an ETA, in the log and a console bar; the hook never stays."""
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -70,12 +71,14 @@ def test_counts_the_rows_cost_expects(model):
     spec = all_methods()["captum.IntegratedGradients"]
     request = Request(spec, {"n_steps": 12, "internal_batch_size": 5}, target=3)
     expected = progress.expected_passes(request, x)
-    assert expected == cost.expected_passes(spec, request.params, x).forward * 2 == 24
+    # IG's 12 steps and, as a run does, the explained score on the unperturbed input: per input
+    assert expected == (cost.expected_passes(spec, request.params, x).forward + 1) * 2 == 26
+    assert progress.expected_passes(request, x, with_scores=False) == 24
     from esegeta.attribution.prepare import prepared
 
     ready = prepared(model, x)
     with progress.tracked(ready, "IG", expected) as p:
-        esegeta.attribution.explainer.run(request, ready, x)
+        esegeta.attribution.explainer.run(request, ready, x, with_scores=True)
     assert p.done == expected
     assert not ready._forward_hooks
 
@@ -101,6 +104,27 @@ def test_run_logs_progress_with_total_and_eta(tmp_path, monkeypatch):
     assert result.exit_code == 0
     log = (tmp_path / "out" / "esegeta.log").read_text()
     lines = [line for line in log.splitlines() if "forward passes" in line]
-    # 7 x 7 window positions and the unperturbed input: 50 rows, each logged, with its share and ETA
-    assert any("/50 forward passes (" in line and "ETA" in line for line in lines)
+    # 7 x 7 window positions, Occlusion's unperturbed input and the run's score: 51 rows, logged with
+    # their share and ETA, never past the total
+    assert any("/51 forward passes (" in line and "ETA" in line for line in lines)
+    assert not any(re.search(r"(\d+)/(\d+)", line) and int(re.search(r"(\d+)/(\d+)", line)[1])
+                   > int(re.search(r"(\d+)/(\d+)", line)[2]) for line in lines)
     assert any("forward passes in" in line for line in lines)
+
+
+def test_count_past_the_total_drops_it_and_eta_waits_for_a_rate(caplog):
+    """A short estimate never shows 3/2 (150 %); set-up time before the first pass is not extrapolated
+    (a call that sets up for 9 s, counts 1 of 50, then does 49 at once got "ETA 7.4 min")."""
+    clock = Clock()
+    p = progress.Progress("DeepLift on x", 2, bar_after_s=1e9, log_every_s=1e9, clock=clock)
+    p.add(2)
+    assert p.line() == "DeepLift on x: 2/2 forward passes (100 %), 0 s"
+    p.add(1)
+    assert p.line() == "DeepLift on x: 3 forward passes (more than the 2 expected), 0 s" and p.eta() is None
+    slow = progress.Progress("Occlusion on x", 50, bar_after_s=1e9, log_every_s=1e9, clock=clock)
+    clock.now += 9
+    slow.add(1)
+    assert slow.eta() is None and "ETA" not in slow.line()
+    clock.now += 1
+    slow.add(9)  # 9 passes in 1 s: 40 left, 4.4 s
+    assert abs(slow.eta() - 40 / 9) < 1e-9

@@ -2,9 +2,12 @@
 folder, and rendered in a real headless Chromium (Debian's package, driven by Playwright) with no
 console error, no network request and no blank panel. The manifest records each result's resolved
 target."""
+import base64
 import csv
+import io
 import json
 import os
+import platform
 import re
 import shutil
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 import helpers_browser
-from esegeta.show import report
+from esegeta.show import report, viewer
 from esegeta.run.runner import Pipeline
 from helpers_cli import DIGITS, REPO, run_cli, valid_config
 
@@ -99,6 +102,19 @@ def test_manifest_records_resolved_target_and_prediction(retina_run, tmp_path):
         assert f"label{expected}" in item.name  # the sample's true class, which the model gets right
     saved = json.loads((tmp_path / "digits" / "manifest.json").read_text())
     assert [r["target"] for r in saved["runs"]] == [r["target"] for r in result.runs]
+    html = _html(tmp_path / "digits")
+    for item in load_inputs(cfg["inputs"], None):  # each input's true label, next to the prediction
+        assert re.search(rf"<h2>{item.name}</h2>.*?true label {report.label_of(item.name)}</p>", html)
+
+
+def test_report_is_fit_for_sharing(retina_run):
+    """No link into nothing, no absolute input path, Python's version, and what "score" means."""
+    html = _html(retina_run.output_dir)
+    assert "href='#evaluation'" in html and "id='evaluation'" in html and "esegeta evaluate CONFIG" in html
+    where = str(SAMPLES / "data" / "retina_crop.png")
+    assert f"<code>{where}</code>" not in html and "retina_crop.png</code>" in html
+    assert f"<td>python</td><td>{platform.python_version()}</td>" in html
+    assert "<b>score</b>: the value each method explains" in html and "wrapped score" in html
 
 
 def test_evaluation_slots_in(evaluated):
@@ -136,4 +152,98 @@ def test_report_in_chromium(evaluated, tmp_path):
     assert min(s for spreads in panels.values() for s in spreads) > 5  # none blank
     assert shot.stat().st_size > 20_000
     if os.environ.get("ESEGETA_KEEP_SCREENSHOTS"):  # to look at it: copied to that folder
+        shutil.copy(shot, os.environ["ESEGETA_KEEP_SCREENSHOTS"])
+
+
+# -- the 3D viewer ------------------------------------------------------------------------
+ANATOMICAL = {
+    "model": {"factory": f"{SAMPLES / 'models.py'}:TissueUNet3D", "weights": str(SAMPLES / "checkpoints" /
+                                                                               "tissue_unet3d.pt")},
+    "inputs": {"paths": [str(SAMPLES / "data" / "anatomical.nii.gz")], "spatial_dims": 3, "normalize": "zscore"},
+    "wrapper": {"name": "multiclass", "activation": "softmax"},
+    "target": 2,
+    "runtime": {"devices": "cpu", "seed": 0},
+    "methods": [{"id": "captum.InputXGradient"}, {"id": "captum.LayerGradCam", "layer": "enc2", "label": "gradcam-enc2"}],
+}
+
+
+@pytest.fixture(scope="module")
+def volume_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("anatomical")
+    return Pipeline({**ANATOMICAL, "output": {"dir": str(out), "formats": ["npy"]}}).run()
+
+
+def test_viewer_volumes_keep_raw_units_affine_and_size():
+    """uint8 levels with the scale in the NIfTI header read back as the map's values (zero exact for a
+    signed map), block-averaged volumes keep the world extent, and 20 overlays of 128³ stay in the bound."""
+    import gzip
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    signed = rng.normal(size=(1, 128, 128, 128)).astype(np.float32)
+    signed[0, :2] = 0.0
+    affine = np.diag([0.5, 0.8, 2.5, 1.0])
+    affine[:3, 3] = [-10, 5, 7]
+    o = viewer.overlay("m", signed, affine, signed.shape[1:], clip=None)
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(o.data)))
+    assert image.get_data_dtype() == np.uint8 and image.shape == (64, 64, 64) and o.factor == 2 and o.signed
+    values = image.get_fdata()
+    assert values[0, 0, 0] == 0.0  # zero stays zero
+    coarse = signed[0].reshape(64, 2, 64, 2, 64, 2).mean(axis=(1, 3, 5))
+    assert np.abs(values - coarse).max() <= o.step / 2 + 1e-6
+
+    def corner(a, shape):  # world positions of the volume's two outer corners
+        return a @ np.array([-0.5, -0.5, -0.5, 1.0]), a @ np.array([*(s - 0.5 for s in shape), 1.0])
+
+    np.testing.assert_allclose(corner(image.affine, (64,) * 3), corner(affine, (128,) * 3))  # same extent
+    positive = viewer.overlay("p", np.abs(signed), affine, signed.shape[1:])
+    assert not positive.signed and positive.entry()["cal_min"] > 0
+    assert 20 * len(o.data) / 1e6 < viewer.SIZE_BOUND_MB  # noisy maps compress worst
+
+
+def test_volume_report_embeds_the_viewer(volume_run):
+    html = _html(volume_run.output_dir)
+    assert "img class='volume'" in html  # the 3D input's views at their drawn size
+    if viewer.missing():
+        assert "No 3D viewer" in html and "make viewer" in html
+        pytest.skip(viewer.missing())
+    found = viewer.script()
+    assert html.count("data-viewer=") == 1 and f"NiiVue {found.version}" in html and found.licence in html
+    assert "captum.InputXGradient</option>" in html and "gradcam-enc2</option>" in html
+    assert "<script src" not in html and not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", html)
+
+
+def test_viewer_in_chromium(volume_run, tmp_path):
+    """The viewer draws the volume with an overlay, and the method switcher changes it."""
+    if helpers_browser.missing() or viewer.missing():
+        pytest.skip(helpers_browser.missing() or viewer.missing())
+    from PIL import Image
+
+    def pixels(png):
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+
+    def interact(page):
+        canvas = page.query_selector(".viewer canvas")
+        canvas.scroll_into_view_if_needed()
+        shots = {}
+        for value, name in (("0", "first"), ("1", "second"), ("-1", "none")):
+            page.select_option(".viewer select.method", value)
+            page.wait_for_function(f"() => document.querySelector('.viewer').dataset.shown === "
+                                   f"{json.dumps(['captum.InputXGradient', 'gradcam-enc2', ''][int(value) % 3])}")
+            page.wait_for_timeout(300)
+            shots[name] = pixels(canvas.screenshot())
+        shots["figure_px"] = page.eval_on_selector("img.volume", "e => e.getBoundingClientRect().width")
+        return shots
+
+    shot = tmp_path / "viewer.png"
+    seen = helpers_browser.render(volume_run.output_dir / "report.html", screenshot=shot, interact=interact,
+                                  wait_for="() => document.querySelector('.viewer').dataset.ready === '1'")
+    assert seen["console_errors"] == [] and seen["requests"] == []
+    shots = seen["interaction"]
+    assert shots["none"].std() > 5  # the input is drawn
+    assert np.abs(shots["first"] - shots["none"]).mean() > 3  # the overlay shows
+    assert np.abs(shots["first"] - shots["second"]).mean() > 3  # the switcher changes it
+    assert shots["figure_px"] >= 700  # the 3D input figure at its drawn 720 px (was shrunk to 420: titles ~5 px)
+    if os.environ.get("ESEGETA_KEEP_SCREENSHOTS"):
         shutil.copy(shot, os.environ["ESEGETA_KEEP_SCREENSHOTS"])

@@ -153,6 +153,7 @@ def _partition(call: Call, x, target: int, params: dict[str, Any]):
                                            f"channels in [{image.min():.3g}, {image.max():.3g}]); use 'blur(k,k)'")
     masker = shap.maskers.Image(mask_value, image.shape[1:])
     explainer = shap.PartitionExplainer(numpy_model(call.forward, x.shape[1], x.device), masker)
+    params.setdefault("silent", True)  # upstream bars stay silenced: esegeta's progress counts the passes
     explanation = explainer(image, outputs=[target], **params)
     values = np.moveaxis(np.asarray(explanation.values)[..., 0], -1, 1)  # (1, H, W, C, 1) → (1, C, H, W)
     return torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32), device=x.device)
@@ -182,6 +183,7 @@ def _kernel(call: Call, x, target: int, params: dict[str, Any]):
         return np.concatenate(scores)
 
     explainer = shap.KernelExplainer(f, np.zeros((1, n_segments)))
+    params.setdefault("silent", True)  # upstream bars stay silenced: esegeta's progress counts the passes
     values = explainer.shap_values(np.ones((1, n_segments)), **params)
     return paint(segments, np.asarray(values).reshape(n_segments), x)
 
@@ -197,7 +199,7 @@ class ShapMethod:
 def _kernel_parameters() -> dict[str, inspect.Parameter]:
     from esegeta.attribution.backgrounds import slic_parameters
 
-    shap_values = {"nsamples": "auto", "l1_reg": "num_features(10)", "silent": False, "gc_collect": False}
+    shap_values = {"nsamples": "auto", "l1_reg": "num_features(10)", "silent": True, "gc_collect": False}
     return {"data": _param("data"), **{n: _param(n, d) for n, d in shap_values.items()}, **slic_parameters()}
 
 

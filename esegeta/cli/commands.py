@@ -171,7 +171,9 @@ def _cmd_check(args) -> int:
 def _run(pipeline) -> int:
     result = pipeline.run()
     failed = [r for r in result.runs if r["status"] != "ok"]
-    print(f"{len(result.runs) - len(failed)}/{len(result.runs)} ok; results in {result.output_dir}", file=sys.stderr)
+    shown = " and ".join(str(result.output_dir / f) for f in ("report.html", "overview.png") if (result.output_dir / f).is_file())
+    print(f"{len(result.runs) - len(failed)}/{len(result.runs)} ok; results in {result.output_dir}"
+          + (f"; open {shown}" if shown else ""), file=sys.stderr)
     if result.error:
         print(f"esegeta: {result.error}", file=sys.stderr)
     return result.exit_code

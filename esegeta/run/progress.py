@@ -12,8 +12,12 @@ perturbed inputs counts 64, as the expected total does), and shows it:
   ``IG on x: 1,200/3,200 forward passes (38 %), 12 s, ETA 20 s``, and one at the end of a call
   that logged any.
 
-The expected total comes from :mod:`esegeta.spec.cost` when it knows the method (else the bar and the
-log count without a total). The hook is removed when the call ends, even on error.
+The expected total comes from :mod:`esegeta.spec.cost` when it knows the method, plus the one pass
+per input on the unperturbed input that every run makes (a wrapper's frozen mask or the explained
+score); else the bar and the log count without a total. A count that passes its total drops the
+total (never "3/2, 150 %"). The ETA uses the rate since the first counted pass (set-up before it,
+e.g. superpixels or baselines, is not extrapolated) and needs two counted passes. The hook is removed
+when the call ends, even on error.
 """
 from __future__ import annotations
 
@@ -68,6 +72,8 @@ class Progress:
         self._clock = clock
         self._start = clock()
         self._next_log = self._start + self.log_every_s
+        self._first: tuple[float, int] | None = None  # (time, count) at the first counted pass
+        self._exceeded: int | None = None  # the total that the count passed
         self._logged = 0
         self._bar = None
         self._lock = threading.Lock()
@@ -77,16 +83,19 @@ class Progress:
         return self._clock() - self._start
 
     def eta(self) -> float | None:
-        """Seconds left at the rate so far (None without a total or before the first pass)."""
-        if self.expected is None or self.done == 0:
+        """Seconds left at the rate since the first counted pass (None without a total, or before a
+        second pass gives a rate)."""
+        if self.expected is None or self._first is None or self.done <= self._first[1]:
             return None
-        return self.elapsed * max(0, self.expected - self.done) / self.done
+        since = self._clock() - self._first[0]
+        return since * max(0, self.expected - self.done) / (self.done - self._first[1])
 
     def line(self) -> str:
         """``name: done/expected forward passes (pct), elapsed, ETA``."""
         elapsed = _duration(self.elapsed)
         if self.expected is None:
-            return f"{self.name}: {self.done:,} forward passes, {elapsed}"
+            more = f" (more than the {self._exceeded:,} expected)" if self._exceeded else ""
+            return f"{self.name}: {self.done:,} forward passes{more}, {elapsed}"
         pct = 100.0 * self.done / self.expected
         eta = self.eta()
         tail = f", ETA {_duration(eta)}" if eta is not None and self.done < self.expected else ""
@@ -98,6 +107,13 @@ class Progress:
             with self._lock:
                 self.done += n
                 now = self._clock()
+                if self._first is None:
+                    self._first = (now, self.done)
+                if self.expected is not None and self.done > self.expected:  # the estimate was short
+                    self._exceeded, self.expected = self.expected, None
+                    if self._bar is not None:
+                        self._bar.total = None
+                        self._bar.refresh()
                 if self._bar is None and now - self._start >= self.bar_after_s:
                     self._open_bar()
                 if self._bar is not None:
@@ -125,10 +141,12 @@ class Progress:
                 log.info("%s: %s forward passes in %s", self.name, f"{self.done:,}", _duration(self.elapsed))
 
 
-def expected_passes(request: Any, x: torch.Tensor) -> int | None:
+def expected_passes(request: Any, x: torch.Tensor, with_scores: bool = True) -> int | None:
     """The forward rows a call of ``request`` on the batch ``x`` is expected to make (the per-input
-    count of :func:`esegeta.spec.cost.expected_passes` times the batch size), or None when it is not
-    known (no formula, a count only the run knows, a patched call)."""
+    count of :func:`esegeta.spec.cost.expected_passes` times the batch size, plus one row per input
+    on the unperturbed input when ``with_scores``: the wrapper's frozen mask or the explained score
+    that a run records), or None when it is not known (no formula, a count only the run knows, a
+    patched call)."""
     if getattr(request, "patch", None) is not None:
         return None
     try:
@@ -136,7 +154,7 @@ def expected_passes(request: Any, x: torch.Tensor) -> int | None:
     except Exception as exc:  # noqa: BLE001 (an estimate is optional: the bar counts without a total)
         log.debug("cost of %s: %s", getattr(getattr(request, "spec", None), "id", request), exc)
         return None
-    return passes.forward * int(x.shape[0]) if passes.forward else None
+    return (passes.forward + int(with_scores)) * int(x.shape[0]) if passes.forward else None
 
 
 @contextmanager

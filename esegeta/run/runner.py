@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import importlib.metadata
+import platform
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from esegeta.run.backends import ray as ray_backend
 from esegeta.evaluation import engine
 from esegeta.evaluation.engine import Evaluation, check
 from esegeta.run.evaluate import after_run, evaluate_plan
-from esegeta.show.report import update_evaluation
+from esegeta.show.report import notebook_summary, update_evaluation
 
 log = logging.getLogger("esegeta")
 #: Distributions every run depends on; the explainer libraries' come from their adapters' records.
@@ -48,7 +49,7 @@ def resolve_device(name: str | list[str] | None, where: str = "runtime.devices")
 
 
 def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"esegeta": __version__}
+    versions: dict[str, str | None] = {"esegeta": __version__, "python": platform.python_version()}
     for name in (*CORE_DISTRIBUTIONS, *registry.distributions()):
         try:
             versions[name] = importlib.metadata.version(name)
@@ -72,6 +73,10 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         return 0 if self.error is None and all(r["status"] in ("ok", "skipped") for r in self.runs) else 1
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the counts, the methods' table and the overview inline (no pyplot involved)."""
+        return notebook_summary(self.manifest, self.output_dir)
 
     def result(self, method: str, input_name: str | None = None) -> np.ndarray:
         """The saved ``.npy`` of (method label or id, input) as a NumPy array, read back from the

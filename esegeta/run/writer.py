@@ -157,7 +157,8 @@ def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_c
         fig = figures.attribution_figure(attr, None if own_image else image, method=fig_cfg.method,
                                          sign=fig_cfg.sign, title=f"{label} - {item.name}",
                                          projection=fig_cfg.projection, kind="image" if own_image else None,
-                                         mask=mask, clip=fig_cfg.clip, caption=caption)
+                                         mask=mask, clip=fig_cfg.clip, caption=caption,
+                                         outline=fig_cfg.mask_outline)
         outputs.save_figure(fig, out_dir / rel / f"{label}.png", token=token)
         files["png"] = str(rel / f"{label}.png")
     return files

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from esegeta.show.figures import to_display_image
+from esegeta.show.figures import match_resolution, to_display_image
 from esegeta.errors import ConfigError
+from esegeta.io import store
 from esegeta.show.report import label_of, load_run_inputs, method_kinds, read_manifest
 from esegeta.io.outputs import atomic_write_bytes
 
@@ -157,7 +158,7 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
     and of all maps together, hover thumbnails, colour by label, prediction or method."""
     from bokeh.embed import components
     from bokeh.layouts import column, row
-    from bokeh.models import ColumnDataSource, CustomJS, Div, HoverTool, Select, TabPanel, Tabs
+    from bokeh.models import ColumnDataSource, CustomJS, Div, HoverTool, InlineStyleSheet, Select, TabPanel, Tabs
     from bokeh.plotting import figure
     from bokeh.resources import Resources
 
@@ -189,9 +190,12 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
                           "method": [m] * len(keep),
                           "map_thumb": [map_thumbnail(data.maps[m][i]) for i in keep]}))
         joint_rows += [(int(i), m) for i in keep]
-    shapes = {f.shape[1] for f in feats.values()}
-    if len(feats) > 1 and len(shapes) == 1:  # all maps at one resolution: one embedding of them all
-        xy = embed(np.concatenate(list(feats.values())), seed, n_neighbors)
+    if len(feats) > 1:  # one embedding of all maps, each summed over channels at the input's resolution
+        spatial = tuple(data.inputs.shape[2:])
+        joint = [map_features(np.stack([match_resolution(np.asarray(data.maps[m][i]).sum(axis=0, keepdims=True),
+                                                         spatial) for i in np.flatnonzero(ok[m])]))
+                 for m in feats]
+        xy = embed(np.concatenate(joint), seed, n_neighbors)
         thumbs = {name: v["map_thumb"] for name, v in views[1:]}
         position = {m: {int(i): k for k, i in enumerate(np.flatnonzero(ok[m]))} for m in feats}
         views.append((ALL_VIEW, {"x": xy[:, 0], "y": xy[:, 1], "name": [data.names[i] for i, _ in joint_rows],
@@ -235,12 +239,16 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
         for (const s of sources) { s.data['color'] = s.data[column].slice(); s.change.emit(); }
         legend.text = legends[this.value];
     """))
-    layout = column(row(select), legend, Tabs(tabs=panels))
+    # many methods: the tab strip wraps onto more lines instead of running off the screen
+    wrap = ".bk-header{flex-wrap:wrap}.bk-headers-wrapper{display:flex;flex-wrap:wrap;max-width:100%}"
+    tabs = Tabs(tabs=panels, stylesheets=[InlineStyleSheet(css=wrap)])
+    layout = column(row(select), legend, tabs)
     script, div = components(layout)
     resources = Resources(mode="inline", components=["bokeh", "bokeh-widgets"]).render()
     facts = (f"{n} inputs, {len(methods)} method(s) ({', '.join(methods)}); UMAP (n_neighbors={n_neighbors}, "
              f"seed {seed}) of the inputs, of each method's maps (each divided by its largest |value|, sign kept) and "
-             f"of all maps together; computed in {embed_s:.1f} s. Hover a point for the input and its map (red "
+             f"of all maps together (each summed over channels and resampled to the input's resolution); "
+             f"computed in {embed_s:.1f} s. Hover a point for the input and its map (red "
              f"positive, blue negative).")
     failed = {m: int((~ok[m]).sum()) for m in methods if (~ok[m]).any()}
     if failed:
@@ -253,7 +261,7 @@ def build(data: Dataset, *, title: str = "esegeta explorer", seed: int = 0, n_ne
 # -- from a run folder --------------------------------------------------------------------
 def from_run(run_dir: str | Path) -> Dataset:
     """The :class:`Dataset` of a finished run: inputs loaded again from its config, every ok result's
-    ``.npy`` (methods that draw an image of their own, e.g. feature visualisations, are left out),
+    ``.npy`` or attribution-store row (methods that draw an image of their own, e.g. feature visualisations, are left out),
     labels (:func:`esegeta.show.report.label_of`) and predicted columns from the manifest."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -267,22 +275,40 @@ def from_run(run_dir: str | Path) -> Dataset:
         raise ConfigError("RUN_DIR", f"the explorer needs inputs of one shape; this run has {len(shapes)} shapes")
     maps: dict[str, np.ndarray] = {}
     predicted: list[Any] = [None] * len(items)
+    stored: dict[str, tuple[dict[str, int], np.ndarray, Any]] = {}
+
+    def saved(r: Mapping[str, Any], item: Any) -> np.ndarray | None:
+        """The result of record ``r`` in the model's axis order: its ``.npy``, else its row of the
+        method's attribution store (a run that wrote only ``zarr``), else None."""
+        files = r.get("files") or {}
+        if files.get("npy") and (run_dir / files["npy"]).is_file():
+            return item.model_order(np.load(run_dir / files["npy"]))
+        rel = files.get("zarr")
+        if not rel or not (run_dir / rel).is_dir():
+            return None
+        if rel not in stored:  # read once per method: the explorer holds every map anyway
+            group = store.open_store(run_dir, r["label"])
+            stored[rel] = ({name: k for k, name in enumerate(group.inputs)}, group.written, group.attributions[:])
+        rows, written, values = stored[rel]
+        k = rows.get(r.get("input"))
+        return None if k is None or not written[k] else np.asarray(values[k])  # stores hold the model's order
+
     for r in manifest.get("runs", []):
         k = index.get(r.get("input"))
         if k is None or kinds.get(r.get("method")) == "image":
             continue
         if predicted[k] is None and r.get("predicted") is not None:
             predicted[k] = r["predicted"]
-        rel = (r.get("files") or {}).get("npy")
-        if r.get("status") != "ok" or not rel or not (run_dir / rel).is_file():
+        arr = saved(r, items[k]) if r.get("status") == "ok" else None
+        if arr is None:
             continue
-        arr = items[k].model_order(np.load(run_dir / rel))
         if r["label"] not in maps:
             maps[r["label"]] = np.full((len(items),) + arr.shape, np.nan, dtype=np.float32)
         if maps[r["label"]].shape[1:] == arr.shape:
             maps[r["label"]][k] = arr
     if not maps:
-        raise ConfigError("RUN_DIR", f"{run_dir} has no saved .npy attribution to explore (output.formats needs 'npy')")
+        raise ConfigError("RUN_DIR", f"{run_dir} has no saved attribution to explore (output.formats needs 'npy' or "
+                                     "'zarr')")
     inputs = np.concatenate([item.tensor.detach().cpu().numpy() for item in items])
     labels = [label_of(item.name, entries.get(item.name)) for item in items]
     return Dataset(inputs, maps, [item.name for item in items], labels, predicted)

@@ -29,9 +29,11 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import io
 import textwrap
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -67,18 +69,36 @@ _UNSIGNED_ONLY = ("masked_image", "alpha_scaling")  # captum refuses sign='all'
 _CELL_INCHES = 2.2
 #: Overview panel size (inches at 100 dpi: 250 x 290 pixels), and the default panels per line.
 CELL_WIDTH, CELL_HEIGHT, MAX_COLUMNS = 2.5, 3.5, 6
-MASK_COLOR = "#00b400"
+MASK_COLOR = "#000000"
+#: Where the frozen mask is outlined: on the input and the map panels, on the input only, nowhere.
+OUTLINES = ("all", "input", "none")
 
 
 # --------------------------------------------------------------------------- #
 # lazy imports
 # --------------------------------------------------------------------------- #
-def _new_figure(figsize: Tuple[float, float], layout: Optional[str] = None):
-    """A figure of no backend's (not pyplot's): ``savefig`` renders it with Agg whatever
-    backend the process uses, which is left as it is (a notebook keeps its own)."""
+@lru_cache(maxsize=1)
+def _figure_class():
+    """matplotlib's ``Figure`` that shows itself in Jupyter (``_repr_png_``, rendered with Agg
+    by ``savefig``): inline display without pyplot and whatever the notebook's backend is."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize, layout=layout)
+    class NotebookFigure(Figure):
+        """A :class:`matplotlib.figure.Figure` with ``_repr_png_`` (Jupyter shows it inline)."""
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return NotebookFigure
+
+
+def _new_figure(figsize: Tuple[float, float], layout: Optional[str] = None):
+    """A figure of no backend's (not pyplot's): ``savefig`` renders it with Agg whatever
+    backend the process uses, which is left as it is (a notebook keeps its own, and shows the
+    figure inline through its ``_repr_png_``)."""
+    return _figure_class()(figsize=figsize, layout=layout)
 
 
 def _captum_visualize():
@@ -426,7 +446,9 @@ def map_scale(values: Any, sign: str = "all", clip: Optional[float] = DEFAULT_CL
     The colour range ends at the ``clip`` percentile of ``|value|`` (over the non-zero values
     when most values are zero), so one outlier cannot turn the rest of the map blank; values
     beyond it saturate and the colour bar says so (``extend`` arrows and the note). ``clip=None``
-    shows the full range. Signed values (``sign='all'``) use a diverging map centred at zero.
+    shows the full range. Signed values (``sign='all'``) use a diverging map centred at zero; a map
+    with no negative value (Saliency, the Grad-CAM family) gets the sequential map of
+    ``sign='positive'`` from zero instead, so its colours span the whole bar, not its upper half.
     """
     if sign not in SIGNS:
         raise ValueError(f"unknown sign {sign!r}; expected one of {SIGNS}")
@@ -452,9 +474,12 @@ def map_scale(values: Any, sign: str = "all", clip: Optional[float] = DEFAULT_CL
         notes.append(f"clipped at {bound} ({clip:g}th pct of |value|)")
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     notes.append(f"range [{lo:.3g}, {hi:.3g}]")
-    vmin, vmax = {"all": (-limit, limit), "negative": (-limit, 0.0)}.get(sign, (0.0, limit))
-    extend = {"all": "both", "negative": "min"}.get(sign, "max") if clipped else "neither"
-    scale = Scale(_SIGN_CMAPS[sign], vmin, vmax, extend, _SIGN_LABELS[sign], "; ".join(notes), clipped)
+    drawn, label = sign, _SIGN_LABELS[sign]
+    if sign == "all" and top > 0 and float(a.min()) >= 0:  # nothing negative: a sequential scale from zero
+        drawn, label = "positive", "value (none < 0)"
+    vmin, vmax = {"all": (-limit, limit), "negative": (-limit, 0.0)}.get(drawn, (0.0, limit))
+    extend = {"all": "both", "negative": "min"}.get(drawn, "max") if clipped else "neither"
+    scale = Scale(_SIGN_CMAPS[drawn], vmin, vmax, extend, label, "; ".join(notes), clipped)
     return shown.astype(np.float32), scale
 
 
@@ -485,7 +510,8 @@ def _outline(ax, mask2d: Optional[np.ndarray]) -> None:
     if m.min() == m.max():  # empty or everything: no edge to draw
         return
     xlim, ylim = ax.get_xlim(), ax.get_ylim()
-    ax.contour(m, levels=[0.5], colors=MASK_COLOR, linewidths=0.7, alpha=0.8)
+    # thin black: it stands out from a red fundus and from both ends of a diverging map (green read as olive)
+    ax.contour(m, levels=[0.5], colors=MASK_COLOR, linewidths=0.5, alpha=0.9)
     ax.set_xlim(xlim)
     ax.set_ylim(ylim)
 
@@ -570,13 +596,14 @@ def input_figure(image: Any, mask: Any = None, title: str = "", caption: str = "
 
 
 def map_figure(attr: Any, image: Any = None, sign: str = "all", clip: Optional[float] = DEFAULT_CLIP,
-               mask: Any = None, title: str = "", caption: str = ""):
+               mask: Any = None, title: str = "", caption: str = "", outline: str = "all"):
     """An attribution alone in raw units (:func:`map_scale`) with its colour bar, clipping stated,
     and the outline of ``mask``: one panel in 2D; in 3D mid-slices and maximum-intensity
     projections along x, y and z on one shared scale (one colour bar). ``image`` only sets the
-    display resolution (a layer-resolution map is resampled to it)."""
+    display resolution (a layer-resolution map is resampled to it). ``outline`` (:data:`OUTLINES`):
+    other than ``'all'``, the map carries no outline."""
     img, shown, scale = _map_data(attr, image, sign, clip)
-    m = _mask_array(mask, shown.shape[1:])
+    m = _mask_array(mask, shown.shape[1:]) if outline == "all" else None
     pairs, masks = _view_pairs(shown, "attribution"), _mask_views(m)
     if len(pairs) == 1:
         fig = _new_figure((3.0, 3.9), "constrained")
@@ -593,20 +620,22 @@ def map_figure(attr: Any, image: Any = None, sign: str = "all", clip: Optional[f
 
 
 def _map_attribution_figure(attr: Any, image: Any, sign: str, clip: Optional[float], mask: Any, title: str,
-                            caption: str):
-    """Input and map side by side (2D), or input and map rows of mid-slices and MIPs (3D)."""
+                            caption: str, outline: str = "all"):
+    """Input and map side by side (2D), or input and map rows of mid-slices and MIPs (3D); the mask
+    outlined on the panels ``outline`` names (:data:`OUTLINES`)."""
     img, shown, scale = _map_data(attr, image, sign, clip)
     if img is None:
-        return map_figure(attr, None, sign, clip, mask, title, caption)
-    m = _mask_array(mask, img.shape[1:])
+        return map_figure(attr, None, sign, clip, mask, title, caption, outline)
+    m = _mask_array(mask, img.shape[1:]) if outline != "none" else None
     maps, masks = _view_pairs(shown, "attribution"), _mask_views(m)
+    on_map = masks if outline == "all" else [None] * len(masks)
     inputs = _view_pairs(img, "image")
     if len(maps) == 1:
         fig = _new_figure((6.0, 4.2), "constrained")
         ax_in, ax_map = fig.subplots(1, 2)
         _draw_image_panel(ax_in, inputs[0][1], "input" + (" (outline: frozen mask)" if m is not None else ""))
         _outline(ax_in, masks[0])
-        _draw_map_panel(fig, ax_map, maps[0][1][0], scale, "map", masks[0], width=44)
+        _draw_map_panel(fig, ax_map, maps[0][1][0], scale, "map", on_map[0], width=44)
         _grid_caption(fig, title, caption)
         return fig
     fig = _new_figure((3 * 2.3, 4 * 2.3 + 1.4), "constrained")
@@ -619,7 +648,7 @@ def _map_attribution_figure(attr: Any, image: Any, sign: str, clip: Optional[flo
                 _draw_image_panel(ax, v, f"input, {t}")
             else:
                 _draw_map_panel(fig, ax, v[0], scale, f"map, {t}", colorbar=False)
-            _outline(ax, masks[first + col])
+            _outline(ax, (masks if row % 2 == 0 else on_map)[first + col])
     _grid_caption(fig, title, caption)
     _colorbar(fig, axes[1][0].images[0], scale, list(axes.ravel()), 8, 90, shrink=0.6)
     return fig
@@ -670,13 +699,15 @@ def attribution_figure(
     mask: Any = None,
     clip: Optional[float] = DEFAULT_CLIP,
     caption: str = "",
+    outline: str = "all",
 ):
     """Figure of one attribution over its input.
 
     ``attr``: ``(C', *spatial)`` at the input's or at a coarser (layer) resolution (resampled
     for display with :func:`match_resolution`; summed over channels, as captum does).
     ``image``: the input ``(C, *spatial)`` in any range; ``mask``: the frozen mask of a wrapped
-    segmenter (``(*spatial)``), outlined; ``caption``: e.g. :func:`result_caption`.
+    segmenter (``(*spatial)``), outlined where ``outline`` says (:data:`OUTLINES`);
+    ``caption``: e.g. :func:`result_caption`.
 
     ``method='map'`` (default): the input beside the map in raw units (:func:`map_scale`,
     ``clip``, ``sign``); 3D: mid-slices and maximum-intensity projections. Captum's modes: one
@@ -700,7 +731,7 @@ def attribution_figure(
     if kind == "image":
         return _image_figure(to_display_image(a), title, projection)
     if method == "map":
-        return _map_attribution_figure(a, image, sign, clip, mask, title, caption)
+        return _map_attribution_figure(a, image, sign, clip, mask, title, caption, outline)
     fig = _attribution_panels(_prepare_attr(a, img), img, method, sign, title, projection, show_colorbar)
     return fig
 

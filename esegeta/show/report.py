@@ -11,7 +11,8 @@ interactive charts (the evaluation's curves) as Bokeh with inline resources. Sec
   existing report after ``esegeta evaluate``);
 - per input (the first :data:`MAX_INPUTS`): the input with the frozen mask's outline and the
   prediction, then every method's map with its colour bar, score, target, precision, time and
-  status (a failed method shows its error);
+  status (a failed method shows its error); for a 3D input, an interactive viewer of the volume
+  with each method's map as an overlay (:mod:`esegeta.show.viewer`, NiiVue, inline);
 - the versions of esegeta and the libraries, and the resolved config.
 
 :class:`esegeta.run.writer.Writer` writes it at the end of a run; ``esegeta report RUN_DIR``
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from esegeta.show import figures
+from esegeta.show import figures, viewer
 from esegeta.errors import ConfigError
 from esegeta.io.outputs import atomic_write_bytes
 from esegeta.spec.config import FigureConfig
@@ -61,7 +62,8 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right
 .summary{color:#555}.cards{display:flex;flex-wrap:wrap;gap:12px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px;width:300px;background:#fff}
 .card.wide{width:640px}.card img{width:100%;height:auto;display:block}.card table{font-size:.75em;width:100%}
-.input{display:flex;gap:16px;align-items:flex-start;margin-bottom:10px}.input img{max-width:420px;height:auto}
+.input{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start;margin-bottom:10px}.input img{max-width:420px;height:auto}
+.input img.volume{max-width:min(100%,760px)}
 .failed{background:#fff4f4;border-color:#e0a0a0}.timeout{background:#fff8e8;border-color:#e0c080}
 .status-ok{color:#1a7f37}.status-failed,.status-timeout{color:#b42318;font-weight:600}
 .error{font-family:ui-monospace,monospace;font-size:.75em;white-space:pre-wrap;word-break:break-word;color:#802}
@@ -119,9 +121,13 @@ def _head(manifest: Mapping[str, Any]) -> str:
             f"{len(methods)} method(s): {_e(status) or 'no results'}. Created {_e(manifest.get('created'))} with "
             f"esegeta {_e(manifest.get('esegeta'))} on {_e(', '.join(manifest.get('devices', [])) or manifest.get('device'))}."
             "</p><p class='note'>Maps are drawn in each method's raw units: signed values in a diverging colour map "
-            "centred at zero (red positive, blue negative); where the colours are clipped at a percentile of "
-            "|value| the colour bar says so and gives the true range. A green outline is the frozen mask of a "
-            "segmentation wrapper (the region whose score is explained).</p>")
+            "centred at zero (red positive, blue negative), or a sequential one from zero for a map with no negative "
+            "value; where the colours are clipped at a percentile of "
+            "|value| the colour bar says so and gives the true range. A thin black outline is the frozen mask of a "
+            "segmentation wrapper (the region whose score is explained).</p><p class='note'><b>score</b>: the value "
+            "each method explains, on the unperturbed input: the model's output at the target column, or for a "
+            "wrapped segmenter the wrapped score (the activation summed, or averaged, over the frozen mask of the "
+            "target column); <b>target</b>: that column.</p>")
 
 
 def _methods_table(manifest: Mapping[str, Any]) -> str:
@@ -185,6 +191,7 @@ def _card(r: Mapping[str, Any], item: Any, image: np.ndarray | None, results: Re
                     fig = figures.map_figure(arr, image, sign=getattr(fig_cfg, "sign", "all"),
                                              clip=getattr(fig_cfg, "clip", figures.DEFAULT_CLIP),
                                              mask=results.mask(dict(r)), title="",
+                                             outline=getattr(fig_cfg, "mask_outline", "all"),
                                              caption=figures.result_caption(r.get("score"), r.get("target")))
                 picture = _img(png_data_uri(fig), f"{label} on {r.get('input')}", "map")
             else:
@@ -195,7 +202,46 @@ def _card(r: Mapping[str, Any], item: Any, image: np.ndarray | None, results: Re
     return f"<div class='{css}' data-label='{_e(label)}'><h3>{_e(label)}</h3>{picture}{_record_table(r)}</div>"
 
 
-def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], results: Results, fig_cfg: Any) -> str:
+def _viewer_section(n: int, item: Any, image: np.ndarray, records: Sequence[Mapping[str, Any]], results: Results,
+                    fig_cfg: Any) -> str:
+    """The interactive 3D viewer of one 3D input: every ok attribution as an overlay (feature
+    visualisations, not aligned with the input, are left out); volumes in the file's voxel order."""
+    maps = []
+    for r in records:
+        if r.get("status") != "ok" or results.kinds.get(r.get("method"), "attribution") == "image":
+            continue
+        try:
+            arr = results.array(dict(r), item)
+        except Exception as exc:  # noqa: BLE001 (one unreadable map must not sink the viewer)
+            log.warning("report viewer: %s on %s: %s", r.get("label"), item.name, exc)
+            continue
+        if arr is not None and np.ndim(arr) == 4:
+            maps.append((str(r.get("label")), item.own_order(np.asarray(arr), channels=False)))
+    try:
+        return viewer.section(n, item.name, item.own_order(image, channels=False), getattr(item, "affine", None),
+                              maps, clip=getattr(fig_cfg, "clip", figures.DEFAULT_CLIP))
+    except Exception as exc:  # noqa: BLE001
+        return f"<div class='error'>could not build the 3D viewer: {_e(type(exc).__name__)}: {_e(exc)}</div>"
+
+
+def shared_path(path: Any, base: Path | None) -> str:
+    """A path fit for a file meant for sharing: relative to the config's folder ``base`` when it lies
+    below it, else the file name alone (no user's home or machine layout)."""
+    if path is None or str(path) == "":
+        return ""
+    path = Path(str(path))
+    if not path.is_absolute():
+        return str(path)
+    if base is not None:
+        try:
+            return str(path.relative_to(Path(base).resolve()))
+        except ValueError:
+            pass
+    return path.name
+
+
+def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], results: Results, fig_cfg: Any,
+                   with_viewer: bool = False, base: Path | None = None) -> str:
 
     image = item.tensor[0].detach().cpu().numpy()
     mask = next((m for m in (results.mask(dict(r)) for r in records) if m is not None), None)
@@ -207,18 +253,27 @@ def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], resu
     if target is not None:
         facts.append(f"explained column (target) {target}")
     if mask is not None:
-        facts.append(f"frozen mask: {int(np.count_nonzero(mask))} of {mask.size} pixels (green outline)")
+        facts.append(f"frozen mask: {int(np.count_nonzero(mask))} of {mask.size} pixels (black outline)")
     try:
-        fig = figures.input_figure(image, mask, title=item.name)
+        outlined = mask if getattr(fig_cfg, "mask_outline", "all") != "none" else None
+        fig = figures.input_figure(image, outlined, title=item.name)
         picture = _img(png_data_uri(fig), item.name, "input")
+        if image.ndim == 4:  # views of a volume: drawn 720 px wide, shown at that size (titles stay readable)
+            picture = picture.replace("<img ", "<img class='volume' ", 1)
     except Exception as exc:  # noqa: BLE001
         picture = f"<div class='error'>could not draw the input: {_e(type(exc).__name__)}: {_e(exc)}</div>"
+    truth = getattr(item, "label", None)
+    truth = label_of(item.name) if truth is None else truth
+    if truth is not None:
+        facts.insert(0, f"true label {truth}")
     shape = "&times;".join(str(s) for s in image.shape)
-    about = (f"<div><p>shape {shape} (channels first), from <code>{_e(getattr(item, 'path', ''))}</code></p>"
+    about = (f"<div><p>shape {shape} (channels first), from <code>{_e(shared_path(getattr(item, 'path', None), base))}"
+             "</code></p>"
              + "".join(f"<p>{_e(f)}</p>" for f in facts) + "</div>")
     cards = "".join(_card(r, item, image, results, fig_cfg) for r in records)
+    shown = _viewer_section(n, item, image, records, results, fig_cfg) if with_viewer and image.ndim == 4 else ""
     return (f"<section id='input-{n}'><h2>{_e(item.name)}</h2><div class='input'>{picture}{about}</div>"
-            f"<div class='cards'>{cards}</div></section>")
+            f"{shown}<div class='cards'>{cards}</div></section>")
 
 
 def _csv_table(path: Path, max_rows: int = 200) -> str:
@@ -306,8 +361,16 @@ def evaluation_section(run_dir: Path | None, manifest: Mapping[str, Any] | None 
     return "<h2 id='evaluation'>Evaluation</h2>" + note + "".join(parts)
 
 
-def _versions(manifest: Mapping[str, Any]) -> str:
-    libs = manifest.get("libraries") or {}
+def _evaluation_or_note(run_dir: Path | None, manifest: Mapping[str, Any] | None = None) -> str:
+    """The evaluation section, or a note where the navigation's link lands when there is none yet."""
+    return evaluation_section(run_dir, manifest) or (
+        "<h2 id='evaluation'>Evaluation</h2><p class='note'>This run has no evaluation: add an "
+        "<code>evaluation</code> block to the config and run <code>esegeta evaluate CONFIG</code>; it is "
+        "put here.</p>")
+
+
+def _versions(manifest: Mapping[str, Any], extra: Mapping[str, str] | None = None) -> str:
+    libs = {**(manifest.get("libraries") or {}), **(extra or {})}
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v if v is not None else 'not installed')}</td></tr>"
                    for k, v in libs.items())
     config = json.dumps(manifest.get("config", {}), indent=2, sort_keys=False)
@@ -316,7 +379,8 @@ def _versions(manifest: Mapping[str, Any]) -> str:
             f"<table><tr><th>package</th><th>version</th></tr>{rows}</table>"
             + (f"<p>Changes made to the prepared copy of the model (the user's model is untouched):</p><ul>{prepared}</ul>"
                if prepared else "")
-            + f"<details open><summary>resolved config (folder {_e(manifest.get('config_dir'))})</summary>"
+            + f"<details open><summary>resolved config (paths relative to the config's folder, "
+            f"{_e(Path(manifest.get('config_dir') or '.').name or '.')})</summary>"
             f"<pre>{_e(config)}</pre></details>")
 
 
@@ -330,19 +394,43 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
     runs = manifest.get("runs", [])
     shown = list(inputs)[:max_inputs]
     nav = "".join(f"<a href='#input-{n}'>{_e(item.name)}</a>" for n, item in enumerate(shown))
-    sections = [_input_section(n, item, [r for r in runs if r.get("input") == item.name], results, fig_cfg)
+    volumes = any(item.tensor.ndim == 5 for item in shown)
+    found = viewer.script() if volumes else None
+    base = Path(manifest["config_dir"]) if manifest.get("config_dir") else None
+    sections = [_input_section(n, item, [r for r in runs if r.get("input") == item.name], results, fig_cfg,
+                               with_viewer=found is not None, base=base)
                 for n, item in enumerate(shown)]
     if len(inputs) > max_inputs:
         sections.append(f"<p class='note'>{len(inputs) - max_inputs} more input(s) are not shown here: their maps "
                         "are in the folder, and <code>esegeta explore RUN_DIR</code> shows a whole dataset.</p>")
     body = (_head(manifest) + f"<nav><a href='#methods'>methods</a><a href='#evaluation'>evaluation</a>"
             f"<a href='#versions'>versions</a> inputs: {nav}</nav>" + _methods_table(manifest)
-            + _EVAL_START + evaluation_section(run_dir, manifest) + _EVAL_END + "".join(sections) + _versions(manifest))
+            + _EVAL_START + _evaluation_or_note(run_dir, manifest) + _EVAL_END
+            + (viewer.about(found) + (viewer.head(found) if found else "") if volumes else "")
+            + "".join(sections) + (viewer.tail(found) if found else "")
+            + _versions(manifest, viewer.versions(found) if volumes else {}))
     title = f"esegeta report: {len(inputs)} input(s)"
     log.debug("report: %d input(s) drawn in %.1f s", len(shown), time.perf_counter() - start)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head>"
             f"<body>{body}</body></html>")
+
+
+def notebook_summary(manifest: Mapping[str, Any], output_dir: Path) -> str:
+    """A run in a Jupyter cell (``RunResult._repr_html_``): the counts, the methods' table, the
+    overview inline, and where the report and the files are. Styles inline; no script."""
+    overview = Path(output_dir) / "overview.png"
+    picture = ""
+    if overview.is_file():
+        picture = ("<img style='max-width:100%' alt='overview' src='data:image/png;base64,"
+                   + base64.b64encode(overview.read_bytes()).decode("ascii") + "'>")
+    report = Path(output_dir) / REPORT
+    where = (f"<p>Every map with its colour bar, score and target: <code>{_e(report)}</code></p>"
+             if report.is_file() else "")
+    return (f"<div><style>{_CSS.replace('body{', '.esegeta-run{')}</style><div class='esegeta-run'>"
+            + _head(manifest).replace("<h1>esegeta report</h1>", f"<h3>esegeta run: {_e(output_dir)}</h3>")
+            + _methods_table(manifest).replace("<h2 id='methods'>Methods</h2>", "") + picture + where
+            + "</div></div>")
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -363,7 +451,7 @@ def update_evaluation(run_dir: str | Path) -> Path | None:
     start, end = text.find(_EVAL_START), text.find(_EVAL_END)
     if start < 0 or end < start:
         return None
-    text = text[:start + len(_EVAL_START)] + evaluation_section(Path(run_dir)) + text[end:]
+    text = text[:start + len(_EVAL_START)] + _evaluation_or_note(Path(run_dir)) + text[end:]
     atomic_write_bytes(path, text.encode("utf-8"))
     return path
 

@@ -100,6 +100,9 @@ class FigureConfig(Strict):
     clip: Annotated[float, Field(gt=0, le=100)] | None = Field(
         99.5, description="'map' colours end at this percentile of |value| (outliers saturate; stated on the "
         "figure); null: the full range")
+    mask_outline: Literal["all", "input", "none"] = Field(
+        "all", description="where a wrapper's frozen mask is outlined: on the input and the map panels, on the "
+        "input only (the map's signal stays uncovered), or nowhere")
 
 
 class OutputConfig(Strict):
