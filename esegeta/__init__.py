@@ -19,7 +19,7 @@ __all__ = ["explain", "evaluate", "Pipeline", "RunResult", "methods", "ConfigErr
 
 _LAZY = {
     "explain": ("esegeta.attribution.explainer", "explain"),
-    "evaluate": ("esegeta.run.evaluate", "evaluate"),
+    "evaluate": ("esegeta.run.runner", "evaluate"),
     "Pipeline": ("esegeta.run.runner", "Pipeline"),
     "RunResult": ("esegeta.run.runner", "RunResult"),
     "ConfigError": ("esegeta.errors", "ConfigError"),

@@ -195,7 +195,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from esegeta.evaluation.engine import evaluate_run
+    from esegeta.run.runner import evaluate_run
 
     section = evaluate_run(args.config, output_dir=args.output, device=args.device)
     print((Path(section["output_dir"]) / section["files"]["table"]).read_text(encoding="utf-8"))

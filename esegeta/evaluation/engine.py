@@ -227,11 +227,11 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     start = time.perf_counter()
     overrides = overrides or {}
     rows, curves, skipped = [], {}, []
-    on_device: dict[torch.device, nn.Module] = {}
+    models: dict[torch.device, nn.Module] = {}
     for name, x in inputs:
-        if x.device not in on_device:
-            on_device[x.device] = on_device(model, x.device)
-        model_here = on_device[x.device]
+        if x.device not in models:
+            models[x.device] = on_device(model, x.device)
+        model_here = models[x.device]
         labels = [label for label, n in attributions if n == name]
         groups: dict[str, list[str]] = {}
         for label in labels:
