@@ -292,6 +292,7 @@ def _run_metric(m: Metric, params, labels, attrs, requests, forward, model, x, t
     n = len(labels)
     explain = explainer(requests[labels[0]], forward, base_dir, seed) if "explain" in m.spec.needs else None
     ctx = Context(forward=forward, model=model if "model" in m.spec.needs else None, explain=explain,
+                  copy=None if explain is None else explain.copy,
                   mask=None if mask is None else mask.expand(n, *mask.shape[1:]),
                   generator=torch.Generator().manual_seed(seed), max_batch=max_batch, seed=seed)
     passes = m.spec.forward_passes(tuple(x.shape[1:]), params)

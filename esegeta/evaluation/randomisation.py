@@ -11,6 +11,8 @@ or ``ssim`` (structural similarity of the channel-summed maps, as scikit-image c
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 from collections.abc import Iterator
 
@@ -18,10 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from esegeta.errors import ConfigError
-from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
-from esegeta.evaluation.similarity import similarity
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, Rule, keyword_defaults, register
+from esegeta.evaluation.similarity import SIMILARITIES, similarity
 
 ORDERS = ("top_down", "bottom_up", "independent")
+#: What the randomisation metrics' parameters accept (checked with the config, before a run).
+RULES = {"order": Rule("str", choices=ORDERS), "seed": Rule("int"), "similarity": Rule("str", choices=SIMILARITIES),
+         "abs": Rule("bool"), "aggregate": Rule("str", choices=("last", "mean")), "nr_samples": Rule("int", 1),
+         "noise_magnitude": Rule("float", 0), "n_bins": Rule("int", 1), "num_classes": Rule("int", 2, optional=True)}
 
 
 def randomisable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -36,13 +42,15 @@ def _reset(module: nn.Module, seed: int) -> None:
         module.reset_parameters()
 
 
-def randomised_models(model: nn.Module, order: str = "top_down", seed: int = 42) -> Iterator[tuple[str, nn.Module]]:
+def randomised_models(model: nn.Module, order: str = "top_down", seed: int = 42,
+                      randomised: nn.Module | None = None) -> Iterator[tuple[str, nn.Module]]:
     """Yield (layer name, model copy) with one more layer randomised each time (``top_down``: from the
     output, cascading; ``bottom_up``: from the input, cascading; ``independent``: only that layer).
-    The same copy is changed in place between yields."""
+    One copy (``randomised``, a copy of ``model`` made once, or a deep copy) is changed in place
+    between yields: nothing is copied or prepared per layer."""
     if order not in ORDERS:
         raise ConfigError("params.order", f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
-    randomised = copy.deepcopy(model)
+    randomised = copy.deepcopy(model) if randomised is None else randomised
     original = copy.deepcopy(randomised.state_dict()) if order == "independent" else None
     layers = randomisable_layers(randomised)
     if not layers:
@@ -56,9 +64,10 @@ def randomised_models(model: nn.Module, order: str = "top_down", seed: int = 42)
         yield name, randomised
 
 
-def fully_randomised(model: nn.Module, seed: int = 42) -> nn.Module:
-    """A copy of ``model`` with every layer randomised (the last model of a cascade, in any order)."""
-    randomised = copy.deepcopy(model)
+def fully_randomised(model: nn.Module, seed: int = 42, randomised: nn.Module | None = None) -> nn.Module:
+    """A copy of ``model`` (``randomised``, or a deep copy) with every layer randomised (the last
+    model of a cascade, in any order)."""
+    randomised = copy.deepcopy(model) if randomised is None else randomised
     for _, module in randomisable_layers(randomised):
         _reset(module, seed)
     return randomised
@@ -91,7 +100,7 @@ def smooth_explain(ctx: Context, model: nn.Module, x: Tensor, target: Tensor, nr
 def _layer_similarities(ctx, x, attribution, target, order, seed, abs, kind, explain) -> tuple[Tensor, list[str]]:
     reference = attribution.abs() if abs else attribution
     values, names = [], []
-    for name, randomised in randomised_models(ctx.model, order, seed):
+    for name, randomised in randomised_models(ctx.model, order, seed, ctx.copy(ctx.model, x)):
         a = explain(randomised)
         a = a.abs() if abs else a
         values.append(similarity(reference, a.expand_as(reference) if a.shape != reference.shape else a, kind))
@@ -149,7 +158,7 @@ def efficient_mprt(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor,
     complexity (histogram entropy over ``n_bins`` bins) of the explanation when every layer is
     randomised, (H(random) - H(original)) / H(original); one re-explanation per input (higher is better)."""
     reference = attribution.abs() if abs else attribution
-    randomised = explain_batched(ctx, fully_randomised(ctx.model, seed), x, target)
+    randomised = explain_batched(ctx, fully_randomised(ctx.model, seed, ctx.copy(ctx.model, x)), x, target)
     randomised = randomised.abs() if abs else randomised
     before, after = histogram_entropy(reference, n_bins), histogram_entropy(randomised, n_bins)
     return MetricResult((after - before) / before, {"entropy": torch.stack([before, after], 1)})
@@ -203,4 +212,4 @@ for _spec in (
                passes=lambda p, s: 1 if p["num_classes"] is None else 0,
                summary="similarity to the explanation of a random other class (one re-explanation)"),
 ):
-    register(_spec)
+    register(dataclasses.replace(_spec, rules=RULES))
