@@ -1,8 +1,15 @@
 """Evaluation at its pass count, checked before it runs, with honest exit codes (issue 25)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
+from helpers_cli import run_cli, valid_config, write_config
+
+import esegeta
 from esegeta.attribution import prepare as prepare_module
 from esegeta.evaluation import Context, metric
 from esegeta.evaluation import scoring
@@ -30,3 +37,78 @@ def test_randomisation_prepares_one_copy_and_keeps_the_values(digits, monkeypatc
     assert len(made) == layers
     torch.testing.assert_close(fast.values, slow.values)
     torch.testing.assert_close(fast.curves["similarity"], slow.curves["similarity"])
+
+
+# -- values checked before the run, honest exit codes ---------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+DIGIT = ROOT / "samples" / "data" / "digits" / "digit_1_label0.npy"
+
+
+def _config(tmp_path, evaluation, formats=("npy",), inputs=None):
+    return valid_config(tmp_path, [{"id": "captum.Saliency"}], evaluation=evaluation,
+                        inputs=inputs or {"paths": [str(DIGIT)], "spatial_dims": 2},
+                        output={"dir": str(tmp_path / "out"), "formats": list(formats)})
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"steps": "10"}, "steps"), ({"steps": 0}, "steps"), ({"steps": -3}, "steps"),
+    ({"baseline": "blak"}, "baseline"), ({"order": "best"}, "order"), ({"softmax": 1}, "softmax"),
+])
+def test_validate_and_check_refuse_bad_parameter_values(tmp_path, capsys, params, field):
+    cfg = write_config(tmp_path, _config(tmp_path, {"metrics": [{"id": "deletion", "params": params}]}))
+    for command in ("validate", "check"):
+        code, _, err = run_cli([command, cfg], capsys)
+        assert code == 2, (command, err)
+        assert f"evaluation.metrics[0].params.{field}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("metrics, overrides, path, words", [
+    ([{"id": "road", "params": {"percentages": [10, 120]}}], {}, "evaluation.metrics[0].params.percentages", "<= 100"),
+    (["mprt"], {"captum.Saliency": {"mprt": {"similarity": "spearmann"}}},
+     "evaluation.overrides.captum.Saliency.mprt.similarity", "did you mean spearman"),
+])
+def test_ranges_enums_and_overrides_are_checked(tmp_path, capsys, metrics, overrides, path, words):
+    cfg = write_config(tmp_path, _config(tmp_path, {"metrics": metrics, "overrides": overrides}))
+    code, _, err = run_cli(["validate", cfg], capsys)
+    assert code == 2 and path in err and words in err, err
+
+
+def test_a_mask_of_the_wrong_shape_is_refused_before_the_run(tmp_path, capsys):
+    np.save(tmp_path / "volume.npy", np.ones((4, 8, 8), dtype=np.float32))  # 3D mask, 2D 8x8 input
+    cfg = write_config(tmp_path, _config(tmp_path, {"metrics": ["pointing_game"], "masks": [str(tmp_path / "volume.npy")]}))
+    for command in ("validate", "run"):
+        code, _, err = run_cli([command, cfg], capsys)
+        assert code == 2, err
+        assert "evaluation.masks" in err and "(4, 8, 8)" in err and "2D input of spatial shape (8, 8)" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()  # nothing ran
+
+
+def test_one_mask_serves_every_input(tmp_path):
+    mask = np.zeros((8, 8), dtype=np.float32)
+    mask[2:6, 2:6] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    inputs = {"paths": [str(DIGIT), str(DIGIT.parent / "digit_9_label7.npy")], "spatial_dims": 2}
+    cfg = _config(tmp_path, {"metrics": ["relevance_mass_accuracy"], "masks": [str(tmp_path / "mask.npy")]},
+                  inputs=inputs)
+    result = esegeta.Pipeline(cfg).run()
+    assert result.exit_code == 0, result.error
+    values = result.manifest["evaluation"]["values"]
+    assert len(values) == 2 and all(0 < v["value"] < 1 for v in values)
+
+
+def test_run_exits_1_when_the_evaluation_fails(tmp_path, capsys):
+    """ROAD with 26 neighbours is a 3D setting: every value of this 2D run fails, so the run does."""
+    cfg = write_config(tmp_path, _config(tmp_path, {"metrics": [{"id": "road", "params": {"neighbours": 26}}]}))
+    code, _, err = run_cli(["run", cfg], capsys)
+    assert code == 1
+    assert "evaluation: 1 of 1 value(s) failed" in err and "neighbours" in err
+    assert (tmp_path / "out" / "manifest.json").is_file()  # the attributions are kept
+
+
+def test_evaluate_on_a_run_without_maps_exits_2(tmp_path, capsys):
+    cfg = write_config(tmp_path, _config(tmp_path, {"metrics": ["sparseness"], "enabled": False}, formats=("png",)))
+    code, _, err = run_cli(["run", cfg], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["evaluate", cfg], capsys)
+    assert code == 2 and "no saved attribution" in err and "npy" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "evaluation.csv").exists()

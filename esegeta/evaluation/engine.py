@@ -252,15 +252,26 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     return Evaluation(rows, curves, list(metrics), skipped, time.perf_counter() - start)
 
 
+def mask_problem(mask: torch.Tensor, spatial: Sequence[int]) -> str | None:
+    """None if ``mask`` (*S, or with leading axes of size 1) fits inputs of spatial shape ``spatial``, else why not."""
+    shape = tuple(mask.shape)
+    core = shape
+    while len(core) > len(spatial) and core[0] == 1:
+        core = core[1:]
+    if core == tuple(spatial):
+        return None
+    kind = f"{len(spatial)}D"
+    return (f"a mask of shape {shape} for a {kind} input of spatial shape {tuple(spatial)}: give a {kind} mask of "
+            f"shape {tuple(spatial)} (the input's shape after inputs.resize)")
+
+
 def _mask(masks, name, forward: Scorer, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     if masks is not None and name in masks:
         given = torch.as_tensor(masks[name], device=x.device)
-        while given.ndim < x.ndim:
-            given = given.unsqueeze(0)
-        if tuple(given.shape[2:]) != tuple(x.shape[2:]):
-            raise ConfigError("evaluation.masks", f"the mask of {name} has shape {tuple(given.shape[2:])}, the input "
-                                                  f"{tuple(x.shape[2:])}")
-        return given[:1, :1] > 0
+        problem = mask_problem(given, x.shape[2:])
+        if problem is not None:
+            raise ConfigError("evaluation.masks", f"{name}: {problem}")
+        return given.reshape(1, 1, *x.shape[2:]) > 0
     return forward.target_mask(int(target[0])) if target.numel() else None
 
 
@@ -323,7 +334,8 @@ def _run_metric(m: Metric, params, labels, attrs, requests, forward, model, x, t
 
 # -- masks of a config ---------------------------------------------------------------
 def mask_files(config, base_dir: Path | None) -> list[Path] | None:
-    """The files of ``evaluation.masks``, one per input (a ConfigError naming ``evaluation.masks[i]`` if not)."""
+    """The files of ``evaluation.masks``, one per input (one file serves all; a ConfigError naming
+    ``evaluation.masks`` if the counts differ otherwise)."""
     ev = config.evaluation
     if ev is None or ev.masks is None:
         return None
@@ -332,9 +344,11 @@ def mask_files(config, base_dir: Path | None) -> list[Path] | None:
     except ConfigError as exc:
         raise ConfigError(exc.path.replace("inputs.paths", "evaluation.masks"), exc.message) from None
     inputs = expand_paths(config.inputs.paths, base_dir)
+    if len(files) == 1:  # one mask serves every input
+        return files * len(inputs)
     if len(files) != len(inputs):
         raise ConfigError("evaluation.masks", f"names {len(files)} mask file(s) for {len(inputs)} input(s); "
-                                              "give one mask per input, in the inputs' order")
+                                              "give one mask per input, in the inputs' order, or one for all")
     return files
 
 
@@ -397,4 +411,5 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     return result
 
 
-__all__ = ["SCORED_KINDS", "Evaluation", "Metric", "check", "configured", "evaluate", "mask_files", "problems", "score"]
+__all__ = ["SCORED_KINDS", "Evaluation", "Metric", "check", "configured", "evaluate", "mask_files", "mask_problem",
+           "problems", "score"]
