@@ -112,3 +112,32 @@ def test_evaluate_on_a_run_without_maps_exits_2(tmp_path, capsys):
     code, _, err = run_cli(["evaluate", cfg], capsys)
     assert code == 2 and "no saved attribution" in err and "npy" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "evaluation.csv").exists()
+
+
+# -- the Python API ----------------------------------------------------------------------
+def test_python_evaluate_takes_one_target_per_input(digits):
+    x = digits.x[:2] if digits.x.shape[0] >= 2 else torch.cat([digits.x, digits.x.flip(-1)])
+    maps = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    metrics = [{"id": "deletion", "params": {"steps": 4}}]
+    both = esegeta.evaluate(digits.model, x, {"captum.Saliency": maps}, metrics, target=[3, 7])
+    each = [esegeta.evaluate(digits.model, x[i:i + 1], {"captum.Saliency": maps[i:i + 1]}, metrics, target=t)
+            for i, t in enumerate((3, 7))]
+    assert [r["value"] for r in both.rows] == [e.rows[0]["value"] for e in each]
+    other = esegeta.evaluate(digits.model, x, {"captum.Saliency": maps}, metrics, target=[7, 3])
+    assert [r["value"] for r in other.rows] != [r["value"] for r in both.rows]  # the targets do matter
+    with pytest.raises(esegeta.ConfigError, match="one per input"):
+        esegeta.evaluate(digits.model, x, {"captum.Saliency": maps}, metrics, target=[3, 7, 1])
+
+
+def test_a_map_with_fewer_channels_than_the_reexplanation_gets_esegetas_error():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    one_channel = torch.rand(2, 1, 8, 8)
+    result = esegeta.evaluate(model, x, {"captum.Saliency": one_channel}, ["random_logit", "mprt"])
+    errors = [r.get("error", "") for r in result.rows]
+    assert len(errors) == 4 and all("1 channel(s), the method's re-explanation 3" in e for e in errors), errors
+    assert not any("RuntimeError" in e for e in errors)
+    full = esegeta.evaluate(model, x, {"captum.Saliency": torch.rand(2, 3, 8, 8)}, ["random_logit"])
+    assert not any(r.get("error") for r in full.rows)

@@ -365,7 +365,8 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     ``esegeta metrics``). ``methods`` {label: registry id or {"id", "params", "layer", ...}}
     says which esegeta method made each attribution, for metrics that re-explain
     (randomisation, robustness); a label that is a registry id needs no entry. ``target``,
-    ``wrapper`` and ``patch`` are those of :func:`esegeta.explain`; ``masks`` (B, 1, *S)
+    ``wrapper`` and ``patch`` are those of :func:`esegeta.explain`, or ``target`` one class
+    index per input (a list, array or tensor of B); ``masks`` (B, 1, *S)
     ground truth for localisation. Returns an :class:`Evaluation` (``.rows``, ``.table()``,
     ``.summary``, ``.save(dir)``; saved to ``output_dir`` if given).
 
@@ -385,6 +386,57 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     device = next((p.device for p in model.parameters()), inputs.device)
     x = inputs.detach().to(device=device, dtype=torch.float32)
     names = [f"input{i}" for i in range(x.shape[0])]
+    targets = _per_input_targets(target, x.shape[0])
+    saved = {(label, names[i]): _one_map(label, a, i, x) for label, a in attributions.items()
+             for i in range(x.shape[0])}
+    given_masks = None if masks is None else {names[i]: _one_mask(masks, i) for i in range(x.shape[0])}
+    options = dict(overrides=overrides, masks=given_masks, max_batch=max_batch, seed=seed)
+    if targets is None:
+        requests, method_ids = _requests(attributions, methods, configured_metrics, target, wrapper, patch)
+        result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,
+                       method_ids=method_ids, **options)
+    else:  # one scoring per input, each with its own target
+        parts = []
+        for i, name in enumerate(names):
+            requests, method_ids = _requests(attributions, methods, configured_metrics, targets[i], wrapper, patch)
+            parts.append(score(model, [(name, x[i:i + 1])], {k: v for k, v in saved.items() if k[1] == name},
+                               requests, configured_metrics, method_ids=method_ids, **options))
+        result = Evaluation([r for e in parts for r in e.rows], {k: v for e in parts for k, v in e.curves.items()},
+                            configured_metrics, [s for e in parts for s in e.skipped], sum(e.seconds for e in parts))
+    if output_dir is not None:
+        result.save(output_dir)
+    return result
+
+
+def _per_input_targets(target: Any, n: int) -> list[Any] | None:
+    """``target`` as one target per input when it is a sequence (list, tuple, array, 1-d tensor), else None."""
+    if isinstance(target, (str, int)) or target is None or (torch.is_tensor(target) and target.ndim == 0):
+        return None
+    if isinstance(target, np.ndarray) and target.ndim == 0:
+        return None
+    values = target.tolist() if hasattr(target, "tolist") else list(target)
+    if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) or v in ("predicted", None)
+                                   for v in values):
+        raise ConfigError("target", f"{target!r}: give one target for all inputs (a class index, 'predicted' or "
+                                    f"None) or one per input ({n} class indices)")
+    return values
+
+
+def _one_map(label: str, a: Any, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Input ``i``'s map of ``attributions[label]`` as (1, C|1, *S); a ConfigError where it cannot score ``x``."""
+    a = torch.as_tensor(a)
+    if a.ndim not in (x.ndim - 1, x.ndim) or a.shape[0] != x.shape[0]:
+        raise ConfigError(f"attributions.{label}", f"shape {tuple(a.shape)} does not fit inputs {tuple(x.shape)}: "
+                                                   "give (batch, channels or 1, *spatial), one map per input")
+    return a[i:i + 1].float()
+
+
+def _one_mask(masks: Any, i: int) -> torch.Tensor:
+    return torch.as_tensor(masks)[i:i + 1]
+
+
+def _requests(attributions, methods, configured_metrics, target, wrapper, patch) -> tuple[dict, dict]:
+    """The request of each label (its method, for re-explanations; the target, wrapper and patch of the scoring)."""
     requests, known, method_ids = {}, all_methods(), {}
     for label in attributions:
         given = (methods or {}).get(label, label if label in known else None)
@@ -401,14 +453,7 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
         requests[label] = from_arguments(method_id, target=target, wrapper=wrapper, patch=patch,
                                          layer=entry.pop("layer", None), noise_tunnel=entry.pop("noise_tunnel", None),
                                          params=entry.pop("params", entry))
-    saved = {(label, names[i]): torch.as_tensor(a)[i:i + 1].float() for label, a in attributions.items()
-             for i in range(x.shape[0])}
-    given_masks = None if masks is None else {names[i]: torch.as_tensor(masks)[i:i + 1] for i in range(x.shape[0])}
-    result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,
-                   overrides=overrides, masks=given_masks, max_batch=max_batch, seed=seed, method_ids=method_ids)
-    if output_dir is not None:
-        result.save(output_dir)
-    return result
+    return requests, method_ids
 
 
 __all__ = ["SCORED_KINDS", "Evaluation", "Metric", "check", "configured", "evaluate", "mask_files", "mask_problem",

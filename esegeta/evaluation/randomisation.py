@@ -97,13 +97,26 @@ def smooth_explain(ctx: Context, model: nn.Module, x: Tensor, target: Tensor, nr
     return a.reshape(b, nr_samples, *a.shape[1:]).mean(1)
 
 
+def comparable(reference: Tensor, a: Tensor) -> Tensor:
+    """The re-explanation ``a`` in the form of the saved ``reference`` (a one-channel map broadcast
+    to its channels), or esegeta's error naming the mismatch and the fix."""
+    if a.shape == reference.shape:
+        return a
+    if a.shape[1] == 1 and a.shape[0] == reference.shape[0]:
+        return a.expand_as(reference)
+    raise ConfigError("attribution", f"the attribution has {reference.shape[1]} channel(s), the method's "
+                                     f"re-explanation {a.shape[1]}: give the attribution as the method returns it "
+                                     f"({a.shape[1]} channel(s), e.g. from esegeta.explain), or a one-channel map "
+                                     "of a method that returns one")
+
+
 def _layer_similarities(ctx, x, attribution, target, order, seed, abs, kind, explain) -> tuple[Tensor, list[str]]:
     reference = attribution.abs() if abs else attribution
     values, names = [], []
     for name, randomised in randomised_models(ctx.model, order, seed, ctx.copy(ctx.model, x)):
         a = explain(randomised)
         a = a.abs() if abs else a
-        values.append(similarity(reference, a.expand_as(reference) if a.shape != reference.shape else a, kind))
+        values.append(similarity(reference, comparable(reference, a), kind))
         names.append(name)
     return torch.stack(values, 1), names
 
@@ -188,7 +201,7 @@ def random_logit_for(ctx: Context, x: Tensor, attribution: Tensor, target: Tenso
     a = explain_batched(ctx, ctx.model, x, other)
     reference = attribution.abs() if abs else attribution
     a = a.abs() if abs else a
-    return MetricResult(similarity(reference, a.expand_as(reference) if a.shape != reference.shape else a, kind))
+    return MetricResult(similarity(reference, comparable(reference, a), kind))
 
 
 for _spec in (
