@@ -141,3 +141,22 @@ def test_a_map_with_fewer_channels_than_the_reexplanation_gets_esegetas_error():
     assert not any("RuntimeError" in e for e in errors)
     full = esegeta.evaluate(model, x, {"captum.Saliency": torch.rand(2, 3, 8, 8)}, ["random_logit"])
     assert not any(r.get("error") for r in full.rows)
+
+
+def test_mprt_scores_every_input_of_a_method_in_one_call(digits, monkeypatch):
+    """One randomised copy re-explains all inputs together; each input's value is its value alone."""
+    x = torch.cat([digits.x[:1], digits.x[:1].flip(-1), digits.x[:1].flip(-2)])
+    maps = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    metrics = ["mprt", "efficient_mprt"]
+    alone = [esegeta.evaluate(digits.model, x[i:i + 1], {"captum.Saliency": maps[i:i + 1]}, metrics).rows
+             for i in range(3)]
+    made = []
+    original = prepare_module.prepare
+    counted = lambda *a: made.append(1) or original(*a)  # noqa: E731
+    monkeypatch.setattr(scoring, "prepare", counted)
+    together = esegeta.evaluate(digits.model, x, {"captum.Saliency": maps}, metrics).rows
+    assert len(made) == 2  # one randomised copy per metric, not one per input
+    assert [(r["input"], r["metric"]) for r in together] == [(f"input{i}", m) for i in range(3) for m in metrics]
+    for i in range(3):
+        for row, single in zip(together[2 * i:2 * i + 2], alone[i]):
+            assert row["value"] == pytest.approx(single["value"], rel=1e-5, abs=1e-6)

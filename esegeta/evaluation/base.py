@@ -242,7 +242,10 @@ class MetricSpec:
     ``explanations(params, n_layers)`` the re-explanations it costs per input, ``n_layers`` being
     the model's number of randomisable layers (:meth:`explanations_per_input`); ``rules``
     {parameter: :class:`Rule`} what a parameter accepts where its default's type does not say it
-    all (:meth:`with_defaults` checks every parameter given).
+    all (:meth:`with_defaults` checks every parameter given); ``stacks_inputs``: an input's value
+    does not depend on the inputs stacked with it (the metric draws nothing from the context's
+    generator), so the engine scores every input of a method in one call (MPRT: each layer
+    randomised once and re-explained for all inputs together, not once per input).
     """
     id: str
     group: str
@@ -255,6 +258,7 @@ class MetricSpec:
     summary: str = ""
     explanations: Callable[[Mapping[str, Any], int], int] = _no_passes
     rules: Mapping[str, Rule] = field(default_factory=dict)
+    stacks_inputs: bool = False
 
     def __post_init__(self):
         if self.group not in GROUPS:

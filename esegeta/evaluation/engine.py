@@ -228,6 +228,7 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     overrides = overrides or {}
     rows, curves, skipped = [], {}, []
     models: dict[torch.device, nn.Module] = {}
+    stacked: dict[tuple, tuple] = {}
     for name, x in inputs:
         if x.device not in models:
             models[x.device] = on_device(model, x.device)
@@ -245,11 +246,41 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
             attrs = {label: as_input_attribution(attributions[(label, name)], x) for label in group}
             for m in metrics:
                 for batch, params in _batches(m, group, overrides, attrs, request.wrapper is not None):
-                    rows += _run_metric(m, params, batch, attrs, requests, forward, model_here, x, target, mask,
-                                        name, base_dir, max_batch, _seed(seed, m.id, name), curves, method_ids or {})
+                    unit = _Rows([(label, name) for label in batch], x.expand(len(batch), *x.shape[1:]),
+                                 torch.cat([attrs[label] for label in batch]), target.expand(len(batch)),
+                                 None if mask is None else mask.expand(len(batch), *mask.shape[1:]))
+                    if m.spec.stacks_inputs and request.wrapper is None and request.patch is None:
+                        key = (m.id, batch[0], json.dumps(params, sort_keys=True, default=str), x.device,
+                               tuple(x.shape[1:]), tuple(unit.attribution.shape[1:]), mask is None)
+                        stacked.setdefault(key, (m, params, forward, model_here, name, []))[-1].append(unit)
+                        continue
+                    rows += _run_metric(m, params, unit, requests, forward, model_here, base_dir, max_batch,
+                                        _seed(seed, m.id, name), curves, method_ids or {})
                 skipped += [f"{m.id} on {label} ({name}): skipped by evaluation.overrides" for label in group
                             if m.for_method(label, overrides) is None]
+    for m, params, forward, model_here, name, units in stacked.values():  # one call for all inputs of a method
+        rows += _run_metric(m, params, _Rows.stack(units), requests, forward, model_here, base_dir, max_batch,
+                            _seed(seed, m.id, name), curves, method_ids or {})
+    order = {name: i for i, (name, _) in enumerate(inputs)}
+    rows.sort(key=lambda r: order[r["input"]])  # input by input, as the rows of one input came
     return Evaluation(rows, curves, list(metrics), skipped, time.perf_counter() - start)
+
+
+@dataclass
+class _Rows:
+    """What one metric call scores: (label, input name) per row, and the rows' stacked tensors."""
+    keys: list[tuple[str, str]]
+    x: torch.Tensor
+    attribution: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor | None
+
+    @staticmethod
+    def stack(units: list[_Rows]) -> _Rows:
+        masks = [u.mask for u in units]
+        return _Rows([k for u in units for k in u.keys], torch.cat([u.x for u in units]),
+                     torch.cat([u.attribution for u in units]), torch.cat([u.target for u in units]),
+                     None if masks[0] is None else torch.cat(masks))
 
 
 def mask_problem(mask: torch.Tensor, spatial: Sequence[int]) -> str | None:
@@ -297,37 +328,37 @@ def _batches(m: Metric, group: list[str], overrides, attrs, wrapped: bool) -> li
     return batches
 
 
-def _run_metric(m: Metric, params, labels, attrs, requests, forward, model, x, target, mask, name, base_dir,
-                max_batch, seed, curves, method_ids) -> list[dict[str, Any]]:
-    """One metric on the methods ``labels`` of one input, batched: their rows (curves into ``curves``)."""
-    n = len(labels)
-    explain = explainer(requests[labels[0]], forward, base_dir, seed) if "explain" in m.spec.needs else None
+def _run_metric(m: Metric, params, unit: _Rows, requests, forward, model, base_dir, max_batch, seed, curves,
+                method_ids) -> list[dict[str, Any]]:
+    """One metric on the rows of ``unit`` (methods of one input, or one method on several inputs),
+    batched: their rows (curves into ``curves``)."""
+    n = len(unit.keys)
+    explain = explainer(requests[unit.keys[0][0]], forward, base_dir, seed) if "explain" in m.spec.needs else None
     ctx = Context(forward=forward, model=model if "model" in m.spec.needs else None, explain=explain,
-                  copy=None if explain is None else explain.copy,
-                  mask=None if mask is None else mask.expand(n, *mask.shape[1:]),
+                  copy=None if explain is None else explain.copy, mask=unit.mask,
                   generator=torch.Generator().manual_seed(seed), max_batch=max_batch, seed=seed)
-    passes = m.spec.forward_passes(tuple(x.shape[1:]), params)
+    passes = m.spec.forward_passes(tuple(unit.x.shape[1:]), params)
     base = [{"label": label, "method": method_ids.get(label, requests[label].spec.id), "input": name, "metric": m.id,
              "group": m.spec.group, "higher_is_better": m.spec.better_higher(params), "forward_passes": passes}
-            for label in labels]
+            for label, name in unit.keys]
     started = time.perf_counter()
     try:
         with numerics.fp32_numerics():
-            result = m.spec(ctx, x.expand(n, *x.shape[1:]), torch.cat([attrs[label] for label in labels]),
-                            target.expand(n), **params)
+            result = m.spec(ctx, unit.x, unit.attribution, unit.target, **params)
     except Exception as exc:  # noqa: BLE001 (one failing metric never stops the others)
         if isinstance(exc, ConfigError):  # a parameter that does not fit this input: name the config's field
             path = exc.path if exc.path.startswith("evaluation") else f"{m.where}.{exc.path}".rstrip(".")
             error = f"{path}: {exc.message}"
         else:
             error = f"{type(exc).__name__}: {exc}"
-        log.error("evaluation: %s on %s (%s) failed: %s", m.id, ", ".join(labels), name, error)
+        log.error("evaluation: %s on %s failed: %s", m.id, ", ".join(f"{label} ({name})" for label, name in unit.keys),
+                  error)
         return [{**row, "value": math.nan, "error": error} for row in base]
     seconds = round((time.perf_counter() - started) / n, 4)
     values = result.values.detach().float().cpu().reshape(-1).tolist()
     for key, curve in (result.curves or {}).items():
         array = curve.detach().float().cpu().numpy() if torch.is_tensor(curve) else np.asarray(curve)
-        for i, label in enumerate(labels):
+        for i, (label, name) in enumerate(unit.keys):
             curves[f"{label}/{name}/{m.id}/{key}"] = array[i] if array.ndim and array.shape[0] == n else array
     return [{**row, "value": float(v), "seconds": seconds} for row, v in zip(base, values)]
 

@@ -207,7 +207,7 @@ def random_logit_for(ctx: Context, x: Tensor, attribution: Tensor, target: Tenso
 for _spec in (
     MetricSpec("mprt", "randomisation", "Adebayo et al. 2018, Sanity Checks for Saliency Maps (NeurIPS)", mprt,
                keyword_defaults(mprt), higher_is_better=False, needs={"model", "explain"},
-               explanations=lambda p, layers: layers,
+               explanations=lambda p, layers: layers, stacks_inputs=True,
                summary="similarity to explanations of a model with randomised layers (one re-explanation per layer)"),
     MetricSpec("smooth_mprt", "randomisation", "Hedström et al. 2023, Sanity Checks Revisited: An Exploration to "
                "Repair the Model Parameter Randomisation Test (XAI in Action workshop, NeurIPS)", smooth_mprt,
@@ -217,7 +217,7 @@ for _spec in (
     MetricSpec("efficient_mprt", "randomisation", "Hedström et al. 2023, Sanity Checks Revisited: An Exploration to "
                "Repair the Model Parameter Randomisation Test (XAI in Action workshop, NeurIPS)", efficient_mprt,
                keyword_defaults(efficient_mprt), higher_is_better=True, needs={"model", "explain"},
-               explanations=lambda p, layers: 1,
+               explanations=lambda p, layers: 1, stacks_inputs=True,
                summary="relative rise of explanation entropy once all layers are randomised (one re-explanation)"),
     MetricSpec("random_logit", "randomisation", "Sixt, Granz, Landgraf 2020, When Explanations Lie: Why Many "
                "Modified BP Attributions Fail (ICML)", random_logit, keyword_defaults(random_logit),
