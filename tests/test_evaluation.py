@@ -44,7 +44,8 @@ def _digits_config(tmp_path, evaluation, **kw):
     ({"metrics": []}, "evaluation.metrics"),
     ({"metrics": ["deletion"], "max_batch": 0}, "evaluation.max_batch"),
     ({"metrics": ["pointing_game"], "masks": ["nowhere/*.npy"]}, "evaluation.masks[0]"),
-    ({"metrics": ["pointing_game"], "masks": [str(DIGITS / "digit_1_label0.npy")]}, "evaluation.masks"),
+    ({"metrics": ["pointing_game"], "masks": [str(DIGITS / "digit_1_label0.npy"), str(DIGITS / "digit_9_label7.npy")]},
+     "evaluation.masks"),
     ({"metrics": ["deletion"], "roar": {"train": "nowhere.py:train", "data": "nowhere.py:data"}},
      "evaluation.roar.train"),
 ])

@@ -14,6 +14,7 @@ what the metric needs, and how many forward passes it costs per input.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from esegeta.errors import ConfigError, did_you_mean
 
 __all__ = [
-    "Context", "MetricResult", "MetricSpec", "METRIC_MODULES", "NEEDS", "GROUPS",
+    "Context", "MetricResult", "MetricSpec", "Rule", "METRIC_MODULES", "NEEDS", "GROUPS",
     "register", "all_metrics", "metric", "keyword_defaults",
 ]
 
@@ -36,6 +37,10 @@ NEEDS = frozenset({"model", "explain", "mask"})
 GROUPS = ("faithfulness", "randomisation", "localisation", "robustness", "complexity")
 #: Modules of esegeta.evaluation whose import registers metrics.
 METRIC_MODULES = ("faithfulness", "road", "randomisation", "localisation", "robustness", "complexity")
+
+
+def _deepcopy(model: nn.Module, x: Tensor) -> nn.Module:
+    return copy.deepcopy(model)
 
 
 def _plain_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -63,6 +68,9 @@ class Context:
     ``max_batch`` inputs, so a forward itself may take any batch. ``model`` is needed by the
     randomisation metrics, ``explain(model, x, target) -> attribution`` by those that
     re-explain (randomisation, robustness), ``mask`` (B, 1|C, *S) bool by localisation.
+    ``copy(model, x)`` makes the one copy of the model a randomisation metric changes in place
+    (an :class:`esegeta.evaluation.scoring.Explainer`'s prepared copy, which ``explain`` takes as
+    it is; default ``copy.deepcopy``).
     ``generator`` (a seeded CPU generator) drives every random draw: draws are made on it and
     moved to the data's device (:meth:`rand`, :meth:`randn`), or, on an accelerator, made by a
     generator of that device seeded from it.
@@ -70,6 +78,7 @@ class Context:
     forward: Callable[[Tensor], Tensor] | None = None
     model: nn.Module | None = None
     explain: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None
+    copy: Callable[[nn.Module, Tensor], nn.Module] | None = None
     mask: Tensor | None = None
     generator: torch.Generator | None = None
     max_batch: int = 256
@@ -83,6 +92,8 @@ class Context:
             self.forward = _plain_forward(self.model)
         if self.generator is None:
             self.generator = torch.Generator().manual_seed(self.seed)
+        if self.copy is None:
+            self.copy = _deepcopy
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
@@ -153,6 +164,64 @@ class MetricResult:
     higher_is_better: bool = True
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What one metric parameter accepts, checked with the config before anything runs: a kind
+    (``int`` takes no bool; ``float`` takes ints; ``list`` a non-empty list of numbers, each
+    within the range), a range (``low`` <= v, or < v with ``open_low``; v <= ``high``), the
+    ``choices`` of a string, and whether ``None`` is allowed (``optional``)."""
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    @classmethod
+    def of_default(cls, default: Any) -> Rule | None:
+        """The rule a default implies where a metric states none (its type), or None (no check)."""
+        for kind, types in (("bool", bool), ("int", int), ("float", float), ("str", str), ("list", (list, tuple))):
+            if isinstance(default, types):
+                return cls(kind)
+        return None
+
+    def _number(self, v: Any, integer: bool) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+            return False
+        if self.low is not None and (v <= self.low if self.open_low else v < self.low):
+            return False
+        return self.high is None or v <= self.high
+
+    def _wanted(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                "list": "a non-empty list of numbers"}[self.kind]
+        if self.low is not None:
+            kind += f" {'>' if self.open_low else '>='} {self.low:g}"
+        if self.high is not None:
+            kind += f"{' and' if self.low is not None else ''} <= {self.high:g}"
+        return kind + (", or null" if self.optional else "")
+
+    def problem(self, value: Any) -> str | None:
+        """None if ``value`` is accepted, else what is wanted (for a :class:`ConfigError`)."""
+        if value is None and self.optional:
+            return None
+        if self.kind == "bool":
+            ok = isinstance(value, bool)
+        elif self.kind in ("int", "float"):
+            ok = self._number(value, self.kind == "int")
+        elif self.kind == "list":
+            ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(self._number(v, False) for v in value)
+        else:
+            ok = isinstance(value, str) and (not self.choices or value in self.choices)
+        if ok:
+            return None
+        if isinstance(value, str) and self.choices:
+            return f"{value!r} is not accepted" + did_you_mean(value, self.choices)
+        return f"{value!r} is not accepted; give {self._wanted()}"
+
+
 def _no_passes(params: Mapping[str, Any], input_shape: tuple[int, ...]) -> int:
     return 0
 
@@ -171,7 +240,12 @@ class MetricSpec:
     and are not included); ``needs`` what it needs from the :class:`Context` beyond the forward
     (subset of :data:`NEEDS`); ``summary`` one line for ``esegeta metrics``;
     ``explanations(params, n_layers)`` the re-explanations it costs per input, ``n_layers`` being
-    the model's number of randomisable layers (:meth:`explanations_per_input`).
+    the model's number of randomisable layers (:meth:`explanations_per_input`); ``rules``
+    {parameter: :class:`Rule`} what a parameter accepts where its default's type does not say it
+    all (:meth:`with_defaults` checks every parameter given); ``stacks_inputs``: an input's value
+    does not depend on the inputs stacked with it (the metric draws nothing from the context's
+    generator), so the engine scores every input of a method in one call (MPRT: each layer
+    randomised once and re-explained for all inputs together, not once per input).
     """
     id: str
     group: str
@@ -183,6 +257,8 @@ class MetricSpec:
     needs: frozenset[str] = frozenset()
     summary: str = ""
     explanations: Callable[[Mapping[str, Any], int], int] = _no_passes
+    rules: Mapping[str, Rule] = field(default_factory=dict)
+    stacks_inputs: bool = False
 
     def __post_init__(self):
         if self.group not in GROUPS:
@@ -196,12 +272,16 @@ class MetricSpec:
 
     def with_defaults(self, params: Mapping[str, Any] | None = None, path: str = "params") -> dict[str, Any]:
         """The full parameter set: the defaults overridden by ``params`` (unknown names are a
-        :class:`ConfigError` at ``path.<name>``)."""
+        :class:`ConfigError` at ``path.<name>``, and so is a value its :class:`Rule` refuses)."""
         params = dict(params or {})
-        for name in params:
+        for name, value in params.items():
             if name not in self.params:
                 raise ConfigError(f"{path}.{name}", f"metric {self.id} has no parameter {name!r}"
                                   + did_you_mean(name, self.params))
+            rule = self.rules.get(name) or Rule.of_default(self.params[name])
+            problem = rule.problem(value) if rule is not None else None
+            if problem is not None:
+                raise ConfigError(f"{path}.{name}", f"metric {self.id}: {problem}")
         return {**self.params, **params}
 
     def better_higher(self, params: Mapping[str, Any] | None = None) -> bool:

@@ -227,11 +227,12 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     start = time.perf_counter()
     overrides = overrides or {}
     rows, curves, skipped = [], {}, []
-    on_device: dict[torch.device, nn.Module] = {}
+    models: dict[torch.device, nn.Module] = {}
+    stacked: dict[tuple, tuple] = {}
     for name, x in inputs:
-        if x.device not in on_device:
-            on_device[x.device] = model_on_device(model, x.device)
-        model_here = on_device[x.device]
+        if x.device not in models:
+            models[x.device] = model_on_device(model, x.device)
+        model_here = models[x.device]
         labels = [label for label, n in attributions if n == name]
         groups: dict[str, list[str]] = {}
         for label in labels:
@@ -245,22 +246,63 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
             attrs = {label: as_input_attribution(attributions[(label, name)], x) for label in group}
             for m in metrics:
                 for batch, params in _batches(m, group, overrides, attrs, request.wrapper is not None):
-                    rows += _run_metric(m, params, batch, attrs, requests, forward, model_here, x, target, mask,
-                                        name, base_dir, max_batch, _seed(seed, m.id, name), curves, method_ids or {})
+                    unit = _Rows([(label, name) for label in batch], x.expand(len(batch), *x.shape[1:]),
+                                 torch.cat([attrs[label] for label in batch]), target.expand(len(batch)),
+                                 None if mask is None else mask.expand(len(batch), *mask.shape[1:]))
+                    if m.spec.stacks_inputs and request.wrapper is None and request.patch is None:
+                        key = (m.id, batch[0], json.dumps(params, sort_keys=True, default=str), x.device,
+                               tuple(x.shape[1:]), tuple(unit.attribution.shape[1:]), mask is None)
+                        stacked.setdefault(key, (m, params, forward, model_here, name, []))[-1].append(unit)
+                        continue
+                    rows += _run_metric(m, params, unit, requests, forward, model_here, base_dir, max_batch,
+                                        _seed(seed, m.id, name), curves, method_ids or {})
                 skipped += [f"{m.id} on {label} ({name}): skipped by evaluation.overrides" for label in group
                             if m.for_method(label, overrides) is None]
+    for m, params, forward, model_here, name, units in stacked.values():  # one call for all inputs of a method
+        rows += _run_metric(m, params, _Rows.stack(units), requests, forward, model_here, base_dir, max_batch,
+                            _seed(seed, m.id, name), curves, method_ids or {})
+    order = {name: i for i, (name, _) in enumerate(inputs)}
+    rows.sort(key=lambda r: order[r["input"]])  # input by input, as the rows of one input came
     return Evaluation(rows, curves, list(metrics), skipped, time.perf_counter() - start)
+
+
+@dataclass
+class _Rows:
+    """What one metric call scores: (label, input name) per row, and the rows' stacked tensors."""
+    keys: list[tuple[str, str]]
+    x: torch.Tensor
+    attribution: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor | None
+
+    @staticmethod
+    def stack(units: list[_Rows]) -> _Rows:
+        masks = [u.mask for u in units]
+        return _Rows([k for u in units for k in u.keys], torch.cat([u.x for u in units]),
+                     torch.cat([u.attribution for u in units]), torch.cat([u.target for u in units]),
+                     None if masks[0] is None else torch.cat(masks))
+
+
+def mask_problem(mask: torch.Tensor, spatial: Sequence[int]) -> str | None:
+    """None if ``mask`` (*S, or with leading axes of size 1) fits inputs of spatial shape ``spatial``, else why not."""
+    shape = tuple(mask.shape)
+    core = shape
+    while len(core) > len(spatial) and core[0] == 1:
+        core = core[1:]
+    if core == tuple(spatial):
+        return None
+    kind = f"{len(spatial)}D"
+    return (f"a mask of shape {shape} for a {kind} input of spatial shape {tuple(spatial)}: give a {kind} mask of "
+            f"shape {tuple(spatial)} (the input's shape after inputs.resize)")
 
 
 def _mask(masks, name, forward: Scorer, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     if masks is not None and name in masks:
         given = torch.as_tensor(masks[name], device=x.device)
-        while given.ndim < x.ndim:
-            given = given.unsqueeze(0)
-        if tuple(given.shape[2:]) != tuple(x.shape[2:]):
-            raise ConfigError("evaluation.masks", f"the mask of {name} has shape {tuple(given.shape[2:])}, the input "
-                                                  f"{tuple(x.shape[2:])}")
-        return given[:1, :1] > 0
+        problem = mask_problem(given, x.shape[2:])
+        if problem is not None:
+            raise ConfigError("evaluation.masks", f"{name}: {problem}")
+        return given.reshape(1, 1, *x.shape[2:]) > 0
     return forward.target_mask(int(target[0])) if target.numel() else None
 
 
@@ -286,43 +328,45 @@ def _batches(m: Metric, group: list[str], overrides, attrs, wrapped: bool) -> li
     return batches
 
 
-def _run_metric(m: Metric, params, labels, attrs, requests, forward, model, x, target, mask, name, base_dir,
-                max_batch, seed, curves, method_ids) -> list[dict[str, Any]]:
-    """One metric on the methods ``labels`` of one input, batched: their rows (curves into ``curves``)."""
-    n = len(labels)
-    explain = explainer(requests[labels[0]], forward, base_dir, seed) if "explain" in m.spec.needs else None
+def _run_metric(m: Metric, params, unit: _Rows, requests, forward, model, base_dir, max_batch, seed, curves,
+                method_ids) -> list[dict[str, Any]]:
+    """One metric on the rows of ``unit`` (methods of one input, or one method on several inputs),
+    batched: their rows (curves into ``curves``)."""
+    n = len(unit.keys)
+    explain = explainer(requests[unit.keys[0][0]], forward, base_dir, seed) if "explain" in m.spec.needs else None
     ctx = Context(forward=forward, model=model if "model" in m.spec.needs else None, explain=explain,
-                  mask=None if mask is None else mask.expand(n, *mask.shape[1:]),
+                  copy=None if explain is None else explain.copy, mask=unit.mask,
                   generator=torch.Generator().manual_seed(seed), max_batch=max_batch, seed=seed)
-    passes = m.spec.forward_passes(tuple(x.shape[1:]), params)
+    passes = m.spec.forward_passes(tuple(unit.x.shape[1:]), params)
     base = [{"label": label, "method": method_ids.get(label, requests[label].spec.id), "input": name, "metric": m.id,
              "group": m.spec.group, "higher_is_better": m.spec.better_higher(params), "forward_passes": passes}
-            for label in labels]
+            for label, name in unit.keys]
     started = time.perf_counter()
     try:
         with numerics.fp32_numerics():
-            result = m.spec(ctx, x.expand(n, *x.shape[1:]), torch.cat([attrs[label] for label in labels]),
-                            target.expand(n), **params)
+            result = m.spec(ctx, unit.x, unit.attribution, unit.target, **params)
     except Exception as exc:  # noqa: BLE001 (one failing metric never stops the others)
         if isinstance(exc, ConfigError):  # a parameter that does not fit this input: name the config's field
             path = exc.path if exc.path.startswith("evaluation") else f"{m.where}.{exc.path}".rstrip(".")
             error = f"{path}: {exc.message}"
         else:
             error = f"{type(exc).__name__}: {exc}"
-        log.error("evaluation: %s on %s (%s) failed: %s", m.id, ", ".join(labels), name, error)
+        log.error("evaluation: %s on %s failed: %s", m.id, ", ".join(f"{label} ({name})" for label, name in unit.keys),
+                  error)
         return [{**row, "value": math.nan, "error": error} for row in base]
     seconds = round((time.perf_counter() - started) / n, 4)
     values = result.values.detach().float().cpu().reshape(-1).tolist()
     for key, curve in (result.curves or {}).items():
         array = curve.detach().float().cpu().numpy() if torch.is_tensor(curve) else np.asarray(curve)
-        for i, label in enumerate(labels):
+        for i, (label, name) in enumerate(unit.keys):
             curves[f"{label}/{name}/{m.id}/{key}"] = array[i] if array.ndim and array.shape[0] == n else array
     return [{**row, "value": float(v), "seconds": seconds} for row, v in zip(base, values)]
 
 
 # -- masks of a config ---------------------------------------------------------------
 def mask_files(config, base_dir: Path | None) -> list[Path] | None:
-    """The files of ``evaluation.masks``, one per input (a ConfigError naming ``evaluation.masks[i]`` if not)."""
+    """The files of ``evaluation.masks``, one per input (one file serves all; a ConfigError naming
+    ``evaluation.masks`` if the counts differ otherwise)."""
     ev = config.evaluation
     if ev is None or ev.masks is None:
         return None
@@ -331,9 +375,11 @@ def mask_files(config, base_dir: Path | None) -> list[Path] | None:
     except ConfigError as exc:
         raise ConfigError(exc.path.replace("inputs.paths", "evaluation.masks"), exc.message) from None
     inputs = expand_paths(config.inputs.paths, base_dir)
+    if len(files) == 1:  # one mask serves every input
+        return files * len(inputs)
     if len(files) != len(inputs):
         raise ConfigError("evaluation.masks", f"names {len(files)} mask file(s) for {len(inputs)} input(s); "
-                                              "give one mask per input, in the inputs' order")
+                                              "give one mask per input, in the inputs' order, or one for all")
     return files
 
 
@@ -350,7 +396,8 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     ``esegeta metrics``). ``methods`` {label: registry id or {"id", "params", "layer", ...}}
     says which esegeta method made each attribution, for metrics that re-explain
     (randomisation, robustness); a label that is a registry id needs no entry. ``target``,
-    ``wrapper`` and ``patch`` are those of :func:`esegeta.explain`; ``masks`` (B, 1, *S)
+    ``wrapper`` and ``patch`` are those of :func:`esegeta.explain`, or ``target`` one class
+    index per input (a list, array or tensor of B); ``masks`` (B, 1, *S)
     ground truth for localisation. Returns an :class:`Evaluation` (``.rows``, ``.table()``,
     ``.summary``, ``.save(dir)``; saved to ``output_dir`` if given).
 
@@ -370,6 +417,57 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     device = next((p.device for p in model.parameters()), inputs.device)
     x = inputs.detach().to(device=device, dtype=torch.float32)
     names = [f"input{i}" for i in range(x.shape[0])]
+    targets = _per_input_targets(target, x.shape[0])
+    saved = {(label, names[i]): _one_map(label, a, i, x) for label, a in attributions.items()
+             for i in range(x.shape[0])}
+    given_masks = None if masks is None else {names[i]: _one_mask(masks, i) for i in range(x.shape[0])}
+    options = dict(overrides=overrides, masks=given_masks, max_batch=max_batch, seed=seed)
+    if targets is None:
+        requests, method_ids = _requests(attributions, methods, configured_metrics, target, wrapper, patch)
+        result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,
+                       method_ids=method_ids, **options)
+    else:  # one scoring per input, each with its own target
+        parts = []
+        for i, name in enumerate(names):
+            requests, method_ids = _requests(attributions, methods, configured_metrics, targets[i], wrapper, patch)
+            parts.append(score(model, [(name, x[i:i + 1])], {k: v for k, v in saved.items() if k[1] == name},
+                               requests, configured_metrics, method_ids=method_ids, **options))
+        result = Evaluation([r for e in parts for r in e.rows], {k: v for e in parts for k, v in e.curves.items()},
+                            configured_metrics, [s for e in parts for s in e.skipped], sum(e.seconds for e in parts))
+    if output_dir is not None:
+        result.save(output_dir)
+    return result
+
+
+def _per_input_targets(target: Any, n: int) -> list[Any] | None:
+    """``target`` as one target per input when it is a sequence (list, tuple, array, 1-d tensor), else None."""
+    if isinstance(target, (str, int)) or target is None or (torch.is_tensor(target) and target.ndim == 0):
+        return None
+    if isinstance(target, np.ndarray) and target.ndim == 0:
+        return None
+    values = target.tolist() if hasattr(target, "tolist") else list(target)
+    if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) or v in ("predicted", None)
+                                   for v in values):
+        raise ConfigError("target", f"{target!r}: give one target for all inputs (a class index, 'predicted' or "
+                                    f"None) or one per input ({n} class indices)")
+    return values
+
+
+def _one_map(label: str, a: Any, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Input ``i``'s map of ``attributions[label]`` as (1, C|1, *S); a ConfigError where it cannot score ``x``."""
+    a = torch.as_tensor(a)
+    if a.ndim not in (x.ndim - 1, x.ndim) or a.shape[0] != x.shape[0]:
+        raise ConfigError(f"attributions.{label}", f"shape {tuple(a.shape)} does not fit inputs {tuple(x.shape)}: "
+                                                   "give (batch, channels or 1, *spatial), one map per input")
+    return a[i:i + 1].float()
+
+
+def _one_mask(masks: Any, i: int) -> torch.Tensor:
+    return torch.as_tensor(masks)[i:i + 1]
+
+
+def _requests(attributions, methods, configured_metrics, target, wrapper, patch) -> tuple[dict, dict]:
+    """The request of each label (its method, for re-explanations; the target, wrapper and patch of the scoring)."""
     requests, known, method_ids = {}, all_methods(), {}
     for label in attributions:
         given = (methods or {}).get(label, label if label in known else None)
@@ -386,14 +484,8 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
         requests[label] = from_arguments(method_id, target=target, wrapper=wrapper, patch=patch,
                                          layer=entry.pop("layer", None), noise_tunnel=entry.pop("noise_tunnel", None),
                                          params=entry.pop("params", entry))
-    saved = {(label, names[i]): torch.as_tensor(a)[i:i + 1].float() for label, a in attributions.items()
-             for i in range(x.shape[0])}
-    given_masks = None if masks is None else {names[i]: torch.as_tensor(masks)[i:i + 1] for i in range(x.shape[0])}
-    result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,
-                   overrides=overrides, masks=given_masks, max_batch=max_batch, seed=seed, method_ids=method_ids)
-    if output_dir is not None:
-        result.save(output_dir)
-    return result
+    return requests, method_ids
 
 
-__all__ = ["SCORED_KINDS", "Evaluation", "Metric", "check", "configured", "evaluate", "mask_files", "problems", "score"]
+__all__ = ["SCORED_KINDS", "Evaluation", "Metric", "check", "configured", "evaluate", "mask_files", "mask_problem",
+           "problems", "score"]

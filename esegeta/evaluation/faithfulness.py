@@ -14,6 +14,8 @@ input's mean), ``"blur"`` (the input blurred by a Gaussian of ``blur_sigma`` vox
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import torch
@@ -21,11 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from esegeta.errors import ConfigError
-from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, Rule, keyword_defaults, register
 from esegeta.evaluation.similarity import pearson
 
 BASELINES = ("value", "min", "max", "mean", "blur", "uniform")
 ORDERS = ("morf", "lerf", "random")
+#: What the faithfulness metrics' parameters accept (checked with the config, before a run).
+RULES = {"steps": Rule("int", 1), "baseline": Rule("str", choices=BASELINES), "value": Rule("float"),
+         "blur_sigma": Rule("float", 0, open_low=True), "softmax": Rule("bool"), "order": Rule("str", choices=ORDERS),
+         "features_in_step": Rule("int", 1), "patch_size": Rule("int", 1), "regions_evaluation": Rule("int", 1),
+         "nr_runs": Rule("int", 2), "subset_size": Rule("int", 1, optional=True), "n_perturbations": Rule("int", 1),
+         "perturbation": Rule("str", choices=("noise", "patches")), "noise_std": Rule("float", 0),
+         "normalize": Rule("bool")}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -395,4 +404,4 @@ for _spec in (
                "(NeurIPS)", infidelity, keyword_defaults(infidelity), higher_is_better=False, passes=_infidelity_passes,
                summary="squared error of the attribution's prediction of a perturbation's effect"),
 ):
-    register(_spec)
+    register(dataclasses.replace(_spec, rules=RULES))

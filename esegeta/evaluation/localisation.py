@@ -6,6 +6,8 @@ channels, so both are compared per pixel (voxel). An input whose mask is empty s
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import torch
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from esegeta.errors import ConfigError
-from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, Rule, keyword_defaults, register
 
 
 def _flat(ctx: Context, attribution: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,6 +98,8 @@ def top_k_intersection(ctx: Context, x: Tensor, attribution: Tensor, target: Ten
 
 
 _MASK = frozenset({"mask"})
+#: What the localisation metrics' parameters accept (checked with the config, before a run).
+RULES = {"tolerance": Rule("float", 0), "k": Rule("int", 1)}
 for _spec in (
     MetricSpec("pointing_game", "localisation", "Zhang et al. 2018, Top-down Neural Attention by Excitation Backprop "
                "(IJCV)", pointing_game, keyword_defaults(pointing_game), needs=_MASK,
@@ -113,4 +117,4 @@ for _spec in (
                "Geolocation (WACV)", top_k_intersection, keyword_defaults(top_k_intersection), needs=_MASK,
                summary="share of the k most relevant pixels inside the mask"),
 ):
-    register(_spec)
+    register(dataclasses.replace(_spec, rules=RULES))

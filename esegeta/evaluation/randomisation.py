@@ -11,6 +11,8 @@ or ``ssim`` (structural similarity of the channel-summed maps, as scikit-image c
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 from collections.abc import Iterator
 
@@ -18,10 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from esegeta.errors import ConfigError
-from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
-from esegeta.evaluation.similarity import similarity
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, Rule, keyword_defaults, register
+from esegeta.evaluation.similarity import SIMILARITIES, similarity
 
 ORDERS = ("top_down", "bottom_up", "independent")
+#: What the randomisation metrics' parameters accept (checked with the config, before a run).
+RULES = {"order": Rule("str", choices=ORDERS), "seed": Rule("int"), "similarity": Rule("str", choices=SIMILARITIES),
+         "abs": Rule("bool"), "aggregate": Rule("str", choices=("last", "mean")), "nr_samples": Rule("int", 1),
+         "noise_magnitude": Rule("float", 0), "n_bins": Rule("int", 1), "num_classes": Rule("int", 2, optional=True)}
 
 
 def randomisable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -36,13 +42,15 @@ def _reset(module: nn.Module, seed: int) -> None:
         module.reset_parameters()
 
 
-def randomised_models(model: nn.Module, order: str = "top_down", seed: int = 42) -> Iterator[tuple[str, nn.Module]]:
+def randomised_models(model: nn.Module, order: str = "top_down", seed: int = 42,
+                      randomised: nn.Module | None = None) -> Iterator[tuple[str, nn.Module]]:
     """Yield (layer name, model copy) with one more layer randomised each time (``top_down``: from the
     output, cascading; ``bottom_up``: from the input, cascading; ``independent``: only that layer).
-    The same copy is changed in place between yields."""
+    One copy (``randomised``, a copy of ``model`` made once, or a deep copy) is changed in place
+    between yields: nothing is copied or prepared per layer."""
     if order not in ORDERS:
         raise ConfigError("params.order", f"unknown order {order!r}; valid: {', '.join(ORDERS)}")
-    randomised = copy.deepcopy(model)
+    randomised = copy.deepcopy(model) if randomised is None else randomised
     original = copy.deepcopy(randomised.state_dict()) if order == "independent" else None
     layers = randomisable_layers(randomised)
     if not layers:
@@ -56,9 +64,10 @@ def randomised_models(model: nn.Module, order: str = "top_down", seed: int = 42)
         yield name, randomised
 
 
-def fully_randomised(model: nn.Module, seed: int = 42) -> nn.Module:
-    """A copy of ``model`` with every layer randomised (the last model of a cascade, in any order)."""
-    randomised = copy.deepcopy(model)
+def fully_randomised(model: nn.Module, seed: int = 42, randomised: nn.Module | None = None) -> nn.Module:
+    """A copy of ``model`` (``randomised``, or a deep copy) with every layer randomised (the last
+    model of a cascade, in any order)."""
+    randomised = copy.deepcopy(model) if randomised is None else randomised
     for _, module in randomisable_layers(randomised):
         _reset(module, seed)
     return randomised
@@ -88,13 +97,26 @@ def smooth_explain(ctx: Context, model: nn.Module, x: Tensor, target: Tensor, nr
     return a.reshape(b, nr_samples, *a.shape[1:]).mean(1)
 
 
+def comparable(reference: Tensor, a: Tensor) -> Tensor:
+    """The re-explanation ``a`` in the form of the saved ``reference`` (a one-channel map broadcast
+    to its channels), or esegeta's error naming the mismatch and the fix."""
+    if a.shape == reference.shape:
+        return a
+    if a.shape[1] == 1 and a.shape[0] == reference.shape[0]:
+        return a.expand_as(reference)
+    raise ConfigError("attribution", f"the attribution has {reference.shape[1]} channel(s), the method's "
+                                     f"re-explanation {a.shape[1]}: give the attribution as the method returns it "
+                                     f"({a.shape[1]} channel(s), e.g. from esegeta.explain), or a one-channel map "
+                                     "of a method that returns one")
+
+
 def _layer_similarities(ctx, x, attribution, target, order, seed, abs, kind, explain) -> tuple[Tensor, list[str]]:
     reference = attribution.abs() if abs else attribution
     values, names = [], []
-    for name, randomised in randomised_models(ctx.model, order, seed):
+    for name, randomised in randomised_models(ctx.model, order, seed, ctx.copy(ctx.model, x)):
         a = explain(randomised)
         a = a.abs() if abs else a
-        values.append(similarity(reference, a.expand_as(reference) if a.shape != reference.shape else a, kind))
+        values.append(similarity(reference, comparable(reference, a), kind))
         names.append(name)
     return torch.stack(values, 1), names
 
@@ -149,7 +171,7 @@ def efficient_mprt(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor,
     complexity (histogram entropy over ``n_bins`` bins) of the explanation when every layer is
     randomised, (H(random) - H(original)) / H(original); one re-explanation per input (higher is better)."""
     reference = attribution.abs() if abs else attribution
-    randomised = explain_batched(ctx, fully_randomised(ctx.model, seed), x, target)
+    randomised = explain_batched(ctx, fully_randomised(ctx.model, seed, ctx.copy(ctx.model, x)), x, target)
     randomised = randomised.abs() if abs else randomised
     before, after = histogram_entropy(reference, n_bins), histogram_entropy(randomised, n_bins)
     return MetricResult((after - before) / before, {"entropy": torch.stack([before, after], 1)})
@@ -179,13 +201,13 @@ def random_logit_for(ctx: Context, x: Tensor, attribution: Tensor, target: Tenso
     a = explain_batched(ctx, ctx.model, x, other)
     reference = attribution.abs() if abs else attribution
     a = a.abs() if abs else a
-    return MetricResult(similarity(reference, a.expand_as(reference) if a.shape != reference.shape else a, kind))
+    return MetricResult(similarity(reference, comparable(reference, a), kind))
 
 
 for _spec in (
     MetricSpec("mprt", "randomisation", "Adebayo et al. 2018, Sanity Checks for Saliency Maps (NeurIPS)", mprt,
                keyword_defaults(mprt), higher_is_better=False, needs={"model", "explain"},
-               explanations=lambda p, layers: layers,
+               explanations=lambda p, layers: layers, stacks_inputs=True,
                summary="similarity to explanations of a model with randomised layers (one re-explanation per layer)"),
     MetricSpec("smooth_mprt", "randomisation", "Hedström et al. 2023, Sanity Checks Revisited: An Exploration to "
                "Repair the Model Parameter Randomisation Test (XAI in Action workshop, NeurIPS)", smooth_mprt,
@@ -195,7 +217,7 @@ for _spec in (
     MetricSpec("efficient_mprt", "randomisation", "Hedström et al. 2023, Sanity Checks Revisited: An Exploration to "
                "Repair the Model Parameter Randomisation Test (XAI in Action workshop, NeurIPS)", efficient_mprt,
                keyword_defaults(efficient_mprt), higher_is_better=True, needs={"model", "explain"},
-               explanations=lambda p, layers: 1,
+               explanations=lambda p, layers: 1, stacks_inputs=True,
                summary="relative rise of explanation entropy once all layers are randomised (one re-explanation)"),
     MetricSpec("random_logit", "randomisation", "Sixt, Granz, Landgraf 2020, When Explanations Lie: Why Many "
                "Modified BP Attributions Fail (ICML)", random_logit, keyword_defaults(random_logit),
@@ -203,4 +225,4 @@ for _spec in (
                passes=lambda p, s: 1 if p["num_classes"] is None else 0,
                summary="similarity to the explanation of a random other class (one re-explanation)"),
 ):
-    register(_spec)
+    register(dataclasses.replace(_spec, rules=RULES))

@@ -18,10 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from esegeta.errors import ConfigError
-from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, Rule, keyword_defaults, register
 from esegeta.evaluation.faithfulness import rank_map
 
 NEIGHBOURS = {2: (4, 8), 3: (6, 26)}
+#: What ROAD's parameters accept (checked with the config, before a run).
+RULES = {"percentages": Rule("list", 0, 100), "order": Rule("str", choices=("morf", "lerf", "random")),
+         "noise": Rule("float", 0), "neighbours": Rule("int", 4, 26, optional=True), "softmax": Rule("bool"),
+         "tol": Rule("float", 0, open_low=True), "max_iter": Rule("int", 1)}
 
 
 def neighbour_kernel(dims: int, neighbours: int, device=None, dtype=torch.float32) -> Tensor:
@@ -146,6 +150,6 @@ register(MetricSpec(
     "road", "faithfulness", "Rong, Leemann, Borisov, Kasneci, Kasneci 2022, A Consistent and Efficient Evaluation "
     "Strategy for Attribution Methods (ICML)", road, keyword_defaults(road),
     higher_is_better=lambda p: p["order"] != "morf", passes=lambda p, s: len(p["percentages"]),
-    summary="target score after removing the top p % by noisy linear imputation (ROAD, no retraining)"))
+    summary="target score after removing the top p % by noisy linear imputation (ROAD, no retraining)", rules=RULES))
 
 __all__ = ["road", "linear_imputation", "noisy_linear_imputation", "neighbour_kernel"]

@@ -6,10 +6,12 @@ Each metric explains ``nr_samples`` perturbed copies of every input with the con
 """
 from __future__ import annotations
 
+import dataclasses
+
 from torch import Tensor
 
 from esegeta.errors import ConfigError
-from esegeta.evaluation.base import Context, MetricResult, MetricSpec, keyword_defaults, register
+from esegeta.evaluation.base import Context, MetricResult, MetricSpec, Rule, keyword_defaults, register
 from esegeta.evaluation.randomisation import explain_batched
 
 
@@ -64,6 +66,8 @@ def local_lipschitz_estimate(ctx: Context, x: Tensor, attribution: Tensor, targe
     return MetricResult(curve.max(1).values, {"lipschitz": curve})
 
 
+#: What the robustness metrics' parameters accept (checked with the config, before a run).
+RULES = {"nr_samples": Rule("int", 1), "std": Rule("float", 0, open_low=True), "radius": Rule("float", 0, open_low=True)}
 for _spec in (
     MetricSpec("max_sensitivity", "robustness", "Yeh et al. 2019, On the (In)fidelity and Sensitivity of Explanations "
                "(NeurIPS)", max_sensitivity, keyword_defaults(max_sensitivity), higher_is_better=False,
@@ -75,6 +79,6 @@ for _spec in (
                explanations=lambda p, layers: int(p["nr_samples"]),
                summary="largest ratio of explanation change to input change under Gaussian noise"),
 ):
-    register(_spec)
+    register(dataclasses.replace(_spec, rules=RULES))
 
 __all__ = ["max_sensitivity", "local_lipschitz_estimate", "sensitivity_for", "lipschitz_for"]

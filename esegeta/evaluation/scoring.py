@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from esegeta.attribution import numerics, scheduling, wrappers
 from esegeta.attribution.call import resolve_target
-from esegeta.attribution.prepare import prepared
+from esegeta.attribution.prepare import prepare, prepared
 from esegeta.spec.request import Request
 from esegeta.attribution.patcher import Grid, Stitched
 from esegeta.attribution.explainer import run
@@ -118,31 +117,50 @@ def as_input_attribution(attribution: torch.Tensor, x: torch.Tensor) -> torch.Te
     return a
 
 
-def explainer(request: Request, forward: Scorer | None = None, base_dir: Path | None = None,
-              seed: int = 0) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+class Explainer:
     """``explain(model, x, target) -> (N, C|1, *S)``: ``request``'s method on ``model`` for the
-    columns ``target`` (N,), as the run computed it (see the module docstring)."""
-    frozen = forward.score if forward is not None and request.wrapper is not None and request.patch is None else None
+    columns ``target`` (N,), as the run computed it (see the module docstring).
 
-    def same_region(model: nn.Module, piece: torch.Tensor, wrapper, base: Path | None) -> nn.Module:
-        return wrappers.WrappedModel(model, frozen)
+    :meth:`copy` gives a prepared copy of a model that ``explain`` takes as it is: the
+    randomisation metrics randomise that one copy in place, layer after layer, so no
+    re-explanation prepares a model again (a changed model would be re-prepared: a deep copy and
+    a forward each time)."""
 
-    def explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __init__(self, request: Request, forward: Scorer | None = None, base_dir: Path | None = None, seed: int = 0):
+        self.request, self.base_dir, self.seed = request, base_dir, seed
+        self.frozen = forward.score if forward is not None and request.wrapper is not None \
+            and request.patch is None else None
+
+    def _example(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:1] if self.request.patch is None else _crop(x[:1], self.request.patch.size)
+
+    def copy(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
+        """A fresh prepared copy of ``model`` for inputs like ``x`` (the user's model is untouched)."""
+        return prepare(model, self._example(x))
+
+    def _same_region(self, model: nn.Module, piece: torch.Tensor, wrapper, base: Path | None) -> nn.Module:
+        return wrappers.WrappedModel(model, self.frozen)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = torch.as_tensor(target).reshape(-1).expand(x.shape[0]).tolist()
-        ready = prepared(model, x[:1] if request.patch is None else _crop(x[:1], request.patch.size))
-        kw = {"build_wrapper": same_region} if frozen is not None else {}
+        ready = prepared(model, self._example(x))
+        kw = {"build_wrapper": self._same_region} if self.frozen is not None else {}
         out: list[torch.Tensor | None] = [None] * x.shape[0]
         for t in sorted(set(target)):
             rows = [i for i, v in enumerate(target) if v == t]
             piece = x[rows].detach()
-            with numerics.fp32_numerics(), scheduling.JobRandomness(seed, request.spec.uses_global_rng):
-                result = run(request.replace(target=int(t)), ready, piece, base_dir=base_dir, samples=piece,
-                             **kw).result
+            with numerics.fp32_numerics(), scheduling.JobRandomness(self.seed, self.request.spec.uses_global_rng):
+                result = run(self.request.replace(target=int(t)), ready, piece, base_dir=self.base_dir,
+                             samples=piece, **kw).result
             for n, i in enumerate(rows):
                 out[i] = result[n:n + 1]
         return as_input_attribution(torch.cat(out), x)
 
-    return explain
+
+def explainer(request: Request, forward: Scorer | None = None, base_dir: Path | None = None,
+              seed: int = 0) -> Explainer:
+    """The :class:`Explainer` of ``request`` (a wrapped request keeps ``forward``'s frozen score)."""
+    return Explainer(request, forward, base_dir, seed)
 
 
-__all__ = ["Scorer", "as_input_attribution", "explainer", "scorer", "target_of"]
+__all__ = ["Explainer", "Scorer", "as_input_attribution", "explainer", "scorer", "target_of"]

@@ -26,6 +26,9 @@ from esegeta.spec import config as config_mod, cost
 from esegeta.run import plan as planning
 from esegeta.spec import params as params_mod
 from esegeta.evaluation.catalogue import estimate
+from esegeta.evaluation.engine import check as evaluation_check
+from esegeta.run.evaluate import mask_problems
+from esegeta.errors import raise_problems
 from esegeta.attribution.patcher import Grid
 from esegeta.run.writer import check_dir, output_folder
 from esegeta.hooks import removing
@@ -160,8 +163,11 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         cfg, base = config_mod.parse(config), Path(base_dir).resolve() if base_dir else Path.cwd()
     else:
         cfg, base = config_mod.read(config)
+    if cfg.evaluation is not None:  # what validate refuses in the evaluation block, check refuses
+        evaluation_check(cfg, base)
     with numerics.fp32_numerics(cfg.runtime.tf32):  # the forward pass as the run computes it
         plan = planning.plan(cfg, base, device=device, every_entry=True)
+        raise_problems(mask_problems(plan))
         check_dir(output_folder(cfg.output.dir, base), create=False)  # what run refuses first (nothing created)
         x = plan.inputs[0].tensor.to(plan.device)
         forward = _forward_pass(plan.ready, x)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from esegeta.evaluation.engine import SCORED_KINDS, configured, mask_files, score
+from esegeta.errors import ConfigError, Problem
+from esegeta.evaluation.engine import SCORED_KINDS, configured, mask_files, mask_problem, score
 from esegeta.evaluation.roar import roar_for_plan
 from esegeta.io.loading import load_mask
 from esegeta.io.outputs import save_json
@@ -54,11 +55,28 @@ def _masks_of(plan: Plan) -> dict[str, torch.Tensor] | None:
     return {item.name: load_mask(f, plan.base_dir) for item, f in zip(plan.inputs, files)}
 
 
+def mask_problems(plan: Plan) -> list[Problem]:
+    """``evaluation.masks`` against the inputs, before anything runs: each mask's spatial shape is its input's."""
+    ev = plan.config.evaluation
+    if ev is None or ev.masks is None:
+        return []
+    found = []
+    for item, file in zip(plan.inputs, mask_files(plan.config, plan.base_dir)):
+        problem = mask_problem(load_mask(file, plan.base_dir), item.tensor.shape[2:])
+        if problem is not None:
+            found.append(Problem("evaluation.masks", f"{file.name} (input {item.name}): {problem}"))
+    return found
+
+
 def evaluate_plan(plan: Plan, out: Path, manifest: dict[str, Any], token: str | None = None) -> dict[str, Any]:
     """Score a run's saved attributions; writes the files and returns the manifest's ``evaluation``."""
     ev = plan.config.evaluation
     metrics = configured(ev)
     attributions, requests, skipped = _saved(plan, Path(out), manifest)
+    if not attributions:
+        raise ConfigError("output.dir", f"{out} holds no saved attribution to score ("
+                          + ("; ".join(skipped[:3]) or "the manifest lists no result") + "): run `esegeta run` "
+                          "with \"npy\" in output.formats first")
     log.info("evaluation: %d metric(s) on %d saved result(s)", len(metrics), len(attributions))
     inputs = [(item.name, item.tensor.to(plan.device)) for item in plan.inputs]
     result = score(plan.model, inputs, attributions, requests, metrics, overrides=ev.overrides,
@@ -76,16 +94,24 @@ def evaluate_plan(plan: Plan, out: Path, manifest: dict[str, Any], token: str | 
     return section
 
 
-def after_run(plan: Plan, out: Path, manifest: dict[str, Any], token: str | None = None) -> None:
-    """The hook of ``esegeta run``: evaluate if the config asks; a failure is logged, no result is lost."""
+def after_run(plan: Plan, out: Path, manifest: dict[str, Any], token: str | None = None) -> str | None:
+    """The hook of ``esegeta run``: evaluate if the config asks. No result is lost; what failed
+    (the whole evaluation, or some of its values) is returned, for the run's exit code 1."""
     ev = plan.config.evaluation
     if ev is None or not ev.enabled:
-        return
+        return None
     try:
-        evaluate_plan(plan, out, manifest, token)
+        section = evaluate_plan(plan, out, manifest, token)
     except Exception as exc:  # noqa: BLE001 (the attributions are written: `esegeta evaluate` retries)
         log.error("evaluation failed: %s: %s (the attributions are saved; `esegeta evaluate CONFIG` retries)",
                   type(exc).__name__, exc)
+        return f"evaluation failed: {exc}" if isinstance(exc, ConfigError) else \
+            f"evaluation failed: {type(exc).__name__}: {exc}"
+    failed = [r for r in section["values"] if r.get("error")]
+    if failed:
+        return (f"evaluation: {len(failed)} of {len(section['values'])} value(s) failed (first: {failed[0]['metric']} "
+                f"on {failed[0]['label']}, {failed[0]['input']}: {failed[0]['error']})")
+    return None
 
 
-__all__ = ["after_run", "evaluate_plan"]
+__all__ = ["after_run", "evaluate_plan", "mask_problems"]

@@ -35,7 +35,7 @@ from esegeta.run.writer import Writer, check_dir, output_folder
 from esegeta.run.backends import ray as ray_backend
 from esegeta.evaluation import engine
 from esegeta.evaluation.engine import Evaluation, check
-from esegeta.run.evaluate import after_run, evaluate_plan
+from esegeta.run.evaluate import after_run, evaluate_plan, mask_problems
 from esegeta.show.report import notebook_summary, update_evaluation
 
 log = logging.getLogger("esegeta")
@@ -61,7 +61,8 @@ def library_versions() -> dict[str, str | None]:
 @dataclass
 class RunResult:
     """What a run produced: the manifest (as written, or as it would have been if writing it
-    failed: ``error``), its folder and the exit code."""
+    failed), its folder, what failed besides the methods (``error``: the manifest, the
+    evaluation) and the exit code."""
     output_dir: Path
     manifest: dict[str, Any]
     error: str | None = None
@@ -112,6 +113,7 @@ class Pipeline:
             check(self.config, self.base_dir)
         with numerics.fp32_numerics(self.config.runtime.tf32):  # the wrappers' masks come from a forward pass
             plan = planning.plan(self.config, self.base_dir, only=self.only, device=self.device_override)
+        plan.problems += mask_problems(plan)
         plan.raise_problems()
         check_dir(self.output_dir, self._output_field, create=False)  # what run refuses, validate refuses
         return plan
@@ -149,7 +151,7 @@ class Pipeline:
                 log.error("%s; the results are recorded in %s (esegeta run --resume writes it)", error,
                           out / ".esegeta-journal.jsonl")
             if error is None and plan.config.evaluation is not None:
-                after_run(plan, out, manifest, writer.token)
+                error = after_run(plan, out, manifest, writer.token)
                 if "report" in manifest:  # the report was written before the evaluation: add its section
 
                     update_evaluation(out)
