@@ -22,7 +22,7 @@ from esegeta.errors import ConfigError
 from esegeta.spec.params import boolean, index, positive_int
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
-from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, register
+from esegeta.spec.registry import PER_INPUT, TILE, Call, Library, MethodSpec, register
 
 #: esegeta's own methods: they may draw from any RNG and fit on the run's samples (PatternNet).
 LIBRARY = Library("esegeta", None, "", (), batch_params={"batch_size": None})
@@ -75,6 +75,16 @@ def _check_bool(value: Any, path: str) -> None:
         raise ConfigError(path, f"{value!r} is not true or false")
 
 
+def _check_count(value: Any, path: str) -> None:
+    if not positive_int(value):
+        raise ConfigError(path, f"{value!r} is not a count: give an integer >= 1")
+
+
+def _check_positive(value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(path, f"{value!r} is not a positive number")
+
+
 #: parameter name → check of its JSON value (run before anything else).
 CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "channel": _check_channel,
@@ -83,6 +93,10 @@ CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "patterns": _check_patterns,
     "batch_size": _check_batch_size,
     "project_bottlenecks": _check_bool,
+    "sqrt": _check_bool,
+    "steps": _check_count,
+    "max_sigma": _check_positive,
+    "grad_step": _check_positive,
 }
 
 
@@ -175,3 +189,7 @@ _own("PatternAttribution", "patterns:pattern_attribution", passes=_patterns_pass
 _own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop", passes=cost.gradient,
      layout=PER_INPUT, axiom="none", layer=True, target=False, requires=("captum",), extra="captum",
      ref="Springenberg et al. 2015, arXiv:1412.6806")
+# Blur IG: PAIR's saliency cannot be an extra (numpy, channels-last, 2D): its algorithm in torch, N-d; the path's
+# points of one call are tiled (k·B rows, row r is input r mod B).
+_own("BlurIG", "blur_ig:blur_ig", passes=cost.steps("steps"), layout=TILE, axiom="none",
+     quick={"steps": 4, "max_sigma": 2}, ref="Xu et al. 2020, arXiv:2004.03383 (PAIR saliency 0.2.1's BlurIG)")
