@@ -95,6 +95,7 @@ CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "project_bottlenecks": _check_bool,
     "sqrt": _check_bool,
     "steps": _check_count,
+    "x_steps": _check_count,
     "max_sigma": _check_positive,
     "grad_step": _check_positive,
 }
@@ -193,3 +194,6 @@ _own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop",
 # points of one call are tiled (k·B rows, row r is input r mod B).
 _own("BlurIG", "blur_ig:blur_ig", passes=cost.steps("steps"), layout=TILE, axiom="none",
      quick={"steps": 4, "max_sigma": 2}, ref="Xu et al. 2020, arXiv:2004.03383 (PAIR saliency 0.2.1's BlurIG)")
+# Guided IG: PAIR's numpy implementation fails on NumPy 2 (np.quantile's removed interpolation=): its steps in torch.
+_own("GuidedIG", "guided_ig:guided_ig", passes=cost.steps("x_steps"), layout=PER_INPUT, axiom="none",
+     quick={"x_steps": 4}, ref="Kapishnikov et al. 2021, CVPR, arXiv:2106.09788 (PAIR saliency 0.2.1's GuidedIG)")
