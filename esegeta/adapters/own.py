@@ -75,6 +75,11 @@ def _check_bool(value: Any, path: str) -> None:
         raise ConfigError(path, f"{value!r} is not true or false")
 
 
+def _check_index(value: Any, path: str) -> None:
+    if not index(value):
+        raise ConfigError(path, f"{value!r} is not an integer >= 0")
+
+
 def _check_count(value: Any, path: str) -> None:
     if not positive_int(value):
         raise ConfigError(path, f"{value!r} is not a count: give an integer >= 1")
@@ -96,6 +101,8 @@ CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "sqrt": _check_bool,
     "steps": _check_count,
     "x_steps": _check_count,
+    "dilation_rad": _check_index,
+    "min_pixel_diff": _check_index,
     "max_sigma": _check_positive,
     "grad_step": _check_positive,
 }
@@ -164,6 +171,12 @@ def _cam_preflight(model, context=None) -> list[str]:
     return []
 
 
+def _xrai_passes(values, x, layer_shape) -> Passes:
+    """Integrated gradients from two baselines (black and white): ``steps`` rows each way per baseline."""
+    steps = values.get("steps")
+    return Passes(2 * int(steps), 2 * int(steps)) if cost.count(steps) else Passes(None, None, False, "steps not known")
+
+
 def _patterns_passes(values, x, layer_shape) -> Passes:
     return Passes(1, 1, False, "plus one forward pass over the fitting inputs, once per run")
 
@@ -197,3 +210,8 @@ _own("BlurIG", "blur_ig:blur_ig", passes=cost.steps("steps"), layout=TILE, axiom
 # Guided IG: PAIR's numpy implementation fails on NumPy 2 (np.quantile's removed interpolation=): its steps in torch.
 _own("GuidedIG", "guided_ig:guided_ig", passes=cost.steps("x_steps"), layout=PER_INPUT, axiom="none",
      quick={"x_steps": 4}, ref="Kapishnikov et al. 2021, CVPR, arXiv:2106.09788 (PAIR saliency 0.2.1's GuidedIG)")
+# XRAI: PAIR's numpy XRAI is 2D and channels-last; its IG, regions and greedy ranking on tensors, Felzenszwalb
+# segments in 2D (upstream's), SLIC supervoxels in 3D; two IG paths of ``steps`` points.
+_own("XRAI", "xrai:xrai", passes=_xrai_passes, layout=PER_INPUT, axiom="none",
+     quick={"steps": 4, "dilation_rad": 1, "min_pixel_diff": 4},
+     ref="Kapishnikov et al. 2019, ICCV, arXiv:1906.02825 (PAIR saliency 0.2.1's XRAI)")
