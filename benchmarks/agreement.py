@@ -70,12 +70,12 @@ FAMILIES = (
            _ALL, 0.9, "layer maps upsampled to the input (bilinear); pytorch-grad-cam, torchcam and MONAI also min-max "
                       "scale, MONAI to (max, min) → (0, 1): negated"),
     Family("occlusion", (Member("captum.Occlusion", {"sliding_window_shapes": lambda x: [x.shape[1]] + [4] * (x.ndim - 2),
-                                                     "strides": lambda x: [x.shape[1]] + [2] * (x.ndim - 2)}),
-                         Member("zennit.Occlusion", {"window": 4, "stride": 2}),
-                         Member("monai.OcclusionSensitivity", {"mask_size": 4, "overlap": 0.5, "mode": 0.0,
+                                                     "strides": lambda x: [x.shape[1]] + [4] * (x.ndim - 2)}),
+                         Member("zennit.Occlusion", {"window": 4, "stride": 4}),
+                         Member("monai.OcclusionSensitivity", {"mask_size": 4, "overlap": 0.0, "mode": 0.0,
                                                                "activate": False}, negate=True)),
-           _ALL, 0.4, "a zero window of 4 per axis, stride 2; Captum: f(x) - f(occluded) averaged over the windows "
-                      "covering a voxel, MONAI: f(occluded) averaged (negated), zennit rolls windows over the edges"),
+           _ALL, 0.4, "a zero window of 4 per axis, stride 4; Captum: f(x) - f(occluded) per window, MONAI: "
+                      "f(occluded) (negated), zennit: its own occluded-score convention"),
     Family("LRP-epsilon", (Member("captum.LRP"), Member("zennit.LayerMapComposite", _EPS_MAP)), _ALL, 0.5,
            "no rule for the functional residual '+' or torch.cat in either library"),
     Family("excitation backprop", (Member("torchray.excitation_backprop", layer=True),
