@@ -75,6 +75,15 @@ def _check_bool(value: Any, path: str) -> None:
         raise ConfigError(path, f"{value!r} is not true or false")
 
 
+def _check_conditions(value: Any, path: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(isinstance(v, list) and v and all(index(c) for c in v)
+                                              for v in value.values()):
+        raise ConfigError(path, f"{value!r} is not {{layer: [channels]}}: give each conditioned layer a list of channel "
+                                "indices, layers ordered from the output towards the input")
+
+
 def _check_index(value: Any, path: str) -> None:
     if not index(value):
         raise ConfigError(path, f"{value!r} is not an integer >= 0")
@@ -101,6 +110,8 @@ CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "sqrt": _check_bool,
     "steps": _check_count,
     "x_steps": _check_count,
+    "top_k": _check_count,
+    "conditions": _check_conditions,
     "dilation_rad": _check_index,
     "min_pixel_diff": _check_index,
     "max_sigma": _check_positive,
@@ -215,3 +226,7 @@ _own("GuidedIG", "guided_ig:guided_ig", passes=cost.steps("x_steps"), layout=PER
 _own("XRAI", "xrai:xrai", passes=_xrai_passes, layout=PER_INPUT, axiom="none",
      quick={"steps": 4, "dilation_rad": 1, "min_pixel_diff": 4},
      ref="Kapishnikov et al. 2019, ICCV, arXiv:1906.02825 (PAIR saliency 0.2.1's XRAI)")
+
+# CRP: zennit-crp pins zennit<=0.4.6; its channel-concept conditional attribution on zennit >= 0.5.
+_own("CRP", "crp:crp", passes=cost.gradient, layout=PER_INPUT, axiom="none", requires=("zennit",), extra="zennit",
+     ref="Achtibat et al. 2023, Nat. Mach. Intell., arXiv:2206.03208 (zennit-crp 0.6's CondAttribution)")
