@@ -35,6 +35,7 @@ class Member:
     params: dict = field(default_factory=dict)
     layer: bool = False
     trace: str | None = None  # compare this entry of the zennit trace instead of the input map
+    negate: bool = False  # the library maps high to low (MONAI's default_normalizer; occlusion's occluded score)
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,17 @@ FAMILIES = (
     Family("deconvnet", (Member("captum.Deconvolution"), Member("torchray.deconvnet"),
                          Member("zennit.DeconvNet")), _ALL, 0.999, _ABSMAX, "absmax"),
     Family("Grad-CAM", (Member("captum.LayerGradCam", {"relu_attributions": True}, layer=True),
-                        Member("torchray.grad_cam", layer=True), Member("gradcam.GradCAM", layer=True)),
-           _ALL, 0.9, "layer maps upsampled to the input (bilinear); pytorch-grad-cam also min-max scales"),
+                        Member("torchray.grad_cam", layer=True), Member("gradcam.GradCAM", layer=True),
+                        Member("torchcam.GradCAM", layer=True), Member("monai.GradCAM", layer=True, negate=True)),
+           _ALL, 0.9, "layer maps upsampled to the input (bilinear); pytorch-grad-cam, torchcam and MONAI also min-max "
+                      "scale, MONAI to (max, min) → (0, 1): negated"),
+    Family("occlusion", (Member("captum.Occlusion", {"sliding_window_shapes": lambda x: [x.shape[1]] + [4] * (x.ndim - 2),
+                                                     "strides": lambda x: [x.shape[1]] + [4] * (x.ndim - 2)}),
+                         Member("zennit.Occlusion", {"window": 4, "stride": 4}),
+                         Member("monai.OcclusionSensitivity", {"mask_size": 4, "overlap": 0.0, "mode": 0.0,
+                                                               "activate": False}, negate=True)),
+           _ALL, 0.4, "a zero window of 4 per axis, stride 4; Captum: f(x) - f(occluded) per window, MONAI: "
+                      "f(occluded) (negated), zennit: its own occluded-score convention"),
     Family("LRP-epsilon", (Member("captum.LRP"), Member("zennit.LayerMapComposite", _EPS_MAP)), _ALL, 0.5,
            "no rule for the functional residual '+' or torch.cat in either library"),
     Family("excitation backprop", (Member("torchray.excitation_backprop", layer=True),
@@ -105,8 +115,10 @@ def _map(member: Member, case) -> torch.Tensor:
         request = from_arguments(member.method, target=target, wrapper=case.wrapper, params=member.params)
         extras = run(request, prepared(case.model, x), x, samples=x).extras
         return extras["trace"][member.trace].detach().float()
-    return esegeta.explain(case.model, case.x, member.method, target=target, wrapper=case.wrapper, layer=layer,
-                           **member.params)
+    params = {k: v(case.x) if callable(v) else v for k, v in member.params.items()}
+    result = esegeta.explain(case.model, case.x, member.method, target=target, wrapper=case.wrapper, layer=layer,
+                             **params)
+    return -result if member.negate else result
 
 
 def _common(a: torch.Tensor, shape: torch.Size, reduce: str) -> torch.Tensor:

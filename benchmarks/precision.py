@@ -84,7 +84,7 @@ AXIOM_TOLERANCE = 0.02
 AXIOM_HOLDS = 0.5
 #: below this, a second fp32 run disagrees with the first: the method is not reproducible under fixed seeds
 REPEAT_R = 0.999
-JSON_PATH = ROOT / "esegeta" / "amp_safety.json"
+JSON_PATH = ROOT / "esegeta" / "spec" / "amp_safety.json"
 MD_PATH = ROOT / "benchmarks" / "precision.md"
 
 _ZERO = ["zeros"]

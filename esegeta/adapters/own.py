@@ -22,7 +22,7 @@ from esegeta.errors import ConfigError
 from esegeta.spec.params import boolean, index, positive_int
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
-from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, register
+from esegeta.spec.registry import PER_INPUT, TILE, Call, Library, MethodSpec, register
 
 #: esegeta's own methods: they may draw from any RNG and fit on the run's samples (PatternNet).
 LIBRARY = Library("esegeta", None, "", (), batch_params={"batch_size": None})
@@ -75,6 +75,30 @@ def _check_bool(value: Any, path: str) -> None:
         raise ConfigError(path, f"{value!r} is not true or false")
 
 
+def _check_conditions(value: Any, path: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(isinstance(v, list) and v and all(index(c) for c in v)
+                                              for v in value.values()):
+        raise ConfigError(path, f"{value!r} is not {{layer: [channels]}}: give each conditioned layer a list of channel "
+                                "indices, layers ordered from the output towards the input")
+
+
+def _check_index(value: Any, path: str) -> None:
+    if not index(value):
+        raise ConfigError(path, f"{value!r} is not an integer >= 0")
+
+
+def _check_count(value: Any, path: str) -> None:
+    if not positive_int(value):
+        raise ConfigError(path, f"{value!r} is not a count: give an integer >= 1")
+
+
+def _check_positive(value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(path, f"{value!r} is not a positive number")
+
+
 #: parameter name → check of its JSON value (run before anything else).
 CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "channel": _check_channel,
@@ -83,6 +107,15 @@ CHECKS: Mapping[str, Callable[[Any, str], None]] = {
     "patterns": _check_patterns,
     "batch_size": _check_batch_size,
     "project_bottlenecks": _check_bool,
+    "sqrt": _check_bool,
+    "steps": _check_count,
+    "x_steps": _check_count,
+    "top_k": _check_count,
+    "conditions": _check_conditions,
+    "dilation_rad": _check_index,
+    "min_pixel_diff": _check_index,
+    "max_sigma": _check_positive,
+    "grad_step": _check_positive,
 }
 
 
@@ -149,6 +182,12 @@ def _cam_preflight(model, context=None) -> list[str]:
     return []
 
 
+def _xrai_passes(values, x, layer_shape) -> Passes:
+    """Integrated gradients from two baselines (black and white): ``steps`` rows each way per baseline."""
+    steps = values.get("steps")
+    return Passes(2 * int(steps), 2 * int(steps)) if cost.count(steps) else Passes(None, None, False, "steps not known")
+
+
 def _patterns_passes(values, x, layer_shape) -> Passes:
     return Passes(1, 1, False, "plus one forward pass over the fitting inputs, once per run")
 
@@ -175,3 +214,19 @@ _own("PatternAttribution", "patterns:pattern_attribution", passes=_patterns_pass
 _own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop", passes=cost.gradient,
      layout=PER_INPUT, axiom="none", layer=True, target=False, requires=("captum",), extra="captum",
      ref="Springenberg et al. 2015, arXiv:1412.6806")
+# Blur IG: PAIR's saliency cannot be an extra (numpy, channels-last, 2D): its algorithm in torch, N-d; the path's
+# points of one call are tiled (k·B rows, row r is input r mod B).
+_own("BlurIG", "blur_ig:blur_ig", passes=cost.steps("steps"), layout=TILE, axiom="none",
+     quick={"steps": 4, "max_sigma": 2}, ref="Xu et al. 2020, arXiv:2004.03383 (PAIR saliency 0.2.1's BlurIG)")
+# Guided IG: PAIR's numpy implementation fails on NumPy 2 (np.quantile's removed interpolation=): its steps in torch.
+_own("GuidedIG", "guided_ig:guided_ig", passes=cost.steps("x_steps"), layout=PER_INPUT, axiom="none",
+     quick={"x_steps": 4}, ref="Kapishnikov et al. 2021, CVPR, arXiv:2106.09788 (PAIR saliency 0.2.1's GuidedIG)")
+# XRAI: PAIR's numpy XRAI is 2D and channels-last; its IG, regions and greedy ranking on tensors, Felzenszwalb
+# segments in 2D (upstream's), SLIC supervoxels in 3D; two IG paths of ``steps`` points.
+_own("XRAI", "xrai:xrai", passes=_xrai_passes, layout=PER_INPUT, axiom="none",
+     quick={"steps": 4, "dilation_rad": 1, "min_pixel_diff": 4},
+     ref="Kapishnikov et al. 2019, ICCV, arXiv:1906.02825 (PAIR saliency 0.2.1's XRAI)")
+
+# CRP: zennit-crp pins zennit<=0.4.6; its channel-concept conditional attribution on zennit >= 0.5.
+_own("CRP", "crp:crp", passes=cost.gradient, layout=PER_INPUT, axiom="none", requires=("zennit",), extra="zennit",
+     ref="Achtibat et al. 2023, Nat. Mach. Intell., arXiv:2206.03208 (zennit-crp 0.6's CondAttribution)")
