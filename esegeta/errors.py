@@ -28,6 +28,15 @@ class ConfigError(EsegetaError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the process (``signum``): a run stops taking jobs, ends or stops
+    the running ones, keeps every finished result journaled, and the command exits ``128 + signum``."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signum}")
+
+
 class MethodUnavailable(EsegetaError):
     """A registered method whose library is not installed (the message says which extra)."""
 

@@ -134,7 +134,13 @@ class Pipeline:
                          len(kept), sum(len(j.items) for j in jobs))
             writer.begin(list(kept.values()), plan.inputs)
             records = dict(kept)
-            _execute(plan, jobs, writer, records)
+            try:
+                _execute(plan, jobs, writer, records)
+            except KeyboardInterrupt:  # SIGINT/SIGTERM: what finished is journaled; --resume goes on
+                done = sum(r["status"] == "ok" for r in records.values()) - len(kept)
+                log.warning("interrupted: %d result(s) of this run are journaled in %s; `esegeta run --resume` "
+                            "computes the rest", done, out / ".esegeta-journal.jsonl")
+                raise
             manifest = {**_head(plan), "runs": [records[key] for key in sorted(records)]}
             error = None
             try:

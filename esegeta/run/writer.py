@@ -205,6 +205,11 @@ class Writer:
 
     def __exit__(self, *exc) -> None:
         _live_tokens.discard(self.token)
+        if exc and exc[0] is not None:  # interrupted or failed: no temporary file of this run stays
+            try:
+                self.clean_stale()
+            except OSError as error:
+                log.debug("temporary files: %s", error)
         if self._journal is not None:
             self._journal.close()
             self._journal = None
