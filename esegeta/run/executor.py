@@ -221,7 +221,7 @@ class Executor:
                 on_done(job, outcome)
             except timeouts.Cancelled:  # interrupted: not computed, not recorded
                 return
-            except Exception as exc:  # noqa: BLE001 (the loop never dies: the job is recorded failed)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 (the loop never dies: the job is recorded failed)
                 try:
                     on_error(job, exc)
                 except Exception:  # noqa: BLE001

@@ -108,6 +108,8 @@ class Pipeline:
         with numerics.fp32_numerics(self.config.runtime.tf32):  # the wrappers' masks come from a forward pass
             plan = planning.plan(self.config, self.base_dir, only=self.only, device=self.device_override)
         plan.raise_problems()
+        if self.config.runtime.backend == "ray":  # an address where no cluster answers: refused in seconds
+            ray_backend.check_address(self.config.runtime.ray_address)
         check_dir(self.output_dir, self._output_field, create=False)  # what run refuses, validate refuses
         return plan
 

@@ -1,0 +1,87 @@
+"""Faults found by trying to break esegeta (issue 26), each reproduced: bad files, factories that
+exit, unbounded globs and Ray addresses where no cluster answers get exit 2 naming the field, in
+seconds, without a traceback."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from esegeta.io import loading
+from helpers_cli import run_cli, valid_config, write_config
+
+
+def _validate(tmp_path, capsys, cfg) -> tuple[int, str]:
+    code, _, err = run_cli(["validate", write_config(tmp_path, cfg)], capsys)
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_a_factory_calling_sys_exit_is_refused_not_exit_0(tmp_path, capsys):
+    (tmp_path / "exiting.py").write_text("import sys\n\ndef make():\n    sys.exit(0)\n")
+    cfg = valid_config(tmp_path, model={"factory": f"{tmp_path / 'exiting.py'}:make"})
+    code, err = _validate(tmp_path, capsys, cfg)
+    assert code == 2 and "model.factory" in err and "SystemExit" in err
+    (tmp_path / "exiting_import.py").write_text("import sys\nsys.exit(3)\n\ndef make():\n    pass\n")
+    cfg = valid_config(tmp_path, model={"factory": f"{tmp_path / 'exiting_import.py'}:make"})
+    code, _, err = run_cli(["run", write_config(tmp_path, cfg)], capsys)
+    assert code == 2 and "model.factory" in err and not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_weights_that_are_not_a_regular_file_are_refused_at_once(tmp_path, capsys, kind):
+    """/dev/zero was read until memory ran out; a FIFO blocked for ever."""
+    if kind == "device":
+        weights = "/dev/zero"
+        if not os.path.exists(weights):
+            pytest.skip("no /dev/zero")
+    elif kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        weights = str(tmp_path / "weights.pt")
+        os.mkfifo(weights)
+    else:
+        weights = str(tmp_path)
+    cfg = valid_config(tmp_path)
+    cfg["model"]["weights"] = weights
+    start = time.monotonic()
+    code, err = _validate(tmp_path, capsys, cfg)
+    assert code == 2 and "model.weights" in err and "not a regular file" in err
+    assert time.monotonic() - start < 30
+    cfg["model"] = {"weights": weights}  # TorchScript without a factory
+    code, err = _validate(tmp_path, capsys, cfg)
+    assert code == 2 and "model" in err
+
+
+def test_a_recursive_glob_is_bounded_and_names_the_limit(tmp_path, capsys, monkeypatch):
+    deep = tmp_path / "tree"
+    folder = deep
+    for n in range(loading.GLOB_MAX_DEPTH + 2):
+        folder = folder / f"d{n}"
+    folder.mkdir(parents=True)
+    cfg = valid_config(tmp_path, inputs={"paths": [f"{deep}/**/*.npy"], "spatial_dims": 2})
+    code, err = _validate(tmp_path, capsys, cfg)
+    assert code == 2 and "inputs.paths[0]" in err and f"deeper than {loading.GLOB_MAX_DEPTH} folders" in err
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for n in range(30):
+        (wide / f"f{n}.txt").touch()
+    monkeypatch.setattr(loading, "GLOB_MAX_ENTRIES", 20)
+    cfg = valid_config(tmp_path, inputs={"paths": [f"{wide}/**/*.npy"], "spatial_dims": 2})
+    code, err = _validate(tmp_path, capsys, cfg)
+    assert code == 2 and "more than 20 entries" in err
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1", "auto", "not an address"])
+def test_an_unreachable_ray_address_is_refused_in_seconds(tmp_path, capsys, monkeypatch, address):
+    """host:port waited more than 5 minutes; ray:// and auto gave tracebacks (exit 1)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster file there
+    cfg = valid_config(tmp_path, runtime={"devices": "cpu", "backend": "ray", "ray_address": address})
+    start = time.monotonic()
+    for command in ("validate", "run"):
+        code, _, err = run_cli([command, write_config(tmp_path, cfg)], capsys)
+        assert code == 2 and "runtime.ray_address" in err and "Traceback" not in err, err
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out" / "manifest.json").exists()
