@@ -85,3 +85,26 @@ def test_an_unreachable_ray_address_is_refused_in_seconds(tmp_path, capsys, monk
         assert code == 2 and "runtime.ray_address" in err and "Traceback" not in err, err
     assert time.monotonic() - start < 30
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_check_json_stays_parseable_when_the_model_file_prints(tmp_path):
+    """The model file's print() came on stdout before the JSON."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers_cli import FACTORY, REPO
+
+    module, name = FACTORY.rsplit(":", 1)
+    (tmp_path / "noisy.py").write_text(f"import os, sys\nsys.path.insert(0, {str(REPO / 'samples')!r})\n"
+                                       "from models import DigitResNet\nprint('hello from the model file')\n"
+                                       "os.write(1, b'and from file descriptor 1\\n')\n\n"
+                                       "def make():\n    print('hello from the factory')\n    return DigitResNet()\n")
+    cfg = valid_config(tmp_path, model={"factory": f"{tmp_path / 'noisy.py'}:make"})
+    config = write_config(tmp_path, cfg)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "esegeta", "check", str(config), "--json"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    json.loads(done.stdout)  # nothing but the JSON
+    assert "hello from the model file" in done.stderr and "and from file descriptor 1" in done.stderr

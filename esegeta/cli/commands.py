@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # esegeta/cli/commands.py: the checkout holding configs/
@@ -163,10 +163,31 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+@contextmanager
+def _stdout_to_stderr():
+    """What the user's code prints (``print`` or a C library writing to file descriptor 1) goes to
+    stderr, so that a command's machine-readable stdout (``check --json``) stays parseable."""
+    sys.stdout.flush()
+    saved = None
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no file descriptors to move (an embedded interpreter): Python's print only
+        saved = None
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _cmd_check(args) -> int:
     from esegeta.run.check import check
 
-    report = check(args.config, device=args.device)
+    with _stdout_to_stderr() if args.json else nullcontext():
+        report = check(args.config, device=args.device)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
     return report.exit_code
 
