@@ -265,7 +265,10 @@ class Writer:
                 return (self.out / rel).is_file()
             if rel not in stores:  # a row counts once its chunk is written
                 stores[rel] = written_inputs(self.out / rel)
-            return record.get("input") in stores[rel]
+            # a row still buffered when the run was killed is read back from the result's .npy
+            # (the store's writer fills resumed rows it lacks): the result is kept
+            npy = record.get("files", {}).get("npy")
+            return record.get("input") in stores[rel] or (npy is not None and (self.out / npy).is_file())
 
         return {k: r for k, r in records.items() if r.get("status") == "ok" and r.get("key")
                 and all(present(r, fmt, rel) for fmt, rel in r.get("files", {}).items())}
