@@ -145,3 +145,35 @@ def test_batch_size_never_changes_a_shap_style_result(tmp_path):
         if r["status"] == "ok":
             np.testing.assert_allclose(batched.result(r["label"], r["input"]), single.result(r["label"], r["input"]),
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_a_full_disk_exits_1_without_traceback_nor_logging_errors(tmp_path):
+    """The output folder on a small tmpfs (where the machine lets us mount one): a full disk gave a
+    traceback (the journal's close) and a '--- Logging error ---' block per message."""
+    import subprocess
+    import sys
+
+    from helpers_cli import DIGITS, REPO
+
+    disk, folder = tmp_path / "disk", tmp_path / "digits"
+    disk.mkdir()
+    folder.mkdir()
+    for n in range(6):
+        for path in DIGITS.glob("*.npy"):
+            (folder / f"{path.stem}_{n}.npy").write_bytes(path.read_bytes())
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        cfg = valid_config(tmp_path, [{"id": "captum.Saliency"}, {"id": "captum.InputXGradient"}],
+                           inputs={"paths": [str(folder)], "spatial_dims": 2},
+                           output={"dir": str(disk / "out"), "formats": ["npy", "png"]},
+                           evaluation={"metrics": ["sparseness"]})
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+        done = subprocess.run([sys.executable, "-m", "esegeta", "run", str(write_config(tmp_path, cfg))],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and "Logging error" not in done.stderr, done.stderr[-3000:]
+        assert "No space left on device" in done.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

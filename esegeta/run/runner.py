@@ -13,6 +13,7 @@ import datetime
 import json
 import importlib.metadata
 import logging
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +155,11 @@ class Pipeline:
             if error is None and plan.config.evaluation is not None:
                 after_run(plan, out, manifest, writer.token)
                 if "report" in manifest:  # the report was written before the evaluation: add its section
-
-                    update_evaluation(out)
+                    try:
+                        update_evaluation(out)
+                    except OSError as exc:  # e.g. a full disk: the evaluation is in manifest.json
+                        error = f"updating report.html with the evaluation failed: {type(exc).__name__}: {exc}"
+                        log.error("%s", error)
             failed = [r for r in manifest["runs"] if r["status"] != "ok"]
             log.info("done: %d ok, %d failed", len(manifest["runs"]) - len(failed), len(failed))
         return RunResult(out, manifest, error)
@@ -218,10 +222,29 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
             executor.run(jobs, lambda job, worker: job_mod.compute(plan, job, worker), on_done, on_error)
 
 
+class _LogFile(logging.FileHandler):
+    """``esegeta.log``: a write that fails (a full disk) is said once on stderr, not as a
+    ``--- Logging error ---`` block with a traceback for every message."""
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"esegeta: cannot write {self.baseFilename}: {error}; the log goes on on the console only",
+                  file=sys.stderr)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # its last flush, on a full disk
+            pass
+
+
 @contextmanager
 def _log_file(path: Path):
     """Log to ``path`` (DEBUG and up) for the duration of a run."""
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _LogFile(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     previous = log.level

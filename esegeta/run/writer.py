@@ -211,7 +211,10 @@ class Writer:
             except OSError as error:
                 log.debug("temporary files: %s", error)
         if self._journal is not None:
-            self._journal.close()
+            try:
+                self._journal.close()
+            except OSError as error:  # its buffer's last flush, on a full disk: every record was fsync'd
+                log.debug("journal: %s", error)
             self._journal = None
         if self._fd is not None:
             os.close(self._fd)  # releases the lock
@@ -388,7 +391,10 @@ class Writer:
         self._report(manifest, inputs, kinds)
         outputs.save_json(self.out / "manifest.json", manifest, self.token)
         if self._journal is not None:
-            self._journal.close()
+            try:
+                self._journal.close()
+            except OSError as error:
+                log.debug("journal: %s", error)
             self._journal = None
         (self.out / JOURNAL).unlink(missing_ok=True)
 
