@@ -177,3 +177,20 @@ def test_a_full_disk_exits_1_without_traceback_nor_logging_errors(tmp_path):
         assert "No space left on device" in done.stderr
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_inputs_named_like_the_runs_own_files_do_not_block_them(tmp_path, capsys):
+    """Inputs evaluation.csv.npy and explorer.html.npy became folders where the evaluation's table
+    and the explorer page go (IsADirectoryError from esegeta evaluate)."""
+    from helpers_cli import ONE_DIGIT
+
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    for name in ("evaluation.csv", "explorer.html", "evaluation_ranking.csv"):
+        (folder / f"{name}.npy").write_bytes(ONE_DIGIT.read_bytes())
+    cfg = valid_config(tmp_path, inputs={"paths": [str(folder)], "spatial_dims": 2})
+    code, _, err = run_cli(["run", write_config(tmp_path, cfg)], capsys)
+    assert code == 0, err
+    out = tmp_path / "out"
+    for name in ("evaluation.csv", "explorer.html", "evaluation_ranking.csv"):
+        assert not (out / name).exists() and (out / f"{name}_").is_dir()
