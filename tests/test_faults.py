@@ -194,3 +194,57 @@ def test_inputs_named_like_the_runs_own_files_do_not_block_them(tmp_path, capsys
     out = tmp_path / "out"
     for name in ("evaluation.csv", "explorer.html", "evaluation_ranking.csv"):
         assert not (out / name).exists() and (out / f"{name}_").is_dir()
+
+
+DATASETS = '''
+import torch
+
+
+class Raises(torch.utils.data.Dataset):
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, k):
+        raise ValueError("broken item")
+
+
+class Negative(Raises):
+    def __len__(self):
+        return -1
+
+
+class Strings(Raises):
+    def __getitem__(self, k):
+        return "hello"
+'''
+
+
+@pytest.mark.parametrize("name, message", [("Raises", "reading {ds}[0] failed: ValueError: broken item"),
+                                           ("Negative", "__len__() should return >= 0"),
+                                           ("Strings", "[0]'s input is a str")])
+def test_a_dataset_that_breaks_is_refused_naming_it(tmp_path, capsys, name, message):
+    (tmp_path / "data.py").write_text(DATASETS)
+    ds = f"{tmp_path / 'data.py'}:{name}"
+    cfg = valid_config(tmp_path, inputs={"dataset": ds, "spatial_dims": 2})
+    code, err = _validate(tmp_path, capsys, cfg)
+    assert code == 2 and "inputs.dataset" in err and message.format(ds=ds) in err, err
+
+
+def test_a_torchscript_model_with_a_layer_method_is_refused_naming_the_layer(tmp_path, capsys):
+    import sys
+
+    import torch
+
+    from helpers_cli import SAMPLES
+
+    sys.path.insert(0, str(SAMPLES))
+    try:
+        from models import DigitResNet
+    finally:
+        sys.path.remove(str(SAMPLES))
+    torch.jit.script(DigitResNet().eval()).save(str(tmp_path / "scripted.pt"))
+    cfg = valid_config(tmp_path, [{"id": "captum.LayerGradCam", "layer": "layer2"}],
+                       model={"weights": str(tmp_path / "scripted.pt")})
+    for command in ("validate", "run"):
+        code, _, err = run_cli([command, write_config(tmp_path, cfg)], capsys)
+        assert code == 2 and "methods[0].layer" in err and "TorchScript" in err and "Traceback" not in err, err
