@@ -248,3 +248,27 @@ def test_a_torchscript_model_with_a_layer_method_is_refused_naming_the_layer(tmp
     for command in ("validate", "run"):
         code, _, err = run_cli([command, write_config(tmp_path, cfg)], capsys)
         assert code == 2 and "methods[0].layer" in err and "TorchScript" in err and "Traceback" not in err, err
+
+
+def test_the_converter_keeps_results_beside_the_config_and_notes_what_it_does_not_use(tmp_path):
+    """The ancestor's absolute output_path was written as is (a run made a folder at the file-system
+    root); with --output-dir, output_path, model_name, dataset and test_run were dropped without a note."""
+    from esegeta.cli import torchesegeta as te
+    from helpers_cli import DIGITS, FACTORY, WEIGHTS
+
+    source = {"model_nature": "classification", "model_name": "net", "is_3d": False, "dataset": "digits",
+              "test_run": "t1", "output_path": "/abs/where", "methods": [
+                  {"method_name": "captum_Saliency", "use": True, "keywords": {}},
+                  {"method_name": "torchray_Rise", "use": True, "keywords": {}}]}
+
+    def convert(output_dir):
+        return te.convert(source, te.Arguments(inputs=[str(DIGITS)], model_factory=FACTORY, weights=str(WEIGHTS),
+                                               output_dir=output_dir, config_dir=tmp_path), check_layers=False)
+
+    plain = convert(None)
+    assert plain.config["output"]["dir"] == "results/net_digits_t1"
+    assert any(n.where == "output_path" and "absolute" in n.reason for n in plain.notes)
+    assert [m["id"] for m in plain.config["methods"]] == ["captum.Saliency", "torchray.rise"]
+    given = convert(str(tmp_path / "out"))
+    assert given.config["output"]["dir"] == "out"
+    assert {n.where for n in given.notes} >= {"output_path", "model_name", "dataset", "test_run"}
