@@ -272,3 +272,62 @@ def test_the_converter_keeps_results_beside_the_config_and_notes_what_it_does_no
     given = convert(str(tmp_path / "out"))
     assert given.config["output"]["dir"] == "out"
     assert {n.where for n in given.notes} >= {"output_path", "model_name", "dataset", "test_run"}
+
+
+HELD = '''
+import os
+import threading
+import time
+
+from torch import nn
+
+
+class Held(nn.Module):
+    """In a run's job thread, its forward pass waits until the file GATE exists: the run stays open
+    while a test acts (validate's forward pass, in the main thread, goes through)."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.gate = gate
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x):
+        deadline = time.monotonic() + 120
+        while (threading.current_thread().name.startswith("esegeta-job") and not os.path.exists(self.gate)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        return self.fc(x.flatten(1))
+'''
+
+
+def test_the_folder_lock_refuses_a_second_run_while_the_first_is_held_open(tmp_path, capsys):
+    """The first run is held in its first forward pass until the test lets it go, so the second
+    run meets it still writing (the first had finished first on a loaded machine)."""
+    import subprocess
+    import sys
+
+    from helpers_cli import REPO
+
+    (tmp_path / "held.py").write_text(HELD)
+    gate = tmp_path / "gate"
+    cfg = valid_config(tmp_path, model={"factory": f"{tmp_path / 'held.py'}:Held", "kwargs": {"gate": str(gate)}},
+                       target=0)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "esegeta", "run", str(write_config(tmp_path, cfg))], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "esegeta.log").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.02)
+        code, _, err = run_cli(["run", write_config(tmp_path, cfg, "second.json")], capsys)
+        assert code == 2 and f"is in use by another esegeta run (pid {first.pid})" in err and "Traceback" not in err
+        assert first.poll() is None, "the first run ended while the second was refused"
+        gate.touch()
+        _, first_err = first.communicate(timeout=120)
+    finally:
+        gate.touch()
+        first.kill()
+        first.wait()
+    assert first.returncode == 0, first_err[-2000:]
