@@ -331,3 +331,15 @@ def test_the_folder_lock_refuses_a_second_run_while_the_first_is_held_open(tmp_p
         first.kill()
         first.wait()
     assert first.returncode == 0, first_err[-2000:]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("output", {"a": 1}, "wrapper.output: Input should be a valid string"),
+    ("threshold", [1], "wrapper.threshold: Input should be a valid number"),
+])
+def test_error_paths_name_keys_that_exist_not_union_tags(tmp_path, capsys, key, value, message):
+    """wrapper.output.int, wrapper.output.str, wrapper.threshold.float were named (pydantic's tags)."""
+    cfg = valid_config(tmp_path, wrapper={"name": "threshold", "threshold": 0.5, key: value})
+    code, err = _validate(tmp_path, capsys, cfg)
+    assert code == 2 and message in err
+    assert f"wrapper.{key}." not in err
