@@ -343,3 +343,12 @@ def test_error_paths_name_keys_that_exist_not_union_tags(tmp_path, capsys, key, 
     code, err = _validate(tmp_path, capsys, cfg)
     assert code == 2 and message in err
     assert f"wrapper.{key}." not in err
+
+
+@pytest.mark.parametrize("grid, message", [([2, 2, 2], "give 2 block sizes"), ([100, 4], "larger than the input")])
+def test_a_feature_mask_grid_that_does_not_fit_the_input_is_refused(tmp_path, capsys, grid, message):
+    cfg = valid_config(tmp_path, [{"id": "captum.FeatureAblation", "params": {"feature_mask": {"grid": grid}}}])
+    code, err = _validate(tmp_path, capsys, cfg)
+    assert code == 2 and "methods[0].params.feature_mask.grid" in err and message in err, err
+    ok = valid_config(tmp_path, [{"id": "captum.FeatureAblation", "params": {"feature_mask": {"grid": [2, 2]}}}])
+    assert _validate(tmp_path, capsys, ok)[0] == 0
