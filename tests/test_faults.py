@@ -352,3 +352,14 @@ def test_a_feature_mask_grid_that_does_not_fit_the_input_is_refused(tmp_path, ca
     assert code == 2 and "methods[0].params.feature_mask.grid" in err and message in err, err
     ok = valid_config(tmp_path, [{"id": "captum.FeatureAblation", "params": {"feature_mask": {"grid": [2, 2]}}}])
     assert _validate(tmp_path, capsys, ok)[0] == 0
+
+
+def test_a_disabled_entry_may_lack_its_layer(tmp_path, capsys):
+    """The converter disables an entry whose ancestor named no layer; validating the written config
+    then failed (exit 2) on that disabled entry. An enabled one is still refused."""
+    methods = [{"id": "captum.Saliency"}, {"id": "captum.LayerGradCam", "enabled": False}]
+    code, err = _validate(tmp_path, capsys, valid_config(tmp_path, methods))
+    assert code == 0, err
+    methods[1]["enabled"] = True
+    code, err = _validate(tmp_path, capsys, valid_config(tmp_path, methods))
+    assert code == 2 and "methods[1].layer" in err

@@ -38,7 +38,7 @@ def entry_problems(config: config_mod.Config, index: int) -> list[Problem]:
     """Problems of ``methods[index]`` found from the JSON alone (no model needed)."""
     m, where = config.methods[index], f"methods[{index}]"
     try:
-        check_method(m.id, m.params, m.layer, m.noise_tunnel, where)
+        check_method(m.id, m.params, m.layer, m.noise_tunnel, where, m.enabled)
         e = resolve(m, config, index)
         if e.request.patch is not None and e.request.patch.mode == "global":
             check_global(e.spec, e.request.wrapper, e.where("patch") + ".mode")
