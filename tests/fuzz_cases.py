@@ -371,6 +371,8 @@ class Answer:
 def names_a_path(stderr: str, config_file: Path) -> bool:
     """Whether every line of an exit-2 message names a JSON path (or the config file)."""
     text = stderr.strip()
+    start = text.find("esegeta: invalid")  # what the model's own code printed comes before (stderr under --json)
+    text = text[start:] if start > 0 else text
     if text.startswith("esegeta: invalid config:\n"):
         lines = text.split("\n")[1:]
     elif text.startswith("esegeta: invalid: "):
