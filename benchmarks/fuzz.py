@@ -1,10 +1,15 @@
-"""The long fuzz run: thousands of mutated configs through ``esegeta validate``, counted.
+"""The long fuzz run: thousands of mutated configs through ``esegeta validate`` (or ``check``,
+``run``), counted.
 
-Every answer must be exit 0 or exit 2 naming a JSON path (see ``tests/fuzz_cases.py``, shared
-with ``tests/test_fuzz.py``). Prints the counts (exit 0, exit 2, other) and, for "other", each
-distinct site with one example; writes them as JSON with ``--json FILE``.
+Every answer must be exit 0 or exit 2 naming a JSON path (``check`` and ``run`` may also exit 1),
+within ``--limit-s`` seconds a case (see ``tests/fuzz_cases.py``, shared with
+``tests/test_fuzz.py``; its cases include bad files, factories that exit or print, datasets that
+break, hostile input names and Ray addresses with no cluster). Prints the counts (exit 0, exit 1,
+exit 2, other, timeout) and, for "other" and "timeout", each distinct site with one example; writes
+them as JSON with ``--json FILE``.
 
     OMP_NUM_THREADS=1 python benchmarks/fuzz.py --cases 10000 --json fuzz.json
+    OMP_NUM_THREADS=1 python benchmarks/fuzz.py --command run --cases 500 --limit-s 120
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the counts and sites here")
+    parser.add_argument("--command", choices=["validate", "check", "run"], default="validate")
+    parser.add_argument("--limit-s", type=float, default=60.0, help="time limit of one case (a timeout past it)")
     args = parser.parse_args()
     counts: collections.Counter[str] = collections.Counter()
     sites: dict[str, dict] = {}
@@ -41,15 +48,15 @@ def main() -> int:
     strategy = cases(samples())
 
     def one(content: bytes) -> None:
-        answer = run_case(content, folder)
+        answer = run_case(content, folder, args.command, args.limit_s)
         counts[answer.kind] += 1
-        if answer.kind == "other":
+        if answer.kind in ("other", "timeout"):
             site = answer.site or answer.error[:120]
             entry = sites.setdefault(site, {"count": 0, "error": answer.error, "example": content[:400].decode(
                 "utf-8", "replace")})
             entry["count"] += 1
         n = sum(counts.values())
-        if n % 500 == 0:
+        if n % (500 if args.command == "validate" else 25) == 0:
             print(f"{n} cases, {time.perf_counter() - start:.0f} s: {dict(counts)}", file=sys.stderr, flush=True)
 
     import random
@@ -66,14 +73,15 @@ def main() -> int:
             print(f"hypothesis stopped after {sum(counts.values())} cases: {type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:200]}", file=sys.stderr)
     total = sum(counts.values())
-    result = {"cases": total, "exit 0": counts["exit 0"], "exit 2": counts["exit 2"], "other": counts["other"],
+    result = {"command": args.command, "cases": total, **{k: counts[k] for k in ("exit 0", "exit 1", "exit 2", "other",
+                                                                                 "timeout")},
               "seconds": round(time.perf_counter() - start, 1), "sites": sites}
     print(json.dumps({k: v for k, v in result.items() if k != "sites"}))
     for site, entry in sorted(sites.items(), key=lambda kv: -kv[1]["count"]):
         print(f"  {entry['count']:5d}  {site}: {entry['error'][:200]}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    return 0 if counts["other"] == 0 else 1
+    return 0 if counts["other"] == counts["timeout"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,15 @@ class NonFiniteResult(EsegetaError):
     message says where the values came from: the input, the model's output, or the method."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the process (``signum``): a run stops taking jobs, ends or stops
+    the running ones, keeps every finished result journaled, and the command exits ``128 + signum``."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signum}")
+
+
 class MethodUnavailable(EsegetaError):
     """A registered method whose library is not installed (the message says which extra)."""
 

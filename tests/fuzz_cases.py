@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -83,6 +84,95 @@ _scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_na
 json_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                            st.dictionaries(_keys | st.text(max_size=8), inner,
                                                                            max_size=4)), max_leaves=12)
+
+
+#: Files that broke esegeta (issue 26), built once by :func:`hostile_files` in a scratch folder.
+HOSTILE = Path(tempfile.gettempdir()) / "esegeta-fuzz-hostile"
+_DATASETS = """
+import torch
+
+
+class _Base(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, k):
+        return torch.rand(1, 8, 8)
+
+
+class Raises(_Base):
+    def __getitem__(self, k):
+        raise ValueError("broken item")
+
+
+class Negative(_Base):
+    def __len__(self):
+        return -1
+
+
+class Strings(_Base):
+    def __getitem__(self, k):
+        return "hello"
+
+
+class Exits(_Base):
+    def __getitem__(self, k):
+        raise SystemExit(3)
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def hostile_files() -> dict[str, list[Any]]:
+    """Values naming bad files, by the config key they go to: devices and FIFOs as weights, a
+    TorchScript model, factories that exit or print, datasets that break, inputs named like the
+    run's own files or of the wrong channel count, unbounded globs, Ray addresses with no cluster."""
+    import os
+
+    import numpy as np
+
+    HOSTILE.mkdir(exist_ok=True)
+    fifo = HOSTILE / "weights.fifo"
+    if hasattr(os, "mkfifo") and not fifo.exists():
+        os.mkfifo(fifo)
+    (HOSTILE / "factories.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom models import DigitResNet\n\n"
+        "def exits():\n    sys.exit(0)\n\n"
+        "def prints():\n    print('hello from the factory')\n    return DigitResNet()\n\n"
+        "def not_a_module():\n    return 3\n" % str(REPO / "samples"))
+    (HOSTILE / "datasets.py").write_text(_DATASETS)
+    names = HOSTILE / "names"
+    names.mkdir(exist_ok=True)
+    digit = np.load(REPO / "samples" / "data" / "digits" / "digit_1_label0.npy")
+    for name in ("evaluation.csv", "explorer.html", "manifest.json", "report.html", "attributions", "..", ".x"):
+        np.save(names / f"{name}.npy", digit)
+    np.save(HOSTILE / "rgb.npy", np.random.default_rng(0).random((8, 8, 3), dtype=np.float32))
+    factories, datasets = HOSTILE / "factories.py", HOSTILE / "datasets.py"
+    return {
+        "weights": ["/dev/zero", str(fifo), str(HOSTILE), str(factories)],
+        "factory": [f"{factories}:exits", f"{factories}:prints", f"{factories}:not_a_module", "os:getcwd"],
+        "dataset": [f"{datasets}:{n}" for n in ("Raises", "Negative", "Strings", "Exits", "_Base")],
+        "paths": [[str(names)], [str(HOSTILE / "rgb.npy")], ["/**/"], ["/**/*.npy"], [f"{names}/*.npy"]],
+        "ray_address": ["127.0.0.1:1", "ray://127.0.0.1:1", "auto", "host", "[::1]:1", "localhost:99999"],
+    }
+
+
+@st.composite
+def hostile(draw, base: dict) -> dict:
+    """``base`` with one to three of :func:`hostile_files`' values in their places."""
+    data = copy.deepcopy(base)
+    values = hostile_files()
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(values)))
+        value = draw(st.sampled_from(values[key]))
+        if key in ("weights", "factory"):
+            data.setdefault("model", {})[key] = value
+        elif key == "dataset":
+            data["inputs"] = {"dataset": value, "spatial_dims": 2}
+        elif key == "paths":
+            data["inputs"] = {**{k: v for k, v in data.get("inputs", {}).items() if k != "dataset"}, "paths": value}
+        else:
+            data["runtime"] = {**data.get("runtime", {}), "backend": "ray", "ray_address": value}
+    return data
 
 
 def _paths(value: Any, here: tuple = ()) -> list[tuple]:
@@ -256,7 +346,9 @@ def cases(bases: dict[str, dict]) -> st.SearchStrategy[bytes]:
     damaged = st.sampled_from(sorted(bases)).flatmap(lambda n: damaged_text(bases[n]))
     noise = st.one_of(st.binary(max_size=200), st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")),
                       json_values.map(lambda v: json.dumps(v).encode()))
-    return st.one_of(structural, structural, structural, structural, damaged, noise)
+    bad_files = st.sampled_from(sorted(bases)).flatmap(lambda n: hostile(bases[n]).map(
+        lambda d: _text(d).encode("utf-8", "surrogatepass")))
+    return st.one_of(structural, structural, structural, structural, damaged, noise, bad_files)
 
 
 #: A line of an exit-2 message: it starts with a JSON path (``methods[2].params.n_step``,
@@ -279,6 +371,8 @@ class Answer:
 def names_a_path(stderr: str, config_file: Path) -> bool:
     """Whether every line of an exit-2 message names a JSON path (or the config file)."""
     text = stderr.strip()
+    start = text.find("esegeta: invalid")  # what the model's own code printed comes before (stderr under --json)
+    text = text[start:] if start > 0 else text
     if text.startswith("esegeta: invalid config:\n"):
         lines = text.split("\n")[1:]
     elif text.startswith("esegeta: invalid: "):
@@ -299,8 +393,36 @@ def _site(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {where}"
 
 
-def run_case(content: bytes, folder: Path | None = None) -> Answer:
-    """``esegeta validate`` on a config file holding ``content``, in-process."""
+class CaseTimeout(Exception):
+    """A case ran past its time limit (:func:`run_case`'s ``limit_s``)."""
+
+
+@contextlib.contextmanager
+def _time_limit(limit_s: float | None):
+    """Raise :class:`CaseTimeout` in the main thread after ``limit_s`` seconds (SIGALRM; Unix)."""
+    import signal
+
+    if not limit_s or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise CaseTimeout(f"no answer within {limit_s:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_case(content: bytes, folder: Path | None = None, command: str = "validate",
+             limit_s: float | None = None) -> Answer:
+    """``esegeta COMMAND`` (validate, check or run) on a config file holding ``content``,
+    in-process, within ``limit_s`` seconds (``"timeout"`` past it). ``run`` writes under ``folder``.
+    ``check`` and ``run`` may also exit 1 (methods that will not run, or failed)."""
     from esegeta.cli.commands import main
 
     with contextlib.ExitStack() as stack:
@@ -313,11 +435,16 @@ def run_case(content: bytes, folder: Path | None = None) -> Answer:
         before = list(log.handlers)
         limit = sys.getrecursionlimit()
         try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-                code = main(["validate", str(file)])
+            argv = [command, str(file)] + (["--output", str(folder / "out")] if command == "run" else [])
+            if command == "check":
+                argv.append("--json")
+            with _time_limit(limit_s), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                code = main(argv)
         except BaseException as exc:  # noqa: BLE001 (a traceback is what is counted)
             if isinstance(exc, KeyboardInterrupt):
                 raise
+            if isinstance(exc, CaseTimeout):
+                return Answer("timeout", None, err.getvalue(), str(exc), "timeout")
             return Answer("other", None, err.getvalue(), f"{type(exc).__name__}: {str(exc)[:300]}", _site(exc))
         finally:
             sys.setrecursionlimit(limit)
@@ -325,8 +452,15 @@ def run_case(content: bytes, folder: Path | None = None) -> Answer:
                 if handler not in before:
                     log.removeHandler(handler)
         stderr = err.getvalue()
+        if command == "check" and code in (0, 1):
+            try:
+                json.loads(out.getvalue())
+            except ValueError:
+                return Answer("other", code, stderr, f"check --json printed what is not JSON: {out.getvalue()[:200]!r}")
         if code == 0:
             return Answer("exit 0", code, stderr)
+        if code == 1 and command != "validate":
+            return Answer("exit 1", code, stderr)
         if code == 2 and names_a_path(stderr, file):
             return Answer("exit 2", code, stderr)
         return Answer("other", code, stderr, f"exit {code} without a JSON path: {stderr[-300:]}")

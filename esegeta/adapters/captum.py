@@ -291,6 +291,22 @@ def _quarter(x) -> list[int]:
     return [x.shape[1]] + [max(1, s // 4) for s in x.shape[2:]]
 
 
+def grid_fits(model, context) -> list[ConfigError]:
+    """A ``feature_mask`` grid needs one block size per spatial axis of the input, none larger than
+    its axis (a larger block is the whole axis: almost surely not what was meant)."""
+    grid = context.params.get("feature_mask")
+    if not (isinstance(grid, dict) and isinstance(grid.get("grid"), list)):
+        return []
+    block, spatial = grid["grid"], [int(s) for s in context.x.shape[2:]]
+    if len(block) != len(spatial):
+        return [ConfigError("params.feature_mask.grid", f"give {len(spatial)} block sizes, one per spatial axis of the "
+                                                        f"input {spatial}, not {block!r}")]
+    if any(b > s for b, s in zip(block, spatial)):
+        return [ConfigError("params.feature_mask.grid", f"{block} is larger than the input's spatial size {spatial}: "
+                                                        "give block sizes up to those")]
+    return []
+
+
 def occlusion_fits(model, context) -> list[ConfigError]:
     """Captum's Occlusion slides a window over (channels, *spatial) of one input: the window and
     the strides need one positive size per axis, the window no larger than the input, a stride
@@ -402,17 +418,19 @@ _captum("Deconvolution", passes=_GRADIENT, layout=ROWS, axiom="none", ref="Zeile
 _captum("GuidedGradCam", passes=_GRADIENT, layout=ROWS, axiom="none", layer=True, preflight=token_layer,
         ref="Selvaraju et al. 2017, arXiv:1610.02391")
 _captum("FeatureAblation", passes=_ablation_passes, layout=TILE, axiom="none", quick=_PERTURB_QUICK,
-        ref="feature ablation")
+        preflight=grid_fits, ref="feature ablation")
 _captum("Occlusion", passes=_occlusion_passes, layout=TILE, axiom="none",
         defaults={"sliding_window_shapes": _window, "strides": _stride}, preflight=occlusion_fits,
         quick={"sliding_window_shapes": _quarter, "strides": _quarter, "perturbations_per_eval": 16},
         ref="Zeiler & Fergus 2014, arXiv:1311.2901")
 _captum("ShapleyValueSampling", passes=_shapley_passes, layout=PER_INPUT, axiom="efficiency",
-        quick={**_PERTURB_QUICK, "n_samples": 2}, ref="Castro et al. 2009, doi:10.1016/j.cor.2008.04.004")
+        quick={**_PERTURB_QUICK, "n_samples": 2}, preflight=grid_fits,
+        ref="Castro et al. 2009, doi:10.1016/j.cor.2008.04.004")
 _captum("KernelShap", passes=cost.forward_steps("n_samples", 1), layout=PER_INPUT, axiom="none",
-        quick={"feature_mask": _quick_grid, "n_samples": 32}, ref="Lundberg & Lee 2017, arXiv:1705.07874")
+        quick={"feature_mask": _quick_grid, "n_samples": 32}, preflight=grid_fits,
+        ref="Lundberg & Lee 2017, arXiv:1705.07874")
 _captum("Lime", passes=cost.forward_steps("n_samples", 1), layout=PER_INPUT, axiom="none",
-        quick={"feature_mask": _quick_grid, "n_samples": 32}, ref="Ribeiro et al. 2016, arXiv:1602.04938")
+        quick={"feature_mask": _quick_grid, "n_samples": 32}, preflight=grid_fits, ref="Ribeiro et al. 2016, arXiv:1602.04938")
 _captum("LRP", passes=_GRADIENT, layout=PER_INPUT, axiom="conservation", preflight=lrp_gaps,
         ref="Bach et al. 2015, doi:10.1371/journal.pone.0130140")
 

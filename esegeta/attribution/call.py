@@ -130,6 +130,9 @@ def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: Meth
         layer = model.layer(name)
     except AttributeError:
         raise ConfigError(where, f"the model has no layer {name!r}" + did_you_mean(name, names)) from None
+    except RuntimeError as exc:  # a TorchScript model: "get_submodule is not supported on ScriptModules"
+        raise ConfigError(where, f"cannot reach layer {name!r} of this model ({exc}): a TorchScript model's layers "
+                                 "take no hooks; give model.factory and a state dict instead") from None
     if spec is not None and spec.leaf_layer and list(layer.children()) and not isinstance(layer, CallSites):
         leaves = [n for n in names if n.startswith(name + ".") and not list(model.layer(n).children())]
         raise ConfigError(where, f"{spec.id} needs a layer without submodules; {name!r} has some: use one of "

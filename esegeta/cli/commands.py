@@ -10,7 +10,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # esegeta/cli/commands.py: the checkout holding configs/
@@ -160,10 +163,31 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+@contextmanager
+def _stdout_to_stderr():
+    """What the user's code prints (``print`` or a C library writing to file descriptor 1) goes to
+    stderr, so that a command's machine-readable stdout (``check --json``) stays parseable."""
+    sys.stdout.flush()
+    saved = None
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no file descriptors to move (an embedded interpreter): Python's print only
+        saved = None
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _cmd_check(args) -> int:
     from esegeta.run.check import check
 
-    report = check(args.config, device=args.device)
+    with _stdout_to_stderr() if args.json else nullcontext():
+        report = check(args.config, device=args.device)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
     return report.exit_code
 
@@ -265,6 +289,32 @@ COMMANDS = {"run": _cmd_run, "evaluate": _cmd_evaluate, "metrics": _cmd_metrics,
             "convert-torchesegeta": _cmd_convert_torchesegeta}
 
 
+@contextmanager
+def _signals():
+    """SIGINT and SIGTERM raise :class:`esegeta.errors.Interrupted` in the main thread (once: a signal
+    that follows while the run stops is ignored), so a run stops cleanly and exits 130 or 143; the
+    process's own handlers are put back afterwards. Outside the main thread nothing changes."""
+    from esegeta.errors import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    wanted = [s for s in (signal.SIGINT, signal.SIGTERM)]
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.version:
@@ -287,16 +337,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_torchvision_importable()  # before any user code: its torchvision imports on CPU-only torch
     try:
-        return COMMANDS[args.command](args)
+        with _signals():
+            return COMMANDS[args.command](args)
     except EsegetaError as exc:
         if debug:
             raise
         print(f"esegeta: invalid: {exc}" if "\n" not in str(exc) else f"esegeta: invalid config:\n{exc}",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("esegeta: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"esegeta: interrupted ({signal.Signals(signum).name}); finished results are kept: "
+              "`esegeta run --resume` goes on", file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:  # `esegeta methods | head`: the reader left; Python's documented remedy
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -304,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Commands that write nothing: their process may end without Python's teardown (see :func:`console`).
 READ_ONLY = frozenset({"validate", "check", "methods", "schema", "metrics"})
+#: Exit codes after SIGINT and SIGTERM.
+INTERRUPTED = frozenset({128 + signal.SIGINT, 128 + signal.SIGTERM})
 
 
 def console() -> None:
@@ -316,7 +371,9 @@ def console() -> None:
     Every other command exits the usual way."""
     argv = sys.argv[1:]
     code = main(argv)
-    if argv[:1] and argv[0] in READ_ONLY:
+    # Read-only, or interrupted: a job thread stopped mid-way in a C call may still hold torch's
+    # native threads, and the interpreter's teardown would then abort (SIGABRT) instead of exiting.
+    if (argv[:1] and argv[0] in READ_ONLY) or code in INTERRUPTED:
         import atexit
 
         atexit._run_exitfuncs()  # what the interpreter would run (logging.shutdown is one of them)

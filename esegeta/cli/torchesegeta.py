@@ -121,6 +121,7 @@ METHODS: Mapping[str, MethodMap] = MappingProxyType({
     "torchray_Gradient": _m("torchray.gradient"),
     "torchray_Guidedbackprop": _m("torchray.guided_backprop"),
     "torchray_Linearapprox": _m("torchray.linear_approx", layer=True),
+    "torchray_Rise": _m("torchray.rise"),
     # LIME (the ancestor's explain_methods).
     "lime_segmentation": _m("lime.LimeImageExplainer", keywords={"num_samples": "num_samples", "num_features": "num_features"},
                             why="LIME on superpixels: lime's LimeImageExplainer"),
@@ -323,7 +324,7 @@ class _Converter:
             config["wrapper"] = wrapper
         config["target"] = self.target(wrapper)
         config["runtime"] = self.runtime(top)
-        config["output"] = {"dir": self.output_dir(), "formats": ["npy", "png", "nii"] if self.dims == 3 else ["npy", "png"],
+        config["output"] = {"dir": self.output_dir(top), "formats": ["npy", "png", "nii"] if self.dims == 3 else ["npy", "png"],
                             "figure": figure}
         config["methods"] = methods
         return Conversion(config, self.notes, mapped, unmapped)
@@ -436,12 +437,23 @@ class _Converter:
             self.note("timeout_time", src["timeout_time"], "timeout_enabled is false: no time limit", top)
         return out
 
-    def output_dir(self) -> str:
+    def output_dir(self, top: dict | None = None) -> str:
+        """``--output-dir``, else the ancestor's ``output_path/model_dataset_run`` kept inside the new
+        config's folder: an absolute or climbing ``output_path`` (written for another machine; a run
+        once made a folder at the file-system root) becomes ``results``, with a note. What is not
+        used is noted, never dropped silently."""
+        read = {k: self.src[k] for k in ("output_path", "model_name", "dataset", "test_run") if self.src.get(k)}
         if self.args.output_dir:
+            for key, value in read.items():
+                self.note(key, value, "--output-dir names the results folder instead", top, key)
             return _relative(self.args.output_dir, self.args.config_dir)
-        name = "_".join(str(self.src[k]) for k in ("model_name", "dataset", "test_run") if self.src.get(k))
-        base = self.src.get("output_path") or "results"
-        return str(Path(base) / name) if name else str(base)
+        name = "_".join(str(read[k]) for k in ("model_name", "dataset", "test_run") if k in read)
+        base = str(read.get("output_path") or "results")
+        if Path(base).is_absolute() or ".." in Path(base).parts or re.match(r"^[A-Za-z]:[\\/]", base):
+            self.note("output_path", base, "an absolute or climbing path of the ancestor's machine: results go to "
+                                           "'results' beside the new config (or --output-dir)", top, "output_path")
+            base = "results"
+        return str(Path(base) / re.sub(r"[^A-Za-z0-9._+-]", "_", name)) if name else base
 
     def patch(self) -> dict[str, Any] | None:
         size = self.src.get("patch_size")

@@ -97,7 +97,12 @@ class DatasetSource:
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
             raise ConfigError("inputs.dataset", f"{ref} returned {type(dataset).__name__}, not a map-style torch "
                                                 "Dataset (with __len__ and __getitem__)")
-        if len(dataset) == 0:
+        try:
+            size = len(dataset)
+        except (Exception, SystemExit) as exc:  # a negative or non-integer __len__, or one that raises
+            raise ConfigError("inputs.dataset", f"len() of {ref}'s dataset failed: {type(exc).__name__}: {exc}; "
+                                                "__len__ must return the number of items (>= 1)") from exc
+        if size == 0:
             raise ConfigError("inputs.dataset", f"{ref} returned an empty dataset")
         self.cfg, self.ref, self.dataset = cfg, ref, dataset
         width = max(5, len(str(len(dataset) - 1)))
@@ -112,8 +117,19 @@ class DatasetSource:
         return self.cache.get(index, self._load)
 
     def _load(self, index: int) -> InputItem:
-        x, label = split_item(self.dataset[index], f"{self.ref}[{index}]")
-        array = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+        where = f"{self.ref}[{index}]"
+        try:
+            raw = self.dataset[index]
+        except (Exception, SystemExit) as exc:  # the user's __getitem__ failed: named, not a traceback
+            raise ConfigError("inputs.dataset", f"reading {where} failed: {type(exc).__name__}: {exc}") from exc
+        x, label = split_item(raw, where)
+        try:
+            array = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+        except Exception as exc:  # noqa: BLE001 (an object NumPy cannot hold)
+            raise ConfigError("inputs.dataset", f"{where}'s input is a {type(x).__name__}, not an array: {exc}") from exc
+        if array.dtype.kind not in "biuf":
+            raise ConfigError("inputs.dataset", f"{where}'s input is a {type(x).__name__} of {array.dtype} values, "
+                                                "not numbers: an item must be a tensor or array (or (input, label))")
         tensor = to_tensor(array, self.cfg.spatial_dims, False, self.paths[index], self.cfg.channel_axis)
         return InputItem(self.names[index], self.paths[index], preprocess(tensor, self.cfg),
                          channels_last=self.cfg.channel_axis == "last", label=plain_label(label))

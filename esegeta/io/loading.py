@@ -7,6 +7,7 @@ run code is refused, never executed.
 from __future__ import annotations
 
 import glob
+import os
 import re
 import hashlib
 import importlib
@@ -88,7 +89,7 @@ def load_callable(ref: str, base_dir: Path | None, field: str):
             sys.path.insert(0, folder)  # as when running the file: its neighbours are importable
             try:
                 spec.loader.exec_module(module)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() in the file: nothing can run
                 del sys.modules[name]
                 raise ConfigError(field, f"importing {file} failed: {type(exc).__name__}: {exc}") from exc
             finally:
@@ -101,7 +102,7 @@ def load_callable(ref: str, base_dir: Path | None, field: str):
             module = importlib.import_module(module_ref)
         except ImportError as exc:
             raise ConfigError(field, f"cannot import module {module_ref!r}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 (the module's own code failed)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 (the module's own code failed)
             raise ConfigError(field, f"importing {module_ref!r} failed: {type(exc).__name__}: {exc}") from exc
     if not hasattr(module, attr):
         names = [n for n in dir(module) if not n.startswith("_")]
@@ -122,6 +123,8 @@ def _first_line(exc: Exception) -> str:
 
 
 def _is_torchscript(path: Path) -> bool:
+    if not is_file(path):  # a device (/dev/zero) or a FIFO would be read without end
+        return False
     try:
         if not zipfile.is_zipfile(path):
             return False
@@ -134,7 +137,8 @@ def _is_torchscript(path: Path) -> bool:
 def load_state_dict(path: Path, field: str = "model.weights") -> dict[str, torch.Tensor]:
     """A state dict from ``path``, loaded with ``weights_only=True`` (never runs pickled code)."""
     if not is_file(path):
-        raise ConfigError(field, f"weights file {path} does not exist")
+        raise ConfigError(field, f"weights file {path} does not exist" if not path.exists() else
+                          f"{path} is not a regular file (a folder, device or FIFO); give a state dict file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for pickles that would run code, RuntimeError for junk
@@ -168,7 +172,7 @@ def load_model(model_cfg: ModelConfig | dict, base_dir: Path | None) -> nn.Modul
         raise ConfigError("model.factory", f"{factory} is a {type(make).__name__}, not a callable that makes the model")
     try:
         model = make(**model_cfg.kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a factory calling sys.exit() ran nothing: exit 2, not 0
         field = "model.kwargs" if model_cfg.kwargs else "model.factory"
         raise ConfigError(field, f"calling {factory} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
@@ -247,12 +251,45 @@ class InputItem:
         return saved
 
 
+#: A recursive glob (``**``) may walk at most this many entries, this deep below its fixed folder.
+GLOB_MAX_ENTRIES, GLOB_MAX_DEPTH = 200_000, 16
+
+
+def _bounded_walk(path: Path, where: str, pattern: str) -> None:
+    """ConfigError unless the folder a ``**`` glob walks (its part before the first wildcard) holds at
+    most :data:`GLOB_MAX_ENTRIES` entries within :data:`GLOB_MAX_DEPTH` levels (``"/**/"`` would walk
+    the whole file system)."""
+    parts = path.parts
+    cut = next((n for n, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+    top = Path(*parts[:cut]) if cut else Path(".")
+    seen, stack = 0, [(top, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        seen += len(entries)
+        if seen > GLOB_MAX_ENTRIES:
+            raise ConfigError(where, f"{pattern!r} walks more than {GLOB_MAX_ENTRIES:,} entries below {top}; "
+                                     "name a smaller folder or list the files")
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if depth + 1 > GLOB_MAX_DEPTH:
+                    raise ConfigError(where, f"{pattern!r} goes deeper than {GLOB_MAX_DEPTH} folders below "
+                                             f"{top}; name a smaller folder or list the files")
+                stack.append((Path(entry.path), depth + 1))
+
+
 def expand_paths(patterns: list[str], base_dir: Path | None) -> list[Path]:
-    """Files named by paths, globs or folders, in order, without duplicates."""
+    """Files named by paths, globs or folders, in order, without duplicates; a recursive glob is
+    bounded (:func:`_bounded_walk`)."""
     found: list[Path] = []
     for i, pattern in enumerate(patterns):
         path = resolve(pattern, base_dir)
         if any(ch in pattern for ch in "*?["):
+            if "**" in pattern:
+                _bounded_walk(path, f"inputs.paths[{i}]", pattern)
             hits = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
         elif is_dir(path):
             hits = sorted(p for p in path.iterdir() if p.name.lower().endswith(INPUT_SUFFIXES))

@@ -9,12 +9,17 @@
 - :class:`Gate` lets a method that patches torch for the whole process (``MethodSpec.exclusive``:
   TorchRay's ``torch.relu`` swap) run alone, the others side by side.
 
+An interrupt (SIGINT/SIGTERM, :class:`esegeta.errors.Interrupted`) while jobs run stops the workers
+taking jobs, stops the running computations (:func:`esegeta.run.timeouts.cancel_all`), waits for
+the workers to deliver what had finished (so it is journaled) and re-raises.
+
 Seeds, devices and intra-op threads: :mod:`esegeta.attribution.scheduling`; time limits: :mod:`esegeta.run.timeouts`.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +31,7 @@ import torch
 from esegeta.attribution import numerics, scheduling
 from esegeta.attribution.prepare import PreparedModel, prepare
 from esegeta.io.datasets import samples
+from esegeta.run import timeouts
 
 log = logging.getLogger("esegeta")
 
@@ -160,6 +166,9 @@ class Executor:
         self._pending: list = []
         self._lock = threading.Lock()
 
+    #: Seconds an interrupted run waits for its workers to stop before it leaves them behind.
+    STOP_GRACE_S = 10.0
+
     def run(self, jobs: list, compute: Callable[[Any, Worker], Any], on_done: Callable[[Any, Any], None],
             on_error: Callable[[Any, BaseException], None]) -> None:
         """``on_done(job, compute(job, worker))`` for every job; ``on_error(job, exc)`` if either raises."""
@@ -171,11 +180,31 @@ class Executor:
         with scheduling.intra_op_threads(cpu_workers), numerics.fp32_numerics(self.tf32), _job_warnings():
             threads = [threading.Thread(target=self._loop, args=(w, compute, on_done, on_error),
                                         name=f"esegeta-worker-{n}", daemon=True) for n, w in enumerate(workers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.5)
+            timeouts.arm()
+            try:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.5)
+            except KeyboardInterrupt:  # SIGINT/SIGTERM: stop, keep what finished, re-raise
+                self.stop(threads)
+                raise
+
+    def stop(self, threads: list[threading.Thread]) -> None:
+        """No new job; the running ones are stopped; wait (up to :attr:`STOP_GRACE_S`) for the workers."""
+        with self._lock:
+            left = len(self._pending)
+            self._pending.clear()
+        log.warning("interrupted: %d job(s) not started; stopping the running ones", left)
+        timeouts.cancel_all()
+        deadline = time.monotonic() + self.STOP_GRACE_S
+        for t in threads:
+            while t.is_alive() and time.monotonic() < deadline:
+                try:
+                    t.join(0.2)
+                except KeyboardInterrupt:  # a second signal while stopping: the stop goes on
+                    continue
 
     def _take(self, worker: Worker):
         with self._lock:
@@ -190,7 +219,9 @@ class Executor:
                 with self.gate.enter(job.exclusive):
                     outcome = compute(job, worker)
                 on_done(job, outcome)
-            except Exception as exc:  # noqa: BLE001 (the loop never dies: the job is recorded failed)
+            except timeouts.Cancelled:  # interrupted: not computed, not recorded
+                return
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 (the loop never dies: the job is recorded failed)
                 try:
                     on_error(job, exc)
                 except Exception:  # noqa: BLE001

@@ -38,7 +38,7 @@ def entry_problems(config: config_mod.Config, index: int) -> list[Problem]:
     """Problems of ``methods[index]`` found from the JSON alone (no model needed)."""
     m, where = config.methods[index], f"methods[{index}]"
     try:
-        check_method(m.id, m.params, m.layer, m.noise_tunnel, where)
+        check_method(m.id, m.params, m.layer, m.noise_tunnel, where, m.enabled)
         e = resolve(m, config, index)
         if e.request.patch is not None and e.request.patch.mode == "global":
             check_global(e.spec, e.request.wrapper, e.where("patch") + ".mode")
@@ -225,7 +225,11 @@ def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int
                 kept[(k, position)] = {**record, "resumed": True}
             else:
                 todo.append((k, item, key))
-        one_call = e.request.wrapper is None or batching.layout(e.request, 2) != batching.PER_INPUT
+        # batching never changes a result: a per_input method (randomness, baselines built from its
+        # inputs: a batch's "blur" would be a distribution of every batch-mate) and a noise tunnel run
+        # one input per job, with or without a wrapper
+        one_call = (e.spec.batch_layout != batching.PER_INPUT and e.request.noise_tunnel is None
+                    and (e.request.wrapper is None or batching.layout(e.request, 2) != batching.PER_INPUT))
         batch = p.config.runtime.batch_size if (one_call and e.request.patch is None
                                                 and e.spec.kind in BATCHABLE_KINDS) else 1
         by_shape: dict[tuple[int, ...], list[tuple[int, InputRef, str]]] = {}

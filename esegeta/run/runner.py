@@ -14,6 +14,7 @@ import json
 import importlib.metadata
 import platform
 import logging
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ class Pipeline:
             plan = planning.plan(self.config, self.base_dir, only=self.only, device=self.device_override)
         plan.problems += mask_problems(plan)
         plan.raise_problems()
+        if self.config.runtime.backend == "ray":  # an address where no cluster answers: refused in seconds
+            ray_backend.check_address(self.config.runtime.ray_address)
         check_dir(self.output_dir, self._output_field, create=False)  # what run refuses, validate refuses
         return plan
 
@@ -141,7 +144,13 @@ class Pipeline:
                          len(kept), sum(len(j.items) for j in jobs))
             writer.begin(list(kept.values()), plan.inputs)
             records = dict(kept)
-            _execute(plan, jobs, writer, records)
+            try:
+                _execute(plan, jobs, writer, records)
+            except KeyboardInterrupt:  # SIGINT/SIGTERM: what finished is journaled; --resume goes on
+                done = sum(r["status"] == "ok" for r in records.values()) - len(kept)
+                log.warning("interrupted: %d result(s) of this run are journaled in %s; `esegeta run --resume` "
+                            "computes the rest", done, out / ".esegeta-journal.jsonl")
+                raise
             manifest = {**_head(plan), "runs": [records[key] for key in sorted(records)]}
             error = None
             try:
@@ -153,8 +162,11 @@ class Pipeline:
             if error is None and plan.config.evaluation is not None:
                 error = after_run(plan, out, manifest, writer.token)
                 if "report" in manifest:  # the report was written before the evaluation: add its section
-
-                    update_evaluation(out)
+                    try:
+                        update_evaluation(out)
+                    except OSError as exc:  # e.g. a full disk: the evaluation is in manifest.json
+                        error = f"updating report.html with the evaluation failed: {type(exc).__name__}: {exc}"
+                        log.error("%s", error)
             failed = [r for r in manifest["runs"] if r["status"] != "ok"]
             log.info("done: %d ok, %d failed", len(manifest["runs"]) - len(failed), len(failed))
         return RunResult(out, manifest, error)
@@ -217,10 +229,29 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
             executor.run(jobs, lambda job, worker: job_mod.compute(plan, job, worker), on_done, on_error)
 
 
+class _LogFile(logging.FileHandler):
+    """``esegeta.log``: a write that fails (a full disk) is said once on stderr, not as a
+    ``--- Logging error ---`` block with a traceback for every message."""
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"esegeta: cannot write {self.baseFilename}: {error}; the log goes on on the console only",
+                  file=sys.stderr)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # its last flush, on a full disk
+            pass
+
+
 @contextmanager
 def _log_file(path: Path):
     """Log to ``path`` (DEBUG and up) for the duration of a run."""
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _LogFile(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     previous = log.level

@@ -206,8 +206,16 @@ class Writer:
 
     def __exit__(self, *exc) -> None:
         _live_tokens.discard(self.token)
+        if exc and exc[0] is not None:  # interrupted or failed: no temporary file of this run stays
+            try:
+                self.clean_stale()
+            except OSError as error:
+                log.debug("temporary files: %s", error)
         if self._journal is not None:
-            self._journal.close()
+            try:
+                self._journal.close()
+            except OSError as error:  # its buffer's last flush, on a full disk: every record was fsync'd
+                log.debug("journal: %s", error)
             self._journal = None
         if self._fd is not None:
             os.close(self._fd)  # releases the lock
@@ -261,7 +269,10 @@ class Writer:
                 return (self.out / rel).is_file()
             if rel not in stores:  # a row counts once its chunk is written
                 stores[rel] = written_inputs(self.out / rel)
-            return record.get("input") in stores[rel]
+            # a row still buffered when the run was killed is read back from the result's .npy
+            # (the store's writer fills resumed rows it lacks): the result is kept
+            npy = record.get("files", {}).get("npy")
+            return record.get("input") in stores[rel] or (npy is not None and (self.out / npy).is_file())
 
         return {k: r for k, r in records.items() if r.get("status") == "ok" and r.get("key")
                 and all(present(r, fmt, rel) for fmt, rel in r.get("files", {}).items())}
@@ -381,7 +392,10 @@ class Writer:
         self._report(manifest, inputs, kinds)
         outputs.save_json(self.out / "manifest.json", manifest, self.token)
         if self._journal is not None:
-            self._journal.close()
+            try:
+                self._journal.close()
+            except OSError as error:
+                log.debug("journal: %s", error)
             self._journal = None
         (self.out / JOURNAL).unlink(missing_ok=True)
 

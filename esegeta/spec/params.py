@@ -158,14 +158,15 @@ NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
 def check_method(method_id: str, params: Mapping[str, Any], layer: str | None,
-                 noise_tunnel: Mapping[str, Any] | None, where: str) -> MethodSpec:
+                 noise_tunnel: Mapping[str, Any] | None, where: str, enabled: bool = True) -> MethodSpec:
     """Check one method entry against the registry and upstream (ConfigError at its JSON path);
-    returns the spec."""
+    returns the spec. A disabled entry may still lack its layer (the converter writes such entries
+    for the user to complete)."""
     spec = registry.get(method_id, f"{where}.id")
     reason = spec.unavailable_reason()
     if reason:
         raise ConfigError(f"{where}.id", f"{method_id} is unavailable: {reason}")
-    if spec.needs_layer and not layer:
+    if spec.needs_layer and not layer and enabled:
         raise ConfigError(f"{where}.layer", f"{method_id} needs a 'layer' (a submodule name of the model)")
     if layer and not spec.needs_layer:
         raise ConfigError(f"{where}.layer", f"{method_id} takes no layer; remove 'layer'")

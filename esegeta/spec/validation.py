@@ -43,7 +43,7 @@ def _flatten(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def _real_loc(data: Any, loc: tuple) -> tuple:
+def _real_loc(data: Any, loc: tuple, missing: bool = True) -> tuple:
     """``loc`` without pydantic's union-member tags (``constrained-int``, ``literal['predicted']``):
     only the keys and indices that exist in the validated ``data`` (and a last key that is missing)."""
     out: list = []
@@ -55,15 +55,16 @@ def _real_loc(data: Any, loc: tuple) -> tuple:
         elif isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
             out.append(part)
             here = here[part]
-        elif isinstance(part, str) and i == len(loc) - 1 and (part.isidentifier() or part == "$schema"):
-            out.append(part)  # a required key that is missing
+        elif (missing and isinstance(here, dict) and isinstance(part, str) and i == len(loc) - 1
+              and (part.isidentifier() or part == "$schema")):
+            out.append(part)  # a required key that is missing (not a union tag: 'int', 'str', 'float')
     return tuple(out)
 
 
 def _message(error: dict, data: Any, root: type[BaseModel] | None = None,
              not_yet: Mapping[str, str] = MappingProxyType({})) -> tuple[str, str]:
     """(JSON path, message) of one pydantic error of validating ``data`` as ``root`` (the Config)."""
-    loc = _real_loc(data, tuple(error["loc"]))
+    loc = _real_loc(data, tuple(error["loc"]), error["type"] == "missing")
     if error["type"] == "extra_forbidden" and loc and loc[-1] in not_yet:
         return _loc(loc), not_yet[loc[-1]]
     message = error["msg"].removeprefix("Value error, ")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from esegeta.errors import ConfigError
 from esegeta.spec import config as config_mod
 from esegeta.io import datasets
 from esegeta.run.executor import Worker
@@ -95,6 +96,41 @@ def _actors(devices: list, threads_per_device: int) -> tuple[int, int, str]:
     return max(1, threads_per_device), 0, "cpu"
 
 
+#: Seconds a ``runtime.ray_address`` is given to answer before the run is refused.
+CONNECT_TIMEOUT_S = 3.0
+
+
+def check_address(address: str | None, where: str = "runtime.ray_address") -> None:
+    """ConfigError naming ``where`` unless ``address`` reaches a Ray cluster: ``host:port`` and
+    ``ray://host:port`` must accept a TCP connection within :data:`CONNECT_TIMEOUT_S`; ``"auto"`` needs
+    a running local cluster (``RAY_ADDRESS``, or the file Ray's head node writes). Without this,
+    ``ray.init`` waits minutes on an address where nothing listens, or ends in a traceback."""
+    import socket
+
+    if not address:
+        return
+    text = address
+    if text == "auto":
+        text = os.environ.get("RAY_ADDRESS", "")
+        current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        if not text and current.is_file():
+            text = current.read_text(encoding="utf-8", errors="replace").strip()
+        if not text:
+            raise ConfigError(where, "'auto' finds no running Ray cluster on this machine (no RAY_ADDRESS, no "
+                                     "`ray start --head`): start one, give its address, or remove ray_address to "
+                                     "let esegeta start a local cluster")
+    host, sep, port = text.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(where, f"{address!r} is not a Ray address: write 'host:port', 'ray://host:10001' or 'auto'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError, OverflowError) as exc:
+        raise ConfigError(where, f"no Ray cluster answers at {text} ({exc.strerror or exc} within "
+                                 f"{CONNECT_TIMEOUT_S:g} s): start it (`ray start --head`) or fix the address"
+                          ) from None
+
+
 def run(plan: Any, jobs: list, on_done: Callable[[Any, Any], None], on_error: Callable[[Any, BaseException], None]
         ) -> None:
     """``on_done(job, computed)`` (or ``on_error``) for every job, computed by Ray actors."""
@@ -105,7 +141,12 @@ def run(plan: Any, jobs: list, on_done: Callable[[Any, Any], None], on_error: Ca
     if started:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if rt.ray_address:
-            ray.init(address=rt.ray_address, include_dashboard=False, log_to_driver=False)
+            check_address(rt.ray_address)
+            try:
+                ray.init(address=rt.ray_address, include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+                raise ConfigError("runtime.ray_address", f"cannot join the Ray cluster at {rt.ray_address}: "
+                                                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
