@@ -216,7 +216,7 @@ _own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop",
      ref="Springenberg et al. 2015, arXiv:1412.6806")
 # Blur IG: PAIR's saliency cannot be an extra (numpy, channels-last, 2D): its algorithm in torch, N-d; the path's
 # points of one call are tiled (k·B rows, row r is input r mod B).
-_own("BlurIG", "blur_ig:blur_ig", passes=cost.steps("steps"), layout=TILE, axiom="none",
+_own("BlurIG", "blur_ig:blur_ig", passes=cost.steps("steps"), layout=PER_INPUT, axiom="none",
      quick={"steps": 4, "max_sigma": 2}, ref="Xu et al. 2020, arXiv:2004.03383 (PAIR saliency 0.2.1's BlurIG)")
 # Guided IG: PAIR's numpy implementation fails on NumPy 2 (np.quantile's removed interpolation=): its steps in torch.
 _own("GuidedIG", "guided_ig:guided_ig", passes=cost.steps("x_steps"), layout=PER_INPUT, axiom="none",
