@@ -48,6 +48,7 @@ class MethodCheck:
     passes_exact: bool = True
     seconds: float | None = None
     cost_note: str = ""
+    fitting_batch: int | None = None
 
     def problem(self, message: str) -> None:
         self.ok = False
@@ -334,17 +335,90 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
     if c.ok and spec.trial is not None:
         _trial(c, spec, entry, plan, x)
     c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)
-    # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
-    c.memory_bytes = 2 * forward.activation_bytes * c.batch + forward.weight_bytes
-    _costs(c, spec, entry, x, forward, resolved.request.patch, resolved.request.wrapper is not None)
-    if available is None:
+    patch = resolved.request.patch
+    c.memory_bytes = planned_peak(forward, x, c.batch, patch)
+    _costs(c, spec, entry, x, forward, patch, resolved.request.wrapper is not None)
+    budget_gb = plan.config.runtime.memory_gb
+    budget = int(budget_gb * 2**30) if budget_gb is not None else available
+    if budget is None:
         c.notes.append("free memory on the device: cannot know; the peak estimate is not checked against it")
-    elif c.memory_bytes > available:
-        c.problem(f"methods[{index}]: estimated peak {_size(c.memory_bytes)} exceeds the {_size(available)} free on "
-                  f"{plan.device}; lower the method's batch parameter (or runtime.batch_size), or use a larger device")
-    elif c.memory_bytes > 0.8 * available:
-        c.notes.append(f"estimated peak {_size(c.memory_bytes)} is close to the {_size(available)} free on {plan.device}")
+        return c
+    room = (f"the runtime.memory_gb budget ({_size(budget)})" if budget_gb is not None
+            else f"the {_size(budget)} free on {plan.device}")
+    global_mode = patch is not None and patch.mode == "global"
+    fits = fitting_batch(forward, x, patch, budget)
+    if global_mode and fits is not None:  # a global step sends rows × patch.batch_size patches per call
+        fits = fits // max(1, c.batch) or None
+    what = ("patch.batch_size" if global_mode else "the method's batch parameter")
+    if c.memory_bytes > budget:
+        fix = (f"set {what} to {fits} or less" if fits
+               else "lower the method's batch parameter (or runtime.batch_size), or use a larger device")
+        c.problem(f"methods[{index}]: estimated peak {_size(c.memory_bytes)} exceeds {room}; {fix}")
+        return c
+    if c.memory_bytes > 0.8 * budget:
+        c.notes.append(f"estimated peak {_size(c.memory_bytes)} is close to {room}")
+    if fits:
+        c.fitting_batch = fits
+        c.notes.append(f"within {room}: {what} up to {fits}")
     return c
+
+
+#: Whole-input tensors one step of a global-patch explanation holds beside the model's
+#: activations, in input volumes: the input, the method's scaled input, its gradient, its running
+#: sum and result, and one for temporaries (``benchmarks/patch_memory.py``); the stitched output
+#: (the model's output channels) comes on top.
+VOLUME_COPIES = 6
+
+
+def planned_peak(forward: _Forward, x: torch.Tensor, batch: int, patch: Any = None,
+                 patches_per_call: int | None = None) -> int:
+    """Estimated peak bytes of a method sending ``batch`` copies of its input through the model
+    per step: activations (kept for the backward) and their gradients, plus the weights. With
+    patches the activations are a patch's (scaled by voxels: a fully convolutional model);
+    global mode runs one whole-input row at a time (:func:`esegeta.attribution.patcher.rows_one_at_a_time`)
+    with ``batch × patch.batch_size`` patches per model call, and holds :data:`VOLUME_COPIES`
+    input volumes and the stitched output besides."""
+    if patch is None:
+        return 2 * forward.activation_bytes * batch + forward.weight_bytes
+    share = math.prod(min(s, n) for s, n in zip(patch.size, x.shape[2:])) / math.prod(x.shape[2:])
+    per_call = batch * (patches_per_call or patch.batch_size)
+    activations = 2 * forward.activation_bytes * share * per_call
+    if patch.mode != "global":
+        return int(activations + forward.weight_bytes)
+    input_bytes = x[:1].numel() * x.element_size()
+    output_bytes = _output_bytes(forward) // max(1, x.shape[0])
+    return int(activations + forward.weight_bytes + VOLUME_COPIES * input_bytes + output_bytes)
+
+
+def fitting_batch(forward: _Forward, x: torch.Tensor, patch: Any, budget: int, limit: int = 4096) -> int | None:
+    """The largest batch that :func:`planned_peak` puts within ``budget`` bytes: patches per
+    model call in global mode, else input copies per step (None: not even one fits)."""
+    def peak(n: int) -> int:
+        if patch is not None and patch.mode == "global":
+            return planned_peak(forward, x, 1, patch, patches_per_call=n)
+        return planned_peak(forward, x, n, patch)
+
+    if peak(1) > budget:
+        return None
+    low, high = 1, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if peak(mid) <= budget else (low, mid - 1)
+    return low
+
+
+def _output_bytes(forward: _Forward) -> int:
+    """Bytes of the model's output in the checked forward pass (from its recorded shape)."""
+    def count(shape: Any) -> int:
+        if isinstance(shape, list) and all(isinstance(v, int) for v in shape):
+            return math.prod(shape) * 4
+        if isinstance(shape, list):
+            return sum(count(v) for v in shape)
+        if isinstance(shape, dict):
+            return sum(count(v) for v in shape.values())
+        return 0
+
+    return count(forward.output_shape)
 
 
 __all__ = ["CheckReport", "MethodCheck", "check"]
