@@ -174,8 +174,9 @@ def test_global_patches_are_planned_to_the_memory_budget(tmp_path):
     roomy = check(_global_3d_config(tmp_path, memory_gb=64), base_dir=tmp_path)
     ig = roomy.methods[0]
     assert ig.ok and ig.batch == 8
+    assert roomy.forward_shape == [16, 16, 16]  # every method global: check's forward pass runs on one patch
     volume = 4 * math.prod(roomy.input_shape)
-    whole = 2 * roomy.activation_bytes * ig.batch + roomy.weight_bytes  # unpatched, 8 rows
+    whole = 2 * roomy.activation_bytes * math.prod(roomy.input_shape) / 16**3 * ig.batch  # unpatched, 8 rows
     assert VOLUME_COPIES * volume < ig.memory_bytes < whole
     assert ig.fitting_batch is not None and ig.fitting_batch > 4
     assert any("runtime.memory_gb budget (64.0 GiB): patch.batch_size up to" in n for n in ig.notes)

@@ -81,6 +81,8 @@ class CheckReport:
     available_bytes: int | None = None
     row_seconds: float | None = None
     evaluation: list[str] = field(default_factory=list)
+    #: the spatial shape the forward pass ran on when it is not the input's (global patches: a patch)
+    forward_shape: list[int] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -101,7 +103,9 @@ class CheckReport:
 
     def text(self) -> str:
         lines = [f"{self.config}: model {self.model} on {self.device}; input {self.input} {self.input_shape} -> "
-                 f"output {self.output_shape}; one forward pass {self.forward_seconds * 1000:.2f} ms",
+                 f"output {self.output_shape}; one forward pass {self.forward_seconds * 1000:.2f} ms"
+                 + (f" (on a patch {self.forward_shape}: every method runs in global patch mode)"
+                    if self.forward_shape else ""),
                  f"activations of one forward: {_size(self.activation_bytes)}; weights {_size(self.weight_bytes)}"]
         lines += [f"prepared copy: {c}" for c in self.prepared_changes] or ["prepared copy: nothing to fix"]
         lines.append(f"memory available on {self.device}: "
@@ -165,8 +169,10 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         plan = planning.plan(cfg, base, device=device, every_entry=True)
         check_dir(output_folder(cfg.output.dir, base), create=False)  # what run refuses first (nothing created)
         x = plan.inputs[0].tensor.to(plan.device)
-        forward = _forward_pass(plan.ready, x)
-        forward.seconds, forward.ready = _timed_forward(plan.ready, x), plan.ready
+        probe = _probe(plan, x)
+        forward = _forward_pass(plan.ready, probe)
+        forward.seconds, forward.ready = _timed_forward(plan.ready, probe), plan.ready
+        forward.voxels, forward.probe = math.prod(probe.shape[2:]), probe
         available = available_memory(plan.device)
         checks = [_method_check(plan, i, x, forward, available) for i in range(len(cfg.methods))]
     item = plan.inputs[0]
@@ -177,7 +183,8 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         prepared_changes=list(plan.ready.changes), activation_bytes=forward.activation_bytes,
         weight_bytes=forward.weight_bytes, methods=checks, available_bytes=available,
         row_seconds=forward.seconds / max(1, x.shape[0]),
-        evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds, plan.model))
+        evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds, plan.model),
+        forward_shape=list(probe.shape[2:]) if probe is not x else None)
 
 
 @dataclass
@@ -189,7 +196,21 @@ class _Forward:
     weight_bytes: int
     seconds: float
     ready: nn.Module | None = None
+    #: spatial voxels of the input the pass ran on (a patch for global-patch configs: :func:`_probe`)
+    voxels: int = 0
+    probe: torch.Tensor | None = None
     row_seconds: dict[int, float] = field(default_factory=dict)
+
+
+def _probe(plan: planning.Plan, x: torch.Tensor) -> torch.Tensor:
+    """What check's forward pass runs on: ``x``, or, when every entry runs in global patch mode,
+    its first patch (a forward on the whole volume is the memory global mode is there to avoid;
+    a fully convolutional model's activations and time scale with the voxels)."""
+    patches = [e.request.patch for e in plan.entries]
+    if not patches or any(p is None or p.mode != "global" for p in patches):
+        return x
+    size = [max(p.size[i] for p in patches) for i in range(x.ndim - 2)]
+    return x[(slice(None), slice(None), *(slice(0, s) for s in size))]
 
 
 def _forward_pass(ready: nn.Module, x: torch.Tensor) -> _Forward:
@@ -254,6 +275,7 @@ def _row_seconds(forward: _Forward, x: torch.Tensor, batch: int) -> float:
     """Seconds of one input row at the method's batch (rows in a batch are cheaper than alone):
     one timed forward of ``min(batch, 16)`` copies, remembered per batch size."""
     b = max(1, min(batch, ROW_BATCH_CAP))
+    x = forward.probe if forward.probe is not None else x
     if b not in forward.row_seconds:
         if b == 1 or forward.ready is None:
             forward.row_seconds[b] = forward.seconds / max(1, x.shape[0])
@@ -288,7 +310,7 @@ def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patc
             extra = "; each patch's wrapper" if entry_wrapper else ""
         passes = cost.Passes(forward_rows, backward, False,
                              f"{n} patches of {list(grid.size[:x.ndim - 2])}: rows are patch-sized{extra}")
-        row_seconds *= math.prod(grid.size) / math.prod(grid.shape)
+        row_seconds *= math.prod(grid.size) / (forward.voxels or math.prod(grid.shape))
     c.forward_rows, c.backward_rows, c.passes_exact = passes.forward, passes.backward, passes.exact
     c.cost_note = passes.note
     if passes.forward is not None:
@@ -380,13 +402,14 @@ def planned_peak(forward: _Forward, x: torch.Tensor, batch: int, patch: Any = No
     input volumes and the stitched output besides."""
     if patch is None:
         return 2 * forward.activation_bytes * batch + forward.weight_bytes
-    share = math.prod(min(s, n) for s, n in zip(patch.size, x.shape[2:])) / math.prod(x.shape[2:])
+    share = math.prod(min(s, n) for s, n in zip(patch.size, x.shape[2:])) / (forward.voxels or math.prod(x.shape[2:]))
     per_call = batch * (patches_per_call or patch.batch_size)
     activations = 2 * forward.activation_bytes * share * per_call
     if patch.mode != "global":
         return int(activations + forward.weight_bytes)
     input_bytes = x[:1].numel() * x.element_size()
-    output_bytes = _output_bytes(forward) // max(1, x.shape[0])
+    output_bytes = int(_output_bytes(forward) // max(1, x.shape[0]) * math.prod(x.shape[2:]) / (forward.voxels or
+                                                                                               math.prod(x.shape[2:])))
     return int(activations + forward.weight_bytes + VOLUME_COPIES * input_bytes + output_bytes)
 
 
