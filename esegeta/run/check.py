@@ -386,10 +386,12 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
 
 
 #: Whole-input tensors one step of a global-patch explanation holds beside the model's
-#: activations, in input volumes: the input, the method's scaled input, its gradient, its running
-#: sum and result, and one for temporaries (``benchmarks/patch_memory.py``); the stitched output
-#: (the model's output channels) comes on top.
-VOLUME_COPIES = 6
+#: activations, in input volumes: the input, Captum's baseline, scaled input, gradient, scaled
+#: gradient, running sum and result, the frozen masks and the blending weights; the stitched
+#: output (the model's output channels) comes on top. Calibrated on
+#: ``benchmarks/patch_memory.py`` (IG, 256³: 11 volumes beside the patch's activations, 2 of
+#: them the stitched output).
+VOLUME_COPIES = 9
 
 
 def planned_peak(forward: _Forward, x: torch.Tensor, batch: int, patch: Any = None,
