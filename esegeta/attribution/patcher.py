@@ -222,7 +222,8 @@ class Stitched(nn.Module):
                       base_dir: Path | None = None) -> nn.Module:
         """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
         score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
-        wrapped = build(model, x, wrapper, base_dir)
+        thickness = int(model.grid.size[0])
+        wrapped = build(model, x, wrapper, base_dir, evaluate=lambda score, out: _slab_score(score, out, thickness))
         if isinstance(wrapped.score, MaskedScore):
             return _StitchedScore(model, wrapped.score, wrapped.unperturbed)
         return wrapped
