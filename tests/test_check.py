@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 
 import pytest
@@ -149,3 +150,37 @@ def test_canonizers_that_fail_on_the_model_are_found_before_the_run(tmp_path):
     assert not sequential.ok and "params.canonizers" in sequential.problems[0] and "[]" in sequential.problems[0]
     assert default.ok and any("tried on a copy" in n for n in default.notes)
     assert plain.ok
+
+
+def _global_3d_config(tmp_path, memory_gb=None, patch_batch=4):
+    cfg = json.loads((REPO / "configs" / "anatomical3d.json").read_text())
+    cfg.pop("$schema")
+    cfg["model"] = {"factory": str(REPO / "samples" / "models.py") + ":TissueUNet3D",
+                    "weights": str(REPO / "samples" / "checkpoints" / "tissue_unet3d.pt")}
+    cfg["inputs"]["paths"] = [str(REPO / "samples" / "data" / "anatomical.nii.gz")]
+    cfg["output"] = {"dir": str(tmp_path / "out")}
+    cfg["patch"] = {"size": [16, 16, 16], "mode": "global", "batch_size": patch_batch}
+    cfg["runtime"] = {"devices": "cpu", **({"memory_gb": memory_gb} if memory_gb is not None else {})}
+    cfg["methods"] = [{"id": "captum.IntegratedGradients", "params": {"n_steps": 16, "internal_batch_size": 8}}]
+    return cfg
+
+
+def test_global_patches_are_planned_to_the_memory_budget(tmp_path):
+    """runtime.memory_gb is the budget check plans to: in global mode the peak is a patch's
+    activations (rows × patch.batch_size patches per call) plus a few input volumes, and the
+    report names the patch.batch_size that fits."""
+    from esegeta.run.check import VOLUME_COPIES
+
+    roomy = check(_global_3d_config(tmp_path, memory_gb=64), base_dir=tmp_path)
+    ig = roomy.methods[0]
+    assert ig.ok and ig.batch == 8
+    assert roomy.forward_shape == [16, 16, 16]  # every method global: check's forward pass runs on one patch
+    volume = 4 * math.prod(roomy.input_shape)
+    whole = 2 * roomy.activation_bytes * math.prod(roomy.input_shape) / 16**3 * ig.batch  # unpatched, 8 rows
+    assert VOLUME_COPIES * volume < ig.memory_bytes < whole
+    assert ig.fitting_batch is not None and ig.fitting_batch > 4
+    assert any("runtime.memory_gb budget (64.0 GiB): patch.batch_size up to" in n for n in ig.notes)
+    # a budget under the planned peak: a problem naming the patch.batch_size that fits
+    tight = check(_global_3d_config(tmp_path, memory_gb=0.8 * ig.memory_bytes / 2**30), base_dir=tmp_path).methods[0]
+    assert not tight.ok and "runtime.memory_gb budget" in tight.problems[0]
+    assert any(f"set patch.batch_size to {n} or less" in tight.problems[0] for n in (1, 2, 3)), tight.problems

@@ -349,3 +349,50 @@ def test_validate_refuses_global_mode_for_a_layer_method():
     config["methods"][0]["patch"]["size"] = [16, 16]
     with pytest.raises(ConfigError, match=r"methods\[0\]\.patch\.size: needs 3 sizes"):
         esegeta.Pipeline(config)
+
+
+# -- global mode: whole-input tensors held once per step (issue 22) --------------------------------
+
+class _LargestWholeInput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, over every tensor an op creates with the whole input's spatial shape, the most
+    rows × channels one held: the whole-input memory a global-patch step needs."""
+
+    def __init__(self, spatial: tuple[int, ...]):
+        super().__init__()
+        self.spatial, self.largest = tuple(spatial), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.ndim > len(self.spatial) and tuple(t.shape[-len(self.spatial):]) == self.spatial:
+                self.largest = max(self.largest, t[(..., *([0] * len(self.spatial)))].numel())
+        return out
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("captum.IntegratedGradients", {"n_steps": 8, "internal_batch_size": 4}),
+    ("captum.IntegratedGradients", {"n_steps": 6}),
+    ("captum.Saliency", {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.1}}),
+    ("captum.Occlusion", {"sliding_window_shapes": (1, 4, 4, 4), "strides": (1, 4, 4, 4),
+                          "perturbations_per_eval": 4}),
+])
+def test_global_mode_holds_one_whole_input_row_at_a_time(method, kwargs):
+    """A method's internal batch (Captum's internal_batch_size, nt_samples_batch_size,
+    perturbations_per_eval) multiplied the whole-input tensors of a global-patch step; now one
+    row at a time goes through the stitched model, its patches batched instead: no tensor at the
+    input's size holds more than the stitched output's channels, and the result is unchanged."""
+    case = tissue_case((16, 16, 8))
+    model, x = case.model, case.x
+    patch = {"size": [8, 8, 8], "overlap": [0, 0, 0], "mode": "global", "batch_size": 2}
+    with _LargestWholeInput(x.shape[2:]) as seen:
+        attr = esegeta.explain(model, x, method, 2, wrapper=case.wrapper, patch=patch, **kwargs)
+    channels = 3  # TissueUNet3D's output: the largest whole-input tensor is the stitched prediction
+    assert seen.largest <= channels, seen.largest
+    rows = {**kwargs, **({"internal_batch_size": 1} if "internal_batch_size" in kwargs else {})}
+    if "noise_tunnel" in rows:
+        rows["noise_tunnel"] = {**rows["noise_tunnel"], "nt_samples_batch_size": 1}
+    if "perturbations_per_eval" in rows:
+        rows["perturbations_per_eval"] = 1
+    reference = esegeta.explain(model, x, method, 2, wrapper=case.wrapper, patch=patch, **rows)
+    if method != "captum.Saliency":  # SmoothGrad draws noise: same seed, but not the same draws per row
+        torch.testing.assert_close(attr, reference, rtol=1e-4, atol=1e-6)

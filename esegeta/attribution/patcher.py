@@ -63,6 +63,7 @@ from torch import nn
 
 from esegeta.attribution.call import Outcome
 from esegeta.errors import ConfigError
+from esegeta.spec import params as params_mod
 from esegeta.spec.registry import MethodSpec
 from esegeta.spec.request import PatchConfig, Request, WrapperConfig
 from esegeta.attribution.wrappers import MaskedScore, build, region_mask, select_output
@@ -221,7 +222,8 @@ class Stitched(nn.Module):
                       base_dir: Path | None = None) -> nn.Module:
         """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
         score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
-        wrapped = build(model, x, wrapper, base_dir)
+        thickness = int(model.grid.size[0])
+        wrapped = build(model, x, wrapper, base_dir, evaluate=lambda score, out: _slab_score(score, out, thickness))
         if isinstance(wrapped.score, MaskedScore):
             return _StitchedScore(model, wrapped.score, wrapped.unperturbed)
         return wrapped
@@ -438,10 +440,36 @@ class Global:
     def __call__(self, inner: CallFn, request: Request, model: nn.Module, x: torch.Tensor, **kw: Any) -> Outcome:
         grid = Grid.over(tuple(x.shape[2:]), list(self.patch.size), self.patch.overlap, self.patch.blend)
         check_global(request.spec, request.wrapper)
-        stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size, request.wrapper.output)
+        one_row, rows = rows_one_at_a_time(request)
+        stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size * rows, request.wrapper.output)
         # input-resolution attributions only (check_global): no layer to find on the stitched model
-        return inner(request.replace(patch=None, layer=None), stitched, x,
+        return inner(one_row.replace(patch=None, layer=None), stitched, x,
                      **{**kw, "build_wrapper": Stitched.build_wrapper})
+
+
+def rows_one_at_a_time(request: Request) -> tuple[Request, int]:
+    """The request with the method's internal batch parameters (its library's ``batch_params``:
+    Captum's ``internal_batch_size``, ``nt_samples_batch_size``, ``perturbations_per_eval``...)
+    set to one, and the number of rows one step of it sent through the model before.
+
+    In global mode a row is a whole input: each row of a method's step holds a scaled input,
+    a stitched output and an input gradient at the whole input's size, so Captum's
+    ``internal_batch_size`` rows multiplied the volume-sized memory. One row at a time with
+    ``rows`` times the patches per model call keeps the model's batch (the activations: one
+    patch's peak) and holds the whole-input tensors once. The results are the same: these
+    parameters only split the upstream's sums into chunks."""
+    spec = request.spec
+    rows = params_mod.effective_batch(spec, dict(request.params), request.noise_tunnel)
+    params = dict(request.params)
+    noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
+    accepted = spec.parameters()
+    nt_accepted = (spec.noise_tunnel_parameters() or {}) if noise_tunnel is not None else {}
+    for name in spec.library.batch_params:
+        if name in accepted:
+            params[name] = 1
+        elif name in nt_accepted:
+            noise_tunnel[name] = 1
+    return request.replace(params=params, noise_tunnel=noise_tunnel), rows
 
 
 def strategy(patch: PatchConfig | None) -> Whole | Local | Global:

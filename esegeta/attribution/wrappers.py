@@ -159,9 +159,10 @@ def threshold_score(output: Any, wrapper: WrapperConfig) -> MaskedScore:
 def multiclass_score(output: Any, wrapper: WrapperConfig) -> MaskedScore:
     """The ``multiclass`` wrapper's score: one column per class over its argmax region."""
     a = _activated(output, wrapper.activation, wrapper.output)[0]
-    labels = a.argmax(dim=0)
-    masks = torch.stack([(labels == k).float() for k in range(a.shape[0])])
-    return MaskedScore(wrapper.activation, range(a.shape[0]), masks, wrapper.reduction, wrapper.output)
+    labels, classes = a.argmax(dim=0, keepdim=True), a.shape[0]
+    del a  # masks (labels == k) written into one tensor: no per-class temporaries (3D volumes are large)
+    masks = torch.zeros(classes, *labels.shape[1:], device=labels.device).scatter_(0, labels, 1.0)
+    return MaskedScore(wrapper.activation, range(classes), masks, wrapper.reduction, wrapper.output)
 
 
 def region_score(output: Any, mask: torch.Tensor, wrapper: WrapperConfig) -> MaskedScore:
@@ -185,11 +186,14 @@ def region_mask(mask: Any, base_dir: Path | None, device: torch.device) -> torch
 
 
 def build(model: nn.Module, x: torch.Tensor, wrapper: WrapperConfig | Mapping[str, Any],
-          base_dir: Path | None = None, *, mask: torch.Tensor | None = None) -> WrappedModel:
+          base_dir: Path | None = None, *, mask: torch.Tensor | None = None,
+          evaluate: Callable[[Callable, Any], torch.Tensor] | None = None) -> WrappedModel:
     """Wrap ``model`` for the single input ``x`` (batch of one): masks frozen from ``model(x)``.
 
     ``wrapper`` is a :class:`esegeta.spec.request.WrapperConfig` (a mapping is validated into one);
-    ``mask`` replaces a region wrapper's mask (the patcher's crop of it)."""
+    ``mask`` replaces a region wrapper's mask (the patcher's crop of it); ``evaluate(score, output)``
+    computes the unperturbed scores (default ``score(output)``; the patcher sums a large output
+    slab by slab)."""
     if x.shape[0] != 1:
         raise ValueError("wrapper masks are frozen per input: build one wrapper per input (batch of one)")
     wrapper = wrapper_config(wrapper)
@@ -205,7 +209,7 @@ def build(model: nn.Module, x: torch.Tensor, wrapper: WrapperConfig | Mapping[st
     else:
         score = _custom(wrapper, output, base_dir, load_callable(wrapper.name, base_dir, "wrapper.name"))
     with torch.no_grad():
-        unperturbed = score(output)
+        unperturbed = score(output) if evaluate is None or not isinstance(score, MaskedScore) else evaluate(score, output)
     return WrappedModel(model, score, unperturbed)
 
 

@@ -51,6 +51,7 @@ class MethodCheck:
     passes_exact: bool = True
     seconds: float | None = None
     cost_note: str = ""
+    fitting_batch: int | None = None
 
     def problem(self, message: str) -> None:
         self.ok = False
@@ -83,6 +84,8 @@ class CheckReport:
     available_bytes: int | None = None
     row_seconds: float | None = None
     evaluation: list[str] = field(default_factory=list)
+    #: the spatial shape the forward pass ran on when it is not the input's (global patches: a patch)
+    forward_shape: list[int] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -103,7 +106,9 @@ class CheckReport:
 
     def text(self) -> str:
         lines = [f"{self.config}: model {self.model} on {self.device}; input {self.input} {self.input_shape} -> "
-                 f"output {self.output_shape}; one forward pass {self.forward_seconds * 1000:.2f} ms",
+                 f"output {self.output_shape}; one forward pass {self.forward_seconds * 1000:.2f} ms"
+                 + (f" (on a patch {self.forward_shape}: every method runs in global patch mode)"
+                    if self.forward_shape else ""),
                  f"activations of one forward: {_size(self.activation_bytes)}; weights {_size(self.weight_bytes)}"]
         lines += [f"prepared copy: {c}" for c in self.prepared_changes] or ["prepared copy: nothing to fix"]
         lines.append(f"memory available on {self.device}: "
@@ -170,8 +175,10 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         raise_problems(mask_problems(plan))
         check_dir(output_folder(cfg.output.dir, base), create=False)  # what run refuses first (nothing created)
         x = plan.inputs[0].tensor.to(plan.device)
-        forward = _forward_pass(plan.ready, x)
-        forward.seconds, forward.ready = _timed_forward(plan.ready, x), plan.ready
+        probe = _probe(plan, x)
+        forward = _forward_pass(plan.ready, probe)
+        forward.seconds, forward.ready = _timed_forward(plan.ready, probe), plan.ready
+        forward.voxels, forward.probe = math.prod(probe.shape[2:]), probe
         available = available_memory(plan.device)
         checks = [_method_check(plan, i, x, forward, available) for i in range(len(cfg.methods))]
     item = plan.inputs[0]
@@ -182,7 +189,8 @@ def check(config: str | Path | dict, *, base_dir: str | Path | None = None, devi
         prepared_changes=list(plan.ready.changes), activation_bytes=forward.activation_bytes,
         weight_bytes=forward.weight_bytes, methods=checks, available_bytes=available,
         row_seconds=forward.seconds / max(1, x.shape[0]),
-        evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds, plan.model))
+        evaluation=estimate(cfg, item.tensor.shape[1:], forward.seconds, plan.model),
+        forward_shape=list(probe.shape[2:]) if probe is not x else None)
 
 
 @dataclass
@@ -194,7 +202,21 @@ class _Forward:
     weight_bytes: int
     seconds: float
     ready: nn.Module | None = None
+    #: spatial voxels of the input the pass ran on (a patch for global-patch configs: :func:`_probe`)
+    voxels: int = 0
+    probe: torch.Tensor | None = None
     row_seconds: dict[int, float] = field(default_factory=dict)
+
+
+def _probe(plan: planning.Plan, x: torch.Tensor) -> torch.Tensor:
+    """What check's forward pass runs on: ``x``, or, when every entry runs in global patch mode,
+    its first patch (a forward on the whole volume is the memory global mode is there to avoid;
+    a fully convolutional model's activations and time scale with the voxels)."""
+    patches = [e.request.patch for e in plan.entries]
+    if not patches or any(p is None or p.mode != "global" for p in patches):
+        return x
+    size = [max(p.size[i] for p in patches) for i in range(x.ndim - 2)]
+    return x[(slice(None), slice(None), *(slice(0, s) for s in size))]
 
 
 def _forward_pass(ready: nn.Module, x: torch.Tensor) -> _Forward:
@@ -259,6 +281,7 @@ def _row_seconds(forward: _Forward, x: torch.Tensor, batch: int) -> float:
     """Seconds of one input row at the method's batch (rows in a batch are cheaper than alone):
     one timed forward of ``min(batch, 16)`` copies, remembered per batch size."""
     b = max(1, min(batch, ROW_BATCH_CAP))
+    x = forward.probe if forward.probe is not None else x
     if b not in forward.row_seconds:
         if b == 1 or forward.ready is None:
             forward.row_seconds[b] = forward.seconds / max(1, x.shape[0])
@@ -293,7 +316,7 @@ def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patc
             extra = "; each patch's wrapper" if entry_wrapper else ""
         passes = cost.Passes(forward_rows, backward, False,
                              f"{n} patches of {list(grid.size[:x.ndim - 2])}: rows are patch-sized{extra}")
-        row_seconds *= math.prod(grid.size) / math.prod(grid.shape)
+        row_seconds *= math.prod(grid.size) / (forward.voxels or math.prod(grid.shape))
     c.forward_rows, c.backward_rows, c.passes_exact = passes.forward, passes.backward, passes.exact
     c.cost_note = passes.note
     if passes.forward is not None:
@@ -340,17 +363,93 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
     if c.ok and spec.trial is not None:
         _trial(c, spec, entry, plan, x)
     c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)
-    # Peak ≈ activations (kept for the backward pass) and their gradients for the batch, plus weights.
-    c.memory_bytes = 2 * forward.activation_bytes * c.batch + forward.weight_bytes
-    _costs(c, spec, entry, x, forward, resolved.request.patch, resolved.request.wrapper is not None)
-    if available is None:
+    patch = resolved.request.patch
+    c.memory_bytes = planned_peak(forward, x, c.batch, patch)
+    _costs(c, spec, entry, x, forward, patch, resolved.request.wrapper is not None)
+    budget_gb = plan.config.runtime.memory_gb
+    budget = int(budget_gb * 2**30) if budget_gb is not None else available
+    if budget is None:
         c.notes.append("free memory on the device: cannot know; the peak estimate is not checked against it")
-    elif c.memory_bytes > available:
-        c.problem(f"methods[{index}]: estimated peak {_size(c.memory_bytes)} exceeds the {_size(available)} free on "
-                  f"{plan.device}; lower the method's batch parameter (or runtime.batch_size), or use a larger device")
-    elif c.memory_bytes > 0.8 * available:
-        c.notes.append(f"estimated peak {_size(c.memory_bytes)} is close to the {_size(available)} free on {plan.device}")
+        return c
+    room = (f"the runtime.memory_gb budget ({_size(budget)})" if budget_gb is not None
+            else f"the {_size(budget)} free on {plan.device}")
+    global_mode = patch is not None and patch.mode == "global"
+    fits = fitting_batch(forward, x, patch, budget)
+    if global_mode and fits is not None:  # a global step sends rows × patch.batch_size patches per call
+        fits = fits // max(1, c.batch) or None
+    what = ("patch.batch_size" if global_mode else "the method's batch parameter")
+    if c.memory_bytes > budget:
+        fix = (f"set {what} to {fits} or less" if fits
+               else "lower the method's batch parameter (or runtime.batch_size), or use a larger device")
+        c.problem(f"methods[{index}]: estimated peak {_size(c.memory_bytes)} exceeds {room}; {fix}")
+        return c
+    if c.memory_bytes > 0.8 * budget:
+        c.notes.append(f"estimated peak {_size(c.memory_bytes)} is close to {room}")
+    if fits:
+        c.fitting_batch = fits
+        c.notes.append(f"within {room}: {what} up to {fits}")
     return c
+
+
+#: Whole-input tensors one step of a global-patch explanation holds beside the model's
+#: activations, in input volumes: the input, Captum's baseline, scaled input, gradient, scaled
+#: gradient, running sum and result, the frozen masks and the blending weights; the stitched
+#: output (the model's output channels) comes on top. Calibrated on
+#: ``benchmarks/patch_memory.py`` (IG, 256³: 11 volumes beside the patch's activations, 2 of
+#: them the stitched output).
+VOLUME_COPIES = 9
+
+
+def planned_peak(forward: _Forward, x: torch.Tensor, batch: int, patch: Any = None,
+                 patches_per_call: int | None = None) -> int:
+    """Estimated peak bytes of a method sending ``batch`` copies of its input through the model
+    per step: activations (kept for the backward) and their gradients, plus the weights. With
+    patches the activations are a patch's (scaled by voxels: a fully convolutional model);
+    global mode runs one whole-input row at a time (:func:`esegeta.attribution.patcher.rows_one_at_a_time`)
+    with ``batch × patch.batch_size`` patches per model call, and holds :data:`VOLUME_COPIES`
+    input volumes and the stitched output besides."""
+    if patch is None:
+        return 2 * forward.activation_bytes * batch + forward.weight_bytes
+    share = math.prod(min(s, n) for s, n in zip(patch.size, x.shape[2:])) / (forward.voxels or math.prod(x.shape[2:]))
+    per_call = batch * (patches_per_call or patch.batch_size)
+    activations = 2 * forward.activation_bytes * share * per_call
+    if patch.mode != "global":
+        return int(activations + forward.weight_bytes)
+    input_bytes = x[:1].numel() * x.element_size()
+    output_bytes = int(_output_bytes(forward) // max(1, x.shape[0]) * math.prod(x.shape[2:]) / (forward.voxels or
+                                                                                               math.prod(x.shape[2:])))
+    return int(activations + forward.weight_bytes + VOLUME_COPIES * input_bytes + output_bytes)
+
+
+def fitting_batch(forward: _Forward, x: torch.Tensor, patch: Any, budget: int, limit: int = 4096) -> int | None:
+    """The largest batch that :func:`planned_peak` puts within ``budget`` bytes: patches per
+    model call in global mode, else input copies per step (None: not even one fits)."""
+    def peak(n: int) -> int:
+        if patch is not None and patch.mode == "global":
+            return planned_peak(forward, x, 1, patch, patches_per_call=n)
+        return planned_peak(forward, x, n, patch)
+
+    if peak(1) > budget:
+        return None
+    low, high = 1, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if peak(mid) <= budget else (low, mid - 1)
+    return low
+
+
+def _output_bytes(forward: _Forward) -> int:
+    """Bytes of the model's output in the checked forward pass (from its recorded shape)."""
+    def count(shape: Any) -> int:
+        if isinstance(shape, list) and all(isinstance(v, int) for v in shape):
+            return math.prod(shape) * 4
+        if isinstance(shape, list):
+            return sum(count(v) for v in shape)
+        if isinstance(shape, dict):
+            return sum(count(v) for v in shape.values())
+        return 0
+
+    return count(forward.output_shape)
 
 
 __all__ = ["CheckReport", "MethodCheck", "check"]

@@ -82,6 +82,9 @@ class RuntimeConfig(Strict):
     batch_size: Annotated[int, Field(ge=1, le=65536)] = Field(1, description="inputs of one shape explained in one upstream "
                                                     "call, for methods without a wrapper")
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    memory_gb: Annotated[float, Field(gt=0, le=1 << 20)] | None = Field(
+        None, description="the memory budget per device in GiB that `esegeta check` plans each method's batch to "
+        "(global patches: patches per model call); default: what the device has free")
     backend: Literal["local", "ray"] = Field("local", description="'local': worker threads in this process; 'ray': "
                                              "Ray Data actors, one model replica each (pip install esegeta[ray])")
     ray_address: str | None = Field(None, description="the Ray cluster to join ('auto', 'ray://host:10001'); "
