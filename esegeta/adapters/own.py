@@ -22,7 +22,7 @@ from esegeta.errors import ConfigError
 from esegeta.spec.params import boolean, index, positive_int
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
-from esegeta.spec.registry import PER_INPUT, TILE, Call, Library, MethodSpec, register
+from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, register
 
 #: esegeta's own methods: they may draw from any RNG and fit on the run's samples (PatternNet).
 LIBRARY = Library("esegeta", None, "", (), batch_params={"batch_size": None})
