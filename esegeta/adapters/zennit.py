@@ -730,12 +730,12 @@ def try_canonizers(model, context) -> tuple[list[ConfigError], list[str]]:
     fix = "set params.canonizers to [] (no canonizer) or others that fit the model"
     x = context.x
     trial = copy.deepcopy(model)
-    handles: list = []
     try:
-        for canonizer in _canonizers(names, Call(trial, trial, x, None, None, {})):
-            handles += canonizer.apply(trial)
-        with torch.no_grad():
-            expected, out = model(x), trial(x)
+        with removing() as handles:
+            for canonizer in _canonizers(names, Call(trial, trial, x, None, None, {})):
+                handles += canonizer.apply(trial)
+            with torch.no_grad():
+                expected, out = model(x), trial(x)
         if torch.is_tensor(out) and torch.is_tensor(expected) and (
                 out.shape != expected.shape
                 or (out - expected).abs().max() > 1e-3 * expected.abs().max() + 1e-5):  # merged weights round
@@ -745,9 +745,6 @@ def try_canonizers(model, context) -> tuple[list[ConfigError], list[str]]:
         detail = str(exc).splitlines()[0][:200] if str(exc) else ""
         return [ConfigError(where, f"the canonizers {list(names)} fail on this model: {type(exc).__name__}: {detail}; "
                                    + fix)], []
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 #: The methods that explain a batch of wrapped inputs as rows (tests/test_batching.py checks each);
