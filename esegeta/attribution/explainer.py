@@ -94,6 +94,8 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
                 handles.append(ready.register_forward_hook(_scores_not_a_map))
             # the verdicts read values: none on torch's meta device (device tests)
             judged = x.device.type != "meta"
+            # one forward pass more than the method's own: the explained score, which a NaN may hide in
+            # behind a finite gradient, and which the axiom check compares with
             outcome = run(request, ready, x, samples=x, with_scores=judged and request.spec.needs_target)
         if judged:
             _verdicts(request, ready, x, outcome)
