@@ -298,7 +298,7 @@ def decide(samples: dict[str, dict]) -> dict:
     if unrepeatable and (low or constant):
         reasons.append("fp32 itself not reproducible under fixed seeds on " + ", ".join(unrepeatable))
     if not measured:
-        safe, reason = None, "not measured: the fp32 result failed on every sample"
+        safe, reason = False, "not measured: the fp32 result failed on every sample"
     elif reasons:
         safe, reason = False, "; ".join(reasons)
     else:

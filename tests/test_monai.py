@@ -193,7 +193,7 @@ def test_occlusion_counts_its_forwards(digits):
     handle.remove()
     expected = cost.expected_passes(registry.get("monai.OcclusionSensitivity"), {"mask_size": 4, "overlap": 0.5},
                                     digits.x)
-    assert sum(rows) - 1 == expected.forward  # one unperturbed forward of esegeta's (the score)
+    assert sum(rows) - 2 == expected.forward  # esegeta's unperturbed forwards: the prepared copy's, the score
 
 
 def test_runs_on_the_meta_device(tissue):

@@ -71,8 +71,9 @@ def test_counts_the_rows_cost_expects(model):
     spec = all_methods()["captum.IntegratedGradients"]
     request = Request(spec, {"n_steps": 12, "internal_batch_size": 5}, target=3)
     expected = progress.expected_passes(request, x)
-    # IG's 12 steps and, as a run does, the explained score on the unperturbed input: per input
-    assert expected == (cost.expected_passes(spec, request.params, x).forward + 1) * 2 == 26
+    # IG's 12 steps and, as a run does, the explained score on the unperturbed input and the
+    # completeness check's baseline: per input
+    assert expected == (cost.expected_passes(spec, request.params, x).forward + 2) * 2 == 28
     assert progress.expected_passes(request, x, with_scores=False) == 24
     from esegeta.attribution.prepare import prepared
 

@@ -15,6 +15,8 @@ baselines, DeepLiftShap's and DeepSHAP's, their mean ``f``), one more forward pa
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,7 @@ from torch import nn
 
 from esegeta.attribution.backgrounds import make_data
 from esegeta.attribution.baselines import make_baselines
+from esegeta.spec import cost
 from esegeta.spec.registry import Call
 from esegeta.spec.targets import Target
 
@@ -69,6 +72,18 @@ def applies(spec, params: dict[str, Any], noise_tunnel: Any) -> bool:
     of noisy inputs explains no one input), attributions rather than multipliers."""
     return (spec.axiom in TOLERANCE and spec.kind in ("attribution", "layer") and noise_tunnel is None
             and params.get(_MULTIPLY, True) is not False)
+
+
+def check_rows(spec, values: Mapping[str, Any], noise_tunnel: Any) -> int:
+    """Forward rows the axiom check of one result adds (its baselines' scores, :func:`check`): 0 for
+    conservation (it compares with the score) or where nothing is checked; ``values`` are the call's
+    resolved parameter values (:func:`esegeta.spec.cost.resolved_values`)."""
+    if not applies(spec, dict(values), noise_tunnel) or spec.axiom == "conservation":
+        return 0
+    name = next((n for n in BASELINE_PARAMS if n in values), None)
+    if name == "data" and values.get(name) is None:
+        return 0
+    return cost.n_baselines(values, name) if name else 1
 
 
 def check(spec, call: Call, result: torch.Tensor, score: float | None) -> Check | None:

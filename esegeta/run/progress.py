@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from esegeta.attribution import conservation
 from esegeta.spec import cost
 from esegeta.hooks import removing
 
@@ -154,7 +155,12 @@ def expected_passes(request: Any, x: torch.Tensor, with_scores: bool = True) -> 
     except Exception as exc:  # noqa: BLE001 (an estimate is optional: the bar counts without a total)
         log.debug("cost of %s: %s", getattr(getattr(request, "spec", None), "id", request), exc)
         return None
-    return (passes.forward + int(with_scores)) * int(x.shape[0]) if passes.forward else None
+    if not passes.forward:
+        return None
+    # a run's scores: one row on the unperturbed input, and the axiom check's baselines where it applies
+    extra = 1 + conservation.check_rows(request.spec, cost.resolved_values(request.spec, request.params, x),
+                                        request.noise_tunnel) if with_scores else 0
+    return (passes.forward + extra) * int(x.shape[0])
 
 
 @contextmanager
