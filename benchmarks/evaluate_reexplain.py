@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
@@ -29,25 +30,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
-    import esegeta  # noqa: F401 (the torchvision shim first)
     import torch
+    from evaluation_models import model_and_inputs
+
+    import esegeta
     from captum.attr import Saliency
 
     from esegeta.evaluation.randomisation import randomisable_layers
 
-    torch.manual_seed(0)
-    if args.model == "resnet18":
-        import torchvision
-
-        model = torchvision.models.resnet18(num_classes=10).eval()
-        x = torch.rand(args.n, 3, args.size, args.size)
-    else:
-        from samples.models import DigitResNet
-        from sklearn.datasets import load_digits
-
-        model = DigitResNet().eval()
-        model.load_state_dict(torch.load(ROOT / "samples" / "checkpoints" / "digit_resnet.pt", weights_only=True))
-        x = torch.tensor(load_digits().images[: args.n] / 16.0, dtype=torch.float32)[:, None]
+    model, x = model_and_inputs(args.model, args.n, args.size)
     with torch.no_grad():
         target = model(x).argmax(1)
     attribution = Saliency(model).attribute(x.clone().requires_grad_(True), target=target).detach()
