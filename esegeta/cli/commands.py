@@ -306,7 +306,7 @@ def _signals():
             fired.append(signum)
             raise Interrupted(signum)
 
-    wanted = [s for s in (signal.SIGINT, signal.SIGTERM)]
+    wanted = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, handler) for s in wanted}
     try:
         yield
