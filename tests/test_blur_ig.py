@@ -76,10 +76,3 @@ def test_params_are_checked():
         check_method("esegeta.BlurIG", {"max_sigma": 0}, None, None, "m")
     with pytest.raises(ConfigError, match="did you mean steps"):
         check_method("esegeta.BlurIG", {"step": 4}, None, None, "m")
-
-
-def test_runs_on_the_meta_device(retina):
-    model = copy.deepcopy(retina.model).to("meta")
-    x = retina.x.to("meta")
-    attr = esegeta.explain(model, x, "esegeta.BlurIG", target=1, wrapper=retina.wrapper, steps=2, max_sigma=1)
-    assert attr.device.type == "meta" and attr.shape == x.shape

@@ -17,7 +17,16 @@ Left out, for reasons outside esegeta (upstream reads values or works in numpy):
 - lucent ``render_vis``: lucent puts its images on its own device (CPU or cuda:0);
 - the ``otsu`` threshold, the ``blur`` baselines, ``esegeta.CAM``'s check of its GAP→linear
   head and PatternNet/PatternAttribution's overflow check read values (their fitting is
-  tested on meta below).
+  tested on meta below);
+- torchcam ``GradCAMpp``: its alpha is divided in place through a boolean mask (``nonzero``: no
+  meta kernel); ``RefineCAM`` runs Grad-CAM++ by default (it runs here with ``LayerCAM``);
+- MONAI ``CAM``, ``GradCAM``, ``GradCAMpp``: their ``default_normalizer`` goes through numpy on the
+  CPU; ``SmoothGrad``, ``GuidedBackpropSmoothGrad``: the noise's spread is ``(x.max() - x.min()).item()``;
+  ``OcclusionSensitivity``: its Gaussian occluder's kernel size is read with ``float(sigma)``;
+- ``esegeta.GuidedIG`` and ``esegeta.XRAI`` are steered by values (Guided IG: the L1 distance
+  left and a quantile of |gradient| choose the features to move; XRAI: scikit-image's
+  segmentation of the input and a greedy choice of regions by their gain); XRAI's integrated
+  gradients, the part made of tensors, run on meta below.
 """
 from __future__ import annotations
 
@@ -105,6 +114,12 @@ METHODS: dict[str, Callable[[Case], dict]] = {
     "torchray.excitation_backprop": lambda c: {},
     "torchray.contrastive_excitation_backprop": lambda c: {},
     "esegeta.LayerActivationGuidedBackprop": lambda c: {},
+    **{f"torchcam.{name}": (lambda c: {}) for name in (
+        "CAM", "ScoreCAM", "SSCAM", "ISCAM", "GradCAM", "SmoothGradCAMpp", "XGradCAM", "LayerCAM", "FinerCAM")},
+    "monai.VanillaGrad": lambda c: {},
+    "monai.GuidedBackpropGrad": lambda c: {},
+    "esegeta.BlurIG": lambda c: {"steps": 2, "max_sigma": 1},
+    "esegeta.CRP": lambda c: {"conditions": {c.layer: [0, 1]}, "record_layers": [c.layer], "top_k": 2},
     **{f"zennit.{name}": (lambda c: {}) for name in (
         "EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox",
         "ExcitationBackprop", "GuidedBackprop", "DeconvNet", "LayerMapComposite", "SpecialFirstLayerMapComposite",
@@ -148,6 +163,29 @@ def test_named_baselines_and_grid_masks_on_meta(meta_case):
     _explain(meta_case, "captum.GradientShap", baselines=["zeros", 0.5], n_samples=2)
     mask = grid_mask([2] * (x.ndim - 2), x, "m")
     assert mask.device == META and mask.shape == (1, 1, *x.shape[2:])
+
+
+def test_legrad_on_a_vit_on_meta():
+    """torchcam's LeGrad projects a torchvision ViT block's tokens with the model's own head."""
+    from test_torchcam import _vit
+
+    model = _vit().to(META)
+    x = torch.empty(2, 3, 32, 32, device=META)
+    attr = esegeta.explain(model, x, "torchcam.LeGrad", target=1, layer="encoder.layers.encoder_layer_1")
+    assert attr.device == META and attr.shape == (2, 1, 4, 4)
+
+
+def test_xrai_integrated_gradients_on_meta(meta_case):
+    """XRAI's integrated gradients from a black and a white baseline: tensors on the data's device."""
+    from esegeta.algorithms import xrai
+    from esegeta.attribution.prepare import prepared
+
+    forward = prepared(meta_case.model, meta_case.x)
+    if meta_case.wrapper is not None:
+        forward = wrappers.build(forward, meta_case.x, meta_case.wrapper)
+    one = meta_case.x[0]
+    attr = xrai.integrated_gradients(forward, one, torch.zeros_like(one), 1, steps=3, batch_size=2)
+    assert attr.device == META and attr.shape == one.shape
 
 
 # -- targets ---------------------------------------------------------------------------------------

@@ -194,10 +194,3 @@ def test_occlusion_counts_its_forwards(digits):
     expected = cost.expected_passes(registry.get("monai.OcclusionSensitivity"), {"mask_size": 4, "overlap": 0.5},
                                     digits.x)
     assert sum(rows) - 2 == expected.forward  # esegeta's unperturbed forwards: the prepared copy's, the score
-
-
-def test_runs_on_the_meta_device(tissue):
-    model = copy.deepcopy(tissue.model).to("meta")
-    x = tissue.x.to("meta")
-    attr = esegeta.explain(model, x, "monai.VanillaGrad", target=2, wrapper=tissue.wrapper)
-    assert attr.device.type == "meta" and attr.shape == x.shape
