@@ -1,10 +1,14 @@
 """Seconds per method through esegeta beside TorchCAM's and MONAI's own calls (the overhead ratio).
 
-On the 2D retina and 3D tissue samples (tests/conftest.py, their wrappers), each method runs
-``--repeat`` times through :func:`esegeta.explain` and as its library's README calls it on an
-equivalent model (the sample's model followed by the wrapper's activation and region score,
-masks frozen on the unperturbed input: the same map, tests/test_torchcam.py and
-tests/test_monai.py); the median of each is reported after one warm-up call.
+On the 2D retina and 3D tissue samples (tests/conftest.py, their wrappers), every ``torchcam.*``
+and ``monai.*`` method that explains a segmenter runs ``--repeat`` times through
+:func:`esegeta.explain` and as its library's README calls it on an equivalent model (the
+sample's model followed by the wrapper's activation and region score, masks frozen on the
+unperturbed input: the same map, tests/test_torchcam.py and tests/test_monai.py); the
+classifier-only ones (CAM, FinerCAM, MONAI's GradCAMpp) on the digits classifier; the median of
+each is reported after one warm-up call. Sampling methods run with ``SAMPLES`` noisy samples on
+both sides (upstream's defaults, 25–35, multiply both by the same factor). LeGrad needs a ViT:
+not timed here.
 
     python benchmarks/anchors.py [--repeat 5]     # markdown table on stdout
 """
@@ -27,10 +31,16 @@ for p in (ROOT, ROOT / "tests"):
 
 
 def region_model(case) -> nn.Module:
-    """The case's model with its wrapper's activation and region score: column k = sum(act_k · M_k)."""
+    """The case's model with its wrapper's activation and region score: column k = sum(act_k · M_k)
+    (a classifier as it is, under the same ``model.`` prefix)."""
     with torch.no_grad():
         out = case.model(case.x)
-    if case.wrapper["name"] == "threshold":
+    if case.wrapper is None:
+        masks = None
+
+        def act(o):
+            return o
+    elif case.wrapper["name"] == "threshold":
         p = torch.sigmoid(out[:, 0:1])
         masks = torch.cat([p <= 0.5, p > 0.5], 1).float()
 
@@ -48,16 +58,31 @@ def region_model(case) -> nn.Module:
             self.model = copy.deepcopy(case.model)
 
         def forward(self, x):
-            return (act(self.model(x)) * masks).flatten(2).sum(-1)
+            return act(self.model(x)) if masks is None else (act(self.model(x)) * masks).flatten(2).sum(-1)
 
     return Region().eval()
+
+
+#: Noisy samples per call of the sampling methods (both sides).
+SAMPLES = 4
+#: esegeta's params per method (the direct call gets the same, under the same upstream names).
+PARAMS = {"torchcam.SSCAM": {"num_samples": SAMPLES}, "torchcam.ISCAM": {"num_samples": SAMPLES},
+          "torchcam.SmoothGradCAMpp": {"num_samples": SAMPLES}, "monai.SmoothGrad": {"n_samples": SAMPLES},
+          "monai.GuidedBackpropSmoothGrad": {"n_samples": SAMPLES}}
+
+
+def _layers(case, method: str):
+    """The layer(s) of ``case`` a method explains: two to fuse for RefineCAM."""
+    return list(case.fused_layers) if method.endswith("RefineCAM") else case.layer
 
 
 def torchcam_direct(name: str):
     def call(case, model):
         import torchcam.methods
 
-        with getattr(torchcam.methods, name)(model, f"model.{case.layer}") as extractor:
+        layers = _layers(case, name)
+        layer = [f"model.{n}" for n in layers] if isinstance(layers, list) else f"model.{layers}"
+        with getattr(torchcam.methods, name)(model, layer, **PARAMS.get(f"torchcam.{name}", {})) as extractor:
             scores = model(case.x)
             return extractor(class_idx=case.target, scores=scores)[0]
     return call
@@ -68,23 +93,26 @@ def monai_direct(name: str):
         import monai.visualize as mv
 
         cls = getattr(mv, name)
-        if name in ("GradCAM", "GradCAMpp", "CAM"):
+        if name in ("GradCAM", "GradCAMpp"):
             return cls(nn_module=model, target_layers=f"model.{case.layer}")(case.x, class_idx=case.target)
+        if name == "CAM":
+            return cls(nn_module=model, target_layers=f"model.{case.layer}",
+                       fc_layers=lambda m: m.model.fc)(case.x, class_idx=[case.target])
         if name == "OcclusionSensitivity":
             return cls(nn_module=model, verbose=False)(case.x)[0]
-        return cls(model)(case.x.clone(), index=case.target)
+        return cls(model, **PARAMS.get(f"monai.{name}", {}), **({"verbose": False} if "Smooth" in name else {}))(
+            case.x.clone(), index=case.target)
     return call
 
 
-#: (method id, needs the layer, the direct call)
-METHODS = (
-    ("torchcam.GradCAM", True, torchcam_direct("GradCAM")),
-    ("torchcam.GradCAMpp", True, torchcam_direct("GradCAMpp")),
-    ("torchcam.LayerCAM", True, torchcam_direct("LayerCAM")),
-    ("torchcam.ScoreCAM", True, torchcam_direct("ScoreCAM")),
-    ("monai.GradCAM", True, monai_direct("GradCAM")),
-    ("monai.VanillaGrad", False, monai_direct("VanillaGrad")),
-    ("monai.OcclusionSensitivity", False, monai_direct("OcclusionSensitivity")),
+#: (method id, needs the layer, the direct call): every torchcam/monai method but LeGrad (a ViT's)
+METHODS = tuple(
+    [(f"torchcam.{n}", True, torchcam_direct(n)) for n in (
+        "CAM", "GradCAM", "GradCAMpp", "XGradCAM", "LayerCAM", "FinerCAM", "RefineCAM", "SmoothGradCAMpp",
+        "ScoreCAM", "SSCAM", "ISCAM")]
+    + [(f"monai.{n}", n in ("CAM", "GradCAM", "GradCAMpp"), monai_direct(n)) for n in (
+        "CAM", "GradCAM", "GradCAMpp", "VanillaGrad", "SmoothGrad", "GuidedBackpropGrad", "GuidedBackpropSmoothGrad",
+        "OcclusionSensitivity")]
 )
 
 
@@ -100,7 +128,8 @@ def _median(fn, repeat: int) -> float:
 
 def main(argv=None) -> None:
     import esegeta
-    from conftest import retina_case, tissue_case
+    from conftest import digits_case, retina_case, tissue_case
+    from esegeta.spec import registry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -108,11 +137,15 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     print("| method | sample | esegeta s | upstream s | ratio |")
     print("|---|---|---|---|---|")
-    for case in (retina_case(), tissue_case()):
+    for case in (digits_case(), retina_case(), tissue_case()):
         model = region_model(case)
         for method, layer, direct in METHODS:
+            if case.task not in registry.get(method).tasks or ("segmentation" in registry.get(method).tasks) == (
+                    case.wrapper is None):  # segmenter methods on the segmenters, classifier-only ones on digits
+                continue
             ours = _median(lambda c=case, m=method, l=layer: esegeta.explain(  # noqa: E741
-                c.model, c.x, m, target=c.target, wrapper=c.wrapper, layer=c.layer if l else None), args.repeat)
+                c.model, c.x, m, target=c.target, wrapper=c.wrapper, layer=_layers(c, m) if l else None,
+                **PARAMS.get(m, {})), args.repeat)
             theirs = _median(lambda c=case, d=direct, net=model: d(c, net), args.repeat)
             print(f"| {method} | {case.name} {tuple(case.x.shape[2:])} | {ours:.4f} | {theirs:.4f} | "
                   f"{ours / theirs:.2f} |", flush=True)

@@ -32,7 +32,7 @@ from conftest import retina_case
 
 case = retina_case(size=128)
 spec = registry.get({method!r})
-layer = (case.leaf_layer if spec.leaf_layer else case.layer) if spec.needs_layer else None
+layer = case.layer_for(spec)
 params = dict({required!r}.get(spec.id, {{}}))
 if spec.kind == "neuron":
     seen = []

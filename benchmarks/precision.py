@@ -134,7 +134,7 @@ def applies(spec, case: Case) -> bool:
 
 def call_arguments(spec, case: Case, x: torch.Tensor, model) -> dict:
     """explain's keyword arguments as tests/test_conformance.py builds them."""
-    layer = (case.leaf_layer if spec.leaf_layer else case.layer) if spec.needs_layer else None
+    layer = case.layer_for(spec)
     params = {k: (v(x) if callable(v) else v) for k, v in spec.quick_params.items()}
     params.update(AXIOM_PARAMS.get(spec.id, {}))
     if spec.kind == "neuron":

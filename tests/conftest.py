@@ -30,10 +30,19 @@ class Case:
     leaf_layer: str
     wrapper: dict | None = None
     extra: dict = field(default_factory=dict)
+    fused_layers: tuple[str, ...] = ()  # two layers for a method that fuses several (torchcam.RefineCAM)
 
     @property
     def dims(self) -> int:
         return self.x.ndim - 2
+
+    def layer_for(self, spec) -> str | list[str] | None:
+        """The ``layer`` a method takes here: none, the case's layer, a leaf layer, or the layers to fuse."""
+        if not spec.needs_layer:
+            return None
+        if spec.min_layers > 1:
+            return list(self.fused_layers)
+        return self.leaf_layer if spec.leaf_layer else self.layer
 
     @property
     def task(self) -> str:
@@ -47,7 +56,8 @@ def _load(model: torch.nn.Module, checkpoint: str) -> torch.nn.Module:
 
 def digits_case() -> Case:
     x = torch.from_numpy(np.load(SAMPLES / "data" / "digits" / "digit_30_label3.npy")).float()[None]
-    return Case("digits", _load(DigitResNet(), "digit_resnet.pt"), x, 3, "layer2", "layer2.conv2")
+    return Case("digits", _load(DigitResNet(), "digit_resnet.pt"), x, 3, "layer2", "layer2.conv2",
+                fused_layers=("layer1", "layer2"))
 
 
 def retina_case(size: int = 48) -> Case:
@@ -56,7 +66,8 @@ def retina_case(size: int = 48) -> Case:
     image = np.asarray(Image.open(SAMPLES / "data" / "retina_crop.png"), dtype=np.float32) / 255.0
     x = torch.from_numpy(image).permute(2, 0, 1)[None, :, :size, :size].contiguous()
     wrapper = {"name": "threshold", "channel": 0, "threshold": 0.5, "activation": "sigmoid"}
-    return Case("retina2d", _load(VesselUNet2D(), "vessel_unet2d.pt"), x, 1, "enc2", "enc2.3", wrapper)
+    return Case("retina2d", _load(VesselUNet2D(), "vessel_unet2d.pt"), x, 1, "enc2", "enc2.3", wrapper,
+                fused_layers=("enc1", "enc2"))
 
 
 def tissue_case(crop: tuple[int, int, int] = (20, 24, 16)) -> Case:
@@ -68,7 +79,8 @@ def tissue_case(crop: tuple[int, int, int] = (20, 24, 16)) -> Case:
     hx, hy, hz = (c // 2 for c in crop)
     x = torch.from_numpy(volume[cx - hx:cx + hx, cy - hy:cy + hy, cz - hz:cz + hz].copy())[None, None]
     wrapper = {"name": "multiclass", "activation": "softmax"}
-    return Case("tissue3d", _load(TissueUNet3D(), "tissue_unet3d.pt"), x, 2, "enc2", "enc2.3", wrapper)
+    return Case("tissue3d", _load(TissueUNet3D(), "tissue_unet3d.pt"), x, 2, "enc2", "enc2.3", wrapper,
+                fused_layers=("enc1", "enc2"))
 
 
 CASES = {"digits": digits_case, "retina2d": retina_case, "tissue3d": tissue_case}

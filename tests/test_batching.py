@@ -85,7 +85,7 @@ def _params(method: str, case) -> dict:
 
 def _request(method: str, case):
     spec = registry.get(method)
-    layer = (case.leaf_layer if spec.leaf_layer else case.layer) if spec.needs_layer else None
+    layer = case.layer_for(spec)
     return from_arguments(method, target="predicted", wrapper=case.wrapper, layer=layer, params=_params(method, case))
 
 

@@ -94,7 +94,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer_of(spec, case) -> str | None:
-    return (case.leaf_layer if spec.leaf_layer else case.layer) if spec.needs_layer else None
+    return case.layer_for(spec)
 
 
 def on_device(spec, case, device: str) -> tuple[torch.Tensor, torch.nn.Module, torch.Tensor]:
@@ -152,7 +152,9 @@ def test_method_conforms(method_id, case, device):
     elif spec.kind == "image":  # an image of its own: batch kept, same rank as the input
         assert attr.shape[0] == case.x.shape[0] and attr.ndim == case.x.ndim
     else:
-        layer_shape = _layer_output_shape(case.model, case.x, layer)
+        # a method that fuses several layers returns its map on the finest of their grids
+        layer_shape = max((_layer_output_shape(case.model, case.x, name) for name in registry.layer_names(layer)),
+                          key=lambda shape: shape[2:].numel())
         assert attr.shape[0] == case.x.shape[0]
         assert attr.shape[2:] == layer_shape[2:]
         assert attr.shape[1] in (layer_shape[1], 1)

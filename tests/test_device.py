@@ -31,6 +31,7 @@ Left out, for reasons outside esegeta (upstream reads values or works in numpy):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 
@@ -54,7 +55,7 @@ def meta_case(request) -> Case:
     """A sample case with a deep copy of its model and its input on ``meta``."""
     case = CASES[request.param]()
     model = copy.deepcopy(case.model).to(META)
-    return Case(case.name, model, case.x.to(META), case.target, case.layer, case.leaf_layer, case.wrapper)
+    return dataclasses.replace(case, model=model, x=case.x.to(META))
 
 
 def _explain(case: Case, method: str, target=None, **kw) -> torch.Tensor:
@@ -116,6 +117,7 @@ METHODS: dict[str, Callable[[Case], dict]] = {
     "esegeta.LayerActivationGuidedBackprop": lambda c: {},
     **{f"torchcam.{name}": (lambda c: {}) for name in (
         "CAM", "ScoreCAM", "SSCAM", "ISCAM", "GradCAM", "SmoothGradCAMpp", "XGradCAM", "LayerCAM", "FinerCAM")},
+    "torchcam.RefineCAM": lambda c: {"base_method": "LayerCAM"},
     "monai.VanillaGrad": lambda c: {},
     "monai.GuidedBackpropGrad": lambda c: {},
     "esegeta.BlurIG": lambda c: {"steps": 2, "max_sigma": 1},
@@ -134,7 +136,7 @@ def test_method_runs_on_meta(method_id, meta_case):
         pytest.skip(f"{method_id} does not support {meta_case.dims}D")
     if meta_case.task not in spec.tasks:
         pytest.skip(f"{method_id} does not apply to {meta_case.task} models")
-    layer = (meta_case.leaf_layer if spec.leaf_layer else meta_case.layer) if spec.needs_layer else None
+    layer = meta_case.layer_for(spec)
     quick = {k: (v(meta_case.x) if callable(v) else v) for k, v in spec.quick_params.items()}
     params = {**quick, **METHODS[method_id](meta_case)}
     attr = _explain(meta_case, method_id, layer=layer, **params)
@@ -211,8 +213,7 @@ def test_targets_on_meta(target, method_id, meta_case):
 
 def test_batch_with_predicted_target_on_meta(meta_case):
     """A batch of two, one predicted class each (a wrapper explains input by input)."""
-    case = Case(meta_case.name, meta_case.model, meta_case.x.expand(2, *meta_case.x.shape[1:]), meta_case.target,
-                meta_case.layer, meta_case.leaf_layer, meta_case.wrapper)
+    case = dataclasses.replace(meta_case, x=meta_case.x.expand(2, *meta_case.x.shape[1:]))
     method = "captum.IntegratedGradients" if case.wrapper is None else "zennit.IntegratedGradients"
     assert _explain(case, method, target="predicted").shape[0] == 2
 
@@ -226,8 +227,7 @@ def _wrapped_cases() -> list[str]:
 @pytest.fixture(scope="module", params=_wrapped_cases())
 def segmenter(request) -> Case:
     case = CASES[request.param]()
-    return Case(case.name, copy.deepcopy(case.model).to(META), case.x.to(META), 1, case.layer, case.leaf_layer,
-                case.wrapper)
+    return dataclasses.replace(case, model=copy.deepcopy(case.model).to(META), x=case.x.to(META), target=1)
 
 
 WRAPPERS = {

@@ -36,10 +36,10 @@ def _direct(name, model, layer, x, class_idx=None, targets=None, seed=None, **kw
     return maps[0].unsqueeze(1)
 
 
-def test_every_exported_extractor_is_registered_but_refinecam():
+def test_every_exported_extractor_is_registered():
     ids = {m for m in registry.all_methods() if m.startswith("torchcam.")}
     exported = set(torchcam_methods.activation.__all__) | set(torchcam_methods.gradient.__all__)
-    assert ids == {f"torchcam.{n}" for n in exported - {"RefineCAM"}}
+    assert ids == {f"torchcam.{n}" for n in exported}
 
 
 @pytest.mark.parametrize("name", ["CAM", "GradCAM", "GradCAMpp", "XGradCAM", "LayerCAM", "ScoreCAM", "ISCAM",
@@ -168,3 +168,69 @@ def test_cost_formulas_count_channels_and_samples(digits):
                                 layer_shape=layer_shape) == cost.Passes(98, 0)
     assert cost.expected_passes(registry.get("torchcam.SmoothGradCAMpp"), {}, x) == cost.Passes(5, 4)
     assert not cost.expected_passes(registry.get("torchcam.ScoreCAM"), {}, x).known
+
+
+def _refined(model, layers, x, class_idx=None, targets=None, **kwargs):
+    """RefineCAM called as upstream's docstring does, on a copy of the model."""
+    model = copy.deepcopy(model).eval()
+    with torchcam_methods.RefineCAM(model, layers, **kwargs) as extractor:
+        maps = extractor(class_idx=class_idx, scores=model(x), targets=targets)
+    assert hook_count(model) == 0
+    return maps[0].unsqueeze(1)
+
+
+@pytest.mark.parametrize("base", [None, "LayerCAM"])
+def test_refinecam_fuses_a_list_of_layers_as_upstream(digits, base):
+    """The entry's ``layer`` list is upstream's ``target_layer`` list; the map is on the finest layer's grid."""
+    before = snapshot(digits.model)
+    params = {"base_method": base} if base else {}
+    ours = esegeta.explain(digits.model, digits.x, "torchcam.RefineCAM", target=3, layer=["layer1", "layer2"], **params)
+    theirs = _refined(digits.model, ["layer1", "layer2"], digits.x, class_idx=3,
+                      **({"base_method": getattr(torchcam_methods, base)} if base else {}))
+    assert ours.shape == (1, 1, 8, 8) and ours.amax() > 0
+    assert torch.allclose(ours, theirs, atol=ATOL), (ours - theirs).abs().max()
+    assert_unchanged(digits.model, before)
+
+
+def test_refinecam_on_a_wrapped_3d_segmenter_equals_upstream(tissue):
+    ours = esegeta.explain(tissue.model, tissue.x, "torchcam.RefineCAM", target=tissue.target, layer=["enc1", "enc2"],
+                           wrapper=tissue.wrapper)
+    with torch.no_grad():
+        mask = (tissue.model(tissue.x)[0].argmax(0) == tissue.target).float()
+    model = nn.Sequential(copy.deepcopy(tissue.model), nn.Softmax(dim=1))
+    theirs = _refined(model, ["0.enc1", "0.enc2"], tissue.x, targets=[lambda o: (o[tissue.target] * mask).sum()])
+    assert ours.shape == tissue.x.shape  # enc1 keeps the input's grid
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("method,layer,fix", [
+    ("torchcam.RefineCAM", "layer2", "fuses 2 or more distinct layers: give 'layer' as a list"),
+    ("torchcam.RefineCAM", ["layer2", "layer2"], "fuses 2 or more distinct layers"),
+    ("torchcam.GradCAM", ["layer1", "layer2"], "takes one layer: give its name"),
+])
+def test_layer_lists_only_for_a_method_that_fuses_layers(method, layer, fix):
+    with pytest.raises(ConfigError, match=fix) as info:
+        check_method(method, {}, layer, None, "methods[0]")
+    assert info.value.path == "methods[0].layer"
+
+
+def test_a_config_names_the_layers_to_fuse(tmp_path):
+    """A config's ``layer`` list is checked name by name before the run (validate, check), and runs."""
+    from esegeta import Pipeline
+    from esegeta.run.check import check
+
+    from conftest import ROOT
+
+    def config(layer):
+        return {"model": {"factory": str(ROOT / "samples/models.py") + ":DigitResNet",
+                          "weights": str(ROOT / "samples/checkpoints/digit_resnet.pt")},
+                "inputs": {"paths": [str(ROOT / "samples/data/digits/digit_30_label3.npy")], "spatial_dims": 2},
+                "target": 3, "output": {"dir": str(tmp_path / "out"), "formats": ["npy"]},
+                "methods": [{"id": "torchcam.RefineCAM", "layer": layer}]}
+
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.layer\[1\]: the model has no layer 'layer9'"):
+        Pipeline(config(["layer1", "layer9"])).validate()
+    verdict = check(config(["layer1", "layer2"])).methods[0]
+    assert verdict.ok and verdict.forward_rows is not None, verdict.problems
+    result = Pipeline(config(["layer1", "layer2"])).run()
+    assert [r["status"] for r in result.runs] == ["ok"]

@@ -13,7 +13,10 @@ explains that region's score. The result is upstream's map at the layer's resolu
 ``(B, 1, *layer spatial)`` float32: a ``layer`` kind, as Captum's LayerGradCam. TorchCAM's
 Score-CAM family upsamples trilinearly, so it runs on volumes too (pytorch-grad-cam's does not).
 Hooks are removed through the extractor's context manager and the one guard.
-``RefineCAM`` multiplies the CAMs of two or more layers and a method entry names one layer: not registered.
+``RefineCAM`` fuses two or more layers: its entry's ``layer`` is a list of names (upstream's
+``target_layer`` list); its base CAM (``base_method``, Grad-CAM++ by default) runs on every layer,
+and the maps, each scaled to [0, 1], are resized to the largest layer's grid (bi/trilinear) and
+multiplied: ``(B, 1, *largest layer spatial)``.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ NOT_CONFIGURABLE = frozenset({
 })
 #: Parameters naming a module of the model (resolved on the prepared copy).
 LAYER_PARAMS = frozenset({"fc_layer"})
-#: FinerCAM's ``base_method``: the gradient CAMs upstream accepts.
+#: FinerCAM's and RefineCAM's ``base_method``: the gradient CAMs FinerCAM accepts (RefineCAM takes any).
 BASE_METHODS = ("GradCAM", "GradCAMpp", "LayerCAM")
 
 CHECKS: Mapping[str, Check] = {
@@ -202,11 +205,15 @@ TABLE: Mapping[str, tuple] = {
     "LayerCAM": ((2, 3), None, "Jiang et al. 2021, doi:10.1109/TIP.2021.3089943", _GRADIENT, ROWS, {}),
     "FinerCAM": ((2, 3), _CLS, "Zhang et al. 2025, arXiv:2501.11309", _GRADIENT, ROWS, {}),
     "LeGrad": ((2,), _CLS, "Bousselham et al. 2024, arXiv:2404.03214", _GRADIENT, ROWS, {}),
+    "RefineCAM": ((2, 3), None, "How to Evaluate and Refine your CAM, arXiv:2605.14641", _GRADIENT, ROWS, {}),
 }
+#: Methods that fuse several layers → the least number of layers their entry lists (upstream's rule).
+SEVERAL_LAYERS = {"RefineCAM": 2}
 
 for _name, (_dims, _tasks, _ref, _passes, _layout, _quick) in TABLE.items():
     register(MethodSpec(
         library=LIBRARY, name=_name, kind="layer", adapter=ADAPTER, needs_layer=True, dims=_dims,
+        min_layers=SEVERAL_LAYERS.get(_name, 1),
         **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
         passes=_passes, batch_layout=_layout, axiom="none", preflight=vit_block if _name == "LeGrad" else None,
     ))

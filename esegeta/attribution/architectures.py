@@ -41,7 +41,7 @@ log = logging.getLogger("esegeta")
 class Context:
     """What a pre-flight check may look at besides the model."""
     x: torch.Tensor
-    layer: str | None = None
+    layer: str | tuple[str, ...] | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     wrapper: Any = None
     _layer_shape: tuple[int, ...] | None = None
@@ -49,8 +49,9 @@ class Context:
     spec: Any = None
 
     def layer_shape(self) -> tuple[int, ...] | None:
-        """The layer's output shape on ``x`` (one forward pass without gradients, remembered)."""
-        if self._layer_shape is None and self.layer is not None and self.model is not None:
+        """The layer's output shape on ``x`` (one forward pass without gradients, remembered); None
+        for several layers (a method that fuses them)."""
+        if self._layer_shape is None and isinstance(self.layer, str) and self.model is not None:
             seen: list[Any] = []
             try:
                 module = self.model.get_submodule(self.layer)

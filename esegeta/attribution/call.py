@@ -64,7 +64,7 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
     makes a wrapped view (the patcher's stitched model passes its own, to save memory)."""
     spec = request.spec
     check_task(spec, request.wrapper)
-    layer = find_layer(model, request.layer, spec=spec) if request.layer else None
+    layer = find_layers(model, request.layer, spec=spec) if request.layer else None
     kind = batching.layout(request, x.shape[0]) if build_wrapper is wrappers.build else batching.PER_INPUT
     if kind != batching.PER_INPUT:
         build_wrapper = partial(batching.build, kind=kind, method=spec.id)
@@ -121,6 +121,15 @@ def frozen_mask(forward: nn.Module, target: int | None, index: int = 0) -> torch
     if target is None or not torch.is_tensor(masks) or not 0 <= target < masks.shape[1]:
         return None
     return masks[index if masks.shape[0] > 1 else 0, target].detach().to("cpu", torch.float32)
+
+
+def find_layers(model: PreparedModel, layer: str | tuple[str, ...], where: str = "layer",
+                spec: MethodSpec | None = None) -> nn.Module | list[nn.Module]:
+    """The module an entry's ``layer`` names, or the list of modules of a list of names (a method
+    that fuses several layers), each checked by :func:`find_layer`."""
+    if isinstance(layer, str):
+        return find_layer(model, layer, where, spec)
+    return [find_layer(model, name, f"{where}[{i}]", spec) for i, name in enumerate(layer)]
 
 
 def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:

@@ -129,10 +129,13 @@ class AxiomWarning(UserWarning):
     """A method's axiom (conservation, summation to delta, completeness) does not hold on a result."""
 
 
-def _layer_name(model: nn.Module, layer: str | nn.Module | None) -> str | None:
-    """A layer given as a module (as Captum takes it) → its name in ``model``."""
+def _layer_name(model: nn.Module, layer: Any) -> str | list[str] | None:
+    """A layer given as a module (as Captum takes it) → its name in ``model``; a list of them (a
+    method that fuses several layers) → the list of their names."""
     if layer is None or isinstance(layer, str):
         return layer
+    if isinstance(layer, (list, tuple)):
+        return [_layer_name(model, one) for one in layer]
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer and name:

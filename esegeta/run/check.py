@@ -29,6 +29,7 @@ from esegeta.evaluation.catalogue import estimate
 from esegeta.evaluation.engine import check as evaluation_check
 from esegeta.run.evaluate import mask_problems
 from esegeta.errors import raise_problems
+from esegeta.spec.registry import layer_names
 from esegeta.attribution.patcher import Grid
 from esegeta.run.writer import check_dir, output_folder
 from esegeta.hooks import removing
@@ -351,9 +352,12 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
         return c
     spec = resolved.spec
     if entry.layer and c.ok:
-        c.layer_shape = forward.layer_shapes.get(entry.layer)
-        if c.layer_shape is None:
-            c.problem(f"methods[{index}].layer: {entry.layer!r} is not called in the forward pass")
+        names = layer_names(entry.layer)
+        for i, name in enumerate(names):
+            if forward.layer_shapes.get(name) is None:
+                at = "layer" if isinstance(entry.layer, str) else f"layer[{i}]"
+                c.problem(f"methods[{index}].{at}: {name!r} is not called in the forward pass")
+        c.layer_shape = forward.layer_shapes.get(names[0]) if len(names) == 1 else None
     if spec.preflight is not None and c.ok:  # its problems are the plan's (esegeta.attribution.architectures.refuse)
         c.notes.append(f"{spec.id}'s pre-flight check of the model passed")
     if c.ok:

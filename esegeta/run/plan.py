@@ -20,7 +20,7 @@ from esegeta.run import backends
 from esegeta.attribution import batching, scheduling, wrappers
 from esegeta.spec import config as config_mod
 from esegeta.io import datasets, store
-from esegeta.attribution.call import check_dims, check_task, find_layer, resolve_target
+from esegeta.attribution.call import check_dims, check_task, find_layers, resolve_target
 from esegeta.errors import Problem, raise_problems, ConfigError, did_you_mean
 from esegeta.io.datasets import InputRef
 from esegeta.io.loading import load_model
@@ -64,7 +64,7 @@ def model_problems(e: Resolved, ready: PreparedModel, x: torch.Tensor, base_dir:
     collect(check_task, e.spec, r.wrapper, e.where("wrapper"))
     collect(check_dims, e.spec, x, f"methods[{e.index}].id")
     if r.layer:
-        collect(find_layer, ready, r.layer, f"methods[{e.index}].layer", e.spec)
+        collect(find_layers, ready, r.layer, f"methods[{e.index}].layer", e.spec)
     if found:
         return found
     collect(lambda: refuse(e.spec, ready, x, f"methods[{e.index}].id", layer=r.layer, params=dict(r.params),

@@ -46,7 +46,8 @@ class MethodEntry(Strict):
     """One method to run. ``params`` are the upstream keyword names."""
     id: str = Field(description="'<library>.<UpstreamName>', see `esegeta methods`")
     params: dict[str, Any] = Field(default_factory=dict)
-    layer: str | None = Field(None, description="submodule name, for layer and neuron methods")
+    layer: str | list[str] | None = Field(None, description="submodule name, for layer and neuron methods; a list "
+                                          "of names for a method that fuses several layers (torchcam.RefineCAM)")
     noise_tunnel: dict[str, Any] | None = Field(None, description="wrap in captum NoiseTunnel: nt_type, nt_samples, stdevs, ...")
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", max_length=MAX_LABEL,
                               description="names the outputs (default: the id); letters, digits, '._+-', at most "

@@ -157,7 +157,7 @@ def effective_batch(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: M
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-def check_method(method_id: str, params: Mapping[str, Any], layer: str | None,
+def check_method(method_id: str, params: Mapping[str, Any], layer: str | list[str] | None,
                  noise_tunnel: Mapping[str, Any] | None, where: str, enabled: bool = True) -> MethodSpec:
     """Check one method entry against the registry and upstream (ConfigError at its JSON path);
     returns the spec. A disabled entry may still lack its layer (the converter writes such entries
@@ -167,9 +167,13 @@ def check_method(method_id: str, params: Mapping[str, Any], layer: str | None,
     if reason:
         raise ConfigError(f"{where}.id", f"{method_id} is unavailable: {reason}")
     if spec.needs_layer and not layer and enabled:
-        raise ConfigError(f"{where}.layer", f"{method_id} needs a 'layer' (a submodule name of the model)")
+        raise ConfigError(f"{where}.layer", f"{method_id} needs a 'layer' (a submodule name of the model)"
+                          if spec.min_layers == 1 else f"{method_id} needs a 'layer': a list of at least "
+                          f"{spec.min_layers} submodule names of the model")
     if layer and not spec.needs_layer:
         raise ConfigError(f"{where}.layer", f"{method_id} takes no layer; remove 'layer'")
+    if layer:
+        _check_layers(spec, layer, f"{where}.layer")
     allowed = spec.parameters()
     for name, value in params.items():
         if name not in allowed:
@@ -183,6 +187,20 @@ def check_method(method_id: str, params: Mapping[str, Any], layer: str | None,
     if noise_tunnel is not None:
         _check_noise_tunnel(spec, noise_tunnel, where)
     return spec
+
+
+def _check_layers(spec: MethodSpec, layer: Any, where: str) -> None:
+    """One layer name, or, for a method that fuses several (``min_layers`` > 1), a list of distinct names."""
+    if spec.min_layers == 1:
+        if not isinstance(layer, str):
+            raise ConfigError(where, f"{spec.id} takes one layer: give its name, not {type(layer).__name__}")
+        return
+    names = [layer] if isinstance(layer, str) else layer
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(where, f"{spec.id} takes a list of submodule names")
+    if len(set(names)) < spec.min_layers:
+        raise ConfigError(where, f"{spec.id} fuses {spec.min_layers} or more distinct layers: give 'layer' as a list "
+                                 f"of names, e.g. [\"layer3\", \"layer4\"] (got {list(names)})")
 
 
 def _check_noise_tunnel(spec: MethodSpec, noise_tunnel: Mapping[str, Any], where: str) -> None:

@@ -101,7 +101,7 @@ class Call:  # noqa: D101 (annotations are strings: torch is not imported here)
     network: nn.Module
     inputs: torch.Tensor
     target: Any
-    layer: nn.Module | None
+    layer: nn.Module | list[nn.Module] | None
     params: dict[str, Any]
     noise_tunnel: dict[str, Any] | None = None
     base_dir: Path | None = None
@@ -155,7 +155,9 @@ class MethodSpec:
     prepared model the method cannot handle (Captum's LRP: leaf layers without a rule), each
     naming the layer and the fix, before a run (:mod:`esegeta.attribution.architectures`: the context holds
     the example input, layer and params; validate, check and explain refuse with them);
-    ``noise_tunnel`` gives the parameters of a ``noise_tunnel`` block, None if it takes none.
+    ``noise_tunnel`` gives the parameters of a ``noise_tunnel`` block, None if it takes none;
+    ``min_layers`` > 1: the method fuses several layers (TorchCAM's RefineCAM), its entry's ``layer``
+    is a list of at least that many names and ``Call.layer`` the list of their modules.
 
     Every registered method states three facts in its adapter's table (:func:`register` refuses
     a method without them; the conformance suite checks them): ``passes(values, x, layer_shape)``,
@@ -173,6 +175,7 @@ class MethodSpec:
     extra: str = ""
     needs_layer: bool = False
     leaf_layer: bool = False
+    min_layers: int = 1
     dims: tuple[int, ...] = (2, 3)
     tasks: tuple[str, ...] = TASKS
     needs_target: bool = True
@@ -267,6 +270,14 @@ def amp_safety_table() -> dict[str, Any]:
         return json.loads(AMP_SAFETY.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {"methods": {}}
+
+
+def layer_names(layer: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The layer names an entry's ``layer`` gives: one name, a list of them (a method with
+    ``min_layers`` > 1), or none."""
+    if layer is None:
+        return ()
+    return (layer,) if isinstance(layer, str) else tuple(layer)
 
 
 def keyword_parameters(fn: Callable, exclude: frozenset[str] | set[str] = frozenset()) -> dict[str, inspect.Parameter]:

@@ -135,7 +135,7 @@ class Request:
     ``target`` a class (or wrapped column) index, ``"predicted"``, or None."""
     spec: MethodSpec
     params: Mapping[str, Any] = field(default_factory=dict)
-    layer: str | None = None
+    layer: str | tuple[str, ...] | None = None
     wrapper: WrapperConfig | None = None
     target: int | Literal["predicted"] | None = None
     patch: PatchConfig | None = None
@@ -144,6 +144,8 @@ class Request:
     def __post_init__(self):
         object.__setattr__(self, "params", _frozen_mapping(self.params))
         object.__setattr__(self, "noise_tunnel", _frozen_mapping(self.noise_tunnel))
+        if isinstance(self.layer, list):  # several layers (a method that fuses them), immutable as the rest
+            object.__setattr__(self, "layer", tuple(self.layer))
 
     def replace(self, **changes: Any) -> Request:
         """A copy with ``changes`` (e.g. ``params=`` halved after out-of-memory)."""
@@ -151,14 +153,15 @@ class Request:
 
     def key_settings(self) -> dict[str, Any]:
         """What of the request decides its numbers, as JSON (part of the resume key)."""
-        return {"id": self.spec.id, "params": dict(self.params), "layer": self.layer,
+        return {"id": self.spec.id, "params": dict(self.params),
+                "layer": list(self.layer) if isinstance(self.layer, tuple) else self.layer,
                 "noise_tunnel": dict(self.noise_tunnel) if self.noise_tunnel is not None else None,
                 "wrapper": self.wrapper.model_dump(mode="json") if self.wrapper else None, "target": self.target,
                 "patch": self.patch.model_dump(mode="json") if self.patch else None}
 
 
 def from_arguments(method: str, *, target: Any = None, wrapper: Mapping[str, Any] | WrapperConfig | None = None,
-                   layer: str | None = None, noise_tunnel: Mapping[str, Any] | None = None,
+                   layer: str | list[str] | None = None, noise_tunnel: Mapping[str, Any] | None = None,
                    patch: Mapping[str, Any] | PatchConfig | None = None,
                    params: Mapping[str, Any] | None = None) -> Request:
     """The request ``explain(model, x, method, target, wrapper=..., ...)`` stands for."""
