@@ -1,4 +1,4 @@
-"""esegeta.spec.cost: the model rows a method call needs, counted against the real call.
+"""esegeta.spec.cost: the model rows a method call needs, counted against the real call (the anchors' methods included).
 
 Every registered method states a formula (``MethodSpec.passes``); for methods whose count the
 formula claims exact, the forward rows a real call on the digits sample sends through the model
@@ -62,6 +62,15 @@ CALLS = [
     ("torchray.rise", {"num_masks": 20, "batch_size": 8}, None),
     ("shap.GradientExplainer", {"nsamples": 6, "batch_size": 4, "rseed": 0}, None),
     ("lime.LimeImageExplainer", {"num_samples": 30, "random_seed": 0}, None),
+    ("torchcam.GradCAM", {}, None),
+    ("torchcam.RefineCAM", {}, None),
+    ("torchcam.SmoothGradCAMpp", {"num_samples": 3}, None),
+    ("monai.GradCAM", {}, None),
+    ("monai.SmoothGrad", {"n_samples": 3}, None),
+    ("esegeta.BlurIG", {"steps": 3, "max_sigma": 2}, None),
+    ("esegeta.GuidedIG", {"x_steps": 3}, None),
+    ("esegeta.XRAI", {"steps": 3}, None),
+    ("esegeta.CRP", {"conditions": {"layer2": [0, 1]}}, None),
 ]
 
 
@@ -70,7 +79,7 @@ def test_forward_rows_match_the_real_call(digits, method, params, tunnel):
     spec = get(method)
     if spec.unavailable_reason():
         pytest.skip(spec.unavailable_reason())
-    layer = digits.layer if spec.needs_layer else None
+    layer = digits.layer_for(spec)
     predicted = cost.expected_passes(spec, params, digits.x, noise_tunnel=tunnel)
     ready = prepared(digits.model, digits.x)  # the copy is made (one counting forward) before, not inside, the call
     assert predicted.known, predicted.note
@@ -88,6 +97,24 @@ def test_per_channel_methods_count_by_the_layer(digits):
     assert not cost.expected_passes(spec, {}, digits.x).known
     passes = cost.expected_passes(spec, {}, digits.x, layer_shape=[1, 16, 4, 4])
     assert (passes.forward, passes.backward) == (17, 0)
+
+
+@pytest.mark.parametrize("method,params", [("torchcam.ScoreCAM", {}), ("torchcam.SSCAM", {"num_samples": 2}),
+                                           ("torchcam.ISCAM", {"num_samples": 2})])
+def test_torchcam_per_channel_rows_match_the_real_call(digits, method, params):
+    """TorchCAM's Score-CAM family: one row per channel of the layer (times the samples), counted."""
+    spec = get(method)
+    shapes = []  # the layer's output shape, as check's forward pass sees it
+    handle = digits.model.get_submodule(digits.layer).register_forward_hook(lambda m, i, o: shapes.append(o.shape))
+    with torch.no_grad():
+        digits.model(digits.x)
+    handle.remove()
+    predicted = cost.expected_passes(spec, params, digits.x, layer_shape=list(shapes[0]))
+    ready = prepared(digits.model, digits.x)
+    request = from_arguments(method, target=digits.target, layer=digits.layer, params=from_python(params))
+    with counted_rows(type(digits.model)) as rows:
+        call_once(request, ready, digits.x, samples=digits.x)
+    assert predicted.exact and rows["forward"] == predicted.forward, predicted.text()
 
 
 def test_shapes_only_meta_inputs_work():
