@@ -34,6 +34,7 @@ class Member:
     method: str
     params: dict = field(default_factory=dict)
     layer: bool = False
+    fuse: bool = False  # the case's two layers, fused (the RefineCAMs)
     trace: str | None = None  # compare this entry of the zennit trace instead of the input map
     negate: bool = False  # the library maps high to low (MONAI's default_normalizer; occlusion's occluded score)
 
@@ -69,6 +70,10 @@ FAMILIES = (
                         Member("torchcam.GradCAM", layer=True), Member("monai.GradCAM", layer=True, negate=True)),
            _ALL, 0.9, "layer maps upsampled to the input (bilinear); pytorch-grad-cam, torchcam and MONAI also min-max "
                       "scale, MONAI to (max, min) → (0, 1): negated"),
+    Family("RefineCAM", (Member("gradcam.RefineCAM", {"base_method": "GradCAM"}, fuse=True),
+                         Member("torchcam.RefineCAM", {"base_method": "GradCAM"}, fuse=True)), _ALL, 0.95,
+           "the Grad-CAMs of two layers, each scaled to [0, 1], multiplied on the finer grid (their default bases, "
+           "the two libraries' Grad-CAM++, weigh gradients differently: r 0.01-0.90)"),
     Family("occlusion", (Member("captum.Occlusion", {"sliding_window_shapes": lambda x: [x.shape[1]] + [4] * (x.ndim - 2),
                                                      "strides": lambda x: [x.shape[1]] + [4] * (x.ndim - 2)}),
                          Member("zennit.Occlusion", {"window": 4, "stride": 4}),
@@ -104,7 +109,7 @@ def _map(member: Member, case) -> torch.Tensor:
 
     torch.manual_seed(0)
     np.random.seed(0)
-    layer = case.layer if member.layer else None
+    layer = list(case.fused_layers) if member.fuse else case.layer if member.layer else None
     target = case.target
     if member.trace is not None:
         from esegeta.attribution.explainer import run

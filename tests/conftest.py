@@ -40,7 +40,7 @@ class Case:
         """The ``layer`` a method takes here: none, the case's layer, a leaf layer, or the layers to fuse."""
         if not spec.needs_layer:
             return None
-        if spec.min_layers > 1:
+        if spec.fuses_layers:
             return list(self.fused_layers)
         return self.leaf_layer if spec.leaf_layer else self.layer
 

@@ -225,11 +225,27 @@ def test_ablation_swap_and_hooks_undone_on_error(retina):
 
 
 def test_refinecam_with_one_layer_is_its_base_method(digits):
-    """RefineCAM multiplies the CAMs of several layers; esegeta gives it one layer, so it is its base_method."""
+    """RefineCAM multiplies the CAMs of its layers; given one layer, it is its base_method."""
     refined = esegeta.explain(digits.model, digits.x, "gradcam.RefineCAM", target=3, layer="layer2",
                               base_method="GradCAM")
     plain = esegeta.explain(digits.model, digits.x, "gradcam.GradCAM", target=3, layer="layer2")
     assert torch.allclose(refined, plain, atol=ATOL)
+
+
+def test_refinecam_fuses_a_list_of_layers_as_upstream(retina):
+    """The entry's ``layer`` list is upstream's ``target_layers`` (a wrapped segmenter: its region target)."""
+    ours = esegeta.explain(retina.model, retina.x, "gradcam.RefineCAM", target=1, layer=["enc1", "enc2"],
+                           wrapper=retina.wrapper)
+    model = copy.deepcopy(retina.model).eval()
+    with torch.no_grad():
+        mask = (torch.sigmoid(model(retina.x)[0, 0]) > 0.5).float()
+    forward = torch.nn.Sequential(model, torch.nn.Sigmoid())
+    cam = pgc.RefineCAM(forward, [model.enc1, model.enc2])
+    theirs = torch.as_tensor(cam(input_tensor=retina.x, targets=[lambda o: (o[0] * mask).sum()])).unsqueeze(1)
+    assert ours.shape == theirs.shape == (1, 1, 48, 48)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert not torch.allclose(ours, esegeta.explain(retina.model, retina.x, "gradcam.RefineCAM", target=1, layer="enc2",
+                                                    wrapper=retina.wrapper), atol=1e-3)
 
 
 def test_hooks_removed_when_upstream_fails_half_way(retina, monkeypatch):

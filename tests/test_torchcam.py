@@ -204,8 +204,9 @@ def test_refinecam_on_a_wrapped_3d_segmenter_equals_upstream(tissue):
 
 
 @pytest.mark.parametrize("method,layer,fix", [
-    ("torchcam.RefineCAM", "layer2", "fuses 2 or more distinct layers: give 'layer' as a list"),
-    ("torchcam.RefineCAM", ["layer2", "layer2"], "fuses 2 or more distinct layers"),
+    ("torchcam.RefineCAM", "layer2", "fuses 2 or more layers: give 'layer' as a list"),
+    ("torchcam.RefineCAM", ["layer1", "layer2", "layer1"], "names a layer twice"),
+    ("gradcam.RefineCAM", ["layer2", "layer2"], "names a layer twice"),
     ("torchcam.GradCAM", ["layer1", "layer2"], "takes one layer: give its name"),
 ])
 def test_layer_lists_only_for_a_method_that_fuses_layers(method, layer, fix):

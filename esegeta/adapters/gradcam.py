@@ -3,7 +3,8 @@
 One generic adapter serves the whole table, with upstream's calling convention:
 ``cam = Cls(model=call.forward, target_layers=[call.layer], **init_params)`` and
 ``cam(input_tensor=x, targets=[ClassifierOutputTarget(t) per input], **call_params)``
-(FullGrad takes no layer: it uses every biased Conv2d/BatchNorm2d).
+(FullGrad takes no layer: it uses every biased Conv2d/BatchNorm2d; RefineCAM takes the entry's
+list of layers as ``target_layers``).
 
 Segmentation: with a wrapper, ``call.forward`` is the wrapped model whose column ``k`` is
 ``sum(act(out)_k · M_k)`` over the mask frozen on the unperturbed input, so
@@ -278,12 +279,17 @@ class GradCamAdapter:
 
         if not spec.needs_layer or (call.params.get("reshape_transform") is not None and spec.name not in SECOND_ORDER):
             return run(call)
+        layers = call.layer if isinstance(call.layer, list) else [call.layer]  # RefineCAM fuses several
         if "reshape_transform" in self.parameters(spec) and spec.name not in SECOND_ORDER:
-            layout = token_layout(tuple(call.layer_output().shape), call.inputs.ndim - 2)
+            layouts = {token_layout(tuple(dataclasses.replace(call, layer=layer).layer_output().shape),
+                                    call.inputs.ndim - 2) for layer in layers}
+            layout = layouts.pop() if len(layouts) == 1 else None
             if layout is None:
                 return run(call)
             log.info("%s: the layer outputs tokens: reshape_transform %r applied", spec.id, layout)
             return run(dataclasses.replace(call, params={**call.params, "reshape_transform": layout}))
+        if len(layers) > 1:  # a TokenGrid stands in for one layer
+            return run(call)
         with token_grid(call) as on_grid:
             return run(on_grid)
 
@@ -309,7 +315,7 @@ class GradCamAdapter:
             attr_kw["target_idx"] = target if isinstance(target, int) else target[0]
         elif target is not None:
             attr_kw["targets"] = [module.utils.model_targets.ClassifierOutputTarget(i) for i in target.ints()]
-        layers = [call.layer] if spec.needs_layer else []
+        layers = (call.layer if isinstance(call.layer, list) else [call.layer]) if spec.needs_layer else []
         cam = None
         try:
             cam = cls(model=call.forward, target_layers=layers, **init_kw)
@@ -376,8 +382,8 @@ _GRADIENT, _FORWARD = cost.gradient, cost.forward_only
 #: classes of most similar score; the columns of a wrapped segmenter are sums over regions
 #: of different sizes, whose closeness means nothing (and its map comes out all zero on the
 #: samples): classifiers only. SESS explains resized crops, where frozen masks do not apply.
-#: RefineCAM multiplies the CAMs of several layers; with esegeta's one layer it is its
-#: base_method's CAM. EigenCAM, KPCA_CAM and FEM do not depend on the target. The gradient CAMs
+#: RefineCAM multiplies the CAMs of the layers of its entry's ``layer`` list (one name: its
+#: base_method's CAM). EigenCAM, KPCA_CAM and FEM do not depend on the target. The gradient CAMs
 #: explain a batch of wrapped inputs as rows; the others run one input per call (randomness,
 #: a decomposition over the batch, per-channel batches, or not verified batched). No CAM keeps an axiom.
 TABLE: Mapping[str, tuple] = {
@@ -407,6 +413,8 @@ TABLE: Mapping[str, tuple] = {
     "SESS": ((2,), True, True, ("classification",), _ONE_SCALE, "Tursun et al. 2022, arXiv:2207.01769", _sess_passes,
              PER_INPUT),
 }
+#: RefineCAM fuses the layers of a list (one name is a list of one: its base_method's CAM).
+FUSES_LAYERS = {"RefineCAM": 1}
 #: The classes a meta-method's ``base_method`` may name.
 CAM_CLASSES = tuple(name for name in TABLE if name not in ("FinerCAM", "RefineCAM", "SESS"))
 
@@ -416,5 +424,5 @@ for _name, (_dims, _layer, _target, _tasks, _quick, _ref, _passes, _layout) in T
         needs_target=_target, **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
         uses_global_rng=True if _name in GLOBAL_RNG else None,
         preflight=token_layer if _layer else fullgrad_order if _name == "FullGrad" else None,
-        passes=_augmented(_passes), batch_layout=_layout, axiom="none",
+        passes=_augmented(_passes), batch_layout=_layout, axiom="none", fuses_layers=FUSES_LAYERS.get(_name, 0),
     ))

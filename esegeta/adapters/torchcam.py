@@ -213,7 +213,7 @@ SEVERAL_LAYERS = {"RefineCAM": 2}
 for _name, (_dims, _tasks, _ref, _passes, _layout, _quick) in TABLE.items():
     register(MethodSpec(
         library=LIBRARY, name=_name, kind="layer", adapter=ADAPTER, needs_layer=True, dims=_dims,
-        min_layers=SEVERAL_LAYERS.get(_name, 1),
+        fuses_layers=SEVERAL_LAYERS.get(_name, 0),
         **({"tasks": _tasks} if _tasks else {}), quick_params=_quick, reference=_ref,
         passes=_passes, batch_layout=_layout, axiom="none", preflight=vit_block if _name == "LeGrad" else None,
     ))

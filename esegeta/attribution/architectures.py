@@ -313,8 +313,9 @@ def token_grid(call):
     tokens (values and gradients unchanged; a class token goes around it). A CAM method then
     weighs features over the grid, what ``reshape_transform: "vit"`` does in grad-cam, instead
     of taking tokens for channels. Logged."""
-    if call.layer is None or isinstance(call.layer, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
-        yield call  # no layer, or one that outputs maps: no forward pass needed to tell
+    if not isinstance(call.layer, nn.Module) or isinstance(call.layer, (nn.modules.conv._ConvNd,
+                                                                         nn.modules.batchnorm._BatchNorm)):
+        yield call  # no layer, several (a method that fuses them), or one that outputs maps: nothing to tell
         return
     output = call.layer_output()
     dims = call.inputs.ndim - 2

@@ -125,10 +125,12 @@ def frozen_mask(forward: nn.Module, target: int | None, index: int = 0) -> torch
 
 def find_layers(model: PreparedModel, layer: str | tuple[str, ...], where: str = "layer",
                 spec: MethodSpec | None = None) -> nn.Module | list[nn.Module]:
-    """The module an entry's ``layer`` names, or the list of modules of a list of names (a method
-    that fuses several layers), each checked by :func:`find_layer`."""
-    if isinstance(layer, str):
+    """The module an entry's ``layer`` names, or, for a method that fuses layers, the list of the
+    modules it names (one name: a list of one), each checked by :func:`find_layer`."""
+    if isinstance(layer, str) and not (spec is not None and spec.fuses_layers):
         return find_layer(model, layer, where, spec)
+    if isinstance(layer, str):
+        return [find_layer(model, layer, where, spec)]
     return [find_layer(model, name, f"{where}[{i}]", spec) for i, name in enumerate(layer)]
 
 

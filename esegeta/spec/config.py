@@ -47,7 +47,7 @@ class MethodEntry(Strict):
     id: str = Field(description="'<library>.<UpstreamName>', see `esegeta methods`")
     params: dict[str, Any] = Field(default_factory=dict)
     layer: str | list[str] | None = Field(None, description="submodule name, for layer and neuron methods; a list "
-                                          "of names for a method that fuses several layers (torchcam.RefineCAM)")
+                                          "of names for a method that fuses several layers (the RefineCAMs)")
     noise_tunnel: dict[str, Any] | None = Field(None, description="wrap in captum NoiseTunnel: nt_type, nt_samples, stdevs, ...")
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", max_length=MAX_LABEL,
                               description="names the outputs (default: the id); letters, digits, '._+-', at most "

@@ -168,8 +168,8 @@ def check_method(method_id: str, params: Mapping[str, Any], layer: str | list[st
         raise ConfigError(f"{where}.id", f"{method_id} is unavailable: {reason}")
     if spec.needs_layer and not layer and enabled:
         raise ConfigError(f"{where}.layer", f"{method_id} needs a 'layer' (a submodule name of the model)"
-                          if spec.min_layers == 1 else f"{method_id} needs a 'layer': a list of at least "
-                          f"{spec.min_layers} submodule names of the model")
+                          if spec.fuses_layers < 2 else f"{method_id} needs a 'layer': a list of at least "
+                          f"{spec.fuses_layers} submodule names of the model")
     if layer and not spec.needs_layer:
         raise ConfigError(f"{where}.layer", f"{method_id} takes no layer; remove 'layer'")
     if layer:
@@ -190,17 +190,19 @@ def check_method(method_id: str, params: Mapping[str, Any], layer: str | list[st
 
 
 def _check_layers(spec: MethodSpec, layer: Any, where: str) -> None:
-    """One layer name, or, for a method that fuses several (``min_layers`` > 1), a list of distinct names."""
-    if spec.min_layers == 1:
+    """One layer name, or, for a method that fuses several (``fuses_layers``), a list of distinct names."""
+    if not spec.fuses_layers:
         if not isinstance(layer, str):
             raise ConfigError(where, f"{spec.id} takes one layer: give its name, not {type(layer).__name__}")
         return
     names = [layer] if isinstance(layer, str) else layer
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(where, f"{spec.id} takes a list of submodule names")
-    if len(set(names)) < spec.min_layers:
-        raise ConfigError(where, f"{spec.id} fuses {spec.min_layers} or more distinct layers: give 'layer' as a list "
-                                 f"of names, e.g. [\"layer3\", \"layer4\"] (got {list(names)})")
+    if len(set(names)) < len(names):
+        raise ConfigError(where, f"{spec.id}: the list names a layer twice ({list(names)}): name each layer once")
+    if len(names) < spec.fuses_layers:
+        raise ConfigError(where, f"{spec.id} fuses {spec.fuses_layers} or more layers: give 'layer' as a list of "
+                                 f"names, e.g. [\"layer3\", \"layer4\"] (got {list(names)})")
 
 
 def _check_noise_tunnel(spec: MethodSpec, noise_tunnel: Mapping[str, Any], where: str) -> None:

@@ -156,8 +156,9 @@ class MethodSpec:
     naming the layer and the fix, before a run (:mod:`esegeta.attribution.architectures`: the context holds
     the example input, layer and params; validate, check and explain refuse with them);
     ``noise_tunnel`` gives the parameters of a ``noise_tunnel`` block, None if it takes none;
-    ``min_layers`` > 1: the method fuses several layers (TorchCAM's RefineCAM), its entry's ``layer``
-    is a list of at least that many names and ``Call.layer`` the list of their modules.
+    ``fuses_layers`` > 0: the method fuses the maps of several layers (the RefineCAMs): its entry's
+    ``layer`` is a list of at least that many distinct names (one name where 1 suffices) and
+    ``Call.layer`` the list of their modules.
 
     Every registered method states three facts in its adapter's table (:func:`register` refuses
     a method without them; the conformance suite checks them): ``passes(values, x, layer_shape)``,
@@ -175,7 +176,7 @@ class MethodSpec:
     extra: str = ""
     needs_layer: bool = False
     leaf_layer: bool = False
-    min_layers: int = 1
+    fuses_layers: int = 0
     dims: tuple[int, ...] = (2, 3)
     tasks: tuple[str, ...] = TASKS
     needs_target: bool = True
@@ -274,7 +275,7 @@ def amp_safety_table() -> dict[str, Any]:
 
 def layer_names(layer: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     """The layer names an entry's ``layer`` gives: one name, a list of them (a method with
-    ``min_layers`` > 1), or none."""
+    ``fuses_layers``), or none."""
     if layer is None:
         return ()
     return (layer,) if isinstance(layer, str) else tuple(layer)
