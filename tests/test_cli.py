@@ -127,6 +127,7 @@ def test_methods_json(capsys):
         assert r["id"].split(".", 1)[0] == r["library"]
         assert r["kind"] in ("attribution", "layer", "neuron", "image")
         assert isinstance(r["needs_layer"], bool)
+        assert r["fuses_layers"] == 0 or r["needs_layer"]  # a layer list is a kind of layer
         assert r["dims"] and set(r["dims"]) <= {2, 3}
         assert isinstance(r["available"], bool)
         assert (r["reason"] is None) == r["available"], r

@@ -138,11 +138,19 @@ def _cmd_methods(args) -> int:
         dims = "/".join(f"{d}D" for d in r["dims"])
         models = "/".join({"classification": "classifier", "segmentation": "seg"}[t] for t in r["tasks"])
         amp = "/".join(p for p in ("bf16", "fp16") if r["amp"][p]["safe"]) or "fp32 only"
-        print(f"{r['id']:{width}} {r['kind']:12} {'yes' if r['needs_layer'] else '-':6} {dims:6} {models:15} {amp:10} "
+        print(f"{r['id']:{width}} {r['kind']:12} {_layer_column(r):6} {dims:6} {models:15} {amp:10} "
               f"{'yes' if r['available'] else 'no: ' + r['reason']}")
     print(f"{len(rows)} methods, {sum(r['available'] for r in rows)} available; amp: the reduced precisions a method "
           "was measured safe in (esegeta methods --json: amp, with the figures and reasons)")
     return 0
+
+
+def _layer_column(row: dict) -> str:
+    """``yes``: one layer; ``list``: a list of layers to fuse (``N+``: at least N); ``-``: none."""
+    if not row["needs_layer"]:
+        return "-"
+    n = row["fuses_layers"]
+    return "yes" if not n else "list" if n == 1 else f"{n}+"
 
 
 def _cmd_schema(args) -> int:

@@ -246,6 +246,7 @@ class MethodSpec:
             "library": self.library.name,
             "kind": self.kind,
             "needs_layer": self.needs_layer,
+            "fuses_layers": self.fuses_layers,
             "dims": list(self.dims),
             "tasks": list(self.tasks),
             "available": reason is None,
