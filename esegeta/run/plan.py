@@ -19,7 +19,7 @@ from esegeta.io import resume
 from esegeta.run import backends
 from esegeta.attribution import batching, scheduling, wrappers
 from esegeta.spec import config as config_mod
-from esegeta.io import datasets, store
+from esegeta.io import datasets, nnunet, store
 from esegeta.attribution.call import check_dims, check_task, find_layer, resolve_target
 from esegeta.errors import Problem, raise_problems, ConfigError, did_you_mean
 from esegeta.io.datasets import InputRef
@@ -134,7 +134,8 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     devices = (scheduling.resolve_devices(device, "--device") if device
                else scheduling.resolve_devices(config.runtime.devices))
     model = load_model(config.model, base_dir)
-    inputs = datasets.refs(datasets.source(config.inputs, base_dir))
+    config = nnunet_patch(config, base_dir, indices)
+    inputs = datasets.refs(datasets.source(config.inputs, base_dir, config.model))
     # with Ray the actors hold the replicas: the driver checks on the CPU, holding no GPU memory
     first = inputs[0].tensor.to(devices[0] if config.runtime.backend == "local" else torch.device("cpu"))
     try:
@@ -147,6 +148,26 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     for e in entries:
         problems += model_problems(e, ready, first, base_dir)
     return Plan(config, base_dir, model, inputs, devices, ready, entries, problems)
+
+
+def nnunet_patch(config: config_mod.Config, base_dir: Path | None, indices: list[int]) -> config_mod.Config:
+    """``config`` with the ``patch`` block a trained nnU-Net model's plans imply when it has none
+    (:meth:`esegeta.io.nnunet.TrainedModel.patch`): global (the score of nnU-Net's stitched sliding-window
+    prediction) when every selected entry can run so (input-resolution methods with a wrapper), else local."""
+    if config.model.nnunet is None or config.patch is not None:
+        return config
+
+    def runs_global(i: int) -> bool:
+        try:
+            e = resolve(config.methods[i], config, i)
+            check_global(e.spec, e.request.wrapper)
+        except ConfigError:
+            return False
+        return e.request.patch is None
+
+    mode = "global" if all(runs_global(i) for i in indices) else "local"
+    patch = nnunet.open_trained(config.model, base_dir).patch(mode, config.inputs.spatial_dims)
+    return config.model_copy(update={"patch": config_mod.PatchConfig(**patch)})
 
 
 def model_fails(exc: Exception, item: Any, shape: tuple[int, ...]) -> ConfigError:

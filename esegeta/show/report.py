@@ -491,7 +491,7 @@ def load_run_inputs(manifest: Mapping[str, Any]) -> list:
     from its resolved config, named as the run named them."""
     config = parse(dict(manifest.get("config") or {}))
     base = Path(manifest.get("config_dir") or ".")
-    return datasets.refs(datasets.source(config.inputs, base))
+    return datasets.refs(datasets.source(config.inputs, base, config.model))
 
 
 def label_of(name: str, entry: Mapping[str, Any] | None = None) -> int | None:

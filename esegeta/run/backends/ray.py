@@ -56,7 +56,7 @@ class Explainer:
         base = Path(base_dir) if base_dir else None
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
         model = load_model(cfg.model, base)
-        inputs = datasets.refs(datasets.source(cfg.inputs, base))
+        inputs = datasets.refs(datasets.source(cfg.inputs, base, cfg.model))
         ready = prepared(model, inputs[0].tensor.to(self.device))
         entries = [resolve(cfg.methods[i], cfg, i) for i in indices]
         self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries)
