@@ -68,21 +68,22 @@ PLANS = {"dataset_name": "Dataset901_Tiny", "plans_name": "nnUNetPlans",
          "foreground_intensity_properties_per_channel": INTENSITIES}
 
 
-def write_cases(folder: Path, cases: int = 1, shape: tuple[int, int, int] = SHAPE, seed: int = 0) -> list[Path]:
-    """``cases`` 2-channel cases (``case_XXX_0000.nii.gz``: CT-like, ``_0001``: T2-like), spacing
-    :data:`SPACING` with an origin, so a map written back must carry this affine."""
+def write_cases(folder: Path, cases: int = 1, shape: tuple[int, int, int] = SHAPE, seed: int = 0,
+                spacing: tuple[float, float, float] = SPACING) -> list[Path]:
+    """``cases`` 2-channel cases (``case_XXX_0000.nii.gz``: CT-like, ``_0001``: T2-like) with an origin,
+    so a map written back must carry this affine (another ``spacing`` than the plans' is resampled)."""
     import nibabel as nib
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    affine = np.diag([*SPACING, 1.0])
+    affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = (-10.0, 5.0, 3.0)
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")).astype(np.float64)
     files = []
     for k in range(cases):
         centre = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
-        spacing = np.array(SPACING)[:, None, None, None]
-        distance = np.sqrt((((grid - centre[:, None, None, None]) * spacing) ** 2).sum(0))
+        scale = np.array(spacing)[:, None, None, None]
+        distance = np.sqrt((((grid - centre[:, None, None, None]) * scale) ** 2).sum(0))
         label = (distance < 6).astype(np.float64) + (distance < 3)
         ct = -500 + 600 * label + rng.normal(0, 40, shape)
         mr = 100 + 80 * (label == 1) + rng.normal(0, 10, shape)
@@ -115,8 +116,10 @@ def trained_folder(root: Path, configuration: str, seed: int = 0) -> Path:
                                                  plans.get_label_manager(DATASET).num_segmentation_heads,
                                                  enable_deep_supervision=True)  # as the trainer trains it
     torch.save({"network_weights": network.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
-                "logging": {"mean_fg_dice": [0.5], "ema_fg_dice": [0.5], "epoch_start_timestamps": [0.0]},
-                "_best_ema": 0.5, "current_epoch": 1,
+                # the trainer logs NumPy floats (np.nanmean of its Dice scores)
+                "logging": {"mean_fg_dice": [np.float64(0.5)], "ema_fg_dice": [np.float64(0.5)],
+                            "epoch_start_timestamps": [0.0]},
+                "_best_ema": np.float64(0.5), "current_epoch": 1,
                 "init_args": {"plans": copy.deepcopy(PLANS), "configuration": configuration, "fold": 0,
                               "dataset_json": DATASET, "device": torch.device("cpu")},
                 "trainer_name": "nnUNetTrainer",

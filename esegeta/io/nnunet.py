@@ -13,7 +13,9 @@ Everything is done with nnU-Net's own code, as its predictor does
   dataset.json's ``file_ending``), read by the plans' reader, transposed, cropped to its nonzero
   region, normalised by the configuration's schemes with the fingerprint's foreground intensities
   (``CTNormalization``, ``ZScoreNormalization``...) and resampled to the configuration's spacing.
-- **maps back in the source geometry**: :class:`CaseGeometry` undoes it (resampling as nnU-Net
+- **padding**: a case is padded with zeros (as nnU-Net pads one smaller than its patch) to at least the
+  patch and a multiple of the network's downsampling, so the network also runs on the whole case.
+- **maps back in the source geometry**: :class:`CaseGeometry` undoes it (the padding cut, resampling as nnU-Net
   resamples probabilities, the crop re-inserted, the transpose reverted) into the first channel
   file's voxel grid, so a NIfTI map carries that file's affine.
 - **patch defaults**: the configuration's patch size and nnU-Net's sliding-window step
@@ -203,8 +205,24 @@ class TrainedModel:
         if spatial_dims == 2 and self.spatial_dims == 3:
             raise ConfigError("inputs.spatial_dims", f"the model's configuration {self.configuration!r} is 3D; "
                                                      "set inputs.spatial_dims to 3")
-        tensor = torch.from_numpy(np.ascontiguousarray(data[:, 0] if flat else data, dtype=np.float32))[None]
-        return tensor, _affine(files[0]), CaseGeometry(self, properties, tuple(data.shape[1:]), flat)
+        shape = tuple(data.shape[1:])
+        padded = self.padded_shape(shape)
+        whole = np.zeros((data.shape[0], *padded), dtype=np.float32)
+        whole[(slice(None), *[slice(0, s) for s in shape])] = data
+        tensor = torch.from_numpy(whole[:, 0] if flat else whole)[None]
+        return tensor, _affine(files[0]), CaseGeometry(self, properties, shape, padded, flat)
+
+    def padded_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``shape`` (3 axes) padded with zeros, as nnU-Net's predictor pads a case smaller than its patch,
+        to at least the patch and to a multiple of the network's downsampling on every axis, so the network
+        runs on the whole case as on each patch (the padding is cut off the maps)."""
+        config = self.managers[1]
+        patch = [int(s) for s in config.patch_size]
+        strides = config.network_arch_init_kwargs.get("strides") if isinstance(config.network_arch_init_kwargs, dict) else None
+        total = [int(v) for v in np.prod(np.asarray(strides), axis=0)] if strides else [1] * len(patch)
+        if len(patch) < len(shape):  # a 2D configuration: slices are not downsampled
+            patch, total = [1, *patch], [1, *total]
+        return tuple(max(p, -(-s // t) * t) for s, p, t in zip(shape, patch, total))
 
 
 def _affine(path: Path) -> np.ndarray | None:
@@ -240,6 +258,7 @@ class CaseGeometry:
     trained: TrainedModel
     properties: dict
     shape: tuple[int, ...]  # the preprocessed spatial shape (3 axes; the first is 1 for a flat 2D case)
+    padded: tuple[int, ...]  # the shape the network gets (:meth:`TrainedModel.padded_shape`)
     flat: bool
 
     def _spacings(self) -> tuple[list[float], list[float]]:
@@ -258,9 +277,10 @@ class CaseGeometry:
         result = np.asarray(result, dtype=np.float32)
         if self.flat:
             result = result[:, None]
-        if result.shape[1:] != self.shape:
-            result = torch.nn.functional.interpolate(torch.from_numpy(result)[None], size=self.shape,
+        if result.shape[1:] != self.padded:
+            result = torch.nn.functional.interpolate(torch.from_numpy(result)[None], size=self.padded,
                                                      mode="trilinear", align_corners=False)[0].numpy()
+        result = result[(slice(None), *[slice(0, s) for s in self.shape])]
         current, source = self._spacings()
         result = np.asarray(config.resampling_fn_probabilities(
             result, self.properties["shape_after_cropping_and_before_resampling"], current, source), dtype=np.float32)
@@ -283,7 +303,9 @@ class CaseGeometry:
         saved = saved[(slice(None), *bounding_box_to_slice(self.properties["bbox_used_for_cropping"]))]
         current, source = self._spacings()
         saved = np.asarray(config.resampling_fn_probabilities(saved, self.shape, source, current), dtype=np.float32)
-        return np.ascontiguousarray(saved[:, 0] if self.flat else saved)
+        whole = np.zeros((saved.shape[0], *self.padded), dtype=np.float32)
+        whole[(slice(None), *[slice(0, s) for s in self.shape])] = saved
+        return whole[:, 0] if self.flat else whole
 
 
 def open_trained(model: Any, base_dir: Path | None) -> TrainedModel:
