@@ -179,16 +179,26 @@ def _bad(folders, tmp_path, name: str) -> tuple[dict, str]:
         return {**good, "model": model}, field
     if name == "channel":
         return {**good, "inputs": {"paths": [str(lonely)], "spatial_dims": 3}}, "inputs.paths"
+    if name == "spatial_dims":
+        return {**good, "inputs": {**good["inputs"], "spatial_dims": 2}}, "inputs.spatial_dims"
     return {**good, "inputs": {**good["inputs"], "normalize": "zscore"}}, "inputs.normalize"
 
 
 @pytest.mark.parametrize("name", ["folder", "plans", "fold", "checkpoint", "factory", "fold_alone", "channel",
-                                  "normalize"])
+                                  "spatial_dims", "normalize"])
 def test_bad_configs_exit_2_naming_the_field(folders, tmp_path, capsys, name):
     config, field = _bad(folders, tmp_path, name)
     code, _, err = run_cli(["validate", write_config(tmp_path, config)], capsys)
     assert code == 2, err
     assert field in err and "Traceback" not in err, err
+
+
+def test_slice_wise_on_the_data_device(folders):
+    """A 2D configuration on a volume creates no tensor of its own: it runs on torch's meta device."""
+    trained = nnunet.open_trained(ModelConfig(nnunet=str(folders["2d"])), None)
+    network = trained.network().to("meta")
+    out = network(torch.zeros(1, 2, 3, 16, 16, device="meta"))
+    assert out.device.type == "meta" and out.shape == (1, 3, 3, 16, 16)
 
 
 def test_a_missing_nnunetv2_names_the_extra(folders, monkeypatch):

@@ -93,10 +93,11 @@ class CaseSource:
         if cfg.dataset is not None:
             raise ConfigError("inputs.dataset", "an nnU-Net model's inputs are case files: give inputs.paths "
                                                 "('case_0000.nii.gz', 'case_0001.nii.gz', ... or their folder)")
-        for key in ("normalize", "resize", "color"):
+        for key in ("normalize", "resize", "color", "depth_axis", "channel_axis"):
             if key in cfg.model_fields_set:
-                raise ConfigError(f"inputs.{key}", "an nnU-Net model's plans say how its inputs are normalised and "
-                                                   f"resampled; remove inputs.{key}")
+                raise ConfigError(f"inputs.{key}", "an nnU-Net model reads its cases as its plans say (one file per "
+                                                   "channel; normalised and resampled by the plans); remove "
+                                                   f"inputs.{key}")
         self.cfg = cfg
         self.trained = nnunet.open_trained(model, base_dir)
         cases = self.trained.cases(expand_paths(cfg.paths, base_dir))

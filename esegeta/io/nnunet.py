@@ -60,9 +60,9 @@ def _resolve(path: str, base_dir: Path | None) -> Path:
 def _checkpoint(path: Path, stamp: tuple[int, int]) -> dict:
     """The checkpoint as nnU-Net's trainer saved it (cached by path, mtime and size: the network, the
     inputs and the patch defaults of one run read it once)."""
-    allowed = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
-    scalar = getattr(getattr(np, "_core", np), "multiarray", None)
-    allowed += [scalar.scalar] if scalar is not None and hasattr(scalar, "scalar") else []
+    allowed: list = [np.dtype, *{type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4", "u1", "b1")}]
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+    allowed += [scalar, (scalar, "numpy.core.multiarray.scalar")]  # NumPy 2's name, and NumPy 1's in older checkpoints
     try:
         with torch.serialization.safe_globals(allowed):
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -9,6 +9,7 @@ functions. :func:`jobs` then turns a plan into jobs, keeping what ``--resume`` m
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from esegeta.attribution.architectures import refuse
 from esegeta.attribution.prepare import PreparedModel, prepared
 from esegeta.spec.config import Resolved, resolve
 
+log = logging.getLogger("esegeta")
 #: Kinds whose result has one row per input, so inputs of one shape can share an upstream call.
 BATCHABLE_KINDS = ("attribution", "layer", "neuron")
 
@@ -167,6 +169,8 @@ def nnunet_patch(config: config_mod.Config, base_dir: Path | None, indices: list
 
     mode = "global" if all(runs_global(i) for i in indices) else "local"
     patch = nnunet.open_trained(config.model, base_dir).patch(mode, config.inputs.spatial_dims)
+    log.info("patch from the nnU-Net plans: size %s, overlap %s (tile step 0.5), %s mode", patch["size"],
+             patch["overlap"], mode)
     return config.model_copy(update={"patch": config_mod.PatchConfig(**patch)})
 
 
