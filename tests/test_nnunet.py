@@ -102,7 +102,7 @@ def test_run_writes_maps_in_the_source_geometry(folders, tmp_path):
               "wrapper": {"name": "multiclass", "activation": "softmax"}, "target": 1,
               "runtime": {"devices": "cpu"}, "output": {"dir": str(tmp_path / "out"), "formats": ["npy", "nii"]},
               "methods": [{"id": "captum.IntegratedGradients",
-                           "params": {"n_steps": 16, "internal_batch_size": 8, "baselines": "blur"}}]}
+                           "params": {"n_steps": 8, "internal_batch_size": 8, "baselines": "blur"}}]}
     result = esegeta.Pipeline(config).run()
     assert result.exit_code == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
