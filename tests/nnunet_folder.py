@@ -1,9 +1,10 @@
 """A tiny trained nnU-Net v2 model folder, built with nnU-Net's own code (for tests/test_nnunet.py).
 
-:func:`build` writes, under a folder, the trained-model folders nnU-Net's training leaves
-(``nnUNetTrainer__nnUNetPlans__3d_fullres`` and ``..__2d``: ``plans.json``, ``dataset.json``,
-``dataset_fingerprint.json``, ``fold_0/checkpoint_final.pth``) and a raw case folder of 2-channel
-synthetic 3D NIfTI volumes named as nnU-Net names them (``case_000_0000.nii.gz``, ``case_000_0001.nii.gz``).
+:func:`trained_folder` writes the trained-model folder nnU-Net's training leaves for one configuration
+(``nnUNetTrainer__nnUNetPlans__3d_fullres``, ``..__2d``, or ``..__3d_resenc``, a residual encoder):
+``plans.json``, ``dataset.json``, ``dataset_fingerprint.json``, ``fold_0/checkpoint_final.pth``;
+:func:`write_cases` writes 2-channel synthetic 3D NIfTI cases named as nnU-Net names them
+(``case_000_0000.nii.gz``, ``case_000_0001.nii.gz``).
 
 The plans are those nnU-Net's ``ExperimentPlanner`` wrote for this synthetic dataset (20×20×12 voxels,
 spacing 1×1×2, a CT and a T2 channel, 3 classes; the planner takes 90 s on a shared 2-core machine,
@@ -60,10 +61,21 @@ def _configuration(dims: int) -> dict:
         "batch_dice": dims == 2}
 
 
+def _residual() -> dict:
+    """3d_fullres with the residual encoder of nnU-Net's ResEnc presets (``nnUNetResEncUNetMPlans``)."""
+    config = _configuration(3)
+    kwargs = config["architecture"]["arch_kwargs"]
+    kwargs["n_blocks_per_stage"] = [1, 2, 2]
+    del kwargs["n_conv_per_stage"]
+    config["architecture"]["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    config["data_identifier"] = "nnUNetResEncUNetMPlans_3d_fullres"
+    return config
+
+
 PLANS = {"dataset_name": "Dataset901_Tiny", "plans_name": "nnUNetPlans",
          "original_median_spacing_after_transp": [2.0, 1.0, 1.0], "original_median_shape_after_transp": [12, 20, 20],
          "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-         "configurations": {"2d": _configuration(2), "3d_fullres": _configuration(3)},
+         "configurations": {"2d": _configuration(2), "3d_fullres": _configuration(3), "3d_resenc": _residual()},
          "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
          "foreground_intensity_properties_per_channel": INTENSITIES}
 
@@ -123,6 +135,6 @@ def trained_folder(root: Path, configuration: str, seed: int = 0) -> Path:
                 "init_args": {"plans": copy.deepcopy(PLANS), "configuration": configuration, "fold": 0,
                               "dataset_json": DATASET, "device": torch.device("cpu")},
                 "trainer_name": "nnUNetTrainer",
-                "inference_allowed_mirroring_axes": (0, 1, 2) if configuration == "3d_fullres" else (0, 1)},
+                "inference_allowed_mirroring_axes": (0, 1) if configuration == "2d" else (0, 1, 2)},
                folder / "fold_0" / "checkpoint_final.pth")
     return folder
