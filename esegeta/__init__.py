@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from esegeta import moved as _moved
 from esegeta.version import __version__
-__all__ = ["explain", "evaluate", "Pipeline", "RunResult", "methods", "ConfigError", "EsegetaError", "__version__"]
+__all__ = ["explain", "evaluate", "summaries", "Pipeline", "RunResult", "methods", "ConfigError", "EsegetaError", "__version__"]
 
 _LAZY = {
     "explain": ("esegeta.attribution.explainer", "explain"),
     "evaluate": ("esegeta.run.runner", "evaluate"),
+    "summaries": ("esegeta.attribution.summaries", "summaries"),
     "Pipeline": ("esegeta.run.runner", "Pipeline"),
     "RunResult": ("esegeta.run.runner", "RunResult"),
     "ConfigError": ("esegeta.errors", "ConfigError"),

@@ -18,6 +18,7 @@ import torch
 from esegeta.io import resume
 from esegeta.run import backends
 from esegeta.attribution import batching, scheduling, wrappers
+from esegeta.attribution import summaries as summaries_mod
 from esegeta.spec import config as config_mod
 from esegeta.io import datasets, store
 from esegeta.attribution.call import check_dims, check_task, find_layer, resolve_target
@@ -88,6 +89,7 @@ class Plan:
     ready: PreparedModel
     entries: list[Resolved]
     problems: list[Problem] = field(default_factory=list)
+    summaries: summaries_mod.Setting | None = None  # output.summaries, its label map loaded once
 
     @property
     def device(self) -> torch.device:
@@ -142,11 +144,17 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     except Exception as exc:
         raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
     datasets.scan(inputs)
+    try:
+        summaries = summaries_mod.setting(config.output.summaries, config.inputs, base_dir)
+        problems += summaries_mod.shape_problems(summaries, {ref.name: ref.shape for ref in inputs})
+    except ConfigError as exc:
+        summaries = None
+        problems.append(Problem.of(exc))
     bad = {p.entry for p in problems}
     entries = [resolve(config.methods[i], config, i) for i in indices if i not in bad]
     for e in entries:
         problems += model_problems(e, ready, first, base_dir)
-    return Plan(config, base_dir, model, inputs, devices, ready, entries, problems)
+    return Plan(config, base_dir, model, inputs, devices, ready, entries, problems, summaries)
 
 
 def model_fails(exc: Exception, item: Any, shape: tuple[int, ...]) -> ConfigError:
