@@ -250,8 +250,9 @@ SUMMARY_SHARES = {"region": ("share_positive", "share of the map's positive rele
 def _summaries_tables(records: Sequence[Mapping[str, Any]]) -> str:
     """An input's region and channel totals (``output.summaries``): per kind a table, a row per region or
     channel, a column per method; each cell the share (see :data:`SUMMARY_SHARES`) and the sum."""
-    runs = [r for r in records if r.get("status") == "ok" and (r.get("summaries") or {}).get("rows")]
-    if not runs:
+    summarised = [r for r in records if r.get("status") == "ok" and r.get("summaries")]
+    runs = [r for r in summarised if r["summaries"].get("rows")]
+    if not summarised:
         return ""
     parts = []
     for kind, (share, what) in SUMMARY_SHARES.items():
@@ -273,8 +274,8 @@ def _summaries_tables(records: Sequence[Mapping[str, Any]]) -> str:
             body += f"<tr><th>{_e(name)}</th>{''.join(row_cells)}</tr>"
         more = f"<p class='note'>{len(keys) - len(shown)} more in summaries.csv</p>" if len(keys) > len(shown) else ""
         parts.append(f"<p>per {_e(kind)}: {_e(what)} (sum)</p><table>{head}{body}</table>{more}")
-    source = next((r["summaries"].get("labels") for r in runs if r["summaries"].get("labels")), None)
-    notes = sorted({f"{r.get('label')}: {note}" for r in runs for note in r["summaries"].get("notes", [])})
+    source = next((r["summaries"].get("labels") for r in summarised if r["summaries"].get("labels")), None)
+    notes = sorted({f"{r.get('label')}: {note}" for r in summarised for note in r["summaries"].get("notes", [])})
     about = f"<p>label map: <code>{_e(source)}</code></p>" if source else ""
     about += "".join(f"<p class='note'>{_e(note)}</p>" for note in notes)
     return f"<div class='summaries'><h3>Relevance per region and channel</h3>{about}{''.join(parts)}</div>"
