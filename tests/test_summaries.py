@@ -205,3 +205,23 @@ def test_a_map_without_relevance_has_no_shares():
     rows = esegeta.summaries(np.zeros((1, 2, 4, 4)), np.eye(4, dtype=int))
     assert all(row["share_positive"] is None and row["share_abs"] is None and row["sum"] == 0 for row in rows)
     assert [row["voxels"] for row in rows if row["kind"] == "region"] == [12, 4]
+
+
+def test_methods_of_one_input_share_one_predicted_label_map():
+    from esegeta.attribution.summaries import Setting
+    from esegeta.spec.request import from_arguments
+
+    calls = []
+    model = torch.nn.Conv2d(1, 3, 3, padding=1)
+    model.register_forward_hook(lambda *_: calls.append(1))
+    setting = Setting(None, True, {}, None, "prediction")
+    x = torch.randn(1, 1, 8, 8)
+    multiclass = from_arguments("captum.Saliency", wrapper={"name": "multiclass"})
+    first = setting.labels(model, x, multiclass, "a")
+    assert setting.labels(model, x, multiclass, "a") is first and len(calls) == 1
+    with torch.no_grad():
+        assert np.array_equal(first, model(x)[0].argmax(0).numpy())
+    setting.labels(model, x, from_arguments("captum.Saliency", wrapper={"name": "multiclass"},
+                                            patch={"size": [4, 4]}), "a")  # patches: another prediction
+    setting.labels(model, x, multiclass, "b")
+    assert len(calls) == 4  # "a" once, "a" in patches (its 4 patches in one call: patch.batch_size 4), "b"

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,16 @@ def predicted_labels(model: torch.nn.Module, x: torch.Tensor, request: Request |
 
 
 PREDICTION = "prediction"
+#: Predicted label maps a run keeps (the jobs run input by input: every method of an input shares one).
+RECENT = 2
+
+
+def _settings(request: Request | None) -> str:
+    """What a predicted label map depends on besides the model and the input: the wrapper and the patches."""
+    if request is None:
+        return ""
+    return repr((request.wrapper.model_dump() if request.wrapper else None,
+                 request.patch.model_dump() if request.patch else None))
 
 
 @dataclass(frozen=True)
@@ -209,10 +220,26 @@ class Setting:
     names: dict[int, str]
     channels: tuple[str, ...] | None
     source: str | None
+    _recent: dict = field(default_factory=dict, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
-    def labels(self, model: torch.nn.Module, x: torch.Tensor, request: Request | None) -> np.ndarray | None:
-        """The label map of the single input ``x``: the atlas, or the model's prediction (one forward pass)."""
-        return predicted_labels(model, x, request) if self.prediction else self.atlas
+    def labels(self, model: torch.nn.Module, x: torch.Tensor, request: Request | None,
+               name: str | None = None) -> np.ndarray | None:
+        """The label map of the single input ``x``: the atlas, or the model's prediction (one forward
+        pass; the run's methods on one input, ``name``, share it: the last :data:`RECENT` are kept)."""
+        if not self.prediction:
+            return self.atlas
+        key = (name, _settings(request)) if name is not None else None
+        with self._lock:
+            if key in self._recent:
+                return self._recent[key]
+        labels = predicted_labels(model, x, request)
+        if key is not None:
+            with self._lock:
+                self._recent[key] = labels
+                while len(self._recent) > RECENT:
+                    self._recent.pop(next(iter(self._recent)))
+        return labels
 
     def record(self, attribution: np.ndarray, labels: np.ndarray | None, input_shape: Sequence[int]) -> dict:
         """The manifest record's ``summaries``: the label map's name, the rows, and notes on what was left out."""

@@ -169,7 +169,7 @@ def _summaries(setting: summaries.Setting, job: Job, worker: Worker, x: torch.Te
     """The record's region and channel totals (:mod:`esegeta.attribution.summaries`); a failure (of the
     prediction's forward pass, say) is noted there, never fails the result."""
     try:
-        labels = setting.labels(worker.replica(x), x, request)
+        labels = setting.labels(worker.replica(x), x, request, record["input"])
         return setting.record(result, labels, tuple(x.shape[1:]))
     except Exception as exc:  # noqa: BLE001 (the result itself is fine: its totals are missing, with the cause)
         log.warning("%s on %s: summaries failed: %s: %s", job.entry.label, record["input"], type(exc).__name__, exc)
