@@ -27,7 +27,7 @@ the measured big-volume Saliency seconds per weighted row × the method's weight
 (forward + 2 × backward, :data:`esegeta.spec.cost.BACKWARD_COST`; in global mode each whole-volume
 row runs patch by patch); their memory is not predicted. The table says which numbers are predicted.
 
-    nice -n 10 python benchmarks/cost3d.py --big-methods saliency deeplift lrp   # the README's table
+    nice -n 10 python benchmarks/cost3d.py                       # the README's table (~35 min on a loaded 2-core machine)
     python benchmarks/cost3d.py --methods saliency ig --sizes 96  # a subset
     python benchmarks/cost3d.py --device cuda --big-methods all  # on a GPU: every row measured
     python benchmarks/cost3d.py --reuse benchmarks/cost3d.json --big-methods saliency smoothgrad  # add rows
@@ -65,7 +65,7 @@ METHODS = {
                         {"mask_size": 32, "overlap": 0.0, "n_batch": 2}),
 }
 #: Measured on the big volume by default (the others predicted from their pass counts; see the docstring).
-BIG_MEASURED = ("saliency",)
+BIG_MEASURED = ("saliency", "lrp")
 COUNT = {"forward": 0, "backward": 0}
 
 
