@@ -206,7 +206,8 @@ def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
 def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
     """The output settings a result's files depend on; the attribution store ("zarr") is not one of them:
     a resumed result missing from it is read back from its .npy (:mod:`esegeta.io.store`)."""
-    settings = output.model_dump(mode="json", exclude={"dir"})
+    # without summaries the key stays that of runs made before output.summaries existed
+    settings = output.model_dump(mode="json", exclude={"dir"} | ({"summaries"} if output.summaries is None else set()))
     settings["formats"] = [f for f in settings["formats"] if f != "zarr"]
     return settings
 
