@@ -225,3 +225,13 @@ def test_methods_of_one_input_share_one_predicted_label_map():
                                             patch={"size": [4, 4]}), "a")  # patches: another prediction
     setting.labels(model, x, multiclass, "b")
     assert len(calls) == 4  # "a" once, "a" in patches (its 4 patches in one call: patch.batch_size 4), "b"
+
+
+def test_resumed_results_keep_their_totals(tmp_path):
+    out = tmp_path / "out"
+    config = retina_config(out, {"labels": str(VESSELS)})
+    first = Pipeline(config, base_dir=ROOT).run()
+    again = Pipeline(config, base_dir=ROOT, resume=True).run()
+    assert [r.get("resumed") for r in again.runs] == [True]
+    assert again.runs[0]["summaries"] == first.runs[0]["summaries"]
+    assert len((out / "summaries.csv").read_text().splitlines()) == 1 + 2 + 3  # header, 2 regions, 3 channels
