@@ -8,6 +8,7 @@ and segmentation models, 2D and 3D::
     result = esegeta.Pipeline("configs/retina.json").run()
     esegeta.methods()
     scores = esegeta.evaluate(model, x, {"captum.Saliency": attr}, ["deletion", "sparseness"])
+    rows = esegeta.summaries(attr, labels)   # relevance per region of a label map and per channel
 
 Importing esegeta imports no explainer library (nor torch): names load on first use.
 """
