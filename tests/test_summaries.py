@@ -235,3 +235,15 @@ def test_resumed_results_keep_their_totals(tmp_path):
     assert [r.get("resumed") for r in again.runs] == [True]
     assert again.runs[0]["summaries"] == first.runs[0]["summaries"]
     assert len((out / "summaries.csv").read_text().splitlines()) == 1 + 2 + 3  # header, 2 regions, 3 channels
+
+
+def test_label_files_read_in_the_models_axis_order(tmp_path):
+    from esegeta.attribution.summaries import load_labels
+
+    labels = np.random.default_rng(0).integers(0, 3, (5, 6, 7)).astype(np.uint8)  # (x, y, z): depth last
+    nib.save(nib.Nifti1Image(labels[..., None], np.eye(4)), tmp_path / "labels.nii.gz")  # a trailing axis of 1
+    np.save(tmp_path / "depth_first.npy", np.moveaxis(labels, -1, 0)[None])  # (1, D, H, W)
+    assert np.array_equal(load_labels(tmp_path / "labels.nii.gz", None, 3), labels)
+    assert np.array_equal(load_labels(tmp_path / "depth_first.npy", None, 3, depth_first=True), labels)
+    with pytest.raises(ConfigError, match="output.summaries.labels.*2D inputs has 2 axes"):
+        load_labels(tmp_path / "depth_first.npy", None, 2)

@@ -139,8 +139,8 @@ def load_labels(path: str | Path, base_dir: Path | None, spatial_dims: int, dept
         raise ConfigError(where, f"cannot read {file.name}: {type(exc).__name__}: {exc}") from None
     if image and array.ndim == 3:
         array = array[..., 0]
-    while array.ndim > spatial_dims and array.shape[0] == 1:
-        array = array[0]
+    while array.ndim > spatial_dims and 1 in (array.shape[0], array.shape[-1]):  # (1, H, W), (x, y, z, 1)
+        array = array[0] if array.shape[0] == 1 else array[..., 0]
     if array.ndim != spatial_dims:
         raise ConfigError(where, f"{file.name} has shape {list(array.shape)}: a label map of {spatial_dims}D inputs "
                                  f"has {spatial_dims} axes")
