@@ -23,8 +23,8 @@ class on the unperturbed input (:func:`predicted_labels`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ def totals(attribution: np.ndarray, labels: np.ndarray | None = None, *, names: 
     if labels is not None:
         if tuple(a.shape[1:]) != tuple(labels.shape):
             notes.append(f"no region totals: the map's spatial shape {list(a.shape[1:])} is not the label map's "
-                         f"{list(labels.shape)} (a layer-resolution map)")
+                         f"{list(labels.shape)} (e.g. a layer-resolution map)")
         else:
             rows += _regions(a.sum(axis=0, dtype=np.float64), labels, names or {})
     if input_shape is not None and tuple(a.shape) != tuple(input_shape):
@@ -69,7 +69,8 @@ def totals(attribution: np.ndarray, labels: np.ndarray | None = None, *, names: 
     return rows, notes
 
 
-def _shares(values: np.ndarray, positive: np.ndarray, absolute: np.ndarray) -> tuple[list, list]:
+def _shares(positive: np.ndarray, absolute: np.ndarray) -> tuple[list, list]:
+    """Each row's share of the positive and of the absolute relevance (None: the map has none)."""
     pos_total, abs_total = float(positive.sum()), float(absolute.sum())
     return ([float(p / pos_total) if pos_total > 0 else None for p in positive],
             [float(v / abs_total) if abs_total > 0 else None for v in absolute])
@@ -82,7 +83,7 @@ def _regions(relevance: np.ndarray, labels: np.ndarray, names: Mapping[int, str]
     sums = np.bincount(index, weights=flat, minlength=len(ids))
     positive = np.bincount(index, weights=np.maximum(flat, 0.0), minlength=len(ids))
     absolute = np.bincount(index, weights=np.abs(flat), minlength=len(ids))
-    share_pos, share_abs = _shares(sums, positive, absolute)
+    share_pos, share_abs = _shares(positive, absolute)
     return [{"kind": REGION, "key": int(k), "name": names.get(int(k), str(int(k))), "voxels": int(n),
              "sum": float(s), "mean": float(s / n), "positive": float(p), "share_positive": sp, "share_abs": sa}
             for k, n, s, p, sp, sa in zip(ids, voxels, sums, positive, share_pos, share_abs)]
@@ -93,7 +94,7 @@ def _channels(a: np.ndarray, channel_names: Sequence[str] | None) -> list[dict]:
     sums = flat.sum(axis=1, dtype=np.float64)
     positive = np.maximum(flat, 0).sum(axis=1, dtype=np.float64)
     absolute = np.abs(flat).sum(axis=1, dtype=np.float64)
-    share_pos, share_abs = _shares(sums, positive, absolute)
+    share_pos, share_abs = _shares(positive, absolute)
     named = list(channel_names) if channel_names and len(channel_names) == a.shape[0] else None
     return [{"kind": CHANNEL, "key": c, "name": named[c] if named else f"channel {c}", "voxels": int(flat.shape[1]),
              "sum": float(sums[c]), "mean": float(sums[c] / flat.shape[1]), "positive": float(positive[c]),
