@@ -19,6 +19,7 @@ import torch
 from esegeta.io import resume
 from esegeta.run import backends
 from esegeta.attribution import batching, scheduling, wrappers
+from esegeta.attribution import summaries as summaries_mod
 from esegeta.spec import config as config_mod
 from esegeta.io import datasets, nnunet, store
 from esegeta.attribution.call import check_dims, check_task, find_layer, resolve_target
@@ -90,6 +91,7 @@ class Plan:
     ready: PreparedModel
     entries: list[Resolved]
     problems: list[Problem] = field(default_factory=list)
+    summaries: summaries_mod.Setting | None = None  # output.summaries, its label map loaded once
 
     @property
     def device(self) -> torch.device:
@@ -145,11 +147,17 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     except Exception as exc:
         raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
     datasets.scan(inputs)
+    try:
+        summaries = summaries_mod.setting(config.output.summaries, config.inputs, base_dir)
+        problems += summaries_mod.shape_problems(summaries, {ref.name: ref.shape for ref in inputs})
+    except ConfigError as exc:
+        summaries = None
+        problems.append(Problem.of(exc))
     bad = {p.entry for p in problems}
     entries = [resolve(config.methods[i], config, i) for i in indices if i not in bad]
     for e in entries:
         problems += model_problems(e, ready, first, base_dir)
-    return Plan(config, base_dir, model, inputs, devices, ready, entries, problems)
+    return Plan(config, base_dir, model, inputs, devices, ready, entries, problems, summaries)
 
 
 def nnunet_patch(config: config_mod.Config, base_dir: Path | None, indices: list[int]) -> config_mod.Config:
@@ -223,7 +231,8 @@ def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
 def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
     """The output settings a result's files depend on; the attribution store ("zarr") is not one of them:
     a resumed result missing from it is read back from its .npy (:mod:`esegeta.io.store`)."""
-    settings = output.model_dump(mode="json", exclude={"dir"})
+    # without summaries the key stays that of runs made before output.summaries existed
+    settings = output.model_dump(mode="json", exclude={"dir"} | ({"summaries"} if output.summaries is None else set()))
     settings["formats"] = [f for f in settings["formats"] if f != "zarr"]
     return settings
 

@@ -36,7 +36,7 @@ from esegeta.io.loading import load_model
 from esegeta.run.plan import Plan
 from esegeta.attribution.prepare import prepared
 from esegeta.spec.config import resolve
-from esegeta.attribution import numerics
+from esegeta.attribution import numerics, summaries
 from esegeta.run.executor import _job_warnings
 from esegeta.run.plan import Job
 from esegeta.run.job import compute
@@ -59,7 +59,8 @@ class Explainer:
         inputs = datasets.refs(datasets.source(cfg.inputs, base, cfg.model))
         ready = prepared(model, inputs[0].tensor.to(self.device))
         entries = [resolve(cfg.methods[i], cfg, i) for i in indices]
-        self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries)
+        self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries,
+                         summaries=summaries.setting(cfg.output.summaries, cfg.inputs, base))
         self.worker = Worker(self.device, model, inputs, ready)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
