@@ -8,6 +8,7 @@ and segmentation models, 2D and 3D::
     result = esegeta.Pipeline("configs/retina.json").run()
     esegeta.methods()
     scores = esegeta.evaluate(model, x, {"captum.Saliency": attr}, ["deletion", "sparseness"])
+    rows = esegeta.summaries(attr, labels)   # relevance per region of a label map and per channel
 
 Importing esegeta imports no explainer library (nor torch): names load on first use.
 """
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 from esegeta import moved as _moved
 from esegeta.version import __version__
-__all__ = ["explain", "evaluate", "Pipeline", "RunResult", "methods", "ConfigError", "EsegetaError", "__version__"]
+__all__ = ["explain", "evaluate", "summaries", "Pipeline", "RunResult", "methods", "ConfigError", "EsegetaError", "__version__"]
 
 _LAZY = {
     "explain": ("esegeta.attribution.explainer", "explain"),
     "evaluate": ("esegeta.run.runner", "evaluate"),
+    "summaries": ("esegeta.attribution.summaries", "summaries"),
     "Pipeline": ("esegeta.run.runner", "Pipeline"),
     "RunResult": ("esegeta.run.runner", "RunResult"),
     "ConfigError": ("esegeta.errors", "ConfigError"),

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from esegeta.errors import ConfigError
+from esegeta.io import nnunet
 from esegeta.io.loading import InputItem, expand_paths, input_names, load_callable, load_input, preprocess, to_tensor
 from esegeta.io.resume import tensor_digest
 from esegeta.io.outputs import unique_names
-from esegeta.spec.sections import InputsConfig, section
+from esegeta.spec.sections import InputsConfig, ModelConfig, section
 
 log = logging.getLogger("esegeta")
 #: Bytes of recently loaded inputs kept for the next job on them (one input's methods run in a row).
@@ -81,6 +82,39 @@ class FileSource:
 
     def load(self, index: int) -> InputItem:
         return self.cache.get(index, lambda k: load_input(self.paths[k], self.cfg, self.names[k]))
+
+
+class CaseSource:
+    """Inputs of a trained nnU-Net model (``model.nnunet``): ``inputs.paths`` name its cases' channel
+    files (``case_0000.nii.gz``, ``case_0001.nii.gz``...), one input per case, named by the case id and
+    preprocessed as the model's plans say (:mod:`esegeta.io.nnunet`); results go back to the source grid."""
+
+    def __init__(self, cfg: InputsConfig, base_dir: Path | None, model: ModelConfig):
+        if cfg.dataset is not None:
+            raise ConfigError("inputs.dataset", "an nnU-Net model's inputs are case files: give inputs.paths "
+                                                "('case_0000.nii.gz', 'case_0001.nii.gz', ... or their folder)")
+        for key in ("normalize", "resize", "color", "depth_axis", "channel_axis"):
+            if key in cfg.model_fields_set:
+                raise ConfigError(f"inputs.{key}", "an nnU-Net model reads its cases as its plans say (one file per "
+                                                   "channel; normalised and resampled by the plans); remove "
+                                                   f"inputs.{key}")
+        self.cfg = cfg
+        self.trained = nnunet.open_trained(model, base_dir)
+        cases = self.trained.cases(expand_paths(cfg.paths, base_dir))
+        self.files = [files for _, files in cases]
+        self.paths = [files[0] for files in self.files]
+        self.names = unique_names([case for case, _ in cases])
+        self.cache = _Cache()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, index: int) -> InputItem:
+        return self.cache.get(index, self._load)
+
+    def _load(self, index: int) -> InputItem:
+        tensor, affine, geometry = self.trained.load_case(self.files[index], self.cfg.spatial_dims)
+        return InputItem(self.names[index], self.paths[index], tensor, affine, geometry=geometry)
 
 
 class DatasetSource:
@@ -187,9 +221,13 @@ class InputRef:
         return getattr(self.load(), name)
 
 
-def source(cfg: InputsConfig | dict, base_dir: Path | None) -> FileSource | DatasetSource:
-    """The source the ``inputs`` section names (a dict from Python is validated as one)."""
+def source(cfg: InputsConfig | dict, base_dir: Path | None,
+           model: ModelConfig | None = None) -> FileSource | DatasetSource | CaseSource:
+    """The source the ``inputs`` section names (a dict from Python is validated as one); with a trained
+    nnU-Net ``model``, its cases."""
     cfg = section(InputsConfig, cfg, "inputs")
+    if model is not None and model.nnunet is not None:
+        return CaseSource(cfg, base_dir, model)
     return DatasetSource(cfg, base_dir) if cfg.dataset else FileSource(cfg, base_dir)
 
 

@@ -26,6 +26,7 @@ from esegeta.errors import ConfigError
 from esegeta.compat import ensure_torchvision_importable
 from esegeta.errors import shown
 from esegeta.errors import did_you_mean
+from esegeta.io import nnunet
 from esegeta.spec.sections import InputsConfig, ModelConfig, Normalize, section
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -157,11 +158,14 @@ def load_state_dict(path: Path, field: str = "model.weights") -> dict[str, torch
 def load_model(model_cfg: ModelConfig | dict, base_dir: Path | None) -> nn.Module:
     """The user's model from the ``model`` section (a dict from Python is validated as one), in eval mode."""
     model_cfg = section(ModelConfig, model_cfg, "model")
+    if model_cfg.nnunet is not None:
+        return nnunet.open_trained(model_cfg, base_dir).network()
     factory, weights = model_cfg.factory, model_cfg.weights
     weights_path = resolve(weights, base_dir) if weights else None
     if factory is None:
         if weights_path is None or not is_file(weights_path) or not _is_torchscript(weights_path):
-            raise ConfigError("model", "give model.factory ('file.py:callable'), or model.weights as a TorchScript file")
+            raise ConfigError("model", "give model.factory ('file.py:callable'), model.weights as a TorchScript file, "
+                                       "or model.nnunet (a trained nnU-Net folder)")
         try:
             return torch.jit.load(str(weights_path), map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001 (a zip that only looks like TorchScript)
@@ -232,10 +236,15 @@ class InputItem:
     depth_first: bool = False
     channels_last: bool = False
     label: Any = None  # the class or value a dataset gives with the input (``inputs.dataset``)
+    #: Where the model's input was resampled from the file's grid (an nnU-Net case:
+    #: :class:`esegeta.io.nnunet.CaseGeometry`): results are written back through it.
+    geometry: Any = None
 
     def own_order(self, result: np.ndarray, channels: bool = True) -> np.ndarray:
         """A result ``(C, *spatial)`` in the model's axis order → the file's own axis order
         (with ``channels=False`` the channel axis stays first, as NIfTI writing expects)."""
+        if self.geometry is not None:
+            return self.geometry.own_order(result, channels)
         if self.depth_first and result.ndim == 4:
             result = np.moveaxis(result, -1, 1)
         if channels and self.channels_last:
@@ -244,6 +253,8 @@ class InputItem:
 
     def model_order(self, saved: np.ndarray) -> np.ndarray:
         """The inverse of :meth:`own_order` (a saved ``.npy`` back to ``(C, *spatial)``)."""
+        if self.geometry is not None:
+            return self.geometry.model_order(saved)
         if self.channels_last:
             saved = np.moveaxis(saved, -1, 0)
         if self.depth_first and saved.ndim == 4:

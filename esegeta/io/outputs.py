@@ -287,7 +287,10 @@ def save_extras(out_dir: Path, item: Any, label: str, extras: dict, token: str |
 #: The folder lock and the journal of results (see :mod:`esegeta.run.writer`).
 LOCK = ".esegeta.lock"
 JOURNAL = ".esegeta-journal.jsonl"
+#: The region and channel totals of ``output.summaries`` (see :mod:`esegeta.attribution.summaries`).
+SUMMARIES_CSV = "summaries.csv"
 RESERVED = frozenset({"manifest.json", "overview.png", "report.html", "esegeta.log", "attributions", LOCK, JOURNAL,
+                      SUMMARIES_CSV,
                       # the evaluation's files (esegeta.evaluation.ranking, .roar) and explorer.html
                       "evaluation.csv", "evaluation_ranking.csv", "evaluation_agreement.csv", "evaluation_roar.csv",
                       "evaluation_curves.npz", "explorer.html"})

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from esegeta.attribution import architectures, conservation, numerics, scheduling, verdicts
+from esegeta.attribution import architectures, conservation, numerics, scheduling, summaries, verdicts
 from esegeta.attribution.explainer import run
 from esegeta.run import progress
 from esegeta.run.executor import RetryPolicy, Worker, attribute_warnings
@@ -76,7 +76,7 @@ def compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray
     try:
         modules = list(worker.replica(x).modules()) if e.timeout_s else []
         done = call_with_limit(compute, e.timeout_s, modules, name=f"esegeta-job-{e.label}")
-        return _results(job, worker, x, records, done, precision.reason, time.perf_counter() - start)
+        return _results(plan, job, worker, x, records, done, precision.reason, time.perf_counter() - start)
     except TimeLimitExceeded as exc:
         worker.discard()  # upstream state may be left on the copy it ran on
         if rng:
@@ -117,7 +117,8 @@ def _halved(request: Request) -> Request | None:
     return None if smaller is None else request.replace(params=smaller[0], noise_tunnel=smaller[1])
 
 
-def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], done, reason: str, elapsed: float):
+def _results(plan: Plan, job: Job, worker: Worker, x: torch.Tensor, records: list[dict], done, reason: str,
+             elapsed: float):
     """Per input: the record completed with the verdict on its result, the result and its extras
     (``x`` is the job's batch on the worker's device)."""
     (attr, scores, extras, facts), request = done.value, done.settings
@@ -156,8 +157,23 @@ def _results(job: Job, worker: Worker, x: torch.Tensor, records: list[dict], don
             record["params"] = {**params, **({"noise_tunnel": dict(noise_tunnel)} if noise_tunnel else {})}
         if len(job.items) > 1:
             record["batch"] = len(job.items)
-        computed.append((record, one[0].cpu().numpy(), {**_extras_of(extras, n), FROZEN_MASK: facts[n][1]}))
+        result = one[0].cpu().numpy()
+        if plan.summaries is not None:
+            record["summaries"] = _summaries(plan.summaries, job, worker, x[n:n + 1], request, result, record)
+        computed.append((record, result, {**_extras_of(extras, n), FROZEN_MASK: facts[n][1]}))
     return computed
+
+
+def _summaries(setting: summaries.Setting, job: Job, worker: Worker, x: torch.Tensor, request: Request,
+               result: np.ndarray, record: dict) -> dict:
+    """The record's region and channel totals (:mod:`esegeta.attribution.summaries`); a failure (of the
+    prediction's forward pass, say) is noted there, never fails the result."""
+    try:
+        labels = setting.labels(worker.replica(x), x, request, record["input"])
+        return setting.record(result, labels, tuple(x.shape[1:]))
+    except Exception as exc:  # noqa: BLE001 (the result itself is fine: its totals are missing, with the cause)
+        log.warning("%s on %s: summaries failed: %s: %s", job.entry.label, record["input"], type(exc).__name__, exc)
+        return {"labels": setting.source, "rows": [], "notes": [f"summaries failed: {type(exc).__name__}: {exc}"]}
 
 
 def _extras_of(extras: dict[str, Any], n: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ functions. :func:`jobs` then turns a plan into jobs, keeping what ``--resume`` m
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ import torch
 from esegeta.io import resume
 from esegeta.run import backends
 from esegeta.attribution import batching, scheduling, wrappers
+from esegeta.attribution import summaries as summaries_mod
 from esegeta.spec import config as config_mod
-from esegeta.io import datasets, store
+from esegeta.io import datasets, nnunet, store
 from esegeta.attribution.call import check_dims, check_task, find_layers, resolve_target
 from esegeta.errors import Problem, raise_problems, ConfigError, did_you_mean
 from esegeta.io.datasets import InputRef
@@ -30,6 +32,7 @@ from esegeta.attribution.architectures import refuse
 from esegeta.attribution.prepare import PreparedModel, prepared
 from esegeta.spec.config import Resolved, resolve
 
+log = logging.getLogger("esegeta")
 #: Kinds whose result has one row per input, so inputs of one shape can share an upstream call.
 BATCHABLE_KINDS = ("attribution", "layer", "neuron")
 
@@ -88,6 +91,7 @@ class Plan:
     ready: PreparedModel
     entries: list[Resolved]
     problems: list[Problem] = field(default_factory=list)
+    summaries: summaries_mod.Setting | None = None  # output.summaries, its label map loaded once
 
     @property
     def device(self) -> torch.device:
@@ -134,7 +138,8 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     devices = (scheduling.resolve_devices(device, "--device") if device
                else scheduling.resolve_devices(config.runtime.devices))
     model = load_model(config.model, base_dir)
-    inputs = datasets.refs(datasets.source(config.inputs, base_dir))
+    config = nnunet_patch(config, base_dir, indices)
+    inputs = datasets.refs(datasets.source(config.inputs, base_dir, config.model))
     # with Ray the actors hold the replicas: the driver checks on the CPU, holding no GPU memory
     first = inputs[0].tensor.to(devices[0] if config.runtime.backend == "local" else torch.device("cpu"))
     try:
@@ -142,11 +147,39 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     except Exception as exc:
         raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
     datasets.scan(inputs)
+    try:
+        summaries = summaries_mod.setting(config.output.summaries, config.inputs, base_dir)
+        problems += summaries_mod.shape_problems(summaries, {ref.name: ref.shape for ref in inputs})
+    except ConfigError as exc:
+        summaries = None
+        problems.append(Problem.of(exc))
     bad = {p.entry for p in problems}
     entries = [resolve(config.methods[i], config, i) for i in indices if i not in bad]
     for e in entries:
         problems += model_problems(e, ready, first, base_dir)
-    return Plan(config, base_dir, model, inputs, devices, ready, entries, problems)
+    return Plan(config, base_dir, model, inputs, devices, ready, entries, problems, summaries)
+
+
+def nnunet_patch(config: config_mod.Config, base_dir: Path | None, indices: list[int]) -> config_mod.Config:
+    """``config`` with the ``patch`` block a trained nnU-Net model's plans imply when it has none
+    (:meth:`esegeta.io.nnunet.TrainedModel.patch`): global (the score of nnU-Net's stitched sliding-window
+    prediction) when every selected entry can run so (input-resolution methods with a wrapper), else local."""
+    if config.model.nnunet is None or config.patch is not None:
+        return config
+
+    def runs_global(i: int) -> bool:
+        try:
+            e = resolve(config.methods[i], config, i)
+            check_global(e.spec, e.request.wrapper)
+        except ConfigError:
+            return False
+        return e.request.patch is None
+
+    mode = "global" if all(runs_global(i) for i in indices) else "local"
+    patch = nnunet.open_trained(config.model, base_dir).patch(mode, config.inputs.spatial_dims)
+    log.info("patch from the nnU-Net plans: size %s, overlap %s (tile step 0.5), %s mode", patch["size"],
+             patch["overlap"], mode)
+    return config.model_copy(update={"patch": config_mod.PatchConfig(**patch)})
 
 
 def model_fails(exc: Exception, item: Any, shape: tuple[int, ...]) -> ConfigError:
@@ -198,7 +231,8 @@ def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
 def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
     """The output settings a result's files depend on; the attribution store ("zarr") is not one of them:
     a resumed result missing from it is read back from its .npy (:mod:`esegeta.io.store`)."""
-    settings = output.model_dump(mode="json", exclude={"dir"})
+    # without summaries the key stays that of runs made before output.summaries existed
+    settings = output.model_dump(mode="json", exclude={"dir"} | ({"summaries"} if output.summaries is None else set()))
     settings["formats"] = [f for f in settings["formats"] if f != "zarr"]
     return settings
 

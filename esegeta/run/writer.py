@@ -18,6 +18,8 @@
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -29,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from esegeta.attribution.summaries import COLUMNS
 from esegeta.io import outputs
-from esegeta.io.outputs import JOURNAL, LOCK
+from esegeta.io.outputs import JOURNAL, LOCK, SUMMARIES_CSV
 from esegeta.errors import ConfigError
 from esegeta.io.store import written_inputs
 from esegeta.io.store import StoreWriter
@@ -163,6 +166,19 @@ def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_c
         files["png"] = str(rel / f"{label}.png")
     return files
 
+
+
+def summaries_csv(runs: list[dict]) -> str:
+    """The region and channel totals of ``runs`` (manifest records) as CSV text: one line per (method,
+    input, kind, key); ``labels`` names the label map (a file, or ``prediction``)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("method", "label", "input", "labels", *COLUMNS))
+    for r in runs:
+        for row in r["summaries"].get("rows", []):
+            writer.writerow((r["method"], r["label"], r["input"], r["summaries"].get("labels") or "",
+                             *("" if row.get(c) is None else row[c] for c in COLUMNS)))
+    return text.getvalue()
 
 
 class Writer:
@@ -389,6 +405,7 @@ class Writer:
                 manifest["stores"] = self._stores.close(manifest["runs"], kinds)
             except Exception as exc:  # noqa: BLE001 (every result has its own files)
                 log.error("attribution stores failed: %s: %s", type(exc).__name__, exc)
+        self._summaries(manifest)
         self._report(manifest, inputs, kinds)
         outputs.save_json(self.out / "manifest.json", manifest, self.token)
         if self._journal is not None:
@@ -398,6 +415,17 @@ class Writer:
                 log.debug("journal: %s", error)
             self._journal = None
         (self.out / JOURNAL).unlink(missing_ok=True)
+
+    def _summaries(self, manifest: dict) -> None:
+        """``summaries.csv``: every ok result's region and channel totals, one row each (long format)."""
+        runs = [r for r in manifest["runs"] if r.get("status") == "ok" and r.get("summaries")]
+        if not runs:
+            return
+        try:
+            outputs.atomic_write_bytes(self.out / SUMMARIES_CSV, summaries_csv(runs).encode("utf-8"), self.token)
+            manifest["summaries"] = SUMMARIES_CSV
+        except Exception as exc:  # noqa: BLE001 (every record holds its own totals)
+            log.error("%s failed: %s: %s", SUMMARIES_CSV, type(exc).__name__, exc)
 
     def _overview(self, manifest: dict, inputs: list, kinds: dict[str, str]) -> None:
         rows = []

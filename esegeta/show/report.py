@@ -240,6 +240,47 @@ def shared_path(path: Any, base: Path | None) -> str:
     return path.name
 
 
+#: Regions a report's summary table shows per input (summaries.csv holds them all).
+SUMMARY_ROWS = 40
+#: Per kind of summary row: the share the report's table shows, and what it says it is.
+SUMMARY_SHARES = {"region": ("share_positive", "share of the map's positive relevance"),
+                  "channel": ("share_abs", "share of the map's |relevance|")}
+
+
+def _summaries_tables(records: Sequence[Mapping[str, Any]]) -> str:
+    """An input's region and channel totals (``output.summaries``): per kind a table, a row per region or
+    channel, a column per method; each cell the share (see :data:`SUMMARY_SHARES`) and the sum."""
+    summarised = [r for r in records if r.get("status") == "ok" and r.get("summaries")]
+    runs = [r for r in summarised if r["summaries"].get("rows")]
+    if not summarised:
+        return ""
+    parts = []
+    for kind, (share, what) in SUMMARY_SHARES.items():
+        cells = {(r.get("label"), row["key"]): row for r in runs for row in r["summaries"]["rows"] if row["kind"] == kind}
+        keys = list(dict.fromkeys((row["key"], row["name"]) for r in runs for row in r["summaries"]["rows"]
+                                  if row["kind"] == kind))
+        if not keys:
+            continue
+        shown = keys[:SUMMARY_ROWS]
+        head = f"<tr><th>{_e(kind)}</th>" + "".join(f"<th>{_e(r.get('label'))}</th>" for r in runs) + "</tr>"
+        body = ""
+        for key, name in shown:
+            row_cells = []
+            for r in runs:
+                row = cells.get((r.get("label"), key))
+                row_cells.append("<td>&ndash;</td>" if row is None else
+                                 f"<td>{'&ndash;' if row[share] is None else f'{row[share]:.1%}'} "
+                                 f"<span class='note'>({_number(row['sum'], 3)})</span></td>")
+            body += f"<tr><th>{_e(name)}</th>{''.join(row_cells)}</tr>"
+        more = f"<p class='note'>{len(keys) - len(shown)} more in summaries.csv</p>" if len(keys) > len(shown) else ""
+        parts.append(f"<p>per {_e(kind)}: {_e(what)} (sum)</p><table>{head}{body}</table>{more}")
+    source = next((r["summaries"].get("labels") for r in summarised if r["summaries"].get("labels")), None)
+    notes = sorted({f"{r.get('label')}: {note}" for r in summarised for note in r["summaries"].get("notes", [])})
+    about = f"<p>label map: <code>{_e(source)}</code></p>" if source else ""
+    about += "".join(f"<p class='note'>{_e(note)}</p>" for note in notes)
+    return f"<div class='summaries'><h3>Relevance per region and channel</h3>{about}{''.join(parts)}</div>"
+
+
 def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], results: Results, fig_cfg: Any,
                    with_viewer: bool = False, base: Path | None = None) -> str:
 
@@ -273,7 +314,7 @@ def _input_section(n: int, item: Any, records: Sequence[Mapping[str, Any]], resu
     cards = "".join(_card(r, item, image, results, fig_cfg) for r in records)
     shown = _viewer_section(n, item, image, records, results, fig_cfg) if with_viewer and image.ndim == 4 else ""
     return (f"<section id='input-{n}'><h2>{_e(item.name)}</h2><div class='input'>{picture}{about}</div>"
-            f"{shown}<div class='cards'>{cards}</div></section>")
+            f"{shown}{_summaries_tables(records)}<div class='cards'>{cards}</div></section>")
 
 
 def _csv_table(path: Path, max_rows: int = 200) -> str:
@@ -491,7 +532,7 @@ def load_run_inputs(manifest: Mapping[str, Any]) -> list:
     from its resolved config, named as the run named them."""
     config = parse(dict(manifest.get("config") or {}))
     base = Path(manifest.get("config_dir") or ".")
-    return datasets.refs(datasets.source(config.inputs, base))
+    return datasets.refs(datasets.source(config.inputs, base, config.model))
 
 
 def label_of(name: str, entry: Mapping[str, Any] | None = None) -> int | None:

@@ -109,12 +109,27 @@ class FigureConfig(Strict):
         "input only (the map's signal stays uncovered), or nowhere")
 
 
+class SummariesConfig(Strict):
+    """Relevance totals per region of a label map and per input channel (:mod:`esegeta.attribution.summaries`)."""
+    labels: str | None = Field(None, min_length=1, description="the label map: a file (NIfTI, image, .npy, .pt; "
+                               "relative to the config) with the input's spatial shape as the model sees it (no "
+                               "resampling), or 'prediction': the model's predicted classes on each input; none: "
+                               "channel totals only")
+    names: dict[str, str] | str | None = Field(None, description="label id -> name ({\"1\": \"tumour core\"}) or a "
+                                               "JSON file holding that object")
+    channels: list[str] | None = Field(None, min_length=1, description="one name per input channel, e.g. the MR "
+                                       "sequences [\"T1\", \"T1ce\", \"T2\", \"FLAIR\"]")
+
+
 class OutputConfig(Strict):
     dir: str = Field("results", min_length=1, max_length=1024)
     formats: list[Literal["npy", "png", "nii", "zarr"]] = Field(
         ["npy", "png", "nii"], description="per result: .npy, .png figure, .nii.gz (3D); 'zarr': per method one "
                                            "attribution dataset of every result (attributions/<label>.zarr)")
     figure: FigureConfig = Field(default_factory=FigureConfig)
+    summaries: SummariesConfig | None = Field(None, description="per result, relevance per region of a label map "
+                                              "(sum, mean, share) and per input channel: summaries.csv, the manifest, "
+                                              "the report")
 
     @field_validator("dir")
     @classmethod

@@ -24,10 +24,35 @@ class Strict(BaseModel):
 
 class ModelConfig(Strict):
     """How to build the model: a factory (``file.py:callable`` or ``module:callable``) and a
-    state dict loaded with ``weights_only=True``; or ``weights`` alone as a TorchScript file."""
+    state dict loaded with ``weights_only=True``; or ``weights`` alone as a TorchScript file; or
+    ``nnunet``, a trained nnU-Net v2 model folder (:mod:`esegeta.io.nnunet`), with its ``fold`` and
+    ``checkpoint``."""
     factory: str | None = Field(None, description="'file.py:callable' (relative to the config) or 'module:callable'")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
     weights: str | None = Field(None, description="state dict file (or TorchScript file without factory)")
+    nnunet: str | None = Field(None, min_length=1, description="a trained nnU-Net v2 model folder (plans.json, "
+                               "dataset.json, fold_N/); its plans give the input transform and the patch defaults "
+                               "(pip install esegeta[nnunet])")
+    fold: Annotated[int, Field(ge=0, le=999)] | Literal["all"] | None = Field(
+        None, description="with 'nnunet': the fold whose checkpoint to load (fold_N), default 0")
+    checkpoint: str | None = Field(None, min_length=1, pattern=r"^[^/\\]+$", description="with 'nnunet': the "
+                                   "checkpoint file in the fold's folder, default 'checkpoint_final.pth'")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ModelConfig":
+        if self.nnunet is not None:
+            given = [k for k in ("factory", "weights") if getattr(self, k) is not None] + (["kwargs"] if self.kwargs else [])
+            if given:
+                raise ValueError(f"{given[0]}: 'nnunet' loads the network from its trained-model folder; remove "
+                                 f"{' and '.join(repr(k) for k in given)} (or 'nnunet')")
+            self.fold = 0 if self.fold is None else self.fold
+            self.checkpoint = self.checkpoint or "checkpoint_final.pth"
+        else:
+            for key in ("fold", "checkpoint"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: belongs to a trained nnU-Net model; give 'nnunet' (its folder) or "
+                                     f"remove {key!r}")
+        return self
 
 
 class Normalize(Strict):

@@ -36,7 +36,7 @@ from esegeta.io.loading import load_model
 from esegeta.run.plan import Plan
 from esegeta.attribution.prepare import prepared
 from esegeta.spec.config import resolve
-from esegeta.attribution import numerics
+from esegeta.attribution import numerics, summaries
 from esegeta.run.executor import _job_warnings
 from esegeta.run.plan import Job
 from esegeta.run.job import compute
@@ -56,10 +56,11 @@ class Explainer:
         base = Path(base_dir) if base_dir else None
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
         model = load_model(cfg.model, base)
-        inputs = datasets.refs(datasets.source(cfg.inputs, base))
+        inputs = datasets.refs(datasets.source(cfg.inputs, base, cfg.model))
         ready = prepared(model, inputs[0].tensor.to(self.device))
         entries = [resolve(cfg.methods[i], cfg, i) for i in indices]
-        self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries)
+        self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries,
+                         summaries=summaries.setting(cfg.output.summaries, cfg.inputs, base))
         self.worker = Worker(self.device, model, inputs, ready)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
