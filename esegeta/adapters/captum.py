@@ -61,13 +61,11 @@ _PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath
 #: relevance entering the model was the gradient ``M``: the demo's map summed to ~7,000× its score.)
 _WRAPPER_HEADS = frozenset({"MaskSum"})
 #: Layers the ε rule treats as linear. Normalisation layers (instance, group, layer norm, and
-#: torchvision's LayerNorm2d, a LayerNorm subclass) are affine maps of their input once their
-#: statistics are fixed at the values they take on the explained input: the ε rule then
-#: distributes a channel's relevance over its inputs by their share of the output, as for
-#: BatchNorm (Captum's own treatment) and as LRP for transformers does for LayerNorm with
-#: detached statistics (Ali et al. 2022, arXiv:2202.07304). Captum's rule reads the gradient,
-#: which through the statistics is not exactly that affine map: relevance is conserved up to
-#: the statistics' share of the gradient (tests/test_zoo.py measures it).
+#: torchvision's LayerNorm2d, a LayerNorm subclass) are linear maps of their centred input once
+#: their standard deviation is held constant, which the LRP-conservative substitutes do while LRP
+#: runs (:mod:`esegeta.attribution.rules`, as AttnLRP does, Achtibat et al. 2024, arXiv:2402.05602):
+#: the ε rule then distributes a channel's relevance over its inputs by their share of the output,
+#: as for BatchNorm (Captum's own treatment).
 _EPSILON_LAYERS = ("Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
                    "BatchNorm1d", "BatchNorm3d", "AvgPool1d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool3d",
                    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
@@ -88,8 +86,12 @@ def lrp_rule_for(module) -> str | None:
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
     from torch import nn
 
+    from esegeta.attribution.architectures import normalisation
+
     if hasattr(module, "rule"):
         return type(module.rule).__name__
+    if normalisation(module):  # elementwise once its std is constant (esegeta.attribution.rules)
+        return "IdentityRule"
     if type(module) in SUPPORTED_LAYERS_WITH_RULES:
         return SUPPORTED_LAYERS_WITH_RULES[type(module)].__name__
     if type(module) in SUPPORTED_NON_LINEAR_LAYERS:
@@ -106,17 +108,17 @@ def lrp_rule_for(module) -> str | None:
 
 def lrp_gaps(model, context=None) -> list[str]:
     """The LRP methods' pre-flight check: the leaf layers of ``model`` that neither Captum nor
-    esegeta has a rule for (Captum's LRP refuses the model then), and attention (whose
-    projections ``nn.MultiheadAttention`` applies without calling them as modules, so no rule
-    can see them), as problems, or none."""
-    from esegeta.attribution.architectures import attention as attention_modules
+    esegeta has a rule for (Captum's LRP refuses the model then), and attention the LRP-conservative
+    substitutes do not cover (:mod:`esegeta.attribution.rules`: ``nn.MultiheadAttention`` with
+    ``bias_k``/``add_zero_attn``), as problems, or none."""
+    from esegeta.attribution.rules import unsupported_attention
 
-    attention = attention_modules(model, getattr(context, "x", None))
-    if attention:
-        what = attention[0] if "(" in attention[0] else f"{attention[0]}: MultiheadAttention"
-        return [f"no LRP rule for attention ({what}{' and more' if len(attention) > 1 else ''}): "
-                "Captum's LRP cannot propagate relevance through it; use captum.IntegratedGradients, or "
-                "gradcam.GradCAM with params.reshape_transform \"vit\""]
+    unsupported = unsupported_attention(model)
+    if unsupported:
+        return [f"no LRP rule for attention ({unsupported[0]}{' and more' if len(unsupported) > 1 else ''}): "
+                "esegeta holds the softmax weights of plain attention constant (AttnLRP), not with extra key/value "
+                "biases or a zero-attention row; use captum.IntegratedGradients, or gradcam.GradCAM with "
+                "params.reshape_transform \"vit\""]
     from esegeta.attribution.prepare import Alias
 
     aliases = [(name, m.alias_of) for name, m in model.named_modules() if isinstance(m, Alias)]

@@ -360,8 +360,26 @@ def attention(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
     return found
 
 
+#: Normalisations by statistics of their own input that :mod:`esegeta.attribution.rules` substitutes
+#: (class names) while rule-based methods run: their standard deviation held constant.
+NORMS = ("LayerNorm", "LayerNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
+
+
+def normalisation(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation by statistics of its own input that the substitutes
+    cover (:data:`NORMS`; an InstanceNorm tracking running statistics uses those in eval mode: it is
+    affine already, and needs none)."""
+    if type(module).__name__ not in NORMS:
+        return False
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return module.training or not module.track_running_stats or module.running_mean is None
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+
+
 #: Layers DeepLift's rules treat as linear although they are not: a normalisation by statistics of
-#: its own input (instance, group, layer norm) and attention. Summation to delta is then approximate.
+#: its own input (instance, group, layer norm) and attention. Those the substitutes cover
+#: (:func:`normalisation`, attention) are exact for LRP; summation to delta stays approximate
+#: through attention (the weights' own change is not attributed); the others are noted.
 _NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
                "MultiheadAttention")
 
@@ -372,28 +390,44 @@ _NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"
 RULE_AXIOMS = {"summation-to-delta": "summation to delta", "conservation": "relevance conservation"}
 
 
+def _attention_labels(model: nn.Module, x: torch.Tensor | None) -> list[str]:
+    """:func:`attention` as ``name (Type)`` labels."""
+    found = attention(model, x)
+    return [f if "(" in f else f"{f} ({type(model.get_submodule(f)).__name__})" for f in found]
+
+
 def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
     """What keeps a method's axiom (``spec.axiom``, one of :data:`RULE_AXIOMS`) from holding exactly
     on this model (shown by ``check``, written to the manifest's records; the method runs): through
-    the layers of :data:`_NOT_LINEAR` (which the rules pass as linear maps) and, given an input
-    ``x``, through products of two data-dependent paths (:func:`products`)."""
+    the layers of :data:`_NOT_LINEAR` the substitutes do not cover (which the rules pass as linear
+    maps), for summation to delta through attention, and, given an input ``x``, through other
+    products of two data-dependent paths (:func:`products`: gates)."""
     axiom = RULE_AXIOMS.get(spec.axiom)
     if axiom is None:
         return []
     notes = []
     found = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
-             if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR)]
+             if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR) and not normalisation(m)
+             and not isinstance(m, nn.MultiheadAttention)]
     if found:
         notes.append(f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
-                     "normalises by statistics of its own input (or attends), which the rules pass as a linear map")
-    gates = []
+                     "normalises by statistics of its own input, which the rules pass as a linear map")
+    gates, attended = [], []
     if x is not None:
         try:
-            gates = products(model, x)
+            gates, attended = products(model, x), _attention_labels(model, x)
         except Exception as exc:  # noqa: BLE001 (a note that cannot be decided is left out)
             log.debug("products of %s: %s: %s", spec.id, type(exc).__name__, exc)
+    else:
+        attended = [f"{name} (MultiheadAttention)" for name, m in model.named_modules()
+                    if isinstance(m, nn.MultiheadAttention)]
+    gates = [g for g in gates if g not in attended]
     if gates:
         notes.append(f"{axiom} holds only approximately: {', '.join(gates[:3])}{' ...' if len(gates) > 3 else ''} "
                      "multiplies two paths that both depend on the input (a gate), which the rules pass as its "
                      "gradient")
+    if attended and spec.axiom == "summation-to-delta":
+        notes.append(f"{axiom} holds only approximately: {', '.join(attended[:3])}{' ...' if len(attended) > 3 else ''} "
+                     "attends: DeepLIFT's multiplier for its values uses the mean of the input's and the baseline's "
+                     "attention weights, and how the weights themselves change is not attributed")
     return notes
