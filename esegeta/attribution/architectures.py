@@ -378,8 +378,8 @@ def normalisation(module: nn.Module) -> bool:
 
 #: Layers DeepLift's rules treat as linear although they are not: a normalisation by statistics of
 #: its own input (instance, group, layer norm) and attention. Those the substitutes cover
-#: (:func:`normalisation`, attention) are exact for LRP; summation to delta stays approximate
-#: through attention (the weights' own change is not attributed); the others are noted.
+#: (:func:`normalisation`, attention: :mod:`esegeta.attribution.rules`) have exact rules while
+#: LRP and DeepLIFT run; the others are noted.
 _NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
                "MultiheadAttention")
 
@@ -400,8 +400,8 @@ def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[s
     """What keeps a method's axiom (``spec.axiom``, one of :data:`RULE_AXIOMS`) from holding exactly
     on this model (shown by ``check``, written to the manifest's records; the method runs): through
     the layers of :data:`_NOT_LINEAR` the substitutes do not cover (which the rules pass as linear
-    maps), for summation to delta through attention, and, given an input ``x``, through other
-    products of two data-dependent paths (:func:`products`: gates)."""
+    maps) and, given an input ``x``, through products of two data-dependent paths other than
+    attention (:func:`products`: gates)."""
     axiom = RULE_AXIOMS.get(spec.axiom)
     if axiom is None:
         return []
@@ -426,8 +426,4 @@ def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[s
         notes.append(f"{axiom} holds only approximately: {', '.join(gates[:3])}{' ...' if len(gates) > 3 else ''} "
                      "multiplies two paths that both depend on the input (a gate), which the rules pass as its "
                      "gradient")
-    if attended and spec.axiom == "summation-to-delta":
-        notes.append(f"{axiom} holds only approximately: {', '.join(attended[:3])}{' ...' if len(attended) > 3 else ''} "
-                     "attends: DeepLIFT's multiplier for its values uses the mean of the input's and the baseline's "
-                     "attention weights, and how the weights themselves change is not attributed")
     return notes

@@ -40,9 +40,13 @@ element: an elementwise Δy/Δx divides by small differences, and multiplied −
 UNet). The order matters: the symmetric form (mean ``w`` and mean ``u``) is just as exact but,
 against a zero baseline (``u_b = 0``, ``s_b = √eps``), splits ``Δy`` into two terms ~300× larger
 that cancel, and float32 loses the sum over a few layers; this one is ``w_x·Δu`` there. The forward
-keeps the exact values and carries that multiplier as its gradient. Attention's values get ``Ā = (A_x + A_b)/2``; the part
-``ΔA·v̄`` (how the weights themselves change) is not attributed, so summation to delta holds up to
-it (benchmarks/conservation.py measures it).
+keeps the exact values and carries that multiplier as its gradient. Attention, the same way: the
+products of two input-dependent tensors (``q·kᵀ``, ``A·v``) as ``Δ(a·b) = Δa·b̄ + ā·Δb``, and the
+softmax as ``ΔA = g·(Δs − c·Δs)`` (:func:`_softmax_paired`: ``g`` the secant of exp between the
+log-probabilities, ``c`` the convex combination of the two softmaxes that makes ``Δ logsumexp``
+exact); an ``nn.Softmax`` inside attention becomes :class:`PlainSoftmax` meanwhile, so the
+libraries' own elementwise softmax rule does not overwrite it. Summation to delta then holds
+through normalisation and attention to float rounding (tests/test_rules.py).
 
 Every change is made to the prepared copy only, within :func:`substituted`, logged, and undone on
 exit (also on error); nothing process-wide changes.
@@ -85,9 +89,14 @@ def _normalise(x: torch.Tensor, dims: tuple[int, ...], eps: float, pairs: bool) 
     # (the secant, in a form without differences), Δ(std²) = (1/n)·Σ (u_x + u_b)·Δu
     rho = -1 / (sa * sb * (sa + sb))
     n = math.prod(x.shape[d] for d in dims)
-    multiplied = ua / sa + ub.detach() * rho * ((ua + ub).detach() * ua).sum(dims, keepdim=True) / n
-    exact_a = (ua / sa).detach()
-    return torch.cat([exact_a + multiplied - multiplied.detach(), (ub / sb).detach()])
+    both = (ua + ub).detach()
+
+    def multiplied(t):  # the same linear map on either half: Captum reads the input half's gradient, SHAP the baseline's
+        return t / sa + ub.detach() * rho * (both * t).sum(dims, keepdim=True) / n
+
+    exact = torch.cat([ua / sa, ub / sb]).detach()
+    paired = torch.cat([multiplied(ua), multiplied(ub)])
+    return exact + paired - paired.detach()
 
 
 def _affine(y: torch.Tensor, weight, bias, shape: tuple[int, ...]) -> torch.Tensor:
@@ -128,33 +137,82 @@ def _norm_forward(module: nn.Module, state: dict):
 
 def _constant(weights: torch.Tensor) -> torch.Tensor:
     """Attention weights held constant: their values, with a zero gradient (not none: a library's
-    hooks on the queries and keys, Captum's on timm's ``q_norm``, then see zeros rather than
-    nothing), marked for :func:`_attend`."""
-    held = weights.detach() + weights * 0 if weights.requires_grad else weights
-    held._esegeta_attention = True
-    return held
+    hooks on the queries and keys, Captum's on timm's ``q_norm``, then see zeros rather than nothing)."""
+    return weights.detach() + weights * 0 if weights.requires_grad else weights
 
 
-def _marked(value: Any) -> bool:
-    return torch.is_tensor(value) and getattr(value, "_esegeta_attention", False)
-
-
-def _attend(func, args: tuple, kwargs: dict, pairs: bool) -> torch.Tensor:
-    """``func`` (a matmul or einsum) of constant attention weights and values; with ``pairs``, the
-    values' gradient goes through the mean weights of the two halves (exact values kept)."""
-    result = func(*args, **kwargs)
-    weights = next(a for a in args if _marked(a))
-    if not _pairs(weights, pairs) or not result.requires_grad:
-        return result
-    a, b = weights.detach().chunk(2)
+def _halves_mean(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.detach().chunk(2)
     mean = (a + b) / 2
-    averaged = func(*(torch.cat([mean, mean]) if arg is weights else arg for arg in args), **kwargs)
-    return result.detach() + averaged - averaged.detach()
+    return torch.cat([mean, mean])
+
+
+def _live(args: tuple) -> list[int]:
+    """Positions of the tensor arguments that depend on the input (require gradients)."""
+    return [i for i, a in enumerate(args) if torch.is_tensor(a) and a.requires_grad]
+
+
+def _paired(func, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``func`` (a product) of two input-dependent tensors with DeepLIFT's exact multipliers between
+    the batch's halves: ``Δ(a·b) = Δa·b̄ + ā·Δb`` (bars: the mean of input and baseline); values exact."""
+    exact = func(*args, **kwargs)
+    i, j = _live(args)
+    first = func(*(_halves_mean(a) if k == j else a for k, a in enumerate(args)), **kwargs)
+    second = func(*(_halves_mean(a) if k == i else a for k, a in enumerate(args)), **kwargs)
+    return exact.detach() + (first - first.detach()) + (second - second.detach())
+
+
+def _product(func, args: tuple, kwargs: dict, pairs: bool) -> torch.Tensor:
+    live = _live(args)
+    if pairs and len(live) == 2 and all(_pairs(args[i], True) for i in live) \
+            and args[live[0]].shape[0] == args[live[1]].shape[0]:
+        return _paired(func, args, kwargs)
+    return func(*args, **kwargs)
+
+
+def _softmax_paired(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """``softmax(scores)`` over ``dim`` with DeepLIFT's exact multiplier between the batch's halves.
+
+    With ``l = log softmax(s)``: ``ΔA = g·Δl`` (g the secant of exp between the halves' ``l ≤ 0``,
+    bounded by 1) and ``Δl = Δs − Δlse``; by convexity ``Δlse`` lies between ``A_b·Δs`` and ``A_x·Δs``,
+    so ``Δlse = c·Δs`` with ``c`` the convex combination of the two softmaxes that makes it exact.
+    No coefficient is a ratio of small differences without a bound."""
+    weights = scores.softmax(dim)
+    if not _pairs(scores, True) or not scores.requires_grad:
+        return _constant(weights)
+    s_a, s_b = scores.detach().chunk(2)
+    a_a, a_b = weights.detach().chunk(2)
+    finite = torch.isfinite(s_a) & torch.isfinite(s_b)  # masked entries (−inf in both halves) take no part
+    ds = torch.where(finite, s_a - s_b, torch.zeros_like(s_a))
+    l_a, l_b = s_a.log_softmax(dim), s_b.log_softmax(dim)
+    dl = torch.where(finite, l_a - l_b, torch.zeros_like(l_a))
+    dlse = torch.logsumexp(s_a, dim, keepdim=True) - torch.logsumexp(s_b, dim, keepdim=True)
+    p_a, p_b = (a_a * ds).sum(dim, keepdim=True), (a_b * ds).sum(dim, keepdim=True)
+    gap = p_a - p_b
+    theta = torch.where(gap.abs() > 1e-12, (dlse - p_b) / torch.where(gap.abs() > 1e-12, gap, torch.ones_like(gap)),
+                        torch.full_like(gap, 0.5)).clamp(0, 1)
+    c = theta * a_a + (1 - theta) * a_b
+    g = torch.where(dl.abs() > 1e-6, (a_a - a_b) / torch.where(dl.abs() > 1e-6, dl, torch.ones_like(dl)),
+                    (a_a + a_b) / 2)
+
+    def multiplied(t):
+        t = torch.where(finite, t, torch.zeros_like(t))
+        return g * (t - (c * t).sum(dim, keepdim=True))
+
+    live_a, live_b = scores.chunk(2)
+    paired = torch.cat([multiplied(live_a), multiplied(live_b)])
+    return weights.detach() + paired - paired.detach()
+
+
+def _weights(func, args: tuple, kwargs: dict, pairs: bool) -> torch.Tensor:
+    """A softmax inside attention: constant (LRP), or with its exact DeepLIFT multiplier (``pairs``)."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if pairs and isinstance(dim, int) and kwargs.get("dtype") is None and torch.is_tensor(args[0]):
+        return _softmax_paired(args[0], dim)
+    return _constant(func(*args, **kwargs))
 
 
 _PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm", "einsum"})
-#: Operations that pass attention weights on unchanged in value (eval-mode dropout, casts, copies).
-_KEEPS = frozenset({"dropout", "to", "type_as", "contiguous", "clone", "float", "half", "bfloat16"})
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
@@ -164,20 +222,20 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         repeat = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
-    scores = query @ key.transpose(-2, -1) * scale
+    scores = _product(torch.matmul, (query, key.transpose(-2, -1)), {}, pairs) * scale
     if is_causal:
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    weights = _constant(scores.softmax(-1))
-    return _attend(torch.matmul, (weights, value), {}, pairs)
+    weights = _weights(torch.softmax, (scores, -1), {}, pairs)
+    return _product(torch.matmul, (weights, value), {}, pairs)
 
 
 class _ConstantWeights(torch.overrides.TorchFunctionMode):
     """Within an attention module's forward: softmax weights held constant (:func:`_constant`),
-    fused attention written out with them (:func:`_sdpa`), and with ``pairs`` their products with
-    the values paired (:func:`_attend`)."""
+    fused attention written out with them (:func:`_sdpa`); with ``pairs`` (DeepLIFT), the softmax
+    and the products of two input-dependent tensors carry their exact multipliers instead."""
 
     def __init__(self, pairs: bool):
         super().__init__()
@@ -187,15 +245,25 @@ class _ConstantWeights(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == "softmax":
-            return _constant(func(*args, **kwargs))
+            return _weights(func, args, kwargs, self.pairs)
         if name == "scaled_dot_product_attention":
             return _sdpa(*args, **kwargs, pairs=self.pairs)
-        if name in _PRODUCTS and any(_marked(a) for a in args):
-            return _attend(func, args, kwargs, self.pairs)
-        result = func(*args, **kwargs)
-        if name in _KEEPS and args and _marked(args[0]) and torch.is_tensor(result) and result is not args[0]:
-            result._esegeta_attention = True
-        return result
+        if self.pairs and name in _PRODUCTS:
+            return _product(func, args, kwargs, True)
+        return func(*args, **kwargs)
+
+
+class PlainSoftmax(nn.Module):
+    """``nn.Softmax`` under another name, inside attention while DeepLIFT runs: Captum's and SHAP's
+    DeepLIFT replace an ``nn.Softmax``'s gradient by their own elementwise rescale, which would
+    overwrite the exact multiplier :func:`_softmax_paired` carries."""
+
+    def __init__(self, dim: int | None):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, self.dim)
 
 
 def _scoped_forward(module: nn.Module, state: dict):
@@ -322,17 +390,54 @@ class _ProportionalSum(torch.autograd.Function):
 _SUMS = frozenset({"add", "__add__", "__radd__", "__iadd__"})
 
 
-class _SplitSums(torch.overrides.TorchFunctionMode):
-    """While LRP runs: the sum of two computed tensors of one shape (a residual or skip connection,
-    ``x + f(x)``) is a :class:`_ProportionalSum`. Sums with a parameter or a broadcast term (biases,
-    position embeddings) are left alone; ``a.add_(b)`` too (a statement relying on its side effect)."""
+def _functional_norm(name: str, args: tuple, kwargs: dict, pairs: bool) -> torch.Tensor:
+    """``F.layer_norm`` / ``F.group_norm`` called by the model's code (SwinUNETR's ``proj_out``): no
+    module a rule could sit on. For DeepLIFT, :func:`_normalise`'s exact multiplier; for LRP, the
+    identity in the backward pass (each element keeps its relevance, as the norm modules' rule)."""
+    x = args[0]
+    if name == "layer_norm":
+        shape = tuple(args[1] if len(args) > 1 else kwargs["normalized_shape"])
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        bias = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        exact = F.layer_norm(x, list(shape), weight, bias, eps)
+        if not pairs:
+            return exact.detach() + x - x.detach()
+        y = _normalise(x, tuple(range(x.ndim - len(shape), x.ndim)), eps, True)
+        return _affine(y, weight, bias, shape)
+    groups = args[1] if len(args) > 1 else kwargs["num_groups"]
+    weight = args[2] if len(args) > 2 else kwargs.get("weight")
+    bias = args[3] if len(args) > 3 else kwargs.get("bias")
+    eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+    exact = F.group_norm(x, groups, weight, bias, eps)
+    if not pairs:
+        return exact.detach() + x - x.detach()
+    y = _normalise(x.reshape(x.shape[0], groups, -1), (2,), eps, True).reshape(x.shape)
+    return _affine(y, weight, bias, (1, -1, *([1] * (x.ndim - 2))))
+
+
+class _WholeModel(torch.overrides.TorchFunctionMode):
+    """While a rule-based method runs: functional normalisations in the model's code as
+    :func:`_functional_norm`; for LRP (not ``pairs``), the sum of two computed tensors of one shape
+    (a residual or skip connection, ``x + f(x)``) a :class:`_ProportionalSum`. Sums with a
+    parameter or a broadcast term (biases, position embeddings) are left alone; ``a.add_(b)`` too (a
+    statement relying on its side effect)."""
+
+    def __init__(self, pairs: bool):
+        super().__init__()
+        self.pairs = pairs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (getattr(func, "__name__", "") in _SUMS and not kwargs and len(args) == 2
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if (name in ("layer_norm", "group_norm") and args and torch.is_tensor(args[0]) and args[0].requires_grad
+                and torch.is_grad_enabled()):
+            return _functional_norm(name, args, kwargs, self.pairs)
+        if (not self.pairs and name in _SUMS and not kwargs and len(args) == 2
                 and all(torch.is_tensor(a) and a.grad_fn is not None for a in args)
                 and args[0].shape == args[1].shape and args[0].dtype == args[1].dtype and torch.is_grad_enabled()):
             return _ProportionalSum.apply(*args)
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -364,10 +469,14 @@ def substituted(network: nn.Module, x: torch.Tensor, *, pairs: bool = False) -> 
                 module.forward = _scoped_forward(module, state)
                 patched.append(module)
                 changes.append(f"{name}: {type(module).__name__}'s attention weights constant")
+            for inner, softmax in list(module.named_modules()) if pairs else ():
+                if type(softmax) is nn.Softmax:
+                    swapped.append((f"{name}.{inner}", softmax))
+                    _set(network, f"{name}.{inner}", PlainSoftmax(softmax.dim))
         if changes:
             log.debug("substitutes on the prepared copy%s: %s", " (DeepLIFT pairs)" if pairs else "",
                       "; ".join(changes))
-        with contextlib.nullcontext() if pairs else _SplitSums():
+        with _WholeModel(pairs):
             yield changes
     finally:
         for module in patched:
