@@ -62,10 +62,9 @@ _PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath
 _WRAPPER_HEADS = frozenset({"MaskSum"})
 #: Layers the ε rule treats as linear. Normalisation layers (instance, group, layer norm, and
 #: torchvision's LayerNorm2d, a LayerNorm subclass) are linear maps of their centred input once
-#: their standard deviation is held constant, which the LRP-conservative substitutes do while LRP
-#: runs (:mod:`esegeta.attribution.rules`, as AttnLRP does, Achtibat et al. 2024, arXiv:2402.05602):
-#: the ε rule then distributes a channel's relevance over its inputs by their share of the output,
-#: as for BatchNorm (Captum's own treatment).
+#: their standard deviation is held constant (AttnLRP, Achtibat et al. 2024, arXiv:2402.05602); while
+#: LRP runs, the LRP-conservative substitutes (:mod:`esegeta.attribution.rules`) give them a backward
+#: pass under which the ε rule leaves each element its relevance.
 _EPSILON_LAYERS = ("Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
                    "BatchNorm1d", "BatchNorm3d", "AvgPool1d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool3d",
                    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
@@ -86,12 +85,8 @@ def lrp_rule_for(module) -> str | None:
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
     from torch import nn
 
-    from esegeta.attribution.architectures import normalisation
-
     if hasattr(module, "rule"):
         return type(module.rule).__name__
-    if normalisation(module):  # elementwise once its std is constant (esegeta.attribution.rules)
-        return "IdentityRule"
     if type(module) in SUPPORTED_LAYERS_WITH_RULES:
         return SUPPORTED_LAYERS_WITH_RULES[type(module)].__name__
     if type(module) in SUPPORTED_NON_LINEAR_LAYERS:

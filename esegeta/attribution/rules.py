@@ -21,12 +21,11 @@ gradient×input rules conserve relevance through it:
 - residual and skip sums of two computed tensors (``x + f(x)``), for LRP only: split by each term's
   share (:class:`_ProportionalSum`), where the gradient copies the relevance to both terms.
 
-LRP's rule for the normalisations themselves is the identity (Captum's ``IdentityRule``, zennit's
-``Pass``: each element keeps its relevance), not ε: ε on the centred map is exact in exact
-arithmetic, but divides by outputs that centring puts near zero by construction, and the ±10⁹
-terms it makes cancel only on paper (measured: Σ relevance ÷ score of −350 on a two-layer ViT,
-±10¹⁵ on UNETR). With the std held constant, ``y = w·(x − μ)/s + b`` is elementwise in relevance
-terms, and the identity conserves it.
+LRP's rule for the normalisations themselves passes each element's relevance on unchanged
+(zennit's ``Pass``; for Captum's ε rule the substitute's backward is ``diag(y/x)``, which gives the
+same: :func:`_elementwise`), not ε through the centred map: that is exact in exact arithmetic, but
+divides by outputs that centring puts near zero by construction, and the ±10⁹ terms it makes cancel
+only on paper (measured: Σ relevance ÷ score of −350 on a two-layer ViT, ±10¹⁵ on UNETR).
 
 Forward values are those of the original modules to float rounding (tests/test_rules.py).
 
@@ -107,30 +106,45 @@ def _affine(y: torch.Tensor, weight, bias, shape: tuple[int, ...]) -> torch.Tens
     return y
 
 
+def _elementwise(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (a normalisation's output) with the Jacobian ``diag(y / x)``: under the ε rule (``x ·
+    Jᵀ(R / y)``) each element keeps its relevance, ``R_in = R_out``; Captum's identity rule would do
+    that too, but it replaces whatever reaches the input, and so drops the relevance a residual
+    stream brings there past the norm (a transformer block's ``x + f(norm(x))``)."""
+    ratio = torch.where(x != 0, y.detach() / torch.where(x != 0, x.detach(), torch.ones_like(x)), torch.zeros_like(x))
+    return y.detach() + (x - x.detach()) * ratio
+
+
 def _norm_forward(module: nn.Module, state: dict):
-    """The substitute forward of normalisation ``module`` (same values, std constant)."""
-    name = type(module).__name__
+    """The substitute forward of normalisation ``module`` (same values; std constant for DeepLIFT,
+    elementwise in relevance terms for LRP: :func:`_elementwise`)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        pairs = state["pairs"]
-        if name == "LayerNorm2d":  # channels of (N, C, *spatial)
-            y = _normalise(x, (1,), module.eps, pairs)
-            return _affine(y, module.weight, module.bias, (1, -1, *([1] * (x.ndim - 2))))
-        if isinstance(module, nn.LayerNorm):
-            dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
-            y = _normalise(x, dims, module.eps, pairs)
-            return _affine(y, module.weight, module.bias, tuple(module.normalized_shape))
-        channel_shape = (1, -1, *([1] * (x.ndim - 2)))
-        if isinstance(module, nn.GroupNorm):
-            grouped = x.reshape(x.shape[0], module.num_groups, -1)
-            y = _normalise(grouped, (2,), module.eps, pairs).reshape(x.shape)
-            return _affine(y, module.weight if module.affine else None, module.bias if module.affine else None,
-                           channel_shape)
-        y = _normalise(x, tuple(range(2, x.ndim)), module.eps, pairs)  # InstanceNorm
-        return _affine(y, module.weight if module.affine else None, module.bias if module.affine else None,
-                       channel_shape)
+        y = _norm_values(module, x, state["pairs"])
+        return y if state["pairs"] else _elementwise(x, y)
 
     return forward
+
+
+def _norm_values(module: nn.Module, x: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """What normalisation ``module`` computes, with its std constant (:func:`_normalise`)."""
+    name = type(module).__name__
+    if name == "LayerNorm2d":  # channels of (N, C, *spatial)
+        y = _normalise(x, (1,), module.eps, pairs)
+        return _affine(y, module.weight, module.bias, (1, -1, *([1] * (x.ndim - 2))))
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
+        y = _normalise(x, dims, module.eps, pairs)
+        return _affine(y, module.weight, module.bias, tuple(module.normalized_shape))
+    channel_shape = (1, -1, *([1] * (x.ndim - 2)))
+    if isinstance(module, nn.GroupNorm):
+        grouped = x.reshape(x.shape[0], module.num_groups, -1)
+        y = _normalise(grouped, (2,), module.eps, pairs).reshape(x.shape)
+        return _affine(y, module.weight if module.affine else None, module.bias if module.affine else None,
+                       channel_shape)
+    y = _normalise(x, tuple(range(2, x.ndim)), module.eps, pairs)  # InstanceNorm
+    return _affine(y, module.weight if module.affine else None, module.bias if module.affine else None,
+                   channel_shape)
 
 
 # ---------------------------------------------------------------------------- attention
