@@ -145,3 +145,14 @@ def test_lrp_runs_on_attention_it_was_refused_on_and_leaves_other_methods_alone(
     assert torch.isfinite(lrp).all() and lrp.abs().sum() > 0
     again = _explain(z, "captum.Saliency", abs=False)
     assert torch.allclose(saliency, x.grad, rtol=1e-4, atol=1e-6) and torch.equal(saliency, again)
+
+
+def test_gamma_is_set_from_the_config_and_checked():
+    """AttnLRP's γ rule on the dense layers: esegeta's own parameter of Captum's LRP (0: the ε rule)."""
+    from esegeta.errors import ConfigError
+
+    z = model("vit")
+    epsilon, gamma = _explain(z, "captum.LRP"), _explain(z, "captum.LRP", gamma=0.25)
+    assert torch.isfinite(gamma).all() and not torch.allclose(epsilon, gamma)
+    with pytest.raises(ConfigError, match="gamma"):
+        _explain(z, "captum.LRP", gamma=-1)

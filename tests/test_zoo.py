@@ -302,6 +302,9 @@ def test_check_and_validate_refuse_what_cannot_run_naming_layer_and_fix(tmp_path
     result = Pipeline(cfg, base_dir=tmp_path).run()
     assert [r["status"] for r in result.runs] == ["ok"] * 6
     assert result.runs[1]["shape"] == [1, 4, 4]  # the token layer explained on its 4x4 grid
+    # the manifest names the rules LRP ran with: the substitutes, and γ (0: the ε rule on dense layers)
+    assert result.runs[2]["conservation"]["rules"]["gamma"] == 0.0
+    assert "AttnLRP" in result.runs[2]["conservation"]["rules"]["substitutes"]
     # summation to delta holds through attention and LayerNorm on their substitutes: no warning
     assert not any("summation to delta" in w for r in result.runs for w in r["warnings"])
 

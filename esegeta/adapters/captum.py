@@ -18,7 +18,7 @@ from typing import Any
 from esegeta.errors import ConfigError
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
-from esegeta.spec.params import positive_int
+from esegeta.spec.params import check_number, positive_int
 from esegeta.spec.registry import PER_INPUT, ROWS, TILE, Call, Library, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
@@ -36,6 +36,9 @@ NOT_CONFIGURABLE = frozenset({
     "additional_forward_args", "return_convergence_delta", "custom_attribution_func",
     "interpretable_model", "similarity_func", "perturb_func", "attribution_method",
 })
+#: esegeta's own parameter of Captum's LRP methods: γ for the dense layers (0: Captum's ε rule there).
+GAMMA = "gamma"
+LRP_METHODS = frozenset({"LRP", "LayerLRP"})
 #: Parameters whose JSON lists must become tuples.
 TUPLE_PARAMS = frozenset({"sliding_window_shapes", "strides", "neuron_selector", "stdevs"})
 BASELINE_PARAMS = frozenset({"baselines", "layer_baselines"})
@@ -161,16 +164,23 @@ def grid_on_tokens(model, context) -> list[str]:
             "or choose a convolutional layer"]
 
 
-def _attach_lrp_rules(model) -> list[str]:
+def _attach_lrp_rules(model, gamma: float = 0.0) -> list[str]:
     """Give the prepared copy's leaf modules that Captum's LRP has no rule for a rule
-    (see :func:`lrp_rule_for`), before every LRP call (the guard removes them afterwards)."""
+    (see :func:`lrp_rule_for`), and with ``gamma`` > 0 the γ rule to its dense layers (``nn.Linear``:
+    AttnLRP's rule for a transformer's projections, Achtibat et al. 2024), before every LRP call
+    (the guard removes them afterwards)."""
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
-    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
+    from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
+    from torch import nn
 
     rules = {"EpsilonRule": EpsilonRule, "IdentityRule": IdentityRule}
     changed = []
     for name, module in model.named_modules():
         if list(module.children()) or hasattr(module, "rule"):
+            continue
+        if gamma > 0 and isinstance(module, nn.Linear):
+            module.rule = GammaRule(gamma=gamma)
+            changed.append(f"{name or type(module).__name__}: GammaRule({gamma})")
             continue
         if type(module) in SUPPORTED_LAYERS_WITH_RULES or type(module) in SUPPORTED_NON_LINEAR_LAYERS:
             continue
@@ -193,7 +203,9 @@ class CaptumAdapter:
     @cache
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         cls = self._cls(spec.name)
-        return {**_configurable(cls.__init__), **_configurable(cls.attribute)}
+        own = {GAMMA: inspect.Parameter(GAMMA, inspect.Parameter.KEYWORD_ONLY, default=0.0)} \
+            if spec.name in LRP_METHODS else {}
+        return {**_configurable(cls.__init__), **_configurable(cls.attribute), **own}
 
     @staticmethod
     @cache
@@ -205,7 +217,12 @@ class CaptumAdapter:
         """Check a JSON value before anything runs (what can be checked without the input)."""
         from esegeta.attribution.baselines import check_baseline, check_feature_mask
 
-        if name in BASELINE_PARAMS:
+        if name == GAMMA:
+            check_number(name, value, path)
+            if value < 0:
+                raise ConfigError(path, f"gamma must be 0 (the ε rule on dense layers) or positive (the γ rule, "
+                                        f"e.g. 0.25), not {value!r}")
+        elif name in BASELINE_PARAMS:
             check_baseline(value, path)
         elif name in MASK_PARAMS:
             check_feature_mask(value, path)
@@ -245,7 +262,7 @@ class CaptumAdapter:
     def _attribute(self, spec: MethodSpec, call: Call):
         cls = self._cls(spec.name)
         init_names = self._init_names(spec.name)
-        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items()}
+        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items() if k != GAMMA}
         init_kw = {k: v for k, v in values.items() if k in init_names}
         attr_kw = {k: v for k, v in values.items() if k not in init_names}
         if spec.needs_target:
@@ -261,7 +278,7 @@ class CaptumAdapter:
 
             extend_deeplift_rules()
         if issubclass(cls, self._cls("LRP")):  # LRP and LayerLRP: rules for the layers Captum lacks
-            changed = _attach_lrp_rules(call.forward)
+            changed = _attach_lrp_rules(call.forward, float(call.params.get(GAMMA, 0.0)))
             if changed:
                 log.debug("LRP rules set on the prepared copy: %s", "; ".join(changed))
         result = method.attribute(call.inputs, **attr_kw)

@@ -70,6 +70,9 @@ log = logging.getLogger("esegeta")
 #: DeepLIFT's summation to delta; ``PAIRED`` ones run input and baseline as two halves of a batch.
 AXIOMS = frozenset({"conservation", "summation-to-delta"})
 PAIRED = frozenset({"summation-to-delta"})
+#: How the manifest's conservation record names what the substitutes do.
+SUMMARY = ("AttnLRP/CP-LRP: normalisations' std and attention's softmax weights constant, residual sums split by "
+           "share (LRP); exact DeepLIFT multipliers through both")
 
 
 def _pairs(x: torch.Tensor, pairs: bool) -> bool:
