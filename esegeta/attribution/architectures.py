@@ -351,13 +351,17 @@ def attention(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
         except Exception as exc:  # noqa: BLE001 (not decided: refuse nothing)
             log.debug("attention products: %s: %s", type(exc).__name__, exc)
             return []
-        def name(label: str) -> str:
-            return label.rsplit(" (", 1)[0]
-
-        softmax = {name(label) for label in flow.softmax}
-        found = [label for label in flow.found
-                 if any(s == name(label) or s.startswith(name(label) + ".") for s in softmax)]
+        found = _attending(flow)
     return found
+
+
+def _attending(flow: _DataFlow) -> list[str]:
+    """The labels of ``flow``'s products in modules that apply a softmax themselves or in a submodule."""
+    def name(label: str) -> str:
+        return label.rsplit(" (", 1)[0]
+
+    softmax = {name(label) for label in flow.softmax}
+    return [label for label in flow.found if any(s == name(label) or s.startswith(name(label) + ".") for s in softmax)]
 
 
 #: Normalisations by statistics of their own input that :mod:`esegeta.attribution.rules` substitutes
@@ -390,12 +394,6 @@ _NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm"
 RULE_AXIOMS = {"summation-to-delta": "summation to delta", "conservation": "relevance conservation"}
 
 
-def _attention_labels(model: nn.Module, x: torch.Tensor | None) -> list[str]:
-    """:func:`attention` as ``name (Type)`` labels."""
-    found = attention(model, x)
-    return [f if "(" in f else f"{f} ({type(model.get_submodule(f)).__name__})" for f in found]
-
-
 def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
     """What keeps a method's axiom (``spec.axiom``, one of :data:`RULE_AXIOMS`) from holding exactly
     on this model (shown by ``check``, written to the manifest's records; the method runs): through
@@ -412,16 +410,14 @@ def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[s
     if found:
         notes.append(f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
                      "normalises by statistics of its own input, which the rules pass as a linear map")
-    gates, attended = [], []
+    gates = []
     if x is not None:
         try:
-            gates, attended = products(model, x), _attention_labels(model, x)
+            flow = _traced(model, x)  # one forward pass: the products, and which of them attend
+            gates = [g for g in flow.found if g not in _attending(flow)]
         except Exception as exc:  # noqa: BLE001 (a note that cannot be decided is left out)
             log.debug("products of %s: %s: %s", spec.id, type(exc).__name__, exc)
-    else:
-        attended = [f"{name} (MultiheadAttention)" for name, m in model.named_modules()
-                    if isinstance(m, nn.MultiheadAttention)]
-    gates = [g for g in gates if g not in attended]
+    gates = [g for g in gates if not g.endswith("(MultiheadAttention)")]
     if gates:
         notes.append(f"{axiom} holds only approximately: {', '.join(gates[:3])}{' ...' if len(gates) > 3 else ''} "
                      "multiplies two paths that both depend on the input (a gate), which the rules pass as its "

@@ -18,8 +18,10 @@ gradient×input rules conserve relevance through it:
   runs under :class:`_ConstantWeights`, a torch function mode scoped to their forward);
 - gates (GELU, SiLU: ``x·g(x)``): no substitute is needed: the adapters give them the identity
   rule (Captum) or ``Pass`` (zennit's composites), which is what ``x·g(x).detach()`` gives under ε;
-- residual and skip sums of two computed tensors (``x + f(x)``), for LRP only: split by each term's
-  share (:class:`_ProportionalSum`), where the gradient copies the relevance to both terms.
+- residual and skip sums of two computed tensors (``x + f(x)``), for LRP only and in models with
+  substituted blocks (a transformer's residual stream, a normalised U-Net's): split by each term's
+  share (:class:`_ProportionalSum`), where the gradient copies the relevance to both terms. Other
+  models run as upstream computes them (zennit's ResNetCanonizer splits torchvision's own blocks).
 
 LRP's rule for the normalisations themselves passes each element's relevance on unchanged
 (zennit's ``Pass``; for Captum's ε rule the substitute's backward is ``diag(y/x)``, which gives the
@@ -55,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -440,9 +443,10 @@ class _WholeModel(torch.overrides.TorchFunctionMode):
     parameter or a broadcast term (biases, position embeddings) are left alone; ``a.add_(b)`` too (a
     statement relying on its side effect)."""
 
-    def __init__(self, pairs: bool):
+    def __init__(self, pairs: bool, split_sums: bool = True):
         super().__init__()
         self.pairs = pairs
+        self.split_sums = split_sums and not pairs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -450,7 +454,7 @@ class _WholeModel(torch.overrides.TorchFunctionMode):
         if (name in ("layer_norm", "group_norm") and args and torch.is_tensor(args[0]) and args[0].requires_grad
                 and torch.is_grad_enabled()):
             return _functional_norm(name, args, kwargs, self.pairs)
-        if (not self.pairs and name in _SUMS and not kwargs and len(args) == 2
+        if (self.split_sums and name in _SUMS and not kwargs and len(args) == 2
                 and all(torch.is_tensor(a) and a.grad_fn is not None for a in args)
                 and args[0].shape == args[1].shape and args[0].dtype == args[1].dtype and torch.is_grad_enabled()):
             return _ProportionalSum.apply(*args)
@@ -493,7 +497,7 @@ def substituted(network: nn.Module, x: torch.Tensor, *, pairs: bool = False) -> 
         if changes:
             log.debug("substitutes on the prepared copy%s: %s", " (DeepLIFT pairs)" if pairs else "",
                       "; ".join(changes))
-        with _WholeModel(pairs):
+        with _WholeModel(pairs, split_sums=bool(changes)):
             yield changes
     finally:
         for module in patched:
@@ -502,12 +506,19 @@ def substituted(network: nn.Module, x: torch.Tensor, *, pairs: bool = False) -> 
             _set(network, name, module)
 
 
-def attention_names(network: nn.Module, x: torch.Tensor) -> list[str]:
+_attention_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def attention_names(network: nn.Module, x: torch.Tensor) -> tuple[str, ...]:
     """The attention modules of ``network`` other than ``nn.MultiheadAttention`` (found on one
-    forward pass of ``x``: :func:`esegeta.attribution.architectures.attention`), by name."""
+    forward pass of ``x``: :func:`esegeta.attribution.architectures.attention`), by name;
+    remembered per network (the prepared copy is cached: its structure does not change)."""
     if any(isinstance(m, (nn.MultiheadAttention, ConstantAttention)) for m in network.modules()):
-        return []
-    return [label.rsplit(" (", 1)[0] for label in attention(network, x) if not label.startswith("(")]
+        return ()
+    if network not in _attention_cache:
+        _attention_cache[network] = tuple(label.rsplit(" (", 1)[0] for label in attention(network, x)
+                                          if not label.startswith("("))
+    return _attention_cache[network]
 
 
 def unsupported_attention(network: nn.Module) -> list[str]:
