@@ -8,7 +8,8 @@ directly (not from esegeta's own check), so the same script measures an older es
     PYTHONPATH=/path/to/older/checkout python benchmarks/conservation.py   # before
 
 Models: the three samples (the demo's retina crop at full size), MONAI's UNet of issue 21 (3D,
-32³, freshly initialised) and a few zoo models (tests/zoo_models.py). A result that is not
+32³, freshly initialised), a few zoo models (tests/zoo_models.py: the transformers ViT, UNETR and
+SwinUNETR among them) and a small timm ViT. A result that is not
 finite, or an error, is shown as such.
 """
 from __future__ import annotations
@@ -44,13 +45,23 @@ def _monai_unet():
     return net, x, 1, {"name": "multiclass", "activation": "softmax"}
 
 
+def _timm_vit():
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                        num_classes=5).eval()
+    torch.nn.init.normal_(net.head.weight, std=0.5)
+    return net, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)), 0, None
+
+
 def cases(names):
     import conftest
     import zoo_models
 
     found = {"retina_demo": lambda: conftest.retina_case(size=128), "tissue3d": conftest.tissue_case,
-             "digits": conftest.digits_case, "monai_unet3d": _monai_unet}
-    for name in ("resnet18", "densenet121", "unet2d", "segresnet"):
+             "digits": conftest.digits_case, "monai_unet3d": _monai_unet, "timm_vit": _timm_vit}
+    for name in ("resnet18", "densenet121", "unet2d", "segresnet", "vit", "unetr", "swinunetr"):
         found[name] = getattr(zoo_models, name)
     for name in names or found:
         c = found[name]()

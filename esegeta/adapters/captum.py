@@ -18,7 +18,7 @@ from typing import Any
 from esegeta.errors import ConfigError
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
-from esegeta.spec.params import positive_int
+from esegeta.spec.params import check_number, positive_int
 from esegeta.spec.registry import PER_INPUT, ROWS, TILE, Call, Library, MethodSpec, keyword_parameters, register
 
 log = logging.getLogger("esegeta")
@@ -36,6 +36,9 @@ NOT_CONFIGURABLE = frozenset({
     "additional_forward_args", "return_convergence_delta", "custom_attribution_func",
     "interpretable_model", "similarity_func", "perturb_func", "attribution_method",
 })
+#: esegeta's own parameter of Captum's LRP methods: γ for the dense layers (0: Captum's ε rule there).
+GAMMA = "gamma"
+LRP_METHODS = frozenset({"LRP", "LayerLRP"})
 #: Parameters whose JSON lists must become tuples.
 TUPLE_PARAMS = frozenset({"sliding_window_shapes", "strides", "neuron_selector", "stdevs"})
 BASELINE_PARAMS = frozenset({"baselines", "layer_baselines"})
@@ -61,13 +64,10 @@ _PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath
 #: relevance entering the model was the gradient ``M``: the demo's map summed to ~7,000× its score.)
 _WRAPPER_HEADS = frozenset({"MaskSum"})
 #: Layers the ε rule treats as linear. Normalisation layers (instance, group, layer norm, and
-#: torchvision's LayerNorm2d, a LayerNorm subclass) are affine maps of their input once their
-#: statistics are fixed at the values they take on the explained input: the ε rule then
-#: distributes a channel's relevance over its inputs by their share of the output, as for
-#: BatchNorm (Captum's own treatment) and as LRP for transformers does for LayerNorm with
-#: detached statistics (Ali et al. 2022, arXiv:2202.07304). Captum's rule reads the gradient,
-#: which through the statistics is not exactly that affine map: relevance is conserved up to
-#: the statistics' share of the gradient (tests/test_zoo.py measures it).
+#: torchvision's LayerNorm2d, a LayerNorm subclass) are linear maps of their centred input once
+#: their standard deviation is held constant (AttnLRP, Achtibat et al. 2024, arXiv:2402.05602); while
+#: LRP runs, the LRP-conservative substitutes (:mod:`esegeta.attribution.rules`) give them a backward
+#: pass under which the ε rule leaves each element its relevance.
 _EPSILON_LAYERS = ("Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear",
                    "BatchNorm1d", "BatchNorm3d", "AvgPool1d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool3d",
                    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
@@ -106,17 +106,17 @@ def lrp_rule_for(module) -> str | None:
 
 def lrp_gaps(model, context=None) -> list[str]:
     """The LRP methods' pre-flight check: the leaf layers of ``model`` that neither Captum nor
-    esegeta has a rule for (Captum's LRP refuses the model then), and attention (whose
-    projections ``nn.MultiheadAttention`` applies without calling them as modules, so no rule
-    can see them), as problems, or none."""
-    from esegeta.attribution.architectures import attention as attention_modules
+    esegeta has a rule for (Captum's LRP refuses the model then), and attention the LRP-conservative
+    substitutes do not cover (:mod:`esegeta.attribution.rules`: ``nn.MultiheadAttention`` with
+    ``bias_k``/``add_zero_attn``), as problems, or none."""
+    from esegeta.attribution.rules import unsupported_attention
 
-    attention = attention_modules(model, getattr(context, "x", None))
-    if attention:
-        what = attention[0] if "(" in attention[0] else f"{attention[0]}: MultiheadAttention"
-        return [f"no LRP rule for attention ({what}{' and more' if len(attention) > 1 else ''}): "
-                "Captum's LRP cannot propagate relevance through it; use captum.IntegratedGradients, or "
-                "gradcam.GradCAM with params.reshape_transform \"vit\""]
+    unsupported = unsupported_attention(model)
+    if unsupported:
+        return [f"no LRP rule for attention ({unsupported[0]}{' and more' if len(unsupported) > 1 else ''}): "
+                "esegeta holds the softmax weights of plain attention constant (AttnLRP), not with extra key/value "
+                "biases or a zero-attention row; use captum.IntegratedGradients, or gradcam.GradCAM with "
+                "params.reshape_transform \"vit\""]
     from esegeta.attribution.prepare import Alias
 
     aliases = [(name, m.alias_of) for name, m in model.named_modules() if isinstance(m, Alias)]
@@ -164,16 +164,23 @@ def grid_on_tokens(model, context) -> list[str]:
             "or choose a convolutional layer"]
 
 
-def _attach_lrp_rules(model) -> list[str]:
+def _attach_lrp_rules(model, gamma: float = 0.0) -> list[str]:
     """Give the prepared copy's leaf modules that Captum's LRP has no rule for a rule
-    (see :func:`lrp_rule_for`), before every LRP call (the guard removes them afterwards)."""
+    (see :func:`lrp_rule_for`), and with ``gamma`` > 0 the γ rule to its dense layers (``nn.Linear``:
+    AttnLRP's rule for a transformer's projections, Achtibat et al. 2024), before every LRP call
+    (the guard removes them afterwards)."""
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
-    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
+    from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
+    from torch import nn
 
     rules = {"EpsilonRule": EpsilonRule, "IdentityRule": IdentityRule}
     changed = []
     for name, module in model.named_modules():
         if list(module.children()) or hasattr(module, "rule"):
+            continue
+        if gamma > 0 and isinstance(module, nn.Linear):
+            module.rule = GammaRule(gamma=gamma)
+            changed.append(f"{name or type(module).__name__}: GammaRule({gamma})")
             continue
         if type(module) in SUPPORTED_LAYERS_WITH_RULES or type(module) in SUPPORTED_NON_LINEAR_LAYERS:
             continue
@@ -196,7 +203,9 @@ class CaptumAdapter:
     @cache
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         cls = self._cls(spec.name)
-        return {**_configurable(cls.__init__), **_configurable(cls.attribute)}
+        own = {GAMMA: inspect.Parameter(GAMMA, inspect.Parameter.KEYWORD_ONLY, default=0.0)} \
+            if spec.name in LRP_METHODS else {}
+        return {**_configurable(cls.__init__), **_configurable(cls.attribute), **own}
 
     @staticmethod
     @cache
@@ -208,7 +217,12 @@ class CaptumAdapter:
         """Check a JSON value before anything runs (what can be checked without the input)."""
         from esegeta.attribution.baselines import check_baseline, check_feature_mask
 
-        if name in BASELINE_PARAMS:
+        if name == GAMMA:
+            check_number(name, value, path)
+            if value < 0:
+                raise ConfigError(path, f"gamma must be 0 (the ε rule on dense layers) or positive (the γ rule, "
+                                        f"e.g. 0.25), not {value!r}")
+        elif name in BASELINE_PARAMS:
             check_baseline(value, path)
         elif name in MASK_PARAMS:
             check_feature_mask(value, path)
@@ -248,7 +262,7 @@ class CaptumAdapter:
     def _attribute(self, spec: MethodSpec, call: Call):
         cls = self._cls(spec.name)
         init_names = self._init_names(spec.name)
-        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items()}
+        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items() if k != GAMMA}
         init_kw = {k: v for k, v in values.items() if k in init_names}
         attr_kw = {k: v for k, v in values.items() if k not in init_names}
         if spec.needs_target:
@@ -264,7 +278,7 @@ class CaptumAdapter:
 
             extend_deeplift_rules()
         if issubclass(cls, self._cls("LRP")):  # LRP and LayerLRP: rules for the layers Captum lacks
-            changed = _attach_lrp_rules(call.forward)
+            changed = _attach_lrp_rules(call.forward, float(call.params.get(GAMMA, 0.0)))
             if changed:
                 log.debug("LRP rules set on the prepared copy: %s", "; ".join(changed))
         result = method.attribute(call.inputs, **attr_kw)

@@ -259,7 +259,9 @@ def _blur_masker(x) -> str:
 
 
 #: Layers SHAP's DeepExplainer has no rule for and passes as if linear, which they are not: its
-#: additivity check then fails (normalisation by statistics of the input itself, attention).
+#: additivity check then fails (normalisation by statistics of the input itself, attention), unless
+#: the substitutes cover them (:mod:`esegeta.attribution.rules`: what remains is LocalResponseNorm,
+#: subclassed norms, attention with extra key/value biases).
 DEEP_NO_RULE = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
                 "MultiheadAttention")
 
@@ -271,14 +273,20 @@ def deep_gaps(model, context=None) -> list[str]:
     of two data-dependent paths (a squeeze-excitation or attention gate, traced on the input)."""
     from torch import nn
 
-    from esegeta.attribution import architectures
+    from esegeta.attribution import architectures, rules
 
+    # normalisations and attention the substitutes cover run (esegeta.attribution.rules): exact for
+    # the normalisations, approximate through attention (the manifest notes it)
     wrong = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
-             if any(isinstance(m, getattr(nn, t)) for t in DEEP_NO_RULE)]
+             if any(isinstance(m, getattr(nn, t)) for t in DEEP_NO_RULE) and not architectures.normalisation(m)
+             and not (isinstance(m, nn.MultiheadAttention) and not rules.unsupported_attention(m))]
     overlapping = [name for name, m in model.named_modules() if isinstance(m, nn.modules.pooling._MaxPoolNd)
                    and any(k > s for k, s in zip(_tuple(m.kernel_size), _tuple(m.stride or m.kernel_size)))]
     found = []
     gates = architectures.products(model, context.x) if context is not None else []
+    if gates:  # attention runs on its substitute: its softmax weights held constant
+        attended = architectures.attention(model, context.x)
+        gates = [g for g in gates if g not in attended and g.rsplit(" (", 1)[0] not in attended]
     if gates:
         found.append(f"shap.DeepExplainer has no rule for a product of two paths that both depend on the input, as in "
                      f"{', '.join(gates[:3])}{' ...' if len(gates) > 3 else ''} (it passes the product as its gradient, "

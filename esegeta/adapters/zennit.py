@@ -588,10 +588,36 @@ def _wrapper_head_rule(call: Call, lrp: bool):
         yield
 
 
+@contextlib.contextmanager
+def _norm_rule(call: Call, composite, lrp: bool):
+    """Within the block, for an LRP composite: zennit's ``Pass`` rule on the normalisation layers it
+    maps to no rule (no composite does: they would pass relevance as their gradient, scaled by 1/std).
+    With their standard deviation held constant (:mod:`esegeta.attribution.rules`) they are
+    elementwise in relevance terms, and each element keeps its relevance. Removed on exit."""
+    from esegeta.attribution.architectures import normalisation
+
+    if not lrp:
+        yield
+        return
+
+    def unmapped(name, module):
+        try:
+            return composite.module_map({}, name, module) is None
+        except Exception:  # noqa: BLE001 (a composite that cannot say: leave the layer to it)
+            return False
+
+    with removing() as handles:
+        for name, module in call.network.named_modules():
+            if normalisation(module) and unmapped(name, module):
+                handles.append(_zennit().rules.Pass().register(module))
+        yield
+
+
 def _attribute(attributor_cls, call: Call, composite, seed_kind: str, trace: bool, lrp: bool = False, **kwargs):
     """Run one zennit attributor on ``call.forward`` (``lrp``: the composite is an LRP one)."""
     attributor = attributor_cls(call.forward, composite=composite, attr_output=_seed(call, seed_kind), **kwargs)
-    with _tracing(_network(call), trace) as recorded, _wrapper_head_rule(call, lrp), attributor:
+    with (_tracing(_network(call), trace) as recorded, _wrapper_head_rule(call, lrp),
+          _norm_rule(call, composite, lrp and composite is not None), attributor):
         _, attribution = attributor(call.inputs)
     if trace:
         call.extras["trace"] = recorded
@@ -685,17 +711,18 @@ ACTIVATION_ONLY = frozenset({"GuidedBackprop", "DeconvNet", "BetaSmooth", "Excit
 
 
 def attention_gap(model, context=None) -> list[str]:
-    """The pre-flight check of zennit's rule composites: ``nn.MultiheadAttention`` applies its
-    projections without calling them as modules (so no rule sees them) and zennit's hooks on it
-    fail on its three inputs."""
-    from torch import nn
+    """The pre-flight check of zennit's rule composites: attention the LRP-conservative substitutes
+    do not cover (:func:`esegeta.attribution.rules.unsupported_attention`; the others run with their
+    softmax weights constant and their projections as ``nn.Linear`` modules the rules see)."""
+    from esegeta.attribution.rules import unsupported_attention
 
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    if not names:
+    unsupported = unsupported_attention(model)
+    if not unsupported:
         return []
-    return [f"zennit has no rule for attention ({names[0]}: MultiheadAttention{' and more' if len(names) > 1 else ''}): "
-            "its LRP composites cannot pass relevance through it; use zennit.Gradient, zennit.IntegratedGradients, "
-            "or gradcam.GradCAM with params.reshape_transform \"vit\""]
+    return [f"zennit has no rule for attention ({unsupported[0]}{' and more' if len(unsupported) > 1 else ''}): "
+            "esegeta holds the softmax weights of plain attention constant (AttnLRP), not with extra key/value "
+            "biases or a zero-attention row; use zennit.Gradient, zennit.IntegratedGradients, or gradcam.GradCAM "
+            "with params.reshape_transform \"vit\""]
 
 
 def entry_canonizers(method: str, params: Mapping[str, Any]) -> tuple[str, ...]:

@@ -138,8 +138,11 @@ def unsupported(network: nn.Module, context=None, method: str = "PatternNet") ->
 def _check_supported(name: str, module: nn.Module, method: str) -> None:
     if module._parameters and not isinstance(module, KERNELS + NORMS):
         raise ConfigError("model", f"{method} supports Linear, Conv, ConvTranspose and BatchNorm layers; "
-                                   f"{name} is a {type(module).__name__} with parameters: use another method "
-                                   "(esegeta.PatternNet's patterns are defined for those layers only)")
+                                   f"{name} is a {type(module).__name__} with parameters: use captum.DeepLift or "
+                                   "zennit.EpsilonGammaBox (exact through normalisation and attention on esegeta's "
+                                   "substitutes), or captum.IntegratedGradients (esegeta.PatternNet's patterns are "
+                                   "defined for those layers only: a pattern is fitted per linear unit, and a "
+                                   "normalisation's scale changes with every input)")
     if isinstance(module, KERNELS) and getattr(module, "transposed", False) and module.groups != 1:
         raise ConfigError("model", f"{method} does not support grouped transposed convolutions ({name})")
 

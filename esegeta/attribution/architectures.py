@@ -353,17 +353,39 @@ def attention(model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
         except Exception as exc:  # noqa: BLE001 (not decided: refuse nothing)
             log.debug("attention products: %s: %s", type(exc).__name__, exc)
             return []
-        def name(label: str) -> str:
-            return label.rsplit(" (", 1)[0]
-
-        softmax = {name(label) for label in flow.softmax}
-        found = [label for label in flow.found
-                 if any(s == name(label) or s.startswith(name(label) + ".") for s in softmax)]
+        found = _attending(flow)
     return found
 
 
+def _attending(flow: _DataFlow) -> list[str]:
+    """The labels of ``flow``'s products in modules that apply a softmax themselves or in a submodule."""
+    def name(label: str) -> str:
+        return label.rsplit(" (", 1)[0]
+
+    softmax = {name(label) for label in flow.softmax}
+    return [label for label in flow.found if any(s == name(label) or s.startswith(name(label) + ".") for s in softmax)]
+
+
+#: Normalisations by statistics of their own input that :mod:`esegeta.attribution.rules` substitutes
+#: (class names) while rule-based methods run: their standard deviation held constant.
+NORMS = ("LayerNorm", "LayerNorm2d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
+
+
+def normalisation(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation by statistics of its own input that the substitutes
+    cover (:data:`NORMS`; an InstanceNorm tracking running statistics uses those in eval mode: it is
+    affine already, and needs none)."""
+    if type(module).__name__ not in NORMS:
+        return False
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return module.training or not module.track_running_stats or module.running_mean is None
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+
+
 #: Layers DeepLift's rules treat as linear although they are not: a normalisation by statistics of
-#: its own input (instance, group, layer norm) and attention. Summation to delta is then approximate.
+#: its own input (instance, group, layer norm) and attention. Those the substitutes cover
+#: (:func:`normalisation`, attention: :mod:`esegeta.attribution.rules`) have exact rules while
+#: LRP and DeepLIFT run; the others are noted.
 _NOT_LINEAR = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "GroupNorm", "LayerNorm", "LocalResponseNorm",
                "MultiheadAttention")
 
@@ -377,23 +399,27 @@ RULE_AXIOMS = {"summation-to-delta": "summation to delta", "conservation": "rele
 def axiom_notes(spec, model: nn.Module, x: torch.Tensor | None = None) -> list[str]:
     """What keeps a method's axiom (``spec.axiom``, one of :data:`RULE_AXIOMS`) from holding exactly
     on this model (shown by ``check``, written to the manifest's records; the method runs): through
-    the layers of :data:`_NOT_LINEAR` (which the rules pass as linear maps) and, given an input
-    ``x``, through products of two data-dependent paths (:func:`products`)."""
+    the layers of :data:`_NOT_LINEAR` the substitutes do not cover (which the rules pass as linear
+    maps) and, given an input ``x``, through products of two data-dependent paths other than
+    attention (:func:`products`: gates)."""
     axiom = RULE_AXIOMS.get(spec.axiom)
     if axiom is None:
         return []
     notes = []
     found = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
-             if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR)]
+             if any(isinstance(m, getattr(nn, t)) for t in _NOT_LINEAR) and not normalisation(m)
+             and not isinstance(m, nn.MultiheadAttention)]
     if found:
         notes.append(f"{axiom} holds only approximately: {', '.join(found[:3])}{' ...' if len(found) > 3 else ''} "
-                     "normalises by statistics of its own input (or attends), which the rules pass as a linear map")
+                     "normalises by statistics of its own input, which the rules pass as a linear map")
     gates = []
     if x is not None:
         try:
-            gates = products(model, x)
+            flow = _traced(model, x)  # one forward pass: the products, and which of them attend
+            gates = [g for g in flow.found if g not in _attending(flow)]
         except Exception as exc:  # noqa: BLE001 (a note that cannot be decided is left out)
             log.debug("products of %s: %s: %s", spec.id, type(exc).__name__, exc)
+    gates = [g for g in gates if not g.endswith("(MultiheadAttention)")]
     if gates:
         notes.append(f"{axiom} holds only approximately: {', '.join(gates[:3])}{' ...' if len(gates) > 3 else ''} "
                      "multiplies two paths that both depend on the input (a gate), which the rules pass as its "

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from esegeta.attribution import rules
 from esegeta.attribution.backgrounds import make_data
 from esegeta.attribution.baselines import make_baselines
 from esegeta.spec import cost
@@ -50,6 +51,8 @@ class Check:
     what: str
     ratio: float | None
     tolerance: float
+    #: the rules the method ran with, where esegeta chose them (:mod:`esegeta.attribution.rules`; γ)
+    rules: tuple[tuple[str, Any], ...] = ()
 
     @property
     def holds(self) -> bool | None:
@@ -63,7 +66,8 @@ class Check:
             return round(v, 6) if v is not None and math.isfinite(v) else None
 
         return {"axiom": self.axiom, "sum": num(self.total), "explained": num(self.explained), "of": self.what,
-                "ratio": num(self.ratio), "tolerance": self.tolerance, "holds": self.holds}
+                "ratio": num(self.ratio), "tolerance": self.tolerance, "holds": self.holds,
+                **({"rules": dict(self.rules)} if self.rules else {})}
 
 
 def applies(spec, params: dict[str, Any], noise_tunnel: Any) -> bool:
@@ -104,7 +108,17 @@ def check(spec, call: Call, result: torch.Tensor, score: float | None) -> Check 
             return None
         explained, what = float(score) - reference, "f(x) - f(baseline)"
     ratio = total / explained if abs(explained) > 1e-12 else None
-    return Check(spec.axiom, total, explained, what, ratio, TOLERANCE[spec.axiom])
+    return Check(spec.axiom, total, explained, what, ratio, TOLERANCE[spec.axiom], _rules(spec, call))
+
+
+def _rules(spec, call: Call) -> tuple[tuple[str, Any], ...]:
+    """What the manifest says of the rules: the LRP-conservative substitutes, and γ where the method takes it."""
+    if not rules.applies(spec):
+        return ()
+    found: list[tuple[str, Any]] = [("substitutes", rules.SUMMARY)]
+    if "gamma" in spec.parameters():
+        found.append(("gamma", float(call.params.get("gamma", 0.0))))
+    return tuple(found)
 
 
 def _baseline_score(spec, call: Call) -> float | None:

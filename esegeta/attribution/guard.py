@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from esegeta.attribution.prepare import out_of_place
+from esegeta.attribution.rules import for_method as substitutes_for
 from esegeta.spec.params import with_defaults
 from esegeta.spec.registry import Call, MethodSpec
 
@@ -163,7 +164,10 @@ def run_guarded(spec: MethodSpec, call: Call) -> torch.Tensor:
     """The one way an adapter runs: the spec's defaults filled in (:func:`esegeta.spec.params.with_defaults`,
     the one place), in-place operations of the model's code computed out of place where needed, and
     every change the library makes to the call's models undone afterwards, also on error
-    (:func:`restored`). So adapters neither fill defaults nor restore anything themselves."""
+    (:func:`restored`); rule-based methods (LRP, DeepLIFT) run on the LRP-conservative substitutes
+    (:mod:`esegeta.attribution.rules`). So adapters neither fill defaults nor restore anything themselves."""
     call = dataclasses.replace(call, params=with_defaults(spec, call.params, call.inputs))
-    with restored(call.forward, call.network), out_of_place(spec, call.network):
+    # the substitutes' torch function mode below out_of_place's: that one reads the model's own frames
+    with restored(call.forward, call.network), substitutes_for(spec, call.network, call.inputs), \
+            out_of_place(spec, call.network):
         return spec.adapter.run(spec, call)

@@ -1,0 +1,543 @@
+"""LRP-conservative substitutes: attention and normalisation as linear maps for fixed constants.
+
+LRP's rules (and DeepLIFT's) are exact for layers that are linear in their input. Attention and
+normalisation layers are not: a LayerNorm divides by the standard deviation of its own input,
+attention multiplies values by softmax weights computed from the same input. AttnLRP / CP-LRP
+(Achtibat et al. 2024, arXiv:2402.05602; Ali et al. 2022, arXiv:2202.07304) hold those factors
+constant in the backward pass, which makes each block linear in its input for fixed constants, so
+gradient×input rules conserve relevance through it:
+
+- normalisation (LayerNorm, torchvision's/timm's LayerNorm2d, GroupNorm, InstanceNorm1/2/3d with
+  input statistics): ``y = (x - mean(x)) / std(x).detach() * w + b``; the mean stays live (the
+  centring is linear, and a detached mean would act as a bias that absorbs relevance);
+- attention (``nn.MultiheadAttention``, and every module :func:`esegeta.attribution.architectures.attention`
+  finds: torchvision's ViT, timm's ``Attention``, MONAI's ``SABlock`` and Swin's ``WindowAttention``):
+  ``A = softmax(q·kᵀ)`` held constant, ``out = A @ v``: relevance reaches the input through the
+  value projection only (``nn.MultiheadAttention`` becomes :class:`ConstantAttention`, whose value and
+  output projections are ``nn.Linear`` modules, so rules see them; the others keep their code, which
+  runs under :class:`_ConstantWeights`, a torch function mode scoped to their forward);
+- gates (GELU, SiLU: ``x·g(x)``): no substitute is needed: the adapters give them the identity
+  rule (Captum) or ``Pass`` (zennit's composites), which is what ``x·g(x).detach()`` gives under ε;
+- residual and skip sums of two computed tensors (``x + f(x)``), for LRP only and in models with
+  substituted blocks (a transformer's residual stream, a normalised U-Net's): split by each term's
+  share (:class:`_ProportionalSum`), where the gradient copies the relevance to both terms. Other
+  models run as upstream computes them (zennit's ResNetCanonizer splits torchvision's own blocks).
+
+LRP's rule for the normalisations themselves passes each element's relevance on unchanged
+(zennit's ``Pass``; for Captum's ε rule the substitute's backward is ``diag(y/x)``, which gives the
+same: :func:`_elementwise`), not ε through the centred map: that is exact in exact arithmetic, but
+divides by outputs that centring puts near zero by construction, and the ±10⁹ terms it makes cancel
+only on paper (measured: Σ relevance ÷ score of −350 on a two-layer ViT, ±10¹⁵ on UNETR).
+
+Forward values are those of the original modules to float rounding (tests/test_rules.py).
+
+DeepLIFT (``pairs``: the methods that run the input and its baseline as the two halves of one
+batch: Captum's DeepLift/DeepLiftShap and SHAP's DeepExplainer) needs more: each half has its own
+statistics, so a gradient at either one misses ``Δ(1/std)``. The normalisation's multiplier is then
+exact: with ``u`` the centred input and ``w = 1/std``, ``Δ(u·w) = w_x·Δu + u_b·Δw``, ``Δw = ρ·Δ(std²)``,
+``Δ(std²) = (1/n)·Σ (u_x + u_b)·Δu``, where ρ = −1/(s_x·s_b·(s_x + s_b)) is the secant of
+``v ↦ v^(-1/2)``: one scalar per normalised group (a rescale over the whole vector, never per
+element: an elementwise Δy/Δx divides by small differences, and multiplied −23,000× on MONAI's
+UNet). The order matters: the symmetric form (mean ``w`` and mean ``u``) is just as exact but,
+against a zero baseline (``u_b = 0``, ``s_b = √eps``), splits ``Δy`` into two terms ~300× larger
+that cancel, and float32 loses the sum over a few layers; this one is ``w_x·Δu`` there. The forward
+keeps the exact values and carries that multiplier as its gradient. Attention, the same way: the
+products of two input-dependent tensors (``q·kᵀ``, ``A·v``) as ``Δ(a·b) = Δa·b̄ + ā·Δb``, and the
+softmax as ``ΔA = g·(Δs − c·Δs)`` (:func:`_softmax_paired`: ``g`` the secant of exp between the
+log-probabilities, ``c`` the convex combination of the two softmaxes that makes ``Δ logsumexp``
+exact); an ``nn.Softmax`` inside attention becomes :class:`PlainSoftmax` meanwhile, so the
+libraries' own elementwise softmax rule does not overwrite it. Summation to delta then holds
+through normalisation and attention to float rounding (tests/test_rules.py).
+
+Every change is made to the prepared copy only, within :func:`substituted`, logged, and undone on
+exit (also on error); nothing process-wide changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esegeta.attribution.architectures import attention, normalisation
+
+log = logging.getLogger("esegeta")
+
+#: The axioms whose methods run on the substitutes (rule-based methods): LRP's conservation and
+#: DeepLIFT's summation to delta; ``PAIRED`` ones run input and baseline as two halves of a batch.
+AXIOMS = frozenset({"conservation", "summation-to-delta"})
+PAIRED = frozenset({"summation-to-delta"})
+#: How the manifest's conservation record names what the substitutes do.
+SUMMARY = ("AttnLRP/CP-LRP: normalisations' std and attention's softmax weights constant, residual sums split by "
+           "share (LRP); exact DeepLIFT multipliers through both")
+
+
+def _pairs(x: torch.Tensor, pairs: bool) -> bool:
+    return pairs and x.ndim > 0 and x.shape[0] % 2 == 0 and x.shape[0] > 0
+
+
+def _normalise(x: torch.Tensor, dims: tuple[int, ...], eps: float, pairs: bool) -> torch.Tensor:
+    """``(x - mean) / std`` over ``dims`` with the std a constant of the backward pass; with
+    ``pairs``, DeepLIFT's exact multiplier between the batch's halves (see the module docstring)."""
+    u = x - x.mean(dims, keepdim=True)
+    std = (u.detach().pow(2).mean(dims, keepdim=True) + eps).sqrt()
+    if not _pairs(x, pairs):
+        return u / std
+    (ua, ub), (sa, sb) = u.chunk(2), std.chunk(2)
+    # Δ(u·w) = w_x·Δu + u_b·Δw with Δw = ρ·Δ(std²), ρ = (1/s_x − 1/s_b)/(s_x² − s_b²) = −1/(s_x·s_b·(s_x + s_b))
+    # (the secant, in a form without differences), Δ(std²) = (1/n)·Σ (u_x + u_b)·Δu
+    rho = -1 / (sa * sb * (sa + sb))
+    n = math.prod(x.shape[d] for d in dims)
+    both = (ua + ub).detach()
+
+    def multiplied(t):  # the same linear map on either half: Captum reads the input half's gradient, SHAP the baseline's
+        return t / sa + ub.detach() * rho * (both * t).sum(dims, keepdim=True) / n
+
+    exact = torch.cat([ua / sa, ub / sb]).detach()
+    paired = torch.cat([multiplied(ua), multiplied(ub)])
+    return exact + paired - paired.detach()
+
+
+def _affine(y: torch.Tensor, weight, bias, shape: tuple[int, ...]) -> torch.Tensor:
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+def _elementwise(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` (a normalisation's output) with the Jacobian ``diag(y / x)``: under the ε rule (``x ·
+    Jᵀ(R / y)``) each element keeps its relevance, ``R_in = R_out``; Captum's identity rule would do
+    that too, but it replaces whatever reaches the input, and so drops the relevance a residual
+    stream brings there past the norm (a transformer block's ``x + f(norm(x))``)."""
+    ratio = torch.where(x != 0, y.detach() / torch.where(x != 0, x.detach(), torch.ones_like(x)), torch.zeros_like(x))
+    return y.detach() + (x - x.detach()) * ratio
+
+
+def _norm_forward(module: nn.Module, state: dict):
+    """The substitute forward of normalisation ``module`` (same values; std constant for DeepLIFT,
+    elementwise in relevance terms for LRP: :func:`_elementwise`)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = _norm_values(module, x, state["pairs"])
+        return y if state["pairs"] else _elementwise(x, y)
+
+    return forward
+
+
+def _norm_values(module: nn.Module, x: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """What normalisation ``module`` computes, with its std constant (:func:`_normalise`)."""
+    name = type(module).__name__
+    if name == "LayerNorm2d":  # channels of (N, C, *spatial)
+        y = _normalise(x, (1,), module.eps, pairs)
+        return _affine(y, module.weight, module.bias, (1, -1, *([1] * (x.ndim - 2))))
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
+        y = _normalise(x, dims, module.eps, pairs)
+        return _affine(y, module.weight, module.bias, tuple(module.normalized_shape))
+    channel_shape = (1, -1, *([1] * (x.ndim - 2)))
+    if isinstance(module, nn.GroupNorm):
+        grouped = x.reshape(x.shape[0], module.num_groups, -1)
+        y = _normalise(grouped, (2,), module.eps, pairs).reshape(x.shape)
+        return _affine(y, module.weight if module.affine else None, module.bias if module.affine else None,
+                       channel_shape)
+    y = _normalise(x, tuple(range(2, x.ndim)), module.eps, pairs)  # InstanceNorm
+    return _affine(y, module.weight if module.affine else None, module.bias if module.affine else None,
+                   channel_shape)
+
+
+# ---------------------------------------------------------------------------- attention
+
+def _constant(weights: torch.Tensor) -> torch.Tensor:
+    """Attention weights held constant: their values, with a zero gradient (not none: a library's
+    hooks on the queries and keys, Captum's on timm's ``q_norm``, then see zeros rather than nothing)."""
+    return weights.detach() + weights * 0 if weights.requires_grad else weights
+
+
+def _halves_mean(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.detach().chunk(2)
+    mean = (a + b) / 2
+    return torch.cat([mean, mean])
+
+
+def _live(args: tuple) -> list[int]:
+    """Positions of the tensor arguments that depend on the input (require gradients)."""
+    return [i for i, a in enumerate(args) if torch.is_tensor(a) and a.requires_grad]
+
+
+def _paired(func, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``func`` (a product) of two input-dependent tensors with DeepLIFT's exact multipliers between
+    the batch's halves: ``Δ(a·b) = Δa·b̄ + ā·Δb`` (bars: the mean of input and baseline); values exact."""
+    exact = func(*args, **kwargs)
+    i, j = _live(args)
+    first = func(*(_halves_mean(a) if k == j else a for k, a in enumerate(args)), **kwargs)
+    second = func(*(_halves_mean(a) if k == i else a for k, a in enumerate(args)), **kwargs)
+    return exact.detach() + (first - first.detach()) + (second - second.detach())
+
+
+def _product(func, args: tuple, kwargs: dict, pairs: bool) -> torch.Tensor:
+    live = _live(args)
+    if pairs and len(live) == 2 and all(_pairs(args[i], True) for i in live) \
+            and args[live[0]].shape[0] == args[live[1]].shape[0]:
+        return _paired(func, args, kwargs)
+    return func(*args, **kwargs)
+
+
+def _softmax_paired(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """``softmax(scores)`` over ``dim`` with DeepLIFT's exact multiplier between the batch's halves.
+
+    With ``l = log softmax(s)``: ``ΔA = g·Δl`` (g the secant of exp between the halves' ``l ≤ 0``,
+    bounded by 1) and ``Δl = Δs − Δlse``; by convexity ``Δlse`` lies between ``A_b·Δs`` and ``A_x·Δs``,
+    so ``Δlse = c·Δs`` with ``c`` the convex combination of the two softmaxes that makes it exact.
+    No coefficient is a ratio of small differences without a bound."""
+    weights = scores.softmax(dim)
+    if not _pairs(scores, True) or not scores.requires_grad:
+        return _constant(weights)
+    s_a, s_b = scores.detach().chunk(2)
+    a_a, a_b = weights.detach().chunk(2)
+    finite = torch.isfinite(s_a) & torch.isfinite(s_b)  # masked entries (−inf in both halves) take no part
+    ds = torch.where(finite, s_a - s_b, torch.zeros_like(s_a))
+    l_a, l_b = s_a.log_softmax(dim), s_b.log_softmax(dim)
+    dl = torch.where(finite, l_a - l_b, torch.zeros_like(l_a))
+    dlse = torch.logsumexp(s_a, dim, keepdim=True) - torch.logsumexp(s_b, dim, keepdim=True)
+    p_a, p_b = (a_a * ds).sum(dim, keepdim=True), (a_b * ds).sum(dim, keepdim=True)
+    gap = p_a - p_b
+    theta = torch.where(gap.abs() > 1e-12, (dlse - p_b) / torch.where(gap.abs() > 1e-12, gap, torch.ones_like(gap)),
+                        torch.full_like(gap, 0.5)).clamp(0, 1)
+    c = theta * a_a + (1 - theta) * a_b
+    g = torch.where(dl.abs() > 1e-6, (a_a - a_b) / torch.where(dl.abs() > 1e-6, dl, torch.ones_like(dl)),
+                    (a_a + a_b) / 2)
+
+    def multiplied(t):
+        t = torch.where(finite, t, torch.zeros_like(t))
+        return g * (t - (c * t).sum(dim, keepdim=True))
+
+    live_a, live_b = scores.chunk(2)
+    paired = torch.cat([multiplied(live_a), multiplied(live_b)])
+    return weights.detach() + paired - paired.detach()
+
+
+def _weights(func, args: tuple, kwargs: dict, pairs: bool) -> torch.Tensor:
+    """A softmax inside attention: constant (LRP), or with its exact DeepLIFT multiplier (``pairs``)."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if pairs and isinstance(dim, int) and kwargs.get("dtype") is None and torch.is_tensor(args[0]):
+        return _softmax_paired(args[0], dim)
+    return _constant(func(*args, **kwargs))
+
+
+_PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm", "einsum"})
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+          *, pairs: bool = False):
+    """``F.scaled_dot_product_attention`` written out, its softmax weights constant (eval: no dropout)."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scores = _product(torch.matmul, (query, key.transpose(-2, -1)), {}, pairs) * scale
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    weights = _weights(torch.softmax, (scores, -1), {}, pairs)
+    return _product(torch.matmul, (weights, value), {}, pairs)
+
+
+class _ConstantWeights(torch.overrides.TorchFunctionMode):
+    """Within an attention module's forward: softmax weights held constant (:func:`_constant`),
+    fused attention written out with them (:func:`_sdpa`); with ``pairs`` (DeepLIFT), the softmax
+    and the products of two input-dependent tensors carry their exact multipliers instead."""
+
+    def __init__(self, pairs: bool):
+        super().__init__()
+        self.pairs = pairs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "softmax":
+            return _weights(func, args, kwargs, self.pairs)
+        if name == "scaled_dot_product_attention":
+            return _sdpa(*args, **kwargs, pairs=self.pairs)
+        if self.pairs and name in _PRODUCTS:
+            return _product(func, args, kwargs, True)
+        return func(*args, **kwargs)
+
+
+class PlainSoftmax(nn.Module):
+    """``nn.Softmax`` under another name, inside attention while DeepLIFT runs: Captum's and SHAP's
+    DeepLIFT replace an ``nn.Softmax``'s gradient by their own elementwise rescale, which would
+    overwrite the exact multiplier :func:`_softmax_paired` carries."""
+
+    def __init__(self, dim: int | None):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, self.dim)
+
+
+def _scoped_forward(module: nn.Module, state: dict):
+    """``module``'s own forward, run under :class:`_ConstantWeights`."""
+    forward = module.forward
+
+    def scoped(*args, **kwargs):
+        with _ConstantWeights(state["pairs"]):
+            return forward(*args, **kwargs)
+
+    return scoped
+
+
+def _projection(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` over ``weight`` and ``bias`` (views of the attention's own parameters)."""
+    linear = nn.Linear(1, 1, bias=False, device="meta")
+    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    linear.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    return linear
+
+
+class ConstantAttention(nn.Module):
+    """``nn.MultiheadAttention`` with its softmax weights constant: queries and keys give the
+    weights, the values pass through ``value`` (an ``nn.Linear`` over the slice of ``in_proj_weight``
+    it uses) and ``out_proj`` (the original's), so LRP rules see both projections. Same values,
+    same call signature (``need_weights`` returns the constant weights)."""
+
+    def __init__(self, original: nn.MultiheadAttention, state: dict):
+        super().__init__()
+        e = original.embed_dim
+        if original._qkv_same_embed_dim:
+            w, b = original.in_proj_weight, original.in_proj_bias
+            self.query_weight, self.key_weight, value_weight = w[:e], w[e:2 * e], w[2 * e:]
+            bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e:2 * e], b[2 * e:])
+        else:
+            self.query_weight, self.key_weight = original.q_proj_weight, original.k_proj_weight
+            value_weight = original.v_proj_weight
+            b = original.in_proj_bias
+            bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e:2 * e], b[2 * e:])
+        self.query_bias, self.key_bias = bq, bk
+        self.value = _projection(value_weight, bv)
+        self.out_proj = original.out_proj
+        self.num_heads, self.embed_dim, self.batch_first = original.num_heads, e, original.batch_first
+        self.state = state
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self.batch_first and query.ndim == 3:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, length, e = query.shape
+        heads = self.num_heads
+
+        def split(t):
+            return t.reshape(n, t.shape[1], heads, e // heads).transpose(1, 2)
+
+        q = split(F.linear(query, self.query_weight, self.query_bias))
+        k = split(F.linear(key, self.key_weight, self.key_bias))
+        v = split(self.value(value))
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask.view(n, heads, *attn_mask.shape[-2:]) if attn_mask.ndim == 3 else attn_mask
+            if mask.dtype == torch.bool:
+                mask = ~mask  # MultiheadAttention's True means "not allowed"; SDPA's means "allowed"
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(n, 1, 1, -1)
+            padding = torch.zeros_like(padding, dtype=q.dtype).masked_fill(padding, float("-inf")) \
+                if padding.dtype == torch.bool else padding.to(q.dtype)
+            if mask is None:
+                mask = padding
+            else:
+                mask = (torch.zeros_like(mask, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+                        if mask.dtype == torch.bool else mask) + padding
+        out = _sdpa(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, pairs=self.state["pairs"])
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, e))
+        if not self.batch_first and out.ndim == 3:
+            out = out.transpose(0, 1)
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1) * (e // heads) ** -0.5)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            weights = scores.softmax(-1).detach()
+            return out, weights.mean(1) if average_attn_weights else weights
+        return out, None
+
+
+def _supported_mha(module: nn.MultiheadAttention) -> bool:
+    """Whether :class:`ConstantAttention` computes what ``module`` does (no extra key/value biases,
+    no zero-attention row, eval mode)."""
+    return module.bias_k is None and not module.add_zero_attn and not module.training
+
+
+class _ProportionalSum(torch.autograd.Function):
+    """``a + b`` whose backward splits what arrives (relevance, for LRP) by each term's share of
+    the sum (zennit's ``Norm`` rule on its ``Sum`` module, Bach et al. 2015's z-rule), where the
+    gradient would copy it whole to both terms; an exactly zero sum is split in halves.
+
+    A term that is the input of a layer Captum's LRP hooks (it marks it ``hook_registered``) gets
+    its share divided by itself: Captum's hook on that tensor multiplies whatever arrives there by
+    the tensor (relevance = gradient × input), so the share must arrive as a gradient."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.terms = (a, b)  # the tensors themselves: Captum's mark is an attribute of the Python object
+        return a + b
+
+    @staticmethod
+    def backward(ctx, relevance):
+        a, b = ctx.terms
+        z = (a + b).detach()
+        nonzero = z != 0
+        safe_z = torch.where(nonzero, z, torch.ones_like(z))
+        per_unit = torch.where(nonzero, relevance / safe_z, torch.zeros_like(z))
+
+        def share(term, half):
+            if getattr(term, "hook_registered", False):
+                return torch.where(nonzero, per_unit, relevance * half / torch.where(term != 0, term, 1).detach())
+            return torch.where(nonzero, per_unit * term.detach(), relevance * half)
+
+        ctx.terms = None
+        return share(a, 0.5), share(b, 0.5)
+
+
+_SUMS = frozenset({"add", "__add__", "__radd__", "__iadd__"})
+
+
+def _functional_norm(name: str, args: tuple, kwargs: dict, pairs: bool) -> torch.Tensor:
+    """``F.layer_norm`` / ``F.group_norm`` called by the model's code (SwinUNETR's ``proj_out``): no
+    module a rule could sit on. For DeepLIFT, :func:`_normalise`'s exact multiplier; for LRP, the
+    identity in the backward pass (each element keeps its relevance, as the norm modules' rule)."""
+    x = args[0]
+    if name == "layer_norm":
+        shape = tuple(args[1] if len(args) > 1 else kwargs["normalized_shape"])
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        bias = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        exact = F.layer_norm(x, list(shape), weight, bias, eps)
+        if not pairs:
+            return exact.detach() + x - x.detach()
+        y = _normalise(x, tuple(range(x.ndim - len(shape), x.ndim)), eps, True)
+        return _affine(y, weight, bias, shape)
+    groups = args[1] if len(args) > 1 else kwargs["num_groups"]
+    weight = args[2] if len(args) > 2 else kwargs.get("weight")
+    bias = args[3] if len(args) > 3 else kwargs.get("bias")
+    eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+    exact = F.group_norm(x, groups, weight, bias, eps)
+    if not pairs:
+        return exact.detach() + x - x.detach()
+    y = _normalise(x.reshape(x.shape[0], groups, -1), (2,), eps, True).reshape(x.shape)
+    return _affine(y, weight, bias, (1, -1, *([1] * (x.ndim - 2))))
+
+
+class _WholeModel(torch.overrides.TorchFunctionMode):
+    """While a rule-based method runs: functional normalisations in the model's code as
+    :func:`_functional_norm`; for LRP (not ``pairs``), the sum of two computed tensors of one shape
+    (a residual or skip connection, ``x + f(x)``) a :class:`_ProportionalSum`. Sums with a
+    parameter or a broadcast term (biases, position embeddings) are left alone; ``a.add_(b)`` too (a
+    statement relying on its side effect)."""
+
+    def __init__(self, pairs: bool, split_sums: bool = True):
+        super().__init__()
+        self.pairs = pairs
+        self.split_sums = split_sums and not pairs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if (name in ("layer_norm", "group_norm") and args and torch.is_tensor(args[0]) and args[0].requires_grad
+                and torch.is_grad_enabled()):
+            return _functional_norm(name, args, kwargs, self.pairs)
+        if (self.split_sums and name in _SUMS and not kwargs and len(args) == 2
+                and all(torch.is_tensor(a) and a.grad_fn is not None for a in args)
+                and args[0].shape == args[1].shape and args[0].dtype == args[1].dtype and torch.is_grad_enabled()):
+            return _ProportionalSum.apply(*args)
+        return func(*args, **kwargs)
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    (root.get_submodule(parent) if parent else root)._modules[child] = module
+
+
+@contextlib.contextmanager
+def substituted(network: nn.Module, x: torch.Tensor, *, pairs: bool = False) -> Iterator[list[str]]:
+    """Within the block, the substitutes on ``network`` (the prepared copy: see the module
+    docstring); yields the changes made (logged), undone on exit, also on error."""
+    state = {"pairs": pairs}
+    changes: list[str] = []
+    swapped: list[tuple[str, nn.Module]] = []
+    patched: list[nn.Module] = []
+    try:
+        for name, module in list(network.named_modules()):
+            if isinstance(module, nn.MultiheadAttention) and _supported_mha(module):
+                swapped.append((name, module))
+                _set(network, name, ConstantAttention(module, state))
+                changes.append(f"{name}: attention weights constant (ConstantAttention)")
+            elif normalisation(module) and "forward" not in vars(module):
+                module.forward = _norm_forward(module, state)
+                patched.append(module)
+                changes.append(f"{name}: {type(module).__name__} with its standard deviation constant")
+        for name in attention_names(network, x):
+            module = network.get_submodule(name)
+            if "forward" not in vars(module):
+                module.forward = _scoped_forward(module, state)
+                patched.append(module)
+                changes.append(f"{name}: {type(module).__name__}'s attention weights constant")
+            for inner, softmax in list(module.named_modules()) if pairs else ():
+                if type(softmax) is nn.Softmax:
+                    swapped.append((f"{name}.{inner}", softmax))
+                    _set(network, f"{name}.{inner}", PlainSoftmax(softmax.dim))
+        if changes:
+            log.debug("substitutes on the prepared copy%s: %s", " (DeepLIFT pairs)" if pairs else "",
+                      "; ".join(changes))
+        with _WholeModel(pairs, split_sums=bool(changes)):
+            yield changes
+    finally:
+        for module in patched:
+            vars(module).pop("forward", None)
+        for name, module in reversed(swapped):
+            _set(network, name, module)
+
+
+_attention_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+def attention_names(network: nn.Module, x: torch.Tensor) -> tuple[str, ...]:
+    """The attention modules of ``network`` other than ``nn.MultiheadAttention`` (found on one
+    forward pass of ``x``: :func:`esegeta.attribution.architectures.attention`), by name;
+    remembered per network (the prepared copy is cached: its structure does not change)."""
+    if any(isinstance(m, (nn.MultiheadAttention, ConstantAttention)) for m in network.modules()):
+        return ()
+    if network not in _attention_cache:
+        _attention_cache[network] = tuple(label.rsplit(" (", 1)[0] for label in attention(network, x)
+                                          if not label.startswith("("))
+    return _attention_cache[network]
+
+
+def unsupported_attention(network: nn.Module) -> list[str]:
+    """The ``nn.MultiheadAttention`` modules the substitute does not cover (by name), with why."""
+    return [f"{name} (MultiheadAttention with {'bias_k/bias_v' if m.bias_k is not None else 'add_zero_attn'})"
+            for name, m in network.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and (m.bias_k is not None or m.add_zero_attn)]
+
+
+def applies(spec: Any) -> bool:
+    """Whether ``spec``'s method runs on the substitutes (its axiom is one of :data:`AXIOMS`)."""
+    return getattr(spec, "axiom", "") in AXIOMS
+
+
+@contextlib.contextmanager
+def for_method(spec: Any, network: nn.Module | None, x: torch.Tensor) -> Iterator[list[str]]:
+    """:func:`substituted` where ``spec``'s method needs it (:func:`applies`), else nothing."""
+    if network is None or not applies(spec):
+        yield []
+        return
+    with substituted(network, x, pairs=spec.axiom in PAIRED) as changes:
+        yield changes
