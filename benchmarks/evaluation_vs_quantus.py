@@ -4,7 +4,8 @@
 
 Same model (the digits sample's DigitResNet with its checkpoint, or with ``--model lenet`` a
 seeded LeNet-5 as in Quantus's tutorials; ``--size`` > 8 upsamples the digits bilinearly, which
-both adaptive-pooling classifiers accept), same inputs (the first ``--n``
+both adaptive-pooling classifiers accept; or with ``--model resnet18`` torchvision's resnet18 on
+``--n`` random RGB images of ``--size``², the issue's realistic size being 224), same inputs (the first ``--n``
 of sklearn's digits), same attributions (Saliency for MPRT, random otherwise) and same settings
 on both sides. Quantus batches over inputs (its ``batch_size`` = n) and loops over steps in
 numpy; esegeta stacks the steps of all inputs into chunks of ``--max-batch`` forward passes.
@@ -45,8 +46,10 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=1024, help="esegeta's forward chunk")
     parser.add_argument("--device", default="cpu", help="esegeta's device (Quantus runs on the CPU)")
     parser.add_argument("--only", default="", help="comma-separated metric names")
-    parser.add_argument("--model", default="digits", choices=("digits", "lenet"),
-                        help="digits: the sample DigitResNet; lenet: a seeded LeNet-5 (Quantus's tutorial model)")
+    parser.add_argument("--model", default="digits", choices=("digits", "lenet", "resnet18"),
+                        help="digits: the sample DigitResNet; lenet: a seeded LeNet-5 (Quantus's tutorial model); "
+                             "resnet18: torchvision's, random weights, on random RGB images")
+    parser.add_argument("--scale", type=float, default=1.0, help="fewer steps/runs (0.25: a quarter) for big inputs")
     args = parser.parse_args()
 
     import numpy as np
@@ -80,6 +83,14 @@ def main() -> None:
     if args.size != 8:
         x = F.interpolate(x, size=(args.size, args.size), mode="bilinear", align_corners=False)
     y = torch.tensor(data.target[: args.n])
+    if args.model == "resnet18":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from evaluation_models import model_and_inputs
+
+        model, x = model_and_inputs("resnet18", args.n, args.size)
+        with torch.no_grad():
+            y = model(x).argmax(1)
+        layers = sum(1 for m in model.modules() if hasattr(m, "reset_parameters"))
     a = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     device = torch.device(args.device)
     dev_model = model.to(device) if device.type != "cpu" else model
@@ -94,8 +105,13 @@ def main() -> None:
     a_sal = saliency(model, x, y)
     xn, yn, an, asn = x.numpy(), y.numpy(), a.numpy(), a_sal.numpy()
     features = args.size * args.size
-    step = args.step or max(1, features // 64)
+    def scaled(k: int) -> int:
+        return max(2, round(k * args.scale))
+
+    step = args.step or max(1, features // scaled(64))
     patch = max(2, args.size // 8)
+    regions = 1000 if args.scale == 1 else scaled(64)
+    runs = scaled(100)
     common = dict(normalise=False, abs=False, disable_warnings=True)
 
     def quantus_call(q, a_np, **kw):
@@ -121,18 +137,18 @@ def main() -> None:
             ours("pixel_flipping", a, features_in_step=step, baseline="min", softmax=True),
             lambda r: r.curves["score"]),
         "region_perturbation": (
-            f"{(args.size // patch) ** 2} patches of {patch}x{patch}",
-            lambda: np.asarray(quantus_call(quantus.RegionPerturbation(patch_size=patch, regions_evaluation=1000,
+            f"{min(regions, (args.size // patch) ** 2)} patches of {patch}x{patch}",
+            lambda: np.asarray(quantus_call(quantus.RegionPerturbation(patch_size=patch, regions_evaluation=regions,
                                                                        perturb_baseline=0.0, **common), an, softmax=True)),
-            ours("region_perturbation", a, patch_size=patch, regions_evaluation=1000, baseline="value", softmax=True),
+            ours("region_perturbation", a, patch_size=patch, regions_evaluation=regions, baseline="value", softmax=True),
             lambda r: r.curves["drop"]),
         "faithfulness_correlation": (
-            f"100 runs of {features // 4} px",
-            lambda: np.asarray(quantus_call(quantus.FaithfulnessCorrelation(nr_runs=100, subset_size=features // 4,
+            f"{runs} runs of {features // 4} px",
+            lambda: np.asarray(quantus_call(quantus.FaithfulnessCorrelation(nr_runs=runs, subset_size=features // 4,
                                                                             perturb_baseline="black",
                                                                             return_aggregate=False, **common),
                                             an, softmax=False)),
-            ours("faithfulness_correlation", a, nr_runs=100, subset_size=features // 4, baseline="min"),
+            ours("faithfulness_correlation", a, nr_runs=runs, subset_size=features // 4, baseline="min"),
             None),
         "road": (
             "9 percentages, 8 neighbours, noise 0",
@@ -163,8 +179,9 @@ def main() -> None:
     }
     only = [c for c in args.only.split(",") if c]
     torch_threads = torch.get_num_threads()
-    label = "DigitResNet (digits sample)" if args.model == "digits" else "LeNet-5"
-    print(f"{label} on digits, n={args.n}, {args.size}x{args.size}, torch threads {torch_threads}, "
+    label = {"digits": "DigitResNet (digits sample) on digits", "lenet": "LeNet-5 on digits",
+             "resnet18": "torchvision resnet18 (random weights) on random RGB images"}[args.model]
+    print(f"{label}, n={args.n}, {args.size}x{args.size}, torch threads {torch_threads}, "
           f"esegeta on {device} (max_batch {args.max_batch}), Quantus {quantus.__version__} on cpu\n")
     print("| metric | setting | Quantus s | esegeta s | ratio | max abs diff |")
     print("|---|---|---:|---:|---:|---:|")

