@@ -21,6 +21,7 @@ Quantus's SmoothMPRT explains with its own ``quantus.explain`` (plain gradient) 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,10 @@ def main() -> None:
         return max(2, round(k * args.scale))
 
     step = args.step or max(1, features // scaled(64))
+    # Quantus's pixel flipping flips single elements of a map broadcast to the input's channels (its step must
+    # divide H x W): on RGB the same number of steps, esegeta flipping whole pixels (values not comparable)
+    flips = x.shape[1] * features // step
+    pixel_step = math.ceil(features / flips)
     patch = max(2, args.size // 8)
     regions = 1000 if args.scale == 1 else scaled(64)
     runs = scaled(100)
@@ -141,11 +146,11 @@ def main() -> None:
 
     cases = {
         "pixel_flipping": (
-            f"{features // step} steps of {step} px",
+            f"{flips} steps of {step} px" if x.shape[1] == 1 else f"{flips} steps ({step} elements; esegeta {pixel_step} px)",
             lambda: np.asarray(quantus_call(quantus.PixelFlipping(features_in_step=step, perturb_baseline="black", **common),
                                             an, softmax=True)),
-            ours("pixel_flipping", a, features_in_step=step, baseline="min", softmax=True),
-            lambda r: r.curves["score"]),
+            ours("pixel_flipping", a, features_in_step=pixel_step, baseline="min", softmax=True),
+            (lambda r: r.curves["score"]) if x.shape[1] == 1 else None),
         "region_perturbation": (
             f"{min(regions, (args.size // patch) ** 2)} patches of {patch}x{patch}",
             lambda: np.asarray(quantus_call(quantus.RegionPerturbation(patch_size=patch, regions_evaluation=regions,
