@@ -76,7 +76,7 @@ class SharedPasses:
     pass per input, not one per metric. An entry is found by value (``torch.equal``), so scores
     are never given to another input; at most ``limit`` entries are kept (the oldest dropped)."""
 
-    def __init__(self, limit: int = 16):
+    def __init__(self, limit: int = 8):
         self.limit = limit
         self._entries: list[tuple[tuple, Tensor, Tensor]] = []
 
