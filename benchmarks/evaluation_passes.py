@@ -1,13 +1,19 @@
-"""Each metric's time against its pass-count limit (run on demand).
+"""Each metric's time against its pass-count limit, and the passes metrics share (run on demand).
 
     OMP_NUM_THREADS=1 python benchmarks/evaluation_passes.py [--model digits|resnet18] [--n 8] [--size 32]
 
 The limit of a metric is its forward passes per input (``MetricSpec.forward_passes``) × the
 inputs × the time of one pass per input at the batch size the metric runs (``--max-batch``),
-measured here on the same model; re-explanations are not counted (see
-benchmarks/evaluate_reexplain.py). The metric runs on the stacked inputs through a
-:class:`esegeta.evaluation.Context`, as the engine calls it. Prints per metric: passes per input,
-seconds, the limit, and their ratio (1.0: nothing but the passes; the issue's goal is <= 1.2).
+measured on the same model right before the metric (interleaved), in this process's CPU time by
+default (``--clock cpu``: other processes on a shared machine do not count),
+through :meth:`esegeta.evaluation.Context.scores` as the metrics call it (so a faster layout
+lowers the limit too: the ratio is what the metric costs beyond its passes). Re-explanations are
+not counted (see benchmarks/evaluate_reexplain.py). The metric runs on the stacked inputs through
+a :class:`esegeta.evaluation.Context`, as the engine calls it. Prints per metric: passes per
+input (the spec's, and those counted by a forward hook), seconds, the limit, their ratio (1.0:
+nothing but the passes; the issue's goal is <= 1.2). Then all metrics once more with one
+:class:`esegeta.evaluation.base.SharedPasses` per input, as the engine runs them: the passes
+counted alone and together (the unperturbed input and the emptied input scored once).
 """
 from __future__ import annotations
 
@@ -27,14 +33,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="image side (digits upsampled)")
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
+                        help="cpu: this process's CPU time (time.process_time; steady on a shared machine, with "
+                             "OMP_NUM_THREADS=1); wall: time.perf_counter")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated metric names")
+    parser.add_argument("--scale", type=float, default=1.0, help="fewer steps/runs (0.25: a quarter) for big inputs")
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import torch
     from evaluation_models import model_and_inputs
     import torch.nn.functional as F
 
     from esegeta.evaluation import Context, metric
+    from esegeta.evaluation.base import SharedPasses
 
     model, x = model_and_inputs(args.model, args.n, args.size)
     if args.model == "digits":
@@ -43,38 +56,65 @@ def main() -> None:
         target = model(x).argmax(1)
     a = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     features = args.size * args.size
+
+    def scaled(k: int) -> int:
+        return max(2, round(k * args.scale))
+
     cases = {
-        "deletion": {"steps": 20},
-        "insertion": {"steps": 20},
-        "pixel_flipping": {"features_in_step": max(1, features // 64)},
-        "region_perturbation": {"patch_size": max(2, args.size // 8), "regions_evaluation": 64},
-        "faithfulness_correlation": {"nr_runs": 100, "subset_size": features // 4},
-        "infidelity": {"n_perturbations": 32},
+        "deletion": {"steps": scaled(20)},
+        "insertion": {"steps": scaled(20)},
+        "pixel_flipping": {"features_in_step": max(1, features // scaled(64)), "baseline": "value"},
+        "region_perturbation": {"patch_size": max(2, args.size // 8), "regions_evaluation": scaled(64),
+                                "baseline": "value"},
+        "faithfulness_correlation": {"nr_runs": scaled(100), "subset_size": features // 4},
+        "infidelity": {"n_perturbations": scaled(32)},
         "road": {"percentages": list(range(10, 100, 10))},
     }
+    only = [c for c in args.only.split(",") if c]
+    cases = {k: v for k, v in cases.items() if not only or k in only}
     batch = x[torch.arange(args.max_batch) % args.n]
+    counted = [0]
+    handle = model.register_forward_hook(lambda m, inputs, out: counted.__setitem__(0, counted[0] + inputs[0].shape[0]))
 
     def one_pass() -> float:
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(batch)
-        return (time.perf_counter() - start) / args.max_batch
-
-    per_input = min(one_pass() for _ in range(args.repeats + 1))
-    print(f"{args.model}: {args.n} input(s) of {tuple(x.shape[1:])}, max_batch {args.max_batch}, one pass "
-          f"{per_input * 1e3:.2f} ms per input at that batch size")
-    print(f"{'metric':26} {'passes':>6} {'seconds':>8} {'limit':>8} {'ratio':>6}")
-    for name, params in cases.items():
-        spec = metric(name)
-        passes = spec.forward_passes(tuple(x.shape[1:]), params)
+        ctx = Context(model=model, max_batch=args.max_batch)
         best = float("inf")
-        for _ in range(args.repeats):
-            ctx = Context(model=model, max_batch=args.max_batch)
-            start = time.perf_counter()
-            spec(ctx, x, a, target, **params)
-            best = min(best, time.perf_counter() - start)
-        limit = passes * args.n * per_input
-        print(f"{name:26} {passes:6d} {best:8.3f} {limit:8.3f} {best / limit:6.2f}", flush=True)
+        for _ in range(args.repeats + 1):
+            start = clock()
+            ctx.scores(batch)
+            best = min(best, clock() - start)
+        return best / args.max_batch
+
+    try:
+        print(f"{args.model}: {args.n} input(s) of {tuple(x.shape[1:])}, max_batch {args.max_batch}, torch threads "
+              f"{torch.get_num_threads()}; one pass {one_pass() * 1e3:.2f} ms per input at that batch size")
+        print(f"{'metric':26} {'passes':>6} {'counted':>7} {'seconds':>8} {'limit':>8} {'ratio':>6}")
+        alone = 0
+        for name, params in cases.items():
+            spec = metric(name)
+            passes = spec.forward_passes(tuple(x.shape[1:]), params)
+            per_input = one_pass()
+            best = float("inf")
+            for _ in range(args.repeats):
+                ctx = Context(model=model, max_batch=args.max_batch)
+                counted[0] = 0
+                start = clock()
+                spec(ctx, x, a, target, **params)
+                best = min(best, clock() - start)
+            alone += counted[0]
+            limit = passes * args.n * per_input
+            print(f"{name:26} {passes:6d} {counted[0] / args.n:7.1f} {best:8.3f} {limit:8.3f} {best / limit:6.2f}",
+                  flush=True)
+        counted[0] = 0
+        for i in range(args.n):  # as the engine: one SharedPasses per input, all metrics in turn
+            shared = SharedPasses()
+            for name, params in cases.items():
+                metric(name)(Context(model=model, max_batch=args.max_batch, shared=shared), x[i:i + 1], a[i:i + 1],
+                             target[i:i + 1], **params)
+        print(f"all metrics, passes per input: {alone / args.n:.1f} each alone, {counted[0] / args.n:.1f} sharing "
+              "the unperturbed and the emptied input")
+    finally:
+        handle.remove()
 
 
 if __name__ == "__main__":

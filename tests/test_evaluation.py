@@ -237,6 +237,43 @@ def test_python_evaluate_on_tensors_and_labels_need_a_method_to_reexplain():
         esegeta.evaluate(model, x, {"random": noise}, ["random_logit"])
 
 
+def test_metrics_of_one_evaluation_share_the_unperturbed_pass():
+    """Deletion and region perturbation evaluated together score each input's unperturbed input once
+    (the predicted target's pass) and deletion's emptied input once, whatever the number of maps; the
+    values are those of each metric evaluated alone."""
+    from samples.models import DigitResNet
+
+    class CountingDigits(DigitResNet):
+        rows = 0  # a class attribute: the engine's prepared copy counts here too
+
+        def forward(self, x):
+            type(self).rows += x.shape[0]
+            return super().forward(x)
+
+    model, x = _digits_model_and_inputs()
+    counting = CountingDigits()
+    counting.load_state_dict(model.state_dict())
+    counting.eval()
+    x = x[:2]
+    maps = {"a": torch.rand(x.shape, generator=torch.Generator().manual_seed(1)),
+            "b": torch.rand(x.shape, generator=torch.Generator().manual_seed(2))}
+    deletion = {"id": "deletion", "params": {"steps": 4}}
+    region = {"id": "region_perturbation", "params": {"patch_size": 2, "regions_evaluation": 4, "baseline": "value"}}
+    esegeta.evaluate(counting, x, maps, ["sparseness"])  # the prepared copy, made once
+    counts, results = [], []
+    for metrics in ([deletion], [region], [deletion, region]):
+        CountingDigits.rows = 0
+        results.append(esegeta.evaluate(counting, x, maps, metrics))
+        counts.append(CountingDigits.rows)
+    perturbed = {"deletion": 2 * (4 - 1), "region_perturbation": 2 * 4}  # two maps' rows per step depending on a map
+    unperturbed, emptied = 1, 1  # once per input: the predicted target's pass is deletion's first step, region's reference
+    assert counts == [2 * (unperturbed + perturbed["deletion"] + emptied), 2 * (unperturbed + perturbed["region_perturbation"]),
+                      2 * (unperturbed + perturbed["deletion"] + emptied + perturbed["region_perturbation"])]
+    for label in maps:
+        for metric_id, alone in (("deletion", results[0]), ("region_perturbation", results[1])):
+            assert results[2].value(label, metric_id) == pytest.approx(alone.value(label, metric_id), rel=1e-5, abs=1e-6)
+
+
 def test_quantus_scores_esegeta_methods_through_explain_func():
     from esegeta.evaluation.quantus import explain_func
 

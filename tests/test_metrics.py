@@ -12,7 +12,7 @@ from torch import nn
 
 from esegeta.errors import ConfigError
 from esegeta.evaluation import Context, all_metrics, metric
-from esegeta.evaluation.base import GROUPS, NEEDS
+from esegeta.evaluation.base import GROUPS, NEEDS, SharedPasses
 from esegeta.evaluation.road import linear_imputation, neighbour_kernel
 
 # Small enough to keep every metric to a few forward passes per input.
@@ -178,17 +178,33 @@ def test_curves_have_one_column_per_step():
 
 
 # --------------------------------------------------------------------------- ROAD imputation
+@pytest.mark.parametrize("solver", ["direct", "cg"])
 @pytest.mark.parametrize("dims,neighbours", [(2, 4), (2, 8), (3, 6), (3, 26)])
-def test_imputation_reproduces_a_linear_ramp_and_keeps_known_pixels(dims, neighbours):
+def test_imputation_reproduces_a_linear_ramp_and_keeps_known_pixels(dims, neighbours, solver):
     shape = (7, 8) if dims == 2 else (6, 7, 5)
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in shape], indexing="ij")
     ramp = (0.3 * grids[0] - 0.2 * grids[1] + 1.0)[None, None]
     removed = torch.zeros((1, 1) + shape, dtype=torch.bool)
     removed[(0, 0) + tuple(slice(1, s - 1) for s in shape)] = True  # interior unknown, the border known
-    imputed = linear_imputation(ramp, removed, neighbours, tol=1e-12)
+    imputed = linear_imputation(ramp, removed, neighbours, tol=1e-12, solver=solver)
     torch.testing.assert_close(imputed, ramp, rtol=0, atol=1e-9)  # a linear function is harmonic for any symmetric kernel
     kernel = neighbour_kernel(dims, neighbours, dtype=torch.float64)
     assert abs(kernel.sum().item() - 1) < 1e-12 and int((kernel > 0).sum()) == neighbours
+
+
+@pytest.mark.parametrize("dims,neighbours", [(2, 8), (3, 6)])
+def test_direct_and_iterative_imputation_agree(dims, neighbours):
+    """The CPU's sparse LU and the accelerators' conjugate gradients solve the same system; a removed
+    region with no known neighbour (here the whole second image) is 0 with both."""
+    shape = (9, 8) if dims == 2 else (5, 6, 4)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand((2, 3) + shape, generator=g, dtype=torch.float64)
+    removed = torch.rand((2, 1) + shape, generator=g) < 0.6
+    removed[1] = True
+    direct = linear_imputation(x, removed, neighbours, solver="direct")
+    iterative = linear_imputation(x, removed, neighbours, tol=1e-13, solver="cg")
+    torch.testing.assert_close(direct, iterative, rtol=0, atol=1e-9)
+    assert torch.equal(direct[~removed.expand_as(x)], x[~removed.expand_as(x)]) and not direct[1].any()
 
 
 def test_road_noise_comes_from_the_seeded_generator():
@@ -253,3 +269,57 @@ def test_ssim_equals_scikit_image(shape):
         both = torch.cat([p, q])
         expected.append(structural_similarity(p[0].numpy(), q[0].numpy(), data_range=float(both.max() - both.min())))
     torch.testing.assert_close(ssim(a, b), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- shared passes
+class CountingCNN(nn.Module):
+    """tiny_cnn that counts the inputs it scores (a class attribute: its copies count too)."""
+    rows = 0
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_cnn(2)
+
+    def forward(self, x):
+        type(self).rows += x.shape[0]
+        return self.net(x)
+
+
+def test_metrics_share_the_passes_of_the_unperturbed_input_and_the_baseline():
+    """With one SharedPasses, the unperturbed input (region perturbation's and infidelity's reference,
+    deletion's first step) and the input wholly replaced by the baseline (deletion's and pixel
+    flipping's last step) are scored once; the values are those of each metric alone."""
+    model = CountingCNN().eval()
+    x, a, t, _ = _batch(2)
+    x, t = x[:1].expand(3, -1, -1, -1), t[:1].expand(3)  # one input, three methods' maps (as the engine stacks them)
+    params = {"deletion": {"steps": 4}, "pixel_flipping": {"features_in_step": 16, "baseline": "value"},
+              "region_perturbation": {"patch_size": 2, "regions_evaluation": 4},
+              "infidelity": {"n_perturbations": 4}}
+    alone, rows_alone = {}, 0
+    for name, p in params.items():
+        CountingCNN.rows = 0
+        alone[name] = metric(name)(Context(model=model, seed=1), x, a, t, **p).values
+        rows_alone += CountingCNN.rows
+    shared, together = SharedPasses(), {}
+    CountingCNN.rows = 0
+    for name, p in params.items():
+        together[name] = metric(name)(Context(model=model, seed=1, shared=shared), x, a, t, **p).values
+    flips = math.ceil(math.prod(x.shape[2:]) / 16)
+    perturbed = 3 * ((5 - 2) + (flips - 1) + 4 + 4)  # three maps' rows per step that depends on the map
+    assert rows_alone == perturbed + 2 + 1 + 1 + 1  # unperturbed and baseline once per metric that meets them
+    assert CountingCNN.rows == perturbed + 2  # ... and once in all
+    for name in params:
+        torch.testing.assert_close(together[name], alone[name], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_passes_never_give_one_input_the_scores_of_another():
+    model = CountingCNN().eval()
+    x, a, t, _ = _batch(2)
+    shared = SharedPasses()
+    first = metric("region_perturbation")(Context(model=model, shared=shared), x[:1], a[:1], t[:1], patch_size=2,
+                                          regions_evaluation=2, baseline="value").values
+    second = metric("region_perturbation")(Context(model=model, shared=shared), x[1:], a[1:], t[1:], patch_size=2,
+                                           regions_evaluation=2, baseline="value").values
+    both = metric("region_perturbation")(Context(model=model), x, a, t, patch_size=2, regions_evaluation=2,
+                                         baseline="value").values
+    torch.testing.assert_close(torch.cat([first, second]), both, rtol=1e-5, atol=1e-6)

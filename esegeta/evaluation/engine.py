@@ -37,7 +37,7 @@ from torch import nn
 
 from esegeta.errors import ConfigError, Problem, raise_problems
 from esegeta.evaluation import ranking
-from esegeta.evaluation.base import Context, MetricSpec, metric
+from esegeta.evaluation.base import Context, MetricSpec, SharedPasses, metric
 from esegeta.evaluation.scoring import Scorer, as_input_attribution, explainer, scorer, target_of
 from esegeta.io.loading import load_callable
 from esegeta.errors import did_you_mean
@@ -239,9 +239,11 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
             groups.setdefault(_scoring_key(requests[label]), []).append(label)
         for group in groups.values():
             request = requests[group[0]]
+            shared = SharedPasses()  # this input's scores shared by the group's metrics
             with numerics.fp32_numerics():
                 forward = scorer(request, model_here, x, base_dir)
-                target = target_of(request, forward, x)
+                target = target_of(request, forward, x,
+                                   Context(forward=forward, shared=shared, max_batch=max_batch).reference_scores)
             mask = _mask(masks, name, forward, target, x)
             attrs = {label: as_input_attribution(attributions[(label, name)], x) for label in group}
             for m in metrics:
@@ -255,7 +257,7 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
                         stacked.setdefault(key, (m, params, forward, model_here, name, []))[-1].append(unit)
                         continue
                     rows += _run_metric(m, params, unit, requests, forward, model_here, base_dir, max_batch,
-                                        _seed(seed, m.id, name), curves, method_ids or {})
+                                        _seed(seed, m.id, name), curves, method_ids or {}, shared)
                 skipped += [f"{m.id} on {label} ({name}): skipped by evaluation.overrides" for label in group
                             if m.for_method(label, overrides) is None]
     for m, params, forward, model_here, name, units in stacked.values():  # one call for all inputs of a method
@@ -329,14 +331,14 @@ def _batches(m: Metric, group: list[str], overrides, attrs, wrapped: bool) -> li
 
 
 def _run_metric(m: Metric, params, unit: _Rows, requests, forward, model, base_dir, max_batch, seed, curves,
-                method_ids) -> list[dict[str, Any]]:
+                method_ids, shared: SharedPasses | None = None) -> list[dict[str, Any]]:
     """One metric on the rows of ``unit`` (methods of one input, or one method on several inputs),
     batched: their rows (curves into ``curves``)."""
     n = len(unit.keys)
     explain = explainer(requests[unit.keys[0][0]], forward, base_dir, seed) if "explain" in m.spec.needs else None
     ctx = Context(forward=forward, model=model if "model" in m.spec.needs else None, explain=explain,
                   copy=None if explain is None else explain.copy, mask=unit.mask,
-                  generator=torch.Generator().manual_seed(seed), max_batch=max_batch, seed=seed)
+                  generator=torch.Generator().manual_seed(seed), max_batch=max_batch, seed=seed, shared=shared)
     passes = m.spec.forward_passes(tuple(unit.x.shape[1:]), params)
     base = [{"label": label, "method": method_ids.get(label, requests[label].spec.id), "input": name, "metric": m.id,
              "group": m.spec.group, "higher_is_better": m.spec.better_higher(params), "forward_passes": passes}

@@ -145,23 +145,44 @@ def scores_of(ctx: Context, x: Tensor, target: Tensor, softmax: bool) -> Tensor:
     return scores.gather(1, target.reshape(-1, 1)).squeeze(1)
 
 
+def reference_scores_of(ctx: Context, x: Tensor, target: Tensor, softmax: bool) -> Tensor:
+    """:func:`scores_of` for inputs other metrics score too (the unperturbed input, the baseline):
+    through :meth:`Context.reference_scores`, one pass per distinct input and evaluation."""
+    scores = ctx.reference_scores(x)
+    if softmax:
+        scores = scores.softmax(dim=1)
+    return scores.gather(1, target.reshape(-1, 1)).squeeze(1)
+
+
 def perturbation_curve(ctx: Context, x: Tensor, ranks: Tensor, thresholds: Tensor, baseline: Tensor,
-                       target: Tensor, softmax: bool = False, insert: bool = False) -> Tensor:
+                       target: Tensor, softmax: bool = False, insert: bool = False,
+                       features: int | None = None) -> Tensor:
     """(B, T) scores: at step t the voxels with rank < ``thresholds[t]`` are replaced by the baseline
     (deletion) or, with ``insert``, are the input's and all others the baseline's. The B·T perturbed
-    inputs are built chunk by chunk (at most ``max_batch`` at once) on the input's device."""
-    b, steps = x.shape[0], thresholds.numel()
-    out = torch.empty(b * steps, device=x.device, dtype=x.dtype)
+    inputs are built chunk by chunk (at most ``max_batch`` at once) on the input's device. Steps that
+    leave the input as it is or replace all of its ``features`` (when given) are the unperturbed input or
+    the baseline: their scores are shared with other metrics (:func:`reference_scores_of`)."""
+    b = x.shape[0]
+    out = torch.empty(b, thresholds.numel(), device=x.device, dtype=x.dtype)
+    levels = thresholds.tolist() if x.device.type != "meta" else [None] * thresholds.numel()
+    whole = [t for t, v in enumerate(levels) if v is not None and features is not None and v >= features]
+    none = [t for t, v in enumerate(levels) if v is not None and v <= 0]
+    for steps, same in ((none, baseline if insert else x), (whole, x if insert else baseline)):
+        if steps:
+            out[:, steps] = reference_scores_of(ctx, same, target, softmax)[:, None]
+    steps = torch.tensor([t for t in range(len(levels)) if t not in whole and t not in none], device=x.device,
+                         dtype=torch.long)
+    rows = b * steps.numel()
     view = (-1,) + (1,) * (x.dim() - 1)
-    for start in range(0, b * steps, ctx.max_batch):
-        idx = torch.arange(start, min(start + ctx.max_batch, b * steps), device=x.device)
-        bi, ti = idx // steps, idx % steps
+    for start in range(0, rows, ctx.max_batch):
+        idx = torch.arange(start, min(start + ctx.max_batch, rows), device=x.device)
+        bi, ti = idx // steps.numel(), steps[idx % steps.numel()]
         removed = ranks[bi] < thresholds[ti].reshape(view)
         if insert:
             removed = ~removed
         xs = torch.where(removed, baseline[bi], x[bi])
-        out[start:start + idx.numel()] = scores_of(ctx, xs, target[bi], softmax)
-    return out.reshape(b, steps)
+        out[bi, ti] = scores_of(ctx, xs, target[bi], softmax)
+    return out
 
 
 def normalised_auc(curve: Tensor) -> Tensor:
@@ -195,7 +216,7 @@ def _deletion_curve(ctx, x, attribution, target, steps, baseline, value, blur_si
     ranks, n = rank_map(ctx, attribution, order)
     thresholds = (2 * n * torch.arange(steps + 1, device=x.device) + steps) // (2 * steps)  # round(k n / steps), in integers
     base = make_baseline(ctx, x, baseline, value, blur_sigma)
-    curve = perturbation_curve(ctx, x, ranks, thresholds, base, target, softmax, insert=insert)
+    curve = perturbation_curve(ctx, x, ranks, thresholds, base, target, softmax, insert=insert, features=n)
     return MetricResult(normalised_auc(curve), {"score": curve, "fraction": (thresholds.to(x.dtype) / n).expand(x.shape[0], -1)})
 
 
@@ -235,7 +256,7 @@ def pixel_flipping(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor,
     ranks, n = rank_map(ctx, attribution, order)
     thresholds = torch.clamp(torch.arange(1, math.ceil(n / step) + 1, device=x.device) * step, max=n)
     base = make_baseline(ctx, x, baseline, value, blur_sigma)
-    curve = perturbation_curve(ctx, x, ranks, thresholds, base, target, softmax)
+    curve = perturbation_curve(ctx, x, ranks, thresholds, base, target, softmax, features=n)
     return MetricResult(trapezoid(curve), {"score": curve})
 
 
@@ -255,8 +276,8 @@ def region_perturbation(ctx: Context, x: Tensor, attribution: Tensor, target: Te
     ranks, n = rank_map(ctx, attribution, order, patch)
     thresholds = torch.arange(1, min(regions, n) + 1, device=x.device)
     base = make_baseline(ctx, x, baseline, value, blur_sigma)
-    y0 = scores_of(ctx, x, target, softmax)
-    curve = y0[:, None] - perturbation_curve(ctx, x, ranks, thresholds, base, target, softmax)
+    y0 = reference_scores_of(ctx, x, target, softmax)
+    curve = y0[:, None] - perturbation_curve(ctx, x, ranks, thresholds, base, target, softmax, features=n)
     return MetricResult(curve.mean(1), {"drop": curve})
 
 
@@ -283,7 +304,7 @@ def subset_correlation(ctx: Context, x: Tensor, attribution: Tensor, target: Ten
     a = attribution.expand_as(x) if per_element else attribution.sum(1, keepdim=True)
     a = a.reshape(b, -1)
     sums = (subsets * a[:, None, :]).sum(-1)
-    y0 = scores_of(ctx, x, target, softmax)
+    y0 = reference_scores_of(ctx, x, target, softmax)
     drops = torch.empty(b * runs, device=x.device, dtype=x.dtype)
     for start in range(0, b * runs, ctx.max_batch):
         idx = torch.arange(start, min(start + ctx.max_batch, b * runs), device=x.device)
@@ -323,7 +344,7 @@ def noise_infidelity(ctx: Context, x: Tensor, attribution: Tensor, target: Tenso
     b, runs = noise.shape[:2]
     a = attribution.expand_as(x)
     dots = (noise * a[:, None]).reshape(b, runs, -1).sum(-1)
-    y0 = scores_of(ctx, x, target, softmax)
+    y0 = reference_scores_of(ctx, x, target, softmax)
     xs = (x[:, None] - noise).reshape(b * runs, *x.shape[1:])
     drops = y0[:, None] - scores_of(ctx, xs, target.repeat_interleave(runs), softmax).reshape(b, runs)
     if normalize:
@@ -343,8 +364,8 @@ def patch_infidelity(ctx: Context, x: Tensor, attribution: Tensor, target: Tenso
     ranks = expand_patches(torch.arange(n, device=x.device).reshape(1, 1, *grid), patch_size, x.shape[2:])
     ranks = ranks.expand(x.shape[0], -1, *x.shape[2:])
     thresholds = torch.arange(1, n + 1, device=x.device)
-    y0 = scores_of(ctx, x, target, softmax)
-    drops = y0[:, None] - perturbation_curve(ctx, x, ranks, thresholds, baseline, target, softmax)
+    y0 = reference_scores_of(ctx, x, target, softmax)
+    drops = y0[:, None] - perturbation_curve(ctx, x, ranks, thresholds, baseline, target, softmax, features=n)
     a = attribution.expand_as(x)
     view = (1, -1) + (1,) * (x.dim() - 1)
     removed = ranks[:, None] < thresholds.reshape(view)  # (B, T, 1, *S)

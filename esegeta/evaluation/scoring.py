@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,12 +92,14 @@ def _masks(score: nn.Module) -> torch.Tensor | None:
     return masks[0] if torch.is_tensor(masks) else None
 
 
-def target_of(request: Request, forward: Scorer, x: torch.Tensor) -> torch.Tensor:
-    """The explained column of each input of ``x`` (``"predicted"`` → argmax of the scores), (B,) long."""
+def target_of(request: Request, forward: Scorer, x: torch.Tensor,
+              scores: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The explained column of each input of ``x`` (``"predicted"`` → argmax of the scores), (B,) long;
+    ``scores`` computes them where not ``forward`` (the engine's shared passes)."""
     if request.target is None:
         return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     if request.target == "predicted":
-        return forward(x).argmax(dim=1)
+        return (scores or forward)(x).argmax(dim=1)
     resolve_target(forward.module, x, request.target, "target", check=True)
     return torch.full((x.shape[0],), int(request.target), dtype=torch.long, device=x.device)
 
