@@ -19,7 +19,7 @@ from functools import cache
 from typing import Any
 
 from esegeta.errors import ConfigError
-from esegeta.spec.params import boolean, index, positive_int
+from esegeta.spec.params import boolean, channels_of_layer, index, positive_int
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
 from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, register
@@ -213,7 +213,7 @@ _own("PatternAttribution", "patterns:pattern_attribution", passes=_patterns_pass
      quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF, preflight=_patterns_preflight("PatternAttribution"))
 _own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop", passes=cost.gradient,
      layout=PER_INPUT, axiom="none", layer=True, target=False, requires=("captum",), extra="captum",
-     ref="Springenberg et al. 2015, arXiv:1412.6806")
+     ref="Springenberg et al. 2015, arXiv:1412.6806", preflight=channels_of_layer("channel"))
 # Blur IG: PAIR's saliency cannot be an extra (numpy, channels-last, 2D): its algorithm in torch, N-d; the path's
 # points of one call are tiled (k·B rows, row r is input r mod B).
 _own("BlurIG", "blur_ig:blur_ig", passes=cost.steps("steps"), layout=PER_INPUT, axiom="none",
