@@ -236,4 +236,4 @@ def samples(inputs: list[InputRef]) -> torch.Tensor:
         return getattr(ref, "shape", None) or tuple(ref.tensor.shape)
 
     first = shape(inputs[0])
-    return torch.cat([ref.tensor for ref in inputs if shape(ref) == first])
+    return torch.cat([ref.load(keep=False).tensor for ref in inputs if shape(ref) == first])  # not cached: N inputs

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from esegeta.io import resume
-from esegeta.run import backends
+from esegeta.run import backends, memory
 from esegeta.attribution import batching, scheduling, wrappers
 from esegeta.spec import config as config_mod
 from esegeta.io import datasets, store
@@ -142,6 +142,7 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     except Exception as exc:
         raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
     datasets.scan(inputs)
+    memory.trim()  # the scan's freed buffers, held between the small objects it keeps (esegeta.run.memory)
     bad = {p.entry for p in problems}
     entries = [resolve(config.methods[i], config, i) for i in indices if i not in bad]
     for e in entries:
