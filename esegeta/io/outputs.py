@@ -174,9 +174,18 @@ def save_json(path: PathLike, obj: Any, token: str | None = None) -> Path:
     numpy scalars and arrays, paths, tuples, sets and torch tensors are
     converted; dict keys that are not JSON keys are converted too. The file is strict JSON:
     NaN and infinities are written as null (``JSON.parse`` rejects the ``NaN`` literal).
+    Written as it is encoded: a manifest of 20,000 runs is not held a second and third time as
+    one string and its bytes.
     """
-    text = json.dumps(_jsonable(obj), indent=2, default=_json_default, allow_nan=False)
-    return atomic_write_bytes(path, (text + "\n").encode("utf-8"), token)
+    final = Path(path)
+    converted = _jsonable(obj)
+    with atomic_path(final, token) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(converted, f, indent=2, default=_json_default, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return final
 
 
 def save_nifti(path: PathLike, array: Any, affine: Optional[Any] = None, token: str | None = None) -> Path:
