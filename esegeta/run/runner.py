@@ -31,6 +31,7 @@ from esegeta.spec import registry
 from esegeta.spec import config as config_mod
 from esegeta.run import job as job_mod
 from esegeta.run.executor import Executor
+from esegeta.run import memory
 from esegeta.run.memory import Releaser, Trimmer
 from esegeta.run.plan import Job, Plan
 from esegeta.run.writer import Writer, check_dir, output_folder
@@ -154,6 +155,7 @@ class Pipeline:
                 raise
             manifest = {**_head(plan), "runs": [records[key] for key in sorted(records)]}
             error = None
+            memory.trim()  # the jobs' freed pages back before the end's report and manifest
             try:
                 writer.finish(manifest, plan.inputs, {e.spec.id: e.spec.kind for e in plan.entries})
             except Exception as exc:  # noqa: BLE001 (every result is in the journal: --resume completes it)
