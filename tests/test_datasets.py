@@ -238,6 +238,31 @@ def test_the_cache_is_bounded_in_bytes():
     assert sum(1 for _ in cache._items) == 3
 
 
+def test_the_cache_holds_only_inputs_whose_jobs_are_still_to_come(tmp_path):
+    """Issue 26: the scan of every input filled the cache (up to 256 MiB) before the first job and
+    the inputs stayed after their jobs had ended, so a run's memory grew with its inputs."""
+    from esegeta.run.memory import Releaser
+
+    cfg = valid_config(tmp_path, [{"id": "captum.Saliency"}, {"id": "captum.InputXGradient"}],
+                       inputs={"paths": [str(DIGITS)], "spatial_dims": 2})
+    plan = Pipeline(cfg).validate()
+    cache = plan.inputs[0].source.cache
+    assert set(cache._items) <= {0}  # the scan kept nothing (the plan's forward pass read the first)
+    from esegeta.run import job as job_mod
+    from esegeta.run.executor import Worker
+
+    _, jobs = planning.jobs(plan, {})
+    releaser, worker = Releaser(jobs), Worker(plan.devices[0], plan.model, plan.inputs, plan.ready)
+    for job in jobs:
+        assert [r["status"] for r, _, _ in job_mod.compute(plan, job, worker)] == ["ok"] * len(job.items)
+        assert worker._samples is None  # Captum reads no samples: the run's inputs are not gathered for it
+        releaser.done(job)
+        done = {k for j in jobs[:jobs.index(job) + 1] for k, _ in j.items}
+        pending = {k for j in jobs[jobs.index(job) + 1:] for k, _ in j.items}
+        assert set(cache._items) == done & pending
+    assert not cache._items and cache._bytes == 0
+
+
 def test_factory_reference_in_a_config_file(tmp_path, dataset_file, capsys):
     cfg = dataset_config(tmp_path, dataset_file, n=3)
     cfg["inputs"]["dataset"] = "digits_dataset.py:digits"  # relative to the config's folder

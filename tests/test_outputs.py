@@ -385,3 +385,16 @@ def test_no_pyplot_figures_left_open(tmp_path, data2d):
     save_figure(attribution_figure(attr, rgb), tmp_path / "x.png", dpi=DPI)
     assert len(plt.get_fignums()) == before
     assert figures.METHODS == METHODS
+
+
+def test_save_json_streams_what_json_dump_writes(tmp_path):
+    """The manifest is written item by item (issue 26: a 20,000-run manifest was held again as one
+    string and its bytes); the file is the one ``json.dumps(..., indent=2)`` gives."""
+    from esegeta.io.outputs import _json_default, _jsonable
+
+    manifest = {"esegeta": "x", "runs": [{"score": np.float32(0.5), "nan": float("nan"), "shape": (1, 8), "files": {},
+                                          "k": {1: 2, None: [np.arange(2)]}} for _ in range(3)] + [[]],
+                "empty": {}, "none": [], "text": "ü\n", "path": tmp_path}
+    text = save_json(tmp_path / "m.json", manifest).read_text(encoding="utf-8")
+    assert text == json.dumps(_jsonable(manifest), indent=2, default=_json_default, allow_nan=False) + "\n"
+    assert json.loads(text)["runs"][0]["nan"] is None

@@ -282,3 +282,41 @@ def test_a_written_config_that_does_not_validate_exits_2_and_says_so(tmp_path, c
                             "--model-factory", f"{SAMPLES / 'models.py'}:DigitResNet"], capsys)
     assert code == 2 and "methods[0].device" in err and "does not validate" in err
     assert json.loads(new.read_text())["methods"][0]["device"] == "cuda:6"
+
+
+def test_channels_beyond_the_layer_are_caught_by_check_and_disabled_entries_are_not_counted(tmp_path, capsys):
+    from esegeta.run.check import check
+
+    cfg = ancestor("Classification", False, [
+        entry("captum_Saliency"),
+        entry("cnn_vis_layer_activation_guided_backprop", layer="layer2", filter_pos=45),  # layer2 has 32 channels
+        entry("lucent_render_vis", layer="layer2:99"),
+        entry("captum_LayerGradCam", use=False),  # names no layer, disabled: converts, not counted
+        entry("torchray_Rise", use=False),
+    ])
+    source, new = tmp_path / "t.json", tmp_path / "n.json"
+    source.write_text(json.dumps(cfg))
+    args = ["convert-torchesegeta", source, "-o", new, "--inputs", DIGITS / "digit_1_label0.npy",
+            "--model-factory", f"{SAMPLES / 'models.py'}:DigitResNet", "--output-dir", tmp_path / "out"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "methods[1].params.channel" in err and "layer 'layer2' has 32 channels" in err
+    converted = json.loads(new.read_text())
+    by_label = {m["label"]: m for m in converted["methods"]}
+    assert by_label["torchray_Rise"]["id"] == "torchray.rise" and not by_label["torchray_Rise"]["enabled"]
+    assert "layer" not in by_label["captum_LayerGradCam"] and not by_label["captum_LayerGradCam"]["enabled"]
+
+    report = check(new)
+    verdict = {m.label: m for m in report.methods}
+    assert "params.channel" in verdict["cnn_vis_layer_activation_guided_backprop"].problems[0]
+    assert "params.n_channel" in verdict["lucent_render_vis"].problems[0]
+    assert verdict["captum_Saliency"].ok and not verdict["torchray_Rise"].enabled
+    assert report.exit_code == 1 and "1/3 method(s) will run (2 disabled, not counted)" in report.text()
+    code, _, err = run_cli(["run", new, "--device", "cpu"], capsys)
+    assert code == 2 and "params.channel" in err and not (tmp_path / "out" / "manifest.json").exists()
+
+    # Without the faulty entries the converted config runs; the disabled entry without a layer is no obstacle.
+    source.write_text(json.dumps({**cfg, "methods": [cfg["methods"][0], cfg["methods"][3]]}))
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = check(new)
+    assert report.exit_code == 0 and "1/1 method(s) will run (1 disabled, not counted)" in report.text()

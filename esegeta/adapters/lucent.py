@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 
 from esegeta.errors import ConfigError, did_you_mean
 from esegeta.hooks import removing
-from esegeta.spec.params import BOOL, Check, check_table, index, number, positive_int
+from esegeta.spec.params import BOOL, Check, channels_of_layer, check_table, index, number, positive_int
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
 from esegeta.spec.registry import PER_INPUT, Call, Library, MethodSpec, keyword_parameters, register
@@ -445,5 +445,5 @@ register(MethodSpec(
     defaults={"fixed_image_size": lambda x: list(x.shape[2:]), "preprocess": False, "progress": False},
     quick_params={"objective": "channel", "n_channel": 0, "thresholds": [8]},
     reference="Olah et al. 2017, Feature Visualization, doi:10.23915/distill.00007",
-    passes=_render_passes, batch_layout=PER_INPUT, axiom="none",
+    passes=_render_passes, batch_layout=PER_INPUT, axiom="none", preflight=channels_of_layer("n_channel"),
 ))

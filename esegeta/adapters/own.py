@@ -19,7 +19,7 @@ from functools import cache
 from typing import Any
 
 from esegeta.errors import ConfigError
-from esegeta.spec.params import boolean, index, positive_int
+from esegeta.spec.params import boolean, channels_of_layer, index, positive_int
 from esegeta.spec import cost
 from esegeta.spec.cost import Passes
 from esegeta.spec.registry import PER_INPUT, ROWS, Call, Library, MethodSpec, register
@@ -213,7 +213,7 @@ _own("PatternAttribution", "patterns:pattern_attribution", passes=_patterns_pass
      quick={"fit_inputs": _fit_quick}, ref=_PATTERN_REF, preflight=_patterns_preflight("PatternAttribution"))
 _own("LayerActivationGuidedBackprop", "guided:layer_activation_guided_backprop", passes=cost.gradient,
      layout=PER_INPUT, axiom="none", layer=True, target=False, requires=("captum",), extra="captum",
-     ref="Springenberg et al. 2015, arXiv:1412.6806")
+     ref="Springenberg et al. 2015, arXiv:1412.6806", preflight=channels_of_layer("channel"))
 # Blur IG: PAIR's saliency cannot be an extra (numpy, channels-last, 2D): its algorithm in torch, N-d. A call
 # tiles the path's points of its inputs (k·B rows), but the slopes divide the blurs' rounding by grad_step (0.01):
 # a wrapped batch of the three retina crops (tests/test_batching.py) differs from input by input by 1.4e-3 at a

@@ -2,7 +2,9 @@
 
 A plan lists its inputs as :class:`InputRef`\\ s (name, index, where from); a job loads the few
 it explains (:meth:`InputRef.load`) through a small cache of recently loaded inputs, sized in
-bytes (:data:`CACHE_BYTES`), so the methods run one after the other on one input read it once.
+bytes (:data:`CACHE_BYTES`), so the methods run one after the other on one input read it once;
+the runner :meth:`~InputRef.release`\\ s an input when its last job has ended, and :func:`scan`
+caches nothing, so what the cache holds does not grow with the number of inputs.
 Two sources:
 
 - **files** (``inputs.paths``): files, globs and folders, thousands of them; listing reads none.
@@ -50,7 +52,7 @@ class _Cache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, index: int, load) -> InputItem:
+    def get(self, index: int, load, keep: bool = True) -> InputItem:
         with self._lock:
             item = self._items.get(index)
             if item is not None:
@@ -59,13 +61,19 @@ class _Cache:
         item = load(index)
         size = item.tensor.element_size() * item.tensor.nelement()
         with self._lock:
-            if index not in self._items and size <= self.budget:
+            if keep and index not in self._items and size <= self.budget:
                 self._items[index] = item
                 self._bytes += size
                 while self._bytes > self.budget:
                     _, old = self._items.popitem(last=False)
                     self._bytes -= old.tensor.element_size() * old.tensor.nelement()
         return item
+
+    def drop(self, index: int) -> None:
+        with self._lock:
+            old = self._items.pop(index, None)
+            if old is not None:
+                self._bytes -= old.tensor.element_size() * old.tensor.nelement()
 
 
 class FileSource:
@@ -80,8 +88,8 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> InputItem:
-        return self.cache.get(index, lambda k: load_input(self.paths[k], self.cfg, self.names[k]))
+    def load(self, index: int, keep: bool = True) -> InputItem:
+        return self.cache.get(index, lambda k: load_input(self.paths[k], self.cfg, self.names[k]), keep)
 
 
 class CaseSource:
@@ -147,8 +155,8 @@ class DatasetSource:
     def __len__(self) -> int:
         return len(self.names)
 
-    def load(self, index: int) -> InputItem:
-        return self.cache.get(index, self._load)
+    def load(self, index: int, keep: bool = True) -> InputItem:
+        return self.cache.get(index, self._load, keep)
 
     def _load(self, index: int) -> InputItem:
         where = f"{self.ref}[{index}]"
@@ -208,8 +216,13 @@ class InputRef:
     finite: bool = True
     label: Any = None
 
-    def load(self) -> InputItem:
-        return self.source.load(self.index)
+    def load(self, keep: bool = True) -> InputItem:
+        """The input, read (and kept in the cache, unless ``keep`` is false) or from the cache."""
+        return self.source.load(self.index, keep)
+
+    def release(self) -> None:
+        """Drop it from the cache (its last job has ended)."""
+        self.source.cache.drop(self.index)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -236,11 +249,12 @@ def refs(src: FileSource | DatasetSource) -> list[InputRef]:
 
 
 def scan(inputs: list[InputRef]) -> None:
-    """Read every input once, one at a time: its digest (the resume key), shape, finiteness, label."""
+    """Read every input once, one at a time: its digest (the resume key), shape, finiteness, label.
+    Nothing is cached: the jobs read the inputs in their own order, the first ones first."""
     for ref in inputs:
         if ref.digest is not None:
             continue
-        item = ref.load()
+        item = ref.load(keep=False)
         ref.shape, ref.digest = tuple(item.tensor.shape), tensor_digest([item.tensor])
         ref.finite, ref.label = bool(torch.isfinite(item.tensor).all()), item.label
 
@@ -260,4 +274,4 @@ def samples(inputs: list[InputRef]) -> torch.Tensor:
         return getattr(ref, "shape", None) or tuple(ref.tensor.shape)
 
     first = shape(inputs[0])
-    return torch.cat([ref.tensor for ref in inputs if shape(ref) == first])
+    return torch.cat([ref.load(keep=False).tensor for ref in inputs if shape(ref) == first])  # not cached: N inputs

@@ -174,9 +174,40 @@ def save_json(path: PathLike, obj: Any, token: str | None = None) -> Path:
     numpy scalars and arrays, paths, tuples, sets and torch tensors are
     converted; dict keys that are not JSON keys are converted too. The file is strict JSON:
     NaN and infinities are written as null (``JSON.parse`` rejects the ``NaN`` literal).
+    Written as it is encoded: a manifest of 20,000 runs is not held a second and third time as
+    one string and its bytes.
     """
+    final = Path(path)
+    with atomic_path(final, token) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            _write_json(f, obj, 0)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return final
+
+
+#: Levels of a JSON document :func:`_write_json` writes item by item (a manifest's runs are level 2).
+STREAMED_LEVELS = 2
+
+
+def _write_json(f: Any, obj: Any, level: int) -> None:
+    """``obj`` as ``json.dump(..., indent=2)`` writes it, its first :data:`STREAMED_LEVELS` levels of
+    dicts and lists one item at a time (each converted and encoded alone)."""
+    pad = "  " * level
+    if level < STREAMED_LEVELS and isinstance(obj, (dict, list, tuple)) and obj:
+        pairs = obj.items() if isinstance(obj, dict) else ((None, v) for v in obj)
+        f.write("{" if isinstance(obj, dict) else "[")
+        for n, (key, value) in enumerate(pairs):
+            f.write(("," if n else "") + "\n" + pad + "  ")
+            if isinstance(obj, dict):
+                text = json.dumps({_json_key(key): 0})
+                f.write(text[1:text.rindex(":")] + ": ")
+            _write_json(f, value, level + 1)
+        f.write("\n" + pad + ("}" if isinstance(obj, dict) else "]"))
+        return
     text = json.dumps(_jsonable(obj), indent=2, default=_json_default, allow_nan=False)
-    return atomic_write_bytes(path, (text + "\n").encode("utf-8"), token)
+    f.write(text.replace("\n", "\n" + pad))
 
 
 def save_nifti(path: PathLike, array: Any, affine: Optional[Any] = None, token: str | None = None) -> Path:

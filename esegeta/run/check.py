@@ -37,11 +37,13 @@ from esegeta.hooks import removing
 
 @dataclass
 class MethodCheck:
-    """One method entry's verdict: ``ok`` if no problem was found."""
+    """One method entry's verdict: ``ok`` if no problem was found; a disabled entry (``enabled:
+    false``) is checked and shown but neither runs nor counts."""
     index: int
     label: str
     id: str
     ok: bool = True
+    enabled: bool = True
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     layer_shape: list[int] | None = None
@@ -70,7 +72,7 @@ class MethodCheck:
 
 @dataclass
 class CheckReport:
-    """Everything ``esegeta check`` found; ``exit_code`` 0 if every method will run, else 1."""
+    """Everything ``esegeta check`` found; ``exit_code`` 0 if every enabled method will run, else 1."""
     config: str
     model: str
     device: str
@@ -89,13 +91,18 @@ class CheckReport:
     forward_shape: list[int] | None = None
 
     @property
+    def enabled(self) -> list[MethodCheck]:
+        """The entries a run would run (disabled ones are shown, not counted)."""
+        return [m for m in self.methods if m.enabled]
+
+    @property
     def exit_code(self) -> int:
-        return 0 if all(m.ok for m in self.methods) else 1
+        return 0 if all(m.ok for m in self.enabled) else 1
 
     @property
     def heaviest(self) -> MethodCheck | None:
         """The method that will run with the largest estimated peak memory."""
-        sized = [m for m in self.methods if m.ok and m.memory_bytes is not None]
+        sized = [m for m in self.enabled if m.ok and m.memory_bytes is not None]
         return max(sized, key=lambda m: m.memory_bytes) if sized else None
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,7 +125,8 @@ class CheckReport:
         for m in self.methods:
             memory = f"~{_size(m.memory_bytes)}" if m.memory_bytes is not None else "?"
             shape = f" layer output {m.layer_shape}" if m.layer_shape else ""
-            lines.append(f"[{'ok' if m.ok else 'NO'}] methods[{m.index}] {m.label} ({m.id}): {m.cost_text()}; "
+            verdict = ("ok" if m.ok else "NO") if m.enabled else "off"
+            lines.append(f"[{verdict}] methods[{m.index}] {m.label} ({m.id}): {m.cost_text()}; "
                          f"est. peak {memory} (batch {m.batch}){shape}")
             lines += [f"      problem: {p}" for p in m.problems]
             lines += [f"      note: {n}" for n in m.notes]
@@ -126,8 +134,9 @@ class CheckReport:
         if heaviest is not None:
             lines.append(f"\nheaviest method: {heaviest.label}, estimated peak {_size(heaviest.memory_bytes)}")
         lines += self.evaluation
-        good = sum(m.ok for m in self.methods)
-        lines.append(f"{good}/{len(self.methods)} method(s) will run")
+        good = sum(m.ok for m in self.enabled)
+        off = len(self.methods) - len(self.enabled)
+        lines.append(f"{good}/{len(self.enabled)} method(s) will run" + (f" ({off} disabled, not counted)" if off else ""))
         lines.append("(check runs no attribution: a failure inside a library on this model, or a result's "
                      "values, cannot be known before running; times are estimates from one forward pass)")
         return "\n".join(lines)
@@ -342,7 +351,7 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
     """One entry's verdict: the plan's problems of it, the layer's output, LRP rules, canonizers,
     passes and time, memory against what the device has free."""
     entry = plan.config.methods[index]
-    c = MethodCheck(index, entry.name, entry.id)
+    c = MethodCheck(index, entry.name, entry.id, enabled=entry.enabled)
     if not entry.enabled:
         c.notes.append("disabled (enabled: false): will not run")
     for problem in (p for p in plan.problems if p.entry == index):

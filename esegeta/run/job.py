@@ -61,7 +61,9 @@ def compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray
         model = worker.replica(x)
         with rng[0], numerics.autocast(name, device), \
                 progress.tracked(model, job.name, progress.expected_passes(request, x)):
-            return _call(job, model, x, request, plan.base_dir, worker.samples())
+            # the run's inputs as one batch only for a library that may read them (all in memory: N inputs)
+            samples = worker.samples() if e.spec.library.reads_samples else None
+            return _call(job, model, x, request, plan.base_dir, samples)
 
     def notify(kind: str, message: str) -> None:
         oom[0] += kind == "oom"
@@ -92,7 +94,8 @@ def compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray
             for r in records]
 
 
-def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None, samples: torch.Tensor):
+def _call(job: Job, model, x: torch.Tensor, request: Request, base_dir: Path | None,
+          samples: torch.Tensor | None):
     """The one call of the method (:func:`esegeta.attribution.explainer.run`): (result, scores per input, extras,
     the outcome's facts per input: :func:`_facts`)."""
     outcome = run(request, model, x, base_dir=base_dir, with_scores=True, samples=samples)

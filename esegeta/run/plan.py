@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from esegeta.io import resume
-from esegeta.run import backends
+from esegeta.run import backends, memory
 from esegeta.attribution import batching, scheduling, wrappers
 from esegeta.attribution import summaries as summaries_mod
 from esegeta.spec import config as config_mod
@@ -147,6 +147,7 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     except Exception as exc:
         raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
     datasets.scan(inputs)
+    memory.trim()  # the scan's freed buffers, held between the small objects it keeps (esegeta.run.memory)
     try:
         summaries = summaries_mod.setting(config.output.summaries, config.inputs, base_dir)
         problems += summaries_mod.shape_problems(summaries, {ref.name: ref.shape for ref in inputs})

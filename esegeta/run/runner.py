@@ -31,6 +31,8 @@ from esegeta.spec import registry
 from esegeta.spec import config as config_mod
 from esegeta.run import job as job_mod
 from esegeta.run.executor import Executor
+from esegeta.run import memory
+from esegeta.run.memory import Releaser, Trimmer
 from esegeta.run.plan import Job, Plan
 from esegeta.run.writer import Writer, check_dir, output_folder
 from esegeta.run.backends import ray as ray_backend
@@ -153,6 +155,7 @@ class Pipeline:
                 raise
             manifest = {**_head(plan), "runs": [records[key] for key in sorted(records)]}
             error = None
+            memory.trim()  # the jobs' freed pages back before the end's report and manifest
             try:
                 writer.finish(manifest, plan.inputs, {e.spec.id: e.spec.kind for e in plan.entries})
             except Exception as exc:  # noqa: BLE001 (every result is in the journal: --resume completes it)
@@ -204,6 +207,8 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
 
     rt = plan.config.runtime
     executor = Executor(plan.devices, rt.threads_per_device, plan.model, plan.inputs, plan.ready, rt.tf32)
+    # memory flat in the number of inputs (esegeta.run.memory): finished inputs leave the cache, freed heap pages go
+    trimmer, releaser = Trimmer(), Releaser(jobs)
     with tqdm(total=len(jobs), desc="esegeta", unit="job", disable=None) as bar:
         def on_done(job: Job, computed: list[tuple[dict, np.ndarray | None, dict]]) -> None:
             saved = writer.save_all([(record, item, result, extras, job.entry.spec.kind)
@@ -214,6 +219,8 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
                     log.info("%s on %s: ok in %.2fs (%s)", job.entry.label, item.name, record["seconds"],
                              record["precision"])
             bar.update()
+            releaser.done(job)
+            trimmer.done()
 
         def on_error(job: Job, exc: BaseException) -> None:
             log.error("%s failed: %s: %s", job.name, type(exc).__name__, exc)
@@ -222,6 +229,8 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
             for (k, _), record in zip(job.items, writer.save_all(failed)):
                 records[(k, job.position)] = record
             bar.update()
+            releaser.done(job)
+            trimmer.done()
 
         if rt.backend == "ray":
             ray_backend.run(plan, jobs, on_done, on_error)

@@ -59,6 +59,23 @@ BOOL: Check = (boolean, "true or false")
 POSITIVE_INT: Check = (positive_int, "a positive integer")
 
 
+def channels_of_layer(*names: str) -> Callable[[Any, Any], list[ConfigError]]:
+    """A method's pre-flight check (:attr:`esegeta.spec.registry.MethodSpec.preflight`) for the
+    parameters ``names`` that index a channel of the entry's layer: each integer given must be below
+    the layer's channel count (axis 1 of its output on the example input), so that ``validate``,
+    ``check`` and ``run`` refuse an index the model does not have before anything runs."""
+    def preflight(model: Any, context: Any) -> list[ConfigError]:
+        given = {n: v for n, v in ((n, context.params.get(n)) for n in names) if integer(v)}
+        shape = context.layer_shape() if given else None
+        if shape is None or len(shape) < 2:
+            return []
+        return [ConfigError(f"params.{n}", f"channel {v} does not exist: layer {context.layer!r} has {shape[1]} "
+                                           f"channels (its output is {list(shape)}); give 0 to {shape[1] - 1}")
+                for n, v in given.items() if v >= shape[1]]
+
+    return preflight
+
+
 def check_table(table: Mapping[str, Check], name: str, value: Any, path: str) -> None:
     """ConfigError at ``path`` when ``table`` has a check for ``name`` that ``value`` fails."""
     check = table.get(name)

@@ -13,9 +13,17 @@ output folder's one owner: outputs, manifest and ``--resume`` are those of a loc
 Actors: one per GPU of the cluster when ``runtime.devices`` names CUDA, else
 ``runtime.threads_per_device``, each using its share of the cluster's CPUs. They end, and
 release their memory (CUDA caches emptied after each job), when the dataset is consumed.
-``runtime.ray_address`` joins a running cluster (``"auto"``, ``"ray://host:10001"``; esegeta
-and the model's files must be importable there); without it a local cluster is started for the
-run and shut down after it. A cluster already initialised in this process is used as it is.
+``runtime.ray_address`` joins a running cluster (``"auto"``, ``"host:6379"``, ``"ray://host:10001"``),
+whose nodes need not share this machine's files: the actors get them through Ray's ``runtime_env``
+(:func:`shipment`): this process's ``esegeta`` package (``py_modules``: the workers run the
+driver's code, not whatever version a node has installed) and a working directory holding the
+model file (with the ``.py`` files beside it), the weights, custom wrapper and dataset files and
+every input file, the actors' config rewritten to point into it. Files past
+:data:`SHIP_LIMIT_BYTES` refuse the run before anything is computed, naming them (give such
+inputs through ``inputs.dataset``, reading storage every node mounts). The nodes must have the
+same Python libraries installed (torch, the explainers). Without ``ray_address`` a local cluster
+is started for the run and shut down after it. A cluster already initialised in this process is
+used as it is.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ import json
 import logging
 import os
 import pickle
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +42,7 @@ from esegeta.errors import ConfigError
 from esegeta.spec import config as config_mod
 from esegeta.io import datasets
 from esegeta.run.executor import Worker
-from esegeta.io.loading import load_model
+from esegeta.io.loading import load_model, resolve as resolve_path
 from esegeta.run.plan import Plan
 from esegeta.attribution.prepare import prepared
 from esegeta.spec.config import resolve
@@ -53,7 +63,7 @@ class Explainer:
 
         torch.set_num_threads(max(1, threads))
         cfg = config_mod.parse(config)
-        base = Path(base_dir) if base_dir else None
+        base = Path(base_dir).resolve() if base_dir else None  # ".": the shipped working directory
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
         model = load_model(cfg.model, base)
         inputs = datasets.refs(datasets.source(cfg.inputs, base, cfg.model))
@@ -132,6 +142,87 @@ def check_address(address: str | None, where: str = "runtime.ray_address") -> No
                           ) from None
 
 
+#: Bytes of files :func:`shipment` sends to a cluster's workers at most (Ray carries a working
+#: directory in one gRPC message, 512 MiB by default; half of it leaves room for the zip).
+SHIP_LIMIT_BYTES = 256 * 2**20
+
+#: The esegeta package of this process (shipped to the workers as a ``py_module``).
+PACKAGE = Path(__file__).resolve().parents[2]
+
+
+class _Shipment:
+    """The files of a run gathered in ``folder`` (the actors' working directory), with the size so far."""
+
+    def __init__(self, base: Path | None):
+        self.base = base
+        self.folder = Path(tempfile.mkdtemp(prefix="esegeta-ray-"))
+        self.size = 0
+        self.files: list[tuple[int, str, Path]] = []  # (bytes, field, path): the largest are named on refusal
+
+    def data(self, path: str | Path, field: str, where: str) -> str:
+        """Copy the file ``path`` (as the config gives it) to ``where/<its name>``; its new relative path."""
+        source = resolve_path(path, self.base)
+        target = self.folder / where / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        size = target.stat().st_size
+        self.size += size
+        self.files.append((size, field, source))
+        return target.relative_to(self.folder).as_posix()
+
+    def code(self, ref: str, field: str, where: str) -> str:
+        """``file.py:callable`` → the file and the ``.py`` files beside it (its imports) copied to
+        ``where``; ``module:callable`` is left as it is (importable on the workers or not)."""
+        module, sep, name = ref.rpartition(":")
+        if not sep or not module.lower().endswith(".py"):
+            return ref
+        source = resolve_path(module, self.base)
+        for sibling in sorted(source.parent.glob("*.py")):
+            if sibling != source:
+                self.data(sibling, field, where)
+        return f"{self.data(source, field, where)}:{name}"
+
+
+def shipment(plan: Any) -> tuple[dict, dict, Path]:
+    """(the actors' config, the ``runtime_env`` that brings them its files, the folder to remove after
+    the run) for a cluster joined with ``runtime.ray_address``; see the module docstring. A
+    :class:`ConfigError` naming ``runtime.ray_address`` and the largest files when they are past
+    :data:`SHIP_LIMIT_BYTES`."""
+    config = plan.config.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    ship = _Shipment(plan.base_dir)
+    try:
+        model = config["model"]
+        if model.get("factory"):
+            model["factory"] = ship.code(model["factory"], "model.factory", "model")
+        if model.get("weights"):
+            model["weights"] = ship.data(model["weights"], "model.weights", "model")
+        inputs = config["inputs"]
+        if inputs.get("dataset"):
+            inputs["dataset"] = ship.code(inputs["dataset"], "inputs.dataset", "dataset")
+        if inputs.get("paths"):  # the files the driver listed, in its order: the same names there
+            inputs["paths"] = [ship.data(ref.path, "inputs.paths", f"inputs/{k}") for k, ref in enumerate(plan.inputs)]
+        wrappers = [("wrapper", config.get("wrapper"))]
+        wrappers += [(f"methods[{i}].wrapper", m.get("wrapper")) for i, m in enumerate(config["methods"])]
+        for n, (field, wrapper) in enumerate(wrappers):
+            if isinstance(wrapper, dict) and isinstance(wrapper.get("name"), str):
+                wrapper["name"] = ship.code(wrapper["name"], f"{field}.name", f"wrapper{n}")
+            if isinstance(wrapper, dict) and isinstance(wrapper.get("mask"), str):
+                wrapper["mask"] = ship.data(wrapper["mask"], f"{field}.mask", f"wrapper{n}")
+        if ship.size > SHIP_LIMIT_BYTES:
+            largest = ", ".join(f"{field}: {path.name} ({size / 2**20:.1f} MiB)"
+                                for size, field, path in sorted(ship.files, key=lambda f: -f[0])[:3])
+            raise ConfigError("runtime.ray_address", f"the run's files ({ship.size / 2**20:.0f} MiB in "
+                              f"{len(ship.files)} files; largest {largest}) cannot reach the cluster's workers: esegeta "
+                              f"ships at most {SHIP_LIMIT_BYTES // 2**20} MiB through Ray's runtime_env. Give the "
+                              "inputs through inputs.dataset (a factory reading storage every node mounts), or run "
+                              "without ray_address")
+    except BaseException:
+        shutil.rmtree(ship.folder, ignore_errors=True)
+        raise
+    env = {"working_dir": str(ship.folder), "py_modules": [str(PACKAGE)], "excludes": ["__pycache__", "*.pyc"]}
+    return config, env, ship.folder
+
+
 def run(plan: Any, jobs: list, on_done: Callable[[Any, Any], None], on_error: Callable[[Any, BaseException], None]
         ) -> None:
     """``on_done(job, computed)`` (or ``on_error``) for every job, computed by Ray actors."""
@@ -139,21 +230,26 @@ def run(plan: Any, jobs: list, on_done: Callable[[Any, Any], None], on_error: Ca
 
     rt = plan.config.runtime
     started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if rt.ray_address:
-            check_address(rt.ray_address)
-            try:
-                ray.init(address=rt.ray_address, include_dashboard=False, log_to_driver=False)
-            except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-                raise ConfigError("runtime.ray_address", f"cannot join the Ray cluster at {rt.ray_address}: "
-                                                         f"{type(exc).__name__}: {str(exc)[:200]}") from None
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # joining a cluster: its files go with the job (Ray takes a working directory at ray.init only)
+    shipped = shipment(plan) if started and rt.ray_address and jobs else None
     try:
-        _run(plan, jobs, on_done, on_error)
-    finally:
         if started:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            if rt.ray_address:
+                check_address(rt.ray_address)
+                try:
+                    ray.init(address=rt.ray_address, include_dashboard=False, log_to_driver=False,
+                             runtime_env=shipped[1] if shipped else None)
+                except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+                    raise ConfigError("runtime.ray_address", f"cannot join the Ray cluster at {rt.ray_address}: "
+                                                             f"{type(exc).__name__}: {str(exc)[:200]}") from None
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        _run(plan, jobs, on_done, on_error, shipped)
+    finally:
+        if shipped is not None:
+            shutil.rmtree(shipped[2], ignore_errors=True)
+        if started and ray.is_initialized():
             ray.shutdown()
 
 
@@ -161,7 +257,7 @@ class _RayJobFailed(RuntimeError):
     pass
 
 
-def _run(plan: Any, jobs: list, on_done, on_error) -> None:
+def _run(plan: Any, jobs: list, on_done, on_error, shipped: tuple[dict, dict, Path] | None = None) -> None:
     import ray
     import ray.data
 
@@ -182,11 +278,15 @@ def _run(plan: Any, jobs: list, on_done, on_error) -> None:
     ctx.execution_options.verbose_progress = False
     # enough blocks that every actor has work (Ray's advice: repartition for the actor pool)
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), actors * 8))
-    config = plan.config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if shipped is None:
+        config = plan.config.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        base_dir = str(plan.base_dir) if plan.base_dir else None
+    else:  # the actors run in the shipped working directory, on the driver's esegeta
+        config, base_dir = shipped[0], "."
     results = dataset.map_batches(
         Explainer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
         num_cpus=1 if device == "cpu" else 0,
-        fn_constructor_kwargs={"config": config, "base_dir": str(plan.base_dir) if plan.base_dir else None,
+        fn_constructor_kwargs={"config": config, "base_dir": base_dir,
                                "indices": [e.index for e in plan.entries], "device": device, "threads": threads})
     log.info("ray: %d job(s) on %d actor(s) (%s, %d thread(s) each)", len(jobs), actors, device, threads)
     done: set[int] = set()

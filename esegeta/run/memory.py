@@ -1,0 +1,99 @@
+"""A streamed run's memory, flat in the number of inputs (``benchmarks/rss_inputs.py`` measures it).
+
+Issue 26 measured a streamed run's peak resident set growing with its inputs (632 → 738 → 934 MB
+at 150 / 1,500 / 3,000 inputs of 1×128×128). The causes, and the measures:
+
+- Every job asked its worker for the run's samples (all inputs of the first one's shape, one
+  tensor: N inputs in memory, read through the cache) whether or not its method reads them; now
+  only a method of a library whose record says ``reads_samples`` gets them
+  (:func:`esegeta.run.job.compute`), and reading them fills no cache.
+- :class:`Releaser`: the inputs' cache (:mod:`esegeta.io.datasets`, up to 256 MiB) was filled by
+  the scan of every input before the first job and then kept, least recently used first, the
+  inputs whose jobs had all ended: it grew with the inputs up to its budget. The scan now caches
+  nothing and each input leaves the cache when its last job ends (jobs run input by input).
+- :class:`Trimmer`: memory freed inside glibc's heaps stays resident (a heap shrinks only from
+  its top, and a run's small long-lived objects sit between the freed tensors);
+  ``malloc_trim(0)`` returns every free page. It is called once the scan has read every input
+  (:func:`trim`) and after every :data:`EVERY` finished jobs (``ESEGETA_MALLOC_TRIM_EVERY``; 0
+  turns it off); elsewhere than glibc it does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+from functools import cache
+from typing import Any
+
+log = logging.getLogger("esegeta")
+
+#: Finished jobs between two trims (a trim of a run's heaps takes about a millisecond).
+EVERY = 100
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another OS or C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def trim() -> None:
+    """Give the free pages of glibc's heaps back now (after :func:`esegeta.io.datasets.scan` has read
+    every input once); nothing where there is no ``malloc_trim`` or it is turned off."""
+    if _enabled_every() > 0:
+        function = _malloc_trim()
+        if function is not None:
+            function(0)
+
+
+def _enabled_every() -> int:
+    text = os.environ.get("ESEGETA_MALLOC_TRIM_EVERY", "")
+    return int(text) if text.strip().isdigit() else EVERY
+
+
+class Trimmer:
+    """``done()`` after each finished job; every ``every`` of them, the heaps are trimmed."""
+
+    def __init__(self, every: int | None = None):
+        self.every = _enabled_every() if every is None else every
+        self._trim = _malloc_trim() if self.every > 0 else None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        if self._trim is None:
+            return
+        with self._lock:
+            self._count += 1
+            due = self._count % self.every == 0
+        if due:
+            self._trim(0)
+
+
+class Releaser:
+    """``done(job)`` as each job ends: an input whose jobs have all ended leaves the inputs' cache."""
+
+    def __init__(self, jobs: Iterable[Any]):
+        self._left = Counter(k for job in jobs for k, _ in job.items)
+        self._lock = threading.Lock()
+
+    def done(self, job: Any) -> None:
+        for k, item in job.items:
+            with self._lock:
+                self._left[k] -= 1
+                last = self._left[k] <= 0
+            if last:
+                item.release()
