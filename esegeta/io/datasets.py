@@ -117,8 +117,8 @@ class CaseSource:
     def __len__(self) -> int:
         return len(self.names)
 
-    def load(self, index: int) -> InputItem:
-        return self.cache.get(index, self._load)
+    def load(self, index: int, keep: bool = True) -> InputItem:
+        return self.cache.get(index, self._load, keep)
 
     def _load(self, index: int) -> InputItem:
         tensor, affine, geometry = self.trained.load_case(self.files[index], self.cfg.spatial_dims)
