@@ -2,7 +2,8 @@
 
 Each measurement runs in a fresh subprocess. ``patch``: the method on one patch-sized input,
 unpatched (the reference peak ``P``). ``global``: the method on the whole volume in global patch
-mode (patches of ``--patch``³, no overlap, ``patch.batch_size`` ``--patch-batch``). Memory is the
+mode (patches of ``--patch``, overlap 0: torchio still overlaps the last patch of an axis the
+patch does not divide, ``patch.batch_size`` ``--patch-batch``). Memory is the
 growth of the process's peak resident set (``ru_maxrss``) over the peak after imports, model load,
 the input volume and a warm-up forward on one patch; on CUDA (``--device cuda``)
 ``torch.cuda.max_memory_allocated`` over the same baseline. The ratio printed is
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -59,12 +61,13 @@ def tiny_segmenter():
                          nn.Conv3d(8, 2, 3, padding=1))
 
 
-def measure(case: str, method: str, shape: tuple[int, int, int], model_name: str, patch: int, patch_batch: int,
+def measure(case: str, method: str, shape: tuple[int, int, int], model_name: str, patch: tuple[int, int, int],
+            patch_batch: int,
             device: str, threads: int, steps: int, internal_batch_size: int) -> dict:
     import torch
     import torchio  # noqa: F401  (~120 MiB resident: the patcher imports it; in every baseline)
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, os.environ.get("ESEGETA_CHECKOUT", str(ROOT)))  # the checkout measured (--esegeta)
     import esegeta
 
     torch.manual_seed(0)
@@ -79,11 +82,11 @@ def measure(case: str, method: str, shape: tuple[int, int, int], model_name: str
         model = tiny_segmenter()
         wrapper = {"name": "multiclass", "activation": "softmax"}
     model = model.eval().to(device)
-    side = (patch,) * 3 if case == "patch" else shape
+    side = patch if case == "patch" else shape
     x = torch.randn(1, 1, 8, 8, 8, device=device)
     x = torch.nn.functional.interpolate(x, size=side, mode="trilinear", align_corners=False)
     with torch.no_grad():
-        model(x[..., :patch, :patch, :patch])
+        model(x[..., :patch[0], :patch[1], :patch[2]])
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -93,7 +96,7 @@ def measure(case: str, method: str, shape: tuple[int, int, int], model_name: str
     if method == "ig":
         kwargs.update(n_steps=steps, internal_batch_size=internal_batch_size)
     if case == "global":
-        kwargs["patch"] = {"size": [patch] * 3, "overlap": [0, 0, 0], "mode": "global", "batch_size": patch_batch}
+        kwargs["patch"] = {"size": list(patch), "overlap": [0, 0, 0], "mode": "global", "batch_size": patch_batch}
     start = time.perf_counter()
     attr = esegeta.explain(model, x, method_id, 1, wrapper=wrapper, **kwargs)
     if device == "cuda":
@@ -107,10 +110,10 @@ def measure(case: str, method: str, shape: tuple[int, int, int], model_name: str
             "finite": bool(torch.isfinite(attr).all())}
 
 
-def esegeta_grid(shape: tuple[int, int, int], patch: int):
+def esegeta_grid(shape: tuple[int, int, int], patch: tuple[int, int, int]):
     from esegeta.attribution.patcher import Grid
 
-    return Grid.over(shape, [patch] * 3, None, "average").locations
+    return Grid.over(shape, list(patch), None, "average").locations
 
 
 def main() -> None:
@@ -118,7 +121,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["128", "256", "512x512x300"])
     parser.add_argument("--methods", nargs="+", default=["ig"], choices=sorted(METHODS))
     parser.add_argument("--model", choices=("tiny", "tissue"), default="tiny")
-    parser.add_argument("--patch", type=int, default=64)
+    parser.add_argument("--patch", default="64", help="patch size: 64 (a cube) or 64x64x60")
     parser.add_argument("--patch-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16, help="Integrated Gradients' n_steps")
     parser.add_argument("--internal-batch-size", type=int, default=4, help="Integrated Gradients' internal batch")
@@ -129,14 +132,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         case, method, size = args.measure.split(":")
-        print(json.dumps(measure(case, method, _shape(size), args.model, args.patch, args.patch_batch, args.device,
+        print(json.dumps(measure(case, method, _shape(size), args.model, _shape(args.patch), args.patch_batch, args.device,
                                  args.threads, args.steps, args.internal_batch_size)))
         return
-    env = {"PYTHONPATH": str(args.esegeta.resolve()), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(args.esegeta.resolve()), "ESEGETA_CHECKOUT": str(args.esegeta.resolve()),
+           "PATH": "/usr/bin:/bin"}
     common = ["--model", args.model, "--patch", str(args.patch), "--patch-batch", str(args.patch_batch),
               "--device", args.device, "--threads", str(args.threads), "--steps", str(args.steps),
               "--internal-batch-size", str(args.internal_batch_size)]
-    print(f"esegeta at {args.esegeta}; model {args.model}; patch {args.patch}^3, patch batch {args.patch_batch}; "
+    print(f"esegeta at {args.esegeta}; model {args.model}; patch {args.patch}, patch batch {args.patch_batch}; "
           f"{args.device}; IG n_steps {args.steps}, internal_batch_size {args.internal_batch_size}")
     print("method | volume | one patch: MiB, s | global: MiB growth (result MiB), s, s/patch | ratio")
     for method in args.methods:

@@ -56,12 +56,14 @@ class Outcome:
 
 def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
               samples: torch.Tensor | None = None, with_scores: bool = False,
-              build_wrapper: WrapperBuilder = wrappers.build) -> Outcome:
+              build_wrapper: WrapperBuilder = wrappers.build,
+              run: Callable[[MethodSpec, Call], Any] = run_guarded) -> Outcome:
     """Run ``request`` (without its patch) on the prepared ``model`` and inputs ``x``.
 
     ``samples`` are the run's inputs (for methods that fit on data); ``with_scores`` costs one
     more forward pass without a wrapper (a wrapper holds its input's scores); ``build_wrapper``
-    makes a wrapped view (the patcher's stitched model passes its own, to save memory)."""
+    makes a wrapped view (the patcher's stitched model passes its own, to save memory); ``run``
+    computes one call (the adapter's, guarded; global patches pass esegeta's streamed methods)."""
     spec = request.spec
     check_task(spec, request.wrapper)
     layer = find_layer(model, request.layer, spec=spec) if request.layer else None
@@ -79,7 +81,7 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
         noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
         call = Call(forward, model, piece, target, layer, dict(request.params), noise_tunnel, base_dir, samples,
                     extras if n == 0 else {})
-        results.append(_as_result(run_guarded(spec, call)))
+        results.append(_as_result(run(spec, call)))
         if with_scores:
             explained, top = _explained(forward, piece, target)
             scores += explained

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esegeta.attribution import streamed
 from esegeta.attribution.call import Outcome
 from esegeta.errors import ConfigError
 from esegeta.spec import params as params_mod
@@ -136,6 +137,14 @@ class Grid:
                                            f"{location[:3].tolist()}–{location[3:].tolist()} does not fall on that "
                                            f"grid: choose input size, patch size and overlap multiples of {scale}")
 
+    @property
+    def separable(self) -> bool:
+        """Whether the patches tile the input without overlap (every voxel in exactly one patch):
+        then a voxel-wise score of the stitched prediction is a sum over patches. torchio shifts
+        the last patch of an axis the patch size does not divide back inside, so that patch
+        overlaps its neighbour even with ``overlap`` 0."""
+        return int(np.prod(self.locations[:, 3:] - self.locations[:, :3], axis=1).sum()) == int(np.prod(self.shape))
+
     def chunks(self, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(self.locations), batch_size):
             yield self.locations[start:start + batch_size]
@@ -205,13 +214,16 @@ class Stitched(nn.Module):
     :class:`_StitchFunction`, which recomputes the patches one batch at a time.
     """
 
-    def __init__(self, model: nn.Module, grid: Grid, dims: int, batch_size: int, output_key: Any = None):
+    def __init__(self, model: nn.Module, grid: Grid, dims: int, batch_size: int, output_key: Any = None,
+                 rows: int = 1):
         super().__init__()
         self.model = model
         self.grid = grid
         self.dims = dims
         self.batch_size = batch_size
         self.output_key = output_key
+        #: the method's rows per step (its internal batch) that ``batch_size`` patches per call include
+        self.rows = rows
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,7 +266,8 @@ class Stitched(nn.Module):
         window, total = self.weights(x.device)
         out = None
         # Module hooks (DeepLift, guided backprop...) set tensor hooks, which need a graph: then
-        # each patch batch builds one, dropped at once.
+        # each patch batch builds one, dropped at once. Patch batches are item-major (DeepLift's
+        # halves: inputs, then baselines).
         graph = x.requires_grad and _hooked(self.model)
         with torch.no_grad():
             for chunk in self.grid.chunks(self.batch_size):
@@ -266,6 +279,23 @@ class Stitched(nn.Module):
                     out[self.grid.slices(loc)] += y_patch * window
             out /= total
         return from_volume(out, self.dims)
+
+    def blended(self, inputs: Callable[[np.ndarray], torch.Tensor], rows: int, device: torch.device,
+                patches_per_call: int) -> torch.Tensor:
+        """The stitched prediction, as a volume view ``(rows, K, *shape)``, of an input given patch by
+        patch: ``inputs(locations)`` is ``(P, rows, C, *size)`` (made on the fly: a scaled or noised
+        input never exists at the volume's size)."""
+        window, total = self.weights(device)
+        out = None
+        with torch.no_grad():
+            for chunk in self.grid.chunks(max(1, patches_per_call // rows)):
+                y = self.outputs(inputs(chunk).flatten(0, 1))
+                if out is None:
+                    out = torch.zeros(rows, y.shape[1], *self.grid.shape, dtype=y.dtype, device=y.device)
+                for loc, y_patch in zip(chunk, y.unflatten(0, (len(chunk), rows))):
+                    out[self.grid.slices(loc)] += y_patch * window
+            out /= total
+        return out
 
     def backprop(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """d(Σ grad_out · stitched(x))/dx, one patch batch at a time."""
@@ -312,12 +342,25 @@ class Stitched(nn.Module):
 def _region_score(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
     """A :class:`esegeta.attribution.wrappers.MaskedScore`'s value restricted to ``region`` of the volume
     view (``out`` is the output there): its voxel sum is the score's share of that region."""
-    masks = to_volume(score.masks)
-    weighted = score.activation(out).index_select(1, score.channels) * masks[region]
-    value = weighted.sum(dim=tuple(range(2, weighted.ndim)))
-    if score.reduction == "mean":
-        value = value / masks.sum(dim=tuple(range(2, masks.ndim))).clamp_min(1.0)
-    return value
+    return _region_sum(score, out, region) * _reduction(score)
+
+
+def _region_sum(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...],
+                columns: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over ``region`` of the activated output times the masks, per column (all, or ``columns``)."""
+    masks, channels = to_volume(score.masks), score.channels
+    if columns is not None:
+        masks, channels = masks.index_select(1, columns), channels.index_select(0, columns)
+    weighted = score.activation(out).index_select(1, channels) * masks[region]
+    return weighted.sum(dim=tuple(range(2, weighted.ndim)))
+
+
+def _reduction(score: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor | float:
+    """What a column's sum is multiplied by: 1, or one over its mask's size (``mean``)."""
+    if score.reduction != "mean":
+        return 1.0
+    masks = score.masks if columns is None else score.masks.index_select(1, columns)
+    return 1.0 / masks.sum(dim=tuple(range(2, masks.ndim))).clamp_min(1.0)
 
 
 def _slab_score(score: nn.Module, out: torch.Tensor, thickness: int) -> torch.Tensor:
@@ -344,6 +387,80 @@ class _StitchedScore(nn.Module):
         if _hooked(self.score):  # a method hooks the wrapper's activation (DeepLift): the plain graph
             return self.score(self.model(x))
         return _StitchedScoreFunction.apply(x, self)
+
+
+    def column(self, target: Any) -> StitchedColumn:
+        """The explained column ``target`` (an index, or a one-element tensor), for esegeta's
+        streamed methods (:mod:`esegeta.attribution.streamed`)."""
+        return StitchedColumn(self.model, self.score, target)
+
+
+class StitchedColumn:
+    """One column of a built-in wrapper's score of the stitched prediction, window by window: what
+    esegeta's streamed methods (:mod:`esegeta.attribution.streamed`) differentiate.
+
+    :meth:`gradients` gives, patch batch by patch batch, the column's gradient with respect to the
+    patches of an input that is itself given patch by patch (a scaled, noised or perturbed input
+    is made per patch, never at the volume's size). Where the patches tile the input
+    (:attr:`Grid.separable`) the score is a sum over patches, and each patch's gradient needs
+    that patch alone. Where they overlap, the wrapper's activation acts on the blend, so the
+    gradient with respect to the blended output is taken once per step from the stitched
+    output (``rows × K`` channels at the volume's size, turned in place into that gradient)
+    and each patch gets its weighted share (the arithmetic of :meth:`Stitched.score_backprop`)."""
+
+    def __init__(self, stitched: Stitched, score: nn.Module, target: Any):
+        self.stitched, self.grid, self.score = stitched, stitched.grid, score
+        masks = score.masks
+        index = target.reshape(-1)[:1] if torch.is_tensor(target) else torch.tensor([int(target)])
+        self.index = index.to(device=masks.device, dtype=torch.long)
+        self.scale = _reduction(score, self.index)
+
+    @property
+    def separable(self) -> bool:
+        return self.grid.separable
+
+    def rows(self, wanted: int) -> int:
+        """Rows per step: the method's own where patches tile the input; one where they overlap
+        (each row's stitched output is held at the volume's size), with as many more patches per call."""
+        return max(1, wanted) if self.separable else 1
+
+    def value(self, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+        """The column's share of ``region`` per row, for the output ``out`` there."""
+        return (_region_sum(self.score, out, region, self.index) * self.scale)[:, 0]
+
+    def gradients(self, inputs: Callable[[np.ndarray], torch.Tensor], rows: int, device: torch.device
+                  ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """For each patch batch, its locations and the column's gradient with respect to its
+        patches, ``(P, rows, C, *size)``; ``inputs(locations)`` gives those patches, same shape."""
+        per_call = max(1, self.stitched.batch_size // rows)
+        shares = None if self.separable else self._output_gradient(inputs, rows, device)
+        window = None if shares is None else self.stitched.weights(device)[0]
+        for chunk in self.grid.chunks(per_call):
+            patches = inputs(chunk).flatten(0, 1).detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = self.stitched.outputs(patches).unflatten(0, (len(chunk), rows))
+                if shares is None:
+                    value = sum(self.value(y_patch, self.grid.slices(loc)).sum() for loc, y_patch in zip(chunk, y))
+                    (grad,) = torch.autograd.grad(value, patches)
+                else:
+                    share = torch.stack([shares[self.grid.slices(loc)] * window for loc in chunk])
+                    (grad,) = torch.autograd.grad(y, patches, share.to(y.dtype))
+            yield chunk, grad.unflatten(0, (len(chunk), rows))
+
+    def _output_gradient(self, inputs: Callable[[np.ndarray], torch.Tensor], rows: int,
+                         device: torch.device) -> torch.Tensor:
+        """∂column/∂(stitched output) ÷ the sum of windows, ``(rows, K, *shape)``: the stitched
+        output of the step's input, overwritten slab by slab with that gradient."""
+        out = self.stitched.blended(inputs, rows, device, self.stitched.batch_size)
+        total = self.stitched.weights(device)[1]
+        thickness = int(self.grid.size[0])
+        for start in range(0, out.shape[2], thickness):
+            slab = (slice(None), slice(None), slice(start, start + thickness))
+            with torch.enable_grad():
+                o = out[slab].clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.value(o, slab).sum(), o)
+            out[slab] = g / total[slab[2:]]
+        return out
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -441,10 +558,11 @@ class Global:
         grid = Grid.over(tuple(x.shape[2:]), list(self.patch.size), self.patch.overlap, self.patch.blend)
         check_global(request.spec, request.wrapper)
         one_row, rows = rows_one_at_a_time(request)
-        stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size * rows, request.wrapper.output)
-        # input-resolution attributions only (check_global): no layer to find on the stitched model
+        stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size * rows, request.wrapper.output, rows)
+        # input-resolution attributions only (check_global): no layer to find on the stitched model;
+        # gradient and path methods run as esegeta's streamed algorithms (esegeta.attribution.streamed)
         return inner(one_row.replace(patch=None, layer=None), stitched, x,
-                     **{**kw, "build_wrapper": Stitched.build_wrapper})
+                     **{**kw, "build_wrapper": Stitched.build_wrapper, "run": streamed.run})
 
 
 def rows_one_at_a_time(request: Request) -> tuple[Request, int]:
