@@ -67,7 +67,8 @@ from esegeta.errors import ConfigError
 from esegeta.spec import params as params_mod
 from esegeta.spec.registry import MethodSpec
 from esegeta.spec.request import PatchConfig, Request, WrapperConfig
-from esegeta.attribution.wrappers import MaskedScore, build, region_mask, select_output
+from esegeta.attribution.wrappers import (MaskedScore, build, multiclass_score, region_mask, select_output,
+                                          threshold_score)
 
 #: The inner call a strategy wraps: :func:`esegeta.attribution.call.call_once`'s signature.
 CallFn = Callable[..., Outcome]
@@ -234,11 +235,25 @@ class Stitched(nn.Module):
                       base_dir: Path | None = None) -> nn.Module:
         """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
         score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
+        if model.grid.separable and wrapper.name in ("threshold", "multiclass") and wrapper.threshold != "otsu":
+            return _tiled_wrapper(model, x, wrapper)
         thickness = int(model.grid.size[0])
         wrapped = build(model, x, wrapper, base_dir, evaluate=lambda score, out: _slab_score(score, out, thickness))
         if isinstance(wrapped.score, MaskedScore):
+            wrapped.score.reduce.masks = _compact(wrapped.score.masks)
             return _StitchedScore(model, wrapped.score, wrapped.unperturbed)
         return wrapped
+
+    def tiled_value(self, x: torch.Tensor, score: nn.Module) -> torch.Tensor:
+        """A built-in wrapper's ``score`` of the stitched prediction on ``x`` when the patches tile
+        the input: a sum over patches (no output at the volume's size); no gradients."""
+        x5, total = to_volume(x), 0
+        with torch.no_grad():
+            for chunk in self.grid.chunks(self.batch_size):
+                y = self.outputs(_patches(x5, self.grid, chunk))
+                for loc, y_patch in zip(chunk, _per_patch(y, len(chunk))):
+                    total = total + _region_sum(score, y_patch, self.grid.slices(loc))
+        return total * _reduction(score)
 
     def weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch window, sum of windows over the volume), on ``device``."""
@@ -339,6 +354,39 @@ class Stitched(nn.Module):
         return from_volume(grad, self.dims)
 
 
+def _compact(masks: torch.Tensor) -> torch.Tensor:
+    """Binary masks as one byte per voxel (four times less than float; products and sums promote
+    back to float); other masks (a region wrapper's weights) unchanged."""
+    if masks.device.type != "meta" and bool(((masks == 0) | (masks == 1)).all()):
+        return masks.to(torch.uint8)
+    return masks
+
+
+def _tiled_wrapper(model: Stitched, x: torch.Tensor, wrapper: WrapperConfig) -> _StitchedScore:
+    """A ``threshold`` (a number) or ``multiclass`` wrapper on the stitched prediction when the
+    patches tile the input: each patch's masks are frozen from its own output (the wrapper's rule
+    is voxel-wise and each voxel's prediction is one patch's), written as bytes into one mask
+    volume, and the unperturbed scores summed patch by patch: no output at the volume's size."""
+    if x.shape[0] != 1:
+        raise ValueError("wrapper masks are frozen per input: build one wrapper per input (batch of one)")
+    x5, grid = to_volume(x), model.grid
+    masks, score, sums = None, None, 0
+    with torch.no_grad():
+        for chunk in grid.chunks(model.batch_size):
+            y = model.outputs(_patches(x5, grid, chunk))
+            for loc, y_patch in zip(chunk, y):
+                region = grid.slices(loc)
+                one = (threshold_score if wrapper.name == "threshold" else multiclass_score)(y_patch[None], wrapper)
+                if masks is None:
+                    masks = torch.zeros(one.masks.shape[1], *grid.shape, dtype=torch.uint8, device=one.masks.device)
+                    score = one
+                masks[(slice(None),) + region[2:]] = one.masks[0]
+                picked = score.activation(select_output(y_patch[None], wrapper.output)).index_select(1, score.channels)
+                sums = sums + (picked * one.masks).sum(dim=tuple(range(2, picked.ndim)))
+    score.reduce.masks = masks[None]
+    return _StitchedScore(model, score, sums * _reduction(score))
+
+
 def _region_score(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
     """A :class:`esegeta.attribution.wrappers.MaskedScore`'s value restricted to ``region`` of the volume
     view (``out`` is the output there): its voxel sum is the score's share of that region."""
@@ -360,7 +408,7 @@ def _reduction(score: nn.Module, columns: torch.Tensor | None = None) -> torch.T
     if score.reduction != "mean":
         return 1.0
     masks = score.masks if columns is None else score.masks.index_select(1, columns)
-    return 1.0 / masks.sum(dim=tuple(range(2, masks.ndim))).clamp_min(1.0)
+    return 1.0 / masks.sum(dim=tuple(range(2, masks.ndim))).float().clamp_min(1.0)
 
 
 def _slab_score(score: nn.Module, out: torch.Tensor, thickness: int) -> torch.Tensor:
@@ -386,6 +434,8 @@ class _StitchedScore(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _hooked(self.score):  # a method hooks the wrapper's activation (DeepLift): the plain graph
             return self.score(self.model(x))
+        if self.model.grid.separable and not (torch.is_grad_enabled() and x.requires_grad):
+            return self.model.tiled_value(x, self.score)
         return _StitchedScoreFunction.apply(x, self)
 
 
