@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
+from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
 
 import esegeta
 from esegeta.attribution import streamed
@@ -40,6 +40,10 @@ CASES = [
     ("captum.Saliency", Saliency, {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 3, "stdevs": 0.2}}),
     ("captum.InputXGradient", InputXGradient, {"noise_tunnel": {"nt_type": "smoothgrad_sq", "nt_samples": 2,
                                                                 "stdevs": 0.2}}),
+    # blocks straddling patches and clipped at the border, a tensor baseline (overlapping patches: Captum's)
+    ("captum.Occlusion", Occlusion, {"sliding_window_shapes": (1, 6, 5, 3), "strides": (1, 5, 4, 3),
+                                     "baselines": torch.linspace(-1, 1, 16 * 16 * 8).reshape(1, 1, 16, 16, 8),
+                                     "perturbations_per_eval": 3}),
 ]
 
 
@@ -51,9 +55,9 @@ def test_streamed_equals_captum_on_the_stitched_model(method, cls, kwargs, patch
     wrapper = case.wrapper if "noise_tunnel" not in kwargs else SIGMOID_MEAN
     torch.manual_seed(3)
     theirs = _captum(model, x, wrapper, patch, cls, 2 if wrapper is case.wrapper else 1,
-                     **{k: v for k, v in kwargs.items() if k != "internal_batch_size"})
-    # the streamed path ran: Captum is not called
-    monkeypatch.setattr(streamed, "run_guarded", lambda *a: pytest.fail("fell back to Captum"))
+                     **{k: v for k, v in kwargs.items() if k not in ("internal_batch_size", "perturbations_per_eval")})
+    if patch is TILED or method != "captum.Occlusion":  # the streamed path ran: Captum is not called
+        monkeypatch.setattr(streamed, "run_guarded", lambda *a: pytest.fail("fell back to Captum"))
     torch.manual_seed(3)
     ours = esegeta.explain(model, x, method, 2 if wrapper is case.wrapper else 1, wrapper=wrapper, patch=patch,
                            **kwargs)
@@ -82,3 +86,26 @@ def test_streamed_falls_back_to_captum_for_what_it_does_not_cover():
     attr = esegeta.explain(case.model, case.x, "captum.Saliency", 2, wrapper=case.wrapper, patch=TILED,
                            noise_tunnel={"nt_type": "vargrad", "nt_samples": 2, "stdevs": 0.1})
     assert attr.shape == case.x.shape and torch.isfinite(attr).all()
+
+
+META_CASES = [
+    ("captum.IntegratedGradients", {"n_steps": 3, "internal_batch_size": 2}),
+    ("captum.InputXGradient", {}),
+    ("captum.Saliency", {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}}),
+    ("captum.Occlusion", {"sliding_window_shapes": (1, 4, 4, 4), "strides": (1, 4, 4, 4)}),
+]
+
+
+@pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
+@pytest.mark.parametrize("method, kwargs", META_CASES, ids=[c[0] for c in META_CASES])
+def test_streamed_methods_on_meta(method, kwargs, patch, monkeypatch):
+    """Every tensor the streamed methods make lives on the data's device (torch's meta device here)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1))
+    model = model.eval().to("meta")
+    x = torch.randn(1, 1, 16, 16, 8, device="meta")
+    if patch is TILED or method != "captum.Occlusion":
+        monkeypatch.setattr(streamed, "run_guarded", lambda *a: pytest.fail("fell back to Captum"))
+    for wrapper in ({"name": "multiclass", "activation": "softmax"}, SIGMOID_MEAN):
+        attr = esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=patch, **kwargs)
+        assert attr.device == x.device and attr.shape == x.shape

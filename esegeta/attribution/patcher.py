@@ -478,6 +478,13 @@ class StitchedColumn:
         """The column's share of ``region`` per row, for the output ``out`` there."""
         return (_region_sum(self.score, out, region, self.index) * self.scale)[:, 0]
 
+    def values(self, locations: list[np.ndarray], patches: torch.Tensor) -> torch.Tensor:
+        """The column's share of each patch's region, ``(P,)``, for the patches ``(P, C, *size)`` at
+        ``locations`` (where patches tile the input their sum is the score); no gradients."""
+        with torch.no_grad():
+            y = self.stitched.outputs(patches)
+            return torch.cat([self.value(y[i:i + 1], self.grid.slices(loc)) for i, loc in enumerate(locations)])
+
     def gradients(self, inputs: Callable[[np.ndarray], torch.Tensor], rows: int, device: torch.device
                   ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """For each patch batch, its locations and the column's gradient with respect to its

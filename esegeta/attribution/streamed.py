@@ -25,6 +25,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from esegeta.attribution.guard import restored, run_guarded
@@ -181,9 +182,82 @@ def _input_x_gradient(grad: torch.Tensor, x: torch.Tensor, params: dict) -> torc
     return x * grad if params.get("multiply_by_inputs", True) else grad
 
 
+def occlusion(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.Tensor | None:
+    """Occlusion (Zeiler & Fergus 2014, arXiv:1311.2901) as Captum computes it: each block of
+    ``sliding_window_shapes`` at ``strides`` (the first axis moving fastest, blocks clipped at the
+    border) replaced by the baseline, ``S(x) − S(x with the block occluded)`` added over the
+    block, the sum divided by how many blocks cover each voxel. Where patches tile the input the
+    score is a sum over patches, so only the patches a block touches are recomputed (with the
+    block occluded in them, made per patch), ``patch.batch_size × perturbations_per_eval`` per call."""
+    baseline = _baseline(params.get("baselines"), x5)
+    window, strides = params.get("sliding_window_shapes"), params.get("strides") or 1
+    if (nt is not None or baseline is None or not column.separable or params.get("additional_forward_args")
+            is not None or not isinstance(window, (tuple, list)) or not isinstance(strides, (int, tuple, list))):
+        return None
+    dims = x5.ndim - 1  # (C, *spatial) of the volume view
+    window = tuple(window) + (1,) * (dims - len(window))
+    strides = (tuple(strides) + (1,) * (dims - len(strides))) if not isinstance(strides, int) else (strides,) * dims
+    shape = tuple(x5.shape[1:])
+    if len(window) != dims or any(w > n for w, n in zip(window, shape)):
+        return None
+    counts = [int(np.ceil((n - w) / s)) + 1 for n, w, s in zip(shape, window, strides)]
+    grid, locations = column.grid, list(column.grid.locations)
+    per_call = max(1, column.stitched.batch_size)
+    initial = torch.cat([column.values(chunk, torch.cat([x5[grid.slices(loc)] for loc in chunk]))
+                         for chunk in column.grid.chunks(per_call)])
+    result = torch.zeros_like(x5)
+    pending: list[tuple[int, int, torch.Tensor]] = []  # (feature, window index, occluded patch); whole features
+    blocks: dict[int, tuple[slice, ...]] = {}
+
+    def evaluate() -> None:
+        diffs: dict[int, list] = {}
+        modified = column.values([locations[j] for _, j, _ in pending], torch.stack([p for _, _, p in pending]))
+        for (feature, j, _), value in zip(pending, modified):
+            diffs.setdefault(feature, []).append(initial[j] - value)
+        for feature, values in diffs.items():  # in Captum's order
+            result[(slice(None),) + blocks.pop(feature)] += torch.stack(values).sum()
+        pending.clear()
+
+    for feature in range(int(np.prod(counts))):
+        offsets, rest = [], feature
+        for count, stride in zip(counts, strides):  # Captum's order: the first axis fastest
+            offsets.append((rest % count) * stride)
+            rest //= count
+        block = tuple(slice(o, min(o + w, n)) for o, w, n in zip(offsets, window, shape))
+        touched = [j for j, loc in enumerate(locations)
+                   if all(b.start < int(hi) and int(lo) < b.stop for b, lo, hi in zip(block[1:], loc[:3], loc[3:]))]
+        if len(pending) + len(touched) > per_call:
+            evaluate()
+        for j in touched:
+            loc = locations[j]
+            patch = x5[grid.slices(loc)][0].clone()
+            inside = (block[0],) + tuple(slice(max(b.start, int(lo)) - int(lo), min(b.stop, int(hi)) - int(lo))
+                                         for b, lo, hi in zip(block[1:], loc[:3], loc[3:]))
+            whole = (block[0],) + tuple(slice(max(b.start, int(lo)), min(b.stop, int(hi)))
+                                        for b, lo, hi in zip(block[1:], loc[:3], loc[3:]))
+            patch[inside] = _window(baseline, (slice(0, 1),) + whole)[0] if torch.is_tensor(baseline) else baseline
+            pending.append((feature, j, patch))
+        blocks[feature] = block
+    if pending:
+        evaluate()
+    # each voxel's count of covering blocks: a product of per-axis counts
+    cover = []
+    for n, w, s, count in zip(shape, window, strides, counts):
+        axis = torch.zeros(n, dtype=x5.dtype, device=x5.device)
+        for k in range(count):
+            axis[k * s:min(k * s + w, n)] += 1
+        cover.append(axis)
+    for slab in _slabs(x5, int(column.grid.size[0])):
+        weights = cover[0].view(-1, 1, 1, 1) * cover[1][slab[2]].view(1, -1, 1, 1) * cover[2].view(1, 1, -1, 1) \
+            * cover[3].view(1, 1, 1, -1)
+        result[slab] /= weights
+    return result
+
+
 #: The methods computed here in global patch mode, by id (the rest go to their adapter).
 ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.IntegratedGradients": integrated_gradients,
     "captum.Saliency": _gradient_method(_saliency, linear=False),
     "captum.InputXGradient": _gradient_method(_input_x_gradient, linear=True),
+    "captum.Occlusion": occlusion,
 }
