@@ -25,18 +25,28 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   that is what grows with the input (``benchmarks/patcher.py``: Integrated Gradients on a
   volume 4x a 16³ patch per axis peaks at 1.6-1.8x the resident memory of one patch).
 
-  Which methods run how in global mode: gradient and path methods (Saliency,
-  InputXGradient, Integrated Gradients, GradientShap, SmoothGrad) backpropagate patch by
-  patch through the checkpointed backward; perturbation methods (Occlusion,
-  FeatureAblation, Shapley sampling, LIME, KernelSHAP) call the stitched forward once per
-  perturbation (patch by patch, no gradients); methods that hook the network's
-  activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one module call
-  per patch batch in the forward and again in the recomputation, with the batch kept
-  item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to the
-  unpatched result on a pointwise model (a method that hooks the wrapper's activation gets
-  the plain whole-input graph of the score). Captum's LRP refuses modules called more than
-  once and fails. Only input-resolution attributions are accepted (layer, neuron and
-  feature-visualisation methods: use ``local``).
+  Which methods run how in global mode: Integrated Gradients, Saliency, InputXGradient,
+  SmoothGrad (``noise_tunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two) and,
+  where the patches tile the input, Occlusion run as esegeta's streamed algorithms
+  (:mod:`esegeta.attribution.streamed`, with a built-in wrapper): window by window against
+  :class:`StitchedColumn`, each step's input made per patch, added into one result volume,
+  tested equal to Captum's call on the whole stitched model. Where the patches tile the input
+  (:attr:`Grid.separable`) the score is a sum over patches: a threshold (a number) or
+  multiclass wrapper's masks are frozen patch by patch (:func:`_tiled_wrapper`), and nothing
+  but the input, the result and the masks (a byte per voxel and column) exists at the volume's
+  size. Where they overlap, one step's stitched output is held (its channels), turned in place
+  into the score's gradient. Other gradient methods (GradientShap...) backpropagate patch by
+  patch through the checkpointed backward; other perturbation methods (FeatureAblation,
+  Shapley sampling, LIME, KernelSHAP; Occlusion on overlapping patches) call the stitched
+  forward once per perturbation (patch by patch, no gradients); methods that hook the
+  network's activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one
+  module call per patch batch in the forward and again in the recomputation, with the batch
+  kept item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to
+  the unpatched result on a pointwise model (a method that hooks the wrapper's activation
+  gets the plain whole-input graph of the score). Those hold whole-volume tensors per step
+  (Captum's). Captum's LRP refuses modules called more than once and fails. Only
+  input-resolution attributions are accepted (layer, neuron and feature-visualisation
+  methods: use ``local``).
 
 The blending in the stitched forward is differentiable code of its own (torchio's
 aggregator works in place on CPU without gradients); tests check it equals torchio's.
