@@ -109,3 +109,26 @@ def test_streamed_methods_on_meta(method, kwargs, patch, monkeypatch):
     for wrapper in ({"name": "multiclass", "activation": "softmax"}, SIGMOID_MEAN):
         attr = esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=patch, **kwargs)
         assert attr.device == x.device and attr.shape == x.shape
+
+
+@pytest.mark.parametrize("wrapper", [{"name": "multiclass", "activation": "softmax"}, SIGMOID_MEAN])
+def test_tiled_masks_are_held_as_bits_and_equal_the_whole_inputs(wrapper):
+    """Where patches tile the input the masks are frozen patch by patch and kept as bits; on a
+    pointwise model (stitched = whole prediction) they, the record's mask and the unperturbed
+    scores equal the wrapper's on the whole input."""
+    from esegeta.attribution.call import frozen_mask
+    from esegeta.attribution.wrappers import build
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 1), torch.nn.Tanh(), torch.nn.Conv3d(3, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    grid = Grid.over(tuple(x.shape[2:]), TILED["size"], TILED["overlap"], "average")
+    wrapped = Stitched.build_wrapper(Stitched(model, grid, 3, 2), x, wrapper_config(wrapper))
+    whole = build(model, x, wrapper)
+    packed = wrapped.score.packed
+    assert sum(b.numel() for b in packed.bits.values()) == whole.score.masks[0].numel() // 8
+    assert torch.equal(wrapped.score.masks.float(), whole.score.masks)
+    assert torch.equal(frozen_mask(wrapped, 1).float(), frozen_mask(whole, 1))
+    torch.testing.assert_close(wrapped.unperturbed, whole.unperturbed, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.score(model(x)), whole.score(model(x)), rtol=1e-5, atol=1e-6)

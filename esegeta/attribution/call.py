@@ -118,11 +118,16 @@ def _checks(spec: MethodSpec, call: Call, result: torch.Tensor, explained: list[
 
 def frozen_mask(forward: nn.Module, target: int | None, index: int = 0) -> torch.Tensor | None:
     """A wrapper's frozen mask of column ``target`` for its ``index``-th input (spatial shape, on
-    the CPU), or None (no wrapper, a custom wrapper without masks, or nothing targeted)."""
-    masks = getattr(getattr(forward, "score", None), "masks", None)
+    the CPU; float32, or bytes where the wrapper holds them so: global patches' masks, no float
+    copy of a large volume), or None (no wrapper, a custom wrapper without masks, or nothing targeted)."""
+    score = getattr(forward, "score", None)
+    if target is not None and hasattr(score, "column_mask"):  # masks held per patch (global patches)
+        return score.column_mask(target).to("cpu") if 0 <= target < len(score.channels) else None
+    masks = getattr(score, "masks", None)
     if target is None or not torch.is_tensor(masks) or not 0 <= target < masks.shape[1]:
         return None
-    return masks[index if masks.shape[0] > 1 else 0, target].detach().to("cpu", torch.float32)
+    dtype = torch.uint8 if masks.dtype == torch.uint8 else torch.float32
+    return masks[index if masks.shape[0] > 1 else 0, target].detach().to("cpu", dtype)
 
 
 def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: MethodSpec | None = None) -> nn.Module:

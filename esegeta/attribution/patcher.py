@@ -375,26 +375,101 @@ def _compact(masks: torch.Tensor) -> torch.Tensor:
 def _tiled_wrapper(model: Stitched, x: torch.Tensor, wrapper: WrapperConfig) -> _StitchedScore:
     """A ``threshold`` (a number) or ``multiclass`` wrapper on the stitched prediction when the
     patches tile the input: each patch's masks are frozen from its own output (the wrapper's rule
-    is voxel-wise and each voxel's prediction is one patch's), written as bytes into one mask
-    volume, and the unperturbed scores summed patch by patch: no output at the volume's size."""
+    is voxel-wise and each voxel's prediction is one patch's) and kept per patch, one bit per voxel
+    and column (:class:`_TiledScore`); the unperturbed scores are summed patch by patch: no output,
+    activation or mask at the volume's size."""
     if x.shape[0] != 1:
         raise ValueError("wrapper masks are frozen per input: build one wrapper per input (batch of one)")
     x5, grid = to_volume(x), model.grid
-    masks, score, sums = None, None, 0
+    packed, score, sums = _PackedMasks(grid, model.dims), None, 0
     with torch.no_grad():
         for chunk in grid.chunks(model.batch_size):
             y = model.outputs(_patches(x5, grid, chunk))
             for loc, y_patch in zip(chunk, y):
-                region = grid.slices(loc)
                 one = (threshold_score if wrapper.name == "threshold" else multiclass_score)(y_patch[None], wrapper)
-                if masks is None:
-                    masks = torch.zeros(one.masks.shape[1], *grid.shape, dtype=torch.uint8, device=one.masks.device)
-                    score = one
-                masks[(slice(None),) + region[2:]] = one.masks[0]
+                score = score or _TiledScore(one, packed)
+                packed.put(grid.slices(loc), one.masks[0])
                 picked = score.activation(select_output(y_patch[None], wrapper.output)).index_select(1, score.channels)
                 sums = sums + (picked * one.masks).sum(dim=tuple(range(2, picked.ndim)))
-    score.reduce.masks = masks[None]
     return _StitchedScore(model, score, sums * _reduction(score))
+
+
+class _PackedMasks:
+    """Binary masks ``(K', *spatial)`` of a grid whose patches tile the input, held patch by patch
+    as one bit per voxel and column (a 512×512×300 volume's two columns: 19 MiB, not 600 as floats)."""
+
+    def __init__(self, grid: Grid, dims: int):
+        self.grid, self.dims = grid, dims
+        self.bits: dict[tuple[int, ...], torch.Tensor] = {}
+        self.sizes: torch.Tensor | float = 0  # voxels per column
+
+    @staticmethod
+    def _key(region: tuple[slice, ...]) -> tuple[int, ...]:
+        return tuple(v for r in region[2:] for v in (r.start, r.stop))
+
+    def put(self, region: tuple[slice, ...], masks: torch.Tensor) -> None:
+        """Keep the masks ``(K', *size)`` of the patch at ``region`` (volume-view slices)."""
+        flat = (masks > 0.5).flatten(1).to(torch.uint8)
+        flat = nn.functional.pad(flat, (0, -flat.shape[1] % 8)).view(flat.shape[0], -1, 8)
+        powers = 2 ** torch.arange(8, dtype=torch.uint8, device=masks.device)
+        self.bits[self._key(region)] = (flat * powers).sum(-1, dtype=torch.uint8)
+        self.sizes = self.sizes + masks.flatten(1).sum(1)
+
+    def region(self, region: tuple[slice, ...]) -> torch.Tensor:
+        """The masks of one patch, ``(1, K', *size)`` bytes."""
+        bits = self.bits[self._key(region)]
+        size = tuple(r.stop - r.start for r in region[2:])
+        shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+        values = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :int(np.prod(size))]
+        return values.view(1, bits.shape[0], *size)
+
+    def column(self, column: int) -> torch.Tensor:
+        """One column's mask over the whole volume view, ``(*spatial)`` bytes."""
+        out = None
+        for location in self.grid.locations:
+            region = self.grid.slices(location)
+            values = self.region(region)[0, column]
+            if out is None:
+                out = torch.zeros(self.grid.shape, dtype=torch.uint8, device=values.device)
+            out[region[2:]] = values
+        return out
+
+    def full(self) -> torch.Tensor:
+        """Every column's mask, ``(1, K', *spatial)`` bytes (materialised on demand)."""
+        return torch.stack([self.column(k) for k in range(len(self.sizes))])[None]
+
+
+class _TiledScore(nn.Module):
+    """A built-in wrapper's score (:class:`esegeta.attribution.wrappers.MaskedScore`'s arithmetic)
+    whose masks are :class:`_PackedMasks`: read patch by patch (:func:`_masks_in`); ``masks``
+    materialises them (bytes) for whoever needs the whole volume (evaluation's localisation, a
+    method that takes the plain graph); ``column_mask`` gives one column (the record's mask)."""
+
+    def __init__(self, template: nn.Module, packed: _PackedMasks):
+        super().__init__()
+        self.activation = template.activation
+        self.register_buffer("channels", template.channels)
+        self.reduction, self.output_key, self.packed = template.reduction, template.output_key, packed
+
+    @property
+    def masks(self) -> torch.Tensor:
+        return self.packed.full()
+
+    def column_mask(self, column: int) -> torch.Tensor:
+        """One column's mask, the input's spatial shape, bytes."""
+        return from_volume(self.packed.column(column), self.packed.dims)
+
+    def forward(self, output: Any) -> torch.Tensor:
+        out, grid = to_volume(select_output(output, self.output_key)), self.packed.grid
+        total = sum(_region_sum(self, out[region], region) for region in map(grid.slices, grid.locations))
+        return total * _reduction(self)
+
+
+def _masks_in(score: nn.Module, region: tuple[slice, ...]) -> torch.Tensor:
+    """A score's masks on ``region`` of the volume view, ``(1, K', *region)``."""
+    if isinstance(score, _TiledScore):
+        return score.packed.region(region)
+    return to_volume(score.masks)[region]
 
 
 def _region_score(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
@@ -406,10 +481,10 @@ def _region_score(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...]
 def _region_sum(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...],
                 columns: torch.Tensor | None = None) -> torch.Tensor:
     """Σ over ``region`` of the activated output times the masks, per column (all, or ``columns``)."""
-    masks, channels = to_volume(score.masks), score.channels
+    masks, channels = _masks_in(score, region), score.channels
     if columns is not None:
         masks, channels = masks.index_select(1, columns), channels.index_select(0, columns)
-    weighted = score.activation(out).index_select(1, channels) * masks[region]
+    weighted = score.activation(out).index_select(1, channels) * masks
     return weighted.sum(dim=tuple(range(2, weighted.ndim)))
 
 
@@ -417,12 +492,19 @@ def _reduction(score: nn.Module, columns: torch.Tensor | None = None) -> torch.T
     """What a column's sum is multiplied by: 1, or one over its mask's size (``mean``)."""
     if score.reduction != "mean":
         return 1.0
-    masks = score.masks if columns is None else score.masks.index_select(1, columns)
-    return 1.0 / masks.sum(dim=tuple(range(2, masks.ndim))).float().clamp_min(1.0)
+    if isinstance(score, _TiledScore):
+        sizes = score.packed.sizes[None]
+    else:
+        sizes = score.masks.sum(dim=tuple(range(2, score.masks.ndim)))
+    sizes = sizes if columns is None else sizes.index_select(1, columns)
+    return 1.0 / sizes.float().clamp_min(1.0)
 
 
 def _slab_score(score: nn.Module, out: torch.Tensor, thickness: int) -> torch.Tensor:
-    """The score of the whole stitched output, summed over slabs (no whole-input temporaries)."""
+    """The score of the whole stitched output, summed over slabs (no whole-input temporaries; masks
+    held per patch: over the patches)."""
+    if isinstance(score, _TiledScore):
+        return score(out)
     o5 = to_volume(out)
     return sum(_region_score(score, o5[:, :, start:start + thickness], (slice(None), slice(None),
                                                                          slice(start, start + thickness)))
@@ -470,9 +552,8 @@ class StitchedColumn:
 
     def __init__(self, stitched: Stitched, score: nn.Module, target: Any):
         self.stitched, self.grid, self.score = stitched, stitched.grid, score
-        masks = score.masks
         index = target.reshape(-1)[:1] if torch.is_tensor(target) else torch.tensor([int(target)])
-        self.index = index.to(device=masks.device, dtype=torch.long)
+        self.index = index.to(device=score.channels.device, dtype=torch.long)
         self.scale = _reduction(score, self.index)
 
     @property
