@@ -460,8 +460,12 @@ class _TiledScore(nn.Module):
         return from_volume(self.packed.column(column), self.packed.dims)
 
     def forward(self, output: Any) -> torch.Tensor:
-        out, grid = to_volume(select_output(output, self.output_key)), self.packed.grid
-        total = sum(_region_sum(self, out[region], region) for region in map(grid.slices, grid.locations))
+        # the activation called once (a method may hook it, as DeepLift does: one call per forward)
+        activated = self.activation(to_volume(select_output(output, self.output_key))).index_select(1, self.channels)
+        total = 0
+        for region in map(self.packed.grid.slices, self.packed.grid.locations):
+            weighted = activated[region] * self.packed.region(region)
+            total = total + weighted.sum(dim=tuple(range(2, weighted.ndim)))
         return total * _reduction(self)
 
 
