@@ -404,22 +404,23 @@ VOLUME_COPIES = 9
 
 def streamed_bytes(request: Any, grid: Grid, voxels: int, input_bytes: int, output_bytes: int) -> int | None:
     """Bytes at the volume's size a global-patch explanation holds when esegeta streams the method
-    (None: it runs through its adapter): input and result, the masks (bytes; ``threshold``: two
-    columns, ``multiclass``: one per output channel; a ``region`` wrapper's float weights) and
-    SmoothGrad's noise of one sample. Where the patches overlap, also the stitched output of one
-    step (turned into its gradient), the sum of windows and SmoothGrad's gradient of one sample;
-    and the masks are frozen on the stitched output (output, activation, int64 labels, float
-    masks, sum of windows): the larger of the two."""
+    (None: it runs through its adapter): input and result, the masks (``threshold``: two columns,
+    ``multiclass``: one per output channel; where patches tile the input a bit per voxel and
+    column, else a byte; a ``region`` wrapper's float weights) and SmoothGrad's noise of one
+    sample. Where the patches overlap, also the stitched output of one step (turned into its
+    gradient), the sum of windows and SmoothGrad's gradient of one sample; and the masks are
+    frozen on the stitched output (output, activation, int64 labels, float masks, sum of windows):
+    the larger of the two."""
     wrapper = request.wrapper
     if request.spec.id not in streamed.ALGORITHMS or wrapper is None or wrapper.name not in BUILTIN:
         return None
     channels = max(1, output_bytes // (4 * voxels))
     columns = 2 if wrapper.name == "threshold" else channels
-    mask_bytes = columns * voxels * (4 if wrapper.name == "region" else 1)
     noise = input_bytes if request.noise_tunnel is not None else 0
-    held = 2 * input_bytes + mask_bytes + noise
     if grid.separable and wrapper.name != "region" and wrapper.threshold != "otsu":
-        return held
+        return 2 * input_bytes + columns * voxels // 8 + noise
+    mask_bytes = columns * voxels * (4 if wrapper.name == "region" else 1)
+    held = 2 * input_bytes + mask_bytes + noise
     step = held + output_bytes + 4 * voxels + noise
     build = input_bytes + 2 * output_bytes + 8 * voxels + 4 * columns * voxels + 4 * voxels
     return max(step, build)
