@@ -11,8 +11,11 @@ the input volume, a forward pass on one patch and a warm-up call of the method o
 ``(global growth − result volume) ÷ P``: the issue's target is ≤ 1.5 (the input is in the
 baseline, the result is subtracted). Beside it, ``esegeta check``'s predicted peak of the global
 call (:func:`esegeta.run.check.planned_peak`, computed after the measurement) against the
-measured growth plus the input. ``--model tiny`` is a three-layer 3D convolutional segmenter
-(fast enough for a 512×512×300 volume on a CPU), ``tissue`` the sample TissueUNet3D.
+measured growth plus the input. ``--model tiny`` is a three-layer 3D convolutional segmenter,
+``micro`` a two-layer one (a tenth of the compute: a 512×512×300 volume on a loaded CPU), ``tissue``
+the sample TissueUNet3D. A patch that tiles the volume (``--patch 64x64x60`` for 512×512×300)
+keeps global mode's masks per patch; one that does not (64³ on 300 slices: torchio shifts the last
+patch back, overlapping its neighbour) freezes them on the stitched output.
 
     python benchmarks/patch_memory.py --sizes 128 256 512x512x300 --methods ig saliency smoothgrad deeplift
     python benchmarks/patch_memory.py --esegeta /tmp/base   # the same on another checkout of esegeta (before/after)
@@ -64,6 +67,14 @@ def tiny_segmenter():
                          nn.Conv3d(8, 2, 3, padding=1))
 
 
+def micro_segmenter():
+    """One 3×3×3 convolution to 8 channels and a 1×1×1 one to 2 classes: about a tenth of the tiny
+    segmenter's compute, to measure a 512×512×300 volume on a loaded CPU."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 2, 1))
+
+
 def measure(case: str, method: str, shape: tuple[int, int, int], model_name: str, patch: tuple[int, int, int],
             patch_batch: int,
             device: str, threads: int, steps: int, internal_batch_size: int) -> dict:
@@ -82,7 +93,7 @@ def measure(case: str, method: str, shape: tuple[int, int, int], model_name: str
         model.load_state_dict(torch.load(ROOT / "samples/checkpoints/tissue_unet3d.pt", weights_only=True))
         wrapper = {"name": "multiclass", "activation": "softmax"}
     else:
-        model = tiny_segmenter()
+        model = tiny_segmenter() if model_name == "tiny" else micro_segmenter()
         wrapper = {"name": "multiclass", "activation": "softmax"}
     model = model.eval().to(device)
     side = patch if case == "patch" else shape
@@ -158,7 +169,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["128", "256", "512x512x300"])
     parser.add_argument("--methods", nargs="+", default=["ig"], choices=sorted(METHODS))
-    parser.add_argument("--model", choices=("tiny", "tissue"), default="tiny")
+    parser.add_argument("--model", choices=("tiny", "micro", "tissue"), default="tiny")
     parser.add_argument("--patch", default="64", help="patch size: 64 (a cube) or 64x64x60")
     parser.add_argument("--patch-batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=16, help="Integrated Gradients' n_steps")
