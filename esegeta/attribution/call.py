@@ -55,12 +55,13 @@ class Outcome:
 
 
 def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
-              samples: torch.Tensor | None = None, with_scores: bool = False,
+              samples: torch.Tensor | None = None, with_scores: bool = False, with_masks: bool = True,
               build_wrapper: WrapperBuilder = wrappers.build,
               run: Callable[[MethodSpec, Call], Any] = run_guarded) -> Outcome:
     """Run ``request`` (without its patch) on the prepared ``model`` and inputs ``x``.
 
-    ``samples`` are the run's inputs (for methods that fit on data); ``with_scores`` costs one
+    ``samples`` are the run's inputs (for methods that fit on data); ``with_masks`` (with the
+    scores) copies each input's frozen mask of its target out (a volume of bytes in 3D); ``with_scores`` costs one
     more forward pass without a wrapper (a wrapper holds its input's scores); ``build_wrapper``
     makes a wrapped view (the patcher's stitched model passes its own, to save memory); ``run``
     computes one call (the adapter's, guarded; global patches pass esegeta's streamed methods)."""
@@ -88,7 +89,7 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
             predicted += top
             chosen = Target.of(target, piece.shape[0])
             targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
-            masks += [frozen_mask(forward, t, i) for i, t in enumerate(targets[-piece.shape[0]:])]
+            masks += [frozen_mask(forward, t, i) if with_masks else None for i, t in enumerate(targets[-piece.shape[0]:])]
             one_by_one = request.wrapper is None or kind == batching.PER_INPUT
             checks += _checks(spec, call, results[-1], explained, one_by_one)
     return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),

@@ -45,7 +45,7 @@ LRP_OVERFLOW = ("LRP's ε rule divides each layer's relevance by its output (Cap
                 "(on MONAI's UNet: finite, Σ 1.08× its seed), or zennit.EpsilonPlus (finite; z+ on convolutions)")
 
 
-def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+def all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
     """Whether every value of ``t`` is finite, checked in chunks (``torch.isfinite`` makes a float
     temporary of its input's size: a whole volume for a 3D result)."""
     if not t.is_contiguous():  # a view: a flat one would be a copy
