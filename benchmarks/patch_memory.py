@@ -17,7 +17,8 @@ the sample TissueUNet3D. A patch that tiles the volume (``--patch 64x64x60`` for
 keeps global mode's masks per patch; one that does not (64³ on 300 slices: torchio shifts the last
 patch back, overlapping its neighbour) freezes them on the stitched output.
 
-    python benchmarks/patch_memory.py --sizes 128 256 512x512x300 --methods ig saliency smoothgrad deeplift
+    python benchmarks/patch_memory.py --sizes 128 256 --steps 4 --methods saliency ig smoothgrad occlusion
+    python benchmarks/patch_memory.py --model micro --patch 64x64x60 --sizes 512x512x300 --methods saliency ig
     python benchmarks/patch_memory.py --esegeta /tmp/base   # the same on another checkout of esegeta (before/after)
 """
 from __future__ import annotations
