@@ -55,13 +55,16 @@ class Outcome:
 
 
 def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: Path | None = None,
-              samples: torch.Tensor | None = None, with_scores: bool = False,
-              build_wrapper: WrapperBuilder = wrappers.build) -> Outcome:
+              samples: torch.Tensor | None = None, with_scores: bool = False, with_masks: bool = True,
+              build_wrapper: WrapperBuilder = wrappers.build,
+              run: Callable[[MethodSpec, Call], Any] = run_guarded) -> Outcome:
     """Run ``request`` (without its patch) on the prepared ``model`` and inputs ``x``.
 
-    ``samples`` are the run's inputs (for methods that fit on data); ``with_scores`` costs one
+    ``samples`` are the run's inputs (for methods that fit on data); ``with_masks`` (with the
+    scores) copies each input's frozen mask of its target out (a volume of bytes in 3D); ``with_scores`` costs one
     more forward pass without a wrapper (a wrapper holds its input's scores); ``build_wrapper``
-    makes a wrapped view (the patcher's stitched model passes its own, to save memory)."""
+    makes a wrapped view (the patcher's stitched model passes its own, to save memory); ``run``
+    computes one call (the adapter's, guarded; global patches pass esegeta's streamed methods)."""
     spec = request.spec
     check_task(spec, request.wrapper)
     layer = find_layers(model, request.layer, spec=spec) if request.layer else None
@@ -79,14 +82,14 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
         noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
         call = Call(forward, model, piece, target, layer, dict(request.params), noise_tunnel, base_dir, samples,
                     extras if n == 0 else {})
-        results.append(_as_result(run_guarded(spec, call)))
+        results.append(_as_result(run(spec, call)))
         if with_scores:
             explained, top = _explained(forward, piece, target)
             scores += explained
             predicted += top
             chosen = Target.of(target, piece.shape[0])
             targets += chosen.ints() if chosen is not None else [None] * piece.shape[0]
-            masks += [frozen_mask(forward, t, i) for i, t in enumerate(targets[-piece.shape[0]:])]
+            masks += [frozen_mask(forward, t, i) if with_masks else None for i, t in enumerate(targets[-piece.shape[0]:])]
             one_by_one = request.wrapper is None or kind == batching.PER_INPUT
             checks += _checks(spec, call, results[-1], explained, one_by_one)
     return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
@@ -116,11 +119,16 @@ def _checks(spec: MethodSpec, call: Call, result: torch.Tensor, explained: list[
 
 def frozen_mask(forward: nn.Module, target: int | None, index: int = 0) -> torch.Tensor | None:
     """A wrapper's frozen mask of column ``target`` for its ``index``-th input (spatial shape, on
-    the CPU), or None (no wrapper, a custom wrapper without masks, or nothing targeted)."""
-    masks = getattr(getattr(forward, "score", None), "masks", None)
+    the CPU; float32, or bytes where the wrapper holds them so: global patches' masks, no float
+    copy of a large volume), or None (no wrapper, a custom wrapper without masks, or nothing targeted)."""
+    score = getattr(forward, "score", None)
+    if target is not None and hasattr(score, "column_mask"):  # masks held per patch (global patches)
+        return score.column_mask(target).to("cpu") if 0 <= target < len(score.channels) else None
+    masks = getattr(score, "masks", None)
     if target is None or not torch.is_tensor(masks) or not 0 <= target < masks.shape[1]:
         return None
-    return masks[index if masks.shape[0] > 1 else 0, target].detach().to("cpu", torch.float32)
+    dtype = torch.uint8 if masks.dtype == torch.uint8 else torch.float32
+    return masks[index if masks.shape[0] > 1 else 0, target].detach().to("cpu", dtype)
 
 
 def find_layers(model: PreparedModel, layer: str | tuple[str, ...], where: str = "layer",

@@ -132,11 +132,11 @@ def _baseline_score(spec, call: Call) -> float | None:
             if value is None:
                 return None
             base = make_data(value, x, call, f"params.{name}")
-        elif value is None:
-            base = torch.zeros_like(x)
+        elif value is None:  # a constant as a view of one value: no input-sized copy (a 3D volume)
+            base = x.new_zeros(()).expand_as(x)
         else:
             base = make_baselines(value, x, f"params.{name}")
-            base = torch.full_like(x, base) if not torch.is_tensor(base) else base
+            base = x.new_full((), base).expand_as(x) if not torch.is_tensor(base) else base
     except Exception:  # noqa: BLE001 (a baseline the method itself took in its own way: nothing checked)
         return None
     base = base.to(device=x.device, dtype=x.dtype)

@@ -96,7 +96,8 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
             judged = x.device.type != "meta"
             # one forward pass more than the method's own: the explained score, which a NaN may hide in
             # behind a finite gradient, and which the axiom check compares with
-            outcome = run(request, ready, x, samples=x, with_scores=judged and request.spec.needs_target)
+            outcome = run(request, ready, x, samples=x, with_scores=judged and request.spec.needs_target,
+                          with_masks=False)  # explain returns no masks
         if judged:
             _verdicts(request, ready, x, outcome)
     return outcome.result

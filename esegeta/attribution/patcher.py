@@ -25,18 +25,28 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   that is what grows with the input (``benchmarks/patcher.py``: Integrated Gradients on a
   volume 4x a 16³ patch per axis peaks at 1.6-1.8x the resident memory of one patch).
 
-  Which methods run how in global mode: gradient and path methods (Saliency,
-  InputXGradient, Integrated Gradients, GradientShap, SmoothGrad) backpropagate patch by
-  patch through the checkpointed backward; perturbation methods (Occlusion,
-  FeatureAblation, Shapley sampling, LIME, KernelSHAP) call the stitched forward once per
-  perturbation (patch by patch, no gradients); methods that hook the network's
-  activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one module call
-  per patch batch in the forward and again in the recomputation, with the batch kept
-  item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to the
-  unpatched result on a pointwise model (a method that hooks the wrapper's activation gets
-  the plain whole-input graph of the score). Captum's LRP refuses modules called more than
-  once and fails. Only input-resolution attributions are accepted (layer, neuron and
-  feature-visualisation methods: use ``local``).
+  Which methods run how in global mode: Integrated Gradients, Saliency, InputXGradient,
+  SmoothGrad (``noise_tunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two) and,
+  where the patches tile the input, Occlusion run as esegeta's streamed algorithms
+  (:mod:`esegeta.attribution.streamed`, with a built-in wrapper): window by window against
+  :class:`StitchedColumn`, each step's input made per patch, added into one result volume,
+  tested equal to Captum's call on the whole stitched model. Where the patches tile the input
+  (:attr:`Grid.separable`) the score is a sum over patches: a threshold (a number) or
+  multiclass wrapper's masks are frozen patch by patch (:func:`_tiled_wrapper`), and nothing
+  but the input, the result and the masks (a byte per voxel and column) exists at the volume's
+  size. Where they overlap, one step's stitched output is held (its channels), turned in place
+  into the score's gradient. Other gradient methods (GradientShap...) backpropagate patch by
+  patch through the checkpointed backward; other perturbation methods (FeatureAblation,
+  Shapley sampling, LIME, KernelSHAP; Occlusion on overlapping patches) call the stitched
+  forward once per perturbation (patch by patch, no gradients); methods that hook the
+  network's activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one
+  module call per patch batch in the forward and again in the recomputation, with the batch
+  kept item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to
+  the unpatched result on a pointwise model (a method that hooks the wrapper's activation
+  gets the plain whole-input graph of the score). Those hold whole-volume tensors per step
+  (Captum's). Captum's LRP refuses modules called more than once and fails. Only
+  input-resolution attributions are accepted (layer, neuron and feature-visualisation
+  methods: use ``local``).
 
 The blending in the stitched forward is differentiable code of its own (torchio's
 aggregator works in place on CPU without gradients); tests check it equals torchio's.
@@ -61,12 +71,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from esegeta.attribution import streamed
 from esegeta.attribution.call import Outcome
 from esegeta.errors import ConfigError
 from esegeta.spec import params as params_mod
 from esegeta.spec.registry import MethodSpec
 from esegeta.spec.request import PatchConfig, Request, WrapperConfig
-from esegeta.attribution.wrappers import MaskedScore, build, region_mask, select_output
+from esegeta.attribution.wrappers import (MaskedScore, build, multiclass_score, region_mask, select_output,
+                                          threshold_score)
 
 #: The inner call a strategy wraps: :func:`esegeta.attribution.call.call_once`'s signature.
 CallFn = Callable[..., Outcome]
@@ -135,6 +147,14 @@ class Grid:
                 raise ConfigError("patch", f"the result is {scale} times coarser than the input, and patch "
                                            f"{location[:3].tolist()}–{location[3:].tolist()} does not fall on that "
                                            f"grid: choose input size, patch size and overlap multiples of {scale}")
+
+    @property
+    def separable(self) -> bool:
+        """Whether the patches tile the input without overlap (every voxel in exactly one patch):
+        then a voxel-wise score of the stitched prediction is a sum over patches. torchio shifts
+        the last patch of an axis the patch size does not divide back inside, so that patch
+        overlaps its neighbour even with ``overlap`` 0."""
+        return int(np.prod(self.locations[:, 3:] - self.locations[:, :3], axis=1).sum()) == int(np.prod(self.shape))
 
     def chunks(self, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(self.locations), batch_size):
@@ -205,13 +225,16 @@ class Stitched(nn.Module):
     :class:`_StitchFunction`, which recomputes the patches one batch at a time.
     """
 
-    def __init__(self, model: nn.Module, grid: Grid, dims: int, batch_size: int, output_key: Any = None):
+    def __init__(self, model: nn.Module, grid: Grid, dims: int, batch_size: int, output_key: Any = None,
+                 rows: int = 1):
         super().__init__()
         self.model = model
         self.grid = grid
         self.dims = dims
         self.batch_size = batch_size
         self.output_key = output_key
+        #: the method's rows per step (its internal batch) that ``batch_size`` patches per call include
+        self.rows = rows
         self._weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,11 +245,25 @@ class Stitched(nn.Module):
                       base_dir: Path | None = None) -> nn.Module:
         """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
         score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
+        if model.grid.separable and wrapper.name in ("threshold", "multiclass") and wrapper.threshold != "otsu":
+            return _tiled_wrapper(model, x, wrapper)
         thickness = int(model.grid.size[0])
         wrapped = build(model, x, wrapper, base_dir, evaluate=lambda score, out: _slab_score(score, out, thickness))
         if isinstance(wrapped.score, MaskedScore):
+            wrapped.score.reduce.masks = _compact(wrapped.score.masks)
             return _StitchedScore(model, wrapped.score, wrapped.unperturbed)
         return wrapped
+
+    def tiled_value(self, x: torch.Tensor, score: nn.Module) -> torch.Tensor:
+        """A built-in wrapper's ``score`` of the stitched prediction on ``x`` when the patches tile
+        the input: a sum over patches (no output at the volume's size); no gradients."""
+        x5, total = to_volume(x), 0
+        with torch.no_grad():
+            for chunk in self.grid.chunks(self.batch_size):
+                y = self.outputs(_patches(x5, self.grid, chunk))
+                for loc, y_patch in zip(chunk, _per_patch(y, len(chunk))):
+                    total = total + _region_sum(score, y_patch, self.grid.slices(loc))
+        return total * _reduction(score)
 
     def weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch window, sum of windows over the volume), on ``device``."""
@@ -254,7 +291,8 @@ class Stitched(nn.Module):
         window, total = self.weights(x.device)
         out = None
         # Module hooks (DeepLift, guided backprop...) set tensor hooks, which need a graph: then
-        # each patch batch builds one, dropped at once.
+        # each patch batch builds one, dropped at once. Patch batches are item-major (DeepLift's
+        # halves: inputs, then baselines).
         graph = x.requires_grad and _hooked(self.model)
         with torch.no_grad():
             for chunk in self.grid.chunks(self.batch_size):
@@ -266,6 +304,23 @@ class Stitched(nn.Module):
                     out[self.grid.slices(loc)] += y_patch * window
             out /= total
         return from_volume(out, self.dims)
+
+    def blended(self, inputs: Callable[[np.ndarray], torch.Tensor], rows: int, device: torch.device,
+                patches_per_call: int) -> torch.Tensor:
+        """The stitched prediction, as a volume view ``(rows, K, *shape)``, of an input given patch by
+        patch: ``inputs(locations)`` is ``(P, rows, C, *size)`` (made on the fly: a scaled or noised
+        input never exists at the volume's size)."""
+        window, total = self.weights(device)
+        out = None
+        with torch.no_grad():
+            for chunk in self.grid.chunks(max(1, patches_per_call // rows)):
+                y = self.outputs(inputs(chunk).flatten(0, 1))
+                if out is None:
+                    out = torch.zeros(rows, y.shape[1], *self.grid.shape, dtype=y.dtype, device=y.device)
+                for loc, y_patch in zip(chunk, y.unflatten(0, (len(chunk), rows))):
+                    out[self.grid.slices(loc)] += y_patch * window
+            out /= total
+        return out
 
     def backprop(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """d(Σ grad_out · stitched(x))/dx, one patch batch at a time."""
@@ -309,19 +364,151 @@ class Stitched(nn.Module):
         return from_volume(grad, self.dims)
 
 
+def _compact(masks: torch.Tensor) -> torch.Tensor:
+    """Binary masks as one byte per voxel (four times less than float; products and sums promote
+    back to float); other masks (a region wrapper's weights) unchanged."""
+    if masks.device.type != "meta" and bool(((masks == 0) | (masks == 1)).all()):
+        return masks.to(torch.uint8)
+    return masks
+
+
+def _tiled_wrapper(model: Stitched, x: torch.Tensor, wrapper: WrapperConfig) -> _StitchedScore:
+    """A ``threshold`` (a number) or ``multiclass`` wrapper on the stitched prediction when the
+    patches tile the input: each patch's masks are frozen from its own output (the wrapper's rule
+    is voxel-wise and each voxel's prediction is one patch's) and kept per patch, one bit per voxel
+    and column (:class:`_TiledScore`); the unperturbed scores are summed patch by patch: no output,
+    activation or mask at the volume's size."""
+    if x.shape[0] != 1:
+        raise ValueError("wrapper masks are frozen per input: build one wrapper per input (batch of one)")
+    x5, grid = to_volume(x), model.grid
+    packed, score, sums = _PackedMasks(grid, model.dims), None, 0
+    with torch.no_grad():
+        for chunk in grid.chunks(model.batch_size):
+            y = model.outputs(_patches(x5, grid, chunk))
+            for loc, y_patch in zip(chunk, y):
+                one = (threshold_score if wrapper.name == "threshold" else multiclass_score)(y_patch[None], wrapper)
+                score = score or _TiledScore(one, packed)
+                packed.put(grid.slices(loc), one.masks[0])
+                picked = score.activation(select_output(y_patch[None], wrapper.output)).index_select(1, score.channels)
+                sums = sums + (picked * one.masks).sum(dim=tuple(range(2, picked.ndim)))
+    return _StitchedScore(model, score, sums * _reduction(score))
+
+
+class _PackedMasks:
+    """Binary masks ``(K', *spatial)`` of a grid whose patches tile the input, held patch by patch
+    as one bit per voxel and column (a 512×512×300 volume's two columns: 19 MiB, not 600 as floats)."""
+
+    def __init__(self, grid: Grid, dims: int):
+        self.grid, self.dims = grid, dims
+        self.bits: dict[tuple[int, ...], torch.Tensor] = {}
+        self.sizes: torch.Tensor | float = 0  # voxels per column
+
+    @staticmethod
+    def _key(region: tuple[slice, ...]) -> tuple[int, ...]:
+        return tuple(v for r in region[2:] for v in (r.start, r.stop))
+
+    def put(self, region: tuple[slice, ...], masks: torch.Tensor) -> None:
+        """Keep the masks ``(K', *size)`` of the patch at ``region`` (volume-view slices)."""
+        flat = (masks > 0.5).flatten(1).to(torch.uint8)
+        flat = nn.functional.pad(flat, (0, -flat.shape[1] % 8)).view(flat.shape[0], -1, 8)
+        powers = 2 ** torch.arange(8, dtype=torch.uint8, device=masks.device)
+        self.bits[self._key(region)] = (flat * powers).sum(-1, dtype=torch.uint8)
+        self.sizes = self.sizes + masks.flatten(1).sum(1)
+
+    def region(self, region: tuple[slice, ...]) -> torch.Tensor:
+        """The masks of one patch, ``(1, K', *size)`` bytes."""
+        bits = self.bits[self._key(region)]
+        size = tuple(r.stop - r.start for r in region[2:])
+        shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+        values = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :int(np.prod(size))]
+        return values.view(1, bits.shape[0], *size)
+
+    def column(self, column: int) -> torch.Tensor:
+        """One column's mask over the whole volume view, ``(*spatial)`` bytes."""
+        out = None
+        for location in self.grid.locations:
+            region = self.grid.slices(location)
+            values = self.region(region)[0, column]
+            if out is None:
+                out = torch.zeros(self.grid.shape, dtype=torch.uint8, device=values.device)
+            out[region[2:]] = values
+        return out
+
+    def full(self) -> torch.Tensor:
+        """Every column's mask, ``(1, K', *spatial)`` bytes (materialised on demand)."""
+        return torch.stack([self.column(k) for k in range(len(self.sizes))])[None]
+
+
+class _TiledScore(nn.Module):
+    """A built-in wrapper's score (:class:`esegeta.attribution.wrappers.MaskedScore`'s arithmetic)
+    whose masks are :class:`_PackedMasks`: read patch by patch (:func:`_masks_in`); ``masks``
+    materialises them (bytes) for whoever needs the whole volume (evaluation's localisation, a
+    method that takes the plain graph); ``column_mask`` gives one column (the record's mask)."""
+
+    def __init__(self, template: nn.Module, packed: _PackedMasks):
+        super().__init__()
+        self.activation = template.activation
+        self.register_buffer("channels", template.channels)
+        self.reduction, self.output_key, self.packed = template.reduction, template.output_key, packed
+
+    @property
+    def masks(self) -> torch.Tensor:
+        return self.packed.full()
+
+    def column_mask(self, column: int) -> torch.Tensor:
+        """One column's mask, the input's spatial shape, bytes."""
+        return from_volume(self.packed.column(column), self.packed.dims)
+
+    def forward(self, output: Any) -> torch.Tensor:
+        # the activation called once (a method may hook it, as DeepLift does: one call per forward)
+        activated = self.activation(to_volume(select_output(output, self.output_key))).index_select(1, self.channels)
+        total = 0
+        for region in map(self.packed.grid.slices, self.packed.grid.locations):
+            weighted = activated[region] * self.packed.region(region)
+            total = total + weighted.sum(dim=tuple(range(2, weighted.ndim)))
+        return total * _reduction(self)
+
+
+def _masks_in(score: nn.Module, region: tuple[slice, ...]) -> torch.Tensor:
+    """A score's masks on ``region`` of the volume view, ``(1, K', *region)``."""
+    if isinstance(score, _TiledScore):
+        return score.packed.region(region)
+    return to_volume(score.masks)[region]
+
+
 def _region_score(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
     """A :class:`esegeta.attribution.wrappers.MaskedScore`'s value restricted to ``region`` of the volume
     view (``out`` is the output there): its voxel sum is the score's share of that region."""
-    masks = to_volume(score.masks)
-    weighted = score.activation(out).index_select(1, score.channels) * masks[region]
-    value = weighted.sum(dim=tuple(range(2, weighted.ndim)))
-    if score.reduction == "mean":
-        value = value / masks.sum(dim=tuple(range(2, masks.ndim))).clamp_min(1.0)
-    return value
+    return _region_sum(score, out, region) * _reduction(score)
+
+
+def _region_sum(score: nn.Module, out: torch.Tensor, region: tuple[slice, ...],
+                columns: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over ``region`` of the activated output times the masks, per column (all, or ``columns``)."""
+    masks, channels = _masks_in(score, region), score.channels
+    if columns is not None:
+        masks, channels = masks.index_select(1, columns), channels.index_select(0, columns)
+    weighted = score.activation(out).index_select(1, channels) * masks
+    return weighted.sum(dim=tuple(range(2, weighted.ndim)))
+
+
+def _reduction(score: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor | float:
+    """What a column's sum is multiplied by: 1, or one over its mask's size (``mean``)."""
+    if score.reduction != "mean":
+        return 1.0
+    if isinstance(score, _TiledScore):
+        sizes = score.packed.sizes[None]
+    else:
+        sizes = score.masks.sum(dim=tuple(range(2, score.masks.ndim)))
+    sizes = sizes if columns is None else sizes.index_select(1, columns)
+    return 1.0 / sizes.float().clamp_min(1.0)
 
 
 def _slab_score(score: nn.Module, out: torch.Tensor, thickness: int) -> torch.Tensor:
-    """The score of the whole stitched output, summed over slabs (no whole-input temporaries)."""
+    """The score of the whole stitched output, summed over slabs (no whole-input temporaries; masks
+    held per patch: over the patches)."""
+    if isinstance(score, _TiledScore):
+        return score(out)
     o5 = to_volume(out)
     return sum(_region_score(score, o5[:, :, start:start + thickness], (slice(None), slice(None),
                                                                          slice(start, start + thickness)))
@@ -343,7 +530,89 @@ class _StitchedScore(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _hooked(self.score):  # a method hooks the wrapper's activation (DeepLift): the plain graph
             return self.score(self.model(x))
+        if self.model.grid.separable and not (torch.is_grad_enabled() and x.requires_grad):
+            return self.model.tiled_value(x, self.score)
         return _StitchedScoreFunction.apply(x, self)
+
+
+    def column(self, target: Any) -> StitchedColumn:
+        """The explained column ``target`` (an index, or a one-element tensor), for esegeta's
+        streamed methods (:mod:`esegeta.attribution.streamed`)."""
+        return StitchedColumn(self.model, self.score, target)
+
+
+class StitchedColumn:
+    """One column of a built-in wrapper's score of the stitched prediction, window by window: what
+    esegeta's streamed methods (:mod:`esegeta.attribution.streamed`) differentiate.
+
+    :meth:`gradients` gives, patch batch by patch batch, the column's gradient with respect to the
+    patches of an input that is itself given patch by patch (a scaled, noised or perturbed input
+    is made per patch, never at the volume's size). Where the patches tile the input
+    (:attr:`Grid.separable`) the score is a sum over patches, and each patch's gradient needs
+    that patch alone. Where they overlap, the wrapper's activation acts on the blend, so the
+    gradient with respect to the blended output is taken once per step from the stitched
+    output (``rows × K`` channels at the volume's size, turned in place into that gradient)
+    and each patch gets its weighted share (the arithmetic of :meth:`Stitched.score_backprop`)."""
+
+    def __init__(self, stitched: Stitched, score: nn.Module, target: Any):
+        self.stitched, self.grid, self.score = stitched, stitched.grid, score
+        index = target.reshape(-1)[:1] if torch.is_tensor(target) else torch.tensor([int(target)])
+        self.index = index.to(device=score.channels.device, dtype=torch.long)
+        self.scale = _reduction(score, self.index)
+
+    @property
+    def separable(self) -> bool:
+        return self.grid.separable
+
+    def rows(self, wanted: int) -> int:
+        """Rows per step: the method's own where patches tile the input; one where they overlap
+        (each row's stitched output is held at the volume's size), with as many more patches per call."""
+        return max(1, wanted) if self.separable else 1
+
+    def value(self, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+        """The column's share of ``region`` per row, for the output ``out`` there."""
+        return (_region_sum(self.score, out, region, self.index) * self.scale)[:, 0]
+
+    def values(self, locations: list[np.ndarray], patches: torch.Tensor) -> torch.Tensor:
+        """The column's share of each patch's region, ``(P,)``, for the patches ``(P, C, *size)`` at
+        ``locations`` (where patches tile the input their sum is the score); no gradients."""
+        with torch.no_grad():
+            y = self.stitched.outputs(patches)
+            return torch.cat([self.value(y[i:i + 1], self.grid.slices(loc)) for i, loc in enumerate(locations)])
+
+    def gradients(self, inputs: Callable[[np.ndarray], torch.Tensor], rows: int, device: torch.device
+                  ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """For each patch batch, its locations and the column's gradient with respect to its
+        patches, ``(P, rows, C, *size)``; ``inputs(locations)`` gives those patches, same shape."""
+        per_call = max(1, self.stitched.batch_size // rows)
+        shares = None if self.separable else self._output_gradient(inputs, rows, device)
+        window = None if shares is None else self.stitched.weights(device)[0]
+        for chunk in self.grid.chunks(per_call):
+            patches = inputs(chunk).flatten(0, 1).detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = self.stitched.outputs(patches).unflatten(0, (len(chunk), rows))
+                if shares is None:
+                    value = sum(self.value(y_patch, self.grid.slices(loc)).sum() for loc, y_patch in zip(chunk, y))
+                    (grad,) = torch.autograd.grad(value, patches)
+                else:
+                    share = torch.stack([shares[self.grid.slices(loc)] * window for loc in chunk])
+                    (grad,) = torch.autograd.grad(y, patches, share.to(y.dtype))
+            yield chunk, grad.unflatten(0, (len(chunk), rows))
+
+    def _output_gradient(self, inputs: Callable[[np.ndarray], torch.Tensor], rows: int,
+                         device: torch.device) -> torch.Tensor:
+        """∂column/∂(stitched output) ÷ the sum of windows, ``(rows, K, *shape)``: the stitched
+        output of the step's input, overwritten slab by slab with that gradient."""
+        out = self.stitched.blended(inputs, rows, device, self.stitched.batch_size)
+        total = self.stitched.weights(device)[1]
+        thickness = int(self.grid.size[0])
+        for start in range(0, out.shape[2], thickness):
+            slab = (slice(None), slice(None), slice(start, start + thickness))
+            with torch.enable_grad():
+                o = out[slab].clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.value(o, slab).sum(), o)
+            out[slab] = g / total[slab[2:]]
+        return out
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -441,10 +710,11 @@ class Global:
         grid = Grid.over(tuple(x.shape[2:]), list(self.patch.size), self.patch.overlap, self.patch.blend)
         check_global(request.spec, request.wrapper)
         one_row, rows = rows_one_at_a_time(request)
-        stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size * rows, request.wrapper.output)
-        # input-resolution attributions only (check_global): no layer to find on the stitched model
+        stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size * rows, request.wrapper.output, rows)
+        # input-resolution attributions only (check_global): no layer to find on the stitched model;
+        # gradient and path methods run as esegeta's streamed algorithms (esegeta.attribution.streamed)
         return inner(one_row.replace(patch=None, layer=None), stitched, x,
-                     **{**kw, "build_wrapper": Stitched.build_wrapper})
+                     **{**kw, "build_wrapper": Stitched.build_wrapper, "run": streamed.run})
 
 
 def rows_one_at_a_time(request: Request) -> tuple[Request, int]:

@@ -45,6 +45,14 @@ LRP_OVERFLOW = ("LRP's ε rule divides each layer's relevance by its output (Cap
                 "(on MONAI's UNet: finite, Σ 1.08× its seed), or zennit.EpsilonPlus (finite; z+ on convolutions)")
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """Whether every value of ``t`` is finite, checked in chunks (``torch.isfinite`` makes a float
+    temporary of its input's size: a whole volume for a 3D result)."""
+    if not t.is_contiguous():  # a view: a flat one would be a copy
+        return bool(torch.isfinite(t).all())
+    return all(bool(torch.isfinite(part).all()) for part in t.view(-1).split(chunk))
+
+
 def nonfinite_problem(result: torch.Tensor, x: torch.Tensor, model: torch.nn.Module,
                       score: float | None, axiom: str | None = None) -> str | None:
     """Why the result of a method on the single input ``x`` cannot be called ok, or None.
@@ -53,12 +61,12 @@ def nonfinite_problem(result: torch.Tensor, x: torch.Tensor, model: torch.nn.Mod
     non-finite explained ``score`` (a gradient may come out finite through a NaN forward pass,
     explaining nothing). The message names where the values came from: the input, the model's
     output, or the method (for an LRP method, ``axiom`` ``"conservation"``: the ε rule's overflow and the fix)."""
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         return (f"the input holds {_count_nonfinite(x)} (as explained: after loading and inputs.normalize, which "
                 "spreads one NaN to every value); nothing computed from it can be trusted: fix or mask those values "
                 "in the file before explaining")
     finite_score = score is None or math.isfinite(score)
-    if torch.isfinite(result).all() and finite_score:
+    if all_finite(result) and finite_score:
         return None
     what = f"non-finite result ({_count_nonfinite(result)})" if finite_score else f"non-finite explained score ({score})"
     with torch.no_grad():

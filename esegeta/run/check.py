@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from esegeta.attribution import architectures, numerics
+from esegeta.attribution import architectures, numerics, streamed
+from esegeta.attribution.wrappers import BUILTIN
 from esegeta.spec import config as config_mod, cost
 from esegeta.run import plan as planning
 from esegeta.spec import params as params_mod
@@ -377,7 +378,7 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
         _trial(c, spec, entry, plan, x)
     c.batch = params_mod.effective_batch(spec, dict(entry.params), entry.noise_tunnel)
     patch = resolved.request.patch
-    c.memory_bytes = planned_peak(forward, x, c.batch, patch)
+    c.memory_bytes = planned_peak(forward, x, c.batch, patch, request=resolved.request)
     _costs(c, spec, entry, x, forward, patch, resolved.request.wrapper is not None)
     budget_gb = plan.config.runtime.memory_gb
     budget = int(budget_gb * 2**30) if budget_gb is not None else available
@@ -387,7 +388,7 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
     room = (f"the runtime.memory_gb budget ({_size(budget)})" if budget_gb is not None
             else f"the {_size(budget)} free on {plan.device}")
     global_mode = patch is not None and patch.mode == "global"
-    fits = fitting_batch(forward, x, patch, budget)
+    fits = fitting_batch(forward, x, patch, budget, request=resolved.request)
     if global_mode and fits is not None:  # a global step sends rows × patch.batch_size patches per call
         fits = fits // max(1, c.batch) or None
     what = ("patch.batch_size" if global_mode else "the method's batch parameter")
@@ -404,23 +405,53 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
     return c
 
 
-#: Whole-input tensors one step of a global-patch explanation holds beside the model's
-#: activations, in input volumes: the input, Captum's baseline, scaled input, gradient, scaled
-#: gradient, running sum and result, the frozen masks and the blending weights; the stitched
-#: output (the model's output channels) comes on top. Calibrated on
+#: Whole-input tensors one step of a global-patch explanation through the method's adapter holds
+#: beside the model's activations, in input volumes: the input, Captum's baseline, scaled input,
+#: gradient, scaled gradient, running sum and result, the frozen masks and the blending weights;
+#: the stitched output (the model's output channels) comes on top. Calibrated on
 #: ``benchmarks/patch_memory.py`` (IG, 256³: 11 volumes beside the patch's activations, 2 of
-#: them the stitched output).
+#: them the stitched output). Methods esegeta streams (:mod:`esegeta.attribution.streamed`)
+#: hold far less: :func:`streamed_bytes`.
 VOLUME_COPIES = 9
+#: A streamed method's patch batch, in the forward pass's activations (saved for the backward; the
+#: gradients live one layer at a time): calibrated on ``benchmarks/patch_memory.py`` (the tiny
+#: segmenter, 64³ patches, Saliency at 128³: 44 MiB measured for 37 MiB of activations).
+STREAMED_ACTIVATIONS = 1.2
+
+
+def streamed_bytes(request: Any, grid: Grid, voxels: int, input_bytes: int, output_bytes: int) -> int | None:
+    """Bytes at the volume's size a global-patch explanation holds when esegeta streams the method
+    (None: it runs through its adapter): input and result, the masks (``threshold``: two columns,
+    ``multiclass``: one per output channel; where patches tile the input a bit per voxel and
+    column, else a byte; a ``region`` wrapper's float weights) and SmoothGrad's noise of one
+    sample. Where the patches overlap, also the stitched output of one step (turned into its
+    gradient), the sum of windows and SmoothGrad's gradient of one sample; and the masks are
+    frozen on the stitched output (output, activation, int64 labels, float masks, sum of windows):
+    the larger of the two."""
+    wrapper = request.wrapper
+    if request.spec.id not in streamed.ALGORITHMS or wrapper is None or wrapper.name not in BUILTIN:
+        return None
+    channels = max(1, output_bytes // (4 * voxels))
+    columns = 2 if wrapper.name == "threshold" else channels
+    noise = input_bytes if request.noise_tunnel is not None else 0
+    if grid.separable and wrapper.name != "region" and wrapper.threshold != "otsu":
+        return 2 * input_bytes + columns * voxels // 8 + noise
+    mask_bytes = columns * voxels * (4 if wrapper.name == "region" else 1)
+    held = 2 * input_bytes + mask_bytes + noise
+    step = held + output_bytes + 4 * voxels + noise
+    build = input_bytes + 2 * output_bytes + 8 * voxels + 4 * columns * voxels + 4 * voxels
+    return max(step, build)
 
 
 def planned_peak(forward: _Forward, x: torch.Tensor, batch: int, patch: Any = None,
-                 patches_per_call: int | None = None) -> int:
+                 patches_per_call: int | None = None, request: Any = None) -> int:
     """Estimated peak bytes of a method sending ``batch`` copies of its input through the model
     per step: activations (kept for the backward) and their gradients, plus the weights. With
     patches the activations are a patch's (scaled by voxels: a fully convolutional model);
     global mode runs one whole-input row at a time (:func:`esegeta.attribution.patcher.rows_one_at_a_time`)
-    with ``batch × patch.batch_size`` patches per model call, and holds :data:`VOLUME_COPIES`
-    input volumes and the stitched output besides."""
+    with ``batch × patch.batch_size`` patches per call, and holds at the volume's size what
+    :func:`streamed_bytes` counts for a streamed method (``request`` given), else
+    :data:`VOLUME_COPIES` input volumes and the stitched output."""
     if patch is None:
         return 2 * forward.activation_bytes * batch + forward.weight_bytes
     share = math.prod(min(s, n) for s, n in zip(patch.size, x.shape[2:])) / (forward.voxels or math.prod(x.shape[2:]))
@@ -431,15 +462,25 @@ def planned_peak(forward: _Forward, x: torch.Tensor, batch: int, patch: Any = No
     input_bytes = x[:1].numel() * x.element_size()
     output_bytes = int(_output_bytes(forward) // max(1, x.shape[0]) * math.prod(x.shape[2:]) / (forward.voxels or
                                                                                                math.prod(x.shape[2:])))
-    return int(activations + forward.weight_bytes + VOLUME_COPIES * input_bytes + output_bytes)
+    held = None
+    if request is not None:
+        grid = Grid.over(tuple(x.shape[2:]), list(patch.size), list(patch.overlap) if patch.overlap else None,
+                         patch.blend)
+        held = streamed_bytes(request, grid, math.prod(x.shape[2:]), input_bytes, output_bytes)
+    if held is None:
+        held = VOLUME_COPIES * input_bytes + output_bytes
+    else:  # one recomputed patch batch at a time: its saved activations, gradients one layer at a time
+        activations = activations / 2 * STREAMED_ACTIVATIONS
+    return int(activations + forward.weight_bytes + held)
 
 
-def fitting_batch(forward: _Forward, x: torch.Tensor, patch: Any, budget: int, limit: int = 4096) -> int | None:
+def fitting_batch(forward: _Forward, x: torch.Tensor, patch: Any, budget: int, limit: int = 4096,
+                  request: Any = None) -> int | None:
     """The largest batch that :func:`planned_peak` puts within ``budget`` bytes: patches per
     model call in global mode, else input copies per step (None: not even one fits)."""
     def peak(n: int) -> int:
         if patch is not None and patch.mode == "global":
-            return planned_peak(forward, x, 1, patch, patches_per_call=n)
+            return planned_peak(forward, x, 1, patch, patches_per_call=n, request=request)
         return planned_peak(forward, x, n, patch)
 
     if peak(1) > budget:

@@ -1,0 +1,148 @@
+"""Global patch mode's streamed methods (issue 22): esegeta's own window-by-window Integrated
+Gradients, Saliency, InputXGradient and SmoothGrad equal Captum's call on the whole stitched model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
+
+import esegeta
+from esegeta.attribution import streamed
+from esegeta.attribution.patcher import Grid, Stitched
+from esegeta.spec.request import wrapper_config
+
+from conftest import tissue_case
+
+#: patches that tile the 16×16×8 crop (separable: the score is a sum over patches), and overlapping ones
+TILED = {"size": [8, 8, 8], "overlap": [0, 0, 0], "mode": "global", "batch_size": 2}
+OVERLAPPING = {"size": [8, 8, 6], "overlap": [4, 4, 2], "mode": "global", "blend": "hann", "batch_size": 3}
+SIGMOID_MEAN = {"name": "threshold", "channel": 1, "activation": "sigmoid", "reduction": "mean", "threshold": 0.3}
+
+
+def _captum(model, x, wrapper, patch, cls, target, **kw):
+    """Captum's own call on the stitched prediction's wrapped score (the whole volume at once)."""
+    grid = Grid.over(tuple(x.shape[2:]), patch["size"], patch["overlap"], patch.get("blend", "average"))
+    wrapped = Stitched.build_wrapper(Stitched(model, grid, 3, 4), x, wrapper_config(wrapper))
+    nt = kw.pop("noise_tunnel", None)
+    explainer = cls(wrapped)
+    if nt is not None:
+        return NoiseTunnel(explainer).attribute(x, target=target, nt_samples_batch_size=1, **nt, **kw).detach()
+    return explainer.attribute(x, target=target, **kw).detach()
+
+
+CASES = [
+    ("captum.IntegratedGradients", IntegratedGradients, {"n_steps": 8, "internal_batch_size": 4}),
+    ("captum.IntegratedGradients", IntegratedGradients, {"n_steps": 5, "method": "riemann_trapezoid",
+                                                         "baselines": 0.5}),
+    ("captum.Saliency", Saliency, {}),
+    ("captum.Saliency", Saliency, {"abs": False}),
+    ("captum.InputXGradient", InputXGradient, {}),
+    ("captum.Saliency", Saliency, {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 3, "stdevs": 0.2}}),
+    ("captum.InputXGradient", InputXGradient, {"noise_tunnel": {"nt_type": "smoothgrad_sq", "nt_samples": 2,
+                                                                "stdevs": 0.2}}),
+    # blocks straddling patches and clipped at the border, a tensor baseline (overlapping patches: Captum's)
+    ("captum.Occlusion", Occlusion, {"sliding_window_shapes": (1, 6, 5, 3), "strides": (1, 5, 4, 3),
+                                     "baselines": torch.linspace(-1, 1, 16 * 16 * 8).reshape(1, 1, 16, 16, 8),
+                                     "perturbations_per_eval": 3}),
+]
+
+
+@pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
+@pytest.mark.parametrize("method, cls, kwargs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_streamed_equals_captum_on_the_stitched_model(method, cls, kwargs, patch, monkeypatch):
+    case = tissue_case((16, 16, 8))
+    model, x = case.model, case.x
+    wrapper = case.wrapper if "noise_tunnel" not in kwargs else SIGMOID_MEAN
+    torch.manual_seed(3)
+    theirs = _captum(model, x, wrapper, patch, cls, 2 if wrapper is case.wrapper else 1,
+                     **{k: v for k, v in kwargs.items() if k not in ("internal_batch_size", "perturbations_per_eval")})
+    if patch is TILED or method != "captum.Occlusion":  # the streamed path ran: Captum is not called
+        monkeypatch.setattr(streamed, "run_guarded", lambda *a: pytest.fail("fell back to Captum"))
+    torch.manual_seed(3)
+    ours = esegeta.explain(model, x, method, 2 if wrapper is case.wrapper else 1, wrapper=wrapper, patch=patch,
+                           **kwargs)
+    assert theirs.abs().max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+def test_streamed_integrated_gradients_complete_on_a_tensor_baseline():
+    """Completeness on the stitched score with a tensor baseline (per-patch slices of it)."""
+    case = tissue_case((16, 16, 8))
+    model, x = case.model, case.x
+    baseline = torch.full_like(x, -0.5)
+    attr = esegeta.explain(model, x, "captum.IntegratedGradients", 2, wrapper=case.wrapper, patch=OVERLAPPING,
+                           n_steps=64, baselines=baseline)
+    grid = Grid.over(tuple(x.shape[2:]), OVERLAPPING["size"], OVERLAPPING["overlap"], "hann")
+    wrapped = Stitched.build_wrapper(Stitched(model, grid, 3, 4), x, wrapper_config(case.wrapper))
+    with torch.no_grad():
+        delta = float(wrapped(x)[0, 2] - wrapped(baseline)[0, 2])
+    assert abs(delta) > 0.1
+    assert float(attr.sum()) == pytest.approx(delta, rel=0.02)
+
+
+def test_streamed_falls_back_to_captum_for_what_it_does_not_cover():
+    """VarGrad is Captum's (through the checkpointed stitched model); the result is still computed."""
+    case = tissue_case((16, 16, 8))
+    attr = esegeta.explain(case.model, case.x, "captum.Saliency", 2, wrapper=case.wrapper, patch=TILED,
+                           noise_tunnel={"nt_type": "vargrad", "nt_samples": 2, "stdevs": 0.1})
+    assert attr.shape == case.x.shape and torch.isfinite(attr).all()
+
+
+META_CASES = [
+    ("captum.IntegratedGradients", {"n_steps": 3, "internal_batch_size": 2}),
+    ("captum.InputXGradient", {}),
+    ("captum.Saliency", {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}}),
+    ("captum.Occlusion", {"sliding_window_shapes": (1, 4, 4, 4), "strides": (1, 4, 4, 4)}),
+]
+
+
+@pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
+@pytest.mark.parametrize("method, kwargs", META_CASES, ids=[c[0] for c in META_CASES])
+def test_streamed_methods_on_meta(method, kwargs, patch, monkeypatch):
+    """Every tensor the streamed methods make lives on the data's device (torch's meta device here)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1))
+    model = model.eval().to("meta")
+    x = torch.randn(1, 1, 16, 16, 8, device="meta")
+    if patch is TILED or method != "captum.Occlusion":
+        monkeypatch.setattr(streamed, "run_guarded", lambda *a: pytest.fail("fell back to Captum"))
+    for wrapper in ({"name": "multiclass", "activation": "softmax"}, SIGMOID_MEAN):
+        attr = esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=patch, **kwargs)
+        assert attr.device == x.device and attr.shape == x.shape
+
+
+@pytest.mark.parametrize("wrapper", [{"name": "multiclass", "activation": "softmax"}, SIGMOID_MEAN])
+def test_tiled_masks_are_held_as_bits_and_equal_the_whole_inputs(wrapper):
+    """Where patches tile the input the masks are frozen patch by patch and kept as bits; on a
+    pointwise model (stitched = whole prediction) they, the record's mask and the unperturbed
+    scores equal the wrapper's on the whole input."""
+    from esegeta.attribution.call import frozen_mask
+    from esegeta.attribution.wrappers import build
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 1), torch.nn.Tanh(), torch.nn.Conv3d(3, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    grid = Grid.over(tuple(x.shape[2:]), TILED["size"], TILED["overlap"], "average")
+    wrapped = Stitched.build_wrapper(Stitched(model, grid, 3, 2), x, wrapper_config(wrapper))
+    whole = build(model, x, wrapper)
+    packed = wrapped.score.packed
+    assert sum(b.numel() for b in packed.bits.values()) == whole.score.masks[0].numel() // 8
+    assert torch.equal(wrapped.score.masks.float(), whole.score.masks)
+    assert torch.equal(frozen_mask(wrapped, 1).float(), frozen_mask(whole, 1))
+    torch.testing.assert_close(wrapped.unperturbed, whole.unperturbed, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped.score(model(x)), whole.score(model(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["captum.DeepLift", "captum.GuidedBackprop"])
+def test_hooking_methods_on_tiled_masks_equal_unpatched(method):
+    """Methods that stay with Captum see the wrapper's activation called once per forward, masks
+    held per patch (DeepLift refuses a module called twice)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    wrapper = {"name": "multiclass", "activation": "softmax"}
+    whole = esegeta.explain(model, x, method, 1, wrapper=wrapper)
+    patched = esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=TILED)
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(patched, whole, rtol=1e-5, atol=1e-6 * float(whole.abs().max()))
