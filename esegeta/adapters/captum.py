@@ -58,7 +58,8 @@ def _configurable(fn) -> dict[str, inspect.Parameter]:
 #: Captum's identity rule, which fails on a module that returns its input tensor itself (its input
 #: hook then runs before its output hook, and finds no relevance: ``KeyError: device``).
 _PASSING = ("Flatten", "Unflatten", "Identity", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout")
-_PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath"})
+_PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath",
+                            "PlainSoftmax"})  # attention's softmax, held constant (esegeta.attribution.rules)
 #: A wrapper's masked sum (:class:`esegeta.attribution.wrappers.MaskSum`), linear in the activated
 #: output: the ε rule hands each pixel its share ``A·M / score`` of the score. (Without a rule the
 #: relevance entering the model was the gradient ``M``: the demo's map summed to ~7,000× its score.)
@@ -203,7 +204,10 @@ class CaptumAdapter:
     @cache
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         cls = self._cls(spec.name)
-        own = {GAMMA: inspect.Parameter(GAMMA, inspect.Parameter.KEYWORD_ONLY, default=0.0)} \
+        from esegeta.attribution.rules import BRANCHES
+
+        own = {GAMMA: inspect.Parameter(GAMMA, inspect.Parameter.KEYWORD_ONLY, default=0.0),
+               BRANCHES: inspect.Parameter(BRANCHES, inspect.Parameter.KEYWORD_ONLY, default="auto")} \
             if spec.name in LRP_METHODS else {}
         return {**_configurable(cls.__init__), **_configurable(cls.attribute), **own}
 
@@ -217,7 +221,11 @@ class CaptumAdapter:
         """Check a JSON value before anything runs (what can be checked without the input)."""
         from esegeta.attribution.baselines import check_baseline, check_feature_mask
 
-        if name == GAMMA:
+        from esegeta.attribution.rules import BRANCHES, check_branches
+
+        if name == BRANCHES:
+            check_branches(value, path)
+        elif name == GAMMA:
             check_number(name, value, path)
             if value < 0:
                 raise ConfigError(path, f"gamma must be 0 (the ε rule on dense layers) or positive (the γ rule, "
@@ -262,7 +270,9 @@ class CaptumAdapter:
     def _attribute(self, spec: MethodSpec, call: Call):
         cls = self._cls(spec.name)
         init_names = self._init_names(spec.name)
-        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items() if k != GAMMA}
+        from esegeta.attribution.rules import BRANCHES
+
+        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items() if k not in (GAMMA, BRANCHES)}
         init_kw = {k: v for k, v in values.items() if k in init_names}
         attr_kw = {k: v for k, v in values.items() if k not in init_names}
         if spec.needs_target:

@@ -396,6 +396,10 @@ def _check_value(name: str, value: Any, path: str) -> None:
         if isinstance(value, list):
             raise ConfigError(path, "baseline_fn is one baseline: a number or a name (zeros, mean, min, blur, blur:SIGMA)")
         check_baseline(value, path)
+    elif name == "branches":
+        from esegeta.attribution.rules import check_branches
+
+        check_branches(value, path)
     elif name in CHECKS:
         CHECKS[name](name, value, path)
 
@@ -655,11 +659,17 @@ class CompositeAdapter(_ZennitAdapter):
     relevance_seed = "one"
 
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
-        return {**composite_parameters(spec.name), TRACE: _flag(TRACE)}
+        from esegeta.attribution.rules import BRANCHES
+
+        lrp = {BRANCHES: _flag(BRANCHES, "auto")} if spec.axiom == "conservation" else {}
+        return {**composite_parameters(spec.name), TRACE: _flag(TRACE), **lrp}
 
     def run(self, spec: MethodSpec, call: Call):
+        from esegeta.attribution.rules import BRANCHES
+
         params = dict(call.params)
         trace = params.pop(TRACE, False)
+        params.pop(BRANCHES, None)  # read by the substitutes (esegeta.attribution.rules)
         composite = build_composite(spec.name, params, call)
         return _finite(spec, call, _attribute(_zennit().attribution.Gradient, call, composite, "one_hot", trace,
                                               lrp=spec.axiom == "conservation"))

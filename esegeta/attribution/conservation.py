@@ -112,10 +112,14 @@ def check(spec, call: Call, result: torch.Tensor, score: float | None) -> Check 
 
 
 def _rules(spec, call: Call) -> tuple[tuple[str, Any], ...]:
-    """What the manifest says of the rules: the LRP-conservative substitutes, and γ where the method takes it."""
+    """What the manifest says of the rules: the LRP-conservative substitutes, how LRP crossed the
+    graph's branches (:data:`esegeta.attribution.rules.BRANCHES`), and γ where the method takes it."""
     if not rules.applies(spec):
         return ()
     found: list[tuple[str, Any]] = [("substitutes", rules.SUMMARY)]
+    if rules.BRANCHES in spec.parameters() and call.network is not None:
+        mode = call.params.get(rules.BRANCHES, "auto")
+        found.append((rules.BRANCHES, f"{mode} → " + rules.BRANCH_RECORD[rules.splits(call.network, call.inputs, mode)]))
     if "gamma" in spec.parameters():
         found.append(("gamma", float(call.params.get("gamma", 0.0))))
     return tuple(found)
@@ -178,9 +182,14 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
                "Captum's rules cannot leave them out: zennit.EpsilonPlus with params.zero_params \"bias\" can")
         causes.append(f"bias absorption: biases and BatchNorm shifts take or inject relevance under the ε rule ({fix}; "
                       "the demo's Σ is then 0.99× the seed)")
+        if rules.BRANCHES in spec.parameters():
+            causes.append("a skip connection or residual sum (x + f(x)) crossed as the library's gradient, which "
+                          "gives each branch the whole relevance (set params.branches to \"split\"; \"auto\" splits "
+                          "only in normalised and attention models)")
         if spec.library.name == "captum":
-            causes.append("a residual sum (x + f(x)), which Captum's LRP passes as its gradient, so each branch "
-                          "gets the whole relevance (zennit's composites split it by contribution)")
+            causes.append("Captum's ε of 1e-9 on layers whose outputs are near zero (centred by a normalisation): "
+                          "relevance grows ~10× per layer in cancelling terms that float32 cannot sum; "
+                          "zennit.EpsilonGammaBox or zennit.EpsilonPlus bound it")
     elif spec.axiom == "completeness":
         steps = next((p for p in ("n_steps", "n_iter") if p in spec.parameters()), "n_steps")
         causes.append(f"the path integral's discretisation: raise {steps}")
