@@ -5,6 +5,7 @@ LRP (Captum's: ÷ the explained score; zennit's composites: ÷ their seed, 1) an
 directly (not from esegeta's own check), so the same script measures an older esegeta:
 
     python benchmarks/conservation.py                  # markdown table
+    python benchmarks/conservation.py --bias-free      # biases, class tokens, position embeddings zeroed
     PYTHONPATH=/path/to/older/checkout python benchmarks/conservation.py   # before
 
 Models: the three samples (the demo's retina crop at full size), MONAI's UNet of issue 21 (3D,
@@ -30,7 +31,11 @@ for p in (ROOT / "tests",):
 import esegeta  # noqa: E402
 from esegeta.attribution import wrappers  # noqa: E402
 
-METHODS = ("captum.LRP", "zennit.EpsilonPlus", "captum.DeepLift", "captum.IntegratedGradients")
+METHODS = ("captum.LRP", "zennit.EpsilonPlus", "zennit.EpsilonGammaBox", "captum.DeepLift",
+           "captum.IntegratedGradients")
+#: Parameters that are constants added to the data: under the ε rule they take relevance by design
+#: (what ``--bias-free`` zeroes, to measure the rules alone).
+ADDED = ("bias", "cls_token", "class_token", "pos_embed", "pos_embedding", "position_embeddings")
 PARAMS = {"captum.IntegratedGradients": {"n_steps": 64, "internal_batch_size": 16}}
 
 
@@ -86,7 +91,7 @@ def ratio(method, model, x, target, wrapper):
         return f"non-finite ({int((~torch.isfinite(attr)).sum())} of {attr.numel()})"
     total = float(attr.double().sum())
     score = float(_scores(model, x, wrapper, x)[0, target])
-    if method == "zennit.EpsilonPlus":
+    if method.startswith("zennit."):  # the LRP composites' seed
         explained = 1.0
     elif method == "captum.LRP":
         explained = score
@@ -95,14 +100,25 @@ def ratio(method, model, x, target, wrapper):
     return f"{total / explained:.4g}"
 
 
+def zero_added(model) -> None:
+    """Zero ``model``'s :data:`ADDED` parameters (in place: the benchmark's own copy)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ADDED:
+                p.zero_()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--bias-free", action="store_true", help="zero biases, class tokens and position embeddings")
     args = ap.parse_args(argv)
     print("| model | " + " | ".join(args.methods) + " |")
     print("|---|" + "---|" * len(args.methods))
     for name, (model, x, target, wrapper) in cases(args.models):
+        if args.bias_free:
+            zero_added(model)
         cells = []
         for method in args.methods:
             start = time.perf_counter()

@@ -580,15 +580,20 @@ def _tracing(root, enabled: bool):
 
 @contextlib.contextmanager
 def _wrapper_head_rule(call: Call, lrp: bool):
-    """Within the block, for an LRP composite on a wrapped segmenter: zennit's ε rule on the
-    wrapper's masked sum (:class:`esegeta.attribution.wrappers.MaskSum`, linear in the activated
-    output), so each pixel gets its share ``A·M / score`` of the seed. No composite maps that
-    module; without a rule the relevance entering the model is the gradient ``M``, and it adds up
-    to the seed times the mask's pixel count. Removed on exit."""
+    """Within the block, for an LRP composite on a wrapped segmenter: ``Pass`` on the wrapper's
+    softmax (see the module docstring) and zennit's ε rule on the wrapper's masked sum
+    (:class:`esegeta.attribution.wrappers.MaskSum`, linear in the activated output), so each pixel
+    gets its share ``A·M / score`` of the seed. No composite maps that module; without a rule the
+    relevance entering the model is the gradient ``M``, and it adds up to the seed times the mask's
+    pixel count. Removed on exit."""
     heads = [m for m in call.forward.modules() if type(m).__name__ == "MaskSum"] if lrp else []
+    softmaxes = [m.activation for m in call.forward.modules()
+                 if type(m).__name__ == "MaskedScore" and type(m.activation).__name__ == "Softmax"] if lrp else []
     with removing() as handles:
         for head in heads:
             handles.append(_zennit().rules.Epsilon(epsilon=1e-6).register(head))
+        for softmax in softmaxes:
+            handles.append(_zennit().rules.Pass().register(softmax))
         yield
 
 
