@@ -182,14 +182,15 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
                "Captum's rules cannot leave them out: zennit.EpsilonPlus with params.zero_params \"bias\" can")
         causes.append(f"bias absorption: biases and BatchNorm shifts take or inject relevance under the ε rule ({fix}; "
                       "the demo's Σ is then 0.99× the seed)")
-        if rules.BRANCHES in spec.parameters():
+        if "→ upstream" in str(dict(found.rules).get(rules.BRANCHES, "")):
             causes.append("a skip connection or residual sum (x + f(x)) crossed as the library's gradient, which "
                           "gives each branch the whole relevance (set params.branches to \"split\"; \"auto\" splits "
                           "only in normalised and attention models)")
         if spec.library.name == "captum":
-            causes.append("Captum's ε of 1e-9 on layers whose outputs are near zero (centred by a normalisation): "
-                          "relevance grows ~10× per layer in cancelling terms that float32 cannot sum; "
-                          "zennit.EpsilonGammaBox or zennit.EpsilonPlus bound it")
+            causes.append("Captum's ε rule (ε = 1e-9) on every convolution: on inputs of mixed sign (after a "
+                          "normalisation, PReLU, LeakyReLU) each one multiplies Σ|relevance| by about √(fan-in) in "
+                          "terms that cancel, so over a deep network ε and rounding decide the sum; "
+                          "zennit.EpsilonGammaBox's γ/z⁺ rules keep it bounded")
     elif spec.axiom == "completeness":
         steps = next((p for p in ("n_steps", "n_iter") if p in spec.parameters()), "n_steps")
         causes.append(f"the path integral's discretisation: raise {steps}")
