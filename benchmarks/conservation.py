@@ -6,6 +6,7 @@ directly (not from esegeta's own check), so the same script measures an older es
 
     python benchmarks/conservation.py                  # markdown table
     python benchmarks/conservation.py --bias-free      # biases, class tokens, position embeddings zeroed
+    python benchmarks/conservation.py --real           # also benchmarks/zoo.py's real-depth tier
     PYTHONPATH=/path/to/older/checkout python benchmarks/conservation.py   # before
 
 Models: the three samples (the demo's retina crop at full size), MONAI's UNet of issue 21 (3D,
@@ -60,7 +61,7 @@ def _timm_vit():
     return net, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)), 0, None
 
 
-def cases(names):
+def cases(names, real: bool = False):
     import conftest
     import zoo_models
 
@@ -68,7 +69,12 @@ def cases(names):
              "digits": conftest.digits_case, "monai_unet3d": _monai_unet, "timm_vit": _timm_vit}
     for name in ("resnet18", "densenet121", "unet2d", "segresnet", "vit", "unetr", "swinunetr"):
         found[name] = getattr(zoo_models, name)
-    for name in names or found:
+    if real or any(n.startswith("real:") for n in names or ()):
+        import zoo  # benchmarks/zoo.py: the real-depth tier
+
+        torch.manual_seed(0)
+        found.update({f"real:{name}": make for name, make in zoo._real_tier().items()})
+    for name in names or [n for n in found if real or not n.startswith("real:")]:
         c = found[name]()
         if isinstance(c, tuple):
             yield name, c
@@ -113,10 +119,11 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--bias-free", action="store_true", help="zero biases, class tokens and position embeddings")
+    ap.add_argument("--real", action="store_true", help="also the real-depth tier of benchmarks/zoo.py (real:NAME)")
     args = ap.parse_args(argv)
     print("| model | " + " | ".join(args.methods) + " |")
     print("|---|" + "---|" * len(args.methods))
-    for name, (model, x, target, wrapper) in cases(args.models):
+    for name, (model, x, target, wrapper) in cases(args.models, args.real):
         if args.bias_free:
             zero_added(model)
         cells = []

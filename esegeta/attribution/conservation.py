@@ -178,6 +178,10 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
         if activation not in (None, "none"):
             causes.append(f"the wrapper's {activation}: LRP passes relevance through it unchanged, so it explains "
                           f"the activated score; a wrapper with activation \"none\" explains the logits exactly")
+        if spec.library.name == "zennit":
+            causes.append("the ε rule on dense layers (nn.Linear) of a deep transformer, whose relevance grows in "
+                          "cancelling terms: give them AttnLRP's γ rule, params.layer_map {\"Linear\": {\"rule\": "
+                          "\"gamma\", \"gamma\": 0.25}} (ViT-B/16, bias-free: −308 → 0.98)")
         fix = ("set params.zero_params to \"bias\"" if spec.library.name == "zennit" else
                "Captum's rules cannot leave them out: zennit.EpsilonPlus with params.zero_params \"bias\" can")
         causes.append(f"bias absorption: biases and BatchNorm shifts take or inject relevance under the ε rule ({fix}; "
