@@ -199,9 +199,6 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
         steps = next((p for p in ("n_steps", "n_iter") if p in spec.parameters()), "n_steps")
         causes.append(f"the path integral's discretisation: raise {steps}")
     else:
-        if activation == "softmax":
-            causes.append("the wrapper's softmax, whose DeepLIFT rule is approximate (a wrapper with activation "
-                          "\"none\" or \"sigmoid\" is exact)")
         causes.append("a layer DeepLIFT's rules pass as its gradient (a gate, a normalisation, attention): "
                       "use captum.IntegratedGradients (completeness holds on any model) for an exact sum")
     return f"{found.axiom} does not hold: {said}; likely {' or '.join(causes)}"

@@ -168,6 +168,7 @@ def run_guarded(spec: MethodSpec, call: Call) -> torch.Tensor:
     (:mod:`esegeta.attribution.rules`). So adapters neither fill defaults nor restore anything themselves."""
     call = dataclasses.replace(call, params=with_defaults(spec, call.params, call.inputs))
     # the substitutes' torch function mode below out_of_place's: that one reads the model's own frames
-    with restored(call.forward, call.network), substitutes_for(spec, call.network, call.inputs, call.params), \
+    with restored(call.forward, call.network), substitutes_for(spec, call.network, call.inputs, call.params,
+                                                             call.forward), \
             out_of_place(spec, call.network):
         return spec.adapter.run(spec, call)

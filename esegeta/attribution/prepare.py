@@ -75,6 +75,17 @@ class PreparedModel(nn.Module):
         self.inplace_ops = inplace_ops
         self._call_sites = [m for m in model.modules() if isinstance(m, CallSites)]
 
+    def summary(self, listed: int = 3) -> list[str]:
+        """:attr:`changes` for people: each one where there are at most ``listed``, else one line per
+        kind of change with its count (the full list stays in ``changes`` and the manifest)."""
+        if len(self.changes) <= listed:
+            return list(self.changes)
+        kinds: dict[str, int] = {}
+        for change in self.changes:
+            kind = change.split(": ", 1)[-1]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return [f"{n}× {kind}" if n > 1 else kind for kind, n in kinds.items()]
+
     def forward(self, *args, **kwargs):
         for module in self._call_sites:
             module.next_site = 0

@@ -166,8 +166,10 @@ def _cmd_validate(args) -> int:
     v = Pipeline(args.config, output_dir=args.output).validate()
     print(f"{args.config}: valid: {len(v.inputs)} input(s), {len(v.entries)} method(s), model "
           f"{type(v.model).__name__} on {v.device}")
-    for change in v.ready.changes:
-        print(f"  prepared copy: {change}")
+    for line in v.ready.summary():
+        print(f"  prepared copy: {line}")
+    if len(v.ready.summary()) < len(v.ready.changes):
+        print("  (each change: `esegeta check`, or manifest.json's prepared_model after a run)")
     return 0
 
 

@@ -179,8 +179,10 @@ def _log_start(plan: Plan, out: Path) -> None:
     rt = plan.config.runtime
     log.info("esegeta %s: %d method(s) x %d input(s) on %s (%d thread(s) each) -> %s", __version__,
              len(plan.entries), len(plan.inputs), ", ".join(map(str, plan.devices)), rt.threads_per_device, out)
+    for line in plan.ready.summary():
+        log.info("prepared copy: %s", line)
     for change in plan.ready.changes:
-        log.info("prepared copy: %s", change)
+        log.debug("prepared copy: %s", change)
     for item in plan.inputs:
         if not item.finite:
             log.warning("input %s holds non-finite values (NaN or Inf): its results will fail", item.name)
