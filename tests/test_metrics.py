@@ -12,7 +12,7 @@ from torch import nn
 
 from esegeta.errors import ConfigError
 from esegeta.evaluation import Context, all_metrics, metric
-from esegeta.evaluation.base import GROUPS, NEEDS, SharedPasses
+from esegeta.evaluation.base import GROUPS, NEEDS, SharedPasses, inference_copy
 from esegeta.evaluation.road import linear_imputation, neighbour_kernel
 
 # Small enough to keep every metric to a few forward passes per input.
@@ -323,3 +323,57 @@ def test_shared_passes_never_give_one_input_the_scores_of_another():
     both = metric("region_perturbation")(Context(model=model), x, a, t, patch_size=2, regions_evaluation=2,
                                          baseline="value").values
     torch.testing.assert_close(torch.cat([first, second]), both, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the evaluation's inference copy
+def _conv_bn_net() -> nn.Module:
+    """A torch-only classifier whose BatchNorms hold non-trivial statistics (in training mode, as a user may leave it)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+    return net
+
+
+def test_inference_copy_folds_batchnorm_keeps_values_and_leaves_the_model_alone():
+    model = _conv_bn_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    fast = inference_copy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # folded into the convolutions
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    t = torch.zeros(4, dtype=torch.long)
+    for name, params in (("deletion", {"steps": 4}), ("road", {"percentages": (20, 60)})):
+        folded = metric(name)(Context(model=model, seed=1), x, a, t, **params).values
+        plain = metric(name)(Context(model=model, seed=1, use_inference_copy=False), x, a, t, **params).values
+        torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_copy_does_not_trace_user_code_or_hooked_models():
+    """A user's own forward is not traced (its class counter stays a number) and a hooked model keeps its
+    hooks (its BatchNorms are not folded away from them); both are still copied, values unchanged."""
+    CountingCNN.rows = 0
+    counting = CountingCNN().eval()
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(inference_copy(counting)(x), counting(x))
+    assert CountingCNN.rows == 2 * 2  # both forwards counted, none traced
+    hooked, seen = _conv_bn_net().eval(), []
+    handle = hooked[1].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    try:
+        fast = inference_copy(hooked)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == 2
+        with torch.no_grad():
+            fast(torch.randn(3, 3, 8, 8))
+        assert seen == [3]
+    finally:
+        handle.remove()
