@@ -13,6 +13,7 @@ from torch import nn
 from esegeta.errors import ConfigError
 from esegeta.evaluation import Context, all_metrics, metric
 from esegeta.evaluation.base import GROUPS, NEEDS, SharedPasses, inference_copy
+from esegeta.evaluation import road
 from esegeta.evaluation.road import linear_imputation, neighbour_kernel
 
 # Small enough to keep every metric to a few forward passes per input.
@@ -205,6 +206,21 @@ def test_direct_and_iterative_imputation_agree(dims, neighbours):
     iterative = linear_imputation(x, removed, neighbours, tol=1e-13, solver="cg")
     torch.testing.assert_close(direct, iterative, rtol=0, atol=1e-9)
     assert torch.equal(direct[~removed.expand_as(x)], x[~removed.expand_as(x)]) and not direct[1].any()
+
+
+def test_direct_imputation_stacks_rows_as_it_solves_them_one_by_one(monkeypatch):
+    """Rows stacked into one block-diagonal system (one row wholly removed: no known neighbour, so 0; one
+    untouched) give each row's own solution."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand((4, 2, 12, 11), generator=g, dtype=torch.float64)
+    removed = torch.rand((4, 1, 12, 11), generator=g) < 0.7
+    removed[1], removed[2] = True, False
+    stacked = linear_imputation(x, removed, 8, solver="direct")
+    monkeypatch.setattr(road, "UNKNOWNS_PER_SOLVE", 1)  # one row per factorisation
+    alone = linear_imputation(x, removed, 8, solver="direct")
+    torch.testing.assert_close(stacked, alone, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stacked, linear_imputation(x, removed, 8, tol=1e-13, solver="cg"), rtol=0, atol=1e-9)
+    assert not stacked[1].any() and torch.equal(stacked[2], x[2])
 
 
 def test_road_noise_comes_from_the_seeded_generator():
