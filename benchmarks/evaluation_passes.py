@@ -7,7 +7,9 @@ inputs × the time of one pass per input at the batch size the metric runs (``--
 measured on the same model right before the metric (interleaved), in this process's CPU time by
 default (``--clock cpu``: other processes on a shared machine do not count),
 through :meth:`esegeta.evaluation.Context.scores` as the metrics call it (so a faster layout
-lowers the limit too: the ratio is what the metric costs beyond its passes). Re-explanations are
+lowers the limit too: the ratio is what the metric costs beyond its passes), on the inference copy
+the engine scores with (:func:`esegeta.evaluation.base.inference_copy`, made once; ``--plain``: the
+model itself; passes counted by a hook on the scored copy). Re-explanations are
 not counted (see benchmarks/evaluate_reexplain.py). The metric runs on the stacked inputs through
 a :class:`esegeta.evaluation.Context`, as the engine calls it. Prints per metric: passes per
 input (the spec's, and those counted by a forward hook), seconds, the limit, their ratio (1.0:

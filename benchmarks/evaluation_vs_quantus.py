@@ -14,7 +14,10 @@ Prints, per metric, the best-of-``repeats`` time of each (this process's CPU tim
 difference of the values where both are deterministic (pixel flipping, region perturbation,
 MPRT, sparseness; faithfulness correlation and SmoothMPRT draw random numbers on each side;
 Quantus's ROAD returns only the batch's accuracy per percentage). ROAD imputes with scipy's
-sparse solver per image and percentage in Quantus, with batched conjugate gradients in esegeta.
+sparse solver per image and percentage in Quantus, with one SuperLU factorisation per chunk of rows
+(nested-dissection order) in esegeta. esegeta scores on its inference copy of the model (BatchNorm folded,
+channels last: :func:`esegeta.evaluation.base.inference_copy`, made once, before the timings; its cost is
+printed); ``--plain`` scores with the model itself.
 Quantus's SmoothMPRT explains with its own ``quantus.explain`` (plain gradient) whatever the
 ``explain_func``; esegeta's side uses Saliency, which equals |gradient| as the metric compares.
 """

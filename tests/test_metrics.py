@@ -393,3 +393,28 @@ def test_inference_copy_does_not_trace_user_code_or_hooked_models():
         assert seen == [3]
     finally:
         handle.remove()
+
+
+def test_evaluate_scores_on_the_inference_copy_or_on_the_model_alike(monkeypatch):
+    """``esegeta.evaluate`` (the engine) scores on one folded copy per evaluation by default, also with
+    per-input targets; ``inference_copy=False`` scores with the model itself; the values agree and the
+    user's model keeps its BatchNorms."""
+    import esegeta
+    from esegeta.evaluation import base
+
+    made = []
+    monkeypatch.setattr(base, "inference_copy", lambda model, make=base.inference_copy: made.append(1) or make(model))
+    model = _conv_bn_net().eval()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    maps = {"a": torch.randn(x.shape, generator=torch.Generator().manual_seed(6))}
+    metrics = [{"id": "deletion", "params": {"steps": 4}}, {"id": "road", "params": {"percentages": [30, 70]}}]
+    folded = esegeta.evaluate(model, x, maps, metrics)
+    assert len(made) == 1
+    esegeta.evaluate(model, x, maps, metrics, target=[0, 1])
+    assert len(made) == 2
+    plain = esegeta.evaluate(model, x, maps, metrics, inference_copy=False)
+    assert len(made) == 2
+    for i in range(2):
+        for m in ("deletion", "road"):
+            assert folded.value("a", m, f"input{i}") == pytest.approx(plain.value("a", m, f"input{i}"), rel=1e-5, abs=1e-6)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2
