@@ -376,7 +376,8 @@ def test_inference_copy_folds_batchnorm_keeps_values_and_leaves_the_model_alone(
 
 def test_inference_copy_does_not_trace_user_code_or_hooked_models():
     """A user's own forward is not traced (its class counter stays a number) and a hooked model keeps its
-    hooks (its BatchNorms are not folded away from them); both are still copied, values unchanged."""
+    hooks (its BatchNorms are not folded away from them); both are still copied, values unchanged. A
+    model deepcopy refuses gets no copy and is scored itself."""
     CountingCNN.rows = 0
     counting = CountingCNN().eval()
     x = torch.randn(2, 2, 8, 8)
@@ -393,6 +394,12 @@ def test_inference_copy_does_not_trace_user_code_or_hooked_models():
         assert seen == [3]
     finally:
         handle.remove()
+    holding = _conv_bn_net().eval()
+    holding.past = torch.ones(1, requires_grad=True) * 2  # a tensor of an autograd graph: deepcopy refuses it
+    assert inference_copy(holding) is None
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(Context(model=holding).scores(x), holding(x))  # scored with the model itself
 
 
 def test_evaluate_scores_on_the_inference_copy_or_on_the_model_alike(monkeypatch):

@@ -82,7 +82,7 @@ UNTRACEABLE = (torch.fx.proxy.TraceError, TypeError, AttributeError, NotImplemen
 log = logging.getLogger("esegeta")
 
 
-def inference_copy(model: nn.Module) -> nn.Module:
+def inference_copy(model: nn.Module) -> nn.Module | None:
     """An evaluation-only copy of ``model`` for the metrics' no-grad forward passes on the CPU, made
     once per evaluation: in eval mode, every BatchNorm that only follows a convolution folded into
     it (``torch.fx``'s ``fuse``, PyTorch's own inference fusion) and the 4-d weights stored
@@ -90,8 +90,14 @@ def inference_copy(model: nn.Module) -> nn.Module:
     thread: 1.15-1.2x the channels-last input alone, ~1.7x the default layout; values within 1e-6
     relative). It costs one more copy of the weights. A model with hooks (which a traced copy
     would lose), with a module whose code is not from :data:`TRACED_PACKAGES`, or whose forward
-    cannot be traced is copied without folding. The user's model is not touched."""
-    ready = copy.deepcopy(model).eval().requires_grad_(False)
+    cannot be traced is copied without folding. None where ``deepcopy`` refuses the model (tensors
+    of an autograd graph in its attributes): the caller scores with the model itself then. The
+    user's model is not touched."""
+    try:
+        ready = copy.deepcopy(model).eval().requires_grad_(False)
+    except RuntimeError as exc:
+        log.debug("no evaluation copy: the model cannot be deep-copied (%s)", exc)
+        return None
     if all(_traceable(m) for m in ready.modules()):
         try:
             ready = torch.fx.experimental.optimization.fuse(ready, inplace=True)
@@ -179,7 +185,8 @@ class Context:
             if self.model is None:
                 raise ValueError("Context needs a forward or a model")
             on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
-            self.forward = _plain_forward(inference_copy(self.model) if self.use_inference_copy and on_cpu else self.model)
+            fast = inference_copy(self.model) if self.use_inference_copy and on_cpu else None
+            self.forward = _plain_forward(self.model if fast is None else fast)
         if self.generator is None:
             self.generator = torch.Generator().manual_seed(self.seed)
         if self.copy is None:

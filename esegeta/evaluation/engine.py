@@ -238,9 +238,6 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
         if x.device not in models:
             models[x.device] = model_on_device(model, x.device)
         model_here = models[x.device]
-        if inference_copy and x.device.type == "cpu" and x.device not in copies:
-            copies[x.device] = base.inference_copy(model_here)
-        fast = copies.get(x.device) if inference_copy else None
         labels = [label for label, n in attributions if n == name]
         groups: dict[str, list[str]] = {}
         for label in labels:
@@ -248,6 +245,11 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
         for group in groups.values():
             request = requests[group[0]]
             shared = SharedPasses()  # this input's scores shared by the group's metrics
+            fast = None
+            if inference_copy and x.device.type == "cpu" and request.wrapper is None and request.patch is None:
+                if x.device not in copies:  # made where first needed, once
+                    copies[x.device] = base.inference_copy(model_here)
+                fast = copies[x.device]  # None where the model cannot be copied: the prepared model scores
             with numerics.fp32_numerics():
                 forward = scorer(request, model_here, x, base_dir, fast)
                 target = target_of(request, forward, x,
