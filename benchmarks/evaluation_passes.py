@@ -7,7 +7,9 @@ inputs × the time of one pass per input at the batch size the metric runs (``--
 measured on the same model right before the metric (interleaved), in this process's CPU time by
 default (``--clock cpu``: other processes on a shared machine do not count),
 through :meth:`esegeta.evaluation.Context.scores` as the metrics call it (so a faster layout
-lowers the limit too: the ratio is what the metric costs beyond its passes). Re-explanations are
+lowers the limit too: the ratio is what the metric costs beyond its passes), on the inference copy
+the engine scores with (:func:`esegeta.evaluation.base.inference_copy`, made once; ``--plain``: the
+model itself; passes counted by a hook on the scored copy). Re-explanations are
 not counted (see benchmarks/evaluate_reexplain.py). The metric runs on the stacked inputs through
 a :class:`esegeta.evaluation.Context`, as the engine calls it. Prints per metric: passes per
 input (the spec's, and those counted by a forward hook), seconds, the limit, their ratio (1.0:
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated metric names")
     parser.add_argument("--scale", type=float, default=1.0, help="fewer steps/runs (0.25: a quarter) for big inputs")
+    parser.add_argument("--plain", action="store_true", help="score with the model itself, not the inference copy")
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -47,7 +50,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from esegeta.evaluation import Context, metric
-    from esegeta.evaluation.base import SharedPasses
+    from esegeta.evaluation.base import SharedPasses, inference_copy
 
     model, x = model_and_inputs(args.model, args.n, args.size)
     if args.model == "digits":
@@ -74,10 +77,16 @@ def main() -> None:
     cases = {k: v for k, v in cases.items() if not only or k in only}
     batch = x[torch.arange(args.max_batch) % args.n]
     counted = [0]
-    handle = model.register_forward_hook(lambda m, inputs, out: counted.__setitem__(0, counted[0] + inputs[0].shape[0]))
+    start = clock()
+    scored = model if args.plain else inference_copy(model)  # as the engine: one copy per evaluation
+    copy_seconds = clock() - start
+    handle = scored.register_forward_hook(lambda m, inputs, out: counted.__setitem__(0, counted[0] + inputs[0].shape[0]))
+
+    def context(**kw) -> Context:
+        return Context(model=scored, max_batch=args.max_batch, use_inference_copy=False, **kw)
 
     def one_pass() -> float:
-        ctx = Context(model=model, max_batch=args.max_batch)
+        ctx = context()
         best = float("inf")
         for _ in range(args.repeats + 1):
             start = clock()
@@ -87,7 +96,8 @@ def main() -> None:
 
     try:
         print(f"{args.model}: {args.n} input(s) of {tuple(x.shape[1:])}, max_batch {args.max_batch}, torch threads "
-              f"{torch.get_num_threads()}; one pass {one_pass() * 1e3:.2f} ms per input at that batch size")
+              f"{torch.get_num_threads()}; one pass {one_pass() * 1e3:.2f} ms per input at that batch size, "
+              + ("the model itself" if args.plain else f"on the inference copy (made in {copy_seconds:.3f} s)"))
         print(f"{'metric':26} {'passes':>6} {'counted':>7} {'seconds':>8} {'limit':>8} {'ratio':>6}")
         alone = 0
         for name, params in cases.items():
@@ -96,7 +106,7 @@ def main() -> None:
             per_input = one_pass()
             best = float("inf")
             for _ in range(args.repeats):
-                ctx = Context(model=model, max_batch=args.max_batch)
+                ctx = context()
                 counted[0] = 0
                 start = clock()
                 spec(ctx, x, a, target, **params)
@@ -109,7 +119,7 @@ def main() -> None:
         for i in range(args.n):  # as the engine: one SharedPasses per input, all metrics in turn
             shared = SharedPasses()
             for name, params in cases.items():
-                metric(name)(Context(model=model, max_batch=args.max_batch, shared=shared), x[i:i + 1], a[i:i + 1],
+                metric(name)(context(shared=shared), x[i:i + 1], a[i:i + 1],
                              target[i:i + 1], **params)
         print(f"all metrics, passes per input: {alone / args.n:.1f} each alone, {counted[0] / args.n:.1f} sharing "
               "the unperturbed and the emptied input")

@@ -12,7 +12,8 @@ from torch import nn
 
 from esegeta.errors import ConfigError
 from esegeta.evaluation import Context, all_metrics, metric
-from esegeta.evaluation.base import GROUPS, NEEDS, SharedPasses
+from esegeta.evaluation.base import GROUPS, NEEDS, SharedPasses, inference_copy
+from esegeta.evaluation import road
 from esegeta.evaluation.road import linear_imputation, neighbour_kernel
 
 # Small enough to keep every metric to a few forward passes per input.
@@ -207,6 +208,21 @@ def test_direct_and_iterative_imputation_agree(dims, neighbours):
     assert torch.equal(direct[~removed.expand_as(x)], x[~removed.expand_as(x)]) and not direct[1].any()
 
 
+def test_direct_imputation_stacks_rows_as_it_solves_them_one_by_one(monkeypatch):
+    """Rows stacked into one block-diagonal system (one row wholly removed: no known neighbour, so 0; one
+    untouched) give each row's own solution."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand((4, 2, 12, 11), generator=g, dtype=torch.float64)
+    removed = torch.rand((4, 1, 12, 11), generator=g) < 0.7
+    removed[1], removed[2] = True, False
+    stacked = linear_imputation(x, removed, 8, solver="direct")
+    monkeypatch.setattr(road, "UNKNOWNS_PER_SOLVE", 1)  # one row per factorisation
+    alone = linear_imputation(x, removed, 8, solver="direct")
+    torch.testing.assert_close(stacked, alone, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stacked, linear_imputation(x, removed, 8, tol=1e-13, solver="cg"), rtol=0, atol=1e-9)
+    assert not stacked[1].any() and torch.equal(stacked[2], x[2])
+
+
 def test_road_noise_comes_from_the_seeded_generator():
     model = tiny_cnn(2)
     x, a, t, _ = _batch(2)
@@ -323,3 +339,89 @@ def test_shared_passes_never_give_one_input_the_scores_of_another():
     both = metric("region_perturbation")(Context(model=model), x, a, t, patch_size=2, regions_evaluation=2,
                                          baseline="value").values
     torch.testing.assert_close(torch.cat([first, second]), both, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the evaluation's inference copy
+def _conv_bn_net() -> nn.Module:
+    """A torch-only classifier whose BatchNorms hold non-trivial statistics (in training mode, as a user may leave it)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+    return net
+
+
+def test_inference_copy_folds_batchnorm_keeps_values_and_leaves_the_model_alone():
+    model = _conv_bn_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    fast = inference_copy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # folded into the convolutions
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
+    a = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    t = torch.zeros(4, dtype=torch.long)
+    for name, params in (("deletion", {"steps": 4}), ("road", {"percentages": (20, 60)})):
+        folded = metric(name)(Context(model=model, seed=1), x, a, t, **params).values
+        plain = metric(name)(Context(model=model, seed=1, use_inference_copy=False), x, a, t, **params).values
+        torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_copy_does_not_trace_user_code_or_hooked_models():
+    """A user's own forward is not traced (its class counter stays a number) and a hooked model keeps its
+    hooks (its BatchNorms are not folded away from them); both are still copied, values unchanged. A
+    model deepcopy refuses gets no copy and is scored itself."""
+    CountingCNN.rows = 0
+    counting = CountingCNN().eval()
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(inference_copy(counting)(x), counting(x))
+    assert CountingCNN.rows == 2 * 2  # both forwards counted, none traced
+    hooked, seen = _conv_bn_net().eval(), []
+    handle = hooked[1].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    try:
+        fast = inference_copy(hooked)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == 2
+        with torch.no_grad():
+            fast(torch.randn(3, 3, 8, 8))
+        assert seen == [3]
+    finally:
+        handle.remove()
+    holding = _conv_bn_net().eval()
+    holding.past = torch.ones(1, requires_grad=True) * 2  # a tensor of an autograd graph: deepcopy refuses it
+    assert inference_copy(holding) is None
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(Context(model=holding).scores(x), holding(x))  # scored with the model itself
+
+
+def test_evaluate_scores_on_the_inference_copy_or_on_the_model_alike(monkeypatch):
+    """``esegeta.evaluate`` (the engine) scores on one folded copy per evaluation by default, also with
+    per-input targets; ``inference_copy=False`` scores with the model itself; the values agree and the
+    user's model keeps its BatchNorms."""
+    import esegeta
+    from esegeta.evaluation import base
+
+    made = []
+    monkeypatch.setattr(base, "inference_copy", lambda model, make=base.inference_copy: made.append(1) or make(model))
+    model = _conv_bn_net().eval()
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    maps = {"a": torch.randn(x.shape, generator=torch.Generator().manual_seed(6))}
+    metrics = [{"id": "deletion", "params": {"steps": 4}}, {"id": "road", "params": {"percentages": [30, 70]}}]
+    folded = esegeta.evaluate(model, x, maps, metrics)
+    assert len(made) == 1
+    esegeta.evaluate(model, x, maps, metrics, target=[0, 1])
+    assert len(made) == 2
+    plain = esegeta.evaluate(model, x, maps, metrics, inference_copy=False)
+    assert len(made) == 2
+    for i in range(2):
+        for m in ("deletion", "road"):
+            assert folded.value("a", m, f"input{i}") == pytest.approx(plain.value("a", m, f"input{i}"), rel=1e-5, abs=1e-6)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2

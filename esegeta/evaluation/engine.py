@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from esegeta.errors import ConfigError, Problem, raise_problems
-from esegeta.evaluation import ranking
+from esegeta.evaluation import base, ranking
 from esegeta.evaluation.base import Context, MetricSpec, SharedPasses, metric
 from esegeta.evaluation.scoring import Scorer, as_input_attribution, explainer, scorer, target_of
 from esegeta.io.loading import load_callable
@@ -217,17 +217,22 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
           attributions: Mapping[tuple[str, str], torch.Tensor], requests: Mapping[str, Any],
           metrics: Sequence[Metric], *, overrides: Mapping[str, Mapping[str, Any]] | None = None,
           masks: Mapping[str, torch.Tensor] | None = None, base_dir: Path | None = None, max_batch: int = 64,
-          seed: int = 0, method_ids: Mapping[str, str] | None = None) -> Evaluation:
+          seed: int = 0, method_ids: Mapping[str, str] | None = None, inference_copy: bool = True,
+          copies: dict[torch.device, nn.Module] | None = None) -> Evaluation:
     """Every metric on every (method label, input name) of ``attributions``.
 
     ``inputs`` are (name, (1, C, *S) tensor) on the device to score on; ``requests`` the
     :class:`esegeta.spec.request.Request` of each label (its wrapper, patch and target decide the
     scoring, its method the re-explanations); ``masks`` ground truth per input name;
-    ``method_ids`` names a label's method where its request does not (Python, unknown method)."""
+    ``method_ids`` names a label's method where its request does not (Python, unknown method).
+    ``inference_copy``: requests without wrapper and patch are scored on the CPU by one
+    :func:`esegeta.evaluation.base.inference_copy` of the model per evaluation (kept in ``copies``,
+    device -> copy, where given: one copy for several calls), else by the prepared model."""
     start = time.perf_counter()
     overrides = overrides or {}
     rows, curves, skipped = [], {}, []
     models: dict[torch.device, nn.Module] = {}
+    copies = {} if copies is None else copies
     stacked: dict[tuple, tuple] = {}
     for name, x in inputs:
         if x.device not in models:
@@ -240,8 +245,13 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
         for group in groups.values():
             request = requests[group[0]]
             shared = SharedPasses()  # this input's scores shared by the group's metrics
+            fast = None
+            if inference_copy and x.device.type == "cpu" and request.wrapper is None and request.patch is None:
+                if x.device not in copies:  # made where first needed, once
+                    copies[x.device] = base.inference_copy(model_here)
+                fast = copies[x.device]  # None where the model cannot be copied: the prepared model scores
             with numerics.fp32_numerics():
-                forward = scorer(request, model_here, x, base_dir)
+                forward = scorer(request, model_here, x, base_dir, fast)
                 target = target_of(request, forward, x,
                                    Context(forward=forward, shared=shared, max_batch=max_batch).reference_scores)
             mask = _mask(masks, name, forward, target, x)
@@ -390,7 +400,8 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
              target: Any = "predicted", wrapper: Mapping[str, Any] | None = None,
              patch: Mapping[str, Any] | None = None, methods: Mapping[str, Any] | None = None,
              masks: torch.Tensor | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,
-             max_batch: int = 64, seed: int = 0, output_dir: str | Path | None = None) -> Evaluation:
+             max_batch: int = 64, seed: int = 0, output_dir: str | Path | None = None,
+             inference_copy: bool = True) -> Evaluation:
     """Score attributions with metrics and rank the methods.
 
     On tensors: ``model`` an ``nn.Module``, ``inputs`` (B, C, *S), ``attributions`` {label:
@@ -400,8 +411,11 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     (randomisation, robustness); a label that is a registry id needs no entry. ``target``,
     ``wrapper`` and ``patch`` are those of :func:`esegeta.explain`, or ``target`` one class
     index per input (a list, array or tensor of B); ``masks`` (B, 1, *S)
-    ground truth for localisation. Returns an :class:`Evaluation` (``.rows``, ``.table()``,
-    ``.summary``, ``.save(dir)``; saved to ``output_dir`` if given).
+    ground truth for localisation. ``inference_copy`` (default true) scores the perturbed inputs
+    on the CPU with one copy of the model made for this evaluation, its BatchNorms folded into the
+    convolutions and its weights channels last (faster; one more copy of the weights in memory:
+    :func:`esegeta.evaluation.base.inference_copy`); false scores them with the model itself.
+    Returns an :class:`Evaluation` (``.rows``, ``.table()``, ``.summary``, ``.save(dir)``; saved to ``output_dir`` if given).
 
     (On a config, :func:`esegeta.evaluate` is ``esegeta evaluate``: :mod:`esegeta.run.evaluate`.)
     """
@@ -423,7 +437,8 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     saved = {(label, names[i]): _one_map(label, a, i, x) for label, a in attributions.items()
              for i in range(x.shape[0])}
     given_masks = None if masks is None else {names[i]: _one_mask(masks, i) for i in range(x.shape[0])}
-    options = dict(overrides=overrides, masks=given_masks, max_batch=max_batch, seed=seed)
+    options = dict(overrides=overrides, masks=given_masks, max_batch=max_batch, seed=seed,
+                   inference_copy=inference_copy, copies={})  # one copy for all the scorings
     if targets is None:
         requests, method_ids = _requests(attributions, methods, configured_metrics, target, wrapper, patch)
         result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,

@@ -64,9 +64,14 @@ class Scorer:
         return (self.masks[target] > 0)[None, None]
 
 
-def scorer(request: Request, model: nn.Module, x: torch.Tensor, base_dir: Path | None = None) -> Scorer:
+def scorer(request: Request, model: nn.Module, x: torch.Tensor, base_dir: Path | None = None,
+           fast: nn.Module | None = None) -> Scorer:
     """The forward of ``request``'s evaluation on the unperturbed input ``x`` (one input if the
-    request has a wrapper); ``model`` is the user's model or its prepared copy."""
+    request has a wrapper); ``model`` is the user's model or its prepared copy; ``fast`` the
+    evaluation's :func:`esegeta.evaluation.base.inference_copy` of it, which scores a request
+    without wrapper and patch where given."""
+    if fast is not None and request.wrapper is None and request.patch is None:
+        return Scorer(fast, None, False)
     ready = prepared(model, x if request.patch is None else _crop(x, request.patch.size))
     if request.wrapper is None:
         return Scorer(ready, None, False)

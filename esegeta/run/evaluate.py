@@ -80,7 +80,8 @@ def evaluate_plan(plan: Plan, out: Path, manifest: dict[str, Any], token: str | 
     log.info("evaluation: %d metric(s) on %d saved result(s)", len(metrics), len(attributions))
     inputs = [(item.name, item.tensor.to(plan.device)) for item in plan.inputs]
     result = score(plan.model, inputs, attributions, requests, metrics, overrides=ev.overrides,
-                   masks=_masks_of(plan), base_dir=plan.base_dir, max_batch=ev.max_batch, seed=ev.seed)
+                   masks=_masks_of(plan), base_dir=plan.base_dir, max_batch=ev.max_batch, seed=ev.seed,
+                   inference_copy=ev.inference_copy)
     result.skipped = skipped + result.skipped
     files = result.save(out, token)
     section = {**result.manifest({item.name: list(item.tensor.shape[1:]) for item in plan.inputs}), "files": files}

@@ -59,6 +59,9 @@ class EvaluationConfig(_Strict):
                                     "mask of the target")
     max_batch: Annotated[int, Field(gt=0)] = Field(64, description="perturbed inputs per forward call")
     seed: int = Field(0, description="seeds every random draw of the metrics")
+    inference_copy: StrictBool = Field(True, description="score the perturbed inputs on the CPU with one copy of "
+                                       "the model made for the evaluation, BatchNorms folded into the convolutions "
+                                       "and weights channels last (faster; costs one more copy of the weights)")
     enabled: StrictBool = Field(True, description="evaluate inside `esegeta run` (`esegeta evaluate` always does)")
     roar: RoarConfig | None = Field(None, description="also run ROAR with retraining (slow: one training per "
                                     "method and fraction)")
