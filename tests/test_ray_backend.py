@@ -115,3 +115,21 @@ def test_a_dataset_factory_on_ray(cluster, tmp_path):
         s = open_store(runs["ray"].output_dir, m["id"])
         assert s.labels == [0, 1, 2, 3, 4, 5]
         np.testing.assert_array_equal(s.attributions[:], open_store(runs["local"].output_dir, m["id"]).attributions[:])
+
+
+def test_an_actor_keeps_only_its_current_jobs_inputs_in_the_cache(tmp_path):
+    """An actor (here built and called as Ray's map_batches would, without a cluster) holds the inputs
+    of the job it computes, not those of every job it has done."""
+    from esegeta.run.backends.ray import Explainer
+
+    cfg = config(tmp_path, DIGITS, "ray", "out", methods=METHODS[:2], batch_size=1)
+    actor = Explainer(cfg, None, [0, 1], "cpu", 1)
+    cache = actor.plan.inputs[0].source.cache
+    n = len(actor.plan.inputs)
+    assert n >= 3
+    for k in range(n):
+        for position in (0, 1):
+            job = json.dumps({"position": position, "inputs": [k], "keys": ["x"], "labels": [None]})
+            out = actor({"id": np.array([0]), "job": np.array([job], dtype=object)})
+            assert out["payload"].shape == (1,)
+            assert cache.held() == [k], (k, position, cache.held())

@@ -72,6 +72,16 @@ class Explainer:
         self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries,
                          summaries=summaries.setting(cfg.output.summaries, cfg.inputs, base))
         self.worker = Worker(self.device, model, inputs, ready)
+        self._held: list = []  # the last job's inputs, in the inputs' cache: the next job is often on them
+
+    def _release(self, items: list) -> None:
+        """Drop from the inputs' cache those of the last job that the one now does not use: an actor
+        holds one job's inputs, never the run's (jobs come input by input; the local runner's
+        :class:`esegeta.run.memory.Releaser` does the same from its count of each input's jobs)."""
+        for item in self._held:
+            if not any(item is other for other in items):
+                item.release()
+        self._held = items
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -84,6 +94,7 @@ class Explainer:
                 self.plan.inputs[k].label = label
             job = Job(spec["position"], self.plan.entries[spec["position"]],
                       [(k, self.plan.inputs[k]) for k in spec["inputs"]], spec["keys"], [self.device])
+            self._release([item for _, item in job.items])
             try:
                 with numerics.fp32_numerics(self.plan.config.runtime.tf32), _job_warnings():
                     payloads.append(pickle.dumps(("done", compute(self.plan, job, self.worker))))
