@@ -132,6 +132,8 @@ class Pipeline:
         plan.raise_problems()
         if self.config.runtime.backend == "ray":  # an address where no cluster answers: refused in seconds
             ray_backend.check_address(self.config.runtime.ray_address)
+            if self.config.runtime.ray_address:  # what cannot reach the cluster's workers: refused here too
+                ray_backend.shipment(plan, dry=True)
         check_dir(self.output_dir, self._output_field, create=False)  # what run refuses, validate refuses
         return plan
 
