@@ -6,7 +6,9 @@ within ``--limit-s`` seconds a case (see ``tests/fuzz_cases.py``, shared with
 ``tests/test_fuzz.py``; its cases include bad files, factories that exit or print, datasets that
 break, hostile input names and Ray addresses with no cluster). Prints the counts (exit 0, exit 1,
 exit 2, other, timeout) and, for "other" and "timeout", each distinct site with one example; writes
-them as JSON with ``--json FILE``.
+them as JSON with ``--json FILE``; ``--save DIR`` keeps every such case's whole config there
+(``case-N-KIND.json``, to rerun alone: ``esegeta run DIR/case-N-timeout.json``), and the slowest
+cases are listed with their seconds (a slow case that ends is not a hang).
 
     OMP_NUM_THREADS=1 python benchmarks/fuzz.py --cases 10000 --json fuzz.json
     OMP_NUM_THREADS=1 python benchmarks/fuzz.py --command run --cases 500 --limit-s 120
@@ -39,6 +41,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the counts and sites here")
     parser.add_argument("--command", choices=["validate", "check", "run"], default="validate")
     parser.add_argument("--limit-s", type=float, default=60.0, help="time limit of one case (a timeout past it)")
+    parser.add_argument("--save", type=Path, help="keep the whole config of every traceback or timeout case here")
     args = parser.parse_args()
     counts: collections.Counter[str] = collections.Counter()
     sites: dict[str, dict] = {}
@@ -47,15 +50,25 @@ def main() -> int:
 
     strategy = cases(samples())
 
+    slowest: list[tuple[float, int, str, str]] = []  # (seconds, case, kind, config head)
+
     def one(content: bytes) -> None:
+        began = time.perf_counter()
         answer = run_case(content, folder, args.command, args.limit_s)
+        seconds = time.perf_counter() - began
         counts[answer.kind] += 1
+        n = sum(counts.values())
+        slowest.append((seconds, n, answer.kind, content[:300].decode("utf-8", "replace")))
+        slowest.sort(key=lambda s: -s[0])
+        del slowest[5:]
+        if answer.kind in ("other", "timeout") and args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            (args.save / f"case-{n}-{answer.kind}.json").write_bytes(content)
         if answer.kind in ("other", "timeout"):
             site = answer.site or answer.error[:120]
             entry = sites.setdefault(site, {"count": 0, "error": answer.error, "example": content[:400].decode(
                 "utf-8", "replace")})
             entry["count"] += 1
-        n = sum(counts.values())
         if n % (500 if args.command == "validate" else 25) == 0:
             print(f"{n} cases, {time.perf_counter() - start:.0f} s: {dict(counts)}", file=sys.stderr, flush=True)
 
@@ -75,8 +88,12 @@ def main() -> int:
     total = sum(counts.values())
     result = {"command": args.command, "cases": total, **{k: counts[k] for k in ("exit 0", "exit 1", "exit 2", "other",
                                                                                  "timeout")},
-              "seconds": round(time.perf_counter() - start, 1), "sites": sites}
-    print(json.dumps({k: v for k, v in result.items() if k != "sites"}))
+              "seconds": round(time.perf_counter() - start, 1), "sites": sites,
+              "slowest": [{"seconds": round(t, 1), "case": n, "kind": kind, "head": head}
+                          for t, n, kind, head in slowest]}
+    print(json.dumps({k: v for k, v in result.items() if k not in ("sites", "slowest")}))
+    for entry in result["slowest"]:
+        print(f"  slow: case {entry['case']} {entry['kind']} in {entry['seconds']} s: {entry['head'][:160]!r}")
     for site, entry in sorted(sites.items(), key=lambda kv: -kv[1]["count"]):
         print(f"  {entry['count']:5d}  {site}: {entry['error'][:200]}")
     if args.json:
