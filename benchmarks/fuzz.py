@@ -7,8 +7,10 @@ within ``--limit-s`` seconds a case (see ``tests/fuzz_cases.py``, shared with
 break, hostile input names and Ray addresses with no cluster). Prints the counts (exit 0, exit 1,
 exit 2, other, timeout) and, for "other" and "timeout", each distinct site with one example; writes
 them as JSON with ``--json FILE``; ``--save DIR`` keeps every such case's whole config there
-(``case-N-KIND.json``, to rerun alone: ``esegeta run DIR/case-N-timeout.json``), and the slowest
-cases are listed with their seconds (a slow case that ends is not a hang).
+(``case-N-KIND.json``, to rerun alone: ``esegeta run DIR/case-N-timeout.json``; a case past half
+the limit as ``case-N-slow-Ss.json``), and the slowest cases are listed with their seconds (a slow
+case that ends is not a hang). ``--seed`` makes the cases the same from one run to the next
+(Hypothesis's ``seed``).
 
     OMP_NUM_THREADS=1 python benchmarks/fuzz.py --cases 10000 --json fuzz.json
     OMP_NUM_THREADS=1 python benchmarks/fuzz.py --command run --cases 500 --limit-s 120
@@ -29,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
 from fuzz_cases import cases, run_case, samples  # noqa: E402
 
@@ -61,6 +63,9 @@ def main() -> int:
         slowest.append((seconds, n, answer.kind, content[:300].decode("utf-8", "replace")))
         slowest.sort(key=lambda s: -s[0])
         del slowest[5:]
+        if args.save and seconds > args.limit_s / 2:  # slow: kept whole, to time it alone
+            args.save.mkdir(parents=True, exist_ok=True)
+            (args.save / f"case-{n}-slow-{seconds:.0f}s.json").write_bytes(content)
         if answer.kind in ("other", "timeout") and args.save:
             args.save.mkdir(parents=True, exist_ok=True)
             (args.save / f"case-{n}-{answer.kind}.json").write_bytes(content)
@@ -81,7 +86,7 @@ def main() -> int:
             break
         try:
             settings(max_examples=args.cases - done, deadline=None, database=None,
-                     suppress_health_check=list(HealthCheck))(given(strategy)(one))()
+                     suppress_health_check=list(HealthCheck))(seed(args.seed + done)(given(strategy)(one)))()
         except Exception as exc:  # noqa: BLE001
             print(f"hypothesis stopped after {sum(counts.values())} cases: {type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:200]}", file=sys.stderr)
