@@ -18,8 +18,9 @@ is a fresh Python process (``Pipeline(config).run()``), so its peak resident mem
    it does not grow with their number (runs use ``MALLOC_ARENA_MAX=2``, see :func:`measure`).
 
 Wall time is the whole run (listing and scanning the inputs, model preparation, jobs, writing);
-CPU seconds are those of the run's process tree (the driver and every process it started and
-reaped: Ray's raylet, GCS and workers), from ``wait4`` of the run's process.
+CPU seconds are those of the run's process tree: the driver's own, plus every process below it
+(Ray's raylet, GCS and workers, which the driver does not reap itself) sampled with ``psutil``
+every 0.2 s while the run goes (the last 0.2 s of a process can be missed).
 
 Measured on 2 shared CPU cores, ``OMP_NUM_THREADS=1`` (torch 2.13, CPU only)::
 
@@ -69,6 +70,35 @@ def config(inputs: Path, out: Path, batch: int, backend: str) -> dict:
             "methods": METHODS}
 
 
+class _TreeCPU:
+    """CPU seconds of the processes below this one (Ray's), sampled in a thread until :meth:`stop`."""
+
+    def __init__(self):
+        import threading
+
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.2):
+            for proc in me.children(recursive=True):
+                try:
+                    t = proc.cpu_times()
+                    self.seen[proc.pid] = t.user + t.system + t.children_user + t.children_system
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.seen.values())
+
+
 def child(spec: dict) -> None:
     """One run in this process; prints its figures as JSON."""
     sys.path.insert(0, str(ROOT))
@@ -85,11 +115,15 @@ def child(spec: dict) -> None:
         start = time.perf_counter()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         init = time.perf_counter() - start
+    tree = _TreeCPU()
     start = time.perf_counter()
     result = Pipeline(spec["config"]).run()
     wall = time.perf_counter() - start
+    below = tree.stop()
     ok = sum(r["status"] == "ok" for r in result.runs)
+    own = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": wall, "ok": ok, "runs": len(result.runs), "init": init,
+                      "cpu": own.ru_utime + own.ru_stime + below,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -101,15 +135,14 @@ def measure(name: str, inputs: Path, out: Path, n: int, batch: int, backend: str
     with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
         proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=out_file,
                                 stderr=err_file, text=True, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # the CPU of the run's process tree, as it reaped it
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
         out_file.seek(0)
         err_file.seek(0)
         stdout, stderr = out_file.read(), err_file.read()
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{name} failed:\n{stderr[-3000:]}")
-    figures = {**json.loads(lines[-1]), "cpu": usage.ru_utime + usage.ru_stime}
+    figures = json.loads(lines[-1])
     assert figures["ok"] == figures["runs"] == 2 * n, figures
     return {"name": name, "backend": backend, "batch": batch, "inputs": n, **figures}
 
