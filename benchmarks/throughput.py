@@ -33,7 +33,14 @@ Measured on 2 shared CPU cores, ``OMP_NUM_THREADS=1`` (torch 2.13, CPU only)::
 Batched is 4.0x one at a time; the Ray backend takes 0.73x the local time (its actor computes
 while the driver writes; the local cluster's 8.5 s start is not counted) with identical stores;
 peak memory does not grow with the inputs (its spread, 598-724 MB, is the allocator's around
-Integrated Gradients' 3,200-row batches; the driver's under Ray).
+Integrated Gradients' 3,200-row batches; the driver's under Ray). That 0.73x did not hold (issue 26:
+1.40x / 2.05x on a quiet machine). ``--n 900 --only local ray ray-started-by-run`` on the shared
+machine at load 5-7 (three trials; CPU of Ray's processes counted in the third only)::
+
+    | trial | local wall s | ray (started before) wall | ray (started by the run) wall | CPU ray / local |
+    | 1     | 56.3         | 1.38x                     | 0.66x                         | (not counted)   |
+    | 2     | 69.0         | 1.11x                     | 1.17x                         | (not counted)   |
+    | 3     | 76.4         | 1.15x                     | 1.83x                         | 1.88x / 1.80x   |
 """
 from __future__ import annotations
 
