@@ -20,11 +20,13 @@ Measured on the shared 2-core machine (torch 2.13 CPU, ``OMP_NUM_THREADS=1``, da
     | 2,000  | 707               | 362                        | 366                      | 361           |
     | 20,000 | (not run)         | 417                        | 393                      | 374           |
 
+    a second run with the records on disk: 355 / 364 / 399 MB (+12.5 %), at the end 349 / 359 / 381.
+
 Gathered: every job gathered the run's samples (all N inputs) and the scan filled the cache;
 ``MALLOC_ARENA_MAX=1`` without trimming (631 MB at 2,000) and trimming alone (651 MB) did not
 help. Records in memory: +16.6 % at 20,000 inputs, the run's records (about 1.5 KB of Python
 objects a result, the manifest's rows, measured with ``tracemalloc``). Records on disk
-(:mod:`esegeta.run.records`): +9.8 %; what still grows is one small object per input and job
+(:mod:`esegeta.run.records`): +9.8 % and +12.5 %; what still grows is one small object per input and job
 (names, resume keys, digests).
 """
 from __future__ import annotations
