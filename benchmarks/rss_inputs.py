@@ -12,17 +12,22 @@ issue's measure (26) was 632 → 738 → 934 MB at 150 / 1,500 / 3,000 inputs wi
 flat, native memory the allocator kept. ``--arena-max N`` sets ``MALLOC_ARENA_MAX``; ``--trim-every 0``
 turns the runner's periodic ``malloc_trim`` off (``ESEGETA_MALLOC_TRIM_EVERY``) to show what it changes.
 
-Measured on the shared 2-core machine (torch 2.13 CPU, ``OMP_NUM_THREADS=1``, dataset source, zarr)::
+Measured on the shared 2-core machine (torch 2.13 CPU, ``OMP_NUM_THREADS=1``, dataset source, zarr,
+``nice -n 5 python benchmarks/rss_inputs.py --counts 200 2000 20000``; load 5-7 from other work)::
 
-    | inputs | before: peak RSS MB | after: peak RSS MB | after: RSS at the end MB |
-    | 200    | 392                 | 354                | 349                      |
-    | 2,000  | 707                 | 371                | 366                      |
-    | 20,000 | (not run)           | 425                | 404                      |
+    | inputs | gathered: peak MB | records in memory: peak MB | records on disk: peak MB | at the end MB |
+    | 200    | 392               | 357                        | 358                      | 352           |
+    | 2,000  | 707               | 362                        | 366                      | 361           |
+    | 20,000 | (not run)         | 417                        | 393                      | 374           |
 
-Before: every job gathered the run's samples (all N inputs) and the scan filled the cache;
+    a second run with the records on disk: 355 / 364 / 399 MB (+12.5 %), at the end 349 / 359 / 381.
+
+Gathered: every job gathered the run's samples (all N inputs) and the scan filled the cache;
 ``MALLOC_ARENA_MAX=1`` without trimming (631 MB at 2,000) and trimming alone (651 MB) did not
-help. After: +4.7 % at 2,000, +20 % at 20,000 inputs; what still grows is the run's records
-(about 1.5 KB of Python objects a result, the manifest's rows, measured with ``tracemalloc``).
+help. Records in memory: +16.6 % at 20,000 inputs, the run's records (about 1.5 KB of Python
+objects a result, the manifest's rows, measured with ``tracemalloc``). Records on disk
+(:mod:`esegeta.run.records`): +9.8 % and +12.5 %; what still grows is one small object per input and job
+(names, resume keys, digests).
 """
 from __future__ import annotations
 

@@ -393,8 +393,11 @@ def _site(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {where}"
 
 
-class CaseTimeout(Exception):
-    """A case ran past its time limit (:func:`run_case`'s ``limit_s``)."""
+class CaseTimeout(BaseException):
+    """A case ran past its time limit (:func:`run_case`'s ``limit_s``). A ``BaseException``, as
+    ``KeyboardInterrupt`` is: raised wherever the main thread is, it must not be taken by an
+    ``except Exception`` that records a failed report or job and goes on (a slow case then counted
+    as an answer given after its limit)."""
 
 
 @contextlib.contextmanager

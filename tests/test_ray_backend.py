@@ -3,6 +3,7 @@ local backend, --resume across backends, failures recorded as locally, a clear e
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import shutil
 import sys
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from esegeta.errors import ConfigError
 from esegeta.run.runner import Pipeline
 from esegeta.io.store import open_store
 from helpers_cli import DIGITS, run_cli, valid_config, write_config
@@ -115,3 +117,62 @@ def test_a_dataset_factory_on_ray(cluster, tmp_path):
         s = open_store(runs["ray"].output_dir, m["id"])
         assert s.labels == [0, 1, 2, 3, 4, 5]
         np.testing.assert_array_equal(s.attributions[:], open_store(runs["local"].output_dir, m["id"]).attributions[:])
+
+
+def test_an_actor_keeps_only_its_current_jobs_inputs_in_the_cache(tmp_path):
+    """An actor (here built and called as Ray's map_batches would, without a cluster) holds the inputs
+    of the job it computes, not those of every job it has done."""
+    from esegeta.run.backends.ray import Explainer
+
+    cfg = config(tmp_path, DIGITS, "ray", "out", methods=METHODS[:2], batch_size=1)
+    actor = Explainer(cfg, None, [0, 1], "cpu", 1)
+    cache = actor.plan.inputs[0].source.cache
+    n = len(actor.plan.inputs)
+    assert n >= 3
+    for k in range(n):
+        for position in (0, 1):
+            job = json.dumps({"position": position, "inputs": [k], "keys": ["x"], "labels": [None]})
+            out = actor({"id": np.array([0]), "job": np.array([job], dtype=object)})
+            assert out["payload"].shape == (1,)
+            assert cache.held() == [k], (k, position, cache.held())
+
+
+def test_files_named_in_params_reach_the_workers(tmp_path, monkeypatch):
+    """PatternNet's ``fit_inputs`` (a folder, and one file) are shipped with the run's other files: an
+    actor built from the shipped config, in another working directory, computes after the originals are
+    gone; ``validate`` counts them against the shipping limit."""
+    from esegeta.run.backends import ray as ray_backend
+
+    fit = tmp_path / "fit"
+    fit.mkdir()
+    for path in sorted(DIGITS.iterdir())[:3]:
+        shutil.copy(path, fit)
+    one = tmp_path / "one_fit.npy"
+    shutil.copy(sorted(DIGITS.iterdir())[0], one)
+    methods = [{"id": "esegeta.PatternNet", "params": {"fit_inputs": str(fit)}},
+               {"id": "esegeta.PatternAttribution", "params": {"fit_inputs": "one_fit.npy"}}]
+    cfg = config(tmp_path, DIGITS, "ray", "out", methods=methods, batch_size=1)
+    pipeline = Pipeline(cfg, base_dir=tmp_path)
+    plan = pipeline.validate()
+    shipped, env, folder = ray_backend.shipment(plan)
+    try:
+        params = [m["params"]["fit_inputs"] for m in shipped["methods"]]
+        assert len(params[0]) == 3 and all((folder / p).is_file() for p in params[0])
+        assert (folder / params[1]).is_file()
+        shutil.rmtree(fit)
+        one.unlink()
+        monkeypatch.chdir(folder)  # Ray runs an actor in its shipped working directory
+        actor = ray_backend.Explainer(shipped, ".", [0, 1], "cpu", 1)
+        for position in (0, 1):
+            job = json.dumps({"position": position, "inputs": [0], "keys": ["x"], "labels": [None]})
+            status, computed = pickle.loads(actor({"id": np.array([0]), "job": np.array([job], dtype=object)})
+                                            ["payload"][0])
+            assert status == "done" and computed[0][0]["status"] == "ok", computed[0][0]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    monkeypatch.setattr(ray_backend, "SHIP_LIMIT_BYTES", 1)  # validate refuses what run would
+    monkeypatch.setattr(ray_backend, "check_address", lambda address, where="runtime.ray_address": None)
+    cfg["runtime"]["ray_address"] = "127.0.0.1:1"
+    with pytest.raises(ConfigError, match="runtime.ray_address"):
+        Pipeline(cfg, base_dir=tmp_path).validate()

@@ -95,7 +95,7 @@ def test_failing_result_write_is_recorded_and_the_run_goes_on(tmp_path, monkeypa
         assert len(journal_hit) == 1 and "No space left on device" in journal_hit[0]["error"]
     assert sum(r["status"] == "ok" for r in result.runs) == 4 - 1 - len(journal_hit)
     assert json.loads((result.output_dir / "manifest.json").read_text())["runs"] == json.loads(
-        json.dumps(result.runs))
+        json.dumps(list(result.runs)))
 
 
 def test_failing_manifest_write_exits_1_and_loses_no_result(tmp_path, monkeypatch):

@@ -330,3 +330,31 @@ def test_runtime_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"methods\[0\]\.timeout_s"):
         parse(cfg)
     assert json.dumps(cfg)  # the config stays plain JSON
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by a timer, as a harness's time limit (the fuzzer's) raises."""
+
+
+def test_any_exit_of_the_main_thread_stops_the_workers(tmp_path):
+    """Not only SIGINT/SIGTERM: whatever ends the main thread's wait (here a BaseException from a
+    timer) stops the worker threads before it propagates, instead of leaving them computing."""
+    import signal
+
+    slow = [{"id": "captum.IntegratedGradients", "label": f"ig{n}", "params": {"n_steps": 4000, "internal_batch_size": 50}}
+            for n in range(2)]
+    cfg = digits_config(tmp_path, slow, threads_per_device=2)
+
+    def stop(signum, frame):
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 4.0)
+    try:
+        with pytest.raises(_Stop):
+            Pipeline(cfg).run()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    workers = [t for t in threading.enumerate() if t.name.startswith("esegeta-worker-")]
+    assert not [t for t in workers if t.is_alive()], workers

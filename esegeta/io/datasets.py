@@ -69,6 +69,11 @@ class _Cache:
                     self._bytes -= old.tensor.element_size() * old.tensor.nelement()
         return item
 
+    def held(self) -> list[int]:
+        """The indices of the inputs in the cache now, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
     def drop(self, index: int) -> None:
         with self._lock:
             old = self._items.pop(index, None)

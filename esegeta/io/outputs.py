@@ -17,6 +17,7 @@ Only numpy and json are imported at module level; nibabel is imported lazily.
 from __future__ import annotations
 
 import contextlib
+from collections import abc
 import json
 import math
 import os
@@ -154,7 +155,7 @@ def _jsonable(obj: Any) -> Any:
     number becomes null (strict JSON has no ``NaN`` or ``Infinity``)."""
     if isinstance(obj, dict):
         return {_json_key(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple, abc.Sequence)) and not isinstance(obj, (str, bytes)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (np.generic, np.ndarray)) or (hasattr(obj, "detach") and hasattr(obj, "tolist")):
         return _jsonable(_json_default(obj))
@@ -193,9 +194,11 @@ STREAMED_LEVELS = 2
 
 def _write_json(f: Any, obj: Any, level: int) -> None:
     """``obj`` as ``json.dump(..., indent=2)`` writes it, its first :data:`STREAMED_LEVELS` levels of
-    dicts and lists one item at a time (each converted and encoded alone)."""
+    dicts and sequences one item at a time (each converted and encoded alone; a sequence may read its
+    items from disk as it goes: a run's :class:`esegeta.run.records.Records`)."""
     pad = "  " * level
-    if level < STREAMED_LEVELS and isinstance(obj, (dict, list, tuple)) and obj:
+    sequence = isinstance(obj, (list, tuple, abc.Sequence)) and not isinstance(obj, (str, bytes))
+    if level < STREAMED_LEVELS and (isinstance(obj, dict) or sequence) and len(obj):
         pairs = obj.items() if isinstance(obj, dict) else ((None, v) for v in obj)
         f.write("{" if isinstance(obj, dict) else "[")
         for n, (key, value) in enumerate(pairs):

@@ -125,19 +125,26 @@ class _MethodStore:
             self.data.oindex[ks] = block
             self.written.oindex[ks] = True
 
-    def close(self, rows_ok: dict[int, dict]) -> None:
-        """Write what is buffered, then the index of the run's ok results (``rows_ok``: record by row)."""
+    def close(self, index: _Index) -> None:
+        """Write what is buffered, then the index of the run's ok results."""
         for chunk in sorted(self._buffer):
             self._flush(chunk)
-        written = np.zeros(self.n, bool)
-        score, target = np.full(self.n, np.nan), np.full(self.n, -1, np.int64)
-        for k, record in rows_ok.items():
-            written[k] = True
-            score[k] = np.nan if record.get("score") is None else record["score"]
-            target[k] = -1 if record.get("target") is None else record["target"]
-        self.written[:] = written & self.written[:]
-        self.group["score"][:] = score
-        self.group["target"][:] = target
+        self.written[:] = index.written & self.written[:]
+        self.group["score"][:] = index.score
+        self.group["target"][:] = index.target
+
+
+class _Index:
+    """The rows of a store's ok results: written, score, target (arrays of the run's inputs)."""
+
+    def __init__(self, n: int):
+        self.written = np.zeros(n, bool)
+        self.score, self.target = np.full(n, np.nan), np.full(n, -1, np.int64)
+
+    def add(self, k: int, record: dict) -> None:
+        self.written[k] = True
+        self.score[k] = np.nan if record.get("score") is None else record["score"]
+        self.target[k] = -1 if record.get("target") is None else record["target"]
 
 
 class StoreWriter:
@@ -181,16 +188,22 @@ class StoreWriter:
         store.add(k, result)
         return True
 
-    def close(self, runs: list[dict], kinds: dict[str, str]) -> dict[str, str]:
-        """Complete every store from the run's records; method label → store folder (relative)."""
-        by_label: dict[str, dict[int, dict]] = {}
+    def close(self, runs, kinds: dict[str, str]) -> dict[str, str]:
+        """Complete every store from the run's records, read once as they go (a run's records stay on
+        disk: of each, only its row's score and target are kept, and a resumed one whole until its row is
+        filled); method label → store folder (relative)."""
+        index: dict[str, _Index] = {}
+        resumed: dict[str, dict[int, dict]] = {}
         for r in runs:
             if r["status"] == "ok" and r["input"] in self.row:
-                by_label.setdefault(r["label"], {})[self.row[r["input"]]] = r
-        for label, rows in by_label.items():
+                k = self.row[r["input"]]
+                index.setdefault(r["label"], _Index(len(self.names))).add(k, r)
+                if r.get("resumed"):
+                    resumed.setdefault(r["label"], {})[k] = r
+        for label, rows in resumed.items():
             self._fill_kept(label, rows, kinds)
         for label, store in self.stores.items():
-            store.close(by_label.get(label, {}))
+            store.close(index.get(label, _Index(len(self.names))))
         return {label: self.relative(label) for label in self.stores}
 
     def _fill_kept(self, label: str, rows: dict[int, dict], kinds: dict[str, str]) -> None:

@@ -187,7 +187,7 @@ class Executor:
                 for t in threads:
                     while t.is_alive():
                         t.join(0.5)
-            except KeyboardInterrupt:  # SIGINT/SIGTERM: stop, keep what finished, re-raise
+            except BaseException:  # SIGINT/SIGTERM (or any exit of the main thread): stop, keep what finished
                 self.stop(threads)
                 raise
 

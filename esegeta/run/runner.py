@@ -17,6 +17,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from esegeta.run.executor import Executor
 from esegeta.run import memory
 from esegeta.run.memory import Releaser, Trimmer
 from esegeta.run.plan import Job, Plan
+from esegeta.run.records import InputEntries, Records
 from esegeta.run.writer import Writer, check_dir, output_folder
 from esegeta.run.backends import ray as ray_backend
 from esegeta.evaluation import engine
@@ -65,22 +67,32 @@ def library_versions() -> dict[str, str | None]:
 class RunResult:
     """What a run produced: the manifest (as written, or as it would have been if writing it
     failed), its folder, what failed besides the methods (``error``: the manifest, the
-    evaluation) and the exit code."""
+    evaluation) and the exit code.
+
+    ``streamed`` is the manifest as the run holds it: its ``runs`` and ``inputs`` are read from disk
+    as they are used (:mod:`esegeta.run.records`), so that memory stays flat in the number of inputs;
+    :attr:`runs` is that sequence, :attr:`manifest` a plain dict of lists (made on first use)."""
     output_dir: Path
-    manifest: dict[str, Any]
+    streamed: dict[str, Any]
     error: str | None = None
 
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, (Records, InputEntries)) else v for k, v in self.streamed.items()}
+
     @property
-    def runs(self) -> list[dict[str, Any]]:
-        return self.manifest["runs"]
+    def runs(self) -> Records:
+        """The records, input by input (methods in config order), each read from disk as it is used."""
+        return self.streamed["runs"]
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.error is None and all(r["status"] in ("ok", "skipped") for r in self.runs) else 1
+        ok = self.runs.with_status("ok") + self.runs.with_status("skipped")
+        return 0 if self.error is None and ok == len(self.runs) else 1
 
     def _repr_html_(self) -> str:
         """In Jupyter: the counts, the methods' table and the overview inline (no pyplot involved)."""
-        return notebook_summary(self.manifest, self.output_dir)
+        return notebook_summary(self.streamed, self.output_dir)
 
     def result(self, method: str, input_name: str | None = None) -> np.ndarray:
         """The saved ``.npy`` of (method label or id, input) as a NumPy array, read back from the
@@ -120,6 +132,8 @@ class Pipeline:
         plan.raise_problems()
         if self.config.runtime.backend == "ray":  # an address where no cluster answers: refused in seconds
             ray_backend.check_address(self.config.runtime.ray_address)
+            if self.config.runtime.ray_address:  # what cannot reach the cluster's workers: refused here too
+                ray_backend.shipment(plan, dry=True)
         check_dir(self.output_dir, self._output_field, create=False)  # what run refuses, validate refuses
         return plan
 
@@ -145,15 +159,18 @@ class Pipeline:
                 log.info("resume: %d result(s) kept from the earlier run, %d to compute",
                          len(kept), sum(len(j.items) for j in jobs))
             writer.begin(list(kept.values()), plan.inputs)
-            records = dict(kept)
+            records = Records(len(plan.inputs), len(plan.entries))  # on disk: memory flat in the inputs
+            for key, record in kept.items():
+                records.put(key, record)
+            resumed, kept = len(kept), None
             try:
                 _execute(plan, jobs, writer, records)
             except KeyboardInterrupt:  # SIGINT/SIGTERM: what finished is journaled; --resume goes on
-                done = sum(r["status"] == "ok" for r in records.values()) - len(kept)
+                done = records.with_status("ok") - resumed
                 log.warning("interrupted: %d result(s) of this run are journaled in %s; `esegeta run --resume` "
                             "computes the rest", done, out / ".esegeta-journal.jsonl")
                 raise
-            manifest = {**_head(plan), "runs": [records[key] for key in sorted(records)]}
+            manifest = {**_head(plan), "runs": records}
             error = None
             memory.trim()  # the jobs' freed pages back before the end's report and manifest
             try:
@@ -170,8 +187,8 @@ class Pipeline:
                     except OSError as exc:  # e.g. a full disk: the evaluation is in manifest.json
                         error = f"updating report.html with the evaluation failed: {type(exc).__name__}: {exc}"
                         log.error("%s", error)
-            failed = [r for r in manifest["runs"] if r["status"] != "ok"]
-            log.info("done: %d ok, %d failed", len(manifest["runs"]) - len(failed), len(failed))
+            ok = records.with_status("ok")
+            log.info("done: %d ok, %d failed", ok, len(records) - ok)
         return RunResult(out, manifest, error)
 
 
@@ -198,12 +215,11 @@ def _head(plan: Plan) -> dict[str, Any]:
         "device": str(plan.device),
         "devices": [str(d) for d in plan.devices],
         "prepared_model": plan.ready.changes,
-        "inputs": [{"name": item.name, "path": str(item.path), "shape": list(item.shape[1:]),
-                    **({"label": item.label} if item.label is not None else {})} for item in plan.inputs],
+        "inputs": InputEntries(plan.inputs),
     }
 
 
-def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[int, int], dict]) -> None:
+def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: Records) -> None:
     """Compute ``jobs`` on the workers; each result is written and recorded as its job ends."""
     from tqdm import tqdm
 
@@ -216,7 +232,7 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
             saved = writer.save_all([(record, item, result, extras, job.entry.spec.kind)
                                      for (_, item), (record, result, extras) in zip(job.items, computed)])
             for (k, item), record in zip(job.items, saved):
-                records[(k, job.position)] = record
+                records.put((k, job.position), record)
                 if record["status"] == "ok":
                     log.info("%s on %s: ok in %.2fs (%s)", job.entry.label, item.name, record["seconds"],
                              record["precision"])
@@ -229,7 +245,7 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: dict[tuple[in
             failed = [({**job_mod.record(job, item, key, rt), "status": "failed", "error": f"{type(exc).__name__}: {exc}"},
                        item, None, {}, job.entry.spec.kind) for (_, item), key in zip(job.items, job.keys)]
             for (k, _), record in zip(job.items, writer.save_all(failed)):
-                records[(k, job.position)] = record
+                records.put((k, job.position), record)
             bar.update()
             releaser.done(job)
             trimmer.done()

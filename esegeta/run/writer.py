@@ -168,17 +168,27 @@ def save_result(out_dir: Path, item: Any, label: str, attr: np.ndarray, output_c
 
 
 
-def summaries_csv(runs: list[dict]) -> str:
+def summaries_csv(runs) -> str:
     """The region and channel totals of ``runs`` (manifest records) as CSV text: one line per (method,
     input, kind, key); ``labels`` names the label map (a file, or ``prediction``)."""
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
+    _write_summaries(text, runs)
+    return text.getvalue()
+
+
+def _write_summaries(f: Any, runs) -> int:
+    """:func:`summaries_csv` written to ``f`` record by record; the number of records with totals."""
+    writer = csv.writer(f, lineterminator="\n")
     writer.writerow(("method", "label", "input", "labels", *COLUMNS))
+    count = 0
     for r in runs:
+        if r.get("status") != "ok" or not r.get("summaries"):
+            continue
+        count += 1
         for row in r["summaries"].get("rows", []):
             writer.writerow((r["method"], r["label"], r["input"], r["summaries"].get("labels") or "",
                              *("" if row.get(c) is None else row[c] for c in COLUMNS)))
-    return text.getvalue()
+    return count
 
 
 class Writer:
@@ -300,6 +310,7 @@ class Writer:
         attribution store (:mod:`esegeta.io.store`)."""
         if inputs is not None and "zarr" in self.output.formats:
             self._stores = StoreWriter(self.out, inputs, self.resume)
+        self._previous = {}  # read once by the plan: ``kept`` are the ones that stay
         self._journal = open(self.out / JOURNAL, "a" if self.resume else "w", encoding="utf-8")
         lines = [outputs.json_line({"reset": True, "token": self.token})] + [outputs.json_line(r) for r in kept]
         try:
@@ -417,12 +428,16 @@ class Writer:
         (self.out / JOURNAL).unlink(missing_ok=True)
 
     def _summaries(self, manifest: dict) -> None:
-        """``summaries.csv``: every ok result's region and channel totals, one row each (long format)."""
-        runs = [r for r in manifest["runs"] if r.get("status") == "ok" and r.get("summaries")]
-        if not runs:
+        """``summaries.csv``: every ok result's region and channel totals, one row each (long format),
+        written record by record (a run's records are read from disk: :mod:`esegeta.run.records`)."""
+        if not any(r.get("status") == "ok" and r.get("summaries") for r in manifest["runs"]):
             return
         try:
-            outputs.atomic_write_bytes(self.out / SUMMARIES_CSV, summaries_csv(runs).encode("utf-8"), self.token)
+            with outputs.atomic_path(self.out / SUMMARIES_CSV, self.token) as tmp:
+                with open(tmp, "w", encoding="utf-8", newline="") as f:
+                    _write_summaries(f, manifest["runs"])
+                    f.flush()
+                    os.fsync(f.fileno())
             manifest["summaries"] = SUMMARIES_CSV
         except Exception as exc:  # noqa: BLE001 (every record holds its own totals)
             log.error("%s failed: %s: %s", SUMMARIES_CSV, type(exc).__name__, exc)
@@ -431,9 +446,13 @@ class Writer:
         rows = []
         if len(inputs) > OVERVIEW_INPUTS:
             log.info("overview: the first %d of %d inputs", OVERVIEW_INPUTS, len(inputs))
+        shown = {item.name: [] for item in inputs[:OVERVIEW_INPUTS]}
+        for r in manifest["runs"]:  # one pass (the records are read from disk), keeping the shown inputs' only
+            if r["input"] in shown:
+                shown[r["input"]].append(r)
         for item in inputs[:OVERVIEW_INPUTS]:
             cells, mask, predicted = [], None, None
-            for r in (r for r in manifest["runs"] if r["input"] == item.name):
+            for r in shown[item.name]:
                 kind = kinds[r["method"]]
                 attr = self._result(r, item, kind) if r["status"] == "ok" else None
                 note = "" if attr is not None else f"{r['status']}: {(r['error'] or '')[:60]}"

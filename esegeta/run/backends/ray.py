@@ -17,8 +17,10 @@ release their memory (CUDA caches emptied after each job), when the dataset is c
 whose nodes need not share this machine's files: the actors get them through Ray's ``runtime_env``
 (:func:`shipment`): this process's ``esegeta`` package (``py_modules``: the workers run the
 driver's code, not whatever version a node has installed) and a working directory holding the
-model file (with the ``.py`` files beside it), the weights, custom wrapper and dataset files and
-every input file, the actors' config rewritten to point into it. Files past
+model file (with the ``.py`` files beside it), the weights, custom wrapper and dataset files, every
+input file, the files methods' params name (PatternNet's ``fit_inputs``, a background file: a folder or
+glob becomes the list of its files) and the summaries' label map and names, the actors' config
+rewritten to point into it; ``validate`` counts them too (nothing copied). Files past
 :data:`SHIP_LIMIT_BYTES` refuse the run before anything is computed, naming them (give such
 inputs through ``inputs.dataset``, reading storage every node mounts). The nodes must have the
 same Python libraries installed (torch, the explainers). Without ``ray_address`` a local cluster
@@ -42,7 +44,7 @@ from esegeta.errors import ConfigError
 from esegeta.spec import config as config_mod
 from esegeta.io import datasets
 from esegeta.run.executor import Worker
-from esegeta.io.loading import load_model, resolve as resolve_path
+from esegeta.io.loading import expand_paths, load_model, resolve as resolve_path
 from esegeta.run.plan import Plan
 from esegeta.attribution.prepare import prepared
 from esegeta.spec.config import resolve
@@ -72,6 +74,16 @@ class Explainer:
         self.plan = Plan(cfg, base, model, inputs, [self.device], ready, entries,
                          summaries=summaries.setting(cfg.output.summaries, cfg.inputs, base))
         self.worker = Worker(self.device, model, inputs, ready)
+        self._held: list = []  # the last job's inputs, in the inputs' cache: the next job is often on them
+
+    def _release(self, items: list) -> None:
+        """Drop from the inputs' cache those of the last job that the one now does not use: an actor
+        holds one job's inputs, never the run's (jobs come input by input; the local runner's
+        :class:`esegeta.run.memory.Releaser` does the same from its count of each input's jobs)."""
+        for item in self._held:
+            if not any(item is other for other in items):
+                item.release()
+        self._held = items
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -84,6 +96,7 @@ class Explainer:
                 self.plan.inputs[k].label = label
             job = Job(spec["position"], self.plan.entries[spec["position"]],
                       [(k, self.plan.inputs[k]) for k in spec["inputs"]], spec["keys"], [self.device])
+            self._release([item for _, item in job.items])
             try:
                 with numerics.fp32_numerics(self.plan.config.runtime.tf32), _job_warnings():
                     payloads.append(pickle.dumps(("done", compute(self.plan, job, self.worker))))
@@ -153,9 +166,9 @@ PACKAGE = Path(__file__).resolve().parents[2]
 class _Shipment:
     """The files of a run gathered in ``folder`` (the actors' working directory), with the size so far."""
 
-    def __init__(self, base: Path | None):
-        self.base = base
-        self.folder = Path(tempfile.mkdtemp(prefix="esegeta-ray-"))
+    def __init__(self, base: Path | None, dry: bool = False):
+        self.base, self.dry = base, dry  # dry: sizes counted, nothing copied (validate)
+        self.folder = Path(tempfile.mkdtemp(prefix="esegeta-ray-")) if not dry else Path("shipped")
         self.size = 0
         self.files: list[tuple[int, str, Path]] = []  # (bytes, field, path): the largest are named on refusal
 
@@ -163,9 +176,12 @@ class _Shipment:
         """Copy the file ``path`` (as the config gives it) to ``where/<its name>``; its new relative path."""
         source = resolve_path(path, self.base)
         target = self.folder / where / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        size = target.stat().st_size
+        if self.dry:
+            size = source.stat().st_size
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            size = target.stat().st_size
         self.size += size
         self.files.append((size, field, source))
         return target.relative_to(self.folder).as_posix()
@@ -182,14 +198,37 @@ class _Shipment:
                 self.data(sibling, field, where)
         return f"{self.data(source, field, where)}:{name}"
 
+    def params(self, value: Any, field: str, where: str) -> Any:
+        """A method's parameter with every file it names shipped (PatternNet's ``fit_inputs``, a baseline
+        or background file...): a string naming an existing file becomes its shipped path; a folder or a
+        glob that names files, the list of their shipped paths (what ``fit_inputs`` and backgrounds take);
+        any other string (``"samples"``, ``"blur"``) stays as it is, in lists and dicts alike."""
+        if isinstance(value, dict):
+            return {k: self.params(v, f"{field}.{k}", f"{where}/{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.params(v, f"{field}[{i}]", f"{where}/{i}") for i, v in enumerate(value)]
+        if not isinstance(value, str) or not value or "\x00" in value:
+            return value
+        path = resolve_path(value, self.base)
+        try:
+            if path.is_file():
+                return self.data(path, field, where)
+            if path.is_dir() or any(c in value for c in "*?["):
+                files = expand_paths([value], self.base)
+            else:
+                return value
+        except (OSError, ValueError, ConfigError):  # not a file name (a long option value...)
+            return value
+        return [self.data(file, field, f"{where}/{k}") for k, file in enumerate(files)]
 
-def shipment(plan: Any) -> tuple[dict, dict, Path]:
+
+def shipment(plan: Any, dry: bool = False) -> tuple[dict, dict, Path]:
     """(the actors' config, the ``runtime_env`` that brings them its files, the folder to remove after
     the run) for a cluster joined with ``runtime.ray_address``; see the module docstring. A
     :class:`ConfigError` naming ``runtime.ray_address`` and the largest files when they are past
-    :data:`SHIP_LIMIT_BYTES`."""
+    :data:`SHIP_LIMIT_BYTES`. ``dry``: the same checks with nothing copied (``validate``)."""
     config = plan.config.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    ship = _Shipment(plan.base_dir)
+    ship = _Shipment(plan.base_dir, dry)
     try:
         model = config["model"]
         if model.get("factory"):
@@ -208,6 +247,14 @@ def shipment(plan: Any) -> tuple[dict, dict, Path]:
                 wrapper["name"] = ship.code(wrapper["name"], f"{field}.name", f"wrapper{n}")
             if isinstance(wrapper, dict) and isinstance(wrapper.get("mask"), str):
                 wrapper["mask"] = ship.data(wrapper["mask"], f"{field}.mask", f"wrapper{n}")
+        for i, method in enumerate(config["methods"]):  # files named in params: fit_inputs, baselines...
+            for key, value in (method.get("params") or {}).items():
+                method["params"][key] = ship.params(value, f"methods[{i}].params.{key}", f"params{i}/{key}")
+        summary = (config.get("output") or {}).get("summaries") or {}
+        if isinstance(summary.get("labels"), str) and summary["labels"] != "prediction":
+            summary["labels"] = ship.data(summary["labels"], "output.summaries.labels", "summaries")
+        if isinstance(summary.get("names"), str):
+            summary["names"] = ship.data(summary["names"], "output.summaries.names", "summaries")
         if ship.size > SHIP_LIMIT_BYTES:
             largest = ", ".join(f"{field}: {path.name} ({size / 2**20:.1f} MiB)"
                                 for size, field, path in sorted(ship.files, key=lambda f: -f[0])[:3])
@@ -217,7 +264,8 @@ def shipment(plan: Any) -> tuple[dict, dict, Path]:
                               "inputs through inputs.dataset (a factory reading storage every node mounts), or run "
                               "without ray_address")
     except BaseException:
-        shutil.rmtree(ship.folder, ignore_errors=True)
+        if not dry:
+            shutil.rmtree(ship.folder, ignore_errors=True)
         raise
     env = {"working_dir": str(ship.folder), "py_modules": [str(PACKAGE)], "excludes": ["__pycache__", "*.pyc"]}
     return config, env, ship.folder
