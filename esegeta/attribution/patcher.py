@@ -559,6 +559,12 @@ class StitchedColumn:
         index = target.reshape(-1)[:1] if torch.is_tensor(target) else torch.tensor([int(target)])
         self.index = index.to(device=score.channels.device, dtype=torch.long)
         self.scale = _reduction(score, self.index)
+        #: the output channel the column reads, ``(1,)``
+        self.channel = score.channels.index_select(0, self.index)
+
+    def mask(self, region: tuple[slice, ...]) -> torch.Tensor:
+        """The column's frozen mask on ``region``, ``(1, 1, *region)``."""
+        return _masks_in(self.score, region).index_select(1, self.index)
 
     @property
     def separable(self) -> bool:

@@ -21,12 +21,14 @@ baselines, VarGrad, baselines drawn from a distribution, custom wrappers) go to 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from esegeta.attribution.guard import restored, run_guarded
 from esegeta.spec.registry import Call, MethodSpec
@@ -42,7 +44,8 @@ def run(spec: MethodSpec, call: Call) -> torch.Tensor:
     params = _values(spec.parameters(), call.params)
     nt = _values(spec.noise_tunnel_parameters() or {}, call.noise_tunnel) if call.noise_tunnel is not None else None
     with restored(call.forward, call.network):
-        result = algorithm(column_of(call.target), _volume(call.inputs.detach()), params, nt)
+        result = algorithm(column_of(call.target), _volume(call.inputs.detach()), params, nt,
+                           **({"spec": spec, "call": call} if algorithm in _PER_PATCH_UPSTREAM else {}))
     if result is None:
         return run_guarded(spec, call)
     return result.squeeze(-1) if call.inputs.ndim == 4 else result
@@ -254,10 +257,148 @@ def occlusion(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.
     return result
 
 
+class _PatchShare(nn.Module):
+    """A patch batch's share of the stitched score, linearised at the output: ``Σ y · seed`` per row,
+    ``y`` the network's output on the patches and ``seed`` the score's multipliers there (for the
+    first half of the rows; DeepLift's second half, the baselines, gets the same). The product and
+    sum are no modules: DeepLift's rules act only inside the network, as in the stitched call."""
+
+    def __init__(self, stitched, seed: torch.Tensor):
+        super().__init__()
+        self.stitched, self.seed = stitched, seed
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        y = self.stitched.outputs(_volume(patches))
+        seed = self.seed.repeat(y.shape[0] // self.seed.shape[0], *(1,) * (self.seed.ndim - 1))
+        return (y * seed.to(y.dtype)).flatten(1).sum(1)
+
+
+def _rule(activation: nn.Module) -> str | None:
+    """Which of Captum's DeepLIFT rules acts on the wrapper's activation
+    (``captum.attr._core.deep_lift.SUPPORTED_NON_LINEAR``): ``"rescale"`` (Captum's ``nonlinear``),
+    ``"softmax"``, ``"gradient"`` (no rule: an identity); None for another rule (not covered here)."""
+    from captum.attr._core import deep_lift
+
+    rule = deep_lift.SUPPORTED_NON_LINEAR.get(type(activation))
+    return {None: "gradient", deep_lift.nonlinear: "rescale", deep_lift.softmax: "softmax"}.get(rule)
+
+
+def _output_multipliers(column, out: torch.Tensor, region: tuple[slice, ...], eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepLIFT's multipliers of the column with respect to the output ``out`` (rows: input,
+    baseline) on ``region``, by Captum's rule for the wrapper's activation (:func:`_rule`; the
+    rescale rule ``Δa/Δo``, the gradient where ``|Δo| < eps``). Returns the input row's multipliers
+    and the sum over both rows of all the multipliers: Captum's ``softmax`` rule subtracts their
+    mean over the whole tensor, which the caller does once every region is seen."""
+    from captum.attr._core import deep_lift
+
+    activation = column.score.activation
+    value = column.mask(region).to(out.dtype) * column.scale  # ∂column/∂(activated output), its channel
+    grad_out = torch.zeros_like(out).index_copy_(1, column.channel, value.expand(out.shape[0], *value.shape[1:]))
+    if _rule(activation) == "gradient":
+        return grad_out[0:1], grad_out.sum()
+    with torch.enable_grad():
+        o = out.detach().requires_grad_(True)
+        a = activation(o)
+        (grad_in,) = torch.autograd.grad(a, o, grad_out)
+    multipliers = deep_lift.nonlinear(activation, o.detach(), a.detach(), grad_in, grad_out, eps=eps)
+    return multipliers[0:1], multipliers.sum()
+
+
+def deeplift(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: MethodSpec, call: Call
+             ) -> torch.Tensor | None:
+    """DeepLIFT (Shrikumar et al. 2017, arXiv:1704.02685) as Captum computes it on the stitched
+    score, patch by patch. The multipliers are linear in the output's multipliers for fixed forward
+    activations, and the stitched output is a weighted sum of patch outputs: so the whole input's
+    multipliers are the sum over patches of each patch's, seeded with the score's multipliers on the
+    blended output (the wrapper's activation by the rescale rule between the blended outputs of the
+    input and the baseline, :func:`_output_multipliers`) times the patch's share of the blend. Each
+    patch's part is Captum's own ``DeepLift`` (through :func:`run_guarded`: the adapter's rules and
+    guards) on :class:`_PatchShare`; results ``(x − b) · multipliers`` add into one volume."""
+    baseline = _baseline(params.get("baselines"), x5)
+    if (nt is not None or baseline is None or params.get("additional_forward_args") is not None
+            or params.get("return_convergence_delta") or params.get("custom_attribution_func") is not None):
+        return None
+    rule = _rule(column.score.activation)
+    if rule is None:
+        return None
+    eps = float(params.get("eps", 1e-10))
+    stitched, grid = column.stitched, column.grid
+    per_call = max(1, stitched.batch_size // max(1, stitched.rows))
+    dims = call.inputs.ndim - 2
+
+    def pairs(chunk):  # (P, 2, C, *size): each patch of the input and of the baseline
+        return torch.stack([torch.cat([x5[grid.slices(loc)], _full(_window(baseline, grid.slices(loc)),
+                                                                   x5[grid.slices(loc)])]) for loc in chunk])
+
+    normalise = rule == "softmax"
+    seeds = _tiled_seeds(column, pairs, per_call, eps, normalise) if column.separable else \
+        _blended_seeds(column, pairs, per_call, eps, normalise, x5.device)
+    result = torch.zeros_like(x5)
+    upstream = {k: v for k, v in call.params.items() if k != "baselines"}
+    for chunk, seed in seeds:
+        both = pairs(chunk)
+        inputs, baselines = (both[:, i].squeeze(-1) if dims == 2 else both[:, i] for i in (0, 1))
+        patch_call = dataclasses.replace(call, forward=_PatchShare(stitched, seed), inputs=inputs, target=None,
+                                         params={**upstream, "baselines": baselines}, noise_tunnel=None)
+        attr = _volume(run_guarded(spec, patch_call).detach())
+        for loc, a in zip(chunk, attr):
+            result[grid.slices(loc)] += a
+    return result
+
+
+def _full(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    return value if torch.is_tensor(value) else torch.full_like(like, value)
+
+
+def _tiled_seeds(column, pairs: Callable, per_call: int, eps: float, normalise: bool):
+    """Where patches tile the input: each patch's seed from its own outputs (the score is a sum over
+    patches); Captum's softmax normalisation needs a first pass over every patch for its mean."""
+    grid, stitched = column.grid, column.stitched
+
+    def multipliers(chunk):
+        with torch.no_grad():
+            y = stitched.outputs(pairs(chunk).flatten(0, 1)).unflatten(0, (len(chunk), 2))
+        return [_output_multipliers(column, y_patch, grid.slices(loc), eps) for loc, y_patch in zip(chunk, y)], y
+
+    shift = 0.0
+    if normalise:  # Captum's softmax rule: minus the mean over both rows, all channels, all voxels
+        total, channels = 0.0, 1
+        for chunk in grid.chunks(per_call):
+            values, y = multipliers(chunk)
+            total, channels = total + sum(m[1] for m in values), y.shape[2]
+        shift = total / (2 * channels * int(np.prod(grid.shape)))
+    for chunk in grid.chunks(per_call):
+        yield chunk, torch.cat([m[0] for m in multipliers(chunk)[0]]) - shift
+
+
+def _blended_seeds(column, pairs: Callable, per_call: int, eps: float, normalise: bool, device: torch.device):
+    """Where patches overlap: the blended outputs of the input and the baseline (two rows at the
+    volume's size), turned slab by slab into the input row's multipliers; each patch's seed is its
+    region of them times its blending weight ``w / Σ w``."""
+    stitched, grid = column.stitched, column.grid
+    out = stitched.blended(pairs, 2, device, per_call * 2)
+    window, total = stitched.weights(device)
+    multiplier_sum = 0.0
+    for slab in _slabs(out, int(grid.size[0])):
+        first, both = _output_multipliers(column, out[slab], slab, eps)
+        out[slab][0:1] = first
+        multiplier_sum = multiplier_sum + both
+    multipliers = out[0:1]
+    if normalise:  # Captum's softmax rule: minus the mean over both rows, all channels, all voxels
+        multipliers -= multiplier_sum / out.numel()
+    multipliers /= total
+    for chunk in grid.chunks(per_call):
+        yield chunk, torch.cat([multipliers[grid.slices(loc)] * window for loc in chunk])
+
+
 #: The methods computed here in global patch mode, by id (the rest go to their adapter).
 ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.IntegratedGradients": integrated_gradients,
     "captum.Saliency": _gradient_method(_saliency, linear=False),
     "captum.InputXGradient": _gradient_method(_input_x_gradient, linear=True),
     "captum.Occlusion": occlusion,
+    "captum.DeepLift": deeplift,
 }
+#: The algorithms that call the method's upstream per patch (they get its spec and call).
+_PER_PATCH_UPSTREAM = (deeplift,)
