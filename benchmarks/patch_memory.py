@@ -41,6 +41,7 @@ METHODS = {
     "inputxgradient": ("captum.InputXGradient", {}),
     "smoothgrad": ("captum.Saliency", {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.1}}),
     "deeplift": ("captum.DeepLift", {}),
+    "lrp": ("captum.LRP", {}),
     "occlusion": ("captum.Occlusion", {"sliding_window_shapes": (1, 32, 32, 32), "strides": (1, 32, 32, 32),
                                        "perturbations_per_eval": 2}),
 }

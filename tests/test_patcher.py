@@ -267,6 +267,9 @@ def test_pipeline_patched_run_writes_nifti_with_the_inputs_affine(tmp_path):
     np.testing.assert_allclose(saved.affine, source.affine)
     assert np.abs(np.asarray(saved.dataobj)).max() > 0
     assert run["score"] is not None
+    # the record says the global result came from esegeta's streamed algorithm (local: no such record)
+    assert run["provenance"]["computed_by"].startswith("esegeta.attribution.streamed.saliency (global patches")
+    assert "provenance" not in result.runs[1] and result.runs[1]["method"] == "captum.IntegratedGradients"
 
 
 # -- 3D conventions: depth and channel axes, results in the input's own order ----------------------

@@ -111,6 +111,7 @@ META_CASES = [
     ("captum.Saliency", {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}}),
     ("captum.Occlusion", {"sliding_window_shapes": (1, 4, 4, 4), "strides": (1, 4, 4, 4)}),
     ("captum.DeepLift", {}),
+    ("captum.LRP", {}),
 ]
 
 
@@ -184,3 +185,48 @@ def test_streamed_deeplift_on_a_2d_input_with_softmax(patch, monkeypatch):
     ours = esegeta.explain(model, x, "captum.DeepLift", 1, wrapper=wrapper, patch=patch, baselines=0.25)
     assert theirs.abs().max() > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+POINTWISE_WRAPPERS = [{"name": "multiclass", "activation": "softmax"}, SIGMOID_MEAN,
+                      {"name": "multiclass", "activation": "none"}]
+
+
+@pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
+@pytest.mark.parametrize("wrapper", POINTWISE_WRAPPERS, ids=[w["activation"] for w in POINTWISE_WRAPPERS])
+def test_streamed_lrp_equals_captums_on_a_pointwise_model(wrapper, patch, monkeypatch):
+    """Captum's LRP refuses the stitched model (a module called once per patch): on a pointwise
+    model, where the stitched prediction is the whole one, the streamed LRP (relevance shared by
+    the blending weights, each patch's part Captum's LRP) equals Captum's LRP on the whole input."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    whole = esegeta.explain(model, x, "captum.LRP", 1, wrapper=wrapper)
+    _no_fallback(monkeypatch)
+    ours = esegeta.explain(model, x, "captum.LRP", 1, wrapper=wrapper, patch=patch)
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["captum.LRP", "captum.DeepLift"])
+def test_streamed_rule_methods_on_one_patch_equal_the_whole_input(method, monkeypatch):
+    """One patch over the whole volume (the stitched prediction is the model's): the streamed path on
+    a convolutional U-Net with batch norm equals the method on the unpatched input."""
+    case = tissue_case((16, 16, 8))
+    whole = esegeta.explain(case.model, case.x, method, 2, wrapper=case.wrapper)
+    _no_fallback(monkeypatch)
+    ours = esegeta.explain(case.model, case.x, method, 2, wrapper=case.wrapper,
+                           patch={"size": [16, 16, 8], "mode": "global"})
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+
+
+def test_lrp_with_a_custom_wrapper_is_refused_in_global_mode():
+    """Captum's LRP cannot run on the stitched model: without a built-in wrapper (no streamed
+    algorithm) global mode refuses it before anything runs, naming the reason and ``local``."""
+    from esegeta.attribution.patcher import check_global
+    from esegeta.errors import ConfigError
+    from esegeta.spec.registry import get
+
+    with pytest.raises(ConfigError, match="more than once.*use mode 'local'"):
+        check_global(get("captum.LRP"), wrapper_config({"name": "my_wrappers.py:score"}))
+    check_global(get("captum.LRP"), wrapper_config(SIGMOID_MEAN))

@@ -26,11 +26,14 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   volume 4x a 16³ patch per axis peaks at 1.6-1.8x the resident memory of one patch).
 
   Which methods run how in global mode: Integrated Gradients, Saliency, InputXGradient,
-  SmoothGrad (``noise_tunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two) and,
-  where the patches tile the input, Occlusion run as esegeta's streamed algorithms
-  (:mod:`esegeta.attribution.streamed`, with a built-in wrapper): window by window against
-  :class:`StitchedColumn`, each step's input made per patch, added into one result volume,
-  tested equal to Captum's call on the whole stitched model. Where the patches tile the input
+  SmoothGrad (``noise_tunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two),
+  DeepLIFT, LRP (Captum's) and, where the patches tile the input, Occlusion run as esegeta's
+  streamed algorithms (:mod:`esegeta.attribution.streamed`, with a built-in wrapper): window by
+  window against :class:`StitchedColumn`, each step's input made per patch, added into one result
+  volume, tested equal to Captum's call on the whole stitched model (LRP, which Captum refuses on
+  the stitched model: to Captum's LRP on the whole input where the stitched prediction is the
+  whole one). DeepLIFT and LRP call Captum per patch batch, seeded with the score's multipliers
+  (relevance) on the blended output times the patch's blending weight. Where the patches tile the input
   (:attr:`Grid.separable`) the score is a sum over patches: a threshold (a number) or
   multiclass wrapper's masks are frozen patch by patch (:func:`_tiled_wrapper`), and nothing
   but the input, the result and the masks (a byte per voxel and column) exists at the volume's
@@ -39,12 +42,14 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   patch through the checkpointed backward; other perturbation methods (FeatureAblation,
   Shapley sampling, LIME, KernelSHAP; Occlusion on overlapping patches) call the stitched
   forward once per perturbation (patch by patch, no gradients); methods that hook the
-  network's activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one
+  network's activations (DeepLiftShap, GuidedBackprop, Deconvolution; DeepLift with what the
+  streamed algorithm does not cover) see one
   module call per patch batch in the forward and again in the recomputation, with the batch
   kept item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to
   the unpatched result on a pointwise model (a method that hooks the wrapper's activation
   gets the plain whole-input graph of the score). Those hold whole-volume tensors per step
-  (Captum's). Captum's LRP refuses modules called more than once and fails. Only
+  (Captum's). Captum's LRP needs the streamed algorithm (it refuses a module called more than
+  once): without a built-in wrapper it is refused (:func:`check_global`). Only
   input-resolution attributions are accepted (layer, neuron and feature-visualisation
   methods: use ``local``).
 
@@ -77,7 +82,7 @@ from esegeta.errors import ConfigError
 from esegeta.spec import params as params_mod
 from esegeta.spec.registry import MethodSpec
 from esegeta.spec.request import PatchConfig, Request, WrapperConfig
-from esegeta.attribution.wrappers import (MaskedScore, build, multiclass_score, region_mask, select_output,
+from esegeta.attribution.wrappers import (BUILTIN, MaskedScore, build, multiclass_score, region_mask, select_output,
                                           threshold_score)
 
 #: The inner call a strategy wraps: :func:`esegeta.attribution.call.call_once`'s signature.
@@ -763,3 +768,7 @@ def check_global(spec: MethodSpec, wrapper: Any, where: str = "patch.mode") -> N
     if spec.kind != "attribution":
         raise ConfigError(where, f"global mode runs input-resolution attributions; {spec.id} is a {spec.kind} "
                                  "method: use mode 'local'")
+    reason = streamed.STREAMED_ONLY.get(spec.id)
+    if reason and getattr(wrapper, "name", None) not in BUILTIN:
+        raise ConfigError(where, f"{spec.id} runs in global mode only as esegeta's streamed algorithm, with a "
+                                 f"built-in wrapper ({', '.join(BUILTIN)}): {reason}; use mode 'local'")

@@ -34,20 +34,30 @@ from esegeta.attribution.guard import restored, run_guarded
 from esegeta.spec.registry import Call, MethodSpec
 
 
+#: The key of ``Call.extras`` under which :func:`run` says how a global-patch result was computed
+#: (the runner moves it into the manifest record's ``provenance``; it is no output to save).
+PROVENANCE = "provenance"
+
+
 def run(spec: MethodSpec, call: Call) -> torch.Tensor:
     """The call computed by esegeta's streamed algorithm for ``spec`` where one applies (a built-in
-    wrapper's stitched score, parameters it covers), else by the method's adapter."""
+    wrapper's stitched score, parameters it covers), else by the method's adapter on the stitched
+    model; which one is noted in ``call.extras[PROVENANCE]``."""
     algorithm = ALGORITHMS.get(spec.id)
     column_of = getattr(call.forward, "column", None)
-    if algorithm is None or column_of is None or call.target is None or call.inputs.shape[0] != 1:
-        return run_guarded(spec, call)
-    params = _values(spec.parameters(), call.params)
-    nt = _values(spec.noise_tunnel_parameters() or {}, call.noise_tunnel) if call.noise_tunnel is not None else None
-    with restored(call.forward, call.network):
-        result = algorithm(column_of(call.target), _volume(call.inputs.detach()), params, nt,
-                           **({"spec": spec, "call": call} if algorithm in _PER_PATCH_UPSTREAM else {}))
+    result = None
+    if algorithm is not None and column_of is not None and call.target is not None and call.inputs.shape[0] == 1:
+        params = _values(spec.parameters(), call.params)
+        nt = _values(spec.noise_tunnel_parameters() or {}, call.noise_tunnel) if call.noise_tunnel is not None else None
+        with restored(call.forward, call.network):
+            result = algorithm(column_of(call.target), _volume(call.inputs.detach()), params, nt,
+                               **({"spec": spec, "call": call} if algorithm in _PER_PATCH_UPSTREAM else {}))
     if result is None:
+        call.extras[PROVENANCE] = {"computed_by": f"{spec.id} on the stitched model (global patches)"}
         return run_guarded(spec, call)
+    upstream = f"; {spec.id} per patch batch" if algorithm in _PER_PATCH_UPSTREAM else ""
+    call.extras[PROVENANCE] = {"computed_by": f"esegeta.attribution.streamed.{algorithm.__name__} "
+                                              f"(global patches, streamed{upstream})"}
     return result.squeeze(-1) if call.inputs.ndim == 4 else result
 
 
@@ -174,6 +184,7 @@ def _gradient_method(finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
             del sample
         return total.div_(int(nt["nt_samples"]))
 
+    compute.__name__ = finish.__name__.strip("_")
     return compute
 
 
@@ -258,10 +269,13 @@ def occlusion(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.
 
 
 class _PatchShare(nn.Module):
-    """A patch batch's share of the stitched score, linearised at the output: ``Σ y · seed`` per row,
-    ``y`` the network's output on the patches and ``seed`` the score's multipliers there (for the
-    first half of the rows; DeepLift's second half, the baselines, gets the same). The product and
-    sum are no modules: DeepLift's rules act only inside the network, as in the stitched call."""
+    """A patch batch's share of the stitched score, linearised at the output: per row, one in value
+    with the gradient ``seed`` with respect to the network's output ``y`` on the patches (``Σ y ·
+    seed − its value + 1``). DeepLIFT's multipliers and LRP's relevances are linear in the seed
+    (for fixed forward activations), so each patch gets its part of the whole input's; a value of
+    one leaves LRP's relevance as propagated (Captum multiplies it by the output). The arithmetic
+    here is no module: the methods' rules act only inside the network, as in the stitched call.
+    DeepLIFT's second half of the rows (the baselines) gets the same seed."""
 
     def __init__(self, stitched, seed: torch.Tensor):
         super().__init__()
@@ -270,7 +284,31 @@ class _PatchShare(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         y = self.stitched.outputs(_volume(patches))
         seed = self.seed.repeat(y.shape[0] // self.seed.shape[0], *(1,) * (self.seed.ndim - 1))
-        return (y * seed.to(y.dtype)).flatten(1).sum(1)
+        share = (y * seed.to(y.dtype)).flatten(1).sum(1)
+        return share - share.detach() + 1
+
+
+def _explain_patches(spec: MethodSpec, call: Call, column, x5: torch.Tensor, seeds, baseline=None) -> torch.Tensor:
+    """Σ over patch batches of the method's upstream call (guarded, the adapter's rules) on
+    :class:`_PatchShare` with each batch's ``seeds``, added into one result volume (a ``baseline``
+    sliced per patch, as a tensor)."""
+    grid, dims = column.grid, call.inputs.ndim - 2
+    result = torch.zeros_like(x5)
+    upstream = {k: v for k, v in call.params.items() if k != "baselines"}
+    for chunk, seed in seeds:
+        inputs = torch.cat([x5[grid.slices(loc)] for loc in chunk])
+        params = dict(upstream)
+        if baseline is not None:
+            params["baselines"] = torch.cat([_full(_window(baseline, grid.slices(loc)), x5[grid.slices(loc)])
+                                             for loc in chunk])
+            params["baselines"] = params["baselines"].squeeze(-1) if dims == 2 else params["baselines"]
+        patch_call = dataclasses.replace(call, forward=_PatchShare(column.stitched, seed), target=None,
+                                         inputs=inputs.squeeze(-1) if dims == 2 else inputs, params=params,
+                                         noise_tunnel=None)
+        attr = _volume(run_guarded(spec, patch_call).detach())
+        for loc, a in zip(chunk, attr):
+            result[grid.slices(loc)] += a
+    return result
 
 
 def _rule(activation: nn.Module) -> str | None:
@@ -323,9 +361,7 @@ def deeplift(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: M
     if rule is None:
         return None
     eps = float(params.get("eps", 1e-10))
-    stitched, grid = column.stitched, column.grid
-    per_call = max(1, stitched.batch_size // max(1, stitched.rows))
-    dims = call.inputs.ndim - 2
+    grid, per_call = column.grid, _patches_per_call(column)
 
     def pairs(chunk):  # (P, 2, C, *size): each patch of the input and of the baseline
         return torch.stack([torch.cat([x5[grid.slices(loc)], _full(_window(baseline, grid.slices(loc)),
@@ -334,17 +370,7 @@ def deeplift(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: M
     normalise = rule == "softmax"
     seeds = _tiled_seeds(column, pairs, per_call, eps, normalise) if column.separable else \
         _blended_seeds(column, pairs, per_call, eps, normalise, x5.device)
-    result = torch.zeros_like(x5)
-    upstream = {k: v for k, v in call.params.items() if k != "baselines"}
-    for chunk, seed in seeds:
-        both = pairs(chunk)
-        inputs, baselines = (both[:, i].squeeze(-1) if dims == 2 else both[:, i] for i in (0, 1))
-        patch_call = dataclasses.replace(call, forward=_PatchShare(stitched, seed), inputs=inputs, target=None,
-                                         params={**upstream, "baselines": baselines}, noise_tunnel=None)
-        attr = _volume(run_guarded(spec, patch_call).detach())
-        for loc, a in zip(chunk, attr):
-            result[grid.slices(loc)] += a
-    return result
+    return _explain_patches(spec, call, column, x5, seeds, baseline)
 
 
 def _full(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -392,6 +418,59 @@ def _blended_seeds(column, pairs: Callable, per_call: int, eps: float, normalise
         yield chunk, torch.cat([multipliers[grid.slices(loc)] * window for loc in chunk])
 
 
+def _patches_per_call(column) -> int:
+    """Patches per upstream call: the patch batch (the stitched model's rows per patch divided out)."""
+    return max(1, column.stitched.batch_size // max(1, column.stitched.rows))
+
+
+def _relevance(column, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+    """The column's relevance on the output ``out`` over ``region`` as LRP hands it to the network
+    with esegeta's rules on the wrapper (:func:`esegeta.adapters.captum.lrp_rule_for`): the masked
+    sum's ε rule gives each voxel its term ``a · mask · scale`` of the score, the activation's
+    identity rule passes it on to the output (the ε rule's ``S / (S + ε)``, ε = 1e-9, left out)."""
+    activated = column.score.activation(out).index_select(1, column.channel)
+    value = activated * column.mask(region).to(out.dtype) * column.scale
+    return torch.zeros_like(out).index_copy_(1, column.channel, value)
+
+
+def lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: MethodSpec, call: Call
+        ) -> torch.Tensor | None:
+    """Layer-wise relevance propagation (Bach et al. 2015, doi:10.1371/journal.pone.0130140) as
+    Captum's ``LRP`` with esegeta's rules computes it on a wrapped model, on the stitched score,
+    patch by patch. Captum's LRP refuses a module called more than once, so it cannot run on the
+    stitched model itself; what it would give there: the relevance entering the stitched output
+    (:func:`_relevance`) shared among the patches by their blending weights ``w / Σ w`` (the blend
+    is linear, relevance flows through it as a gradient), then each patch's network by the layers'
+    rules. Relevance is linear in what enters the network (for fixed forward activations), so each
+    patch's part is Captum's own ``LRP`` (through :func:`run_guarded`: the adapter's rules) on
+    :class:`_PatchShare` seeded with its share; the parts add into one result volume. Equal to
+    Captum's LRP on the whole input where the stitched prediction is the whole one (tests)."""
+    if (nt is not None or params.get("additional_forward_args") is not None
+            or params.get("return_convergence_delta")):
+        return None
+    grid, stitched, per_call = column.grid, column.stitched, _patches_per_call(column)
+
+    def patches(chunk):  # (P, C, *size)
+        return torch.cat([x5[grid.slices(loc)] for loc in chunk])
+
+    def seeds():
+        if column.separable:  # each voxel's relevance from its one patch's output
+            for chunk in grid.chunks(per_call):
+                with torch.no_grad():
+                    y = stitched.outputs(patches(chunk))
+                yield chunk, torch.cat([_relevance(column, y[i:i + 1], grid.slices(loc))
+                                        for i, loc in enumerate(chunk)])
+            return
+        out = stitched.blended(lambda chunk: patches(chunk)[:, None], 1, x5.device, per_call)
+        window, total = stitched.weights(x5.device)
+        for slab in _slabs(out, int(grid.size[0])):
+            out[slab] = _relevance(column, out[slab], slab) / total[slab[2:]]
+        for chunk in grid.chunks(per_call):
+            yield chunk, torch.cat([out[grid.slices(loc)] * window for loc in chunk])
+
+    return _explain_patches(spec, call, column, x5, seeds())
+
+
 #: The methods computed here in global patch mode, by id (the rest go to their adapter).
 ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.IntegratedGradients": integrated_gradients,
@@ -399,6 +478,16 @@ ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.InputXGradient": _gradient_method(_input_x_gradient, linear=True),
     "captum.Occlusion": occlusion,
     "captum.DeepLift": deeplift,
+    "captum.LRP": lrp,
 }
+#: Methods whose upstream cannot run on the stitched model, with the reason: global mode needs the
+#: streamed algorithm for them (:func:`esegeta.attribution.patcher.check_global`).
+STREAMED_ONLY: Mapping[str, str] = {
+    "captum.LRP": "Captum's LRP refuses a module called more than once, and the stitched model calls the "
+                  "network once per patch batch",
+}
+#: Rows of the stitched output an algorithm holds at the volume's size where patches overlap (one
+#: where not listed; DeepLIFT: the input's and the baseline's).
+BLENDED_ROWS: Mapping[str, int] = {"captum.DeepLift": 2}
 #: The algorithms that call the method's upstream per patch (they get its spec and call).
-_PER_PATCH_UPSTREAM = (deeplift,)
+_PER_PATCH_UPSTREAM = (deeplift, lrp)

@@ -425,7 +425,8 @@ def streamed_bytes(request: Any, grid: Grid, voxels: int, input_bytes: int, outp
     ``multiclass``: one per output channel; where patches tile the input a bit per voxel and
     column, else a byte; a ``region`` wrapper's float weights) and SmoothGrad's noise of one
     sample. Where the patches overlap, also the stitched output of one step (turned into its
-    gradient), the sum of windows and SmoothGrad's gradient of one sample; and the masks are
+    gradient; DeepLIFT: the input's and the baseline's, :data:`esegeta.attribution.streamed.BLENDED_ROWS`),
+    the sum of windows and SmoothGrad's gradient of one sample; and the masks are
     frozen on the stitched output (output, activation, int64 labels, float masks, sum of windows):
     the larger of the two."""
     wrapper = request.wrapper
@@ -438,7 +439,7 @@ def streamed_bytes(request: Any, grid: Grid, voxels: int, input_bytes: int, outp
         return 2 * input_bytes + columns * voxels // 8 + noise
     mask_bytes = columns * voxels * (4 if wrapper.name == "region" else 1)
     held = 2 * input_bytes + mask_bytes + noise
-    step = held + output_bytes + 4 * voxels + noise
+    step = held + streamed.BLENDED_ROWS.get(request.spec.id, 1) * output_bytes + 4 * voxels + noise
     build = input_bytes + 2 * output_bytes + 8 * voxels + 4 * columns * voxels + 4 * voxels
     return max(step, build)
 

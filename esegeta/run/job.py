@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from esegeta.attribution import architectures, conservation, numerics, scheduling, summaries, verdicts
+from esegeta.attribution import architectures, conservation, numerics, scheduling, streamed, summaries, verdicts
 from esegeta.attribution.explainer import run
 from esegeta.run import progress
 from esegeta.run.executor import RetryPolicy, Worker, attribute_warnings
@@ -125,6 +125,8 @@ def _results(plan: Plan, job: Job, worker: Worker, x: torch.Tensor, records: lis
     """Per input: the record completed with the verdict on its result, the result and its extras
     (``x`` is the job's batch on the worker's device)."""
     (attr, scores, extras, facts), request = done.value, done.settings
+    extras = dict(extras)
+    provenance = extras.pop(streamed.PROVENANCE, None)  # global patches: how the result was computed
     params, noise_tunnel = dict(request.params), request.noise_tunnel
     if attr.shape[0] != len(job.items):
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
@@ -160,6 +162,8 @@ def _results(plan: Plan, job: Job, worker: Worker, x: torch.Tensor, records: lis
             record["params"] = {**params, **({"noise_tunnel": dict(noise_tunnel)} if noise_tunnel else {})}
         if len(job.items) > 1:
             record["batch"] = len(job.items)
+        if provenance is not None:
+            record["provenance"] = provenance
         result = one[0].cpu().numpy()
         if plan.summaries is not None:
             record["summaries"] = _summaries(plan.summaries, job, worker, x[n:n + 1], request, result, record)
