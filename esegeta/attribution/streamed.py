@@ -275,15 +275,18 @@ class _PatchShare(nn.Module):
     (for fixed forward activations), so each patch gets its part of the whole input's; a value of
     one leaves LRP's relevance as propagated (Captum multiplies it by the output). The arithmetic
     here is no module: the methods' rules act only inside the network, as in the stitched call.
-    DeepLIFT's second half of the rows (the baselines) gets the same seed."""
+    DeepLIFT's second half of the rows (the baselines) gets the same seed. ``seed`` is a tensor, or
+    a function of the (detached) output that makes it: where patches tile the input, from the
+    patch's own output, with no forward pass of its own."""
 
-    def __init__(self, stitched, seed: torch.Tensor):
+    def __init__(self, stitched, seed: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.stitched, self.seed = stitched, seed
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         y = self.stitched.outputs(_volume(patches))
-        seed = self.seed.repeat(y.shape[0] // self.seed.shape[0], *(1,) * (self.seed.ndim - 1))
+        seed = self.seed(y.detach()) if callable(self.seed) else self.seed
+        seed = seed.repeat(y.shape[0] // seed.shape[0], *(1,) * (seed.ndim - 1))
         share = (y * seed.to(y.dtype)).flatten(1).sum(1)
         return share - share.detach() + 1
 
@@ -379,23 +382,26 @@ def _full(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
 
 def _tiled_seeds(column, pairs: Callable, per_call: int, eps: float, normalise: bool):
     """Where patches tile the input: each patch's seed from its own outputs (the score is a sum over
-    patches); Captum's softmax normalisation needs a first pass over every patch for its mean."""
+    patches), made inside the upstream call's forward pass; Captum's softmax normalisation needs a
+    first pass (no gradients) over every patch for its mean."""
     grid, stitched = column.grid, column.stitched
 
-    def multipliers(chunk):
-        with torch.no_grad():
-            y = stitched.outputs(pairs(chunk).flatten(0, 1)).unflatten(0, (len(chunk), 2))
-        return [_output_multipliers(column, y_patch, grid.slices(loc), eps) for loc, y_patch in zip(chunk, y)], y
+    def multipliers(chunk, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per patch of ``chunk``: from ``y``, the outputs of its input rows, then of its baseline rows."""
+        n = len(chunk)
+        return [_output_multipliers(column, torch.cat([y[i:i + 1], y[n + i:n + i + 1]]), grid.slices(loc), eps)
+                for i, loc in enumerate(chunk)]
 
     shift = 0.0
     if normalise:  # Captum's softmax rule: minus the mean over both rows, all channels, all voxels
         total, channels = 0.0, 1
         for chunk in grid.chunks(per_call):
-            values, y = multipliers(chunk)
-            total, channels = total + sum(m[1] for m in values), y.shape[2]
+            with torch.no_grad():
+                y = stitched.outputs(pairs(chunk).transpose(0, 1).flatten(0, 1))
+            total, channels = total + sum(m[1] for m in multipliers(chunk, y)), y.shape[1]
         shift = total / (2 * channels * int(np.prod(grid.shape)))
     for chunk in grid.chunks(per_call):
-        yield chunk, torch.cat([m[0] for m in multipliers(chunk)[0]]) - shift
+        yield chunk, lambda y, chunk=chunk: torch.cat([m[0] for m in multipliers(chunk, y)]) - shift
 
 
 def _blended_seeds(column, pairs: Callable, per_call: int, eps: float, normalise: bool, device: torch.device):
@@ -454,12 +460,10 @@ def lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: Method
         return torch.cat([x5[grid.slices(loc)] for loc in chunk])
 
     def seeds():
-        if column.separable:  # each voxel's relevance from its one patch's output
+        if column.separable:  # each voxel's relevance from its one patch's output, in the upstream's forward
             for chunk in grid.chunks(per_call):
-                with torch.no_grad():
-                    y = stitched.outputs(patches(chunk))
-                yield chunk, torch.cat([_relevance(column, y[i:i + 1], grid.slices(loc))
-                                        for i, loc in enumerate(chunk)])
+                yield chunk, lambda y, chunk=chunk: torch.cat([_relevance(column, y[i:i + 1], grid.slices(loc))
+                                                               for i, loc in enumerate(chunk)])
             return
         out = stitched.blended(lambda chunk: patches(chunk)[:, None], 1, x5.device, per_call)
         window, total = stitched.weights(x5.device)
