@@ -19,7 +19,7 @@ import torch
 
 from esegeta.attribution import architectures, conservation, numerics, scheduling, streamed, summaries, verdicts
 from esegeta.attribution.explainer import run
-from esegeta.run import progress
+from esegeta.run import check as check_mod, progress
 from esegeta.run.executor import RetryPolicy, Worker, attribute_warnings
 from esegeta.run.plan import Job, Plan
 from esegeta.run.timeouts import TimeLimitExceeded, call_with_limit
@@ -71,7 +71,8 @@ def compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray
 
     def compute():
         attribute_warnings(job.name)
-        return RetryPolicy(precision.attempts).run(attempt, e.request, _halved,
+        request = _patch_batch_from_budget(e.request, worker, x, rt, records)
+        return RetryPolicy(precision.attempts).run(attempt, request, _halved,
                                                    lambda r: bool(torch.isfinite(r[0]).all()), notify)
 
     start = time.perf_counter()
@@ -112,6 +113,27 @@ def _facts(outcome, request: Request, x: torch.Tensor) -> list[tuple[dict, torch
     masks = list(outcome.masks) or [None] * n
     checks = list(outcome.checks) or [None] * n
     return [({"target": t, "predicted": p}, m, c) for t, p, m, c in zip(targets, predicted, masks, checks)]
+
+
+def _patch_batch_from_budget(request: Request, worker: Worker, x: torch.Tensor, rt: config_mod.RuntimeConfig,
+                             records: list[dict]) -> Request:
+    """A global-patch request whose config sets no ``patch.batch_size``, with the largest that fits
+    the memory budget (``runtime.memory_gb``, else what the device has free now; the estimate of
+    :func:`esegeta.run.check.planned_peak`), recorded in each record's ``patch_batch_size``; else
+    ``request`` unchanged."""
+    patch = request.patch
+    if patch is None or patch.mode != "global" or "batch_size" in patch.model_fields_set:
+        return request
+    budget = int(rt.memory_gb * 2**30) if rt.memory_gb is not None else check_mod.available_memory(worker.device)
+    chosen = check_mod.patch_batch(request, worker.replica(x), x, budget)
+    if chosen is None:
+        return request
+    source = f"runtime.memory_gb ({rt.memory_gb} GiB)" if rt.memory_gb is not None else \
+        f"free memory on {worker.device} ({budget / 2**30:.1f} GiB)"
+    for record in records:
+        record["patch_batch_size"] = {"value": chosen, "from": source}
+    log.info("patch.batch_size %d: the largest that fits %s", chosen, source)
+    return request.replace(patch=patch.model_copy(update={"batch_size": chosen}))
 
 
 def _halved(request: Request) -> Request | None:
