@@ -166,6 +166,15 @@ class Grid:
             yield self.locations[start:start + batch_size]
 
 
+def first_patch(x: torch.Tensor, patch: PatchConfig | None) -> torch.Tensor:
+    """``x`` cropped to its first patch (``x`` itself without a patch): what a pass that reads only
+    the model's structure runs on (a forward pass on the whole volume is the memory patching is
+    there to avoid; a fully convolutional model's structure is the same on a patch)."""
+    if patch is None:
+        return x
+    return x[(slice(None), slice(None)) + tuple(slice(0, s) for s in patch.size)]
+
+
 def hann_window(size: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
     """torchio's n-d Hann window (``GridAggregator._get_hann_window``: the product of 1-d
     windows of ``n + 2`` points without their zero ends), made on ``device``."""

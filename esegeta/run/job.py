@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from esegeta.attribution import architectures, conservation, numerics, scheduling, streamed, summaries, verdicts
+from esegeta.attribution import (architectures, conservation, numerics, patcher, scheduling, streamed, summaries,
+                                 verdicts)
 from esegeta.attribution.explainer import run
 from esegeta.run import check as check_mod, progress
 from esegeta.run.executor import RetryPolicy, Worker, attribute_warnings
@@ -154,7 +155,9 @@ def _results(plan: Plan, job: Job, worker: Worker, x: torch.Tensor, records: lis
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
     seconds = round(elapsed / len(job.items), 4)
     # where the method's axiom (summation to delta, conservation) holds only approximately on this model
-    notes = architectures.axiom_notes(job.entry.spec, architectures.network(worker.replica(x)), x[:1])
+    # (a structural trace, gates: on a patch with patches, never the whole volume)
+    notes = architectures.axiom_notes(job.entry.spec, architectures.network(worker.replica(x)),
+                                      patcher.first_patch(x[:1], request.patch))
     computed = []
     for n, ((_, item), record) in enumerate(zip(job.items, records)):
         one = attr[n:n + 1]
