@@ -493,5 +493,12 @@ STREAMED_ONLY: Mapping[str, str] = {
 #: Rows of the stitched output an algorithm holds at the volume's size where patches overlap (one
 #: where not listed; DeepLIFT: the input's and the baseline's).
 BLENDED_ROWS: Mapping[str, int] = {"captum.DeepLift": 2}
+#: Memory of one patch batch's upstream call, in the patch's forward activations, where it is not
+#: the 1.2 of a plain gradient (:data:`esegeta.run.check.STREAMED_ACTIVATIONS`): DeepLIFT runs the
+#: input's and the baseline's rows and Captum's hooks clone each nonlinear module's input and
+#: output; Captum's LRP clones each layer's output and keeps its input over two forward passes.
+#: Calibrated on ``benchmarks/patch_memory.py`` (the tiny segmenter, one 64³ patch: DeepLIFT 186 MiB,
+#: LRP 114 MiB for 37 MiB of activations).
+ACTIVATION_FACTOR: Mapping[str, float] = {"captum.DeepLift": 5.0, "captum.LRP": 3.1}
 #: The algorithms that call the method's upstream per patch (they get its spec and call).
 _PER_PATCH_UPSTREAM = (deeplift, lrp)
