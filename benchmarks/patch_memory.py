@@ -19,6 +19,7 @@ patch back, overlapping its neighbour) freezes them on the stitched output.
 
     python benchmarks/patch_memory.py --sizes 128 256 --steps 4 --methods saliency ig smoothgrad occlusion
     python benchmarks/patch_memory.py --model micro --patch 64x64x60 --sizes 512x512x300 --methods saliency ig
+    python benchmarks/patch_memory.py --steps 4 --sizes 128 256 --methods deeplift lrp
     python benchmarks/patch_memory.py --esegeta /tmp/base   # the same on another checkout of esegeta (before/after)
 """
 from __future__ import annotations
