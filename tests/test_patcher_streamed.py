@@ -230,3 +230,19 @@ def test_lrp_with_a_custom_wrapper_is_refused_in_global_mode():
     with pytest.raises(ConfigError, match="more than once.*use mode 'local'"):
         check_global(get("captum.LRP"), wrapper_config({"name": "my_wrappers.py:score"}))
     check_global(get("captum.LRP"), wrapper_config(SIGMOID_MEAN))
+
+
+@pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
+def test_zennit_lrp_in_global_mode_equals_unpatched_on_a_pointwise_model(patch):
+    """An LRP composite through its library needs the wrapper's masked-sum module (its rule gives
+    each voxel its share of the score): on tiling patches too the masks are frozen on the stitched
+    output, so the result equals the unpatched one where the stitched prediction is the whole one
+    (per-patch bit masks, whose sum is no module, gave 1,800 times the relevance)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    wrapper = {"name": "multiclass", "activation": "softmax"}
+    whole = esegeta.explain(model, x, "zennit.EpsilonPlus", 1, wrapper=wrapper)
+    ours = esegeta.explain(model, x, "zennit.EpsilonPlus", 1, wrapper=wrapper, patch=patch)
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))

@@ -256,10 +256,14 @@ class Stitched(nn.Module):
 
     @staticmethod
     def build_wrapper(model: Stitched, x: torch.Tensor, wrapper: WrapperConfig,
-                      base_dir: Path | None = None) -> nn.Module:
+                      base_dir: Path | None = None, tiled: bool = True) -> nn.Module:
         """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
-        score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
-        if model.grid.separable and wrapper.name in ("threshold", "multiclass") and wrapper.threshold != "otsu":
+        score is computed by :class:`_StitchedScore` without whole-input autograd graphs.
+        ``tiled``: masks held per patch where patches tile the input (:func:`_tiled_wrapper`; its
+        masked sum is no module, so a rule-based method that needs the wrapper's ``MaskSum``
+        module, an LRP composite, passes False)."""
+        if tiled and model.grid.separable and wrapper.name in ("threshold", "multiclass") \
+                and wrapper.threshold != "otsu":
             return _tiled_wrapper(model, x, wrapper)
         thickness = int(model.grid.size[0])
         wrapped = build(model, x, wrapper, base_dir, evaluate=lambda score, out: _slab_score(score, out, thickness))
@@ -733,8 +737,11 @@ class Global:
         stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size * rows, request.wrapper.output, rows)
         # input-resolution attributions only (check_global): no layer to find on the stitched model;
         # gradient and path methods run as esegeta's streamed algorithms (esegeta.attribution.streamed)
+        # LRP through its library (not streamed) needs the wrapper's masked-sum module and its rule
+        # (each voxel its share of the score): the masks frozen on the stitched output, not per patch
+        tiled = request.spec.axiom != "conservation" or request.spec.id in streamed.ALGORITHMS
         return inner(one_row.replace(patch=None, layer=None), stitched, x,
-                     **{**kw, "build_wrapper": Stitched.build_wrapper, "run": streamed.run})
+                     **{**kw, "build_wrapper": partial(Stitched.build_wrapper, tiled=tiled), "run": streamed.run})
 
 
 def rows_one_at_a_time(request: Request) -> tuple[Request, int]:
