@@ -305,7 +305,10 @@ def _explain_patches(spec: MethodSpec, call: Call, column, x5: torch.Tensor, see
             params["baselines"] = torch.cat([_full(_window(baseline, grid.slices(loc)), x5[grid.slices(loc)])
                                              for loc in chunk])
             params["baselines"] = params["baselines"].squeeze(-1) if dims == 2 else params["baselines"]
+        # the network is the prepared model, not the stitched one: what the method's guards trace
+        # (rules.attention_names) runs on the patch, never a stitched output at the volume's size
         patch_call = dataclasses.replace(call, forward=_PatchShare(column.stitched, seed), target=None,
+                                         network=column.stitched.model,
                                          inputs=inputs.squeeze(-1) if dims == 2 else inputs, params=params,
                                          noise_tunnel=None)
         attr = _volume(run_guarded(spec, patch_call).detach())
