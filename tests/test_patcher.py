@@ -267,6 +267,37 @@ def test_pipeline_patched_run_writes_nifti_with_the_inputs_affine(tmp_path):
     np.testing.assert_allclose(saved.affine, source.affine)
     assert np.abs(np.asarray(saved.dataobj)).max() > 0
     assert run["score"] is not None
+    # the record says the global result came from esegeta's streamed algorithm (local: no such record)
+    assert run["provenance"]["computed_by"].startswith("esegeta.attribution.streamed.saliency (global patches")
+    assert "provenance" not in result.runs[1] and result.runs[1]["method"] == "captum.IntegratedGradients"
+    # patch.batch_size not set: the run picks the largest that fits the free memory and records it
+    assert run["patch_batch_size"]["value"] >= 1 and run["patch_batch_size"]["from"].startswith("free memory on cpu")
+    assert "patch_batch_size" not in result.runs[1]
+
+
+def test_global_patch_batch_size_from_the_memory_budget(tmp_path):
+    """runtime.memory_gb bounds the patches per call the run picks (check's estimate); a set
+    patch.batch_size stands."""
+    case = tissue_case((32, 32, 16))
+    np.save(tmp_path / "crop.npy", case.x[0, 0].numpy())
+    config = {"model": {"factory": str(SAMPLES / "models.py") + ":TissueUNet3D",
+                        "weights": str(SAMPLES / "checkpoints" / "tissue_unet3d.pt")},
+              "inputs": {"paths": [str(tmp_path / "crop.npy")], "spatial_dims": 3},
+              "wrapper": {"name": "multiclass", "activation": "softmax"}, "target": 2,
+              "patch": {"size": [8, 8, 8], "mode": "global"},
+              "output": {"formats": ["npy"]}, "methods": [{"id": "captum.Saliency"}]}
+    chosen = {}
+    for gb in (0.005, 4.0):
+        config["output"]["dir"] = str(tmp_path / f"{gb}")
+        config["runtime"] = {"memory_gb": gb}
+        result = esegeta.Pipeline(config).run()
+        assert result.exit_code == 0, result.runs
+        chosen[gb] = result.runs[0]["patch_batch_size"]
+        assert chosen[gb]["from"] == f"runtime.memory_gb ({gb} GiB)"
+    assert 1 <= chosen[0.005]["value"] < chosen[4.0]["value"] == 32  # 32 patches of 8³: all fit in 4 GiB
+    config["patch"]["batch_size"] = 3
+    config["output"]["dir"] = str(tmp_path / "set")
+    assert "patch_batch_size" not in esegeta.Pipeline(config).run().runs[0]
 
 
 # -- 3D conventions: depth and channel axes, results in the input's own order ----------------------

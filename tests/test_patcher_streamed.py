@@ -1,10 +1,11 @@
 """Global patch mode's streamed methods (issue 22): esegeta's own window-by-window Integrated
-Gradients, Saliency, InputXGradient and SmoothGrad equal Captum's call on the whole stitched model."""
+Gradients, Saliency, InputXGradient, SmoothGrad, Occlusion and DeepLIFT equal Captum's call on the
+whole stitched model."""
 from __future__ import annotations
 
 import pytest
 import torch
-from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
+from captum.attr import DeepLift, InputXGradient, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
 
 import esegeta
 from esegeta.attribution import streamed
@@ -44,7 +45,22 @@ CASES = [
     ("captum.Occlusion", Occlusion, {"sliding_window_shapes": (1, 6, 5, 3), "strides": (1, 5, 4, 3),
                                      "baselines": torch.linspace(-1, 1, 16 * 16 * 8).reshape(1, 1, 16, 16, 8),
                                      "perturbations_per_eval": 3}),
+    ("captum.DeepLift", DeepLift, {}),
+    ("captum.DeepLift", DeepLift, {"baselines": torch.linspace(-1, 1, 16 * 16 * 8).reshape(1, 1, 16, 16, 8)}),
+    ("captum.DeepLift", DeepLift, {"wrapper": SIGMOID_MEAN}),
 ]
+
+
+def _no_fallback(monkeypatch) -> None:
+    """Fail if a streamed method hands the whole call to Captum (DeepLIFT calls it per patch)."""
+    real = streamed.run_guarded
+
+    def per_patch_only(spec, call):
+        if not isinstance(call.forward, streamed._PatchShare):
+            pytest.fail("fell back to Captum")
+        return real(spec, call)
+
+    monkeypatch.setattr(streamed, "run_guarded", per_patch_only)
 
 
 @pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
@@ -52,12 +68,13 @@ CASES = [
 def test_streamed_equals_captum_on_the_stitched_model(method, cls, kwargs, patch, monkeypatch):
     case = tissue_case((16, 16, 8))
     model, x = case.model, case.x
-    wrapper = case.wrapper if "noise_tunnel" not in kwargs else SIGMOID_MEAN
+    kwargs = dict(kwargs)
+    wrapper = kwargs.pop("wrapper", case.wrapper if "noise_tunnel" not in kwargs else SIGMOID_MEAN)
     torch.manual_seed(3)
     theirs = _captum(model, x, wrapper, patch, cls, 2 if wrapper is case.wrapper else 1,
                      **{k: v for k, v in kwargs.items() if k not in ("internal_batch_size", "perturbations_per_eval")})
     if patch is TILED or method != "captum.Occlusion":  # the streamed path ran: Captum is not called
-        monkeypatch.setattr(streamed, "run_guarded", lambda *a: pytest.fail("fell back to Captum"))
+        _no_fallback(monkeypatch)
     torch.manual_seed(3)
     ours = esegeta.explain(model, x, method, 2 if wrapper is case.wrapper else 1, wrapper=wrapper, patch=patch,
                            **kwargs)
@@ -93,6 +110,8 @@ META_CASES = [
     ("captum.InputXGradient", {}),
     ("captum.Saliency", {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}}),
     ("captum.Occlusion", {"sliding_window_shapes": (1, 4, 4, 4), "strides": (1, 4, 4, 4)}),
+    ("captum.DeepLift", {}),
+    ("captum.LRP", {}),
 ]
 
 
@@ -105,7 +124,7 @@ def test_streamed_methods_on_meta(method, kwargs, patch, monkeypatch):
     model = model.eval().to("meta")
     x = torch.randn(1, 1, 16, 16, 8, device="meta")
     if patch is TILED or method != "captum.Occlusion":
-        monkeypatch.setattr(streamed, "run_guarded", lambda *a: pytest.fail("fell back to Captum"))
+        _no_fallback(monkeypatch)
     for wrapper in ({"name": "multiclass", "activation": "softmax"}, SIGMOID_MEAN):
         attr = esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=patch, **kwargs)
         assert attr.device == x.device and attr.shape == x.shape
@@ -146,3 +165,84 @@ def test_hooking_methods_on_tiled_masks_equal_unpatched(method):
     patched = esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=TILED)
     assert whole.abs().max() > 0
     torch.testing.assert_close(patched, whole, rtol=1e-5, atol=1e-6 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize("patch", [{"size": [8, 6], "overlap": [0, 0], "mode": "global", "batch_size": 2},
+                                   {"size": [8, 6], "overlap": [4, 2], "mode": "global", "blend": "hann"}],
+                         ids=["tiled", "overlapping"])
+def test_streamed_deeplift_on_a_2d_input_with_softmax(patch, monkeypatch):
+    """A 2D input (volumes of depth 1) and Captum's softmax rule (its mean over the whole tensor,
+    taken over every patch): equal to Captum's DeepLift on the whole stitched model."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 3, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.Conv2d(3, 3, 1)).eval()
+    x = torch.randn(1, 2, 16, 12)
+    wrapper = {"name": "multiclass", "activation": "softmax"}
+    grid = Grid.over(tuple(x.shape[2:]), patch["size"], patch["overlap"], patch.get("blend", "average"))
+    wrapped = Stitched.build_wrapper(Stitched(model, grid, 2, 2), x, wrapper_config(wrapper))
+    theirs = DeepLift(wrapped).attribute(x, target=1, baselines=0.25).detach()
+    _no_fallback(monkeypatch)
+    ours = esegeta.explain(model, x, "captum.DeepLift", 1, wrapper=wrapper, patch=patch, baselines=0.25)
+    assert theirs.abs().max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+POINTWISE_WRAPPERS = [{"name": "multiclass", "activation": "softmax"}, SIGMOID_MEAN,
+                      {"name": "multiclass", "activation": "none"}]
+
+
+@pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
+@pytest.mark.parametrize("wrapper", POINTWISE_WRAPPERS, ids=[w["activation"] for w in POINTWISE_WRAPPERS])
+def test_streamed_lrp_equals_captums_on_a_pointwise_model(wrapper, patch, monkeypatch):
+    """Captum's LRP refuses the stitched model (a module called once per patch): on a pointwise
+    model, where the stitched prediction is the whole one, the streamed LRP (relevance shared by
+    the blending weights, each patch's part Captum's LRP) equals Captum's LRP on the whole input."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    whole = esegeta.explain(model, x, "captum.LRP", 1, wrapper=wrapper)
+    _no_fallback(monkeypatch)
+    ours = esegeta.explain(model, x, "captum.LRP", 1, wrapper=wrapper, patch=patch)
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["captum.LRP", "captum.DeepLift"])
+def test_streamed_rule_methods_on_one_patch_equal_the_whole_input(method, monkeypatch):
+    """One patch over the whole volume (the stitched prediction is the model's): the streamed path on
+    a convolutional U-Net with batch norm equals the method on the unpatched input."""
+    case = tissue_case((16, 16, 8))
+    whole = esegeta.explain(case.model, case.x, method, 2, wrapper=case.wrapper)
+    _no_fallback(monkeypatch)
+    ours = esegeta.explain(case.model, case.x, method, 2, wrapper=case.wrapper,
+                           patch={"size": [16, 16, 8], "mode": "global"})
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+
+
+def test_lrp_with_a_custom_wrapper_is_refused_in_global_mode():
+    """Captum's LRP cannot run on the stitched model: without a built-in wrapper (no streamed
+    algorithm) global mode refuses it before anything runs, naming the reason and ``local``."""
+    from esegeta.attribution.patcher import check_global
+    from esegeta.errors import ConfigError
+    from esegeta.spec.registry import get
+
+    with pytest.raises(ConfigError, match="more than once.*use mode 'local'"):
+        check_global(get("captum.LRP"), wrapper_config({"name": "my_wrappers.py:score"}))
+    check_global(get("captum.LRP"), wrapper_config(SIGMOID_MEAN))
+
+
+@pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
+def test_zennit_lrp_in_global_mode_equals_unpatched_on_a_pointwise_model(patch):
+    """An LRP composite through its library needs the wrapper's masked-sum module (its rule gives
+    each voxel its share of the score): on tiling patches too the masks are frozen on the stitched
+    output, so the result equals the unpatched one where the stitched prediction is the whole one
+    (per-patch bit masks, whose sum is no module, gave 1,800 times the relevance)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    wrapper = {"name": "multiclass", "activation": "softmax"}
+    whole = esegeta.explain(model, x, "zennit.EpsilonPlus", 1, wrapper=wrapper)
+    ours = esegeta.explain(model, x, "zennit.EpsilonPlus", 1, wrapper=wrapper, patch=patch)
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))

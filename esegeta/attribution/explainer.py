@@ -83,7 +83,7 @@ def explain(model: nn.Module, inputs: torch.Tensor, method: str, /, target: Any 
     x = inputs.detach().to(device=device, dtype=torch.float32)  # the caller's tensor keeps requires_grad as it was
     request = request.replace(target=_target(target, x.shape[0], x.device))
     # the prepared copy counts module calls on one forward: with patches, on a patch-sized crop
-    example = x if request.patch is None else x[(slice(None), slice(None)) + tuple(slice(0, s) for s in request.patch.size)]
+    example = patcher.first_patch(x, request.patch)
     with numerics.fp32_numerics():
         ready = prepared(model, example)
         refuse(request.spec, ready, example, "explain.method", layer=layer, params=request.params, wrapper=wrapper)
@@ -118,7 +118,8 @@ def _verdicts(request: Request, ready: PreparedModel, x: torch.Tensor, outcome: 
     checks = [c for c in outcome.checks if c is not None]
     if not checks:
         return
-    notes = architectures.axiom_notes(request.spec, architectures.network(ready), x[:1])
+    # a structural trace (gates): on a patch with patches, never the whole volume
+    notes = architectures.axiom_notes(request.spec, architectures.network(ready), patcher.first_patch(x[:1], request.patch))
     for n, check in enumerate(outcome.checks):
         off = check and conservation.warning(request.spec, check, notes, request.wrapper)
         if off:

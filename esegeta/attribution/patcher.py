@@ -26,11 +26,14 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   volume 4x a 16³ patch per axis peaks at 1.6-1.8x the resident memory of one patch).
 
   Which methods run how in global mode: Integrated Gradients, Saliency, InputXGradient,
-  SmoothGrad (``noise_tunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two) and,
-  where the patches tile the input, Occlusion run as esegeta's streamed algorithms
-  (:mod:`esegeta.attribution.streamed`, with a built-in wrapper): window by window against
-  :class:`StitchedColumn`, each step's input made per patch, added into one result volume,
-  tested equal to Captum's call on the whole stitched model. Where the patches tile the input
+  SmoothGrad (``noise_tunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two),
+  DeepLIFT, LRP (Captum's) and, where the patches tile the input, Occlusion run as esegeta's
+  streamed algorithms (:mod:`esegeta.attribution.streamed`, with a built-in wrapper): window by
+  window against :class:`StitchedColumn`, each step's input made per patch, added into one result
+  volume, tested equal to Captum's call on the whole stitched model (LRP, which Captum refuses on
+  the stitched model: to Captum's LRP on the whole input where the stitched prediction is the
+  whole one). DeepLIFT and LRP call Captum per patch batch, seeded with the score's multipliers
+  (relevance) on the blended output times the patch's blending weight. Where the patches tile the input
   (:attr:`Grid.separable`) the score is a sum over patches: a threshold (a number) or
   multiclass wrapper's masks are frozen patch by patch (:func:`_tiled_wrapper`), and nothing
   but the input, the result and the masks (a byte per voxel and column) exists at the volume's
@@ -39,12 +42,14 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
   patch through the checkpointed backward; other perturbation methods (FeatureAblation,
   Shapley sampling, LIME, KernelSHAP; Occlusion on overlapping patches) call the stitched
   forward once per perturbation (patch by patch, no gradients); methods that hook the
-  network's activations (DeepLift, DeepLiftShap, GuidedBackprop, Deconvolution) see one
+  network's activations (DeepLiftShap, GuidedBackprop, Deconvolution; DeepLift with what the
+  streamed algorithm does not cover) see one
   module call per patch batch in the forward and again in the recomputation, with the batch
   kept item-major so that DeepLift's (inputs, baselines) halves stay paired: tested equal to
   the unpatched result on a pointwise model (a method that hooks the wrapper's activation
   gets the plain whole-input graph of the score). Those hold whole-volume tensors per step
-  (Captum's). Captum's LRP refuses modules called more than once and fails. Only
+  (Captum's). Captum's LRP needs the streamed algorithm (it refuses a module called more than
+  once): without a built-in wrapper it is refused (:func:`check_global`). Only
   input-resolution attributions are accepted (layer, neuron and feature-visualisation
   methods: use ``local``).
 
@@ -77,7 +82,7 @@ from esegeta.errors import ConfigError
 from esegeta.spec import params as params_mod
 from esegeta.spec.registry import MethodSpec
 from esegeta.spec.request import PatchConfig, Request, WrapperConfig
-from esegeta.attribution.wrappers import (MaskedScore, build, multiclass_score, region_mask, select_output,
+from esegeta.attribution.wrappers import (BUILTIN, MaskedScore, build, multiclass_score, region_mask, select_output,
                                           threshold_score)
 
 #: The inner call a strategy wraps: :func:`esegeta.attribution.call.call_once`'s signature.
@@ -161,6 +166,15 @@ class Grid:
             yield self.locations[start:start + batch_size]
 
 
+def first_patch(x: torch.Tensor, patch: PatchConfig | None) -> torch.Tensor:
+    """``x`` cropped to its first patch (``x`` itself without a patch): what a pass that reads only
+    the model's structure runs on (a forward pass on the whole volume is the memory patching is
+    there to avoid; a fully convolutional model's structure is the same on a patch)."""
+    if patch is None:
+        return x
+    return x[(slice(None), slice(None)) + tuple(slice(0, s) for s in patch.size)]
+
+
 def hann_window(size: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
     """torchio's n-d Hann window (``GridAggregator._get_hann_window``: the product of 1-d
     windows of ``n + 2`` points without their zero ends), made on ``device``."""
@@ -242,10 +256,14 @@ class Stitched(nn.Module):
 
     @staticmethod
     def build_wrapper(model: Stitched, x: torch.Tensor, wrapper: WrapperConfig,
-                      base_dir: Path | None = None) -> nn.Module:
+                      base_dir: Path | None = None, tiled: bool = True) -> nn.Module:
         """The wrapper on the stitched prediction (masks frozen on it); a built-in wrapper's
-        score is computed by :class:`_StitchedScore` without whole-input autograd graphs."""
-        if model.grid.separable and wrapper.name in ("threshold", "multiclass") and wrapper.threshold != "otsu":
+        score is computed by :class:`_StitchedScore` without whole-input autograd graphs.
+        ``tiled``: masks held per patch where patches tile the input (:func:`_tiled_wrapper`; its
+        masked sum is no module, so a rule-based method that needs the wrapper's ``MaskSum``
+        module, an LRP composite, passes False)."""
+        if tiled and model.grid.separable and wrapper.name in ("threshold", "multiclass") \
+                and wrapper.threshold != "otsu":
             return _tiled_wrapper(model, x, wrapper)
         thickness = int(model.grid.size[0])
         wrapped = build(model, x, wrapper, base_dir, evaluate=lambda score, out: _slab_score(score, out, thickness))
@@ -559,6 +577,12 @@ class StitchedColumn:
         index = target.reshape(-1)[:1] if torch.is_tensor(target) else torch.tensor([int(target)])
         self.index = index.to(device=score.channels.device, dtype=torch.long)
         self.scale = _reduction(score, self.index)
+        #: the output channel the column reads, ``(1,)``
+        self.channel = score.channels.index_select(0, self.index)
+
+    def mask(self, region: tuple[slice, ...]) -> torch.Tensor:
+        """The column's frozen mask on ``region``, ``(1, 1, *region)``."""
+        return _masks_in(self.score, region).index_select(1, self.index)
 
     @property
     def separable(self) -> bool:
@@ -713,8 +737,11 @@ class Global:
         stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size * rows, request.wrapper.output, rows)
         # input-resolution attributions only (check_global): no layer to find on the stitched model;
         # gradient and path methods run as esegeta's streamed algorithms (esegeta.attribution.streamed)
+        # LRP through its library (not streamed) needs the wrapper's masked-sum module and its rule
+        # (each voxel its share of the score): the masks frozen on the stitched output, not per patch
+        tiled = request.spec.axiom != "conservation" or request.spec.id in streamed.ALGORITHMS
         return inner(one_row.replace(patch=None, layer=None), stitched, x,
-                     **{**kw, "build_wrapper": Stitched.build_wrapper, "run": streamed.run})
+                     **{**kw, "build_wrapper": partial(Stitched.build_wrapper, tiled=tiled), "run": streamed.run})
 
 
 def rows_one_at_a_time(request: Request) -> tuple[Request, int]:
@@ -757,3 +784,7 @@ def check_global(spec: MethodSpec, wrapper: Any, where: str = "patch.mode") -> N
     if spec.kind != "attribution":
         raise ConfigError(where, f"global mode runs input-resolution attributions; {spec.id} is a {spec.kind} "
                                  "method: use mode 'local'")
+    reason = streamed.STREAMED_ONLY.get(spec.id)
+    if reason and getattr(wrapper, "name", None) not in BUILTIN:
+        raise ConfigError(where, f"{spec.id} runs in global mode only as esegeta's streamed algorithm, with a "
+                                 f"built-in wrapper ({', '.join(BUILTIN)}): {reason}; use mode 'local'")

@@ -21,30 +21,43 @@ baselines, VarGrad, baselines drawn from a distribution, custom wrappers) go to 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from esegeta.attribution.guard import restored, run_guarded
 from esegeta.spec.registry import Call, MethodSpec
 
 
+#: The key of ``Call.extras`` under which :func:`run` says how a global-patch result was computed
+#: (the runner moves it into the manifest record's ``provenance``; it is no output to save).
+PROVENANCE = "provenance"
+
+
 def run(spec: MethodSpec, call: Call) -> torch.Tensor:
     """The call computed by esegeta's streamed algorithm for ``spec`` where one applies (a built-in
-    wrapper's stitched score, parameters it covers), else by the method's adapter."""
+    wrapper's stitched score, parameters it covers), else by the method's adapter on the stitched
+    model; which one is noted in ``call.extras[PROVENANCE]``."""
     algorithm = ALGORITHMS.get(spec.id)
     column_of = getattr(call.forward, "column", None)
-    if algorithm is None or column_of is None or call.target is None or call.inputs.shape[0] != 1:
-        return run_guarded(spec, call)
-    params = _values(spec.parameters(), call.params)
-    nt = _values(spec.noise_tunnel_parameters() or {}, call.noise_tunnel) if call.noise_tunnel is not None else None
-    with restored(call.forward, call.network):
-        result = algorithm(column_of(call.target), _volume(call.inputs.detach()), params, nt)
+    result = None
+    if algorithm is not None and column_of is not None and call.target is not None and call.inputs.shape[0] == 1:
+        params = _values(spec.parameters(), call.params)
+        nt = _values(spec.noise_tunnel_parameters() or {}, call.noise_tunnel) if call.noise_tunnel is not None else None
+        with restored(call.forward, call.network):
+            result = algorithm(column_of(call.target), _volume(call.inputs.detach()), params, nt,
+                               **({"spec": spec, "call": call} if algorithm in _PER_PATCH_UPSTREAM else {}))
     if result is None:
+        call.extras[PROVENANCE] = {"computed_by": f"{spec.id} on the stitched model (global patches)"}
         return run_guarded(spec, call)
+    upstream = f"; {spec.id} per patch batch" if algorithm in _PER_PATCH_UPSTREAM else ""
+    call.extras[PROVENANCE] = {"computed_by": f"esegeta.attribution.streamed.{algorithm.__name__} "
+                                              f"(global patches, streamed{upstream})"}
     return result.squeeze(-1) if call.inputs.ndim == 4 else result
 
 
@@ -171,6 +184,7 @@ def _gradient_method(finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
             del sample
         return total.div_(int(nt["nt_samples"]))
 
+    compute.__name__ = finish.__name__.strip("_")
     return compute
 
 
@@ -254,10 +268,240 @@ def occlusion(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.
     return result
 
 
+class _PatchShare(nn.Module):
+    """A patch batch's share of the stitched score, linearised at the output: per row, one in value
+    with the gradient ``seed`` with respect to the network's output ``y`` on the patches (``Σ y ·
+    seed − its value + 1``). DeepLIFT's multipliers and LRP's relevances are linear in the seed
+    (for fixed forward activations), so each patch gets its part of the whole input's; a value of
+    one leaves LRP's relevance as propagated (Captum multiplies it by the output). The arithmetic
+    here is no module: the methods' rules act only inside the network, as in the stitched call.
+    DeepLIFT's second half of the rows (the baselines) gets the same seed. ``seed`` is a tensor, or
+    a function of the (detached) output that makes it: where patches tile the input, from the
+    patch's own output, with no forward pass of its own."""
+
+    def __init__(self, stitched, seed: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.stitched, self.seed = stitched, seed
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        y = self.stitched.outputs(_volume(patches))
+        seed = self.seed(y.detach()) if callable(self.seed) else self.seed
+        seed = seed.repeat(y.shape[0] // seed.shape[0], *(1,) * (seed.ndim - 1))
+        share = (y * seed.to(y.dtype)).flatten(1).sum(1)
+        return share - share.detach() + 1
+
+
+def _explain_patches(spec: MethodSpec, call: Call, column, x5: torch.Tensor, seeds, baseline=None) -> torch.Tensor:
+    """Σ over patch batches of the method's upstream call (guarded, the adapter's rules) on
+    :class:`_PatchShare` with each batch's ``seeds``, added into one result volume (a ``baseline``
+    sliced per patch, as a tensor)."""
+    grid, dims = column.grid, call.inputs.ndim - 2
+    result = torch.zeros_like(x5)
+    upstream = {k: v for k, v in call.params.items() if k != "baselines"}
+    for chunk, seed in seeds:
+        inputs = torch.cat([x5[grid.slices(loc)] for loc in chunk])
+        params = dict(upstream)
+        if baseline is not None:
+            params["baselines"] = torch.cat([_full(_window(baseline, grid.slices(loc)), x5[grid.slices(loc)])
+                                             for loc in chunk])
+            params["baselines"] = params["baselines"].squeeze(-1) if dims == 2 else params["baselines"]
+        # the network is the prepared model, not the stitched one: what the method's guards trace
+        # (rules.attention_names) runs on the patch, never a stitched output at the volume's size
+        patch_call = dataclasses.replace(call, forward=_PatchShare(column.stitched, seed), target=None,
+                                         network=column.stitched.model,
+                                         inputs=inputs.squeeze(-1) if dims == 2 else inputs, params=params,
+                                         noise_tunnel=None)
+        attr = _volume(run_guarded(spec, patch_call).detach())
+        for loc, a in zip(chunk, attr):
+            result[grid.slices(loc)] += a
+    return result
+
+
+def _rule(activation: nn.Module) -> str | None:
+    """Which of Captum's DeepLIFT rules acts on the wrapper's activation
+    (``captum.attr._core.deep_lift.SUPPORTED_NON_LINEAR``): ``"rescale"`` (Captum's ``nonlinear``),
+    ``"softmax"``, ``"gradient"`` (no rule: an identity); None for another rule (not covered here)."""
+    from captum.attr._core import deep_lift
+
+    rule = deep_lift.SUPPORTED_NON_LINEAR.get(type(activation))
+    return {None: "gradient", deep_lift.nonlinear: "rescale", deep_lift.softmax: "softmax"}.get(rule)
+
+
+def _output_multipliers(column, out: torch.Tensor, region: tuple[slice, ...], eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepLIFT's multipliers of the column with respect to the output ``out`` (rows: input,
+    baseline) on ``region``, by Captum's rule for the wrapper's activation (:func:`_rule`; the
+    rescale rule ``Δa/Δo``, the gradient where ``|Δo| < eps``). Returns the input row's multipliers
+    and the sum over both rows of all the multipliers: Captum's ``softmax`` rule subtracts their
+    mean over the whole tensor, which the caller does once every region is seen."""
+    from captum.attr._core import deep_lift
+
+    activation = column.score.activation
+    value = column.mask(region).to(out.dtype) * column.scale  # ∂column/∂(activated output), its channel
+    grad_out = torch.zeros_like(out).index_copy_(1, column.channel, value.expand(out.shape[0], *value.shape[1:]))
+    if _rule(activation) == "gradient":
+        return grad_out[0:1], grad_out.sum()
+    with torch.enable_grad():
+        o = out.detach().requires_grad_(True)
+        a = activation(o)
+        (grad_in,) = torch.autograd.grad(a, o, grad_out)
+    multipliers = deep_lift.nonlinear(activation, o.detach(), a.detach(), grad_in, grad_out, eps=eps)
+    return multipliers[0:1], multipliers.sum()
+
+
+def deeplift(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: MethodSpec, call: Call
+             ) -> torch.Tensor | None:
+    """DeepLIFT (Shrikumar et al. 2017, arXiv:1704.02685) as Captum computes it on the stitched
+    score, patch by patch. The multipliers are linear in the output's multipliers for fixed forward
+    activations, and the stitched output is a weighted sum of patch outputs: so the whole input's
+    multipliers are the sum over patches of each patch's, seeded with the score's multipliers on the
+    blended output (the wrapper's activation by the rescale rule between the blended outputs of the
+    input and the baseline, :func:`_output_multipliers`) times the patch's share of the blend. Each
+    patch's part is Captum's own ``DeepLift`` (through :func:`run_guarded`: the adapter's rules and
+    guards) on :class:`_PatchShare`; results ``(x − b) · multipliers`` add into one volume."""
+    baseline = _baseline(params.get("baselines"), x5)
+    if (nt is not None or baseline is None or params.get("additional_forward_args") is not None
+            or params.get("return_convergence_delta") or params.get("custom_attribution_func") is not None):
+        return None
+    rule = _rule(column.score.activation)
+    if rule is None:
+        return None
+    eps = float(params.get("eps", 1e-10))
+    grid, per_call = column.grid, _patches_per_call(column)
+
+    def pairs(chunk):  # (P, 2, C, *size): each patch of the input and of the baseline
+        return torch.stack([torch.cat([x5[grid.slices(loc)], _full(_window(baseline, grid.slices(loc)),
+                                                                   x5[grid.slices(loc)])]) for loc in chunk])
+
+    normalise = rule == "softmax"
+    seeds = _tiled_seeds(column, pairs, per_call, eps, normalise) if column.separable else \
+        _blended_seeds(column, pairs, per_call, eps, normalise, x5.device)
+    return _explain_patches(spec, call, column, x5, seeds, baseline)
+
+
+def _full(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    return value if torch.is_tensor(value) else torch.full_like(like, value)
+
+
+def _tiled_seeds(column, pairs: Callable, per_call: int, eps: float, normalise: bool):
+    """Where patches tile the input: each patch's seed from its own outputs (the score is a sum over
+    patches), made inside the upstream call's forward pass; Captum's softmax normalisation needs a
+    first pass (no gradients) over every patch for its mean."""
+    grid, stitched = column.grid, column.stitched
+
+    def multipliers(chunk, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per patch of ``chunk``: from ``y``, the outputs of its input rows, then of its baseline rows."""
+        n = len(chunk)
+        return [_output_multipliers(column, torch.cat([y[i:i + 1], y[n + i:n + i + 1]]), grid.slices(loc), eps)
+                for i, loc in enumerate(chunk)]
+
+    shift = 0.0
+    if normalise:  # Captum's softmax rule: minus the mean over both rows, all channels, all voxels
+        total, channels = 0.0, 1
+        for chunk in grid.chunks(per_call):
+            with torch.no_grad():
+                y = stitched.outputs(pairs(chunk).transpose(0, 1).flatten(0, 1))
+            total, channels = total + sum(m[1] for m in multipliers(chunk, y)), y.shape[1]
+        shift = total / (2 * channels * int(np.prod(grid.shape)))
+    for chunk in grid.chunks(per_call):
+        yield chunk, lambda y, chunk=chunk: torch.cat([m[0] for m in multipliers(chunk, y)]) - shift
+
+
+def _blended_seeds(column, pairs: Callable, per_call: int, eps: float, normalise: bool, device: torch.device):
+    """Where patches overlap: the blended outputs of the input and the baseline (two rows at the
+    volume's size), turned slab by slab into the input row's multipliers; each patch's seed is its
+    region of them times its blending weight ``w / Σ w``."""
+    stitched, grid = column.stitched, column.grid
+    out = stitched.blended(pairs, 2, device, per_call * 2)
+    window, total = stitched.weights(device)
+    multiplier_sum = 0.0
+    for slab in _slabs(out, int(grid.size[0])):
+        first, both = _output_multipliers(column, out[slab], slab, eps)
+        out[slab][0:1] = first
+        multiplier_sum = multiplier_sum + both
+    multipliers = out[0:1]
+    if normalise:  # Captum's softmax rule: minus the mean over both rows, all channels, all voxels
+        multipliers -= multiplier_sum / out.numel()
+    multipliers /= total
+    for chunk in grid.chunks(per_call):
+        yield chunk, torch.cat([multipliers[grid.slices(loc)] * window for loc in chunk])
+
+
+def _patches_per_call(column) -> int:
+    """Patches per upstream call: the patch batch (the stitched model's rows per patch divided out)."""
+    return max(1, column.stitched.batch_size // max(1, column.stitched.rows))
+
+
+def _relevance(column, out: torch.Tensor, region: tuple[slice, ...]) -> torch.Tensor:
+    """The column's relevance on the output ``out`` over ``region`` as LRP hands it to the network
+    with esegeta's rules on the wrapper (:func:`esegeta.adapters.captum.lrp_rule_for`): the masked
+    sum's ε rule gives each voxel its term ``a · mask · scale`` of the score, the activation's
+    identity rule passes it on to the output (the ε rule's ``S / (S + ε)``, ε = 1e-9, left out)."""
+    activated = column.score.activation(out).index_select(1, column.channel)
+    value = activated * column.mask(region).to(out.dtype) * column.scale
+    return torch.zeros_like(out).index_copy_(1, column.channel, value)
+
+
+def lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: MethodSpec, call: Call
+        ) -> torch.Tensor | None:
+    """Layer-wise relevance propagation (Bach et al. 2015, doi:10.1371/journal.pone.0130140) as
+    Captum's ``LRP`` with esegeta's rules computes it on a wrapped model, on the stitched score,
+    patch by patch. Captum's LRP refuses a module called more than once, so it cannot run on the
+    stitched model itself; what it would give there: the relevance entering the stitched output
+    (:func:`_relevance`) shared among the patches by their blending weights ``w / Σ w`` (the blend
+    is linear, relevance flows through it as a gradient), then each patch's network by the layers'
+    rules. Relevance is linear in what enters the network (for fixed forward activations), so each
+    patch's part is Captum's own ``LRP`` (through :func:`run_guarded`: the adapter's rules) on
+    :class:`_PatchShare` seeded with its share; the parts add into one result volume. Equal to
+    Captum's LRP on the whole input where the stitched prediction is the whole one (tests)."""
+    if (nt is not None or params.get("additional_forward_args") is not None
+            or params.get("return_convergence_delta")):
+        return None
+    grid, stitched, per_call = column.grid, column.stitched, _patches_per_call(column)
+
+    def patches(chunk):  # (P, C, *size)
+        return torch.cat([x5[grid.slices(loc)] for loc in chunk])
+
+    def seeds():
+        if column.separable:  # each voxel's relevance from its one patch's output, in the upstream's forward
+            for chunk in grid.chunks(per_call):
+                yield chunk, lambda y, chunk=chunk: torch.cat([_relevance(column, y[i:i + 1], grid.slices(loc))
+                                                               for i, loc in enumerate(chunk)])
+            return
+        out = stitched.blended(lambda chunk: patches(chunk)[:, None], 1, x5.device, per_call)
+        window, total = stitched.weights(x5.device)
+        for slab in _slabs(out, int(grid.size[0])):
+            out[slab] = _relevance(column, out[slab], slab) / total[slab[2:]]
+        for chunk in grid.chunks(per_call):
+            yield chunk, torch.cat([out[grid.slices(loc)] * window for loc in chunk])
+
+    return _explain_patches(spec, call, column, x5, seeds())
+
+
 #: The methods computed here in global patch mode, by id (the rest go to their adapter).
 ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.IntegratedGradients": integrated_gradients,
     "captum.Saliency": _gradient_method(_saliency, linear=False),
     "captum.InputXGradient": _gradient_method(_input_x_gradient, linear=True),
     "captum.Occlusion": occlusion,
+    "captum.DeepLift": deeplift,
+    "captum.LRP": lrp,
 }
+#: Methods whose upstream cannot run on the stitched model, with the reason: global mode needs the
+#: streamed algorithm for them (:func:`esegeta.attribution.patcher.check_global`).
+STREAMED_ONLY: Mapping[str, str] = {
+    "captum.LRP": "Captum's LRP refuses a module called more than once, and the stitched model calls the "
+                  "network once per patch batch",
+}
+#: Rows of the stitched output an algorithm holds at the volume's size where patches overlap (one
+#: where not listed; DeepLIFT: the input's and the baseline's).
+BLENDED_ROWS: Mapping[str, int] = {"captum.DeepLift": 2}
+#: Memory of one patch batch's upstream call, in the patch's forward activations, where it is not
+#: the 1.2 of a plain gradient (:data:`esegeta.run.check.STREAMED_ACTIVATIONS`): DeepLIFT runs the
+#: input's and the baseline's rows and Captum's hooks clone each nonlinear module's input and
+#: output; Captum's LRP clones each layer's output and keeps its input over two forward passes.
+#: Calibrated on ``benchmarks/patch_memory.py`` (the tiny segmenter, one 64³ patch: DeepLIFT 186 MiB,
+#: LRP 114 MiB for 37 MiB of activations).
+ACTIVATION_FACTOR: Mapping[str, float] = {"captum.DeepLift": 5.0, "captum.LRP": 3.1}
+#: The algorithms that call the method's upstream per patch (they get its spec and call).
+_PER_PATCH_UPSTREAM = (deeplift, lrp)

@@ -332,6 +332,8 @@ def _costs(c: MethodCheck, spec, entry, x: torch.Tensor, forward: _Forward, patc
     c.cost_note = passes.note
     if passes.forward is not None:
         c.seconds = cost.estimated_seconds(passes, row_seconds)
+        if patch is not None and passes.known and c.seconds is not None:  # time linear in the patches
+            c.notes.append(f"{cost.duration_text(c.seconds / n)} per patch × {n} patches")
     if passes.note:
         c.notes.append(f"passes {'estimated' if passes.known else 'unknown'}: {passes.note}")
 
@@ -401,7 +403,9 @@ def _method_check(plan: planning.Plan, index: int, x: torch.Tensor, forward: _Fo
         c.notes.append(f"estimated peak {_size(c.memory_bytes)} is close to {room}")
     if fits:
         c.fitting_batch = fits
-        c.notes.append(f"within {room}: {what} up to {fits}")
+        chosen = " (the run uses it: patch.batch_size is not set)" if global_mode and patch is not None \
+            and "batch_size" not in patch.model_fields_set else ""
+        c.notes.append(f"within {room}: {what} up to {fits}{chosen}")
     return c
 
 
@@ -425,7 +429,8 @@ def streamed_bytes(request: Any, grid: Grid, voxels: int, input_bytes: int, outp
     ``multiclass``: one per output channel; where patches tile the input a bit per voxel and
     column, else a byte; a ``region`` wrapper's float weights) and SmoothGrad's noise of one
     sample. Where the patches overlap, also the stitched output of one step (turned into its
-    gradient), the sum of windows and SmoothGrad's gradient of one sample; and the masks are
+    gradient; DeepLIFT: the input's and the baseline's, :data:`esegeta.attribution.streamed.BLENDED_ROWS`),
+    the sum of windows and SmoothGrad's gradient of one sample; and the masks are
     frozen on the stitched output (output, activation, int64 labels, float masks, sum of windows):
     the larger of the two."""
     wrapper = request.wrapper
@@ -438,7 +443,7 @@ def streamed_bytes(request: Any, grid: Grid, voxels: int, input_bytes: int, outp
         return 2 * input_bytes + columns * voxels // 8 + noise
     mask_bytes = columns * voxels * (4 if wrapper.name == "region" else 1)
     held = 2 * input_bytes + mask_bytes + noise
-    step = held + output_bytes + 4 * voxels + noise
+    step = held + streamed.BLENDED_ROWS.get(request.spec.id, 1) * output_bytes + 4 * voxels + noise
     build = input_bytes + 2 * output_bytes + 8 * voxels + 4 * columns * voxels + 4 * voxels
     return max(step, build)
 
@@ -470,7 +475,7 @@ def planned_peak(forward: _Forward, x: torch.Tensor, batch: int, patch: Any = No
     if held is None:
         held = VOLUME_COPIES * input_bytes + output_bytes
     else:  # one recomputed patch batch at a time: its saved activations, gradients one layer at a time
-        activations = activations / 2 * STREAMED_ACTIVATIONS
+        activations = activations / 2 * streamed.ACTIVATION_FACTOR.get(request.spec.id, STREAMED_ACTIVATIONS)
     return int(activations + forward.weight_bytes + held)
 
 
@@ -490,6 +495,23 @@ def fitting_batch(forward: _Forward, x: torch.Tensor, patch: Any, budget: int, l
         mid = (low + high + 1) // 2
         low, high = (mid, high) if peak(mid) <= budget else (low, mid - 1)
     return low
+
+
+def patch_batch(request: Any, ready: nn.Module, x: torch.Tensor, budget: int | None) -> int | None:
+    """The ``patch.batch_size`` a global-patch ``request`` runs with when its config sets none: the
+    largest that :func:`planned_peak` puts within ``budget`` bytes (one forward pass of a patch-sized
+    crop of ``x`` on the prepared ``ready`` copy), at most the number of patches; None where the
+    budget is unknown or the request is not global (the configured value stands)."""
+    patch = request.patch
+    if budget is None or patch is None or patch.mode != "global":
+        return None
+    probe = x[(slice(0, 1), slice(None)) + tuple(slice(0, min(s, n)) for s, n in zip(patch.size, x.shape[2:]))]
+    forward = _forward_pass(ready, probe)
+    forward.voxels = math.prod(probe.shape[2:])
+    rows = params_mod.effective_batch(request.spec, dict(request.params), request.noise_tunnel)
+    fits = fitting_batch(forward, x[:1], patch, budget, request=request)
+    grid = Grid.over(tuple(x.shape[2:]), list(patch.size), list(patch.overlap) if patch.overlap else None, patch.blend)
+    return max(1, min(len(grid.locations), (fits or 1) // max(1, rows) or 1))
 
 
 def _output_bytes(forward: _Forward) -> int:

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from esegeta.attribution import architectures, conservation, numerics, scheduling, summaries, verdicts
+from esegeta.attribution import (architectures, conservation, numerics, patcher, scheduling, streamed, summaries,
+                                 verdicts)
 from esegeta.attribution.explainer import run
-from esegeta.run import progress
+from esegeta.run import check as check_mod, progress
 from esegeta.run.executor import RetryPolicy, Worker, attribute_warnings
 from esegeta.run.plan import Job, Plan
 from esegeta.run.timeouts import TimeLimitExceeded, call_with_limit
@@ -71,7 +72,8 @@ def compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray
 
     def compute():
         attribute_warnings(job.name)
-        return RetryPolicy(precision.attempts).run(attempt, e.request, _halved,
+        request = _patch_batch_from_budget(e.request, worker, x, rt, records)
+        return RetryPolicy(precision.attempts).run(attempt, request, _halved,
                                                    lambda r: bool(torch.isfinite(r[0]).all()), notify)
 
     start = time.perf_counter()
@@ -114,6 +116,27 @@ def _facts(outcome, request: Request, x: torch.Tensor) -> list[tuple[dict, torch
     return [({"target": t, "predicted": p}, m, c) for t, p, m, c in zip(targets, predicted, masks, checks)]
 
 
+def _patch_batch_from_budget(request: Request, worker: Worker, x: torch.Tensor, rt: config_mod.RuntimeConfig,
+                             records: list[dict]) -> Request:
+    """A global-patch request whose config sets no ``patch.batch_size``, with the largest that fits
+    the memory budget (``runtime.memory_gb``, else what the device has free now; the estimate of
+    :func:`esegeta.run.check.planned_peak`), recorded in each record's ``patch_batch_size``; else
+    ``request`` unchanged."""
+    patch = request.patch
+    if patch is None or patch.mode != "global" or "batch_size" in patch.model_fields_set:
+        return request
+    budget = int(rt.memory_gb * 2**30) if rt.memory_gb is not None else check_mod.available_memory(worker.device)
+    chosen = check_mod.patch_batch(request, worker.replica(x), x, budget)
+    if chosen is None:
+        return request
+    source = f"runtime.memory_gb ({rt.memory_gb} GiB)" if rt.memory_gb is not None else \
+        f"free memory on {worker.device} ({budget / 2**30:.1f} GiB)"
+    for record in records:
+        record["patch_batch_size"] = {"value": chosen, "from": source}
+    log.info("patch.batch_size %d: the largest that fits %s", chosen, source)
+    return request.replace(patch=patch.model_copy(update={"batch_size": chosen}))
+
+
 def _halved(request: Request) -> Request | None:
     """The request with the method's internal batch parameter halved, or None (cannot shrink)."""
     smaller = params_mod.halve_batch(request.spec, request.params, request.noise_tunnel)
@@ -125,12 +148,16 @@ def _results(plan: Plan, job: Job, worker: Worker, x: torch.Tensor, records: lis
     """Per input: the record completed with the verdict on its result, the result and its extras
     (``x`` is the job's batch on the worker's device)."""
     (attr, scores, extras, facts), request = done.value, done.settings
+    extras = dict(extras)
+    provenance = extras.pop(streamed.PROVENANCE, None)  # global patches: how the result was computed
     params, noise_tunnel = dict(request.params), request.noise_tunnel
     if attr.shape[0] != len(job.items):
         raise RuntimeError(f"the method returned {attr.shape[0]} results for {len(job.items)} inputs")
     seconds = round(elapsed / len(job.items), 4)
     # where the method's axiom (summation to delta, conservation) holds only approximately on this model
-    notes = architectures.axiom_notes(job.entry.spec, architectures.network(worker.replica(x)), x[:1])
+    # (a structural trace, gates: on a patch with patches, never the whole volume)
+    notes = architectures.axiom_notes(job.entry.spec, architectures.network(worker.replica(x)),
+                                      patcher.first_patch(x[:1], request.patch))
     computed = []
     for n, ((_, item), record) in enumerate(zip(job.items, records)):
         one = attr[n:n + 1]
@@ -160,6 +187,8 @@ def _results(plan: Plan, job: Job, worker: Worker, x: torch.Tensor, records: lis
             record["params"] = {**params, **({"noise_tunnel": dict(noise_tunnel)} if noise_tunnel else {})}
         if len(job.items) > 1:
             record["batch"] = len(job.items)
+        if provenance is not None:
+            record["provenance"] = provenance
         result = one[0].cpu().numpy()
         if plan.summaries is not None:
             record["summaries"] = _summaries(plan.summaries, job, worker, x[n:n + 1], request, result, record)
