@@ -10,6 +10,7 @@ from captum.attr import DeepLift, InputXGradient, IntegratedGradients, NoiseTunn
 import esegeta
 from esegeta.attribution import streamed
 from esegeta.attribution.patcher import Grid, Stitched
+from esegeta.attribution.rules import PairedSoftmax
 from esegeta.spec.request import wrapper_config
 
 from conftest import tissue_case
@@ -20,10 +21,19 @@ OVERLAPPING = {"size": [8, 8, 6], "overlap": [4, 4, 2], "mode": "global", "blend
 SIGMOID_MEAN = {"name": "threshold", "channel": 1, "activation": "sigmoid", "reduction": "mean", "threshold": 0.3}
 
 
+def _exact_softmax(wrapped, cls):
+    """For DeepLift, the wrapper's softmax as esegeta runs it (:class:`PairedSoftmax`: the exact
+    multiplier, where Captum's own ``nn.Softmax`` rule is approximate; tests/test_wrapper_softmax.py)."""
+    activation = wrapped.score.activation
+    if cls is DeepLift and type(activation) is torch.nn.Softmax:
+        wrapped.score.activation = PairedSoftmax(activation.dim)
+    return wrapped
+
+
 def _captum(model, x, wrapper, patch, cls, target, **kw):
     """Captum's own call on the stitched prediction's wrapped score (the whole volume at once)."""
     grid = Grid.over(tuple(x.shape[2:]), patch["size"], patch["overlap"], patch.get("blend", "average"))
-    wrapped = Stitched.build_wrapper(Stitched(model, grid, 3, 4), x, wrapper_config(wrapper))
+    wrapped = _exact_softmax(Stitched.build_wrapper(Stitched(model, grid, 3, 4), x, wrapper_config(wrapper)), cls)
     nt = kw.pop("noise_tunnel", None)
     explainer = cls(wrapped)
     if nt is not None:
@@ -171,15 +181,15 @@ def test_hooking_methods_on_tiled_masks_equal_unpatched(method):
                                    {"size": [8, 6], "overlap": [4, 2], "mode": "global", "blend": "hann"}],
                          ids=["tiled", "overlapping"])
 def test_streamed_deeplift_on_a_2d_input_with_softmax(patch, monkeypatch):
-    """A 2D input (volumes of depth 1) and Captum's softmax rule (its mean over the whole tensor,
-    taken over every patch): equal to Captum's DeepLift on the whole stitched model."""
+    """A 2D input (volumes of depth 1) and the wrapper's softmax (its exact multiplier, per voxel):
+    equal to Captum's DeepLift on the whole stitched model with that softmax."""
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 3, 3, padding=1),
                                 torch.nn.ReLU(), torch.nn.Conv2d(3, 3, 1)).eval()
     x = torch.randn(1, 2, 16, 12)
     wrapper = {"name": "multiclass", "activation": "softmax"}
     grid = Grid.over(tuple(x.shape[2:]), patch["size"], patch["overlap"], patch.get("blend", "average"))
-    wrapped = Stitched.build_wrapper(Stitched(model, grid, 2, 2), x, wrapper_config(wrapper))
+    wrapped = _exact_softmax(Stitched.build_wrapper(Stitched(model, grid, 2, 2), x, wrapper_config(wrapper)), DeepLift)
     theirs = DeepLift(wrapped).attribute(x, target=1, baselines=0.25).detach()
     _no_fallback(monkeypatch)
     ours = esegeta.explain(model, x, "captum.DeepLift", 1, wrapper=wrapper, patch=patch, baselines=0.25)

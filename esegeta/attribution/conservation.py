@@ -96,7 +96,7 @@ def check(spec, call: Call, result: torch.Tensor, score: float | None) -> Check 
     nothing is checked (:func:`applies`; no target; a baseline that cannot be rebuilt here)."""
     if score is None or call.target is None or not applies(spec, call.params, call.noise_tunnel):
         return None
-    total = float(result.detach().double().sum())
+    total = _sum(result)
     if spec.axiom == "conservation":
         if getattr(spec.adapter, "relevance_seed", "score") == "one":
             explained, what = 1.0, "the output seed (1)"
@@ -109,6 +109,13 @@ def check(spec, call: Call, result: torch.Tensor, score: float | None) -> Check 
         explained, what = float(score) - reference, "f(x) - f(baseline)"
     ratio = total / explained if abs(explained) > 1e-12 else None
     return Check(spec.axiom, total, explained, what, ratio, TOLERANCE[spec.axiom], _rules(spec, call))
+
+
+def _sum(result: torch.Tensor, part: int = 1 << 22) -> float:
+    """Σ ``result`` in float64, part by part: a whole float64 copy of a clinical volume's result
+    would cost two volumes at the check (measured: IG at 512×512×300, 3.99 → 1.19 patches' peak)."""
+    flat = result.detach().reshape(-1)
+    return float(sum(chunk.double().sum() for chunk in flat.split(part))) if flat.numel() else 0.0
 
 
 def _rules(spec, call: Call) -> tuple[tuple[str, Any], ...]:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from esegeta.attribution.guard import restored, run_guarded
+from esegeta.attribution.rules import PairedSoftmax
 from esegeta.spec.registry import Call, MethodSpec
 
 
@@ -318,11 +319,14 @@ def _explain_patches(spec: MethodSpec, call: Call, column, x5: torch.Tensor, see
 
 
 def _rule(activation: nn.Module) -> str | None:
-    """Which of Captum's DeepLIFT rules acts on the wrapper's activation
-    (``captum.attr._core.deep_lift.SUPPORTED_NON_LINEAR``): ``"rescale"`` (Captum's ``nonlinear``),
-    ``"softmax"``, ``"gradient"`` (no rule: an identity); None for another rule (not covered here)."""
+    """Which DeepLIFT rule acts on the wrapper's activation: ``"paired"`` for a softmax (the exact
+    multiplier it gets while DeepLIFT runs whole, :class:`esegeta.attribution.rules.PairedSoftmax`),
+    else Captum's (``captum.attr._core.deep_lift.SUPPORTED_NON_LINEAR``): ``"rescale"`` (Captum's
+    ``nonlinear``), ``"softmax"``, ``"gradient"`` (no rule: an identity); None for another rule."""
     from captum.attr._core import deep_lift
 
+    if isinstance(activation, (nn.Softmax, PairedSoftmax)) and isinstance(activation.dim, int):
+        return "paired"
     rule = deep_lift.SUPPORTED_NON_LINEAR.get(type(activation))
     return {None: "gradient", deep_lift.nonlinear: "rescale", deep_lift.softmax: "softmax"}.get(rule)
 
@@ -339,8 +343,14 @@ def _output_multipliers(column, out: torch.Tensor, region: tuple[slice, ...], ep
     activation = column.score.activation
     value = column.mask(region).to(out.dtype) * column.scale  # ∂column/∂(activated output), its channel
     grad_out = torch.zeros_like(out).index_copy_(1, column.channel, value.expand(out.shape[0], *value.shape[1:]))
-    if _rule(activation) == "gradient":
+    rule = _rule(activation)
+    if rule == "gradient":
         return grad_out[0:1], grad_out.sum()
+    if rule == "paired":  # per voxel over the classes: each region's multipliers are its own
+        with torch.enable_grad():
+            o = out.detach().requires_grad_(True)
+            (grad_in,) = torch.autograd.grad(PairedSoftmax(activation.dim)(o), o, grad_out)
+        return grad_in[0:1], grad_in.sum()
     with torch.enable_grad():
         o = out.detach().requires_grad_(True)
         a = activation(o)
