@@ -427,3 +427,66 @@ def test_global_mode_holds_one_whole_input_row_at_a_time(method, kwargs):
     reference = esegeta.explain(model, x, method, 2, wrapper=case.wrapper, patch=patch, **rows)
     if method != "captum.Saliency":  # SmoothGrad draws noise: same seed, but not the same draws per row
         torch.testing.assert_close(attr, reference, rtol=1e-4, atol=1e-6)
+
+
+SEEING_MODEL = '''
+import torch
+from torch import nn
+
+
+class Seeing(nn.Module):
+    """Records the spatial shape of every input its forward sees."""
+    seen = []
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 3, 3, padding=1)
+
+    def forward(self, x):
+        Seeing.seen.append(tuple(x.shape[2:]))
+        return self.conv(x)
+
+
+def build():
+    torch.manual_seed(0)
+    return Seeing().eval()
+'''
+
+
+@pytest.mark.parametrize("wrapper", [{"name": "multiclass", "activation": "softmax"}, "region"])
+def test_a_global_patch_run_never_passes_the_whole_volume_through_the_model(tmp_path, wrapper):
+    """Before: planning (the prepared copy, each entry's wrapper and target check) ran the model on
+    the whole first input, a clinical volume's activations at once; now on the first patch."""
+    (tmp_path / "seeing.py").write_text(SEEING_MODEL)
+    volume = torch.rand(24, 24, 16, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "volume.npy", volume.numpy())
+    if wrapper == "region":
+        mask = np.zeros((24, 24, 16), dtype=np.uint8)
+        mask[4:12, 4:12, 2:10] = 1
+        np.save(tmp_path / "mask.npy", mask)
+        wrapper = {"name": "region", "mask": "mask.npy", "activation": "none"}
+    config = {"model": {"factory": "seeing.py:build"},
+              "inputs": {"paths": ["volume.npy"], "spatial_dims": 3},
+              "wrapper": wrapper, "target": 1 if wrapper["name"] == "multiclass" else 0,
+              "patch": {"size": [8, 8, 8], "overlap": [2, 2, 2], "mode": "global"},
+              "output": {"dir": "out", "formats": ["npy"]}, "methods": [{"id": "captum.Saliency"}]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    pipeline = esegeta.Pipeline(tmp_path / "config.json")
+    seen = type(pipeline.validate().model).seen
+    assert seen and max(np.prod(s) for s in seen) <= 8 * 8 * 8, seen
+    result = pipeline.run()
+    assert result.exit_code == 0, result.runs
+    assert max(np.prod(s) for s in seen) <= 8 * 8 * 8
+
+
+def test_a_region_mask_of_another_shape_is_refused_with_patches(tmp_path):
+    (tmp_path / "seeing.py").write_text(SEEING_MODEL)
+    np.save(tmp_path / "volume.npy", np.random.default_rng(0).random((24, 24, 16)).astype(np.float32))
+    np.save(tmp_path / "mask.npy", np.ones((24, 24, 8), dtype=np.uint8))
+    config = {"model": {"factory": "seeing.py:build"}, "inputs": {"paths": ["volume.npy"], "spatial_dims": 3},
+              "wrapper": {"name": "region", "mask": "mask.npy"}, "target": 0,
+              "patch": {"size": [8, 8, 8], "mode": "global"},
+              "output": {"dir": "out", "formats": ["npy"]}, "methods": [{"id": "captum.Saliency"}]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="wrapper.mask"):
+        esegeta.Pipeline(tmp_path / "config.json").validate()

@@ -27,7 +27,7 @@ from esegeta.errors import Problem, raise_problems, ConfigError, did_you_mean
 from esegeta.io.datasets import InputRef
 from esegeta.io.loading import load_model
 from esegeta.spec.params import check_method
-from esegeta.attribution.patcher import check_global
+from esegeta.attribution.patcher import check_global, first_patch
 from esegeta.attribution.architectures import refuse
 from esegeta.attribution.prepare import PreparedModel, prepared
 from esegeta.spec.config import Resolved, resolve
@@ -66,16 +66,31 @@ def model_problems(e: Resolved, ready: PreparedModel, x: torch.Tensor, base_dir:
 
     collect(check_task, e.spec, r.wrapper, e.where("wrapper"))
     collect(check_dims, e.spec, x, f"methods[{e.index}].id")
+    mask = None
+    if r.patch is not None:  # the checks' forward passes on the first patch, never the whole volume
+        if r.wrapper is not None and r.wrapper.name == "region":
+            mask = collect(_region_crop, r.wrapper, x, r.patch, base_dir)
+        x = first_patch(x, r.patch)
     if r.layer:
         collect(find_layers, ready, r.layer, f"methods[{e.index}].layer", e.spec)
     if found:
         return found
     collect(lambda: refuse(e.spec, ready, x, f"methods[{e.index}].id", layer=r.layer, params=dict(r.params),
                            wrapper=r.wrapper))
-    forward = collect(wrappers.build, ready, x, r.wrapper, base_dir) if r.wrapper else ready
+    forward = collect(lambda: wrappers.build(ready, x, r.wrapper, base_dir, mask=mask)) if r.wrapper else ready
     if e.spec.needs_target and forward is not None:
         collect(resolve_target, forward, x, r.target, e.where("target"), True)
     return found
+
+
+def _region_crop(wrapper: Any, x: torch.Tensor, patch: Any, base_dir: Path | None) -> torch.Tensor:
+    """A region wrapper's mask, checked against the whole input's spatial shape, cropped to the first patch."""
+    mask = wrappers.region_mask(wrapper.mask, base_dir, x.device)
+    spatial = tuple(x.shape[2:])
+    if tuple(mask.shape[-len(spatial):]) != spatial or any(n != 1 for n in mask.shape[:-len(spatial)]):
+        raise ConfigError("wrapper.mask", f"mask shape {tuple(mask.shape)} does not match the input's spatial "
+                                          f"shape {spatial}")
+    return first_patch(mask.reshape(1, 1, *spatial), patch)
 
 
 @dataclass
@@ -142,8 +157,8 @@ def plan(config: config_mod.Config, base_dir: Path | None, *, only: list[str] | 
     inputs = datasets.refs(datasets.source(config.inputs, base_dir, config.model))
     # with Ray the actors hold the replicas: the driver checks on the CPU, holding no GPU memory
     first = inputs[0].tensor.to(devices[0] if config.runtime.backend == "local" else torch.device("cpu"))
-    try:
-        ready = prepared(model, first)
+    try:  # the prepared copy's one forward pass: on the first patch where the config has patches
+        ready = prepared(model, first_patch(first, config.patch))
     except Exception as exc:
         raise model_fails(exc, inputs[0], tuple(first.shape)) from exc
     datasets.scan(inputs)
