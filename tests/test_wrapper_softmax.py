@@ -77,3 +77,16 @@ def test_the_wrappers_softmax_is_swapped_only_while_deeplift_runs():
         with torch.no_grad():
             assert torch.allclose(forward(pair), expected, rtol=1e-6, atol=1e-6)
     assert forward.score.activation is softmax
+
+
+def test_an_empty_target_mask_cannot_be_checked_rather_than_failing_conservation():
+    """Zennit's composites seed the target column with 1: where the target's frozen mask is empty
+    (score 0) the seed reaches no input. Before: "conservation does not hold: Σ relevance is 0×
+    the output seed"; now the check says it cannot be made, as for a zero score elsewhere."""
+    model, x, _ = _models()["plain"]  # class 1 is predicted nowhere
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attr = esegeta.explain(model, x, "zennit.EpsilonPlus", target=1, wrapper=SOFTMAX)
+    said = [str(w.message) for w in caught if "conservation" in str(w.message)]
+    assert float(attr.abs().sum()) == 0
+    assert said and all("cannot be checked" in s for s in said), said

@@ -100,6 +100,8 @@ def check(spec, call: Call, result: torch.Tensor, score: float | None) -> Check 
     if spec.axiom == "conservation":
         if getattr(spec.adapter, "relevance_seed", "score") == "one":
             explained, what = 1.0, "the output seed (1)"
+            if abs(float(score)) <= 1e-12:  # a score of 0 (an empty mask): the seed reaches no input
+                return Check(spec.axiom, total, explained, what, None, TOLERANCE[spec.axiom], _rules(spec, call))
         else:
             explained, what = float(score), "score"
     else:
@@ -173,7 +175,8 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
     if found.holds is not False and found.ratio is not None:
         return None
     if found.ratio is None:
-        return (f"{found.axiom} cannot be checked: the explained value ({found.what}) is about 0 "
+        what = "the explained score" if found.what == "the output seed (1)" else f"the explained value ({found.what})"
+        return (f"{found.axiom} cannot be checked: {what} is about 0 "
                 f"(Σ relevance {found.total:.4g}); choose a target or baseline with a score to explain")
     said = f"Σ relevance is {found.ratio:.3g}× {found.what} ({found.total:.4g} vs {found.explained:.4g}; " \
            f"tolerance ±{found.tolerance:g})"
