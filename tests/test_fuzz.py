@@ -44,7 +44,10 @@ def _method(entry: dict) -> dict:
 
 NAMED = {
     # once tracebacks
-    "nested 2,000 deep": (b'{"methods": ' + b"[" * 2000 + b"]" * 2000 + b"}", "config.json: "),
+    # the JSON parser's own depth limit follows the recursion limit (which other tests in the process
+    # may have raised): either it refuses the text, or esegeta's nesting check refuses the path
+    "nested 2,000 deep": (b'{"methods": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+                          ("config.json: ", "nested more than 32 levels deep")),
     "not UTF-8": (b'\xff\xfe{"model": 1}', "not UTF-8"),
     "5,001-digit number": (b'{"target": ' + b"9" * 5001 + b"}", "target: an integer of 5001 digits"),
     "hyphen key": (_digits(**{"top-level": 1}), '["top-level"]: unknown key'),
@@ -93,7 +96,7 @@ def test_named_fault_exits_2_naming_its_field(name, tmp_path):
         content = json.dumps(content).encode()
     answer = run_case(content, tmp_path)
     assert answer.kind == "exit 2", f"{answer.kind}: {answer.error}\n{answer.stderr}"
-    assert expected in answer.stderr, answer.stderr
+    assert any(e in answer.stderr for e in (expected if isinstance(expected, tuple) else (expected,))), answer.stderr
 
 
 def test_a_zip_that_looks_like_torchscript_is_refused_as_weights(tmp_path):

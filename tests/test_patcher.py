@@ -490,3 +490,22 @@ def test_a_region_mask_of_another_shape_is_refused_with_patches(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="wrapper.mask"):
         esegeta.Pipeline(tmp_path / "config.json").validate()
+
+
+def test_lrp_with_a_noise_tunnel_in_global_mode_is_refused_before_the_run(tmp_path):
+    """Captum's LRP runs in global mode only as the streamed algorithm, which takes no noise tunnel:
+    before, the call fell back to Captum on the stitched model and raised Captum's TypeError."""
+    nt = {"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}
+    model = pointwise(3)
+    with pytest.raises(ConfigError, match="no noise tunnel"):
+        esegeta.explain(model, volume(3), "captum.LRP", 1, wrapper=BINARY, noise_tunnel=nt,
+                        patch=patch_of(3, mode="global"))
+    (tmp_path / "seeing.py").write_text(SEEING_MODEL)
+    np.save(tmp_path / "volume.npy", np.random.default_rng(0).random((16, 16, 8)).astype(np.float32))
+    config = {"model": {"factory": "seeing.py:build"}, "inputs": {"paths": ["volume.npy"], "spatial_dims": 3},
+              "wrapper": {"name": "multiclass", "activation": "softmax"}, "target": 1,
+              "patch": {"size": [8, 8, 8], "mode": "global"}, "output": {"dir": "out", "formats": ["npy"]},
+              "methods": [{"id": "captum.LRP", "noise_tunnel": nt}]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="no noise tunnel"):
+        esegeta.Pipeline(tmp_path / "config.json").validate()

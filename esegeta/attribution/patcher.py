@@ -732,7 +732,7 @@ class Global:
 
     def __call__(self, inner: CallFn, request: Request, model: nn.Module, x: torch.Tensor, **kw: Any) -> Outcome:
         grid = Grid.over(tuple(x.shape[2:]), list(self.patch.size), self.patch.overlap, self.patch.blend)
-        check_global(request.spec, request.wrapper)
+        check_global(request.spec, request.wrapper, noise_tunnel=request.noise_tunnel)
         one_row, rows = rows_one_at_a_time(request)
         stitched = Stitched(model, grid, x.ndim - 2, self.patch.batch_size * rows, request.wrapper.output, rows)
         # input-resolution attributions only (check_global): no layer to find on the stitched model;
@@ -776,8 +776,8 @@ def strategy(patch: PatchConfig | None) -> Whole | Local | Global:
     return Global(patch) if patch.mode == "global" else Local(patch)
 
 
-def check_global(spec: MethodSpec, wrapper: Any, where: str = "patch.mode") -> None:
-    """A ConfigError unless ``spec`` can explain a stitched, wrapped prediction."""
+def check_global(spec: MethodSpec, wrapper: Any, where: str = "patch.mode", noise_tunnel: Any = None) -> None:
+    """A ConfigError unless ``spec`` (with ``noise_tunnel``) can explain a stitched, wrapped prediction."""
     if wrapper is None:
         raise ConfigError(where, "global mode explains a wrapper's score of the stitched segmentation: set a "
                                  "wrapper, or use mode 'local'")
@@ -788,3 +788,6 @@ def check_global(spec: MethodSpec, wrapper: Any, where: str = "patch.mode") -> N
     if reason and getattr(wrapper, "name", None) not in BUILTIN:
         raise ConfigError(where, f"{spec.id} runs in global mode only as esegeta's streamed algorithm, with a "
                                  f"built-in wrapper ({', '.join(BUILTIN)}): {reason}; use mode 'local'")
+    if reason and noise_tunnel is not None:
+        raise ConfigError(where, f"{spec.id} runs in global mode only as esegeta's streamed algorithm, which takes "
+                                 f"no noise tunnel: {reason}; use mode 'local' or drop noise_tunnel")

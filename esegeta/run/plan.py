@@ -44,7 +44,7 @@ def entry_problems(config: config_mod.Config, index: int) -> list[Problem]:
         check_method(m.id, m.params, m.layer, m.noise_tunnel, where, m.enabled)
         e = resolve(m, config, index)
         if e.request.patch is not None and e.request.patch.mode == "global":
-            check_global(e.spec, e.request.wrapper, e.where("patch") + ".mode")
+            check_global(e.spec, e.request.wrapper, e.where("patch") + ".mode", e.request.noise_tunnel)
         if e.device:
             scheduling.resolve_devices(e.device, e.where("device"))
     except ConfigError as exc:
@@ -186,7 +186,7 @@ def nnunet_patch(config: config_mod.Config, base_dir: Path | None, indices: list
     def runs_global(i: int) -> bool:
         try:
             e = resolve(config.methods[i], config, i)
-            check_global(e.spec, e.request.wrapper)
+            check_global(e.spec, e.request.wrapper, noise_tunnel=e.request.noise_tunnel)
         except ConfigError:
             return False
         return e.request.patch is None
