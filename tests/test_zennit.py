@@ -5,6 +5,8 @@ Conformance (every zennit method on digits, retina2d and tissue3d) runs in test_
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -292,6 +294,19 @@ def test_trace_records_every_layer(digits, tissue):
     plain, trace = _trace(digits, "zennit.Gradient")
     assert torch.equal(trace["stem.0"], plain)
     assert hook_count(prepared(digits.model, digits.x)) == 0
+
+
+def test_trace_of_a_wrapped_batch_has_every_input(retina):
+    """A wrapped batch explained one input per call keeps each input's trace (it kept the first's only:
+    the second input's slice was empty)."""
+    x = torch.cat([retina.x, retina.x.flip(-1)])
+    request = from_arguments("zennit.EpsilonPlus", target=retina.target, wrapper=retina.wrapper, params={"trace": True})
+    outcome = run(request, prepared(retina.model, x), x)
+    trace = outcome.extras["trace"]
+    assert trace["enc1.0"].shape[0] == 2 and torch.equal(trace["enc1.0"], outcome.result)
+    for i in range(2):
+        alone, alone_trace = _trace(replace(retina, x=x[i:i + 1]))
+        assert torch.allclose(trace["enc2.3"][i:i + 1], alone_trace["enc2.3"], rtol=1e-5, atol=1e-7)
 
 
 def test_trace_is_saved_as_npz(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,7 +73,7 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
     if kind != batching.PER_INPUT:
         build_wrapper = partial(batching.build, kind=kind, method=spec.id)
     pieces = [x] if request.wrapper is None or kind != batching.PER_INPUT else [x[i:i + 1] for i in range(x.shape[0])]
-    results, scores, extras, targets, predicted, masks, checks = [], [], {}, [], [], [], []
+    results, scores, extras, targets, predicted, masks, checks = [], [], [], [], [], [], []
     for n, piece in enumerate(pieces):
         forward = model if request.wrapper is None else build_wrapper(model, piece, request.wrapper, base_dir)
         wanted = request.target
@@ -80,8 +81,9 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
             wanted = wanted[n:n + 1]
         target = resolve_target(forward, piece, wanted) if spec.needs_target else None
         noise_tunnel = dict(request.noise_tunnel) if request.noise_tunnel is not None else None
+        extras.append({})
         call = Call(forward, model, piece, target, layer, dict(request.params), noise_tunnel, base_dir, samples,
-                    extras if n == 0 else {})
+                    extras[-1])
         results.append(_as_result(run(spec, call)))
         if with_scores:
             explained, top = _explained(forward, piece, target)
@@ -92,8 +94,27 @@ def call_once(request: Request, model: nn.Module, x: torch.Tensor, *, base_dir: 
             masks += [frozen_mask(forward, t, i) if with_masks else None for i, t in enumerate(targets[-piece.shape[0]:])]
             one_by_one = request.wrapper is None or kind == batching.PER_INPUT
             checks += _checks(spec, call, results[-1], explained, one_by_one)
-    return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores), MappingProxyType(extras),
+    return Outcome(results[0] if len(results) == 1 else torch.cat(results), tuple(scores),
+                   MappingProxyType(_joined(extras)),
                    tuple(targets), tuple(predicted), tuple(masks), tuple(checks))
+
+
+def _joined(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """The extra outputs of one call per input joined into the batch's: tensors and arrays
+    concatenated along the batch axis, dicts key by key, anything else the first input's."""
+    if len(pieces) == 1:
+        return pieces[0]
+
+    def join(values: list[Any]) -> Any:
+        if all(torch.is_tensor(v) for v in values):
+            return torch.cat(values)
+        if all(isinstance(v, np.ndarray) for v in values):
+            return np.concatenate(values)
+        if all(isinstance(v, dict) for v in values):
+            return {k: join([v[k] for v in values]) for k in values[0] if all(k in v for v in values)}
+        return values[0]
+
+    return {k: join([p[k] for p in pieces]) for k in pieces[0] if all(k in p for p in pieces)}
 
 
 def _checks(spec: MethodSpec, call: Call, result: torch.Tensor, explained: list[float | None],
