@@ -129,6 +129,9 @@ def _rules(spec, call: Call) -> tuple[tuple[str, Any], ...]:
     if rules.BRANCHES in spec.parameters() and call.network is not None:
         mode = call.params.get(rules.BRANCHES, "auto")
         found.append((rules.BRANCHES, f"{mode} → " + rules.BRANCH_RECORD[rules.splits(call.network, call.inputs, mode)]))
+    if rules.CONV_RULE in spec.parameters() and call.network is not None:
+        mode = call.params.get(rules.CONV_RULE, "auto")
+        found.append((rules.CONV_RULE, f"{mode} → {rules.conv_rule(call.network, call.inputs, mode)}"))
     if "gamma" in spec.parameters():
         found.append(("gamma", float(call.params.get("gamma", 0.0))))
     return tuple(found)
@@ -200,11 +203,11 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
             causes.append("a skip connection or residual sum (x + f(x)) crossed as the library's gradient, which "
                           "gives each branch the whole relevance (set params.branches to \"split\"; \"auto\" splits "
                           "only in normalised and attention models)")
-        if spec.library.name == "captum":
+        if spec.library.name == "captum" and str(dict(found.rules).get(rules.CONV_RULE, "")).endswith("epsilon"):
             causes.append("Captum's ε rule (ε = 1e-9) on every convolution: on inputs of mixed sign (after a "
                           "normalisation, PReLU, LeakyReLU) each one multiplies Σ|relevance| by about √(fan-in) in "
                           "terms that cancel, so over a deep network ε and rounding decide the sum; "
-                          "zennit.EpsilonGammaBox's γ/z⁺ rules keep it bounded")
+                          "set params.conv_rule to \"gamma\" (bounded terms, conserved)")
     elif spec.axiom == "completeness":
         steps = next((p for p in ("n_steps", "n_iter") if p in spec.parameters()), "n_steps")
         causes.append(f"the path integral's discretisation: raise {steps}")
