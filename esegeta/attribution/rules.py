@@ -553,6 +553,73 @@ class SignSplit(nn.Module):
         return _ValueOf.apply(self.part(x.view_as(x)), exact)
 
 
+def _affine_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm that uses its running statistics (an elementwise affine map: eval mode)."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training
+            and module.track_running_stats and module.running_mean is not None)
+
+
+def _passing_forward(module: nn.Module):
+    """``module``'s own forward, each element keeping its relevance (:func:`_elementwise`)."""
+    forward = module.forward
+
+    def passing(x: torch.Tensor) -> torch.Tensor:
+        return _elementwise(x, forward(x))
+
+    return passing
+
+
+class _GradientTimes(torch.autograd.Function):
+    """``t`` itself, with its gradient multiplied by ``factor`` in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        factor, ctx.factor = ctx.factor, None
+        return grad * factor, None
+
+
+#: Functional poolings in model code (DenseNet's head: ``F.adaptive_avg_pool2d(F.relu(x), 1)``).
+_POOLS = frozenset({"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+                    "avg_pool1d", "avg_pool2d", "avg_pool3d"})
+
+
+class _LeavesRunning:
+    """How many of ``network``'s leaf modules are running (forward hooks count them; :meth:`remove`)."""
+
+    def __init__(self, network: nn.Module):
+        self.count = 0
+        leaves = [m for m in network.modules() if not m._modules]
+        self.handles = ([m.register_forward_pre_hook(self._enter) for m in leaves]
+                        + [m.register_forward_hook(self._leave, always_call=True) for m in leaves])
+
+    def _enter(self, module, args):
+        self.count += 1
+
+    def _leave(self, module, args, output):
+        self.count -= 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _pool_with_epsilon(func, args: tuple, kwargs: dict) -> torch.Tensor:
+    """An average pooling called as a function (no module a rule could sit on) with the ε rule its
+    module has under Captum's LRP, ``R_i = x_i·Σ_j J_ji·R_j / y_j`` (relevance as the gradient
+    between Captum's hooks): its gradient spread each output's relevance evenly over its window, and
+    a ReLU before it (DenseNet-121's head, ``F.adaptive_avg_pool2d(F.relu(x), 1)``) dropped the share
+    of the inactive units: Σ ÷ score 0.53, bias-free, with γ on the convolutions."""
+    x = args[0]
+    y = func(_GradientTimes.apply(x, x.detach()), *args[1:], **kwargs)
+    stable = y.detach() + torch.where(y.detach() >= 0, 1e-9, -1e-9)
+    return _GradientTimes.apply(y, 1 / stable)
+
+
 def check_conv_rule(value: Any, path: str) -> None:
     """The JSON check of :data:`CONV_RULE`."""
     if value not in CONV_RULES:
@@ -571,21 +638,33 @@ def conv_rule(network: nn.Module, x: torch.Tensor, mode: str = "auto") -> str:
 def sign_split(network: nn.Module, x: torch.Tensor, mode: str = "auto",
                keep: Any = None) -> Iterator[list[str]]:
     """Within the block, ``network``'s convolutions (but those in ``keep``: LayerLRP's layer) as
-    :class:`SignSplit` where :func:`conv_rule` says "zplus" or "gamma"; yields the changes made,
-    undone on exit, also on error."""
+    :class:`SignSplit` where :func:`conv_rule` says "zplus" or "gamma", and its BatchNorms (eval
+    mode) passing each element's relevance on, as the other normalisations do (:func:`_elementwise`:
+    the ε rule on ``(x − μ)·s + b`` let the shift take relevance, Σ ÷ score 256 on ResNet-18 with
+    its biases zeroed; the same as folding the BatchNorm into the convolution before it, whose
+    positive per-channel scale the z⁺ and γ rules cancel); yields the changes made, undone on exit,
+    also on error."""
     rule = conv_rule(network, x, mode)
     kept = {id(m) for m in (keep if isinstance(keep, (list, tuple)) else [keep]) if m is not None}
     swapped: list[tuple[str, nn.Module]] = []
+    patched: list[nn.Module] = []
     try:
         if rule != "epsilon":
             for name, module in list(network.named_modules()):
                 if name and isinstance(module, CONVOLUTIONS) and id(module) not in kept:
                     _set(network, name, SignSplit(module, CONV_GAMMA if rule == "gamma" else None))
                     swapped.append((name, module))
+                elif _affine_batchnorm(module) and "forward" not in vars(module) and id(module) not in kept:
+                    module.forward = _passing_forward(module)
+                    patched.append(module)
             if swapped:
-                log.debug("convolutions with the %s rule on the prepared copy: %d", rule, len(swapped))
-        yield [f"{len(swapped)} convolutions: {rule}"] if swapped else []
+                log.debug("convolutions with the %s rule on the prepared copy: %d; BatchNorms passing relevance: %d",
+                          rule, len(swapped), len(patched))
+        yield ([f"{len(swapped)} convolutions: {rule}"] if swapped else []) + \
+            ([f"{len(patched)} BatchNorms: relevance passes"] if patched else [])
     finally:
+        for module in patched:
+            vars(module).pop("forward", None)
         for name, module in reversed(swapped):
             _set(network, name, module)
 
@@ -621,16 +700,22 @@ class _WholeModel(torch.overrides.TorchFunctionMode):
     :func:`_functional_norm`; for LRP (not ``pairs``), the sum of two computed tensors of one shape
     (a residual or skip connection, ``x + f(x)``) a :class:`_ProportionalSum`. Sums with a
     parameter or a broadcast term (biases, position embeddings) are left alone; ``a.add_(b)`` too (a
-    statement relying on its side effect)."""
+    statement relying on its side effect). With ``leaves`` (Captum's LRP with z⁺ or γ on the
+    convolutions), an average pooling called as a function outside every leaf module takes the ε
+    rule (:func:`_pool_with_epsilon`)."""
 
-    def __init__(self, pairs: bool, split_sums: bool = True):
+    def __init__(self, pairs: bool, split_sums: bool = True, leaves: "_LeavesRunning | None" = None):
         super().__init__()
         self.pairs = pairs
         self.split_sums = split_sums and not pairs
+        self.leaves = leaves
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        if (self.leaves is not None and not self.leaves.count and name in _POOLS and args and torch.is_tensor(args[0])
+                and args[0].requires_grad and torch.is_grad_enabled()):
+            return _pool_with_epsilon(func, args, kwargs)
         if (name in ("layer_norm", "group_norm") and args and torch.is_tensor(args[0]) and args[0].requires_grad
                 and torch.is_grad_enabled()):
             return _functional_norm(name, args, kwargs, self.pairs)
@@ -680,11 +765,14 @@ def check_branches(value: Any, path: str) -> None:
 
 @contextlib.contextmanager
 def substituted(network: nn.Module, x: torch.Tensor, *, pairs: bool = False,
-                branches: str = "auto", forward: nn.Module | None = None) -> Iterator[list[str]]:
+                branches: str = "auto", forward: nn.Module | None = None,
+                conv_rule: str = "epsilon") -> Iterator[list[str]]:
     """Within the block, the substitutes on ``network`` (the prepared copy: see the module
     docstring), and for LRP (not ``pairs``) where :func:`splits` says so, relevance split at
     branches (:func:`_separate_inputs`, :class:`_ProportionalSum`); with ``pairs`` (DeepLIFT) a
     :class:`PairedSoftmax` for each softmax of the wrapper ``forward`` puts around ``network``;
+    with ``conv_rule`` "zplus" or "gamma" (Captum's LRP: :func:`conv_rule`; the convolutions
+    themselves are swapped by :func:`sign_split`), functional average poolings with the ε rule;
     yields the changes made (logged), undone on exit, also on error."""
     state = {"pairs": pairs}
     changes: list[str] = []
@@ -692,6 +780,7 @@ def substituted(network: nn.Module, x: torch.Tensor, *, pairs: bool = False,
     patched: list[nn.Module] = []
     views: list = []
     wrapper_swaps: list[tuple[str, nn.Module]] = []
+    leaves: _LeavesRunning | None = None
     try:
         for name, module in list(network.named_modules()):
             if isinstance(module, nn.MultiheadAttention) and _supported_mha(module):
@@ -723,11 +812,15 @@ def substituted(network: nn.Module, x: torch.Tensor, *, pairs: bool = False,
         split = not pairs and splits(network, x, branches)
         if split:
             views = _separate_inputs(network)
-        with _WholeModel(pairs, split_sums=split):
+        if not pairs and conv_rule != "epsilon":
+            leaves = _LeavesRunning(network)
+        with _WholeModel(pairs, split_sums=split, leaves=leaves):
             yield changes
     finally:
         for handle in views:
             handle.remove()
+        if leaves is not None:
+            leaves.remove()
         for module in patched:
             vars(module).pop("forward", None)
         for name, module in reversed(swapped):
@@ -767,10 +860,13 @@ def applies(spec: Any) -> bool:
 def for_method(spec: Any, network: nn.Module | None, x: torch.Tensor,
                params: dict | None = None, forward: nn.Module | None = None) -> Iterator[list[str]]:
     """:func:`substituted` where ``spec``'s method needs it (:func:`applies`), else nothing;
-    ``params`` (the call's) may set :data:`BRANCHES`; ``forward`` is the wrapped model."""
+    ``params`` (the call's) may set :data:`BRANCHES` and :data:`CONV_RULE`; ``forward`` is the wrapped model."""
     if network is None or not applies(spec):
         yield []
         return
-    branches = (params or {}).get(BRANCHES, "auto")
-    with substituted(network, x, pairs=spec.axiom in PAIRED, branches=branches, forward=forward) as changes:
+    params = params or {}
+    branches = params.get(BRANCHES, "auto")
+    convs = conv_rule(network, x, params[CONV_RULE]) if CONV_RULE in params else "epsilon"
+    with substituted(network, x, pairs=spec.axiom in PAIRED, branches=branches, forward=forward,
+                     conv_rule=convs) as changes:
         yield changes
