@@ -171,3 +171,17 @@ def test_gamma_and_split_make_plain_relu_cnns_add_up(name):
     assert_unchanged(z.model, before)
     ready = prepared(z.model, z.x)
     assert hook_count(ready) == 0 and not any("forward" in vars(m) for m in ready.modules())
+
+
+def test_the_warning_names_the_likely_cause_first():
+    """Far off (7.9e8× the score with ε on the issue's UNet's convolutions), the cause named first is the
+    rule whose terms grow and cancel, with its fix; the warning stays short (it listed five causes at length)."""
+    from esegeta.attribution.explainer import AxiomWarning
+
+    z = issue_unet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        esegeta.explain(z.model, z.x, "captum.LRP", target=z.target, wrapper=z.wrapper, conv_rule="epsilon")
+    said = [str(w.message) for w in caught if issubclass(w.category, AxiomWarning)]
+    assert said and "likely Captum's ε on convolutions" in said[0] and 'params.conv_rule to "gamma"' in said[0]
+    assert len(said[0]) <= 480
