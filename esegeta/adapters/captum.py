@@ -36,7 +36,7 @@ NOT_CONFIGURABLE = frozenset({
     "additional_forward_args", "return_convergence_delta", "custom_attribution_func",
     "interpretable_model", "similarity_func", "perturb_func", "attribution_method",
 })
-#: esegeta's own parameter of Captum's LRP methods: γ for the dense layers (0: Captum's ε rule there).
+#: esegeta's own parameter of Captum's LRP methods: γ of the generalised γ rule on the dense layers (0: Captum's ε rule there).
 GAMMA = "gamma"
 LRP_METHODS = frozenset({"LRP", "LayerLRP"})
 #: Parameters whose JSON lists must become tuples.
@@ -168,23 +168,18 @@ def grid_on_tokens(model, context) -> list[str]:
             "or choose a convolutional layer"]
 
 
-def _attach_lrp_rules(model, gamma: float = 0.0) -> list[str]:
+def _attach_lrp_rules(model) -> list[str]:
     """Give the prepared copy's leaf modules that Captum's LRP has no rule for a rule
-    (see :func:`lrp_rule_for`), and with ``gamma`` > 0 the γ rule to its dense layers (``nn.Linear``:
-    AttnLRP's rule for a transformer's projections, Achtibat et al. 2024), before every LRP call
-    (the guard removes them afterwards)."""
+    (see :func:`lrp_rule_for`), before every LRP call (the guard removes them afterwards). The γ
+    rule of ``params.gamma`` on dense layers and ``params.conv_rule``'s on convolutions are
+    :func:`esegeta.attribution.rules.sign_split`'s."""
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
-    from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
-    from torch import nn
+    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
 
     rules = {"EpsilonRule": EpsilonRule, "IdentityRule": IdentityRule}
     changed = []
     for name, module in model.named_modules():
         if list(module.children()) or hasattr(module, "rule"):
-            continue
-        if gamma > 0 and isinstance(module, nn.Linear):
-            module.rule = GammaRule(gamma=gamma)
-            changed.append(f"{name or type(module).__name__}: GammaRule({gamma})")
             continue
         if type(module) in SUPPORTED_LAYERS_WITH_RULES or type(module) in SUPPORTED_NON_LINEAR_LAYERS:
             continue
@@ -297,8 +292,9 @@ class CaptumAdapter:
         if not issubclass(cls, self._cls("LRP")):
             result = method.attribute(call.inputs, **attr_kw)
         else:  # LRP and LayerLRP: the convolutions' rule, and rules for the layers Captum lacks
-            with sign_split(call.network, call.inputs, call.params.get(CONV_RULE, "auto"), keep=call.layer):
-                changed = _attach_lrp_rules(call.forward, float(call.params.get(GAMMA, 0.0)))
+            with sign_split(call.network, call.inputs, call.params.get(CONV_RULE, "auto"), keep=call.layer,
+                            dense_gamma=float(call.params.get(GAMMA, 0.0))):
+                changed = _attach_lrp_rules(call.forward)
                 if changed:
                     log.debug("LRP rules set on the prepared copy: %s", "; ".join(changed))
                 result = method.attribute(call.inputs, **attr_kw)

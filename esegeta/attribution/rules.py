@@ -472,12 +472,14 @@ CONV_RULE = "conv_rule"
 CONV_RULES = ("auto", "epsilon", "zplus", "gamma")
 #: γ of the "gamma" convolution rule (zennit's ``Gamma`` default).
 CONV_GAMMA = 0.25
-#: The convolutions :class:`SignSplit` covers.
+#: The convolutions :class:`SignSplit` covers (and ``nn.Linear`` with ``params.gamma``).
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _convolved(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``layer``'s convolution of ``x`` with ``weight`` in place of its own, without bias."""
+    """``layer``'s convolution (or linear map) of ``x`` with ``weight`` in place of its own, without bias."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight)
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):
         functional = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[x.ndim - 3]
         return functional(x, weight, None, layer.stride, layer.padding, layer.output_padding, layer.groups,
@@ -636,32 +638,43 @@ def conv_rule(network: nn.Module, x: torch.Tensor, mode: str = "auto") -> str:
 
 @contextlib.contextmanager
 def sign_split(network: nn.Module, x: torch.Tensor, mode: str = "auto",
-               keep: Any = None) -> Iterator[list[str]]:
+               keep: Any = None, dense_gamma: float = 0.0) -> Iterator[list[str]]:
     """Within the block, ``network``'s convolutions (but those in ``keep``: LayerLRP's layer) as
     :class:`SignSplit` where :func:`conv_rule` says "zplus" or "gamma", and its BatchNorms (eval
     mode) passing each element's relevance on, as the other normalisations do (:func:`_elementwise`:
     the ε rule on ``(x − μ)·s + b`` let the shift take relevance, Σ ÷ score 256 on ResNet-18 with
     its biases zeroed; the same as folding the BatchNorm into the convolution before it, whose
     positive per-channel scale the z⁺ and γ rules cancel); yields the changes made, undone on exit,
-    also on error."""
+    also on error. With ``dense_gamma`` > 0 (``params.gamma``), the dense layers (``nn.Linear``) take the
+    same generalised γ rule (AttnLRP's for a transformer's projections; Captum's own ``GammaRule``
+    assumes inputs ≥ 0, and on a transformer's mixed-sign activations made ViT-B/16's Σ ÷ score
+    −1.4e8, bias-free)."""
     rule = conv_rule(network, x, mode)
     kept = {id(m) for m in (keep if isinstance(keep, (list, tuple)) else [keep]) if m is not None}
     swapped: list[tuple[str, nn.Module]] = []
     patched: list[nn.Module] = []
     try:
-        if rule != "epsilon":
-            for name, module in list(network.named_modules()):
-                if name and isinstance(module, CONVOLUTIONS) and id(module) not in kept:
-                    _set(network, name, SignSplit(module, CONV_GAMMA if rule == "gamma" else None))
-                    swapped.append((name, module))
-                elif _affine_batchnorm(module) and "forward" not in vars(module) and id(module) not in kept:
-                    module.forward = _passing_forward(module)
-                    patched.append(module)
-            if swapped:
-                log.debug("convolutions with the %s rule on the prepared copy: %d; BatchNorms passing relevance: %d",
-                          rule, len(swapped), len(patched))
-        yield ([f"{len(swapped)} convolutions: {rule}"] if swapped else []) + \
+        convs = dense = 0
+        for name, module in list(network.named_modules()):
+            if not name or id(module) in kept:
+                continue
+            if rule != "epsilon" and isinstance(module, CONVOLUTIONS):
+                _set(network, name, SignSplit(module, CONV_GAMMA if rule == "gamma" else None))
+                swapped.append((name, module))
+                convs += 1
+            elif dense_gamma > 0 and isinstance(module, nn.Linear):
+                _set(network, name, SignSplit(module, dense_gamma))
+                swapped.append((name, module))
+                dense += 1
+            elif rule != "epsilon" and _affine_batchnorm(module) and "forward" not in vars(module):
+                module.forward = _passing_forward(module)
+                patched.append(module)
+        said = ([f"{convs} convolutions: {rule}"] if convs else []) + \
+            ([f"{dense} dense layers: gamma {dense_gamma:g}"] if dense else []) + \
             ([f"{len(patched)} BatchNorms: relevance passes"] if patched else [])
+        if said:
+            log.debug("LRP rules on the prepared copy: %s", "; ".join(said))
+        yield said
     finally:
         for module in patched:
             vars(module).pop("forward", None)
