@@ -203,3 +203,36 @@ def test_gamma_on_the_dense_layers_is_the_generalised_rule():
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     z = bias_free(zoo_models.ZooModel("vit8", net, x, "encoder", "conv_proj"))
     assert abs(_ratio(z, "captum.LRP", gamma=0.25) - 1) <= 0.05
+
+
+class MixedNet(nn.Module):
+    """Every layer the rules touch: convolutions (transposed too), GroupNorm, BatchNorm, a functional
+    average pooling and a dense head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                                  nn.BatchNorm2d(4), nn.ReLU(), nn.ConvTranspose2d(4, 4, 2, stride=2))
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():  # running statistics with a shift (taken for a bias under ε)
+            self.body[3].running_mean.uniform_(-1, 1, generator=torch.Generator().manual_seed(3))
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(self.body(x), 1).flatten(1))
+
+
+def test_the_rules_run_on_meta():
+    """Every tensor the rules make follows the data's device (here ``meta``: values-free, and mixing
+    a CPU tensor in raises as CUDA would)."""
+    net = MixedNet().eval().to("meta")
+    x = torch.empty(1, 3, 8, 8, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for params in ({}, {"conv_rule": "zplus"}, {"conv_rule": "gamma", "branches": "split", "gamma": 0.25}):
+            attr = esegeta.explain(net, x, "captum.LRP", target=0, **params)
+            assert attr.device.type == "meta" and attr.shape == x.shape
+
+
+def test_mixed_net_adds_up_with_every_rule_asked_for():
+    z = bias_free(zoo_models.ZooModel("mixed", MixedNet().eval(), torch.randn(1, 3, 8, 8), "body", "body.0"))
+    assert abs(_ratio(z, "captum.LRP", conv_rule="gamma", branches="split", gamma=0.25) - 1) <= 0.02
