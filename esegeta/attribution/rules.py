@@ -625,7 +625,7 @@ def _pool_with_epsilon(func, args: tuple, kwargs: dict) -> torch.Tensor:
 def check_conv_rule(value: Any, path: str) -> None:
     """The JSON check of :data:`CONV_RULE`."""
     if value not in CONV_RULES:
-        raise ConfigError(path, f"conv_rule must be one of {', '.join(map(repr, CONV_RULES))} (\"zplus\" keeps "
+        raise ConfigError(path, f"conv_rule must be one of {', '.join(map(repr, CONV_RULES))} (\"gamma\" keeps "
                                 f"relevance conserved through convolutions of mixed-sign inputs), not {value!r}")
 
 
