@@ -236,3 +236,21 @@ def test_the_rules_run_on_meta():
 def test_mixed_net_adds_up_with_every_rule_asked_for():
     z = bias_free(zoo_models.ZooModel("mixed", MixedNet().eval(), torch.randn(1, 3, 8, 8), "body", "body.0"))
     assert abs(_ratio(z, "captum.LRP", conv_rule="gamma", branches="split", gamma=0.25) - 1) <= 0.02
+
+
+class SizedUp(nn.Module):
+    """A transposed convolution called with an output size (its output padding follows from it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.norm = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4)
+        self.up, self.head = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1), nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.head(self.up(self.norm(self.down(x)), output_size=x.shape[2:]).flatten(1))
+
+
+def test_a_transposed_convolution_called_with_an_output_size():
+    torch.manual_seed(0)
+    z = bias_free(zoo_models.ZooModel("sized_up", SizedUp().eval(), torch.randn(1, 3, 8, 8), "up", "up"))
+    assert abs(_ratio(z, "captum.LRP") - 1) <= 0.02
