@@ -520,13 +520,16 @@ class SignSplitPart(nn.Module):
             return _convolved(self.layer, t, weight, self.output_padding)
 
         up, down = x.clamp(min=0), x.clamp(max=0)
+        w_up, w_down = w.clamp(min=0), w.clamp(max=0)
+        z_plus = _both(conv(up, w_up), conv(down, w_down))  # the products x·w ≥ 0
         if self.gamma is None:
-            return _both(conv(up, w.clamp(min=0)), conv(down, w.clamp(max=0)))
-        raised, lowered = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
-        positive = _both(conv(up, raised), conv(down, lowered))
-        negative = _both(conv(up, lowered), conv(down, raised))
-        with torch.no_grad():  # the sign of z (bias left out, as from the denominators) picks the terms
-            z = conv(x, w)
+            return z_plus
+        # zennit's groups, x⁺(W + γW⁺) + x⁻(W + γW⁻) = z + γz⁺ and x⁺(W + γW⁻) + x⁻(W + γW⁺) = z + γz⁻,
+        # from z⁺ and z⁻ (z = z⁺ + z⁻, bias left out as from the denominators: its sign picks the group)
+        z_minus = _both(conv(up, w_down), conv(down, w_up))
+        z = (z_plus + z_minus).detach()
+        positive = _both(z_plus * (1 + self.gamma), z_minus)
+        negative = _both(z_plus, z_minus * (1 + self.gamma))
         return torch.where(z > 0, positive, torch.where(z < 0, negative, torch.zeros_like(positive)))
 
 
