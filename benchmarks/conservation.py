@@ -7,6 +7,7 @@ directly (not from esegeta's own check), so the same script measures an older es
     python benchmarks/conservation.py                  # markdown table
     python benchmarks/conservation.py --bias-free      # biases, class tokens, position embeddings zeroed
     python benchmarks/conservation.py --real           # also benchmarks/zoo.py's real-depth tier
+    python benchmarks/conservation.py --param conv_rule=epsilon   # a parameter, for the methods that take it
     PYTHONPATH=/path/to/older/checkout python benchmarks/conservation.py   # before
 
 Models: the three samples (the demo's retina crop at full size), MONAI's UNet of issue 21 (3D,
@@ -17,6 +18,7 @@ finite, or an error, is shown as such.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -31,6 +33,7 @@ for p in (ROOT / "tests",):
 
 import esegeta  # noqa: E402
 from esegeta.attribution import wrappers  # noqa: E402
+from esegeta.spec import registry  # noqa: E402
 
 METHODS = ("captum.LRP", "zennit.EpsilonPlus", "zennit.EpsilonGammaBox", "captum.DeepLift",
            "captum.IntegratedGradients")
@@ -89,10 +92,23 @@ def _scores(model, x, wrapper, inputs):
         return wrappers.build(model, x, wrapper)(inputs)
 
 
-def ratio(method, model, x, target, wrapper):
+def parse_params(pairs: list[str]) -> dict:
+    """``NAME=VALUE`` pairs (VALUE as JSON where it parses, else a string) as a dict."""
+    def value(text):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    return {name: value(text) for name, _, text in (p.partition("=") for p in pairs)}
+
+
+def ratio(method, model, x, target, wrapper, params: dict | None = None):
+    accepted = registry.get(method).parameters()
+    own = {k: v for k, v in (params or {}).items() if k in accepted}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        attr = esegeta.explain(model, x, method, target=target, wrapper=wrapper, **PARAMS.get(method, {}))
+        attr = esegeta.explain(model, x, method, target=target, wrapper=wrapper, **PARAMS.get(method, {}), **own)
     if not torch.isfinite(attr).all():
         return f"non-finite ({int((~torch.isfinite(attr)).sum())} of {attr.numel()})"
     total = float(attr.double().sum())
@@ -119,6 +135,8 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--bias-free", action="store_true", help="zero biases, class tokens and position embeddings")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                    help="a parameter for the methods that take it, e.g. conv_rule=zplus (repeatable)")
     ap.add_argument("--real", action="store_true", help="also the real-depth tier of benchmarks/zoo.py (real:NAME)")
     args = ap.parse_args(argv)
     print("| model | " + " | ".join(args.methods) + " |")
@@ -130,7 +148,7 @@ def main(argv=None) -> None:
         for method in args.methods:
             start = time.perf_counter()
             try:
-                cells.append(ratio(method, model, x, target, wrapper))
+                cells.append(ratio(method, model, x, target, wrapper, parse_params(args.param)))
             except Exception as exc:  # noqa: BLE001 (a cell's outcome, whatever it is)
                 cells.append(f"{type(exc).__name__}")
             print(f"  {name} {method}: {cells[-1]} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)

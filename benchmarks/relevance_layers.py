@@ -65,12 +65,16 @@ def main(argv=None) -> None:
     ap.add_argument("model")
     ap.add_argument("method")
     ap.add_argument("--bias-free", action="store_true", help="zero biases, class tokens and position embeddings")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                    help="a parameter of the method, e.g. conv_rule=zplus (repeatable)")
     args = ap.parse_args(argv)
     (_, (model, x, target, wrapper)), = conservation.cases([args.model])
     if args.bias_free:
         conservation.zero_added(model)
-    attr, rows = trace(model, x, args.method, target, wrapper)
-    print(f"Σ attribution {float(attr.double().sum()):.4g}; {conservation.ratio(args.method, model, x, target, wrapper)}"
+    params = conservation.parse_params(args.param)
+    attr, rows = trace(model, x, args.method, target, wrapper, **params)
+    print(f"Σ attribution {float(attr.double().sum()):.4g}; "
+          f"{conservation.ratio(args.method, model, x, target, wrapper, params)}"
           " × what it explains")
     print(f"{'layer':64s} {'Σ R':>12s} {'Σ|R|':>12s}")
     for name, total, magnitude in rows:

@@ -36,7 +36,7 @@ NOT_CONFIGURABLE = frozenset({
     "additional_forward_args", "return_convergence_delta", "custom_attribution_func",
     "interpretable_model", "similarity_func", "perturb_func", "attribution_method",
 })
-#: esegeta's own parameter of Captum's LRP methods: γ for the dense layers (0: Captum's ε rule there).
+#: esegeta's own parameter of Captum's LRP methods: γ of the generalised γ rule on the dense layers (0: Captum's ε rule there).
 GAMMA = "gamma"
 LRP_METHODS = frozenset({"LRP", "LayerLRP"})
 #: Parameters whose JSON lists must become tuples.
@@ -64,6 +64,9 @@ _PASSING_NAMES = frozenset({"Permute", "Rearrange", "StochasticDepth", "DropPath
 #: output: the ε rule hands each pixel its share ``A·M / score`` of the score. (Without a rule the
 #: relevance entering the model was the gradient ``M``: the demo's map summed to ~7,000× its score.)
 _WRAPPER_HEADS = frozenset({"MaskSum"})
+#: The leaf of a convolution under the z⁺ or γ rule (:class:`esegeta.attribution.rules.SignSplit`,
+#: ``params.conv_rule``): it computes the rule's denominator, and the ε rule on it gives the rule.
+_RULE_PARTS = frozenset({"SignSplitPart"})
 #: Layers the ε rule treats as linear. Normalisation layers (instance, group, layer norm, and
 #: torchvision's LayerNorm2d, a LayerNorm subclass) are linear maps of their centred input once
 #: their standard deviation is held constant (AttnLRP, Achtibat et al. 2024, arXiv:2402.05602); while
@@ -96,7 +99,7 @@ def lrp_rule_for(module) -> str | None:
     if type(module) in SUPPORTED_NON_LINEAR_LAYERS:
         return "non-linear (relevance passes)"
     if (isinstance(module, tuple(getattr(nn, n) for n in _EPSILON_LAYERS if hasattr(nn, n)))
-            or type(module).__name__ in _PASSING_NAMES | _WRAPPER_HEADS):
+            or type(module).__name__ in _PASSING_NAMES | _WRAPPER_HEADS | _RULE_PARTS):
         return "EpsilonRule"
     if isinstance(module, tuple(getattr(nn, n) for n in _IDENTITY_LAYERS if hasattr(nn, n))):
         return "IdentityRule"
@@ -165,23 +168,18 @@ def grid_on_tokens(model, context) -> list[str]:
             "or choose a convolutional layer"]
 
 
-def _attach_lrp_rules(model, gamma: float = 0.0) -> list[str]:
+def _attach_lrp_rules(model) -> list[str]:
     """Give the prepared copy's leaf modules that Captum's LRP has no rule for a rule
-    (see :func:`lrp_rule_for`), and with ``gamma`` > 0 the γ rule to its dense layers (``nn.Linear``:
-    AttnLRP's rule for a transformer's projections, Achtibat et al. 2024), before every LRP call
-    (the guard removes them afterwards)."""
+    (see :func:`lrp_rule_for`), before every LRP call (the guard removes them afterwards). The γ
+    rule of ``params.gamma`` on dense layers and ``params.conv_rule``'s on convolutions are
+    :func:`esegeta.attribution.rules.sign_split`'s."""
     from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES, SUPPORTED_NON_LINEAR_LAYERS
-    from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule, IdentityRule
-    from torch import nn
+    from captum.attr._utils.lrp_rules import EpsilonRule, IdentityRule
 
     rules = {"EpsilonRule": EpsilonRule, "IdentityRule": IdentityRule}
     changed = []
     for name, module in model.named_modules():
         if list(module.children()) or hasattr(module, "rule"):
-            continue
-        if gamma > 0 and isinstance(module, nn.Linear):
-            module.rule = GammaRule(gamma=gamma)
-            changed.append(f"{name or type(module).__name__}: GammaRule({gamma})")
             continue
         if type(module) in SUPPORTED_LAYERS_WITH_RULES or type(module) in SUPPORTED_NON_LINEAR_LAYERS:
             continue
@@ -204,10 +202,11 @@ class CaptumAdapter:
     @cache
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         cls = self._cls(spec.name)
-        from esegeta.attribution.rules import BRANCHES
+        from esegeta.attribution.rules import BRANCHES, CONV_RULE
 
         own = {GAMMA: inspect.Parameter(GAMMA, inspect.Parameter.KEYWORD_ONLY, default=0.0),
-               BRANCHES: inspect.Parameter(BRANCHES, inspect.Parameter.KEYWORD_ONLY, default="auto")} \
+               BRANCHES: inspect.Parameter(BRANCHES, inspect.Parameter.KEYWORD_ONLY, default="auto"),
+               CONV_RULE: inspect.Parameter(CONV_RULE, inspect.Parameter.KEYWORD_ONLY, default="auto")} \
             if spec.name in LRP_METHODS else {}
         return {**_configurable(cls.__init__), **_configurable(cls.attribute), **own}
 
@@ -221,10 +220,12 @@ class CaptumAdapter:
         """Check a JSON value before anything runs (what can be checked without the input)."""
         from esegeta.attribution.baselines import check_baseline, check_feature_mask
 
-        from esegeta.attribution.rules import BRANCHES, check_branches
+        from esegeta.attribution.rules import BRANCHES, CONV_RULE, check_branches, check_conv_rule
 
         if name == BRANCHES:
             check_branches(value, path)
+        elif name == CONV_RULE:
+            check_conv_rule(value, path)
         elif name == GAMMA:
             check_number(name, value, path)
             if value < 0:
@@ -270,9 +271,10 @@ class CaptumAdapter:
     def _attribute(self, spec: MethodSpec, call: Call):
         cls = self._cls(spec.name)
         init_names = self._init_names(spec.name)
-        from esegeta.attribution.rules import BRANCHES
+        from esegeta.attribution.rules import BRANCHES, CONV_RULE, sign_split
 
-        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items() if k not in (GAMMA, BRANCHES)}
+        values = {k: self.convert(k, v, call, f"params.{k}") for k, v in call.params.items()
+                  if k not in (GAMMA, BRANCHES, CONV_RULE)}
         init_kw = {k: v for k, v in values.items() if k in init_names}
         attr_kw = {k: v for k, v in values.items() if k not in init_names}
         if spec.needs_target:
@@ -287,11 +289,15 @@ class CaptumAdapter:
             from esegeta.attribution.architectures import extend_deeplift_rules
 
             extend_deeplift_rules()
-        if issubclass(cls, self._cls("LRP")):  # LRP and LayerLRP: rules for the layers Captum lacks
-            changed = _attach_lrp_rules(call.forward, float(call.params.get(GAMMA, 0.0)))
-            if changed:
-                log.debug("LRP rules set on the prepared copy: %s", "; ".join(changed))
-        result = method.attribute(call.inputs, **attr_kw)
+        if not issubclass(cls, self._cls("LRP")):
+            result = method.attribute(call.inputs, **attr_kw)
+        else:  # LRP and LayerLRP: the convolutions' rule, and rules for the layers Captum lacks
+            with sign_split(call.network, call.inputs, call.params.get(CONV_RULE, "auto"), keep=call.layer,
+                            dense_gamma=float(call.params.get(GAMMA, 0.0))):
+                changed = _attach_lrp_rules(call.forward)
+                if changed:
+                    log.debug("LRP rules set on the prepared copy: %s", "; ".join(changed))
+                result = method.attribute(call.inputs, **attr_kw)
         if isinstance(result, (tuple, list)):
             if len(result) != 1:
                 raise ValueError(f"{spec.id} returned {len(result)} tensors; esegeta explains one input tensor")

@@ -129,6 +129,9 @@ def _rules(spec, call: Call) -> tuple[tuple[str, Any], ...]:
     if rules.BRANCHES in spec.parameters() and call.network is not None:
         mode = call.params.get(rules.BRANCHES, "auto")
         found.append((rules.BRANCHES, f"{mode} → " + rules.BRANCH_RECORD[rules.splits(call.network, call.inputs, mode)]))
+    if rules.CONV_RULE in spec.parameters() and call.network is not None:
+        mode = call.params.get(rules.CONV_RULE, "auto")
+        found.append((rules.CONV_RULE, f"{mode} → {rules.conv_rule(call.network, call.inputs, mode)}"))
     if "gamma" in spec.parameters():
         found.append(("gamma", float(call.params.get("gamma", 0.0))))
     return tuple(found)
@@ -180,35 +183,39 @@ def warning(spec, found: Check, notes: list[str], wrapper: Any = None) -> str | 
                 f"(Σ relevance {found.total:.4g}); choose a target or baseline with a score to explain")
     said = f"Σ relevance is {found.ratio:.3g}× {found.what} ({found.total:.4g} vs {found.explained:.4g}; " \
            f"tolerance ±{found.tolerance:g})"
-    causes = []
-    if notes:
-        causes.append("layers without an exact rule: " + "; ".join(notes))
-    activation = getattr(wrapper, "activation", None) if wrapper is not None else None
+    causes = ["layers without an exact rule: " + "; ".join(notes)] if notes else []
     if spec.axiom == "conservation":
-        if activation not in (None, "none"):
-            causes.append(f"the wrapper's {activation}: LRP passes relevance through it unchanged, so it explains "
-                          f"the activated score; a wrapper with activation \"none\" explains the logits exactly")
-        if spec.library.name == "zennit":
-            causes.append("the ε rule on dense layers (nn.Linear) of a deep transformer, whose relevance grows in "
-                          "cancelling terms: give them AttnLRP's γ rule, params.layer_map {\"Linear\": {\"rule\": "
-                          "\"gamma\", \"gamma\": 0.25}} (ViT-B/16, bias-free: −308 → 0.98)")
-        fix = ("set params.zero_params to \"bias\"" if spec.library.name == "zennit" else
-               "Captum's rules cannot leave them out: zennit.EpsilonPlus with params.zero_params \"bias\" can")
-        causes.append(f"bias absorption: biases and BatchNorm shifts take or inject relevance under the ε rule ({fix}; "
-                      "the demo's Σ is then 0.99× the seed)")
-        if "→ upstream" in str(dict(found.rules).get(rules.BRANCHES, "")):
-            causes.append("a skip connection or residual sum (x + f(x)) crossed as the library's gradient, which "
-                          "gives each branch the whole relevance (set params.branches to \"split\"; \"auto\" splits "
-                          "only in normalised and attention models)")
-        if spec.library.name == "captum":
-            causes.append("Captum's ε rule (ε = 1e-9) on every convolution: on inputs of mixed sign (after a "
-                          "normalisation, PReLU, LeakyReLU) each one multiplies Σ|relevance| by about √(fan-in) in "
-                          "terms that cancel, so over a deep network ε and rounding decide the sum; "
-                          "zennit.EpsilonGammaBox's γ/z⁺ rules keep it bounded")
+        causes += _lrp_causes(spec, found, wrapper)
     elif spec.axiom == "completeness":
         steps = next((p for p in ("n_steps", "n_iter") if p in spec.parameters()), "n_steps")
         causes.append(f"the path integral's discretisation: raise {steps}")
     else:
         causes.append("a layer DeepLIFT's rules pass as its gradient (a gate, a normalisation, attention): "
                       "use captum.IntegratedGradients (completeness holds on any model) for an exact sum")
-    return f"{found.axiom} does not hold: {said}; likely {' or '.join(causes)}"
+    also = f"; also possible: {'; '.join(causes[1:])}" if len(causes) > 1 else ""
+    return f"{found.axiom} does not hold: {said}; likely {causes[0]}{also}"
+
+
+def _lrp_causes(spec, found: Check, wrapper: Any) -> list[str]:
+    """Why LRP's relevance may not add up, the likeliest first, each with its fix (short: the README
+    explains them). Far off (negative, or beyond 3× either way), relevance grew in cancelling terms:
+    a rule of the graph (branches, Captum's ε on convolutions, ε on a transformer's dense layers);
+    near, what explains a few per cent to a few times: the wrapper's activation, biases."""
+    rules_used = {k: str(v) for k, v in found.rules}
+    activation = getattr(wrapper, "activation", None) if wrapper is not None else None
+    growth = []
+    if "→ upstream" in rules_used.get(rules.BRANCHES, ""):
+        growth.append("residual sums crossed whole (set params.branches to \"split\")")
+    if spec.library.name == "captum" and rules_used.get(rules.CONV_RULE, "").endswith("epsilon"):
+        growth.append("Captum's ε on convolutions of mixed-sign inputs (set params.conv_rule to \"gamma\")")
+    if spec.library.name == "zennit":
+        growth.append("ε on a transformer's dense layers (params.layer_map "
+                      "{\"Linear\": {\"rule\": \"gamma\", \"gamma\": 0.25}})")
+    moderate = []
+    if activation not in (None, "none"):
+        moderate.append(f"the wrapper's {activation}, which LRP passes (activation \"none\" explains the logits)")
+    moderate.append("bias absorption (set params.zero_params to \"bias\")" if spec.library.name == "zennit" else
+                    "bias absorption (params.conv_rule \"gamma\" leaves biases out of convolutions; "
+                    "zennit.EpsilonPlus with zero_params \"bias\" out of every layer)")
+    far = found.ratio is not None and not 1 / 3 <= found.ratio <= 3
+    return growth + moderate if far else moderate + growth
