@@ -223,6 +223,42 @@ def test_direct_imputation_stacks_rows_as_it_solves_them_one_by_one(monkeypatch)
     assert not stacked[1].any() and torch.equal(stacked[2], x[2])
 
 
+def test_isolated_removed_pixels_take_their_known_neighbours_weighted_mean():
+    """A removed pixel with no removed neighbour is solved in closed form; beside a removed region and
+    an image wholly removed (0), it equals conjugate gradients and the mean the ROAD authors define."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand((2, 3, 10, 9), generator=g, dtype=torch.float64)
+    removed = torch.zeros((2, 1, 10, 9), dtype=torch.bool)
+    removed[0, 0, ::3, ::3] = True  # isolated pixels, corners and edges included
+    removed[0, 0, 4:7, 5:8] = True  # and a coupled region
+    removed[1] = True
+    direct = linear_imputation(x, removed, 8, solver="direct")
+    torch.testing.assert_close(direct, linear_imputation(x, removed, 8, tol=1e-13, solver="cg"), rtol=0, atol=1e-9)
+    kernel = neighbour_kernel(2, 8, dtype=torch.float64)[0, 0]
+    weights = F.conv2d(torch.ones(1, 1, 10, 9, dtype=torch.float64), kernel[None, None], padding=1)[0, 0]
+    means = F.conv2d(x[:1].transpose(0, 1), kernel[None, None], padding=1).transpose(0, 1)[0] / weights
+    torch.testing.assert_close(direct[0, :, 0, 3], means[:, 0, 3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(direct[0, :, 9, 0], means[:, 9, 0], rtol=0, atol=1e-12)
+    assert not direct[1].any()
+
+
+def test_cpu_forward_runs_in_chunks_of_at_most_sixteen_inputs():
+    """On the CPU a larger batch is no faster per input (slower at 224²): the forward takes at most
+    CPU_FORWARD_BATCH inputs per call, and ``max_batch`` still bounds it from above."""
+    sizes = []
+
+    def forward(batch):
+        sizes.append(batch.shape[0])
+        return batch.flatten(1)[:, :3]
+
+    x = torch.rand(40, 2, 4, 4)
+    scores = Context(forward=forward, max_batch=64).scores(x)
+    assert sizes == [16, 16, 8] and torch.equal(scores, x.flatten(1)[:, :3])
+    sizes.clear()
+    Context(forward=forward, max_batch=5).scores(x)
+    assert sizes == [5] * 8
+
+
 def test_road_noise_comes_from_the_seeded_generator():
     model = tiny_cnn(2)
     x, a, t, _ = _batch(2)

@@ -147,6 +147,13 @@ class SharedPasses:
         del self._entries[:-self.limit]
 
 
+#: The most inputs per forward call on the CPU, whatever a larger ``max_batch`` allows: there a
+#: larger batch is no faster per input, and at 224² slower (torchvision models, one thread, CPU time
+#: per input against batch 16: resnet18 1.12x at 64, mobilenet_v3_small 1.59x, densenet121 1.45x;
+#: ``benchmarks/evaluation_batch.py``). Accelerators take ``max_batch`` inputs per call.
+CPU_FORWARD_BATCH = 16
+
+
 @dataclass
 class Context:
     """What a metric may use besides the input, its attribution and the target.
@@ -154,7 +161,8 @@ class Context:
     ``forward`` maps a batch (N, C, *S) to scores (N, K); it defaults to the plain ``model`` in
     eval mode under ``torch.no_grad`` (a segmentation wrapper or a stitched patch forward is
     supplied instead where the model is one). :meth:`scores` runs it in chunks of at most
-    ``max_batch`` inputs, so a forward itself may take any batch. ``model`` is needed by the
+    ``max_batch`` inputs (on the CPU at most :data:`CPU_FORWARD_BATCH`), so a forward itself may
+    take any batch. ``model`` is needed by the
     randomisation metrics, ``explain(model, x, target) -> attribution`` by those that
     re-explain (randomisation, robustness), ``mask`` (B, 1|C, *S) bool by localisation.
     ``copy(model, x)`` makes the one copy of the model a randomisation metric changes in place
@@ -196,9 +204,11 @@ class Context:
 
     # ----------------------------------------------------------------- forward
     def scores(self, x: Tensor) -> Tensor:
-        """(N, K) scores of a stacked batch, the forward run in chunks of at most ``max_batch``, each
-        chunk in the channels-last layout on the CPU (:func:`channels_last`)."""
-        return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(self.max_batch)])
+        """(N, K) scores of a stacked batch, the forward run in chunks of at most ``max_batch`` (on the
+        CPU at most :data:`CPU_FORWARD_BATCH`), each chunk in the channels-last layout on the CPU
+        (:func:`channels_last`)."""
+        size = min(self.max_batch, CPU_FORWARD_BATCH) if x.device.type == "cpu" else self.max_batch
+        return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(size)])
 
     def reference_scores(self, x: Tensor) -> Tensor:
         """(N, K) scores of a batch whose rows repeat a few inputs (the unperturbed input of each

@@ -25,7 +25,6 @@ import math
 
 import numpy as np
 import scipy.sparse
-import scipy.sparse.csgraph
 import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
@@ -128,40 +127,55 @@ class _Grid:
             self.neighbours[inside, k] = np.ravel_multi_index(tuple(near[:, inside]), spatial)
         self.diagonal = np.where(self.neighbours >= 0, self.weights, 0.0).sum(1)
         self.order = _dissection_rank(spatial)
+        self.by_rank = np.argsort(self.order)  # the pixels in that order
+        self.padded = np.where(self.neighbours >= 0, self.neighbours, self.size)  # outside: index ``size``
 
     def solve(self, values: np.ndarray, holes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The removed pixels of ``holes`` (R, pixels) as (row, flat pixel) and their (len, C) imputed
         values for the images ``values`` (R, C, pixels): per row (D - W_uu) v = W_uk x, D the in-image
-        neighbour weights, all rows in one block-diagonal system solved exactly by SuperLU, each row's
-        pixels in nested-dissection order (no pivoting: the matrix is symmetric, positive definite and
-        diagonally dominant); regions without a known neighbour are 0."""
-        rows, pixels = np.nonzero(holes)
-        ranked = np.argsort(rows * self.size + self.order[pixels], kind="stable")
-        rows, pixels = rows[ranked], pixels[ranked]
-        m, n = rows.size, self.size
-        variable = np.full(holes.size, -1, dtype=np.int64)
-        variable[rows * n + pixels] = np.arange(m)
-        near = self.neighbours[pixels]  # (m, K) pixel indices within the row, -1 outside
-        inside = near >= 0
-        near_var = np.where(inside, variable[rows[:, None] * n + np.where(inside, near, 0)], -1)
-        known = inside & (near_var < 0)
+        neighbour weights. A removed pixel with no removed neighbour is its known neighbours' weighted
+        mean (closed form); the others, of all rows, form one block-diagonal system solved exactly by
+        SuperLU, each row's pixels in nested-dissection order (no pivoting: the matrix is symmetric,
+        positive definite and diagonally dominant); regions without a known neighbour are 0. The
+        system is assembled from the neighbour table directly (no sort, no transpose)."""
+        count, n = holes.shape
+        rows, rank = np.nonzero(holes[:, self.by_rank])  # by row, then in dissection order
+        pixels = self.by_rank[rank]
+        m = rows.size
+        variable = np.full((count, n + 1), -1, dtype=np.int64)  # -1 known; column n: outside the image
+        variable[rows, pixels] = np.arange(m)
+        variable[:, n] = -2
+        near = rows[:, None] * (n + 1) + self.padded[pixels]  # (m, K) flat index into variable
+        near_var = variable.reshape(-1)[near]
+        known_values = np.zeros((count, n + 1, values.shape[1]))
+        known_values[:, :n] = values.transpose(0, 2, 1)
+        known_values[rows, pixels] = 0.0  # removed pixels' values are not known
+        known_values = known_values.reshape(-1, values.shape[1])
         rhs = np.zeros((m, values.shape[1]))
         for k, w in enumerate(self.weights):  # the known neighbours' weighted values
-            hit = np.flatnonzero(known[:, k])
-            rhs[hit] += w * values[rows[hit], :, near[hit, k]]
-        i, k = np.nonzero(near_var >= 0)
-        coupling = scipy.sparse.csr_matrix((self.weights[k], (i, near_var[i, k])), shape=(m, m))
+            rhs += w * known_values[near[:, k]]
+        diagonal = self.diagonal[pixels]
+        coupled = near_var >= 0
+        linked = coupled.any(1)
+        # a removed region with no known neighbour is closed under in-image adjacency: on a connected
+        # grid, the whole image; such rows stay 0 (no graph search needed)
+        whole = holes.all(1)[rows]
         solution = np.zeros((m, values.shape[1]))
-        touches = known.any(1)
-        keep = slice(None)
-        if not touches.all():
-            _, region = scipy.sparse.csgraph.connected_components(coupling, directed=False)
-            solvable = np.isin(region, np.unique(region[touches]))
-            if not solvable.any():
-                return rows, pixels, solution
-            keep = np.flatnonzero(solvable)
-            coupling = coupling[keep][:, keep]
-        system = (scipy.sparse.diags(self.diagonal[pixels][keep]) - coupling).tocsc()
+        alone = np.flatnonzero(~linked & ~whole)
+        solution[alone] = rhs[alone] / diagonal[alone, None]  # no removed neighbour: closed form
+        solved = linked & ~whole
+        keep = np.flatnonzero(solved)
+        if not keep.size:
+            return rows, pixels, solution
+        renumber = np.cumsum(solved) - 1  # a pixel with a removed neighbour is that neighbour's neighbour
+        coupled = coupled[keep]
+        columns = np.concatenate([np.arange(keep.size)[:, None],
+                                  np.where(coupled, renumber[np.where(coupled, near_var[keep], 0)], -1)], 1)
+        entries = np.concatenate([diagonal[keep, None], np.broadcast_to(-self.weights, coupled.shape)], 1)
+        present = columns >= 0
+        pointers = np.concatenate([[0], np.cumsum(present.sum(1))])
+        # symmetric: its rows, stored as CSR, are its columns stored as CSC
+        system = scipy.sparse.csc_matrix((entries[present], columns[present], pointers), shape=(keep.size,) * 2)
         lu = scipy.sparse.linalg.splu(system, permc_spec="NATURAL", diag_pivot_thresh=0, options={"SymmetricMode": True})
         solution[keep] = lu.solve(rhs[keep])
         return rows, pixels, solution
