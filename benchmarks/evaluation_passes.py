@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from evaluation_models import TORCHVISION  # noqa: E402 (after the path)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="digits", choices=("digits", "resnet18"))
+    parser.add_argument("--model", default="digits", choices=("digits",) + TORCHVISION)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="image side (digits upsampled)")
     parser.add_argument("--max-batch", type=int, default=64)
