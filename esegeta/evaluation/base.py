@@ -47,9 +47,16 @@ def _deepcopy(model: nn.Module, x: Tensor) -> nn.Module:
 
 
 def _plain_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The model's scores, in eval mode and without gradients (the model's mode is restored)."""
+    """The model's scores, in eval mode and without gradients (the model's mode is restored). A model
+    wholly in eval mode (as the inference copy) is called as it is: ``eval()`` and ``train()`` walk
+    every module (~6 ms per call on mobilenet_v3_small, 16 % of a 16-input pass at 224²)."""
+
+    wholly_eval = not any(m.training for m in model.modules())
 
     def forward(x: Tensor) -> Tensor:
+        if wholly_eval and not model.training:
+            with torch.no_grad():
+                return model(x)
         was_training = model.training
         model.eval()
         try:
@@ -207,8 +214,13 @@ class Context:
         """(N, K) scores of a stacked batch, the forward run in chunks of at most ``max_batch`` (on the
         CPU at most :data:`CPU_FORWARD_BATCH`), each chunk in the channels-last layout on the CPU
         (:func:`channels_last`)."""
-        size = min(self.max_batch, CPU_FORWARD_BATCH) if x.device.type == "cpu" else self.max_batch
-        return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(size)])
+        return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(self.batch(x))])
+
+    def batch(self, x: Tensor) -> int:
+        """Inputs per forward call for inputs on ``x``'s device: ``max_batch``, on the CPU at most
+        :data:`CPU_FORWARD_BATCH` (metrics build their perturbed inputs in chunks of this size too:
+        smaller buffers, reused by the allocator)."""
+        return min(self.max_batch, CPU_FORWARD_BATCH) if x.device.type == "cpu" else self.max_batch
 
     def reference_scores(self, x: Tensor) -> Tensor:
         """(N, K) scores of a batch whose rows repeat a few inputs (the unperturbed input of each

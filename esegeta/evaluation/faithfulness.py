@@ -159,7 +159,7 @@ def perturbation_curve(ctx: Context, x: Tensor, ranks: Tensor, thresholds: Tenso
                        features: int | None = None) -> Tensor:
     """(B, T) scores: at step t the voxels with rank < ``thresholds[t]`` are replaced by the baseline
     (deletion) or, with ``insert``, are the input's and all others the baseline's. The B·T perturbed
-    inputs are built chunk by chunk (at most ``max_batch`` at once) on the input's device. Steps that
+    inputs are built chunk by chunk (:meth:`Context.batch` at once) on the input's device. Steps that
     leave the input as it is or replace all of its ``features`` (when given) are the unperturbed input or
     the baseline: their scores are shared with other metrics (:func:`reference_scores_of`)."""
     b = x.shape[0]
@@ -174,8 +174,9 @@ def perturbation_curve(ctx: Context, x: Tensor, ranks: Tensor, thresholds: Tenso
                          dtype=torch.long)
     rows = b * steps.numel()
     view = (-1,) + (1,) * (x.dim() - 1)
-    for start in range(0, rows, ctx.max_batch):
-        idx = torch.arange(start, min(start + ctx.max_batch, rows), device=x.device)
+    chunk = ctx.batch(x)
+    for start in range(0, rows, chunk):
+        idx = torch.arange(start, min(start + chunk, rows), device=x.device)
         bi, ti = idx // steps.numel(), steps[idx % steps.numel()]
         removed = ranks[bi] < thresholds[ti].reshape(view)
         if insert:
@@ -306,8 +307,9 @@ def subset_correlation(ctx: Context, x: Tensor, attribution: Tensor, target: Ten
     sums = (subsets * a[:, None, :]).sum(-1)
     y0 = reference_scores_of(ctx, x, target, softmax)
     drops = torch.empty(b * runs, device=x.device, dtype=x.dtype)
-    for start in range(0, b * runs, ctx.max_batch):
-        idx = torch.arange(start, min(start + ctx.max_batch, b * runs), device=x.device)
+    chunk = ctx.batch(x)
+    for start in range(0, b * runs, chunk):
+        idx = torch.arange(start, min(start + chunk, b * runs), device=x.device)
         bi, ri = idx // runs, idx % runs
         m = subsets[bi, ri]
         m = m.reshape(-1, *x.shape[1:]) if per_element else m.reshape(-1, 1, *x.shape[2:])
