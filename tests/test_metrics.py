@@ -242,21 +242,26 @@ def test_isolated_removed_pixels_take_their_known_neighbours_weighted_mean():
     assert not direct[1].any()
 
 
-def test_cpu_forward_runs_in_chunks_of_at_most_sixteen_inputs():
-    """On the CPU a larger batch is no faster per input (slower at 224²): the forward takes at most
-    CPU_FORWARD_BATCH inputs per call, and ``max_batch`` still bounds it from above."""
+def test_cpu_forward_takes_at_most_sixteen_rgb_224_images_and_max_batch_small_inputs():
+    """On the CPU a bigger batch of big inputs is no faster per input (slower at 224²): the forward
+    takes at most CPU_FORWARD_VALUES values per call (16 RGB images of 224²); small inputs go
+    ``max_batch`` at a time, which also bounds the big ones from above."""
     sizes = []
 
     def forward(batch):
         sizes.append(batch.shape[0])
         return batch.flatten(1)[:, :3]
 
-    x = torch.rand(40, 2, 4, 4)
-    scores = Context(forward=forward, max_batch=64).scores(x)
-    assert sizes == [16, 16, 8] and torch.equal(scores, x.flatten(1)[:, :3])
+    big = torch.rand(40, 3, 224, 224)
+    scores = Context(forward=forward, max_batch=64).scores(big)
+    assert sizes == [16, 16, 8] and torch.equal(scores, big.flatten(1)[:, :3])
     sizes.clear()
-    Context(forward=forward, max_batch=5).scores(x)
+    Context(forward=forward, max_batch=5).scores(big)
     assert sizes == [5] * 8
+    sizes.clear()
+    Context(forward=forward, max_batch=64).scores(torch.rand(100, 1, 32, 32))
+    assert sizes == [64, 36]
+    assert Context(forward=forward, max_batch=64).batch(torch.rand(1, 3, 2048, 2048)) == 1
 
 
 def test_a_model_in_eval_mode_is_scored_without_walking_its_modules_and_a_training_one_is_restored():

@@ -18,6 +18,7 @@ import copy
 import importlib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,11 +155,13 @@ class SharedPasses:
         del self._entries[:-self.limit]
 
 
-#: The most inputs per forward call on the CPU, whatever a larger ``max_batch`` allows: there a
-#: larger batch is no faster per input, and at 224² slower (torchvision models, one thread, CPU time
-#: per input against batch 16: resnet18 1.12x at 64, mobilenet_v3_small 1.59x, densenet121 1.45x;
-#: ``benchmarks/evaluation_batch.py``). Accelerators take ``max_batch`` inputs per call.
-CPU_FORWARD_BATCH = 16
+#: The most input values per forward call on the CPU, whatever a larger ``max_batch`` allows (16
+#: RGB images of 224²): there a bigger batch of big inputs is no faster per input, and slower
+#: (torchvision models at 224², one thread, CPU time per input against batch 16: resnet18 1.12x
+#: at 64, mobilenet_v3_small 1.59x, densenet121 1.45x; ``benchmarks/evaluation_batch.py``), while
+#: small inputs (the digits, resnet18 at 64²) gain from ``max_batch`` rows per call. Accelerators
+#: take ``max_batch`` inputs per call.
+CPU_FORWARD_VALUES = 16 * 3 * 224 * 224
 
 
 @dataclass
@@ -168,7 +171,7 @@ class Context:
     ``forward`` maps a batch (N, C, *S) to scores (N, K); it defaults to the plain ``model`` in
     eval mode under ``torch.no_grad`` (a segmentation wrapper or a stitched patch forward is
     supplied instead where the model is one). :meth:`scores` runs it in chunks of at most
-    ``max_batch`` inputs (on the CPU at most :data:`CPU_FORWARD_BATCH`), so a forward itself may
+    :meth:`batch` inputs (``max_batch``, fewer for big inputs on the CPU), so a forward itself may
     take any batch. ``model`` is needed by the
     randomisation metrics, ``explain(model, x, target) -> attribution`` by those that
     re-explain (randomisation, robustness), ``mask`` (B, 1|C, *S) bool by localisation.
@@ -211,16 +214,17 @@ class Context:
 
     # ----------------------------------------------------------------- forward
     def scores(self, x: Tensor) -> Tensor:
-        """(N, K) scores of a stacked batch, the forward run in chunks of at most ``max_batch`` (on the
-        CPU at most :data:`CPU_FORWARD_BATCH`), each chunk in the channels-last layout on the CPU
-        (:func:`channels_last`)."""
+        """(N, K) scores of a stacked batch, the forward run in chunks of :meth:`batch` inputs, each
+        chunk in the channels-last layout on the CPU (:func:`channels_last`)."""
         return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(self.batch(x))])
 
     def batch(self, x: Tensor) -> int:
-        """Inputs per forward call for inputs on ``x``'s device: ``max_batch``, on the CPU at most
-        :data:`CPU_FORWARD_BATCH` (metrics build their perturbed inputs in chunks of this size too:
-        smaller buffers, reused by the allocator)."""
-        return min(self.max_batch, CPU_FORWARD_BATCH) if x.device.type == "cpu" else self.max_batch
+        """Inputs per forward call for inputs like ``x``'s rows: ``max_batch``, on the CPU at most
+        :data:`CPU_FORWARD_VALUES` values' worth (at least one input). Metrics build their perturbed
+        inputs in chunks of this size too: smaller buffers, reused by the allocator."""
+        if x.device.type != "cpu":
+            return self.max_batch
+        return max(1, min(self.max_batch, CPU_FORWARD_VALUES // max(1, math.prod(x.shape[1:]))))
 
     def reference_scores(self, x: Tensor) -> Tensor:
         """(N, K) scores of a batch whose rows repeat a few inputs (the unperturbed input of each
