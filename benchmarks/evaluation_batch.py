@@ -3,9 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/evaluation_batch.py [--models resnet18,mobilenet_v3_small,densenet121]
         [--size 224] [--batches 8,16,32,64] [--repeats 2]
 
-What ``evaluation.max_batch`` costs on this machine: each model (random weights, eval mode) is
-scored through :meth:`esegeta.evaluation.Context.scores` on its inference copy
-(:func:`esegeta.evaluation.base.inference_copy`, as the engine scores on the CPU) at each batch size;
+What the batch size of a scoring pass costs on this machine (the evidence for
+``esegeta.evaluation.base.CPU_FORWARD_VALUES``): each model (random weights, eval mode) is scored
+on its inference copy (:func:`esegeta.evaluation.base.inference_copy`, as the engine scores on the
+CPU), the input channels-last, without gradients, called directly at each batch size (not through
+:meth:`esegeta.evaluation.Context.scores`, which caps the batch on the CPU);
 prints the best-of-``repeats`` milliseconds per input (this process's CPU time by default, ``--clock
 wall`` for wall time) and each batch size's time relative to the fastest.
 """
@@ -34,8 +36,7 @@ def main() -> None:
     import torch
     import torchvision
 
-    from esegeta.evaluation import Context
-    from esegeta.evaluation.base import inference_copy
+    from esegeta.evaluation.base import channels_last, inference_copy
 
     batches = [int(b) for b in args.batches.split(",")]
     print(f"torch threads {torch.get_num_threads()}, {args.size}² RGB, ms per input ({args.clock} time)")
@@ -47,13 +48,14 @@ def main() -> None:
         x = torch.rand(max(batches), 3, args.size, args.size)
         per_input = []
         for b in batches:
-            ctx = Context(model=scored, max_batch=b, use_inference_copy=False)
-            ctx.scores(x[:b])  # warm-up
-            best = float("inf")
-            for _ in range(args.repeats):
-                start = clock()
-                ctx.scores(x[:b])
-                best = min(best, clock() - start)
+            batch = channels_last(x[:b])
+            with torch.no_grad():
+                scored(batch)  # warm-up
+                best = float("inf")
+                for _ in range(args.repeats):
+                    start = clock()
+                    scored(batch)
+                    best = min(best, clock() - start)
             per_input.append(best / b * 1e3)
         fastest = min(per_input)
         print(f"{name:22}" + "".join(f"{t:8.1f} ({t / fastest:.2f})" for t in per_input), flush=True)
