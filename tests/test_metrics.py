@@ -288,6 +288,21 @@ def test_a_model_in_eval_mode_is_scored_without_walking_its_modules_and_a_traini
     assert model.training and model[1].training and torch.equal(model[1].running_mean, running)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 40, 33), (1, 2, 12, 10, 9)])
+def test_blur_baseline_equals_scipy_by_band_matrix_and_by_convolution(shape, monkeypatch):
+    """The blur baseline is a separable Gaussian with replicated edges (scipy's ``gaussian_filter``,
+    mode ``nearest``), by a band-matrix product per axis, and by convolutions along long axes."""
+    from scipy.ndimage import gaussian_filter
+
+    from esegeta.evaluation import faithfulness
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    expected = gaussian_filter(x.numpy(), sigma=(0, 0) + (5.0,) * (len(shape) - 2), mode="nearest", truncate=3.0)
+    torch.testing.assert_close(faithfulness.gaussian_blur(x, 5.0), torch.from_numpy(expected), rtol=0, atol=1e-12)
+    monkeypatch.setattr(faithfulness, "BAND_LENGTH", 10)  # the longer axes convolved
+    torch.testing.assert_close(faithfulness.gaussian_blur(x, 5.0), torch.from_numpy(expected), rtol=0, atol=1e-12)
+
+
 def test_road_noise_comes_from_the_seeded_generator():
     model = tiny_cnn(2)
     x, a, t, _ = _batch(2)
