@@ -1,22 +1,25 @@
-"""The model and inputs the evaluation benchmarks share: torchvision's resnet18 (random weights) on
-random RGB images, or the digits sample on its own data."""
+"""The model and inputs the evaluation benchmarks share: a torchvision classifier (:data:`TORCHVISION`,
+random weights) on random RGB images, or the digits sample on its own data."""
 from __future__ import annotations
 
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The torchvision classifiers the benchmarks take (10 classes, random weights).
+TORCHVISION = ("resnet18", "mobilenet_v3_small", "densenet121")
 
 
 def model_and_inputs(name: str, n: int, size: int):
-    """``(model, x)`` in eval mode: ``name`` is ``resnet18`` (``n`` inputs of 3×size×size) or ``digits``."""
+    """``(model, x)`` in eval mode: ``name`` is one of :data:`TORCHVISION` (``n`` inputs of 3×size×size)
+    or ``digits``."""
     import esegeta  # noqa: F401 (the torchvision shim first)
     import torch
 
     torch.manual_seed(0)
-    if name == "resnet18":
+    if name in TORCHVISION:
         import torchvision
 
-        return torchvision.models.resnet18(num_classes=10).eval(), torch.rand(n, 3, size, size)
+        return getattr(torchvision.models, name)(num_classes=10).eval(), torch.rand(n, 3, size, size)
     from samples.models import DigitResNet
     from sklearn.datasets import load_digits
 

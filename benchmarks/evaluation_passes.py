@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from evaluation_models import TORCHVISION  # noqa: E402 (after the path)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="digits", choices=("digits", "resnet18"))
+    parser.add_argument("--model", default="digits", choices=("digits",) + TORCHVISION)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="image side (digits upsampled)")
     parser.add_argument("--max-batch", type=int, default=64)
@@ -42,6 +44,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated metric names")
     parser.add_argument("--scale", type=float, default=1.0, help="fewer steps/runs (0.25: a quarter) for big inputs")
     parser.add_argument("--plain", action="store_true", help="score with the model itself, not the inference copy")
+    parser.add_argument("--maps", default="random", choices=("random", "smooth"),
+                        help="random: Gaussian noise per pixel; smooth: that noise averaged over a window of an "
+                             "eighth of the side (blobs, as real maps: ROAD's masks are then regions, not scattered)")
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -58,6 +63,9 @@ def main() -> None:
     with torch.no_grad():
         target = model(x).argmax(1)
     a = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    if args.maps == "smooth":
+        window = max(1, args.size // 8) | 1
+        a = F.avg_pool2d(a, window, 1, window // 2, count_include_pad=False)
     features = args.size * args.size
 
     def scaled(k: int) -> int:

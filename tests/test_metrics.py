@@ -223,6 +223,86 @@ def test_direct_imputation_stacks_rows_as_it_solves_them_one_by_one(monkeypatch)
     assert not stacked[1].any() and torch.equal(stacked[2], x[2])
 
 
+def test_isolated_removed_pixels_take_their_known_neighbours_weighted_mean():
+    """A removed pixel with no removed neighbour is solved in closed form; beside a removed region and
+    an image wholly removed (0), it equals conjugate gradients and the mean the ROAD authors define."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand((2, 3, 10, 9), generator=g, dtype=torch.float64)
+    removed = torch.zeros((2, 1, 10, 9), dtype=torch.bool)
+    removed[0, 0, ::3, ::3] = True  # isolated pixels, corners and edges included
+    removed[0, 0, 4:7, 5:8] = True  # and a coupled region
+    removed[1] = True
+    direct = linear_imputation(x, removed, 8, solver="direct")
+    torch.testing.assert_close(direct, linear_imputation(x, removed, 8, tol=1e-13, solver="cg"), rtol=0, atol=1e-9)
+    kernel = neighbour_kernel(2, 8, dtype=torch.float64)[0, 0]
+    weights = F.conv2d(torch.ones(1, 1, 10, 9, dtype=torch.float64), kernel[None, None], padding=1)[0, 0]
+    means = F.conv2d(x[:1].transpose(0, 1), kernel[None, None], padding=1).transpose(0, 1)[0] / weights
+    torch.testing.assert_close(direct[0, :, 0, 3], means[:, 0, 3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(direct[0, :, 9, 0], means[:, 9, 0], rtol=0, atol=1e-12)
+    assert not direct[1].any()
+
+
+def test_cpu_forward_takes_at_most_sixteen_rgb_224_images_and_max_batch_small_inputs():
+    """On the CPU a bigger batch of big inputs is no faster per input (slower at 224²): the forward
+    takes at most CPU_FORWARD_VALUES values per call (16 RGB images of 224²); small inputs go
+    ``max_batch`` at a time, which also bounds the big ones from above."""
+    sizes = []
+
+    def forward(batch):
+        sizes.append(batch.shape[0])
+        return batch.flatten(1)[:, :3]
+
+    big = torch.rand(40, 3, 224, 224)
+    scores = Context(forward=forward, max_batch=64).scores(big)
+    assert sizes == [16, 16, 8] and torch.equal(scores, big.flatten(1)[:, :3])
+    sizes.clear()
+    Context(forward=forward, max_batch=5).scores(big)
+    assert sizes == [5] * 8
+    sizes.clear()
+    Context(forward=forward, max_batch=64).scores(torch.rand(100, 1, 32, 32))
+    assert sizes == [64, 36]
+    assert Context(forward=forward, max_batch=64).batch(torch.rand(1, 3, 2048, 2048)) == 1
+
+
+def test_a_model_in_eval_mode_is_scored_without_walking_its_modules_and_a_training_one_is_restored():
+    """eval() and train() walk every module on each forward call (16 % of a pass on a small net); a model
+    wholly in eval mode is called as it is, one in training mode is scored in eval mode and restored."""
+    class Counting(nn.Sequential):
+        switches = 0
+
+        def train(self, mode=True):
+            Counting.switches += 1
+            return super().train(mode)
+
+    model = Counting(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.rand(5, 2, 6, 6)
+    model(x)  # the lazy layer's shape; the BatchNorm's statistics move in training mode
+    model.eval()
+    expected = model(x)
+    Counting.switches = 0
+    torch.testing.assert_close(Context(model=model, use_inference_copy=False, max_batch=2).scores(x), expected)
+    assert Counting.switches == 0
+    model.train()
+    running = model[1].running_mean.clone()
+    torch.testing.assert_close(Context(model=model, use_inference_copy=False, max_batch=2).scores(x), expected)
+    assert model.training and model[1].training and torch.equal(model[1].running_mean, running)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 40, 33), (1, 2, 12, 10, 9)])
+def test_blur_baseline_equals_scipy_by_band_matrix_and_by_convolution(shape, monkeypatch):
+    """The blur baseline is a separable Gaussian with replicated edges (scipy's ``gaussian_filter``,
+    mode ``nearest``), by a band-matrix product per axis, and by convolutions along long axes."""
+    from scipy.ndimage import gaussian_filter
+
+    from esegeta.evaluation import faithfulness
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    expected = gaussian_filter(x.numpy(), sigma=(0, 0) + (5.0,) * (len(shape) - 2), mode="nearest", truncate=3.0)
+    torch.testing.assert_close(faithfulness.gaussian_blur(x, 5.0), torch.from_numpy(expected), rtol=0, atol=1e-12)
+    monkeypatch.setattr(faithfulness, "BAND_LENGTH", 10)  # the longer axes convolved
+    torch.testing.assert_close(faithfulness.gaussian_blur(x, 5.0), torch.from_numpy(expected), rtol=0, atol=1e-12)
+
+
 def test_road_noise_comes_from_the_seeded_generator():
     model = tiny_cnn(2)
     x, a, t, _ = _batch(2)

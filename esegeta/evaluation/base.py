@@ -18,6 +18,7 @@ import copy
 import importlib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,9 +48,16 @@ def _deepcopy(model: nn.Module, x: Tensor) -> nn.Module:
 
 
 def _plain_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """The model's scores, in eval mode and without gradients (the model's mode is restored)."""
+    """The model's scores, in eval mode and without gradients (the model's mode is restored). A model
+    wholly in eval mode (as the inference copy) is called as it is: ``eval()`` and ``train()`` walk
+    every module (~6 ms per call on mobilenet_v3_small, 16 % of a 16-input pass at 224²)."""
+
+    wholly_eval = not any(m.training for m in model.modules())
 
     def forward(x: Tensor) -> Tensor:
+        if wholly_eval and not model.training:
+            with torch.no_grad():
+                return model(x)
         was_training = model.training
         model.eval()
         try:
@@ -147,6 +155,15 @@ class SharedPasses:
         del self._entries[:-self.limit]
 
 
+#: The most input values per forward call on the CPU, whatever a larger ``max_batch`` allows (16
+#: RGB images of 224²): there a bigger batch of big inputs is no faster per input, and slower
+#: (torchvision models at 224², one thread, CPU time per input against batch 16: resnet18 1.12x
+#: at 64, mobilenet_v3_small 1.59x, densenet121 1.45x; ``benchmarks/evaluation_batch.py``), while
+#: small inputs (the digits, resnet18 at 64²) gain from ``max_batch`` rows per call. Accelerators
+#: take ``max_batch`` inputs per call.
+CPU_FORWARD_VALUES = 16 * 3 * 224 * 224
+
+
 @dataclass
 class Context:
     """What a metric may use besides the input, its attribution and the target.
@@ -154,7 +171,8 @@ class Context:
     ``forward`` maps a batch (N, C, *S) to scores (N, K); it defaults to the plain ``model`` in
     eval mode under ``torch.no_grad`` (a segmentation wrapper or a stitched patch forward is
     supplied instead where the model is one). :meth:`scores` runs it in chunks of at most
-    ``max_batch`` inputs, so a forward itself may take any batch. ``model`` is needed by the
+    :meth:`batch` inputs (``max_batch``, fewer for big inputs on the CPU), so a forward itself may
+    take any batch. ``model`` is needed by the
     randomisation metrics, ``explain(model, x, target) -> attribution`` by those that
     re-explain (randomisation, robustness), ``mask`` (B, 1|C, *S) bool by localisation.
     ``copy(model, x)`` makes the one copy of the model a randomisation metric changes in place
@@ -196,9 +214,17 @@ class Context:
 
     # ----------------------------------------------------------------- forward
     def scores(self, x: Tensor) -> Tensor:
-        """(N, K) scores of a stacked batch, the forward run in chunks of at most ``max_batch``, each
+        """(N, K) scores of a stacked batch, the forward run in chunks of :meth:`batch` inputs, each
         chunk in the channels-last layout on the CPU (:func:`channels_last`)."""
-        return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(self.max_batch)])
+        return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(self.batch(x))])
+
+    def batch(self, x: Tensor) -> int:
+        """Inputs per forward call for inputs like ``x``'s rows: ``max_batch``, on the CPU at most
+        :data:`CPU_FORWARD_VALUES` values' worth (at least one input). Metrics build their perturbed
+        inputs in chunks of this size too: smaller buffers, reused by the allocator."""
+        if x.device.type != "cpu":
+            return self.max_batch
+        return max(1, min(self.max_batch, CPU_FORWARD_VALUES // max(1, math.prod(x.shape[1:]))))
 
     def reference_scores(self, x: Tensor) -> Tensor:
         """(N, K) scores of a batch whose rows repeat a few inputs (the unperturbed input of each
