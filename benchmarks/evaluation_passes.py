@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--model", default="digits", choices=("digits",) + TORCHVISION)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="image side (digits upsampled)")
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=None, help="default: esegeta's default")
     parser.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                         help="cpu: this process's CPU time (time.process_time; steady on a shared machine, with "
                              "OMP_NUM_THREADS=1); wall: time.perf_counter")
@@ -83,7 +83,6 @@ def main() -> None:
     }
     only = [c for c in args.only.split(",") if c]
     cases = {k: v for k, v in cases.items() if not only or k in only}
-    batch = x[torch.arange(args.max_batch) % args.n]
     counted = [0]
     start = clock()
     scored = model if args.plain else inference_copy(model)  # as the engine: one copy per evaluation
@@ -93,6 +92,9 @@ def main() -> None:
     def context(**kw) -> Context:
         return Context(model=scored, max_batch=args.max_batch, use_inference_copy=False, **kw)
 
+    rows = context().batch(x)  # the inputs per forward call the metrics make
+    batch = x[torch.arange(rows) % args.n]
+
     def one_pass() -> float:
         ctx = context()
         best = float("inf")
@@ -100,10 +102,11 @@ def main() -> None:
             start = clock()
             ctx.scores(batch)
             best = min(best, clock() - start)
-        return best / args.max_batch
+        return best / rows
 
     try:
-        print(f"{args.model}: {args.n} input(s) of {tuple(x.shape[1:])}, max_batch {args.max_batch}, torch threads "
+        print(f"{args.model}: {args.n} input(s) of {tuple(x.shape[1:])}, "
+              f"max_batch {args.max_batch or 'default'} ({rows} a call), torch threads "
               f"{torch.get_num_threads()}; one pass {one_pass() * 1e3:.2f} ms per input at that batch size, "
               + ("the model itself" if args.plain else f"on the inference copy (made in {copy_seconds:.3f} s)"))
         print(f"{'metric':26} {'passes':>6} {'counted':>7} {'seconds':>8} {'limit':>8} {'ratio':>6}")

@@ -9,8 +9,8 @@ both adaptive-pooling classifiers accept; or with ``--model resnet18`` (``mobile
 issue's realistic size being 224), same inputs (the first ``--n`` of sklearn's digits), same
 attributions (Saliency for MPRT, random otherwise) and same settings on both sides. Quantus
 batches over inputs (its ``batch_size`` = n) and loops over steps in numpy; esegeta stacks the
-steps of all inputs into chunks of ``--max-batch`` forward passes (on the CPU at most 16 RGB 224² images
-per call: ``esegeta.evaluation.base.CPU_FORWARD_VALUES``).
+steps of all inputs into chunks of ``--max-batch`` forward passes (by default 64, on the CPU at most 16
+RGB 224² images per call: ``esegeta.evaluation.base.CPU_FORWARD_VALUES``).
 Prints, per metric, the best-of-``repeats`` time of each (this process's CPU time by default,
 ``--clock wall`` for wall time), the ratio, and the largest
 difference of the values where both are deterministic (pixel flipping, region perturbation,
@@ -56,7 +56,8 @@ def main() -> None:
                              "OMP_NUM_THREADS=1); wall: time.perf_counter")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--step", type=int, default=0, help="pixel flipping's features per step (default: 64 steps)")
-    parser.add_argument("--max-batch", type=int, default=1024, help="esegeta's forward chunk")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="esegeta's forward chunk (default: esegeta's default)")
     parser.add_argument("--device", default="cpu", help="esegeta's device (Quantus runs on the CPU)")
     parser.add_argument("--only", default="", help="comma-separated metric names")
     parser.add_argument("--model", default="digits",
@@ -207,7 +208,7 @@ def main() -> None:
     label = {"digits": "DigitResNet (digits sample) on digits", "lenet": "LeNet-5 on digits"}.get(
         args.model, f"torchvision {args.model} (random weights) on random RGB images")
     print(f"{label}, n={args.n}, {args.size}x{args.size}, torch threads {torch_threads}, "
-          f"esegeta on {device} (max_batch {args.max_batch}), Quantus {quantus.__version__} on cpu\n")
+          f"esegeta on {device} (max_batch {args.max_batch or 'default'}), Quantus {quantus.__version__} on cpu\n")
     if device.type == "cpu" and not args.plain:
         start = clock()
         inference_copy(model)

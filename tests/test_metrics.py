@@ -242,10 +242,10 @@ def test_isolated_removed_pixels_take_their_known_neighbours_weighted_mean():
     assert not direct[1].any()
 
 
-def test_cpu_forward_takes_at_most_sixteen_rgb_224_images_and_max_batch_small_inputs():
-    """On the CPU a bigger batch of big inputs is no faster per input (slower at 224²): the forward
-    takes at most CPU_FORWARD_VALUES values per call (16 RGB images of 224²); small inputs go
-    ``max_batch`` at a time, which also bounds the big ones from above."""
+def test_cpu_forward_by_default_takes_at_most_sixteen_rgb_224_images_and_a_given_max_batch_as_given():
+    """On the CPU a bigger batch of big inputs is no faster per input (slower at 224²): by default the
+    forward takes at most CPU_FORWARD_VALUES values per call (16 RGB images of 224²) and small inputs
+    go 64 at a time; a ``max_batch`` the user gives is taken as given."""
     sizes = []
 
     def forward(batch):
@@ -253,15 +253,19 @@ def test_cpu_forward_takes_at_most_sixteen_rgb_224_images_and_max_batch_small_in
         return batch.flatten(1)[:, :3]
 
     big = torch.rand(40, 3, 224, 224)
-    scores = Context(forward=forward, max_batch=64).scores(big)
+    scores = Context(forward=forward).scores(big)
     assert sizes == [16, 16, 8] and torch.equal(scores, big.flatten(1)[:, :3])
     sizes.clear()
     Context(forward=forward, max_batch=5).scores(big)
     assert sizes == [5] * 8
     sizes.clear()
-    Context(forward=forward, max_batch=64).scores(torch.rand(100, 1, 32, 32))
+    Context(forward=forward, max_batch=32).scores(big)
+    assert sizes == [32, 8]
+    sizes.clear()
+    Context(forward=forward).scores(torch.rand(100, 1, 32, 32))
     assert sizes == [64, 36]
-    assert Context(forward=forward, max_batch=64).batch(torch.rand(1, 3, 2048, 2048)) == 1
+    assert Context(forward=forward).batch(torch.rand(1, 3, 2048, 2048)) == 1
+    assert Context(forward=forward, max_batch=4).batch(torch.rand(1, 3, 2048, 2048)) == 4
 
 
 def test_a_model_in_eval_mode_is_scored_without_walking_its_modules_and_a_training_one_is_restored():

@@ -155,12 +155,14 @@ class SharedPasses:
         del self._entries[:-self.limit]
 
 
-#: The most input values per forward call on the CPU, whatever a larger ``max_batch`` allows (16
-#: RGB images of 224²): there a bigger batch of big inputs is no faster per input, and slower
+#: Inputs per forward call where ``max_batch`` is not given.
+DEFAULT_MAX_BATCH = 64
+#: The most input values per forward call on the CPU where ``max_batch`` is not given (16 RGB
+#: images of 224²): there a bigger batch of big inputs is no faster per input, and slower
 #: (torchvision models at 224², one thread, CPU time per input against batch 16: resnet18 1.12x
 #: at 64, mobilenet_v3_small 1.59x, densenet121 1.45x; ``benchmarks/evaluation_batch.py``), while
-#: small inputs (the digits, resnet18 at 64²) gain from ``max_batch`` rows per call. Accelerators
-#: take ``max_batch`` inputs per call.
+#: small inputs (the digits, resnet18 at 64²) gain from up to 64 rows per call. Accelerators,
+#: and a ``max_batch`` the user gives, take that many inputs per call.
 CPU_FORWARD_VALUES = 16 * 3 * 224 * 224
 
 
@@ -171,7 +173,7 @@ class Context:
     ``forward`` maps a batch (N, C, *S) to scores (N, K); it defaults to the plain ``model`` in
     eval mode under ``torch.no_grad`` (a segmentation wrapper or a stitched patch forward is
     supplied instead where the model is one). :meth:`scores` runs it in chunks of at most
-    :meth:`batch` inputs (``max_batch``, fewer for big inputs on the CPU), so a forward itself may
+    :meth:`batch` inputs (``max_batch``; by default 64, fewer for big inputs on the CPU), so a forward itself may
     take any batch. ``model`` is needed by the
     randomisation metrics, ``explain(model, x, target) -> attribution`` by those that
     re-explain (randomisation, robustness), ``mask`` (B, 1|C, *S) bool by localisation.
@@ -192,7 +194,7 @@ class Context:
     copy: Callable[[nn.Module, Tensor], nn.Module] | None = None
     mask: Tensor | None = None
     generator: torch.Generator | None = None
-    max_batch: int = 256
+    max_batch: int | None = None
     seed: int = 0
     shared: SharedPasses | None = None
     use_inference_copy: bool = True
@@ -209,6 +211,9 @@ class Context:
             self.generator = torch.Generator().manual_seed(self.seed)
         if self.copy is None:
             self.copy = _deepcopy
+        self._capped = self.max_batch is None  # the default: capped on the CPU (:meth:`batch`)
+        if self.max_batch is None:
+            self.max_batch = DEFAULT_MAX_BATCH
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
@@ -219,10 +224,10 @@ class Context:
         return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(self.batch(x))])
 
     def batch(self, x: Tensor) -> int:
-        """Inputs per forward call for inputs like ``x``'s rows: ``max_batch``, on the CPU at most
-        :data:`CPU_FORWARD_VALUES` values' worth (at least one input). Metrics build their perturbed
-        inputs in chunks of this size too: smaller buffers, reused by the allocator."""
-        if x.device.type != "cpu":
+        """Inputs per forward call for inputs like ``x``'s rows: ``max_batch``; where it was not given,
+        on the CPU at most :data:`CPU_FORWARD_VALUES` values' worth (at least one input). Metrics build
+        their perturbed inputs in chunks of this size too: smaller buffers, reused by the allocator."""
+        if x.device.type != "cpu" or not self._capped:
             return self.max_batch
         return max(1, min(self.max_batch, CPU_FORWARD_VALUES // max(1, math.prod(x.shape[1:]))))
 

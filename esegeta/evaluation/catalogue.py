@@ -77,7 +77,7 @@ def estimate(config, input_shape: Sequence[int], forward_seconds: float | None =
                      + (f", plus {again} re-explanation(s) by the method" if again else ""))
     time = f", at most ~{total * forward_seconds:.0f} s per input unbatched" if forward_seconds else ""
     lines.append(f"evaluation: about {total} forward pass(es) per input in all ({len(methods)} method(s), "
-                 f"max_batch {ev.max_batch}{time})")
+                 f"max_batch {ev.max_batch or 'default'}{time})")
     return lines
 
 

@@ -216,7 +216,7 @@ def model_on_device(model: nn.Module, device: torch.device) -> nn.Module:
 def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
           attributions: Mapping[tuple[str, str], torch.Tensor], requests: Mapping[str, Any],
           metrics: Sequence[Metric], *, overrides: Mapping[str, Mapping[str, Any]] | None = None,
-          masks: Mapping[str, torch.Tensor] | None = None, base_dir: Path | None = None, max_batch: int = 64,
+          masks: Mapping[str, torch.Tensor] | None = None, base_dir: Path | None = None, max_batch: int | None = None,
           seed: int = 0, method_ids: Mapping[str, str] | None = None, inference_copy: bool = True,
           copies: dict[torch.device, nn.Module] | None = None) -> Evaluation:
     """Every metric on every (method label, input name) of ``attributions``.
@@ -400,7 +400,7 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
              target: Any = "predicted", wrapper: Mapping[str, Any] | None = None,
              patch: Mapping[str, Any] | None = None, methods: Mapping[str, Any] | None = None,
              masks: torch.Tensor | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,
-             max_batch: int = 64, seed: int = 0, output_dir: str | Path | None = None,
+             max_batch: int | None = None, seed: int = 0, output_dir: str | Path | None = None,
              inference_copy: bool = True) -> Evaluation:
     """Score attributions with metrics and rank the methods.
 

@@ -10,7 +10,7 @@ Example::
     "evaluation": {
       "metrics": ["deletion", {"id": "pixel_flipping", "params": {"features_in_step": 16}}, "sparseness"],
       "overrides": {"captum.Occlusion": {"deletion": {"steps": 10}}, "lime": {"max_sensitivity": false}},
-      "max_batch": 64
+      "max_batch": 32
     }
 """
 from __future__ import annotations
@@ -57,7 +57,9 @@ class EvaluationConfig(_Strict):
     masks: list[str] | None = Field(None, description="localisation ground truth: mask files (paths, globs or "
                                     "folders), one per input in the inputs' order; default: a wrapper's frozen "
                                     "mask of the target")
-    max_batch: Annotated[int, Field(gt=0)] = Field(64, description="perturbed inputs per forward call")
+    max_batch: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="perturbed inputs per forward call; default: 64, and on the CPU at most 16 RGB 224² "
+                          "images' worth of values per call (bigger batches of big inputs are slower there)")
     seed: int = Field(0, description="seeds every random draw of the metrics")
     inference_copy: StrictBool = Field(True, description="score the perturbed inputs on the CPU with one copy of "
                                        "the model made for the evaluation, BatchNorms folded into the convolutions "
