@@ -739,9 +739,11 @@ class Global:
         # gradient and path methods run as esegeta's streamed algorithms (esegeta.attribution.streamed)
         # LRP through its library (not streamed) needs the wrapper's masked-sum module and its rule
         # (each voxel its share of the score): the masks frozen on the stitched output, not per patch
-        tiled = request.spec.axiom != "conservation" or request.spec.id in streamed.ALGORITHMS
+        tiled = request.spec.axiom != "conservation" or streamed.covers(request.spec, request.params,
+                                                                        request.noise_tunnel)
+        run = partial(streamed.run, network=model, sample=first_patch(x[:1], self.patch))
         return inner(one_row.replace(patch=None, layer=None), stitched, x,
-                     **{**kw, "build_wrapper": partial(Stitched.build_wrapper, tiled=tiled), "run": streamed.run})
+                     **{**kw, "build_wrapper": partial(Stitched.build_wrapper, tiled=tiled), "run": run})
 
 
 def rows_one_at_a_time(request: Request) -> tuple[Request, int]:
