@@ -157,3 +157,25 @@ def test_provenance_and_checks_streamed_prediction(tmp_path):
         request = from_arguments("zennit.EpsilonPlus", target=2, wrapper=SOFTMAX, patch=TILED, params=params)
         held = streamed_bytes(request, grid, 16 * 16 * 8, 4 * 16 * 16 * 8, 3 * 4 * 16 * 16 * 8)
         assert (held is not None) is expected
+
+
+@pytest.mark.parametrize("method", ["zennit.EpsilonPlus", "captum.LRP"])
+def test_no_structural_trace_runs_on_the_whole_volume(method, monkeypatch):
+    """The substitutes' and the axiom record's structural trace (how LRP crosses the branches) reads
+    the prepared network on the first patch: no trace runs the stitched model on the whole volume
+    (on main the axiom check's record traced it, ~1.5 volumes at 256³)."""
+    from esegeta.attribution import architectures
+
+    seen = []
+    real = architectures._traced
+
+    def recording(model, x):
+        seen.append(tuple(x.shape[2:]))
+        return real(model, x)
+
+    monkeypatch.setattr(architectures, "_traced", recording)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    esegeta.explain(model, x, method, 1, wrapper=SOFTMAX, patch=TILED)
+    assert seen and all(shape == tuple(TILED["size"]) for shape in seen), seen

@@ -50,12 +50,14 @@ def run(spec: MethodSpec, call: Call, *, network: nn.Module | None = None, sampl
     the stitched model runs patch by patch, named as the call's network for the streamed
     algorithms and the rule methods (LRP, DeepLIFT: their substitutes, rule maps by layer name),
     as each patch's call names it; its structure is read on ``sample`` (the first patch), so the
-    substitutes' trace never runs a stitched output at the volume's size."""
+    substitutes' trace never runs a stitched output at the volume's size. The call is changed in
+    place: what reads it after the run (the axiom check's record of how LRP crossed the branches)
+    reads the same network (on the stitched model that trace held ~1.5 volumes at 256³)."""
     algorithm = ALGORITHMS.get(spec.id)
     if network is not None and (algorithm is not None or applies(spec)):
         if sample is not None:
             attention_names(network, sample)  # remembered per network: the whole call's trace reads it
-        call = dataclasses.replace(call, network=network)
+        call.network = network
     column_of = getattr(call.forward, "column", None)
     result = None
     if algorithm is not None and column_of is not None and call.target is not None and call.inputs.shape[0] == 1:
@@ -600,7 +602,14 @@ BLENDED_ROWS: Mapping[str, int] = {"captum.DeepLift": 2}
 #: input's and the baseline's rows and Captum's hooks clone each nonlinear module's input and
 #: output; Captum's LRP clones each layer's output and keeps its input over two forward passes.
 #: Calibrated on ``benchmarks/patch_memory.py`` (the tiny segmenter, one 64³ patch: DeepLIFT 186 MiB,
-#: LRP 114 MiB for 37 MiB of activations).
-ACTIVATION_FACTOR: Mapping[str, float] = {"captum.DeepLift": 5.0, "captum.LRP": 3.1}
+#: LRP 114 MiB for 37 MiB of activations). zennit's composites keep each hooked layer's input and
+#: output and run a modified forward per rule term (one 64³ patch: EpsilonPlus 132 MiB, EpsilonAlpha2Beta1
+#: 211, EpsilonGammaBox 227: z^B's three passes on the first layer); composites of rule maps: the largest.
+ACTIVATION_FACTOR: Mapping[str, float] = {
+    "captum.DeepLift": 5.0, "captum.LRP": 3.1,
+    **{f"zennit.{name}": 6.2 for name in zennit_adapter.composite_names()},
+    "zennit.EpsilonPlus": 3.6, "zennit.EpsilonPlusFlat": 3.6, "zennit.ExcitationBackprop": 3.6,
+    "zennit.EpsilonAlpha2Beta1": 5.8, "zennit.EpsilonAlpha2Beta1Flat": 5.8,
+}
 #: The algorithms that call the method's upstream per patch (they get its spec and call).
 _PER_PATCH_UPSTREAM = (deeplift, lrp, zennit_lrp)
