@@ -104,7 +104,7 @@ def test_streamed_zennit_on_meta(patch, monkeypatch):
     model = model.eval().to("meta")
     x = torch.randn(1, 1, 16, 16, 8, device="meta")
     _no_fallback(monkeypatch)
-    for method in ("zennit.EpsilonPlus", "zennit.EpsilonGammaBox"):
+    for method in ("zennit.EpsilonPlus", "zennit.EpsilonGammaBox", "zennit.Gradient", "zennit.IntegratedGradients"):
         for wrapper in (SOFTMAX, SIGMOID_MEAN):
             attr = esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=patch)
             assert attr.device == x.device and attr.shape == x.shape
@@ -179,3 +179,47 @@ def test_no_structural_trace_runs_on_the_whole_volume(method, monkeypatch):
     x = torch.randn(1, 1, 16, 16, 8)
     esegeta.explain(model, x, method, 1, wrapper=SOFTMAX, patch=TILED)
     assert seen and all(shape == tuple(TILED["size"]) for shape in seen), seen
+
+
+GRADIENT_CASES = [("zennit.Gradient", {}), ("zennit.IntegratedGradients", {"n_iter": 5}),
+                  ("zennit.IntegratedGradients", {"n_iter": 4, "baseline_fn": "blur"})]
+
+
+@pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])
+@pytest.mark.parametrize("method, params", GRADIENT_CASES, ids=["gradient", "ig", "ig-blur"])
+def test_streamed_zennit_attributors_equal_zennit_on_the_stitched_model(method, params, patch, monkeypatch):
+    """zennit's Gradient and IntegratedGradients attributors without a composite run as streamed
+    gradient methods (zennit's α grid, its adapter's baseline of the whole input), equal to zennit
+    on the whole stitched model."""
+    case = tissue_case((16, 16, 8))
+    theirs = _on_the_stitched_model(method, case.model, case.x, method, 1, wrapper=case.wrapper, patch=patch,
+                                    **params)
+    _no_fallback(monkeypatch)
+    ours = esegeta.explain(case.model, case.x, method, 1, wrapper=case.wrapper, patch=patch, **params)
+    assert theirs.abs().max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+@pytest.mark.parametrize("patch", [{"size": [8, 6], "overlap": [0, 0], "mode": "global", "batch_size": 2},
+                                   {"size": [8, 6], "overlap": [4, 2], "mode": "global", "blend": "hann"}],
+                         ids=["tiled", "overlapping"])
+def test_streamed_zennit_integrated_gradients_on_a_2d_input(patch, monkeypatch):
+    """2D: the blur baseline is the 2D input's (not of a volume of depth 1)."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 3, 1)).eval()
+    x = torch.randn(1, 2, 16, 12)
+    method = "zennit.IntegratedGradients"
+    theirs = _on_the_stitched_model(method, model, x, method, 1, wrapper=SOFTMAX, patch=patch, n_iter=4,
+                                    baseline_fn="blur")
+    _no_fallback(monkeypatch)
+    ours = esegeta.explain(model, x, method, 1, wrapper=SOFTMAX, patch=patch, n_iter=4, baseline_fn="blur")
+    assert theirs.abs().max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
+
+
+def test_zennit_attributors_with_a_composite_are_not_streamed():
+    from esegeta.spec.registry import get
+
+    assert streamed.covers(get("zennit.Gradient"), {}, None)
+    assert not streamed.covers(get("zennit.Gradient"), {"composite": "EpsilonPlus"}, None)
+    assert not streamed.covers(get("zennit.IntegratedGradients"), {"trace": True}, None)

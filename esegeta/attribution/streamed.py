@@ -133,9 +133,40 @@ def integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict | None
         return None
     n_steps, method = int(params["n_steps"]), params["method"]
     step_sizes, alphas = (f(n_steps) for f in approximation_parameters(method))
+    return _path_integral(column, x5, baseline, list(alphas), list(step_sizes),
+                          params.get("multiply_by_inputs", True))
+
+
+def zennit_integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.Tensor | None:
+    """zennit's ``IntegratedGradients`` attributor without a composite: ``(x − b) · Σ_k ∂S/∂x(b +
+    α_k(x − b)) / n`` with ``α_k = torch.linspace(1/n, 1, n)`` and the baseline its adapter makes
+    from ``baseline_fn`` on the whole input (zeros by default)."""
+    from esegeta.attribution.baselines import make_baselines
+
+    if not _plain_zennit(params, nt):
+        return None
+    n = int(params["n_iter"])
+    value = params.get("baseline_fn")
+    x = x5.squeeze(-1) if column.stitched.dims == 2 else x5  # the baseline of the input as the adapter sees it
+    baseline = 0.0 if value is None else _baseline(make_baselines(value, x, "params.baseline_fn"), x5)
+    if baseline is None:
+        return None
+    alphas = torch.linspace(1.0 / n, 1.0, n).tolist()
+    return _path_integral(column, x5, baseline, alphas, [1.0 / n] * n, True)
+
+
+def _plain_zennit(params: dict, nt: dict | None) -> bool:
+    """A zennit attributor entry without a composite, a trace or a noise tunnel: a plain gradient method."""
+    return nt is None and params.get("composite") is None and not params.get(zennit_adapter.TRACE)
+
+
+def _path_integral(column, x5: torch.Tensor, baseline: torch.Tensor | float, alphas: list[float],
+                   step_sizes: list[float], multiply: bool) -> torch.Tensor:
+    """``Σ_s w_s ∂S/∂x(b + α_s(x − b))`` (times ``x − b`` where ``multiply``), the steps as many at a
+    time as the method's rows where patches tile the input, each step's input made per patch."""
     rows = column.rows(column.stitched.rows)
     result = torch.zeros_like(x5)
-    for start in range(0, n_steps, rows):
+    for start in range(0, len(alphas), rows):
         shape = (-1,) + (1,) * (x5.ndim - 1)
         alpha = torch.tensor(alphas[start:start + rows], dtype=x5.dtype, device=x5.device).view(shape)
         step = torch.tensor(step_sizes[start:start + rows], dtype=x5.dtype, device=x5.device).view(shape)
@@ -149,7 +180,7 @@ def integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict | None
             return torch.stack(scaled)
 
         _add(column, result, inputs, len(alpha), lambda grad, region, step=step: (grad * step).sum(0, keepdim=True))
-    if params.get("multiply_by_inputs", True):
+    if multiply:
         for slab in _slabs(x5, int(column.grid.size[0])):
             result[slab] *= x5[slab] - _window(baseline, slab)
     return result
@@ -208,6 +239,19 @@ def _saliency(grad: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor
 
 def _input_x_gradient(grad: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor:
     return x * grad if params.get("multiply_by_inputs", True) else grad
+
+
+def _gradient(grad: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor:
+    return grad
+
+
+def _plain_zennit_only(algorithm: Callable[..., torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
+    """``algorithm`` for a zennit attributor entry, where it runs without a composite or a trace."""
+    def compute(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.Tensor | None:
+        return algorithm(column, x5, params, nt) if _plain_zennit(params, nt) else None
+
+    compute.__name__ = f"zennit_{algorithm.__name__}"
+    return compute
 
 
 def occlusion(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.Tensor | None:
@@ -573,6 +617,8 @@ def covers(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: Mapping[st
         return False
     if ALGORITHMS[spec.id] is zennit_lrp:
         return noise_tunnel is None and zennit_adapter.seed_linear(params)
+    if spec.library.name == "zennit":
+        return _plain_zennit(dict(params), noise_tunnel)
     return True
 
 
@@ -587,6 +633,8 @@ ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.LRP": lrp,
     **{f"zennit.{name}": zennit_lrp for name in zennit_adapter.composite_names()
        if name not in zennit_adapter.NO_CANONIZERS},
+    "zennit.Gradient": _plain_zennit_only(_gradient_method(_gradient, linear=True)),
+    "zennit.IntegratedGradients": zennit_integrated_gradients,
 }
 #: Methods whose upstream cannot run on the stitched model, with the reason: global mode needs the
 #: streamed algorithm for them (:func:`esegeta.attribution.patcher.check_global`).
