@@ -28,7 +28,8 @@ aggregator's overlap mode
 
   Which methods run how in global mode: Integrated Gradients, Saliency, InputXGradient,
   SmoothGrad (``noise_tunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two),
-  DeepLIFT, LRP (Captum's) and, where the patches tile the input, Occlusion run as esegeta's
+  DeepLIFT, LRP (Captum's; zennit's LRP composites), zennit's Gradient and IntegratedGradients
+  attributors and, where the patches tile the input, Occlusion run as esegeta's
   streamed algorithms (:mod:`esegeta.attribution.streamed`, with a built-in wrapper): window by
   window against :class:`StitchedColumn`, each step's input made per patch, added into one result
   volume, tested equal to Captum's call on the whole stitched model (LRP, which Captum refuses on

@@ -15,6 +15,10 @@ The arithmetic is Captum's (``IntegratedGradients`` with its quadrature from
 ``captum.attr._utils.approximation_methods``, ``Saliency``, ``InputXGradient``, and
 ``NoiseTunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two); tests check each equals
 Captum's call on the whole stitched model, and the unpatched result on a pointwise model.
+DeepLIFT and LRP (Captum's, and zennit's composites) call their library per patch batch, seeded
+with the patch's share of what enters the stitched output; zennit's ``Gradient`` and
+``IntegratedGradients`` attributors without a composite are the gradient and path algorithms
+with zennit's arithmetic (tests: equal to zennit on the whole stitched model).
 Calls these algorithms do not cover (convergence delta, additional forward arguments, tuple
 baselines, VarGrad, baselines drawn from a distribution, custom wrappers) go to Captum
 (:func:`esegeta.attribution.guard.run_guarded`).
