@@ -20,6 +20,7 @@ patch back, overlapping its neighbour) freezes them on the stitched output.
     python benchmarks/patch_memory.py --sizes 128 256 --steps 4 --methods saliency ig smoothgrad occlusion
     python benchmarks/patch_memory.py --model micro --patch 64x64x60 --sizes 512x512x300 --methods saliency ig
     python benchmarks/patch_memory.py --steps 4 --sizes 128 256 --methods deeplift lrp
+    python benchmarks/patch_memory.py --sizes 128 256 --methods zennit-epsilonplus zennit-epsilongammabox
     python benchmarks/patch_memory.py --esegeta /tmp/base   # the same on another checkout of esegeta (before/after)
 """
 from __future__ import annotations
@@ -43,6 +44,9 @@ METHODS = {
     "smoothgrad": ("captum.Saliency", {"noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.1}}),
     "deeplift": ("captum.DeepLift", {}),
     "lrp": ("captum.LRP", {}),
+    "zennit-epsilonplus": ("zennit.EpsilonPlus", {}),
+    "zennit-epsilongammabox": ("zennit.EpsilonGammaBox", {}),
+    "zennit-epsilonalpha2beta1": ("zennit.EpsilonAlpha2Beta1", {}),
     "occlusion": ("captum.Occlusion", {"sliding_window_shapes": (1, 32, 32, 32), "strides": (1, 32, 32, 32),
                                        "perturbations_per_eval": 2}),
 }

@@ -517,6 +517,8 @@ def _seed(call: Call, kind: str):
     target = call.targets
 
     def seed(output):
+        if target is None:  # a forward whose output is each row's explained score (global patches' share)
+            return output.new_ones(output.shape)
         one_hot = target.one_hot(output)
         return one_hot * output if kind == "score" else one_hot
 
@@ -578,6 +580,60 @@ def _tracing(root, enabled: bool):
     trace.update(ordered)
 
 
+#: zennit's ε on the wrapper's masked sum (:func:`_wrapper_head_rule`).
+HEAD_EPSILON = 1e-6
+#: Rules whose relevance is not linear in the relevance they receive (they clip its sign).
+SEED_NONLINEAR_RULES = frozenset({"guidedbackprop", "deconvnet", "reluguidedbackprop", "reludeconvnet"})
+
+
+def seed_linear(params: Mapping[str, Any]) -> bool:
+    """Whether a composite entry's relevance at the input is linear in the relevance seeded at the
+    output (for fixed forward activations), and one call gives all it records: every rule but the
+    ReLU rules that clip the gradient's sign, and no ``trace`` (per-layer relevance of one call).
+    What global patch mode's streamed LRP needs (:func:`esegeta.attribution.streamed.zennit_lrp`)."""
+    if params.get(TRACE):
+        return False
+    for key in RULE_MAPS:
+        for rule in (params.get(key) or {}).values():
+            if (rule.get("rule") if isinstance(rule, dict) else rule) in SEED_NONLINEAR_RULES:
+                return False
+    return True
+
+
+def volume_bounds(name: str, params: Mapping[str, Any], x) -> dict[str, Any]:
+    """``params`` with the z^B rule's default bounds (``low``/``high``: each input's min and max)
+    taken from the whole input ``x``, for the composite and for every ``zbox`` rule of its maps:
+    explained patch by patch, a patch's own extremes are not the input's."""
+    params = dict(params)
+    for key, default in INPUT_DEFAULTS.items():
+        if key in composite_parameters(name) and key not in params:
+            params[key] = default(x)
+    for key in RULE_MAPS:
+        if key in params:
+            params[key] = {layer: _volume_bounded(rule, x) for layer, rule in params[key].items()}
+    return params
+
+
+def _volume_bounded(rule: Any, x) -> Any:
+    options = dict(rule) if isinstance(rule, dict) else {"rule": rule}
+    if rules().get(options["rule"], (None,))[0] != "ZBox":
+        return rule
+    return {**{key: default(x) for key, default in INPUT_DEFAULTS.items() if key not in options}, **options}
+
+
+def head_activation_rule(name: str, params: Mapping[str, Any], call: Call, activation):
+    """The zennit hook (a fresh copy) an LRP composite entry ``name`` puts on the wrapper's
+    ``activation`` when it runs on the whole wrapped model, None for none (its gradient):
+    ``Pass`` on a softmax (:func:`_wrapper_head_rule`), else the composite's own mapping (the
+    composite built without canonizers: nothing runs)."""
+    zennit = _zennit()
+    if type(activation).__name__ == "Softmax":
+        return zennit.rules.Pass()
+    composite = build_composite(name, {**params, "canonizers": []}, call)
+    template = composite.module_map({}, "", activation)
+    return None if template is None else template.copy()
+
+
 @contextlib.contextmanager
 def _wrapper_head_rule(call: Call, lrp: bool):
     """Within the block, for an LRP composite on a wrapped segmenter: ``Pass`` on the wrapper's
@@ -591,7 +647,7 @@ def _wrapper_head_rule(call: Call, lrp: bool):
                  if type(m).__name__ == "MaskedScore" and type(m.activation).__name__ == "Softmax"] if lrp else []
     with removing() as handles:
         for head in heads:
-            handles.append(_zennit().rules.Epsilon(epsilon=1e-6).register(head))
+            handles.append(_zennit().rules.Epsilon(epsilon=HEAD_EPSILON).register(head))
         for softmax in softmaxes:
             handles.append(_zennit().rules.Pass().register(softmax))
         yield

@@ -1,7 +1,8 @@
 """Patch-wise explanation of large 2D/3D inputs, on torchio's grid sampling.
 
-A :class:`Grid` is torchio's ``GridSampler`` grid over one input (2D inputs are volumes of
-depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's overlap mode
+A :class:`Grid` is torchio's ``GridSampler`` grid (its arithmetic: :func:`grid_locations`) over one
+input (2D inputs are volumes of depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the
+aggregator's overlap mode
 (``average``: equal weights; ``hann``: a Hann window per patch, then normalised).
 
 - ``mode: "local"``: every patch is explained as an input of its own (a wrapper freezes
@@ -27,7 +28,8 @@ depth 1, as torchio works on ``(C, W, H, D)``); ``blend`` is the aggregator's ov
 
   Which methods run how in global mode: Integrated Gradients, Saliency, InputXGradient,
   SmoothGrad (``noise_tunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two),
-  DeepLIFT, LRP (Captum's) and, where the patches tile the input, Occlusion run as esegeta's
+  DeepLIFT, LRP (Captum's; zennit's LRP composites), zennit's Gradient and IntegratedGradients
+  attributors and, where the patches tile the input, Occlusion run as esegeta's
   streamed algorithms (:mod:`esegeta.attribution.streamed`, with a built-in wrapper): window by
   window against :class:`StitchedColumn`, each step's input made per patch, added into one result
   volume, tested equal to Captum's call on the whole stitched model (LRP, which Captum refuses on
@@ -60,8 +62,7 @@ The two modes are strategies (:class:`Local`, :class:`Global`; :class:`Whole` wi
 patch) that wrap the inner call (:func:`esegeta.attribution.call.call_once`) the way Captum's
 ``NoiseTunnel`` wraps a method: :func:`strategy` picks one for a request's patch.
 
-Devices: torchio only places the patches (``GridSampler`` on a CPU placeholder of the
-input's shape gives integer locations); patches are sliced from the input where it lives,
+Devices: the grid is integer locations (no tensor); patches are sliced from the input where it lives,
 and windows, weights, stitched outputs and blends are made on its device.
 """
 from __future__ import annotations
@@ -115,21 +116,17 @@ class Grid:
 
     @classmethod
     def over(cls, spatial: tuple[int, ...], size: list[int], overlap: list[int] | None, blend: str) -> Grid:
-        import torchio as tio
-
         if len(size) != len(spatial):
             raise ConfigError("patch.size", f"needs {len(spatial)} sizes for a {len(spatial)}D input, got {size}")
         overlap = list(overlap) if overlap else [0] * len(spatial)
         clipped = [min(s, n) for s, n in zip(size, spatial)]
         overlap = [o if o < s else 0 for o, s in zip(overlap, clipped)]
+        if any(o % 2 for o in overlap):  # torchio's condition: half the overlap on each side of a patch
+            raise ConfigError("patch.overlap", f"torchio's grid needs even overlaps, not {overlap}: e.g. "
+                                               f"{[o - o % 2 for o in overlap]}")
         pad = (1,) * (3 - len(spatial))
         shape, size3, overlap3 = tuple(spatial) + pad, tuple(clipped) + pad, tuple(overlap) + (0,) * len(pad)
-        try:  # torchio places patches on a CPU placeholder of the input's shape: locations only, no data
-            image = tio.ScalarImage(tensor=torch.empty(1, *shape, dtype=torch.uint8))
-            sampler = tio.GridSampler(tio.Subject(image=image), size3, overlap3)
-        except ValueError as exc:
-            raise ConfigError("patch", f"{exc}") from None
-        return cls(shape, size3, overlap3, blend, np.asarray(sampler.locations, dtype=np.int64))
+        return cls(shape, size3, overlap3, blend, grid_locations(shape, size3, overlap3))
 
     def slices(self, location: np.ndarray, scale: tuple[int, int, int] = (1, 1, 1)) -> tuple[slice, ...]:
         """Index of a patch in a ``(B, C, X, Y, Z)`` tensor (on a grid ``scale`` times coarser)."""
@@ -164,6 +161,22 @@ class Grid:
     def chunks(self, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(self.locations), batch_size):
             yield self.locations[start:start + batch_size]
+
+
+def grid_locations(shape: tuple[int, int, int], size: tuple[int, int, int], overlap: tuple[int, int, int]
+                   ) -> np.ndarray:
+    """torchio's ``GridSampler`` patch locations (``_get_patches_locations``: per axis every
+    ``size − overlap`` voxels from 0, the last patch shifted back inside; rows ``(i0, j0, k0, i1, j1,
+    k1)`` sorted), computed here: importing torchio costs ~100 MiB resident (SimpleITK, pandas) for
+    a few lines of arithmetic (``tests/test_patcher.py`` checks it equals torchio's)."""
+    starts = []
+    for n, s, o in zip(shape, size, overlap):
+        axis = list(range(0, n + 1 - s, s - o))
+        if axis[-1] != n - s:
+            axis.append(n - s)
+        starts.append(axis)
+    first = np.unique(np.array(np.meshgrid(*starts)).reshape(3, -1).T, axis=0)
+    return np.asarray(sorted(np.hstack((first, first + np.array(size))).tolist()), dtype=np.int64)
 
 
 def first_patch(x: torch.Tensor, patch: PatchConfig | None) -> torch.Tensor:
@@ -739,9 +752,11 @@ class Global:
         # gradient and path methods run as esegeta's streamed algorithms (esegeta.attribution.streamed)
         # LRP through its library (not streamed) needs the wrapper's masked-sum module and its rule
         # (each voxel its share of the score): the masks frozen on the stitched output, not per patch
-        tiled = request.spec.axiom != "conservation" or request.spec.id in streamed.ALGORITHMS
+        tiled = request.spec.axiom != "conservation" or streamed.covers(request.spec, request.params,
+                                                                        request.noise_tunnel)
+        run = partial(streamed.run, network=model, sample=first_patch(x[:1], self.patch))
         return inner(one_row.replace(patch=None, layer=None), stitched, x,
-                     **{**kw, "build_wrapper": partial(Stitched.build_wrapper, tiled=tiled), "run": streamed.run})
+                     **{**kw, "build_wrapper": partial(Stitched.build_wrapper, tiled=tiled), "run": run})
 
 
 def rows_one_at_a_time(request: Request) -> tuple[Request, int]:

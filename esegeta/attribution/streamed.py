@@ -15,6 +15,10 @@ The arithmetic is Captum's (``IntegratedGradients`` with its quadrature from
 ``captum.attr._utils.approximation_methods``, ``Saliency``, ``InputXGradient``, and
 ``NoiseTunnel`` ``smoothgrad``/``smoothgrad_sq`` around the last two); tests check each equals
 Captum's call on the whole stitched model, and the unpatched result on a pointwise model.
+DeepLIFT and LRP (Captum's, and zennit's composites) call their library per patch batch, seeded
+with the patch's share of what enters the stitched output; zennit's ``Gradient`` and
+``IntegratedGradients`` attributors without a composite are the gradient and path algorithms
+with zennit's arithmetic (tests: equal to zennit on the whole stitched model).
 Calls these algorithms do not cover (convergence delta, additional forward arguments, tuple
 baselines, VarGrad, baselines drawn from a distribution, custom wrappers) go to Captum
 (:func:`esegeta.attribution.guard.run_guarded`).
@@ -30,8 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from esegeta.adapters import zennit as zennit_adapter
 from esegeta.attribution.guard import restored, run_guarded
-from esegeta.attribution.rules import PairedSoftmax
+from esegeta.attribution.rules import PairedSoftmax, applies, attention_names
+from esegeta.hooks import removing
 from esegeta.spec.registry import Call, MethodSpec
 
 
@@ -40,11 +46,22 @@ from esegeta.spec.registry import Call, MethodSpec
 PROVENANCE = "provenance"
 
 
-def run(spec: MethodSpec, call: Call) -> torch.Tensor:
+def run(spec: MethodSpec, call: Call, *, network: nn.Module | None = None, sample: torch.Tensor | None = None
+        ) -> torch.Tensor:
     """The call computed by esegeta's streamed algorithm for ``spec`` where one applies (a built-in
     wrapper's stitched score, parameters it covers), else by the method's adapter on the stitched
-    model; which one is noted in ``call.extras[PROVENANCE]``."""
+    model; which one is noted in ``call.extras[PROVENANCE]``. ``network``: the prepared network
+    the stitched model runs patch by patch, named as the call's network for the streamed
+    algorithms and the rule methods (LRP, DeepLIFT: their substitutes, rule maps by layer name),
+    as each patch's call names it; its structure is read on ``sample`` (the first patch), so the
+    substitutes' trace never runs a stitched output at the volume's size. The call is changed in
+    place: what reads it after the run (the axiom check's record of how LRP crossed the branches)
+    reads the same network (on the stitched model that trace held ~1.5 volumes at 256³)."""
     algorithm = ALGORITHMS.get(spec.id)
+    if network is not None and (algorithm is not None or applies(spec)):
+        if sample is not None:
+            attention_names(network, sample)  # remembered per network: the whole call's trace reads it
+        call.network = network
     column_of = getattr(call.forward, "column", None)
     result = None
     if algorithm is not None and column_of is not None and call.target is not None and call.inputs.shape[0] == 1:
@@ -120,9 +137,40 @@ def integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict | None
         return None
     n_steps, method = int(params["n_steps"]), params["method"]
     step_sizes, alphas = (f(n_steps) for f in approximation_parameters(method))
+    return _path_integral(column, x5, baseline, list(alphas), list(step_sizes),
+                          params.get("multiply_by_inputs", True))
+
+
+def zennit_integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.Tensor | None:
+    """zennit's ``IntegratedGradients`` attributor without a composite: ``(x − b) · Σ_k ∂S/∂x(b +
+    α_k(x − b)) / n`` with ``α_k = torch.linspace(1/n, 1, n)`` and the baseline its adapter makes
+    from ``baseline_fn`` on the whole input (zeros by default)."""
+    from esegeta.attribution.baselines import make_baselines
+
+    if not _plain_zennit(params, nt):
+        return None
+    n = int(params["n_iter"])
+    value = params.get("baseline_fn")
+    x = x5.squeeze(-1) if column.stitched.dims == 2 else x5  # the baseline of the input as the adapter sees it
+    baseline = 0.0 if value is None else _baseline(make_baselines(value, x, "params.baseline_fn"), x5)
+    if baseline is None:
+        return None
+    alphas = torch.linspace(1.0 / n, 1.0, n).tolist()
+    return _path_integral(column, x5, baseline, alphas, [1.0 / n] * n, True)
+
+
+def _plain_zennit(params: dict, nt: dict | None) -> bool:
+    """A zennit attributor entry without a composite, a trace or a noise tunnel: a plain gradient method."""
+    return nt is None and params.get("composite") is None and not params.get(zennit_adapter.TRACE)
+
+
+def _path_integral(column, x5: torch.Tensor, baseline: torch.Tensor | float, alphas: list[float],
+                   step_sizes: list[float], multiply: bool) -> torch.Tensor:
+    """``Σ_s w_s ∂S/∂x(b + α_s(x − b))`` (times ``x − b`` where ``multiply``), the steps as many at a
+    time as the method's rows where patches tile the input, each step's input made per patch."""
     rows = column.rows(column.stitched.rows)
     result = torch.zeros_like(x5)
-    for start in range(0, n_steps, rows):
+    for start in range(0, len(alphas), rows):
         shape = (-1,) + (1,) * (x5.ndim - 1)
         alpha = torch.tensor(alphas[start:start + rows], dtype=x5.dtype, device=x5.device).view(shape)
         step = torch.tensor(step_sizes[start:start + rows], dtype=x5.dtype, device=x5.device).view(shape)
@@ -136,7 +184,7 @@ def integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict | None
             return torch.stack(scaled)
 
         _add(column, result, inputs, len(alpha), lambda grad, region, step=step: (grad * step).sum(0, keepdim=True))
-    if params.get("multiply_by_inputs", True):
+    if multiply:
         for slab in _slabs(x5, int(column.grid.size[0])):
             result[slab] *= x5[slab] - _window(baseline, slab)
     return result
@@ -195,6 +243,19 @@ def _saliency(grad: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor
 
 def _input_x_gradient(grad: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor:
     return x * grad if params.get("multiply_by_inputs", True) else grad
+
+
+def _gradient(grad: torch.Tensor, x: torch.Tensor, params: dict) -> torch.Tensor:
+    return grad
+
+
+def _plain_zennit_only(algorithm: Callable[..., torch.Tensor | None]) -> Callable[..., torch.Tensor | None]:
+    """``algorithm`` for a zennit attributor entry, where it runs without a composite or a trace."""
+    def compute(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.Tensor | None:
+        return algorithm(column, x5, params, nt) if _plain_zennit(params, nt) else None
+
+    compute.__name__ = f"zennit_{algorithm.__name__}"
+    return compute
 
 
 def occlusion(column, x5: torch.Tensor, params: dict, nt: dict | None) -> torch.Tensor | None:
@@ -488,7 +549,85 @@ def lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: Method
     return _explain_patches(spec, call, column, x5, seeds())
 
 
-#: The methods computed here in global patch mode, by id (the rest go to their adapter).
+def _stabilised(z: torch.Tensor) -> torch.Tensor:
+    """zennit's ε-stabilised denominator (``zennit.core.stabilize``: ``z + ε·sign(z)``, +ε at 0) with
+    the ε its adapter gives the wrapper's masked sum."""
+    return z + ((z == 0).to(z) + z.sign()) * zennit_adapter.HEAD_EPSILON
+
+
+def _zennit_relevance(column, out: torch.Tensor, region: tuple[slice, ...], score: torch.Tensor, rule
+                      ) -> torch.Tensor:
+    """The column's relevance on the output ``out`` over ``region`` as a zennit LRP composite hands
+    it to the network on the wrapped model (:mod:`esegeta.adapters.zennit`): the masked sum's ε rule
+    gives each voxel ``a · mask · scale / stabilised(score)`` (its share of a seed of one), then the
+    composite's rule on the activation (``rule``: a zennit hook, registered for this pass only; None:
+    its gradient) passes it to the output."""
+    with torch.enable_grad(), removing() as handles:
+        if rule is not None:
+            handles.append(rule.copy().register(column.score.activation))
+        o = out.detach().requires_grad_(True)
+        activated = column.score.activation(o)
+        share = activated.index_select(1, column.channel).detach() * column.mask(region).to(out.dtype) \
+            * column.scale / score
+        seed = torch.zeros_like(activated).index_copy_(1, column.channel, share)
+        (relevance,) = torch.autograd.grad(activated, o, seed)
+    return relevance
+
+
+def zennit_lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: MethodSpec, call: Call
+               ) -> torch.Tensor | None:
+    """A zennit LRP composite (Bach et al. 2015; Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10)
+    as zennit computes it with esegeta's adapter on the wrapped stitched model, patch by patch: the
+    relevance entering the stitched output (:func:`_zennit_relevance`, the score's ε denominator from
+    the wrapper's unperturbed score, or from the blended output where patches overlap) shared among
+    the patches by their blending weights (the blend passes relevance as a gradient), then each
+    patch's part is the composite's own call (through :func:`run_guarded`: the adapter's rules,
+    canonizers and guards) on :class:`_PatchShare` seeded with its share. Every LRP rule is linear
+    in the relevance it receives, for fixed forward activations, so the parts add up to the whole
+    call's (:func:`esegeta.adapters.zennit.seed_linear`: not the ReLU rules that clip its sign, not
+    ``trace``). The z^B rule's default bounds are the whole input's
+    (:func:`esegeta.adapters.zennit.volume_bounds`)."""
+    if nt is not None or not zennit_adapter.seed_linear(call.params):
+        return None
+    call = dataclasses.replace(call, params=zennit_adapter.volume_bounds(spec.name, call.params, call.inputs))
+    rule = zennit_adapter.head_activation_rule(spec.name, call.params, call, column.score.activation)
+    grid, stitched, per_call = column.grid, column.stitched, _patches_per_call(column)
+
+    def seeds():
+        if column.separable:  # each voxel's relevance from its one patch's output, in the upstream's forward
+            score = _stabilised(call.forward.unperturbed[0].index_select(0, column.index).to(x5.dtype))
+            for chunk in grid.chunks(per_call):
+                yield chunk, lambda y, chunk=chunk: torch.cat([
+                    _zennit_relevance(column, y[i:i + 1], grid.slices(loc), score, rule)
+                    for i, loc in enumerate(chunk)])
+            return
+        out = stitched.blended(lambda chunk: torch.cat([x5[grid.slices(loc)] for loc in chunk])[:, None], 1,
+                               x5.device, per_call)
+        window, total = stitched.weights(x5.device)
+        slabs = list(_slabs(out, int(grid.size[0])))
+        score = _stabilised(sum(column.value(out[slab], slab) for slab in slabs))
+        for slab in slabs:
+            out[slab] = _zennit_relevance(column, out[slab], slab, score, rule) / total[slab[2:]]
+        for chunk in grid.chunks(per_call):
+            yield chunk, torch.cat([out[grid.slices(loc)] * window for loc in chunk])
+
+    return _explain_patches(spec, call, column, x5, seeds())
+
+
+def covers(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: Mapping[str, Any] | None) -> bool:
+    """Whether global mode computes ``spec`` with ``params`` as a streamed algorithm here (as far as
+    the request tells before the run; the algorithms may still hand a call to the adapter)."""
+    if spec.id not in ALGORITHMS:
+        return False
+    if ALGORITHMS[spec.id] is zennit_lrp:
+        return noise_tunnel is None and zennit_adapter.seed_linear(params)
+    if spec.library.name == "zennit":
+        return _plain_zennit(dict(params), noise_tunnel)
+    return True
+
+
+#: The methods computed here in global patch mode, by id (the rest go to their adapter): zennit's
+#: LRP composites are every composite that conserves relevance (not the gradient-modifying ones).
 ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.IntegratedGradients": integrated_gradients,
     "captum.Saliency": _gradient_method(_saliency, linear=False),
@@ -496,6 +635,10 @@ ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.Occlusion": occlusion,
     "captum.DeepLift": deeplift,
     "captum.LRP": lrp,
+    **{f"zennit.{name}": zennit_lrp for name in zennit_adapter.composite_names()
+       if name not in zennit_adapter.NO_CANONIZERS},
+    "zennit.Gradient": _plain_zennit_only(_gradient_method(_gradient, linear=True)),
+    "zennit.IntegratedGradients": zennit_integrated_gradients,
 }
 #: Methods whose upstream cannot run on the stitched model, with the reason: global mode needs the
 #: streamed algorithm for them (:func:`esegeta.attribution.patcher.check_global`).
@@ -511,7 +654,14 @@ BLENDED_ROWS: Mapping[str, int] = {"captum.DeepLift": 2}
 #: input's and the baseline's rows and Captum's hooks clone each nonlinear module's input and
 #: output; Captum's LRP clones each layer's output and keeps its input over two forward passes.
 #: Calibrated on ``benchmarks/patch_memory.py`` (the tiny segmenter, one 64³ patch: DeepLIFT 186 MiB,
-#: LRP 114 MiB for 37 MiB of activations).
-ACTIVATION_FACTOR: Mapping[str, float] = {"captum.DeepLift": 5.0, "captum.LRP": 3.1}
+#: LRP 114 MiB for 37 MiB of activations). zennit's composites keep each hooked layer's input and
+#: output and run a modified forward per rule term (one 64³ patch: EpsilonPlus 132 MiB, EpsilonAlpha2Beta1
+#: 211, EpsilonGammaBox 227: z^B's three passes on the first layer); composites of rule maps: the largest.
+ACTIVATION_FACTOR: Mapping[str, float] = {
+    "captum.DeepLift": 5.0, "captum.LRP": 3.1,
+    **{f"zennit.{name}": 6.2 for name in zennit_adapter.composite_names()},
+    "zennit.EpsilonPlus": 3.6, "zennit.EpsilonPlusFlat": 3.6, "zennit.ExcitationBackprop": 3.6,
+    "zennit.EpsilonAlpha2Beta1": 5.8, "zennit.EpsilonAlpha2Beta1Flat": 5.8,
+}
 #: The algorithms that call the method's upstream per patch (they get its spec and call).
-_PER_PATCH_UPSTREAM = (deeplift, lrp)
+_PER_PATCH_UPSTREAM = (deeplift, lrp, zennit_lrp)

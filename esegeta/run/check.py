@@ -434,7 +434,8 @@ def streamed_bytes(request: Any, grid: Grid, voxels: int, input_bytes: int, outp
     frozen on the stitched output (output, activation, int64 labels, float masks, sum of windows):
     the larger of the two."""
     wrapper = request.wrapper
-    if request.spec.id not in streamed.ALGORITHMS or wrapper is None or wrapper.name not in BUILTIN:
+    if not streamed.covers(request.spec, request.params, request.noise_tunnel) or wrapper is None \
+            or wrapper.name not in BUILTIN:
         return None
     channels = max(1, output_bytes // (4 * voxels))
     columns = 2 if wrapper.name == "threshold" else channels

@@ -52,7 +52,9 @@ def compute(plan: Plan, job: Job, worker: Worker) -> list[tuple[dict, np.ndarray
     e, device, rt = job.entry, worker.device, plan.config.runtime
     precision = numerics.precision_plan(e.spec, device, rt.amp)
     records = [record(job, item, key, rt, device, precision.reason) for (_, item), key in zip(job.items, job.keys)]
-    x = torch.cat([item.tensor for _, item in job.items]).detach().to(device)
+    tensors = [item.tensor for _, item in job.items]
+    # one input: its own tensor (a cat copies it: a volume more at the peak; .to is a no-op on its device)
+    x = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).detach().to(device)
     seed = scheduling.job_seed(rt.seed, e.index, job.items[0][0])
     rng: list[scheduling.JobRandomness] = []
     oom = [0]

@@ -148,14 +148,21 @@ def _as_channel_first(attr: Any, image: Optional[np.ndarray]) -> np.ndarray:
     return a
 
 
-def _finite(a: np.ndarray) -> Tuple[np.ndarray, bool]:
-    """float64 copy with non-finite values set to 0, and whether any were."""
-    a = np.asarray(a, dtype=np.float64)
+def _finite(a: np.ndarray, dtype: Any = np.float64) -> Tuple[np.ndarray, bool]:
+    """``a`` as ``dtype`` (a copy where it was another type) with non-finite values set to 0 (then
+    a copy), and whether any were."""
+    a = np.asarray(a, dtype=dtype)
     bad = ~np.isfinite(a)
     if bad.any():
-        a = np.where(bad, 0.0, a)
+        a = np.where(bad, 0.0, a).astype(dtype, copy=False)
         return a, True
     return a, False
+
+
+def _working_type(a: np.ndarray) -> Any:
+    """float32 for a float32 (or half) map, else float64: a volume's scale and sums in its own
+    precision, not a float64 copy of twice its size (a 512×512×300 result: 300 MiB, not 600 per copy)."""
+    return np.float32 if a.dtype in (np.float16, np.float32) else np.float64
 
 
 def to_display_image(image: Any) -> np.ndarray:
@@ -166,7 +173,8 @@ def to_display_image(image: Any) -> np.ndarray:
     three channels are kept as RGB, any other channel count is averaged into
     one channel.
     """
-    img, _ = _finite(_to_numpy(image))
+    img = _to_numpy(image)
+    img, _ = _finite(img, _working_type(img))
     if img.ndim == 2:  # (H, W) without channel axis
         img = img[None]
     if img.ndim < 2:
@@ -247,7 +255,7 @@ def views_3d(
         else:
             mag = np.abs(vol)
             if np.issubdtype(mag.dtype, np.floating):
-                mag = np.nan_to_num(mag, nan=-1.0)
+                mag = np.nan_to_num(mag, nan=-1.0, copy=False)  # mag is ours: no second volume
             idx = np.expand_dims(mag.argmax(axis=axis), axis)
             v = np.take_along_axis(vol, idx, axis=axis).squeeze(axis)
         if orient:
@@ -452,18 +460,19 @@ def map_scale(values: Any, sign: str = "all", clip: Optional[float] = DEFAULT_CL
     """
     if sign not in SIGNS:
         raise ValueError(f"unknown sign {sign!r}; expected one of {SIGNS}")
-    raw = np.asarray(_to_numpy(values), dtype=np.float64)
-    bad = int((~np.isfinite(raw)).sum())
-    a, _ = _finite(raw)
+    raw = _to_numpy(values)
+    bad = int((~np.isfinite(raw)).sum()) if np.issubdtype(raw.dtype, np.inexact) else 0
+    a, _ = _finite(raw, _working_type(raw))
     shown = _sign_filtered(a, sign)
     mag = np.abs(shown)
     top = float(mag.max()) if mag.size else 0.0
     limit = top
     if clip is not None and top > 0:
-        limit = float(np.percentile(mag, clip))
+        limit = float(np.percentile(mag, clip, overwrite_input=True))  # reorders mag: no copy of the volume
         if limit <= 0:  # a sparse map: the percentile of its non-zero values
             limit = float(np.percentile(mag[mag > 0], clip))
         limit = limit if limit > 0 else top
+    del mag
     clipped = limit < top
     notes = [f"{bad} non-finite shown as 0"] if bad else []
     if top == 0:
@@ -480,7 +489,7 @@ def map_scale(values: Any, sign: str = "all", clip: Optional[float] = DEFAULT_CL
     vmin, vmax = {"all": (-limit, limit), "negative": (-limit, 0.0)}.get(drawn, (0.0, limit))
     extend = {"all": "both", "negative": "min"}.get(drawn, "max") if clipped else "neither"
     scale = Scale(_SIGN_CMAPS[drawn], vmin, vmax, extend, label, "; ".join(notes), clipped)
-    return shown.astype(np.float32), scale
+    return (shown.astype(np.float32) if shown is raw else shown.astype(np.float32, copy=False)), scale
 
 
 def _mask_array(mask: Any, spatial: Sequence[int]) -> Optional[np.ndarray]:
@@ -675,7 +684,7 @@ def result_caption(score: Any = None, target: Any = None, extra: str = "") -> st
 def _prepare_attr(attr: np.ndarray, img: Optional[np.ndarray]) -> np.ndarray:
     """Channel-summed float32 attribution (1, *spatial) at the image's resolution."""
     nd = _spatial_rank(attr, "attribution")
-    a, _ = _finite(attr)
+    a, _ = _finite(attr, _working_type(np.asarray(attr)))
     a = a.sum(axis=0, keepdims=True)
     if img is not None:
         if img.ndim - 1 != nd:
