@@ -23,7 +23,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,8 +271,10 @@ _current_job = threading.local()
 
 
 def attribute_warnings(label: str) -> None:
-    """Warnings raised from now on in this thread are logged as ``label``'s (a job's thread)."""
+    """Warnings raised from now on in this thread are logged as ``label``'s (a job's thread), each
+    message once."""
     _current_job.label = label
+    _current_job.seen = set()  # a job's messages, gone with it (a run-wide set grew with the jobs)
 
 
 @contextmanager
@@ -281,16 +283,18 @@ def _job_warnings():
 
     ``warnings.catch_warnings`` is process-wide, so it is entered once around all workers and
     warnings are attributed to the job running in the thread that raised them."""
-    seen: set[tuple[str, str]] = set()
-    seen_lock = threading.Lock()
+    outside: set[str] = set()  # the messages of threads that run no job
+    outside_lock = threading.Lock()
 
     def show(message, category, filename, lineno, file=None, line=None):
         label = getattr(_current_job, "label", "esegeta")
         first = str(message).split("\n")[0]
-        with seen_lock:
-            if (label, first) in seen:
+        seen = getattr(_current_job, "seen", None)
+        with outside_lock if seen is None else nullcontext():
+            seen = outside if seen is None else seen
+            if first in seen:
                 return
-            seen.add((label, first))
+            seen.add(first)
         log.debug("%s: warning: %s", label, first)
 
     with warnings.catch_warnings():
