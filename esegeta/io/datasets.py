@@ -228,12 +228,22 @@ class InputRef:
     ``digest``, ``finite`` and ``label`` are known after :func:`scan`; ``name`` and ``path`` are its
     source's. Attributes of :class:`~esegeta.io.loading.InputItem` (``tensor``, ``affine``,
     ``own_order``...) load it. Slotted: a run holds one per input for the whole run."""
-    __slots__ = ("index", "source", "shape", "digest", "finite", "label")
+    __slots__ = ("index", "source", "shape", "finite", "label", "_digests")
 
-    def __init__(self, index: int, source: Any, shape: tuple[int, ...] | None = None, digest: str | None = None,
-                 finite: bool = True, label: Any = None):
+    def __init__(self, index: int, source: Any, shape: tuple[int, ...] | None = None, finite: bool = True,
+                 label: Any = None, digests: Digests | None = None):
         self.index, self.source = index, source
-        self.shape, self.digest, self.finite, self.label = shape, digest, finite, label
+        self.shape, self.finite, self.label = shape, finite, label
+        self._digests = digests if digests is not None else Digests(index + 1)
+
+    @property
+    def digest(self) -> str | None:
+        """The input tensor's sha256 (:func:`esegeta.io.resume.tensor_digest`), once scanned."""
+        return self._digests[self.index]
+
+    @digest.setter
+    def digest(self, value: str) -> None:
+        self._digests[self.index] = value
 
     @property
     def name(self) -> str:
@@ -275,7 +285,24 @@ def source(cfg: InputsConfig | dict, base_dir: Path | None,
 
 
 def refs(src: FileSource | DatasetSource) -> list[InputRef]:
-    return [InputRef(k, src) for k in range(len(src))]
+    digests = Digests(len(src))
+    return [InputRef(k, src, digests=digests) for k in range(len(src))]
+
+
+class Digests:
+    """The sha256 digests of ``n`` inputs, 32 bytes each in one array (a hex string per input, made during
+    the scan between its transient objects, held ~113 bytes and a page of the heap here and there: issue 26)."""
+
+    def __init__(self, n: int):
+        self._raw = np.zeros((n, 32), np.uint8)
+        self._known = np.zeros(n, bool)
+
+    def __getitem__(self, k: int) -> str | None:
+        return self._raw[k].tobytes().hex() if self._known[k] else None
+
+    def __setitem__(self, k: int, hexdigest: str) -> None:
+        self._raw[k] = np.frombuffer(bytes.fromhex(hexdigest), np.uint8)
+        self._known[k] = True
 
 
 def scan(inputs: list[InputRef]) -> None:
