@@ -11,8 +11,12 @@ at 150 / 1,500 / 3,000 inputs of 1×128×128). The causes, and the measures:
   the scan of every input before the first job and then kept, least recently used first, the
   inputs whose jobs had all ended: it grew with the inputs up to its budget. The scan now caches
   nothing and each input leaves the cache when its last job ends (jobs run input by input).
-- The jobs are made as they are taken (:class:`esegeta.run.plan.Jobs`): a list of them, with their
-  inputs' references and resume keys, was about 600 bytes an input for the whole run.
+- What is held per input for the whole run is small and made in one go: the jobs are made as they
+  are taken (:class:`esegeta.run.plan.Jobs`; a list of them, with their inputs' references and resume
+  keys, was about 600 bytes an input), an input's reference is slotted and reads its name and path from
+  its source (a dataset's are made when read), its digest is 32 bytes of one array
+  (:class:`esegeta.io.datasets.Digests`; a string per input, made by the scan between its transient
+  objects, pinned heap pages too), the stores hold no list of names, warnings are deduplicated per job.
 - :class:`Trimmer`: memory freed inside glibc's heaps stays resident (a heap shrinks only from
   its top, and a run's small long-lived objects sit between the freed tensors);
   ``malloc_trim(0)`` returns every free page. It is called once the scan has read every input
