@@ -16,10 +16,10 @@ Measured on the shared 2-core machine (torch 2.13 CPU, ``OMP_NUM_THREADS=1``, da
 ``nice -n 5 python benchmarks/rss_inputs.py --counts 200 2000 20000``; load 5-7 from other work)::
 
     | inputs | gathered: peak MB | records in memory: peak MB | records on disk: peak MB | jobs made as taken: peak MB |
-    | 200    | 392               | 357                        | 358 / 355 / 377          | 381 / RUN2_200            |
-    | 2,000  | 707               | 362                        | 366 / 364 / 388          | 387 / RUN2_2000           |
-    | 20,000 | (not run)         | 417                        | 393 / 399 / 420          | 394 / RUN2_20000          |
-    | spread |                   | +16.6 %                    | +9.8 / +12.5 / +11.4 %   | +3.4 / RUN2_SPREAD        |
+    | 200    | 392               | 357                        | 358 / 355 / 377          | 381 / 382                   |
+    | 2,000  | 707               | 362                        | 366 / 364 / 388          | 387 / 390                   |
+    | 20,000 | (not run)         | 417                        | 393 / 399 / 420          | 394 / 396                   |
+    | spread |                   | +16.6 %                    | +9.8 / +12.5 / +11.4 %   | +3.4 / +3.6 %               |
 
 Gathered: every job gathered the run's samples (all N inputs) and the scan filled the cache;
 ``MALLOC_ARENA_MAX=1`` without trimming (631 MB at 2,000) and trimming alone (651 MB) did not
