@@ -86,11 +86,8 @@ class FileSource:
 
     def __init__(self, cfg: InputsConfig, base_dir: Path | None):
         self.cfg = cfg
-        paths = expand_paths(cfg.paths, base_dir)
-        self.names = unique_names(input_names(paths))
-        # held as text, a Path made when read (a Path object is ~5 times its text: issue 26)
-        text = [str(path) for path in paths]
-        self.paths = _Numbered(len(text), lambda k: Path(text[k]))
+        self.paths = expand_paths(cfg.paths, base_dir)
+        self.names = unique_names(input_names(self.paths))
         self.cache = _Cache()
 
     def __len__(self) -> int:
