@@ -32,7 +32,9 @@ and shapes 185 B, the stores' names and paths 250 B) and about as much again of 
 pinned. Jobs made as taken (:class:`esegeta.run.plan.Jobs`, :mod:`esegeta.run.memory`): what is
 held per input is its slotted reference and 32 bytes of digest (``tracemalloc``, once the jobs and
 the references were compact: ~0.5 KB an input, of which the stores' names and paths and the digest
-strings, since compacted too); two runs.
+strings, since compacted too); two runs. ``--source files`` (20,000 ``.npy`` files): 377 / 387 /
+398 MB (+5.5 %); the source's list of ``Path`` objects held as text instead measured the same
+(379 / 387 / 401), so it stays a list.
 """
 from __future__ import annotations
 
