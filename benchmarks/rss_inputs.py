@@ -15,19 +15,26 @@ turns the runner's periodic ``malloc_trim`` off (``ESEGETA_MALLOC_TRIM_EVERY``) 
 Measured on the shared 2-core machine (torch 2.13 CPU, ``OMP_NUM_THREADS=1``, dataset source, zarr,
 ``nice -n 5 python benchmarks/rss_inputs.py --counts 200 2000 20000``; load 5-7 from other work)::
 
-    | inputs | gathered: peak MB | records in memory: peak MB | records on disk: peak MB | at the end MB |
-    | 200    | 392               | 357                        | 358                      | 352           |
-    | 2,000  | 707               | 362                        | 366                      | 361           |
-    | 20,000 | (not run)         | 417                        | 393                      | 374           |
-
-    a second run with the records on disk: 355 / 364 / 399 MB (+12.5 %), at the end 349 / 359 / 381.
+    | inputs | gathered: peak MB | records in memory: peak MB | records on disk: peak MB | jobs made as taken: peak MB |
+    | 200    | 392               | 357                        | 358 / 355 / 377          | 381 / 382                   |
+    | 2,000  | 707               | 362                        | 366 / 364 / 388          | 387 / 390                   |
+    | 20,000 | (not run)         | 417                        | 393 / 399 / 420          | 394 / 396                   |
+    | spread |                   | +16.6 %                    | +9.8 / +12.5 / +11.4 %   | +3.4 / +3.6 %               |
 
 Gathered: every job gathered the run's samples (all N inputs) and the scan filled the cache;
 ``MALLOC_ARENA_MAX=1`` without trimming (631 MB at 2,000) and trimming alone (651 MB) did not
-help. Records in memory: +16.6 % at 20,000 inputs, the run's records (about 1.5 KB of Python
-objects a result, the manifest's rows, measured with ``tracemalloc``). Records on disk
-(:mod:`esegeta.run.records`): +9.8 % and +12.5 %; what still grows is one small object per input and job
-(names, resume keys, digests).
+help. Records in memory: the run's records (about 1.5 KB of Python objects a result, the
+manifest's rows, measured with ``tracemalloc``). Records on disk (:mod:`esegeta.run.records`):
+two runs of an earlier stop and a third the day of the next change (the same machine as its
+figures); what grew was ~1.4 KB of live objects per input (``tracemalloc``, 1,000 against 3,000
+inputs: Job objects 350 B, input references 180 B, their paths 380 B, resume keys 190 B, digests
+and shapes 185 B, the stores' names and paths 250 B) and about as much again of heap pages they
+pinned. Jobs made as taken (:class:`esegeta.run.plan.Jobs`, :mod:`esegeta.run.memory`): what is
+held per input is its slotted reference and 32 bytes of digest (``tracemalloc``, once the jobs and
+the references were compact: ~0.5 KB an input, of which the stores' names and paths and the digest
+strings, since compacted too); two runs. ``--source files`` (20,000 ``.npy`` files): 377 / 387 /
+398 MB (+5.5 %); the source's list of ``Path`` objects held as text instead measured the same
+(379 / 387 / 401), so it stays a list.
 """
 from __future__ import annotations
 

@@ -252,13 +252,15 @@ def test_the_cache_holds_only_inputs_whose_jobs_are_still_to_come(tmp_path):
     from esegeta.run.executor import Worker
 
     _, jobs = planning.jobs(plan, {})
-    releaser, worker = Releaser(jobs), Worker(plan.devices[0], plan.model, plan.inputs, plan.ready)
-    for job in jobs:
+    every = [(j.position, [k for k, _ in j.items]) for j in jobs]
+    releaser, worker = Releaser(), Worker(plan.devices[0], plan.model, plan.inputs, plan.ready)
+    for n, job in enumerate(releaser.watch(jobs)):  # made as they are taken
+        assert (job.position, [k for k, _ in job.items]) == every[n]
         assert [r["status"] for r, _, _ in job_mod.compute(plan, job, worker)] == ["ok"] * len(job.items)
         assert worker._samples is None  # Captum reads no samples: the run's inputs are not gathered for it
         releaser.done(job)
-        done = {k for j in jobs[:jobs.index(job) + 1] for k, _ in j.items}
-        pending = {k for j in jobs[jobs.index(job) + 1:] for k, _ in j.items}
+        done = {k for _, ks in every[:n + 1] for k in ks}
+        pending = {k for _, ks in every[n:] for k in ks}  # the job just ended is the mark: its inputs wait for it
         assert set(cache._items) == done & pending
     assert not cache._items and cache._bytes == 0
 

@@ -50,3 +50,32 @@ def test_a_run_result_reads_its_records_from_disk(tmp_path):
     assert isinstance(result.runs, Records) and result.exit_code == 0
     assert list(result.runs) == written["runs"] == result.manifest["runs"]
     assert result.manifest["inputs"] == written["inputs"] and json.dumps(result.manifest)
+
+
+def test_the_report_reads_the_records_once():
+    """The report made a pass over the records per input it draws, and two more (23 passes at 6,000
+    inputs, each reading every record back from disk: benchmarks/report_reads.py); now one."""
+    from pathlib import Path
+
+    import torch
+
+    from esegeta.io.loading import InputItem
+    from esegeta.show import report
+
+    class Counted(Records):
+        reads = 0
+
+        def _read(self, flat):
+            Counted.reads += 1
+            return super()._read(flat)
+
+    items = [InputItem(f"in{k}", Path(f"in{k}.npy"), torch.rand(1, 1, 8, 8)) for k in range(30)]
+    records = Counted(len(items), 2)
+    for k, item in enumerate(items):
+        for position in range(2):
+            records.put((k, position), {**_record(k, position, "ok" if k % 7 else "failed"), "input": item.name})
+    manifest = {"esegeta": "test", "created": "now", "devices": ["cpu"], "config": {}, "runs": records,
+                "inputs": [{"name": item.name} for item in items]}
+    html = report.build_report(manifest, items, report.Results(lambda r, item: None), max_inputs=3)
+    assert Counted.reads == len(records) == 60
+    assert "10 failed, 50 ok" in html and html.count("<section id='input-") == 3

@@ -333,28 +333,43 @@ def test_runtime_config_errors(tmp_path):
 
 
 class _Stop(BaseException):
-    """Raised in the main thread by a timer, as a harness's time limit (the fuzzer's) raises."""
+    """Raised in the main thread by a signal handler, as a harness's time limit (the fuzzer's) raises."""
 
 
 def test_any_exit_of_the_main_thread_stops_the_workers(tmp_path):
-    """Not only SIGINT/SIGTERM: whatever ends the main thread's wait (here a BaseException from a
-    timer) stops the worker threads before it propagates, instead of leaving them computing."""
+    """Not only SIGINT/SIGTERM: whatever ends the main thread's wait (here a BaseException raised by a
+    SIGALRM handler, sent once a worker is computing: an event, not a timer) stops the worker threads
+    before it propagates, instead of leaving them computing."""
     import signal
 
     slow = [{"id": "captum.IntegratedGradients", "label": f"ig{n}", "params": {"n_steps": 4000, "internal_batch_size": 50}}
             for n in range(2)]
     cfg = digits_config(tmp_path, slow, threads_per_device=2)
+    computing, finished = threading.Event(), threading.Event()
+
+    def seen(module, args):  # any module's forward pass: one off the main thread is a job's
+        if threading.current_thread() is not threading.main_thread():
+            computing.set()
 
     def stop(signum, frame):
         raise _Stop()
 
+    def alarm_when_computing():
+        if computing.wait(600) and not finished.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+
     previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, 4.0)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(seen)
+    alarm = threading.Thread(target=alarm_when_computing, daemon=True)
+    alarm.start()
     try:
         with pytest.raises(_Stop):
             Pipeline(cfg).run()
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        hook.remove()
+        finished.set()
+        computing.set()
+        alarm.join()
         signal.signal(signal.SIGALRM, previous)
     workers = [t for t in threading.enumerate() if t.name.startswith("esegeta-worker-")]
     assert not [t for t in workers if t.is_alive()], workers

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +153,9 @@ class DatasetSource:
             raise ConfigError("inputs.dataset", f"{ref} returned an empty dataset")
         self.cfg, self.ref, self.dataset = cfg, ref, dataset
         width = max(5, len(str(len(dataset) - 1)))
-        self.names = [f"item-{k:0{width}d}" for k in range(len(dataset))]
-        self.paths = [Path(f"{ref}[{k}]") for k in range(len(dataset))]
+        # made when read, not held: a run of 20,000 items held 20,000 names and paths (issue 26)
+        self.names = _Numbered(len(dataset), lambda k: f"item-{k:0{width}d}")
+        self.paths = _Numbered(len(dataset), lambda k: Path(f"{ref}[{k}]"))
         self.cache = _Cache()
 
     def __len__(self) -> int:
@@ -182,6 +183,21 @@ class DatasetSource:
                          channels_last=self.cfg.channel_axis == "last", label=plain_label(label))
 
 
+class _Numbered(Sequence):
+    """``make(k)`` for k in ``range(n)``, made when read (a dataset's item names and paths)."""
+
+    def __init__(self, n: int, make: Callable[[int], Any]):
+        self._n, self._make = n, make
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._make(k) for k in range(self._n)[index]]
+        return self._make(range(self._n)[index])
+
+
 def split_item(raw: Any, where: str) -> tuple[Any, Any]:
     """(input, label or None) of one dataset item."""
     if isinstance(raw, dict):
@@ -207,19 +223,35 @@ def plain_label(label: Any) -> Any:
     return str(label)
 
 
-@dataclass(eq=False)
 class InputRef:
     """One input of a run, not loaded: :meth:`load` reads it (cached briefly); ``shape``,
-    ``digest``, ``finite`` and ``label`` are known after :func:`scan`. Attributes of
-    :class:`~esegeta.io.loading.InputItem` (``tensor``, ``affine``, ``own_order``...) load it."""
-    name: str
-    index: int
-    path: Path
-    source: Any = field(repr=False)
-    shape: tuple[int, ...] | None = None
-    digest: str | None = None
-    finite: bool = True
-    label: Any = None
+    ``digest``, ``finite`` and ``label`` are known after :func:`scan`; ``name`` and ``path`` are its
+    source's. Attributes of :class:`~esegeta.io.loading.InputItem` (``tensor``, ``affine``,
+    ``own_order``...) load it. Slotted: a run holds one per input for the whole run."""
+    __slots__ = ("index", "source", "shape", "finite", "label", "_digests")
+
+    def __init__(self, index: int, source: Any, shape: tuple[int, ...] | None = None, finite: bool = True,
+                 label: Any = None, digests: Digests | None = None):
+        self.index, self.source = index, source
+        self.shape, self.finite, self.label = shape, finite, label
+        self._digests = digests if digests is not None else Digests(index + 1)
+
+    @property
+    def digest(self) -> str | None:
+        """The input tensor's sha256 (:func:`esegeta.io.resume.tensor_digest`), once scanned."""
+        return self._digests[self.index]
+
+    @digest.setter
+    def digest(self, value: str) -> None:
+        self._digests[self.index] = value
+
+    @property
+    def name(self) -> str:
+        return self.source.names[self.index]
+
+    @property
+    def path(self) -> Path:
+        return self.source.paths[self.index]
 
     def load(self, keep: bool = True) -> InputItem:
         """The input, read (and kept in the cache, unless ``keep`` is false) or from the cache."""
@@ -234,9 +266,12 @@ class InputRef:
         return self.load().tensor
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or "source" not in self.__dict__:
+        if name.startswith("_") or name in InputRef.__slots__:  # not set yet (a copy being made): no recursion
             raise AttributeError(name)
         return getattr(self.load(), name)
+
+    def __repr__(self) -> str:
+        return f"InputRef(name={self.name!r}, index={self.index}, shape={self.shape})"
 
 
 def source(cfg: InputsConfig | dict, base_dir: Path | None,
@@ -250,17 +285,36 @@ def source(cfg: InputsConfig | dict, base_dir: Path | None,
 
 
 def refs(src: FileSource | DatasetSource) -> list[InputRef]:
-    return [InputRef(name, k, path, src) for k, (name, path) in enumerate(zip(src.names, src.paths))]
+    digests = Digests(len(src))
+    return [InputRef(k, src, digests=digests) for k in range(len(src))]
+
+
+class Digests:
+    """The sha256 digests of ``n`` inputs, 32 bytes each in one array (a hex string per input, made during
+    the scan between its transient objects, held ~113 bytes and a page of the heap here and there: issue 26)."""
+
+    def __init__(self, n: int):
+        self._raw = np.zeros((n, 32), np.uint8)
+        self._known = np.zeros(n, bool)
+
+    def __getitem__(self, k: int) -> str | None:
+        return self._raw[k].tobytes().hex() if self._known[k] else None
+
+    def __setitem__(self, k: int, hexdigest: str) -> None:
+        self._raw[k] = np.frombuffer(bytes.fromhex(hexdigest), np.uint8)
+        self._known[k] = True
 
 
 def scan(inputs: list[InputRef]) -> None:
     """Read every input once, one at a time: its digest (the resume key), shape, finiteness, label.
     Nothing is cached: the jobs read the inputs in their own order, the first ones first."""
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per shape, not per input
     for ref in inputs:
         if ref.digest is not None:
             continue
         item = ref.load(keep=False)
-        ref.shape, ref.digest = tuple(item.tensor.shape), tensor_digest([item.tensor])
+        shape = tuple(item.tensor.shape)
+        ref.shape, ref.digest = shapes.setdefault(shape, shape), tensor_digest([item.tensor])
         ref.finite, ref.label = bool(torch.isfinite(item.tensor).all()), item.label
 
 

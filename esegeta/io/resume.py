@@ -50,6 +50,21 @@ def job_key(settings: dict[str, Any], model_hash: str, input_hash: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+class JobKeys:
+    """:func:`job_key` of one method entry's settings on the model, for input after input: the settings
+    are encoded once (a run of 20,000 inputs asks for a key per input and entry, and for some twice)."""
+
+    def __init__(self, settings: dict[str, Any], model_hash: str):
+        # the text job_key hashes, keys sorted: {"input": ..., "model": ..., "settings": ...}
+        self._head = '{"input": '
+        self._tail = (", " + json.dumps({"model": model_hash, "settings": settings}, sort_keys=True,
+                                        default=str)[1:])
+
+    def key(self, input_hash: str) -> str:
+        text = self._head + json.dumps(input_hash) + self._tail
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def reusable(previous: dict[tuple[str, str], dict[str, Any]], label: str, input_name: str,
              key: str) -> dict[str, Any] | None:
     """The earlier record for this job if it can stand for it now, else None."""

@@ -82,9 +82,10 @@ class _MethodStore:
             group.create_array("score", shape=(self.n,), chunks=(self.rows,), dtype="float64", fill_value=np.nan)
             group.create_array("target", shape=(self.n,), chunks=(self.rows,), dtype="int64", fill_value=-1)
             group.attrs.update({**meta, "inputs": names, "labels": labels, "shape": list(shape)})
-        self.group = group
         self.shape = tuple(shape)
+        # its arrays, not the group: the group holds its attributes (every input's name and path) in memory
         self.data, self.written = group["attributions"], group["written"]
+        self.score, self.target = group["score"], group["target"]
         self._buffer: dict[int, dict[int, np.ndarray]] = {}
         self._held = 0
 
@@ -130,8 +131,8 @@ class _MethodStore:
         for chunk in sorted(self._buffer):
             self._flush(chunk)
         self.written[:] = index.written & self.written[:]
-        self.group["score"][:] = index.score
-        self.group["target"][:] = index.target
+        self.score[:] = index.score
+        self.target[:] = index.target
 
 
 class _Index:
@@ -156,24 +157,42 @@ class StoreWriter:
 
     def __init__(self, out: Path, inputs: list, resume: bool = False):
         self.out, self.inputs, self.resume = Path(out), inputs, resume
-        self.names = [item.name for item in inputs]
-        self.labels = [getattr(item, "label", None) for item in inputs]
-        self.paths = [str(item.path) if item.path is not None else None for item in inputs]
-        self.row = {name: k for k, name in enumerate(self.names)}
         self.stores: dict[str, _MethodStore] = {}
+        self._row: dict[str, int] | None = None
         self._lock = threading.Lock()
 
-    def add(self, record: dict, result: np.ndarray, kind: str) -> bool:
-        """Buffer an ok result for its method's store; False if it cannot go there (another shape)."""
+    # the inputs' names, labels and paths, made when a store is created (a run of 20,000 inputs held them all)
+    @property
+    def names(self) -> list[str]:
+        return [item.name for item in self.inputs]
+
+    @property
+    def labels(self) -> list[Any]:
+        return [getattr(item, "label", None) for item in self.inputs]
+
+    @property
+    def paths(self) -> list[str | None]:
+        return [str(item.path) if item.path is not None else None for item in self.inputs]
+
+    def _rows(self) -> dict[str, int]:
+        """Input name → row (kept once a result comes without its input's index)."""
+        return self._row if self._row is not None else {name: k for k, name in enumerate(self.names)}
+
+    def add(self, record: dict, result: np.ndarray, kind: str, index: int | None = None) -> bool:
+        """Buffer an ok result for its method's store; False if it cannot go there (another shape).
+        ``index``: its input's place in the run's inputs, where the caller knows it."""
         with self._lock:
-            return self._add(record, result, kind)
+            return self._add(record, result, kind, index)
 
     @staticmethod
     def relative(label: str) -> str:
         return str(store_path(Path("."), label))
 
-    def _add(self, record: dict, result: np.ndarray, kind: str) -> bool:
-        label, k = record["label"], self.row.get(record["input"])
+    def _add(self, record: dict, result: np.ndarray, kind: str, index: int | None = None) -> bool:
+        known = index is not None and 0 <= index < len(self.inputs) and self.inputs[index].name == record["input"]
+        if not known and self._row is None:
+            self._row = self._rows()
+        label, k = record["label"], index if known else self._row.get(record["input"])
         if k is None:
             return False
         store = self.stores.get(label)
@@ -194,16 +213,17 @@ class StoreWriter:
         filled); method label → store folder (relative)."""
         index: dict[str, _Index] = {}
         resumed: dict[str, dict[int, dict]] = {}
+        row_of = self._rows()  # for this pass only: gone before the report
         for r in runs:
-            if r["status"] == "ok" and r["input"] in self.row:
-                k = self.row[r["input"]]
-                index.setdefault(r["label"], _Index(len(self.names))).add(k, r)
+            if r["status"] == "ok" and r["input"] in row_of:
+                k = row_of[r["input"]]
+                index.setdefault(r["label"], _Index(len(self.inputs))).add(k, r)
                 if r.get("resumed"):
                     resumed.setdefault(r["label"], {})[k] = r
         for label, rows in resumed.items():
             self._fill_kept(label, rows, kinds)
         for label, store in self.stores.items():
-            store.close(index.get(label, _Index(len(self.names))))
+            store.close(index.get(label, _Index(len(self.inputs))))
         return {label: self.relative(label) for label in self.stores}
 
     def _fill_kept(self, label: str, rows: dict[int, dict], kinds: dict[str, str]) -> None:

@@ -21,8 +21,9 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,19 +164,26 @@ class Executor:
         self.threads_per_device = threads_per_device
         self.model, self.inputs, self.first, self.tf32 = model, inputs, first, tf32
         self.gate = Gate()
-        self._pending: list = []
+        self._pending = _Pending([])
         self._lock = threading.Lock()
 
     #: Seconds an interrupted run waits for its workers to stop before it leaves them behind.
     STOP_GRACE_S = 10.0
 
-    def run(self, jobs: list, compute: Callable[[Any, Worker], Any], on_done: Callable[[Any, Any], None],
-            on_error: Callable[[Any, BaseException], None]) -> None:
-        """``on_done(job, compute(job, worker))`` for every job; ``on_error(job, exc)`` if either raises."""
-        devices = list(dict.fromkeys([*self.devices, *(d for j in jobs for d in j.devices)]))
+    def run(self, jobs: Iterable, compute: Callable[[Any, Worker], Any], on_done: Callable[[Any, Any], None],
+            on_error: Callable[[Any, BaseException], None], devices: list[torch.device] | None = None) -> None:
+        """``on_done(job, compute(job, worker))`` for every job; ``on_error(job, exc)`` if either raises.
+
+        ``jobs`` may be made as they are taken (:class:`esegeta.run.plan.Jobs`); ``devices`` are then
+        where they run (a list of jobs says it itself)."""
+        if devices is None:
+            jobs = list(jobs)
+            devices = list(dict.fromkeys(d for j in jobs for d in j.devices))
+        used = set(devices)
         workers = [Worker(d, self.model, self.inputs, self.first if d == self.devices[0] and n == 0 else None)
-                   for d in devices for n in range(self.threads_per_device) if any(d in j.devices for j in jobs)]
-        self._pending = list(jobs)
+                   for d in dict.fromkeys([*self.devices, *devices]) for n in range(self.threads_per_device)
+                   if d in used]
+        self._pending = _Pending(jobs)
         cpu_workers = sum(w.device.type == "cpu" for w in workers)
         with scheduling.intra_op_threads(cpu_workers), numerics.fp32_numerics(self.tf32), _job_warnings():
             threads = [threading.Thread(target=self._loop, args=(w, compute, on_done, on_error),
@@ -194,8 +202,7 @@ class Executor:
     def stop(self, threads: list[threading.Thread]) -> None:
         """No new job; the running ones are stopped; wait (up to :attr:`STOP_GRACE_S`) for the workers."""
         with self._lock:
-            left = len(self._pending)
-            self._pending.clear()
+            left = self._pending.close()
         log.warning("interrupted: %d job(s) not started; stopping the running ones", left)
         timeouts.cancel_all()
         deadline = time.monotonic() + self.STOP_GRACE_S
@@ -208,10 +215,7 @@ class Executor:
 
     def _take(self, worker: Worker):
         with self._lock:
-            job = next((j for j in self._pending if worker.device in j.devices), None)
-            if job is not None:
-                self._pending.remove(job)
-            return job
+            return self._pending.take(worker.device)
 
     def _loop(self, worker: Worker, compute, on_done, on_error) -> None:
         while (job := self._take(worker)) is not None:
@@ -228,12 +232,49 @@ class Executor:
                     log.exception("%s: its failure could not be recorded", job.name)
 
 
+class _Pending:
+    """The jobs not started, in order, made as they are taken: :meth:`take` the first one a device may
+    run (those it passes for other devices wait in a buffer); :meth:`close` drops the rest. Callers lock."""
+
+    def __init__(self, jobs: Iterable):
+        self._total = len(jobs) if isinstance(jobs, Sized) else None
+        self._jobs: Iterator | None = iter(jobs)
+        self._passed: deque = deque()  # made, passed by workers of other devices
+        self._taken = 0
+
+    def take(self, device: torch.device):
+        job = next((j for j in self._passed if device in j.devices), None)
+        if job is not None:
+            self._passed.remove(job)
+        while job is None and self._jobs is not None:
+            job = next(self._jobs, None)
+            if job is None:
+                self._jobs = None
+            elif device not in job.devices:
+                self._passed.append(job)
+                job = None
+        self._taken += job is not None
+        return job
+
+    def close(self) -> int:
+        """Drop the jobs not started; how many they were."""
+        if self._jobs is None or self._total is None:  # (a generator of unknown length: those made)
+            left = len(self._passed)
+        else:
+            left = self._total - self._taken
+        self._passed.clear()
+        self._jobs = None
+        return left
+
+
 _current_job = threading.local()
 
 
 def attribute_warnings(label: str) -> None:
-    """Warnings raised from now on in this thread are logged as ``label``'s (a job's thread)."""
+    """Warnings raised from now on in this thread are logged as ``label``'s (a job's thread), each
+    message once."""
     _current_job.label = label
+    _current_job.seen = set()  # a job's messages, gone with it (a run-wide set grew with the jobs)
 
 
 @contextmanager
@@ -242,16 +283,18 @@ def _job_warnings():
 
     ``warnings.catch_warnings`` is process-wide, so it is entered once around all workers and
     warnings are attributed to the job running in the thread that raised them."""
-    seen: set[tuple[str, str]] = set()
-    seen_lock = threading.Lock()
+    outside: set[str] = set()  # the messages of threads that run no job
+    outside_lock = threading.Lock()
 
     def show(message, category, filename, lineno, file=None, line=None):
         label = getattr(_current_job, "label", "esegeta")
         first = str(message).split("\n")[0]
-        with seen_lock:
-            if (label, first) in seen:
+        seen = getattr(_current_job, "seen", None)
+        with outside_lock if seen is None else nullcontext():
+            seen = outside if seen is None else seen
+            if first in seen:
                 return
-            seen.add((label, first))
+            seen.add(first)
         log.debug("%s: warning: %s", label, first)
 
     with warnings.catch_warnings():

@@ -11,6 +11,12 @@ at 150 / 1,500 / 3,000 inputs of 1×128×128). The causes, and the measures:
   the scan of every input before the first job and then kept, least recently used first, the
   inputs whose jobs had all ended: it grew with the inputs up to its budget. The scan now caches
   nothing and each input leaves the cache when its last job ends (jobs run input by input).
+- What is held per input for the whole run is small and made in one go: the jobs are made as they
+  are taken (:class:`esegeta.run.plan.Jobs`; a list of them, with their inputs' references and resume
+  keys, was about 600 bytes an input), an input's reference is slotted and reads its name and path from
+  its source (a dataset's are made when read), its digest is 32 bytes of one array
+  (:class:`esegeta.io.datasets.Digests`; a string per input, made by the scan between its transient
+  objects, pinned heap pages too), the stores hold no list of names, warnings are deduplicated per job.
 - :class:`Trimmer`: memory freed inside glibc's heaps stays resident (a heap shrinks only from
   its top, and a run's small long-lived objects sit between the freed tensors);
   ``malloc_trim(0)`` returns every free page. It is called once the scan has read every input
@@ -25,8 +31,7 @@ import logging
 import os
 import sys
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from functools import cache
 from typing import Any
 
@@ -84,16 +89,75 @@ class Trimmer:
 
 
 class Releaser:
-    """``done(job)`` as each job ends: an input whose jobs have all ended leaves the inputs' cache."""
+    """The inputs' cache emptied as a run goes: jobs pass through :meth:`watch` as they are taken, and
+    ``done(job)`` as each ends; an input whose jobs have all ended, and that no job still to be taken
+    will read, leaves the cache.
 
-    def __init__(self, jobs: Iterable[Any]):
-        self._left = Counter(k for job in jobs for k, _ in job.items)
+    Jobs come in the order of their first input (:class:`esegeta.run.plan.Jobs`), so once a job whose
+    first input is ``k`` is taken, no later job reads an input before ``k``: only the inputs of jobs
+    taken and not ended, or ended at or after that mark, are counted (memory flat in the inputs)."""
+
+    def __init__(self):
+        self._left: dict[int, int] = {}  # input index -> its jobs taken and not ended
+        self._items: dict[int, Any] = {}  # its reference
+        self._ended: set[int] = set()  # jobs all ended, but a job still to come may read it
+        self._mark = 0  # no job still to come reads an input before it
         self._lock = threading.Lock()
 
-    def done(self, job: Any) -> None:
-        for k, item in job.items:
+    def watch(self, jobs: Sized | Iterable[Any]) -> _Watched:
+        """``jobs``, counted as they are taken (of the same ``len()``)."""
+        return _Watched(self, jobs)
+
+    def _through(self, jobs: Iterable[Any]) -> Iterator[Any]:
+        for job in jobs:
             with self._lock:
+                for k, item in job.items:
+                    self._left[k] = self._left.get(k, 0) + 1
+                    self._items[k] = item
+                    self._ended.discard(k)
+                gone = self._advance(job.items[0][0])
+            self._release(gone)
+            yield job
+        with self._lock:
+            gone = self._advance(float("inf"))
+        self._release(gone)
+
+    def done(self, job: Any) -> None:
+        gone = []
+        with self._lock:
+            for k, _ in job.items:
                 self._left[k] -= 1
-                last = self._left[k] <= 0
-            if last:
-                item.release()
+                if self._left[k] <= 0:
+                    del self._left[k]
+                    if k < self._mark:
+                        gone.append(self._items.pop(k))
+                    else:
+                        self._ended.add(k)
+        self._release(gone)
+
+    def _advance(self, mark: float) -> list[Any]:
+        """Move the mark (callers lock); the inputs it leaves behind with every job ended."""
+        self._mark = max(self._mark, mark)
+        if not self._ended or min(self._ended) >= self._mark:
+            return []
+        behind = [k for k in self._ended if k < self._mark]
+        self._ended.difference_update(behind)
+        return [self._items.pop(k) for k in behind]
+
+    @staticmethod
+    def _release(items: list[Any]) -> None:
+        for item in items:
+            item.release()
+
+
+class _Watched:
+    """Jobs passing through a :class:`Releaser` (:meth:`Releaser.watch`)."""
+
+    def __init__(self, releaser: Releaser, jobs: Iterable[Any]):
+        self._releaser, self._jobs = releaser, jobs
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._releaser._through(self._jobs)

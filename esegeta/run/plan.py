@@ -9,11 +9,15 @@ functions. :func:`jobs` then turns a plan into jobs, keeping what ``--resume`` m
 """
 from __future__ import annotations
 
+import heapq
 import logging
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from esegeta.io import resume
@@ -215,14 +219,17 @@ def model_fails(exc: Exception, item: Any, shape: tuple[int, ...]) -> ConfigErro
 
 
 # -- jobs -----------------------------------------------------------------------------
-@dataclass
 class Job:
     """One method on one input, or on a batch of same-shaped inputs (``runtime.batch_size``)."""
-    position: int  # the entry's place among the selected entries (manifest order)
-    entry: Resolved
-    items: list[tuple[int, InputRef]]  # (input index, input)
-    keys: list[str]  # resume key per input
-    devices: list[torch.device]  # where it may run
+    __slots__ = ("position", "entry", "items", "keys", "devices")
+
+    def __init__(self, position: int, entry: Resolved, items: list[tuple[int, InputRef]], keys: list[str],
+                 devices: list[torch.device]):
+        self.position = position  # the entry's place among the selected entries (manifest order)
+        self.entry = entry
+        self.items = items  # (input index, input)
+        self.keys = keys  # resume key per input
+        self.devices = devices  # where it may run
 
     @property
     def name(self) -> str:
@@ -231,6 +238,9 @@ class Job:
     @property
     def exclusive(self) -> bool:
         return self.entry.spec.exclusive
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name}>"
 
 
 def key_settings(e: Resolved, config: config_mod.Config) -> dict[str, Any]:
@@ -253,42 +263,84 @@ def _output_settings(output: config_mod.OutputConfig) -> dict[str, Any]:
     return settings
 
 
-def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int, int], dict], list[Job]]:
-    """Records kept from an earlier run (by (input index, position)), and the jobs left: one per
-    (method, input), or per ``runtime.batch_size`` inputs of one shape for a method that explains
+def jobs(p: Plan, previous: dict[tuple[str, str], dict]) -> tuple[dict[tuple[int, int], dict], Jobs]:
+    """Records kept from an earlier run (by (input index, position)), and the jobs left (:class:`Jobs`):
+    one per (method, input), or per ``runtime.batch_size`` inputs of one shape for a method that explains
     them in one call (without wrapper, or wrapped by a method whose ``batch_layout`` allows it:
     :func:`esegeta.attribution.batching.layout`)."""
     model_hash = resume.model_digest(p.model)
-    input_hashes = [item.digest for item in p.inputs]
     samples_hash = datasets.samples_digest(p.inputs)
     kept: dict[tuple[int, int], dict] = {}
-    todo_jobs: list[Job] = []
+    todo = np.ones((len(p.inputs), len(p.entries)), bool)
+    keys, batches = [], []
     for position, e in enumerate(p.entries):
         settings = key_settings(e, p.config)
-        devices = p.devices_of(e)
         settings["samples"] = samples_hash if e.spec.library.reads_samples else None
-        todo: list[tuple[int, InputRef, str]] = []
-        for k, item in enumerate(p.inputs):
-            key = resume.job_key(settings, model_hash, input_hashes[k])
-            record = resume.reusable(previous, e.label, item.name, key)
-            if record is not None:
-                kept[(k, position)] = {**record, "resumed": True}
-            else:
-                todo.append((k, item, key))
+        keys.append(resume.JobKeys(settings, model_hash))
+        for k, item in enumerate(p.inputs) if previous else ():  # keys only where an earlier record is
+            if (e.label, item.name) in previous:
+                record = resume.reusable(previous, e.label, item.name, keys[-1].key(item.digest))
+                if record is not None:
+                    kept[(k, position)] = {**record, "resumed": True}
+                    todo[k, position] = False
         # batching never changes a result: a per_input method (randomness, baselines built from its
         # inputs: a batch's "blur" would be a distribution of every batch-mate) and a noise tunnel run
         # one input per job, with or without a wrapper
         one_call = (e.spec.batch_layout != batching.PER_INPUT and e.request.noise_tunnel is None
                     and (e.request.wrapper is None or batching.layout(e.request, 2) != batching.PER_INPUT))
-        batch = p.config.runtime.batch_size if (one_call and e.request.patch is None
-                                                and e.spec.kind in BATCHABLE_KINDS) else 1
-        by_shape: dict[tuple[int, ...], list[tuple[int, InputRef, str]]] = {}
-        for t in todo:
-            by_shape.setdefault(t[1].shape, []).append(t)
-        for same in by_shape.values():
-            for start in range(0, len(same), batch):
-                group = same[start:start + batch]
-                todo_jobs.append(Job(position, e, [(k, item) for k, item, _ in group], [key for _, _, key in group],
-                                     devices))
-    todo_jobs.sort(key=lambda j: (j.items[0][0], j.position))
-    return kept, todo_jobs
+        batches.append(p.config.runtime.batch_size if (one_call and e.request.patch is None
+                                                       and e.spec.kind in BATCHABLE_KINDS) else 1)
+    return kept, Jobs(p, todo, keys, batches)
+
+
+class Jobs:
+    """A run's jobs, made as they are taken (memory flat in the number of inputs: issue 26): in the order
+    of their first input, then of their entry; ``len()`` is their number, :attr:`results` the (input,
+    method) results they compute, :attr:`devices` where they run. What is kept for them is an array of
+    a byte per (input, method) (to compute or not) and a shape number per input; a job, its inputs'
+    references and resume keys exist from when it is taken until it ends.
+
+    An entry's jobs group its inputs to compute, in order, into batches of ``batches[position]``
+    inputs of one shape; a batch waits for its last input, the batches after it wait for it."""
+
+    def __init__(self, p: Plan, todo: np.ndarray, keys: list[resume.JobKeys], batches: list[int]):
+        self._plan, self._todo, self._keys, self._batches = p, todo, keys, batches
+        shapes: dict[tuple[int, ...] | None, int] = {}
+        self._shape = np.fromiter((shapes.setdefault(item.shape, len(shapes)) for item in p.inputs), np.int32,
+                                  len(p.inputs))
+        counts = [np.bincount(self._shape[todo[:, n]], minlength=len(shapes)) for n in range(todo.shape[1])]
+        self._count = sum(int(-(-c // b).sum()) for c, b in zip(counts, batches))  # ceil, per shape
+        self.results = int(todo.sum())
+        self.devices = list(dict.fromkeys(d for n, e in enumerate(p.entries) if todo[:, n].any()
+                                          for d in p.devices_of(e)))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Job]:
+        per_entry = [self._of_entry(position) for position in range(len(self._plan.entries))]
+        return heapq.merge(*per_entry, key=lambda job: (job.items[0][0], job.position))
+
+    def _of_entry(self, position: int) -> Iterator[Job]:
+        e, batch, inputs = self._plan.entries[position], self._batches[position], self._plan.inputs
+        devices = self._plan.devices_of(e)
+        filling: dict[int, list[int]] = {}  # shape number -> the batch being filled
+        waiting: deque[list[int]] = deque()  # batches in the order of their first input
+
+        def job(group: list[int]) -> Job:
+            items = [(k, inputs[k]) for k in group]
+            return Job(position, e, items, [self._keys[position].key(item.digest) for _, item in items], devices)
+
+        for k in np.flatnonzero(self._todo[:, position]).tolist():
+            shape = int(self._shape[k])
+            group = filling.get(shape)
+            if group is None:
+                group = filling[shape] = []
+                waiting.append(group)
+            group.append(k)
+            if len(group) == batch:
+                del filling[shape]
+            while waiting and len(waiting[0]) == batch:
+                yield job(waiting.popleft())
+        while waiting:
+            yield job(waiting.popleft())

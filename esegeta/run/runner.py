@@ -156,8 +156,7 @@ class Pipeline:
             _log_start(plan, out)
             kept, jobs = planning.jobs(plan, writer.previous())
             if self.resume:
-                log.info("resume: %d result(s) kept from the earlier run, %d to compute",
-                         len(kept), sum(len(j.items) for j in jobs))
+                log.info("resume: %d result(s) kept from the earlier run, %d to compute", len(kept), jobs.results)
             writer.begin(list(kept.values()), plan.inputs)
             records = Records(len(plan.inputs), len(plan.entries))  # on disk: memory flat in the inputs
             for key, record in kept.items():
@@ -219,14 +218,14 @@ def _head(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: Records) -> None:
+def _execute(plan: Plan, jobs: planning.Jobs, writer: Writer, records: Records) -> None:
     """Compute ``jobs`` on the workers; each result is written and recorded as its job ends."""
     from tqdm import tqdm
 
     rt = plan.config.runtime
     executor = Executor(plan.devices, rt.threads_per_device, plan.model, plan.inputs, plan.ready, rt.tf32)
     # memory flat in the number of inputs (esegeta.run.memory): finished inputs leave the cache, freed heap pages go
-    trimmer, releaser = Trimmer(), Releaser(jobs)
+    trimmer, releaser = Trimmer(), Releaser()
     with tqdm(total=len(jobs), desc="esegeta", unit="job", disable=None) as bar:
         def on_done(job: Job, computed: list[tuple[dict, np.ndarray | None, dict]]) -> None:
             saved = writer.save_all([(record, item, result, extras, job.entry.spec.kind)
@@ -250,10 +249,11 @@ def _execute(plan: Plan, jobs: list[Job], writer: Writer, records: Records) -> N
             releaser.done(job)
             trimmer.done()
 
-        if rt.backend == "ray":
-            ray_backend.run(plan, jobs, on_done, on_error)
+        if rt.backend == "ray":  # Ray Data takes the jobs as one list of rows
+            ray_backend.run(plan, list(releaser.watch(jobs)), on_done, on_error)
         else:
-            executor.run(jobs, lambda job, worker: job_mod.compute(plan, job, worker), on_done, on_error)
+            executor.run(releaser.watch(jobs), lambda job, worker: job_mod.compute(plan, job, worker), on_done,
+                         on_error, jobs.devices)
 
 
 class _LogFile(logging.FileHandler):

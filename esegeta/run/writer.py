@@ -341,7 +341,7 @@ class Writer:
                     files.update(outputs.save_extras(self.out, item, label, extras, self.token))
                     record["files"] = files
                     self._keep_for_overview(record, item, result, kind, mask)
-                    self._store(record, result, kind)
+                    self._store(record, result, kind, getattr(item, "index", None))
             except Exception as exc:  # noqa: BLE001 (a failing write fails this result, never the run)
                 self._failed(record, exc)
             records.append(record)
@@ -361,10 +361,10 @@ class Writer:
         record.update(status="failed", files={}, error=f"writing results: {type(exc).__name__}: {exc}")
         log.error("%s on %s failed: %s", record["label"], record["input"], record["error"])
 
-    def _store(self, record: dict, result: np.ndarray, kind: str) -> None:
+    def _store(self, record: dict, result: np.ndarray, kind: str, index: int | None = None) -> None:
         if self._stores is not None:
             try:
-                if self._stores.add(record, result, kind):
+                if self._stores.add(record, result, kind, index):
                     record["files"]["zarr"] = self._stores.relative(record["label"])
             except Exception as exc:  # noqa: BLE001 (the result's own files are written: it stays ok)
                 record["warnings"] = [*record.get("warnings", []), f"attribution store: {type(exc).__name__}: {exc}"]

@@ -110,13 +110,38 @@ def _img(uri: str, alt: str, panel: str) -> str:
 
 
 # -- sections -----------------------------------------------------------------------------
-def _head(manifest: Mapping[str, Any]) -> str:
-    runs = manifest.get("runs", [])
-    counts: dict[str, int] = {}
-    for r in runs:
-        counts[r.get("status", "?")] = counts.get(r.get("status", "?"), 0) + 1
-    status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    methods = list(dict.fromkeys(r.get("label") for r in runs))
+@dataclass
+class _Tally:
+    """What the report shows of a run's records, from one pass over them (a run's records are read from
+    disk as they are iterated: :mod:`esegeta.run.records`): the count per status, per method label its
+    row of the methods' table, and the records of the inputs drawn (by input name)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    methods: dict[Any, dict[str, Any]] = field(default_factory=dict)
+    shown: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, runs: Any, shown: Sequence[str] = ()) -> _Tally:
+        tally = cls(shown={name: [] for name in shown})
+        for r in runs:
+            tally.counts[r.get("status", "?")] = tally.counts.get(r.get("status", "?"), 0) + 1
+            row = tally.methods.setdefault(r.get("label"), {"method": r.get("method"), "ok": 0, "other": 0,
+                                                            "seconds": [], "precision": set(), "errors": set()})
+            row["ok" if r.get("status") == "ok" else "other"] += 1
+            if isinstance(r.get("seconds"), (int, float)):
+                row["seconds"].append(float(r["seconds"]))
+            if r.get("precision"):
+                row["precision"].add(r["precision"])
+            if r.get("error"):
+                row["errors"].add(str(r["error"])[:160])
+            if r.get("input") in tally.shown:
+                tally.shown[r["input"]].append(r)
+        return tally
+
+
+def _head(manifest: Mapping[str, Any], tally: _Tally | None = None) -> str:
+    tally = tally or _Tally.of(manifest.get("runs", []))
+    status = ", ".join(f"{n} {s}" for s, n in sorted(tally.counts.items()))
+    methods = list(tally.methods)
     return (f"<h1>esegeta report</h1><p class='summary'>{len(manifest.get('inputs', []))} input(s) &times; "
             f"{len(methods)} method(s): {_e(status) or 'no results'}. Created {_e(manifest.get('created'))} with "
             f"esegeta {_e(manifest.get('esegeta'))} on {_e(', '.join(manifest.get('devices', [])) or manifest.get('device'))}."
@@ -130,19 +155,9 @@ def _head(manifest: Mapping[str, Any]) -> str:
             "target column); <b>target</b>: that column.</p>")
 
 
-def _methods_table(manifest: Mapping[str, Any]) -> str:
+def _methods_table(manifest: Mapping[str, Any], tally: _Tally | None = None) -> str:
     """Per method: results ok / failed, mean time (with a bar), precision, errors."""
-    rows: dict[str, dict[str, Any]] = {}
-    for r in manifest.get("runs", []):
-        row = rows.setdefault(r.get("label"), {"method": r.get("method"), "ok": 0, "other": 0, "seconds": [],
-                                                "precision": set(), "errors": set()})
-        row["ok" if r.get("status") == "ok" else "other"] += 1
-        if isinstance(r.get("seconds"), (int, float)):
-            row["seconds"].append(float(r["seconds"]))
-        if r.get("precision"):
-            row["precision"].add(r["precision"])
-        if r.get("error"):
-            row["errors"].add(str(r["error"])[:160])
+    rows = (tally or _Tally.of(manifest.get("runs", []))).methods
     if not rows:
         return ""
     longest = max((np.mean(v["seconds"]) for v in rows.values() if v["seconds"]), default=0.0) or 1.0
@@ -432,20 +447,20 @@ def build_report(manifest: Mapping[str, Any], inputs: Sequence[Any], results: Re
     import time
 
     start = time.perf_counter()
-    runs = manifest.get("runs", [])
-    shown = list(inputs)[:max_inputs]
+    shown = list(inputs[:max_inputs])
+    tally = _Tally.of(manifest.get("runs", []), [item.name for item in shown])  # the records, read once
     nav = "".join(f"<a href='#input-{n}'>{_e(item.name)}</a>" for n, item in enumerate(shown))
     volumes = any(item.tensor.ndim == 5 for item in shown)
     found = viewer.script() if volumes else None
     base = Path(manifest["config_dir"]) if manifest.get("config_dir") else None
-    sections = [_input_section(n, item, [r for r in runs if r.get("input") == item.name], results, fig_cfg,
+    sections = [_input_section(n, item, tally.shown[item.name], results, fig_cfg,
                                with_viewer=found is not None, base=base)
                 for n, item in enumerate(shown)]
     if len(inputs) > max_inputs:
         sections.append(f"<p class='note'>{len(inputs) - max_inputs} more input(s) are not shown here: their maps "
                         "are in the folder, and <code>esegeta explore RUN_DIR</code> shows a whole dataset.</p>")
-    body = (_head(manifest) + f"<nav><a href='#methods'>methods</a><a href='#evaluation'>evaluation</a>"
-            f"<a href='#versions'>versions</a> inputs: {nav}</nav>" + _methods_table(manifest)
+    body = (_head(manifest, tally) + f"<nav><a href='#methods'>methods</a><a href='#evaluation'>evaluation</a>"
+            f"<a href='#versions'>versions</a> inputs: {nav}</nav>" + _methods_table(manifest, tally)
             + _EVAL_START + _evaluation_or_note(run_dir, manifest) + _EVAL_END
             + (viewer.about(found) + (viewer.head(found) if found else "") if volumes else "")
             + "".join(sections) + (viewer.tail(found) if found else "")
@@ -466,11 +481,12 @@ def notebook_summary(manifest: Mapping[str, Any], output_dir: Path) -> str:
         picture = ("<img style='max-width:100%' alt='overview' src='data:image/png;base64,"
                    + base64.b64encode(overview.read_bytes()).decode("ascii") + "'>")
     report = Path(output_dir) / REPORT
+    tally = _Tally.of(manifest.get("runs", []))  # the records, read once
     where = (f"<p>Every map with its colour bar, score and target: <code>{_e(report)}</code></p>"
              if report.is_file() else "")
     return (f"<div><style>{_CSS.replace('body{', '.esegeta-run{')}</style><div class='esegeta-run'>"
-            + _head(manifest).replace("<h1>esegeta report</h1>", f"<h3>esegeta run: {_e(output_dir)}</h3>")
-            + _methods_table(manifest).replace("<h2 id='methods'>Methods</h2>", "") + picture + where
+            + _head(manifest, tally).replace("<h1>esegeta report</h1>", f"<h3>esegeta run: {_e(output_dir)}</h3>")
+            + _methods_table(manifest, tally).replace("<h2 id='methods'>Methods</h2>", "") + picture + where
             + "</div></div>")
 
 
