@@ -132,3 +132,18 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
     assert after["grad"] == before["grad"]
     for k, v in before["state"].items():
         assert torch.equal(after["state"][k], v), k
+
+
+def no_streamed_fallback(monkeypatch, what: str = "its library") -> None:
+    """From here on, fail if a streamed method hands the whole call to its library on the stitched model
+    (a streamed method calls it per patch only)."""
+    from esegeta.attribution import streamed
+
+    real = streamed.run_guarded
+
+    def per_patch_only(spec, call):
+        if not isinstance(call.forward, streamed._PatchShare):
+            pytest.fail(f"fell back to {what} on the stitched model")
+        return real(spec, call)
+
+    monkeypatch.setattr(streamed, "run_guarded", per_patch_only)

@@ -191,17 +191,7 @@ def test_gamma_on_the_dense_layers_is_the_generalised_rule():
     """``params.gamma`` gave Captum's own ``GammaRule``, which assumes inputs ≥ 0: on a transformer's
     mixed-sign activations it made ViT-B/16's Σ ÷ score −1.4e8 (bias-free; ε: −743). It is now zennit's
     generalised γ, as on the convolutions: 0.98 there; on an 8-block ViT, bias-free, within 0.05."""
-    from esegeta.compat import import_torchvision
-
-    import_torchvision()
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=8, num_heads=2, hidden_dim=96,
-                                               mlp_dim=192, num_classes=5).eval()
-    torch.nn.init.normal_(net.heads.head.weight, std=0.02)
-    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    z = bias_free(zoo_models.ZooModel("vit8", net, x, "encoder", "conv_proj"))
+    z = bias_free(zoo_models.vit8())
     assert abs(_ratio(z, "captum.LRP", gamma=0.25) - 1) <= 0.05
 
 

@@ -8,12 +8,11 @@ import torch
 from captum.attr import DeepLift, InputXGradient, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
 
 import esegeta
-from esegeta.attribution import streamed
 from esegeta.attribution.patcher import Grid, Stitched
 from esegeta.attribution.rules import PairedSoftmax
 from esegeta.spec.request import wrapper_config
 
-from conftest import tissue_case
+from conftest import no_streamed_fallback, tissue_case
 
 #: patches that tile the 16×16×8 crop (separable: the score is a sum over patches), and overlapping ones
 TILED = {"size": [8, 8, 8], "overlap": [0, 0, 0], "mode": "global", "batch_size": 2}
@@ -62,15 +61,7 @@ CASES = [
 
 
 def _no_fallback(monkeypatch) -> None:
-    """Fail if a streamed method hands the whole call to Captum (DeepLIFT calls it per patch)."""
-    real = streamed.run_guarded
-
-    def per_patch_only(spec, call):
-        if not isinstance(call.forward, streamed._PatchShare):
-            pytest.fail("fell back to Captum")
-        return real(spec, call)
-
-    monkeypatch.setattr(streamed, "run_guarded", per_patch_only)
+    no_streamed_fallback(monkeypatch, "Captum")
 
 
 @pytest.mark.parametrize("patch", [TILED, OVERLAPPING], ids=["tiled", "overlapping"])

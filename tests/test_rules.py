@@ -235,17 +235,7 @@ def test_gamma_on_the_dense_layers_keeps_a_deeper_vit_conserved():
     grows in cancelling terms and the sum is 2.7× the seed, bias-free (ViT-B/16 at its real depth:
     −308). AttnLRP's γ rule on the dense layers, ``params.layer_map``, keeps it bounded: 0.97 (the
     zeroed class token takes the rest; ViT-B/16: 0.98)."""
-    from esegeta.compat import import_torchvision
-
-    import_torchvision()
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=8, num_heads=2, hidden_dim=96,
-                                               mlp_dim=192, num_classes=5).eval()
-    torch.nn.init.normal_(net.heads.head.weight, std=0.02)
-    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    z = bias_free(zoo_models.ZooModel("vit8", net, x, "encoder", "conv_proj"))
+    z = bias_free(zoo_models.vit8())
     assert abs(_ratio(z, "zennit.EpsilonGammaBox") - 1) > 0.5
     gamma = {"Linear": {"rule": "gamma", "gamma": 0.25}}
     assert abs(_ratio(z, "zennit.EpsilonGammaBox", layer_map=gamma) - 1) <= 0.05

@@ -10,8 +10,9 @@ import torch
 import esegeta
 from esegeta.attribution import streamed
 from esegeta.errors import ConfigError
+from esegeta.spec import registry
 
-from conftest import SAMPLES, tissue_case
+from conftest import no_streamed_fallback, SAMPLES, tissue_case
 
 #: the composites' conservation on these random-weight models is not what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore::esegeta.attribution.explainer.AxiomWarning")
@@ -26,19 +27,12 @@ FIRST_ZBOX = {"layer_map": {"Convolution": {"rule": "epsilon", "epsilon": 0.25},
 
 
 def _no_fallback(monkeypatch) -> None:
-    """Fail if the streamed method hands the whole call to its adapter (it calls it per patch)."""
-    real = streamed.run_guarded
-
-    def per_patch_only(spec, call):
-        if not isinstance(call.forward, streamed._PatchShare):
-            pytest.fail("fell back to the adapter on the stitched model")
-        return real(spec, call)
-
-    monkeypatch.setattr(streamed, "run_guarded", per_patch_only)
+    no_streamed_fallback(monkeypatch, "the adapter")
 
 
 def _on_the_stitched_model(method, *args, **kwargs) -> torch.Tensor:
     """zennit's own call on the whole stitched model (the adapter's path without the streamed algorithm)."""
+    registry.get(method)  # its adapter loaded: it registers the streamed algorithm
     with pytest.MonkeyPatch.context() as mp:
         mp.delitem(streamed.ALGORITHMS, method)
         return esegeta.explain(*args, **kwargs)

@@ -126,6 +126,17 @@ def vit() -> ZooModel:
     return _classifier("vit", build, 32, "encoder.layers.encoder_layer_1.ln_1", "conv_proj", reshape="vit")
 
 
+def vit8() -> ZooModel:
+    """An 8-block torchvision ViT (hidden 96) whose ε-LRP relevance grows over the blocks (seeded)."""
+    tv = _torchvision()
+    torch.manual_seed(0)
+    net = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=8, num_heads=2, hidden_dim=96,
+                                      mlp_dim=192, num_classes=5).eval()
+    nn.init.normal_(net.heads.head.weight, std=0.02)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return ZooModel("vit8", net, x, "encoder", "conv_proj")
+
+
 def _monai():
     import monai.networks.nets as nets
 
