@@ -79,13 +79,11 @@ import contextlib
 import importlib.util
 import inspect
 import math
-import sys
 from collections.abc import Mapping
 from functools import cache
 from types import MappingProxyType
 from typing import Any
 
-from esegeta.attribution import streamed
 from esegeta.errors import ConfigError, did_you_mean
 from esegeta.hooks import removing
 from esegeta.spec.params import check_number
@@ -709,7 +707,15 @@ def _finite(spec: MethodSpec, call: Call, relevance):
 
 
 class _ZennitAdapter:
-    """What zennit's two adapters share: the JSON checks of their values."""
+    """What zennit's two adapters share: the JSON checks of their values, and what global patch mode's
+    streamed algorithms read of zennit (:mod:`esegeta.attribution.streamed`, below this module, finds
+    them on the spec's adapter): the masked sum's ε, whether a request's relevance is linear in its seed,
+    the z^B bounds of the whole input, the rule on the wrapper's activation."""
+
+    head_epsilon = HEAD_EPSILON
+    seed_linear = staticmethod(seed_linear)
+    volume_bounds = staticmethod(volume_bounds)
+    head_activation_rule = staticmethod(head_activation_rule)
 
     def check_value(self, name: str, value: Any, path: str) -> None:
         _check_value(name, value, path)
@@ -727,6 +733,10 @@ class CompositeAdapter(_ZennitAdapter):
         lrp = {BRANCHES: _flag(BRANCHES, "auto")} if spec.axiom == "conservation" else {}
         return {**composite_parameters(spec.name), TRACE: _flag(TRACE), **lrp}
 
+    def streams(self, spec: MethodSpec) -> str | None:
+        """The streamed algorithm of global patch mode: every composite that conserves relevance."""
+        return None if spec.name in NO_CANONIZERS else "zennit_lrp"
+
     def run(self, spec: MethodSpec, call: Call):
         from esegeta.attribution.rules import BRANCHES
 
@@ -743,6 +753,10 @@ class AttributorAdapter(_ZennitAdapter):
 
     def parameters(self, spec: MethodSpec) -> Mapping[str, inspect.Parameter]:
         return attributor_parameters(spec.name)
+
+    def streams(self, spec: MethodSpec) -> str | None:
+        """The streamed algorithm of global patch mode (used without a composite, trace or noise tunnel)."""
+        return {"Gradient": "zennit_gradient", "IntegratedGradients": "zennit_integrated_gradients"}.get(spec.name)
 
     def run(self, spec: MethodSpec, call: Call):
         import torch
@@ -878,5 +892,3 @@ for _name in composite_names():
                    defaults=INPUT_DEFAULTS if _name == "EpsilonGammaBox" else None, quick=_QUICK.get(_name))
 for _name, (_reference, _, _passes, _axiom) in ATTRIBUTORS.items():
     _zennit_method(_name, ATTRIBUTOR_ADAPTER, _reference, _passes, _axiom, quick=_ATTRIBUTOR_QUICK.get(_name))
-# Global patch mode streams the composites and the plain attributors (esegeta.attribution.streamed).
-streamed.register_zennit(sys.modules[__name__])

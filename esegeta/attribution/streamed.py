@@ -57,7 +57,7 @@ def run(spec: MethodSpec, call: Call, *, network: nn.Module | None = None, sampl
     substitutes' trace never runs a stitched output at the volume's size. The call is changed in
     place: what reads it after the run (the axiom check's record of how LRP crossed the branches)
     reads the same network (on the stitched model that trace held ~1.5 volumes at 256³)."""
-    algorithm = ALGORITHMS.get(spec.id)
+    algorithm = algorithm_of(spec)
     if network is not None and (algorithm is not None or applies(spec)):
         if sample is not None:
             attention_names(network, sample)  # remembered per network: the whole call's trace reads it
@@ -159,7 +159,7 @@ def zennit_integrated_gradients(column, x5: torch.Tensor, params: dict, nt: dict
 
 def _plain_zennit(params: dict, nt: dict | None) -> bool:
     """A zennit attributor entry without a composite, a trace or a noise tunnel: a plain gradient method."""
-    return nt is None and params.get("composite") is None and not params.get(_zennit().TRACE)
+    return nt is None and params.get("composite") is None and not params.get("trace")
 
 
 def _path_integral(column, x5: torch.Tensor, baseline: torch.Tensor | float, alphas: list[float],
@@ -547,10 +547,10 @@ def lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec: Method
     return _explain_patches(spec, call, column, x5, seeds())
 
 
-def _stabilised(z: torch.Tensor) -> torch.Tensor:
-    """zennit's ε-stabilised denominator (``zennit.core.stabilize``: ``z + ε·sign(z)``, +ε at 0) with
+def _stabilised(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """zennit's ε-stabilised denominator (``zennit.core.stabilize``: ``z + ε·sign(z)``, +ε at 0), with
     the ε its adapter gives the wrapper's masked sum."""
-    return z + ((z == 0).to(z) + z.sign()) * _zennit().HEAD_EPSILON
+    return z + ((z == 0).to(z) + z.sign()) * epsilon
 
 
 def _zennit_relevance(column, out: torch.Tensor, region: tuple[slice, ...], score: torch.Tensor, rule
@@ -585,15 +585,17 @@ def zennit_lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec:
     call's (:func:`esegeta.adapters.zennit.seed_linear`: not the ReLU rules that clip its sign, not
     ``trace``). The z^B rule's default bounds are the whole input's
     (:func:`esegeta.adapters.zennit.volume_bounds`)."""
-    if nt is not None or not _zennit().seed_linear(call.params):
+    zennit = spec.adapter  # esegeta.adapters.zennit's composite adapter (above this module: read, not imported)
+    if nt is not None or not zennit.seed_linear(call.params):
         return None
-    call = dataclasses.replace(call, params=_zennit().volume_bounds(spec.name, call.params, call.inputs))
-    rule = _zennit().head_activation_rule(spec.name, call.params, call, column.score.activation)
+    call = dataclasses.replace(call, params=zennit.volume_bounds(spec.name, call.params, call.inputs))
+    rule = zennit.head_activation_rule(spec.name, call.params, call, column.score.activation)
     grid, stitched, per_call = column.grid, column.stitched, _patches_per_call(column)
 
     def seeds():
         if column.separable:  # each voxel's relevance from its one patch's output, in the upstream's forward
-            score = _stabilised(call.forward.unperturbed[0].index_select(0, column.index).to(x5.dtype))
+            score = _stabilised(call.forward.unperturbed[0].index_select(0, column.index).to(x5.dtype),
+                                 zennit.head_epsilon)
             for chunk in grid.chunks(per_call):
                 yield chunk, lambda y, chunk=chunk: torch.cat([
                     _zennit_relevance(column, y[i:i + 1], grid.slices(loc), score, rule)
@@ -603,7 +605,7 @@ def zennit_lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec:
                                x5.device, per_call)
         window, total = stitched.weights(x5.device)
         slabs = list(_slabs(out, int(grid.size[0])))
-        score = _stabilised(sum(column.value(out[slab], slab) for slab in slabs))
+        score = _stabilised(sum(column.value(out[slab], slab) for slab in slabs), zennit.head_epsilon)
         for slab in slabs:
             out[slab] = _zennit_relevance(column, out[slab], slab, score, rule) / total[slab[2:]]
         for chunk in grid.chunks(per_call):
@@ -612,27 +614,52 @@ def zennit_lrp(column, x5: torch.Tensor, params: dict, nt: dict | None, *, spec:
     return _explain_patches(spec, call, column, x5, seeds())
 
 
+def algorithm_of(spec: MethodSpec) -> Callable[..., torch.Tensor | None] | None:
+    """The streamed algorithm that computes ``spec`` in global mode, or None (its adapter runs it on
+    the stitched model): Captum's by id (:data:`ALGORITHMS`), a library's where its adapter names one
+    (its ``streams(spec)``, e.g. zennit's LRP composites: :data:`LIBRARY_ALGORITHMS`)."""
+    found = ALGORITHMS.get(spec.id)
+    streams = getattr(spec.adapter, "streams", None)
+    return found if found is not None or streams is None else LIBRARY_ALGORITHMS.get(streams(spec))
+
+
 def covers(spec: MethodSpec, params: Mapping[str, Any], noise_tunnel: Mapping[str, Any] | None) -> bool:
     """Whether global mode computes ``spec`` with ``params`` as a streamed algorithm here (as far as
     the request tells before the run; the algorithms may still hand a call to the adapter)."""
-    if spec.id not in ALGORITHMS:
+    algorithm = algorithm_of(spec)
+    if algorithm is None:
         return False
-    if ALGORITHMS[spec.id] is zennit_lrp:
-        return noise_tunnel is None and _zennit().seed_linear(params)
+    if algorithm is zennit_lrp:
+        return noise_tunnel is None and spec.adapter.seed_linear(params)
     if spec.library.name == "zennit":
         return _plain_zennit(dict(params), noise_tunnel)
     return True
 
 
-#: The methods computed here in global patch mode, by id (the rest go to their adapter); zennit's
-#: join when its adapter loads (:func:`register_zennit`).
-ALGORITHMS: dict[str, Callable[..., torch.Tensor | None]] = {
+def activation_factor(spec: MethodSpec, default: float) -> float:
+    """One patch batch's upstream memory in the patch's forward activations (:data:`ACTIVATION_FACTOR`)."""
+    if spec.id in ACTIVATION_FACTOR:
+        return ACTIVATION_FACTOR[spec.id]
+    return ZENNIT_LRP_FACTOR.get(spec.name, 6.2) if algorithm_of(spec) is zennit_lrp else default
+
+
+#: The methods computed here in global patch mode, by id (the rest go to their adapter, but for
+#: :data:`LIBRARY_ALGORITHMS`).
+ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
     "captum.IntegratedGradients": integrated_gradients,
     "captum.Saliency": _gradient_method(_saliency, linear=False),
     "captum.InputXGradient": _gradient_method(_input_x_gradient, linear=True),
     "captum.Occlusion": occlusion,
     "captum.DeepLift": deeplift,
     "captum.LRP": lrp,
+}
+#: The streamed algorithms an adapter names for its methods (``adapter.streams(spec)``): zennit's
+#: LRP composites (every composite that conserves relevance, not the gradient-modifying ones), its
+#: ``Gradient`` and ``IntegratedGradients`` attributors without a composite.
+LIBRARY_ALGORITHMS: Mapping[str, Callable[..., torch.Tensor | None]] = {
+    "zennit_lrp": zennit_lrp,
+    "zennit_gradient": _plain_zennit_only(_gradient_method(_gradient, linear=True)),
+    "zennit_integrated_gradients": zennit_integrated_gradients,
 }
 #: Methods whose upstream cannot run on the stitched model, with the reason: global mode needs the
 #: streamed algorithm for them (:func:`esegeta.attribution.patcher.check_global`).
@@ -651,31 +678,9 @@ BLENDED_ROWS: Mapping[str, int] = {"captum.DeepLift": 2}
 #: LRP 114 MiB for 37 MiB of activations). zennit's composites keep each hooked layer's input and
 #: output and run a modified forward per rule term (one 64³ patch: EpsilonPlus 132 MiB, EpsilonAlpha2Beta1
 #: 211, EpsilonGammaBox 227: z^B's three passes on the first layer); composites of rule maps: the largest.
-ACTIVATION_FACTOR: dict[str, float] = {"captum.DeepLift": 5.0, "captum.LRP": 3.1}
+ACTIVATION_FACTOR: Mapping[str, float] = {"captum.DeepLift": 5.0, "captum.LRP": 3.1}
+#: zennit's LRP composites by name (6.2 where not listed).
+ZENNIT_LRP_FACTOR: Mapping[str, float] = {"EpsilonPlus": 3.6, "EpsilonPlusFlat": 3.6, "ExcitationBackprop": 3.6,
+                                          "EpsilonAlpha2Beta1": 5.8, "EpsilonAlpha2Beta1Flat": 5.8}
 #: The algorithms that call the method's upstream per patch (they get its spec and call).
 _PER_PATCH_UPSTREAM = (deeplift, lrp, zennit_lrp)
-
-
-#: The adapters above this module that streamed algorithms consult, by library name (the package
-#: order forbids importing them here): each registers itself when it loads.
-_ADAPTERS: dict[str, Any] = {}
-
-
-def _zennit() -> Any:
-    """zennit's adapter module (:mod:`esegeta.adapters.zennit`): its seed rules, bounds and head rule."""
-    return _ADAPTERS["zennit"]
-
-
-def register_zennit(adapter: Any) -> None:
-    """Called by :mod:`esegeta.adapters.zennit` when it loads: zennit's LRP composites (every
-    composite that conserves relevance: not the gradient-modifying ones), its ``Gradient`` and its
-    ``IntegratedGradients`` join :data:`ALGORITHMS`, with their memory factors."""
-    _ADAPTERS["zennit"] = adapter
-    for name in adapter.composite_names():
-        ACTIVATION_FACTOR[f"zennit.{name}"] = 6.2
-        if name not in adapter.NO_CANONIZERS:
-            ALGORITHMS[f"zennit.{name}"] = zennit_lrp
-    ACTIVATION_FACTOR.update({"zennit.EpsilonPlus": 3.6, "zennit.EpsilonPlusFlat": 3.6, "zennit.ExcitationBackprop": 3.6,
-                              "zennit.EpsilonAlpha2Beta1": 5.8, "zennit.EpsilonAlpha2Beta1Flat": 5.8})
-    ALGORITHMS["zennit.Gradient"] = _plain_zennit_only(_gradient_method(_gradient, linear=True))
-    ALGORITHMS["zennit.IntegratedGradients"] = zennit_integrated_gradients

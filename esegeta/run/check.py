@@ -476,7 +476,7 @@ def planned_peak(forward: _Forward, x: torch.Tensor, batch: int, patch: Any = No
     if held is None:
         held = VOLUME_COPIES * input_bytes + output_bytes
     else:  # one recomputed patch batch at a time: its saved activations, gradients one layer at a time
-        activations = activations / 2 * streamed.ACTIVATION_FACTOR.get(request.spec.id, STREAMED_ACTIVATIONS)
+        activations = activations / 2 * streamed.activation_factor(request.spec, STREAMED_ACTIVATIONS)
     return int(activations + forward.weight_bytes + held)
 
 
