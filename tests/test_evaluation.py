@@ -233,6 +233,9 @@ def test_python_evaluate_on_tensors_and_labels_need_a_method_to_reexplain():
     result = esegeta.evaluate(model, x, {"captum.IntegratedGradients": attr, "random": noise}, ["deletion"])
     assert result.value("captum.IntegratedGradients", "deletion") < result.value("random", "deletion")
     assert result.summary.order[0] == "captum.IntegratedGradients"
+    n = x.shape[0]
+    assert repr(result).startswith(f"Evaluation({2 * n} values: 2 method(s) × {n} input(s) × 1 metric(s)")
+    assert len(repr(result)) < 200  # one line, not every curve
     with pytest.raises(esegeta.ConfigError, match="methods.random"):
         esegeta.evaluate(model, x, {"random": noise}, ["random_logit"])
 

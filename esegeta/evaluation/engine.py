@@ -92,6 +92,13 @@ class Evaluation:
         """The ranking and the Kendall τ matrix as Markdown."""
         return self.summary.markdown()
 
+    def __repr__(self) -> str:
+        """A line a console can show (the curves hold an array per method, input and metric)."""
+        count = lambda key: len({r[key] for r in self.rows})  # noqa: E731
+        return (f"Evaluation({len(self.rows)} values: {count('label')} method(s) × {count('input')} input(s) × "
+                f"{count('metric')} metric(s), {len(self.curves)} curve(s), {len(self.skipped)} skipped, "
+                f"{self.seconds:.1f} s; .rows, .value(label, metric), .table())")
+
     def value(self, label: str, metric_id: str, input_name: str | None = None) -> float:
         """The value of (method label, metric) on ``input_name`` (or the mean over inputs)."""
         values = [r["value"] for r in self.rows if r["label"] == label and r["metric"] == metric_id
