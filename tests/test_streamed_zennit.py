@@ -24,6 +24,10 @@ FIRST_ZBOX = {"layer_map": {"Convolution": {"rule": "epsilon", "epsilon": 0.25},
                             "Activation": "pass"},
               "first_map": {"Convolution": "zbox"}}
 
+#: 2D patch grids (a 16×12 input): tiling, in batches of two, and overlapping with Hann blending
+PATCHES_2D = [{"size": [8, 6], "overlap": [0, 0], "mode": "global", "batch_size": 2},
+              {"size": [8, 6], "overlap": [4, 2], "mode": "global", "blend": "hann"}]
+
 
 def _no_fallback(monkeypatch) -> None:
     no_streamed_fallback(monkeypatch, "the adapter")
@@ -75,9 +79,7 @@ def test_streamed_zennit_equals_unpatched_on_a_pointwise_model(wrapper, patch, m
     torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
 
 
-@pytest.mark.parametrize("patch", [{"size": [8, 6], "overlap": [0, 0], "mode": "global", "batch_size": 2},
-                                   {"size": [8, 6], "overlap": [4, 2], "mode": "global", "blend": "hann"}],
-                         ids=["tiled", "overlapping"])
+@pytest.mark.parametrize("patch", PATCHES_2D, ids=["tiled", "overlapping"])
 def test_streamed_zennit_on_a_2d_input(patch, monkeypatch):
     """2D inputs (volumes of depth 1): a pointwise model, EpsilonGammaBox (the whole input's bounds)."""
     torch.manual_seed(1)
@@ -193,9 +195,7 @@ def test_streamed_zennit_attributors_equal_zennit_on_the_stitched_model(method, 
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * float(theirs.abs().max()))
 
 
-@pytest.mark.parametrize("patch", [{"size": [8, 6], "overlap": [0, 0], "mode": "global", "batch_size": 2},
-                                   {"size": [8, 6], "overlap": [4, 2], "mode": "global", "blend": "hann"}],
-                         ids=["tiled", "overlapping"])
+@pytest.mark.parametrize("patch", PATCHES_2D, ids=["tiled", "overlapping"])
 def test_streamed_zennit_integrated_gradients_on_a_2d_input(patch, monkeypatch):
     """2D: the blur baseline is the 2D input's (not of a volume of depth 1)."""
     torch.manual_seed(1)
