@@ -277,6 +277,35 @@ def test_metrics_of_one_evaluation_share_the_unperturbed_pass():
             assert results[2].value(label, metric_id) == pytest.approx(alone.value(label, metric_id), rel=1e-5, abs=1e-6)
 
 
+def test_random_logit_reexplains_all_inputs_at_once_each_drawing_its_own_class():
+    """Random logit re-explains every input of a method in one batched call (not one call per input),
+    and an input's value does not depend on the inputs scored with it: each row draws its other
+    class from its own seed, as it would scored alone."""
+    from samples.models import DigitResNet
+
+    class CountingDigits(DigitResNet):
+        batches: list[int] = []  # a class attribute: the engine's prepared copies count here too
+
+        def forward(self, x):
+            type(self).batches.append(x.shape[0])
+            return super().forward(x)
+
+    model, x = _digits_model_and_inputs()
+    counting = CountingDigits()
+    counting.load_state_dict(model.state_dict())
+    counting.eval()
+    x = x[:3]
+    saliency = esegeta.explain(counting, x, "captum.Saliency", "predicted")
+    CountingDigits.batches = []
+    three = esegeta.evaluate(counting, x, {"captum.Saliency": saliency}, ["random_logit"])
+    assert 3 in CountingDigits.batches  # the three re-explanations in one forward
+    assert CountingDigits.batches.count(1) <= 3  # the predicted targets' passes, input by input; no other
+    two = esegeta.evaluate(counting, x[:2], {"captum.Saliency": saliency[:2]}, ["random_logit"])
+    for i in range(2):
+        assert two.value("captum.Saliency", "random_logit", f"input{i}") == \
+            three.value("captum.Saliency", "random_logit", f"input{i}")
+
+
 def test_quantus_scores_esegeta_methods_through_explain_func():
     from esegeta.evaluation.quantus import explain_func
 

@@ -489,17 +489,23 @@ def test_inference_copy_does_not_trace_user_code_or_hooked_models():
 def test_evaluate_scores_on_the_inference_copy_or_on_the_model_alike(monkeypatch):
     """``esegeta.evaluate`` (the engine) scores on one folded copy per evaluation by default, also with
     per-input targets; ``inference_copy=False`` scores with the model itself; the values agree and the
-    user's model keeps its BatchNorms."""
+    user's model keeps its BatchNorms. No copy is made where it would not pay off: inputs smaller than
+    3x128² values, or fewer than 16 passes in all."""
     import esegeta
     from esegeta.evaluation import base
 
     made = []
     monkeypatch.setattr(base, "inference_copy", lambda model, make=base.inference_copy: made.append(1) or make(model))
     model = _conv_bn_net().eval()
-    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    small = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    metrics = [{"id": "deletion", "params": {"steps": 6}}, {"id": "road", "params": {"percentages": [30, 70]}}]
+    esegeta.evaluate(model, small, {"a": torch.randn(small.shape)}, metrics)
+    assert not made  # small inputs: the model itself is as fast
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
     maps = {"a": torch.randn(x.shape, generator=torch.Generator().manual_seed(6))}
-    metrics = [{"id": "deletion", "params": {"steps": 4}}, {"id": "road", "params": {"percentages": [30, 70]}}]
-    folded = esegeta.evaluate(model, x, maps, metrics)
+    esegeta.evaluate(model, x, maps, ["sparseness"])
+    assert not made  # no forward pass to speed up
+    folded = esegeta.evaluate(model, x, maps, metrics)  # 2 inputs x (7 + 2) passes
     assert len(made) == 1
     esegeta.evaluate(model, x, maps, metrics, target=[0, 1])
     assert len(made) == 2

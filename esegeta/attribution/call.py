@@ -183,9 +183,12 @@ def find_layer(model: PreparedModel, name: str, where: str = "layer", spec: Meth
 def resolve_target(forward: nn.Module, x: torch.Tensor, target: Any, where: str = "target",
                    check: bool = False) -> Any:
     """``"predicted"`` → the argmax column per input; an index is checked against the output
-    width (for a plain model only when ``check``: that costs a forward pass)."""
+    width (for a plain model only when ``check``: that costs a forward pass); a :class:`Target` is
+    one the caller resolved and checked (its classes, no forward pass)."""
     if target is None:
         return None
+    if isinstance(target, Target):  # resolved by the caller (an evaluation's re-explanations): as it is
+        return target.index(x.device)
     if torch.is_tensor(target):  # one index per input (from Python)
         scores = _scores(forward, x)
         if torch.is_tensor(scores) and scores.ndim == 2 and int(target.max()) >= scores.shape[1]:

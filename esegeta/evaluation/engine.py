@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,14 +233,16 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     scoring, its method the re-explanations); ``masks`` ground truth per input name;
     ``method_ids`` names a label's method where its request does not (Python, unknown method).
     ``inference_copy``: requests without wrapper and patch are scored on the CPU by one
-    :func:`esegeta.evaluation.base.inference_copy` of the model per evaluation (kept in ``copies``,
-    device -> copy, where given: one copy for several calls), else by the prepared model."""
+    :func:`esegeta.evaluation.base.inference_copy` of the model per evaluation where it pays off
+    (:func:`esegeta.evaluation.base.copy_pays_off`; kept in ``copies``, device -> copy, where given:
+    one copy for several calls), else by the prepared model."""
     start = time.perf_counter()
     overrides = overrides or {}
     rows, curves, skipped = [], {}, []
     models: dict[torch.device, nn.Module] = {}
     copies = {} if copies is None else copies
     stacked: dict[tuple, tuple] = {}
+    planned = planned_passes(metrics, attributions, overrides, dict(inputs))
     for name, x in inputs:
         if x.device not in models:
             models[x.device] = model_on_device(model, x.device)
@@ -254,9 +256,9 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
             shared = SharedPasses()  # this input's scores shared by the group's metrics
             fast = None
             if inference_copy and x.device.type == "cpu" and request.wrapper is None and request.patch is None:
-                if x.device not in copies:  # made where first needed, once
-                    copies[x.device] = base.inference_copy(model_here)
-                fast = copies[x.device]  # None where the model cannot be copied: the prepared model scores
+                if x.device not in copies and base.copy_pays_off(x[0].numel(), planned):
+                    copies[x.device] = base.inference_copy(model_here)  # made where first needed, once
+                fast = copies.get(x.device)  # None where not made or not copyable: the prepared model scores
             with numerics.fp32_numerics():
                 forward = scorer(request, model_here, x, base_dir, fast)
                 target = target_of(request, forward, x,
@@ -271,18 +273,33 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
                     if m.spec.stacks_inputs and request.wrapper is None and request.patch is None:
                         key = (m.id, batch[0], json.dumps(params, sort_keys=True, default=str), x.device,
                                tuple(x.shape[1:]), tuple(unit.attribution.shape[1:]), mask is None)
-                        stacked.setdefault(key, (m, params, forward, model_here, name, []))[-1].append(unit)
+                        entry = stacked.setdefault(key, (m, params, forward, model_here, [], []))
+                        entry[-2].append(unit)
+                        entry[-1].append(shared)
                         continue
                     rows += _run_metric(m, params, unit, requests, forward, model_here, base_dir, max_batch,
                                         _seed(seed, m.id, name), curves, method_ids or {}, shared)
                 skipped += [f"{m.id} on {label} ({name}): skipped by evaluation.overrides" for label in group
                             if m.for_method(label, overrides) is None]
-    for m, params, forward, model_here, name, units in stacked.values():  # one call for all inputs of a method
-        rows += _run_metric(m, params, _Rows.stack(units), requests, forward, model_here, base_dir, max_batch,
-                            _seed(seed, m.id, name), curves, method_ids or {})
+    for m, params, forward, model_here, units, shares in stacked.values():  # one call for all inputs of a method
+        unit = _Rows.stack(units)
+        rows += _run_metric(m, params, unit, requests, forward, model_here, base_dir, max_batch,
+                            _seed(seed, m.id, unit.keys[-1][1]), curves, method_ids or {}, SharedPasses.joined(shares),
+                            [_seed(seed, m.id, name) for _, name in unit.keys])
     order = {name: i for i, (name, _) in enumerate(inputs)}
     rows.sort(key=lambda r: order[r["input"]])  # input by input, as the rows of one input came
     return Evaluation(rows, curves, list(metrics), skipped, time.perf_counter() - start)
+
+
+def planned_passes(metrics: Sequence[Metric], attributions: Iterable[tuple[str, str]], overrides,
+                   inputs: Mapping[str, torch.Tensor]) -> int:
+    """The forward passes ``metrics`` will run on the (method label, input name) pairs ``attributions``."""
+    total = 0
+    for label, name in attributions:
+        for m in metrics:
+            params = m.for_method(label, overrides or {})
+            total += 0 if params is None else m.spec.forward_passes(tuple(inputs[name].shape[1:]), params)
+    return total
 
 
 @dataclass
@@ -348,14 +365,16 @@ def _batches(m: Metric, group: list[str], overrides, attrs, wrapped: bool) -> li
 
 
 def _run_metric(m: Metric, params, unit: _Rows, requests, forward, model, base_dir, max_batch, seed, curves,
-                method_ids, shared: SharedPasses | None = None) -> list[dict[str, Any]]:
-    """One metric on the rows of ``unit`` (methods of one input, or one method on several inputs),
-    batched: their rows (curves into ``curves``)."""
+                method_ids, shared: SharedPasses | None = None,
+                row_seeds: list[int] | None = None) -> list[dict[str, Any]]:
+    """One metric on the rows of ``unit`` (methods of one input, or one method on several inputs,
+    each row's draws then seeded by ``row_seeds``), batched: their rows (curves into ``curves``)."""
     n = len(unit.keys)
     explain = explainer(requests[unit.keys[0][0]], forward, base_dir, seed) if "explain" in m.spec.needs else None
     ctx = Context(forward=forward, model=model if "model" in m.spec.needs else None, explain=explain,
                   copy=None if explain is None else explain.copy, mask=unit.mask,
-                  generator=torch.Generator().manual_seed(seed), max_batch=max_batch, seed=seed, shared=shared)
+                  generator=torch.Generator().manual_seed(seed), max_batch=max_batch, seed=seed, shared=shared,
+                  row_seeds=row_seeds)
     passes = m.spec.forward_passes(tuple(unit.x.shape[1:]), params)
     base = [{"label": label, "method": method_ids.get(label, requests[label].spec.id), "input": name, "metric": m.id,
              "group": m.spec.group, "higher_is_better": m.spec.better_higher(params), "forward_passes": passes}
@@ -444,8 +463,13 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     saved = {(label, names[i]): _one_map(label, a, i, x) for label, a in attributions.items()
              for i in range(x.shape[0])}
     given_masks = None if masks is None else {names[i]: _one_mask(masks, i) for i in range(x.shape[0])}
+    copies: dict[torch.device, nn.Module | None] = {}  # one copy for all the scorings
+    if inference_copy and targets is not None and device.type == "cpu" and wrapper is None and patch is None and \
+            base.copy_pays_off(x[0].numel(), planned_passes(configured_metrics, saved, overrides,
+                                                            {n: x[i:i + 1] for i, n in enumerate(names)})):
+        copies[device] = base.inference_copy(model)  # input by input below: made here, for all of them
     options = dict(overrides=overrides, masks=given_masks, max_batch=max_batch, seed=seed,
-                   inference_copy=inference_copy, copies={})  # one copy for all the scorings
+                   inference_copy=inference_copy, copies=copies)
     if targets is None:
         requests, method_ids = _requests(attributions, methods, configured_metrics, target, wrapper, patch)
         result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,

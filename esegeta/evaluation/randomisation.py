@@ -178,8 +178,9 @@ def efficient_mprt(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor,
 
 
 def off_targets(ctx: Context, target: Tensor, num_classes: int) -> Tensor:
-    """A class other than the target for each input, uniformly drawn from the context's generator."""
-    draw = ctx.randint(num_classes - 1, target.shape, target.device)
+    """A class other than the target for each input, uniformly drawn from the context's generator (each
+    row from its own where the engine stacked inputs: :meth:`Context.randint_rows`)."""
+    draw = ctx.randint_rows(num_classes - 1, target.shape[0], target.device)
     return draw + (draw >= target).to(draw.dtype)
 
 
@@ -188,8 +189,8 @@ def random_logit(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor, *
     """Random logit (Sixt et al. 2020): the similarity between the attribution and the explanation of
     a randomly chosen other class (``num_classes`` defaults to the number of scores the forward
     returns) (lower is better: the explanation is class-specific)."""
-    if num_classes is None:
-        num_classes = int(ctx.scores(x[:1]).shape[1])
+    if num_classes is None:  # the unperturbed input's scores, computed once per evaluation
+        num_classes = int(ctx.reference_scores(x[:1]).shape[1])
     if num_classes < 2:
         raise ConfigError("params.num_classes", f"random logit needs at least 2 classes, got {num_classes}")
     return random_logit_for(ctx, x, attribution, target, off_targets(ctx, target, num_classes), similarity, abs)
@@ -222,7 +223,7 @@ for _spec in (
     MetricSpec("random_logit", "randomisation", "Sixt, Granz, Landgraf 2020, When Explanations Lie: Why Many "
                "Modified BP Attributions Fail (ICML)", random_logit, keyword_defaults(random_logit),
                higher_is_better=False, needs={"model", "explain"}, explanations=lambda p, layers: 1,
-               passes=lambda p, s: 1 if p["num_classes"] is None else 0,
+               passes=lambda p, s: 1 if p["num_classes"] is None else 0, stacks_inputs=True,
                summary="similarity to the explanation of a random other class (one re-explanation)"),
 ):
     register(dataclasses.replace(_spec, rules=RULES))

@@ -31,6 +31,7 @@ from esegeta.attribution import numerics, scheduling, wrappers
 from esegeta.attribution.call import resolve_target
 from esegeta.attribution.prepare import prepare, prepared
 from esegeta.spec.request import Request
+from esegeta.spec.targets import Target
 from esegeta.attribution.patcher import Grid, Stitched
 from esegeta.attribution.explainer import run
 
@@ -132,7 +133,8 @@ class Explainer:
     :meth:`copy` gives a prepared copy of a model that ``explain`` takes as it is: the
     randomisation metrics randomise that one copy in place, layer after layer, so no
     re-explanation prepares a model again (a changed model would be re-prepared: a deep copy and
-    a forward each time)."""
+    a forward each time). Inputs explained for different classes go through one call, each row with
+    its own class, where the request has no wrapper or patch (else one call per class)."""
 
     def __init__(self, request: Request, forward: Scorer | None = None, base_dir: Path | None = None, seed: int = 0):
         self.request, self.base_dir, self.seed = request, base_dir, seed
@@ -153,6 +155,13 @@ class Explainer:
         target = torch.as_tensor(target).reshape(-1).expand(x.shape[0]).tolist()
         ready = prepared(model, self._example(x))
         kw = {"build_wrapper": self._same_region} if self.frozen is not None else {}
+        if self.frozen is None and self.request.patch is None and len(set(target)) > 1:
+            # one call for the batch, each row its own class (random logit's other classes)
+            resolved = Target(torch.tensor(target, device=x.device), len(target))
+            with numerics.fp32_numerics(), scheduling.JobRandomness(self.seed, self.request.spec.uses_global_rng):
+                result = run(self.request.replace(target=resolved), ready, x.detach(), base_dir=self.base_dir,
+                             samples=x.detach()).result
+            return as_input_attribution(result, x)
         out: list[torch.Tensor | None] = [None] * x.shape[0]
         for t in sorted(set(target)):
             rows = [i for i, v in enumerate(target) if v == t]
