@@ -70,9 +70,8 @@ def _plain_forward(model: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def channels_last(x: Tensor) -> Tensor:
-    """``x`` (N, C, *S) stored channels last on the CPU, where oneDNN's convolutions take it 1.3-1.5x
-    faster than the default layout (torchvision resnet18 at 224², one thread); the values and the
-    logical shape are unchanged, and the model is left as it is. Elsewhere ``x`` as it is."""
+    """``x`` (N, C, *S) stored channels last on the CPU (the values and the logical shape unchanged),
+    the layout of :func:`inference_copy`'s weights. Elsewhere, or with one channel, ``x`` as it is."""
     if x.device.type != "cpu" or x.dim() not in (4, 5) or x.shape[1] == 1:
         return x
     return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
@@ -93,10 +92,12 @@ log = logging.getLogger("esegeta")
 def inference_copy(model: nn.Module) -> nn.Module | None:
     """An evaluation-only copy of ``model`` for the metrics' no-grad forward passes on the CPU, made
     once per evaluation: in eval mode, every BatchNorm that only follows a convolution folded into
-    it (``torch.fx``'s ``fuse``, PyTorch's own inference fusion) and the 4-d weights stored
-    channels last, the layout oneDNN's convolutions run fastest (torchvision resnet18 at 224², one
-    thread: 1.15-1.2x the channels-last input alone, ~1.7x the default layout; values within 1e-6
-    relative). It costs one more copy of the weights. A model with hooks (which a traced copy
+    it (``torch.fx``'s ``fuse``, PyTorch's own inference fusion), its convolution weights and the
+    inputs it is given stored channels last (:class:`ChannelsLastInput`), the layout oneDNN's
+    convolutions run fastest (torchvision resnet18 at 224², one thread: 1.15-1.2x the channels-last
+    input alone, ~1.4x the default layout; a MONAI 3D UNet at 64³ 1.14x; values within 1e-6
+    relative). A channels-last input to a model whose weights are not is slower: 2.3x at 64², batch
+    1, so only the copy takes its inputs so. It costs one more copy of the weights. A model with hooks (which a traced copy
     would lose), with a module whose code is not from :data:`TRACED_PACKAGES`, or whose forward
     cannot be traced is copied without folding. None where ``deepcopy`` refuses the model (tensors
     of an autograd graph in its attributes): the caller scores with the model itself then. The
@@ -112,9 +113,22 @@ def inference_copy(model: nn.Module) -> nn.Module | None:
         except UNTRACEABLE as exc:
             log.debug("evaluation copy left unfolded: the model cannot be traced (%s: %s)", type(exc).__name__, exc)
     for tensor in (*ready.parameters(), *ready.buffers()):
-        if tensor.dim() == 4:
-            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-    return ready
+        if tensor.dim() in (4, 5):
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last if tensor.dim() == 4
+                                                 else torch.channels_last_3d)
+    return ChannelsLastInput(ready).eval()
+
+
+class ChannelsLastInput(nn.Module):
+    """``module`` called with its input stored channels last (:func:`channels_last`): the inference
+    copy, whose weights are."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(channels_last(x))
 
 
 #: Values per input from which :func:`inference_copy` scores faster than the model itself, and the
@@ -244,9 +258,8 @@ class Context:
 
     # ----------------------------------------------------------------- forward
     def scores(self, x: Tensor) -> Tensor:
-        """(N, K) scores of a stacked batch, the forward run in chunks of :meth:`batch` inputs, each
-        chunk in the channels-last layout on the CPU (:func:`channels_last`)."""
-        return torch.cat([self.forward(channels_last(chunk)) for chunk in x.split(self.batch(x))])
+        """(N, K) scores of a stacked batch, the forward run in chunks of :meth:`batch` inputs."""
+        return torch.cat([self.forward(chunk) for chunk in x.split(self.batch(x))])
 
     def batch(self, x: Tensor) -> int:
         """Inputs per forward call for inputs like ``x``'s rows: ``max_batch``; where it was not given,
