@@ -242,8 +242,8 @@ def test_python_evaluate_on_tensors_and_labels_need_a_method_to_reexplain():
 
 def test_metrics_of_one_evaluation_share_the_unperturbed_pass():
     """Deletion and region perturbation evaluated together score each input's unperturbed input once
-    (the predicted target's pass) and deletion's emptied input once, whatever the number of maps; the
-    values are those of each metric evaluated alone."""
+    (the predicted target's pass) and deletion's emptied input (the same for every input) once in all,
+    whatever the number of maps; the values are those of each metric evaluated alone."""
     from samples.models import DigitResNet
 
     class CountingDigits(DigitResNet):
@@ -269,18 +269,20 @@ def test_metrics_of_one_evaluation_share_the_unperturbed_pass():
         results.append(esegeta.evaluate(counting, x, maps, metrics))
         counts.append(CountingDigits.rows)
     perturbed = {"deletion": 2 * (4 - 1), "region_perturbation": 2 * 4}  # two maps' rows per step depending on a map
-    unperturbed, emptied = 1, 1  # once per input: the predicted target's pass is deletion's first step, region's reference
-    assert counts == [2 * (unperturbed + perturbed["deletion"] + emptied), 2 * (unperturbed + perturbed["region_perturbation"]),
-                      2 * (unperturbed + perturbed["deletion"] + emptied + perturbed["region_perturbation"])]
+    unperturbed = 1  # once per input: the predicted target's pass is deletion's first step, region's reference
+    emptied = 1  # deletion's last step, the all-zero image: the same for both inputs, scored once in all
+    assert counts == [2 * (unperturbed + perturbed["deletion"]) + emptied, 2 * (unperturbed + perturbed["region_perturbation"]),
+                      2 * (unperturbed + perturbed["deletion"] + perturbed["region_perturbation"]) + emptied]
     for label in maps:
         for metric_id, alone in (("deletion", results[0]), ("region_perturbation", results[1])):
             assert results[2].value(label, metric_id) == pytest.approx(alone.value(label, metric_id), rel=1e-5, abs=1e-6)
 
 
-def test_random_logit_reexplains_all_inputs_at_once_each_drawing_its_own_class():
-    """Random logit re-explains every input of a method in one batched call (not one call per input),
-    and an input's value does not depend on the inputs scored with it: each row draws its other
-    class from its own seed, as it would scored alone."""
+def test_metrics_score_all_inputs_of_a_method_in_one_call_each_input_drawing_its_own_numbers():
+    """The engine stacks the inputs of a method into one metric call: their perturbations go through
+    the model together (deletion's 3 x 4 perturbed inputs in one forward, not 4 per call) and random
+    logit re-explains all of them at once. An input's value does not depend on the inputs beside
+    it: each row draws its random numbers (subsets, noise, baselines, other classes) from its own seed."""
     from samples.models import DigitResNet
 
     class CountingDigits(DigitResNet):
@@ -297,13 +299,21 @@ def test_random_logit_reexplains_all_inputs_at_once_each_drawing_its_own_class()
     x = x[:3]
     saliency = esegeta.explain(counting, x, "captum.Saliency", "predicted")
     CountingDigits.batches = []
-    three = esegeta.evaluate(counting, x, {"captum.Saliency": saliency}, ["random_logit"])
+    esegeta.evaluate(counting, x, {"captum.Saliency": saliency}, [{"id": "deletion", "params": {"steps": 4}}])
+    assert 3 * 3 in CountingDigits.batches  # steps 1-3 of the three inputs (step 0 is the target's pass)
+    CountingDigits.batches = []
+    esegeta.evaluate(counting, x, {"captum.Saliency": saliency}, ["random_logit"])
     assert 3 in CountingDigits.batches  # the three re-explanations in one forward
-    assert CountingDigits.batches.count(1) <= 3  # the predicted targets' passes, input by input; no other
-    two = esegeta.evaluate(counting, x[:2], {"captum.Saliency": saliency[:2]}, ["random_logit"])
-    for i in range(2):
-        assert two.value("captum.Saliency", "random_logit", f"input{i}") == \
-            three.value("captum.Saliency", "random_logit", f"input{i}")
+    drawing = ["random_logit", {"id": "faithfulness_correlation", "params": {"nr_runs": 4, "subset_size": 8}},
+               {"id": "region_perturbation", "params": {"patch_size": 2, "regions_evaluation": 3}},
+               {"id": "road", "params": {"percentages": [30, 60]}}, {"id": "infidelity", "params": {"n_perturbations": 4}},
+               {"id": "deletion", "params": {"steps": 4, "order": "random"}}]
+    three = esegeta.evaluate(counting, x, {"captum.Saliency": saliency}, drawing)
+    two = esegeta.evaluate(counting, x[:2], {"captum.Saliency": saliency[:2]}, drawing)
+    for metric_id in ("random_logit", "faithfulness_correlation", "region_perturbation", "road", "infidelity", "deletion"):
+        for i in range(2):
+            assert two.value("captum.Saliency", metric_id, f"input{i}") == \
+                pytest.approx(three.value("captum.Saliency", metric_id, f"input{i}"), rel=1e-6, abs=1e-7), metric_id
 
 
 def test_quantus_scores_esegeta_methods_through_explain_func():

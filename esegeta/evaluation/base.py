@@ -155,15 +155,17 @@ def _traceable(module: nn.Module) -> bool:
 class SharedPasses:
     """Scores of inputs already sent through one forward, shared by the metrics of one evaluation.
 
-    The engine keeps one per input and scoring, so the unperturbed input's scores (which most
-    faithfulness metrics compare with, and the predicted target reads) and the perturbed inputs
-    that are the same for several metrics (an input wholly replaced by its baseline) cost one
-    pass per input, not one per metric. An entry is found by value (``torch.equal``), so scores
-    are never given to another input; at most ``limit`` entries are kept (the oldest dropped)."""
+    The engine keeps one per scoring (per input with a wrapper, whose frozen regions are that
+    input's), so the unperturbed input's scores (which most faithfulness metrics compare with, and
+    the predicted target reads) and the perturbed inputs that are the same for several metrics (an
+    input wholly replaced by its baseline) cost one pass per input, not one per metric, and once in
+    all where several inputs have it. An entry is found by value (``torch.equal``), so scores are never
+    given to another input; at most ``limit`` entries are kept (the oldest dropped)."""
 
     def __init__(self, limit: int = 8):
         self.limit = limit
-        self._entries: list[tuple[tuple, Tensor, Tensor]] = []
+        self._entries: dict[tuple, list[tuple[Tensor, Tensor]]] = {}  # by a sketch of the row
+        self._count = 0
 
     @staticmethod
     def _key(row: Tensor) -> tuple:
@@ -172,23 +174,21 @@ class SharedPasses:
 
     def get(self, row: Tensor) -> Tensor | None:
         """The (K,) scores of ``row`` (C, *S) if an equal input was scored, else None."""
-        key = self._key(row)
-        for k, kept, scores in self._entries:
-            if k == key and torch.equal(kept, row):
+        for kept, scores in self._entries.get(self._key(row), ()):
+            if torch.equal(kept, row):
                 return scores
         return None
 
-    @classmethod
-    def joined(cls, parts: list[SharedPasses]) -> SharedPasses:
-        """One store holding the entries of ``parts`` (the inputs a stacked metric call scores together)."""
-        joined = cls(limit=max(1, sum(p.limit for p in parts)))
-        joined._entries = [entry for p in parts for entry in p._entries]
-        return joined
-
     def put(self, row: Tensor, scores: Tensor) -> None:
         """Keep the (K,) ``scores`` of ``row`` (C, *S)."""
-        self._entries.append((self._key(row), row.detach().clone(), scores.detach()))
-        del self._entries[:-self.limit]
+        self._entries.setdefault(self._key(row), []).append((row.detach().clone(), scores.detach()))
+        self._count += 1
+        while self._count > self.limit:
+            oldest = next(iter(self._entries))
+            self._entries[oldest].pop(0)
+            self._count -= 1
+            if not self._entries[oldest]:
+                del self._entries[oldest]
 
 
 #: Inputs per forward call where ``max_batch`` is not given.
@@ -220,8 +220,9 @@ class Context:
     computed: :meth:`reference_scores` reads and fills it.
     ``use_inference_copy``: where the context makes its forward from ``model`` on the CPU, it scores
     an :func:`inference_copy` of it (made once, here), else the model itself.
-    ``row_seeds``: where the engine stacks several inputs into one call, the seed of each row's
-    own generator (:meth:`randint_rows`), so a row draws what it would draw alone.
+    ``row_seeds``: the seed of each row's own generator (the engine's: one per input, whatever the
+    inputs stacked with it); every draw then has one row per input, each from its row's generator,
+    so a row draws what it would draw alone, in any stack.
     ``generator`` (a seeded CPU generator) drives every random draw: draws are made on it and
     moved to the data's device (:meth:`rand`, :meth:`randn`), or, on an accelerator, made by a
     generator of that device seeded from it.
@@ -238,6 +239,7 @@ class Context:
     use_inference_copy: bool = True
     row_seeds: list[int] | None = None
     _device_generators: dict = field(default_factory=dict, repr=False)
+    _row_contexts: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if self.forward is None:
@@ -301,7 +303,22 @@ class Context:
             self._device_generators[device] = torch.Generator(device=device).manual_seed(seed)
         return self._device_generators[device]
 
+    def _rows(self, shape: tuple[int, ...]) -> list[Context] | None:
+        """One context per row where :attr:`row_seeds` are given (a draw of ``shape`` then has one
+        row per input), else None."""
+        if self.row_seeds is None:
+            return None
+        if not shape or shape[0] != len(self.row_seeds):
+            raise ValueError(f"a draw of shape {shape} in a call stacking {len(self.row_seeds)} inputs: draw one "
+                             "row per input")
+        if not self._row_contexts:
+            self._row_contexts = [Context(forward=self.forward, seed=s) for s in self.row_seeds]
+        return self._row_contexts
+
     def _draw(self, op, shape: tuple[int, ...], device, dtype) -> Tensor:
+        rows = self._rows(shape)
+        if rows is not None:
+            return torch.cat([row._draw(op, (1,) + shape[1:], device, dtype) for row in rows])
         device = torch.device(device)
         generator = self._generator_for(device)
         if generator.device.type == device.type:
@@ -316,36 +333,31 @@ class Context:
         """Standard normal draws of ``shape`` on ``device``, from the context's generator."""
         return self._draw(torch.randn, tuple(shape), device, dtype)
 
-    def stream(self) -> int:
-        """A seed for :meth:`randn_rows`, drawn from the context's generator."""
-        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+    def streams(self, rows: int) -> list[int]:
+        """One seed per row for :meth:`randn_seeded`, drawn from the context's generator (each row's own
+        with :attr:`row_seeds`)."""
+        return self.randint(2**62, (rows,), "cpu").tolist()
 
-    def randn_rows(self, stream: int, rows, shape, device, dtype=torch.float32) -> Tensor:
-        """(len(rows), *shape) standard normal draws where row i depends only on ``stream`` and
-        ``rows[i]``: the same numbers whichever chunk a row is drawn in."""
+    @staticmethod
+    def randn_seeded(seeds, shape, device, dtype=torch.float32) -> Tensor:
+        """(len(seeds), *shape) standard normal draws, row i from a generator seeded with ``seeds[i]``:
+        the same numbers whichever chunk a row is drawn in."""
         device = torch.device(device)
         on = device if device.type not in ("meta",) else torch.device("cpu")
-        out = [torch.randn(tuple(shape), generator=torch.Generator(device=on).manual_seed(stream + int(r)),
-                           device=on, dtype=dtype) for r in rows]
+        out = [torch.randn(tuple(shape), generator=torch.Generator(device=on).manual_seed(int(s)),
+                           device=on, dtype=dtype) for s in seeds]
         return torch.stack(out).to(device)
 
     def randint(self, high: int, shape, device) -> Tensor:
         """Integers in [0, high) of ``shape`` on ``device`` (long), from the context's generator."""
+        rows = self._rows(tuple(shape))
+        if rows is not None:
+            return torch.cat([row.randint(high, (1,) + tuple(shape)[1:], device) for row in rows])
         device = torch.device(device)
         generator = self._generator_for(device)
         if generator.device.type == device.type:
             return torch.randint(high, tuple(shape), generator=generator, device=device)
         return torch.randint(high, tuple(shape), generator=generator).to(device)
-
-
-    def randint_rows(self, high: int, rows: int, device) -> Tensor:
-        """(rows,) integers in [0, high): with :attr:`row_seeds`, row i is the first draw of a context
-        seeded with ``row_seeds[i]`` (what that input draws when scored alone); else :meth:`randint`."""
-        if self.row_seeds is None:
-            return self.randint(high, (rows,), device)
-        if len(self.row_seeds) != rows:
-            raise ValueError(f"{rows} rows, {len(self.row_seeds)} row seeds")
-        return torch.cat([Context(forward=self.forward, seed=s).randint(high, (1,), device) for s in self.row_seeds])
 
 
 def _first_equal_rows(x: Tensor) -> list[int]:
@@ -354,9 +366,13 @@ def _first_equal_rows(x: Tensor) -> list[int]:
         return [0] * x.shape[0]
     flat = x.reshape(x.shape[0], -1)
     sketch = flat[:, :: max(1, flat.shape[1] // 61)].sum(1).tolist()  # compare only rows that may be equal
+    seen: dict[float, list[int]] = {}
     first: list[int] = []
-    for i in range(x.shape[0]):
-        first.append(next((j for j in sorted(set(first)) if sketch[j] == sketch[i] and torch.equal(x[j], x[i])), i))
+    for i, key in enumerate(sketch):
+        same = next((j for j in seen.get(key, ()) if torch.equal(x[j], x[i])), None)
+        if same is None:
+            seen.setdefault(key, []).append(i)
+        first.append(i if same is None else same)
     return first
 
 
@@ -447,11 +463,11 @@ class MetricSpec:
     ``explanations(params, n_layers)`` the re-explanations it costs per input, ``n_layers`` being
     the model's number of randomisable layers (:meth:`explanations_per_input`); ``rules``
     {parameter: :class:`Rule`} what a parameter accepts where its default's type does not say it
-    all (:meth:`with_defaults` checks every parameter given); ``stacks_inputs``: an input's value
-    does not depend on the inputs stacked with it (the metric draws nothing from the context's
-    generator, or draws per row: :meth:`Context.randint_rows`), so the engine scores every input of a
-    method in one call (MPRT: each layer randomised once and re-explained for all inputs together, not
-    once per input; random logit: one batched re-explanation).
+    all (:meth:`with_defaults` checks every parameter given).
+
+    A metric draws random numbers only through the context, one row per input (the engine stacks
+    the inputs of a method into one call and seeds each row's draws by its input:
+    :attr:`Context.row_seeds`), so an input's value does not depend on the inputs beside it.
     """
     id: str
     group: str
@@ -464,7 +480,6 @@ class MetricSpec:
     summary: str = ""
     explanations: Callable[[Mapping[str, Any], int], int] = _no_passes
     rules: Mapping[str, Rule] = field(default_factory=dict)
-    stacks_inputs: bool = False
 
     def __post_init__(self):
         if self.group not in GROUPS:

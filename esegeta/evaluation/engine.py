@@ -242,27 +242,48 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     models: dict[torch.device, nn.Module] = {}
     copies = {} if copies is None else copies
     stacked: dict[tuple, tuple] = {}
-    planned = planned_passes(metrics, attributions, overrides, dict(inputs))
-    for name, x in inputs:
+    stores: dict[str, SharedPasses] = {}  # scores shared across the inputs of an unwrapped scoring
+    by_name = dict(inputs)
+    planned = planned_passes(metrics, attributions, overrides, by_name)
+
+    def forward_for(request, x: torch.Tensor) -> Scorer:
         if x.device not in models:
             models[x.device] = model_on_device(model, x.device)
-        model_here = models[x.device]
+        fast = None
+        if inference_copy and x.device.type == "cpu" and request.wrapper is None and request.patch is None:
+            if x.device not in copies and base.copy_pays_off(x[0].numel(), planned):
+                copies[x.device] = base.inference_copy(models[x.device])  # made where first needed, once
+            fast = copies.get(x.device)  # None where not made or not copyable: the prepared model scores
+        return scorer(request, models[x.device], x, base_dir, fast)
+
+    predicted: dict[tuple, tuple[Any, dict[str, torch.Tensor]]] = {}  # unwrapped scorings, their inputs
+    for label, name in attributions:
+        request = requests[label]
+        if request.wrapper is None and request.patch is None:
+            x = by_name[name]
+            entry = predicted.setdefault((_scoring_key(request), x.device, tuple(x.shape[1:])), (request, {}))
+            entry[1][name] = x
+    for (key, _, _), (request, xs) in predicted.items():
+        store = stores.setdefault(key, SharedPasses(limit=0))
+        store.limit += SharedPasses().limit * len(xs)
+        if request.target == "predicted":  # all inputs' unperturbed scores in batched passes, kept in the store
+            batch = torch.cat(list(xs.values()))
+            with numerics.fp32_numerics():
+                Context(forward=forward_for(request, batch), shared=store, max_batch=max_batch).reference_scores(batch)
+    for name, x in inputs:
         labels = [label for label, n in attributions if n == name]
         groups: dict[str, list[str]] = {}
         for label in labels:
             groups.setdefault(_scoring_key(requests[label]), []).append(label)
         for group in groups.values():
             request = requests[group[0]]
-            shared = SharedPasses()  # this input's scores shared by the group's metrics
-            fast = None
-            if inference_copy and x.device.type == "cpu" and request.wrapper is None and request.patch is None:
-                if x.device not in copies and base.copy_pays_off(x[0].numel(), planned):
-                    copies[x.device] = base.inference_copy(model_here)  # made where first needed, once
-                fast = copies.get(x.device)  # None where not made or not copyable: the prepared model scores
+            stacks = request.wrapper is None and request.patch is None  # the same forward for every input
+            shared = stores[_scoring_key(request)] if stacks else SharedPasses()  # else this input's own
             with numerics.fp32_numerics():
-                forward = scorer(request, model_here, x, base_dir, fast)
+                forward = forward_for(request, x)
                 target = target_of(request, forward, x,
                                    Context(forward=forward, shared=shared, max_batch=max_batch).reference_scores)
+            model_here = models[x.device]
             mask = _mask(masks, name, forward, target, x)
             attrs = {label: as_input_attribution(attributions[(label, name)], x) for label in group}
             for m in metrics:
@@ -270,25 +291,41 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
                     unit = _Rows([(label, name) for label in batch], x.expand(len(batch), *x.shape[1:]),
                                  torch.cat([attrs[label] for label in batch]), target.expand(len(batch)),
                                  None if mask is None else mask.expand(len(batch), *mask.shape[1:]))
-                    if m.spec.stacks_inputs and request.wrapper is None and request.patch is None:
+                    if stacks:
                         key = (m.id, batch[0], json.dumps(params, sort_keys=True, default=str), x.device,
                                tuple(x.shape[1:]), tuple(unit.attribution.shape[1:]), mask is None)
-                        entry = stacked.setdefault(key, (m, params, forward, model_here, [], []))
-                        entry[-2].append(unit)
-                        entry[-1].append(shared)
+                        stacked.setdefault(key, (m, params, forward, model_here, shared, []))[-1].append(unit)
                         continue
                     rows += _run_metric(m, params, unit, requests, forward, model_here, base_dir, max_batch,
-                                        _seed(seed, m.id, name), curves, method_ids or {}, shared)
+                                        [_seed(seed, m.id, name)] * len(batch), curves, method_ids or {}, shared)
                 skipped += [f"{m.id} on {label} ({name}): skipped by evaluation.overrides" for label in group
                             if m.for_method(label, overrides) is None]
-    for m, params, forward, model_here, units, shares in stacked.values():  # one call for all inputs of a method
-        unit = _Rows.stack(units)
-        rows += _run_metric(m, params, unit, requests, forward, model_here, base_dir, max_batch,
-                            _seed(seed, m.id, unit.keys[-1][1]), curves, method_ids or {}, SharedPasses.joined(shares),
-                            [_seed(seed, m.id, name) for _, name in unit.keys])
+    for m, params, forward, model_here, shared, units in stacked.values():  # the inputs of a method stacked
+        for unit in _stacks(units):
+            rows += _run_metric(m, params, unit, requests, forward, model_here, base_dir, max_batch,
+                                [_seed(seed, m.id, name) for _, name in unit.keys], curves, method_ids or {}, shared)
     order = {name: i for i, (name, _) in enumerate(inputs)}
     rows.sort(key=lambda r: order[r["input"]])  # input by input, as the rows of one input came
     return Evaluation(rows, curves, list(metrics), skipped, time.perf_counter() - start)
+
+
+#: The most input values one metric call stacks (16 RGB images of 224²): small inputs go through
+#: the model in full batches and a metric's per-input buffers (random subsets, noise) stay bounded.
+STACKED_VALUES = 16 * 3 * 224 * 224
+
+
+def _stacks(units: list[_Rows]) -> list[_Rows]:
+    """``units`` (rows of one method and metric, input by input) stacked into calls of at most
+    :data:`STACKED_VALUES` input values (at least one unit each)."""
+    out, current, values = [], [], 0
+    for unit in units:
+        size = unit.x.numel()
+        if current and values + size > STACKED_VALUES:
+            out.append(_Rows.stack(current))
+            current, values = [], 0
+        current.append(unit)
+        values += size
+    return out + ([_Rows.stack(current)] if current else [])
 
 
 def planned_passes(metrics: Sequence[Metric], attributions: Iterable[tuple[str, str]], overrides,
@@ -364,12 +401,13 @@ def _batches(m: Metric, group: list[str], overrides, attrs, wrapped: bool) -> li
     return batches
 
 
-def _run_metric(m: Metric, params, unit: _Rows, requests, forward, model, base_dir, max_batch, seed, curves,
-                method_ids, shared: SharedPasses | None = None,
-                row_seeds: list[int] | None = None) -> list[dict[str, Any]]:
-    """One metric on the rows of ``unit`` (methods of one input, or one method on several inputs,
-    each row's draws then seeded by ``row_seeds``), batched: their rows (curves into ``curves``)."""
+def _run_metric(m: Metric, params, unit: _Rows, requests, forward, model, base_dir, max_batch,
+                row_seeds: list[int], curves, method_ids, shared: SharedPasses | None = None) -> list[dict[str, Any]]:
+    """One metric on the rows of ``unit`` (methods of one input, or one method on several inputs),
+    batched, each row drawing from its own seed (``row_seeds``: its input's, so a row's values do not
+    depend on the rows beside it): their rows (curves into ``curves``)."""
     n = len(unit.keys)
+    seed = row_seeds[0]  # a re-explaining method's own randomness (its noise tunnel) and any draw not per row
     explain = explainer(requests[unit.keys[0][0]], forward, base_dir, seed) if "explain" in m.spec.needs else None
     ctx = Context(forward=forward, model=model if "model" in m.spec.needs else None, explain=explain,
                   copy=None if explain is None else explain.copy, mask=unit.mask,

@@ -178,9 +178,8 @@ def efficient_mprt(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor,
 
 
 def off_targets(ctx: Context, target: Tensor, num_classes: int) -> Tensor:
-    """A class other than the target for each input, uniformly drawn from the context's generator (each
-    row from its own where the engine stacked inputs: :meth:`Context.randint_rows`)."""
-    draw = ctx.randint_rows(num_classes - 1, target.shape[0], target.device)
+    """A class other than the target for each input, uniformly drawn from the context's generator."""
+    draw = ctx.randint(num_classes - 1, target.shape, target.device)
     return draw + (draw >= target).to(draw.dtype)
 
 
@@ -208,7 +207,7 @@ def random_logit_for(ctx: Context, x: Tensor, attribution: Tensor, target: Tenso
 for _spec in (
     MetricSpec("mprt", "randomisation", "Adebayo et al. 2018, Sanity Checks for Saliency Maps (NeurIPS)", mprt,
                keyword_defaults(mprt), higher_is_better=False, needs={"model", "explain"},
-               explanations=lambda p, layers: layers, stacks_inputs=True,
+               explanations=lambda p, layers: layers,
                summary="similarity to explanations of a model with randomised layers (one re-explanation per layer)"),
     MetricSpec("smooth_mprt", "randomisation", "Hedström et al. 2023, Sanity Checks Revisited: An Exploration to "
                "Repair the Model Parameter Randomisation Test (XAI in Action workshop, NeurIPS)", smooth_mprt,
@@ -218,12 +217,12 @@ for _spec in (
     MetricSpec("efficient_mprt", "randomisation", "Hedström et al. 2023, Sanity Checks Revisited: An Exploration to "
                "Repair the Model Parameter Randomisation Test (XAI in Action workshop, NeurIPS)", efficient_mprt,
                keyword_defaults(efficient_mprt), higher_is_better=True, needs={"model", "explain"},
-               explanations=lambda p, layers: 1, stacks_inputs=True,
+               explanations=lambda p, layers: 1,
                summary="relative rise of explanation entropy once all layers are randomised (one re-explanation)"),
     MetricSpec("random_logit", "randomisation", "Sixt, Granz, Landgraf 2020, When Explanations Lie: Why Many "
                "Modified BP Attributions Fail (ICML)", random_logit, keyword_defaults(random_logit),
                higher_is_better=False, needs={"model", "explain"}, explanations=lambda p, layers: 1,
-               passes=lambda p, s: 1 if p["num_classes"] is None else 0, stacks_inputs=True,
+               passes=lambda p, s: 1 if p["num_classes"] is None else 0,
                summary="similarity to the explanation of a random other class (one re-explanation)"),
 ):
     register(dataclasses.replace(_spec, rules=RULES))

@@ -255,15 +255,15 @@ def _conjugate_gradients(x: Tensor, removed: Tensor, kernel: Tensor, tol: float,
 
 def noisy_linear_imputation(ctx: Context, x: Tensor, removed: Tensor, neighbours: int | None = None,
                             noise: float = 0.01, tol: float = 1e-6, max_iter: int = 2000,
-                            stream: int | None = None, rows: Tensor | None = None) -> Tensor:
-    """:func:`linear_imputation` plus N(0, noise²) on the removed pixels, drawn from the context
-    (per row from ``stream`` when ``rows`` numbers them, so chunking does not change the draws)."""
+                            seeds: list[int] | None = None) -> Tensor:
+    """:func:`linear_imputation` plus N(0, noise²) on the removed pixels, drawn from the context (row i
+    from a generator seeded with ``seeds[i]`` where given, so chunking does not change the draws)."""
     imputed = linear_imputation(x, removed, neighbours, tol, max_iter)
     if noise:
-        if rows is None:
+        if seeds is None:
             draws = ctx.randn(x.shape, x.device, x.dtype)
         else:
-            draws = ctx.randn_rows(ctx.stream() if stream is None else stream, rows.tolist(), x.shape[1:], x.device, x.dtype)
+            draws = ctx.randn_seeded(seeds, x.shape[1:], x.device, x.dtype)
         imputed = imputed + noise * removed * draws
     return imputed
 
@@ -288,13 +288,14 @@ def road(ctx: Context, x: Tensor, attribution: Tensor, target: Tensor, *,
     view = (-1,) + (1,) * (x.dim() - 1)
     scores = torch.empty(b * steps, device=x.device, dtype=x.dtype)
     correct = torch.empty(b * steps, device=x.device, dtype=torch.bool)
-    stream = ctx.stream()
-    for start in range(0, b * steps, ctx.max_batch):
-        idx = torch.arange(start, min(start + ctx.max_batch, b * steps), device=x.device)
+    streams = ctx.streams(b)  # one per input: its noise is the same in any stack and chunk
+    chunk = ctx.batch(x)
+    for start in range(0, b * steps, chunk):
+        idx = torch.arange(start, min(start + chunk, b * steps), device=x.device)
         bi, ti = idx // steps, idx % steps
         removed = ranks[bi] < counts[ti].reshape(view)
-        xs = noisy_linear_imputation(ctx, x[bi], removed, neighbours, noise, tol, max_iter, stream,
-                                     torch.arange(start, start + idx.numel()))
+        xs = noisy_linear_imputation(ctx, x[bi], removed, neighbours, noise, tol, max_iter,
+                                     [streams[r // steps] + r % steps for r in range(start, start + idx.numel())])
         out = ctx.scores(xs)
         correct[start:start + idx.numel()] = out.argmax(1) == target[bi]
         if softmax:
