@@ -122,7 +122,13 @@ def test_python_evaluate_takes_one_target_per_input(digits):
     both = esegeta.evaluate(digits.model, x, {"captum.Saliency": maps}, metrics, target=[3, 7])
     each = [esegeta.evaluate(digits.model, x[i:i + 1], {"captum.Saliency": maps[i:i + 1]}, metrics, target=t)
             for i, t in enumerate((3, 7))]
-    assert [r["value"] for r in both.rows] == [e.rows[0]["value"] for e in each]
+    assert [r["value"] for r in both.rows] == pytest.approx([e.rows[0]["value"] for e in each], rel=1e-6, abs=1e-7)
+    three = torch.cat([x, x[:1]])  # inputs of one target scored together, rows in the inputs' order
+    mixed = esegeta.evaluate(digits.model, three, {"captum.Saliency": torch.cat([maps, maps[:1]])}, metrics,
+                             target=[3, 7, 3])
+    assert [r["input"] for r in mixed.rows] == ["input0", "input1", "input2"]
+    assert [r["value"] for r in mixed.rows] == pytest.approx([e.rows[0]["value"] for e in each]
+                                                             + [each[0].rows[0]["value"]], rel=1e-6, abs=1e-7)
     other = esegeta.evaluate(digits.model, x, {"captum.Saliency": maps}, metrics, target=[7, 3])
     assert [r["value"] for r in other.rows] != [r["value"] for r in both.rows]  # the targets do matter
     with pytest.raises(esegeta.ConfigError, match="one per input"):

@@ -512,14 +512,19 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
         requests, method_ids = _requests(attributions, methods, configured_metrics, target, wrapper, patch)
         result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,
                        method_ids=method_ids, **options)
-    else:  # one scoring per input, each with its own target
-        parts = []
-        for i, name in enumerate(names):
-            requests, method_ids = _requests(attributions, methods, configured_metrics, targets[i], wrapper, patch)
-            parts.append(score(model, [(name, x[i:i + 1])], {k: v for k, v in saved.items() if k[1] == name},
-                               requests, configured_metrics, method_ids=method_ids, **options))
-        result = Evaluation([r for e in parts for r in e.rows], {k: v for e in parts for k, v in e.curves.items()},
-                            configured_metrics, [s for e in parts for s in e.skipped], sum(e.seconds for e in parts))
+    else:  # one scoring per target, the inputs with that target stacked in it
+        parts, by_target = [], {}
+        for i, t in enumerate(targets):
+            by_target.setdefault(t, []).append(names[i])
+        for t, chosen in by_target.items():
+            requests, method_ids = _requests(attributions, methods, configured_metrics, t, wrapper, patch)
+            parts.append(score(model, [(name, x[names.index(name):names.index(name) + 1]) for name in chosen],
+                               {k: v for k, v in saved.items() if k[1] in chosen}, requests, configured_metrics,
+                               method_ids=method_ids, **options))
+        order = {name: i for i, name in enumerate(names)}
+        result = Evaluation(sorted((r for e in parts for r in e.rows), key=lambda r: order[r["input"]]),
+                            {k: v for e in parts for k, v in e.curves.items()}, configured_metrics,
+                            [s for e in parts for s in e.skipped], sum(e.seconds for e in parts))
     if output_dir is not None:
         result.save(output_dir)
     return result
