@@ -11,7 +11,9 @@ lowers the limit too: the ratio is what the metric costs beyond its passes), on 
 the engine scores with (:func:`esegeta.evaluation.base.inference_copy`, made once; ``--plain``: the
 model itself; passes counted by a hook on the scored copy). Re-explanations are
 not counted (see benchmarks/evaluate_reexplain.py). The metric runs on the stacked inputs through
-a :class:`esegeta.evaluation.Context`, as the engine calls it. Prints per metric: passes per
+a :class:`esegeta.evaluation.Context`, as the engine calls it; with ``--through evaluate``, through
+``esegeta.evaluate`` itself (the product's path: the inputs' targets given, the engine's own copy
+made or not inside the timing, passes not counted). Prints per metric: passes per
 input (the spec's, and those counted by a forward hook), seconds, the limit, their ratio (1.0:
 nothing but the passes; the issue's goal is <= 1.2). Then all metrics once more with one
 :class:`esegeta.evaluation.base.SharedPasses` per input, as the engine runs them: the passes
@@ -44,6 +46,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated metric names")
     parser.add_argument("--scale", type=float, default=1.0, help="fewer steps/runs (0.25: a quarter) for big inputs")
     parser.add_argument("--plain", action="store_true", help="score with the model itself, not the inference copy")
+    parser.add_argument("--through", default="metric", choices=("metric", "evaluate"),
+                        help="metric: the metric called on a Context; evaluate: esegeta.evaluate")
     parser.add_argument("--maps", default="random", choices=("random", "smooth"),
                         help="random: Gaussian noise per pixel; smooth: that noise averaged over a window of an "
                              "eighth of the side (blobs, as real maps: ROAD's masks are then regions, not scattered)")
@@ -54,6 +58,7 @@ def main() -> None:
     from evaluation_models import model_and_inputs
     import torch.nn.functional as F
 
+    import esegeta
     from esegeta.evaluation import Context, metric
     from esegeta.evaluation.base import SharedPasses, inference_copy
 
@@ -120,12 +125,16 @@ def main() -> None:
                 ctx = context()
                 counted[0] = 0
                 start = clock()
-                spec(ctx, x, a, target, **params)
+                if args.through == "evaluate":
+                    esegeta.evaluate(model, x, {"map": a}, [{"id": name, "params": params}], target=target.tolist(),
+                                     max_batch=args.max_batch, inference_copy=not args.plain)
+                else:
+                    spec(ctx, x, a, target, **params)
                 best = min(best, clock() - start)
             alone += counted[0]
             limit = passes * args.n * per_input
-            print(f"{name:26} {passes:6d} {counted[0] / args.n:7.1f} {best:8.3f} {limit:8.3f} {best / limit:6.2f}",
-                  flush=True)
+            seen = "-" if args.through == "evaluate" else f"{counted[0] / args.n:.1f}"
+            print(f"{name:26} {passes:6d} {seen:>7} {best:8.3f} {limit:8.3f} {best / limit:6.2f}", flush=True)
         counted[0] = 0
         for i in range(args.n):  # as the engine: one SharedPasses per input, all metrics in turn
             shared = SharedPasses()

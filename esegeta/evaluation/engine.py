@@ -225,7 +225,8 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
           metrics: Sequence[Metric], *, overrides: Mapping[str, Mapping[str, Any]] | None = None,
           masks: Mapping[str, torch.Tensor] | None = None, base_dir: Path | None = None, max_batch: int | None = None,
           seed: int = 0, method_ids: Mapping[str, str] | None = None, inference_copy: bool = True,
-          copies: dict[torch.device, nn.Module] | None = None) -> Evaluation:
+          copies: dict[torch.device, nn.Module] | None = None,
+          targets: Mapping[str, int] | None = None) -> Evaluation:
     """Every metric on every (method label, input name) of ``attributions``.
 
     ``inputs`` are (name, (1, C, *S) tensor) on the device to score on; ``requests`` the
@@ -235,7 +236,8 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     ``inference_copy``: requests without wrapper and patch are scored on the CPU by one
     :func:`esegeta.evaluation.base.inference_copy` of the model per evaluation where it pays off
     (:func:`esegeta.evaluation.base.copy_pays_off`; kept in ``copies``, device -> copy, where given:
-    one copy for several calls), else by the prepared model."""
+    one copy for several calls), else by the prepared model. ``targets``: one class index per input
+    name, in place of the requests' target (the Python API's per-input targets)."""
     start = time.perf_counter()
     overrides = overrides or {}
     rows, curves, skipped = [], {}, []
@@ -281,8 +283,9 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
             shared = stores[_scoring_key(request)] if stacks else SharedPasses()  # else this input's own
             with numerics.fp32_numerics():
                 forward = forward_for(request, x)
-                target = target_of(request, forward, x,
-                                   Context(forward=forward, shared=shared, max_batch=max_batch).reference_scores)
+                unperturbed = Context(forward=forward, shared=shared, max_batch=max_batch).reference_scores
+                target = target_of(request, forward, x, unperturbed) if targets is None else \
+                    _given_target(targets[name], name, unperturbed(x), x.device)
             model_here = models[x.device]
             mask = _mask(masks, name, forward, target, x)
             attrs = {label: as_input_attribution(attributions[(label, name)], x) for label in group}
@@ -367,6 +370,14 @@ def mask_problem(mask: torch.Tensor, spatial: Sequence[int]) -> str | None:
     kind = f"{len(spatial)}D"
     return (f"a mask of shape {shape} for a {kind} input of spatial shape {tuple(spatial)}: give a {kind} mask of "
             f"shape {tuple(spatial)} (the input's shape after inputs.resize)")
+
+
+def _given_target(target: int, name: str, scores: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Input ``name``'s given class as a (1,) tensor, checked against the width of its ``scores``."""
+    if not 0 <= target < scores.shape[1]:
+        raise ConfigError("target", f"target {target} of {name} does not exist: the output has {scores.shape[1]} "
+                                    "columns")
+    return torch.tensor([target], dtype=torch.long, device=device)
 
 
 def _mask(masks, name, forward: Scorer, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -501,18 +512,21 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
     saved = {(label, names[i]): _one_map(label, a, i, x) for label, a in attributions.items()
              for i in range(x.shape[0])}
     given_masks = None if masks is None else {names[i]: _one_mask(masks, i) for i in range(x.shape[0])}
+    classes = targets is not None and all(isinstance(t, int) for t in targets)  # one class index per input
     copies: dict[torch.device, nn.Module | None] = {}  # one copy for all the scorings
-    if inference_copy and targets is not None and device.type == "cpu" and wrapper is None and patch is None and \
+    if inference_copy and targets is not None and not classes and device.type == "cpu" and wrapper is None and \
+            patch is None and \
             base.copy_pays_off(x[0].numel(), planned_passes(configured_metrics, saved, overrides,
                                                             {n: x[i:i + 1] for i, n in enumerate(names)})):
         copies[device] = base.inference_copy(model)  # input by input below: made here, for all of them
     options = dict(overrides=overrides, masks=given_masks, max_batch=max_batch, seed=seed,
                    inference_copy=inference_copy, copies=copies)
-    if targets is None:
-        requests, method_ids = _requests(attributions, methods, configured_metrics, target, wrapper, patch)
+    if targets is None or classes:
+        requests, method_ids = _requests(attributions, methods, configured_metrics,
+                                         "predicted" if classes else target, wrapper, patch)
         result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,
-                       method_ids=method_ids, **options)
-    else:  # one scoring per target, the inputs with that target stacked in it
+                       method_ids=method_ids, targets=dict(zip(names, targets)) if classes else None, **options)
+    else:  # with "predicted" or None among them: one scoring per target, its inputs stacked
         parts, by_target = [], {}
         for i, t in enumerate(targets):
             by_target.setdefault(t, []).append(names[i])
