@@ -9,7 +9,7 @@ both adaptive-pooling classifiers accept; or with ``--model resnet18`` (``mobile
 issue's realistic size being 224), same inputs (the first ``--n`` of sklearn's digits), same
 attributions (Saliency for MPRT, random otherwise) and same settings on both sides. Quantus
 batches over inputs (its ``batch_size`` = n) and loops over steps in numpy; esegeta stacks the
-steps of all inputs into chunks of ``--max-batch`` forward passes (by default 64, on the CPU at most 16
+steps of all inputs into chunks of ``--max-batch`` forward passes (by default 64, on the CPU at most 8
 RGB 224² images per call: ``esegeta.evaluation.base.CPU_FORWARD_VALUES``).
 Prints, per metric, the best-of-``repeats`` time of each (this process's CPU time by default,
 ``--clock wall`` for wall time), the ratio, and the largest

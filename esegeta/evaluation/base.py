@@ -193,13 +193,15 @@ class SharedPasses:
 
 #: Inputs per forward call where ``max_batch`` is not given.
 DEFAULT_MAX_BATCH = 64
-#: The most input values per forward call on the CPU where ``max_batch`` is not given (16 RGB
+#: The most input values per forward call on the CPU where ``max_batch`` is not given (8 RGB
 #: images of 224²): there a bigger batch of big inputs is no faster per input, and slower
-#: (torchvision models at 224², one thread, CPU time per input against batch 16: resnet18 1.12x
-#: at 64, mobilenet_v3_small 1.59x, densenet121 1.45x; ``benchmarks/evaluation_batch.py``), while
-#: small inputs (the digits, resnet18 at 64²) gain from up to 64 rows per call. Accelerators,
-#: and a ``max_batch`` the user gives, take that many inputs per call.
-CPU_FORWARD_VALUES = 16 * 3 * 224 * 224
+#: (torchvision models at 224² on their inference copies, a quiet machine, ms per input at batch
+#: 4/8/16/32, one thread: resnet18 26.9/25.1/28.3/29.4, densenet121 59.6/57.7/61.1/74.1,
+#: mobilenet_v3_small 3.4/3.0/2.8/2.6; two threads: resnet18 13.7/12.1/13.1/14.1, densenet121
+#: 34.9/32.9/35.2/39.5; ``benchmarks/evaluation_batch.py``), while small inputs (the digits, resnet18
+#: at 64²) gain from up to 64 rows per call. Accelerators, and a ``max_batch`` the user gives, take
+#: that many inputs per call.
+CPU_FORWARD_VALUES = 8 * 3 * 224 * 224
 
 
 @dataclass

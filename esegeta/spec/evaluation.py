@@ -58,7 +58,7 @@ class EvaluationConfig(_Strict):
                                     "folders), one per input in the inputs' order; default: a wrapper's frozen "
                                     "mask of the target")
     max_batch: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="perturbed inputs per forward call; default: 64, and on the CPU at most 16 RGB 224² "
+        None, description="perturbed inputs per forward call; default: 64, and on the CPU at most 8 RGB 224² "
                           "images' worth of values per call (bigger batches of big inputs are slower there)")
     seed: int = Field(0, description="seeds every random draw of the metrics")
     inference_copy: StrictBool = Field(True, description="score the perturbed inputs on the CPU with one copy of "
