@@ -229,7 +229,7 @@ def main() -> None:
         q_time, q_out = _best(q_fn, args.repeats)
         e_time, e_out = _best(e_fn, args.repeats)
         diff = "-" if values is None else f"{np.abs(values(e_out).cpu().numpy() - np.asarray(q_out)).max():.1e}"
-        print(f"| {name} | {setting} | {q_time:.3f} | {e_time:.3f} | {q_time / e_time:.1f}x | {diff} |", flush=True)
+        print(f"| {name} | {setting} | {q_time:.3f} | {e_time:.3f} | {q_time / e_time:.2f}x | {diff} |", flush=True)
 
 
 if __name__ == "__main__":
