@@ -226,6 +226,24 @@ def _digits_model_and_inputs():
     return model, x
 
 
+def _counting_digits():
+    """The digits model, as a subclass recording the batch size of every forward (a class attribute:
+    the engine's prepared copies record there too), and the digits inputs."""
+    from samples.models import DigitResNet
+
+    class CountingDigits(DigitResNet):
+        batches: list[int] = []
+
+        def forward(self, x):
+            type(self).batches.append(x.shape[0])
+            return super().forward(x)
+
+    model, x = _digits_model_and_inputs()
+    counting = CountingDigits()
+    counting.load_state_dict(model.state_dict())
+    return counting.eval(), x
+
+
 def test_python_evaluate_on_tensors_and_labels_need_a_method_to_reexplain():
     model, x = _digits_model_and_inputs()
     attr = esegeta.explain(model, x, "captum.IntegratedGradients", "predicted", n_steps=8)
@@ -244,19 +262,7 @@ def test_metrics_of_one_evaluation_share_the_unperturbed_pass():
     """Deletion and region perturbation evaluated together score each input's unperturbed input once
     (the predicted target's pass) and deletion's emptied input (the same for every input) once in all,
     whatever the number of maps; the values are those of each metric evaluated alone."""
-    from samples.models import DigitResNet
-
-    class CountingDigits(DigitResNet):
-        rows = 0  # a class attribute: the engine's prepared copy counts here too
-
-        def forward(self, x):
-            type(self).rows += x.shape[0]
-            return super().forward(x)
-
-    model, x = _digits_model_and_inputs()
-    counting = CountingDigits()
-    counting.load_state_dict(model.state_dict())
-    counting.eval()
+    counting, x = _counting_digits()
     x = x[:2]
     maps = {"a": torch.rand(x.shape, generator=torch.Generator().manual_seed(1)),
             "b": torch.rand(x.shape, generator=torch.Generator().manual_seed(2))}
@@ -265,9 +271,9 @@ def test_metrics_of_one_evaluation_share_the_unperturbed_pass():
     esegeta.evaluate(counting, x, maps, ["sparseness"])  # the prepared copy, made once
     counts, results = [], []
     for metrics in ([deletion], [region], [deletion, region]):
-        CountingDigits.rows = 0
+        type(counting).batches = []
         results.append(esegeta.evaluate(counting, x, maps, metrics))
-        counts.append(CountingDigits.rows)
+        counts.append(sum(type(counting).batches))
     perturbed = {"deletion": 2 * (4 - 1), "region_perturbation": 2 * 4}  # two maps' rows per step depending on a map
     unperturbed = 1  # once per input: the predicted target's pass is deletion's first step, region's reference
     emptied = 1  # deletion's last step, the all-zero image: the same for both inputs, scored once in all
@@ -283,27 +289,16 @@ def test_metrics_score_all_inputs_of_a_method_in_one_call_each_input_drawing_its
     the model together (deletion's 3 x 4 perturbed inputs in one forward, not 4 per call) and random
     logit re-explains all of them at once. An input's value does not depend on the inputs beside
     it: each row draws its random numbers (subsets, noise, baselines, other classes) from its own seed."""
-    from samples.models import DigitResNet
-
-    class CountingDigits(DigitResNet):
-        batches: list[int] = []  # a class attribute: the engine's prepared copies count here too
-
-        def forward(self, x):
-            type(self).batches.append(x.shape[0])
-            return super().forward(x)
-
-    model, x = _digits_model_and_inputs()
-    counting = CountingDigits()
-    counting.load_state_dict(model.state_dict())
-    counting.eval()
+    counting, x = _counting_digits()
+    batches = type(counting).batches
     x = x[:3]
     saliency = esegeta.explain(counting, x, "captum.Saliency", "predicted")
-    CountingDigits.batches = []
+    batches.clear()
     esegeta.evaluate(counting, x, {"captum.Saliency": saliency}, [{"id": "deletion", "params": {"steps": 4}}])
-    assert 3 * 3 in CountingDigits.batches  # steps 1-3 of the three inputs (step 0 is the target's pass)
-    CountingDigits.batches = []
+    assert 3 * 3 in batches  # steps 1-3 of the three inputs (step 0 is the target's pass)
+    batches.clear()
     esegeta.evaluate(counting, x, {"captum.Saliency": saliency}, ["random_logit"])
-    assert 3 in CountingDigits.batches  # the three re-explanations in one forward
+    assert 3 in batches  # the three re-explanations in one forward
     drawing = ["random_logit", {"id": "faithfulness_correlation", "params": {"nr_runs": 4, "subset_size": 8}},
                {"id": "region_perturbation", "params": {"patch_size": 2, "regions_evaluation": 3}},
                {"id": "road", "params": {"percentages": [30, 60]}}, {"id": "infidelity", "params": {"n_perturbations": 4}},
