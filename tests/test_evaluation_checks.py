@@ -133,7 +133,7 @@ def test_python_evaluate_takes_one_target_per_input(digits):
     assert [r["value"] for r in other.rows] != [r["value"] for r in both.rows]  # the targets do matter
     with pytest.raises(esegeta.ConfigError, match="one per input"):
         esegeta.evaluate(digits.model, x, {"captum.Saliency": maps}, metrics, target=[3, 7, 1])
-    with pytest.raises(esegeta.ConfigError, match="target 99 of input1 does not exist: the output has 10 columns"):
+    with pytest.raises(esegeta.ConfigError, match="target 99 of input1 does not exist: the model output has 10 columns"):
         esegeta.evaluate(digits.model, x, {"captum.Saliency": maps}, metrics, target=[3, 99])
 
 

@@ -268,7 +268,7 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
     for (key, _, _), (request, xs) in predicted.items():
         store = stores.setdefault(key, SharedPasses(limit=0))
         store.limit += SharedPasses().limit * len(xs)
-        if request.target == "predicted":  # all inputs' unperturbed scores in batched passes, kept in the store
+        if request.target is not None:  # all inputs' unperturbed scores in batched passes, kept in the store
             batch = torch.cat(list(xs.values()))
             with numerics.fp32_numerics():
                 Context(forward=forward_for(request, batch), shared=store, max_batch=max_batch).reference_scores(batch)
@@ -283,9 +283,9 @@ def score(model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]],
             shared = stores[_scoring_key(request)] if stacks else SharedPasses()  # else this input's own
             with numerics.fp32_numerics():
                 forward = forward_for(request, x)
-                unperturbed = Context(forward=forward, shared=shared, max_batch=max_batch).reference_scores
-                target = target_of(request, forward, x, unperturbed) if targets is None else \
-                    _given_target(targets[name], name, unperturbed(x), x.device)
+                target = target_of(request, forward, x,
+                                   Context(forward=forward, shared=shared, max_batch=max_batch).reference_scores,
+                                   None if targets is None else targets[name], name)
             model_here = models[x.device]
             mask = _mask(masks, name, forward, target, x)
             attrs = {label: as_input_attribution(attributions[(label, name)], x) for label in group}
@@ -370,14 +370,6 @@ def mask_problem(mask: torch.Tensor, spatial: Sequence[int]) -> str | None:
     kind = f"{len(spatial)}D"
     return (f"a mask of shape {shape} for a {kind} input of spatial shape {tuple(spatial)}: give a {kind} mask of "
             f"shape {tuple(spatial)} (the input's shape after inputs.resize)")
-
-
-def _given_target(target: int, name: str, scores: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Input ``name``'s given class as a (1,) tensor, checked against the width of its ``scores``."""
-    if not 0 <= target < scores.shape[1]:
-        raise ConfigError("target", f"target {target} of {name} does not exist: the output has {scores.shape[1]} "
-                                    "columns")
-    return torch.tensor([target], dtype=torch.long, device=device)
 
 
 def _mask(masks, name, forward: Scorer, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:

@@ -30,6 +30,7 @@ from torch import nn
 from esegeta.attribution import numerics, scheduling, wrappers
 from esegeta.attribution.call import resolve_target
 from esegeta.attribution.prepare import prepare, prepared
+from esegeta.errors import ConfigError
 from esegeta.spec.request import Request
 from esegeta.spec.targets import Target
 from esegeta.attribution.patcher import Grid, Stitched
@@ -99,15 +100,23 @@ def _masks(score: nn.Module) -> torch.Tensor | None:
 
 
 def target_of(request: Request, forward: Scorer, x: torch.Tensor,
-              scores: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+              scores: Callable[[torch.Tensor], torch.Tensor] | None = None, given: int | None = None,
+              name: str | None = None) -> torch.Tensor:
     """The explained column of each input of ``x`` (``"predicted"`` → argmax of the scores), (B,) long;
-    ``scores`` computes them where not ``forward`` (the engine's shared passes)."""
-    if request.target is None:
+    ``scores`` computes them where not ``forward`` (the engine's shared passes), and then checks a
+    class index against their width; ``given`` is the class of input ``name`` in place of the
+    request's target (the Python API's per-input targets)."""
+    wanted = request.target if given is None else given
+    if wanted is None:
         return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    if request.target == "predicted":
+    if wanted == "predicted":
         return (scores or forward)(x).argmax(dim=1)
-    resolve_target(forward.module, x, request.target, "target", check=True)
-    return torch.full((x.shape[0],), int(request.target), dtype=torch.long, device=x.device)
+    if scores is None:
+        resolve_target(forward.module, x, wanted, "target", check=True)
+    elif not 0 <= int(wanted) < (width := scores(x).shape[1]):
+        raise ConfigError("target", f"target {wanted}{f' of {name}' if name else ''} does not exist: the "
+                                    f"{'wrapped' if request.wrapper is not None else 'model'} output has {width} columns")
+    return torch.full((x.shape[0],), int(wanted), dtype=torch.long, device=x.device)
 
 
 def as_input_attribution(attribution: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
