@@ -96,10 +96,10 @@ def inference_copy(model: nn.Module) -> nn.Module | None:
     inputs it is given stored channels last (:class:`ChannelsLastInput`), the layout oneDNN's
     convolutions run fastest (torchvision resnet18 at 224², one thread: 1.15-1.2x the channels-last
     input alone, ~1.4x the default layout; a MONAI 3D UNet at 64³ 1.14x; values within 1e-6
-    relative). A channels-last input to a model whose weights are not is slower: 2.3x at 64², batch
-    1, so only the copy takes its inputs so. It costs one more copy of the weights. A model with hooks (which a traced copy
-    would lose), with a module whose code is not from :data:`TRACED_PACKAGES`, or whose forward
-    cannot be traced is copied without folding. None where ``deepcopy`` refuses the model (tensors
+    relative). A channels-last input to a model whose weights are not is slower (2.3x at 64², batch
+    1), so only the copy takes its inputs so. It costs one more copy of the weights. A model with
+    hooks (which a traced copy would lose), with a module whose code is not from
+    :data:`TRACED_PACKAGES`, or whose forward cannot be traced is copied without folding. None where ``deepcopy`` refuses the model (tensors
     of an autograd graph in its attributes): the caller scores with the model itself then. The
     user's model is not touched."""
     try:

@@ -519,16 +519,15 @@ def evaluate(model, inputs=None, attributions=None, metrics: Sequence[str | Mapp
         result = score(model, [(n, x[i:i + 1]) for i, n in enumerate(names)], saved, requests, configured_metrics,
                        method_ids=method_ids, targets=dict(zip(names, targets)) if classes else None, **options)
     else:  # with "predicted" or None among them: one scoring per target, its inputs stacked
-        parts, by_target = [], {}
+        parts, by_target, index = [], {}, {name: i for i, name in enumerate(names)}
         for i, t in enumerate(targets):
             by_target.setdefault(t, []).append(names[i])
         for t, chosen in by_target.items():
             requests, method_ids = _requests(attributions, methods, configured_metrics, t, wrapper, patch)
-            parts.append(score(model, [(name, x[names.index(name):names.index(name) + 1]) for name in chosen],
+            parts.append(score(model, [(name, x[index[name]:index[name] + 1]) for name in chosen],
                                {k: v for k, v in saved.items() if k[1] in chosen}, requests, configured_metrics,
                                method_ids=method_ids, **options))
-        order = {name: i for i, name in enumerate(names)}
-        result = Evaluation(sorted((r for e in parts for r in e.rows), key=lambda r: order[r["input"]]),
+        result = Evaluation(sorted((r for e in parts for r in e.rows), key=lambda r: index[r["input"]]),
                             {k: v for e in parts for k, v in e.curves.items()}, configured_metrics,
                             [s for e in parts for s in e.skipped], sum(e.seconds for e in parts))
     if output_dir is not None:
