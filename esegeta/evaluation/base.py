@@ -99,9 +99,9 @@ def inference_copy(model: nn.Module) -> nn.Module | None:
     relative). A channels-last input to a model whose weights are not is slower (2.3x at 64², batch
     1), so only the copy takes its inputs so. It costs one more copy of the weights. A model with
     hooks (which a traced copy would lose), with a module whose code is not from
-    :data:`TRACED_PACKAGES`, or whose forward cannot be traced is copied without folding. None where ``deepcopy`` refuses the model (tensors
-    of an autograd graph in its attributes): the caller scores with the model itself then. The
-    user's model is not touched."""
+    :data:`TRACED_PACKAGES`, or whose forward cannot be traced is copied without folding. None
+    where ``deepcopy`` refuses the model (tensors of an autograd graph in its attributes): the
+    caller scores with the model itself then. The user's model is not touched."""
     try:
         ready = copy.deepcopy(model).eval().requires_grad_(False)
     except RuntimeError as exc:
