@@ -147,3 +147,18 @@ def no_streamed_fallback(monkeypatch, what: str = "its library") -> None:
         return real(spec, call)
 
     monkeypatch.setattr(streamed, "run_guarded", per_patch_only)
+
+
+def pointwise_whole_and_streamed(method: str, wrapper, patch, monkeypatch, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``method`` for class 1 on a seeded pointwise 3D segmenter (1x1x1 convolutions: its stitched
+    prediction is the whole one), explained on the whole input and streamed patch by patch (no fallback
+    to ``what`` on the stitched model): (whole, streamed), the whole map not all zero."""
+    import esegeta
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
+    x = torch.randn(1, 1, 16, 16, 8)
+    whole = esegeta.explain(model, x, method, 1, wrapper=wrapper)
+    no_streamed_fallback(monkeypatch, what)
+    assert whole.abs().max() > 0
+    return whole, esegeta.explain(model, x, method, 1, wrapper=wrapper, patch=patch)

@@ -12,7 +12,7 @@ from esegeta.attribution.patcher import Grid, Stitched
 from esegeta.attribution.rules import PairedSoftmax
 from esegeta.spec.request import wrapper_config
 
-from conftest import no_streamed_fallback, tissue_case
+from conftest import no_streamed_fallback, pointwise_whole_and_streamed, tissue_case
 
 #: patches that tile the 16×16×8 crop (separable: the score is a sum over patches), and overlapping ones
 TILED = {"size": [8, 8, 8], "overlap": [0, 0, 0], "mode": "global", "batch_size": 2}
@@ -198,13 +198,7 @@ def test_streamed_lrp_equals_captums_on_a_pointwise_model(wrapper, patch, monkey
     """Captum's LRP refuses the stitched model (a module called once per patch): on a pointwise
     model, where the stitched prediction is the whole one, the streamed LRP (relevance shared by
     the blending weights, each patch's part Captum's LRP) equals Captum's LRP on the whole input."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
-    x = torch.randn(1, 1, 16, 16, 8)
-    whole = esegeta.explain(model, x, "captum.LRP", 1, wrapper=wrapper)
-    _no_fallback(monkeypatch)
-    ours = esegeta.explain(model, x, "captum.LRP", 1, wrapper=wrapper, patch=patch)
-    assert whole.abs().max() > 0
+    whole, ours = pointwise_whole_and_streamed("captum.LRP", wrapper, patch, monkeypatch, "Captum")
     # ε-rule ratios at a nearly cancelling denominator amplify float32 summation order (which follows the
     # thread count and the batch shape): one voxel in 2,048 differed by 6.6e-5 of the maximum on 2 threads
     torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))

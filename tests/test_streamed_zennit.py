@@ -11,7 +11,7 @@ import esegeta
 from esegeta.attribution import streamed
 from esegeta.errors import ConfigError
 
-from conftest import no_streamed_fallback, SAMPLES, tissue_case
+from conftest import no_streamed_fallback, pointwise_whole_and_streamed, SAMPLES, tissue_case
 
 #: the composites' conservation on these random-weight models is not what is tested here
 pytestmark = pytest.mark.filterwarnings("ignore::esegeta.attribution.explainer.AxiomWarning")
@@ -69,13 +69,7 @@ POINTWISE_WRAPPERS = [SOFTMAX, SIGMOID_MEAN, {"name": "multiclass", "activation"
 def test_streamed_zennit_equals_unpatched_on_a_pointwise_model(wrapper, patch, monkeypatch):
     """On a pointwise model the stitched prediction is the whole one: the streamed composite equals
     zennit on the unpatched input, with each wrapper activation (Pass on softmax and sigmoid, none)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
-    x = torch.randn(1, 1, 16, 16, 8)
-    whole = esegeta.explain(model, x, "zennit.EpsilonPlus", 1, wrapper=wrapper)
-    _no_fallback(monkeypatch)
-    ours = esegeta.explain(model, x, "zennit.EpsilonPlus", 1, wrapper=wrapper, patch=patch)
-    assert whole.abs().max() > 0
+    whole, ours = pointwise_whole_and_streamed("zennit.EpsilonPlus", wrapper, patch, monkeypatch, "the adapter")
     torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
 
 
